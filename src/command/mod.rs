@@ -1,0 +1,217 @@
+//! The command table: one row of data per Redis 7.0 command, and the lookups over it.
+//!
+//! Rows are generated from a real `redis-server`'s `COMMAND` reply by
+//! `scripts/gen_command_table.py` (see `table.rs`), then given a [`Route`] by the lists in that
+//! script. Routing code never matches on command names except for the few commands the proxy
+//! answers itself ([`Route::Local`]).
+
+pub mod keys;
+mod table;
+
+pub use table::COMMANDS;
+
+/// Command flags, a subset of Redis's `COMMAND` flags that the proxy acts on.
+pub mod flags {
+    pub const WRITE: u32 = 1 << 0;
+    pub const READONLY: u32 = 1 << 1;
+    pub const DENYOOM: u32 = 1 << 2;
+    pub const ADMIN: u32 = 1 << 3;
+    pub const PUBSUB: u32 = 1 << 4;
+    pub const NOSCRIPT: u32 = 1 << 5;
+    pub const BLOCKING: u32 = 1 << 6;
+    pub const LOADING: u32 = 1 << 7;
+    pub const STALE: u32 = 1 << 8;
+    pub const NO_AUTH: u32 = 1 << 9;
+    pub const FAST: u32 = 1 << 10;
+    pub const MOVABLEKEYS: u32 = 1 << 11;
+    pub const NO_MULTI: u32 = 1 << 12;
+    pub const ALLOW_BUSY: u32 = 1 << 13;
+}
+
+/// How the proxy serves a command. One strategy per kind, not per command (Envoy's
+/// `SimpleRequest`/`MGETRequest`/`SplitKeysSumResultRequest`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Answered by the proxy itself (PING, ECHO, HELLO, SELECT, CLIENT …, COMMAND, INFO, TIME …).
+    Local,
+    /// All keys must hash to one slot (else `-CROSSSLOT`); forwarded to the shard owning it.
+    /// A keyless command of this class goes to the first shard.
+    Single,
+    /// Keyless and harmless on any shard (e.g. `LOLWUT`, `MEMORY DOCTOR`): the first shard.
+    AnyShard,
+    /// Multi-key command split per shard and merged (MGET, MSET, DEL, EXISTS, UNLINK, TOUCH).
+    Scatter(Merge),
+    /// Sent to every shard and merged (DBSIZE, KEYS, FLUSHDB, FLUSHALL, CONFIG SET …).
+    AllShards(Merge),
+    /// Would break the proxy's model (SHUTDOWN, DEBUG, REPLICAOF, MODULE, CLUSTER …): refused.
+    Refused,
+    /// A stateful family that a later version of slotgate serves (MULTI, SUBSCRIBE, BLPOP, EVAL…):
+    /// refused with a clear error for now, never a hang.
+    NotYet,
+}
+
+/// How the replies of several shards become one reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Merge {
+    /// One element per key, in the order of the request's keys (MGET).
+    ArrayInOrder,
+    /// Sum of the integer replies (DEL, EXISTS, UNLINK, TOUCH, DBSIZE).
+    SumIntegers,
+    /// `+OK` when every shard said `+OK`, else the first error (MSET, FLUSHDB, CONFIG SET).
+    AllOk,
+    /// Concatenation of the array replies, shard by shard (KEYS).
+    ConcatArrays,
+    /// Served by a dedicated handler in `fanout.rs` (SCAN cursor, RANDOMKEY).
+    Special,
+}
+
+/// Where a command's keys are, mirroring Redis 7 key specs (`COMMAND INFO` → key specifications).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeySpec {
+    pub begin: BeginSearch,
+    pub find: FindKeys,
+}
+
+/// Where the search for keys starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BeginSearch {
+    /// At this argument index (0 is the command name).
+    Index(i32),
+    /// After the first (or, with negative `startfrom`, the last) argument equal to `keyword`,
+    /// case-insensitively, searching from `startfrom`.
+    Keyword {
+        keyword: &'static str,
+        startfrom: i32,
+    },
+    /// Redis cannot describe it (e.g. SORT's BY/GET patterns): those keys are ignored.
+    Unknown,
+}
+
+/// How many keys follow the begin point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FindKeys {
+    /// Keys from the begin point up to `lastkey` (relative; negative counts from the end),
+    /// every `keystep` args; `limit` > 1 means "only 1/limit of the remaining args".
+    Range {
+        lastkey: i32,
+        keystep: i32,
+        limit: i32,
+    },
+    /// The argument at `keynumidx` (relative to begin) holds the key count; keys start at
+    /// `firstkey` (relative to begin) every `keystep` args.
+    Keynum {
+        keynumidx: i32,
+        firstkey: i32,
+        keystep: i32,
+    },
+    Unknown,
+}
+
+/// One row of the command table.
+#[derive(Debug)]
+pub struct CommandSpec {
+    /// Lower-case name; a subcommand is `container|sub` (e.g. `config|get`), as Redis spells it.
+    pub name: &'static str,
+    /// Redis arity convention: `n` means exactly n arguments (name included), `-n` at least n.
+    pub arity: i32,
+    /// Bits of [`flags`].
+    pub flags: u32,
+    /// Key specifications, in Redis order.
+    pub key_specs: &'static [KeySpec],
+    pub route: Route,
+    /// Subcommand rows for container commands (CONFIG, CLIENT …), sorted by name.
+    pub subcommands: &'static [CommandSpec],
+}
+
+impl CommandSpec {
+    /// Whether `argc` arguments (command name included) satisfy this command's arity.
+    #[inline]
+    pub fn arity_ok(&self, argc: usize) -> bool {
+        let a = self.arity;
+        if a >= 0 {
+            argc == a as usize
+        } else {
+            argc >= a.unsigned_abs() as usize
+        }
+    }
+
+    /// The Redis flag test.
+    #[inline]
+    pub fn has(&self, flag: u32) -> bool {
+        self.flags & flag != 0
+    }
+
+    /// Whether this row is a container command with subcommands (CONFIG, CLIENT …).
+    #[inline]
+    pub fn is_container(&self) -> bool {
+        !self.subcommands.is_empty()
+    }
+}
+
+/// Case-insensitive lookup of a top-level command. No allocation: names longer than any
+/// command are rejected before comparing.
+pub fn lookup(name: &[u8]) -> Option<&'static CommandSpec> {
+    find_in(COMMANDS, name)
+}
+
+/// Case-insensitive lookup of `sub` among a container's subcommands.
+pub fn lookup_sub(container: &'static CommandSpec, sub: &[u8]) -> Option<&'static CommandSpec> {
+    let prefix = container.name.len() + 1;
+    container.subcommands.iter().find(|s| {
+        let tail = &s.name.as_bytes()[prefix..];
+        tail.eq_ignore_ascii_case(sub)
+    })
+}
+
+/// Binary search over a table sorted by name; the probe is lowered into a stack buffer.
+fn find_in(table: &'static [CommandSpec], name: &[u8]) -> Option<&'static CommandSpec> {
+    const MAX: usize = 32;
+    if name.is_empty() || name.len() > MAX {
+        return None;
+    }
+    let mut buf = [0u8; MAX];
+    let lower = &mut buf[..name.len()];
+    lower.copy_from_slice(name);
+    lower.make_ascii_lowercase();
+    let lower: &[u8] = lower;
+    table
+        .binary_search_by(|s| s.name.as_bytes().cmp(lower))
+        .ok()
+        .map(|i| &table[i])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_is_sorted_for_binary_search() {
+        for w in COMMANDS.windows(2) {
+            assert!(w[0].name < w[1].name, "{} before {}", w[0].name, w[1].name);
+        }
+        for c in COMMANDS {
+            for w in c.subcommands.windows(2) {
+                assert!(w[0].name < w[1].name);
+            }
+        }
+    }
+
+    #[test]
+    fn lookup_is_case_insensitive() {
+        assert_eq!(lookup(b"GeT").unwrap().name, "get");
+        assert_eq!(lookup(b"get").unwrap().arity, 2);
+        assert!(lookup(b"nosuchcommand").is_none());
+        assert!(lookup(b"").is_none());
+        let config = lookup(b"CONFIG").unwrap();
+        assert_eq!(lookup_sub(config, b"get").unwrap().name, "config|get");
+        assert!(lookup_sub(config, b"nope").is_none());
+    }
+
+    #[test]
+    fn arity_convention() {
+        let get = lookup(b"get").unwrap();
+        assert!(get.arity_ok(2) && !get.arity_ok(1) && !get.arity_ok(3));
+        let mget = lookup(b"mget").unwrap();
+        assert!(mget.arity_ok(2) && mget.arity_ok(10) && !mget.arity_ok(1));
+    }
+}

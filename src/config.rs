@@ -1,0 +1,374 @@
+//! Configuration: `proxy.toml`, then CLI flags override it, then `validate` turns it into the
+//! checked [`Settings`] the server runs with. `--check-config` stops after `validate`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::router::{LayoutError, SlotMap, parse_slot_ranges};
+
+/// Command-line flags. Every flag overrides the matching `proxy.toml` key.
+#[derive(Debug, Parser, Default)]
+#[command(name = "slotgate", version, about = "A transparent RESP caching proxy")]
+pub struct Cli {
+    /// Configuration file (TOML). Without it, flags alone describe the proxy.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Plain RESP listener address, or `none` to disable it [default: 127.0.0.1:6380].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// A shard `HOST:PORT[=SLOTS]`, repeatable, in order. Without `=SLOTS` the 16384 slots are
+    /// split evenly in the order given; SLOTS is a list like `0-5460,5462`. Replaces the file's
+    /// `[[shards]]` when given.
+    #[arg(long = "shard", value_name = "ADDR[=SLOTS]")]
+    pub shards: Vec<String>,
+    /// The same as repeated `--shard`, comma-separated.
+    #[arg(long = "shard-list", value_name = "ADDR,ADDR…")]
+    pub shard_list: Option<String>,
+    /// Worker threads, each with its own upstream connections [default: number of cores].
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Pipelined connections per shard per worker [default: 1].
+    #[arg(long)]
+    pub upstream_connections: Option<usize>,
+    /// How long a request may wait for its shard before failing [default: 1s].
+    #[arg(long, value_name = "DURATION")]
+    pub op_timeout: Option<String>,
+    /// Log filter (error, warn, info, debug, trace or a tracing directive) [default: info].
+    #[arg(long)]
+    pub log_level: Option<String>,
+    /// Commands a client may have in flight before slotgate stops reading from it [default: 1024].
+    #[arg(long)]
+    pub max_client_pipeline: Option<usize>,
+    /// Requests in flight per upstream connection before new ones fail [default: 65536].
+    #[arg(long)]
+    pub max_inflight_per_connection: Option<usize>,
+    /// Validate the configuration (file plus flags) without contacting any shard, then exit.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// `proxy.toml`. Every key is optional; the example file in the repository lists them all
+/// with their defaults.
+#[derive(Debug, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub workers: Option<usize>,
+    pub upstream_connections: Option<usize>,
+    pub op_timeout: Option<String>,
+    pub log_level: Option<String>,
+    pub max_client_pipeline: Option<usize>,
+    pub max_inflight_per_connection: Option<usize>,
+    pub proto_max_bulk_len: Option<usize>,
+    pub client_query_buffer_limit: Option<usize>,
+    pub shards: Vec<ShardEntry>,
+}
+
+/// One `[[shards]]` table.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ShardEntry {
+    pub addr: String,
+    /// Slot list such as `"0-5460"`; omit on every shard for an even split.
+    pub slots: Option<String>,
+}
+
+/// A configuration error, with what was wrong and where.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid {what} '{value}': {why}")]
+    Invalid {
+        what: &'static str,
+        value: String,
+        why: String,
+    },
+    #[error("invalid shard layout: {0}")]
+    Layout(#[from] LayoutError),
+}
+
+/// The validated settings the server runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: Option<SocketAddr>,
+    pub shards: Vec<SocketAddr>,
+    pub slot_map: SlotMap,
+    pub workers: usize,
+    pub upstream_connections: usize,
+    pub op_timeout: Duration,
+    pub log_level: String,
+    pub max_client_pipeline: usize,
+    pub max_inflight_per_connection: usize,
+    pub proto_max_bulk_len: usize,
+    pub client_query_buffer_limit: usize,
+}
+
+/// Parses `250ms`, `1s`, `1.5s`, `10m`, `1h`, `500us`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| "missing unit (use us, ms, s, m or h, e.g. 250ms)".to_string())?;
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num
+        .parse()
+        .map_err(|_| "expected a number followed by a unit, e.g. 250ms".to_string())?;
+    let scale = match unit.trim() {
+        "us" | "µs" => 1e-6,
+        "ms" => 1e-3,
+        "s" | "sec" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        u => return Err(format!("unknown unit '{u}' (use us, ms, s, m or h)")),
+    };
+    let secs = v * scale;
+    if !secs.is_finite() || secs > 1e9 {
+        return Err("too large".into());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl Cli {
+    /// Reads the file (if any), applies the flags over it and validates the result.
+    pub fn settings(&self) -> Result<Settings, ConfigError> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        self.merge(file).validate()
+    }
+
+    fn merge(&self, f: FileConfig) -> Merged {
+        let mut shards: Vec<ShardEntry> = Vec::new();
+        let flag_shards = self
+            .shards
+            .iter()
+            .cloned()
+            .chain(
+                self.shard_list
+                    .iter()
+                    .flat_map(|l| l.split([',', ' ']).map(str::to_string)),
+            )
+            .filter(|s| !s.trim().is_empty());
+        for s in flag_shards {
+            let (addr, slots) = match s.split_once('=') {
+                Some((a, r)) => (a.to_string(), Some(r.to_string())),
+                None => (s, None),
+            };
+            shards.push(ShardEntry { addr, slots });
+        }
+        if shards.is_empty() {
+            shards = f.shards;
+        }
+        Merged {
+            listen: self
+                .listen
+                .clone()
+                .or(f.listen)
+                .unwrap_or_else(|| "127.0.0.1:6380".into()),
+            shards,
+            workers: self.workers.or(f.workers).unwrap_or(0),
+            upstream_connections: self
+                .upstream_connections
+                .or(f.upstream_connections)
+                .unwrap_or(1),
+            op_timeout: self
+                .op_timeout
+                .clone()
+                .or(f.op_timeout)
+                .unwrap_or_else(|| "1s".into()),
+            log_level: self
+                .log_level
+                .clone()
+                .or(f.log_level)
+                .unwrap_or_else(|| "info".into()),
+            max_client_pipeline: self
+                .max_client_pipeline
+                .or(f.max_client_pipeline)
+                .unwrap_or(1024),
+            max_inflight_per_connection: self
+                .max_inflight_per_connection
+                .or(f.max_inflight_per_connection)
+                .unwrap_or(65536),
+            proto_max_bulk_len: f.proto_max_bulk_len.unwrap_or(512 * 1024 * 1024),
+            client_query_buffer_limit: f.client_query_buffer_limit.unwrap_or(1024 * 1024 * 1024),
+        }
+    }
+}
+
+/// File and flags merged, not yet validated.
+struct Merged {
+    listen: String,
+    shards: Vec<ShardEntry>,
+    workers: usize,
+    upstream_connections: usize,
+    op_timeout: String,
+    log_level: String,
+    max_client_pipeline: usize,
+    max_inflight_per_connection: usize,
+    proto_max_bulk_len: usize,
+    client_query_buffer_limit: usize,
+}
+
+fn invalid(what: &'static str, value: impl ToString, why: impl ToString) -> ConfigError {
+    ConfigError::Invalid {
+        what,
+        value: value.to_string(),
+        why: why.to_string(),
+    }
+}
+
+fn parse_addr(what: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    // host:port with a name (e.g. localhost:7001): resolved once, at start-up.
+    match s.to_socket_addrs() {
+        Ok(mut it) => it
+            .next()
+            .ok_or_else(|| invalid(what, s, "the name resolves to no address")),
+        Err(e) => Err(invalid(what, s, format!("expected HOST:PORT ({e})"))),
+    }
+}
+
+impl Merged {
+    fn validate(self) -> Result<Settings, ConfigError> {
+        let listen = if self.listen.eq_ignore_ascii_case("none") {
+            None
+        } else {
+            Some(parse_addr("listen address", &self.listen)?)
+        };
+        let mut shards = Vec::new();
+        let mut layout = Vec::new();
+        for s in &self.shards {
+            let addr = parse_addr("shard address", s.addr.trim())?;
+            if shards.contains(&addr) {
+                return Err(invalid("shard address", &s.addr, "listed twice"));
+            }
+            let ranges = match &s.slots {
+                Some(r) => Some(parse_slot_ranges(r)?),
+                None => None,
+            };
+            if ranges.is_none() && self.shards.iter().any(|o| o.slots.is_some()) {
+                return Err(invalid(
+                    "shard",
+                    &s.addr,
+                    "give slots for every shard or for none (even split)",
+                ));
+            }
+            shards.push(addr);
+            layout.push((s.addr.clone(), ranges));
+        }
+        let slot_map = SlotMap::build(&layout)?;
+        let op_timeout = parse_duration(&self.op_timeout)
+            .map_err(|why| invalid("op-timeout", &self.op_timeout, why))?;
+        if op_timeout.is_zero() {
+            return Err(invalid("op-timeout", &self.op_timeout, "must be > 0"));
+        }
+        let workers = match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n if n > 1024 => return Err(invalid("workers", n, "at most 1024")),
+            n => n,
+        };
+        if !(1..=64).contains(&self.upstream_connections) {
+            return Err(invalid(
+                "upstream-connections",
+                self.upstream_connections,
+                "must be between 1 and 64",
+            ));
+        }
+        if self.max_client_pipeline == 0 {
+            return Err(invalid("max-client-pipeline", 0, "must be > 0"));
+        }
+        if self.max_inflight_per_connection == 0 {
+            return Err(invalid("max-inflight-per-connection", 0, "must be > 0"));
+        }
+        if self.proto_max_bulk_len < 1024 * 1024 {
+            return Err(invalid(
+                "proto_max_bulk_len",
+                self.proto_max_bulk_len,
+                "at least 1048576 (as in Redis)",
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log_level)
+            .map_err(|e| invalid("log-level", &self.log_level, e))?;
+        Ok(Settings {
+            listen,
+            shards,
+            slot_map,
+            workers,
+            upstream_connections: self.upstream_connections,
+            op_timeout,
+            log_level: self.log_level,
+            max_client_pipeline: self.max_client_pipeline,
+            max_inflight_per_connection: self.max_inflight_per_connection,
+            proto_max_bulk_len: self.proto_max_bulk_len,
+            client_query_buffer_limit: self.client_query_buffer_limit,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1s").unwrap(), Duration::from_secs(1));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("ms").is_err());
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let cli = Cli::parse_from([
+            "slotgate",
+            "--shard",
+            "127.0.0.1:7001",
+            "--shard",
+            "127.0.0.1:7002",
+            "--op-timeout",
+            "250ms",
+        ]);
+        let file: FileConfig = toml::from_str(
+            "op_timeout = \"5s\"\nworkers = 3\n[[shards]]\naddr = \"127.0.0.1:1\"\n",
+        )
+        .unwrap();
+        let s = cli.merge(file).validate().unwrap();
+        assert_eq!(s.shards.len(), 2, "--shard replaces the file's shards");
+        assert_eq!(s.op_timeout, Duration::from_millis(250));
+        assert_eq!(s.workers, 3);
+    }
+
+    #[test]
+    fn the_example_file_parses() {
+        let text = include_str!("../proxy.toml");
+        let file: FileConfig = toml::from_str(text).expect("proxy.toml parses");
+        let cli = Cli::default();
+        cli.merge(file).validate().expect("proxy.toml validates");
+    }
+}

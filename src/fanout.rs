@@ -1,0 +1,280 @@
+//! Scatter/gather: commands split over several shards, and how their replies merge.
+//!
+//! One strategy per kind ([`Merge`]), implemented once here: a [`Gather`] collects one reply
+//! per part and, when the last arrives, builds the client's reply. A part that failed (a
+//! shard error such as `-ERR shard unavailable` or `-WRONGTYPE`) makes the whole reply that
+//! error, as Redis Cluster proxies do.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::command::Merge;
+use crate::resp::reply::{self, Proto};
+use crate::resp::request::push_header;
+use crate::resp::scan::{array_elements, reply_integer};
+
+/// How the parts of a gathered reply combine.
+pub enum GatherKind {
+    /// MGET: `positions[part]` lists, for each element of that part's array, its index in the
+    /// client's key order; `total` keys in all.
+    ArrayInOrder {
+        positions: Vec<Vec<u32>>,
+        total: usize,
+    },
+    SumIntegers,
+    AllOk,
+    ConcatArrays,
+    /// SCAN on one shard: rewrite the cursor so it also names the shard.
+    Scan { shard: u64, shards: u64 },
+    /// RANDOMKEY over all shards: one of the non-nil replies, chosen by `pick`.
+    RandomKey { pick: usize },
+    /// INFO: the shards' INFO texts, turned into the proxy's INFO by `build`.
+    Info(Box<dyn FnOnce(&[Bytes]) -> Bytes>),
+}
+
+impl GatherKind {
+    /// The gather kind for a table merge.
+    pub fn from_merge(m: Merge) -> Option<GatherKind> {
+        Some(match m {
+            Merge::SumIntegers => GatherKind::SumIntegers,
+            Merge::AllOk => GatherKind::AllOk,
+            Merge::ConcatArrays => GatherKind::ConcatArrays,
+            Merge::ArrayInOrder | Merge::Special => return None,
+        })
+    }
+}
+
+/// Replies collected so far for one split command.
+pub struct Gather {
+    kind: GatherKind,
+    parts: Vec<Option<Bytes>>,
+    missing: usize,
+    proto: Proto,
+}
+
+impl Gather {
+    pub fn new(kind: GatherKind, parts: usize, proto: Proto) -> Self {
+        Gather {
+            kind,
+            parts: vec![None; parts],
+            missing: parts,
+            proto,
+        }
+    }
+
+    /// Stores part `i`; returns the merged reply once every part is in.
+    pub fn put(&mut self, i: usize, reply: Bytes) -> Option<Bytes> {
+        let slot = self.parts.get_mut(i)?;
+        if slot.is_some() {
+            return None;
+        }
+        *slot = Some(reply);
+        self.missing -= 1;
+        if self.missing > 0 {
+            return None;
+        }
+        let parts: Vec<Bytes> = self.parts.iter_mut().map(|p| p.take().unwrap()).collect();
+        Some(self.merge(parts))
+    }
+
+    fn merge(&mut self, parts: Vec<Bytes>) -> Bytes {
+        // Any error part is the reply (the first one, in shard order).
+        if !matches!(self.kind, GatherKind::RandomKey { .. } | GatherKind::Info(_)) {
+            if let Some(e) = parts.iter().find(|p| p.first() == Some(&b'-')) {
+                return e.clone();
+            }
+        }
+        match std::mem::replace(&mut self.kind, GatherKind::AllOk) {
+            GatherKind::ArrayInOrder { positions, total } => {
+                merge_in_order(&parts, &positions, total)
+            }
+            GatherKind::SumIntegers => {
+                let mut sum: i64 = 0;
+                for p in &parts {
+                    match reply_integer(p) {
+                        Some(n) => sum = sum.saturating_add(n),
+                        None => return unexpected(p),
+                    }
+                }
+                reply::integer(sum)
+            }
+            GatherKind::AllOk => match parts.iter().find(|p| p.as_ref() != reply::OK) {
+                Some(other) => other.clone(),
+                None => Bytes::from_static(reply::OK),
+            },
+            GatherKind::ConcatArrays => {
+                let mut total = 0usize;
+                let mut bodies = Vec::with_capacity(parts.len());
+                for p in &parts {
+                    match array_body(p) {
+                        Some((n, body)) => {
+                            total += n;
+                            bodies.push(body);
+                        }
+                        None => return unexpected(p),
+                    }
+                }
+                let mut out =
+                    BytesMut::with_capacity(bodies.iter().map(|b| b.len()).sum::<usize>() + 16);
+                push_header(&mut out, b'*', total);
+                for b in bodies {
+                    out.extend_from_slice(b);
+                }
+                out.freeze()
+            }
+            GatherKind::Scan { shard, shards } => rewrite_scan(&parts[0], shard, shards),
+            GatherKind::RandomKey { pick } => {
+                let keys: Vec<&Bytes> = parts.iter().filter(|p| p.first() == Some(&b'$')
+                    && p.as_ref() != reply::NULL_RESP2).collect();
+                if keys.is_empty() {
+                    // All empty (or failing): a shard error wins over nil.
+                    match parts.iter().find(|p| p.first() == Some(&b'-')) {
+                        Some(e) => e.clone(),
+                        None => Bytes::from_static(reply::null(self.proto)),
+                    }
+                } else {
+                    keys[pick % keys.len()].clone()
+                }
+            }
+            GatherKind::Info(build) => build(&parts),
+        }
+    }
+}
+
+/// Places each part's array elements at their original key positions.
+fn merge_in_order(parts: &[Bytes], positions: &[Vec<u32>], total: usize) -> Bytes {
+    let mut elems: Vec<&[u8]> = vec![&[]; total];
+    let mut len = 0;
+    for (p, pos) in parts.iter().zip(positions) {
+        let Some(ranges) = array_elements(p) else {
+            return unexpected(p);
+        };
+        if ranges.len() != pos.len() {
+            return unexpected(p);
+        }
+        for (&(s, e), &i) in ranges.iter().zip(pos) {
+            elems[i as usize] = &p[s..e];
+            len += e - s;
+        }
+    }
+    let mut out = BytesMut::with_capacity(len + 16);
+    push_header(&mut out, b'*', total);
+    for e in elems {
+        out.extend_from_slice(e);
+    }
+    out.freeze()
+}
+
+/// `(element count, bytes after the header)` of an array reply.
+fn array_body(p: &[u8]) -> Option<(usize, &[u8])> {
+    if p.first() != Some(&b'*') && p.first() != Some(&b'~') {
+        return None;
+    }
+    let cr = p.iter().position(|&c| c == b'\r')?;
+    let n = crate::resp::request::parse_i64(&p[1..cr])?;
+    Some((n.max(0) as usize, &p[cr + 2..]))
+}
+
+/// SCAN's reply `*2 $cursor *keys` with the shard's cursor re-encoded to name the shard:
+/// proxy cursor = shard_cursor * shards + shard; a finished shard moves on to the next one,
+/// and the last one ends the iteration with 0.
+fn rewrite_scan(p: &Bytes, shard: u64, shards: u64) -> Bytes {
+    let Some(elems) = array_elements(p) else {
+        return unexpected(p);
+    };
+    if elems.len() != 2 {
+        return unexpected(p);
+    }
+    let (cs, ce) = elems[0];
+    let cursor_frame = &p[cs..ce];
+    let Some(cursor) = bulk_u64(cursor_frame) else {
+        return unexpected(p);
+    };
+    let next = if cursor == 0 {
+        if shard + 1 < shards { shard + 1 } else { 0 }
+    } else {
+        match cursor.checked_mul(shards).and_then(|c| c.checked_add(shard)) {
+            Some(c) => c,
+            None => return reply::error("ERR shard cursor too large for the proxy to encode"),
+        }
+    };
+    let mut buf = itoa::Buffer::new();
+    let c = buf.format(next);
+    let mut out = BytesMut::with_capacity(p.len() + 8);
+    out.extend_from_slice(b"*2\r\n");
+    push_header(&mut out, b'$', c.len());
+    out.extend_from_slice(c.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&p[elems[1].0..elems[1].1]);
+    out.freeze()
+}
+
+/// The unsigned integer inside a `$n\r\n<digits>\r\n` frame.
+fn bulk_u64(frame: &[u8]) -> Option<u64> {
+    let cr = frame.iter().position(|&c| c == b'\r')?;
+    let body = frame.get(cr + 2..frame.len().checked_sub(2)?)?;
+    std::str::from_utf8(body).ok()?.parse().ok()
+}
+
+/// A shard reply of an unexpected shape (should not happen with a real Redis).
+fn unexpected(p: &[u8]) -> Bytes {
+    let mut b = BytesMut::new();
+    b.put_slice(b"-ERR unexpected reply from shard: ");
+    b.extend(p.iter().take(64).map(|&c| if c == b'\r' || c == b'\n' { b' ' } else { c }));
+    b.put_slice(b"\r\n");
+    b.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(s: &str) -> Bytes {
+        Bytes::from(s.to_string())
+    }
+
+    #[test]
+    fn mget_merges_in_key_order() {
+        let mut g = Gather::new(
+            GatherKind::ArrayInOrder {
+                positions: vec![vec![0, 2], vec![1]],
+                total: 3,
+            },
+            2,
+            Proto::Resp2,
+        );
+        assert!(g.put(1, b("*1\r\n$1\r\nb\r\n")).is_none());
+        let m = g.put(0, b("*2\r\n$1\r\na\r\n$-1\r\n")).unwrap();
+        assert_eq!(&m[..], b"*3\r\n$1\r\na\r\n$1\r\nb\r\n$-1\r\n");
+    }
+
+    #[test]
+    fn sums_and_errors() {
+        let mut g = Gather::new(GatherKind::SumIntegers, 3, Proto::Resp2);
+        g.put(0, b(":2\r\n"));
+        g.put(1, b(":0\r\n"));
+        assert_eq!(&g.put(2, b(":5\r\n")).unwrap()[..], b":7\r\n");
+        let mut g = Gather::new(GatherKind::SumIntegers, 2, Proto::Resp2);
+        g.put(0, b(":2\r\n"));
+        assert_eq!(&g.put(1, b("-ERR x\r\n")).unwrap()[..], b"-ERR x\r\n");
+    }
+
+    #[test]
+    fn scan_cursor_names_the_shard() {
+        let reply = b("*2\r\n$2\r\n17\r\n*1\r\n$1\r\nk\r\n");
+        assert_eq!(
+            &rewrite_scan(&reply, 1, 3)[..],
+            b"*2\r\n$2\r\n52\r\n*1\r\n$1\r\nk\r\n"
+        );
+        let done = b("*2\r\n$1\r\n0\r\n*0\r\n");
+        assert_eq!(&rewrite_scan(&done, 0, 3)[..], b"*2\r\n$1\r\n1\r\n*0\r\n");
+        assert_eq!(&rewrite_scan(&done, 2, 3)[..], b"*2\r\n$1\r\n0\r\n*0\r\n");
+    }
+
+    #[test]
+    fn keys_concatenate() {
+        let mut g = Gather::new(GatherKind::ConcatArrays, 2, Proto::Resp2);
+        g.put(0, b("*1\r\n$1\r\na\r\n"));
+        let m = g.put(1, b("*0\r\n")).unwrap();
+        assert_eq!(&m[..], b"*1\r\n$1\r\na\r\n");
+    }
+}

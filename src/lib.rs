@@ -1,0 +1,54 @@
+//! slotgate: a transparent RESP caching proxy.
+//!
+//! Unmodified Redis clients connect to one endpoint; slotgate routes every command by hash
+//! slot over a set of `redis-server` shards, through a few pipelined connections per shard,
+//! and answers so that clients cannot tell it from a single Redis.
+//!
+//! # Layout
+//!
+//! - [`config`]: `proxy.toml` + CLI flags → validated [`config::Settings`] (`--check-config`).
+//! - [`server`]: one acceptor hands connections round-robin to N worker threads; each worker
+//!   runs a single-threaded runtime with its own shard connections, so a request never leaves
+//!   the thread that read it.
+//! - [`session`]: one client connection: read a burst, parse, route, write ready replies in
+//!   request order with one syscall. [`local`] holds the commands the proxy answers itself.
+//! - [`resp`]: the bounded, resumable request parser (multibulk + inline, Redis's exact
+//!   protocol errors), the resumable reply framer for RESP2/RESP3, and the proxy's own replies
+//!   (the only place error strings are spelled).
+//! - [`command`]: the command table as data (generated from Redis 7.0's `COMMAND`), with
+//!   arity, flags, key specs and a route class per command; [`command::keys`] finds the keys.
+//! - [`router`]: key → slot (CRC16 with `{hashtag}`) → shard, an immutable 16384-entry map.
+//! - [`shard`]: one multiplexed, pipelined upstream connection per shard per worker: batched
+//!   writes, bulk reads, FIFO matching, op timeout, reconnect with capped backoff.
+//! - [`queue`]: a session's in-order reply slots, filled by local answers or by shards.
+//! - [`fanout`]: scatter/gather merges (MGET order, summed counts, all-OK, KEYS, SCAN cursor).
+//!
+//! # Request flow
+//!
+//! ```text
+//! accept → worker (round-robin) → session::run
+//!   read_buf → RequestParser::parse → Request { raw: Bytes, args }
+//!   → command::lookup (+ subcommand) → arity check → Route:
+//!       Local      → reply now (PING, HELLO, SELECT, CLIENT …, INFO gathers shard INFO)
+//!       Single     → key_indices → one slot (else CROSSSLOT) → shard → Upstream::send(raw)
+//!       Scatter    → split keys per shard → Gather (MGET order | sum | +OK)
+//!       AllShards  → every shard → Gather (DBSIZE sum, KEYS concat, FLUSHDB …); SCAN one shard
+//!       Refused / NotYet → clear error, never forwarded
+//!   Upstream: write queued bytes in one syscall; read replies in bulk; ReplyScanner frames
+//!   each; the oldest pending Target gets the bytes → ReplyQueue slot
+//!   session: drain ready slots from the front → one write
+//! ```
+
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod command;
+pub mod config;
+pub mod fanout;
+pub mod local;
+pub mod queue;
+pub mod resp;
+pub mod router;
+pub mod server;
+pub mod session;
+pub mod shard;

@@ -1,0 +1,444 @@
+//! Commands the proxy answers itself: the connection handshake (HELLO, AUTH, SELECT, CLIENT …),
+//! PING/ECHO/TIME/QUIT/RESET, and INFO built from the proxy's state plus the shards' INFO.
+//! Introspection that only a Redis can answer correctly (COMMAND …, CONFIG GET, `* HELP`) is
+//! forwarded to the first shard, whose command set is the one clients talk to.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use crate::command::CommandSpec;
+use crate::fanout::GatherKind;
+use crate::resp::Request;
+use crate::resp::reply::{self, Aggregate, Proto};
+use crate::server::{ClientInfo, Shared};
+use crate::session::Session;
+
+/// Reported by HELLO before any shard has told its version.
+const FALLBACK_VERSION: &str = "7.0.0";
+
+impl Session {
+    pub(crate) fn local(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
+        match spec.name {
+            "ping" => match req.argc() {
+                1 => self.reply_static(reply::PONG),
+                2 => self.reply(reply::bulk(req.arg(1))),
+                _ => self.reply(reply::wrong_arity("ping")),
+            },
+            "echo" => self.reply(reply::bulk(req.arg(1))),
+            "quit" => {
+                self.reply_static(reply::OK);
+                self.closing = true;
+            }
+            "reset" => {
+                self.name = None;
+                self.switch_proto(Proto::Resp2);
+                self.update_info();
+                self.reply(Bytes::from_static(b"+RESET\r\n"));
+            }
+            "select" => match std::str::from_utf8(req.arg(1))
+                .ok()
+                .and_then(|s| s.parse::<i64>().ok())
+            {
+                Some(0) => self.reply_static(reply::OK),
+                Some(_) => self.reply_static(reply::DB_OUT_OF_RANGE),
+                None => self.reply_static(reply::NOT_INTEGER),
+            },
+            "auth" => self.auth(req),
+            "hello" => self.hello(req),
+            "time" => {
+                let t = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default();
+                let mut a = Aggregate::array(2);
+                a.bulk(t.as_secs().to_string().as_bytes())
+                    .bulk(t.subsec_micros().to_string().as_bytes());
+                self.reply(a.finish());
+            }
+            "info" => self.info(req, now),
+            "client|id" => self.reply(reply::integer(self.id as i64)),
+            "client|getname" => match &self.name {
+                Some(n) => self.reply(reply::bulk(n.as_bytes())),
+                None => self.reply_static(reply::null(self.proto)),
+            },
+            "client|setname" => {
+                let name = req.arg(2);
+                if !valid_client_name(name) {
+                    return self.reply_static(reply::BAD_CLIENT_NAME);
+                }
+                self.name = (!name.is_empty()).then(|| String::from_utf8_lossy(name).into());
+                self.update_info();
+                self.reply_static(reply::OK);
+            }
+            "client|setinfo" => {
+                let attr = req.arg(2);
+                if !(attr.eq_ignore_ascii_case(b"lib-name") || attr.eq_ignore_ascii_case(b"lib-ver"))
+                {
+                    return self.reply(reply::error(&format!(
+                        "ERR Unrecognized option '{}'",
+                        String::from_utf8_lossy(attr)
+                    )));
+                }
+                if !valid_client_name(req.arg(3)) {
+                    return self.reply(reply::error(&format!(
+                        "ERR {} cannot contain spaces, newlines or special characters.",
+                        String::from_utf8_lossy(attr)
+                    )));
+                }
+                self.reply_static(reply::OK)
+            }
+            "client|no-evict" | "client|no-touch" => {
+                let v = req.arg(2);
+                if v.eq_ignore_ascii_case(b"on") || v.eq_ignore_ascii_case(b"off") {
+                    self.reply_static(reply::OK)
+                } else {
+                    self.reply_static(reply::SYNTAX)
+                }
+            }
+            "client|info" => {
+                let line = client_line(&self.info_entry(), "client|info");
+                self.reply(reply::verbatim(self.proto, line.as_bytes()));
+            }
+            "client|list" => {
+                let mut all: Vec<ClientInfo> = self
+                    .w
+                    .shared
+                    .clients
+                    .lock()
+                    .map(|c| c.values().cloned().collect())
+                    .unwrap_or_default();
+                all.sort_by_key(|c| c.id);
+                let text: String = all
+                    .iter()
+                    .map(|c| {
+                        let cmd = if c.id == self.id { "client|list" } else { "NULL" };
+                        client_line(c, cmd)
+                    })
+                    .collect();
+                self.reply(reply::verbatim(self.proto, text.as_bytes()));
+            }
+            "acl|whoami" => self.reply(reply::bulk(b"default")),
+            name if name == "cluster"
+                || name.starts_with("cluster|")
+                || matches!(name, "readonly" | "readwrite" | "asking") =>
+            {
+                self.reply_static(reply::CLUSTER_DISABLED)
+            }
+            // COMMAND …, CONFIG GET, and HELP texts: the shards' own answer.
+            _ => self.forward(0, &req.raw, now),
+        }
+    }
+
+    /// This session's CLIENT LIST entry as it is now.
+    fn info_entry(&self) -> ClientInfo {
+        ClientInfo {
+            id: self.id,
+            addr: self.addr,
+            laddr: self.laddr,
+            created: self.created,
+            name: self.name.clone().unwrap_or_default(),
+            resp: if self.proto == Proto::Resp3 { 3 } else { 2 },
+            worker: self.w.id,
+        }
+    }
+
+    /// Switches the reply protocol; the next command waits for in-flight replies, since it
+    /// may travel over a connection of the other protocol.
+    fn switch_proto(&mut self, p: Proto) {
+        if self.proto != p {
+            self.proto = p;
+            self.barrier = true;
+        }
+    }
+
+    /// AUTH with no password configured (proxy-side authentication is configured separately):
+    /// Redis's answers for the `nopass` default user.
+    fn auth(&mut self, req: &Request<'_>) {
+        match req.argc() {
+            2 => self.reply_static(reply::AUTH_NO_PASSWORD),
+            3 if req.arg(1) == b"default" => self.reply_static(reply::OK),
+            3 => self.reply_static(reply::WRONGPASS),
+            _ => self.reply_static(reply::SYNTAX),
+        }
+    }
+
+    /// `HELLO [protover [AUTH user pass] [SETNAME name]]`.
+    fn hello(&mut self, req: &Request<'_>) {
+        let mut proto = self.proto;
+        if req.argc() >= 2 {
+            match std::str::from_utf8(req.arg(1))
+                .ok()
+                .and_then(|s| s.parse::<i64>().ok())
+            {
+                Some(2) => proto = Proto::Resp2,
+                Some(3) => proto = Proto::Resp3,
+                Some(_) => return self.reply_static(reply::NOPROTO),
+                None => {
+                    return self.reply(reply::error(
+                        "ERR Protocol version is not an integer or out of range",
+                    ));
+                }
+            }
+        }
+        let mut setname: Option<&[u8]> = None;
+        let mut i = 2;
+        while i < req.argc() {
+            let opt = req.arg(i);
+            let more = req.argc() - i - 1;
+            if opt.eq_ignore_ascii_case(b"auth") && more >= 2 {
+                if req.arg(i + 1) != b"default" {
+                    return self.reply_static(reply::WRONGPASS);
+                }
+                i += 3;
+            } else if opt.eq_ignore_ascii_case(b"setname") && more >= 1 {
+                setname = Some(req.arg(i + 1));
+                i += 2;
+            } else {
+                return self.reply(reply::error(&format!(
+                    "ERR Syntax error in HELLO option '{}'",
+                    String::from_utf8_lossy(opt)
+                )));
+            }
+        }
+        if let Some(n) = setname {
+            if !valid_client_name(n) {
+                return self.reply_static(reply::BAD_CLIENT_NAME);
+            }
+            self.name = (!n.is_empty()).then(|| String::from_utf8_lossy(n).into());
+        }
+        self.switch_proto(proto);
+        self.update_info();
+        let version = self
+            .w
+            .shared
+            .redis_version
+            .get()
+            .map_or(FALLBACK_VERSION, |v| v.as_str());
+        let mut m = Aggregate::map(proto, 7);
+        m.bulk(b"server").bulk(b"redis");
+        m.bulk(b"version").bulk(version.as_bytes());
+        m.bulk(b"proto").integer(if proto == Proto::Resp3 { 3 } else { 2 });
+        m.bulk(b"id").integer(self.id as i64);
+        m.bulk(b"mode").bulk(b"standalone");
+        m.bulk(b"role").bulk(b"master");
+        m.bulk(b"modules").raw(b"*0\r\n");
+        self.reply(m.finish());
+    }
+
+    /// INFO: the proxy's own sections plus what the shards report (version, memory and a
+    /// keyspace summed over shards), gathered from every shard.
+    fn info(&mut self, req: &Request<'_>, now: Instant) {
+        let wanted: Vec<String> = (1..req.argc())
+            .map(|i| String::from_utf8_lossy(req.arg(i)).to_ascii_lowercase())
+            .collect();
+        let shared = self.w.shared.clone();
+        let connected = self.w.pools.connected();
+        let proto = self.proto;
+        let build = move |parts: &[Bytes]| -> Bytes {
+            let text = build_info(&shared, &wanted, &connected, parts);
+            reply::verbatim(proto, text.as_bytes())
+        };
+        let n = self.w.shared.settings.slot_map.shard_count();
+        let raw = Bytes::from_static(b"*1\r\n$4\r\nINFO\r\n");
+        let parts: Vec<(usize, Bytes)> = (0..n).map(|s| (s, raw.clone())).collect();
+        self.gather(GatherKind::Info(Box::new(build)), &parts, now);
+    }
+}
+
+/// Redis's rule for client names: printable ASCII without spaces.
+fn valid_client_name(n: &[u8]) -> bool {
+    n.iter().all(|&c| (b'!'..=b'~').contains(&c))
+}
+
+/// One CLIENT LIST line, in Redis 7.0's field order.
+fn client_line(c: &ClientInfo, cmd: &str) -> String {
+    format!(
+        "id={} addr={} laddr={} fd=-1 name={} age={} idle=0 flags=N db=0 sub=0 psub=0 ssub=0 \
+         multi=-1 qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 \
+         tot-mem=0 events=r cmd={} user=default redir=-1 resp={}\n",
+        c.id,
+        c.addr,
+        c.laddr,
+        c.name,
+        c.created.elapsed().as_secs(),
+        cmd,
+        c.resp
+    )
+}
+
+/// The text of a shard's INFO reply (RESP2 bulk or RESP3 verbatim), if it is one.
+fn info_text(part: &[u8]) -> Option<&str> {
+    let cr = part.iter().position(|&c| c == b'\r')?;
+    let body = part.get(cr + 2..part.len().checked_sub(2)?)?;
+    let body = match part.first()? {
+        b'$' => body,
+        b'=' => body.get(4..)?,
+        _ => return None,
+    };
+    std::str::from_utf8(body).ok()
+}
+
+/// `field:value` from an INFO text.
+fn info_field<'a>(text: &'a str, field: &str) -> Option<&'a str> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(field)
+            .and_then(|r| r.strip_prefix(':'))
+            .map(str::trim_end)
+    })
+}
+
+/// `db0:keys=1,expires=0,avg_ttl=0` → (keys, expires, avg_ttl).
+fn db0(text: &str) -> (u64, u64, u64) {
+    let Some(v) = info_field(text, "db0") else {
+        return (0, 0, 0);
+    };
+    let get = |k: &str| {
+        v.split(',')
+            .find_map(|kv| kv.strip_prefix(k).and_then(|r| r.strip_prefix('=')))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    (get("keys"), get("expires"), get("avg_ttl"))
+}
+
+fn build_info(shared: &Arc<Shared>, wanted: &[String], up: &[bool], parts: &[Bytes]) -> String {
+    let texts: Vec<Option<&str>> = parts.iter().map(|p| info_text(p)).collect();
+    if shared.redis_version.get().is_none() {
+        if let Some(v) = texts.iter().flatten().find_map(|t| info_field(t, "redis_version")) {
+            let _ = shared.redis_version.set(v.to_string());
+        }
+    }
+    let version = texts
+        .iter()
+        .flatten()
+        .find_map(|t| info_field(t, "redis_version"))
+        .unwrap_or(FALLBACK_VERSION);
+    let all = wanted.is_empty()
+        || wanted
+            .iter()
+            .any(|w| matches!(w.as_str(), "all" | "everything" | "default"));
+    let want = |s: &str| all || wanted.iter().any(|w| w == s);
+    let settings = &shared.settings;
+    let mut out = String::with_capacity(2048);
+    let mut section = |name: &str, body: String| {
+        if !out.is_empty() {
+            out.push_str("\r\n");
+        }
+        out.push_str("# ");
+        out.push_str(name);
+        out.push_str("\r\n");
+        out.push_str(&body);
+    };
+    if want("server") {
+        let up_secs = shared.started.elapsed().as_secs();
+        let port = shared.listen_addr.get().map_or(0, |a| a.port());
+        section(
+            "Server",
+            format!(
+                "redis_version:{version}\r\nslotgate_version:{}\r\nredis_mode:standalone\r\n\
+                 os:{} {}\r\narch_bits:{}\r\nmultiplexing_api:epoll\r\nprocess_id:{}\r\n\
+                 tcp_port:{port}\r\nuptime_in_seconds:{up_secs}\r\nuptime_in_days:{}\r\n",
+                env!("CARGO_PKG_VERSION"),
+                std::env::consts::OS,
+                std::env::consts::ARCH,
+                usize::BITS,
+                std::process::id(),
+                up_secs / 86400
+            ),
+        );
+    }
+    if want("clients") {
+        section(
+            "Clients",
+            format!("connected_clients:{}\r\n", shared.connected_clients()),
+        );
+    }
+    if want("memory") {
+        let used: u64 = texts
+            .iter()
+            .flatten()
+            .filter_map(|t| info_field(t, "used_memory")?.parse::<u64>().ok())
+            .sum();
+        section(
+            "Memory",
+            format!("used_memory:{used}\r\nused_memory_shards_sum:{used}\r\n"),
+        );
+    }
+    if want("stats") {
+        use std::sync::atomic::Ordering::Relaxed;
+        let st = &shared.stats;
+        section(
+            "Stats",
+            format!(
+                "total_connections_received:{}\r\ntotal_commands_processed:{}\r\n",
+                st.connections_received.load(Relaxed),
+                st.commands_processed.load(Relaxed)
+            ),
+        );
+    }
+    if want("cluster") {
+        section("Cluster", "cluster_enabled:0\r\n".into());
+    }
+    if want("keyspace") {
+        let (mut keys, mut expires, mut ttl_sum, mut ttl_n) = (0u64, 0u64, 0u64, 0u64);
+        for t in texts.iter().flatten() {
+            let (k, e, a) = db0(t);
+            keys += k;
+            expires += e;
+            if a > 0 {
+                ttl_sum += a;
+                ttl_n += 1;
+            }
+        }
+        let body = if keys > 0 {
+            format!(
+                "db0:keys={keys},expires={expires},avg_ttl={}\r\n",
+                if ttl_n > 0 { ttl_sum / ttl_n } else { 0 }
+            )
+        } else {
+            String::new()
+        };
+        section("Keyspace", body);
+    }
+    if want("proxy") {
+        section(
+            "Proxy",
+            format!(
+                "proxy:slotgate\r\nworkers:{}\r\nshards:{}\r\nupstream_connections_per_shard:{}\r\n\
+                 op_timeout_ms:{}\r\nmax_client_pipeline:{}\r\n",
+                settings.workers,
+                settings.shards.len(),
+                settings.upstream_connections,
+                settings.op_timeout.as_millis(),
+                settings.max_client_pipeline
+            ),
+        );
+    }
+    if want("shards") {
+        let mut body = String::new();
+        for (i, addr) in settings.shards.iter().enumerate() {
+            let ranges: Vec<String> = settings
+                .slot_map
+                .ranges(i)
+                .iter()
+                .map(|&(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") })
+                .collect();
+            let text = texts.get(i).copied().flatten();
+            let status = if text.is_some() && up.get(i).copied().unwrap_or(false) {
+                "up"
+            } else {
+                "down"
+            };
+            body.push_str(&format!(
+                "shard{i}:addr={addr},slots={},status={status},keys={},redis_version={}\r\n",
+                ranges.join(" "),
+                text.map_or(0, |t| db0(t).0),
+                text.and_then(|t| info_field(t, "redis_version")).unwrap_or("?")
+            ));
+        }
+        section("Shards", body);
+    }
+    out
+}

@@ -1,0 +1,148 @@
+//! A session's in-order reply queue, and the [`Target`] a shard connection delivers a reply to.
+//!
+//! Each command a session reads takes the next sequence number and a slot in its queue. A
+//! local reply fills the slot at once; a forwarded command's slot is filled when its shard
+//! answers (the shard connection holds a [`Target`] naming the queue and the sequence number).
+//! The session writes replies from the front as they become ready, so replies leave in
+//! request order whichever shard answers first (Envoy's "flush out what we can").
+//!
+//! Everything here lives on one worker thread: `Rc` and `RefCell`, no locks, no atomics.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::Notify;
+
+use crate::fanout::Gather;
+
+/// One command's reply, in request order.
+pub enum Slot {
+    /// Forwarded; waiting for its shard.
+    Waiting,
+    /// Ready to be written.
+    Ready(Bytes),
+    /// Split over several shards; merged when every part has arrived.
+    Gather(Box<Gather>),
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Sequence number of `slots[0]`.
+    base: u64,
+    slots: VecDeque<Slot>,
+    /// Slots not yet `Ready`.
+    waiting: usize,
+}
+
+/// The reply queue of one client session.
+#[derive(Default)]
+pub struct ReplyQueue {
+    inner: RefCell<Inner>,
+    /// Woken when a waiting slot becomes ready.
+    pub notify: Notify,
+}
+
+impl ReplyQueue {
+    pub fn new() -> Rc<Self> {
+        Rc::new(ReplyQueue::default())
+    }
+
+    /// Appends a reply that is ready now.
+    pub fn push_ready(&self, reply: Bytes) {
+        self.inner.borrow_mut().slots.push_back(Slot::Ready(reply));
+    }
+
+    /// Appends a slot to be filled later; returns its sequence number.
+    pub fn push_waiting(&self, slot: Slot) -> u64 {
+        let mut q = self.inner.borrow_mut();
+        let seq = q.base + q.slots.len() as u64;
+        q.slots.push_back(slot);
+        q.waiting += 1;
+        seq
+    }
+
+    /// Fills part `part` of slot `seq` (part 0 for a single-shard command).
+    pub fn deliver(&self, seq: u64, part: u32, reply: Bytes) {
+        let mut q = self.inner.borrow_mut();
+        let Some(idx) = seq.checked_sub(q.base) else {
+            return;
+        };
+        let Some(slot) = q.slots.get_mut(idx as usize) else {
+            return;
+        };
+        let done = match slot {
+            Slot::Waiting => {
+                *slot = Slot::Ready(reply);
+                true
+            }
+            Slot::Gather(g) => match g.put(part as usize, reply) {
+                Some(merged) => {
+                    *slot = Slot::Ready(merged);
+                    true
+                }
+                None => false,
+            },
+            Slot::Ready(_) => false,
+        };
+        if done {
+            q.waiting -= 1;
+            let front_ready = matches!(q.slots.front(), Some(Slot::Ready(_)));
+            drop(q);
+            if front_ready {
+                self.notify.notify_one();
+            }
+        }
+    }
+
+    /// Moves the ready replies at the front into `out`; returns how many.
+    pub fn drain_ready(&self, out: &mut BytesMut) -> usize {
+        let mut q = self.inner.borrow_mut();
+        let mut n = 0;
+        while let Some(Slot::Ready(_)) = q.slots.front() {
+            if let Some(Slot::Ready(b)) = q.slots.pop_front() {
+                out.extend_from_slice(&b);
+            }
+            q.base += 1;
+            n += 1;
+        }
+        n
+    }
+
+    /// Commands whose replies have not been written yet.
+    pub fn len(&self) -> usize {
+        self.inner.borrow().slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Commands still waiting for a shard.
+    pub fn waiting(&self) -> usize {
+        self.inner.borrow().waiting
+    }
+}
+
+/// Where a shard connection sends the reply it read.
+pub enum Target {
+    /// A client's reply slot.
+    Client {
+        queue: Rc<ReplyQueue>,
+        seq: u64,
+        part: u32,
+    },
+    /// A request the proxy made for itself (e.g. `HELLO 3` on a RESP3 connection).
+    Discard,
+}
+
+impl Target {
+    #[inline]
+    pub fn deliver(self, reply: Bytes) {
+        match self {
+            Target::Client { queue, seq, part } => queue.deliver(seq, part, reply),
+            Target::Discard => {}
+        }
+    }
+}

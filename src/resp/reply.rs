@@ -1,0 +1,188 @@
+//! Replies the proxy builds itself. This is the only place that spells an error reply, so
+//! every prefix is Redis-compatible (`ERR`, `CROSSSLOT`, `NOPROTO` …) and documented once in
+//! the README. Errors from shards never come through here: they pass through byte for byte.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::request::push_header;
+
+/// The protocol a client negotiated with `HELLO`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Proto {
+    #[default]
+    Resp2,
+    Resp3,
+}
+
+pub const OK: &[u8] = b"+OK\r\n";
+pub const PONG: &[u8] = b"+PONG\r\n";
+pub const NULL_RESP2: &[u8] = b"$-1\r\n";
+pub const NULL_RESP3: &[u8] = b"_\r\n";
+pub const CROSSSLOT: &[u8] = b"-CROSSSLOT Keys in request don't hash to the same slot\r\n";
+pub const DB_OUT_OF_RANGE: &[u8] = b"-ERR DB index is out of range\r\n";
+pub const NOT_INTEGER: &[u8] = b"-ERR value is not an integer or out of range\r\n";
+pub const SYNTAX: &[u8] = b"-ERR syntax error\r\n";
+pub const CLUSTER_DISABLED: &[u8] = b"-ERR This instance has cluster support disabled\r\n";
+pub const NOPROTO: &[u8] = b"-NOPROTO unsupported protocol version\r\n";
+pub const AUTH_NO_PASSWORD: &[u8] = b"-ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?\r\n";
+pub const WRONGPASS: &[u8] =
+    b"-WRONGPASS invalid username-password pair or user is disabled.\r\n";
+pub const BAD_CLIENT_NAME: &[u8] =
+    b"-ERR Client names cannot contain spaces, newlines or special characters.\r\n";
+pub const INVALID_CURSOR: &[u8] = b"-ERR invalid cursor\r\n";
+
+/// The nil reply for a protocol.
+#[inline]
+pub fn null(proto: Proto) -> &'static [u8] {
+    match proto {
+        Proto::Resp2 => NULL_RESP2,
+        Proto::Resp3 => NULL_RESP3,
+    }
+}
+
+/// `-<msg>\r\n`, with CR/LF in `msg` replaced by spaces as Redis's `addReplyErrorLength` does.
+pub fn error(msg: &str) -> Bytes {
+    let mut out = BytesMut::with_capacity(msg.len() + 3);
+    out.put_u8(b'-');
+    out.extend(msg.bytes().map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b }));
+    out.extend_from_slice(b"\r\n");
+    out.freeze()
+}
+
+/// A shard could not serve a request: refused, reset, timed out or over its in-flight cap.
+/// Every such reply starts with `-ERR shard unavailable`.
+pub fn shard_unavailable(addr: &str, why: &str) -> Bytes {
+    error(&format!("ERR shard unavailable: {addr}: {why}"))
+}
+
+/// An administrative command that would break the proxy's model; never forwarded.
+pub fn not_allowed(name: &str) -> Bytes {
+    error(&format!("ERR command '{name}' is not allowed through slotgate"))
+}
+
+/// A stateful command family a later version of slotgate serves.
+pub fn not_yet(name: &str) -> Bytes {
+    error(&format!("ERR command '{name}' is not supported by slotgate yet"))
+}
+
+/// `-ERR wrong number of arguments for 'get' command`.
+pub fn wrong_arity(name: &str) -> Bytes {
+    error(&format!("ERR wrong number of arguments for '{name}' command"))
+}
+
+/// Redis 7.0's unknown-command error: the name and the arguments are each cut at 128 bytes,
+/// and arguments are listed while fewer than 128 bytes of them have been written.
+pub fn unknown_command(name: &[u8], args: &mut dyn Iterator<Item = &[u8]>) -> Bytes {
+    let mut listed = String::new();
+    for a in args {
+        if listed.len() >= 128 {
+            break;
+        }
+        let room = 128 - listed.len();
+        let a = &a[..a.len().min(room)];
+        listed.push('\'');
+        listed.push_str(&String::from_utf8_lossy(a));
+        listed.push_str("' ");
+    }
+    let name = &name[..name.len().min(128)];
+    error(&format!(
+        "ERR unknown command '{}', with args beginning with: {}",
+        String::from_utf8_lossy(name),
+        listed
+    ))
+}
+
+/// `-ERR unknown subcommand 'foo'. Try CONFIG HELP.`
+pub fn unknown_subcommand(container: &str, sub: &[u8]) -> Bytes {
+    let sub = &sub[..sub.len().min(128)];
+    error(&format!(
+        "ERR unknown subcommand '{}'. Try {} HELP.",
+        String::from_utf8_lossy(sub),
+        container.to_ascii_uppercase()
+    ))
+}
+
+/// `$<len>\r\n<bytes>\r\n`.
+pub fn bulk(b: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(b.len() + 16);
+    push_header(&mut out, b'$', b.len());
+    out.extend_from_slice(b);
+    out.extend_from_slice(b"\r\n");
+    out.freeze()
+}
+
+/// A verbatim string in RESP3 (`=<len>\r\ntxt:…`), a bulk string in RESP2, as Redis replies
+/// to INFO and CLIENT INFO.
+pub fn verbatim(proto: Proto, text: &[u8]) -> Bytes {
+    match proto {
+        Proto::Resp2 => bulk(text),
+        Proto::Resp3 => {
+            let mut out = BytesMut::with_capacity(text.len() + 20);
+            push_header(&mut out, b'=', text.len() + 4);
+            out.extend_from_slice(b"txt:");
+            out.extend_from_slice(text);
+            out.extend_from_slice(b"\r\n");
+            out.freeze()
+        }
+    }
+}
+
+/// `:<n>\r\n`.
+pub fn integer(n: i64) -> Bytes {
+    let mut b = itoa::Buffer::new();
+    let s = b.format(n);
+    let mut out = BytesMut::with_capacity(s.len() + 3);
+    out.put_u8(b':');
+    out.extend_from_slice(s.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out.freeze()
+}
+
+/// A builder for aggregate replies whose element count is known up front.
+pub struct Aggregate {
+    buf: BytesMut,
+}
+
+impl Aggregate {
+    /// An array (`*n`) of `n` elements.
+    pub fn array(n: usize) -> Self {
+        let mut buf = BytesMut::with_capacity(64);
+        push_header(&mut buf, b'*', n);
+        Aggregate { buf }
+    }
+
+    /// A map of `n` pairs: `%n` in RESP3, a flat array of `2n` in RESP2.
+    pub fn map(proto: Proto, n: usize) -> Self {
+        let mut buf = BytesMut::with_capacity(128);
+        match proto {
+            Proto::Resp3 => push_header(&mut buf, b'%', n),
+            Proto::Resp2 => push_header(&mut buf, b'*', 2 * n),
+        }
+        Aggregate { buf }
+    }
+
+    pub fn bulk(&mut self, b: &[u8]) -> &mut Self {
+        push_header(&mut self.buf, b'$', b.len());
+        self.buf.extend_from_slice(b);
+        self.buf.extend_from_slice(b"\r\n");
+        self
+    }
+
+    pub fn integer(&mut self, n: i64) -> &mut Self {
+        let mut b = itoa::Buffer::new();
+        self.buf.put_u8(b':');
+        self.buf.extend_from_slice(b.format(n).as_bytes());
+        self.buf.extend_from_slice(b"\r\n");
+        self
+    }
+
+    /// Appends an already-encoded frame.
+    pub fn raw(&mut self, frame: &[u8]) -> &mut Self {
+        self.buf.extend_from_slice(frame);
+        self
+    }
+
+    pub fn finish(self) -> Bytes {
+        self.buf.freeze()
+    }
+}

@@ -1,0 +1,432 @@
+//! The client-side request parser: RESP2 multibulk commands and inline commands.
+//!
+//! Bounded, resumable and non-recursive. It never allocates from an untrusted length: argument
+//! ranges grow one by one as bytes arrive, and the caller's read buffer grows in fixed steps.
+//! A complete command is split off the read buffer as one `Bytes` (zero copy) and forwarded
+//! untouched; an inline command is re-encoded as a multibulk first (rare path).
+//!
+//! Errors mirror Redis 7.0's `processMultibulkBuffer`/`processInlineBuffer` byte for byte
+//! (`../shared/notes/redis-facts.md` §3.1); after one the session replies and closes.
+
+use bytes::{Bytes, BytesMut};
+
+/// Redis's `PROTO_INLINE_MAX_SIZE`: the longest inline request or count line.
+pub const INLINE_MAX: usize = 64 * 1024;
+
+/// A protocol error; the session sends the reply then closes the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProtoError {
+    InvalidMultibulkLength,
+    InvalidBulkLength,
+    /// `expected '$', got 'X'`.
+    ExpectedDollar(u8),
+    UnbalancedQuotes,
+    TooBigInline,
+    TooBigMbulkCount,
+    TooBigBulkCount,
+    UnauthenticatedMultibulkLength,
+    UnauthenticatedBulkLength,
+}
+
+impl ProtoError {
+    /// The exact error reply Redis sends, without the leading `-` and trailing CRLF.
+    pub fn message(&self) -> String {
+        let m = match self {
+            ProtoError::InvalidMultibulkLength => "invalid multibulk length",
+            ProtoError::InvalidBulkLength => "invalid bulk length",
+            ProtoError::ExpectedDollar(c) => {
+                return format!("ERR Protocol error: expected '$', got '{}'", *c as char);
+            }
+            ProtoError::UnbalancedQuotes => "unbalanced quotes in request",
+            ProtoError::TooBigInline => "too big inline request",
+            ProtoError::TooBigMbulkCount => "too big mbulk count string",
+            ProtoError::TooBigBulkCount => "too big bulk count string",
+            ProtoError::UnauthenticatedMultibulkLength => "unauthenticated multibulk length",
+            ProtoError::UnauthenticatedBulkLength => "unauthenticated bulk length",
+        };
+        format!("ERR Protocol error: {m}")
+    }
+}
+
+/// Limits applied while parsing. Redis's defaults; each is configurable.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// `proto-max-bulk-len`: the largest argument.
+    pub max_bulk_len: usize,
+    /// Before authentication: at most this many arguments (Redis: 10) …
+    pub unauth_max_args: usize,
+    /// … and arguments of at most this many bytes (Redis: 16 KiB).
+    pub unauth_max_bulk: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_bulk_len: 512 * 1024 * 1024,
+            unauth_max_args: 10,
+            unauth_max_bulk: 16 * 1024,
+        }
+    }
+}
+
+/// One parsed command: its raw bytes and the byte range of each argument inside them.
+#[derive(Debug)]
+pub struct Request<'a> {
+    /// The whole command as received (or re-encoded, for inline commands).
+    pub raw: Bytes,
+    /// `(start, end)` of each argument in `raw`; index 0 is the command name.
+    pub args: &'a [(u32, u32)],
+}
+
+impl Request<'_> {
+    #[inline]
+    pub fn argc(&self) -> usize {
+        self.args.len()
+    }
+
+    /// The i-th argument. Panics if `i >= argc()`.
+    #[inline]
+    pub fn arg(&self, i: usize) -> &[u8] {
+        let (s, e) = self.args[i];
+        &self.raw[s as usize..e as usize]
+    }
+
+    /// The i-th argument as a zero-copy `Bytes`.
+    #[inline]
+    pub fn arg_bytes(&self, i: usize) -> Bytes {
+        let (s, e) = self.args[i];
+        self.raw.slice(s as usize..e as usize)
+    }
+
+    /// The raw bytes of the i-th argument including its `$len\r\n` header and trailing CRLF,
+    /// for building sub-commands (scatter/gather) without re-encoding. Multibulk only.
+    pub fn arg_frame(&self, i: usize) -> &[u8] {
+        let (s, e) = self.args[i];
+        // Walk back over "$<len>\r\n" to the '$'.
+        let mut h = s as usize - 2;
+        while self.raw[h - 1] != b'$' {
+            h -= 1;
+        }
+        &self.raw[h - 1..(e as usize + 2).min(self.raw.len())]
+    }
+}
+
+/// Resumable parser state for the command at the front of the read buffer.
+#[derive(Debug, Default)]
+pub struct RequestParser {
+    /// Bytes of the current command already parsed.
+    pos: usize,
+    /// Arguments still expected by the current multibulk; 0 = at a command start.
+    remaining: usize,
+    /// Ranges of the arguments parsed so far (reused; never sized from the wire).
+    args: Vec<(u32, u32)>,
+}
+
+/// What `RequestParser::parse` found at the front of the buffer.
+#[derive(Debug)]
+pub enum Parsed<'a> {
+    Command(Request<'a>),
+    /// Need more bytes; nothing was consumed beyond what is remembered.
+    Incomplete,
+}
+
+impl RequestParser {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes the current incomplete command is known to need at least, beyond what is
+    /// buffered: the session uses it to size reads without trusting a huge length.
+    pub fn in_progress(&self) -> bool {
+        self.pos > 0
+    }
+
+    /// Parses the next command at the front of `buf`. On success the command's bytes are split
+    /// off `buf`. `authed` selects Redis's pre-authentication limits.
+    pub fn parse<'p>(
+        &'p mut self,
+        buf: &mut BytesMut,
+        limits: &Limits,
+        authed: bool,
+    ) -> Result<Parsed<'p>, ProtoError> {
+        loop {
+            if self.pos == 0 {
+                // Skip what Redis ignores between commands: empty inline lines, `*0`, `*-N`.
+                if buf.is_empty() {
+                    return Ok(Parsed::Incomplete);
+                }
+                if buf[0] != b'*' {
+                    match self.parse_inline(buf)? {
+                        Inline::Command(raw) => {
+                            return Ok(Parsed::Command(Request {
+                                raw,
+                                args: &self.args,
+                            }));
+                        }
+                        Inline::Incomplete => return Ok(Parsed::Incomplete),
+                        // An empty line was skipped: look at what follows.
+                        Inline::Skipped => continue,
+                    }
+                }
+            }
+            if self.remaining == 0 {
+                // The `*<count>\r\n` header.
+                let Some(cr) = find_cr(&buf[1..]) else {
+                    if buf.len() > INLINE_MAX {
+                        return Err(ProtoError::TooBigMbulkCount);
+                    }
+                    return Ok(Parsed::Incomplete);
+                };
+                let end = 1 + cr;
+                if end + 2 > buf.len() {
+                    return Ok(Parsed::Incomplete);
+                }
+                let n = parse_i64(&buf[1..end]).ok_or(ProtoError::InvalidMultibulkLength)?;
+                if n > i32::MAX as i64 {
+                    return Err(ProtoError::InvalidMultibulkLength);
+                }
+                if !authed && n > limits.unauth_max_args as i64 {
+                    return Err(ProtoError::UnauthenticatedMultibulkLength);
+                }
+                if n <= 0 {
+                    let _ = buf.split_to(end + 2);
+                    continue;
+                }
+                self.remaining = n as usize;
+                self.pos = end + 2;
+                self.args.clear();
+            }
+            while self.remaining > 0 {
+                let p = self.pos;
+                if p >= buf.len() {
+                    return Ok(Parsed::Incomplete);
+                }
+                if buf[p] != b'$' {
+                    return Err(ProtoError::ExpectedDollar(buf[p]));
+                }
+                let Some(cr) = find_cr(&buf[p + 1..]) else {
+                    if buf.len() - p > INLINE_MAX {
+                        return Err(ProtoError::TooBigBulkCount);
+                    }
+                    return Ok(Parsed::Incomplete);
+                };
+                let line_end = p + 1 + cr;
+                let len = parse_i64(&buf[p + 1..line_end]).ok_or(ProtoError::InvalidBulkLength)?;
+                if len < 0 || len as u64 > limits.max_bulk_len as u64 {
+                    return Err(ProtoError::InvalidBulkLength);
+                }
+                if !authed && len as usize > limits.unauth_max_bulk {
+                    return Err(ProtoError::UnauthenticatedBulkLength);
+                }
+                let start = line_end + 2;
+                // Redis skips the two bytes after the payload without checking them.
+                let next = start + len as usize + 2;
+                if next > buf.len() {
+                    return Ok(Parsed::Incomplete);
+                }
+                if next > u32::MAX as usize {
+                    return Err(ProtoError::InvalidBulkLength);
+                }
+                self.args.push((start as u32, (start + len as usize) as u32));
+                self.pos = next;
+                self.remaining -= 1;
+            }
+            let raw = buf.split_to(self.pos).freeze();
+            self.pos = 0;
+            return Ok(Parsed::Command(Request {
+                raw,
+                args: &self.args,
+            }));
+        }
+    }
+
+    /// An inline command: one line, split like `sdssplitargs`, re-encoded as multibulk.
+    /// An empty line is consumed and ignored, as Redis does.
+    fn parse_inline(&mut self, buf: &mut BytesMut) -> Result<Inline, ProtoError> {
+        let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
+            if buf.len() > INLINE_MAX {
+                return Err(ProtoError::TooBigInline);
+            }
+            return Ok(Inline::Incomplete);
+        };
+        let line = buf.split_to(nl + 1);
+        let mut body = &line[..nl];
+        if body.last() == Some(&b'\r') {
+            body = &body[..body.len() - 1];
+        }
+        let words = split_args(body).ok_or(ProtoError::UnbalancedQuotes)?;
+        if words.is_empty() {
+            return Ok(Inline::Skipped);
+        }
+        let mut out = BytesMut::with_capacity(body.len() + 16 * words.len());
+        self.args.clear();
+        push_header(&mut out, b'*', words.len());
+        for w in &words {
+            push_header(&mut out, b'$', w.len());
+            let s = out.len();
+            out.extend_from_slice(w);
+            self.args.push((s as u32, out.len() as u32));
+            out.extend_from_slice(b"\r\n");
+        }
+        Ok(Inline::Command(out.freeze()))
+    }
+}
+
+/// What an inline line turned out to be (its argument ranges are in `RequestParser::args`).
+enum Inline {
+    Command(Bytes),
+    Incomplete,
+    Skipped,
+}
+
+#[inline]
+fn find_cr(b: &[u8]) -> Option<usize> {
+    b.iter().position(|&c| c == b'\r')
+}
+
+/// Redis's `string2ll` for the count and length lines: optional `-`, digits, no spaces,
+/// no leading `+`, no overflow.
+pub fn parse_i64(b: &[u8]) -> Option<i64> {
+    if b.is_empty() || b.len() > 20 {
+        return None;
+    }
+    let (neg, digits) = match b[0] {
+        b'-' => (true, &b[1..]),
+        _ => (false, b),
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    if digits.len() > 1 && digits[0] == b'0' {
+        return None;
+    }
+    let mut v: i64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        v = v.checked_mul(10)?;
+        v = if neg {
+            v.checked_sub((d - b'0') as i64)?
+        } else {
+            v.checked_add((d - b'0') as i64)?
+        };
+    }
+    if neg && v == 0 {
+        return None;
+    }
+    Some(v)
+}
+
+/// Appends `<kind><n>\r\n`.
+pub fn push_header(out: &mut BytesMut, kind: u8, n: usize) {
+    let mut b = itoa::Buffer::new();
+    out.extend_from_slice(&[kind]);
+    out.extend_from_slice(b.format(n).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `sdssplitargs`: whitespace-separated words, `"…"` with C escapes and `\xHH`, `'…'` with
+/// only `\'`. A closing quote must be followed by whitespace or the end. `None` on unbalanced
+/// quotes.
+pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let mut words = Vec::new();
+    let mut i = 0;
+    let n = line.len();
+    loop {
+        while i < n && is_space(line[i]) {
+            i += 1;
+        }
+        if i >= n {
+            return Some(words);
+        }
+        let mut cur = Vec::new();
+        let mut inq = false;
+        let mut insq = false;
+        loop {
+            if inq {
+                if i >= n {
+                    return None;
+                }
+                let c = line[i];
+                if c == b'\\'
+                    && i + 3 < n
+                    && line[i + 1] == b'x'
+                    && line[i + 2].is_ascii_hexdigit()
+                    && line[i + 3].is_ascii_hexdigit()
+                {
+                    cur.push(hex(line[i + 2]) * 16 + hex(line[i + 3]));
+                    i += 3;
+                } else if c == b'\\' && i + 1 < n {
+                    i += 1;
+                    cur.push(match line[i] {
+                        b'n' => b'\n',
+                        b'r' => b'\r',
+                        b't' => b'\t',
+                        b'b' => 8,
+                        b'a' => 7,
+                        o => o,
+                    });
+                } else if c == b'"' {
+                    if i + 1 < n && !is_space(line[i + 1]) {
+                        return None;
+                    }
+                    i += 1;
+                    break;
+                } else {
+                    cur.push(c);
+                }
+            } else if insq {
+                if i >= n {
+                    return None;
+                }
+                let c = line[i];
+                if c == b'\\' && i + 1 < n && line[i + 1] == b'\'' {
+                    i += 1;
+                    cur.push(b'\'');
+                } else if c == b'\'' {
+                    if i + 1 < n && !is_space(line[i + 1]) {
+                        return None;
+                    }
+                    i += 1;
+                    break;
+                } else {
+                    cur.push(c);
+                }
+            } else {
+                if i >= n {
+                    break;
+                }
+                match line[i] {
+                    b' ' | b'\n' | b'\r' | b'\t' | 0 => {
+                        i += 1;
+                        break;
+                    }
+                    b'"' => inq = true,
+                    b'\'' => insq = true,
+                    c => cur.push(c),
+                }
+            }
+            i += 1;
+        }
+        words.push(cur);
+    }
+}
+
+#[inline]
+fn is_space(c: u8) -> bool {
+    matches!(c, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)
+}
+
+#[inline]
+fn hex(c: u8) -> u8 {
+    match c {
+        b'0'..=b'9' => c - b'0',
+        b'a'..=b'f' => c - b'a' + 10,
+        _ => c - b'A' + 10,
+    }
+}
+
+#[cfg(test)]
+#[path = "request_tests.rs"]
+mod tests;

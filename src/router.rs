@@ -1,0 +1,178 @@
+//! Key → slot → shard.
+//!
+//! The slot of a key is CRC16/XMODEM of the key (or of its `{hashtag}`) mod 16384, computed by
+//! `redis_protocol::redis_keyslot`. The slot map is an immutable table of 16384 shard indices,
+//! built once from the configuration and shared read-only by every worker.
+
+/// Number of hash slots, as in Redis Cluster.
+pub const SLOTS: usize = 16384;
+
+/// The hash slot of a key.
+#[inline]
+pub fn slot(key: &[u8]) -> u16 {
+    redis_protocol::redis_keyslot(key)
+}
+
+/// Which shard owns each slot.
+#[derive(Debug, Clone)]
+pub struct SlotMap {
+    owner: Box<[u16; SLOTS]>,
+    shards: usize,
+}
+
+/// A slot layout that does not cover every slot exactly once.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    #[error("slot {slot} is owned by both shard {first} and shard {second}")]
+    Overlap {
+        slot: usize,
+        first: String,
+        second: String,
+    },
+    #[error("{count} slot(s) are owned by no shard (the first is {first})")]
+    Unowned { count: usize, first: usize },
+    #[error("invalid slot range '{0}': expected N or N-M with 0 <= N <= M <= 16383")]
+    BadRange(String),
+    #[error("no shard configured: give at least one --shard ADDR[=SLOTS]")]
+    NoShards,
+    #[error("too many shards ({0}); at most 16384")]
+    TooMany(usize),
+}
+
+/// Parses a slot list such as `0-5460,5462` into inclusive ranges.
+pub fn parse_slot_ranges(s: &str) -> Result<Vec<(usize, usize)>, LayoutError> {
+    let bad = || LayoutError::BadRange(s.to_string());
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        let part = part.trim();
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (a.trim(), b.trim()),
+            None => (part, part),
+        };
+        let a: usize = a.parse().map_err(|_| bad())?;
+        let b: usize = b.parse().map_err(|_| bad())?;
+        if a > b || b >= SLOTS {
+            return Err(bad());
+        }
+        out.push((a, b));
+    }
+    Ok(out)
+}
+
+impl SlotMap {
+    /// Builds the map from `(name, Some(ranges) | None)` per shard, in order. Shards without
+    /// ranges share the 16384 slots evenly: shard i of n owns `i*16384/n ..= (i+1)*16384/n - 1`
+    /// (all shards must then be without ranges).
+    pub fn build(shards: &[(String, Option<Vec<(usize, usize)>>)]) -> Result<Self, LayoutError> {
+        let n = shards.len();
+        if n == 0 {
+            return Err(LayoutError::NoShards);
+        }
+        if n > SLOTS {
+            return Err(LayoutError::TooMany(n));
+        }
+        const NONE: u16 = u16::MAX;
+        let mut owner = Box::new([NONE; SLOTS]);
+        for (i, (name, ranges)) in shards.iter().enumerate() {
+            let even = [(i * SLOTS / n, (i + 1) * SLOTS / n - 1)];
+            let ranges: &[(usize, usize)] = match ranges {
+                Some(r) => r,
+                None if shards.iter().all(|s| s.1.is_none()) => &even,
+                None => &[],
+            };
+            for &(a, b) in ranges {
+                for s in a..=b {
+                    if owner[s] != NONE {
+                        return Err(LayoutError::Overlap {
+                            slot: s,
+                            first: shards[owner[s] as usize].0.clone(),
+                            second: name.clone(),
+                        });
+                    }
+                    owner[s] = i as u16;
+                }
+            }
+        }
+        let unowned: Vec<usize> = (0..SLOTS).filter(|&s| owner[s] == NONE).collect();
+        if let Some(&first) = unowned.first() {
+            return Err(LayoutError::Unowned {
+                count: unowned.len(),
+                first,
+            });
+        }
+        Ok(SlotMap { owner, shards: n })
+    }
+
+    /// The shard that owns `slot`.
+    #[inline]
+    pub fn shard_of_slot(&self, slot: u16) -> usize {
+        self.owner[slot as usize] as usize
+    }
+
+    /// The shard that owns `key`.
+    #[inline]
+    pub fn shard_of(&self, key: &[u8]) -> usize {
+        self.shard_of_slot(slot(key))
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shards
+    }
+
+    /// The slot ranges each shard owns, for INFO and logs.
+    pub fn ranges(&self, shard: usize) -> Vec<(usize, usize)> {
+        let mut out: Vec<(usize, usize)> = Vec::new();
+        for s in 0..SLOTS {
+            if self.owner[s] as usize == shard {
+                match out.last_mut() {
+                    Some(r) if r.1 + 1 == s => r.1 = s,
+                    _ => out.push((s, s)),
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn even(n: usize) -> Vec<(String, Option<Vec<(usize, usize)>>)> {
+        (0..n).map(|i| (format!("s{i}"), None)).collect()
+    }
+
+    #[test]
+    fn even_split_matches_the_formula() {
+        let m = SlotMap::build(&even(3)).unwrap();
+        assert_eq!(m.ranges(0), vec![(0, 5460)]);
+        assert_eq!(m.ranges(1), vec![(5461, 10921)]);
+        assert_eq!(m.ranges(2), vec![(10922, 16383)]);
+    }
+
+    #[test]
+    fn known_slots() {
+        assert_eq!(slot(b"foo"), 12182);
+        assert_eq!(slot(b"123456789"), 12739);
+        assert_eq!(slot(b"{user1000}.following"), slot(b"user1000"));
+        assert_eq!(slot(b"foo{}{bar}"), slot(b"foo{}{bar}"));
+        assert_ne!(slot(b"foo{}{bar}"), slot(b"bar"));
+    }
+
+    #[test]
+    fn explicit_layouts_are_validated() {
+        let r = |s: &str| Some(parse_slot_ranges(s).unwrap());
+        let ok = SlotMap::build(&[("a".into(), r("0-99,200-16383")), ("b".into(), r("100-199"))])
+            .unwrap();
+        assert_eq!(ok.shard_of_slot(150), 1);
+        assert_eq!(ok.shard_of_slot(99), 0);
+        let overlap = SlotMap::build(&[("a".into(), r("0-16383")), ("b".into(), r("5"))]);
+        assert!(matches!(overlap, Err(LayoutError::Overlap { slot: 5, .. })));
+        let hole = SlotMap::build(&[("a".into(), r("0-16382"))]);
+        assert_eq!(hole.unwrap_err(), LayoutError::Unowned { count: 1, first: 16383 });
+        assert!(parse_slot_ranges("5-3").is_err());
+        assert!(parse_slot_ranges("16384").is_err());
+        assert!(parse_slot_ranges("a-b").is_err());
+        assert_eq!(SlotMap::build(&[]).unwrap_err(), LayoutError::NoShards);
+    }
+}

@@ -1,0 +1,473 @@
+//! One client connection: read a burst, parse every complete command, route each one, and
+//! write every ready reply in request order with one syscall.
+//!
+//! Routing is by the command table's [`Route`]: local answers go straight into the reply
+//! queue; single-slot commands are forwarded as their raw bytes to the owning shard's
+//! connection; scatter and all-shard commands become a [`Gather`]. Back-pressure: at most
+//! `max_client_pipeline` commands in flight per client; beyond that the session stops reading
+//! until replies drain, so a client that pipelines without reading costs bounded memory.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::command::{self, CommandSpec, Merge, Route, flags, keys};
+use crate::fanout::{Gather, GatherKind};
+use crate::queue::{ReplyQueue, Slot, Target};
+use crate::resp::reply::{self, Proto};
+use crate::resp::request::push_header;
+use crate::resp::{Limits, Parsed, Request, RequestParser};
+use crate::router;
+use crate::server::{ClientInfo, Worker};
+
+/// Read buffer growth step.
+const READ_CHUNK: usize = 16 * 1024;
+/// Write buffers larger than this are released after use instead of kept for reuse.
+const KEEP_BUF: usize = 1024 * 1024;
+
+/// The state of one client connection.
+pub struct Session {
+    pub(crate) w: Rc<Worker>,
+    pub(crate) id: u64,
+    pub(crate) addr: SocketAddr,
+    pub(crate) laddr: SocketAddr,
+    pub(crate) created: std::time::Instant,
+    /// Which of the per-shard connections this session uses (its requests to one shard stay
+    /// on one connection, so they stay in order).
+    conn: usize,
+    pub(crate) proto: Proto,
+    pub(crate) name: Option<String>,
+    pub(crate) queue: Rc<ReplyQueue>,
+    /// Reused buffer of key argument indices.
+    keys: Vec<usize>,
+    /// QUIT or a protocol error: write what is queued, then close.
+    pub(crate) closing: bool,
+    /// The protocol changed (HELLO/RESET): wait for in-flight replies before the next command,
+    /// which may go over a connection of the other protocol.
+    pub(crate) barrier: bool,
+    max_pipeline: usize,
+}
+
+/// Serves one client connection until it closes.
+pub async fn run(mut stream: TcpStream, w: Rc<Worker>) {
+    let _ = stream.set_nodelay(true);
+    let (Ok(addr), Ok(laddr)) = (stream.peer_addr(), stream.local_addr()) else {
+        return;
+    };
+    let shared = w.shared.clone();
+    let settings = &shared.settings;
+    let id = shared
+        .next_client_id
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut s = Session {
+        conn: id as usize,
+        id,
+        addr,
+        laddr,
+        created: std::time::Instant::now(),
+        proto: Proto::Resp2,
+        name: None,
+        queue: ReplyQueue::new(),
+        keys: Vec::with_capacity(16),
+        closing: false,
+        barrier: false,
+        max_pipeline: settings.max_client_pipeline,
+        w,
+    };
+    s.register();
+    let limits = Limits {
+        max_bulk_len: settings.proto_max_bulk_len,
+        ..Limits::default()
+    };
+    let qbuf_limit = settings.client_query_buffer_limit;
+    let mut parser = RequestParser::new();
+    let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
+    let mut out = BytesMut::with_capacity(READ_CHUNK);
+    let mut eof = false;
+    let (mut rd, mut wr) = stream.split();
+    loop {
+        s.process(&mut parser, &mut rbuf, &limits);
+        s.queue.drain_ready(&mut out);
+        if !out.is_empty() {
+            if wr.write_all(&out).await.is_err() {
+                break;
+            }
+            out.clear();
+            if out.capacity() > KEEP_BUF {
+                out = BytesMut::with_capacity(READ_CHUNK);
+            }
+        }
+        if (s.closing || eof) && s.queue.is_empty() {
+            break;
+        }
+        let can_read = !s.closing && !eof && !s.barrier && s.queue.len() < s.max_pipeline;
+        if can_read && rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
+            rbuf.reserve(READ_CHUNK);
+        }
+        tokio::select! {
+            biased;
+            _ = s.queue.notify.notified() => {}
+            r = rd.read_buf(&mut rbuf), if can_read => match r {
+                // The client closed its side: answer what it sent, then close.
+                Ok(0) => eof = true,
+                Ok(_) => {
+                    if rbuf.len() > qbuf_limit {
+                        tracing::warn!(client = s.id, "closing client that reached max query buffer length");
+                        break;
+                    }
+                }
+                Err(_) => break,
+            },
+        }
+    }
+    s.unregister();
+}
+
+impl Session {
+    fn register(&self) {
+        if let Ok(mut c) = self.w.shared.clients.lock() {
+            c.insert(
+                self.id,
+                ClientInfo {
+                    id: self.id,
+                    addr: self.addr,
+                    laddr: self.laddr,
+                    created: self.created,
+                    name: String::new(),
+                    resp: 2,
+                    worker: self.w.id,
+                },
+            );
+        }
+    }
+
+    fn unregister(&self) {
+        if let Ok(mut c) = self.w.shared.clients.lock() {
+            c.remove(&self.id);
+        }
+    }
+
+    /// Updates this session's CLIENT LIST entry after a name or protocol change.
+    pub(crate) fn update_info(&self) {
+        if let Ok(mut c) = self.w.shared.clients.lock() {
+            if let Some(e) = c.get_mut(&self.id) {
+                e.name = self.name.clone().unwrap_or_default();
+                e.resp = match self.proto {
+                    Proto::Resp2 => 2,
+                    Proto::Resp3 => 3,
+                };
+            }
+        }
+    }
+
+    /// Parses and dispatches every complete command in `rbuf`, within the pipeline bound.
+    fn process(&mut self, parser: &mut RequestParser, rbuf: &mut BytesMut, limits: &Limits) {
+        let now = Instant::now();
+        let mut n = 0;
+        loop {
+            if self.closing || self.queue.len() >= self.max_pipeline {
+                break;
+            }
+            if self.barrier {
+                if self.queue.waiting() > 0 {
+                    break;
+                }
+                self.barrier = false;
+            }
+            match parser.parse(rbuf, limits, true) {
+                Ok(Parsed::Command(req)) => {
+                    n += 1;
+                    self.dispatch(&req, now);
+                }
+                Ok(Parsed::Incomplete) => break,
+                Err(e) => {
+                    self.queue.push_ready(reply::error(&e.message()));
+                    self.closing = true;
+                    break;
+                }
+            }
+        }
+        if n > 0 {
+            self.w.count_commands(n);
+        }
+    }
+
+    /// Appends a reply that is ready now.
+    #[inline]
+    pub(crate) fn reply(&self, b: Bytes) {
+        self.queue.push_ready(b);
+    }
+
+    #[inline]
+    pub(crate) fn reply_static(&self, b: &'static [u8]) {
+        self.queue.push_ready(Bytes::from_static(b));
+    }
+
+    /// Looks the command up, checks arity and routes it.
+    fn dispatch(&mut self, req: &Request<'_>, now: Instant) {
+        let Some(mut spec) = command::lookup(req.arg(0)) else {
+            let mut args = (1..req.argc()).map(|i| req.arg(i));
+            return self.reply(reply::unknown_command(req.arg(0), &mut args));
+        };
+        if spec.is_container() {
+            if req.argc() < 2 {
+                return self.reply(reply::wrong_arity(spec.name));
+            }
+            match command::lookup_sub(spec, req.arg(1)) {
+                Some(sub) => spec = sub,
+                None => return self.reply(reply::unknown_subcommand(spec.name, req.arg(1))),
+            }
+        }
+        if !spec.arity_ok(req.argc()) {
+            return self.reply(reply::wrong_arity(spec.name));
+        }
+        match spec.route {
+            Route::Single => self.single(spec, req, now),
+            Route::Local => self.local(spec, req, now),
+            Route::AnyShard => self.forward(0, &req.raw, now),
+            Route::Scatter(m) => self.scatter(spec, req, m, now),
+            Route::AllShards(m) => self.all_shards(spec, req, m, now),
+            Route::Refused => self.reply(reply::not_allowed(spec.name)),
+            Route::NotYet => self.reply(reply::not_yet(spec.name)),
+        }
+    }
+
+    /// A command whose keys must all be in one slot.
+    fn single(&mut self, spec: &'static CommandSpec, req: &Request<'_>, now: Instant) {
+        if spec.has(flags::BLOCKING) && has_block_option(req) {
+            // XREAD/XREADGROUP … BLOCK: a blocking command, served in a later version.
+            return self.reply(reply::not_yet(spec.name));
+        }
+        match self.slot_of(spec, req) {
+            Ok(Some(slot)) => {
+                let shard = self.w.shared.settings.slot_map.shard_of_slot(slot);
+                self.forward(shard, &req.raw, now)
+            }
+            // No keys, or key positions undeterminable: any shard answers (its own error).
+            Ok(None) => self.forward(0, &req.raw, now),
+            Err(()) => self.reply_static(reply::CROSSSLOT),
+        }
+    }
+
+    /// The one slot of all of a command's keys; `Err` when they span slots.
+    fn slot_of(&mut self, spec: &CommandSpec, req: &Request<'_>) -> Result<Option<u16>, ()> {
+        self.keys.clear();
+        if keys::key_indices(spec, req.argc(), |i| req.arg(i), &mut self.keys).is_err() {
+            return Ok(None);
+        }
+        let mut slot = None;
+        for &i in &self.keys {
+            let s = router::slot(req.arg(i));
+            match slot {
+                None => slot = Some(s),
+                Some(x) if x != s => return Err(()),
+                _ => {}
+            }
+        }
+        Ok(slot)
+    }
+
+    /// Sends `raw` to `shard`; its reply fills the next slot of the queue.
+    pub(crate) fn forward(&mut self, shard: usize, raw: &[u8], now: Instant) {
+        let seq = self.queue.push_waiting(Slot::Waiting);
+        let up = self.w.pools.get(self.proto, shard, self.conn);
+        up.send(
+            raw,
+            Target::Client {
+                queue: self.queue.clone(),
+                seq,
+                part: 0,
+            },
+            now,
+        );
+    }
+
+    /// Sends one request per part; the gathered reply fills the next slot of the queue.
+    pub(crate) fn gather(&mut self, kind: GatherKind, parts: &[(usize, Bytes)], now: Instant) {
+        let g = Gather::new(kind, parts.len(), self.proto);
+        let seq = self.queue.push_waiting(Slot::Gather(Box::new(g)));
+        for (i, (shard, raw)) in parts.iter().enumerate() {
+            let up = self.w.pools.get(self.proto, *shard, self.conn);
+            up.send(
+                raw,
+                Target::Client {
+                    queue: self.queue.clone(),
+                    seq,
+                    part: i as u32,
+                },
+                now,
+            );
+        }
+    }
+
+    /// MGET, MSET, DEL, EXISTS, UNLINK, TOUCH: split by shard, merged in key order / summed /
+    /// `+OK`. When every key is on one shard, the original bytes are forwarded as they are.
+    fn scatter(&mut self, spec: &CommandSpec, req: &Request<'_>, merge: Merge, now: Instant) {
+        // MSET takes key-value pairs; the others take keys.
+        let step = if merge == Merge::AllOk { 2 } else { 1 };
+        let argc = req.argc();
+        if (argc - 1) % step != 0 {
+            return self.reply(reply::wrong_arity(spec.name));
+        }
+        let map = &self.w.shared.settings.slot_map;
+        let nkeys = (argc - 1) / step;
+        self.keys.clear();
+        let mut same = true;
+        for k in 0..nkeys {
+            let shard = map.shard_of(req.arg(1 + k * step));
+            same &= self.keys.first().is_none_or(|&f| f == shard);
+            self.keys.push(shard);
+        }
+        if same {
+            let shard = self.keys[0];
+            return self.forward(shard, &req.raw, now);
+        }
+        let mut positions: Vec<Vec<u32>> = vec![Vec::new(); map.shard_count()];
+        for (k, &shard) in self.keys.iter().enumerate() {
+            positions[shard].push(k as u32);
+        }
+        let name = req.arg_frame(0);
+        let mut parts = Vec::new();
+        let mut used_positions = Vec::new();
+        for (shard, pos) in positions.into_iter().enumerate() {
+            if pos.is_empty() {
+                continue;
+            }
+            let mut b = BytesMut::with_capacity(16 + name.len() + pos.len() * 32 * step);
+            push_header(&mut b, b'*', 1 + pos.len() * step);
+            b.extend_from_slice(name);
+            for &k in &pos {
+                for j in 0..step {
+                    b.extend_from_slice(req.arg_frame(1 + k as usize * step + j));
+                }
+            }
+            parts.push((shard, b.freeze()));
+            used_positions.push(pos);
+        }
+        let kind = match merge {
+            Merge::ArrayInOrder => GatherKind::ArrayInOrder {
+                positions: used_positions,
+                total: nkeys,
+            },
+            m => GatherKind::from_merge(m).unwrap_or(GatherKind::AllOk),
+        };
+        self.gather(kind, &parts, now);
+    }
+
+    /// DBSIZE, KEYS, FLUSHDB, FLUSHALL, CONFIG SET/RESETSTAT, SCAN, RANDOMKEY.
+    fn all_shards(&mut self, spec: &CommandSpec, req: &Request<'_>, merge: Merge, now: Instant) {
+        let n = self.w.shared.settings.slot_map.shard_count();
+        let kind = match merge {
+            Merge::Special if spec.name == "scan" => return self.scan(req, now),
+            Merge::Special => GatherKind::RandomKey {
+                pick: (self.id as usize).wrapping_add(now.elapsed().subsec_nanos() as usize)
+                    ^ random_seed(),
+            },
+            Merge::ArrayInOrder => GatherKind::AllOk,
+            m => GatherKind::from_merge(m).unwrap_or(GatherKind::AllOk),
+        };
+        if spec.name == "config|set" {
+            if let Some(bad) = config_set_refused(req) {
+                return self.reply(reply::error(&format!(
+                    "ERR CONFIG SET parameter '{bad}' is not allowed through slotgate"
+                )));
+            }
+        }
+        let parts: Vec<(usize, Bytes)> = (0..n).map(|s| (s, req.raw.clone())).collect();
+        self.gather(kind, &parts, now);
+    }
+
+    /// SCAN: the cursor names the shard (cursor = shard_cursor * shards + shard), so one
+    /// iteration walks shard 0, then 1, … with Redis's guarantees on each.
+    fn scan(&mut self, req: &Request<'_>, now: Instant) {
+        let shards = self.w.shared.settings.slot_map.shard_count() as u64;
+        let Some(cursor) = std::str::from_utf8(req.arg(1))
+            .ok()
+            .and_then(|c| c.parse::<u64>().ok())
+        else {
+            return self.reply_static(reply::INVALID_CURSOR);
+        };
+        let shard = cursor % shards;
+        let shard_cursor = (cursor / shards).to_string();
+        let mut b = BytesMut::with_capacity(req.raw.len() + 8);
+        push_header(&mut b, b'*', req.argc());
+        b.extend_from_slice(req.arg_frame(0));
+        push_header(&mut b, b'$', shard_cursor.len());
+        b.extend_from_slice(shard_cursor.as_bytes());
+        b.extend_from_slice(b"\r\n");
+        for i in 2..req.argc() {
+            b.extend_from_slice(req.arg_frame(i));
+        }
+        let kind = GatherKind::Scan { shard, shards };
+        self.gather(kind, &[(shard as usize, b.freeze())], now);
+    }
+}
+
+/// Whether an XREAD/XREADGROUP carries the BLOCK option (before STREAMS).
+fn has_block_option(req: &Request<'_>) -> bool {
+    (1..req.argc())
+        .map(|i| req.arg(i))
+        .take_while(|a| !a.eq_ignore_ascii_case(b"streams"))
+        .any(|a| a.eq_ignore_ascii_case(b"block"))
+}
+
+/// CONFIG SET parameters that only tune data behaviour, identical on every shard; anything
+/// else (ports, persistence, replication, ACL, directories…) is refused.
+pub const CONFIG_SET_ALLOWED: &[&str] = &[
+    "*-max-listpack-entries",
+    "*-max-listpack-value",
+    "*-max-ziplist-entries",
+    "*-max-ziplist-value",
+    "*-max-intset-entries",
+    "active-defrag-*",
+    "active-expire-effort",
+    "activedefrag",
+    "busy-reply-threshold",
+    "hll-sparse-max-bytes",
+    "hz",
+    "dynamic-hz",
+    "latency-monitor-threshold",
+    "latency-tracking",
+    "latency-tracking-info-percentiles",
+    "lazyfree-lazy-*",
+    "lfu-decay-time",
+    "lfu-log-factor",
+    "list-compress-depth",
+    "lua-time-limit",
+    "maxmemory",
+    "maxmemory-eviction-tenacity",
+    "maxmemory-policy",
+    "maxmemory-samples",
+    "notify-keyspace-events",
+    "slowlog-log-slower-than",
+    "slowlog-max-len",
+    "stream-node-max-bytes",
+    "stream-node-max-entries",
+];
+
+/// The first parameter of a CONFIG SET that is not on the allowlist.
+fn config_set_refused(req: &Request<'_>) -> Option<String> {
+    (2..req.argc()).step_by(2).find_map(|i| {
+        let p = String::from_utf8_lossy(req.arg(i)).to_ascii_lowercase();
+        let ok = CONFIG_SET_ALLOWED.iter().any(|a| match a.strip_prefix('*') {
+            Some(suffix) => p.ends_with(suffix),
+            None => match a.strip_suffix('*') {
+                Some(prefix) => p.starts_with(prefix),
+                None => p == *a,
+            },
+        });
+        (!ok).then_some(p)
+    })
+}
+
+/// A cheap per-process random value (RANDOMKEY's shard pick needs no cryptography).
+fn random_seed() -> usize {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0);
+    h.finish() as usize
+}

@@ -1,0 +1,265 @@
+//! Test support: real `redis-server` processes and a real `slotgate` process on loopback.
+//!
+//! Everything started here is killed on `Drop`, by PID, so a failing test leaves nothing behind.
+//! Ports come from the kernel (bind `127.0.0.1:0`, read the port, close), then the child binds it;
+//! `wait_for_port` polls with a deadline instead of sleeping.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls until something accepts connections on `port`, or panics after `within`.
+pub fn wait_for_port(port: u16, within: Duration) {
+    let deadline = Instant::now() + within;
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("nothing listens on 127.0.0.1:{port} after {within:?}");
+}
+
+/// A `redis-server` child on a free loopback port, without persistence. Killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Child,
+    extra: Vec<String>,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts with extra `redis-server` arguments (e.g. `["--cluster-enabled", "yes"]`).
+    pub fn start_with(extra: &[&str]) -> Self {
+        let port = free_port();
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let child = spawn_redis(port, &extra);
+        wait_for_port(port, Duration::from_secs(10));
+        RedisServer { port, child, extra }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL) and waits for it; the port is then closed.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts a fresh server on the same port (after [`kill`](Self::kill)).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = spawn_redis(self.port, &self.extra);
+        wait_for_port(self.port, Duration::from_secs(10));
+    }
+
+    /// Stops the process with SIGSTOP, so it accepts TCP connections but answers nothing.
+    pub fn pause(&self) {
+        signal(self.child.id(), "STOP");
+    }
+
+    pub fn resume(&self) {
+        signal(self.child.id(), "CONT");
+    }
+
+    /// A direct synchronous connection that bypasses the proxy.
+    pub fn client(&self) -> redis::Connection {
+        redis::Client::open(format!("redis://{}/", self.addr()))
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        signal(self.child.id(), "CONT");
+        self.kill();
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+fn spawn_redis(port: u16, extra: &[String]) -> Child {
+    let dir = std::env::temp_dir().join(format!("slotgate-test-redis-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args([
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+        ])
+        .arg("--dir")
+        .arg(&dir)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server must be installed (apt-get install -y redis-server)")
+}
+
+/// The `slotgate` binary built by cargo for this test run.
+pub fn slotgate_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_slotgate"))
+}
+
+/// A running `slotgate` process listening on a free loopback port. Killed on drop.
+pub struct Slotgate {
+    pub port: u16,
+    child: Child,
+}
+
+impl Slotgate {
+    /// Starts slotgate in front of `shards` (slots split evenly), one worker unless `extra`
+    /// says otherwise.
+    pub fn start(shards: &[&RedisServer]) -> Self {
+        Self::start_with(shards, &[])
+    }
+
+    pub fn start_with(shards: &[&RedisServer], extra: &[&str]) -> Self {
+        let port = free_port();
+        let mut cmd = Command::new(slotgate_bin());
+        cmd.arg("--listen").arg(format!("127.0.0.1:{port}"));
+        for s in shards {
+            cmd.arg("--shard").arg(s.addr());
+        }
+        if !extra.iter().any(|a| *a == "--workers") {
+            cmd.args(["--workers", "1"]);
+        }
+        cmd.args(extra).args(["--log-level", "warn"]);
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn slotgate");
+        wait_for_port(port, Duration::from_secs(10));
+        Slotgate { port, child }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://{}/", self.addr())
+    }
+
+    /// A synchronous `redis` crate connection through the proxy.
+    pub fn client(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    /// A raw TCP connection through the proxy, for byte-exact assertions.
+    pub fn raw(&self) -> RawConn {
+        RawConn::connect(self.port)
+    }
+}
+
+impl Drop for Slotgate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A raw RESP connection with a read timeout, for asserting exact bytes.
+pub struct RawConn {
+    pub stream: TcpStream,
+}
+
+impl RawConn {
+    pub fn connect(port: u16) -> Self {
+        let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream.set_nodelay(true).unwrap();
+        RawConn { stream }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Reads until exactly `n` bytes arrived (or panics on timeout/EOF).
+    pub fn read_exact_n(&mut self, n: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; n];
+        self.stream.read_exact(&mut buf).unwrap();
+        buf
+    }
+
+    /// Sends `req` and reads exactly `expected.len()` bytes, asserting they equal `expected`.
+    pub fn roundtrip(&mut self, req: &[u8], expected: &[u8]) {
+        self.send(req);
+        let got = self.read_exact_n(expected.len());
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(expected),
+            "reply to {:?}",
+            String::from_utf8_lossy(req)
+        );
+    }
+
+    /// Whether the peer closed the connection (EOF) within the read timeout, after reading and
+    /// discarding anything still buffered.
+    pub fn is_closed(&mut self) -> bool {
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+/// Encodes a command as a RESP2 multibulk.
+pub fn resp(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
