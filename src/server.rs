@@ -217,6 +217,9 @@ fn worker_main(id: usize, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<s
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let worker = Worker::start(id, shared);
+        if id == 0 {
+            tokio::task::spawn_local(learn_redis_version(worker.clone()));
+        }
         while let Some(std_stream) = rx.recv().await {
             if std_stream.set_nonblocking(true).is_err() {
                 continue;
@@ -227,4 +230,39 @@ fn worker_main(id: usize, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<s
             tokio::task::spawn_local(crate::session::run(stream, worker.clone()));
         }
     });
+}
+
+/// Asks a shard for its `redis_version` (reported by HELLO and INFO) until one answers.
+async fn learn_redis_version(worker: Rc<Worker>) {
+    use crate::queue::{ReplyQueue, Slot, Target};
+    let shards = worker.shared.settings.shards.len();
+    for attempt in 0usize.. {
+        let queue = ReplyQueue::new();
+        let seq = queue.push_waiting(Slot::Waiting);
+        let up = worker
+            .pools
+            .get(crate::resp::Proto::Resp2, attempt % shards, 0);
+        let target = Target::Client {
+            queue: queue.clone(),
+            seq,
+            part: 0,
+        };
+        up.send(
+            b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n",
+            target,
+            tokio::time::Instant::now(),
+        );
+        queue.notify.notified().await;
+        let mut out = bytes::BytesMut::new();
+        queue.drain_ready(&mut out);
+        let text = String::from_utf8_lossy(&out);
+        if let Some(v) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("redis_version:"))
+        {
+            let _ = worker.shared.redis_version.set(v.trim().to_string());
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }

@@ -1,0 +1,155 @@
+//! Property tests of the two parsers that face untrusted or external bytes: the request parser
+//! (clients) and the reply framer (shards). redis-protocol's decoder is the oracle for RESP2
+//! framing.
+
+use bytes::BytesMut;
+use proptest::prelude::*;
+use redis_protocol::resp2::types::OwnedFrame;
+use slotgate::resp::{Limits, Parsed, ReplyScanner, RequestParser};
+
+/// Parses everything in `chunks`, fed one chunk at a time, into argument lists (or the error).
+fn parse_chunks(chunks: &[&[u8]]) -> Result<Vec<Vec<Vec<u8>>>, String> {
+    let mut p = RequestParser::new();
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    for c in chunks {
+        buf.extend_from_slice(c);
+        loop {
+            match p.parse(&mut buf, &Limits::default(), true) {
+                Ok(Parsed::Command(r)) => {
+                    out.push((0..r.argc()).map(|i| r.arg(i).to_vec()).collect())
+                }
+                Ok(Parsed::Incomplete) => break,
+                Err(e) => return Err(e.message()),
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn encode(cmds: &[Vec<Vec<u8>>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for c in cmds {
+        out.extend_from_slice(format!("*{}\r\n", c.len()).as_bytes());
+        for a in c {
+            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            out.extend_from_slice(a);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    out
+}
+
+fn commands() -> impl Strategy<Value = Vec<Vec<Vec<u8>>>> {
+    let arg = proptest::collection::vec(any::<u8>(), 0..40);
+    let cmd = proptest::collection::vec(arg, 1..8);
+    proptest::collection::vec(cmd, 1..10)
+}
+
+/// A RESP2 reply of bounded depth.
+fn frame() -> impl Strategy<Value = OwnedFrame> {
+    let leaf = prop_oneof![
+        "[a-zA-Z0-9 ]{0,20}".prop_map(|s| OwnedFrame::SimpleString(s.into_bytes())),
+        "[a-zA-Z0-9 ]{0,20}".prop_map(|s| OwnedFrame::Error(format!("ERR {s}"))),
+        any::<i64>().prop_map(OwnedFrame::Integer),
+        proptest::collection::vec(any::<u8>(), 0..64).prop_map(OwnedFrame::BulkString),
+        Just(OwnedFrame::Null),
+    ];
+    leaf.prop_recursive(4, 64, 8, |inner| {
+        proptest::collection::vec(inner, 0..8).prop_map(OwnedFrame::Array)
+    })
+}
+
+fn encode_frame(f: &OwnedFrame) -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    redis_protocol::resp2::encode::extend_encode(&mut buf, &f.clone().into_bytes_frame(), false)
+        .unwrap();
+    buf.to_vec()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Any split of valid input parses to the same commands as the whole.
+    #[test]
+    fn any_split_parses_the_same(cmds in commands(), cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..6)) {
+        let wire = encode(&cmds);
+        let mut points: Vec<usize> = cuts.iter().map(|i| i.index(wire.len() + 1)).collect();
+        points.sort_unstable();
+        let mut chunks: Vec<&[u8]> = Vec::new();
+        let mut last = 0;
+        for p in points {
+            chunks.push(&wire[last..p]);
+            last = p;
+        }
+        chunks.push(&wire[last..]);
+        prop_assert_eq!(parse_chunks(&chunks).unwrap(), cmds.clone());
+        prop_assert_eq!(parse_chunks(&[&wire]).unwrap(), cmds);
+    }
+
+    /// Random bytes never panic, and whatever is not consumed stays bounded by what was fed.
+    #[test]
+    fn random_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = parse_chunks(&[&data]);
+        let mut p = RequestParser::new();
+        let mut buf = BytesMut::from(&data[..]);
+        let cap_before = buf.capacity();
+        let _ = p.parse(&mut buf, &Limits::default(), false);
+        prop_assert!(buf.capacity() <= cap_before, "the parser never grows the buffer");
+    }
+
+    /// The reply framer finds the same frame boundary as redis-protocol's decoder, whatever
+    /// the read boundaries.
+    #[test]
+    fn framer_agrees_with_redis_protocol(frames in proptest::collection::vec(frame(), 1..6), cut in any::<prop::sample::Index>()) {
+        let mut wire = Vec::new();
+        let mut lens = Vec::new();
+        for f in &frames {
+            let e = encode_frame(f);
+            let (_, n) = redis_protocol::resp2::decode::decode(&e).unwrap().unwrap();
+            prop_assert_eq!(n, e.len());
+            lens.push(e.len());
+            wire.extend_from_slice(&e);
+        }
+        // Scan with a first read cut at an arbitrary point, then the rest.
+        let cut = cut.index(wire.len() + 1);
+        let mut sc = ReplyScanner::new();
+        let mut got = Vec::new();
+        let mut pos = 0;
+        let mut avail = cut;
+        loop {
+            match sc.scan(&wire[pos..avail]).unwrap() {
+                Some(f) => { got.push(f.len); pos += f.len; }
+                None if avail < wire.len() => avail = wire.len(),
+                None => break,
+            }
+        }
+        prop_assert_eq!(got, lens);
+    }
+
+    /// Random bytes never panic the reply framer.
+    #[test]
+    fn framer_random_bytes(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = ReplyScanner::new().scan(&data);
+    }
+}
+
+/// A huge claimed count or length allocates nothing up front: the parser waits for bytes.
+#[test]
+fn huge_claimed_lengths_allocate_nothing() {
+    let mut p = RequestParser::new();
+    let mut buf = BytesMut::from(&b"*2147483647\r\n$536870912\r\nab"[..]);
+    let cap = buf.capacity();
+    assert!(matches!(
+        p.parse(&mut buf, &Limits::default(), true),
+        Ok(Parsed::Incomplete)
+    ));
+    assert_eq!(buf.capacity(), cap);
+}
+
+/// 100,000 nested arrays from a shard are a clean error, not a stack overflow.
+#[test]
+fn deep_nesting_is_bounded() {
+    let deep = b"*1\r\n".repeat(100_000);
+    assert!(ReplyScanner::new().scan(&deep).is_err());
+}
