@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Starts slotgate in front of 3 local redis-server shards (ports 7001-7003) on 127.0.0.1:6380.
+# Installs redis-server with apt-get if it is missing, builds slotgate (release), and stops
+# everything it started on Ctrl-C.
+#
+#   scripts/run-local.sh            # then, in another terminal: redis-cli -p 6380
+#   SHARDS=5 PORT=6390 scripts/run-local.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARDS=${SHARDS:-3}
+BASE=${SHARD_BASE_PORT:-7001}
+PORT=${PORT:-6380}
+
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+  echo "installing redis-server and redis-tools (apt-get)..." >&2
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server redis-tools >/dev/null
+fi
+cargo build --release --quiet
+
+DIR=$(mktemp -d /tmp/slotgate-local.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$DIR"
+}
+trap cleanup EXIT INT TERM
+
+SHARD_ARGS=()
+for i in $(seq 0 $((SHARDS - 1))); do
+  p=$((BASE + i))
+  if redis-cli -p "$p" ping >/dev/null 2>&1; then
+    echo "port $p is already in use; set SHARD_BASE_PORT to another base" >&2; exit 1
+  fi
+  redis-server --port "$p" --bind 127.0.0.1 --save '' --appendonly no --dir "$DIR" \
+    --daemonize no --loglevel warning >"$DIR/shard-$p.log" 2>&1 &
+  PIDS+=($!)
+  SHARD_ARGS+=(--shard "127.0.0.1:$p")
+done
+for i in $(seq 0 $((SHARDS - 1))); do
+  p=$((BASE + i))
+  for _ in $(seq 50); do redis-cli -p "$p" ping >/dev/null 2>&1 && break; sleep 0.1; done
+done
+
+target/release/slotgate --listen "127.0.0.1:$PORT" "${SHARD_ARGS[@]}" &
+PIDS+=($!)
+for _ in $(seq 50); do redis-cli -p "$PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+
+cat <<MSG
+
+slotgate is listening on 127.0.0.1:$PORT in front of $SHARDS redis-server shards (ports $BASE-$((BASE + SHARDS - 1))).
+Connect with:   redis-cli -p $PORT
+Try:            redis-cli -p $PORT set hello world && redis-cli -p $PORT get hello
+                redis-cli -p $PORT info shards
+Press Ctrl-C to stop everything.
+MSG
+wait

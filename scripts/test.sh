@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: formatting, lints, unit tests, and the integration tests that start
+# real redis-server shards and the slotgate binary on loopback ports.
+# Needs redis-server and redis-tools (redis-benchmark); installs them with apt-get if missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_redis() {
+  command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null && command -v redis-cli >/dev/null
+}
+if ! need_redis; then
+  echo "installing redis-server and redis-tools (apt-get)..." >&2
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server redis-tools >/dev/null
+fi
+# The Debian package starts a redis-server on 6379 as a service; the tests never use it.
+
+cargo fmt --all -- --check
+cargo clippy --all-targets --quiet -- -D warnings
+# Integration tests start several redis-server processes each: keep the parallelism bounded.
+cargo test --all-targets -- --test-threads="${TEST_THREADS:-3}"
