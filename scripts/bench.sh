@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# End-to-end benchmark: direct Redis vs twemproxy vs slotgate, same redis-benchmark load, same
+# run (../shared/bench/compare.sh). Builds slotgate in release mode first.
+#
+#   scripts/bench.sh                      # all scenarios, 2 shards, 50 clients
+#   scripts/bench.sh --repeat 3           # medians of 3
+#   scripts/bench.sh --syscalls           # + syscalls/request (perf)
+#   scripts/bench.sh --callgrind          # user-space instructions/request instead of CPU time
+#   scripts/bench.sh --quick --scenarios get_p1,get_p16
+#   WORKERS=2 scripts/bench.sh            # slotgate worker threads (default 1 on this 2-core box)
+#
+# Set-up once per machine: apt-get install -y redis-server redis-tools nutcracker valgrind linux-perf
+set -euo pipefail
+cd "$(dirname "$0")/.."
+COMPARE=${COMPARE:-../shared/bench/compare.sh}
+[ -x "$COMPARE" ] || [ -f "$COMPARE" ] || { echo "compare.sh not found at $COMPARE (set COMPARE=)" >&2; exit 1; }
+cargo build --release --quiet
+BIN=$PWD/target/release/slotgate
+exec bash "$COMPARE" \
+  --proxy "slotgate=$BIN --listen 127.0.0.1:{PORT} --shard-list {SHARDS} --workers ${WORKERS:-1} --log-level warn" \
+  "$@"
