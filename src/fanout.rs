@@ -24,12 +24,20 @@ pub enum GatherKind {
     AllOk,
     ConcatArrays,
     /// SCAN on one shard: rewrite the cursor so it also names the shard.
-    Scan { shard: u64, shards: u64 },
+    Scan {
+        shard: u64,
+        shards: u64,
+    },
     /// RANDOMKEY over all shards: one of the non-nil replies, chosen by `pick`.
-    RandomKey { pick: usize },
+    RandomKey {
+        pick: usize,
+    },
     /// INFO: the shards' INFO texts, turned into the proxy's INFO by `build`.
-    Info(Box<dyn FnOnce(&[Bytes]) -> Bytes>),
+    Info(InfoBuilder),
 }
+
+/// Builds the client's INFO reply from the shards' INFO replies.
+pub type InfoBuilder = Box<dyn FnOnce(&[Bytes]) -> Bytes>;
 
 impl GatherKind {
     /// The gather kind for a table merge.
@@ -78,10 +86,12 @@ impl Gather {
 
     fn merge(&mut self, parts: Vec<Bytes>) -> Bytes {
         // Any error part is the reply (the first one, in shard order).
-        if !matches!(self.kind, GatherKind::RandomKey { .. } | GatherKind::Info(_)) {
-            if let Some(e) = parts.iter().find(|p| p.first() == Some(&b'-')) {
-                return e.clone();
-            }
+        if !matches!(
+            self.kind,
+            GatherKind::RandomKey { .. } | GatherKind::Info(_)
+        ) && let Some(e) = parts.iter().find(|p| p.first() == Some(&b'-'))
+        {
+            return e.clone();
         }
         match std::mem::replace(&mut self.kind, GatherKind::AllOk) {
             GatherKind::ArrayInOrder { positions, total } => {
@@ -123,8 +133,10 @@ impl Gather {
             }
             GatherKind::Scan { shard, shards } => rewrite_scan(&parts[0], shard, shards),
             GatherKind::RandomKey { pick } => {
-                let keys: Vec<&Bytes> = parts.iter().filter(|p| p.first() == Some(&b'$')
-                    && p.as_ref() != reply::NULL_RESP2).collect();
+                let keys: Vec<&Bytes> = parts
+                    .iter()
+                    .filter(|p| p.first() == Some(&b'$') && p.as_ref() != reply::NULL_RESP2)
+                    .collect();
                 if keys.is_empty() {
                     // All empty (or failing): a shard error wins over nil.
                     match parts.iter().find(|p| p.first() == Some(&b'-')) {
@@ -192,7 +204,10 @@ fn rewrite_scan(p: &Bytes, shard: u64, shards: u64) -> Bytes {
     let next = if cursor == 0 {
         if shard + 1 < shards { shard + 1 } else { 0 }
     } else {
-        match cursor.checked_mul(shards).and_then(|c| c.checked_add(shard)) {
+        match cursor
+            .checked_mul(shards)
+            .and_then(|c| c.checked_add(shard))
+        {
             Some(c) => c,
             None => return reply::error("ERR shard cursor too large for the proxy to encode"),
         }
@@ -219,7 +234,11 @@ fn bulk_u64(frame: &[u8]) -> Option<u64> {
 fn unexpected(p: &[u8]) -> Bytes {
     let mut b = BytesMut::new();
     b.put_slice(b"-ERR unexpected reply from shard: ");
-    b.extend(p.iter().take(64).map(|&c| if c == b'\r' || c == b'\n' { b' ' } else { c }));
+    b.extend(
+        p.iter()
+            .take(64)
+            .map(|&c| if c == b'\r' || c == b'\n' { b' ' } else { c }),
+    );
     b.put_slice(b"\r\n");
     b.freeze()
 }

@@ -74,7 +74,8 @@ impl Session {
             }
             "client|setinfo" => {
                 let attr = req.arg(2);
-                if !(attr.eq_ignore_ascii_case(b"lib-name") || attr.eq_ignore_ascii_case(b"lib-ver"))
+                if !(attr.eq_ignore_ascii_case(b"lib-name")
+                    || attr.eq_ignore_ascii_case(b"lib-ver"))
                 {
                     return self.reply(reply::error(&format!(
                         "ERR Unrecognized option '{}'",
@@ -113,7 +114,11 @@ impl Session {
                 let text: String = all
                     .iter()
                     .map(|c| {
-                        let cmd = if c.id == self.id { "client|list" } else { "NULL" };
+                        let cmd = if c.id == self.id {
+                            "client|list"
+                        } else {
+                            "NULL"
+                        };
                         client_line(c, cmd)
                     })
                     .collect();
@@ -219,7 +224,8 @@ impl Session {
         let mut m = Aggregate::map(proto, 7);
         m.bulk(b"server").bulk(b"redis");
         m.bulk(b"version").bulk(version.as_bytes());
-        m.bulk(b"proto").integer(if proto == Proto::Resp3 { 3 } else { 2 });
+        m.bulk(b"proto")
+            .integer(if proto == Proto::Resp3 { 3 } else { 2 });
         m.bulk(b"id").integer(self.id as i64);
         m.bulk(b"mode").bulk(b"standalone");
         m.bulk(b"role").bulk(b"master");
@@ -305,10 +311,13 @@ fn db0(text: &str) -> (u64, u64, u64) {
 
 fn build_info(shared: &Arc<Shared>, wanted: &[String], up: &[bool], parts: &[Bytes]) -> String {
     let texts: Vec<Option<&str>> = parts.iter().map(|p| info_text(p)).collect();
-    if shared.redis_version.get().is_none() {
-        if let Some(v) = texts.iter().flatten().find_map(|t| info_field(t, "redis_version")) {
-            let _ = shared.redis_version.set(v.to_string());
-        }
+    if shared.redis_version.get().is_none()
+        && let Some(v) = texts
+            .iter()
+            .flatten()
+            .find_map(|t| info_field(t, "redis_version"))
+    {
+        let _ = shared.redis_version.set(v.to_string());
     }
     let version = texts
         .iter()
@@ -395,7 +404,7 @@ fn build_info(shared: &Arc<Shared>, wanted: &[String], up: &[bool], parts: &[Byt
         let body = if keys > 0 {
             format!(
                 "db0:keys={keys},expires={expires},avg_ttl={}\r\n",
-                if ttl_n > 0 { ttl_sum / ttl_n } else { 0 }
+                ttl_sum.checked_div(ttl_n).unwrap_or(0)
             )
         } else {
             String::new()
@@ -423,7 +432,13 @@ fn build_info(shared: &Arc<Shared>, wanted: &[String], up: &[bool], parts: &[Byt
                 .slot_map
                 .ranges(i)
                 .iter()
-                .map(|&(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") })
+                .map(|&(a, b)| {
+                    if a == b {
+                        a.to_string()
+                    } else {
+                        format!("{a}-{b}")
+                    }
+                })
                 .collect();
             let text = texts.get(i).copied().flatten();
             let status = if text.is_some() && up.get(i).copied().unwrap_or(false) {
@@ -435,7 +450,8 @@ fn build_info(shared: &Arc<Shared>, wanted: &[String], up: &[bool], parts: &[Byt
                 "shard{i}:addr={addr},slots={},status={status},keys={},redis_version={}\r\n",
                 ranges.join(" "),
                 text.map_or(0, |t| db0(t).0),
-                text.and_then(|t| info_field(t, "redis_version")).unwrap_or("?")
+                text.and_then(|t| info_field(t, "redis_version"))
+                    .unwrap_or("?")
             ));
         }
         section("Shards", body);

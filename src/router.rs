@@ -13,6 +13,9 @@ pub fn slot(key: &[u8]) -> u16 {
     redis_protocol::redis_keyslot(key)
 }
 
+/// A shard's name and its slot ranges (`None`: a share of an even split).
+pub type ShardSlots = (String, Option<Vec<(usize, usize)>>);
+
 /// Which shard owns each slot.
 #[derive(Debug, Clone)]
 pub struct SlotMap {
@@ -63,7 +66,7 @@ impl SlotMap {
     /// Builds the map from `(name, Some(ranges) | None)` per shard, in order. Shards without
     /// ranges share the 16384 slots evenly: shard i of n owns `i*16384/n ..= (i+1)*16384/n - 1`
     /// (all shards must then be without ranges).
-    pub fn build(shards: &[(String, Option<Vec<(usize, usize)>>)]) -> Result<Self, LayoutError> {
+    pub fn build(shards: &[ShardSlots]) -> Result<Self, LayoutError> {
         let n = shards.len();
         if n == 0 {
             return Err(LayoutError::NoShards);
@@ -138,7 +141,7 @@ impl SlotMap {
 mod tests {
     use super::*;
 
-    fn even(n: usize) -> Vec<(String, Option<Vec<(usize, usize)>>)> {
+    fn even(n: usize) -> Vec<ShardSlots> {
         (0..n).map(|i| (format!("s{i}"), None)).collect()
     }
 
@@ -162,14 +165,23 @@ mod tests {
     #[test]
     fn explicit_layouts_are_validated() {
         let r = |s: &str| Some(parse_slot_ranges(s).unwrap());
-        let ok = SlotMap::build(&[("a".into(), r("0-99,200-16383")), ("b".into(), r("100-199"))])
-            .unwrap();
+        let ok = SlotMap::build(&[
+            ("a".into(), r("0-99,200-16383")),
+            ("b".into(), r("100-199")),
+        ])
+        .unwrap();
         assert_eq!(ok.shard_of_slot(150), 1);
         assert_eq!(ok.shard_of_slot(99), 0);
         let overlap = SlotMap::build(&[("a".into(), r("0-16383")), ("b".into(), r("5"))]);
         assert!(matches!(overlap, Err(LayoutError::Overlap { slot: 5, .. })));
         let hole = SlotMap::build(&[("a".into(), r("0-16382"))]);
-        assert_eq!(hole.unwrap_err(), LayoutError::Unowned { count: 1, first: 16383 });
+        assert_eq!(
+            hole.unwrap_err(),
+            LayoutError::Unowned {
+                count: 1,
+                first: 16383
+            }
+        );
         assert!(parse_slot_ranges("5-3").is_err());
         assert!(parse_slot_ranges("16384").is_err());
         assert!(parse_slot_ranges("a-b").is_err());

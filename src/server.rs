@@ -195,8 +195,7 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
 }
 
 async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(_) => return std::future::pending().await,
     };
@@ -206,8 +205,15 @@ async fn shutdown_signal() {
     }
 }
 
-fn worker_main(id: usize, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<std::net::TcpStream>) {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+fn worker_main(
+    id: usize,
+    shared: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<std::net::TcpStream>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("worker {id}: cannot start runtime: {e}");
@@ -256,10 +262,7 @@ async fn learn_redis_version(worker: Rc<Worker>) {
         let mut out = bytes::BytesMut::new();
         queue.drain_ready(&mut out);
         let text = String::from_utf8_lossy(&out);
-        if let Some(v) = text
-            .lines()
-            .find_map(|l| l.strip_prefix("redis_version:"))
-        {
+        if let Some(v) = text.lines().find_map(|l| l.strip_prefix("redis_version:")) {
             let _ = worker.shared.redis_version.set(v.trim().to_string());
             return;
         }

@@ -153,14 +153,14 @@ impl Session {
 
     /// Updates this session's CLIENT LIST entry after a name or protocol change.
     pub(crate) fn update_info(&self) {
-        if let Ok(mut c) = self.w.shared.clients.lock() {
-            if let Some(e) = c.get_mut(&self.id) {
-                e.name = self.name.clone().unwrap_or_default();
-                e.resp = match self.proto {
-                    Proto::Resp2 => 2,
-                    Proto::Resp3 => 3,
-                };
-            }
+        if let Ok(mut c) = self.w.shared.clients.lock()
+            && let Some(e) = c.get_mut(&self.id)
+        {
+            e.name = self.name.clone().unwrap_or_default();
+            e.resp = match self.proto {
+                Proto::Resp2 => 2,
+                Proto::Resp3 => 3,
+            };
         }
     }
 
@@ -310,7 +310,7 @@ impl Session {
         // MSET takes key-value pairs; the others take keys.
         let step = if merge == Merge::AllOk { 2 } else { 1 };
         let argc = req.argc();
-        if (argc - 1) % step != 0 {
+        if !(argc - 1).is_multiple_of(step) {
             return self.reply(reply::wrong_arity(spec.name));
         }
         let map = &self.w.shared.settings.slot_map;
@@ -370,12 +370,12 @@ impl Session {
             Merge::ArrayInOrder => GatherKind::AllOk,
             m => GatherKind::from_merge(m).unwrap_or(GatherKind::AllOk),
         };
-        if spec.name == "config|set" {
-            if let Some(bad) = config_set_refused(req) {
-                return self.reply(reply::error(&format!(
-                    "ERR CONFIG SET parameter '{bad}' is not allowed through slotgate"
-                )));
-            }
+        if spec.name == "config|set"
+            && let Some(bad) = config_set_refused(req)
+        {
+            return self.reply(reply::error(&format!(
+                "ERR CONFIG SET parameter '{bad}' is not allowed through slotgate"
+            )));
         }
         let parts: Vec<(usize, Bytes)> = (0..n).map(|s| (s, req.raw.clone())).collect();
         self.gather(kind, &parts, now);
@@ -453,13 +453,15 @@ pub const CONFIG_SET_ALLOWED: &[&str] = &[
 fn config_set_refused(req: &Request<'_>) -> Option<String> {
     (2..req.argc()).step_by(2).find_map(|i| {
         let p = String::from_utf8_lossy(req.arg(i)).to_ascii_lowercase();
-        let ok = CONFIG_SET_ALLOWED.iter().any(|a| match a.strip_prefix('*') {
-            Some(suffix) => p.ends_with(suffix),
-            None => match a.strip_suffix('*') {
-                Some(prefix) => p.starts_with(prefix),
-                None => p == *a,
-            },
-        });
+        let ok = CONFIG_SET_ALLOWED
+            .iter()
+            .any(|a| match a.strip_prefix('*') {
+                Some(suffix) => p.ends_with(suffix),
+                None => match a.strip_suffix('*') {
+                    Some(prefix) => p.starts_with(prefix),
+                    None => p == *a,
+                },
+            });
         (!ok).then_some(p)
     })
 }

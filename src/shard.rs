@@ -162,22 +162,21 @@ impl Upstream {
     async fn drive(self: Rc<Self>) {
         let mut backoff = BACKOFF_MIN;
         loop {
-            let why =
-                match tokio::time::timeout(self.cfg.op_timeout, TcpStream::connect(self.addr))
-                    .await
-                {
-                    Ok(Ok(stream)) => {
-                        backoff = BACKOFF_MIN;
-                        let _ = stream.set_nodelay(true);
-                        tracing::debug!(shard = %self.label, "connected");
-                        let fault = self.serve(stream).await;
-                        let why = fault.describe(self.cfg.op_timeout);
-                        tracing::warn!(shard = %self.label, "shard connection lost: {why}");
-                        why
-                    }
-                    Ok(Err(e)) => e.to_string(),
-                    Err(_) => format!("connect timed out after {:?}", self.cfg.op_timeout),
-                };
+            let why = match tokio::time::timeout(self.cfg.op_timeout, TcpStream::connect(self.addr))
+                .await
+            {
+                Ok(Ok(stream)) => {
+                    backoff = BACKOFF_MIN;
+                    let _ = stream.set_nodelay(true);
+                    tracing::debug!(shard = %self.label, "connected");
+                    let fault = self.serve(stream).await;
+                    let why = fault.describe(self.cfg.op_timeout);
+                    tracing::warn!(shard = %self.label, "shard connection lost: {why}");
+                    why
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("connect timed out after {:?}", self.cfg.op_timeout),
+            };
             self.fail_all(&why);
             // Wait out the backoff unless a request arrives (then try at once).
             tokio::select! {
@@ -216,14 +215,17 @@ impl Upstream {
     async fn write_loop(&self, mut wr: OwnedWriteHalf) -> Fault {
         let mut wbuf = BytesMut::with_capacity(READ_CHUNK);
         loop {
-            {
+            let idle = {
                 let mut st = self.st.borrow_mut();
-                if st.out.is_empty() {
-                    drop(st);
-                    self.wake_writer.notified().await;
-                    continue;
+                let idle = st.out.is_empty();
+                if !idle {
+                    std::mem::swap(&mut st.out, &mut wbuf);
                 }
-                std::mem::swap(&mut st.out, &mut wbuf);
+                idle
+            };
+            if idle {
+                self.wake_writer.notified().await;
+                continue;
             }
             if let Err(e) = wr.write_all(&wbuf).await {
                 return Fault::Io(e);
@@ -278,10 +280,13 @@ impl Upstream {
     }
 }
 
+/// Connections indexed `[shard][connection]`.
+type Grid = Vec<Vec<Rc<Upstream>>>;
+
 /// A worker's connections to every shard: `[shard][connection]`, one set per protocol.
 pub struct Pools {
-    resp2: Vec<Vec<Rc<Upstream>>>,
-    resp3: RefCell<Option<Rc<Vec<Vec<Rc<Upstream>>>>>>,
+    resp2: Grid,
+    resp3: RefCell<Option<Grid>>,
     shards: Vec<SocketAddr>,
     per_shard: usize,
     cfg: UpstreamConfig,
@@ -300,12 +305,7 @@ impl Pools {
         }
     }
 
-    fn open(
-        shards: &[SocketAddr],
-        per_shard: usize,
-        proto: Proto,
-        cfg: &UpstreamConfig,
-    ) -> Vec<Vec<Rc<Upstream>>> {
+    fn open(shards: &[SocketAddr], per_shard: usize, proto: Proto, cfg: &UpstreamConfig) -> Grid {
         shards
             .iter()
             .map(|&a| {
@@ -325,12 +325,7 @@ impl Pools {
             Proto::Resp3 => {
                 let mut r3 = self.resp3.borrow_mut();
                 let pools = r3.get_or_insert_with(|| {
-                    Rc::new(Self::open(
-                        &self.shards,
-                        self.per_shard,
-                        Proto::Resp3,
-                        &self.cfg,
-                    ))
+                    Self::open(&self.shards, self.per_shard, Proto::Resp3, &self.cfg)
                 });
                 pools[shard][conn % self.per_shard].clone()
             }

@@ -25,8 +25,7 @@ pub const SYNTAX: &[u8] = b"-ERR syntax error\r\n";
 pub const CLUSTER_DISABLED: &[u8] = b"-ERR This instance has cluster support disabled\r\n";
 pub const NOPROTO: &[u8] = b"-NOPROTO unsupported protocol version\r\n";
 pub const AUTH_NO_PASSWORD: &[u8] = b"-ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?\r\n";
-pub const WRONGPASS: &[u8] =
-    b"-WRONGPASS invalid username-password pair or user is disabled.\r\n";
+pub const WRONGPASS: &[u8] = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n";
 pub const BAD_CLIENT_NAME: &[u8] =
     b"-ERR Client names cannot contain spaces, newlines or special characters.\r\n";
 pub const INVALID_CURSOR: &[u8] = b"-ERR invalid cursor\r\n";
@@ -44,7 +43,10 @@ pub fn null(proto: Proto) -> &'static [u8] {
 pub fn error(msg: &str) -> Bytes {
     let mut out = BytesMut::with_capacity(msg.len() + 3);
     out.put_u8(b'-');
-    out.extend(msg.bytes().map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b }));
+    out.extend(
+        msg.bytes()
+            .map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
+    );
     out.extend_from_slice(b"\r\n");
     out.freeze()
 }
@@ -57,21 +59,28 @@ pub fn shard_unavailable(addr: &str, why: &str) -> Bytes {
 
 /// An administrative command that would break the proxy's model; never forwarded.
 pub fn not_allowed(name: &str) -> Bytes {
-    error(&format!("ERR command '{name}' is not allowed through slotgate"))
+    error(&format!(
+        "ERR command '{name}' is not allowed through slotgate"
+    ))
 }
 
 /// A stateful command family a later version of slotgate serves.
 pub fn not_yet(name: &str) -> Bytes {
-    error(&format!("ERR command '{name}' is not supported by slotgate yet"))
+    error(&format!(
+        "ERR command '{name}' is not supported by slotgate yet"
+    ))
 }
 
 /// `-ERR wrong number of arguments for 'get' command`.
 pub fn wrong_arity(name: &str) -> Bytes {
-    error(&format!("ERR wrong number of arguments for '{name}' command"))
+    error(&format!(
+        "ERR wrong number of arguments for '{name}' command"
+    ))
 }
 
 /// Redis 7.0's unknown-command error: the name and the arguments are each cut at 128 bytes,
-/// and arguments are listed while fewer than 128 bytes of them have been written.
+/// and arguments are listed while fewer than 128 bytes of them have been written. Redis
+/// formats them with `%s`, so each also ends at its first NUL byte.
 pub fn unknown_command(name: &[u8], args: &mut dyn Iterator<Item = &[u8]>) -> Bytes {
     let mut listed = String::new();
     for a in args {
@@ -79,11 +88,13 @@ pub fn unknown_command(name: &[u8], args: &mut dyn Iterator<Item = &[u8]>) -> By
             break;
         }
         let room = 128 - listed.len();
+        let a = until_nul(a);
         let a = &a[..a.len().min(room)];
         listed.push('\'');
         listed.push_str(&String::from_utf8_lossy(a));
         listed.push_str("' ");
     }
+    let name = until_nul(name);
     let name = &name[..name.len().min(128)];
     error(&format!(
         "ERR unknown command '{}', with args beginning with: {}",
@@ -92,8 +103,14 @@ pub fn unknown_command(name: &[u8], args: &mut dyn Iterator<Item = &[u8]>) -> By
     ))
 }
 
+/// The bytes before the first NUL, as C's `%s` prints them.
+fn until_nul(b: &[u8]) -> &[u8] {
+    b.iter().position(|&c| c == 0).map_or(b, |i| &b[..i])
+}
+
 /// `-ERR unknown subcommand 'foo'. Try CONFIG HELP.`
 pub fn unknown_subcommand(container: &str, sub: &[u8]) -> Bytes {
+    let sub = until_nul(sub);
     let sub = &sub[..sub.len().min(128)];
     error(&format!(
         "ERR unknown subcommand '{}'. Try {} HELP.",

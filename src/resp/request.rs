@@ -227,7 +227,8 @@ impl RequestParser {
                 if next > u32::MAX as usize {
                     return Err(ProtoError::InvalidBulkLength);
                 }
-                self.args.push((start as u32, (start + len as usize) as u32));
+                self.args
+                    .push((start as u32, (start + len as usize) as u32));
                 self.pos = next;
                 self.remaining -= 1;
             }

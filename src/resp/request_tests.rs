@@ -17,7 +17,10 @@ fn multibulk_and_inline() {
     let cmds = parse_all(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\n  set a \"b c\"\r\n").unwrap();
     assert_eq!(cmds[0], vec![b"GET".to_vec(), b"k".to_vec()]);
     assert_eq!(cmds[1], vec![b"PING".to_vec()]);
-    assert_eq!(cmds[2], vec![b"set".to_vec(), b"a".to_vec(), b"b c".to_vec()]);
+    assert_eq!(
+        cmds[2],
+        vec![b"set".to_vec(), b"a".to_vec(), b"b c".to_vec()]
+    );
 }
 
 #[test]
@@ -28,13 +31,34 @@ fn ignored_input() {
 
 #[test]
 fn protocol_errors() {
-    assert_eq!(parse_all(b"*abc\r\n"), Err(ProtoError::InvalidMultibulkLength));
-    assert_eq!(parse_all(b"*3000000000\r\n"), Err(ProtoError::InvalidMultibulkLength));
-    assert_eq!(parse_all(b"*1\r\n$abc\r\n"), Err(ProtoError::InvalidBulkLength));
-    assert_eq!(parse_all(b"*1\r\n$-1\r\n"), Err(ProtoError::InvalidBulkLength));
-    assert_eq!(parse_all(b"*1\r\n$536870913\r\n"), Err(ProtoError::InvalidBulkLength));
-    assert_eq!(parse_all(b"*1\r\n+foo\r\n"), Err(ProtoError::ExpectedDollar(b'+')));
-    assert_eq!(parse_all(b"SET \"a b\r\n"), Err(ProtoError::UnbalancedQuotes));
+    assert_eq!(
+        parse_all(b"*abc\r\n"),
+        Err(ProtoError::InvalidMultibulkLength)
+    );
+    assert_eq!(
+        parse_all(b"*3000000000\r\n"),
+        Err(ProtoError::InvalidMultibulkLength)
+    );
+    assert_eq!(
+        parse_all(b"*1\r\n$abc\r\n"),
+        Err(ProtoError::InvalidBulkLength)
+    );
+    assert_eq!(
+        parse_all(b"*1\r\n$-1\r\n"),
+        Err(ProtoError::InvalidBulkLength)
+    );
+    assert_eq!(
+        parse_all(b"*1\r\n$536870913\r\n"),
+        Err(ProtoError::InvalidBulkLength)
+    );
+    assert_eq!(
+        parse_all(b"*1\r\n+foo\r\n"),
+        Err(ProtoError::ExpectedDollar(b'+'))
+    );
+    assert_eq!(
+        parse_all(b"SET \"a b\r\n"),
+        Err(ProtoError::UnbalancedQuotes)
+    );
     assert_eq!(
         ProtoError::ExpectedDollar(b'+').message(),
         "ERR Protocol error: expected '$', got '+'"
@@ -62,11 +86,10 @@ fn arg_frame_points_at_the_header() {
 
 #[test]
 fn inline_quoting_like_sdssplitargs() {
-    assert_eq!(split_args(b"a \"\\x41\\n\" 'it\\'s'").unwrap(), vec![
-        b"a".to_vec(),
-        b"A\n".to_vec(),
-        b"it's".to_vec()
-    ]);
+    assert_eq!(
+        split_args(b"a \"\\x41\\n\" 'it\\'s'").unwrap(),
+        vec![b"a".to_vec(), b"A\n".to_vec(), b"it's".to_vec()]
+    );
     assert!(split_args(b"\"abc\"def").is_none());
     assert!(split_args(b"'abc").is_none());
     assert!(split_args(b"   ").unwrap().is_empty());

@@ -13,7 +13,10 @@ fn frames(input: &[u8]) -> Vec<usize> {
 
 #[test]
 fn resp2_types() {
-    assert_eq!(frames(b"+OK\r\n-ERR x\r\n:5\r\n$3\r\nfoo\r\n$-1\r\n*-1\r\n"), vec![5, 8, 4, 9, 5, 5]);
+    assert_eq!(
+        frames(b"+OK\r\n-ERR x\r\n:5\r\n$3\r\nfoo\r\n$-1\r\n*-1\r\n"),
+        vec![5, 8, 4, 9, 5, 5]
+    );
     let nested = b"*2\r\n$1\r\na\r\n*1\r\n:1\r\n";
     assert_eq!(frames(nested), vec![nested.len()]);
 }
@@ -23,7 +26,11 @@ fn resp3_types() {
     let map = b"%2\r\n+a\r\n:1\r\n+b\r\n_\r\n";
     assert_eq!(frames(map), vec![map.len()]);
     let attr = b"|1\r\n+ttl\r\n:3\r\n$1\r\nv\r\n";
-    assert_eq!(frames(attr), vec![attr.len()], "an attribute belongs to the next frame");
+    assert_eq!(
+        frames(attr),
+        vec![attr.len()],
+        "an attribute belongs to the next frame"
+    );
     let nested_attr = b"*2\r\n|1\r\n+a\r\n:1\r\n:2\r\n:3\r\n";
     assert_eq!(frames(nested_attr), vec![nested_attr.len()]);
     let misc = b",1.5\r\n#t\r\n(123\r\n=7\r\ntxt:abc\r\n!3\r\nerr\r\n~1\r\n:1\r\n";
@@ -48,7 +55,11 @@ fn resumes_across_reads() {
         let mut sc = ReplyScanner::new();
         let first = sc.scan(&whole[..cut]).unwrap();
         assert!(first.is_none(), "cut {cut}");
-        assert_eq!(sc.scan(whole).unwrap().unwrap().len, whole.len(), "cut {cut}");
+        assert_eq!(
+            sc.scan(whole).unwrap().unwrap().len,
+            whole.len(),
+            "cut {cut}"
+        );
     }
 }
 
@@ -60,6 +71,12 @@ fn depth_is_capped() {
 
 #[test]
 fn garbage_is_invalid() {
-    assert_eq!(ReplyScanner::new().scan(b"hello\r\n"), Err(ScanError::Invalid));
-    assert_eq!(ReplyScanner::new().scan(b"$-5\r\n"), Err(ScanError::Invalid));
+    assert_eq!(
+        ReplyScanner::new().scan(b"hello\r\n"),
+        Err(ScanError::Invalid)
+    );
+    assert_eq!(
+        ReplyScanner::new().scan(b"$-5\r\n"),
+        Err(ScanError::Invalid)
+    );
 }

@@ -48,11 +48,19 @@ impl RedisServer {
 
     /// Starts with extra `redis-server` arguments (e.g. `["--cluster-enabled", "yes"]`).
     pub fn start_with(extra: &[&str]) -> Self {
-        let port = free_port();
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let child = spawn_redis(port, &extra);
-        wait_for_port(port, Duration::from_secs(10));
-        RedisServer { port, child, extra }
+        // A free port can be taken by a parallel test between our probe and the child's bind:
+        // retry until the listener on the port is our own child.
+        for _ in 0..20 {
+            let port = free_port();
+            let mut child = spawn_redis(port, &extra);
+            if listener_is(port, &mut child) {
+                return RedisServer { port, child, extra };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("could not start redis-server on a free port");
     }
 
     pub fn addr(&self) -> String {
@@ -95,6 +103,43 @@ impl Drop for RedisServer {
         signal(self.child.id(), "CONT");
         self.kill();
     }
+}
+
+/// Waits until `port` accepts connections, then checks that the process answering there is
+/// `child` (by the `process_id` of `INFO server`, which both redis-server and slotgate
+/// report). False if the child exited or another process owns the port.
+fn listener_is(port: u16, child: &mut Child) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(100)) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            if s.write_all(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
+                .is_err()
+            {
+                continue;
+            }
+            let mut text = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !text.windows(11).any(|w| w == b"process_id:") || !text.ends_with(b"\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => text.extend_from_slice(&buf[..n]),
+                }
+            }
+            let text = String::from_utf8_lossy(&text);
+            let pid = text
+                .lines()
+                .find_map(|l| l.strip_prefix("process_id:"))
+                .and_then(|p| p.trim().parse::<u32>().ok());
+            return pid == Some(child.id());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
 }
 
 fn signal(pid: u32, sig: &str) {
@@ -152,23 +197,32 @@ impl Slotgate {
     }
 
     pub fn start_with(shards: &[&RedisServer], extra: &[&str]) -> Self {
-        let port = free_port();
+        for _ in 0..20 {
+            let port = free_port();
+            let mut child = Self::spawn(port, shards, extra);
+            if listener_is(port, &mut child) {
+                return Slotgate { port, child };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("could not start slotgate on a free port");
+    }
+
+    fn spawn(port: u16, shards: &[&RedisServer], extra: &[&str]) -> Child {
         let mut cmd = Command::new(slotgate_bin());
         cmd.arg("--listen").arg(format!("127.0.0.1:{port}"));
         for s in shards {
             cmd.arg("--shard").arg(s.addr());
         }
-        if !extra.iter().any(|a| *a == "--workers") {
+        if !extra.contains(&"--workers") {
             cmd.args(["--workers", "1"]);
         }
         cmd.args(extra).args(["--log-level", "warn"]);
-        let child = cmd
-            .stdout(Stdio::null())
+        cmd.stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("spawn slotgate");
-        wait_for_port(port, Duration::from_secs(10));
-        Slotgate { port, child }
+            .expect("spawn slotgate")
     }
 
     pub fn addr(&self) -> String {
