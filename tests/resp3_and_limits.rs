@@ -1,0 +1,265 @@
+//! RESP3 after `HELLO 3` (replies from shards are RESP3, byte for byte what Redis sends), the
+//! per-client and per-connection bounds, CONFIG SET's allowlist, and several upstream
+//! connections per shard.
+
+mod support;
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// Sends `cmds` as one pipeline and reads until `expected_replies` complete replies arrived,
+/// using the proxy's own framer to count them.
+fn pipeline(conn: &mut RawConn, cmds: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let wire: Vec<u8> = cmds.concat();
+    conn.send(&wire);
+    read_replies(conn, cmds.len())
+}
+
+fn read_replies(conn: &mut RawConn, n: usize) -> Vec<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    let mut scanner = slotgate::resp::ReplyScanner::new();
+    let mut chunk = [0u8; 65536];
+    while out.len() < n {
+        if let Some(f) = scanner.scan(&buf).expect("valid RESP from slotgate") {
+            out.push(buf.drain(..f.len).collect());
+            continue;
+        }
+        let got = conn
+            .stream
+            .read(&mut chunk)
+            .expect("reply within the timeout");
+        assert!(got > 0, "connection closed after {} replies", out.len());
+        buf.extend_from_slice(&chunk[..got]);
+    }
+    out
+}
+
+fn direct(server: &RedisServer) -> RawConn {
+    RawConn::connect(server.port)
+}
+
+#[test]
+fn resp3_replies_match_a_single_redis_byte_for_byte() {
+    let shards: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+    let refs: Vec<&RedisServer> = shards.iter().collect();
+    let proxy = Slotgate::start(&refs);
+    let reference = RedisServer::start();
+
+    let setup: Vec<Vec<u8>> = vec![
+        resp(&[b"HSET", b"h", b"f1", b"v1", b"f2", b"v2"]),
+        resp(&[b"SADD", b"s", b"m"]),
+        resp(&[b"ZADD", b"z", b"1.5", b"a"]),
+        resp(&[b"SET", b"k1", b"v1"]),
+        resp(&[b"SET", b"k2", b"v2"]),
+    ];
+    let probe: Vec<Vec<u8>> = vec![
+        resp(&[b"HGETALL", b"h"]),
+        resp(&[b"SMEMBERS", b"s"]),
+        resp(&[b"ZSCORE", b"z", b"a"]),
+        resp(&[b"ZRANGE", b"z", b"0", b"-1", b"WITHSCORES"]),
+        resp(&[b"GET", b"missing"]),
+        resp(&[b"MGET", b"k1", b"missing", b"k2", b"h"]),
+        resp(&[b"HRANDFIELD", b"nosuch", b"-5", b"WITHVALUES"]),
+        resp(&[b"DEL", b"k1", b"missing", b"k2"]),
+        resp(&[b"PING"]),
+        resp(&[b"ECHO", b"hi"]),
+    ];
+    let hello3 = resp(&[b"HELLO", b"3"]);
+
+    let mut via = proxy.raw();
+    let mut dir = direct(&reference);
+    for c in [&mut via, &mut dir] {
+        let r = pipeline(c, std::slice::from_ref(&hello3));
+        assert_eq!(r[0][0], b'%', "HELLO 3 replies with a RESP3 map");
+        pipeline(c, &setup);
+    }
+    let got = pipeline(&mut via, &probe);
+    let want = pipeline(&mut dir, &probe);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(
+            String::from_utf8_lossy(g),
+            String::from_utf8_lossy(w),
+            "RESP3 reply {i} differs"
+        );
+    }
+    assert!(got[0].starts_with(b"%2\r\n"), "HGETALL is a map in RESP3");
+    assert_eq!(got[4], b"_\r\n", "RESP3 null");
+
+    // Back to RESP2: nil is $-1 again and HGETALL a flat array.
+    let back = pipeline(
+        &mut via,
+        &[
+            resp(&[b"HELLO", b"2"]),
+            resp(&[b"GET", b"missing"]),
+            resp(&[b"HGETALL", b"h"]),
+        ],
+    );
+    assert_eq!(back[0][0], b'*', "HELLO 2 replies with a flat array");
+    assert_eq!(back[1], b"$-1\r\n");
+    assert!(back[2].starts_with(b"*4\r\n"));
+}
+
+#[test]
+fn hello_reports_the_shards_version_and_rejects_bad_versions() {
+    let shard = RedisServer::start();
+    let proxy = Slotgate::start(&[&shard]);
+    let mut c = proxy.raw();
+    let r = pipeline(&mut c, &[resp(&[b"HELLO", b"2"])]);
+    let text = String::from_utf8_lossy(&r[0]);
+    assert!(
+        text.contains("$7\r\n7.0.15\r\n") || text.contains("$6\r\n7."),
+        "{text}"
+    );
+    assert!(text.contains("standalone"), "{text}");
+    let r = pipeline(&mut c, &[resp(&[b"HELLO", b"4"])]);
+    assert_eq!(r[0], b"-NOPROTO unsupported protocol version\r\n");
+    let r = pipeline(&mut c, &[resp(&[b"HELLO", b"3", b"BOGUS"])]);
+    assert_eq!(r[0], b"-ERR Syntax error in HELLO option 'BOGUS'\r\n");
+}
+
+#[test]
+fn a_client_that_pipelines_without_reading_is_bounded_and_loses_nothing() {
+    let shards: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+    let refs: Vec<&RedisServer> = shards.iter().collect();
+    let proxy = Slotgate::start_with(&refs, &["--max-client-pipeline", "64"]);
+    let mut c = proxy.raw();
+    let n = 20_000;
+    let mut wire = Vec::new();
+    for i in 0..n {
+        wire.extend_from_slice(&resp(&[
+            b"SET",
+            format!("k{i}").as_bytes(),
+            format!("{i}").as_bytes(),
+        ]));
+        wire.extend_from_slice(&resp(&[b"GET", format!("k{i}").as_bytes()]));
+    }
+    // Write everything before reading anything (a writer thread, so neither side deadlocks).
+    let mut w = c.stream.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        w.write_all(&wire).unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let replies = read_replies(&mut c, 2 * n);
+    writer.join().unwrap();
+    for i in 0..n {
+        assert_eq!(replies[2 * i], b"+OK\r\n");
+        let v = i.to_string();
+        assert_eq!(
+            replies[2 * i + 1],
+            format!("${}\r\n{v}\r\n", v.len()).into_bytes(),
+            "GET k{i}"
+        );
+    }
+}
+
+#[test]
+fn in_flight_cap_per_connection_fails_fast_with_shard_unavailable() {
+    let shard = RedisServer::start();
+    let proxy = Slotgate::start_with(
+        &[&shard],
+        &["--max-inflight-per-connection", "2", "--op-timeout", "2s"],
+    );
+    shard.pause();
+    let mut c = proxy.raw();
+    let started = Instant::now();
+    c.send(
+        &[
+            resp(&[b"GET", b"a"]),
+            resp(&[b"GET", b"b"]),
+            resp(&[b"GET", b"c"]),
+        ]
+        .concat(),
+    );
+    // The third request fails at once; the first two wait for the hung shard.
+    std::thread::sleep(Duration::from_millis(300));
+    shard.resume();
+    let r = read_replies(&mut c, 3);
+    assert_eq!(r[0], b"$-1\r\n");
+    assert_eq!(r[1], b"$-1\r\n");
+    let third = String::from_utf8_lossy(&r[2]);
+    assert!(
+        third.starts_with("-ERR shard unavailable")
+            && third.contains("too many requests in flight"),
+        "{third}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[test]
+fn config_set_is_broadcast_for_allowed_parameters_only() {
+    let shards: Vec<RedisServer> = (0..2).map(|_| RedisServer::start()).collect();
+    let refs: Vec<&RedisServer> = shards.iter().collect();
+    let proxy = Slotgate::start(&refs);
+    let mut c = proxy.raw();
+    c.roundtrip(
+        &resp(&[b"CONFIG", b"SET", b"hash-max-listpack-entries", b"77"]),
+        b"+OK\r\n",
+    );
+    for s in &shards {
+        let v: Vec<String> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("hash-max-listpack-entries")
+            .query(&mut s.client())
+            .unwrap();
+        assert_eq!(v[1], "77", "every shard got the CONFIG SET");
+    }
+    c.roundtrip(
+        &resp(&[b"CONFIG", b"SET", b"port", b"1"]),
+        b"-ERR CONFIG SET parameter 'port' is not allowed through slotgate\r\n",
+    );
+    c.roundtrip(
+        &resp(&[
+            b"CONFIG",
+            b"SET",
+            b"maxmemory-policy",
+            b"allkeys-lru",
+            b"dir",
+            b"/tmp",
+        ]),
+        b"-ERR CONFIG SET parameter 'dir' is not allowed through slotgate\r\n",
+    );
+    let policy: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query(&mut shards[0].client())
+        .unwrap();
+    assert_eq!(
+        policy[1], "noeviction",
+        "a refused CONFIG SET changes nothing"
+    );
+}
+
+#[test]
+fn several_upstream_connections_keep_each_clients_order() {
+    let shards: Vec<RedisServer> = (0..2).map(|_| RedisServer::start()).collect();
+    let refs: Vec<&RedisServer> = shards.iter().collect();
+    let proxy = Slotgate::start_with(&refs, &["--upstream-connections", "3", "--workers", "2"]);
+    let threads: Vec<_> = (0..6)
+        .map(|t| {
+            let port = proxy.port;
+            std::thread::spawn(move || {
+                let mut c = RawConn::connect(port);
+                let mut cmds = Vec::new();
+                for i in 0..500 {
+                    cmds.push(resp(&[b"INCR", format!("t{t}:c{}", i % 7).as_bytes()]));
+                }
+                let r = pipeline(&mut c, &cmds);
+                for (i, reply) in r.iter().enumerate() {
+                    let want = format!(":{}\r\n", i / 7 + 1);
+                    assert_eq!(
+                        String::from_utf8_lossy(reply),
+                        want,
+                        "thread {t} command {i}"
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
