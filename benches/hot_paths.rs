@@ -58,7 +58,10 @@ fn frame_replies(c: &mut Criterion) {
     bulk4k.extend_from_slice(b"\r\n");
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("ok", b"+OK\r\n".to_vec()),
-        ("bulk_100", [b"$100\r\n".as_slice(), &[b'v'; 100], b"\r\n"].concat()),
+        (
+            "bulk_100",
+            [b"$100\r\n".as_slice(), &[b'v'; 100], b"\r\n"].concat(),
+        ),
         ("bulk_4k", bulk4k),
         ("array_100", array),
     ];
@@ -109,5 +112,11 @@ fn merge_mget(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, parse_requests, frame_replies, slots_and_lookup, merge_mget);
+criterion_group!(
+    benches,
+    parse_requests,
+    frame_replies,
+    slots_and_lookup,
+    merge_mget
+);
 criterion_main!(benches);

@@ -19,4 +19,6 @@ fi
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
 # Integration tests start several redis-server processes each: keep the parallelism bounded.
-cargo test --all-targets -- --test-threads="${TEST_THREADS:-3}"
+cargo test --lib --bins --tests -- --test-threads="${TEST_THREADS:-3}"
+# Each criterion bench runs once in test mode, so the benches keep compiling and working.
+cargo test --benches --quiet
