@@ -105,9 +105,9 @@ FAMILIES = ["command", "cluster", "pubsub", "script", "function", "module", "acl
 # (name, arity, flags, route). Both answered locally.
 SYNTHETIC = [
     # CLIENT SETINFO <LIB-NAME libname | LIB-VER libver>
-    ("client|setinfo", 4, ["noscript", "loading", "stale"]),
+    ("client|setinfo", 4, ["noscript", "loading", "stale"], ["@slow", "@connection"]),
     # CLIENT NO-TOUCH <ON | OFF>
-    ("client|no-touch", 3, ["noscript", "loading", "stale"]),
+    ("client|no-touch", 3, ["noscript", "loading", "stale"], ["@slow", "@connection"]),
 ]
 
 # Key specs replaced by hand: (command, spec index) -> (Rust KeySpec, the Redis spec it replaces).
@@ -117,9 +117,10 @@ SYNTHETIC = [
 # first STORE after the source key (wrong only if a BY/GET pattern is literally "store").
 KEYSPEC_OVERRIDES = {
     ("sort", 2): (
-        'KeySpec { begin: BeginSearch::Keyword { keyword: "STORE", startfrom: 2 }, '
+        'KeySpec { access: access::WRITE, '
+        'begin: BeginSearch::Keyword { keyword: "STORE", startfrom: 2 }, '
         'find: FindKeys::Range { lastkey: 0, keystep: 1, limit: 0 } }',
-        "KeySpec { begin: BeginSearch::Unknown, find: FindKeys::Unknown }",
+        "KeySpec { access: access::WRITE, begin: BeginSearch::Unknown, find: FindKeys::Unknown }",
     ),
 }
 
@@ -140,6 +141,37 @@ FLAG_CONSTS = {
     "no_multi": "NO_MULTI",
     "allow_busy": "ALLOW_BUSY",
 }
+
+
+# Redis ACL category -> `acl::*` const (all 21 categories of Redis 7.0).
+ACL_CONSTS = {
+    "@keyspace": "KEYSPACE", "@read": "READ", "@write": "WRITE", "@set": "SET",
+    "@sortedset": "SORTEDSET", "@list": "LIST", "@hash": "HASH", "@string": "STRING",
+    "@bitmap": "BITMAP", "@hyperloglog": "HYPERLOGLOG", "@geo": "GEO", "@stream": "STREAM",
+    "@pubsub": "PUBSUB", "@admin": "ADMIN", "@fast": "FAST", "@slow": "SLOW",
+    "@blocking": "BLOCKING", "@dangerous": "DANGEROUS", "@connection": "CONNECTION",
+    "@transaction": "TRANSACTION", "@scripting": "SCRIPTING",
+}
+
+
+def acl_expr(names):
+    unknown = [n for n in names if n not in ACL_CONSTS]
+    if unknown:
+        raise SystemExit("unknown ACL categories %r: add them to ACL_CONSTS" % unknown)
+    if not names:
+        return "0"
+    return " | ".join("acl::" + ACL_CONSTS[n] for n in names)
+
+
+def access_expr(flags):
+    """Key-spec flags -> the permissions a key needs (Redis 7.0 ACLSelectorCheckKey)."""
+    f = {x.lower() for x in flags}
+    parts = []
+    if "access" in f:
+        parts.append("access::READ")
+    if f & {"insert", "update", "delete"}:
+        parts.append("access::WRITE")
+    return " | ".join(parts) or "0"
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,7 +269,8 @@ def key_spec(raw):
         find = "FindKeys::Unknown"
     else:
         raise SystemExit("unexpected find_keys type %r" % fk["type"])
-    return "KeySpec { begin: %s, find: %s }" % (begin, find)
+    return "KeySpec { access: %s, begin: %s, find: %s }" % (
+        access_expr(spec.get("flags", [])), begin, find)
 
 
 def flags_expr(names):
@@ -267,6 +300,7 @@ def parse_command(raw):
         "name": name,
         "arity": raw[1],
         "flags": [f.lower() for f in raw[2]],
+        "acl": [a.lower() for a in raw[6]],
         "key_specs": key_specs(name, raw[8] if len(raw) > 8 else []),
         "subcommands": sorted((parse_command(s) for s in (raw[9] if len(raw) > 9 else [])),
                               key=lambda c: c["name"].encode()),
@@ -341,6 +375,7 @@ def emit_row(c, out, indent):
     out.append(pad + "    name: %s," % rust_str(c["name"]))
     out.append(pad + "    arity: %d," % c["arity"])
     out.append(pad + "    flags: %s," % flags_expr(c["flags"]))
+    out.append(pad + "    acl: %s," % acl_expr(c["acl"]))
     if c["key_specs"]:
         out.append(pad + "    key_specs: &[%s]," % ", ".join(c["key_specs"]))
     else:
@@ -378,12 +413,12 @@ def main():
     by_name = {c["name"]: c for c in commands}
 
     # Synthetic rows (Redis 7.2 subcommands a 7.0 server lacks).
-    for name, arity, flag_names in SYNTHETIC:
+    for name, arity, flag_names, acl_names in SYNTHETIC:
         container = by_name[name.split("|", 1)[0]]
         if any(s["name"] == name for s in container["subcommands"]):
             continue  # the server knows it: keep the real row
         container["subcommands"].append({
-            "name": name, "arity": arity, "flags": flag_names, "key_specs": [],
+            "name": name, "arity": arity, "flags": flag_names, "acl": acl_names, "key_specs": [],
             "subcommands": [], "synthetic": True,
         })
         container["subcommands"].sort(key=lambda c: c["name"].encode())
@@ -404,7 +439,7 @@ def main():
         "",
         "//! The generated command table (see `scripts/gen_command_table.py`).",
         "",
-        "use super::{BeginSearch, CommandSpec, FindKeys, KeySpec, Merge, Route, flags};",
+        "use super::{BeginSearch, CommandSpec, FindKeys, KeySpec, Merge, Route, access, acl, flags};",
         "",
         "/// Every Redis command, sorted by name (byte order), for binary search.",
         "pub static COMMANDS: &[CommandSpec] = &[",

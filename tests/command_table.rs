@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use redis::Value;
 use slotgate::command::keys::{KeysError, key_indices};
 use slotgate::command::{
-    BeginSearch, COMMANDS, CommandSpec, FindKeys, KeySpec, flags, lookup, lookup_sub,
+    BeginSearch, COMMANDS, CommandSpec, FindKeys, KeySpec, access, acl, flags, lookup, lookup_sub,
 };
 use support::RedisServer;
 
@@ -92,7 +92,40 @@ fn redis_key_spec(v: &Value) -> KeySpec {
         "unknown" => FindKeys::Unknown,
         other => panic!("find_keys type {other}"),
     };
-    KeySpec { begin, find }
+    let kflags: Vec<String> = array(&spec["flags"])
+        .iter()
+        .map(|f| text(f).to_lowercase())
+        .collect();
+    let mut need = 0;
+    if kflags.iter().any(|f| f == "access") {
+        need |= access::READ;
+    }
+    if kflags
+        .iter()
+        .any(|f| matches!(f.as_str(), "insert" | "update" | "delete"))
+    {
+        need |= access::WRITE;
+    }
+    KeySpec {
+        access: need,
+        begin,
+        find,
+    }
+}
+
+fn redis_acl(v: &Value) -> u32 {
+    array(v)
+        .iter()
+        .map(|c| {
+            let c = text(c).to_lowercase();
+            let name = c.trim_start_matches('@');
+            acl::NAMES
+                .iter()
+                .find(|(n, _)| *n == name)
+                .unwrap_or_else(|| panic!("unknown ACL category {c}"))
+                .1
+        })
+        .fold(0, |a, b| a | b)
 }
 
 fn redis_flags(v: &Value) -> u32 {
@@ -137,6 +170,13 @@ fn check_row(row: &CommandSpec, info: &Value, problems: &mut Vec<String>) {
         problems.push(format!(
             "{}: flags {:#x} vs Redis {rflags:#x}",
             row.name, row.flags
+        ));
+    }
+    let racl = redis_acl(&info[6]);
+    if row.acl != racl {
+        problems.push(format!(
+            "{}: ACL categories {:#x} vs Redis {racl:#x}",
+            row.name, row.acl
         ));
     }
     let specs: Vec<KeySpec> = array(&info[8]).iter().map(redis_key_spec).collect();

@@ -42,7 +42,23 @@ pub fn key_indices<'a>(
     out: &mut Vec<usize>,
 ) -> Result<(), KeysError> {
     let start_len = out.len();
-    let result = all_specs(spec.key_specs, argc, &arg, out);
+    let result = all_specs(spec.key_specs, argc, &arg, &mut |i, _| out.push(i));
+    if result.is_err() {
+        out.truncate(start_len);
+    }
+    result
+}
+
+/// Like [`key_indices`], with the permissions each key needs (bits of
+/// [`access`](super::access)), for ACL checks.
+pub fn key_access<'a>(
+    spec: &CommandSpec,
+    argc: usize,
+    arg: impl Fn(usize) -> &'a [u8],
+    out: &mut Vec<(usize, u8)>,
+) -> Result<(), KeysError> {
+    let start_len = out.len();
+    let result = all_specs(spec.key_specs, argc, &arg, &mut |i, a| out.push((i, a)));
     if result.is_err() {
         out.truncate(start_len);
     }
@@ -53,7 +69,7 @@ fn all_specs<'a>(
     specs: &[KeySpec],
     argc: usize,
     arg: &impl Fn(usize) -> &'a [u8],
-    out: &mut Vec<usize>,
+    out: &mut impl FnMut(usize, u8),
 ) -> Result<(), KeysError> {
     // Bounding argc keeps every computation below comfortably inside i64.
     let Ok(argc) = i32::try_from(argc) else {
@@ -112,7 +128,7 @@ fn all_specs<'a>(
         let mut i = first;
         while i <= last {
             // 0 <= first <= i <= last < argc <= i32::MAX.
-            out.push(i as usize);
+            out(i as usize, ks.access);
             i += step;
         }
     }
@@ -430,6 +446,7 @@ mod tests {
                         },
                     ] {
                         specs.push(KeySpec {
+                            access: 0,
                             begin,
                             find: FindKeys::Range {
                                 lastkey: b,
@@ -438,6 +455,7 @@ mod tests {
                             },
                         });
                         specs.push(KeySpec {
+                            access: 0,
                             begin,
                             find: FindKeys::Keynum {
                                 keynumidx: b,
@@ -455,6 +473,7 @@ mod tests {
                 name: "crafted",
                 arity: -1,
                 flags: 0,
+                acl: 0,
                 key_specs: ks,
                 route: Route::Single,
                 subcommands: &[],

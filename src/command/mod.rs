@@ -28,6 +28,66 @@ pub mod flags {
     pub const ALLOW_BUSY: u32 = 1 << 13;
 }
 
+/// Redis ACL categories (`@read`, `@write` …), as `COMMAND` reports them per command.
+pub mod acl {
+    pub const KEYSPACE: u32 = 1 << 0;
+    pub const READ: u32 = 1 << 1;
+    pub const WRITE: u32 = 1 << 2;
+    pub const SET: u32 = 1 << 3;
+    pub const SORTEDSET: u32 = 1 << 4;
+    pub const LIST: u32 = 1 << 5;
+    pub const HASH: u32 = 1 << 6;
+    pub const STRING: u32 = 1 << 7;
+    pub const BITMAP: u32 = 1 << 8;
+    pub const HYPERLOGLOG: u32 = 1 << 9;
+    pub const GEO: u32 = 1 << 10;
+    pub const STREAM: u32 = 1 << 11;
+    pub const PUBSUB: u32 = 1 << 12;
+    pub const ADMIN: u32 = 1 << 13;
+    pub const FAST: u32 = 1 << 14;
+    pub const SLOW: u32 = 1 << 15;
+    pub const BLOCKING: u32 = 1 << 16;
+    pub const DANGEROUS: u32 = 1 << 17;
+    pub const CONNECTION: u32 = 1 << 18;
+    pub const TRANSACTION: u32 = 1 << 19;
+    pub const SCRIPTING: u32 = 1 << 20;
+    /// Every category.
+    pub const ALL: u32 = (1 << 21) - 1;
+
+    /// Category names without the `@`, as Redis spells them.
+    pub const NAMES: &[(&str, u32)] = &[
+        ("keyspace", KEYSPACE),
+        ("read", READ),
+        ("write", WRITE),
+        ("set", SET),
+        ("sortedset", SORTEDSET),
+        ("list", LIST),
+        ("hash", HASH),
+        ("string", STRING),
+        ("bitmap", BITMAP),
+        ("hyperloglog", HYPERLOGLOG),
+        ("geo", GEO),
+        ("stream", STREAM),
+        ("pubsub", PUBSUB),
+        ("admin", ADMIN),
+        ("fast", FAST),
+        ("slow", SLOW),
+        ("blocking", BLOCKING),
+        ("dangerous", DANGEROUS),
+        ("connection", CONNECTION),
+        ("transaction", TRANSACTION),
+        ("scripting", SCRIPTING),
+        ("all", ALL),
+    ];
+}
+
+/// The permissions a key of a key spec needs (Redis 7.0's key-spec flags `access` → read;
+/// `insert`/`update`/`delete` → write; neither → either one suffices).
+pub mod access {
+    pub const READ: u8 = 1;
+    pub const WRITE: u8 = 2;
+}
+
 /// How the proxy serves a command. One strategy per kind, not per command (Envoy's
 /// `SimpleRequest`/`MGETRequest`/`SplitKeysSumResultRequest`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +128,8 @@ pub enum Merge {
 /// Where a command's keys are, mirroring Redis 7 key specs (`COMMAND INFO` → key specifications).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KeySpec {
+    /// Bits of [`access`]: what a user needs on this spec's keys.
+    pub access: u8,
     pub begin: BeginSearch,
     pub find: FindKeys,
 }
@@ -116,6 +178,8 @@ pub struct CommandSpec {
     pub arity: i32,
     /// Bits of [`flags`].
     pub flags: u32,
+    /// Bits of [`acl`]: the command's ACL categories.
+    pub acl: u32,
     /// Key specifications, in Redis order.
     pub key_specs: &'static [KeySpec],
     pub route: Route,

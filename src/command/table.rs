@@ -5,7 +5,7 @@
 
 //! The generated command table (see `scripts/gen_command_table.py`).
 
-use super::{BeginSearch, CommandSpec, FindKeys, KeySpec, Merge, Route, flags};
+use super::{BeginSearch, CommandSpec, FindKeys, KeySpec, Merge, Route, access, acl, flags};
 
 /// Every Redis command, sorted by name (byte order), for binary search.
 pub static COMMANDS: &[CommandSpec] = &[
@@ -13,6 +13,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "acl",
         arity: -2,
         flags: 0,
+        acl: acl::SLOW,
         key_specs: &[],
         route: Route::Refused,
         subcommands: &[
@@ -20,6 +21,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "acl|cat",
                 arity: -2,
                 flags: flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::SLOW,
                 key_specs: &[],
                 route: Route::Refused,
                 subcommands: &[],
@@ -28,6 +30,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "acl|deluser",
                 arity: -3,
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Refused,
                 subcommands: &[],
@@ -36,6 +39,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "acl|dryrun",
                 arity: -4,
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Refused,
                 subcommands: &[],
@@ -44,6 +48,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "acl|genpass",
                 arity: -2,
                 flags: flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::SLOW,
                 key_specs: &[],
                 route: Route::Refused,
                 subcommands: &[],
@@ -52,6 +57,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "acl|getuser",
                 arity: 3,
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Refused,
                 subcommands: &[],
@@ -60,6 +66,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "acl|help",
                 arity: 2,
                 flags: flags::LOADING | flags::STALE,
+                acl: acl::SLOW,
                 key_specs: &[],
                 route: Route::Refused,
                 subcommands: &[],
@@ -68,6 +75,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "acl|list",
                 arity: 2,
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Refused,
                 subcommands: &[],
@@ -76,6 +84,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "acl|load",
                 arity: 2,
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Refused,
                 subcommands: &[],
@@ -84,6 +93,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "acl|log",
                 arity: -2,
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Refused,
                 subcommands: &[],
@@ -92,6 +102,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "acl|save",
                 arity: 2,
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Refused,
                 subcommands: &[],
@@ -100,6 +111,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "acl|setuser",
                 arity: -3,
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Refused,
                 subcommands: &[],
@@ -108,6 +120,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "acl|users",
                 arity: 2,
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Refused,
                 subcommands: &[],
@@ -116,6 +129,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "acl|whoami",
                 arity: 2,
                 flags: flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::SLOW,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -126,7 +140,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "append",
         arity: 3,
         flags: flags::WRITE | flags::DENYOOM | flags::FAST,
+        acl: acl::WRITE | acl::STRING | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -141,6 +157,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "asking",
         arity: 1,
         flags: flags::FAST,
+        acl: acl::FAST | acl::CONNECTION,
         key_specs: &[],
         route: Route::Local,
         subcommands: &[],
@@ -154,6 +171,7 @@ pub static COMMANDS: &[CommandSpec] = &[
             | flags::FAST
             | flags::NO_AUTH
             | flags::ALLOW_BUSY,
+        acl: acl::FAST | acl::CONNECTION,
         key_specs: &[],
         route: Route::Local,
         subcommands: &[],
@@ -162,6 +180,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "bgrewriteaof",
         arity: 1,
         flags: flags::ADMIN | flags::NOSCRIPT,
+        acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         route: Route::Refused,
         subcommands: &[],
@@ -170,6 +189,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "bgsave",
         arity: -1,
         flags: flags::ADMIN | flags::NOSCRIPT,
+        acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         route: Route::Refused,
         subcommands: &[],
@@ -178,7 +198,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "bitcount",
         arity: -2,
         flags: flags::READONLY,
+        acl: acl::READ | acl::BITMAP | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -193,7 +215,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "bitfield",
         arity: -2,
         flags: flags::WRITE | flags::DENYOOM,
+        acl: acl::WRITE | acl::BITMAP | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -208,7 +232,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "bitfield_ro",
         arity: -2,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::READ | acl::BITMAP | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -223,8 +249,10 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "bitop",
         arity: -4,
         flags: flags::WRITE | flags::DENYOOM,
+        acl: acl::WRITE | acl::BITMAP | acl::SLOW,
         key_specs: &[
             KeySpec {
+                access: access::WRITE,
                 begin: BeginSearch::Index(2),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -233,6 +261,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 },
             },
             KeySpec {
+                access: access::READ,
                 begin: BeginSearch::Index(3),
                 find: FindKeys::Range {
                     lastkey: -1,
@@ -248,7 +277,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "bitpos",
         arity: -3,
         flags: flags::READONLY,
+        acl: acl::READ | acl::BITMAP | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -263,8 +294,10 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "blmove",
         arity: 6,
         flags: flags::WRITE | flags::DENYOOM | flags::NOSCRIPT | flags::BLOCKING,
+        acl: acl::WRITE | acl::LIST | acl::SLOW | acl::BLOCKING,
         key_specs: &[
             KeySpec {
+                access: access::READ | access::WRITE,
                 begin: BeginSearch::Index(1),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -273,6 +306,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 },
             },
             KeySpec {
+                access: access::WRITE,
                 begin: BeginSearch::Index(2),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -288,7 +322,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "blmpop",
         arity: -5,
         flags: flags::WRITE | flags::BLOCKING | flags::MOVABLEKEYS,
+        acl: acl::WRITE | acl::LIST | acl::SLOW | acl::BLOCKING,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(2),
             find: FindKeys::Keynum {
                 keynumidx: 0,
@@ -303,7 +339,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "blpop",
         arity: -3,
         flags: flags::WRITE | flags::NOSCRIPT | flags::BLOCKING,
+        acl: acl::WRITE | acl::LIST | acl::SLOW | acl::BLOCKING,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: -2,
@@ -318,7 +356,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "brpop",
         arity: -3,
         flags: flags::WRITE | flags::NOSCRIPT | flags::BLOCKING,
+        acl: acl::WRITE | acl::LIST | acl::SLOW | acl::BLOCKING,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: -2,
@@ -333,8 +373,10 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "brpoplpush",
         arity: 4,
         flags: flags::WRITE | flags::DENYOOM | flags::NOSCRIPT | flags::BLOCKING,
+        acl: acl::WRITE | acl::LIST | acl::SLOW | acl::BLOCKING,
         key_specs: &[
             KeySpec {
+                access: access::READ | access::WRITE,
                 begin: BeginSearch::Index(1),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -343,6 +385,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 },
             },
             KeySpec {
+                access: access::WRITE,
                 begin: BeginSearch::Index(2),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -358,7 +401,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "bzmpop",
         arity: -5,
         flags: flags::WRITE | flags::BLOCKING | flags::MOVABLEKEYS,
+        acl: acl::WRITE | acl::SORTEDSET | acl::SLOW | acl::BLOCKING,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(2),
             find: FindKeys::Keynum {
                 keynumidx: 0,
@@ -373,7 +418,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "bzpopmax",
         arity: -3,
         flags: flags::WRITE | flags::NOSCRIPT | flags::BLOCKING | flags::FAST,
+        acl: acl::WRITE | acl::SORTEDSET | acl::FAST | acl::BLOCKING,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: -2,
@@ -388,7 +435,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "bzpopmin",
         arity: -3,
         flags: flags::WRITE | flags::NOSCRIPT | flags::BLOCKING | flags::FAST,
+        acl: acl::WRITE | acl::SORTEDSET | acl::FAST | acl::BLOCKING,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: -2,
@@ -403,6 +452,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "client",
         arity: -2,
         flags: 0,
+        acl: acl::SLOW,
         key_specs: &[],
         route: Route::Single,
         subcommands: &[
@@ -410,6 +460,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "client|caching",
                 arity: 3,
                 flags: flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -418,6 +469,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "client|getname",
                 arity: 2,
                 flags: flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -426,6 +478,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "client|getredir",
                 arity: 2,
                 flags: flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -434,6 +487,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "client|help",
                 arity: 2,
                 flags: flags::LOADING | flags::STALE,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -442,6 +496,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "client|id",
                 arity: 2,
                 flags: flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -450,6 +505,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "client|info",
                 arity: 2,
                 flags: flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -458,6 +514,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "client|kill",
                 arity: -3,
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS | acl::CONNECTION,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -466,6 +523,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "client|list",
                 arity: -2,
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS | acl::CONNECTION,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -474,6 +532,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "client|no-evict",
                 arity: 3,
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS | acl::CONNECTION,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -482,6 +541,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "client|no-touch",
                 arity: 3,
                 flags: flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -490,6 +550,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "client|pause",
                 arity: -3,
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS | acl::CONNECTION,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -498,6 +559,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "client|reply",
                 arity: 3,
                 flags: flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -506,6 +568,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "client|setinfo",
                 arity: 4,
                 flags: flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -514,6 +577,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "client|setname",
                 arity: 3,
                 flags: flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -522,6 +586,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "client|tracking",
                 arity: -3,
                 flags: flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -530,6 +595,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "client|trackinginfo",
                 arity: 2,
                 flags: flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -538,6 +604,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "client|unblock",
                 arity: -3,
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS | acl::CONNECTION,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -546,6 +613,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "client|unpause",
                 arity: 2,
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS | acl::CONNECTION,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -556,6 +624,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "cluster",
         arity: -2,
         flags: 0,
+        acl: acl::SLOW,
         key_specs: &[],
         route: Route::Local,
         subcommands: &[
@@ -563,6 +632,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "cluster|addslots",
                 arity: -3,
                 flags: flags::ADMIN | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -571,6 +641,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "cluster|addslotsrange",
                 arity: -4,
                 flags: flags::ADMIN | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -579,6 +650,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "cluster|bumpepoch",
                 arity: 2,
                 flags: flags::ADMIN | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -587,6 +659,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "cluster|count-failure-reports",
                 arity: 3,
                 flags: flags::ADMIN | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -595,6 +668,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "cluster|countkeysinslot",
                 arity: 3,
                 flags: flags::STALE,
+                acl: acl::SLOW,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -603,6 +677,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "cluster|delslots",
                 arity: -3,
                 flags: flags::ADMIN | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -611,6 +686,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "cluster|delslotsrange",
                 arity: -4,
                 flags: flags::ADMIN | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -619,6 +695,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "cluster|failover",
                 arity: -2,
                 flags: flags::ADMIN | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -627,6 +704,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "cluster|flushslots",
                 arity: 2,
                 flags: flags::ADMIN | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -635,6 +713,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "cluster|forget",
                 arity: 3,
                 flags: flags::ADMIN | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -643,6 +722,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "cluster|getkeysinslot",
                 arity: 4,
                 flags: flags::STALE,
+                acl: acl::SLOW,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -651,6 +731,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "cluster|help",
                 arity: 2,
                 flags: flags::LOADING | flags::STALE,
+                acl: acl::SLOW,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -659,6 +740,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "cluster|info",
                 arity: 2,
                 flags: flags::STALE,
+                acl: acl::SLOW,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -667,6 +749,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "cluster|keyslot",
                 arity: 3,
                 flags: flags::STALE,
+                acl: acl::SLOW,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -675,6 +758,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "cluster|links",
                 arity: 2,
                 flags: flags::STALE,
+                acl: acl::SLOW,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -683,6 +767,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "cluster|meet",
                 arity: -4,
                 flags: flags::ADMIN | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -691,6 +776,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "cluster|myid",
                 arity: 2,
                 flags: flags::STALE,
+                acl: acl::SLOW,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -699,6 +785,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "cluster|nodes",
                 arity: 2,
                 flags: flags::STALE,
+                acl: acl::SLOW,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -707,6 +794,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "cluster|replicas",
                 arity: 3,
                 flags: flags::ADMIN | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -715,6 +803,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "cluster|replicate",
                 arity: 3,
                 flags: flags::ADMIN | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -723,6 +812,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "cluster|reset",
                 arity: -2,
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -731,6 +821,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "cluster|saveconfig",
                 arity: 2,
                 flags: flags::ADMIN | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -739,6 +830,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "cluster|set-config-epoch",
                 arity: 3,
                 flags: flags::ADMIN | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -747,6 +839,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "cluster|setslot",
                 arity: -4,
                 flags: flags::ADMIN | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -755,6 +848,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "cluster|shards",
                 arity: 2,
                 flags: flags::STALE,
+                acl: acl::SLOW,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -763,6 +857,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "cluster|slaves",
                 arity: 3,
                 flags: flags::ADMIN | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -771,6 +866,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "cluster|slots",
                 arity: 2,
                 flags: flags::STALE,
+                acl: acl::SLOW,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -781,6 +877,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "command",
         arity: -1,
         flags: flags::LOADING | flags::STALE,
+        acl: acl::SLOW | acl::CONNECTION,
         key_specs: &[],
         route: Route::Local,
         subcommands: &[
@@ -788,6 +885,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "command|count",
                 arity: 2,
                 flags: flags::LOADING | flags::STALE,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -796,6 +894,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "command|docs",
                 arity: -2,
                 flags: flags::LOADING | flags::STALE,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -804,6 +903,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "command|getkeys",
                 arity: -4,
                 flags: flags::LOADING | flags::STALE,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -812,6 +912,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "command|getkeysandflags",
                 arity: -4,
                 flags: flags::LOADING | flags::STALE,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -820,6 +921,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "command|help",
                 arity: 2,
                 flags: flags::LOADING | flags::STALE,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -828,6 +930,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "command|info",
                 arity: -2,
                 flags: flags::LOADING | flags::STALE,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -836,6 +939,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "command|list",
                 arity: -2,
                 flags: flags::LOADING | flags::STALE,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -846,6 +950,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "config",
         arity: -2,
         flags: 0,
+        acl: acl::SLOW,
         key_specs: &[],
         route: Route::Single,
         subcommands: &[
@@ -853,6 +958,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "config|get",
                 arity: -3,
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -861,6 +967,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "config|help",
                 arity: 2,
                 flags: flags::LOADING | flags::STALE,
+                acl: acl::SLOW,
                 key_specs: &[],
                 route: Route::Local,
                 subcommands: &[],
@@ -869,6 +976,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "config|resetstat",
                 arity: 2,
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::AllShards(Merge::AllOk),
                 subcommands: &[],
@@ -877,6 +985,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "config|rewrite",
                 arity: 2,
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Refused,
                 subcommands: &[],
@@ -885,6 +994,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "config|set",
                 arity: -4,
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::AllShards(Merge::AllOk),
                 subcommands: &[],
@@ -895,8 +1005,10 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "copy",
         arity: -3,
         flags: flags::WRITE | flags::DENYOOM,
+        acl: acl::KEYSPACE | acl::WRITE | acl::SLOW,
         key_specs: &[
             KeySpec {
+                access: access::READ,
                 begin: BeginSearch::Index(1),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -905,6 +1017,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 },
             },
             KeySpec {
+                access: access::WRITE,
                 begin: BeginSearch::Index(2),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -920,6 +1033,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "dbsize",
         arity: 1,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::KEYSPACE | acl::READ | acl::FAST,
         key_specs: &[],
         route: Route::AllShards(Merge::SumIntegers),
         subcommands: &[],
@@ -928,6 +1042,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "debug",
         arity: -2,
         flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+        acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         route: Route::Refused,
         subcommands: &[],
@@ -936,7 +1051,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "decr",
         arity: 2,
         flags: flags::WRITE | flags::DENYOOM | flags::FAST,
+        acl: acl::WRITE | acl::STRING | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -951,7 +1068,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "decrby",
         arity: 3,
         flags: flags::WRITE | flags::DENYOOM | flags::FAST,
+        acl: acl::WRITE | acl::STRING | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -966,7 +1085,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "del",
         arity: -2,
         flags: flags::WRITE,
+        acl: acl::KEYSPACE | acl::WRITE | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: -1,
@@ -981,6 +1102,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "discard",
         arity: 1,
         flags: flags::NOSCRIPT | flags::LOADING | flags::STALE | flags::FAST | flags::ALLOW_BUSY,
+        acl: acl::FAST | acl::TRANSACTION,
         key_specs: &[],
         route: Route::NotYet,
         subcommands: &[],
@@ -989,7 +1111,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "dump",
         arity: 2,
         flags: flags::READONLY,
+        acl: acl::KEYSPACE | acl::READ | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1004,6 +1128,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "echo",
         arity: 2,
         flags: flags::LOADING | flags::STALE | flags::FAST,
+        acl: acl::FAST | acl::CONNECTION,
         key_specs: &[],
         route: Route::Local,
         subcommands: &[],
@@ -1012,7 +1137,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "eval",
         arity: -3,
         flags: flags::NOSCRIPT | flags::STALE | flags::MOVABLEKEYS,
+        acl: acl::SLOW | acl::SCRIPTING,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(2),
             find: FindKeys::Keynum {
                 keynumidx: 0,
@@ -1027,7 +1154,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "eval_ro",
         arity: -3,
         flags: flags::READONLY | flags::NOSCRIPT | flags::STALE | flags::MOVABLEKEYS,
+        acl: acl::SLOW | acl::SCRIPTING,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(2),
             find: FindKeys::Keynum {
                 keynumidx: 0,
@@ -1042,7 +1171,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "evalsha",
         arity: -3,
         flags: flags::NOSCRIPT | flags::STALE | flags::MOVABLEKEYS,
+        acl: acl::SLOW | acl::SCRIPTING,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(2),
             find: FindKeys::Keynum {
                 keynumidx: 0,
@@ -1057,7 +1188,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "evalsha_ro",
         arity: -3,
         flags: flags::READONLY | flags::NOSCRIPT | flags::STALE | flags::MOVABLEKEYS,
+        acl: acl::SLOW | acl::SCRIPTING,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(2),
             find: FindKeys::Keynum {
                 keynumidx: 0,
@@ -1072,6 +1205,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "exec",
         arity: 1,
         flags: flags::NOSCRIPT | flags::LOADING | flags::STALE,
+        acl: acl::SLOW | acl::TRANSACTION,
         key_specs: &[],
         route: Route::NotYet,
         subcommands: &[],
@@ -1080,7 +1214,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "exists",
         arity: -2,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::KEYSPACE | acl::READ | acl::FAST,
         key_specs: &[KeySpec {
+            access: 0,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: -1,
@@ -1095,7 +1231,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "expire",
         arity: -3,
         flags: flags::WRITE | flags::FAST,
+        acl: acl::KEYSPACE | acl::WRITE | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1110,7 +1248,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "expireat",
         arity: -3,
         flags: flags::WRITE | flags::FAST,
+        acl: acl::KEYSPACE | acl::WRITE | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1125,7 +1265,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "expiretime",
         arity: 2,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::KEYSPACE | acl::READ | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1140,6 +1282,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "failover",
         arity: -1,
         flags: flags::ADMIN | flags::NOSCRIPT | flags::STALE,
+        acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         route: Route::Refused,
         subcommands: &[],
@@ -1148,7 +1291,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "fcall",
         arity: -3,
         flags: flags::NOSCRIPT | flags::STALE | flags::MOVABLEKEYS,
+        acl: acl::SLOW | acl::SCRIPTING,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(2),
             find: FindKeys::Keynum {
                 keynumidx: 0,
@@ -1163,7 +1308,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "fcall_ro",
         arity: -3,
         flags: flags::READONLY | flags::NOSCRIPT | flags::STALE | flags::MOVABLEKEYS,
+        acl: acl::SLOW | acl::SCRIPTING,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(2),
             find: FindKeys::Keynum {
                 keynumidx: 0,
@@ -1178,6 +1325,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "flushall",
         arity: -1,
         flags: flags::WRITE,
+        acl: acl::KEYSPACE | acl::WRITE | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         route: Route::AllShards(Merge::AllOk),
         subcommands: &[],
@@ -1186,6 +1334,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "flushdb",
         arity: -1,
         flags: flags::WRITE,
+        acl: acl::KEYSPACE | acl::WRITE | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         route: Route::AllShards(Merge::AllOk),
         subcommands: &[],
@@ -1194,6 +1343,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "function",
         arity: -2,
         flags: 0,
+        acl: acl::SLOW,
         key_specs: &[],
         route: Route::NotYet,
         subcommands: &[
@@ -1201,6 +1351,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "function|delete",
                 arity: 3,
                 flags: flags::WRITE | flags::NOSCRIPT,
+                acl: acl::WRITE | acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -1209,6 +1360,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "function|dump",
                 arity: 2,
                 flags: flags::NOSCRIPT,
+                acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -1217,6 +1369,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "function|flush",
                 arity: -2,
                 flags: flags::WRITE | flags::NOSCRIPT,
+                acl: acl::WRITE | acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -1225,6 +1378,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "function|help",
                 arity: 2,
                 flags: flags::LOADING | flags::STALE,
+                acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -1233,6 +1387,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "function|kill",
                 arity: 2,
                 flags: flags::NOSCRIPT | flags::ALLOW_BUSY,
+                acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -1241,6 +1396,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "function|list",
                 arity: -2,
                 flags: flags::NOSCRIPT,
+                acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -1249,6 +1405,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "function|load",
                 arity: -3,
                 flags: flags::WRITE | flags::DENYOOM | flags::NOSCRIPT,
+                acl: acl::WRITE | acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -1257,6 +1414,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "function|restore",
                 arity: -3,
                 flags: flags::WRITE | flags::DENYOOM | flags::NOSCRIPT,
+                acl: acl::WRITE | acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -1265,6 +1423,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "function|stats",
                 arity: 2,
                 flags: flags::NOSCRIPT | flags::ALLOW_BUSY,
+                acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -1275,7 +1434,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "geoadd",
         arity: -5,
         flags: flags::WRITE | flags::DENYOOM,
+        acl: acl::WRITE | acl::GEO | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1290,7 +1451,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "geodist",
         arity: -4,
         flags: flags::READONLY,
+        acl: acl::READ | acl::GEO | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1305,7 +1468,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "geohash",
         arity: -2,
         flags: flags::READONLY,
+        acl: acl::READ | acl::GEO | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1320,7 +1485,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "geopos",
         arity: -2,
         flags: flags::READONLY,
+        acl: acl::READ | acl::GEO | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1335,8 +1502,10 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "georadius",
         arity: -6,
         flags: flags::WRITE | flags::DENYOOM | flags::MOVABLEKEYS,
+        acl: acl::WRITE | acl::GEO | acl::SLOW,
         key_specs: &[
             KeySpec {
+                access: access::READ,
                 begin: BeginSearch::Index(1),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -1345,6 +1514,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 },
             },
             KeySpec {
+                access: access::WRITE,
                 begin: BeginSearch::Keyword {
                     keyword: "STORE",
                     startfrom: 6,
@@ -1356,6 +1526,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 },
             },
             KeySpec {
+                access: access::WRITE,
                 begin: BeginSearch::Keyword {
                     keyword: "STOREDIST",
                     startfrom: 6,
@@ -1374,7 +1545,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "georadius_ro",
         arity: -6,
         flags: flags::READONLY,
+        acl: acl::READ | acl::GEO | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1389,8 +1562,10 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "georadiusbymember",
         arity: -5,
         flags: flags::WRITE | flags::DENYOOM | flags::MOVABLEKEYS,
+        acl: acl::WRITE | acl::GEO | acl::SLOW,
         key_specs: &[
             KeySpec {
+                access: access::READ,
                 begin: BeginSearch::Index(1),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -1399,6 +1574,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 },
             },
             KeySpec {
+                access: access::WRITE,
                 begin: BeginSearch::Keyword {
                     keyword: "STORE",
                     startfrom: 5,
@@ -1410,6 +1586,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 },
             },
             KeySpec {
+                access: access::WRITE,
                 begin: BeginSearch::Keyword {
                     keyword: "STOREDIST",
                     startfrom: 5,
@@ -1428,7 +1605,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "georadiusbymember_ro",
         arity: -5,
         flags: flags::READONLY,
+        acl: acl::READ | acl::GEO | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1443,7 +1622,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "geosearch",
         arity: -7,
         flags: flags::READONLY,
+        acl: acl::READ | acl::GEO | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1458,8 +1639,10 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "geosearchstore",
         arity: -8,
         flags: flags::WRITE | flags::DENYOOM,
+        acl: acl::WRITE | acl::GEO | acl::SLOW,
         key_specs: &[
             KeySpec {
+                access: access::WRITE,
                 begin: BeginSearch::Index(1),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -1468,6 +1651,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 },
             },
             KeySpec {
+                access: access::READ,
                 begin: BeginSearch::Index(2),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -1483,7 +1667,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "get",
         arity: 2,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::READ | acl::STRING | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1498,7 +1684,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "getbit",
         arity: 3,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::READ | acl::BITMAP | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1513,7 +1701,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "getdel",
         arity: 2,
         flags: flags::WRITE | flags::FAST,
+        acl: acl::WRITE | acl::STRING | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1528,7 +1718,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "getex",
         arity: -2,
         flags: flags::WRITE | flags::FAST,
+        acl: acl::WRITE | acl::STRING | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1543,7 +1735,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "getrange",
         arity: 4,
         flags: flags::READONLY,
+        acl: acl::READ | acl::STRING | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1558,7 +1752,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "getset",
         arity: 3,
         flags: flags::WRITE | flags::DENYOOM | flags::FAST,
+        acl: acl::WRITE | acl::STRING | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1573,7 +1769,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "hdel",
         arity: -3,
         flags: flags::WRITE | flags::FAST,
+        acl: acl::WRITE | acl::HASH | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1593,6 +1791,7 @@ pub static COMMANDS: &[CommandSpec] = &[
             | flags::FAST
             | flags::NO_AUTH
             | flags::ALLOW_BUSY,
+        acl: acl::FAST | acl::CONNECTION,
         key_specs: &[],
         route: Route::Local,
         subcommands: &[],
@@ -1601,7 +1800,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "hexists",
         arity: 3,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::READ | acl::HASH | acl::FAST,
         key_specs: &[KeySpec {
+            access: 0,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1616,7 +1817,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "hget",
         arity: 3,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::READ | acl::HASH | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1631,7 +1834,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "hgetall",
         arity: 2,
         flags: flags::READONLY,
+        acl: acl::READ | acl::HASH | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1646,7 +1851,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "hincrby",
         arity: 4,
         flags: flags::WRITE | flags::DENYOOM | flags::FAST,
+        acl: acl::WRITE | acl::HASH | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1661,7 +1868,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "hincrbyfloat",
         arity: 4,
         flags: flags::WRITE | flags::DENYOOM | flags::FAST,
+        acl: acl::WRITE | acl::HASH | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1676,7 +1885,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "hkeys",
         arity: 2,
         flags: flags::READONLY,
+        acl: acl::READ | acl::HASH | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1691,7 +1902,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "hlen",
         arity: 2,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::READ | acl::HASH | acl::FAST,
         key_specs: &[KeySpec {
+            access: 0,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1706,7 +1919,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "hmget",
         arity: -3,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::READ | acl::HASH | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1721,7 +1936,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "hmset",
         arity: -4,
         flags: flags::WRITE | flags::DENYOOM | flags::FAST,
+        acl: acl::WRITE | acl::HASH | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1736,7 +1953,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "hrandfield",
         arity: -2,
         flags: flags::READONLY,
+        acl: acl::READ | acl::HASH | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1751,7 +1970,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "hscan",
         arity: -3,
         flags: flags::READONLY,
+        acl: acl::READ | acl::HASH | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1766,7 +1987,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "hset",
         arity: -4,
         flags: flags::WRITE | flags::DENYOOM | flags::FAST,
+        acl: acl::WRITE | acl::HASH | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1781,7 +2004,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "hsetnx",
         arity: 4,
         flags: flags::WRITE | flags::DENYOOM | flags::FAST,
+        acl: acl::WRITE | acl::HASH | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1796,7 +2021,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "hstrlen",
         arity: 3,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::READ | acl::HASH | acl::FAST,
         key_specs: &[KeySpec {
+            access: 0,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1811,7 +2038,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "hvals",
         arity: 2,
         flags: flags::READONLY,
+        acl: acl::READ | acl::HASH | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1826,7 +2055,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "incr",
         arity: 2,
         flags: flags::WRITE | flags::DENYOOM | flags::FAST,
+        acl: acl::WRITE | acl::STRING | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1841,7 +2072,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "incrby",
         arity: 3,
         flags: flags::WRITE | flags::DENYOOM | flags::FAST,
+        acl: acl::WRITE | acl::STRING | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1856,7 +2089,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "incrbyfloat",
         arity: 3,
         flags: flags::WRITE | flags::DENYOOM | flags::FAST,
+        acl: acl::WRITE | acl::STRING | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1871,6 +2106,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "info",
         arity: -1,
         flags: flags::LOADING | flags::STALE,
+        acl: acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         route: Route::Local,
         subcommands: &[],
@@ -1879,6 +2115,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "keys",
         arity: 2,
         flags: flags::READONLY,
+        acl: acl::KEYSPACE | acl::READ | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         route: Route::AllShards(Merge::ConcatArrays),
         subcommands: &[],
@@ -1887,6 +2124,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "lastsave",
         arity: 1,
         flags: flags::LOADING | flags::STALE | flags::FAST,
+        acl: acl::ADMIN | acl::FAST | acl::DANGEROUS,
         key_specs: &[],
         route: Route::AnyShard,
         subcommands: &[],
@@ -1895,6 +2133,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "latency",
         arity: -2,
         flags: 0,
+        acl: acl::SLOW,
         key_specs: &[],
         route: Route::Refused,
         subcommands: &[
@@ -1902,6 +2141,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "latency|doctor",
                 arity: 2,
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Refused,
                 subcommands: &[],
@@ -1910,6 +2150,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "latency|graph",
                 arity: 3,
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Refused,
                 subcommands: &[],
@@ -1918,6 +2159,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "latency|help",
                 arity: 2,
                 flags: flags::LOADING | flags::STALE,
+                acl: acl::SLOW,
                 key_specs: &[],
                 route: Route::AnyShard,
                 subcommands: &[],
@@ -1926,6 +2168,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "latency|histogram",
                 arity: -2,
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Refused,
                 subcommands: &[],
@@ -1934,6 +2177,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "latency|history",
                 arity: 3,
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Refused,
                 subcommands: &[],
@@ -1942,6 +2186,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "latency|latest",
                 arity: 2,
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Refused,
                 subcommands: &[],
@@ -1950,6 +2195,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "latency|reset",
                 arity: -2,
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Refused,
                 subcommands: &[],
@@ -1960,7 +2206,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "lcs",
         arity: -3,
         flags: flags::READONLY,
+        acl: acl::READ | acl::STRING | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 1,
@@ -1975,7 +2223,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "lindex",
         arity: 3,
         flags: flags::READONLY,
+        acl: acl::READ | acl::LIST | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -1990,7 +2240,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "linsert",
         arity: 5,
         flags: flags::WRITE | flags::DENYOOM,
+        acl: acl::WRITE | acl::LIST | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -2005,7 +2257,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "llen",
         arity: 2,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::READ | acl::LIST | acl::FAST,
         key_specs: &[KeySpec {
+            access: 0,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -2020,8 +2274,10 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "lmove",
         arity: 5,
         flags: flags::WRITE | flags::DENYOOM,
+        acl: acl::WRITE | acl::LIST | acl::SLOW,
         key_specs: &[
             KeySpec {
+                access: access::READ | access::WRITE,
                 begin: BeginSearch::Index(1),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -2030,6 +2286,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 },
             },
             KeySpec {
+                access: access::WRITE,
                 begin: BeginSearch::Index(2),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -2045,7 +2302,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "lmpop",
         arity: -4,
         flags: flags::WRITE | flags::MOVABLEKEYS,
+        acl: acl::WRITE | acl::LIST | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Keynum {
                 keynumidx: 0,
@@ -2060,6 +2319,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "lolwut",
         arity: -1,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::READ | acl::FAST,
         key_specs: &[],
         route: Route::AnyShard,
         subcommands: &[],
@@ -2068,7 +2328,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "lpop",
         arity: -2,
         flags: flags::WRITE | flags::FAST,
+        acl: acl::WRITE | acl::LIST | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -2083,7 +2345,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "lpos",
         arity: -3,
         flags: flags::READONLY,
+        acl: acl::READ | acl::LIST | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -2098,7 +2362,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "lpush",
         arity: -3,
         flags: flags::WRITE | flags::DENYOOM | flags::FAST,
+        acl: acl::WRITE | acl::LIST | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -2113,7 +2379,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "lpushx",
         arity: -3,
         flags: flags::WRITE | flags::DENYOOM | flags::FAST,
+        acl: acl::WRITE | acl::LIST | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -2128,7 +2396,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "lrange",
         arity: 4,
         flags: flags::READONLY,
+        acl: acl::READ | acl::LIST | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -2143,7 +2413,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "lrem",
         arity: 4,
         flags: flags::WRITE,
+        acl: acl::WRITE | acl::LIST | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -2158,7 +2430,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "lset",
         arity: 4,
         flags: flags::WRITE | flags::DENYOOM,
+        acl: acl::WRITE | acl::LIST | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -2173,7 +2447,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "ltrim",
         arity: 4,
         flags: flags::WRITE,
+        acl: acl::WRITE | acl::LIST | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -2188,6 +2464,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "memory",
         arity: -2,
         flags: 0,
+        acl: acl::SLOW,
         key_specs: &[],
         route: Route::Single,
         subcommands: &[
@@ -2195,6 +2472,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "memory|doctor",
                 arity: 2,
                 flags: 0,
+                acl: acl::SLOW,
                 key_specs: &[],
                 route: Route::AnyShard,
                 subcommands: &[],
@@ -2203,6 +2481,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "memory|help",
                 arity: 2,
                 flags: flags::LOADING | flags::STALE,
+                acl: acl::SLOW,
                 key_specs: &[],
                 route: Route::AnyShard,
                 subcommands: &[],
@@ -2211,6 +2490,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "memory|malloc-stats",
                 arity: 2,
                 flags: 0,
+                acl: acl::SLOW,
                 key_specs: &[],
                 route: Route::AnyShard,
                 subcommands: &[],
@@ -2219,6 +2499,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "memory|purge",
                 arity: 2,
                 flags: 0,
+                acl: acl::SLOW,
                 key_specs: &[],
                 route: Route::Refused,
                 subcommands: &[],
@@ -2227,6 +2508,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "memory|stats",
                 arity: 2,
                 flags: 0,
+                acl: acl::SLOW,
                 key_specs: &[],
                 route: Route::AnyShard,
                 subcommands: &[],
@@ -2235,7 +2517,9 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "memory|usage",
                 arity: -3,
                 flags: flags::READONLY,
+                acl: acl::READ | acl::SLOW,
                 key_specs: &[KeySpec {
+                    access: 0,
                     begin: BeginSearch::Index(2),
                     find: FindKeys::Range {
                         lastkey: 0,
@@ -2252,7 +2536,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "mget",
         arity: -2,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::READ | acl::STRING | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: -1,
@@ -2267,8 +2553,10 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "migrate",
         arity: -6,
         flags: flags::WRITE | flags::MOVABLEKEYS,
+        acl: acl::KEYSPACE | acl::WRITE | acl::SLOW | acl::DANGEROUS,
         key_specs: &[
             KeySpec {
+                access: access::READ | access::WRITE,
                 begin: BeginSearch::Index(3),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -2277,6 +2565,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 },
             },
             KeySpec {
+                access: access::READ | access::WRITE,
                 begin: BeginSearch::Keyword {
                     keyword: "KEYS",
                     startfrom: -2,
@@ -2295,6 +2584,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "module",
         arity: -2,
         flags: 0,
+        acl: acl::SLOW,
         key_specs: &[],
         route: Route::Refused,
         subcommands: &[
@@ -2302,6 +2592,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "module|help",
                 arity: 2,
                 flags: flags::LOADING | flags::STALE,
+                acl: acl::SLOW,
                 key_specs: &[],
                 route: Route::Refused,
                 subcommands: &[],
@@ -2310,6 +2601,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "module|list",
                 arity: 2,
                 flags: flags::ADMIN | flags::NOSCRIPT,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Refused,
                 subcommands: &[],
@@ -2318,6 +2610,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "module|load",
                 arity: -3,
                 flags: flags::ADMIN | flags::NOSCRIPT,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Refused,
                 subcommands: &[],
@@ -2326,6 +2619,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "module|loadex",
                 arity: -3,
                 flags: flags::ADMIN | flags::NOSCRIPT,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Refused,
                 subcommands: &[],
@@ -2334,6 +2628,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "module|unload",
                 arity: 3,
                 flags: flags::ADMIN | flags::NOSCRIPT,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Refused,
                 subcommands: &[],
@@ -2344,6 +2639,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "monitor",
         arity: 1,
         flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+        acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         route: Route::NotYet,
         subcommands: &[],
@@ -2352,7 +2648,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "move",
         arity: 3,
         flags: flags::WRITE | flags::FAST,
+        acl: acl::KEYSPACE | acl::WRITE | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -2367,7 +2665,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "mset",
         arity: -3,
         flags: flags::WRITE | flags::DENYOOM,
+        acl: acl::WRITE | acl::STRING | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: -1,
@@ -2382,7 +2682,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "msetnx",
         arity: -3,
         flags: flags::WRITE | flags::DENYOOM,
+        acl: acl::WRITE | acl::STRING | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: -1,
@@ -2397,6 +2699,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "multi",
         arity: 1,
         flags: flags::NOSCRIPT | flags::LOADING | flags::STALE | flags::FAST | flags::ALLOW_BUSY,
+        acl: acl::FAST | acl::TRANSACTION,
         key_specs: &[],
         route: Route::NotYet,
         subcommands: &[],
@@ -2405,6 +2708,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "object",
         arity: -2,
         flags: 0,
+        acl: acl::SLOW,
         key_specs: &[],
         route: Route::Single,
         subcommands: &[
@@ -2412,7 +2716,9 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "object|encoding",
                 arity: 3,
                 flags: flags::READONLY,
+                acl: acl::KEYSPACE | acl::READ | acl::SLOW,
                 key_specs: &[KeySpec {
+                    access: 0,
                     begin: BeginSearch::Index(2),
                     find: FindKeys::Range {
                         lastkey: 0,
@@ -2427,7 +2733,9 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "object|freq",
                 arity: 3,
                 flags: flags::READONLY,
+                acl: acl::KEYSPACE | acl::READ | acl::SLOW,
                 key_specs: &[KeySpec {
+                    access: 0,
                     begin: BeginSearch::Index(2),
                     find: FindKeys::Range {
                         lastkey: 0,
@@ -2442,6 +2750,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "object|help",
                 arity: 2,
                 flags: flags::LOADING | flags::STALE,
+                acl: acl::KEYSPACE | acl::SLOW,
                 key_specs: &[],
                 route: Route::AnyShard,
                 subcommands: &[],
@@ -2450,7 +2759,9 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "object|idletime",
                 arity: 3,
                 flags: flags::READONLY,
+                acl: acl::KEYSPACE | acl::READ | acl::SLOW,
                 key_specs: &[KeySpec {
+                    access: 0,
                     begin: BeginSearch::Index(2),
                     find: FindKeys::Range {
                         lastkey: 0,
@@ -2465,7 +2776,9 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "object|refcount",
                 arity: 3,
                 flags: flags::READONLY,
+                acl: acl::KEYSPACE | acl::READ | acl::SLOW,
                 key_specs: &[KeySpec {
+                    access: 0,
                     begin: BeginSearch::Index(2),
                     find: FindKeys::Range {
                         lastkey: 0,
@@ -2482,7 +2795,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "persist",
         arity: 2,
         flags: flags::WRITE | flags::FAST,
+        acl: acl::KEYSPACE | acl::WRITE | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -2497,7 +2812,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "pexpire",
         arity: -3,
         flags: flags::WRITE | flags::FAST,
+        acl: acl::KEYSPACE | acl::WRITE | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -2512,7 +2829,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "pexpireat",
         arity: -3,
         flags: flags::WRITE | flags::FAST,
+        acl: acl::KEYSPACE | acl::WRITE | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -2527,7 +2846,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "pexpiretime",
         arity: 2,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::KEYSPACE | acl::READ | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -2542,7 +2863,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "pfadd",
         arity: -2,
         flags: flags::WRITE | flags::DENYOOM | flags::FAST,
+        acl: acl::WRITE | acl::HYPERLOGLOG | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -2557,7 +2880,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "pfcount",
         arity: -2,
         flags: flags::READONLY,
+        acl: acl::READ | acl::HYPERLOGLOG | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: -1,
@@ -2572,7 +2897,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "pfdebug",
         arity: 3,
         flags: flags::WRITE | flags::DENYOOM | flags::ADMIN,
+        acl: acl::WRITE | acl::HYPERLOGLOG | acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(2),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -2587,8 +2914,10 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "pfmerge",
         arity: -2,
         flags: flags::WRITE | flags::DENYOOM,
+        acl: acl::WRITE | acl::HYPERLOGLOG | acl::SLOW,
         key_specs: &[
             KeySpec {
+                access: access::READ | access::WRITE,
                 begin: BeginSearch::Index(1),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -2597,6 +2926,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 },
             },
             KeySpec {
+                access: access::READ,
                 begin: BeginSearch::Index(2),
                 find: FindKeys::Range {
                     lastkey: -1,
@@ -2612,6 +2942,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "pfselftest",
         arity: 1,
         flags: flags::ADMIN,
+        acl: acl::HYPERLOGLOG | acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         route: Route::Refused,
         subcommands: &[],
@@ -2620,6 +2951,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "ping",
         arity: -1,
         flags: flags::FAST,
+        acl: acl::FAST | acl::CONNECTION,
         key_specs: &[],
         route: Route::Local,
         subcommands: &[],
@@ -2628,7 +2960,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "psetex",
         arity: 4,
         flags: flags::WRITE | flags::DENYOOM,
+        acl: acl::WRITE | acl::STRING | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -2643,6 +2977,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "psubscribe",
         arity: -2,
         flags: flags::PUBSUB | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+        acl: acl::PUBSUB | acl::SLOW,
         key_specs: &[],
         route: Route::NotYet,
         subcommands: &[],
@@ -2651,6 +2986,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "psync",
         arity: -3,
         flags: flags::ADMIN | flags::NOSCRIPT | flags::NO_MULTI,
+        acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         route: Route::Refused,
         subcommands: &[],
@@ -2659,7 +2995,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "pttl",
         arity: 2,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::KEYSPACE | acl::READ | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -2674,6 +3012,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "publish",
         arity: 3,
         flags: flags::PUBSUB | flags::LOADING | flags::STALE | flags::FAST,
+        acl: acl::PUBSUB | acl::FAST,
         key_specs: &[],
         route: Route::NotYet,
         subcommands: &[],
@@ -2682,6 +3021,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "pubsub",
         arity: -2,
         flags: 0,
+        acl: acl::SLOW,
         key_specs: &[],
         route: Route::NotYet,
         subcommands: &[
@@ -2689,6 +3029,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "pubsub|channels",
                 arity: -2,
                 flags: flags::PUBSUB | flags::LOADING | flags::STALE,
+                acl: acl::PUBSUB | acl::SLOW,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -2697,6 +3038,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "pubsub|help",
                 arity: 2,
                 flags: flags::LOADING | flags::STALE,
+                acl: acl::SLOW,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -2705,6 +3047,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "pubsub|numpat",
                 arity: 2,
                 flags: flags::PUBSUB | flags::LOADING | flags::STALE,
+                acl: acl::PUBSUB | acl::SLOW,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -2713,6 +3056,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "pubsub|numsub",
                 arity: -2,
                 flags: flags::PUBSUB | flags::LOADING | flags::STALE,
+                acl: acl::PUBSUB | acl::SLOW,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -2721,6 +3065,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "pubsub|shardchannels",
                 arity: -2,
                 flags: flags::PUBSUB | flags::LOADING | flags::STALE,
+                acl: acl::PUBSUB | acl::SLOW,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -2729,6 +3074,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "pubsub|shardnumsub",
                 arity: -2,
                 flags: flags::PUBSUB | flags::LOADING | flags::STALE,
+                acl: acl::PUBSUB | acl::SLOW,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -2739,6 +3085,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "punsubscribe",
         arity: -1,
         flags: flags::PUBSUB | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+        acl: acl::PUBSUB | acl::SLOW,
         key_specs: &[],
         route: Route::NotYet,
         subcommands: &[],
@@ -2752,6 +3099,7 @@ pub static COMMANDS: &[CommandSpec] = &[
             | flags::FAST
             | flags::NO_AUTH
             | flags::ALLOW_BUSY,
+        acl: acl::FAST | acl::CONNECTION,
         key_specs: &[],
         route: Route::Local,
         subcommands: &[],
@@ -2760,6 +3108,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "randomkey",
         arity: 1,
         flags: flags::READONLY,
+        acl: acl::KEYSPACE | acl::READ | acl::SLOW,
         key_specs: &[],
         route: Route::AllShards(Merge::Special),
         subcommands: &[],
@@ -2768,6 +3117,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "readonly",
         arity: 1,
         flags: flags::LOADING | flags::STALE | flags::FAST,
+        acl: acl::FAST | acl::CONNECTION,
         key_specs: &[],
         route: Route::Local,
         subcommands: &[],
@@ -2776,6 +3126,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "readwrite",
         arity: 1,
         flags: flags::LOADING | flags::STALE | flags::FAST,
+        acl: acl::FAST | acl::CONNECTION,
         key_specs: &[],
         route: Route::Local,
         subcommands: &[],
@@ -2784,8 +3135,10 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "rename",
         arity: 3,
         flags: flags::WRITE,
+        acl: acl::KEYSPACE | acl::WRITE | acl::SLOW,
         key_specs: &[
             KeySpec {
+                access: access::READ | access::WRITE,
                 begin: BeginSearch::Index(1),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -2794,6 +3147,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 },
             },
             KeySpec {
+                access: access::WRITE,
                 begin: BeginSearch::Index(2),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -2809,8 +3163,10 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "renamenx",
         arity: 3,
         flags: flags::WRITE | flags::FAST,
+        acl: acl::KEYSPACE | acl::WRITE | acl::FAST,
         key_specs: &[
             KeySpec {
+                access: access::READ | access::WRITE,
                 begin: BeginSearch::Index(1),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -2819,6 +3175,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 },
             },
             KeySpec {
+                access: access::WRITE,
                 begin: BeginSearch::Index(2),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -2834,6 +3191,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "replconf",
         arity: -1,
         flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE | flags::ALLOW_BUSY,
+        acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         route: Route::Refused,
         subcommands: &[],
@@ -2842,6 +3200,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "replicaof",
         arity: 3,
         flags: flags::ADMIN | flags::NOSCRIPT | flags::STALE,
+        acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         route: Route::Refused,
         subcommands: &[],
@@ -2855,6 +3214,7 @@ pub static COMMANDS: &[CommandSpec] = &[
             | flags::FAST
             | flags::NO_AUTH
             | flags::ALLOW_BUSY,
+        acl: acl::FAST | acl::CONNECTION,
         key_specs: &[],
         route: Route::Local,
         subcommands: &[],
@@ -2863,7 +3223,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "restore",
         arity: -4,
         flags: flags::WRITE | flags::DENYOOM,
+        acl: acl::KEYSPACE | acl::WRITE | acl::SLOW | acl::DANGEROUS,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -2878,7 +3240,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "restore-asking",
         arity: -4,
         flags: flags::WRITE | flags::DENYOOM,
+        acl: acl::KEYSPACE | acl::WRITE | acl::SLOW | acl::DANGEROUS,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -2893,6 +3257,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "role",
         arity: 1,
         flags: flags::NOSCRIPT | flags::LOADING | flags::STALE | flags::FAST,
+        acl: acl::ADMIN | acl::FAST | acl::DANGEROUS,
         key_specs: &[],
         route: Route::AnyShard,
         subcommands: &[],
@@ -2901,7 +3266,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "rpop",
         arity: -2,
         flags: flags::WRITE | flags::FAST,
+        acl: acl::WRITE | acl::LIST | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -2916,8 +3283,10 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "rpoplpush",
         arity: 3,
         flags: flags::WRITE | flags::DENYOOM,
+        acl: acl::WRITE | acl::LIST | acl::SLOW,
         key_specs: &[
             KeySpec {
+                access: access::READ | access::WRITE,
                 begin: BeginSearch::Index(1),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -2926,6 +3295,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 },
             },
             KeySpec {
+                access: access::WRITE,
                 begin: BeginSearch::Index(2),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -2941,7 +3311,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "rpush",
         arity: -3,
         flags: flags::WRITE | flags::DENYOOM | flags::FAST,
+        acl: acl::WRITE | acl::LIST | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -2956,7 +3328,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "rpushx",
         arity: -3,
         flags: flags::WRITE | flags::DENYOOM | flags::FAST,
+        acl: acl::WRITE | acl::LIST | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -2971,7 +3345,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "sadd",
         arity: -3,
         flags: flags::WRITE | flags::DENYOOM | flags::FAST,
+        acl: acl::WRITE | acl::SET | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -2986,6 +3362,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "save",
         arity: 1,
         flags: flags::ADMIN | flags::NOSCRIPT | flags::NO_MULTI,
+        acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         route: Route::Refused,
         subcommands: &[],
@@ -2994,6 +3371,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "scan",
         arity: -2,
         flags: flags::READONLY,
+        acl: acl::KEYSPACE | acl::READ | acl::SLOW,
         key_specs: &[],
         route: Route::AllShards(Merge::Special),
         subcommands: &[],
@@ -3002,7 +3380,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "scard",
         arity: 2,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::READ | acl::SET | acl::FAST,
         key_specs: &[KeySpec {
+            access: 0,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -3017,6 +3397,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "script",
         arity: -2,
         flags: 0,
+        acl: acl::SLOW,
         key_specs: &[],
         route: Route::NotYet,
         subcommands: &[
@@ -3024,6 +3405,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "script|debug",
                 arity: 3,
                 flags: flags::NOSCRIPT,
+                acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -3032,6 +3414,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "script|exists",
                 arity: -3,
                 flags: flags::NOSCRIPT,
+                acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -3040,6 +3423,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "script|flush",
                 arity: -2,
                 flags: flags::NOSCRIPT,
+                acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -3048,6 +3432,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "script|help",
                 arity: 2,
                 flags: flags::LOADING | flags::STALE,
+                acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -3056,6 +3441,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "script|kill",
                 arity: 2,
                 flags: flags::NOSCRIPT | flags::ALLOW_BUSY,
+                acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -3064,6 +3450,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "script|load",
                 arity: 3,
                 flags: flags::NOSCRIPT | flags::STALE,
+                acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 route: Route::NotYet,
                 subcommands: &[],
@@ -3074,7 +3461,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "sdiff",
         arity: -2,
         flags: flags::READONLY,
+        acl: acl::READ | acl::SET | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: -1,
@@ -3089,8 +3478,10 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "sdiffstore",
         arity: -3,
         flags: flags::WRITE | flags::DENYOOM,
+        acl: acl::WRITE | acl::SET | acl::SLOW,
         key_specs: &[
             KeySpec {
+                access: access::WRITE,
                 begin: BeginSearch::Index(1),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -3099,6 +3490,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 },
             },
             KeySpec {
+                access: access::READ,
                 begin: BeginSearch::Index(2),
                 find: FindKeys::Range {
                     lastkey: -1,
@@ -3114,6 +3506,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "select",
         arity: 2,
         flags: flags::LOADING | flags::STALE | flags::FAST,
+        acl: acl::FAST | acl::CONNECTION,
         key_specs: &[],
         route: Route::Local,
         subcommands: &[],
@@ -3122,7 +3515,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "set",
         arity: -3,
         flags: flags::WRITE | flags::DENYOOM,
+        acl: acl::WRITE | acl::STRING | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -3137,7 +3532,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "setbit",
         arity: 4,
         flags: flags::WRITE | flags::DENYOOM,
+        acl: acl::WRITE | acl::BITMAP | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -3152,7 +3549,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "setex",
         arity: 4,
         flags: flags::WRITE | flags::DENYOOM,
+        acl: acl::WRITE | acl::STRING | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -3167,7 +3566,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "setnx",
         arity: 3,
         flags: flags::WRITE | flags::DENYOOM | flags::FAST,
+        acl: acl::WRITE | acl::STRING | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -3182,7 +3583,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "setrange",
         arity: 4,
         flags: flags::WRITE | flags::DENYOOM,
+        acl: acl::WRITE | acl::STRING | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -3202,6 +3605,7 @@ pub static COMMANDS: &[CommandSpec] = &[
             | flags::STALE
             | flags::NO_MULTI
             | flags::ALLOW_BUSY,
+        acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         route: Route::Refused,
         subcommands: &[],
@@ -3210,7 +3614,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "sinter",
         arity: -2,
         flags: flags::READONLY,
+        acl: acl::READ | acl::SET | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: -1,
@@ -3225,7 +3631,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "sintercard",
         arity: -3,
         flags: flags::READONLY | flags::MOVABLEKEYS,
+        acl: acl::READ | acl::SET | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Keynum {
                 keynumidx: 0,
@@ -3240,8 +3648,10 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "sinterstore",
         arity: -3,
         flags: flags::WRITE | flags::DENYOOM,
+        acl: acl::WRITE | acl::SET | acl::SLOW,
         key_specs: &[
             KeySpec {
+                access: access::WRITE,
                 begin: BeginSearch::Index(1),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -3250,6 +3660,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 },
             },
             KeySpec {
+                access: access::READ,
                 begin: BeginSearch::Index(2),
                 find: FindKeys::Range {
                     lastkey: -1,
@@ -3265,7 +3676,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "sismember",
         arity: 3,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::READ | acl::SET | acl::FAST,
         key_specs: &[KeySpec {
+            access: 0,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -3280,6 +3693,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "slaveof",
         arity: 3,
         flags: flags::ADMIN | flags::NOSCRIPT | flags::STALE,
+        acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         route: Route::Refused,
         subcommands: &[],
@@ -3288,6 +3702,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "slowlog",
         arity: -2,
         flags: 0,
+        acl: acl::SLOW,
         key_specs: &[],
         route: Route::Refused,
         subcommands: &[
@@ -3295,6 +3710,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "slowlog|get",
                 arity: -2,
                 flags: flags::ADMIN | flags::LOADING | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Refused,
                 subcommands: &[],
@@ -3303,6 +3719,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "slowlog|help",
                 arity: 2,
                 flags: flags::LOADING | flags::STALE,
+                acl: acl::SLOW,
                 key_specs: &[],
                 route: Route::AnyShard,
                 subcommands: &[],
@@ -3311,6 +3728,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "slowlog|len",
                 arity: 2,
                 flags: flags::ADMIN | flags::LOADING | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Refused,
                 subcommands: &[],
@@ -3319,6 +3737,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "slowlog|reset",
                 arity: 2,
                 flags: flags::ADMIN | flags::LOADING | flags::STALE,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 route: Route::Refused,
                 subcommands: &[],
@@ -3329,7 +3748,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "smembers",
         arity: 2,
         flags: flags::READONLY,
+        acl: acl::READ | acl::SET | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -3344,7 +3765,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "smismember",
         arity: -3,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::READ | acl::SET | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -3359,8 +3782,10 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "smove",
         arity: 4,
         flags: flags::WRITE | flags::FAST,
+        acl: acl::WRITE | acl::SET | acl::FAST,
         key_specs: &[
             KeySpec {
+                access: access::READ | access::WRITE,
                 begin: BeginSearch::Index(1),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -3369,6 +3794,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 },
             },
             KeySpec {
+                access: access::WRITE,
                 begin: BeginSearch::Index(2),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -3384,8 +3810,10 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "sort",
         arity: -2,
         flags: flags::WRITE | flags::DENYOOM | flags::MOVABLEKEYS,
+        acl: acl::WRITE | acl::SET | acl::SORTEDSET | acl::LIST | acl::SLOW | acl::DANGEROUS,
         key_specs: &[
             KeySpec {
+                access: access::READ,
                 begin: BeginSearch::Index(1),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -3394,10 +3822,12 @@ pub static COMMANDS: &[CommandSpec] = &[
                 },
             },
             KeySpec {
+                access: access::READ,
                 begin: BeginSearch::Unknown,
                 find: FindKeys::Unknown,
             },
             KeySpec {
+                access: access::WRITE,
                 begin: BeginSearch::Keyword {
                     keyword: "STORE",
                     startfrom: 2,
@@ -3416,8 +3846,10 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "sort_ro",
         arity: -2,
         flags: flags::READONLY | flags::MOVABLEKEYS,
+        acl: acl::READ | acl::SET | acl::SORTEDSET | acl::LIST | acl::SLOW | acl::DANGEROUS,
         key_specs: &[
             KeySpec {
+                access: access::READ,
                 begin: BeginSearch::Index(1),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -3426,6 +3858,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 },
             },
             KeySpec {
+                access: access::READ,
                 begin: BeginSearch::Unknown,
                 find: FindKeys::Unknown,
             },
@@ -3437,7 +3870,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "spop",
         arity: -2,
         flags: flags::WRITE | flags::FAST,
+        acl: acl::WRITE | acl::SET | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -3452,7 +3887,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "spublish",
         arity: 3,
         flags: flags::PUBSUB | flags::LOADING | flags::STALE | flags::FAST,
+        acl: acl::PUBSUB | acl::FAST,
         key_specs: &[KeySpec {
+            access: 0,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -3467,7 +3904,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "srandmember",
         arity: -2,
         flags: flags::READONLY,
+        acl: acl::READ | acl::SET | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -3482,7 +3921,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "srem",
         arity: -3,
         flags: flags::WRITE | flags::FAST,
+        acl: acl::WRITE | acl::SET | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -3497,7 +3938,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "sscan",
         arity: -3,
         flags: flags::READONLY,
+        acl: acl::READ | acl::SET | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -3512,7 +3955,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "ssubscribe",
         arity: -2,
         flags: flags::PUBSUB | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+        acl: acl::PUBSUB | acl::SLOW,
         key_specs: &[KeySpec {
+            access: 0,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: -1,
@@ -3527,7 +3972,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "strlen",
         arity: 2,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::READ | acl::STRING | acl::FAST,
         key_specs: &[KeySpec {
+            access: 0,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -3542,6 +3989,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "subscribe",
         arity: -2,
         flags: flags::PUBSUB | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+        acl: acl::PUBSUB | acl::SLOW,
         key_specs: &[],
         route: Route::NotYet,
         subcommands: &[],
@@ -3550,7 +3998,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "substr",
         arity: 4,
         flags: flags::READONLY,
+        acl: acl::READ | acl::STRING | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -3565,7 +4015,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "sunion",
         arity: -2,
         flags: flags::READONLY,
+        acl: acl::READ | acl::SET | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: -1,
@@ -3580,8 +4032,10 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "sunionstore",
         arity: -3,
         flags: flags::WRITE | flags::DENYOOM,
+        acl: acl::WRITE | acl::SET | acl::SLOW,
         key_specs: &[
             KeySpec {
+                access: access::WRITE,
                 begin: BeginSearch::Index(1),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -3590,6 +4044,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 },
             },
             KeySpec {
+                access: access::READ,
                 begin: BeginSearch::Index(2),
                 find: FindKeys::Range {
                     lastkey: -1,
@@ -3605,7 +4060,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "sunsubscribe",
         arity: -1,
         flags: flags::PUBSUB | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+        acl: acl::PUBSUB | acl::SLOW,
         key_specs: &[KeySpec {
+            access: 0,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: -1,
@@ -3620,6 +4077,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "swapdb",
         arity: 3,
         flags: flags::WRITE | flags::FAST,
+        acl: acl::KEYSPACE | acl::WRITE | acl::FAST | acl::DANGEROUS,
         key_specs: &[],
         route: Route::Refused,
         subcommands: &[],
@@ -3628,6 +4086,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "sync",
         arity: 1,
         flags: flags::ADMIN | flags::NOSCRIPT | flags::NO_MULTI,
+        acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         route: Route::Refused,
         subcommands: &[],
@@ -3636,6 +4095,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "time",
         arity: 1,
         flags: flags::LOADING | flags::STALE | flags::FAST,
+        acl: acl::FAST,
         key_specs: &[],
         route: Route::Local,
         subcommands: &[],
@@ -3644,7 +4104,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "touch",
         arity: -2,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::KEYSPACE | acl::READ | acl::FAST,
         key_specs: &[KeySpec {
+            access: 0,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: -1,
@@ -3659,7 +4121,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "ttl",
         arity: 2,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::KEYSPACE | acl::READ | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -3674,7 +4138,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "type",
         arity: 2,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::KEYSPACE | acl::READ | acl::FAST,
         key_specs: &[KeySpec {
+            access: 0,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -3689,7 +4155,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "unlink",
         arity: -2,
         flags: flags::WRITE | flags::FAST,
+        acl: acl::KEYSPACE | acl::WRITE | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: -1,
@@ -3704,6 +4172,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "unsubscribe",
         arity: -1,
         flags: flags::PUBSUB | flags::NOSCRIPT | flags::LOADING | flags::STALE,
+        acl: acl::PUBSUB | acl::SLOW,
         key_specs: &[],
         route: Route::NotYet,
         subcommands: &[],
@@ -3712,6 +4181,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "unwatch",
         arity: 1,
         flags: flags::NOSCRIPT | flags::LOADING | flags::STALE | flags::FAST | flags::ALLOW_BUSY,
+        acl: acl::FAST | acl::TRANSACTION,
         key_specs: &[],
         route: Route::NotYet,
         subcommands: &[],
@@ -3720,6 +4190,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "wait",
         arity: 3,
         flags: flags::NOSCRIPT,
+        acl: acl::SLOW | acl::CONNECTION,
         key_specs: &[],
         route: Route::NotYet,
         subcommands: &[],
@@ -3728,7 +4199,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "watch",
         arity: -2,
         flags: flags::NOSCRIPT | flags::LOADING | flags::STALE | flags::FAST | flags::ALLOW_BUSY,
+        acl: acl::FAST | acl::TRANSACTION,
         key_specs: &[KeySpec {
+            access: 0,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: -1,
@@ -3743,7 +4216,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "xack",
         arity: -4,
         flags: flags::WRITE | flags::FAST,
+        acl: acl::WRITE | acl::STREAM | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -3758,7 +4233,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "xadd",
         arity: -5,
         flags: flags::WRITE | flags::DENYOOM | flags::FAST,
+        acl: acl::WRITE | acl::STREAM | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -3773,7 +4250,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "xautoclaim",
         arity: -6,
         flags: flags::WRITE | flags::FAST,
+        acl: acl::WRITE | acl::STREAM | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -3788,7 +4267,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "xclaim",
         arity: -6,
         flags: flags::WRITE | flags::FAST,
+        acl: acl::WRITE | acl::STREAM | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -3803,7 +4284,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "xdel",
         arity: -3,
         flags: flags::WRITE | flags::FAST,
+        acl: acl::WRITE | acl::STREAM | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -3818,6 +4301,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "xgroup",
         arity: -2,
         flags: 0,
+        acl: acl::SLOW,
         key_specs: &[],
         route: Route::Single,
         subcommands: &[
@@ -3825,7 +4309,9 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "xgroup|create",
                 arity: -5,
                 flags: flags::WRITE | flags::DENYOOM,
+                acl: acl::WRITE | acl::STREAM | acl::SLOW,
                 key_specs: &[KeySpec {
+                    access: access::WRITE,
                     begin: BeginSearch::Index(2),
                     find: FindKeys::Range {
                         lastkey: 0,
@@ -3840,7 +4326,9 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "xgroup|createconsumer",
                 arity: 5,
                 flags: flags::WRITE | flags::DENYOOM,
+                acl: acl::WRITE | acl::STREAM | acl::SLOW,
                 key_specs: &[KeySpec {
+                    access: access::WRITE,
                     begin: BeginSearch::Index(2),
                     find: FindKeys::Range {
                         lastkey: 0,
@@ -3855,7 +4343,9 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "xgroup|delconsumer",
                 arity: 5,
                 flags: flags::WRITE,
+                acl: acl::WRITE | acl::STREAM | acl::SLOW,
                 key_specs: &[KeySpec {
+                    access: access::WRITE,
                     begin: BeginSearch::Index(2),
                     find: FindKeys::Range {
                         lastkey: 0,
@@ -3870,7 +4360,9 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "xgroup|destroy",
                 arity: 4,
                 flags: flags::WRITE,
+                acl: acl::WRITE | acl::STREAM | acl::SLOW,
                 key_specs: &[KeySpec {
+                    access: access::WRITE,
                     begin: BeginSearch::Index(2),
                     find: FindKeys::Range {
                         lastkey: 0,
@@ -3885,6 +4377,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "xgroup|help",
                 arity: 2,
                 flags: flags::LOADING | flags::STALE,
+                acl: acl::STREAM | acl::SLOW,
                 key_specs: &[],
                 route: Route::AnyShard,
                 subcommands: &[],
@@ -3893,7 +4386,9 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "xgroup|setid",
                 arity: -5,
                 flags: flags::WRITE,
+                acl: acl::WRITE | acl::STREAM | acl::SLOW,
                 key_specs: &[KeySpec {
+                    access: access::WRITE,
                     begin: BeginSearch::Index(2),
                     find: FindKeys::Range {
                         lastkey: 0,
@@ -3910,6 +4405,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "xinfo",
         arity: -2,
         flags: 0,
+        acl: acl::SLOW,
         key_specs: &[],
         route: Route::Single,
         subcommands: &[
@@ -3917,7 +4413,9 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "xinfo|consumers",
                 arity: 4,
                 flags: flags::READONLY,
+                acl: acl::READ | acl::STREAM | acl::SLOW,
                 key_specs: &[KeySpec {
+                    access: access::READ,
                     begin: BeginSearch::Index(2),
                     find: FindKeys::Range {
                         lastkey: 0,
@@ -3932,7 +4430,9 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "xinfo|groups",
                 arity: 3,
                 flags: flags::READONLY,
+                acl: acl::READ | acl::STREAM | acl::SLOW,
                 key_specs: &[KeySpec {
+                    access: access::READ,
                     begin: BeginSearch::Index(2),
                     find: FindKeys::Range {
                         lastkey: 0,
@@ -3947,6 +4447,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "xinfo|help",
                 arity: 2,
                 flags: flags::LOADING | flags::STALE,
+                acl: acl::STREAM | acl::SLOW,
                 key_specs: &[],
                 route: Route::AnyShard,
                 subcommands: &[],
@@ -3955,7 +4456,9 @@ pub static COMMANDS: &[CommandSpec] = &[
                 name: "xinfo|stream",
                 arity: -3,
                 flags: flags::READONLY,
+                acl: acl::READ | acl::STREAM | acl::SLOW,
                 key_specs: &[KeySpec {
+                    access: access::READ,
                     begin: BeginSearch::Index(2),
                     find: FindKeys::Range {
                         lastkey: 0,
@@ -3972,7 +4475,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "xlen",
         arity: 2,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::READ | acl::STREAM | acl::FAST,
         key_specs: &[KeySpec {
+            access: 0,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -3987,7 +4492,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "xpending",
         arity: -3,
         flags: flags::READONLY,
+        acl: acl::READ | acl::STREAM | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -4002,7 +4509,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "xrange",
         arity: -4,
         flags: flags::READONLY,
+        acl: acl::READ | acl::STREAM | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -4017,7 +4526,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "xread",
         arity: -4,
         flags: flags::READONLY | flags::BLOCKING | flags::MOVABLEKEYS,
+        acl: acl::READ | acl::STREAM | acl::SLOW | acl::BLOCKING,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Keyword {
                 keyword: "STREAMS",
                 startfrom: 1,
@@ -4035,7 +4546,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "xreadgroup",
         arity: -7,
         flags: flags::WRITE | flags::BLOCKING | flags::MOVABLEKEYS,
+        acl: acl::WRITE | acl::STREAM | acl::SLOW | acl::BLOCKING,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Keyword {
                 keyword: "STREAMS",
                 startfrom: 4,
@@ -4053,7 +4566,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "xrevrange",
         arity: -4,
         flags: flags::READONLY,
+        acl: acl::READ | acl::STREAM | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -4068,7 +4583,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "xsetid",
         arity: -3,
         flags: flags::WRITE | flags::DENYOOM | flags::FAST,
+        acl: acl::WRITE | acl::STREAM | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -4083,7 +4600,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "xtrim",
         arity: -4,
         flags: flags::WRITE,
+        acl: acl::WRITE | acl::STREAM | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -4098,7 +4617,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zadd",
         arity: -4,
         flags: flags::WRITE | flags::DENYOOM | flags::FAST,
+        acl: acl::WRITE | acl::SORTEDSET | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -4113,7 +4634,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zcard",
         arity: 2,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::READ | acl::SORTEDSET | acl::FAST,
         key_specs: &[KeySpec {
+            access: 0,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -4128,7 +4651,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zcount",
         arity: 4,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::READ | acl::SORTEDSET | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -4143,7 +4668,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zdiff",
         arity: -3,
         flags: flags::READONLY | flags::MOVABLEKEYS,
+        acl: acl::READ | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Keynum {
                 keynumidx: 0,
@@ -4158,8 +4685,10 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zdiffstore",
         arity: -4,
         flags: flags::WRITE | flags::DENYOOM | flags::MOVABLEKEYS,
+        acl: acl::WRITE | acl::SORTEDSET | acl::SLOW,
         key_specs: &[
             KeySpec {
+                access: access::WRITE,
                 begin: BeginSearch::Index(1),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -4168,6 +4697,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 },
             },
             KeySpec {
+                access: access::READ,
                 begin: BeginSearch::Index(2),
                 find: FindKeys::Keynum {
                     keynumidx: 0,
@@ -4183,7 +4713,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zincrby",
         arity: 4,
         flags: flags::WRITE | flags::DENYOOM | flags::FAST,
+        acl: acl::WRITE | acl::SORTEDSET | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -4198,7 +4730,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zinter",
         arity: -3,
         flags: flags::READONLY | flags::MOVABLEKEYS,
+        acl: acl::READ | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Keynum {
                 keynumidx: 0,
@@ -4213,7 +4747,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zintercard",
         arity: -3,
         flags: flags::READONLY | flags::MOVABLEKEYS,
+        acl: acl::READ | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Keynum {
                 keynumidx: 0,
@@ -4228,8 +4764,10 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zinterstore",
         arity: -4,
         flags: flags::WRITE | flags::DENYOOM | flags::MOVABLEKEYS,
+        acl: acl::WRITE | acl::SORTEDSET | acl::SLOW,
         key_specs: &[
             KeySpec {
+                access: access::WRITE,
                 begin: BeginSearch::Index(1),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -4238,6 +4776,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 },
             },
             KeySpec {
+                access: access::READ,
                 begin: BeginSearch::Index(2),
                 find: FindKeys::Keynum {
                     keynumidx: 0,
@@ -4253,7 +4792,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zlexcount",
         arity: 4,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::READ | acl::SORTEDSET | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -4268,7 +4809,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zmpop",
         arity: -4,
         flags: flags::WRITE | flags::MOVABLEKEYS,
+        acl: acl::WRITE | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Keynum {
                 keynumidx: 0,
@@ -4283,7 +4826,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zmscore",
         arity: -3,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::READ | acl::SORTEDSET | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -4298,7 +4843,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zpopmax",
         arity: -2,
         flags: flags::WRITE | flags::FAST,
+        acl: acl::WRITE | acl::SORTEDSET | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -4313,7 +4860,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zpopmin",
         arity: -2,
         flags: flags::WRITE | flags::FAST,
+        acl: acl::WRITE | acl::SORTEDSET | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ | access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -4328,7 +4877,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zrandmember",
         arity: -2,
         flags: flags::READONLY,
+        acl: acl::READ | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -4343,7 +4894,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zrange",
         arity: -4,
         flags: flags::READONLY,
+        acl: acl::READ | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -4358,7 +4911,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zrangebylex",
         arity: -4,
         flags: flags::READONLY,
+        acl: acl::READ | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -4373,7 +4928,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zrangebyscore",
         arity: -4,
         flags: flags::READONLY,
+        acl: acl::READ | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -4388,8 +4945,10 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zrangestore",
         arity: -5,
         flags: flags::WRITE | flags::DENYOOM,
+        acl: acl::WRITE | acl::SORTEDSET | acl::SLOW,
         key_specs: &[
             KeySpec {
+                access: access::WRITE,
                 begin: BeginSearch::Index(1),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -4398,6 +4957,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 },
             },
             KeySpec {
+                access: access::READ,
                 begin: BeginSearch::Index(2),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -4413,7 +4973,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zrank",
         arity: 3,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::READ | acl::SORTEDSET | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -4428,7 +4990,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zrem",
         arity: -3,
         flags: flags::WRITE | flags::FAST,
+        acl: acl::WRITE | acl::SORTEDSET | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -4443,7 +5007,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zremrangebylex",
         arity: 4,
         flags: flags::WRITE,
+        acl: acl::WRITE | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -4458,7 +5024,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zremrangebyrank",
         arity: 4,
         flags: flags::WRITE,
+        acl: acl::WRITE | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -4473,7 +5041,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zremrangebyscore",
         arity: 4,
         flags: flags::WRITE,
+        acl: acl::WRITE | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::WRITE,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -4488,7 +5058,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zrevrange",
         arity: -4,
         flags: flags::READONLY,
+        acl: acl::READ | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -4503,7 +5075,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zrevrangebylex",
         arity: -4,
         flags: flags::READONLY,
+        acl: acl::READ | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -4518,7 +5092,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zrevrangebyscore",
         arity: -4,
         flags: flags::READONLY,
+        acl: acl::READ | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -4533,7 +5109,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zrevrank",
         arity: 3,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::READ | acl::SORTEDSET | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -4548,7 +5126,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zscan",
         arity: -3,
         flags: flags::READONLY,
+        acl: acl::READ | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -4563,7 +5143,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zscore",
         arity: 3,
         flags: flags::READONLY | flags::FAST,
+        acl: acl::READ | acl::SORTEDSET | acl::FAST,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
                 lastkey: 0,
@@ -4578,7 +5160,9 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zunion",
         arity: -3,
         flags: flags::READONLY | flags::MOVABLEKEYS,
+        acl: acl::READ | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
+            access: access::READ,
             begin: BeginSearch::Index(1),
             find: FindKeys::Keynum {
                 keynumidx: 0,
@@ -4593,8 +5177,10 @@ pub static COMMANDS: &[CommandSpec] = &[
         name: "zunionstore",
         arity: -4,
         flags: flags::WRITE | flags::DENYOOM | flags::MOVABLEKEYS,
+        acl: acl::WRITE | acl::SORTEDSET | acl::SLOW,
         key_specs: &[
             KeySpec {
+                access: access::WRITE,
                 begin: BeginSearch::Index(1),
                 find: FindKeys::Range {
                     lastkey: 0,
@@ -4603,6 +5189,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 },
             },
             KeySpec {
+                access: access::READ,
                 begin: BeginSearch::Index(2),
                 find: FindKeys::Keynum {
                     keynumidx: 0,
