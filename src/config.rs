@@ -8,7 +8,11 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
+use std::sync::Arc;
+
+use crate::auth::{UserConfig, Users};
 use crate::router::{LayoutError, SlotMap, parse_slot_ranges};
+use crate::tls::{CertSource, ReloadableCert, TlsError, UpstreamTls};
 
 /// Command-line flags. Every flag overrides the matching `proxy.toml` key.
 #[derive(Debug, Parser, Default)]
@@ -46,6 +50,54 @@ pub struct Cli {
     /// Requests in flight per upstream connection before new ones fail [default: 65536].
     #[arg(long)]
     pub max_inflight_per_connection: Option<usize>,
+    /// TLS listener address, or `none` [default: 127.0.0.1:10000 when a certificate is set].
+    #[arg(long, value_name = "ADDR")]
+    pub tls_listen: Option<String>,
+    /// Server certificate chain (PEM) for the TLS listener.
+    #[arg(long, value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of `--tls-cert`.
+    #[arg(long, value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// Generate an in-memory certificate for localhost/127.0.0.1 (development only).
+    #[arg(long)]
+    pub tls_self_signed: bool,
+    /// Require client certificates signed by this CA (PEM) on the TLS listener (mutual TLS).
+    #[arg(long, value_name = "PEM")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Password of the `default` user; clients must AUTH before anything else.
+    #[arg(long, value_name = "PASSWORD", env = "SLOTGATE_REQUIREPASS", hide_env_values = true)]
+    pub requirepass: Option<String>,
+    /// Consecutive failed AUTHs after which a connection is closed [default: 10].
+    #[arg(long)]
+    pub max_auth_failures: Option<u32>,
+    /// Most client connections at once; beyond, `-ERR max number of clients reached` [default: 10000].
+    #[arg(long)]
+    pub maxclients: Option<usize>,
+    /// Close clients idle for this long (`0` = never) [default: 0].
+    #[arg(long, value_name = "DURATION")]
+    pub idle_timeout: Option<String>,
+    /// Username sent with AUTH on every new shard connection.
+    #[arg(long)]
+    pub upstream_username: Option<String>,
+    /// Password sent with AUTH on every new shard connection.
+    #[arg(long, env = "SLOTGATE_UPSTREAM_PASSWORD", hide_env_values = true)]
+    pub upstream_password: Option<String>,
+    /// Connect to the shards over TLS.
+    #[arg(long)]
+    pub upstream_tls: bool,
+    /// CA (PEM) that signed the shards' certificates.
+    #[arg(long, value_name = "PEM")]
+    pub upstream_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for shards that require one.
+    #[arg(long, value_name = "PEM")]
+    pub upstream_tls_cert: Option<PathBuf>,
+    /// Key (PEM) of `--upstream-tls-cert`.
+    #[arg(long, value_name = "PEM")]
+    pub upstream_tls_key: Option<PathBuf>,
+    /// Name to verify in the shards' certificates (and send as SNI) [default: the shard's IP].
+    #[arg(long)]
+    pub upstream_tls_server_name: Option<String>,
     /// Validate the configuration (file plus flags) without contacting any shard, then exit.
     #[arg(long)]
     pub check_config: bool,
@@ -65,7 +117,38 @@ pub struct FileConfig {
     pub max_inflight_per_connection: Option<usize>,
     pub proto_max_bulk_len: Option<usize>,
     pub client_query_buffer_limit: Option<usize>,
+    pub requirepass: Option<String>,
+    pub max_auth_failures: Option<u32>,
+    pub maxclients: Option<usize>,
+    pub idle_timeout: Option<String>,
+    pub tls: TlsFile,
+    pub upstream: UpstreamFile,
     pub shards: Vec<ShardEntry>,
+    pub users: Vec<UserConfig>,
+}
+
+/// The `[tls]` table.
+#[derive(Debug, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsFile {
+    pub listen: Option<String>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub self_signed: bool,
+    pub client_ca: Option<PathBuf>,
+}
+
+/// The `[upstream]` table: how slotgate connects to the shards.
+#[derive(Debug, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamFile {
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub tls: bool,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_server_name: Option<String>,
 }
 
 /// One `[[shards]]` table.
@@ -75,6 +158,11 @@ pub struct ShardEntry {
     pub addr: String,
     /// Slot list such as `"0-5460"`; omit on every shard for an even split.
     pub slots: Option<String>,
+    /// Credentials for this shard (override `[upstream]`).
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
 }
 
 /// A configuration error, with what was wrong and where.
@@ -95,6 +183,43 @@ pub enum ConfigError {
     },
     #[error("invalid shard layout: {0}")]
     Layout(#[from] LayoutError),
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    #[error("invalid users: {0}")]
+    Users(String),
+}
+
+/// A secret (password): never shown by `Debug`, logs or `--check-config`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+/// Credentials sent with AUTH on every new connection to a shard.
+#[derive(Clone, Debug)]
+pub struct UpstreamAuth {
+    pub username: Option<String>,
+    pub password: Secret,
+}
+
+/// The TLS listener.
+#[derive(Clone)]
+pub struct TlsSettings {
+    pub listen: SocketAddr,
+    pub cert: Arc<ReloadableCert>,
+    pub config: Arc<rustls::ServerConfig>,
+}
+
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The validated settings the server runs with.
@@ -111,6 +236,14 @@ pub struct Settings {
     pub max_inflight_per_connection: usize,
     pub proto_max_bulk_len: usize,
     pub client_query_buffer_limit: usize,
+    pub tls: Option<TlsSettings>,
+    pub users: Arc<Users>,
+    pub max_auth_failures: u32,
+    pub maxclients: usize,
+    pub idle_timeout: Option<Duration>,
+    /// Per shard, in order.
+    pub upstream_auth: Vec<Option<UpstreamAuth>>,
+    pub upstream_tls: Option<UpstreamTls>,
 }
 
 /// Parses `250ms`, `1s`, `1.5s`, `10m`, `1h`, `500us`.
@@ -174,7 +307,12 @@ impl Cli {
                 Some((a, r)) => (a.to_string(), Some(r.to_string())),
                 None => (s, None),
             };
-            shards.push(ShardEntry { addr, slots });
+            shards.push(ShardEntry {
+                addr,
+                slots,
+                username: None,
+                password: None,
+            });
         }
         if shards.is_empty() {
             shards = f.shards;
@@ -211,6 +349,30 @@ impl Cli {
                 .unwrap_or(65536),
             proto_max_bulk_len: f.proto_max_bulk_len.unwrap_or(512 * 1024 * 1024),
             client_query_buffer_limit: f.client_query_buffer_limit.unwrap_or(1024 * 1024 * 1024),
+            tls_listen: self.tls_listen.clone().or(f.tls.listen),
+            tls_cert: self.tls_cert.clone().or(f.tls.cert),
+            tls_key: self.tls_key.clone().or(f.tls.key),
+            tls_self_signed: self.tls_self_signed || f.tls.self_signed,
+            tls_client_ca: self.tls_client_ca.clone().or(f.tls.client_ca),
+            requirepass: self.requirepass.clone().or(f.requirepass),
+            max_auth_failures: self.max_auth_failures.or(f.max_auth_failures).unwrap_or(10),
+            maxclients: self.maxclients.or(f.maxclients).unwrap_or(10000),
+            idle_timeout: self
+                .idle_timeout
+                .clone()
+                .or(f.idle_timeout)
+                .unwrap_or_else(|| "0s".into()),
+            users: f.users,
+            upstream_username: self.upstream_username.clone().or(f.upstream.username),
+            upstream_password: self.upstream_password.clone().or(f.upstream.password),
+            upstream_tls: self.upstream_tls || f.upstream.tls,
+            upstream_tls_ca: self.upstream_tls_ca.clone().or(f.upstream.tls_ca),
+            upstream_tls_cert: self.upstream_tls_cert.clone().or(f.upstream.tls_cert),
+            upstream_tls_key: self.upstream_tls_key.clone().or(f.upstream.tls_key),
+            upstream_tls_server_name: self
+                .upstream_tls_server_name
+                .clone()
+                .or(f.upstream.tls_server_name),
         }
     }
 }
@@ -227,6 +389,23 @@ struct Merged {
     max_inflight_per_connection: usize,
     proto_max_bulk_len: usize,
     client_query_buffer_limit: usize,
+    tls_listen: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_self_signed: bool,
+    tls_client_ca: Option<PathBuf>,
+    requirepass: Option<String>,
+    max_auth_failures: u32,
+    maxclients: usize,
+    idle_timeout: String,
+    users: Vec<UserConfig>,
+    upstream_username: Option<String>,
+    upstream_password: Option<String>,
+    upstream_tls: bool,
+    upstream_tls_ca: Option<PathBuf>,
+    upstream_tls_cert: Option<PathBuf>,
+    upstream_tls_key: Option<PathBuf>,
+    upstream_tls_server_name: Option<String>,
 }
 
 fn invalid(what: &'static str, value: impl ToString, why: impl ToString) -> ConfigError {
@@ -312,6 +491,71 @@ impl Merged {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log_level)
             .map_err(|e| invalid("log-level", &self.log_level, e))?;
+        let tls = self.tls_settings()?;
+        if listen.is_none() && tls.is_none() {
+            return Err(invalid(
+                "listen",
+                "none",
+                "no listener left: enable the plain or the TLS listener",
+            ));
+        }
+        if self.requirepass.as_deref() == Some("") {
+            return Err(invalid("requirepass", "\"\"", "must not be empty"));
+        }
+        let users = Users::build(self.requirepass.as_deref(), &self.users)
+            .map_err(ConfigError::Users)?;
+        if self.max_auth_failures == 0 {
+            return Err(invalid("max-auth-failures", 0, "must be > 0"));
+        }
+        if self.maxclients == 0 {
+            return Err(invalid("maxclients", 0, "must be > 0"));
+        }
+        let idle = parse_duration(&self.idle_timeout)
+            .or_else(|e| if self.idle_timeout.trim() == "0" { Ok(Duration::ZERO) } else { Err(e) })
+            .map_err(|why| invalid("idle-timeout", &self.idle_timeout, why))?;
+        let upstream_auth = self
+            .shards
+            .iter()
+            .map(|s| {
+                let user = s.username.clone().or(self.upstream_username.clone());
+                let pass = s.password.clone().or(self.upstream_password.clone());
+                match (user, pass) {
+                    (u, Some(p)) => Ok(Some(UpstreamAuth {
+                        username: u,
+                        password: Secret(p),
+                    })),
+                    (None, None) => Ok(None),
+                    (Some(_), None) => Err(invalid(
+                        "upstream username",
+                        &s.addr,
+                        "a username needs a password",
+                    )),
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let upstream_tls = if self.upstream_tls {
+            let ca = self.upstream_tls_ca.as_deref().ok_or_else(|| {
+                invalid("upstream-tls", "on", "--upstream-tls-ca is required")
+            })?;
+            let client = match (&self.upstream_tls_cert, &self.upstream_tls_key) {
+                (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+                (None, None) => None,
+                _ => {
+                    return Err(invalid(
+                        "upstream-tls-cert",
+                        "",
+                        "give both --upstream-tls-cert and --upstream-tls-key",
+                    ));
+                }
+            };
+            Some(crate::tls::upstream_config(
+                ca,
+                client,
+                self.upstream_tls_server_name.as_deref(),
+            )?)
+        } else {
+            None
+        };
         Ok(Settings {
             listen,
             shards,
@@ -324,7 +568,62 @@ impl Merged {
             max_inflight_per_connection: self.max_inflight_per_connection,
             proto_max_bulk_len: self.proto_max_bulk_len,
             client_query_buffer_limit: self.client_query_buffer_limit,
+            tls,
+            users: Arc::new(users),
+            max_auth_failures: self.max_auth_failures,
+            maxclients: self.maxclients,
+            idle_timeout: (!idle.is_zero()).then_some(idle),
+            upstream_auth,
+            upstream_tls,
         })
+    }
+
+    /// The TLS listener, when a certificate (files or self-signed) is configured. Loads the
+    /// certificate now, so bad files fail at start-up (and in `--check-config`).
+    fn tls_settings(&self) -> Result<Option<TlsSettings>, ConfigError> {
+        let source = match (&self.tls_cert, &self.tls_key, self.tls_self_signed) {
+            (Some(cert), Some(key), false) => CertSource::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            (None, None, true) => CertSource::SelfSigned,
+            (None, None, false) => {
+                if self.tls_listen.as_deref().is_some_and(|l| !l.eq_ignore_ascii_case("none")) {
+                    return Err(invalid(
+                        "tls-listen",
+                        self.tls_listen.as_deref().unwrap_or(""),
+                        "needs --tls-cert and --tls-key, or --tls-self-signed",
+                    ));
+                }
+                return Ok(None);
+            }
+            (_, _, true) => {
+                return Err(invalid(
+                    "tls-self-signed",
+                    "on",
+                    "give either a certificate or --tls-self-signed, not both",
+                ));
+            }
+            _ => {
+                return Err(invalid(
+                    "tls-cert",
+                    "",
+                    "give both --tls-cert and --tls-key",
+                ));
+            }
+        };
+        let listen = match self.tls_listen.as_deref() {
+            Some(l) if l.eq_ignore_ascii_case("none") => return Ok(None),
+            Some(l) => parse_addr("TLS listen address", l)?,
+            None => "127.0.0.1:10000".parse().expect("valid literal"),
+        };
+        let cert = ReloadableCert::load(source)?;
+        let config = crate::tls::server_config(cert.clone(), self.tls_client_ca.as_deref())?;
+        Ok(Some(TlsSettings {
+            listen,
+            cert,
+            config,
+        }))
     }
 }
 

@@ -42,6 +42,7 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod auth;
 pub mod command;
 pub mod config;
 pub mod fanout;
@@ -52,3 +53,4 @@ pub mod router;
 pub mod server;
 pub mod session;
 pub mod shard;
+pub mod tls;

@@ -34,6 +34,12 @@ impl Session {
             }
             "reset" => {
                 self.name = None;
+                // Back to the default user: authenticated only if it needs no password.
+                let users = self.w.shared.settings.users.clone();
+                self.user = None;
+                if !users.auth_required() {
+                    self.set_user(users.default_user().clone());
+                }
                 self.switch_proto(Proto::Resp2);
                 self.update_info();
                 self.reply(Bytes::from_static(b"+RESET\r\n"));
@@ -124,7 +130,7 @@ impl Session {
                     .collect();
                 self.reply(reply::verbatim(self.proto, text.as_bytes()));
             }
-            "acl|whoami" => self.reply(reply::bulk(b"default")),
+            "acl|whoami" => self.reply(reply::bulk(self.user_name().as_bytes())),
             name if name == "cluster"
                 || name.starts_with("cluster|")
                 || matches!(name, "readonly" | "readwrite" | "asking") =>
@@ -144,6 +150,7 @@ impl Session {
             laddr: self.laddr,
             created: self.created,
             name: self.name.clone().unwrap_or_default(),
+            user: self.user_name().to_string(),
             resp: if self.proto == Proto::Resp3 { 3 } else { 2 },
             worker: self.w.id,
         }
@@ -158,15 +165,61 @@ impl Session {
         }
     }
 
-    /// AUTH with no password configured (proxy-side authentication is configured separately):
-    /// Redis's answers for the `nopass` default user.
+    /// `AUTH [user] password`, against the users of `proxy.toml`. A failure keeps the
+    /// identity the connection had; a success switches to the new user.
     fn auth(&mut self, req: &Request<'_>) {
-        match req.argc() {
-            2 => self.reply_static(reply::AUTH_NO_PASSWORD),
-            3 if req.arg(1) == b"default" => self.reply_static(reply::OK),
-            3 => self.reply_static(reply::WRONGPASS),
-            _ => self.reply_static(reply::SYNTAX),
+        let (user, password) = match req.argc() {
+            2 => (&b"default"[..], req.arg(1)),
+            3 => (req.arg(1), req.arg(2)),
+            _ => return self.reply_static(reply::SYNTAX),
+        };
+        let users = self.w.shared.settings.users.clone();
+        if req.argc() == 2 && users.default_user().nopass() {
+            return self.reply_static(reply::AUTH_NO_PASSWORD);
         }
+        if self.try_login(user, password) {
+            self.reply_static(reply::OK);
+        }
+    }
+
+    /// Checks credentials; on success switches the user, on failure replies WRONGPASS,
+    /// counts the failure and closes the connection after too many in a row.
+    fn try_login(&mut self, user: &[u8], password: &[u8]) -> bool {
+        let users = self.w.shared.settings.users.clone();
+        if let Some(u) = users.authenticate(user, password) {
+            self.set_user(u);
+            self.auth_failures = 0;
+            self.update_info();
+            return true;
+        }
+        self.auth_failures += 1;
+        let shared = &self.w.shared;
+        shared
+            .stats
+            .auth_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // The user name is the client's input: shown escaped and cut; never the password.
+        let shown: String = String::from_utf8_lossy(&user[..user.len().min(64)])
+            .escape_debug()
+            .collect();
+        tracing::warn!(
+            client = self.id,
+            addr = %self.addr,
+            user = %shown,
+            failures = self.auth_failures,
+            "AUTH failed"
+        );
+        self.reply_static(reply::WRONGPASS);
+        if self.auth_failures >= shared.settings.max_auth_failures {
+            tracing::warn!(
+                client = self.id,
+                addr = %self.addr,
+                "closing the connection after {} failed AUTH attempts",
+                self.auth_failures
+            );
+            self.closing = true;
+        }
+        false
     }
 
     /// `HELLO [protover [AUTH user pass] [SETNAME name]]`.
@@ -188,14 +241,13 @@ impl Session {
             }
         }
         let mut setname: Option<&[u8]> = None;
+        let mut login: Option<(&[u8], &[u8])> = None;
         let mut i = 2;
         while i < req.argc() {
             let opt = req.arg(i);
             let more = req.argc() - i - 1;
             if opt.eq_ignore_ascii_case(b"auth") && more >= 2 {
-                if req.arg(i + 1) != b"default" {
-                    return self.reply_static(reply::WRONGPASS);
-                }
+                login = Some((req.arg(i + 1), req.arg(i + 2)));
                 i += 3;
             } else if opt.eq_ignore_ascii_case(b"setname") && more >= 1 {
                 setname = Some(req.arg(i + 1));
@@ -206,6 +258,14 @@ impl Session {
                     String::from_utf8_lossy(opt)
                 )));
             }
+        }
+        if let Some((user, password)) = login {
+            if !self.try_login(user, password) {
+                return;
+            }
+        }
+        if self.user.is_none() {
+            return self.reply_static(reply::NOAUTH_HELLO);
         }
         if let Some(n) = setname {
             if !valid_client_name(n) {
@@ -263,13 +323,14 @@ fn client_line(c: &ClientInfo, cmd: &str) -> String {
     format!(
         "id={} addr={} laddr={} fd=-1 name={} age={} idle=0 flags=N db=0 sub=0 psub=0 ssub=0 \
          multi=-1 qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 \
-         tot-mem=0 events=r cmd={} user=default redir=-1 resp={}\n",
+         tot-mem=0 events=r cmd={} user={} redir=-1 resp={}\n",
         c.id,
         c.addr,
         c.laddr,
         c.name,
         c.created.elapsed().as_secs(),
         cmd,
+        c.user,
         c.resp
     )
 }
@@ -381,9 +442,12 @@ fn build_info(shared: &Arc<Shared>, wanted: &[String], up: &[bool], parts: &[Byt
         section(
             "Stats",
             format!(
-                "total_connections_received:{}\r\ntotal_commands_processed:{}\r\n",
+                "total_connections_received:{}\r\ntotal_commands_processed:{}\r\n\
+                 rejected_connections:{}\r\nauth_failures:{}\r\n",
                 st.connections_received.load(Relaxed),
-                st.commands_processed.load(Relaxed)
+                st.commands_processed.load(Relaxed),
+                st.rejected_connections.load(Relaxed),
+                st.auth_failures.load(Relaxed)
             ),
         );
     }

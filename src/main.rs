@@ -6,6 +6,7 @@ use clap::Parser;
 use slotgate::config::Cli;
 
 fn main() {
+    slotgate::tls::install_default_provider();
     let cli = Cli::parse();
     let settings = match cli.settings() {
         Ok(s) => s,
@@ -15,14 +16,26 @@ fn main() {
         }
     };
     if cli.check_config {
+        // A summary only: never a password.
         println!(
-            "configuration OK: listen {}, {} shard(s), {} worker(s), op timeout {:?}",
+            "configuration OK: listen {}, TLS {}, {} shard(s), {} worker(s), op timeout {:?}, \
+             {} user(s), authentication {}",
             settings
                 .listen
                 .map_or_else(|| "none".to_string(), |a| a.to_string()),
+            settings
+                .tls
+                .as_ref()
+                .map_or_else(|| "off".to_string(), |t| t.listen.to_string()),
             settings.shards.len(),
             settings.workers,
-            settings.op_timeout
+            settings.op_timeout,
+            settings.users.len(),
+            if settings.users.auth_required() {
+                "required"
+            } else {
+                "off"
+            }
         );
         return;
     }

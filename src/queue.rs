@@ -135,6 +135,8 @@ pub enum Target {
     },
     /// A request the proxy made for itself (e.g. `HELLO 3` on a RESP3 connection).
     Discard,
+    /// The connection's handshake (AUTH / HELLO): an error reply fails the connection.
+    Handshake,
 }
 
 impl Target {
@@ -142,7 +144,7 @@ impl Target {
     pub fn deliver(self, reply: Bytes) {
         match self {
             Target::Client { queue, seq, part } => queue.deliver(seq, part, reply),
-            Target::Discard => {}
+            Target::Discard | Target::Handshake => {}
         }
     }
 }

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Instant, SystemTime};
 
@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::config::Settings;
 use crate::shard::{Pools, UpstreamConfig};
+use crate::tls::ReloadableCert;
 
 /// State shared by every worker. Cloning the `Arc` is the only cost of access.
 pub struct Shared {
@@ -27,6 +28,8 @@ pub struct Shared {
     /// The shards' `redis_version`, learned from the first INFO that reaches a shard.
     pub redis_version: OnceLock<String>,
     pub next_client_id: AtomicU64,
+    /// Client connections now (for `maxclients`).
+    pub connected: AtomicUsize,
     pub stats: Stats,
     /// Client sessions, for CLIENT LIST. Touched on connect/disconnect and by CLIENT SETNAME.
     pub clients: Mutex<HashMap<u64, ClientInfo>>,
@@ -40,6 +43,7 @@ pub struct Shared {
 pub struct Stats {
     pub connections_received: AtomicU64,
     pub rejected_connections: AtomicU64,
+    pub auth_failures: AtomicU64,
     pub commands_processed: AtomicU64,
 }
 
@@ -51,6 +55,7 @@ pub struct ClientInfo {
     pub laddr: SocketAddr,
     pub created: Instant,
     pub name: String,
+    pub user: String,
     pub resp: u8,
     pub worker: usize,
 }
@@ -63,6 +68,7 @@ impl Shared {
             started_wall: SystemTime::now(),
             redis_version: OnceLock::new(),
             next_client_id: AtomicU64::new(1),
+            connected: AtomicUsize::new(0),
             stats: Stats::default(),
             clients: Mutex::new(HashMap::new()),
             listen_addr: OnceLock::new(),
@@ -86,11 +92,21 @@ pub struct Worker {
 impl Worker {
     fn start(id: usize, shared: Arc<Shared>) -> Rc<Self> {
         let s = &shared.settings;
-        let cfg = UpstreamConfig {
-            op_timeout: s.op_timeout,
-            max_inflight: s.max_inflight_per_connection,
-        };
-        let pools = Pools::start(&s.shards, s.upstream_connections, cfg);
+        let shards = s
+            .shards
+            .iter()
+            .zip(&s.upstream_auth)
+            .map(|(&addr, auth)| {
+                let cfg = UpstreamConfig {
+                    op_timeout: s.op_timeout,
+                    max_inflight: s.max_inflight_per_connection,
+                    auth: auth.clone(),
+                    tls: s.upstream_tls.clone(),
+                };
+                (addr, cfg)
+            })
+            .collect();
+        let pools = Pools::start(shards, s.upstream_connections);
         Rc::new(Worker {
             id,
             shared,
@@ -130,9 +146,14 @@ pub enum StartError {
     NoListener,
 }
 
+/// A connection accepted by the acceptor, for a worker.
+pub enum Incoming {
+    Plain(std::net::TcpStream),
+    Tls(std::net::TcpStream),
+}
+
 /// Runs the proxy until SIGINT/SIGTERM.
 pub fn run(settings: Settings) -> Result<(), StartError> {
-    let listen = settings.listen.ok_or(StartError::NoListener)?;
     let workers = settings.workers;
     let shared = Shared::new(settings);
 
@@ -140,18 +161,28 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
         .enable_all()
         .build()
         .map_err(StartError::Runtime)?;
-    let listener = rt
-        .block_on(async { tokio::net::TcpListener::bind(listen).await })
-        .map_err(|source| StartError::Bind {
-            addr: listen,
-            source,
-        })?;
-    let bound = listener.local_addr().unwrap_or(listen);
-    let _ = shared.listen_addr.set(bound);
+    let bind = |addr: SocketAddr| {
+        rt.block_on(async { tokio::net::TcpListener::bind(addr).await })
+            .map_err(|source| StartError::Bind { addr, source })
+    };
+    let plain = match shared.settings.listen {
+        Some(a) => Some(bind(a)?),
+        None => None,
+    };
+    let tls = match &shared.settings.tls {
+        Some(t) => Some(bind(t.listen)?),
+        None => None,
+    };
+    if plain.is_none() && tls.is_none() {
+        return Err(StartError::NoListener);
+    }
+    if let Some(a) = plain.as_ref().and_then(|l| l.local_addr().ok()) {
+        let _ = shared.listen_addr.set(a);
+    }
 
     let mut senders = Vec::with_capacity(workers);
     for id in 0..workers {
-        let (tx, rx) = mpsc::unbounded_channel::<std::net::TcpStream>();
+        let (tx, rx) = mpsc::unbounded_channel::<Incoming>();
         senders.push(tx);
         let shared = shared.clone();
         std::thread::Builder::new()
@@ -160,42 +191,102 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
             .map_err(StartError::Runtime)?;
     }
     tracing::info!(
-        %bound,
+        plain = ?plain.as_ref().and_then(|l| l.local_addr().ok()),
+        tls = ?tls.as_ref().and_then(|l| l.local_addr().ok()),
         workers,
         shards = shared.settings.shards.len(),
         "slotgate listening"
     );
 
     rt.block_on(async move {
+        if let Some(t) = &shared.settings.tls {
+            tokio::spawn(reload_certificates(t.cert.clone()));
+        }
         let mut next = 0usize;
         let shutdown = shutdown_signal();
         tokio::pin!(shutdown);
         loop {
-            tokio::select! {
+            let (accepted, is_tls) = tokio::select! {
                 _ = &mut shutdown => {
                     tracing::info!("shutting down");
                     return Ok(());
                 }
-                r = listener.accept() => match r {
-                    Ok((stream, _)) => {
-                        shared.stats.connections_received.fetch_add(1, Ordering::Relaxed);
-                        let Ok(std_stream) = stream.into_std() else { continue };
-                        let _ = senders[next % workers].send(std_stream);
-                        next = next.wrapping_add(1);
-                    }
-                    Err(e) => {
-                        // EMFILE and friends: back off briefly instead of spinning.
-                        tracing::warn!("accept failed: {e}");
-                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    }
+                r = accept(&plain) => (r, false),
+                r = accept(&tls) => (r, true),
+            };
+            match accepted {
+                Ok(stream) => {
+                    shared
+                        .stats
+                        .connections_received
+                        .fetch_add(1, Ordering::Relaxed);
+                    let Ok(std_stream) = stream.into_std() else {
+                        continue;
+                    };
+                    let incoming = if is_tls {
+                        Incoming::Tls(std_stream)
+                    } else {
+                        Incoming::Plain(std_stream)
+                    };
+                    let _ = senders[next % workers].send(incoming);
+                    next = next.wrapping_add(1);
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 }
             }
         }
     })
 }
 
+/// Accepts on `listener`, or never when there is none.
+async fn accept(
+    listener: &Option<tokio::net::TcpListener>,
+) -> std::io::Result<tokio::net::TcpStream> {
+    match listener {
+        Some(l) => l.accept().await.map(|(s, _)| s),
+        None => std::future::pending().await,
+    }
+}
+
+/// Reloads the TLS certificate on SIGHUP and when its files change (checked every 2 s).
+/// A broken new file is logged and the old certificate stays in use.
+async fn reload_certificates(cert: Arc<ReloadableCert>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Some((cert_path, key_path)) = cert.files() else {
+        return;
+    };
+    let mtimes = || {
+        let m = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        (m(&cert_path), m(&key_path))
+    };
+    let mut seen = mtimes();
+    let mut hup = signal(SignalKind::hangup()).ok();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    loop {
+        let why = tokio::select! {
+            _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => "SIGHUP",
+            _ = tick.tick() => {
+                let now = mtimes();
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                "certificate files changed"
+            }
+        };
+        match cert.reload() {
+            Ok(()) => tracing::info!("TLS certificate reloaded ({why})"),
+            Err(e) => tracing::error!("TLS certificate reload failed ({why}), keeping the old one: {e}"),
+        }
+    }
+}
+
 async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
         Ok(s) => s,
         Err(_) => return std::future::pending().await,
     };
@@ -205,11 +296,7 @@ async fn shutdown_signal() {
     }
 }
 
-fn worker_main(
-    id: usize,
-    shared: Arc<Shared>,
-    mut rx: mpsc::UnboundedReceiver<std::net::TcpStream>,
-) {
+fn worker_main(id: usize, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Incoming>) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -226,14 +313,24 @@ fn worker_main(
         if id == 0 {
             tokio::task::spawn_local(learn_redis_version(worker.clone()));
         }
-        while let Some(std_stream) = rx.recv().await {
+        let tls = worker
+            .shared
+            .settings
+            .tls
+            .as_ref()
+            .map(|t| tokio_rustls::TlsAcceptor::from(t.config.clone()));
+        while let Some(incoming) = rx.recv().await {
+            let (std_stream, acceptor) = match incoming {
+                Incoming::Plain(s) => (s, None),
+                Incoming::Tls(s) => (s, tls.clone()),
+            };
             if std_stream.set_nonblocking(true).is_err() {
                 continue;
             }
             let Ok(stream) = tokio::net::TcpStream::from_std(std_stream) else {
                 continue;
             };
-            tokio::task::spawn_local(crate::session::run(stream, worker.clone()));
+            tokio::task::spawn_local(crate::session::run(stream, worker.clone(), acceptor));
         }
     });
 }

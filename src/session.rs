@@ -11,9 +11,16 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+
+use crate::auth::User;
 
 use crate::command::{self, CommandSpec, Merge, Route, flags, keys};
 use crate::fanout::{Gather, GatherKind};
@@ -22,7 +29,7 @@ use crate::resp::reply::{self, Proto};
 use crate::resp::request::push_header;
 use crate::resp::{Limits, Parsed, Request, RequestParser};
 use crate::router;
-use crate::server::{ClientInfo, Worker};
+use crate::server::{ClientInfo, Shared, Worker};
 
 /// Read buffer growth step.
 const READ_CHUNK: usize = 16 * 1024;
@@ -44,6 +51,14 @@ pub struct Session {
     pub(crate) queue: Rc<ReplyQueue>,
     /// Reused buffer of key argument indices.
     keys: Vec<usize>,
+    /// Reused buffer of key indices with the access each needs (permission checks).
+    access: Vec<(usize, u8)>,
+    /// The authenticated user; `None` until AUTH when a password is required.
+    pub(crate) user: Option<Arc<User>>,
+    /// The user has command or key restrictions (checked per command).
+    restricted: bool,
+    /// Consecutive failed AUTH attempts.
+    pub(crate) auth_failures: u32,
     /// QUIT or a protocol error: write what is queued, then close.
     pub(crate) closing: bool,
     /// The protocol changed (HELLO/RESET): wait for in-flight replies before the next command,
@@ -52,17 +67,72 @@ pub struct Session {
     max_pipeline: usize,
 }
 
-/// Serves one client connection until it closes.
-pub async fn run(mut stream: TcpStream, w: Rc<Worker>) {
+/// How long a client has to complete the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves one client connection until it closes: plain, or TLS when `tls` is given (the
+/// handshake runs here, on the worker, so it never blocks the acceptor).
+pub async fn run(mut stream: TcpStream, w: Rc<Worker>, tls: Option<TlsAcceptor>) {
     let _ = stream.set_nodelay(true);
     let (Ok(addr), Ok(laddr)) = (stream.peer_addr(), stream.local_addr()) else {
         return;
     };
+    match tls {
+        None => {
+            let (rd, wr) = stream.split();
+            serve(rd, wr, w, addr, laddr).await;
+        }
+        Some(acceptor) => {
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls_stream)) => {
+                    let (rd, wr) = tokio::io::split(tls_stream);
+                    serve(rd, wr, w, addr, laddr).await;
+                }
+                Ok(Err(e)) => tracing::debug!(%addr, "TLS handshake failed: {e}"),
+                Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
+            }
+        }
+    }
+}
+
+/// Holds one of the `maxclients` places for as long as a session lives.
+struct ClientPlace(Arc<Shared>);
+
+impl ClientPlace {
+    fn take(shared: &Arc<Shared>) -> Option<Self> {
+        let max = shared.settings.maxclients;
+        let prev = shared.connected.fetch_add(1, Ordering::Relaxed);
+        if prev >= max {
+            shared.connected.fetch_sub(1, Ordering::Relaxed);
+            shared.stats.rejected_connections.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(ClientPlace(shared.clone()))
+    }
+}
+
+impl Drop for ClientPlace {
+    fn drop(&mut self) {
+        self.0.connected.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The read/parse/route/write loop of one connection, over any byte stream.
+async fn serve<R, W>(mut rd: R, mut wr: W, w: Rc<Worker>, addr: SocketAddr, laddr: SocketAddr)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let shared = w.shared.clone();
+    let Some(_place) = ClientPlace::take(&shared) else {
+        let _ = wr.write_all(reply::MAX_CLIENTS).await;
+        let _ = wr.flush().await;
+        let _ = wr.shutdown().await;
+        return;
+    };
     let settings = &shared.settings;
-    let id = shared
-        .next_client_id
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let id = shared.next_client_id.fetch_add(1, Ordering::Relaxed);
+    let users = &settings.users;
     let mut s = Session {
         conn: id as usize,
         id,
@@ -73,27 +143,34 @@ pub async fn run(mut stream: TcpStream, w: Rc<Worker>) {
         name: None,
         queue: ReplyQueue::new(),
         keys: Vec::with_capacity(16),
+        access: Vec::new(),
         closing: false,
         barrier: false,
         max_pipeline: settings.max_client_pipeline,
+        user: None,
+        restricted: false,
+        auth_failures: 0,
         w,
     };
+    if !users.auth_required() {
+        s.set_user(users.default_user().clone());
+    }
     s.register();
     let limits = Limits {
         max_bulk_len: settings.proto_max_bulk_len,
         ..Limits::default()
     };
     let qbuf_limit = settings.client_query_buffer_limit;
+    let idle_timeout = settings.idle_timeout;
     let mut parser = RequestParser::new();
     let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
     let mut out = BytesMut::with_capacity(READ_CHUNK);
     let mut eof = false;
-    let (mut rd, mut wr) = stream.split();
     loop {
         s.process(&mut parser, &mut rbuf, &limits);
         s.queue.drain_ready(&mut out);
         if !out.is_empty() {
-            if wr.write_all(&out).await.is_err() {
+            if wr.write_all(&out).await.is_err() || wr.flush().await.is_err() {
                 break;
             }
             out.clear();
@@ -108,6 +185,13 @@ pub async fn run(mut stream: TcpStream, w: Rc<Worker>) {
         if can_read && rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
             rbuf.reserve(READ_CHUNK);
         }
+        // Idle: nothing in flight and nothing read for `idle_timeout` (Redis's `timeout`).
+        let idle = async {
+            match idle_timeout {
+                Some(d) if s.queue.is_empty() => tokio::time::sleep(d).await,
+                _ => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
             _ = s.queue.notify.notified() => {}
@@ -122,8 +206,13 @@ pub async fn run(mut stream: TcpStream, w: Rc<Worker>) {
                 }
                 Err(_) => break,
             },
+            _ = idle => {
+                tracing::debug!(client = s.id, "closing idle client");
+                break;
+            }
         }
     }
+    let _ = wr.shutdown().await;
     s.unregister();
 }
 
@@ -138,6 +227,7 @@ impl Session {
                     laddr: self.laddr,
                     created: self.created,
                     name: String::new(),
+                    user: self.user_name().to_string(),
                     resp: 2,
                     worker: self.w.id,
                 },
@@ -157,6 +247,7 @@ impl Session {
             && let Some(e) = c.get_mut(&self.id)
         {
             e.name = self.name.clone().unwrap_or_default();
+            e.user = self.user_name().to_string();
             e.resp = match self.proto {
                 Proto::Resp2 => 2,
                 Proto::Resp3 => 3,
@@ -178,7 +269,7 @@ impl Session {
                 }
                 self.barrier = false;
             }
-            match parser.parse(rbuf, limits, true) {
+            match parser.parse(rbuf, limits, self.user.is_some()) {
                 Ok(Parsed::Command(req)) => {
                     n += 1;
                     self.dispatch(&req, now);
@@ -225,6 +316,16 @@ impl Session {
         if !spec.arity_ok(req.argc()) {
             return self.reply(reply::wrong_arity(spec.name));
         }
+        if self.user.is_none() {
+            // Before AUTH, nothing reaches a shard (Redis's NOAUTH rule).
+            if !matches!(spec.name, "auth" | "hello" | "quit" | "reset") {
+                return self.reply_static(reply::NOAUTH);
+            }
+        } else if self.restricted
+            && let Err(denied) = self.permitted(spec, req)
+        {
+            return self.reply(denied);
+        }
         match spec.route {
             Route::Single => self.single(spec, req, now),
             Route::Local => self.local(spec, req, now),
@@ -233,6 +334,42 @@ impl Session {
             Route::AllShards(m) => self.all_shards(spec, req, m, now),
             Route::Refused => self.reply(reply::not_allowed(spec.name)),
             Route::NotYet => self.reply(reply::not_yet(spec.name)),
+        }
+    }
+
+    /// The authenticated user's name (`default` before AUTH, as Redis shows it).
+    pub(crate) fn user_name(&self) -> &str {
+        self.user.as_ref().map_or("default", |u| u.name.as_str())
+    }
+
+    /// Switches the connection's identity (AUTH, HELLO AUTH, RESET).
+    pub(crate) fn set_user(&mut self, user: Arc<User>) {
+        self.restricted = !user.unrestricted_access();
+        self.user = Some(user);
+    }
+
+    /// The user's command and key permissions for this command: `Err` is the NOPERM reply.
+    /// Every key is checked, including each key of a scatter command.
+    fn permitted(&mut self, spec: &CommandSpec, req: &Request<'_>) -> Result<(), Bytes> {
+        let Some(user) = self.user.clone() else {
+            return Ok(());
+        };
+        if !user.may_run(spec) {
+            return Err(reply::noperm_command(spec.name));
+        }
+        self.access.clear();
+        if keys::key_access(spec, req.argc(), |i| req.arg(i), &mut self.access).is_err() {
+            // Key positions undeterminable: a restricted user gets no benefit of the doubt.
+            return Err(Bytes::from_static(reply::NOPERM_KEYS));
+        }
+        if self
+            .access
+            .iter()
+            .all(|&(i, need)| user.may_access(req.arg(i), need))
+        {
+            Ok(())
+        } else {
+            Err(Bytes::from_static(reply::NOPERM_KEYS))
         }
     }
 

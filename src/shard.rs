@@ -20,14 +20,17 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::config::UpstreamAuth;
 use crate::queue::Target;
+use crate::tls::UpstreamTls;
 use crate::resp::reply::{self, Proto};
+use crate::resp::request::push_header;
 use crate::resp::{ReplyScanner, ScanError};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -35,11 +38,15 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Read buffer growth step (a larger reply grows it in steps, never from a claimed length).
 const READ_CHUNK: usize = 16 * 1024;
 
-/// Settings shared by the upstream connections of a worker.
+/// How to reach and talk to one shard.
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     pub op_timeout: Duration,
     pub max_inflight: usize,
+    /// AUTH sent first on every new connection.
+    pub auth: Option<UpstreamAuth>,
+    /// TLS to the shard.
+    pub tls: Option<UpstreamTls>,
 }
 
 /// A request waiting for its reply.
@@ -78,6 +85,9 @@ enum Fault {
     TimedOut,
     Protocol(ScanError),
     Unexpected,
+    /// The shard refused the connection's AUTH/HELLO (its error text; no password in it).
+    Handshake(String),
+    Tls(String),
 }
 
 impl Fault {
@@ -88,6 +98,8 @@ impl Fault {
             Fault::TimedOut => format!("no reply within {op_timeout:?}"),
             Fault::Protocol(e) => format!("invalid reply from the shard ({e:?})"),
             Fault::Unexpected => "reply with no request".into(),
+            Fault::Handshake(e) => format!("handshake refused by the shard: {e}"),
+            Fault::Tls(e) => format!("TLS handshake failed: {e}"),
         }
     }
 }
@@ -187,23 +199,76 @@ impl Upstream {
         }
     }
 
-    /// Runs the reader and the writer of one established connection until either fails.
+    /// Runs one established connection (after TLS, if configured) until it fails.
     async fn serve(&self, stream: TcpStream) -> Fault {
+        let Some(tls) = &self.cfg.tls else {
+            let (rd, wr) = stream.into_split();
+            return self.run(rd, wr).await;
+        };
+        let name = tls
+            .server_name
+            .clone()
+            .unwrap_or_else(|| ServerName::IpAddress(self.addr.ip().into()));
+        match tokio::time::timeout(self.cfg.op_timeout, tls.connector.connect(name, stream)).await {
+            Ok(Ok(s)) => {
+                let (rd, wr) = tokio::io::split(s);
+                self.run(rd, wr).await
+            }
+            Ok(Err(e)) => Fault::Tls(e.to_string()),
+            Err(_) => Fault::TimedOut,
+        }
+    }
+
+    /// The handshake every new connection starts with, ahead of anything queued while
+    /// connecting: `AUTH` with the configured credentials, and `HELLO 3` on RESP3 connections
+    /// (with the credentials in it).
+    fn handshake(&self) -> Option<BytesMut> {
+        let mut args: Vec<&[u8]> = Vec::new();
+        let user;
+        match (self.proto, &self.cfg.auth) {
+            (Proto::Resp2, None) => return None,
+            (Proto::Resp2, Some(a)) => {
+                args.push(b"AUTH");
+                if let Some(u) = &a.username {
+                    args.push(u.as_bytes());
+                }
+                args.push(a.password.0.as_bytes());
+            }
+            (Proto::Resp3, auth) => {
+                args.extend([&b"HELLO"[..], b"3"]);
+                if let Some(a) = auth {
+                    user = a.username.clone().unwrap_or_else(|| "default".into());
+                    args.extend([&b"AUTH"[..], user.as_bytes(), a.password.0.as_bytes()]);
+                }
+            }
+        }
+        let mut out = BytesMut::new();
+        push_header(&mut out, b'*', args.len());
+        for a in args {
+            push_header(&mut out, b'$', a.len());
+            out.extend_from_slice(a);
+            out.extend_from_slice(b"\r\n");
+        }
+        Some(out)
+    }
+
+    async fn run<R, W>(&self, rd: R, wr: W) -> Fault
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
         {
             let mut st = self.st.borrow_mut();
             st.connected = true;
-            if self.proto == Proto::Resp3 {
-                // Negotiate RESP3 before anything queued while connecting.
-                let mut out = BytesMut::from(&b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n"[..]);
+            if let Some(mut out) = self.handshake() {
                 out.extend_from_slice(&st.out);
                 st.out = out;
                 st.pending.push_front(Pending {
-                    target: Target::Discard,
+                    target: Target::Handshake,
                     deadline: Instant::now() + self.cfg.op_timeout,
                 });
             }
         }
-        let (rd, wr) = stream.into_split();
         // Whatever was queued while connecting is written now.
         self.wake_writer.notify_one();
         tokio::select! {
@@ -212,7 +277,7 @@ impl Upstream {
         }
     }
 
-    async fn write_loop(&self, mut wr: OwnedWriteHalf) -> Fault {
+    async fn write_loop<W: AsyncWrite + Unpin>(&self, mut wr: W) -> Fault {
         let mut wbuf = BytesMut::with_capacity(READ_CHUNK);
         loop {
             let idle = {
@@ -230,11 +295,15 @@ impl Upstream {
             if let Err(e) = wr.write_all(&wbuf).await {
                 return Fault::Io(e);
             }
+            // A no-op on TCP; pushes the last TLS record out.
+            if let Err(e) = wr.flush().await {
+                return Fault::Io(e);
+            }
             wbuf.clear();
         }
     }
 
-    async fn read_loop(&self, mut rd: OwnedReadHalf) -> Fault {
+    async fn read_loop<R: AsyncRead + Unpin>(&self, mut rd: R) -> Fault {
         let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
         let mut scanner = ReplyScanner::new();
         loop {
@@ -249,6 +318,13 @@ impl Upstream {
                         }
                         let p = self.st.borrow_mut().pending.pop_front();
                         match p {
+                            Some(Pending {
+                                target: Target::Handshake,
+                                ..
+                            }) if bytes.first() == Some(&b'-') => {
+                                let text = String::from_utf8_lossy(&bytes[1..]);
+                                return Fault::Handshake(text.trim_end().to_string());
+                            }
                             Some(p) => p.target.deliver(bytes),
                             None => return Fault::Unexpected,
                         }
@@ -287,30 +363,28 @@ type Grid = Vec<Vec<Rc<Upstream>>>;
 pub struct Pools {
     resp2: Grid,
     resp3: RefCell<Option<Grid>>,
-    shards: Vec<SocketAddr>,
+    shards: Vec<(SocketAddr, UpstreamConfig)>,
     per_shard: usize,
-    cfg: UpstreamConfig,
 }
 
 impl Pools {
     /// Starts the RESP2 connections now; RESP3 ones start on first use (`HELLO 3`).
-    pub fn start(shards: &[SocketAddr], per_shard: usize, cfg: UpstreamConfig) -> Self {
-        let resp2 = Self::open(shards, per_shard, Proto::Resp2, &cfg);
+    pub fn start(shards: Vec<(SocketAddr, UpstreamConfig)>, per_shard: usize) -> Self {
+        let resp2 = Self::open(&shards, per_shard, Proto::Resp2);
         Pools {
             resp2,
             resp3: RefCell::new(None),
-            shards: shards.to_vec(),
+            shards,
             per_shard,
-            cfg,
         }
     }
 
-    fn open(shards: &[SocketAddr], per_shard: usize, proto: Proto, cfg: &UpstreamConfig) -> Grid {
+    fn open(shards: &[(SocketAddr, UpstreamConfig)], per_shard: usize, proto: Proto) -> Grid {
         shards
             .iter()
-            .map(|&a| {
+            .map(|(a, cfg)| {
                 (0..per_shard)
-                    .map(|_| Upstream::start(a, proto, cfg.clone()))
+                    .map(|_| Upstream::start(*a, proto, cfg.clone()))
                     .collect()
             })
             .collect()
@@ -324,9 +398,8 @@ impl Pools {
             Proto::Resp2 => self.resp2[shard][conn % self.per_shard].clone(),
             Proto::Resp3 => {
                 let mut r3 = self.resp3.borrow_mut();
-                let pools = r3.get_or_insert_with(|| {
-                    Self::open(&self.shards, self.per_shard, Proto::Resp3, &self.cfg)
-                });
+                let pools =
+                    r3.get_or_insert_with(|| Self::open(&self.shards, self.per_shard, Proto::Resp3));
                 pools[shard][conn % self.per_shard].clone()
             }
         }

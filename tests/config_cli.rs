@@ -126,7 +126,17 @@ fn spec(addr: &str, slots: &str) -> String {
 fn check_config_accepts_even_split_without_contacting_shards() {
     assert_valid(&["--listen", LISTEN, "--shard", A]);
     assert_valid(&["--listen", LISTEN, "--shard", A, "--shard", B, "--shard", C]);
-    assert_valid(&["--listen", "none", "--shard", A, "--shard", B]);
+    // The plain listener may be off when the TLS one is on; with neither, nothing listens.
+    assert_valid(&[
+        "--listen",
+        "none",
+        "--tls-self-signed",
+        "--shard",
+        A,
+        "--shard",
+        B,
+    ]);
+    assert_invalid(&["--listen", "none", "--shard", A, "--shard", B], &["listener"]);
     assert_valid(&[
         "--listen",
         LISTEN,

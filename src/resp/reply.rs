@@ -29,6 +29,11 @@ pub const WRONGPASS: &[u8] = b"-WRONGPASS invalid username-password pair or user
 pub const BAD_CLIENT_NAME: &[u8] =
     b"-ERR Client names cannot contain spaces, newlines or special characters.\r\n";
 pub const INVALID_CURSOR: &[u8] = b"-ERR invalid cursor\r\n";
+pub const NOAUTH: &[u8] = b"-NOAUTH Authentication required.\r\n";
+pub const NOAUTH_HELLO: &[u8] = b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time\r\n";
+pub const NOPERM_KEYS: &[u8] =
+    b"-NOPERM this user has no permissions to access one of the keys used as arguments\r\n";
+pub const MAX_CLIENTS: &[u8] = b"-ERR max number of clients reached\r\n";
 
 /// The nil reply for a protocol.
 #[inline]
@@ -68,6 +73,13 @@ pub fn not_allowed(name: &str) -> Bytes {
 pub fn not_yet(name: &str) -> Bytes {
     error(&format!(
         "ERR command '{name}' is not supported by slotgate yet"
+    ))
+}
+
+/// `-NOPERM this user has no permissions to run the 'get' command`.
+pub fn noperm_command(name: &str) -> Bytes {
+    error(&format!(
+        "NOPERM this user has no permissions to run the '{name}' command"
     ))
 }
 

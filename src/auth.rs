@@ -1,0 +1,531 @@
+//! Proxy-side authentication and permissions, with Redis 6+ semantics.
+//!
+//! Users come from `proxy.toml` (`requirepass` for the `default` user, `[[users]]` for named
+//! ones). Passwords are kept only as SHA-256 digests and compared in constant time; they are
+//! never logged. A user's permissions are command rules (`+@read`, `-@dangerous`, `+get`,
+//! `-config|set` …, applied in order like `ACL SETUSER`) and key patterns (read-write `keys`,
+//! read-only `read_keys`, Redis glob syntax). A denied command gets Redis's `-NOPERM` text and
+//! is never forwarded.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::command::{CommandSpec, access, acl};
+
+/// One command rule of a user, applied in order (the last matching rule wins).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Rule {
+    Category { allow: bool, bits: u32 },
+    /// A command (`get`), a container (`config`: all its subcommands) or a subcommand
+    /// (`config|get`).
+    Command { allow: bool, name: String },
+}
+
+/// A configured user.
+#[derive(Debug)]
+pub struct User {
+    pub name: String,
+    /// SHA-256 digests of the accepted passwords; `None` = no password needed (`nopass`).
+    passwords: Option<Vec<[u8; 32]>>,
+    pub enabled: bool,
+    /// `None` = every command (`+@all` and nothing else).
+    rules: Option<Vec<Rule>>,
+    /// `None` = every key.
+    keys_rw: Option<Vec<Vec<u8>>>,
+    keys_r: Vec<Vec<u8>>,
+}
+
+/// Why a command was denied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied {
+    Command,
+    Key,
+}
+
+impl User {
+    /// The default user with no password and every permission (no `requirepass`).
+    pub fn unrestricted(name: &str) -> Self {
+        User {
+            name: name.into(),
+            passwords: None,
+            enabled: true,
+            rules: None,
+            keys_rw: None,
+            keys_r: Vec::new(),
+        }
+    }
+
+    /// Whether `password` is one of this user's (constant time per digest).
+    pub fn password_ok(&self, password: &[u8]) -> bool {
+        if !self.enabled {
+            return false;
+        }
+        match &self.passwords {
+            None => true,
+            Some(list) => {
+                let d = sha256(password);
+                list.iter().fold(false, |ok, p| ok | ct_eq(p, &d))
+            }
+        }
+    }
+
+    /// Whether this user needs no password (`nopass`).
+    pub fn nopass(&self) -> bool {
+        self.passwords.is_none()
+    }
+
+    /// Whether every command and key is allowed (the hot path skips the checks).
+    pub fn unrestricted_access(&self) -> bool {
+        self.rules.is_none() && self.keys_rw.is_none()
+    }
+
+    /// Whether the user may run `spec` at all.
+    pub fn may_run(&self, spec: &CommandSpec) -> bool {
+        let Some(rules) = &self.rules else {
+            return true;
+        };
+        let container = spec.name.split('|').next().unwrap_or(spec.name);
+        let mut allowed = false;
+        for r in rules {
+            match r {
+                Rule::Category { allow, bits } => {
+                    if spec.acl & bits != 0 || *bits == acl::ALL {
+                        allowed = *allow;
+                    }
+                }
+                Rule::Command { allow, name } => {
+                    if name == spec.name || name == container {
+                        allowed = *allow;
+                    }
+                }
+            }
+        }
+        allowed
+    }
+
+    /// Whether the user may use `key` with the access a key spec needs.
+    pub fn may_access(&self, key: &[u8], need: u8) -> bool {
+        let Some(rw) = &self.keys_rw else {
+            return true;
+        };
+        let in_rw = rw.iter().any(|p| glob_match(p, key));
+        if need & access::WRITE != 0 {
+            return in_rw;
+        }
+        in_rw || self.keys_r.iter().any(|p| glob_match(p, key))
+    }
+}
+
+/// All users; `default` always exists.
+#[derive(Debug)]
+pub struct Users {
+    by_name: HashMap<String, Arc<User>>,
+}
+
+/// A user as written in `proxy.toml`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    /// Plain password (or a list of them).
+    #[serde(default)]
+    pub password: Option<OneOrMany>,
+    /// Hex SHA-256 digest of the password (or a list), so the file holds no secret.
+    #[serde(default)]
+    pub password_sha256: Option<OneOrMany>,
+    /// `true`: no password needed.
+    #[serde(default)]
+    pub nopass: bool,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Read-write key patterns (Redis glob); absent = no keys.
+    #[serde(default)]
+    pub keys: Vec<String>,
+    /// Read-only key patterns.
+    #[serde(default)]
+    pub read_keys: Vec<String>,
+    /// Command rules in `ACL SETUSER` syntax, applied in order; absent = `+@all`.
+    #[serde(default)]
+    pub commands: Option<Vec<String>>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A string or a list of strings.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+impl Users {
+    /// Builds the user table. `requirepass` is the default user's password unless a
+    /// `[[users]]` entry named `default` is given (both at once is an error).
+    pub fn build(requirepass: Option<&str>, users: &[UserConfig]) -> Result<Self, String> {
+        let mut by_name = HashMap::new();
+        for u in users {
+            if u.name.is_empty() || u.name.contains(char::is_whitespace) {
+                return Err(format!("invalid user name '{}'", u.name));
+            }
+            if by_name.contains_key(&u.name) {
+                return Err(format!("user '{}' is defined twice", u.name));
+            }
+            if u.name == "default" && requirepass.is_some() {
+                return Err("give requirepass or a [[users]] entry named default, not both".into());
+            }
+            by_name.insert(u.name.clone(), Arc::new(compile(u)?));
+        }
+        if !by_name.contains_key("default") {
+            let mut d = User::unrestricted("default");
+            if let Some(p) = requirepass {
+                d.passwords = Some(vec![sha256(p.as_bytes())]);
+            }
+            by_name.insert("default".into(), Arc::new(d));
+        }
+        Ok(Users { by_name })
+    }
+
+    /// No authentication and no restrictions at all.
+    pub fn open() -> Self {
+        Users::build(None, &[]).expect("the open user table is valid")
+    }
+
+    pub fn default_user(&self) -> &Arc<User> {
+        &self.by_name["default"]
+    }
+
+    pub fn get(&self, name: &[u8]) -> Option<&Arc<User>> {
+        std::str::from_utf8(name)
+            .ok()
+            .and_then(|n| self.by_name.get(n))
+    }
+
+    /// Whether new connections start unauthenticated (the default user needs a password or
+    /// is disabled), as with Redis's `requirepass`.
+    pub fn auth_required(&self) -> bool {
+        let d = self.default_user();
+        !(d.enabled && d.nopass())
+    }
+
+    /// `AUTH [user] password`: the user, when the credentials are right.
+    pub fn authenticate(&self, user: &[u8], password: &[u8]) -> Option<Arc<User>> {
+        let u = self.get(user)?;
+        u.password_ok(password).then(|| u.clone())
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+}
+
+fn compile(u: &UserConfig) -> Result<User, String> {
+    let mut digests = Vec::new();
+    for p in u.password.clone().map(OneOrMany::into_vec).unwrap_or_default() {
+        digests.push(sha256(p.as_bytes()));
+    }
+    for h in u
+        .password_sha256
+        .clone()
+        .map(OneOrMany::into_vec)
+        .unwrap_or_default()
+    {
+        digests.push(parse_hex32(&h).ok_or_else(|| {
+            format!(
+                "user '{}': password_sha256 must be 64 hex digits (the SHA-256 of the password)",
+                u.name
+            )
+        })?);
+    }
+    let passwords = match (u.nopass, digests.is_empty()) {
+        (true, true) => None,
+        (true, false) => return Err(format!("user '{}': nopass together with a password", u.name)),
+        (false, true) => {
+            return Err(format!(
+                "user '{}': give password, password_sha256 or nopass = true",
+                u.name
+            ));
+        }
+        (false, false) => Some(digests),
+    };
+    let rules = match &u.commands {
+        None => None,
+        Some(list) => Some(
+            list.iter()
+                .map(|r| parse_rule(r).map_err(|e| format!("user '{}': {e}", u.name)))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    let keys_rw = if u.keys.iter().any(|k| k == "*") && u.read_keys.is_empty() {
+        None
+    } else {
+        Some(u.keys.iter().map(|k| k.as_bytes().to_vec()).collect())
+    };
+    Ok(User {
+        name: u.name.clone(),
+        passwords,
+        enabled: u.enabled,
+        rules,
+        keys_rw,
+        keys_r: u.read_keys.iter().map(|k| k.as_bytes().to_vec()).collect(),
+    })
+}
+
+/// `+@read`, `-@dangerous`, `+get`, `-config|set`, `allcommands`, `nocommands`.
+fn parse_rule(r: &str) -> Result<Rule, String> {
+    let r = r.trim();
+    match r.to_ascii_lowercase().as_str() {
+        "allcommands" => return Ok(Rule::Category { allow: true, bits: acl::ALL }),
+        "nocommands" => return Ok(Rule::Category { allow: false, bits: acl::ALL }),
+        _ => {}
+    }
+    let (allow, rest) = match r.as_bytes().first() {
+        Some(b'+') => (true, &r[1..]),
+        Some(b'-') => (false, &r[1..]),
+        _ => return Err(format!("command rule '{r}' must start with + or -")),
+    };
+    let rest = rest.to_ascii_lowercase();
+    if let Some(cat) = rest.strip_prefix('@') {
+        let bits = acl::NAMES
+            .iter()
+            .find(|(n, _)| *n == cat)
+            .map(|(_, b)| *b)
+            .ok_or_else(|| format!("unknown command category '@{cat}'"))?;
+        return Ok(Rule::Category { allow, bits });
+    }
+    let (container, sub) = match rest.split_once('|') {
+        Some((c, s)) => (c, Some(s)),
+        None => (rest.as_str(), None),
+    };
+    let spec = crate::command::lookup(container.as_bytes())
+        .ok_or_else(|| format!("unknown command '{container}' in rule '{r}'"))?;
+    if let Some(s) = sub {
+        crate::command::lookup_sub(spec, s.as_bytes())
+            .ok_or_else(|| format!("unknown subcommand '{rest}' in rule '{r}'"))?;
+    }
+    Ok(Rule::Command { allow, name: rest })
+}
+
+pub fn sha256(b: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, b);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+fn parse_hex32(h: &str) -> Option<[u8; 32]> {
+    let h = h.trim();
+    if h.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(h.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Redis's `stringmatchlen`: `*`, `?`, `[abc]`, `[^a-z]`, `\x` escapes. Iterative, with
+/// backtracking only to the last `*` (linear in practice, no recursion on untrusted input).
+pub fn glob_match(pat: &[u8], s: &[u8]) -> bool {
+    let (mut p, mut i) = (0usize, 0usize);
+    let mut star: Option<(usize, usize)> = None;
+    while i < s.len() {
+        if p < pat.len() {
+            match pat[p] {
+                b'*' => {
+                    while p < pat.len() && pat[p] == b'*' {
+                        p += 1;
+                    }
+                    if p == pat.len() {
+                        return true;
+                    }
+                    star = Some((p, i));
+                    continue;
+                }
+                b'?' => {
+                    p += 1;
+                    i += 1;
+                    continue;
+                }
+                b'[' => {
+                    if let Some((matched, next)) = class(pat, p, s[i])
+                        && matched
+                    {
+                        p = next;
+                        i += 1;
+                        continue;
+                    }
+                }
+                b'\\' if p + 1 < pat.len() => {
+                    if pat[p + 1] == s[i] {
+                        p += 2;
+                        i += 1;
+                        continue;
+                    }
+                }
+                c => {
+                    if c == s[i] {
+                        p += 1;
+                        i += 1;
+                        continue;
+                    }
+                }
+            }
+        }
+        match star {
+            Some((sp, si)) => {
+                p = sp;
+                i = si + 1;
+                star = Some((sp, si + 1));
+            }
+            None => return false,
+        }
+    }
+    pat[p..].iter().all(|&c| c == b'*')
+}
+
+/// Matches `c` against the class starting at `pat[p] == '['`: (matched, index after `]`).
+fn class(pat: &[u8], p: usize, c: u8) -> Option<(bool, usize)> {
+    let mut j = p + 1;
+    let negate = pat.get(j) == Some(&b'^');
+    if negate {
+        j += 1;
+    }
+    let mut matched = false;
+    loop {
+        let x = *pat.get(j)?;
+        if x == b']' {
+            break;
+        }
+        if x == b'\\' && j + 1 < pat.len() {
+            matched |= pat[j + 1] == c;
+            j += 2;
+        } else if pat.get(j + 1) == Some(&b'-') && j + 2 < pat.len() && pat[j + 2] != b']' {
+            let (lo, hi) = (x.min(pat[j + 2]), x.max(pat[j + 2]));
+            matched |= (lo..=hi).contains(&c);
+            j += 3;
+        } else {
+            matched |= x == c;
+            j += 1;
+        }
+    }
+    Some((matched != negate, j + 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_like_redis() {
+        assert!(glob_match(b"tenantA:*", b"tenantA:x"));
+        assert!(!glob_match(b"tenantA:*", b"tenantB:x"));
+        assert!(glob_match(b"*", b""));
+        assert!(glob_match(b"h?llo", b"hello"));
+        assert!(glob_match(b"h[ae]llo", b"hallo"));
+        assert!(!glob_match(b"h[^e]llo", b"hello"));
+        assert!(glob_match(b"h[a-b]llo", b"hbllo"));
+        assert!(glob_match(b"a\\*b", b"a*b"));
+        assert!(!glob_match(b"a\\*b", b"axb"));
+        assert!(glob_match(b"*a*b*c", b"xxaxxbxxc"));
+        assert!(!glob_match(b"*a*b*c", b"xxaxxbxx"));
+    }
+
+    fn user(keys: &[&str], read: &[&str], commands: Option<&[&str]>) -> User {
+        compile(&UserConfig {
+            name: "u".into(),
+            password: Some(OneOrMany::One("pw".into())),
+            password_sha256: None,
+            nopass: false,
+            enabled: true,
+            keys: keys.iter().map(|s| s.to_string()).collect(),
+            read_keys: read.iter().map(|s| s.to_string()).collect(),
+            commands: commands.map(|c| c.iter().map(|s| s.to_string()).collect()),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn command_rules_apply_in_order() {
+        let u = user(&["*"], &[], Some(&["+@read", "+set", "-@dangerous"]));
+        let get = crate::command::lookup(b"get").unwrap();
+        let set = crate::command::lookup(b"set").unwrap();
+        let del = crate::command::lookup(b"del").unwrap();
+        let keys = crate::command::lookup(b"keys").unwrap();
+        assert!(u.may_run(get) && u.may_run(set));
+        assert!(!u.may_run(del), "del is @write, not allowed");
+        assert!(!u.may_run(keys), "keys is @read but @dangerous comes later");
+        let config = crate::command::lookup(b"config").unwrap();
+        let cget = crate::command::lookup_sub(config, b"get").unwrap();
+        let u2 = user(&["*"], &[], Some(&["+config|get"]));
+        assert!(u2.may_run(cget));
+        assert!(!u2.may_run(crate::command::lookup_sub(config, b"set").unwrap()));
+    }
+
+    #[test]
+    fn key_patterns_with_read_only() {
+        let u = user(&["t:*"], &["r:*"], None);
+        assert!(u.may_access(b"t:1", access::WRITE | access::READ));
+        assert!(u.may_access(b"r:1", access::READ));
+        assert!(!u.may_access(b"r:1", access::WRITE));
+        assert!(!u.may_access(b"x", access::READ));
+        assert!(u.may_access(b"r:1", 0), "no flags: any pattern suffices");
+    }
+
+    #[test]
+    fn passwords_plain_and_hashed() {
+        let hashed = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"; // "password"
+        let users = Users::build(
+            Some("top"),
+            &[UserConfig {
+                name: "app".into(),
+                password: None,
+                password_sha256: Some(OneOrMany::One(hashed.into())),
+                nopass: false,
+                enabled: true,
+                keys: vec!["*".into()],
+                read_keys: vec![],
+                commands: None,
+            }],
+        )
+        .unwrap();
+        assert!(users.auth_required());
+        assert!(users.authenticate(b"app", b"password").is_some());
+        assert!(users.authenticate(b"app", b"Password").is_none());
+        assert!(users.authenticate(b"default", b"top").is_some());
+        assert!(users.authenticate(b"nobody", b"top").is_none());
+        assert!(!Users::open().auth_required());
+    }
+
+    #[test]
+    fn bad_rules_are_rejected() {
+        assert!(parse_rule("+@nosuch").is_err());
+        assert!(parse_rule("get").is_err());
+        assert!(parse_rule("+nosuchcmd").is_err());
+        assert!(parse_rule("+config|nosuch").is_err());
+        assert_eq!(
+            parse_rule("-@dangerous").unwrap(),
+            Rule::Category { allow: false, bits: acl::DANGEROUS }
+        );
+    }
+}
