@@ -15,10 +15,16 @@ use crate::command::{CommandSpec, access, acl};
 /// One command rule of a user, applied in order (the last matching rule wins).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Rule {
-    Category { allow: bool, bits: u32 },
+    Category {
+        allow: bool,
+        bits: u32,
+    },
     /// A command (`get`), a container (`config`: all its subcommands) or a subcommand
     /// (`config|get`).
-    Command { allow: bool, name: String },
+    Command {
+        allow: bool,
+        name: String,
+    },
 }
 
 /// A configured user.
@@ -236,7 +242,12 @@ impl Users {
 
 fn compile(u: &UserConfig) -> Result<User, String> {
     let mut digests = Vec::new();
-    for p in u.password.clone().map(OneOrMany::into_vec).unwrap_or_default() {
+    for p in u
+        .password
+        .clone()
+        .map(OneOrMany::into_vec)
+        .unwrap_or_default()
+    {
         digests.push(sha256(p.as_bytes()));
     }
     for h in u
@@ -254,7 +265,12 @@ fn compile(u: &UserConfig) -> Result<User, String> {
     }
     let passwords = match (u.nopass, digests.is_empty()) {
         (true, true) => None,
-        (true, false) => return Err(format!("user '{}': nopass together with a password", u.name)),
+        (true, false) => {
+            return Err(format!(
+                "user '{}': nopass together with a password",
+                u.name
+            ));
+        }
         (false, true) => {
             return Err(format!(
                 "user '{}': give password, password_sha256 or nopass = true",
@@ -290,8 +306,18 @@ fn compile(u: &UserConfig) -> Result<User, String> {
 fn parse_rule(r: &str) -> Result<Rule, String> {
     let r = r.trim();
     match r.to_ascii_lowercase().as_str() {
-        "allcommands" => return Ok(Rule::Category { allow: true, bits: acl::ALL }),
-        "nocommands" => return Ok(Rule::Category { allow: false, bits: acl::ALL }),
+        "allcommands" => {
+            return Ok(Rule::Category {
+                allow: true,
+                bits: acl::ALL,
+            });
+        }
+        "nocommands" => {
+            return Ok(Rule::Category {
+                allow: false,
+                bits: acl::ALL,
+            });
+        }
         _ => {}
     }
     let (allow, rest) = match r.as_bytes().first() {
@@ -525,7 +551,10 @@ mod tests {
         assert!(parse_rule("+config|nosuch").is_err());
         assert_eq!(
             parse_rule("-@dangerous").unwrap(),
-            Rule::Category { allow: false, bits: acl::DANGEROUS }
+            Rule::Category {
+                allow: false,
+                bits: acl::DANGEROUS
+            }
         );
     }
 }

@@ -66,7 +66,12 @@ pub struct Cli {
     #[arg(long, value_name = "PEM")]
     pub tls_client_ca: Option<PathBuf>,
     /// Password of the `default` user; clients must AUTH before anything else.
-    #[arg(long, value_name = "PASSWORD", env = "SLOTGATE_REQUIREPASS", hide_env_values = true)]
+    #[arg(
+        long,
+        value_name = "PASSWORD",
+        env = "SLOTGATE_REQUIREPASS",
+        hide_env_values = true
+    )]
     pub requirepass: Option<String>,
     /// Consecutive failed AUTHs after which a connection is closed [default: 10].
     #[arg(long)]
@@ -502,8 +507,8 @@ impl Merged {
         if self.requirepass.as_deref() == Some("") {
             return Err(invalid("requirepass", "\"\"", "must not be empty"));
         }
-        let users = Users::build(self.requirepass.as_deref(), &self.users)
-            .map_err(ConfigError::Users)?;
+        let users =
+            Users::build(self.requirepass.as_deref(), &self.users).map_err(ConfigError::Users)?;
         if self.max_auth_failures == 0 {
             return Err(invalid("max-auth-failures", 0, "must be > 0"));
         }
@@ -511,7 +516,13 @@ impl Merged {
             return Err(invalid("maxclients", 0, "must be > 0"));
         }
         let idle = parse_duration(&self.idle_timeout)
-            .or_else(|e| if self.idle_timeout.trim() == "0" { Ok(Duration::ZERO) } else { Err(e) })
+            .or_else(|e| {
+                if self.idle_timeout.trim() == "0" {
+                    Ok(Duration::ZERO)
+                } else {
+                    Err(e)
+                }
+            })
             .map_err(|why| invalid("idle-timeout", &self.idle_timeout, why))?;
         let upstream_auth = self
             .shards
@@ -534,9 +545,10 @@ impl Merged {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let upstream_tls = if self.upstream_tls {
-            let ca = self.upstream_tls_ca.as_deref().ok_or_else(|| {
-                invalid("upstream-tls", "on", "--upstream-tls-ca is required")
-            })?;
+            let ca = self
+                .upstream_tls_ca
+                .as_deref()
+                .ok_or_else(|| invalid("upstream-tls", "on", "--upstream-tls-ca is required"))?;
             let client = match (&self.upstream_tls_cert, &self.upstream_tls_key) {
                 (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
                 (None, None) => None,
@@ -588,7 +600,11 @@ impl Merged {
             },
             (None, None, true) => CertSource::SelfSigned,
             (None, None, false) => {
-                if self.tls_listen.as_deref().is_some_and(|l| !l.eq_ignore_ascii_case("none")) {
+                if self
+                    .tls_listen
+                    .as_deref()
+                    .is_some_and(|l| !l.eq_ignore_ascii_case("none"))
+                {
                     return Err(invalid(
                         "tls-listen",
                         self.tls_listen.as_deref().unwrap_or(""),

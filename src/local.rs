@@ -259,10 +259,10 @@ impl Session {
                 )));
             }
         }
-        if let Some((user, password)) = login {
-            if !self.try_login(user, password) {
-                return;
-            }
+        if let Some((user, password)) = login
+            && !self.try_login(user, password)
+        {
+            return;
         }
         if self.user.is_none() {
             return self.reply_static(reply::NOAUTH_HELLO);

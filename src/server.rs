@@ -279,14 +279,15 @@ async fn reload_certificates(cert: Arc<ReloadableCert>) {
         };
         match cert.reload() {
             Ok(()) => tracing::info!("TLS certificate reloaded ({why})"),
-            Err(e) => tracing::error!("TLS certificate reload failed ({why}), keeping the old one: {e}"),
+            Err(e) => {
+                tracing::error!("TLS certificate reload failed ({why}), keeping the old one: {e}")
+            }
         }
     }
 }
 
 async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(_) => return std::future::pending().await,
     };

@@ -104,7 +104,10 @@ impl ClientPlace {
         let prev = shared.connected.fetch_add(1, Ordering::Relaxed);
         if prev >= max {
             shared.connected.fetch_sub(1, Ordering::Relaxed);
-            shared.stats.rejected_connections.fetch_add(1, Ordering::Relaxed);
+            shared
+                .stats
+                .rejected_connections
+                .fetch_add(1, Ordering::Relaxed);
             return None;
         }
         Some(ClientPlace(shared.clone()))

@@ -28,10 +28,10 @@ use tokio::time::Instant;
 
 use crate::config::UpstreamAuth;
 use crate::queue::Target;
-use crate::tls::UpstreamTls;
 use crate::resp::reply::{self, Proto};
 use crate::resp::request::push_header;
 use crate::resp::{ReplyScanner, ScanError};
+use crate::tls::UpstreamTls;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -398,8 +398,8 @@ impl Pools {
             Proto::Resp2 => self.resp2[shard][conn % self.per_shard].clone(),
             Proto::Resp3 => {
                 let mut r3 = self.resp3.borrow_mut();
-                let pools =
-                    r3.get_or_insert_with(|| Self::open(&self.shards, self.per_shard, Proto::Resp3));
+                let pools = r3
+                    .get_or_insert_with(|| Self::open(&self.shards, self.per_shard, Proto::Resp3));
                 pools[shard][conn % self.per_shard].clone()
             }
         }

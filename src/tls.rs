@@ -53,7 +53,10 @@ pub fn install_default_provider() {
 /// Where the server certificate comes from.
 #[derive(Debug, Clone)]
 pub enum CertSource {
-    Files { cert: PathBuf, key: PathBuf },
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+    },
     /// Generated in memory for `localhost`/`127.0.0.1` (development only).
     SelfSigned,
 }
@@ -185,10 +188,9 @@ pub fn server_config(
     let builder = match client_ca {
         Some(path) => {
             let roots = root_store("client CA", path)?;
-            let verifier =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-                    .build()
-                    .map_err(|e| TlsError::Config(format!("client CA {}: {e}", path.display())))?;
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .map_err(|e| TlsError::Config(format!("client CA {}: {e}", path.display())))?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),

@@ -136,7 +136,10 @@ fn check_config_accepts_even_split_without_contacting_shards() {
         "--shard",
         B,
     ]);
-    assert_invalid(&["--listen", "none", "--shard", A, "--shard", B], &["listener"]);
+    assert_invalid(
+        &["--listen", "none", "--shard", A, "--shard", B],
+        &["listener"],
+    );
     assert_valid(&[
         "--listen",
         LISTEN,

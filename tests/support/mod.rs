@@ -6,9 +6,11 @@
 
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -89,6 +91,10 @@ impl RedisServer {
         signal(self.child.id(), "CONT");
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// A direct synchronous connection that bypasses the proxy.
     pub fn client(&self) -> redis::Connection {
         redis::Client::open(format!("redis://{}/", self.addr()))
@@ -105,41 +111,60 @@ impl Drop for RedisServer {
     }
 }
 
-/// Waits until `port` accepts connections, then checks that the process answering there is
-/// `child` (by the `process_id` of `INFO server`, which both redis-server and slotgate
-/// report). False if the child exited or another process owns the port.
+/// Waits until `child` listens on `127.0.0.1:port` (read from /proc: the listening socket's
+/// inode is among the child's file descriptors). False if the child exited first, or another
+/// process owns the port (a parallel test took it between our probe and the child's bind).
 fn listener_is(port: u16, child: &mut Child) -> bool {
     let deadline = Instant::now() + Duration::from_secs(10);
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
             return false;
         }
-        if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(100)) {
-            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-            if s.write_all(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
-                .is_err()
-            {
-                continue;
-            }
-            let mut text = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !text.windows(11).any(|w| w == b"process_id:") || !text.ends_with(b"\r\n") {
-                match s.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => text.extend_from_slice(&buf[..n]),
-                }
-            }
-            let text = String::from_utf8_lossy(&text);
-            let pid = text
-                .lines()
-                .find_map(|l| l.strip_prefix("process_id:"))
-                .and_then(|p| p.trim().parse::<u32>().ok());
-            return pid == Some(child.id());
+        if let Some(inode) = listening_inode(port) {
+            return owns_socket(child.id(), inode);
         }
         std::thread::sleep(Duration::from_millis(10));
     }
     false
+}
+
+/// Waits until `child` listens on `port` (e.g. a second, TLS, port); panics otherwise.
+pub fn wait_for_own_port(port: u16, pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Some(inode) = listening_inode(port) {
+            assert!(
+                owns_socket(pid, inode),
+                "port {port} is taken by another process"
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("process {pid} does not listen on {port}");
+}
+
+/// The inode of the TCP socket listening on `port` (IPv4), from /proc/net/tcp.
+fn listening_inode(port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let want = format!(":{port:04X}");
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        // f[1] = local addr:port, f[3] = state (0A = LISTEN), f[9] = inode
+        (f.len() > 9 && f[1].ends_with(&want) && f[3] == "0A")
+            .then(|| f[9].parse().ok())
+            .flatten()
+    })
+}
+
+fn owns_socket(pid: u32, inode: u64) -> bool {
+    let want = format!("socket:[{inode}]");
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.flatten()
+                .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy() == want))
+        })
+        .unwrap_or(false)
 }
 
 fn signal(pid: u32, sig: &str) {
@@ -197,9 +222,14 @@ impl Slotgate {
     }
 
     pub fn start_with(shards: &[&RedisServer], extra: &[&str]) -> Self {
+        Self::start_logged(shards, extra, None)
+    }
+
+    /// Like [`start_with`](Self::start_with), with stderr (the log) written to `log`.
+    pub fn start_logged(shards: &[&RedisServer], extra: &[&str], log: Option<&Path>) -> Self {
         for _ in 0..20 {
             let port = free_port();
-            let mut child = Self::spawn(port, shards, extra);
+            let mut child = Self::spawn(port, shards, extra, log);
             if listener_is(port, &mut child) {
                 return Slotgate { port, child };
             }
@@ -209,7 +239,7 @@ impl Slotgate {
         panic!("could not start slotgate on a free port");
     }
 
-    fn spawn(port: u16, shards: &[&RedisServer], extra: &[&str]) -> Child {
+    fn spawn(port: u16, shards: &[&RedisServer], extra: &[&str], log: Option<&Path>) -> Child {
         let mut cmd = Command::new(slotgate_bin());
         cmd.arg("--listen").arg(format!("127.0.0.1:{port}"));
         for s in shards {
@@ -218,15 +248,31 @@ impl Slotgate {
         if !extra.contains(&"--workers") {
             cmd.args(["--workers", "1"]);
         }
-        cmd.args(extra).args(["--log-level", "warn"]);
+        if !extra.contains(&"--log-level") {
+            cmd.args(["--log-level", "warn"]);
+        }
+        cmd.args(extra);
+        let stderr = match log {
+            Some(p) => Stdio::from(std::fs::File::create(p).expect("create log file")),
+            None => Stdio::inherit(),
+        };
         cmd.stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn slotgate")
     }
 
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal (e.g. "HUP") to the slotgate process.
+    pub fn signal(&self, sig: &str) {
+        signal(self.child.id(), sig);
     }
 
     pub fn url(&self) -> String {
