@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: formatting, lints, unit tests, and the integration tests that start
 # real redis-server shards and the slotgate binary on loopback ports.
-# Needs redis-server and redis-tools (redis-benchmark); installs them with apt-get if missing.
+# Needs redis-server, redis-tools (redis-benchmark) and openssl (TLS version tests); installs
+# them with apt-get if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_redis() {
-  command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null && command -v redis-cli >/dev/null
+  command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null && command -v redis-cli >/dev/null \
+    && command -v openssl >/dev/null
 }
 if ! need_redis; then
   echo "installing redis-server and redis-tools (apt-get)..." >&2
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server redis-tools >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server redis-tools openssl >/dev/null
 fi
 # The Debian package starts a redis-server on 6379 as a service; the tests never use it.
 

@@ -22,13 +22,17 @@
 //!   writes, bulk reads, FIFO matching, op timeout, reconnect with capped backoff.
 //! - [`queue`]: a session's in-order reply slots, filled by local answers or by shards.
 //! - [`fanout`]: scatter/gather merges (MGET order, summed counts, all-OK, KEYS, SCAN cursor).
+//! - [`tls`]: rustls (TLS 1.2/1.3) for the client listener, with a certificate reloadable on
+//!   SIGHUP and optional mutual TLS, and for connections to the shards.
+//! - [`auth`]: users (`requirepass`, `[[users]]`), SHA-256 password digests, ACL-style command
+//!   rules and key patterns, checked per command before anything is forwarded.
 //!
 //! # Request flow
 //!
 //! ```text
-//! accept → worker (round-robin) → session::run
-//!   read_buf → RequestParser::parse → Request { raw: Bytes, args }
-//!   → command::lookup (+ subcommand) → arity check → Route:
+//! accept (plain | TLS) → worker (round-robin) → session::run (TLS handshake on the worker)
+//!   read_buf → RequestParser::parse (pre-auth limits until AUTH) → Request { raw: Bytes, args }
+//!   → command::lookup (+ subcommand) → arity check → NOAUTH / NOPERM checks → Route:
 //!       Local      → reply now (PING, HELLO, SELECT, CLIENT …, INFO gathers shard INFO)
 //!       Single     → key_indices → one slot (else CROSSSLOT) → shard → Upstream::send(raw)
 //!       Scatter    → split keys per shard → Gather (MGET order | sum | +OK)

@@ -200,6 +200,12 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
 
     rt.block_on(async move {
         if let Some(t) = &shared.settings.tls {
+            if let Some(fp) = &t.cert.self_signed_fingerprint {
+                tracing::warn!(
+                    "TLS: self-signed certificate for localhost/127.0.0.1 (development only), \
+                     SHA-256 fingerprint {fp}"
+                );
+            }
             tokio::spawn(reload_certificates(t.cert.clone()));
         }
         let mut next = 0usize;

@@ -128,24 +128,23 @@ pub fn fingerprint(der: &[u8]) -> String {
 pub struct ReloadableCert {
     source: CertSource,
     current: RwLock<Arc<CertifiedKey>>,
+    /// SHA-256 of a generated self-signed certificate, logged at start-up.
+    pub self_signed_fingerprint: Option<String>,
 }
 
 impl ReloadableCert {
     pub fn load(source: CertSource) -> Result<Arc<Self>, TlsError> {
-        let key = match &source {
-            CertSource::Files { cert, key } => load_certified_key(cert, key)?,
+        let (key, self_signed_fingerprint) = match &source {
+            CertSource::Files { cert, key } => (load_certified_key(cert, key)?, None),
             CertSource::SelfSigned => {
                 let (key, fp) = self_signed()?;
-                tracing::warn!(
-                    "TLS: using a self-signed certificate for localhost (development only), \
-                     SHA-256 fingerprint {fp}"
-                );
-                key
+                (key, Some(fp))
             }
         };
         Ok(Arc::new(ReloadableCert {
             source,
             current: RwLock::new(Arc::new(key)),
+            self_signed_fingerprint,
         }))
     }
 
