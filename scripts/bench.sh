@@ -6,6 +6,7 @@
 #   scripts/bench.sh --repeat 3           # medians of 3
 #   scripts/bench.sh --syscalls           # + syscalls/request (perf)
 #   scripts/bench.sh --callgrind          # user-space instructions/request instead of CPU time
+#   scripts/bench.sh --tls --scenarios get_p1_tls,set_p1_tls,get_p16_tls   # TLS termination cost
 #   scripts/bench.sh --quick --scenarios get_p1,get_p16
 #   WORKERS=2 scripts/bench.sh            # slotgate worker threads (default 1 on this 2-core box)
 #
@@ -16,6 +17,9 @@ COMPARE=${COMPARE:-../shared/bench/compare.sh}
 [ -x "$COMPARE" ] || [ -f "$COMPARE" ] || { echo "compare.sh not found at $COMPARE (set COMPARE=)" >&2; exit 1; }
 cargo build --release --quiet
 BIN=$PWD/target/release/slotgate
-exec bash "$COMPARE" \
-  --proxy "slotgate=$BIN --listen 127.0.0.1:{PORT} --shard-list {SHARDS} --workers ${WORKERS:-1} --log-level warn" \
-  "$@"
+CMD="$BIN --listen 127.0.0.1:{PORT} --shard-list {SHARDS} --workers ${WORKERS:-1} --log-level warn"
+# With --tls, slotgate also terminates TLS on the port compare.sh gives it, with its certificate.
+for a in "$@"; do
+  [ "$a" = "--tls" ] && CMD="$CMD --tls-listen 127.0.0.1:{TLS_PORT} --tls-cert {CERT} --tls-key {KEY}"
+done
+exec bash "$COMPARE" --proxy "slotgate=$CMD" "$@"
