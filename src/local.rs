@@ -13,6 +13,7 @@ use crate::command::CommandSpec;
 use crate::fanout::GatherKind;
 use crate::resp::Request;
 use crate::resp::reply::{self, Aggregate, Proto};
+use crate::resp::request::parse_i64;
 use crate::server::{ClientInfo, Shared};
 use crate::session::Session;
 
@@ -44,10 +45,7 @@ impl Session {
                 self.update_info();
                 self.reply(Bytes::from_static(b"+RESET\r\n"));
             }
-            "select" => match std::str::from_utf8(req.arg(1))
-                .ok()
-                .and_then(|s| s.parse::<i64>().ok())
-            {
+            "select" => match parse_i64(req.arg(1)) {
                 Some(0) => self.reply_static(reply::OK),
                 Some(_) => self.reply_static(reply::DB_OUT_OF_RANGE),
                 None => self.reply_static(reply::NOT_INTEGER),
@@ -109,6 +107,10 @@ impl Session {
                 self.reply(reply::verbatim(self.proto, line.as_bytes()));
             }
             "client|list" => {
+                let filter = match ClientFilter::parse(req) {
+                    Ok(f) => f,
+                    Err(e) => return self.reply(e),
+                };
                 let mut all: Vec<ClientInfo> = self
                     .w
                     .shared
@@ -116,6 +118,7 @@ impl Session {
                     .lock()
                     .map(|c| c.values().cloned().collect())
                     .unwrap_or_default();
+                all.retain(|c| filter.keeps(c.id));
                 all.sort_by_key(|c| c.id);
                 let text: String = all
                     .iter()
@@ -226,10 +229,7 @@ impl Session {
     fn hello(&mut self, req: &Request<'_>) {
         let mut proto = self.proto;
         if req.argc() >= 2 {
-            match std::str::from_utf8(req.arg(1))
-                .ok()
-                .and_then(|s| s.parse::<i64>().ok())
-            {
+            match parse_i64(req.arg(1)) {
                 Some(2) => proto = Proto::Resp2,
                 Some(3) => proto = Proto::Resp3,
                 Some(_) => return self.reply_static(reply::NOPROTO),
@@ -253,10 +253,11 @@ impl Session {
                 setname = Some(req.arg(i + 1));
                 i += 2;
             } else {
-                return self.reply(reply::error(&format!(
-                    "ERR Syntax error in HELLO option '{}'",
-                    String::from_utf8_lossy(opt)
-                )));
+                return self.reply(reply::error_bytes(&[
+                    b"ERR Syntax error in HELLO option '",
+                    opt,
+                    b"'",
+                ]));
             }
         }
         if let Some((user, password)) = login
@@ -310,6 +311,59 @@ impl Session {
         let raw = Bytes::from_static(b"*1\r\n$4\r\nINFO\r\n");
         let parts: Vec<(usize, Bytes)> = (0..n).map(|s| (s, raw.clone())).collect();
         self.gather(GatherKind::Info(Box::new(build)), &parts, now);
+    }
+}
+
+/// CLIENT LIST's `TYPE` and `ID` options. Every slotgate client is of type `normal`.
+struct ClientFilter {
+    /// `TYPE` other than normal: nothing matches.
+    none: bool,
+    ids: Option<Vec<u64>>,
+}
+
+impl ClientFilter {
+    fn parse(req: &Request<'_>) -> Result<Self, Bytes> {
+        let mut f = ClientFilter {
+            none: false,
+            ids: None,
+        };
+        let mut i = 2;
+        while i < req.argc() {
+            let opt = req.arg(i);
+            if opt.eq_ignore_ascii_case(b"type") && i + 1 < req.argc() {
+                let t = req.arg(i + 1).to_ascii_lowercase();
+                match t.as_slice() {
+                    b"normal" => {}
+                    b"master" | b"replica" | b"slave" | b"pubsub" => f.none = true,
+                    _ => {
+                        return Err(reply::error_bytes(&[
+                            b"ERR Unknown client type '",
+                            req.arg(i + 1),
+                            b"'",
+                        ]));
+                    }
+                }
+                i += 2;
+            } else if opt.eq_ignore_ascii_case(b"id") && i + 1 < req.argc() {
+                let mut ids = Vec::new();
+                i += 1;
+                while i < req.argc() {
+                    match parse_i64(req.arg(i)) {
+                        Some(n) if n > 0 => ids.push(n as u64),
+                        _ => return Err(reply::error("ERR Invalid client ID")),
+                    }
+                    i += 1;
+                }
+                f.ids = Some(ids);
+            } else {
+                return Err(Bytes::from_static(reply::SYNTAX));
+            }
+        }
+        Ok(f)
+    }
+
+    fn keeps(&self, id: u64) -> bool {
+        !self.none && self.ids.as_ref().is_none_or(|ids| ids.contains(&id))
     }
 }
 
@@ -422,7 +476,10 @@ fn build_info(shared: &Arc<Shared>, wanted: &[String], up: &[bool], parts: &[Byt
     if want("clients") {
         section(
             "Clients",
-            format!("connected_clients:{}\r\n", shared.connected_clients()),
+            format!(
+                "connected_clients:{}\r\nblocked_clients:0\r\n",
+                shared.connected_clients()
+            ),
         );
     }
     if want("memory") {

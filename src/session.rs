@@ -185,6 +185,10 @@ where
             break;
         }
         let can_read = !s.closing && !eof && !s.barrier && s.queue.len() < s.max_pipeline;
+        if rbuf.is_empty() && rbuf.capacity() > KEEP_BUF {
+            // Give back the memory of a large request.
+            rbuf = BytesMut::with_capacity(READ_CHUNK);
+        }
         if can_read && rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
             rbuf.reserve(READ_CHUNK);
         }
@@ -382,6 +386,16 @@ impl Session {
             // XREAD/XREADGROUP … BLOCK: a blocking command, served in a later version.
             return self.reply(reply::not_yet(spec.name));
         }
+        match spec.name {
+            "sort" | "sort_ro" => {
+                if let Some(e) = sort_pattern_error(req) {
+                    return self.reply_static(e);
+                }
+            }
+            // Shards have databases the proxy does not expose.
+            "copy" if copy_to_other_db(req) => return self.reply_static(reply::COPY_OTHER_DB),
+            _ => {}
+        }
         match self.slot_of(spec, req) {
             Ok(Some(slot)) => {
                 let shard = self.w.shared.settings.slot_map.shard_of_slot(slot);
@@ -525,10 +539,7 @@ impl Session {
     /// iteration walks shard 0, then 1, … with Redis's guarantees on each.
     fn scan(&mut self, req: &Request<'_>, now: Instant) {
         let shards = self.w.shared.settings.slot_map.shard_count() as u64;
-        let Some(cursor) = std::str::from_utf8(req.arg(1))
-            .ok()
-            .and_then(|c| c.parse::<u64>().ok())
-        else {
+        let Some(cursor) = parse_cursor(req.arg(1)) else {
             return self.reply_static(reply::INVALID_CURSOR);
         };
         let shard = cursor % shards;
@@ -547,12 +558,105 @@ impl Session {
     }
 }
 
-/// Whether an XREAD/XREADGROUP carries the BLOCK option (before STREAMS).
+/// A SCAN cursor as Redis reads it (`strtoul`): optional spaces and sign, digits, nothing
+/// after; a negative value wraps around.
+fn parse_cursor(b: &[u8]) -> Option<u64> {
+    let s = std::str::from_utf8(b).ok()?.trim_start();
+    let (neg, digits) = match s.as_bytes().first() {
+        Some(b'-') => (true, &s[1..]),
+        Some(b'+') => (false, &s[1..]),
+        _ => (false, s),
+    };
+    if digits.is_empty() || !digits.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let v: u64 = digits.parse().ok()?;
+    Some(if neg { v.wrapping_neg() } else { v })
+}
+
+/// `COPY src dst DB n` with n ≠ 0.
+fn copy_to_other_db(req: &Request<'_>) -> bool {
+    // A non-integer index is left to the shard, which answers Redis's own error.
+    (3..req.argc().saturating_sub(1)).any(|i| {
+        req.arg(i).eq_ignore_ascii_case(b"db")
+            && crate::resp::request::parse_i64(req.arg(i + 1)).is_some_and(|n| n != 0)
+    })
+}
+
+/// Whether an XREAD/XREADGROUP carries the BLOCK option. Walks the options as Redis does:
+/// `XREAD [COUNT n] [BLOCK ms] STREAMS …`, `XREADGROUP GROUP g c [COUNT n] [BLOCK ms]
+/// [NOACK] STREAMS …` (so a group or consumer named "block" or "streams" is not an option).
 fn has_block_option(req: &Request<'_>) -> bool {
-    (1..req.argc())
-        .map(|i| req.arg(i))
-        .take_while(|a| !a.eq_ignore_ascii_case(b"streams"))
-        .any(|a| a.eq_ignore_ascii_case(b"block"))
+    let mut i = 1;
+    if req.arg(0).eq_ignore_ascii_case(b"xreadgroup") {
+        if req.argc() < 4 || !req.arg(1).eq_ignore_ascii_case(b"group") {
+            return false;
+        }
+        i = 4;
+    }
+    while i < req.argc() {
+        let a = req.arg(i);
+        if a.eq_ignore_ascii_case(b"streams") {
+            return false;
+        }
+        if a.eq_ignore_ascii_case(b"block") {
+            return true;
+        }
+        i += if a.eq_ignore_ascii_case(b"count") {
+            2
+        } else {
+            1
+        };
+    }
+    false
+}
+
+/// SORT/SORT_RO with a BY or GET pattern reads keys the pattern forms; like Redis Cluster,
+/// that is allowed only when those keys are in the slot of the sorted key (a `{tag}` in the
+/// pattern). The error Redis Cluster gives otherwise.
+fn sort_pattern_error(req: &Request<'_>) -> Option<&'static [u8]> {
+    let key_slot = router::slot(req.arg(1));
+    let mut i = 2;
+    while i + 1 < req.argc() {
+        let (opt, pat) = (req.arg(i), req.arg(i + 1));
+        if opt.eq_ignore_ascii_case(b"by") {
+            if pat.contains(&b'*') && pattern_slot(pat) != Some(key_slot) {
+                return Some(reply::SORT_BY_DENIED);
+            }
+            i += 2;
+        } else if opt.eq_ignore_ascii_case(b"get") {
+            if pat != b"#" && pat.contains(&b'*') && pattern_slot(pat) != Some(key_slot) {
+                return Some(reply::SORT_GET_DENIED);
+            }
+            i += 2;
+        } else if opt.eq_ignore_ascii_case(b"limit") {
+            i += 3;
+        } else if opt.eq_ignore_ascii_case(b"store") {
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    None
+}
+
+/// The one slot every key a SORT pattern can form hashes to (Redis's `patternHashSlot`):
+/// the slot of a non-empty `{tag}` that comes before any wildcard, else `None`.
+fn pattern_slot(p: &[u8]) -> Option<u16> {
+    let mut open: Option<usize> = None;
+    for (i, &c) in p.iter().enumerate() {
+        match c {
+            b'*' | b'?' | b'[' | b'\\' => return None,
+            b'{' if open.is_none() => open = Some(i),
+            b'}' if open.is_some_and(|o| i == o + 1) => return None,
+            b'}' if open.is_some() => {
+                let o = open.unwrap_or(0);
+                return Some(router::slot(&p[o + 1..i]));
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 /// CONFIG SET parameters that only tune data behaviour, identical on every shard; anything

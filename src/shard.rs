@@ -7,9 +7,12 @@
 //! frames them with the resumable [`ReplyScanner`] and hands each one, as a zero-copy slice of
 //! the read buffer, to the oldest pending target.
 //!
-//! Faults stay local to the shard: on refused/reset/EOF, or when the oldest request has waited
-//! longer than `op_timeout` (a hung shard), every pending request fails with
-//! `-ERR shard unavailable: …` and the connection is re-established. Reconnects back off from
+//! Faults stay local to the shard. A request that has waited `op_timeout` fails on its own
+//! with `-ERR shard unavailable: <addr>: no reply within …`; it stays in the FIFO, abandoned,
+//! so that its late reply is matched and dropped, and the connection lives on (a slow command
+//! does not cost everyone else their connection). The connection itself is replaced on
+//! refused/reset/EOF, or when requests are pending and the shard has sent nothing at all for
+//! `3 × op_timeout` (hung or partitioned): then every pending request fails at once. Reconnects back off from
 //! 50 ms to at most 1 s; a request that arrives while the shard is down triggers an attempt at
 //! once, so the first request after the shard returns succeeds.
 
@@ -37,6 +40,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Read buffer growth step (a larger reply grows it in steps, never from a claimed length).
 const READ_CHUNK: usize = 16 * 1024;
+/// Buffers that grew beyond this for one large value are released once empty.
+const KEEP_BUF: usize = 1024 * 1024;
 
 /// How to reach and talk to one shard.
 #[derive(Debug, Clone)]
@@ -61,6 +66,10 @@ struct State {
     out: BytesMut,
     /// Targets of the requests written or queued, oldest first.
     pending: VecDeque<Pending>,
+    /// How many requests at the front of `pending` timed out: their clients already got an
+    /// error, and their replies are dropped when they arrive. (Deadlines grow along the FIFO,
+    /// so the timed-out requests are always a prefix.)
+    abandoned: usize,
     connected: bool,
 }
 
@@ -85,6 +94,8 @@ enum Fault {
     TimedOut,
     Protocol(ScanError),
     Unexpected,
+    /// Requests pending, and nothing at all read for this long.
+    Silent(Duration),
     /// The shard refused the connection's AUTH/HELLO (its error text; no password in it).
     Handshake(String),
     Tls(String),
@@ -96,6 +107,7 @@ impl Fault {
             Fault::Io(e) => e.to_string(),
             Fault::Closed => "connection closed by the shard".into(),
             Fault::TimedOut => format!("no reply within {op_timeout:?}"),
+            Fault::Silent(d) => format!("nothing received for {d:?} with requests pending"),
             Fault::Protocol(e) => format!("invalid reply from the shard ({e:?})"),
             Fault::Unexpected => "reply with no request".into(),
             Fault::Handshake(e) => format!("handshake refused by the shard: {e}"),
@@ -156,8 +168,9 @@ impl Upstream {
     fn fail_all(&self, why: &str) {
         let failed: Vec<Pending> = {
             let mut st = self.st.borrow_mut();
-            st.out.clear();
+            st.out = BytesMut::new();
             st.connected = false;
+            st.abandoned = 0;
             st.pending.drain(..).collect()
         };
         if failed.is_empty() {
@@ -167,6 +180,37 @@ impl Upstream {
         for p in failed {
             p.target.deliver(err.clone());
         }
+    }
+
+    /// Fails (and abandons) the requests whose deadline has passed. `Err` when the one timing
+    /// out is the connection's handshake: then the connection itself is no good.
+    fn expire(&self, now: Instant) -> Result<(), ()> {
+        let mut expired = Vec::new();
+        {
+            let mut st = self.st.borrow_mut();
+            while st.abandoned < st.pending.len() {
+                let i = st.abandoned;
+                if st.pending[i].deadline > now {
+                    break;
+                }
+                if matches!(st.pending[i].target, Target::Handshake) {
+                    return Err(());
+                }
+                expired.push(std::mem::replace(
+                    &mut st.pending[i].target,
+                    Target::Discard,
+                ));
+                st.abandoned += 1;
+            }
+        }
+        if !expired.is_empty() {
+            let why = format!("no reply within {:?}", self.cfg.op_timeout);
+            let err = reply::shard_unavailable(&self.label, &why);
+            for t in expired {
+                t.deliver(err.clone());
+            }
+        }
+        Ok(())
     }
 
     /// Connects, serves until a fault, fails what was pending, backs off, repeats — for as
@@ -300,12 +344,17 @@ impl Upstream {
                 return Fault::Io(e);
             }
             wbuf.clear();
+            if wbuf.capacity() > KEEP_BUF {
+                // Give back the memory of a large request.
+                wbuf = BytesMut::with_capacity(READ_CHUNK);
+            }
         }
     }
 
     async fn read_loop<R: AsyncRead + Unpin>(&self, mut rd: R) -> Fault {
         let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
         let mut scanner = ReplyScanner::new();
+        let mut last_read = Instant::now();
         loop {
             // Hand out every complete reply.
             loop {
@@ -316,7 +365,11 @@ impl Upstream {
                             // Out-of-band (RESP3 push): not the reply to any request.
                             continue;
                         }
-                        let p = self.st.borrow_mut().pending.pop_front();
+                        let p = {
+                            let mut st = self.st.borrow_mut();
+                            st.abandoned = st.abandoned.saturating_sub(1);
+                            st.pending.pop_front()
+                        };
                         match p {
                             Some(Pending {
                                 target: Target::Handshake,
@@ -333,14 +386,39 @@ impl Upstream {
                     Err(e) => return Fault::Protocol(e),
                 }
             }
+            if rbuf.is_empty() && rbuf.capacity() > KEEP_BUF {
+                // Give back the memory of a large reply.
+                rbuf = BytesMut::with_capacity(READ_CHUNK);
+            }
             if rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
                 rbuf.reserve(READ_CHUNK);
             }
-            let deadline = self.st.borrow().pending.front().map(|p| p.deadline);
-            let read = match deadline {
-                Some(d) => tokio::select! {
+            // Two timers: the oldest live request's deadline, and "the shard has sent nothing
+            // for 3 × op_timeout while requests wait" (counted from the later of the oldest
+            // request's arrival and the last bytes read).
+            let op = self.cfg.op_timeout;
+            let timers = {
+                let st = self.st.borrow();
+                st.pending.front().map(|oldest| {
+                    let silent_since = (oldest.deadline - op).max(last_read);
+                    let dead_at = silent_since + op * 3;
+                    let live = st.pending.get(st.abandoned).map(|p| p.deadline);
+                    (live.map_or(dead_at, |l| l.min(dead_at)), dead_at)
+                })
+            };
+            let read = match timers {
+                Some((wake, dead_at)) => tokio::select! {
                     r = rd.read_buf(&mut rbuf) => r,
-                    _ = tokio::time::sleep_until(d) => return Fault::TimedOut,
+                    _ = tokio::time::sleep_until(wake) => {
+                        let now = Instant::now();
+                        if now >= dead_at {
+                            return Fault::Silent(op * 3);
+                        }
+                        if self.expire(now).is_err() {
+                            return Fault::TimedOut;
+                        }
+                        continue;
+                    }
                 },
                 None => tokio::select! {
                     r = rd.read_buf(&mut rbuf) => r,
@@ -349,7 +427,7 @@ impl Upstream {
             };
             match read {
                 Ok(0) => return Fault::Closed,
-                Ok(_) => {}
+                Ok(_) => last_read = Instant::now(),
                 Err(e) => return Fault::Io(e),
             }
         }

@@ -34,6 +34,10 @@ pub const NOAUTH_HELLO: &[u8] = b"-NOAUTH HELLO must be called with the client a
 pub const NOPERM_KEYS: &[u8] =
     b"-NOPERM this user has no permissions to access one of the keys used as arguments\r\n";
 pub const MAX_CLIENTS: &[u8] = b"-ERR max number of clients reached\r\n";
+pub const SORT_BY_DENIED: &[u8] = b"-ERR BY option of SORT denied in Cluster mode when keys formed by the pattern may be in different slots.\r\n";
+pub const SORT_GET_DENIED: &[u8] = b"-ERR GET option of SORT denied in Cluster mode when keys formed by the pattern may be in different slots.\r\n";
+pub const COPY_OTHER_DB: &[u8] =
+    b"-ERR Copying to another database is not allowed in cluster mode\r\n";
 
 /// The nil reply for a protocol.
 #[inline]
@@ -52,6 +56,21 @@ pub fn error(msg: &str) -> Bytes {
         msg.bytes()
             .map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
     );
+    out.extend_from_slice(b"\r\n");
+    out.freeze()
+}
+
+/// `-` + the concatenated parts + CRLF, byte for byte (arguments echoed in an error keep
+/// their bytes, as Redis's do), with CR/LF replaced by spaces.
+pub fn error_bytes(parts: &[&[u8]]) -> Bytes {
+    let mut out = BytesMut::with_capacity(parts.iter().map(|p| p.len()).sum::<usize>() + 3);
+    out.put_u8(b'-');
+    for p in parts {
+        out.extend(
+            p.iter()
+                .map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
+        );
+    }
     out.extend_from_slice(b"\r\n");
     out.freeze()
 }
@@ -92,27 +111,28 @@ pub fn wrong_arity(name: &str) -> Bytes {
 
 /// Redis 7.0's unknown-command error: the name and the arguments are each cut at 128 bytes,
 /// and arguments are listed while fewer than 128 bytes of them have been written. Redis
-/// formats them with `%s`, so each also ends at its first NUL byte.
+/// formats them with `%s`, so each also ends at its first NUL byte; other bytes are echoed
+/// as they are.
 pub fn unknown_command(name: &[u8], args: &mut dyn Iterator<Item = &[u8]>) -> Bytes {
-    let mut listed = String::new();
+    let mut listed: Vec<u8> = Vec::new();
     for a in args {
         if listed.len() >= 128 {
             break;
         }
         let room = 128 - listed.len();
         let a = until_nul(a);
-        let a = &a[..a.len().min(room)];
-        listed.push('\'');
-        listed.push_str(&String::from_utf8_lossy(a));
-        listed.push_str("' ");
+        listed.push(b'\'');
+        listed.extend_from_slice(&a[..a.len().min(room)]);
+        listed.extend_from_slice(b"' ");
     }
     let name = until_nul(name);
     let name = &name[..name.len().min(128)];
-    error(&format!(
-        "ERR unknown command '{}', with args beginning with: {}",
-        String::from_utf8_lossy(name),
-        listed
-    ))
+    error_bytes(&[
+        b"ERR unknown command '",
+        name,
+        b"', with args beginning with: ",
+        &listed,
+    ])
 }
 
 /// The bytes before the first NUL, as C's `%s` prints them.
@@ -124,11 +144,13 @@ fn until_nul(b: &[u8]) -> &[u8] {
 pub fn unknown_subcommand(container: &str, sub: &[u8]) -> Bytes {
     let sub = until_nul(sub);
     let sub = &sub[..sub.len().min(128)];
-    error(&format!(
-        "ERR unknown subcommand '{}'. Try {} HELP.",
-        String::from_utf8_lossy(sub),
-        container.to_ascii_uppercase()
-    ))
+    error_bytes(&[
+        b"ERR unknown subcommand '",
+        sub,
+        b"'. Try ",
+        container.to_ascii_uppercase().as_bytes(),
+        b" HELP.",
+    ])
 }
 
 /// `$<len>\r\n<bytes>\r\n`.

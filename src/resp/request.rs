@@ -244,11 +244,16 @@ impl RequestParser {
     /// An inline command: one line, split like `sdssplitargs`, re-encoded as multibulk.
     /// An empty line is consumed and ignored, as Redis does.
     fn parse_inline(&mut self, buf: &mut BytesMut) -> Result<Inline, ProtoError> {
-        let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
-            if buf.len() > INLINE_MAX {
-                return Err(ProtoError::TooBigInline);
+        // Redis finds the newline with `strchr`, which stops at a NUL byte: a line with a NUL
+        // before its newline never ends (until it is too big).
+        let nl = match buf.iter().position(|&b| b == b'\n' || b == 0) {
+            Some(i) if buf[i] == b'\n' => i,
+            _ => {
+                if buf.len() > INLINE_MAX {
+                    return Err(ProtoError::TooBigInline);
+                }
+                return Ok(Inline::Incomplete);
             }
-            return Ok(Inline::Incomplete);
         };
         let line = buf.split_to(nl + 1);
         let mut body = &line[..nl];
