@@ -110,6 +110,18 @@ SYNTHETIC = [
     ("client|no-touch", 3, ["noscript", "loading", "stale"], ["@slow", "@connection"]),
 ]
 
+# slotgate's own commands (not Redis's), answered by the proxy: (name, arity, flags, ACL
+# categories, key specs). SLOTGATE.INVALIDATE deletes keys and their read-through state;
+# SLOTGATE.STATUS reports a key's read-through state.
+PROXY_COMMANDS = [
+    ("slotgate.invalidate", -2, ["write"], ["@write", "@keyspace", "@slow"],
+     ["KeySpec { access: access::WRITE, begin: BeginSearch::Index(1), "
+      "find: FindKeys::Range { lastkey: -1, keystep: 1, limit: 0 } }"]),
+    ("slotgate.status", 2, ["readonly"], ["@read", "@keyspace", "@slow"],
+     ["KeySpec { access: access::READ, begin: BeginSearch::Index(1), "
+      "find: FindKeys::Range { lastkey: 0, keystep: 1, limit: 0 } }"]),
+]
+
 # Key specs replaced by hand: (command, spec index) -> (Rust KeySpec, the Redis spec it replaces).
 # SORT's STORE destination is an "unknown" spec in Redis 7.0 (STORE may appear anywhere), which
 # Redis resolves with its own `sortGetKeys`. Skipping it would route `SORT k STORE dst` by `k`
@@ -427,6 +439,15 @@ def main():
 
     keyless_refused = []
     assign_routes(commands, build_routes(), keyless_refused)
+
+    for name, arity, flag_names, acl_names, specs in PROXY_COMMANDS:
+        if name in by_name:
+            raise SystemExit("%s is a Redis command too" % name)
+        commands.append({
+            "name": name, "arity": arity, "flags": flag_names, "acl": acl_names,
+            "key_specs": specs, "subcommands": [], "route": "Route::Local",
+        })
+    commands.sort(key=lambda c: c["name"].encode())
 
     nsub = sum(len(c["subcommands"]) for c in commands)
     out = [

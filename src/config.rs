@@ -11,6 +11,7 @@ use serde::Deserialize;
 use std::sync::Arc;
 
 use crate::auth::{UserConfig, Users};
+use crate::readthrough::{RuleConfig, Rules};
 use crate::router::{LayoutError, SlotMap, parse_slot_ranges};
 use crate::tls::{CertSource, ReloadableCert, TlsError, UpstreamTls};
 
@@ -103,6 +104,14 @@ pub struct Cli {
     /// Name to verify in the shards' certificates (and send as SNI) [default: the shard's IP].
     #[arg(long)]
     pub upstream_tls_server_name: Option<String>,
+    /// A read-through rule `PREFIX=URL_TEMPLATE[;ttl=10m][;negative_ttl=30s][;timeout=500ms]
+    /// [;grace=0s][;name=N][;max_body=BYTES][;honor_max_age=true]`, repeatable. Replaces the
+    /// file's `[[readthrough]]` rules when given.
+    #[arg(long = "readthrough", value_name = "PREFIX=URL[;opt=v…]")]
+    pub readthrough: Vec<String>,
+    /// Admin HTTP listener (/metrics, /healthz, /readyz), or `none` [default: 127.0.0.1:9180].
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<String>,
     /// Validate the configuration (file plus flags) without contacting any shard, then exit.
     #[arg(long)]
     pub check_config: bool,
@@ -126,10 +135,12 @@ pub struct FileConfig {
     pub max_auth_failures: Option<u32>,
     pub maxclients: Option<usize>,
     pub idle_timeout: Option<String>,
+    pub admin_listen: Option<String>,
     pub tls: TlsFile,
     pub upstream: UpstreamFile,
     pub shards: Vec<ShardEntry>,
     pub users: Vec<UserConfig>,
+    pub readthrough: Vec<RuleConfig>,
 }
 
 /// The `[tls]` table.
@@ -192,6 +203,8 @@ pub enum ConfigError {
     Tls(#[from] TlsError),
     #[error("invalid users: {0}")]
     Users(String),
+    #[error("invalid read-through rule: {0}")]
+    ReadThrough(String),
 }
 
 /// A secret (password): never shown by `Debug`, logs or `--check-config`.
@@ -249,6 +262,8 @@ pub struct Settings {
     /// Per shard, in order.
     pub upstream_auth: Vec<Option<UpstreamAuth>>,
     pub upstream_tls: Option<UpstreamTls>,
+    pub readthrough: Arc<Rules>,
+    pub admin_listen: Option<SocketAddr>,
 }
 
 /// Parses `250ms`, `1s`, `1.5s`, `10m`, `1h`, `500us`.
@@ -368,6 +383,19 @@ impl Cli {
                 .or(f.idle_timeout)
                 .unwrap_or_else(|| "0s".into()),
             users: f.users,
+            readthrough: if self.readthrough.is_empty() {
+                Ok(f.readthrough)
+            } else {
+                self.readthrough
+                    .iter()
+                    .map(|s| RuleConfig::parse_flag(s))
+                    .collect()
+            },
+            admin_listen: self
+                .admin_listen
+                .clone()
+                .or(f.admin_listen)
+                .unwrap_or_else(|| "127.0.0.1:9180".into()),
             upstream_username: self.upstream_username.clone().or(f.upstream.username),
             upstream_password: self.upstream_password.clone().or(f.upstream.password),
             upstream_tls: self.upstream_tls || f.upstream.tls,
@@ -404,6 +432,8 @@ struct Merged {
     maxclients: usize,
     idle_timeout: String,
     users: Vec<UserConfig>,
+    readthrough: Result<Vec<RuleConfig>, String>,
+    admin_listen: String,
     upstream_username: Option<String>,
     upstream_password: Option<String>,
     upstream_tls: bool,
@@ -568,6 +598,16 @@ impl Merged {
         } else {
             None
         };
+        let rules = self
+            .readthrough
+            .clone()
+            .and_then(|r| Rules::build(&r))
+            .map_err(ConfigError::ReadThrough)?;
+        let admin_listen = if self.admin_listen.eq_ignore_ascii_case("none") {
+            None
+        } else {
+            Some(parse_addr("admin listen address", &self.admin_listen)?)
+        };
         Ok(Settings {
             listen,
             shards,
@@ -587,6 +627,8 @@ impl Merged {
             idle_timeout: (!idle.is_zero()).then_some(idle),
             upstream_auth,
             upstream_tls,
+            readthrough: Arc::new(rules),
+            admin_listen,
         })
     }
 

@@ -46,12 +46,15 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod admin;
 pub mod auth;
 pub mod command;
 pub mod config;
 pub mod fanout;
 pub mod local;
+pub mod metrics;
 pub mod queue;
+pub mod readthrough;
 pub mod resp;
 pub mod router;
 pub mod server;

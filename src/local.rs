@@ -11,9 +11,10 @@ use tokio::time::Instant;
 
 use crate::command::CommandSpec;
 use crate::fanout::GatherKind;
-use crate::resp::Request;
 use crate::resp::reply::{self, Aggregate, Proto};
 use crate::resp::request::parse_i64;
+use crate::resp::request::push_header;
+use crate::resp::{Limits, Parsed, Request, RequestParser};
 use crate::server::{ClientInfo, Shared};
 use crate::session::Session;
 
@@ -133,6 +134,8 @@ impl Session {
                     .collect();
                 self.reply(reply::verbatim(self.proto, text.as_bytes()));
             }
+            "slotgate.invalidate" => self.invalidate(req, now),
+            "slotgate.status" => self.cache_status(req, now),
             "acl|whoami" => self.reply(reply::bulk(self.user_name().as_bytes())),
             name if name == "cluster"
                 || name.starts_with("cluster|")
@@ -143,6 +146,69 @@ impl Session {
             // COMMAND …, CONFIG GET, and HELP texts: the shards' own answer.
             _ => self.forward(0, &req.raw, now),
         }
+    }
+
+    /// `SLOTGATE.INVALIDATE key [key …]`: deletes the keys (like DEL, split over the shards)
+    /// and ends their negative entries; a fill in flight for them will not store. (The write
+    /// notice happened in `dispatch`, as for every write command.) Replies the number deleted.
+    fn invalidate(&mut self, req: &Request<'_>, now: Instant) {
+        let mut b = bytes::BytesMut::with_capacity(req.raw.len());
+        push_header(&mut b, b'*', req.argc());
+        b.extend_from_slice(b"$3\r\nDEL\r\n");
+        for i in 1..req.argc() {
+            b.extend_from_slice(req.arg_frame(i));
+        }
+        let mut parser = RequestParser::new();
+        let del = crate::command::lookup(b"del").expect("DEL is in the table");
+        if let Ok(Parsed::Command(r)) = parser.parse(&mut b, &Limits::default(), true) {
+            self.scatter(del, &r, crate::command::Merge::SumIntegers, now);
+        }
+    }
+
+    /// `SLOTGATE.STATUS key`: the key's read-through state (hit, stale, miss, negative,
+    /// in-flight), its remaining TTL, and its age estimated from the rule's TTL.
+    fn cache_status(&mut self, req: &Request<'_>, now: Instant) {
+        let key = req.arg_bytes(1);
+        let rt = &self.w.shared.readthrough;
+        let rule = rt.rules.find(&key).cloned();
+        let in_flight = rt.in_flight(&key);
+        let negative = rt.negative_fresh(&key);
+        let proto = self.proto;
+        let build = move |parts: &[Bytes]| -> Bytes {
+            let Some(pttl) = parts
+                .first()
+                .and_then(|p| crate::resp::scan::reply_integer(p))
+            else {
+                return parts.first().cloned().unwrap_or_default();
+            };
+            let grace = rule.as_ref().map_or(0, |r| r.grace.as_millis() as i64);
+            let status = if in_flight {
+                "in-flight"
+            } else if pttl == -2 {
+                if negative { "negative" } else { "miss" }
+            } else if pttl >= 0 && pttl < grace {
+                "stale"
+            } else {
+                "hit"
+            };
+            let age = match &rule {
+                Some(r) if pttl >= 0 => ((r.ttl + r.grace).as_millis() as i64 - pttl).max(0),
+                _ => -1,
+            };
+            let mut m = Aggregate::map(proto, 4);
+            m.bulk(b"status").bulk(status.as_bytes());
+            m.bulk(b"rule");
+            match &rule {
+                Some(r) => m.bulk(r.name.as_bytes()),
+                None => m.raw(reply::null(proto)),
+            };
+            m.bulk(b"ttl_ms").integer(pttl);
+            m.bulk(b"age_ms").integer(age);
+            m.finish()
+        };
+        let shard = self.w.shared.settings.slot_map.shard_of(&key);
+        let raw = crate::readthrough::command(&[b"PTTL", &key]);
+        self.gather(GatherKind::Info(Box::new(build)), &[(shard, raw)], now);
     }
 
     /// This session's CLIENT LIST entry as it is now.
@@ -545,6 +611,39 @@ fn build_info(shared: &Arc<Shared>, wanted: &[String], up: &[bool], parts: &[Byt
                 settings.max_client_pipeline
             ),
         );
+    }
+    if want("readthrough") {
+        let rt = &shared.readthrough;
+        let (flights, negatives) = rt.sizes();
+        let mut body = format!(
+            "rules:{}\r\nfetches_tracked:{flights}\r\nnegative_entries:{negatives}\r\n",
+            rt.rules.iter().count()
+        );
+        for r in rt.rules.iter() {
+            let s = &r.stats;
+            let (hits, misses) = (s.hits.get(), s.misses.get());
+            let ratio = if hits + misses > 0 {
+                hits as f64 / (hits + misses) as f64
+            } else {
+                0.0
+            };
+            let avoided = hits + s.coalesced.get() + s.negative_hits.get() + s.stale_serves.get();
+            body.push_str(&format!(
+                "rule_{}:prefix={},hits={hits},misses={misses},hit_ratio={ratio:.4},\
+                 origin_requests={},origin_calls_avoided={avoided},coalesced={},\
+                 negative_hits={},stale_serves={},origin_errors={},bytes_loaded={},stored={}\r\n",
+                r.name,
+                String::from_utf8_lossy(&r.prefix),
+                s.origin_requests.get(),
+                s.coalesced.get(),
+                s.negative_hits.get(),
+                s.stale_serves.get(),
+                s.origin_errors.get(),
+                s.bytes_loaded.get(),
+                s.stored.get()
+            ));
+        }
+        section("Readthrough", body);
     }
     if want("shards") {
         let mut body = String::new();

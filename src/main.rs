@@ -8,6 +8,8 @@ use slotgate::config::Cli;
 fn main() {
     slotgate::tls::install_default_provider();
     let cli = Cli::parse();
+    // Before the settings: read-through rules register their metrics as they are built.
+    let prometheus = slotgate::metrics::install();
     let settings = match cli.settings() {
         Ok(s) => s,
         Err(e) => {
@@ -44,7 +46,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    if let Err(e) = slotgate::server::run(settings) {
+    if let Err(e) = slotgate::server::run(settings, prometheus) {
         eprintln!("slotgate: {e}");
         std::process::exit(1);
     }

@@ -119,6 +119,17 @@ impl ReplyQueue {
         self.len() == 0
     }
 
+    /// The sequence number the next slot will get.
+    pub fn next_seq(&self) -> u64 {
+        let q = self.inner.borrow();
+        q.base + q.slots.len() as u64
+    }
+
+    /// The sequence number of the oldest reply not yet written.
+    pub fn base(&self) -> u64 {
+        self.inner.borrow().base
+    }
+
     /// Commands still waiting for a shard.
     pub fn waiting(&self) -> usize {
         self.inner.borrow().waiting
@@ -137,6 +148,13 @@ pub enum Target {
     Discard,
     /// The connection's handshake (AUTH / HELLO): an error reply fails the connection.
     Handshake,
+    /// A GET of a read-through key: a nil reply starts the origin fetch.
+    ReadThrough(Box<crate::readthrough::PendingGet>),
+    /// One shard's part of an MGET that includes read-through keys.
+    ReadThroughMget {
+        state: Rc<RefCell<crate::readthrough::PendingMget>>,
+        part: usize,
+    },
 }
 
 impl Target {
@@ -145,6 +163,10 @@ impl Target {
         match self {
             Target::Client { queue, seq, part } => queue.deliver(seq, part, reply),
             Target::Discard | Target::Handshake => {}
+            Target::ReadThrough(get) => get.on_reply(reply),
+            Target::ReadThroughMget { state, part } => {
+                crate::readthrough::PendingMget::on_part(state, part, reply)
+            }
         }
     }
 }

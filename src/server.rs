@@ -17,8 +17,12 @@ use std::time::{Instant, SystemTime};
 use tokio::sync::mpsc;
 
 use crate::config::Settings;
+use crate::metrics::WorkerMetrics;
+use crate::readthrough::ReadThrough;
+use crate::readthrough::origin::OriginClient;
 use crate::shard::{Pools, UpstreamConfig};
 use crate::tls::ReloadableCert;
+use metrics_exporter_prometheus::PrometheusHandle;
 
 /// State shared by every worker. Cloning the `Arc` is the only cost of access.
 pub struct Shared {
@@ -35,6 +39,14 @@ pub struct Shared {
     pub clients: Mutex<HashMap<u64, ClientInfo>>,
     /// The plain listener's bound address (known after bind).
     pub listen_addr: OnceLock<SocketAddr>,
+    /// Read-through rules, fetches in flight and negative entries (shared by the workers).
+    pub readthrough: ReadThrough,
+    /// The Prometheus registry's handle, when metrics are installed.
+    pub prometheus: Option<PrometheusHandle>,
+    /// Per shard: RESP2 upstream connections up, over all workers (for /readyz).
+    pub shard_up: Vec<Arc<AtomicUsize>>,
+    /// `[worker][shard]`: requests in flight, published by each worker once a second.
+    pub inflight: Vec<Vec<AtomicUsize>>,
 }
 
 /// Process-wide counters (relaxed atomics; each is written by many workers only rarely, or is
@@ -61,8 +73,16 @@ pub struct ClientInfo {
 }
 
 impl Shared {
-    pub fn new(settings: Settings) -> Arc<Self> {
+    pub fn new(settings: Settings, prometheus: Option<PrometheusHandle>) -> Arc<Self> {
+        let shards = settings.shards.len();
+        let readthrough = ReadThrough::new(settings.readthrough.clone(), settings.op_timeout * 2);
         Arc::new(Shared {
+            readthrough,
+            prometheus,
+            shard_up: (0..shards).map(|_| Arc::new(AtomicUsize::new(0))).collect(),
+            inflight: (0..settings.workers)
+                .map(|_| (0..shards).map(|_| AtomicUsize::new(0)).collect())
+                .collect(),
             settings,
             started: Instant::now(),
             started_wall: SystemTime::now(),
@@ -78,6 +98,18 @@ impl Shared {
     pub fn connected_clients(&self) -> usize {
         self.clients.lock().map(|c| c.len()).unwrap_or(0)
     }
+
+    /// Shards that do not have all their RESP2 connections up (empty when ready).
+    pub fn shards_down(&self) -> Vec<String> {
+        let expected = self.settings.workers * self.settings.upstream_connections;
+        self.settings
+            .shards
+            .iter()
+            .zip(&self.shard_up)
+            .filter(|(_, up)| up.load(Ordering::Relaxed) < expected)
+            .map(|(a, _)| a.to_string())
+            .collect()
+    }
 }
 
 /// One worker thread's state: the shared settings plus its own shard connections.
@@ -87,6 +119,10 @@ pub struct Worker {
     pub pools: Pools,
     /// Commands processed by this worker, flushed into `Stats` now and then.
     pub commands: std::cell::Cell<u64>,
+    /// This worker's HTTP client for read-through origins.
+    pub origin: OriginClient,
+    /// Per-command counters, published once a second.
+    pub metrics: WorkerMetrics,
 }
 
 impl Worker {
@@ -96,12 +132,14 @@ impl Worker {
             .shards
             .iter()
             .zip(&s.upstream_auth)
-            .map(|(&addr, auth)| {
+            .zip(&shared.shard_up)
+            .map(|((&addr, auth), up)| {
                 let cfg = UpstreamConfig {
                     op_timeout: s.op_timeout,
                     max_inflight: s.max_inflight_per_connection,
                     auth: auth.clone(),
                     tls: s.upstream_tls.clone(),
+                    up: up.clone(),
                 };
                 (addr, cfg)
             })
@@ -112,7 +150,57 @@ impl Worker {
             shared,
             pools,
             commands: std::cell::Cell::new(0),
+            origin: OriginClient::new(),
+            metrics: WorkerMetrics::default(),
         })
+    }
+
+    /// Sends one request of the proxy's own to `shard` and waits for its reply (read-through
+    /// stores, INFO probes). Uses the same pipelined connections as clients.
+    pub async fn request(&self, shard: usize, raw: &[u8]) -> bytes::Bytes {
+        use crate::queue::{ReplyQueue, Slot, Target};
+        let queue = ReplyQueue::new();
+        let seq = queue.push_waiting(Slot::Waiting);
+        let target = Target::Client {
+            queue: queue.clone(),
+            seq,
+            part: 0,
+        };
+        self.pools.get(crate::resp::Proto::Resp2, shard, 0).send(
+            raw,
+            target,
+            tokio::time::Instant::now(),
+        );
+        while queue.waiting() > 0 {
+            queue.notify.notified().await;
+        }
+        let mut out = bytes::BytesMut::new();
+        queue.drain_ready(&mut out);
+        out.freeze()
+    }
+
+    /// Once a second: publish counters, per-shard in-flight depth, and (worker 0) sweep the
+    /// read-through tables.
+    async fn tick(self: Rc<Self>) {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            every.tick().await;
+            let c = self.commands.replace(0);
+            self.shared
+                .stats
+                .commands_processed
+                .fetch_add(c, Ordering::Relaxed);
+            self.metrics.publish();
+            for (i, n) in self.pools.pending_per_shard().into_iter().enumerate() {
+                self.shared.inflight[self.id][i].store(n, Ordering::Relaxed);
+            }
+            if self.id == 0 {
+                self.shared.readthrough.sweep();
+                if let Some(h) = &self.shared.prometheus {
+                    h.run_upkeep();
+                }
+            }
+        }
     }
 
     /// Counts processed commands; publishes to the shared counter every 256 to keep atomics
@@ -153,9 +241,9 @@ pub enum Incoming {
 }
 
 /// Runs the proxy until SIGINT/SIGTERM.
-pub fn run(settings: Settings) -> Result<(), StartError> {
+pub fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> Result<(), StartError> {
     let workers = settings.workers;
-    let shared = Shared::new(settings);
+    let shared = Shared::new(settings, prometheus);
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -176,6 +264,10 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     if plain.is_none() && tls.is_none() {
         return Err(StartError::NoListener);
     }
+    let admin = match shared.settings.admin_listen {
+        Some(a) => Some(bind(a)?),
+        None => None,
+    };
     if let Some(a) = plain.as_ref().and_then(|l| l.local_addr().ok()) {
         let _ = shared.listen_addr.set(a);
     }
@@ -199,6 +291,9 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     );
 
     rt.block_on(async move {
+        if let Some(l) = admin {
+            tokio::spawn(crate::admin::serve(l, shared.clone()));
+        }
         if let Some(t) = &shared.settings.tls {
             if let Some(fp) = &t.cert.self_signed_fingerprint {
                 tracing::warn!(
@@ -320,6 +415,7 @@ fn worker_main(id: usize, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<I
         if id == 0 {
             tokio::task::spawn_local(learn_redis_version(worker.clone()));
         }
+        tokio::task::spawn_local(worker.clone().tick());
         let tls = worker
             .shared
             .settings
@@ -344,28 +440,12 @@ fn worker_main(id: usize, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<I
 
 /// Asks a shard for its `redis_version` (reported by HELLO and INFO) until one answers.
 async fn learn_redis_version(worker: Rc<Worker>) {
-    use crate::queue::{ReplyQueue, Slot, Target};
     let shards = worker.shared.settings.shards.len();
     for attempt in 0usize.. {
-        let queue = ReplyQueue::new();
-        let seq = queue.push_waiting(Slot::Waiting);
-        let up = worker
-            .pools
-            .get(crate::resp::Proto::Resp2, attempt % shards, 0);
-        let target = Target::Client {
-            queue: queue.clone(),
-            seq,
-            part: 0,
-        };
-        up.send(
-            b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n",
-            target,
-            tokio::time::Instant::now(),
-        );
-        queue.notify.notified().await;
-        let mut out = bytes::BytesMut::new();
-        queue.drain_ready(&mut out);
-        let text = String::from_utf8_lossy(&out);
+        let reply = worker
+            .request(attempt % shards, b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
+            .await;
+        let text = String::from_utf8_lossy(&reply);
         if let Some(v) = text.lines().find_map(|l| l.strip_prefix("redis_version:")) {
             let _ = worker.shared.redis_version.set(v.trim().to_string());
             return;

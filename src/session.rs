@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use crate::auth::User;
+use crate::readthrough::{self, PendingGet, PendingMget, Rule};
 
 use crate::command::{self, CommandSpec, Merge, Route, flags, keys};
 use crate::fanout::{Gather, GatherKind};
@@ -59,6 +60,10 @@ pub struct Session {
     restricted: bool,
     /// Consecutive failed AUTH attempts.
     pub(crate) auth_failures: u32,
+    /// Commands whose latency is being measured: (reply sequence number, start, name).
+    sampled: std::collections::VecDeque<(u64, std::time::Instant, &'static str)>,
+    /// Commands dispatched, for sampling one in `metrics::SAMPLE_EVERY`.
+    dispatched: u64,
     /// QUIT or a protocol error: write what is queued, then close.
     pub(crate) closing: bool,
     /// The protocol changed (HELLO/RESET): wait for in-flight replies before the next command,
@@ -153,6 +158,8 @@ where
         user: None,
         restricted: false,
         auth_failures: 0,
+        sampled: std::collections::VecDeque::new(),
+        dispatched: 0,
         w,
     };
     if !users.auth_required() {
@@ -171,7 +178,9 @@ where
     let mut eof = false;
     loop {
         s.process(&mut parser, &mut rbuf, &limits);
-        s.queue.drain_ready(&mut out);
+        if s.queue.drain_ready(&mut out) > 0 && !s.sampled.is_empty() {
+            s.record_latencies();
+        }
         if !out.is_empty() {
             if wr.write_all(&out).await.is_err() || wr.flush().await.is_err() {
                 break;
@@ -333,6 +342,16 @@ impl Session {
         {
             return self.reply(denied);
         }
+        self.w.metrics.command(spec.name);
+        self.dispatched += 1;
+        if self.dispatched.is_multiple_of(crate::metrics::SAMPLE_EVERY) {
+            let seq = self.queue.next_seq();
+            self.sampled
+                .push_back((seq, std::time::Instant::now(), spec.name));
+        }
+        if spec.has(flags::WRITE) && !self.w.shared.readthrough.rules.is_empty() {
+            self.note_writes(spec, req);
+        }
         match spec.route {
             Route::Single => self.single(spec, req, now),
             Route::Local => self.local(spec, req, now),
@@ -341,6 +360,19 @@ impl Session {
             Route::AllShards(m) => self.all_shards(spec, req, m, now),
             Route::Refused => self.reply(reply::not_allowed(spec.name)),
             Route::NotYet => self.reply(reply::not_yet(spec.name)),
+        }
+    }
+
+    /// Records the latency of sampled commands whose replies are now written.
+    fn record_latencies(&mut self) {
+        let base = self.queue.base();
+        while let Some(&(seq, start, name)) = self.sampled.front() {
+            if seq >= base {
+                break;
+            }
+            metrics::histogram!(crate::metrics::COMMAND_DURATION, "command" => name)
+                .record(start.elapsed().as_secs_f64());
+            self.sampled.pop_front();
         }
     }
 
@@ -399,6 +431,12 @@ impl Session {
         match self.slot_of(spec, req) {
             Ok(Some(slot)) => {
                 let shard = self.w.shared.settings.slot_map.shard_of_slot(slot);
+                if spec.name == "get"
+                    && let Some(rule) = self.w.shared.readthrough.rules.find(req.arg(1))
+                {
+                    let rule = rule.clone();
+                    return self.get_readthrough(shard, &rule, req, now);
+                }
                 self.forward(shard, &req.raw, now)
             }
             // No keys, or key positions undeterminable: any shard answers (its own error).
@@ -460,7 +498,13 @@ impl Session {
 
     /// MGET, MSET, DEL, EXISTS, UNLINK, TOUCH: split by shard, merged in key order / summed /
     /// `+OK`. When every key is on one shard, the original bytes are forwarded as they are.
-    fn scatter(&mut self, spec: &CommandSpec, req: &Request<'_>, merge: Merge, now: Instant) {
+    pub(crate) fn scatter(
+        &mut self,
+        spec: &CommandSpec,
+        req: &Request<'_>,
+        merge: Merge,
+        now: Instant,
+    ) {
         // MSET takes key-value pairs; the others take keys.
         let step = if merge == Merge::AllOk { 2 } else { 1 };
         let argc = req.argc();
@@ -476,7 +520,11 @@ impl Session {
             same &= self.keys.first().is_none_or(|&f| f == shard);
             self.keys.push(shard);
         }
-        if same {
+        let rules = &self.w.shared.readthrough.rules;
+        let readthrough = merge == Merge::ArrayInOrder
+            && !rules.is_empty()
+            && (1..argc).any(|i| rules.find(req.arg(i)).is_some());
+        if same && !readthrough {
             let shard = self.keys[0];
             return self.forward(shard, &req.raw, now);
         }
@@ -502,6 +550,9 @@ impl Session {
             parts.push((shard, b.freeze()));
             used_positions.push(pos);
         }
+        if readthrough {
+            return self.mget_readthrough(req, &parts, used_positions, now);
+        }
         let kind = match merge {
             Merge::ArrayInOrder => GatherKind::ArrayInOrder {
                 positions: used_positions,
@@ -510,6 +561,73 @@ impl Session {
             m => GatherKind::from_merge(m).unwrap_or(GatherKind::AllOk),
         };
         self.gather(kind, &parts, now);
+    }
+
+    /// A GET of a read-through key: forwarded like any GET (or as the value+PTTL script for
+    /// rules with a grace period); a nil reply becomes an origin fetch (see `readthrough`).
+    fn get_readthrough(&mut self, shard: usize, rule: &Arc<Rule>, req: &Request<'_>, now: Instant) {
+        let key = req.arg_bytes(1);
+        let script = readthrough::get_request(rule, &key);
+        let seq = self.queue.push_waiting(Slot::Waiting);
+        let pending = Box::new(PendingGet {
+            w: self.w.clone(),
+            queue: self.queue.clone(),
+            seq,
+            rule: rule.clone(),
+            sent_at: now.into_std(),
+            proto: self.proto,
+            with_pttl: script.is_some(),
+            key,
+        });
+        let up = self.w.pools.get(self.proto, shard, self.conn);
+        let raw = script.as_deref().unwrap_or(&req.raw);
+        up.send(raw, Target::ReadThrough(pending), now);
+    }
+
+    /// An MGET with read-through keys: its shard parts are sent now (so it keeps its place
+    /// among this client's commands); misses are filled when every part has arrived.
+    fn mget_readthrough(
+        &mut self,
+        req: &Request<'_>,
+        parts: &[(usize, Bytes)],
+        positions: Vec<Vec<u32>>,
+        now: Instant,
+    ) {
+        let seq = self.queue.push_waiting(Slot::Waiting);
+        let state = Rc::new(std::cell::RefCell::new(PendingMget {
+            w: self.w.clone(),
+            queue: self.queue.clone(),
+            seq,
+            proto: self.proto,
+            sent_at: now.into_std(),
+            keys: (1..req.argc()).map(|i| req.arg_bytes(i)).collect(),
+            positions,
+            parts: vec![None; parts.len()],
+            missing: parts.len(),
+        }));
+        for (i, (shard, raw)) in parts.iter().enumerate() {
+            let up = self.w.pools.get(self.proto, *shard, self.conn);
+            let target = Target::ReadThroughMget {
+                state: state.clone(),
+                part: i,
+            };
+            up.send(raw, target, now);
+        }
+    }
+
+    /// A write through slotgate to read-through keys: an in-flight fill of them must not
+    /// store its (older) value, and their negative entries end.
+    fn note_writes(&mut self, spec: &CommandSpec, req: &Request<'_>) {
+        let rt = &self.w.shared.readthrough;
+        self.keys.clear();
+        if keys::key_indices(spec, req.argc(), |i| req.arg(i), &mut self.keys).is_err() {
+            return;
+        }
+        for &i in &self.keys {
+            if rt.rules.find(req.arg(i)).is_some() {
+                rt.note_write(req.arg(i));
+            }
+        }
     }
 
     /// DBSIZE, KEYS, FLUSHDB, FLUSHALL, CONFIG SET/RESETSTAT, SCAN, RANDOMKEY.

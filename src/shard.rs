@@ -20,6 +20,8 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -52,6 +54,8 @@ pub struct UpstreamConfig {
     pub auth: Option<UpstreamAuth>,
     /// TLS to the shard.
     pub tls: Option<UpstreamTls>,
+    /// Counts this shard's RESP2 connections that are up, over all workers (readiness).
+    pub up: Arc<AtomicUsize>,
 }
 
 /// A request waiting for its reply.
@@ -136,6 +140,11 @@ impl Upstream {
         self.st.borrow().connected
     }
 
+    /// Requests queued or in flight on this connection.
+    pub fn pending(&self) -> usize {
+        self.st.borrow().pending.len()
+    }
+
     /// Queues one request (`raw` is a complete RESP command) whose reply goes to `target`.
     /// Fails it at once when the connection has too many requests in flight.
     pub fn send(&self, raw: &[u8], target: Target, now: Instant) {
@@ -176,6 +185,8 @@ impl Upstream {
         if failed.is_empty() {
             return;
         }
+        metrics::counter!(crate::metrics::SHARD_ERRORS, "shard" => self.label.clone())
+            .increment(failed.len() as u64);
         let err = reply::shard_unavailable(&self.label, why);
         for p in failed {
             p.target.deliver(err.clone());
@@ -315,10 +326,20 @@ impl Upstream {
         }
         // Whatever was queued while connecting is written now.
         self.wake_writer.notify_one();
-        tokio::select! {
+        let counted = self.proto == Proto::Resp2;
+        if counted {
+            self.cfg.up.fetch_add(1, Ordering::Relaxed);
+        }
+        let fault = tokio::select! {
             f = self.read_loop(rd) => f,
             f = self.write_loop(wr) => f,
+        };
+        if counted {
+            self.cfg.up.fetch_sub(1, Ordering::Relaxed);
         }
+        metrics::counter!(crate::metrics::SHARD_RECONNECTS, "shard" => self.label.clone())
+            .increment(1);
+        fault
     }
 
     async fn write_loop<W: AsyncWrite + Unpin>(&self, mut wr: W) -> Fault {
@@ -481,6 +502,20 @@ impl Pools {
                 pools[shard][conn % self.per_shard].clone()
             }
         }
+    }
+
+    /// Requests in flight per shard on this worker (all connections, both protocols).
+    pub fn pending_per_shard(&self) -> Vec<usize> {
+        let r3 = self.resp3.borrow();
+        (0..self.resp2.len())
+            .map(|s| {
+                let a: usize = self.resp2[s].iter().map(|c| c.pending()).sum();
+                let b: usize = r3
+                    .as_ref()
+                    .map_or(0, |g| g[s].iter().map(|c| c.pending()).sum());
+                a + b
+            })
+            .collect()
     }
 
     /// Whether every RESP2 connection is up (used by INFO and readiness).

@@ -223,20 +223,30 @@ fn table_matches_command_info() {
     let redis = RedisServer::start();
     let mut con = redis.client();
 
+    // slotgate's own commands (SLOTGATE.*) are not Redis's.
+    let redis_rows: Vec<&CommandSpec> = COMMANDS
+        .iter()
+        .filter(|c| !c.name.starts_with("slotgate."))
+        .collect();
+    assert_eq!(
+        COMMANDS.len() - redis_rows.len(),
+        2,
+        "SLOTGATE.INVALIDATE and STATUS"
+    );
     let count: i64 = redis::cmd("COMMAND").arg("COUNT").query(&mut con).unwrap();
-    assert_eq!(COMMANDS.len() as i64, count, "top-level command count");
+    assert_eq!(redis_rows.len() as i64, count, "top-level command count");
 
     let mut info = redis::cmd("COMMAND");
     info.arg("INFO");
-    for row in COMMANDS {
+    for row in &redis_rows {
         info.arg(row.name);
     }
     let reply: Value = info.query(&mut con).unwrap();
     let reply = array(&reply);
-    assert_eq!(reply.len(), COMMANDS.len());
+    assert_eq!(reply.len(), redis_rows.len());
 
     let mut problems = Vec::new();
-    for (row, entry) in COMMANDS.iter().zip(reply) {
+    for (row, entry) in redis_rows.iter().copied().zip(reply) {
         if *entry == Value::Nil {
             problems.push(format!("{}: unknown to Redis", row.name));
         } else {

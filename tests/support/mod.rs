@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod origin;
 pub mod tls;
 
 use std::io::{Read, Write};
@@ -247,6 +248,9 @@ impl Slotgate {
         }
         if !extra.contains(&"--workers") {
             cmd.args(["--workers", "1"]);
+        }
+        if !extra.contains(&"--admin-listen") {
+            cmd.args(["--admin-listen", "none"]);
         }
         if !extra.contains(&"--log-level") {
             cmd.args(["--log-level", "warn"]);

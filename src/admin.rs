@@ -1,0 +1,103 @@
+//! The admin HTTP listener: `/metrics` (Prometheus text), `/healthz` (the process answers),
+//! `/readyz` (every shard has all its connections up). HTTP/1.1 with hyper, on the
+//! acceptor's runtime; never on a worker.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use tokio::net::TcpListener;
+
+use crate::metrics as m;
+use crate::server::Shared;
+
+/// Serves admin requests until the process exits.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!("admin accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(handle(&shared, req.uri().path())) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await;
+        });
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn handle(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
+    match path {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => {
+            let down = shared.shards_down();
+            if down.is_empty() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "not ready: shard(s) without connections: {}\n",
+                        down.join(", ")
+                    ),
+                )
+            }
+        }
+        "/metrics" => match &shared.prometheus {
+            Some(h) => {
+                refresh_gauges(shared);
+                text(StatusCode::OK, h.render())
+            }
+            None => text(StatusCode::NOT_FOUND, "metrics are not enabled\n"),
+        },
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: /metrics /healthz /readyz\n",
+        ),
+    }
+}
+
+/// Copies the process counters and gauges kept as atomics into the registry.
+fn refresh_gauges(shared: &Shared) {
+    let st = &shared.stats;
+    metrics::gauge!(m::CONNECTIONS).set(shared.connected.load(Ordering::Relaxed) as f64);
+    metrics::counter!(m::CONNECTIONS_TOTAL)
+        .absolute(st.connections_received.load(Ordering::Relaxed));
+    metrics::counter!(m::REJECTED).absolute(st.rejected_connections.load(Ordering::Relaxed));
+    metrics::counter!(m::AUTH_FAILURES).absolute(st.auth_failures.load(Ordering::Relaxed));
+    let expected = shared.settings.workers * shared.settings.upstream_connections;
+    for (i, addr) in shared.settings.shards.iter().enumerate() {
+        let shard = addr.to_string();
+        let up = shared.shard_up[i].load(Ordering::Relaxed) >= expected;
+        metrics::gauge!(m::SHARD_UP, "shard" => shard.clone()).set(if up { 1.0 } else { 0.0 });
+        let inflight: usize = shared
+            .inflight
+            .iter()
+            .map(|w| w[i].load(Ordering::Relaxed))
+            .sum();
+        metrics::gauge!(m::SHARD_INFLIGHT, "shard" => shard).set(inflight as f64);
+    }
+}

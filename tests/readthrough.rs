@@ -1,0 +1,732 @@
+//! Read-through from a real HTTP origin on loopback, in front of real shards.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::origin::{Origin, Reply, close, hang};
+use support::*;
+
+fn read_replies(conn: &mut RawConn, n: usize) -> Vec<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    let mut scanner = slotgate::resp::ReplyScanner::new();
+    let mut chunk = [0u8; 65536];
+    while out.len() < n {
+        if let Some(f) = scanner.scan(&buf).expect("valid RESP") {
+            out.push(buf.drain(..f.len).collect());
+            continue;
+        }
+        let got = conn
+            .stream
+            .read(&mut chunk)
+            .expect("reply within the timeout");
+        assert!(got > 0, "connection closed after {} replies", out.len());
+        buf.extend_from_slice(&chunk[..got]);
+    }
+    out
+}
+
+fn call(conn: &mut RawConn, args: &[&[u8]]) -> Vec<u8> {
+    conn.send(&resp(args));
+    read_replies(conn, 1).remove(0)
+}
+
+fn bulk(v: &str) -> Vec<u8> {
+    format!("${}\r\n{v}\r\n", v.len()).into_bytes()
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into()
+}
+
+/// Three shards, an origin, and slotgate with one rule for `label:` (extra options appended).
+struct Setup {
+    // Dropped in this order: the proxy first, so it does not log the shards going away.
+    proxy: Slotgate,
+    origin: Origin,
+    shards: Vec<RedisServer>,
+    admin_port: u16,
+}
+
+impl Setup {
+    fn new(rule_opts: &str, origin: Origin) -> Setup {
+        Self::with_args(rule_opts, origin, &[])
+    }
+
+    fn with_args(rule_opts: &str, origin: Origin, extra: &[&str]) -> Setup {
+        let shards: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+        let refs: Vec<&RedisServer> = shards.iter().collect();
+        let rule = format!("label:={}{rule_opts}", origin.url("/labels/{rest}"));
+        let admin_port = free_port();
+        let admin = format!("127.0.0.1:{admin_port}");
+        let mut args = vec!["--readthrough", &rule, "--admin-listen", &admin];
+        args.extend_from_slice(extra);
+        let proxy = Slotgate::start_with(&refs, &args);
+        wait_for_own_port(admin_port, proxy.pid());
+        Setup {
+            shards,
+            origin,
+            proxy,
+            admin_port,
+        }
+    }
+
+    /// The shard that owns `key` (direct connection).
+    fn owner(&self, key: &str) -> redis::Connection {
+        let slot = slotgate::router::slot(key.as_bytes()) as usize;
+        let i = slot * self.shards.len() / 16384;
+        // Even split: shard i owns i*16384/n ..= (i+1)*16384/n - 1.
+        let i = (0..self.shards.len())
+            .find(|&s| {
+                slot >= s * 16384 / self.shards.len() && slot < (s + 1) * 16384 / self.shards.len()
+            })
+            .unwrap_or(i);
+        self.shards[i].client()
+    }
+
+    fn metrics(&self) -> String {
+        http_get(self.admin_port, "/metrics").1
+    }
+}
+
+/// A bare HTTP/1.0 GET: (status, body).
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    (status, body)
+}
+
+/// The value of a Prometheus sample `name{labels…}` whose labels contain `rule`.
+fn metric(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with('{') && l.contains(label))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn a_miss_is_loaded_stored_with_its_ttl_and_then_hits() {
+    let s = Setup::new(
+        ";ttl=60s",
+        Origin::start(|p| Reply::ok(format!("{{\"path\":\"{p}\"}}"))),
+    );
+    let mut c = s.proxy.raw();
+    let want = bulk("{\"path\":\"/labels/PO12345\"}");
+    assert_eq!(call(&mut c, &[b"GET", b"label:PO12345"]), want);
+    assert_eq!(s.origin.requests(), 1);
+    assert_eq!(call(&mut c, &[b"GET", b"label:PO12345"]), want, "hit");
+    assert_eq!(s.origin.requests(), 1, "the second GET is a hit");
+    // Stored in the shard that owns the slot, with the rule's TTL.
+    let mut owner = s.owner("label:PO12345");
+    let v: String = redis::cmd("GET")
+        .arg("label:PO12345")
+        .query(&mut owner)
+        .unwrap();
+    assert_eq!(v, "{\"path\":\"/labels/PO12345\"}");
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg("label:PO12345")
+        .query(&mut owner)
+        .unwrap();
+    assert!((59_000..=60_000).contains(&pttl), "pttl {pttl}");
+    // Keys outside the rule are plain misses; `{rest}` is percent-encoded.
+    assert_eq!(call(&mut c, &[b"GET", b"other:1"]), b"$-1\r\n");
+    assert_eq!(
+        call(&mut c, &[b"GET", b"label:a b/c"]),
+        bulk("{\"path\":\"/labels/a%20b%2Fc\"}")
+    );
+    assert!(s.origin.paths().contains(&"/labels/a%20b%2Fc".to_string()));
+    assert_eq!(s.origin.requests(), 2);
+}
+
+#[test]
+fn a_stampede_makes_one_origin_request_and_all_get_the_value() {
+    let s = Setup::with_args(
+        ";ttl=60s;timeout=5s",
+        Origin::start(|_| Reply::ok("payload").delay(Duration::from_millis(200))),
+        &["--workers", "2"],
+    );
+    // 1,000 concurrent GETs: 100 connections (spread over both workers) × 10 pipelined.
+    let port = s.proxy.port;
+    let barrier = Arc::new(std::sync::Barrier::new(100));
+    let threads: Vec<_> = (0..100)
+        .map(|_| {
+            let b = barrier.clone();
+            std::thread::spawn(move || {
+                let mut c = RawConn::connect(port);
+                b.wait();
+                c.send(&resp(&[b"GET", b"label:hot"]).repeat(10));
+                read_replies(&mut c, 10)
+            })
+        })
+        .collect();
+    let mut n = 0;
+    for t in threads {
+        for r in t.join().unwrap() {
+            assert_eq!(r, bulk("payload"));
+            n += 1;
+        }
+    }
+    assert_eq!(n, 1000);
+    assert_eq!(
+        s.origin.requests(),
+        1,
+        "exactly one origin request for 1,000 misses"
+    );
+    let m = s.metrics();
+    let req = metric(
+        &m,
+        "slotgate_readthrough_origin_requests_total",
+        "rule=\"label:\"",
+    );
+    let coalesced = metric(
+        &m,
+        "slotgate_readthrough_coalesced_total",
+        "rule=\"label:\"",
+    );
+    let misses = metric(&m, "slotgate_readthrough_misses_total", "rule=\"label:\"");
+    let hits = metric(&m, "slotgate_readthrough_hits_total", "rule=\"label:\"");
+    assert_eq!(req, 1.0, "{m}");
+    assert_eq!(hits + misses, 1000.0);
+    assert_eq!(
+        coalesced,
+        misses - 1.0,
+        "every miss but the leader coalesced"
+    );
+    assert!(coalesced >= 99.0, "GETs that raced the fill: {coalesced}");
+
+    // K keys × M waiters → exactly K origin requests.
+    let before = s.origin.requests();
+    let threads: Vec<_> = (0..50)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut c = RawConn::connect(port);
+                let mut wire = Vec::new();
+                for k in 0..10 {
+                    wire.extend(resp(&[b"GET", format!("label:k{k}").as_bytes()]));
+                }
+                c.send(&wire);
+                (t, read_replies(&mut c, 10))
+            })
+        })
+        .collect();
+    for t in threads {
+        let (_, replies) = t.join().unwrap();
+        assert!(replies.iter().all(|r| r == &bulk("payload")));
+    }
+    assert_eq!(
+        s.origin.requests() - before,
+        10,
+        "10 keys × 50 waiters → 10 requests"
+    );
+}
+
+#[test]
+fn negative_results_are_cached_and_a_client_write_ends_them() {
+    let s = Setup::new(
+        ";negative_ttl=30s",
+        Origin::start(|p| {
+            if p.ends_with("/gone") {
+                Reply::status(410)
+            } else {
+                Reply::status(404)
+            }
+        }),
+    );
+    let mut c = s.proxy.raw();
+    assert_eq!(call(&mut c, &[b"GET", b"label:missing"]), b"$-1\r\n");
+    assert_eq!(call(&mut c, &[b"GET", b"label:missing"]), b"$-1\r\n");
+    assert_eq!(call(&mut c, &[b"GET", b"label:gone"]), b"$-1\r\n");
+    assert_eq!(
+        s.origin.requests(),
+        2,
+        "the repeated GET was a negative hit"
+    );
+    assert_eq!(
+        call(&mut c, &[b"SET", b"label:missing", b"now"]),
+        b"+OK\r\n"
+    );
+    assert_eq!(call(&mut c, &[b"GET", b"label:missing"]), bulk("now"));
+    assert_eq!(call(&mut c, &[b"DEL", b"label:missing"]), b":1\r\n");
+    assert_eq!(call(&mut c, &[b"GET", b"label:missing"]), b"$-1\r\n");
+    assert_eq!(s.origin.requests(), 3, "the write ended the negative entry");
+    let m = s.metrics();
+    assert_eq!(
+        metric(&m, "slotgate_readthrough_negative_hits_total", "label:"),
+        1.0
+    );
+}
+
+#[test]
+fn origin_errors_are_clear_and_nothing_is_stored() {
+    let s = Setup::new(
+        ";timeout=300ms;max_body=1000",
+        Origin::start(|p| match p {
+            "/labels/e500" => Reply::status(503),
+            "/labels/hang" => hang(),
+            "/labels/close" => close(),
+            "/labels/big" => Reply::ok(vec![b'x'; 5000]),
+            "/labels/nostore" => Reply::ok("fresh").header("Cache-Control", "no-store"),
+            _ => Reply::ok("v"),
+        }),
+    );
+    let mut c = s.proxy.raw();
+    assert_eq!(
+        lossy(&call(&mut c, &[b"GET", b"label:e500"])),
+        "-ERR origin failed for rule 'label:': HTTP 503\r\n"
+    );
+    assert_eq!(
+        lossy(&call(&mut c, &[b"GET", b"label:big"])),
+        "-ERR origin failed for rule 'label:': body larger than 1000 bytes\r\n"
+    );
+    assert!(
+        lossy(&call(&mut c, &[b"GET", b"label:close"]))
+            .starts_with("-ERR origin failed for rule 'label:'")
+    );
+    // A hung origin: the leader and every waiter get the timeout error by timeout + 100 ms.
+    let started = Instant::now();
+    let mut conns: Vec<RawConn> = (0..5).map(|_| s.proxy.raw()).collect();
+    for w in &mut conns {
+        w.send(&resp(&[b"GET", b"label:hang"]));
+    }
+    for w in &mut conns {
+        let r = read_replies(w, 1).remove(0);
+        assert_eq!(
+            lossy(&r),
+            "-ERR origin failed for rule 'label:': timed out after 300ms\r\n"
+        );
+    }
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_millis(400), "waited {waited:?}");
+    assert_eq!(call(&mut c, &[b"GET", b"label:nostore"]), bulk("fresh"));
+    for k in [
+        "label:e500",
+        "label:big",
+        "label:close",
+        "label:hang",
+        "label:nostore",
+    ] {
+        let exists: i64 = redis::cmd("EXISTS").arg(k).query(&mut s.owner(k)).unwrap();
+        assert_eq!(exists, 0, "{k} must not be stored");
+    }
+    // The next miss after a timeout tries again.
+    let before = s.origin.requests();
+    s.origin.set_script(|_| Reply::ok("back"));
+    assert_eq!(call(&mut c, &[b"GET", b"label:hang"]), bulk("back"));
+    assert_eq!(s.origin.requests(), before + 1);
+    let m = s.metrics();
+    assert!(
+        metric(
+            &m,
+            "slotgate_readthrough_origin_errors_total",
+            "kind=\"timeout\""
+        ) >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "slotgate_readthrough_origin_errors_total",
+            "kind=\"status\""
+        ) >= 1.0
+    );
+    assert!(
+        metric(
+            &m,
+            "slotgate_readthrough_origin_errors_total",
+            "kind=\"too_large\""
+        ) >= 1.0
+    );
+    drop(s);
+    // An origin that refuses connections.
+    let dead = Origin::start(|_| Reply::ok(""));
+    let url_port = dead.port;
+    drop(dead);
+    std::thread::sleep(Duration::from_millis(100));
+    let shard = RedisServer::start();
+    let rule = format!("label:=http://127.0.0.1:{url_port}/{{rest}};timeout=1s");
+    let proxy = Slotgate::start_with(&[&shard], &["--readthrough", &rule]);
+    let mut c = proxy.raw();
+    let r = lossy(&call(&mut c, &[b"GET", b"label:x"]));
+    assert!(
+        r.starts_with("-ERR origin failed for rule 'label:': cannot connect"),
+        "{r}"
+    );
+}
+
+#[test]
+fn max_age_is_honoured_when_the_rule_says_so() {
+    let s = Setup::new(
+        ";ttl=1h;honor_max_age=true",
+        Origin::start(|_| Reply::ok("v").header("Cache-Control", "public, max-age=120")),
+    );
+    let mut c = s.proxy.raw();
+    assert_eq!(call(&mut c, &[b"GET", b"label:m"]), bulk("v"));
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg("label:m")
+        .query(&mut s.owner("label:m"))
+        .unwrap();
+    assert!((119_000..=120_000).contains(&pttl), "pttl {pttl}");
+}
+
+/// A client's write during a fill wins: the fill's value goes to its waiters but is not
+/// stored. Controlled with the origin's gate, over many random interleavings.
+#[test]
+fn no_stale_set_over_random_interleavings() {
+    let s = Setup::with_args(
+        ";ttl=60s;timeout=5s",
+        Origin::start(|_| Reply::ok("origin-old").gated()),
+        &["--workers", "2"],
+    );
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for round in 0..60 {
+        let key = format!("label:r{round}");
+        s.origin.hold();
+        let before = s.origin.requests();
+        let port = s.proxy.port;
+        let k2 = key.clone();
+        let getter = std::thread::spawn(move || {
+            let mut c = RawConn::connect(port);
+            call(&mut c, &[b"GET", k2.as_bytes()])
+        });
+        // The fill's origin request has arrived and is held.
+        s.origin
+            .wait_for_requests(before + 1, Duration::from_secs(5));
+        let mut w = s.proxy.raw();
+        let op = rnd() % 4;
+        match op {
+            0 => assert_eq!(
+                call(&mut w, &[b"SET", key.as_bytes(), b"client-new"]),
+                b"+OK\r\n"
+            ),
+            1 => assert_eq!(call(&mut w, &[b"DEL", key.as_bytes()]), b":0\r\n"),
+            2 => assert_eq!(
+                call(
+                    &mut w,
+                    &[b"MSET", key.as_bytes(), b"client-new", b"other:x", b"1"]
+                ),
+                b"+OK\r\n"
+            ),
+            _ => assert_eq!(
+                call(&mut w, &[b"SLOTGATE.INVALIDATE", key.as_bytes()]),
+                b":0\r\n"
+            ),
+        }
+        s.origin.release();
+        assert_eq!(
+            getter.join().unwrap(),
+            bulk("origin-old"),
+            "waiters get the fill's value"
+        );
+        let stored: Option<String> = redis::cmd("GET")
+            .arg(&key)
+            .query(&mut s.owner(&key))
+            .unwrap();
+        match op {
+            0 | 2 => assert_eq!(
+                stored.as_deref(),
+                Some("client-new"),
+                "round {round}: the client's write wins"
+            ),
+            _ => assert_eq!(stored, None, "round {round}: the delete wins"),
+        }
+    }
+    // Without a write in between, the fill is stored.
+    s.origin.release();
+    let mut c = s.proxy.raw();
+    assert_eq!(call(&mut c, &[b"GET", b"label:plain"]), bulk("origin-old"));
+    let stored: Option<String> = redis::cmd("GET")
+        .arg("label:plain")
+        .query(&mut s.owner("label:plain"))
+        .unwrap();
+    assert_eq!(stored.as_deref(), Some("origin-old"));
+}
+
+/// Polls SLOTGATE.STATUS until `key` reports `status`.
+fn wait_status(c: &mut RawConn, key: &str, status: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let r = lossy(&call(c, &[b"SLOTGATE.STATUS", key.as_bytes()]));
+        if r.contains(&format!("${}\r\n{status}\r\n", status.len())) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{key} never became {status}: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn stale_while_revalidate_and_stale_if_error() {
+    let s = Setup::new(
+        ";ttl=1s;grace=3s;timeout=2s",
+        Origin::start(|_| Reply::ok("v1")),
+    );
+    let mut c = s.proxy.raw();
+    assert_eq!(call(&mut c, &[b"GET", b"label:s"]), bulk("v1"));
+    assert_eq!(s.origin.requests(), 1);
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg("label:s")
+        .query(&mut s.owner("label:s"))
+        .unwrap();
+    assert!(
+        (3_000..=4_000).contains(&pttl),
+        "stored for ttl + grace: {pttl}"
+    );
+    wait_status(&mut c, "label:s", "hit", Duration::from_secs(1));
+    wait_status(&mut c, "label:s", "stale", Duration::from_secs(3));
+    // In grace: the old value at once, and one refresh (held at the origin meanwhile).
+    s.origin.hold();
+    s.origin.set_script(|_| Reply::ok("v2").gated());
+    for _ in 0..5 {
+        assert_eq!(call(&mut c, &[b"GET", b"label:s"]), bulk("v1"));
+    }
+    s.origin.wait_for_requests(2, Duration::from_secs(2));
+    assert_eq!(s.origin.requests(), 2, "one refresh for five stale GETs");
+    s.origin.release();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while call(&mut c, &[b"GET", b"label:s"]) != bulk("v2") {
+        assert!(Instant::now() < deadline, "the refresh was not stored");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Origin down during grace: the stale value is served until the hard TTL.
+    wait_status(&mut c, "label:s", "stale", Duration::from_secs(3));
+    s.origin.set_script(|_| Reply::status(500));
+    for _ in 0..3 {
+        assert_eq!(
+            call(&mut c, &[b"GET", b"label:s"]),
+            bulk("v2"),
+            "stale-if-error"
+        );
+    }
+    wait_status(&mut c, "label:s", "miss", Duration::from_secs(5));
+    assert_eq!(
+        lossy(&call(&mut c, &[b"GET", b"label:s"])),
+        "-ERR origin failed for rule 'label:': HTTP 500\r\n",
+        "after the hard TTL the error shows"
+    );
+    let m = s.metrics();
+    assert!(
+        metric(&m, "slotgate_readthrough_stale_serves_total", "label:") >= 8.0,
+        "{m}"
+    );
+}
+
+#[test]
+fn mget_fills_misses_concurrently_and_keeps_order() {
+    let s = Setup::new(
+        "",
+        Origin::start(|p| match p {
+            "/labels/missing" => Reply::status(404),
+            "/labels/broken" => Reply::status(500),
+            p => Reply::ok(format!("o{}", &p[8..])).delay(Duration::from_millis(100)),
+        }),
+    );
+    let mut c = s.proxy.raw();
+    call(&mut c, &[b"SET", b"label:cached", b"c"]);
+    call(&mut c, &[b"SET", b"plain", b"p"]);
+    let started = Instant::now();
+    let r = call(
+        &mut c,
+        &[
+            b"MGET",
+            b"label:a",
+            b"plain",
+            b"label:cached",
+            b"label:missing",
+            b"nokey",
+            b"label:b",
+            b"label:broken",
+            b"label:c",
+        ],
+    );
+    assert_eq!(
+        lossy(&r),
+        "*8\r\n$2\r\noa\r\n$1\r\np\r\n$1\r\nc\r\n$-1\r\n$-1\r\n$2\r\nob\r\n$-1\r\n$2\r\noc\r\n"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(290),
+        "three 100 ms fetches ran concurrently"
+    );
+    // The loaded ones are stored; a plain MGET now hits.
+    assert_eq!(
+        lossy(&call(&mut c, &[b"MGET", b"label:a", b"label:b"])),
+        "*2\r\n$2\r\noa\r\n$2\r\nob\r\n"
+    );
+    assert_eq!(s.origin.requests(), 5);
+}
+
+#[test]
+fn invalidate_status_and_info() {
+    let s = Setup::new(";ttl=60s", Origin::start(|_| Reply::ok("v")));
+    let mut c = s.proxy.raw();
+    assert_eq!(call(&mut c, &[b"GET", b"label:i"]), bulk("v"));
+    let st = lossy(&call(&mut c, &[b"SLOTGATE.STATUS", b"label:i"]));
+    assert!(
+        st.contains("$3\r\nhit\r\n") && st.contains("$6\r\nlabel:\r\n"),
+        "{st}"
+    );
+    assert_eq!(
+        call(&mut c, &[b"SLOTGATE.INVALIDATE", b"label:i", b"label:none"]),
+        b":1\r\n"
+    );
+    let st = lossy(&call(&mut c, &[b"SLOTGATE.STATUS", b"label:i"]));
+    assert!(st.contains("$4\r\nmiss\r\n"), "{st}");
+    assert_eq!(call(&mut c, &[b"GET", b"label:i"]), bulk("v"));
+    assert_eq!(s.origin.requests(), 2, "invalidated, so loaded again");
+    let info = lossy(&call(&mut c, &[b"INFO", b"readthrough"]));
+    assert!(info.contains("# Readthrough"), "{info}");
+    assert!(
+        info.contains(
+            "rule_label::prefix=label:,hits=0,misses=2,hit_ratio=0.0000,origin_requests=2"
+        ),
+        "{info}"
+    );
+    // The admin endpoints.
+    assert_eq!(http_get(s.admin_port, "/healthz"), (200, "ok\n".into()));
+    assert_eq!(http_get(s.admin_port, "/readyz").0, 200);
+    // Latency is sampled (one command in 32): make enough commands.
+    c.send(&resp(&[b"PING"]).repeat(64));
+    read_replies(&mut c, 64);
+    // Per-command counters are published once a second.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let m = s.metrics();
+        if metric(&m, "slotgate_commands_total", "command=\"get\"") >= 2.0 {
+            assert!(m.contains("slotgate_connected_clients"), "{m}");
+            assert!(m.contains("slotgate_command_duration_seconds"), "{m}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{m}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn readyz_reports_a_down_shard() {
+    let shards: Vec<RedisServer> = (0..2).map(|_| RedisServer::start()).collect();
+    let refs: Vec<&RedisServer> = shards.iter().collect();
+    let admin_port = free_port();
+    let admin = format!("127.0.0.1:{admin_port}");
+    let proxy = Slotgate::start_with(&refs, &["--admin-listen", &admin]);
+    wait_for_own_port(admin_port, proxy.pid());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while http_get(admin_port, "/readyz").0 != 200 {
+        assert!(Instant::now() < deadline, "never ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut shards = shards;
+    shards[1].kill();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let (code, body) = http_get(admin_port, "/readyz");
+        if code == 503 {
+            assert!(body.contains(&shards[1].addr()), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still ready with a shard down");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn read_through_works_over_tls_too() {
+    use support::tls::{TlsConn, client_config};
+    let origin = Origin::start(|_| Reply::ok("tls-value"));
+    let shard = RedisServer::start();
+    let tls_port = free_port();
+    let tls = format!("127.0.0.1:{tls_port}");
+    let rule = format!("label:={}", origin.url("/{rest}"));
+    let proxy = Slotgate::start_with(
+        &[&shard],
+        &[
+            "--readthrough",
+            &rule,
+            "--tls-self-signed",
+            "--tls-listen",
+            &tls,
+        ],
+    );
+    wait_for_own_port(tls_port, proxy.pid());
+    let mut c = TlsConn::connect(tls_port, client_config(None, None, None)).unwrap();
+    assert_eq!(
+        c.call(&resp(&[b"GET", b"label:t"])).unwrap(),
+        bulk("tls-value")
+    );
+    assert_eq!(origin.requests(), 1);
+}
+
+#[test]
+fn bad_rules_fail_check_config() {
+    for (flags, word) in [
+        (vec!["--readthrough", "label:=ftp://x/{key}"], "http://"),
+        (
+            vec!["--readthrough", "label:=http://127.0.0.1:1/{nope}"],
+            "{key}",
+        ),
+        (vec!["--readthrough", "nourl"], "PREFIX=URL"),
+        (
+            vec!["--readthrough", "a:=http://127.0.0.1:1/{key};ttl=soon"],
+            "ttl",
+        ),
+        (
+            vec![
+                "--readthrough",
+                "a:=http://127.0.0.1:1/{key}",
+                "--readthrough",
+                "a:=http://127.0.0.1:2/{key}",
+            ],
+            "both own prefix",
+        ),
+    ] {
+        let out = std::process::Command::new(slotgate_bin())
+            .args(["--check-config", "--shard", "127.0.0.1:1"])
+            .args(&flags)
+            .output()
+            .unwrap();
+        let err = lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flags:?}: {err}");
+        assert!(err.contains(word), "{flags:?}: {err}");
+    }
+    let ok = std::process::Command::new(slotgate_bin())
+        .args(["--check-config", "--shard", "127.0.0.1:1"])
+        .args([
+            "--readthrough",
+            "label:=http://127.0.0.1:8080/labels/{rest};ttl=10m",
+        ])
+        .args([
+            "--readthrough",
+            "label:vip:=http://127.0.0.1:8080/vip/{rest}",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "nested prefixes are fine: {}",
+        lossy(&ok.stderr)
+    );
+}
