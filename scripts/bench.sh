@@ -9,6 +9,9 @@
 #   scripts/bench.sh --tls --scenarios get_p1_tls,set_p1_tls,get_p16_tls   # TLS termination cost
 #   scripts/bench.sh --quick --scenarios get_p1,get_p16
 #   WORKERS=2 scripts/bench.sh            # slotgate worker threads (default 1 on this 2-core box)
+#   READTHROUGH=1 scripts/bench.sh --no-anchors --scenarios get_p1,get_p16
+#                                         # + slotgate-rt: every benchmark key owned by a
+#                                         #   read-through rule (GETs are read-through hits)
 #
 # Set-up once per machine: apt-get install -y redis-server redis-tools nutcracker valgrind linux-perf
 set -euo pipefail
@@ -22,4 +25,10 @@ CMD="$BIN --listen 127.0.0.1:{PORT} --shard-list {SHARDS} --workers ${WORKERS:-1
 for a in "$@"; do
   [ "$a" = "--tls" ] && CMD="$CMD --tls-listen 127.0.0.1:{TLS_PORT} --tls-cert {CERT} --tls-key {KEY}"
 done
-exec bash "$COMPARE" --proxy "slotgate=$CMD" "$@"
+CMD="$CMD --admin-listen none"
+EXTRA=()
+if [ "${READTHROUGH:-0}" = 1 ]; then
+  # The origin is never called: populate writes every key first, so GETs hit.
+  EXTRA=(--proxy "slotgate-rt=$CMD --readthrough 'key:=http://127.0.0.1:9/{rest}'")
+fi
+exec bash "$COMPARE" --proxy "slotgate=$CMD" "${EXTRA[@]}" "$@"

@@ -24,6 +24,10 @@
 //! - [`fanout`]: scatter/gather merges (MGET order, summed counts, all-OK, KEYS, SCAN cursor).
 //! - [`tls`]: rustls (TLS 1.2/1.3) for the client listener, with a certificate reloadable on
 //!   SIGHUP and optional mutual TLS, and for connections to the shards.
+//! - [`readthrough`]: rules (prefix → HTTP origin), the miss path, single-flight across
+//!   workers, no-stale-set, negative entries, stale-while-revalidate; [`readthrough::origin`]
+//!   is the hyper HTTP/1.1 client.
+//! - [`metrics`]: every metric name, described once; [`admin`]: /metrics, /healthz, /readyz.
 //! - [`auth`]: users (`requirepass`, `[[users]]`), SHA-256 password digests, ACL-style command
 //!   rules and key patterns, checked per command before anything is forwarded.
 //!
@@ -35,6 +39,7 @@
 //!   → command::lookup (+ subcommand) → arity check → NOAUTH / NOPERM checks → Route:
 //!       Local      → reply now (PING, HELLO, SELECT, CLIENT …, INFO gathers shard INFO)
 //!       Single     → key_indices → one slot (else CROSSSLOT) → shard → Upstream::send(raw)
+//!                    (GET of a read-through key: Target::ReadThrough; nil → origin fetch)
 //!       Scatter    → split keys per shard → Gather (MGET order | sum | +OK)
 //!       AllShards  → every shard → Gather (DBSIZE sum, KEYS concat, FLUSHDB …); SCAN one shard
 //!       Refused / NotYet → clear error, never forwarded
