@@ -38,6 +38,7 @@ LOCAL = [
     "cluster",  # + every cluster subcommand (see FAMILIES)
     "readonly", "readwrite", "asking",
     "acl|whoami",
+    "client|kill",
 ]
 
 # Multi-key commands split per shard, replies merged.
@@ -60,6 +61,17 @@ ALL_SHARDS = {
     "config|resetstat": "AllOk",
     "scan": "Special",
     "randomkey": "Special",
+    # Scripts and functions are loaded on every shard, so a script loaded once can run for
+    # any key (no NOSCRIPT for a script loaded through slotgate).
+    "script|load": "Same",
+    "script|exists": "AndIntArrays",
+    "script|flush": "AllOk",
+    "script|kill": "AnyOk",
+    "function|load": "Same",
+    "function|delete": "AllOk",
+    "function|flush": "AllOk",
+    "function|restore": "AllOk",
+    "function|kill": "AnyOk",
 }
 
 # Keyless and harmless on any shard: sent to the first one.
@@ -67,21 +79,25 @@ ANY_SHARD = [
     "lolwut", "lastsave", "role",
     "memory|doctor", "memory|stats", "memory|malloc-stats", "memory|help",
     "object|help", "xinfo|help", "xgroup|help", "latency|help", "slowlog|help",
+    "script|help", "function|help", "function|list", "function|dump", "function|stats",
+]
+
+# MULTI/EXEC/DISCARD/WATCH/UNWATCH: a transaction pinned to a dedicated connection.
+TRANSACTION = ["multi", "exec", "discard", "watch", "unwatch"]
+
+# Blocking commands: each gets a dedicated connection for its duration (XREAD/XREADGROUP are
+# Single and take this path when they carry BLOCK).
+BLOCKING = [
+    "blpop", "brpop", "blmove", "brpoplpush", "blmpop", "bzpopmin", "bzpopmax", "bzmpop",
+    "wait",
 ]
 
 # Stateful families served by a later version: transactions, pub/sub, scripting, blocking,
 # replication waits, MONITOR, client-side caching and connection control.
 NOT_YET = [
-    "multi", "exec", "discard", "watch", "unwatch",
     "subscribe", "psubscribe", "unsubscribe", "punsubscribe", "ssubscribe", "sunsubscribe",
     "publish", "spublish",
     "pubsub",  # + subcommands (see FAMILIES)
-    "eval", "evalsha", "eval_ro", "evalsha_ro", "fcall", "fcall_ro",
-    "script", "function",  # + subcommands (see FAMILIES)
-    "blpop", "brpop", "blmove", "brpoplpush", "blmpop", "bzpopmin", "bzpopmax", "bzmpop",
-    "wait", "monitor",
-    "client|kill", "client|pause", "client|unpause", "client|reply", "client|tracking",
-    "client|trackinginfo", "client|caching", "client|getredir", "client|unblock",
 ]
 
 # Would break the proxy's model (server lifecycle, replication, persistence, cross-db moves,
@@ -95,6 +111,10 @@ REFUSED = [
     "move", "pfdebug", "pfselftest",
     "latency", "slowlog",  # + subcommands except help (see FAMILIES)
     "memory|purge",
+    "script|debug", "monitor",
+    # Connection controls of a single Redis that a proxy cannot honour for its clients.
+    "client|pause", "client|unpause", "client|reply", "client|tracking",
+    "client|trackinginfo", "client|caching", "client|getredir", "client|unblock",
 ]
 
 # Containers whose route also applies to every subcommand that is not listed explicitly.
@@ -342,6 +362,10 @@ def build_routes():
         put(n, "Route::AnyShard")
     for n in NOT_YET:
         put(n, "Route::NotYet")
+    for n in TRANSACTION:
+        put(n, "Route::Transaction")
+    for n in BLOCKING:
+        put(n, "Route::Blocking")
     for n in REFUSED:
         put(n, "Route::Refused")
     return routes

@@ -51,6 +51,9 @@ pub struct Cli {
     /// Requests in flight per upstream connection before new ones fail [default: 65536].
     #[arg(long)]
     pub max_inflight_per_connection: Option<usize>,
+    /// Dedicated connections (transactions, blocking commands) per shard per worker [default: 512].
+    #[arg(long)]
+    pub max_dedicated_per_shard: Option<usize>,
     /// TLS listener address, or `none` [default: 127.0.0.1:10000 when a certificate is set].
     #[arg(long, value_name = "ADDR")]
     pub tls_listen: Option<String>,
@@ -129,6 +132,7 @@ pub struct FileConfig {
     pub log_level: Option<String>,
     pub max_client_pipeline: Option<usize>,
     pub max_inflight_per_connection: Option<usize>,
+    pub max_dedicated_per_shard: Option<usize>,
     pub proto_max_bulk_len: Option<usize>,
     pub client_query_buffer_limit: Option<usize>,
     pub requirepass: Option<String>,
@@ -252,6 +256,7 @@ pub struct Settings {
     pub log_level: String,
     pub max_client_pipeline: usize,
     pub max_inflight_per_connection: usize,
+    pub max_dedicated_per_shard: usize,
     pub proto_max_bulk_len: usize,
     pub client_query_buffer_limit: usize,
     pub tls: Option<TlsSettings>,
@@ -367,6 +372,10 @@ impl Cli {
                 .max_inflight_per_connection
                 .or(f.max_inflight_per_connection)
                 .unwrap_or(65536),
+            max_dedicated_per_shard: self
+                .max_dedicated_per_shard
+                .or(f.max_dedicated_per_shard)
+                .unwrap_or(512),
             proto_max_bulk_len: f.proto_max_bulk_len.unwrap_or(512 * 1024 * 1024),
             client_query_buffer_limit: f.client_query_buffer_limit.unwrap_or(1024 * 1024 * 1024),
             tls_listen: self.tls_listen.clone().or(f.tls.listen),
@@ -420,6 +429,7 @@ struct Merged {
     log_level: String,
     max_client_pipeline: usize,
     max_inflight_per_connection: usize,
+    max_dedicated_per_shard: usize,
     proto_max_bulk_len: usize,
     client_query_buffer_limit: usize,
     tls_listen: Option<String>,
@@ -618,6 +628,7 @@ impl Merged {
             log_level: self.log_level,
             max_client_pipeline: self.max_client_pipeline,
             max_inflight_per_connection: self.max_inflight_per_connection,
+            max_dedicated_per_shard: self.max_dedicated_per_shard,
             proto_max_bulk_len: self.proto_max_bulk_len,
             client_query_buffer_limit: self.client_query_buffer_limit,
             tls,

@@ -23,6 +23,9 @@ pub enum GatherKind {
     SumIntegers,
     AllOk,
     ConcatArrays,
+    Same,
+    AndIntArrays,
+    AnyOk,
     /// SCAN on one shard: rewrite the cursor so it also names the shard.
     Scan {
         shard: u64,
@@ -46,6 +49,9 @@ impl GatherKind {
             Merge::SumIntegers => GatherKind::SumIntegers,
             Merge::AllOk => GatherKind::AllOk,
             Merge::ConcatArrays => GatherKind::ConcatArrays,
+            Merge::Same => GatherKind::Same,
+            Merge::AndIntArrays => GatherKind::AndIntArrays,
+            Merge::AnyOk => GatherKind::AnyOk,
             Merge::ArrayInOrder | Merge::Special => return None,
         })
     }
@@ -88,7 +94,7 @@ impl Gather {
         // Any error part is the reply (the first one, in shard order).
         if !matches!(
             self.kind,
-            GatherKind::RandomKey { .. } | GatherKind::Info(_)
+            GatherKind::RandomKey { .. } | GatherKind::Info(_) | GatherKind::AnyOk
         ) && let Some(e) = parts.iter().find(|p| p.first() == Some(&b'-'))
         {
             return e.clone();
@@ -132,6 +138,37 @@ impl Gather {
                 out.freeze()
             }
             GatherKind::Scan { shard, shards } => rewrite_scan(&parts[0], shard, shards),
+            GatherKind::Same => match parts.iter().find(|p| **p != parts[0]) {
+                None => parts[0].clone(),
+                Some(_) => reply::error(
+                    "ERR shards disagree (the command was not applied the same everywhere)",
+                ),
+            },
+            GatherKind::AndIntArrays => {
+                let mut acc: Option<Vec<bool>> = None;
+                for p in &parts {
+                    let Some(elems) = array_elements(p) else {
+                        return unexpected(p);
+                    };
+                    let bits: Vec<bool> =
+                        elems.iter().map(|&(s, e)| &p[s..e] == b":1\r\n").collect();
+                    acc = Some(match acc {
+                        None => bits,
+                        Some(a) => a.iter().zip(&bits).map(|(x, y)| *x && *y).collect(),
+                    });
+                }
+                let acc = acc.unwrap_or_default();
+                let mut out = BytesMut::with_capacity(8 + acc.len() * 4);
+                push_header(&mut out, b'*', acc.len());
+                for b in acc {
+                    out.extend_from_slice(if b { b":1\r\n" } else { b":0\r\n" });
+                }
+                out.freeze()
+            }
+            GatherKind::AnyOk => match parts.iter().find(|p| p.as_ref() == reply::OK) {
+                Some(ok) => ok.clone(),
+                None => parts[0].clone(),
+            },
             GatherKind::RandomKey { pick } => {
                 let keys: Vec<&Bytes> = parts
                     .iter()

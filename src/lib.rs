@@ -58,6 +58,7 @@ pub mod config;
 pub mod fanout;
 pub mod local;
 pub mod metrics;
+pub mod pinned;
 pub mod queue;
 pub mod readthrough;
 pub mod resp;

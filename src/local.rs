@@ -36,6 +36,7 @@ impl Session {
             }
             "reset" => {
                 self.name = None;
+                self.reset_pinned();
                 // Back to the default user: authenticated only if it needs no password.
                 let users = self.w.shared.settings.users.clone();
                 self.user = None;
@@ -136,6 +137,7 @@ impl Session {
             }
             "slotgate.invalidate" => self.invalidate(req, now),
             "slotgate.status" => self.cache_status(req, now),
+            "client|kill" => self.client_kill(req),
             "acl|whoami" => self.reply(reply::bulk(self.user_name().as_bytes())),
             name if name == "cluster"
                 || name.starts_with("cluster|")
@@ -211,6 +213,70 @@ impl Session {
         self.gather(GatherKind::Info(Box::new(build)), &[(shard, raw)], now);
     }
 
+    /// CLIENT KILL over slotgate's own client sessions: the old form `CLIENT KILL ip:port`
+    /// (`+OK` or `-ERR No such client`) and the filter form (`ID`, `ADDR`, `LADDR`, `USER`,
+    /// `SKIPME`; replies the number killed). Shard connections are never touched.
+    fn client_kill(&mut self, req: &Request<'_>) {
+        let clients: Vec<ClientInfo> = self
+            .w
+            .shared
+            .clients
+            .lock()
+            .map(|c| c.values().cloned().collect())
+            .unwrap_or_default();
+        if req.argc() == 3 {
+            let addr = String::from_utf8_lossy(req.arg(2)).to_string();
+            return match clients.iter().find(|c| c.addr.to_string() == addr) {
+                Some(c) => {
+                    c.kill.notify_one();
+                    self.reply_static(reply::OK)
+                }
+                None => self.reply(reply::error("ERR No such client")),
+            };
+        }
+        let (mut id, mut addr, mut laddr, mut user, mut skipme) = (None, None, None, None, true);
+        let mut i = 2;
+        while i + 1 < req.argc() {
+            let v = String::from_utf8_lossy(req.arg(i + 1)).to_string();
+            match req.arg(i).to_ascii_lowercase().as_slice() {
+                b"id" => match parse_i64(req.arg(i + 1)) {
+                    Some(n) if n > 0 => id = Some(n as u64),
+                    _ => return self.reply(reply::error("ERR client-id should be greater than 0")),
+                },
+                b"addr" => addr = Some(v),
+                b"laddr" => laddr = Some(v),
+                b"user" => user = Some(v),
+                b"skipme" => match v.to_ascii_lowercase().as_str() {
+                    "yes" => skipme = true,
+                    "no" => skipme = false,
+                    _ => return self.reply_static(reply::SYNTAX),
+                },
+                _ => return self.reply_static(reply::SYNTAX),
+            }
+            i += 2;
+        }
+        if i != req.argc() {
+            return self.reply_static(reply::SYNTAX);
+        }
+        let mut killed = 0;
+        for c in &clients {
+            let matches = id.is_none_or(|x| x == c.id)
+                && addr.as_ref().is_none_or(|a| *a == c.addr.to_string())
+                && laddr.as_ref().is_none_or(|a| *a == c.laddr.to_string())
+                && user.as_ref().is_none_or(|u| *u == c.user)
+                && !(skipme && c.id == self.id);
+            if matches {
+                if c.id == self.id {
+                    self.closing = true;
+                } else {
+                    c.kill.notify_one();
+                }
+                killed += 1;
+            }
+        }
+        self.reply(reply::integer(killed));
+    }
+
     /// This session's CLIENT LIST entry as it is now.
     fn info_entry(&self) -> ClientInfo {
         ClientInfo {
@@ -220,6 +286,7 @@ impl Session {
             created: self.created,
             name: self.name.clone().unwrap_or_default(),
             user: self.user_name().to_string(),
+            kill: self.kill.clone(),
             resp: if self.proto == Proto::Resp3 { 3 } else { 2 },
             worker: self.w.id,
         }

@@ -20,7 +20,7 @@ use crate::config::Settings;
 use crate::metrics::WorkerMetrics;
 use crate::readthrough::ReadThrough;
 use crate::readthrough::origin::OriginClient;
-use crate::shard::{Pools, UpstreamConfig};
+use crate::shard::{DedicatedPool, Pools, UpstreamConfig};
 use crate::tls::ReloadableCert;
 use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -70,6 +70,8 @@ pub struct ClientInfo {
     pub user: String,
     pub resp: u8,
     pub worker: usize,
+    /// Notified by CLIENT KILL: the session closes.
+    pub kill: Arc<tokio::sync::Notify>,
 }
 
 impl Shared {
@@ -117,6 +119,8 @@ pub struct Worker {
     pub id: usize,
     pub shared: Arc<Shared>,
     pub pools: Pools,
+    /// Dedicated connections for transactions and blocking commands.
+    pub dedicated: Rc<DedicatedPool>,
     /// Commands processed by this worker, flushed into `Stats` now and then.
     pub commands: std::cell::Cell<u64>,
     /// This worker's HTTP client for read-through origins.
@@ -128,7 +132,7 @@ pub struct Worker {
 impl Worker {
     fn start(id: usize, shared: Arc<Shared>) -> Rc<Self> {
         let s = &shared.settings;
-        let shards = s
+        let shards: Vec<_> = s
             .shards
             .iter()
             .zip(&s.upstream_auth)
@@ -140,15 +144,18 @@ impl Worker {
                     auth: auth.clone(),
                     tls: s.upstream_tls.clone(),
                     up: up.clone(),
+                    dedicated: false,
                 };
                 (addr, cfg)
             })
             .collect();
+        let dedicated = DedicatedPool::new(&shards, s.max_dedicated_per_shard);
         let pools = Pools::start(shards, s.upstream_connections);
         Rc::new(Worker {
             id,
             shared,
             pools,
+            dedicated,
             commands: std::cell::Cell::new(0),
             origin: OriginClient::new(),
             metrics: WorkerMetrics::default(),

@@ -64,6 +64,19 @@ pub struct Session {
     sampled: std::collections::VecDeque<(u64, std::time::Instant, &'static str)>,
     /// Commands dispatched, for sampling one in `metrics::SAMPLE_EVERY`.
     dispatched: u64,
+    /// An open MULTI (see `pinned`).
+    pub(crate) tx: Option<crate::pinned::Tx>,
+    /// WATCHed keys outside MULTI: their dedicated connection and slot.
+    pub(crate) watch: Option<(crate::shard::Dedicated, u16)>,
+    /// The dedicated connection of a blocking command in flight.
+    pub(crate) blocked: Option<crate::shard::Dedicated>,
+    /// A command waiting until nothing is in flight (switching between shared and dedicated
+    /// connections keeps the client's order).
+    deferred: Option<crate::pinned::Deferred>,
+    /// Whether the last forwarded command used a dedicated connection.
+    on_dedicated: bool,
+    /// CLIENT KILL from another session.
+    pub(crate) kill: Arc<tokio::sync::Notify>,
     /// QUIT or a protocol error: write what is queued, then close.
     pub(crate) closing: bool,
     /// The protocol changed (HELLO/RESET): wait for in-flight replies before the next command,
@@ -160,6 +173,12 @@ where
         auth_failures: 0,
         sampled: std::collections::VecDeque::new(),
         dispatched: 0,
+        tx: None,
+        watch: None,
+        blocked: None,
+        deferred: None,
+        on_dedicated: false,
+        kill: Arc::new(tokio::sync::Notify::new()),
         w,
     };
     if !users.auth_required() {
@@ -212,7 +231,10 @@ where
             biased;
             _ = s.queue.notify.notified() => {}
             r = rd.read_buf(&mut rbuf), if can_read => match r {
-                // The client closed its side: answer what it sent, then close.
+                // The client closed its side: answer what it sent, then close — unless a
+                // blocking command is waiting (it may never return): then close now, which
+                // closes its dedicated connection and unblocks the shard.
+                Ok(0) if s.blocked.is_some() => break,
                 Ok(0) => eof = true,
                 Ok(_) => {
                     if rbuf.len() > qbuf_limit {
@@ -224,6 +246,10 @@ where
             },
             _ = idle => {
                 tracing::debug!(client = s.id, "closing idle client");
+                break;
+            }
+            _ = s.kill.notified() => {
+                tracing::debug!(client = s.id, "killed by CLIENT KILL");
                 break;
             }
         }
@@ -246,6 +272,7 @@ impl Session {
                     user: self.user_name().to_string(),
                     resp: 2,
                     worker: self.w.id,
+                    kill: self.kill.clone(),
                 },
             );
         }
@@ -279,11 +306,25 @@ impl Session {
             if self.closing || self.queue.len() >= self.max_pipeline {
                 break;
             }
+            if self.queue.waiting() == 0
+                && let Some(done) = self.blocked.take()
+            {
+                // The blocking command returned: its connection is clean again.
+                done.release();
+            }
             if self.barrier {
                 if self.queue.waiting() > 0 {
                     break;
                 }
                 self.barrier = false;
+            }
+            if let Some(d) = self.deferred.take() {
+                if self.queue.waiting() > 0 {
+                    self.deferred = Some(d);
+                    break;
+                }
+                self.dispatch(&d.request(), now);
+                continue;
             }
             match parser.parse(rbuf, limits, self.user.is_some()) {
                 Ok(Parsed::Command(req)) => {
@@ -316,31 +357,22 @@ impl Session {
 
     /// Looks the command up, checks arity and routes it.
     fn dispatch(&mut self, req: &Request<'_>, now: Instant) {
-        let Some(mut spec) = command::lookup(req.arg(0)) else {
-            let mut args = (1..req.argc()).map(|i| req.arg(i));
-            return self.reply(reply::unknown_command(req.arg(0), &mut args));
+        let spec = match self.check(req) {
+            Ok(spec) => spec,
+            Err(e) => {
+                // A queuing error inside MULTI makes EXEC fail, as in Redis.
+                self.flag_tx();
+                return self.reply(e);
+            }
         };
-        if spec.is_container() {
-            if req.argc() < 2 {
-                return self.reply(reply::wrong_arity(spec.name));
+        // Switching between shared and dedicated connections waits for what is in flight.
+        let dedicated = self.wants_dedicated(spec, req);
+        if dedicated != self.on_dedicated {
+            if self.queue.waiting() > 0 {
+                self.deferred = Some(crate::pinned::Deferred::from(req));
+                return;
             }
-            match command::lookup_sub(spec, req.arg(1)) {
-                Some(sub) => spec = sub,
-                None => return self.reply(reply::unknown_subcommand(spec.name, req.arg(1))),
-            }
-        }
-        if !spec.arity_ok(req.argc()) {
-            return self.reply(reply::wrong_arity(spec.name));
-        }
-        if self.user.is_none() {
-            // Before AUTH, nothing reaches a shard (Redis's NOAUTH rule).
-            if !matches!(spec.name, "auth" | "hello" | "quit" | "reset") {
-                return self.reply_static(reply::NOAUTH);
-            }
-        } else if self.restricted
-            && let Err(denied) = self.permitted(spec, req)
-        {
-            return self.reply(denied);
+            self.on_dedicated = dedicated;
         }
         self.w.metrics.command(spec.name);
         self.dispatched += 1;
@@ -352,7 +384,15 @@ impl Session {
         if spec.has(flags::WRITE) && !self.w.shared.readthrough.rules.is_empty() {
             self.note_writes(spec, req);
         }
+        if self.tx.is_some()
+            && spec.route != Route::Transaction
+            && !matches!(spec.name, "quit" | "reset")
+        {
+            return self.tx_queue(spec, req, now);
+        }
         match spec.route {
+            Route::Transaction => self.transaction(spec, req, now),
+            Route::Blocking => self.blocking(spec, req, now),
             Route::Single => self.single(spec, req, now),
             Route::Local => self.local(spec, req, now),
             Route::AnyShard => self.forward(0, &req.raw, now),
@@ -361,6 +401,36 @@ impl Session {
             Route::Refused => self.reply(reply::not_allowed(spec.name)),
             Route::NotYet => self.reply(reply::not_yet(spec.name)),
         }
+    }
+
+    /// Looks the command up and checks arity, authentication and permissions: the command's
+    /// row, or the error reply.
+    fn check(&mut self, req: &Request<'_>) -> Result<&'static CommandSpec, Bytes> {
+        let Some(mut spec) = command::lookup(req.arg(0)) else {
+            let mut args = (1..req.argc()).map(|i| req.arg(i));
+            return Err(reply::unknown_command(req.arg(0), &mut args));
+        };
+        if spec.is_container() {
+            if req.argc() < 2 {
+                return Err(reply::wrong_arity(spec.name));
+            }
+            match command::lookup_sub(spec, req.arg(1)) {
+                Some(sub) => spec = sub,
+                None => return Err(reply::unknown_subcommand(spec.name, req.arg(1))),
+            }
+        }
+        if !spec.arity_ok(req.argc()) {
+            return Err(reply::wrong_arity(spec.name));
+        }
+        if self.user.is_none() {
+            // Before AUTH, nothing reaches a shard (Redis's NOAUTH rule).
+            if !matches!(spec.name, "auth" | "hello" | "quit" | "reset") {
+                return Err(Bytes::from_static(reply::NOAUTH));
+            }
+        } else if self.restricted {
+            self.permitted(spec, req)?;
+        }
+        Ok(spec)
     }
 
     /// Records the latency of sampled commands whose replies are now written.
@@ -415,8 +485,8 @@ impl Session {
     /// A command whose keys must all be in one slot.
     fn single(&mut self, spec: &'static CommandSpec, req: &Request<'_>, now: Instant) {
         if spec.has(flags::BLOCKING) && has_block_option(req) {
-            // XREAD/XREADGROUP … BLOCK: a blocking command, served in a later version.
-            return self.reply(reply::not_yet(spec.name));
+            // XREAD/XREADGROUP … BLOCK: a blocking command.
+            return self.blocking(spec, req, now);
         }
         match spec.name {
             "sort" | "sort_ro" => {
@@ -446,7 +516,11 @@ impl Session {
     }
 
     /// The one slot of all of a command's keys; `Err` when they span slots.
-    fn slot_of(&mut self, spec: &CommandSpec, req: &Request<'_>) -> Result<Option<u16>, ()> {
+    pub(crate) fn slot_of(
+        &mut self,
+        spec: &CommandSpec,
+        req: &Request<'_>,
+    ) -> Result<Option<u16>, ()> {
         self.keys.clear();
         if keys::key_indices(spec, req.argc(), |i| req.arg(i), &mut self.keys).is_err() {
             return Ok(None);
@@ -704,7 +778,7 @@ fn copy_to_other_db(req: &Request<'_>) -> bool {
 /// Whether an XREAD/XREADGROUP carries the BLOCK option. Walks the options as Redis does:
 /// `XREAD [COUNT n] [BLOCK ms] STREAMS …`, `XREADGROUP GROUP g c [COUNT n] [BLOCK ms]
 /// [NOACK] STREAMS …` (so a group or consumer named "block" or "streams" is not an option).
-fn has_block_option(req: &Request<'_>) -> bool {
+pub(crate) fn has_block_option(req: &Request<'_>) -> bool {
     let mut i = 1;
     if req.arg(0).eq_ignore_ascii_case(b"xreadgroup") {
         if req.argc() < 4 || !req.arg(1).eq_ignore_ascii_case(b"group") {

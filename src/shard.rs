@@ -56,6 +56,10 @@ pub struct UpstreamConfig {
     pub tls: Option<UpstreamTls>,
     /// Counts this shard's RESP2 connections that are up, over all workers (readiness).
     pub up: Arc<AtomicUsize>,
+    /// A dedicated connection (transaction, blocking command): connects once, never
+    /// reconnects (its server-side state would be lost), no silence detection (a blocked
+    /// command is legitimately silent), and closes when its owner lets go.
+    pub dedicated: bool,
 }
 
 /// A request waiting for its reply.
@@ -88,6 +92,11 @@ pub struct Upstream {
     wake_writer: Notify,
     /// The pending FIFO went from empty to non-empty: arm the op-timeout deadline.
     wake_reader: Notify,
+    /// Closed by its owner (dedicated connections): the driver stops.
+    closed: std::cell::Cell<bool>,
+    /// A dedicated connection whose one connection ended: every request fails at once.
+    dead: std::cell::Cell<bool>,
+    close_notify: Notify,
 }
 
 /// Why a connection was dropped.
@@ -131,6 +140,9 @@ impl Upstream {
             st: RefCell::new(State::default()),
             wake_writer: Notify::new(),
             wake_reader: Notify::new(),
+            closed: std::cell::Cell::new(false),
+            dead: std::cell::Cell::new(false),
+            close_notify: Notify::new(),
         });
         tokio::task::spawn_local(up.clone().drive());
         up
@@ -148,6 +160,18 @@ impl Upstream {
     /// Queues one request (`raw` is a complete RESP command) whose reply goes to `target`.
     /// Fails it at once when the connection has too many requests in flight.
     pub fn send(&self, raw: &[u8], target: Target, now: Instant) {
+        self.send_until(raw, target, now + self.cfg.op_timeout)
+    }
+
+    /// Like [`send`](Self::send), with an explicit deadline (blocking commands wait as long
+    /// as the client asked, not `op_timeout`).
+    pub fn send_until(&self, raw: &[u8], target: Target, deadline: Instant) {
+        if self.dead.get() || self.closed.get() {
+            return target.deliver(reply::shard_unavailable(
+                &self.label,
+                "the dedicated connection was lost",
+            ));
+        }
         let mut st = self.st.borrow_mut();
         if st.pending.len() >= self.cfg.max_inflight {
             drop(st);
@@ -160,10 +184,7 @@ impl Upstream {
         let wake_writer = st.out.is_empty();
         let wake_reader = st.pending.is_empty();
         st.out.extend_from_slice(raw);
-        st.pending.push_back(Pending {
-            target,
-            deadline: now + self.cfg.op_timeout,
-        });
+        st.pending.push_back(Pending { target, deadline });
         drop(st);
         if wake_writer {
             self.wake_writer.notify_one();
@@ -224,6 +245,19 @@ impl Upstream {
         Ok(())
     }
 
+    /// Closes a dedicated connection: its driver stops and the socket is dropped, so the shard
+    /// forgets whatever state it held (a MULTI, WATCHes, a blocked command).
+    pub fn close(&self) {
+        self.closed.set(true);
+        self.close_notify.notify_one();
+        self.wake_writer.notify_one();
+    }
+
+    /// Whether the connection can take requests (not closed, not a lost dedicated one).
+    pub fn usable(&self) -> bool {
+        !self.closed.get() && !self.dead.get()
+    }
+
     /// Connects, serves until a fault, fails what was pending, backs off, repeats — for as
     /// long as the worker runs.
     async fn drive(self: Rc<Self>) {
@@ -245,6 +279,11 @@ impl Upstream {
                 Err(_) => format!("connect timed out after {:?}", self.cfg.op_timeout),
             };
             self.fail_all(&why);
+            if self.cfg.dedicated || self.closed.get() {
+                self.dead.set(true);
+                self.fail_all(&why);
+                return;
+            }
             // Wait out the backoff unless a request arrives (then try at once).
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
@@ -326,13 +365,14 @@ impl Upstream {
         }
         // Whatever was queued while connecting is written now.
         self.wake_writer.notify_one();
-        let counted = self.proto == Proto::Resp2;
+        let counted = self.proto == Proto::Resp2 && !self.cfg.dedicated;
         if counted {
             self.cfg.up.fetch_add(1, Ordering::Relaxed);
         }
         let fault = tokio::select! {
             f = self.read_loop(rd) => f,
             f = self.write_loop(wr) => f,
+            _ = self.close_notify.notified() => Fault::Closed,
         };
         if counted {
             self.cfg.up.fetch_sub(1, Ordering::Relaxed);
@@ -422,7 +462,12 @@ impl Upstream {
                 let st = self.st.borrow();
                 st.pending.front().map(|oldest| {
                     let silent_since = (oldest.deadline - op).max(last_read);
-                    let dead_at = silent_since + op * 3;
+                    // Dedicated connections may be legitimately silent (a blocked BLPOP).
+                    let dead_at = if self.cfg.dedicated {
+                        Instant::now() + Duration::from_secs(86_400 * 365)
+                    } else {
+                        silent_since + op * 3
+                    };
                     let live = st.pending.get(st.abandoned).map(|p| p.deadline);
                     (live.map_or(dead_at, |l| l.min(dead_at)), dead_at)
                 })
@@ -524,5 +569,112 @@ impl Pools {
             .iter()
             .map(|conns| conns.iter().all(|c| c.is_connected()))
             .collect()
+    }
+}
+
+/// Idle dedicated connections kept per shard and protocol, ready for the next transaction or
+/// blocking command.
+const IDLE_DEDICATED: usize = 16;
+
+/// A worker's dedicated connections: handed out one per transaction or blocking command,
+/// capped per shard, and reused when their owner is done with them in a clean state.
+pub struct DedicatedPool {
+    shards: Vec<(SocketAddr, UpstreamConfig)>,
+    /// `[proto][shard]` idle connections.
+    idle: RefCell<[Vec<Vec<Rc<Upstream>>>; 2]>,
+    /// Per shard: dedicated connections that exist (in use or idle).
+    count: RefCell<Vec<usize>>,
+    max: usize,
+}
+
+impl DedicatedPool {
+    pub fn new(shards: &[(SocketAddr, UpstreamConfig)], max: usize) -> Rc<Self> {
+        let shards: Vec<(SocketAddr, UpstreamConfig)> = shards
+            .iter()
+            .map(|(a, c)| {
+                let mut c = c.clone();
+                c.dedicated = true;
+                (*a, c)
+            })
+            .collect();
+        let n = shards.len();
+        Rc::new(DedicatedPool {
+            idle: RefCell::new([vec![Vec::new(); n], vec![Vec::new(); n]]),
+            count: RefCell::new(vec![0; n]),
+            shards,
+            max,
+        })
+    }
+
+    /// A dedicated connection to `shard` (idle or new); `Err` with the error reply when the
+    /// shard already has `max` of them on this worker.
+    pub fn take(self: &Rc<Self>, proto: Proto, shard: usize) -> Result<Dedicated, bytes::Bytes> {
+        let p = proto as usize;
+        loop {
+            let Some(up) = self.idle.borrow_mut()[p][shard].pop() else {
+                break;
+            };
+            if up.usable() {
+                return Ok(Dedicated::new(up, self.clone(), shard, proto));
+            }
+            self.count.borrow_mut()[shard] -= 1;
+        }
+        let (addr, cfg) = &self.shards[shard];
+        if self.count.borrow()[shard] >= self.max {
+            return Err(reply::error(&format!(
+                "ERR too many dedicated connections (transactions and blocking commands) to shard {addr}: the limit is {} per worker",
+                self.max
+            )));
+        }
+        self.count.borrow_mut()[shard] += 1;
+        let up = Upstream::start(*addr, proto, cfg.clone());
+        Ok(Dedicated::new(up, self.clone(), shard, proto))
+    }
+
+    /// Dedicated connections to `shard` on this worker (in use or idle).
+    pub fn count(&self, shard: usize) -> usize {
+        self.count.borrow()[shard]
+    }
+}
+
+/// A dedicated connection held by one session. Dropping it closes the connection (the shard
+/// forgets its MULTI, WATCHes or blocked command); [`release`](Self::release) gives it back
+/// to the pool instead, once its state on the shard is clean.
+pub struct Dedicated {
+    pub up: Rc<Upstream>,
+    pool: Rc<DedicatedPool>,
+    pub shard: usize,
+    proto: Proto,
+    reusable: bool,
+}
+
+impl Dedicated {
+    fn new(up: Rc<Upstream>, pool: Rc<DedicatedPool>, shard: usize, proto: Proto) -> Self {
+        Dedicated {
+            up,
+            pool,
+            shard,
+            proto,
+            reusable: false,
+        }
+    }
+
+    /// Returns the connection to the pool: everything sent on it so far leaves the shard's
+    /// connection state clean (EXEC, DISCARD, UNWATCH, or a blocking command that returned).
+    pub fn release(mut self) {
+        self.reusable = true;
+    }
+}
+
+impl Drop for Dedicated {
+    fn drop(&mut self) {
+        let mut idle = self.pool.idle.borrow_mut();
+        let list = &mut idle[self.proto as usize][self.shard];
+        if self.reusable && self.up.usable() && list.len() < IDLE_DEDICATED {
+            list.push(self.up.clone());
+        } else {
+            self.up.close();
+            self.pool.count.borrow_mut()[self.shard] -= 1;
+        }
     }
 }

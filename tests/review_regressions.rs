@@ -4,7 +4,7 @@
 mod support;
 
 use std::io::Read;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::*;
 
@@ -111,24 +111,33 @@ fn xreadgroup_block_detection_follows_the_options() {
             b"+OK\r\n"
         );
     }
-    // A group named "streams" with BLOCK: a blocking command, refused (never forwarded).
-    assert_eq!(
-        call(
-            &mut c,
-            &[
-                b"XREADGROUP",
-                b"GROUP",
-                b"streams",
-                b"c",
-                b"BLOCK",
-                b"3000",
-                b"STREAMS",
-                b"s",
-                b">"
-            ]
-        ),
-        b"-ERR command 'xreadgroup' is not supported by slotgate yet\r\n"
+    // A group named "streams" with BLOCK: a blocking command, on its own dedicated
+    // connection, so other clients of the shard are not stalled behind it.
+    let started = Instant::now();
+    c.send(&resp(&[
+        b"XREADGROUP",
+        b"GROUP",
+        b"streams",
+        b"c",
+        b"BLOCK",
+        b"1000",
+        b"STREAMS",
+        b"s",
+        b">",
+    ]));
+    std::thread::sleep(Duration::from_millis(100));
+    let mut other = proxy.raw();
+    assert_eq!(call(&mut other, &[b"SET", b"{s}k", b"v"]), b"+OK\r\n");
+    assert!(
+        started.elapsed() < Duration::from_millis(700),
+        "a GET on the same shard waited for the blocked XREADGROUP"
     );
+    assert_eq!(
+        read_replies(&mut c, 1)[0],
+        b"*-1\r\n",
+        "timed out after 1 s"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(900));
     // A group named "block" without BLOCK: forwarded, answered by Redis at once.
     assert_eq!(
         call(

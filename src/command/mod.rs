@@ -105,7 +105,13 @@ pub enum Route {
     AllShards(Merge),
     /// Would break the proxy's model (SHUTDOWN, DEBUG, REPLICAOF, MODULE, CLUSTER …): refused.
     Refused,
-    /// A stateful family that a later version of slotgate serves (MULTI, SUBSCRIBE, BLPOP, EVAL…):
+    /// MULTI, EXEC, DISCARD, WATCH, UNWATCH: a transaction on a dedicated connection to the
+    /// shard of its keys (see `session::tx`).
+    Transaction,
+    /// BLPOP and friends, WAIT: a dedicated connection for the command's duration, with the
+    /// client's own timeout.
+    Blocking,
+    /// A stateful family that a later version of slotgate serves (SUBSCRIBE, PUBLISH …):
     /// refused with a clear error for now, never a hang.
     NotYet,
 }
@@ -123,6 +129,13 @@ pub enum Merge {
     ConcatArrays,
     /// Served by a dedicated handler in `fanout.rs` (SCAN cursor, RANDOMKEY).
     Special,
+    /// Every shard must answer the same (SCRIPT LOAD's SHA, FUNCTION LOAD's name): that reply.
+    Same,
+    /// Arrays of 0/1 combined element by element with AND (SCRIPT EXISTS: loaded everywhere).
+    AndIntArrays,
+    /// `+OK` if any shard said OK (SCRIPT KILL: the shard running a script), else the first
+    /// reply.
+    AnyOk,
 }
 
 /// Where a command's keys are, mirroring Redis 7 key specs (`COMMAND INFO` → key specifications).

@@ -315,7 +315,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 },
             },
         ],
-        route: Route::NotYet,
+        route: Route::Blocking,
         subcommands: &[],
     },
     CommandSpec {
@@ -332,7 +332,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 keystep: 1,
             },
         }],
-        route: Route::NotYet,
+        route: Route::Blocking,
         subcommands: &[],
     },
     CommandSpec {
@@ -349,7 +349,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 limit: 0,
             },
         }],
-        route: Route::NotYet,
+        route: Route::Blocking,
         subcommands: &[],
     },
     CommandSpec {
@@ -366,7 +366,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 limit: 0,
             },
         }],
-        route: Route::NotYet,
+        route: Route::Blocking,
         subcommands: &[],
     },
     CommandSpec {
@@ -394,7 +394,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 },
             },
         ],
-        route: Route::NotYet,
+        route: Route::Blocking,
         subcommands: &[],
     },
     CommandSpec {
@@ -411,7 +411,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 keystep: 1,
             },
         }],
-        route: Route::NotYet,
+        route: Route::Blocking,
         subcommands: &[],
     },
     CommandSpec {
@@ -428,7 +428,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 limit: 0,
             },
         }],
-        route: Route::NotYet,
+        route: Route::Blocking,
         subcommands: &[],
     },
     CommandSpec {
@@ -445,7 +445,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 limit: 0,
             },
         }],
-        route: Route::NotYet,
+        route: Route::Blocking,
         subcommands: &[],
     },
     CommandSpec {
@@ -462,7 +462,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::NOSCRIPT | flags::LOADING | flags::STALE,
                 acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::Refused,
                 subcommands: &[],
             },
             CommandSpec {
@@ -480,7 +480,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::NOSCRIPT | flags::LOADING | flags::STALE,
                 acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::Refused,
                 subcommands: &[],
             },
             CommandSpec {
@@ -516,7 +516,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
                 acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS | acl::CONNECTION,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::Local,
                 subcommands: &[],
             },
             CommandSpec {
@@ -552,7 +552,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
                 acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS | acl::CONNECTION,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::Refused,
                 subcommands: &[],
             },
             CommandSpec {
@@ -561,7 +561,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::NOSCRIPT | flags::LOADING | flags::STALE,
                 acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::Refused,
                 subcommands: &[],
             },
             CommandSpec {
@@ -588,7 +588,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::NOSCRIPT | flags::LOADING | flags::STALE,
                 acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::Refused,
                 subcommands: &[],
             },
             CommandSpec {
@@ -597,7 +597,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::NOSCRIPT | flags::LOADING | flags::STALE,
                 acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::Refused,
                 subcommands: &[],
             },
             CommandSpec {
@@ -606,7 +606,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
                 acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS | acl::CONNECTION,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::Refused,
                 subcommands: &[],
             },
             CommandSpec {
@@ -615,7 +615,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
                 acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS | acl::CONNECTION,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::Refused,
                 subcommands: &[],
             },
         ],
@@ -1104,7 +1104,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         flags: flags::NOSCRIPT | flags::LOADING | flags::STALE | flags::FAST | flags::ALLOW_BUSY,
         acl: acl::FAST | acl::TRANSACTION,
         key_specs: &[],
-        route: Route::NotYet,
+        route: Route::Transaction,
         subcommands: &[],
     },
     CommandSpec {
@@ -1147,7 +1147,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 keystep: 1,
             },
         }],
-        route: Route::NotYet,
+        route: Route::Single,
         subcommands: &[],
     },
     CommandSpec {
@@ -1164,7 +1164,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 keystep: 1,
             },
         }],
-        route: Route::NotYet,
+        route: Route::Single,
         subcommands: &[],
     },
     CommandSpec {
@@ -1181,7 +1181,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 keystep: 1,
             },
         }],
-        route: Route::NotYet,
+        route: Route::Single,
         subcommands: &[],
     },
     CommandSpec {
@@ -1198,7 +1198,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 keystep: 1,
             },
         }],
-        route: Route::NotYet,
+        route: Route::Single,
         subcommands: &[],
     },
     CommandSpec {
@@ -1207,7 +1207,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         flags: flags::NOSCRIPT | flags::LOADING | flags::STALE,
         acl: acl::SLOW | acl::TRANSACTION,
         key_specs: &[],
-        route: Route::NotYet,
+        route: Route::Transaction,
         subcommands: &[],
     },
     CommandSpec {
@@ -1301,7 +1301,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 keystep: 1,
             },
         }],
-        route: Route::NotYet,
+        route: Route::Single,
         subcommands: &[],
     },
     CommandSpec {
@@ -1318,7 +1318,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 keystep: 1,
             },
         }],
-        route: Route::NotYet,
+        route: Route::Single,
         subcommands: &[],
     },
     CommandSpec {
@@ -1345,7 +1345,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         flags: 0,
         acl: acl::SLOW,
         key_specs: &[],
-        route: Route::NotYet,
+        route: Route::Single,
         subcommands: &[
             CommandSpec {
                 name: "function|delete",
@@ -1353,7 +1353,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::WRITE | flags::NOSCRIPT,
                 acl: acl::WRITE | acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::AllShards(Merge::AllOk),
                 subcommands: &[],
             },
             CommandSpec {
@@ -1362,7 +1362,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::NOSCRIPT,
                 acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::AnyShard,
                 subcommands: &[],
             },
             CommandSpec {
@@ -1371,7 +1371,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::WRITE | flags::NOSCRIPT,
                 acl: acl::WRITE | acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::AllShards(Merge::AllOk),
                 subcommands: &[],
             },
             CommandSpec {
@@ -1380,7 +1380,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::LOADING | flags::STALE,
                 acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::AnyShard,
                 subcommands: &[],
             },
             CommandSpec {
@@ -1389,7 +1389,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::NOSCRIPT | flags::ALLOW_BUSY,
                 acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::AllShards(Merge::AnyOk),
                 subcommands: &[],
             },
             CommandSpec {
@@ -1398,7 +1398,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::NOSCRIPT,
                 acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::AnyShard,
                 subcommands: &[],
             },
             CommandSpec {
@@ -1407,7 +1407,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::WRITE | flags::DENYOOM | flags::NOSCRIPT,
                 acl: acl::WRITE | acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::AllShards(Merge::Same),
                 subcommands: &[],
             },
             CommandSpec {
@@ -1416,7 +1416,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::WRITE | flags::DENYOOM | flags::NOSCRIPT,
                 acl: acl::WRITE | acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::AllShards(Merge::AllOk),
                 subcommands: &[],
             },
             CommandSpec {
@@ -1425,7 +1425,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::NOSCRIPT | flags::ALLOW_BUSY,
                 acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::AnyShard,
                 subcommands: &[],
             },
         ],
@@ -2641,7 +2641,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
         acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
-        route: Route::NotYet,
+        route: Route::Refused,
         subcommands: &[],
     },
     CommandSpec {
@@ -2701,7 +2701,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         flags: flags::NOSCRIPT | flags::LOADING | flags::STALE | flags::FAST | flags::ALLOW_BUSY,
         acl: acl::FAST | acl::TRANSACTION,
         key_specs: &[],
-        route: Route::NotYet,
+        route: Route::Transaction,
         subcommands: &[],
     },
     CommandSpec {
@@ -3399,7 +3399,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         flags: 0,
         acl: acl::SLOW,
         key_specs: &[],
-        route: Route::NotYet,
+        route: Route::Single,
         subcommands: &[
             CommandSpec {
                 name: "script|debug",
@@ -3407,7 +3407,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::NOSCRIPT,
                 acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::Refused,
                 subcommands: &[],
             },
             CommandSpec {
@@ -3416,7 +3416,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::NOSCRIPT,
                 acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::AllShards(Merge::AndIntArrays),
                 subcommands: &[],
             },
             CommandSpec {
@@ -3425,7 +3425,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::NOSCRIPT,
                 acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::AllShards(Merge::AllOk),
                 subcommands: &[],
             },
             CommandSpec {
@@ -3434,7 +3434,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::LOADING | flags::STALE,
                 acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::AnyShard,
                 subcommands: &[],
             },
             CommandSpec {
@@ -3443,7 +3443,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::NOSCRIPT | flags::ALLOW_BUSY,
                 acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::AllShards(Merge::AnyOk),
                 subcommands: &[],
             },
             CommandSpec {
@@ -3452,7 +3452,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::NOSCRIPT | flags::STALE,
                 acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::AllShards(Merge::Same),
                 subcommands: &[],
             },
         ],
@@ -4217,7 +4217,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         flags: flags::NOSCRIPT | flags::LOADING | flags::STALE | flags::FAST | flags::ALLOW_BUSY,
         acl: acl::FAST | acl::TRANSACTION,
         key_specs: &[],
-        route: Route::NotYet,
+        route: Route::Transaction,
         subcommands: &[],
     },
     CommandSpec {
@@ -4226,7 +4226,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         flags: flags::NOSCRIPT,
         acl: acl::SLOW | acl::CONNECTION,
         key_specs: &[],
-        route: Route::NotYet,
+        route: Route::Blocking,
         subcommands: &[],
     },
     CommandSpec {
@@ -4243,7 +4243,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 limit: 0,
             },
         }],
-        route: Route::NotYet,
+        route: Route::Transaction,
         subcommands: &[],
     },
     CommandSpec {

@@ -10,8 +10,8 @@ use super::request::push_header;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Proto {
     #[default]
-    Resp2,
-    Resp3,
+    Resp2 = 0,
+    Resp3 = 1,
 }
 
 pub const OK: &[u8] = b"+OK\r\n";

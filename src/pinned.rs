@@ -1,0 +1,311 @@
+//! Commands that pin a client to a dedicated upstream connection: transactions
+//! (MULTI/EXEC/DISCARD/WATCH/UNWATCH) and blocking commands (BLPOP …, XREAD BLOCK, WAIT).
+//!
+//! **Transactions** run on one dedicated connection to the shard of their keys, so WATCH and
+//! MULTI/EXEC have Redis's real semantics there. MULTI is answered locally and keyless
+//! commands are queued locally (`+QUEUED`) until the first keyed command picks the shard;
+//! then MULTI and the queued commands are replayed on the dedicated connection (their
+//! replies already given are dropped) and everything after goes there as is. Every key of
+//! the transaction, watched keys included, must be in one slot: otherwise the command gets
+//! `-CROSSSLOT …` and the transaction is flagged, so EXEC answers `-EXECABORT …` as Redis does
+//! for a queuing error. Commands that span shards (KEYS, DBSIZE, FLUSHALL, SCAN …) are refused
+//! inside MULTI. After EXEC/DISCARD/UNWATCH the connection goes back to the worker's pool; a
+//! client that disconnects mid-transaction closes it, so the shard forgets everything.
+//!
+//! **Blocking commands** get a dedicated connection for their duration, with no op timeout
+//! (the client's own timeout applies); it returns to the pool when the reply arrives, and is
+//! closed if the client goes away first (the shard unblocks).
+//!
+//! **Order.** A client's commands to a dedicated connection run after everything it sent
+//! before on the shared connections, and vice versa: switching between the two waits until
+//! nothing is in flight (the command is deferred, never reordered).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use crate::command::{CommandSpec, Route};
+use crate::queue::{Slot, Target};
+use crate::resp::Request;
+use crate::resp::reply;
+use crate::session::Session;
+use crate::shard::Dedicated;
+
+/// An open transaction.
+#[derive(Default)]
+pub struct Tx {
+    /// The dedicated connection, once a keyed command (or EXEC) chose the shard.
+    conn: Option<Dedicated>,
+    /// The slot every key must be in.
+    slot: Option<u16>,
+    /// MULTI and keyless commands answered locally, replayed when the connection opens.
+    buffered: Vec<Bytes>,
+    /// A queuing error happened: EXEC answers EXECABORT.
+    aborted: bool,
+}
+
+/// A command kept until the client has nothing in flight (see the module docs).
+pub struct Deferred {
+    pub raw: Bytes,
+    pub args: Vec<(u32, u32)>,
+}
+
+impl Deferred {
+    pub fn from(req: &Request<'_>) -> Self {
+        Deferred {
+            raw: req.raw.clone(),
+            args: req.args.to_vec(),
+        }
+    }
+
+    pub fn request(&self) -> Request<'_> {
+        Request {
+            raw: self.raw.clone(),
+            args: &self.args,
+        }
+    }
+}
+
+/// Blocking commands wait as long as the client asked: this is "no deadline".
+const FOREVER: Duration = Duration::from_secs(86_400 * 365);
+
+const EXECABORT: &[u8] = b"-EXECABORT Transaction discarded because of previous errors.\r\n";
+
+impl Session {
+    /// Whether this command will use a dedicated connection (an open transaction, a
+    /// transaction command, a blocking command).
+    pub(crate) fn wants_dedicated(&self, spec: &CommandSpec, req: &Request<'_>) -> bool {
+        self.tx.is_some()
+            || matches!(spec.route, Route::Transaction | Route::Blocking)
+            || (spec.has(crate::command::flags::BLOCKING) && crate::session::has_block_option(req))
+    }
+
+    /// Flags the open transaction after a queuing error (unknown command, arity, CROSSSLOT…).
+    pub(crate) fn flag_tx(&mut self) {
+        if let Some(tx) = &mut self.tx {
+            tx.aborted = true;
+        }
+    }
+
+    fn reject(&mut self, err: Bytes) {
+        self.flag_tx();
+        self.reply(err);
+    }
+
+    /// Sends `raw` on a dedicated connection; the reply fills the next queue slot.
+    fn send_dedicated(&mut self, conn: &Dedicated, raw: &[u8], deadline: Instant) {
+        let seq = self.queue.push_waiting(Slot::Waiting);
+        let target = Target::Client {
+            queue: self.queue.clone(),
+            seq,
+            part: 0,
+        };
+        conn.up.send_until(raw, target, deadline);
+    }
+
+    fn op_deadline(&self, now: Instant) -> Instant {
+        now + self.w.shared.settings.op_timeout
+    }
+
+    /// A dedicated connection to the shard owning `slot` (shard 0 for none).
+    fn take_dedicated(&mut self, slot: Option<u16>) -> Result<Dedicated, Bytes> {
+        let shard = slot.map_or(0, |s| self.w.shared.settings.slot_map.shard_of_slot(s));
+        self.w.dedicated.take(self.proto, shard)
+    }
+
+    /// MULTI, EXEC, DISCARD, WATCH, UNWATCH.
+    pub(crate) fn transaction(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
+        match spec.name {
+            "multi" => {
+                if self.tx.is_some() {
+                    return self.reply(reply::error("ERR MULTI calls can not be nested"));
+                }
+                let mut tx = Tx::default();
+                match self.watch.take() {
+                    // WATCH already chose the shard: MULTI goes there.
+                    Some((conn, slot)) => {
+                        tx.slot = Some(slot);
+                        let d = self.op_deadline(now);
+                        self.send_dedicated(&conn, &req.raw, d);
+                        tx.conn = Some(conn);
+                    }
+                    None => {
+                        tx.buffered.push(req.raw.clone());
+                        self.reply_static(reply::OK);
+                    }
+                }
+                self.tx = Some(tx);
+            }
+            "exec" => {
+                let Some(tx) = self.tx.take() else {
+                    return self.reply(reply::error("ERR EXEC without MULTI"));
+                };
+                let d = self.op_deadline(now);
+                if tx.aborted {
+                    if let Some(conn) = tx.conn {
+                        conn.up
+                            .send_until(b"*1\r\n$7\r\nDISCARD\r\n", Target::Discard, d);
+                        conn.release();
+                    }
+                    return self.reply_static(EXECABORT);
+                }
+                let conn = match tx.conn {
+                    Some(c) => c,
+                    // Only keyless commands: any shard runs them.
+                    None => match self.take_dedicated(None) {
+                        Ok(c) => {
+                            for b in &tx.buffered {
+                                c.up.send_until(b, Target::Discard, d);
+                            }
+                            c
+                        }
+                        Err(e) => return self.reply(e),
+                    },
+                };
+                self.send_dedicated(&conn, &req.raw, d);
+                conn.release();
+            }
+            "discard" => {
+                let Some(tx) = self.tx.take() else {
+                    return self.reply(reply::error("ERR DISCARD without MULTI"));
+                };
+                match tx.conn {
+                    Some(conn) => {
+                        let d = self.op_deadline(now);
+                        self.send_dedicated(&conn, &req.raw, d);
+                        conn.release();
+                    }
+                    None => self.reply_static(reply::OK),
+                }
+            }
+            "watch" => {
+                if self.tx.is_some() {
+                    return self.reply(reply::error("ERR WATCH inside MULTI is not allowed"));
+                }
+                let slot = match self.slot_of(spec, req) {
+                    Ok(Some(s)) => s,
+                    Ok(None) => return self.reply(reply::wrong_arity("watch")),
+                    Err(()) => return self.reply_static(reply::CROSSSLOT),
+                };
+                let conn = match self.watch.take() {
+                    Some((c, s)) if s == slot => c,
+                    Some(other) => {
+                        self.watch = Some(other);
+                        return self.reply_static(reply::CROSSSLOT);
+                    }
+                    None => match self.take_dedicated(Some(slot)) {
+                        Ok(c) => c,
+                        Err(e) => return self.reply(e),
+                    },
+                };
+                let d = self.op_deadline(now);
+                self.send_dedicated(&conn, &req.raw, d);
+                self.watch = Some((conn, slot));
+            }
+            "unwatch" => {
+                if self.tx.is_some() {
+                    return self.tx_queue(spec, req, now);
+                }
+                match self.watch.take() {
+                    Some((conn, _)) => {
+                        let d = self.op_deadline(now);
+                        self.send_dedicated(&conn, &req.raw, d);
+                        conn.release();
+                    }
+                    None => self.reply_static(reply::OK),
+                }
+            }
+            _ => self.reply(reply::not_yet(spec.name)),
+        }
+    }
+
+    /// A command inside MULTI: queued on the transaction's connection (or locally while no
+    /// key has chosen the shard yet).
+    pub(crate) fn tx_queue(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
+        match spec.route {
+            Route::Refused => return self.reject(reply::not_allowed(spec.name)),
+            Route::NotYet => return self.reject(reply::not_yet(spec.name)),
+            Route::AllShards(_) => {
+                return self.reject(reply::error(&format!(
+                    "ERR '{}' is not supported inside MULTI by slotgate (it spans shards)",
+                    spec.name
+                )));
+            }
+            Route::Local
+                if !matches!(
+                    spec.name,
+                    "ping" | "echo" | "time" | "command" | "config|get"
+                ) && !spec.name.starts_with("command|") =>
+            {
+                return self.reject(reply::error(&format!(
+                    "ERR '{}' is not supported inside MULTI by slotgate",
+                    spec.name
+                )));
+            }
+            _ => {}
+        }
+        let slot = match self.slot_of(spec, req) {
+            Ok(s) => s,
+            Err(()) => return self.reject(Bytes::from_static(reply::CROSSSLOT)),
+        };
+        let Some(tx) = self.tx.as_mut() else {
+            return;
+        };
+        if let Some(s) = slot {
+            match tx.slot {
+                None => tx.slot = Some(s),
+                Some(t) if t != s => return self.reject(Bytes::from_static(reply::CROSSSLOT)),
+                _ => {}
+            }
+        }
+        let d = self.op_deadline(now);
+        if self.tx.as_ref().is_some_and(|t| t.conn.is_none()) {
+            if slot.is_none() {
+                if let Some(tx) = self.tx.as_mut() {
+                    tx.buffered.push(req.raw.clone());
+                }
+                return self.reply(Bytes::from_static(b"+QUEUED\r\n"));
+            }
+            let conn = match self.take_dedicated(slot) {
+                Ok(c) => c,
+                Err(e) => return self.reject(e),
+            };
+            if let Some(tx) = self.tx.as_mut() {
+                for b in &tx.buffered {
+                    conn.up.send_until(b, Target::Discard, d);
+                }
+                tx.buffered.clear();
+                tx.conn = Some(conn);
+            }
+        }
+        let Some(conn) = self.tx.as_mut().and_then(|t| t.conn.take()) else {
+            return;
+        };
+        self.send_dedicated(&conn, &req.raw, d);
+        if let Some(tx) = self.tx.as_mut() {
+            tx.conn = Some(conn);
+        }
+    }
+
+    /// A blocking command outside MULTI: its own dedicated connection, no op timeout.
+    pub(crate) fn blocking(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
+        let slot = match self.slot_of(spec, req) {
+            Ok(s) => s,
+            Err(()) => return self.reply_static(reply::CROSSSLOT),
+        };
+        let conn = match self.take_dedicated(slot) {
+            Ok(c) => c,
+            Err(e) => return self.reply(e),
+        };
+        self.send_dedicated(&conn, &req.raw, now + FOREVER);
+        self.blocked = Some(conn);
+    }
+
+    /// Drops the transaction and watches (RESET): their connections close, so the shard
+    /// forgets them.
+    pub(crate) fn reset_pinned(&mut self) {
+        self.tx = None;
+        self.watch = None;
+    }
+}

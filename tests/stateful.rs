@@ -1,0 +1,489 @@
+//! Transactions, scripts and functions, blocking commands and CLIENT KILL, against real shards.
+
+mod support;
+
+use std::io::Read;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn read_replies(conn: &mut RawConn, n: usize) -> Vec<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    let mut scanner = slotgate::resp::ReplyScanner::new();
+    let mut chunk = [0u8; 65536];
+    while out.len() < n {
+        if let Some(f) = scanner.scan(&buf).expect("valid RESP") {
+            out.push(buf.drain(..f.len).collect());
+            continue;
+        }
+        let got = conn
+            .stream
+            .read(&mut chunk)
+            .expect("reply within the timeout");
+        assert!(got > 0, "connection closed after {} replies", out.len());
+        buf.extend_from_slice(&chunk[..got]);
+    }
+    out
+}
+
+fn call(conn: &mut RawConn, args: &[&[u8]]) -> Vec<u8> {
+    conn.send(&resp(args));
+    read_replies(conn, 1).remove(0)
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into()
+}
+
+fn three() -> (Vec<RedisServer>, Slotgate) {
+    let shards: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+    let refs: Vec<&RedisServer> = shards.iter().collect();
+    let proxy = Slotgate::start_with(&refs, &["--workers", "2"]);
+    (shards, proxy)
+}
+
+/// Connections on the shards that are in MULTI (flag x) or blocked (flag b), or are running a
+/// command named `cmd`.
+fn leftover_on_shards(shards: &[RedisServer], cmd: &str) -> usize {
+    shards
+        .iter()
+        .map(|s| {
+            let list: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .query(&mut s.client())
+                .unwrap();
+            list.lines()
+                .filter(|l| {
+                    let flags = l
+                        .split_whitespace()
+                        .find_map(|f| f.strip_prefix("flags="))
+                        .unwrap_or("");
+                    flags.contains('x') || flags.contains('b') || l.contains(&format!("cmd={cmd} "))
+                })
+                .count()
+        })
+        .sum()
+}
+
+#[test]
+fn multi_exec_watch_and_conflicts() {
+    let (_shards, proxy) = three();
+    let mut c = proxy.raw();
+    let replies = {
+        c.send(
+            &[
+                resp(&[b"MULTI"]),
+                resp(&[b"PING"]),
+                resp(&[b"SET", b"{u}n", b"1"]),
+                resp(&[b"INCR", b"{u}n"]),
+                resp(&[b"GET", b"{u}n"]),
+                resp(&[b"EXEC"]),
+            ]
+            .concat(),
+        );
+        read_replies(&mut c, 6)
+    };
+    assert_eq!(replies[0], b"+OK\r\n");
+    assert_eq!(replies[1], b"+QUEUED\r\n");
+    assert_eq!(
+        lossy(&replies[5]),
+        "*4\r\n+PONG\r\n+OK\r\n:2\r\n$1\r\n2\r\n"
+    );
+
+    // WATCH: success, then a conflict from another client makes EXEC return nil.
+    assert_eq!(call(&mut c, &[b"WATCH", b"{u}n"]), b"+OK\r\n");
+    assert_eq!(call(&mut c, &[b"MULTI"]), b"+OK\r\n");
+    assert_eq!(call(&mut c, &[b"INCR", b"{u}n"]), b"+QUEUED\r\n");
+    assert_eq!(call(&mut c, &[b"EXEC"]), b"*1\r\n:3\r\n");
+    assert_eq!(call(&mut c, &[b"WATCH", b"{u}n"]), b"+OK\r\n");
+    let mut other = proxy.raw();
+    assert_eq!(call(&mut other, &[b"SET", b"{u}n", b"100"]), b"+OK\r\n");
+    assert_eq!(call(&mut c, &[b"MULTI"]), b"+OK\r\n");
+    assert_eq!(call(&mut c, &[b"INCR", b"{u}n"]), b"+QUEUED\r\n");
+    assert_eq!(
+        call(&mut c, &[b"EXEC"]),
+        b"*-1\r\n",
+        "the watched key changed"
+    );
+    assert_eq!(call(&mut c, &[b"GET", b"{u}n"]), b"$3\r\n100\r\n");
+    // UNWATCH, DISCARD, errors outside a transaction.
+    assert_eq!(call(&mut c, &[b"WATCH", b"{u}n"]), b"+OK\r\n");
+    assert_eq!(call(&mut c, &[b"UNWATCH"]), b"+OK\r\n");
+    assert_eq!(call(&mut c, &[b"MULTI"]), b"+OK\r\n");
+    assert_eq!(
+        call(&mut c, &[b"MULTI"]),
+        b"-ERR MULTI calls can not be nested\r\n"
+    );
+    assert_eq!(call(&mut c, &[b"SET", b"{u}d", b"x"]), b"+QUEUED\r\n");
+    assert_eq!(
+        call(&mut c, &[b"WATCH", b"{u}n"]),
+        b"-ERR WATCH inside MULTI is not allowed\r\n"
+    );
+    assert_eq!(call(&mut c, &[b"DISCARD"]), b"+OK\r\n");
+    assert_eq!(call(&mut c, &[b"EXISTS", b"{u}d"]), b":0\r\n");
+    assert_eq!(call(&mut c, &[b"EXEC"]), b"-ERR EXEC without MULTI\r\n");
+    assert_eq!(
+        call(&mut c, &[b"DISCARD"]),
+        b"-ERR DISCARD without MULTI\r\n"
+    );
+    // Only keyless commands: any shard runs them.
+    assert_eq!(call(&mut c, &[b"MULTI"]), b"+OK\r\n");
+    assert_eq!(call(&mut c, &[b"ECHO", b"hi"]), b"+QUEUED\r\n");
+    assert_eq!(call(&mut c, &[b"EXEC"]), b"*1\r\n$2\r\nhi\r\n");
+}
+
+#[test]
+fn cross_slot_and_queuing_errors_abort_the_transaction() {
+    let (_shards, proxy) = three();
+    let mut c = proxy.raw();
+    let crossslot = b"-CROSSSLOT Keys in request don't hash to the same slot\r\n";
+    assert_eq!(call(&mut c, &[b"MULTI"]), b"+OK\r\n");
+    assert_eq!(call(&mut c, &[b"SET", b"a", b"1"]), b"+QUEUED\r\n");
+    assert_eq!(call(&mut c, &[b"SET", b"b", b"2"]), crossslot);
+    assert_eq!(
+        call(&mut c, &[b"EXEC"]),
+        b"-EXECABORT Transaction discarded because of previous errors.\r\n"
+    );
+    assert_eq!(
+        call(&mut c, &[b"EXISTS", b"a", b"b"]),
+        b":0\r\n",
+        "nothing ran"
+    );
+    // An unknown command, a bad arity and a command spanning shards abort it too.
+    let bads: [&[&[u8]]; 3] = [&[b"NOSUCH"], &[b"GET"], &[b"KEYS", b"*"]];
+    for bad in bads {
+        assert_eq!(call(&mut c, &[b"MULTI"]), b"+OK\r\n");
+        assert_eq!(call(&mut c, &[b"SET", b"a", b"1"]), b"+QUEUED\r\n");
+        let r = call(&mut c, bad);
+        assert!(r.starts_with(b"-ERR"), "{}", lossy(&r));
+        assert!(call(&mut c, &[b"EXEC"]).starts_with(b"-EXECABORT"));
+    }
+    assert_eq!(call(&mut c, &[b"EXISTS", b"a"]), b":0\r\n");
+    // WATCH keys must share a slot too.
+    assert_eq!(call(&mut c, &[b"WATCH", b"a", b"b"]), crossslot);
+    assert_eq!(call(&mut c, &[b"WATCH", b"a"]), b"+OK\r\n");
+    assert_eq!(call(&mut c, &[b"WATCH", b"b"]), crossslot);
+    assert_eq!(call(&mut c, &[b"MULTI"]), b"+OK\r\n");
+    assert_eq!(call(&mut c, &[b"SET", b"b", b"1"]), crossslot);
+    assert!(call(&mut c, &[b"EXEC"]).starts_with(b"-EXECABORT"));
+}
+
+#[test]
+fn the_lock_pattern_under_50_clients_has_no_double_ownership() {
+    let (_shards, proxy) = three();
+    let owned = Arc::new(AtomicBool::new(false));
+    let doubles = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let release = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
+    let url = proxy.url();
+    let threads: Vec<_> = (0..50)
+        .map(|t| {
+            let (owned, doubles, done, url) =
+                (owned.clone(), doubles.clone(), done.clone(), url.clone());
+            std::thread::spawn(move || {
+                let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
+                let deadline = Instant::now() + Duration::from_secs(20);
+                let mut mine = 0;
+                while mine < 4 && Instant::now() < deadline {
+                    let token = format!("t{t}-{mine}");
+                    let got: Option<String> = redis::cmd("SET")
+                        .arg("lock:res")
+                        .arg(&token)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(5000)
+                        .query(&mut con)
+                        .unwrap();
+                    if got.is_none() {
+                        std::thread::sleep(Duration::from_millis(1));
+                        continue;
+                    }
+                    if owned.swap(true, Ordering::SeqCst) {
+                        doubles.fetch_add(1, Ordering::SeqCst);
+                    }
+                    // The critical section: a read-modify-write that only a lock makes safe.
+                    let n: i64 = redis::cmd("GET")
+                        .arg("counter")
+                        .query::<Option<i64>>(&mut con)
+                        .unwrap()
+                        .unwrap_or(0);
+                    let _: () = redis::cmd("SET")
+                        .arg("counter")
+                        .arg(n + 1)
+                        .query(&mut con)
+                        .unwrap();
+                    owned.store(false, Ordering::SeqCst);
+                    let freed: i64 = redis::cmd("EVAL")
+                        .arg(release)
+                        .arg(1)
+                        .arg("lock:res")
+                        .arg(&token)
+                        .query(&mut con)
+                        .unwrap();
+                    assert_eq!(freed, 1, "the owner releases its own lock");
+                    mine += 1;
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(doubles.load(Ordering::SeqCst), 0, "two owners at once");
+    let total = done.load(Ordering::SeqCst) as i64;
+    assert_eq!(total, 200, "every client got the lock 4 times");
+    let n: i64 = redis::cmd("GET")
+        .arg("counter")
+        .query(&mut proxy.client())
+        .unwrap();
+    assert_eq!(n, total, "no lost update");
+}
+
+#[test]
+fn scripts_and_functions_loaded_once_run_for_keys_on_every_shard() {
+    let (shards, proxy) = three();
+    let mut con = proxy.client();
+    let sha: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg("return redis.call('INCR', KEYS[1])")
+        .query(&mut con)
+        .unwrap();
+    // Keys on every shard: no NOSCRIPT anywhere.
+    for i in 0..30 {
+        let key = format!("s{i}");
+        let v: i64 = redis::cmd("EVALSHA")
+            .arg(&sha)
+            .arg(1)
+            .arg(&key)
+            .query(&mut con)
+            .unwrap();
+        assert_eq!(v, 1);
+    }
+    for s in &shards {
+        let n: i64 = redis::cmd("DBSIZE").query(&mut s.client()).unwrap();
+        assert!(n > 0, "the keys are spread over the shards");
+    }
+    let exists: Vec<i64> = redis::cmd("SCRIPT")
+        .arg("EXISTS")
+        .arg(&sha)
+        .arg("0000000000000000000000000000000000000000")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(exists, vec![1, 0]);
+    // Keys of a script must share a slot; zero keys run on one shard.
+    let mut c = proxy.raw();
+    assert_eq!(
+        call(&mut c, &[b"EVAL", b"return 1", b"2", b"a", b"b"]),
+        b"-CROSSSLOT Keys in request don't hash to the same slot\r\n"
+    );
+    assert_eq!(call(&mut c, &[b"EVAL", b"return 7", b"0"]), b":7\r\n");
+    assert_eq!(call(&mut c, &[b"SCRIPT", b"FLUSH"]), b"+OK\r\n");
+    let r = call(&mut c, &[b"EVALSHA", sha.as_bytes(), b"1", b"s1"]);
+    assert!(
+        r.starts_with(b"-NOSCRIPT"),
+        "flushed everywhere: {}",
+        lossy(&r)
+    );
+    // Functions.
+    let lib = "#!lua name=mylib\nredis.register_function('bump', function(keys) return redis.call('INCRBY', keys[1], 10) end)";
+    let name: String = redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg(lib)
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(name, "mylib");
+    for i in 0..10 {
+        let v: i64 = redis::cmd("FCALL")
+            .arg("bump")
+            .arg(1)
+            .arg(format!("f{i}"))
+            .query(&mut con)
+            .unwrap();
+        assert_eq!(v, 10);
+    }
+    let list: redis::Value = redis::cmd("FUNCTION").arg("LIST").query(&mut con).unwrap();
+    assert!(format!("{list:?}").contains("mylib"));
+    let _: () = redis::cmd("FUNCTION")
+        .arg("DELETE")
+        .arg("mylib")
+        .query(&mut con)
+        .unwrap();
+    let err = redis::cmd("FCALL")
+        .arg("bump")
+        .arg(1)
+        .arg("f1")
+        .query::<i64>(&mut con);
+    assert!(err.is_err(), "deleted on every shard");
+}
+
+#[test]
+fn blocking_commands_wake_time_out_and_keep_order() {
+    let (_shards, proxy) = {
+        let shards: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+        let refs: Vec<&RedisServer> = shards.iter().collect();
+        let proxy = Slotgate::start_with(&refs, &["--op-timeout", "200ms"]);
+        (shards, proxy)
+    };
+    let mut waiter = proxy.raw();
+    waiter.send(&resp(&[b"BLPOP", b"jobs", b"0"]));
+    std::thread::sleep(Duration::from_millis(100));
+    let mut pusher = proxy.raw();
+    assert_eq!(call(&mut pusher, &[b"LPUSH", b"jobs", b"job1"]), b":1\r\n");
+    assert_eq!(
+        read_replies(&mut waiter, 1)[0],
+        b"*2\r\n$4\r\njobs\r\n$4\r\njob1\r\n"
+    );
+    // The client's timeout (1 s) is honoured, not cut by the 200 ms op timeout.
+    let started = Instant::now();
+    assert_eq!(call(&mut waiter, &[b"BRPOP", b"nothing", b"1"]), b"*-1\r\n");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    // A pipeline: the push runs before the blocking pop that follows it, and the GET after
+    // the pop waits for it.
+    waiter.send(
+        &[
+            resp(&[b"LPUSH", b"q", b"x"]),
+            resp(&[b"BLPOP", b"q", b"0"]),
+            resp(&[b"LLEN", b"q"]),
+        ]
+        .concat(),
+    );
+    let r = read_replies(&mut waiter, 3);
+    assert_eq!(r[0], b":1\r\n");
+    assert_eq!(r[1], b"*2\r\n$1\r\nq\r\n$1\r\nx\r\n");
+    assert_eq!(r[2], b":0\r\n");
+    // XREAD BLOCK, woken by XADD.
+    waiter.send(&resp(&[b"XREAD", b"BLOCK", b"0", b"STREAMS", b"st", b"$"]));
+    std::thread::sleep(Duration::from_millis(100));
+    let id = call(&mut pusher, &[b"XADD", b"st", b"*", b"f", b"v"]);
+    assert!(id.starts_with(b"$"));
+    let got = read_replies(&mut waiter, 1).remove(0);
+    assert!(
+        lossy(&got).contains("$1\r\nf\r\n$1\r\nv\r\n"),
+        "{}",
+        lossy(&got)
+    );
+    // Keys of a blocking command must share a slot.
+    assert_eq!(
+        call(&mut waiter, &[b"BLPOP", b"a", b"b", b"0"]),
+        b"-CROSSSLOT Keys in request don't hash to the same slot\r\n"
+    );
+}
+
+#[test]
+fn killed_or_vanished_clients_leave_nothing_on_the_shards() {
+    let (shards, proxy) = three();
+    // A client that disconnects while blocked, and one that disconnects mid-MULTI.
+    {
+        let mut blocked = proxy.raw();
+        blocked.send(&resp(&[b"BLPOP", b"gone", b"0"]));
+        let mut in_tx = proxy.raw();
+        assert_eq!(call(&mut in_tx, &[b"MULTI"]), b"+OK\r\n");
+        assert_eq!(call(&mut in_tx, &[b"SET", b"k", b"v"]), b"+QUEUED\r\n");
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            leftover_on_shards(&shards, "blpop"),
+            2,
+            "one blocked, one in MULTI"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while leftover_on_shards(&shards, "blpop") > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "connections left behind on the shards"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // CLIENT KILL ID closes another client's session (and so its blocked connection).
+    let mut victim = proxy.raw();
+    let id = call(&mut victim, &[b"CLIENT", b"ID"]);
+    let id = lossy(&id[1..id.len() - 2]);
+    victim.send(&resp(&[b"BLPOP", b"gone", b"0"]));
+    std::thread::sleep(Duration::from_millis(100));
+    let mut admin = proxy.raw();
+    assert_eq!(
+        call(&mut admin, &[b"CLIENT", b"KILL", b"ID", id.as_bytes()]),
+        b":1\r\n"
+    );
+    assert!(victim.is_closed());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while leftover_on_shards(&shards, "blpop") > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the killed client's blocked connection stayed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        call(&mut admin, &[b"CLIENT", b"KILL", b"127.0.0.1:1"]),
+        b"-ERR No such client\r\n"
+    );
+}
+
+#[test]
+fn dedicated_connections_are_capped_per_shard() {
+    let shard = RedisServer::start();
+    let proxy = Slotgate::start_with(&[&shard], &["--max-dedicated-per-shard", "2"]);
+    let mut a = proxy.raw();
+    let mut b = proxy.raw();
+    a.send(&resp(&[b"BLPOP", b"x", b"0"]));
+    b.send(&resp(&[b"BLPOP", b"y", b"0"]));
+    std::thread::sleep(Duration::from_millis(200));
+    let mut c = proxy.raw();
+    let r = lossy(&call(&mut c, &[b"BLPOP", b"z", b"0"]));
+    assert!(r.starts_with("-ERR too many dedicated connections"), "{r}");
+    // Ordinary traffic is unaffected.
+    assert_eq!(call(&mut c, &[b"SET", b"k", b"v"]), b"+OK\r\n");
+}
+
+#[test]
+fn blocked_clients_do_not_stall_other_traffic() {
+    let (shards, proxy) = three();
+    let mut blocked: Vec<RawConn> = (0..100)
+        .map(|i| {
+            let mut c = proxy.raw();
+            c.send(&resp(&[b"BLPOP", format!("wait:{i}").as_bytes(), b"0"]));
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        leftover_on_shards(&shards, "blpop"),
+        100,
+        "100 clients blocked"
+    );
+    let out = std::process::Command::new("redis-benchmark")
+        .args([
+            "-p",
+            &proxy.port.to_string(),
+            "-q",
+            "-n",
+            "20000",
+            "-c",
+            "20",
+            "-t",
+            "set,get",
+        ])
+        .output()
+        .unwrap();
+    let text = lossy(&out.stdout);
+    assert!(out.status.success() && !text.contains("ERR"), "{text}");
+    assert!(text.contains("GET:") && text.contains("SET:"), "{text}");
+    // Wake them all.
+    let mut p = proxy.raw();
+    for i in 0..100 {
+        call(&mut p, &[b"LPUSH", format!("wait:{i}").as_bytes(), b"go"]);
+    }
+    for c in &mut blocked {
+        let r = read_replies(c, 1).remove(0);
+        assert!(r.ends_with(b"$2\r\ngo\r\n"), "{}", lossy(&r));
+    }
+}
