@@ -94,9 +94,13 @@ BLOCKING = [
 
 # Stateful families served by a later version: transactions, pub/sub, scripting, blocking,
 # replication waits, MONITOR, client-side caching and connection control.
-NOT_YET = [
+NOT_YET = []
+
+# Pub/sub: subscriptions on dedicated connections, PUBLISH and PUBSUB introspection on the
+# designated shard (sharded channels by slot).
+PUBSUB = [
     "subscribe", "psubscribe", "unsubscribe", "punsubscribe", "ssubscribe", "sunsubscribe",
-    "publish", "spublish",
+    "publish",
     "pubsub",  # + subcommands (see FAMILIES)
 ]
 
@@ -364,6 +368,8 @@ def build_routes():
         put(n, "Route::NotYet")
     for n in TRANSACTION:
         put(n, "Route::Transaction")
+    for n in PUBSUB:
+        put(n, "Route::PubSub")
     for n in BLOCKING:
         put(n, "Route::Blocking")
     for n in REFUSED:

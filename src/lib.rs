@@ -59,6 +59,7 @@ pub mod fanout;
 pub mod local;
 pub mod metrics;
 pub mod pinned;
+pub mod pubsub;
 pub mod queue;
 pub mod readthrough;
 pub mod resp;

@@ -37,6 +37,7 @@ impl Session {
             "reset" => {
                 self.name = None;
                 self.reset_pinned();
+                self.reset_subs();
                 // Back to the default user: authenticated only if it needs no password.
                 let users = self.w.shared.settings.users.clone();
                 self.user = None;

@@ -78,6 +78,16 @@ impl Session {
     pub(crate) fn wants_dedicated(&self, spec: &CommandSpec, req: &Request<'_>) -> bool {
         self.tx.is_some()
             || matches!(spec.route, Route::Transaction | Route::Blocking)
+            || (spec.route == Route::PubSub
+                && matches!(
+                    spec.name,
+                    "subscribe"
+                        | "psubscribe"
+                        | "ssubscribe"
+                        | "unsubscribe"
+                        | "punsubscribe"
+                        | "sunsubscribe"
+                ))
             || (spec.has(crate::command::flags::BLOCKING) && crate::session::has_block_option(req))
     }
 
@@ -226,6 +236,12 @@ impl Session {
         match spec.route {
             Route::Refused => return self.reject(reply::not_allowed(spec.name)),
             Route::NotYet => return self.reject(reply::not_yet(spec.name)),
+            Route::PubSub if spec.name != "publish" => {
+                return self.reject(reply::error(&format!(
+                    "ERR '{}' is not supported inside MULTI by slotgate",
+                    spec.name
+                )));
+            }
             Route::AllShards(_) => {
                 return self.reject(reply::error(&format!(
                     "ERR '{}' is not supported inside MULTI by slotgate (it spans shards)",

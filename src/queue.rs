@@ -40,8 +40,13 @@ struct Inner {
 #[derive(Default)]
 pub struct ReplyQueue {
     inner: RefCell<Inner>,
-    /// Woken when a waiting slot becomes ready.
+    /// Woken when a waiting slot becomes ready (or a pub/sub frame arrives).
     pub notify: Notify,
+    /// Out-of-band frames from the client's subscriber connections (pub/sub messages and
+    /// subscription confirmations), written as they arrive.
+    pushes: RefCell<VecDeque<Bytes>>,
+    /// A subscriber connection was lost: the client is closed so that it resubscribes.
+    sub_lost: std::cell::Cell<bool>,
 }
 
 impl ReplyQueue {
@@ -117,6 +122,28 @@ impl ReplyQueue {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Queues an out-of-band pub/sub frame and wakes the session.
+    pub fn push_oob(&self, frame: Bytes) {
+        self.pushes.borrow_mut().push_back(frame);
+        self.notify.notify_one();
+    }
+
+    /// Moves the out-of-band frames into `out`.
+    pub fn drain_pushes(&self, out: &mut BytesMut) {
+        for f in self.pushes.borrow_mut().drain(..) {
+            out.extend_from_slice(&f);
+        }
+    }
+
+    pub fn mark_sub_lost(&self) {
+        self.sub_lost.set(true);
+        self.notify.notify_one();
+    }
+
+    pub fn sub_lost(&self) -> bool {
+        self.sub_lost.get()
     }
 
     /// The sequence number the next slot will get.

@@ -75,6 +75,8 @@ pub struct Session {
     deferred: Option<crate::pinned::Deferred>,
     /// Whether the last forwarded command used a dedicated connection.
     on_dedicated: bool,
+    /// Pub/sub subscriptions and their subscriber connections.
+    pub(crate) subs: crate::pubsub::Subs,
     /// CLIENT KILL from another session.
     pub(crate) kill: Arc<tokio::sync::Notify>,
     /// QUIT or a protocol error: write what is queued, then close.
@@ -178,6 +180,7 @@ where
         blocked: None,
         deferred: None,
         on_dedicated: false,
+        subs: crate::pubsub::Subs::default(),
         kill: Arc::new(tokio::sync::Notify::new()),
         w,
     };
@@ -199,6 +202,12 @@ where
         s.process(&mut parser, &mut rbuf, &limits);
         if s.queue.drain_ready(&mut out) > 0 && !s.sampled.is_empty() {
             s.record_latencies();
+        }
+        s.queue.drain_pushes(&mut out);
+        if s.queue.sub_lost() {
+            // A subscriber connection died: close, so the client reconnects and resubscribes.
+            let _ = wr.write_all(&out).await;
+            break;
         }
         if !out.is_empty() {
             if wr.write_all(&out).await.is_err() || wr.flush().await.is_err() {
@@ -390,7 +399,19 @@ impl Session {
         {
             return self.tx_queue(spec, req, now);
         }
+        if self.proto == Proto::Resp2 && self.subscribed() {
+            if !crate::pubsub::allowed_while_subscribed(spec.name) {
+                return self.reply(reply::error(&format!(
+                    "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
+                    spec.name
+                )));
+            }
+            if spec.name == "ping" {
+                return self.subscribed_ping(req);
+            }
+        }
         match spec.route {
+            Route::PubSub => self.pubsub(spec, req, now),
             Route::Transaction => self.transaction(spec, req, now),
             Route::Blocking => self.blocking(spec, req, now),
             Route::Single => self.single(spec, req, now),

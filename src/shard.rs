@@ -94,6 +94,13 @@ pub struct Upstream {
     wake_reader: Notify,
     /// Closed by its owner (dedicated connections): the driver stops.
     closed: std::cell::Cell<bool>,
+    /// A subscriber connection: every frame after the handshake goes to this queue's
+    /// out-of-band list instead of being matched to a request.
+    sink: RefCell<Option<Rc<crate::queue::ReplyQueue>>>,
+    /// Subscription confirmations still expected on a subscriber connection: (reply slot,
+    /// frames to come, frames so far). They fill the client's reply slot in order; every
+    /// other frame (a message) is written out of band.
+    confirmations: RefCell<VecDeque<(u64, usize, BytesMut)>>,
     /// A dedicated connection whose one connection ended: every request fails at once.
     dead: std::cell::Cell<bool>,
     close_notify: Notify,
@@ -141,6 +148,8 @@ impl Upstream {
             wake_writer: Notify::new(),
             wake_reader: Notify::new(),
             closed: std::cell::Cell::new(false),
+            sink: RefCell::new(None),
+            confirmations: RefCell::new(VecDeque::new()),
             dead: std::cell::Cell::new(false),
             close_notify: Notify::new(),
         });
@@ -253,6 +262,33 @@ impl Upstream {
         self.wake_writer.notify_one();
     }
 
+    /// Makes this dedicated connection a subscriber connection feeding `queue`.
+    pub fn set_sink(&self, queue: Rc<crate::queue::ReplyQueue>) {
+        *self.sink.borrow_mut() = Some(queue);
+    }
+
+    /// Sends a (un)subscribe command on a subscriber connection: its `n` confirmation
+    /// frames will fill reply slot `seq` of the sink queue, in order with the client's other
+    /// replies.
+    pub fn send_subscription(&self, raw: &[u8], seq: u64, n: usize) {
+        self.confirmations
+            .borrow_mut()
+            .push_back((seq, n, BytesMut::new()));
+        self.send_oob(raw);
+    }
+
+    /// Writes `raw` with no reply expected (commands on a subscriber connection, whose
+    /// answers arrive as out-of-band frames).
+    pub fn send_oob(&self, raw: &[u8]) {
+        let mut st = self.st.borrow_mut();
+        let wake = st.out.is_empty();
+        st.out.extend_from_slice(raw);
+        drop(st);
+        if wake {
+            self.wake_writer.notify_one();
+        }
+    }
+
     /// Whether the connection can take requests (not closed, not a lost dedicated one).
     pub fn usable(&self) -> bool {
         !self.closed.get() && !self.dead.get()
@@ -282,6 +318,11 @@ impl Upstream {
             if self.cfg.dedicated || self.closed.get() {
                 self.dead.set(true);
                 self.fail_all(&why);
+                if !self.closed.get()
+                    && let Some(q) = self.sink.borrow().as_ref()
+                {
+                    q.mark_sub_lost();
+                }
                 return;
             }
             // Wait out the backoff unless a request arrives (then try at once).
@@ -422,6 +463,35 @@ impl Upstream {
                 match scanner.scan(&rbuf) {
                     Ok(Some(frame)) => {
                         let bytes: Bytes = rbuf.split_to(frame.len).freeze();
+                        let handshake = matches!(
+                            self.st.borrow().pending.front(),
+                            Some(Pending {
+                                target: Target::Handshake,
+                                ..
+                            })
+                        );
+                        if !handshake && let Some(q) = self.sink.borrow().as_ref() {
+                            // A subscriber connection: confirmations fill their reply slot,
+                            // messages go out of band.
+                            let mut conf = self.confirmations.borrow_mut();
+                            match conf.front_mut() {
+                                Some((seq, left, acc)) if is_confirmation(&bytes) => {
+                                    acc.extend_from_slice(&bytes);
+                                    *left -= 1;
+                                    if *left == 0 {
+                                        let (seq, acc) = (*seq, std::mem::take(acc));
+                                        conf.pop_front();
+                                        drop(conf);
+                                        q.deliver(seq, 0, acc.freeze());
+                                    }
+                                }
+                                _ => {
+                                    drop(conf);
+                                    q.push_oob(bytes);
+                                }
+                            }
+                            continue;
+                        }
                         if frame.push {
                             // Out-of-band (RESP3 push): not the reply to any request.
                             continue;
@@ -677,4 +747,37 @@ impl Drop for Dedicated {
             self.pool.count.borrow_mut()[self.shard] -= 1;
         }
     }
+}
+
+/// Whether a frame from a subscriber connection confirms a (un)subscribe (as opposed to a
+/// message): `*3`/`>3` whose first element is one of the six subscription kinds.
+fn is_confirmation(frame: &[u8]) -> bool {
+    const KINDS: [&[u8]; 6] = [
+        b"subscribe",
+        b"unsubscribe",
+        b"psubscribe",
+        b"punsubscribe",
+        b"ssubscribe",
+        b"sunsubscribe",
+    ];
+    let Some(elems) = crate::resp::scan::array_elements(frame).or_else(|| {
+        // RESP3 push frames start with '>': read them as arrays.
+        (frame.first() == Some(&b'>')).then(|| {
+            let mut f = frame.to_vec();
+            f[0] = b'*';
+            crate::resp::scan::array_elements(&f)
+        })?
+    }) else {
+        return false;
+    };
+    let Some(&(s, e)) = elems.first() else {
+        return false;
+    };
+    let first = &frame[s..e];
+    KINDS.iter().any(|k| {
+        first.len() > k.len() + 4 && first.ends_with(b"\r\n") && {
+            let body = &first[first.len() - 2 - k.len()..first.len() - 2];
+            body.eq_ignore_ascii_case(k) && first[0] == b'$'
+        }
+    })
 }

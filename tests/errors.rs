@@ -564,51 +564,6 @@ fn refused_admin_commands_are_never_forwarded() {
 }
 
 #[test]
-fn not_yet_supported_commands_reply_immediately_and_connection_stays_usable() {
-    // Pub/sub is the family a later version serves; transactions, scripts and blocking
-    // commands are served now (tests/stateful.rs).
-    let e = env();
-    let not_yet =
-        |name: &str| format!("-ERR command '{name}' is not supported by slotgate yet\r\n");
-    let listed: Vec<(Vec<u8>, &str)> = vec![
-        (args(&["SUBSCRIBE", "ch"]), "subscribe"),
-        (args(&["PUBLISH", "ch", "msg"]), "publish"),
-        (args(&["PSUBSCRIBE", "ch*"]), "psubscribe"),
-        (args(&["SSUBSCRIBE", "ch"]), "ssubscribe"),
-        (args(&["SPUBLISH", "ch", "msg"]), "spublish"),
-        (args(&["pubsub", "channels"]), "pubsub|channels"),
-        (args(&["publish", "ch", "m"]), "publish"),
-    ];
-    // One at a time, each followed by a PING on the same connection.
-    let mut raw = e.proxy.raw();
-    for (req, name) in &listed {
-        let t = Instant::now();
-        let mut expected = not_yet(name).into_bytes();
-        expected.extend_from_slice(b"+PONG\r\n");
-        let mut r = req.clone();
-        r.extend_from_slice(b"PING\r\n");
-        raw.roundtrip(&r, &expected);
-        assert!(
-            t.elapsed() < Duration::from_secs(2),
-            "{name} reply took {:?}",
-            t.elapsed()
-        );
-    }
-    // All pipelined in one write.
-    let mut req = Vec::new();
-    let mut expected = Vec::new();
-    for (r, name) in &listed {
-        req.extend_from_slice(r);
-        expected.extend(not_yet(name).into_bytes());
-        req.extend(args(&["SET", "nt:k", "v"]));
-        expected.extend_from_slice(b"+OK\r\n");
-    }
-    req.extend(args(&["GET", "nt:k"]));
-    expected.extend_from_slice(b"$1\r\nv\r\n");
-    raw.roundtrip(&req, &expected);
-}
-
-#[test]
 fn connection_controls_a_proxy_cannot_honour_are_refused() {
     let e = env();
     let refused = |name: &str| format!("-ERR command '{name}' is not allowed through slotgate\r\n");

@@ -111,8 +111,11 @@ pub enum Route {
     /// BLPOP and friends, WAIT: a dedicated connection for the command's duration, with the
     /// client's own timeout.
     Blocking,
-    /// A stateful family that a later version of slotgate serves (SUBSCRIBE, PUBLISH …):
-    /// refused with a clear error for now, never a hang.
+    /// SUBSCRIBE and friends, PUBLISH, PUBSUB: see `pubsub`. (SPUBLISH is `Single`: its
+    /// channel routes like a key.)
+    PubSub,
+    /// A stateful family that a later version of slotgate serves: refused with a clear error,
+    /// never a hang. (None left in this version.)
     NotYet,
 }
 

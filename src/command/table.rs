@@ -2979,7 +2979,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         flags: flags::PUBSUB | flags::NOSCRIPT | flags::LOADING | flags::STALE,
         acl: acl::PUBSUB | acl::SLOW,
         key_specs: &[],
-        route: Route::NotYet,
+        route: Route::PubSub,
         subcommands: &[],
     },
     CommandSpec {
@@ -3014,7 +3014,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         flags: flags::PUBSUB | flags::LOADING | flags::STALE | flags::FAST,
         acl: acl::PUBSUB | acl::FAST,
         key_specs: &[],
-        route: Route::NotYet,
+        route: Route::PubSub,
         subcommands: &[],
     },
     CommandSpec {
@@ -3023,7 +3023,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         flags: 0,
         acl: acl::SLOW,
         key_specs: &[],
-        route: Route::NotYet,
+        route: Route::PubSub,
         subcommands: &[
             CommandSpec {
                 name: "pubsub|channels",
@@ -3031,7 +3031,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::PUBSUB | flags::LOADING | flags::STALE,
                 acl: acl::PUBSUB | acl::SLOW,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::PubSub,
                 subcommands: &[],
             },
             CommandSpec {
@@ -3040,7 +3040,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::LOADING | flags::STALE,
                 acl: acl::SLOW,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::PubSub,
                 subcommands: &[],
             },
             CommandSpec {
@@ -3049,7 +3049,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::PUBSUB | flags::LOADING | flags::STALE,
                 acl: acl::PUBSUB | acl::SLOW,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::PubSub,
                 subcommands: &[],
             },
             CommandSpec {
@@ -3058,7 +3058,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::PUBSUB | flags::LOADING | flags::STALE,
                 acl: acl::PUBSUB | acl::SLOW,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::PubSub,
                 subcommands: &[],
             },
             CommandSpec {
@@ -3067,7 +3067,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::PUBSUB | flags::LOADING | flags::STALE,
                 acl: acl::PUBSUB | acl::SLOW,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::PubSub,
                 subcommands: &[],
             },
             CommandSpec {
@@ -3076,7 +3076,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::PUBSUB | flags::LOADING | flags::STALE,
                 acl: acl::PUBSUB | acl::SLOW,
                 key_specs: &[],
-                route: Route::NotYet,
+                route: Route::PubSub,
                 subcommands: &[],
             },
         ],
@@ -3087,7 +3087,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         flags: flags::PUBSUB | flags::NOSCRIPT | flags::LOADING | flags::STALE,
         acl: acl::PUBSUB | acl::SLOW,
         key_specs: &[],
-        route: Route::NotYet,
+        route: Route::PubSub,
         subcommands: &[],
     },
     CommandSpec {
@@ -3931,7 +3931,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 limit: 0,
             },
         }],
-        route: Route::NotYet,
+        route: Route::Single,
         subcommands: &[],
     },
     CommandSpec {
@@ -3999,7 +3999,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 limit: 0,
             },
         }],
-        route: Route::NotYet,
+        route: Route::PubSub,
         subcommands: &[],
     },
     CommandSpec {
@@ -4025,7 +4025,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         flags: flags::PUBSUB | flags::NOSCRIPT | flags::LOADING | flags::STALE,
         acl: acl::PUBSUB | acl::SLOW,
         key_specs: &[],
-        route: Route::NotYet,
+        route: Route::PubSub,
         subcommands: &[],
     },
     CommandSpec {
@@ -4104,7 +4104,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 limit: 0,
             },
         }],
-        route: Route::NotYet,
+        route: Route::PubSub,
         subcommands: &[],
     },
     CommandSpec {
@@ -4208,7 +4208,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         flags: flags::PUBSUB | flags::NOSCRIPT | flags::LOADING | flags::STALE,
         acl: acl::PUBSUB | acl::SLOW,
         key_specs: &[],
-        route: Route::NotYet,
+        route: Route::PubSub,
         subcommands: &[],
     },
     CommandSpec {

@@ -202,6 +202,13 @@ impl Aggregate {
         Aggregate { buf }
     }
 
+    /// A RESP3 push (`>n`), for pub/sub messages.
+    pub fn push(n: usize) -> Self {
+        let mut buf = BytesMut::with_capacity(64);
+        push_header(&mut buf, b'>', n);
+        Aggregate { buf }
+    }
+
     /// A map of `n` pairs: `%n` in RESP3, a flat array of `2n` in RESP2.
     pub fn map(proto: Proto, n: usize) -> Self {
         let mut buf = BytesMut::with_capacity(128);

@@ -1,0 +1,270 @@
+//! Pub/sub through the proxy.
+//!
+//! - **Classic channels and patterns** (SUBSCRIBE, PSUBSCRIBE, PUBLISH) all live on one
+//!   designated shard, the first one. Every slotgate process publishes and subscribes there,
+//!   so a message published through any slotgate connection reaches every subscriber
+//!   connected through any slotgate exactly once.
+//! - **Sharded channels** (SSUBSCRIBE, SPUBLISH) live on the shard that owns the channel's
+//!   slot, as in Redis Cluster; the channels of one SSUBSCRIBE must share a slot.
+//!
+//! A subscribing client gets a dedicated subscriber connection per shard it subscribes on.
+//! Everything the shard sends on it (confirmations, messages) is written to the client as it
+//! arrives. In RESP2 a subscribed client may only use (P|S)SUBSCRIBE, (P|S)UNSUBSCRIBE, PING,
+//! QUIT and RESET, as with Redis; in RESP3 pushes interleave with ordinary replies. If a
+//! subscriber connection is lost, the client is disconnected so that it resubscribes.
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use crate::command::CommandSpec;
+use crate::fanout::GatherKind;
+use crate::resp::Request;
+use crate::resp::reply::{self, Aggregate, Proto};
+use crate::session::Session;
+use crate::shard::Dedicated;
+
+/// A client's subscriptions and subscriber connections.
+#[derive(Default)]
+pub struct Subs {
+    channels: HashSet<Bytes>,
+    patterns: HashSet<Bytes>,
+    /// Per shard, the sharded channels subscribed there.
+    shard_channels: Vec<HashSet<Bytes>>,
+    /// Per shard, the subscriber connection (created on first use).
+    conns: Vec<Option<Dedicated>>,
+}
+
+impl Subs {
+    pub fn active(&self) -> bool {
+        !(self.channels.is_empty()
+            && self.patterns.is_empty()
+            && self.shard_channels.iter().all(|s| s.is_empty()))
+    }
+
+    fn shard_set(&mut self, shard: usize) -> &mut HashSet<Bytes> {
+        if self.shard_channels.len() <= shard {
+            self.shard_channels.resize_with(shard + 1, HashSet::new);
+        }
+        &mut self.shard_channels[shard]
+    }
+}
+
+/// The commands a RESP2 client may use while subscribed.
+pub fn allowed_while_subscribed(name: &str) -> bool {
+    matches!(
+        name,
+        "subscribe"
+            | "psubscribe"
+            | "ssubscribe"
+            | "unsubscribe"
+            | "punsubscribe"
+            | "sunsubscribe"
+            | "ping"
+            | "quit"
+            | "reset"
+    )
+}
+
+/// `[kind, channel|nil, count]` as a RESP2 array or a RESP3 push.
+fn message(proto: Proto, kind: &[u8], channel: Option<&[u8]>, count: i64) -> Bytes {
+    let mut a = match proto {
+        Proto::Resp2 => Aggregate::array(3),
+        Proto::Resp3 => Aggregate::push(3),
+    };
+    a.bulk(kind);
+    match channel {
+        Some(c) => a.bulk(c),
+        None => a.raw(reply::null(proto)),
+    };
+    a.integer(count);
+    a.finish()
+}
+
+impl Session {
+    pub(crate) fn subscribed(&self) -> bool {
+        self.subs.active()
+    }
+
+    /// The subscriber connection to `shard`, opened on first use.
+    fn sub_conn(&mut self, shard: usize) -> Result<&Dedicated, Bytes> {
+        if self.subs.conns.len() <= shard {
+            self.subs.conns.resize_with(shard + 1, || None);
+        }
+        if self.subs.conns[shard].is_none() {
+            let conn = self.w.dedicated.take(self.proto, shard)?;
+            conn.up.set_sink(self.queue.clone());
+            self.subs.conns[shard] = Some(conn);
+        }
+        Ok(self.subs.conns[shard].as_ref().expect("opened above"))
+    }
+
+    /// Sends a subscription command on the subscriber connection to `shard`; its `frames`
+    /// confirmations become this command's reply, in order with the client's other replies.
+    fn sub_send(&mut self, shard: usize, raw: &[u8], frames: usize) -> Result<(), Bytes> {
+        self.sub_conn(shard)?;
+        let seq = self.queue.push_waiting(crate::queue::Slot::Waiting);
+        if let Some(Some(conn)) = self.subs.conns.get(shard) {
+            conn.up.send_subscription(raw, seq, frames.max(1));
+        }
+        Ok(())
+    }
+
+    /// Drops every subscription (RESET): the subscriber connections close.
+    pub(crate) fn reset_subs(&mut self) {
+        self.subs = Subs::default();
+    }
+
+    pub(crate) fn pubsub(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
+        let args: Vec<Bytes> = (1..req.argc()).map(|i| req.arg_bytes(i)).collect();
+        match spec.name {
+            "subscribe" | "psubscribe" => {
+                if let Err(e) = self.sub_send(0, &req.raw, args.len()) {
+                    return self.reply(e);
+                }
+                let set = if spec.name == "subscribe" {
+                    &mut self.subs.channels
+                } else {
+                    &mut self.subs.patterns
+                };
+                set.extend(args);
+            }
+            "ssubscribe" => {
+                let slot = match self.slot_of(spec, req) {
+                    Ok(Some(s)) => s,
+                    Ok(None) => return self.reply(reply::wrong_arity(spec.name)),
+                    Err(()) => return self.reply_static(reply::CROSSSLOT),
+                };
+                let shard = self.w.shared.settings.slot_map.shard_of_slot(slot);
+                if let Err(e) = self.sub_send(shard, &req.raw, args.len()) {
+                    return self.reply(e);
+                }
+                self.subs.shard_set(shard).extend(args);
+            }
+            "unsubscribe" | "punsubscribe" => {
+                let kind = spec.name.as_bytes();
+                let has_conn = self.subs.conns.first().is_some_and(|c| c.is_some());
+                let set = if spec.name == "unsubscribe" {
+                    &mut self.subs.channels
+                } else {
+                    &mut self.subs.patterns
+                };
+                // Redis confirms each named channel, or each subscribed one for "all".
+                let frames = if args.is_empty() {
+                    set.len()
+                } else {
+                    args.len()
+                };
+                if args.is_empty() {
+                    set.clear();
+                } else {
+                    for a in &args {
+                        set.remove(a);
+                    }
+                }
+                if has_conn {
+                    let _ = self.sub_send(0, &req.raw, frames);
+                } else {
+                    self.unsubscribe_locally(kind, &args);
+                }
+            }
+            "sunsubscribe" => {
+                if args.is_empty() {
+                    // Every shard where sharded channels are subscribed confirms each one.
+                    let shards: Vec<(usize, usize)> = (0..self.subs.shard_channels.len())
+                        .map(|s| (s, self.subs.shard_channels[s].len()))
+                        .filter(|&(_, n)| n > 0)
+                        .collect();
+                    self.subs.shard_channels.clear();
+                    if shards.is_empty() {
+                        return self.unsubscribe_locally(b"sunsubscribe", &args);
+                    }
+                    for (s, n) in shards {
+                        let _ = self.sub_send(s, &req.raw, n);
+                    }
+                    return;
+                }
+                let slot = match self.slot_of(spec, req) {
+                    Ok(Some(s)) => s,
+                    Ok(None) => return self.reply(reply::wrong_arity(spec.name)),
+                    Err(()) => return self.reply_static(reply::CROSSSLOT),
+                };
+                let shard = self.w.shared.settings.slot_map.shard_of_slot(slot);
+                for a in &args {
+                    self.subs.shard_set(shard).remove(a);
+                }
+                if self.subs.conns.get(shard).is_some_and(|c| c.is_some()) {
+                    let _ = self.sub_send(shard, &req.raw, args.len());
+                } else {
+                    self.unsubscribe_locally(b"sunsubscribe", &args);
+                }
+            }
+            // Classic channels live on the designated (first) shard.
+            "publish" | "pubsub|channels" | "pubsub|numsub" | "pubsub|numpat" | "pubsub|help" => {
+                self.forward(0, &req.raw, now)
+            }
+            "pubsub|shardchannels" => {
+                let n = self.w.shared.settings.slot_map.shard_count();
+                let parts: Vec<(usize, Bytes)> = (0..n).map(|s| (s, req.raw.clone())).collect();
+                self.gather(GatherKind::ConcatArrays, &parts, now);
+            }
+            "pubsub|shardnumsub" => {
+                let n = self.w.shared.settings.slot_map.shard_count();
+                let parts: Vec<(usize, Bytes)> = (0..n).map(|s| (s, req.raw.clone())).collect();
+                let kind = GatherKind::Info(Box::new(sum_pair_counts));
+                self.gather(kind, &parts, now);
+            }
+            _ => self.reply(reply::not_yet(spec.name)),
+        }
+    }
+
+    /// Unsubscribing with no subscriber connection: Redis's replies, answered here.
+    fn unsubscribe_locally(&mut self, kind: &[u8], args: &[Bytes]) {
+        if args.is_empty() {
+            return self.reply(message(self.proto, kind, None, 0));
+        }
+        for a in args {
+            self.reply(message(self.proto, kind, Some(a), 0));
+        }
+    }
+
+    /// PING while subscribed in RESP2: `["pong", message]`, as Redis answers.
+    pub(crate) fn subscribed_ping(&mut self, req: &Request<'_>) {
+        let mut a = Aggregate::array(2);
+        a.bulk(b"pong");
+        a.bulk(if req.argc() > 1 { req.arg(1) } else { b"" });
+        self.reply(a.finish());
+    }
+}
+
+/// PUBSUB SHARDNUMSUB over all shards: each answers `[ch, n, ch, n …]` for the same
+/// channels; the counts are added up.
+fn sum_pair_counts(parts: &[Bytes]) -> Bytes {
+    if let Some(e) = parts.iter().find(|p| p.first() == Some(&b'-')) {
+        return e.clone();
+    }
+    let Some(first) = parts.first() else {
+        return Bytes::from_static(b"*0\r\n");
+    };
+    let Some(base) = crate::resp::scan::array_elements(first) else {
+        return first.clone();
+    };
+    let mut counts = vec![0i64; base.len() / 2];
+    for p in parts {
+        let Some(el) = crate::resp::scan::array_elements(p) else {
+            continue;
+        };
+        for (i, c) in counts.iter_mut().enumerate() {
+            if let Some(&(s, e)) = el.get(2 * i + 1) {
+                *c += crate::resp::scan::reply_integer(&p[s..e]).unwrap_or(0);
+            }
+        }
+    }
+    let mut a = Aggregate::array(base.len());
+    for (i, c) in counts.iter().enumerate() {
+        let (s, e) = base[2 * i];
+        a.raw(&first[s..e]).integer(*c);
+    }
+    a.finish()
+}

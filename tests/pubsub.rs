@@ -1,0 +1,214 @@
+//! Pub/sub through slotgate: classic channels on the designated shard, sharded channels by
+//! slot, RESP2 subscribed mode byte for byte like Redis, RESP3 pushes, two proxies.
+
+mod support;
+
+use std::io::Read;
+use std::time::Duration;
+
+use support::*;
+
+fn read_replies(conn: &mut RawConn, n: usize) -> Vec<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    let mut scanner = slotgate::resp::ReplyScanner::new();
+    let mut chunk = [0u8; 65536];
+    while out.len() < n {
+        if let Some(f) = scanner.scan(&buf).expect("valid RESP") {
+            out.push(buf.drain(..f.len).collect());
+            continue;
+        }
+        let got = conn
+            .stream
+            .read(&mut chunk)
+            .expect("reply within the timeout");
+        assert!(got > 0, "connection closed after {} replies", out.len());
+        buf.extend_from_slice(&chunk[..got]);
+    }
+    out
+}
+
+fn call(conn: &mut RawConn, args: &[&[u8]]) -> Vec<u8> {
+    conn.send(&resp(args));
+    read_replies(conn, 1).remove(0)
+}
+
+fn lossy(v: &[Vec<u8>]) -> Vec<String> {
+    v.iter()
+        .map(|b| String::from_utf8_lossy(b).into())
+        .collect()
+}
+
+/// Runs the same subscriber script against `sub_port` with publishes from `pub_port`, and
+/// returns everything the subscriber received.
+fn script(sub_port: u16, pub_port: u16) -> Vec<Vec<u8>> {
+    let mut sub = RawConn::connect(sub_port);
+    let mut publ = RawConn::connect(pub_port);
+    let mut got = Vec::new();
+    sub.send(
+        &[
+            resp(&[b"SUBSCRIBE", b"news", b"sport"]),
+            resp(&[b"GET", b"x"]),
+            resp(&[b"PING", b"hi"]),
+        ]
+        .concat(),
+    );
+    got.extend(read_replies(&mut sub, 4));
+    sub.send(&resp(&[b"PSUBSCRIBE", b"n*"]));
+    got.extend(read_replies(&mut sub, 1));
+    assert_eq!(
+        call(&mut publ, &[b"PUBLISH", b"news", b"m1"]),
+        b":2\r\n",
+        "channel + pattern"
+    );
+    got.extend(read_replies(&mut sub, 2));
+    assert_eq!(call(&mut publ, &[b"PUBLISH", b"sport", b"m2"]), b":1\r\n");
+    got.extend(read_replies(&mut sub, 1));
+    sub.send(
+        &[
+            // Named, so the order of confirmations is deterministic (for "all" it follows
+            // the server's hash table).
+            resp(&[b"UNSUBSCRIBE", b"news", b"sport"]),
+            resp(&[b"PUNSUBSCRIBE", b"n*"]),
+            resp(&[b"UNSUBSCRIBE", b"none"]),
+        ]
+        .concat(),
+    );
+    got.extend(read_replies(&mut sub, 4));
+    // Back to normal mode.
+    got.push(call(&mut sub, &[b"PING"]));
+    got
+}
+
+#[test]
+fn resp2_subscribed_mode_matches_a_single_redis_byte_for_byte() {
+    let shards: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+    let refs: Vec<&RedisServer> = shards.iter().collect();
+    let proxy = Slotgate::start_with(&refs, &["--workers", "2"]);
+    let reference = RedisServer::start();
+    let via = script(proxy.port, proxy.port);
+    let direct = script(reference.port, reference.port);
+    assert_eq!(lossy(&via), lossy(&direct));
+}
+
+#[test]
+fn two_proxies_in_front_of_the_same_shards_deliver_exactly_once() {
+    let shards: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+    let refs: Vec<&RedisServer> = shards.iter().collect();
+    let a = Slotgate::start(&refs);
+    let b = Slotgate::start(&refs);
+    let mut subs: Vec<RawConn> = [&a, &b, &a]
+        .iter()
+        .map(|p| {
+            let mut c = p.raw();
+            assert!(call(&mut c, &[b"SUBSCRIBE", b"events"]).ends_with(b":1\r\n"));
+            c
+        })
+        .collect();
+    let mut publ = b.raw();
+    assert_eq!(call(&mut publ, &[b"PUBLISH", b"events", b"e1"]), b":3\r\n");
+    for s in &mut subs {
+        let m = read_replies(s, 1).remove(0);
+        assert_eq!(m, b"*3\r\n$7\r\nmessage\r\n$6\r\nevents\r\n$2\r\ne1\r\n");
+        s.stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut extra = [0u8; 64];
+        assert!(s.stream.read(&mut extra).is_err(), "delivered exactly once");
+    }
+    let n = call(&mut publ, &[b"PUBSUB", b"NUMSUB", b"events"]);
+    assert_eq!(n, b"*2\r\n$6\r\nevents\r\n:3\r\n");
+}
+
+#[test]
+fn sharded_channels_route_by_slot() {
+    let shards: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+    let refs: Vec<&RedisServer> = shards.iter().collect();
+    let proxy = Slotgate::start(&refs);
+    let mut sub = proxy.raw();
+    // Channels on different shards, one SSUBSCRIBE each.
+    let chans: Vec<String> = (0..6).map(|i| format!("orders:{i}")).collect();
+    for c in &chans {
+        let r = call(&mut sub, &[b"SSUBSCRIBE", c.as_bytes()]);
+        assert!(
+            r.starts_with(b"*3\r\n$10\r\nssubscribe\r\n"),
+            "{}",
+            String::from_utf8_lossy(&r)
+        );
+    }
+    assert_eq!(
+        call(&mut sub, &[b"SSUBSCRIBE", b"a", b"b"]),
+        b"-CROSSSLOT Keys in request don't hash to the same slot\r\n"
+    );
+    let mut publ = proxy.raw();
+    for c in &chans {
+        assert_eq!(
+            call(&mut publ, &[b"SPUBLISH", c.as_bytes(), b"x"]),
+            b":1\r\n"
+        );
+        let m = read_replies(&mut sub, 1).remove(0);
+        let want = format!("*3\r\n$8\r\nsmessage\r\n${}\r\n{c}\r\n$1\r\nx\r\n", c.len());
+        assert_eq!(String::from_utf8_lossy(&m), want);
+    }
+    let n = call(
+        &mut publ,
+        &[b"PUBSUB", b"SHARDNUMSUB", b"orders:0", b"orders:5"],
+    );
+    assert_eq!(n, b"*4\r\n$8\r\norders:0\r\n:1\r\n$8\r\norders:5\r\n:1\r\n");
+    let all = call(&mut publ, &[b"PUBSUB", b"SHARDCHANNELS"]);
+    assert!(
+        all.starts_with(b"*6\r\n"),
+        "{}",
+        String::from_utf8_lossy(&all)
+    );
+    // SUNSUBSCRIBE with no channel confirms every one, over all shards.
+    sub.send(&resp(&[b"SUNSUBSCRIBE"]));
+    let frames = read_replies(&mut sub, 6);
+    assert!(
+        frames
+            .iter()
+            .all(|f| f.starts_with(b"*3\r\n$12\r\nsunsubscribe\r\n")),
+        "{frames:?}"
+    );
+    assert_eq!(
+        call(&mut sub, &[b"PING"]),
+        b"+PONG\r\n",
+        "back to normal mode"
+    );
+}
+
+#[test]
+fn resp3_clients_get_pushes_between_ordinary_replies() {
+    let shards: Vec<RedisServer> = (0..2).map(|_| RedisServer::start()).collect();
+    let refs: Vec<&RedisServer> = shards.iter().collect();
+    let proxy = Slotgate::start(&refs);
+    let mut c = proxy.raw();
+    assert!(call(&mut c, &[b"HELLO", b"3"]).starts_with(b"%7"));
+    assert_eq!(
+        call(&mut c, &[b"SUBSCRIBE", b"ch"]),
+        b">3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n"
+    );
+    assert_eq!(
+        call(&mut c, &[b"SET", b"k", b"v"]),
+        b"+OK\r\n",
+        "RESP3 may run commands"
+    );
+    let mut publ = proxy.raw();
+    assert_eq!(call(&mut publ, &[b"PUBLISH", b"ch", b"hello"]), b":1\r\n");
+    assert_eq!(
+        read_replies(&mut c, 1)[0],
+        b">3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$5\r\nhello\r\n"
+    );
+    assert_eq!(call(&mut c, &[b"GET", b"k"]), b"$1\r\nv\r\n");
+}
+
+#[test]
+fn losing_the_subscriber_connection_disconnects_the_client() {
+    let mut shards: Vec<RedisServer> = (0..2).map(|_| RedisServer::start()).collect();
+    let refs: Vec<&RedisServer> = shards.iter().collect();
+    let proxy = Slotgate::start(&refs);
+    let mut c = proxy.raw();
+    assert!(call(&mut c, &[b"SUBSCRIBE", b"ch"]).ends_with(b":1\r\n"));
+    shards[0].kill();
+    assert!(c.is_closed(), "the client is told, so it can resubscribe");
+}
