@@ -17,6 +17,11 @@ if ! need_redis; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server redis-tools openssl >/dev/null
 fi
 # The Debian package starts a redis-server on 6379 as a service; the tests never use it.
+# redis-py (from PyPI) for the client test of tests/python/.
+if ! python3 -c "import redis, redis.asyncio" 2>/dev/null; then
+  echo "installing redis-py (pip)..." >&2
+  python3 -m pip install --quiet "redis>=5" || python3 -m pip install --quiet --break-system-packages "redis>=5"
+fi
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
