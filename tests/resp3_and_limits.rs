@@ -66,6 +66,21 @@ fn resp3_replies_match_a_single_redis_byte_for_byte() {
         resp(&[b"DEL", b"k1", b"missing", b"k2"]),
         resp(&[b"PING"]),
         resp(&[b"ECHO", b"hi"]),
+        // Doubles, big numbers, maps and sets made by scripts, and the RESP3 null.
+        resp(&[b"EVAL", b"redis.setresp(3); return {double=3.14}", b"0"]),
+        resp(&[
+            b"EVAL",
+            b"redis.setresp(3); return {big_number='12345678901234567890'}",
+            b"0",
+        ]),
+        resp(&[b"EVAL", b"redis.setresp(3); return {map={a=1}}", b"0"]),
+        resp(&[b"EVAL", b"redis.setresp(3); return {set={a=true}}", b"0"]),
+        resp(&[
+            b"EVAL",
+            b"redis.setresp(3); return redis.call('GET', KEYS[1])",
+            b"1",
+            b"missing",
+        ]),
     ];
     let hello3 = resp(&[b"HELLO", b"3"]);
 
