@@ -27,6 +27,11 @@
 //! - [`readthrough`]: rules (prefix → HTTP origin), the miss path, single-flight across
 //!   workers, no-stale-set, negative entries, stale-while-revalidate; [`readthrough::origin`]
 //!   is the hyper HTTP/1.1 client.
+//! - [`pinned`]: transactions and blocking commands on dedicated upstream connections, with
+//!   the client's order kept when it switches between shared and dedicated connections.
+//! - [`pubsub`]: subscriptions on dedicated subscriber connections (classic channels on the
+//!   first shard, sharded channels by slot), confirmations in reply order, messages as they
+//!   arrive.
 //! - [`metrics`]: every metric name, described once; [`admin`]: /metrics, /healthz, /readyz.
 //! - [`auth`]: users (`requirepass`, `[[users]]`), SHA-256 password digests, ACL-style command
 //!   rules and key patterns, checked per command before anything is forwarded.
