@@ -13,31 +13,6 @@ const WRONGPASS: &[u8] = b"-WRONGPASS invalid username-password pair or user is 
 const NOPERM_KEYS: &[u8] =
     b"-NOPERM this user has no permissions to access one of the keys used as arguments\r\n";
 
-fn read_replies(conn: &mut RawConn, n: usize) -> Vec<Vec<u8>> {
-    let mut buf = Vec::new();
-    let mut out = Vec::new();
-    let mut scanner = slotgate::resp::ReplyScanner::new();
-    let mut chunk = [0u8; 65536];
-    while out.len() < n {
-        if let Some(f) = scanner.scan(&buf).expect("valid RESP") {
-            out.push(buf.drain(..f.len).collect());
-            continue;
-        }
-        let got = conn
-            .stream
-            .read(&mut chunk)
-            .expect("reply within the timeout");
-        assert!(got > 0, "connection closed after {} replies", out.len());
-        buf.extend_from_slice(&chunk[..got]);
-    }
-    out
-}
-
-fn call(conn: &mut RawConn, args: &[&[u8]]) -> Vec<u8> {
-    conn.send(&resp(args));
-    read_replies(conn, 1).remove(0)
-}
-
 fn text(v: &Value) -> String {
     match v {
         Value::BulkString(b) => String::from_utf8_lossy(b).into(),
@@ -62,7 +37,7 @@ fn before_auth_every_command_gets_noauth_and_nothing_reaches_a_shard() {
     // Wait for the proxy to be up and to have made its own start-up request, then reset the
     // shards' command statistics.
     let mut c = proxy.raw();
-    assert_eq!(call(&mut c, &[b"PING"]), NOAUTH);
+    assert_eq!(c.call(&[b"PING"]), NOAUTH);
     std::thread::sleep(Duration::from_millis(200));
     let commands: Vec<Value> = redis::cmd("COMMAND")
         .query(&mut shards[0].client())
@@ -106,7 +81,7 @@ fn before_auth_every_command_gets_noauth_and_nothing_reaches_a_shard() {
         .flat_map(|a| resp(&a.iter().map(Vec::as_slice).collect::<Vec<_>>()))
         .collect();
     c.send(&wire);
-    let replies = read_replies(&mut c, requests.len());
+    let replies = c.read_replies(requests.len());
     for (req, rep) in requests.iter().zip(&replies) {
         assert_eq!(
             String::from_utf8_lossy(rep),
@@ -129,8 +104,8 @@ fn before_auth_every_command_gets_noauth_and_nothing_reaches_a_shard() {
         }
     }
     // QUIT and RESET work before AUTH.
-    assert_eq!(call(&mut c, &[b"RESET"]), b"+RESET\r\n");
-    assert_eq!(call(&mut c, &[b"QUIT"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"RESET"]), b"+RESET\r\n");
+    assert_eq!(c.call(&[b"QUIT"]), b"+OK\r\n");
     assert!(c.is_closed());
 }
 
@@ -152,12 +127,12 @@ fn unauthenticated_clients_get_redis_pre_auth_limits() {
     assert!(c.is_closed());
     // After AUTH the limits are Redis's normal ones.
     let mut c = proxy.raw();
-    assert_eq!(call(&mut c, &[b"AUTH", b"pw"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"AUTH", b"pw"]), b"+OK\r\n");
     let big = vec![b'v'; 20000];
     let args: Vec<&[u8]> = vec![
         b"MSET", b"a", &big, b"b", b"1", b"c", b"1", b"d", b"1", b"e", b"1", b"f", b"1",
     ];
-    assert_eq!(call(&mut c, &args), b"+OK\r\n");
+    assert_eq!(c.call(&args), b"+OK\r\n");
 }
 
 #[test]
@@ -198,53 +173,50 @@ keys = ["*"]
     let shard = RedisServer::start();
     let proxy = Slotgate::start_with(&[&shard], &["--config", cfg.to_str().unwrap()]);
     let mut c = proxy.raw();
-    assert_eq!(call(&mut c, &[b"GET", b"k"]), NOAUTH);
+    assert_eq!(c.call(&[b"GET", b"k"]), NOAUTH);
     assert_eq!(
-        call(&mut c, &[b"HELLO", b"3"]),
+        c.call(&[b"HELLO", b"3"]),
         b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time\r\n"
     );
-    assert_eq!(call(&mut c, &[b"AUTH", b"nope"]), WRONGPASS);
-    assert_eq!(call(&mut c, &[b"AUTH", b"alice", b"defaultpw"]), WRONGPASS);
+    assert_eq!(c.call(&[b"AUTH", b"nope"]), WRONGPASS);
+    assert_eq!(c.call(&[b"AUTH", b"alice", b"defaultpw"]), WRONGPASS);
     assert_eq!(
-        call(&mut c, &[b"AUTH", b"carol", b"carolpw"]),
+        c.call(&[b"AUTH", b"carol", b"carolpw"]),
         WRONGPASS,
         "disabled user"
     );
     assert_eq!(
-        call(&mut c, &[b"AUTH", b"a", b"b", b"c"]),
+        c.call(&[b"AUTH", b"a", b"b", b"c"]),
         b"-ERR syntax error\r\n"
     );
-    assert_eq!(call(&mut c, &[b"AUTH", b"defaultpw"]), b"+OK\r\n");
-    assert_eq!(call(&mut c, &[b"ACL", b"WHOAMI"]), b"$7\r\ndefault\r\n");
+    assert_eq!(c.call(&[b"AUTH", b"defaultpw"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"ACL", b"WHOAMI"]), b"$7\r\ndefault\r\n");
     // A failed AUTH after a successful one keeps the identity.
-    assert_eq!(call(&mut c, &[b"AUTH", b"alice", b"wrong"]), WRONGPASS);
-    assert_eq!(call(&mut c, &[b"PING"]), b"+PONG\r\n");
-    assert_eq!(call(&mut c, &[b"ACL", b"WHOAMI"]), b"$7\r\ndefault\r\n");
+    assert_eq!(c.call(&[b"AUTH", b"alice", b"wrong"]), WRONGPASS);
+    assert_eq!(c.call(&[b"PING"]), b"+PONG\r\n");
+    assert_eq!(c.call(&[b"ACL", b"WHOAMI"]), b"$7\r\ndefault\r\n");
     // Re-AUTH switches identity (the token-refresh pattern).
-    assert_eq!(call(&mut c, &[b"AUTH", b"alice", b"alicepw"]), b"+OK\r\n");
-    assert_eq!(call(&mut c, &[b"ACL", b"WHOAMI"]), b"$5\r\nalice\r\n");
+    assert_eq!(c.call(&[b"AUTH", b"alice", b"alicepw"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"ACL", b"WHOAMI"]), b"$5\r\nalice\r\n");
     assert_eq!(
-        call(&mut c, &[b"AUTH", b"bob", b"bobpw"]),
+        c.call(&[b"AUTH", b"bob", b"bobpw"]),
         b"+OK\r\n",
         "hashed password"
     );
-    assert_eq!(call(&mut c, &[b"ACL", b"WHOAMI"]), b"$3\r\nbob\r\n");
+    assert_eq!(c.call(&[b"ACL", b"WHOAMI"]), b"$3\r\nbob\r\n");
     // RESET goes back to the default user, which needs a password.
-    assert_eq!(call(&mut c, &[b"RESET"]), b"+RESET\r\n");
-    assert_eq!(call(&mut c, &[b"PING"]), NOAUTH);
+    assert_eq!(c.call(&[b"RESET"]), b"+RESET\r\n");
+    assert_eq!(c.call(&[b"PING"]), NOAUTH);
     // HELLO 3 AUTH authenticates and switches protocol at once.
-    let r = call(
-        &mut c,
-        &[
-            b"HELLO", b"3", b"AUTH", b"alice", b"alicepw", b"SETNAME", b"app",
-        ],
-    );
+    let r = c.call(&[
+        b"HELLO", b"3", b"AUTH", b"alice", b"alicepw", b"SETNAME", b"app",
+    ]);
     assert!(r.starts_with(b"%7\r\n"), "{}", String::from_utf8_lossy(&r));
-    assert_eq!(call(&mut c, &[b"CLIENT", b"GETNAME"]), b"$3\r\napp\r\n");
-    assert_eq!(call(&mut c, &[b"GET", b"nosuch"]), b"_\r\n");
-    let r = call(&mut c, &[b"HELLO", b"2", b"AUTH", b"alice", b"bad"]);
+    assert_eq!(c.call(&[b"CLIENT", b"GETNAME"]), b"$3\r\napp\r\n");
+    assert_eq!(c.call(&[b"GET", b"nosuch"]), b"_\r\n");
+    let r = c.call(&[b"HELLO", b"2", b"AUTH", b"alice", b"bad"]);
     assert_eq!(r, WRONGPASS);
-    let list = call(&mut c, &[b"CLIENT", b"INFO"]);
+    let list = c.call(&[b"CLIENT", b"INFO"]);
     assert!(String::from_utf8_lossy(&list).contains("user=alice"));
 }
 
@@ -261,22 +233,22 @@ fn brute_force_closes_the_connection_and_never_logs_the_password() {
     let mut c = proxy.raw();
     for i in 0..9 {
         let guess = format!("guess-{i}-secretish");
-        assert_eq!(call(&mut c, &[b"AUTH", guess.as_bytes()]), WRONGPASS);
+        assert_eq!(c.call(&[b"AUTH", guess.as_bytes()]), WRONGPASS);
     }
     // A success resets the count of consecutive failures.
-    assert_eq!(call(&mut c, &[b"AUTH", b"right-one"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"AUTH", b"right-one"]), b"+OK\r\n");
     for i in 0..9 {
         let guess = format!("again-{i}-secretish");
-        assert_eq!(call(&mut c, &[b"AUTH", guess.as_bytes()]), WRONGPASS);
+        assert_eq!(c.call(&[b"AUTH", guess.as_bytes()]), WRONGPASS);
     }
-    assert_eq!(call(&mut c, &[b"PING"]), b"+PONG\r\n", "still open after 9");
+    assert_eq!(c.call(&[b"PING"]), b"+PONG\r\n", "still open after 9");
     c.send(&resp(&[b"AUTH", b"last-secretish"]));
-    assert_eq!(read_replies(&mut c, 1)[0], WRONGPASS);
+    assert_eq!(c.read_replies(1)[0], WRONGPASS);
     assert!(c.is_closed(), "closed after the 10th consecutive failure");
 
     let mut admin = proxy.raw();
-    assert_eq!(call(&mut admin, &[b"AUTH", b"right-one"]), b"+OK\r\n");
-    let info = call(&mut admin, &[b"INFO", b"stats"]);
+    assert_eq!(admin.call(&[b"AUTH", b"right-one"]), b"+OK\r\n");
+    let info = admin.call(&[b"INFO", b"stats"]);
     assert!(
         String::from_utf8_lossy(&info).contains("auth_failures:19"),
         "{}",
@@ -325,25 +297,22 @@ commands = ["+@read", "+@connection"]
     let refs: Vec<&RedisServer> = shards.iter().collect();
     let proxy = Slotgate::start_with(&refs, &["--config", cfg.to_str().unwrap()]);
     let mut admin = proxy.raw();
-    assert_eq!(call(&mut admin, &[b"AUTH", b"adminpw"]), b"+OK\r\n");
-    assert_eq!(call(&mut admin, &[b"SET", b"shared:cfg", b"v"]), b"+OK\r\n");
-    assert_eq!(
-        call(&mut admin, &[b"SET", b"shared:{t}src", b"s"]),
-        b"+OK\r\n"
-    );
-    assert_eq!(call(&mut admin, &[b"SET", b"tenantB:x", b"b"]), b"+OK\r\n");
+    assert_eq!(admin.call(&[b"AUTH", b"adminpw"]), b"+OK\r\n");
+    assert_eq!(admin.call(&[b"SET", b"shared:cfg", b"v"]), b"+OK\r\n");
+    assert_eq!(admin.call(&[b"SET", b"shared:{t}src", b"s"]), b"+OK\r\n");
+    assert_eq!(admin.call(&[b"SET", b"tenantB:x", b"b"]), b"+OK\r\n");
 
     let mut a = proxy.raw();
-    assert_eq!(call(&mut a, &[b"AUTH", b"tenantA", b"a"]), b"+OK\r\n");
-    assert_eq!(call(&mut a, &[b"SET", b"tenantA:1", b"1"]), b"+OK\r\n");
-    assert_eq!(call(&mut a, &[b"GET", b"tenantA:1"]), b"$1\r\n1\r\n");
+    assert_eq!(a.call(&[b"AUTH", b"tenantA", b"a"]), b"+OK\r\n");
+    assert_eq!(a.call(&[b"SET", b"tenantA:1", b"1"]), b"+OK\r\n");
+    assert_eq!(a.call(&[b"GET", b"tenantA:1"]), b"$1\r\n1\r\n");
     assert_eq!(
-        call(&mut a, &[b"GET", b"shared:cfg"]),
+        a.call(&[b"GET", b"shared:cfg"]),
         b"$1\r\nv\r\n",
         "read-only pattern"
     );
-    assert_eq!(call(&mut a, &[b"SET", b"shared:cfg", b"x"]), NOPERM_KEYS);
-    assert_eq!(call(&mut a, &[b"GET", b"tenantB:x"]), NOPERM_KEYS);
+    assert_eq!(a.call(&[b"SET", b"shared:cfg", b"x"]), NOPERM_KEYS);
+    assert_eq!(a.call(&[b"GET", b"tenantB:x"]), NOPERM_KEYS);
     // Multi-key and scatter commands check every key; nothing happens when one is denied.
     let many: Vec<String> = (0..30).map(|i| format!("tenantA:m{i}")).collect();
     let mut mset: Vec<&[u8]> = vec![b"MSET"];
@@ -353,52 +322,49 @@ commands = ["+@read", "+@connection"]
     }
     mset.push(b"tenantB:x");
     mset.push(b"stolen");
-    assert_eq!(call(&mut a, &mset), NOPERM_KEYS);
+    assert_eq!(a.call(&mset), NOPERM_KEYS);
     let mut mget: Vec<&[u8]> = vec![b"MGET"];
     mget.extend(many.iter().map(|k| k.as_bytes()));
     mget.push(b"tenantB:x");
-    assert_eq!(call(&mut a, &mget), NOPERM_KEYS);
+    assert_eq!(a.call(&mget), NOPERM_KEYS);
+    assert_eq!(a.call(&[b"DEL", b"tenantA:1", b"tenantB:x"]), NOPERM_KEYS);
     assert_eq!(
-        call(&mut a, &[b"DEL", b"tenantA:1", b"tenantB:x"]),
-        NOPERM_KEYS
-    );
-    assert_eq!(
-        call(&mut a, &[b"COPY", b"shared:{t}src", b"tenantA:{t}copy"]),
+        a.call(&[b"COPY", b"shared:{t}src", b"tenantA:{t}copy"]),
         b":1\r\n",
         "read the source, write the destination"
     );
     assert_eq!(
-        call(&mut admin, &[b"GET", b"tenantB:x"]),
+        admin.call(&[b"GET", b"tenantB:x"]),
         b"$1\r\nb\r\n",
         "the denied MSET/DEL changed nothing"
     );
-    assert_eq!(call(&mut admin, &[b"EXISTS", b"tenantA:m0"]), b":0\r\n");
+    assert_eq!(admin.call(&[b"EXISTS", b"tenantA:m0"]), b":0\r\n");
     assert_eq!(
-        call(&mut a, &[b"KEYS", b"*"]),
+        a.call(&[b"KEYS", b"*"]),
         b"-NOPERM this user has no permissions to run the 'keys' command\r\n"
     );
     assert_eq!(
-        call(&mut a, &[b"FLUSHALL"]),
+        a.call(&[b"FLUSHALL"]),
         b"-NOPERM this user has no permissions to run the 'flushall' command\r\n"
     );
     assert_eq!(
-        call(&mut a, &[b"CONFIG", b"SET", b"hz", b"20"]),
+        a.call(&[b"CONFIG", b"SET", b"hz", b"20"]),
         b"-NOPERM this user has no permissions to run the 'config|set' command\r\n"
     );
     assert_eq!(
-        call(&mut admin, &[b"DBSIZE"]),
+        admin.call(&[b"DBSIZE"]),
         b":5\r\n",
         "KEYS/FLUSHALL never ran"
     );
 
     let mut r = proxy.raw();
-    assert_eq!(call(&mut r, &[b"AUTH", b"reader", b"r"]), b"+OK\r\n");
-    assert_eq!(call(&mut r, &[b"GET", b"tenantB:x"]), b"$1\r\nb\r\n");
+    assert_eq!(r.call(&[b"AUTH", b"reader", b"r"]), b"+OK\r\n");
+    assert_eq!(r.call(&[b"GET", b"tenantB:x"]), b"$1\r\nb\r\n");
     assert_eq!(
-        call(&mut r, &[b"SET", b"tenantB:x", b"no"]),
+        r.call(&[b"SET", b"tenantB:x", b"no"]),
         b"-NOPERM this user has no permissions to run the 'set' command\r\n"
     );
-    assert_eq!(call(&mut r, &[b"PING"]), b"+PONG\r\n", "@connection");
+    assert_eq!(r.call(&[b"PING"]), b"+PONG\r\n", "@connection");
 }
 
 #[test]
@@ -407,8 +373,8 @@ fn maxclients_rejects_with_redis_error() {
     let proxy = Slotgate::start_with(&[&shard], &["--maxclients", "2"]);
     let mut a = proxy.raw();
     let mut b = proxy.raw();
-    assert_eq!(call(&mut a, &[b"PING"]), b"+PONG\r\n");
-    assert_eq!(call(&mut b, &[b"PING"]), b"+PONG\r\n");
+    assert_eq!(a.call(&[b"PING"]), b"+PONG\r\n");
+    assert_eq!(b.call(&[b"PING"]), b"+PONG\r\n");
     let mut third = proxy.raw();
     assert_eq!(
         third.read_exact_n(b"-ERR max number of clients reached\r\n".len()),
@@ -433,7 +399,7 @@ fn maxclients_rejects_with_redis_error() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(call(&mut b, &[b"PING"]), b"+PONG\r\n");
+    assert_eq!(b.call(&[b"PING"]), b"+PONG\r\n");
 }
 
 #[test]
@@ -441,7 +407,7 @@ fn idle_clients_are_closed_after_the_idle_timeout() {
     let shard = RedisServer::start();
     let proxy = Slotgate::start_with(&[&shard], &["--idle-timeout", "300ms"]);
     let mut c = proxy.raw();
-    assert_eq!(call(&mut c, &[b"PING"]), b"+PONG\r\n");
+    assert_eq!(c.call(&[b"PING"]), b"+PONG\r\n");
     let start = Instant::now();
     assert!(c.is_closed(), "closed when idle");
     let waited = start.elapsed();
@@ -455,7 +421,7 @@ fn idle_clients_are_closed_after_the_idle_timeout() {
     c.stream
         .set_read_timeout(Some(Duration::from_millis(800)))
         .unwrap();
-    assert_eq!(call(&mut c, &[b"PING"]), b"+PONG\r\n");
+    assert_eq!(c.call(&[b"PING"]), b"+PONG\r\n");
     assert!(!c.is_closed());
 }
 

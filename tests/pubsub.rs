@@ -8,31 +8,6 @@ use std::time::Duration;
 
 use support::*;
 
-fn read_replies(conn: &mut RawConn, n: usize) -> Vec<Vec<u8>> {
-    let mut buf = Vec::new();
-    let mut out = Vec::new();
-    let mut scanner = slotgate::resp::ReplyScanner::new();
-    let mut chunk = [0u8; 65536];
-    while out.len() < n {
-        if let Some(f) = scanner.scan(&buf).expect("valid RESP") {
-            out.push(buf.drain(..f.len).collect());
-            continue;
-        }
-        let got = conn
-            .stream
-            .read(&mut chunk)
-            .expect("reply within the timeout");
-        assert!(got > 0, "connection closed after {} replies", out.len());
-        buf.extend_from_slice(&chunk[..got]);
-    }
-    out
-}
-
-fn call(conn: &mut RawConn, args: &[&[u8]]) -> Vec<u8> {
-    conn.send(&resp(args));
-    read_replies(conn, 1).remove(0)
-}
-
 fn lossy(v: &[Vec<u8>]) -> Vec<String> {
     v.iter()
         .map(|b| String::from_utf8_lossy(b).into())
@@ -53,17 +28,17 @@ fn script(sub_port: u16, pub_port: u16) -> Vec<Vec<u8>> {
         ]
         .concat(),
     );
-    got.extend(read_replies(&mut sub, 4));
+    got.extend(sub.read_replies(4));
     sub.send(&resp(&[b"PSUBSCRIBE", b"n*"]));
-    got.extend(read_replies(&mut sub, 1));
+    got.extend(sub.read_replies(1));
     assert_eq!(
-        call(&mut publ, &[b"PUBLISH", b"news", b"m1"]),
+        publ.call(&[b"PUBLISH", b"news", b"m1"]),
         b":2\r\n",
         "channel + pattern"
     );
-    got.extend(read_replies(&mut sub, 2));
-    assert_eq!(call(&mut publ, &[b"PUBLISH", b"sport", b"m2"]), b":1\r\n");
-    got.extend(read_replies(&mut sub, 1));
+    got.extend(sub.read_replies(2));
+    assert_eq!(publ.call(&[b"PUBLISH", b"sport", b"m2"]), b":1\r\n");
+    got.extend(sub.read_replies(1));
     sub.send(
         &[
             // Named, so the order of confirmations is deterministic (for "all" it follows
@@ -74,9 +49,9 @@ fn script(sub_port: u16, pub_port: u16) -> Vec<Vec<u8>> {
         ]
         .concat(),
     );
-    got.extend(read_replies(&mut sub, 4));
+    got.extend(sub.read_replies(4));
     // Back to normal mode.
-    got.push(call(&mut sub, &[b"PING"]));
+    got.push(sub.call(&[b"PING"]));
     got
 }
 
@@ -101,14 +76,14 @@ fn two_proxies_in_front_of_the_same_shards_deliver_exactly_once() {
         .iter()
         .map(|p| {
             let mut c = p.raw();
-            assert!(call(&mut c, &[b"SUBSCRIBE", b"events"]).ends_with(b":1\r\n"));
+            assert!(c.call(&[b"SUBSCRIBE", b"events"]).ends_with(b":1\r\n"));
             c
         })
         .collect();
     let mut publ = b.raw();
-    assert_eq!(call(&mut publ, &[b"PUBLISH", b"events", b"e1"]), b":3\r\n");
+    assert_eq!(publ.call(&[b"PUBLISH", b"events", b"e1"]), b":3\r\n");
     for s in &mut subs {
-        let m = read_replies(s, 1).remove(0);
+        let m = s.read_replies(1).remove(0);
         assert_eq!(m, b"*3\r\n$7\r\nmessage\r\n$6\r\nevents\r\n$2\r\ne1\r\n");
         s.stream
             .set_read_timeout(Some(Duration::from_millis(200)))
@@ -116,7 +91,7 @@ fn two_proxies_in_front_of_the_same_shards_deliver_exactly_once() {
         let mut extra = [0u8; 64];
         assert!(s.stream.read(&mut extra).is_err(), "delivered exactly once");
     }
-    let n = call(&mut publ, &[b"PUBSUB", b"NUMSUB", b"events"]);
+    let n = publ.call(&[b"PUBSUB", b"NUMSUB", b"events"]);
     assert_eq!(n, b"*2\r\n$6\r\nevents\r\n:3\r\n");
 }
 
@@ -129,7 +104,7 @@ fn sharded_channels_route_by_slot() {
     // Channels on different shards, one SSUBSCRIBE each.
     let chans: Vec<String> = (0..6).map(|i| format!("orders:{i}")).collect();
     for c in &chans {
-        let r = call(&mut sub, &[b"SSUBSCRIBE", c.as_bytes()]);
+        let r = sub.call(&[b"SSUBSCRIBE", c.as_bytes()]);
         assert!(
             r.starts_with(b"*3\r\n$10\r\nssubscribe\r\n"),
             "{}",
@@ -137,25 +112,19 @@ fn sharded_channels_route_by_slot() {
         );
     }
     assert_eq!(
-        call(&mut sub, &[b"SSUBSCRIBE", b"a", b"b"]),
+        sub.call(&[b"SSUBSCRIBE", b"a", b"b"]),
         b"-CROSSSLOT Keys in request don't hash to the same slot\r\n"
     );
     let mut publ = proxy.raw();
     for c in &chans {
-        assert_eq!(
-            call(&mut publ, &[b"SPUBLISH", c.as_bytes(), b"x"]),
-            b":1\r\n"
-        );
-        let m = read_replies(&mut sub, 1).remove(0);
+        assert_eq!(publ.call(&[b"SPUBLISH", c.as_bytes(), b"x"]), b":1\r\n");
+        let m = sub.read_replies(1).remove(0);
         let want = format!("*3\r\n$8\r\nsmessage\r\n${}\r\n{c}\r\n$1\r\nx\r\n", c.len());
         assert_eq!(String::from_utf8_lossy(&m), want);
     }
-    let n = call(
-        &mut publ,
-        &[b"PUBSUB", b"SHARDNUMSUB", b"orders:0", b"orders:5"],
-    );
+    let n = publ.call(&[b"PUBSUB", b"SHARDNUMSUB", b"orders:0", b"orders:5"]);
     assert_eq!(n, b"*4\r\n$8\r\norders:0\r\n:1\r\n$8\r\norders:5\r\n:1\r\n");
-    let all = call(&mut publ, &[b"PUBSUB", b"SHARDCHANNELS"]);
+    let all = publ.call(&[b"PUBSUB", b"SHARDCHANNELS"]);
     assert!(
         all.starts_with(b"*6\r\n"),
         "{}",
@@ -163,18 +132,14 @@ fn sharded_channels_route_by_slot() {
     );
     // SUNSUBSCRIBE with no channel confirms every one, over all shards.
     sub.send(&resp(&[b"SUNSUBSCRIBE"]));
-    let frames = read_replies(&mut sub, 6);
+    let frames = sub.read_replies(6);
     assert!(
         frames
             .iter()
             .all(|f| f.starts_with(b"*3\r\n$12\r\nsunsubscribe\r\n")),
         "{frames:?}"
     );
-    assert_eq!(
-        call(&mut sub, &[b"PING"]),
-        b"+PONG\r\n",
-        "back to normal mode"
-    );
+    assert_eq!(sub.call(&[b"PING"]), b"+PONG\r\n", "back to normal mode");
 }
 
 #[test]
@@ -183,23 +148,23 @@ fn resp3_clients_get_pushes_between_ordinary_replies() {
     let refs: Vec<&RedisServer> = shards.iter().collect();
     let proxy = Slotgate::start(&refs);
     let mut c = proxy.raw();
-    assert!(call(&mut c, &[b"HELLO", b"3"]).starts_with(b"%7"));
+    assert!(c.call(&[b"HELLO", b"3"]).starts_with(b"%7"));
     assert_eq!(
-        call(&mut c, &[b"SUBSCRIBE", b"ch"]),
+        c.call(&[b"SUBSCRIBE", b"ch"]),
         b">3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n"
     );
     assert_eq!(
-        call(&mut c, &[b"SET", b"k", b"v"]),
+        c.call(&[b"SET", b"k", b"v"]),
         b"+OK\r\n",
         "RESP3 may run commands"
     );
     let mut publ = proxy.raw();
-    assert_eq!(call(&mut publ, &[b"PUBLISH", b"ch", b"hello"]), b":1\r\n");
+    assert_eq!(publ.call(&[b"PUBLISH", b"ch", b"hello"]), b":1\r\n");
     assert_eq!(
-        read_replies(&mut c, 1)[0],
+        c.read_replies(1)[0],
         b">3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$5\r\nhello\r\n"
     );
-    assert_eq!(call(&mut c, &[b"GET", b"k"]), b"$1\r\nv\r\n");
+    assert_eq!(c.call(&[b"GET", b"k"]), b"$1\r\nv\r\n");
 }
 
 #[test]
@@ -208,7 +173,7 @@ fn losing_the_subscriber_connection_disconnects_the_client() {
     let refs: Vec<&RedisServer> = shards.iter().collect();
     let proxy = Slotgate::start(&refs);
     let mut c = proxy.raw();
-    assert!(call(&mut c, &[b"SUBSCRIBE", b"ch"]).ends_with(b":1\r\n"));
+    assert!(c.call(&[b"SUBSCRIBE", b"ch"]).ends_with(b":1\r\n"));
     shards[0].kill();
     assert!(c.is_closed(), "the client is told, so it can resubscribe");
 }

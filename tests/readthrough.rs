@@ -9,31 +9,6 @@ use std::time::{Duration, Instant};
 use support::origin::{Origin, Reply, close, hang};
 use support::*;
 
-fn read_replies(conn: &mut RawConn, n: usize) -> Vec<Vec<u8>> {
-    let mut buf = Vec::new();
-    let mut out = Vec::new();
-    let mut scanner = slotgate::resp::ReplyScanner::new();
-    let mut chunk = [0u8; 65536];
-    while out.len() < n {
-        if let Some(f) = scanner.scan(&buf).expect("valid RESP") {
-            out.push(buf.drain(..f.len).collect());
-            continue;
-        }
-        let got = conn
-            .stream
-            .read(&mut chunk)
-            .expect("reply within the timeout");
-        assert!(got > 0, "connection closed after {} replies", out.len());
-        buf.extend_from_slice(&chunk[..got]);
-    }
-    out
-}
-
-fn call(conn: &mut RawConn, args: &[&[u8]]) -> Vec<u8> {
-    conn.send(&resp(args));
-    read_replies(conn, 1).remove(0)
-}
-
 fn bulk(v: &str) -> Vec<u8> {
     format!("${}\r\n{v}\r\n", v.len()).into_bytes()
 }
@@ -129,9 +104,9 @@ fn a_miss_is_loaded_stored_with_its_ttl_and_then_hits() {
     );
     let mut c = s.proxy.raw();
     let want = bulk("{\"path\":\"/labels/PO12345\"}");
-    assert_eq!(call(&mut c, &[b"GET", b"label:PO12345"]), want);
+    assert_eq!(c.call(&[b"GET", b"label:PO12345"]), want);
     assert_eq!(s.origin.requests(), 1);
-    assert_eq!(call(&mut c, &[b"GET", b"label:PO12345"]), want, "hit");
+    assert_eq!(c.call(&[b"GET", b"label:PO12345"]), want, "hit");
     assert_eq!(s.origin.requests(), 1, "the second GET is a hit");
     // Stored in the shard that owns the slot, with the rule's TTL.
     let mut owner = s.owner("label:PO12345");
@@ -146,9 +121,9 @@ fn a_miss_is_loaded_stored_with_its_ttl_and_then_hits() {
         .unwrap();
     assert!((59_000..=60_000).contains(&pttl), "pttl {pttl}");
     // Keys outside the rule are plain misses; `{rest}` is percent-encoded.
-    assert_eq!(call(&mut c, &[b"GET", b"other:1"]), b"$-1\r\n");
+    assert_eq!(c.call(&[b"GET", b"other:1"]), b"$-1\r\n");
     assert_eq!(
-        call(&mut c, &[b"GET", b"label:a b/c"]),
+        c.call(&[b"GET", b"label:a b/c"]),
         bulk("{\"path\":\"/labels/a%20b%2Fc\"}")
     );
     assert!(s.origin.paths().contains(&"/labels/a%20b%2Fc".to_string()));
@@ -172,7 +147,7 @@ fn a_stampede_makes_one_origin_request_and_all_get_the_value() {
                 let mut c = RawConn::connect(port);
                 b.wait();
                 c.send(&resp(&[b"GET", b"label:hot"]).repeat(10));
-                read_replies(&mut c, 10)
+                c.read_replies(10)
             })
         })
         .collect();
@@ -222,7 +197,7 @@ fn a_stampede_makes_one_origin_request_and_all_get_the_value() {
                     wire.extend(resp(&[b"GET", format!("label:k{k}").as_bytes()]));
                 }
                 c.send(&wire);
-                (t, read_replies(&mut c, 10))
+                (t, c.read_replies(10))
             })
         })
         .collect();
@@ -250,21 +225,18 @@ fn negative_results_are_cached_and_a_client_write_ends_them() {
         }),
     );
     let mut c = s.proxy.raw();
-    assert_eq!(call(&mut c, &[b"GET", b"label:missing"]), b"$-1\r\n");
-    assert_eq!(call(&mut c, &[b"GET", b"label:missing"]), b"$-1\r\n");
-    assert_eq!(call(&mut c, &[b"GET", b"label:gone"]), b"$-1\r\n");
+    assert_eq!(c.call(&[b"GET", b"label:missing"]), b"$-1\r\n");
+    assert_eq!(c.call(&[b"GET", b"label:missing"]), b"$-1\r\n");
+    assert_eq!(c.call(&[b"GET", b"label:gone"]), b"$-1\r\n");
     assert_eq!(
         s.origin.requests(),
         2,
         "the repeated GET was a negative hit"
     );
-    assert_eq!(
-        call(&mut c, &[b"SET", b"label:missing", b"now"]),
-        b"+OK\r\n"
-    );
-    assert_eq!(call(&mut c, &[b"GET", b"label:missing"]), bulk("now"));
-    assert_eq!(call(&mut c, &[b"DEL", b"label:missing"]), b":1\r\n");
-    assert_eq!(call(&mut c, &[b"GET", b"label:missing"]), b"$-1\r\n");
+    assert_eq!(c.call(&[b"SET", b"label:missing", b"now"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"GET", b"label:missing"]), bulk("now"));
+    assert_eq!(c.call(&[b"DEL", b"label:missing"]), b":1\r\n");
+    assert_eq!(c.call(&[b"GET", b"label:missing"]), b"$-1\r\n");
     assert_eq!(s.origin.requests(), 3, "the write ended the negative entry");
     let m = s.metrics();
     assert_eq!(
@@ -288,15 +260,15 @@ fn origin_errors_are_clear_and_nothing_is_stored() {
     );
     let mut c = s.proxy.raw();
     assert_eq!(
-        lossy(&call(&mut c, &[b"GET", b"label:e500"])),
+        lossy(&c.call(&[b"GET", b"label:e500"])),
         "-ERR origin failed for rule 'label:': HTTP 503\r\n"
     );
     assert_eq!(
-        lossy(&call(&mut c, &[b"GET", b"label:big"])),
+        lossy(&c.call(&[b"GET", b"label:big"])),
         "-ERR origin failed for rule 'label:': body larger than 1000 bytes\r\n"
     );
     assert!(
-        lossy(&call(&mut c, &[b"GET", b"label:close"]))
+        lossy(&c.call(&[b"GET", b"label:close"]))
             .starts_with("-ERR origin failed for rule 'label:'")
     );
     // A hung origin: the leader and every waiter get the timeout error by timeout + 100 ms.
@@ -306,7 +278,7 @@ fn origin_errors_are_clear_and_nothing_is_stored() {
         w.send(&resp(&[b"GET", b"label:hang"]));
     }
     for w in &mut conns {
-        let r = read_replies(w, 1).remove(0);
+        let r = w.read_replies(1).remove(0);
         assert_eq!(
             lossy(&r),
             "-ERR origin failed for rule 'label:': timed out after 300ms\r\n"
@@ -314,7 +286,7 @@ fn origin_errors_are_clear_and_nothing_is_stored() {
     }
     let waited = started.elapsed();
     assert!(waited < Duration::from_millis(400), "waited {waited:?}");
-    assert_eq!(call(&mut c, &[b"GET", b"label:nostore"]), bulk("fresh"));
+    assert_eq!(c.call(&[b"GET", b"label:nostore"]), bulk("fresh"));
     for k in [
         "label:e500",
         "label:big",
@@ -328,7 +300,7 @@ fn origin_errors_are_clear_and_nothing_is_stored() {
     // The next miss after a timeout tries again.
     let before = s.origin.requests();
     s.origin.set_script(|_| Reply::ok("back"));
-    assert_eq!(call(&mut c, &[b"GET", b"label:hang"]), bulk("back"));
+    assert_eq!(c.call(&[b"GET", b"label:hang"]), bulk("back"));
     assert_eq!(s.origin.requests(), before + 1);
     let m = s.metrics();
     assert!(
@@ -363,7 +335,7 @@ fn origin_errors_are_clear_and_nothing_is_stored() {
     let rule = format!("label:=http://127.0.0.1:{url_port}/{{rest}};timeout=1s");
     let proxy = Slotgate::start_with(&[&shard], &["--readthrough", &rule]);
     let mut c = proxy.raw();
-    let r = lossy(&call(&mut c, &[b"GET", b"label:x"]));
+    let r = lossy(&c.call(&[b"GET", b"label:x"]));
     assert!(
         r.starts_with("-ERR origin failed for rule 'label:': cannot connect"),
         "{r}"
@@ -377,7 +349,7 @@ fn max_age_is_honoured_when_the_rule_says_so() {
         Origin::start(|_| Reply::ok("v").header("Cache-Control", "public, max-age=120")),
     );
     let mut c = s.proxy.raw();
-    assert_eq!(call(&mut c, &[b"GET", b"label:m"]), bulk("v"));
+    assert_eq!(c.call(&[b"GET", b"label:m"]), bulk("v"));
     let pttl: i64 = redis::cmd("PTTL")
         .arg("label:m")
         .query(&mut s.owner("label:m"))
@@ -409,7 +381,7 @@ fn no_stale_set_over_random_interleavings() {
         let k2 = key.clone();
         let getter = std::thread::spawn(move || {
             let mut c = RawConn::connect(port);
-            call(&mut c, &[b"GET", k2.as_bytes()])
+            c.call(&[b"GET", k2.as_bytes()])
         });
         // The fill's origin request has arrived and is held.
         s.origin
@@ -417,22 +389,13 @@ fn no_stale_set_over_random_interleavings() {
         let mut w = s.proxy.raw();
         let op = rnd() % 4;
         match op {
-            0 => assert_eq!(
-                call(&mut w, &[b"SET", key.as_bytes(), b"client-new"]),
-                b"+OK\r\n"
-            ),
-            1 => assert_eq!(call(&mut w, &[b"DEL", key.as_bytes()]), b":0\r\n"),
+            0 => assert_eq!(w.call(&[b"SET", key.as_bytes(), b"client-new"]), b"+OK\r\n"),
+            1 => assert_eq!(w.call(&[b"DEL", key.as_bytes()]), b":0\r\n"),
             2 => assert_eq!(
-                call(
-                    &mut w,
-                    &[b"MSET", key.as_bytes(), b"client-new", b"other:x", b"1"]
-                ),
+                w.call(&[b"MSET", key.as_bytes(), b"client-new", b"other:x", b"1"]),
                 b"+OK\r\n"
             ),
-            _ => assert_eq!(
-                call(&mut w, &[b"SLOTGATE.INVALIDATE", key.as_bytes()]),
-                b":0\r\n"
-            ),
+            _ => assert_eq!(w.call(&[b"SLOTGATE.INVALIDATE", key.as_bytes()]), b":0\r\n"),
         }
         s.origin.release();
         assert_eq!(
@@ -456,7 +419,7 @@ fn no_stale_set_over_random_interleavings() {
     // Without a write in between, the fill is stored.
     s.origin.release();
     let mut c = s.proxy.raw();
-    assert_eq!(call(&mut c, &[b"GET", b"label:plain"]), bulk("origin-old"));
+    assert_eq!(c.call(&[b"GET", b"label:plain"]), bulk("origin-old"));
     let stored: Option<String> = redis::cmd("GET")
         .arg("label:plain")
         .query(&mut s.owner("label:plain"))
@@ -468,7 +431,7 @@ fn no_stale_set_over_random_interleavings() {
 fn wait_status(c: &mut RawConn, key: &str, status: &str, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
-        let r = lossy(&call(c, &[b"SLOTGATE.STATUS", key.as_bytes()]));
+        let r = lossy(&c.call(&[b"SLOTGATE.STATUS", key.as_bytes()]));
         if r.contains(&format!("${}\r\n{status}\r\n", status.len())) {
             return;
         }
@@ -487,7 +450,7 @@ fn stale_while_revalidate_and_stale_if_error() {
         Origin::start(|_| Reply::ok("v1")),
     );
     let mut c = s.proxy.raw();
-    assert_eq!(call(&mut c, &[b"GET", b"label:s"]), bulk("v1"));
+    assert_eq!(c.call(&[b"GET", b"label:s"]), bulk("v1"));
     assert_eq!(s.origin.requests(), 1);
     let pttl: i64 = redis::cmd("PTTL")
         .arg("label:s")
@@ -503,13 +466,13 @@ fn stale_while_revalidate_and_stale_if_error() {
     s.origin.hold();
     s.origin.set_script(|_| Reply::ok("v2").gated());
     for _ in 0..5 {
-        assert_eq!(call(&mut c, &[b"GET", b"label:s"]), bulk("v1"));
+        assert_eq!(c.call(&[b"GET", b"label:s"]), bulk("v1"));
     }
     s.origin.wait_for_requests(2, Duration::from_secs(2));
     assert_eq!(s.origin.requests(), 2, "one refresh for five stale GETs");
     s.origin.release();
     let deadline = Instant::now() + Duration::from_secs(3);
-    while call(&mut c, &[b"GET", b"label:s"]) != bulk("v2") {
+    while c.call(&[b"GET", b"label:s"]) != bulk("v2") {
         assert!(Instant::now() < deadline, "the refresh was not stored");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -517,15 +480,11 @@ fn stale_while_revalidate_and_stale_if_error() {
     wait_status(&mut c, "label:s", "stale", Duration::from_secs(3));
     s.origin.set_script(|_| Reply::status(500));
     for _ in 0..3 {
-        assert_eq!(
-            call(&mut c, &[b"GET", b"label:s"]),
-            bulk("v2"),
-            "stale-if-error"
-        );
+        assert_eq!(c.call(&[b"GET", b"label:s"]), bulk("v2"), "stale-if-error");
     }
     wait_status(&mut c, "label:s", "miss", Duration::from_secs(5));
     assert_eq!(
-        lossy(&call(&mut c, &[b"GET", b"label:s"])),
+        lossy(&c.call(&[b"GET", b"label:s"])),
         "-ERR origin failed for rule 'label:': HTTP 500\r\n",
         "after the hard TTL the error shows"
     );
@@ -547,23 +506,20 @@ fn mget_fills_misses_concurrently_and_keeps_order() {
         }),
     );
     let mut c = s.proxy.raw();
-    call(&mut c, &[b"SET", b"label:cached", b"c"]);
-    call(&mut c, &[b"SET", b"plain", b"p"]);
+    c.call(&[b"SET", b"label:cached", b"c"]);
+    c.call(&[b"SET", b"plain", b"p"]);
     let started = Instant::now();
-    let r = call(
-        &mut c,
-        &[
-            b"MGET",
-            b"label:a",
-            b"plain",
-            b"label:cached",
-            b"label:missing",
-            b"nokey",
-            b"label:b",
-            b"label:broken",
-            b"label:c",
-        ],
-    );
+    let r = c.call(&[
+        b"MGET",
+        b"label:a",
+        b"plain",
+        b"label:cached",
+        b"label:missing",
+        b"nokey",
+        b"label:b",
+        b"label:broken",
+        b"label:c",
+    ]);
     assert_eq!(
         lossy(&r),
         "*8\r\n$2\r\noa\r\n$1\r\np\r\n$1\r\nc\r\n$-1\r\n$-1\r\n$2\r\nob\r\n$-1\r\n$2\r\noc\r\n"
@@ -574,7 +530,7 @@ fn mget_fills_misses_concurrently_and_keeps_order() {
     );
     // The loaded ones are stored; a plain MGET now hits.
     assert_eq!(
-        lossy(&call(&mut c, &[b"MGET", b"label:a", b"label:b"])),
+        lossy(&c.call(&[b"MGET", b"label:a", b"label:b"])),
         "*2\r\n$2\r\noa\r\n$2\r\nob\r\n"
     );
     assert_eq!(s.origin.requests(), 5);
@@ -584,21 +540,21 @@ fn mget_fills_misses_concurrently_and_keeps_order() {
 fn invalidate_status_and_info() {
     let s = Setup::new(";ttl=60s", Origin::start(|_| Reply::ok("v")));
     let mut c = s.proxy.raw();
-    assert_eq!(call(&mut c, &[b"GET", b"label:i"]), bulk("v"));
-    let st = lossy(&call(&mut c, &[b"SLOTGATE.STATUS", b"label:i"]));
+    assert_eq!(c.call(&[b"GET", b"label:i"]), bulk("v"));
+    let st = lossy(&c.call(&[b"SLOTGATE.STATUS", b"label:i"]));
     assert!(
         st.contains("$3\r\nhit\r\n") && st.contains("$6\r\nlabel:\r\n"),
         "{st}"
     );
     assert_eq!(
-        call(&mut c, &[b"SLOTGATE.INVALIDATE", b"label:i", b"label:none"]),
+        c.call(&[b"SLOTGATE.INVALIDATE", b"label:i", b"label:none"]),
         b":1\r\n"
     );
-    let st = lossy(&call(&mut c, &[b"SLOTGATE.STATUS", b"label:i"]));
+    let st = lossy(&c.call(&[b"SLOTGATE.STATUS", b"label:i"]));
     assert!(st.contains("$4\r\nmiss\r\n"), "{st}");
-    assert_eq!(call(&mut c, &[b"GET", b"label:i"]), bulk("v"));
+    assert_eq!(c.call(&[b"GET", b"label:i"]), bulk("v"));
     assert_eq!(s.origin.requests(), 2, "invalidated, so loaded again");
-    let info = lossy(&call(&mut c, &[b"INFO", b"readthrough"]));
+    let info = lossy(&c.call(&[b"INFO", b"readthrough"]));
     assert!(info.contains("# Readthrough"), "{info}");
     assert!(
         info.contains(
@@ -611,7 +567,7 @@ fn invalidate_status_and_info() {
     assert_eq!(http_get(s.admin_port, "/readyz").0, 200);
     // Latency is sampled (one command in 32): make enough commands.
     c.send(&resp(&[b"PING"]).repeat(64));
-    read_replies(&mut c, 64);
+    c.read_replies(64);
     // Per-command counters are published once a second.
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {

@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::io::Read;
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -14,27 +13,7 @@ use support::*;
 fn pipeline(conn: &mut RawConn, cmds: &[Vec<u8>]) -> Vec<Vec<u8>> {
     let wire: Vec<u8> = cmds.concat();
     conn.send(&wire);
-    read_replies(conn, cmds.len())
-}
-
-fn read_replies(conn: &mut RawConn, n: usize) -> Vec<Vec<u8>> {
-    let mut buf = Vec::new();
-    let mut out = Vec::new();
-    let mut scanner = slotgate::resp::ReplyScanner::new();
-    let mut chunk = [0u8; 65536];
-    while out.len() < n {
-        if let Some(f) = scanner.scan(&buf).expect("valid RESP from slotgate") {
-            out.push(buf.drain(..f.len).collect());
-            continue;
-        }
-        let got = conn
-            .stream
-            .read(&mut chunk)
-            .expect("reply within the timeout");
-        assert!(got > 0, "connection closed after {} replies", out.len());
-        buf.extend_from_slice(&chunk[..got]);
-    }
-    out
+    conn.read_replies(cmds.len())
 }
 
 fn direct(server: &RedisServer) -> RawConn {
@@ -158,7 +137,7 @@ fn a_client_that_pipelines_without_reading_is_bounded_and_loses_nothing() {
         w.write_all(&wire).unwrap();
     });
     std::thread::sleep(Duration::from_millis(200));
-    let replies = read_replies(&mut c, 2 * n);
+    let replies = c.read_replies(2 * n);
     writer.join().unwrap();
     for i in 0..n {
         assert_eq!(replies[2 * i], b"+OK\r\n");
@@ -192,7 +171,7 @@ fn in_flight_cap_per_connection_fails_fast_with_shard_unavailable() {
     // The third request fails at once; the first two wait for the hung shard.
     std::thread::sleep(Duration::from_millis(300));
     shard.resume();
-    let r = read_replies(&mut c, 3);
+    let r = c.read_replies(3);
     assert_eq!(r[0], b"$-1\r\n");
     assert_eq!(r[1], b"$-1\r\n");
     let third = String::from_utf8_lossy(&r[2]);

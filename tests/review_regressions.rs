@@ -8,31 +8,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-fn read_replies(conn: &mut RawConn, n: usize) -> Vec<Vec<u8>> {
-    let mut buf = Vec::new();
-    let mut out = Vec::new();
-    let mut scanner = slotgate::resp::ReplyScanner::new();
-    let mut chunk = vec![0u8; 1 << 20];
-    while out.len() < n {
-        if let Some(f) = scanner.scan(&buf).expect("valid RESP") {
-            out.push(buf.drain(..f.len).collect());
-            continue;
-        }
-        let got = conn
-            .stream
-            .read(&mut chunk)
-            .expect("reply within the timeout");
-        assert!(got > 0, "connection closed after {} replies", out.len());
-        buf.extend_from_slice(&chunk[..got]);
-    }
-    out
-}
-
-fn call(conn: &mut RawConn, args: &[&[u8]]) -> Vec<u8> {
-    conn.send(&resp(args));
-    read_replies(conn, 1).remove(0)
-}
-
 fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into()
 }
@@ -57,7 +32,7 @@ fn a_slow_shard_fails_only_the_requests_that_waited_too_long() {
     let shard = RedisServer::start_with(&["--enable-debug-command", "yes"]);
     let proxy = Slotgate::start_with(&[&shard], &["--op-timeout", "500ms"]);
     let mut warm = proxy.raw();
-    assert_eq!(call(&mut warm, &[b"SET", b"k", b"v"]), b"+OK\r\n");
+    assert_eq!(warm.call(&[b"SET", b"k", b"v"]), b"+OK\r\n");
     let connections_before = shard_connections_received(&shard);
 
     // The shard is busy for 1 s (DEBUG SLEEP on a direct connection): silent for longer than
@@ -77,7 +52,7 @@ fn a_slow_shard_fails_only_the_requests_that_waited_too_long() {
     let mut late = proxy.raw();
     late.send(&resp(&[b"GET", b"k"]));
     // Sent at t≈50 ms: their 500 ms passed before the shard woke up.
-    for r in read_replies(&mut early, 5) {
+    for r in early.read_replies(5) {
         assert_eq!(
             lossy(&r),
             format!(
@@ -87,9 +62,9 @@ fn a_slow_shard_fails_only_the_requests_that_waited_too_long() {
         );
     }
     // Sent at t≈650 ms: answered when the shard wakes at t≈1 s, within its own 500 ms.
-    assert_eq!(read_replies(&mut late, 1)[0], b"$1\r\nv\r\n");
+    assert_eq!(late.read_replies(1)[0], b"$1\r\nv\r\n");
     sleeper.join().unwrap();
-    assert_eq!(call(&mut warm, &[b"GET", b"k"]), b"$1\r\nv\r\n");
+    assert_eq!(warm.call(&[b"GET", b"k"]), b"$1\r\nv\r\n");
     assert_eq!(
         shard_connections_received(&shard) - connections_before,
         2,
@@ -104,10 +79,7 @@ fn xreadgroup_block_detection_follows_the_options() {
     let mut c = proxy.raw();
     for g in ["streams", "block"] {
         assert_eq!(
-            call(
-                &mut c,
-                &[b"XGROUP", b"CREATE", b"s", g.as_bytes(), b"$", b"MKSTREAM"]
-            ),
+            c.call(&[b"XGROUP", b"CREATE", b"s", g.as_bytes(), b"$", b"MKSTREAM"]),
             b"+OK\r\n"
         );
     }
@@ -127,38 +99,28 @@ fn xreadgroup_block_detection_follows_the_options() {
     ]));
     std::thread::sleep(Duration::from_millis(100));
     let mut other = proxy.raw();
-    assert_eq!(call(&mut other, &[b"SET", b"{s}k", b"v"]), b"+OK\r\n");
+    assert_eq!(other.call(&[b"SET", b"{s}k", b"v"]), b"+OK\r\n");
     assert!(
         started.elapsed() < Duration::from_millis(700),
         "a GET on the same shard waited for the blocked XREADGROUP"
     );
-    assert_eq!(
-        read_replies(&mut c, 1)[0],
-        b"*-1\r\n",
-        "timed out after 1 s"
-    );
+    assert_eq!(c.read_replies(1)[0], b"*-1\r\n", "timed out after 1 s");
     assert!(started.elapsed() >= Duration::from_millis(900));
     // A group named "block" without BLOCK: forwarded, answered by Redis at once.
     assert_eq!(
-        call(
-            &mut c,
-            &[
-                b"XREADGROUP",
-                b"GROUP",
-                b"block",
-                b"streams",
-                b"STREAMS",
-                b"s",
-                b">"
-            ]
-        ),
+        c.call(&[
+            b"XREADGROUP",
+            b"GROUP",
+            b"block",
+            b"streams",
+            b"STREAMS",
+            b"s",
+            b">"
+        ]),
         b"*-1\r\n"
     );
     assert_eq!(
-        call(
-            &mut c,
-            &[b"XREAD", b"COUNT", b"block", b"STREAMS", b"s", b"0"]
-        ),
+        c.call(&[b"XREAD", b"COUNT", b"block", b"STREAMS", b"s", b"0"]),
         b"-ERR value is not an integer or out of range\r\n"
     );
 }
@@ -169,33 +131,27 @@ fn sort_patterns_across_slots_are_refused_and_same_slot_patterns_work() {
     let refs: Vec<&RedisServer> = shards.iter().collect();
     let proxy = Slotgate::start(&refs);
     let mut c = proxy.raw();
-    call(&mut c, &[b"RPUSH", b"l", b"1", b"2", b"3"]);
+    c.call(&[b"RPUSH", b"l", b"1", b"2", b"3"]);
     assert_eq!(
-        call(&mut c, &[b"SORT", b"l", b"BY", b"w_*"]),
+        c.call(&[b"SORT", b"l", b"BY", b"w_*"]),
         b"-ERR BY option of SORT denied in Cluster mode when keys formed by the pattern may be in different slots.\r\n"
     );
     assert_eq!(
-        call(&mut c, &[b"SORT_RO", b"l", b"GET", b"o_*"]),
+        c.call(&[b"SORT_RO", b"l", b"GET", b"o_*"]),
         b"-ERR GET option of SORT denied in Cluster mode when keys formed by the pattern may be in different slots.\r\n"
     );
     // With the sorted key's tag in the pattern, the keys are on its shard: exact results.
-    call(&mut c, &[b"RPUSH", b"{t}l", b"1", b"2", b"3"]);
-    call(
-        &mut c,
-        &[
-            b"MSET", b"{t}w_1", b"3", b"{t}w_2", b"2", b"{t}w_3", b"1", b"{t}o_1", b"a", b"{t}o_2",
-            b"b", b"{t}o_3", b"c",
-        ],
-    );
+    c.call(&[b"RPUSH", b"{t}l", b"1", b"2", b"3"]);
+    c.call(&[
+        b"MSET", b"{t}w_1", b"3", b"{t}w_2", b"2", b"{t}w_3", b"1", b"{t}o_1", b"a", b"{t}o_2",
+        b"b", b"{t}o_3", b"c",
+    ]);
     assert_eq!(
-        call(
-            &mut c,
-            &[b"SORT", b"{t}l", b"BY", b"{t}w_*", b"GET", b"{t}o_*"]
-        ),
+        c.call(&[b"SORT", b"{t}l", b"BY", b"{t}w_*", b"GET", b"{t}o_*"]),
         b"*3\r\n$1\r\nc\r\n$1\r\nb\r\n$1\r\na\r\n"
     );
     assert_eq!(
-        call(&mut c, &[b"SORT", b"{t}l", b"BY", b"nosort", b"GET", b"#"]),
+        c.call(&[b"SORT", b"{t}l", b"BY", b"nosort", b"GET", b"#"]),
         b"*3\r\n$1\r\n1\r\n$1\r\n2\r\n$1\r\n3\r\n"
     );
 }
@@ -205,15 +161,12 @@ fn copy_to_another_database_is_refused() {
     let shard = RedisServer::start();
     let proxy = Slotgate::start(&[&shard]);
     let mut c = proxy.raw();
-    call(&mut c, &[b"SET", b"{a}x", b"1"]);
+    c.call(&[b"SET", b"{a}x", b"1"]);
     assert_eq!(
-        call(&mut c, &[b"COPY", b"{a}x", b"{a}y", b"DB", b"1"]),
+        c.call(&[b"COPY", b"{a}x", b"{a}y", b"DB", b"1"]),
         b"-ERR Copying to another database is not allowed in cluster mode\r\n"
     );
-    assert_eq!(
-        call(&mut c, &[b"COPY", b"{a}x", b"{a}y", b"DB", b"0"]),
-        b":1\r\n"
-    );
+    assert_eq!(c.call(&[b"COPY", b"{a}x", b"{a}y", b"DB", b"0"]), b":1\r\n");
     let n: i64 = redis::cmd("DBSIZE")
         .query(
             &mut redis::Client::open(format!("redis://{}/1", shard.addr()))
@@ -245,10 +198,10 @@ fn memory_of_large_values_is_given_back() {
         .unwrap();
     for i in 0..3 {
         let key = format!("big{i}");
-        assert_eq!(call(&mut c, &[b"SET", key.as_bytes(), &value]), b"+OK\r\n");
-        let got = call(&mut c, &[b"GET", key.as_bytes()]);
+        assert_eq!(c.call(&[b"SET", key.as_bytes(), &value]), b"+OK\r\n");
+        let got = c.call(&[b"GET", key.as_bytes()]);
         assert_eq!(got.len(), value.len() + 13);
-        assert_eq!(call(&mut c, &[b"DEL", key.as_bytes()]), b":1\r\n");
+        assert_eq!(c.call(&[b"DEL", key.as_bytes()]), b":1\r\n");
     }
     drop(c);
     std::thread::sleep(Duration::from_millis(300));
@@ -266,31 +219,31 @@ fn small_differences_from_redis_are_gone() {
     let proxy = Slotgate::start(&[&shard]);
     let mut c = proxy.raw();
     let not_int = b"-ERR value is not an integer or out of range\r\n";
-    assert_eq!(call(&mut c, &[b"SELECT", b"+0"]), not_int);
-    assert_eq!(call(&mut c, &[b"SELECT", b"00"]), not_int);
+    assert_eq!(c.call(&[b"SELECT", b"+0"]), not_int);
+    assert_eq!(c.call(&[b"SELECT", b"00"]), not_int);
     assert_eq!(
-        call(&mut c, &[b"HELLO", b"+2"]),
+        c.call(&[b"HELLO", b"+2"]),
         b"-ERR Protocol version is not an integer or out of range\r\n"
     );
     assert_eq!(
-        call(&mut c, &[b"CLIENT", b"LIST", b"TYPE", b"bogus"]),
+        c.call(&[b"CLIENT", b"LIST", b"TYPE", b"bogus"]),
         b"-ERR Unknown client type 'bogus'\r\n"
     );
     assert_eq!(
-        call(&mut c, &[b"CLIENT", b"LIST", b"foo"]),
+        c.call(&[b"CLIENT", b"LIST", b"foo"]),
         b"-ERR syntax error\r\n"
     );
     assert_eq!(
-        call(&mut c, &[b"CLIENT", b"LIST", b"ID", b"999999"]),
+        c.call(&[b"CLIENT", b"LIST", b"ID", b"999999"]),
         b"$0\r\n\r\n"
     );
     assert_eq!(
-        call(&mut c, &[b"CLIENT", b"LIST", b"TYPE", b"pubsub"]),
+        c.call(&[b"CLIENT", b"LIST", b"TYPE", b"pubsub"]),
         b"$0\r\n\r\n"
     );
-    let own = call(&mut c, &[b"CLIENT", b"ID"]);
+    let own = c.call(&[b"CLIENT", b"ID"]);
     let id = lossy(&own[1..own.len() - 2]);
-    let listed = call(&mut c, &[b"CLIENT", b"LIST", b"ID", id.as_bytes()]);
+    let listed = c.call(&[b"CLIENT", b"LIST", b"ID", id.as_bytes()]);
     assert!(
         lossy(&listed).contains(&format!("id={id} ")),
         "{}",
@@ -298,13 +251,13 @@ fn small_differences_from_redis_are_gone() {
     );
     // Non-UTF-8 bytes are echoed as they are in errors.
     assert_eq!(
-        call(&mut c, &[b"foo", b"\xff\xfe"]),
+        c.call(&[b"foo", b"\xff\xfe"]),
         b"-ERR unknown command 'foo', with args beginning with: '\xff\xfe' \r\n"
     );
     // SCAN reads its cursor like strtoul: -1 wraps around instead of being invalid.
-    let r = call(&mut c, &[b"SCAN", b"-1"]);
+    let r = c.call(&[b"SCAN", b"-1"]);
     assert!(r.starts_with(b"*2\r\n"), "{}", lossy(&r));
-    let info = call(&mut c, &[b"INFO", b"clients"]);
+    let info = c.call(&[b"INFO", b"clients"]);
     assert!(lossy(&info).contains("blocked_clients:0"));
     // An inline line with a NUL before its newline never ends (Redis's strchr): no reply.
     c.send(b"PING\x00\r\n");

@@ -2,37 +2,11 @@
 
 mod support;
 
-use std::io::Read;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use support::*;
-
-fn read_replies(conn: &mut RawConn, n: usize) -> Vec<Vec<u8>> {
-    let mut buf = Vec::new();
-    let mut out = Vec::new();
-    let mut scanner = slotgate::resp::ReplyScanner::new();
-    let mut chunk = [0u8; 65536];
-    while out.len() < n {
-        if let Some(f) = scanner.scan(&buf).expect("valid RESP") {
-            out.push(buf.drain(..f.len).collect());
-            continue;
-        }
-        let got = conn
-            .stream
-            .read(&mut chunk)
-            .expect("reply within the timeout");
-        assert!(got > 0, "connection closed after {} replies", out.len());
-        buf.extend_from_slice(&chunk[..got]);
-    }
-    out
-}
-
-fn call(conn: &mut RawConn, args: &[&[u8]]) -> Vec<u8> {
-    conn.send(&resp(args));
-    read_replies(conn, 1).remove(0)
-}
 
 fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into()
@@ -84,7 +58,7 @@ fn multi_exec_watch_and_conflicts() {
             ]
             .concat(),
         );
-        read_replies(&mut c, 6)
+        c.read_replies(6)
     };
     assert_eq!(replies[0], b"+OK\r\n");
     assert_eq!(replies[1], b"+QUEUED\r\n");
@@ -94,45 +68,38 @@ fn multi_exec_watch_and_conflicts() {
     );
 
     // WATCH: success, then a conflict from another client makes EXEC return nil.
-    assert_eq!(call(&mut c, &[b"WATCH", b"{u}n"]), b"+OK\r\n");
-    assert_eq!(call(&mut c, &[b"MULTI"]), b"+OK\r\n");
-    assert_eq!(call(&mut c, &[b"INCR", b"{u}n"]), b"+QUEUED\r\n");
-    assert_eq!(call(&mut c, &[b"EXEC"]), b"*1\r\n:3\r\n");
-    assert_eq!(call(&mut c, &[b"WATCH", b"{u}n"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"WATCH", b"{u}n"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"MULTI"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"INCR", b"{u}n"]), b"+QUEUED\r\n");
+    assert_eq!(c.call(&[b"EXEC"]), b"*1\r\n:3\r\n");
+    assert_eq!(c.call(&[b"WATCH", b"{u}n"]), b"+OK\r\n");
     let mut other = proxy.raw();
-    assert_eq!(call(&mut other, &[b"SET", b"{u}n", b"100"]), b"+OK\r\n");
-    assert_eq!(call(&mut c, &[b"MULTI"]), b"+OK\r\n");
-    assert_eq!(call(&mut c, &[b"INCR", b"{u}n"]), b"+QUEUED\r\n");
-    assert_eq!(
-        call(&mut c, &[b"EXEC"]),
-        b"*-1\r\n",
-        "the watched key changed"
-    );
-    assert_eq!(call(&mut c, &[b"GET", b"{u}n"]), b"$3\r\n100\r\n");
+    assert_eq!(other.call(&[b"SET", b"{u}n", b"100"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"MULTI"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"INCR", b"{u}n"]), b"+QUEUED\r\n");
+    assert_eq!(c.call(&[b"EXEC"]), b"*-1\r\n", "the watched key changed");
+    assert_eq!(c.call(&[b"GET", b"{u}n"]), b"$3\r\n100\r\n");
     // UNWATCH, DISCARD, errors outside a transaction.
-    assert_eq!(call(&mut c, &[b"WATCH", b"{u}n"]), b"+OK\r\n");
-    assert_eq!(call(&mut c, &[b"UNWATCH"]), b"+OK\r\n");
-    assert_eq!(call(&mut c, &[b"MULTI"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"WATCH", b"{u}n"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"UNWATCH"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"MULTI"]), b"+OK\r\n");
     assert_eq!(
-        call(&mut c, &[b"MULTI"]),
+        c.call(&[b"MULTI"]),
         b"-ERR MULTI calls can not be nested\r\n"
     );
-    assert_eq!(call(&mut c, &[b"SET", b"{u}d", b"x"]), b"+QUEUED\r\n");
+    assert_eq!(c.call(&[b"SET", b"{u}d", b"x"]), b"+QUEUED\r\n");
     assert_eq!(
-        call(&mut c, &[b"WATCH", b"{u}n"]),
+        c.call(&[b"WATCH", b"{u}n"]),
         b"-ERR WATCH inside MULTI is not allowed\r\n"
     );
-    assert_eq!(call(&mut c, &[b"DISCARD"]), b"+OK\r\n");
-    assert_eq!(call(&mut c, &[b"EXISTS", b"{u}d"]), b":0\r\n");
-    assert_eq!(call(&mut c, &[b"EXEC"]), b"-ERR EXEC without MULTI\r\n");
-    assert_eq!(
-        call(&mut c, &[b"DISCARD"]),
-        b"-ERR DISCARD without MULTI\r\n"
-    );
+    assert_eq!(c.call(&[b"DISCARD"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"EXISTS", b"{u}d"]), b":0\r\n");
+    assert_eq!(c.call(&[b"EXEC"]), b"-ERR EXEC without MULTI\r\n");
+    assert_eq!(c.call(&[b"DISCARD"]), b"-ERR DISCARD without MULTI\r\n");
     // Only keyless commands: any shard runs them.
-    assert_eq!(call(&mut c, &[b"MULTI"]), b"+OK\r\n");
-    assert_eq!(call(&mut c, &[b"ECHO", b"hi"]), b"+QUEUED\r\n");
-    assert_eq!(call(&mut c, &[b"EXEC"]), b"*1\r\n$2\r\nhi\r\n");
+    assert_eq!(c.call(&[b"MULTI"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"ECHO", b"hi"]), b"+QUEUED\r\n");
+    assert_eq!(c.call(&[b"EXEC"]), b"*1\r\n$2\r\nhi\r\n");
 }
 
 #[test]
@@ -140,35 +107,31 @@ fn cross_slot_and_queuing_errors_abort_the_transaction() {
     let (_shards, proxy) = three();
     let mut c = proxy.raw();
     let crossslot = b"-CROSSSLOT Keys in request don't hash to the same slot\r\n";
-    assert_eq!(call(&mut c, &[b"MULTI"]), b"+OK\r\n");
-    assert_eq!(call(&mut c, &[b"SET", b"a", b"1"]), b"+QUEUED\r\n");
-    assert_eq!(call(&mut c, &[b"SET", b"b", b"2"]), crossslot);
+    assert_eq!(c.call(&[b"MULTI"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"SET", b"a", b"1"]), b"+QUEUED\r\n");
+    assert_eq!(c.call(&[b"SET", b"b", b"2"]), crossslot);
     assert_eq!(
-        call(&mut c, &[b"EXEC"]),
+        c.call(&[b"EXEC"]),
         b"-EXECABORT Transaction discarded because of previous errors.\r\n"
     );
-    assert_eq!(
-        call(&mut c, &[b"EXISTS", b"a", b"b"]),
-        b":0\r\n",
-        "nothing ran"
-    );
+    assert_eq!(c.call(&[b"EXISTS", b"a", b"b"]), b":0\r\n", "nothing ran");
     // An unknown command, a bad arity and a command spanning shards abort it too.
     let bads: [&[&[u8]]; 3] = [&[b"NOSUCH"], &[b"GET"], &[b"KEYS", b"*"]];
     for bad in bads {
-        assert_eq!(call(&mut c, &[b"MULTI"]), b"+OK\r\n");
-        assert_eq!(call(&mut c, &[b"SET", b"a", b"1"]), b"+QUEUED\r\n");
-        let r = call(&mut c, bad);
+        assert_eq!(c.call(&[b"MULTI"]), b"+OK\r\n");
+        assert_eq!(c.call(&[b"SET", b"a", b"1"]), b"+QUEUED\r\n");
+        let r = c.call(bad);
         assert!(r.starts_with(b"-ERR"), "{}", lossy(&r));
-        assert!(call(&mut c, &[b"EXEC"]).starts_with(b"-EXECABORT"));
+        assert!(c.call(&[b"EXEC"]).starts_with(b"-EXECABORT"));
     }
-    assert_eq!(call(&mut c, &[b"EXISTS", b"a"]), b":0\r\n");
+    assert_eq!(c.call(&[b"EXISTS", b"a"]), b":0\r\n");
     // WATCH keys must share a slot too.
-    assert_eq!(call(&mut c, &[b"WATCH", b"a", b"b"]), crossslot);
-    assert_eq!(call(&mut c, &[b"WATCH", b"a"]), b"+OK\r\n");
-    assert_eq!(call(&mut c, &[b"WATCH", b"b"]), crossslot);
-    assert_eq!(call(&mut c, &[b"MULTI"]), b"+OK\r\n");
-    assert_eq!(call(&mut c, &[b"SET", b"b", b"1"]), crossslot);
-    assert!(call(&mut c, &[b"EXEC"]).starts_with(b"-EXECABORT"));
+    assert_eq!(c.call(&[b"WATCH", b"a", b"b"]), crossslot);
+    assert_eq!(c.call(&[b"WATCH", b"a"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"WATCH", b"b"]), crossslot);
+    assert_eq!(c.call(&[b"MULTI"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"SET", b"b", b"1"]), crossslot);
+    assert!(c.call(&[b"EXEC"]).starts_with(b"-EXECABORT"));
 }
 
 #[test]
@@ -277,12 +240,12 @@ fn scripts_and_functions_loaded_once_run_for_keys_on_every_shard() {
     // Keys of a script must share a slot; zero keys run on one shard.
     let mut c = proxy.raw();
     assert_eq!(
-        call(&mut c, &[b"EVAL", b"return 1", b"2", b"a", b"b"]),
+        c.call(&[b"EVAL", b"return 1", b"2", b"a", b"b"]),
         b"-CROSSSLOT Keys in request don't hash to the same slot\r\n"
     );
-    assert_eq!(call(&mut c, &[b"EVAL", b"return 7", b"0"]), b":7\r\n");
-    assert_eq!(call(&mut c, &[b"SCRIPT", b"FLUSH"]), b"+OK\r\n");
-    let r = call(&mut c, &[b"EVALSHA", sha.as_bytes(), b"1", b"s1"]);
+    assert_eq!(c.call(&[b"EVAL", b"return 7", b"0"]), b":7\r\n");
+    assert_eq!(c.call(&[b"SCRIPT", b"FLUSH"]), b"+OK\r\n");
+    let r = c.call(&[b"EVALSHA", sha.as_bytes(), b"1", b"s1"]);
     assert!(
         r.starts_with(b"-NOSCRIPT"),
         "flushed everywhere: {}",
@@ -332,14 +295,14 @@ fn blocking_commands_wake_time_out_and_keep_order() {
     waiter.send(&resp(&[b"BLPOP", b"jobs", b"0"]));
     std::thread::sleep(Duration::from_millis(100));
     let mut pusher = proxy.raw();
-    assert_eq!(call(&mut pusher, &[b"LPUSH", b"jobs", b"job1"]), b":1\r\n");
+    assert_eq!(pusher.call(&[b"LPUSH", b"jobs", b"job1"]), b":1\r\n");
     assert_eq!(
-        read_replies(&mut waiter, 1)[0],
+        waiter.read_replies(1)[0],
         b"*2\r\n$4\r\njobs\r\n$4\r\njob1\r\n"
     );
     // The client's timeout (1 s) is honoured, not cut by the 200 ms op timeout.
     let started = Instant::now();
-    assert_eq!(call(&mut waiter, &[b"BRPOP", b"nothing", b"1"]), b"*-1\r\n");
+    assert_eq!(waiter.call(&[b"BRPOP", b"nothing", b"1"]), b"*-1\r\n");
     let waited = started.elapsed();
     assert!(
         waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
@@ -355,16 +318,16 @@ fn blocking_commands_wake_time_out_and_keep_order() {
         ]
         .concat(),
     );
-    let r = read_replies(&mut waiter, 3);
+    let r = waiter.read_replies(3);
     assert_eq!(r[0], b":1\r\n");
     assert_eq!(r[1], b"*2\r\n$1\r\nq\r\n$1\r\nx\r\n");
     assert_eq!(r[2], b":0\r\n");
     // XREAD BLOCK, woken by XADD.
     waiter.send(&resp(&[b"XREAD", b"BLOCK", b"0", b"STREAMS", b"st", b"$"]));
     std::thread::sleep(Duration::from_millis(100));
-    let id = call(&mut pusher, &[b"XADD", b"st", b"*", b"f", b"v"]);
+    let id = pusher.call(&[b"XADD", b"st", b"*", b"f", b"v"]);
     assert!(id.starts_with(b"$"));
-    let got = read_replies(&mut waiter, 1).remove(0);
+    let got = waiter.read_replies(1).remove(0);
     assert!(
         lossy(&got).contains("$1\r\nf\r\n$1\r\nv\r\n"),
         "{}",
@@ -372,7 +335,7 @@ fn blocking_commands_wake_time_out_and_keep_order() {
     );
     // Keys of a blocking command must share a slot.
     assert_eq!(
-        call(&mut waiter, &[b"BLPOP", b"a", b"b", b"0"]),
+        waiter.call(&[b"BLPOP", b"a", b"b", b"0"]),
         b"-CROSSSLOT Keys in request don't hash to the same slot\r\n"
     );
 }
@@ -385,8 +348,8 @@ fn killed_or_vanished_clients_leave_nothing_on_the_shards() {
         let mut blocked = proxy.raw();
         blocked.send(&resp(&[b"BLPOP", b"gone", b"0"]));
         let mut in_tx = proxy.raw();
-        assert_eq!(call(&mut in_tx, &[b"MULTI"]), b"+OK\r\n");
-        assert_eq!(call(&mut in_tx, &[b"SET", b"k", b"v"]), b"+QUEUED\r\n");
+        assert_eq!(in_tx.call(&[b"MULTI"]), b"+OK\r\n");
+        assert_eq!(in_tx.call(&[b"SET", b"k", b"v"]), b"+QUEUED\r\n");
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(
             leftover_on_shards(&shards, "blpop"),
@@ -404,13 +367,13 @@ fn killed_or_vanished_clients_leave_nothing_on_the_shards() {
     }
     // CLIENT KILL ID closes another client's session (and so its blocked connection).
     let mut victim = proxy.raw();
-    let id = call(&mut victim, &[b"CLIENT", b"ID"]);
+    let id = victim.call(&[b"CLIENT", b"ID"]);
     let id = lossy(&id[1..id.len() - 2]);
     victim.send(&resp(&[b"BLPOP", b"gone", b"0"]));
     std::thread::sleep(Duration::from_millis(100));
     let mut admin = proxy.raw();
     assert_eq!(
-        call(&mut admin, &[b"CLIENT", b"KILL", b"ID", id.as_bytes()]),
+        admin.call(&[b"CLIENT", b"KILL", b"ID", id.as_bytes()]),
         b":1\r\n"
     );
     assert!(victim.is_closed());
@@ -423,7 +386,7 @@ fn killed_or_vanished_clients_leave_nothing_on_the_shards() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(
-        call(&mut admin, &[b"CLIENT", b"KILL", b"127.0.0.1:1"]),
+        admin.call(&[b"CLIENT", b"KILL", b"127.0.0.1:1"]),
         b"-ERR No such client\r\n"
     );
 }
@@ -438,10 +401,10 @@ fn dedicated_connections_are_capped_per_shard() {
     b.send(&resp(&[b"BLPOP", b"y", b"0"]));
     std::thread::sleep(Duration::from_millis(200));
     let mut c = proxy.raw();
-    let r = lossy(&call(&mut c, &[b"BLPOP", b"z", b"0"]));
+    let r = lossy(&c.call(&[b"BLPOP", b"z", b"0"]));
     assert!(r.starts_with("-ERR too many dedicated connections"), "{r}");
     // Ordinary traffic is unaffected.
-    assert_eq!(call(&mut c, &[b"SET", b"k", b"v"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"SET", b"k", b"v"]), b"+OK\r\n");
 }
 
 #[test]
@@ -480,10 +443,10 @@ fn blocked_clients_do_not_stall_other_traffic() {
     // Wake them all.
     let mut p = proxy.raw();
     for i in 0..100 {
-        call(&mut p, &[b"LPUSH", format!("wait:{i}").as_bytes(), b"go"]);
+        p.call(&[b"LPUSH", format!("wait:{i}").as_bytes(), b"go"]);
     }
     for c in &mut blocked {
-        let r = read_replies(c, 1).remove(0);
+        let r = c.read_replies(1).remove(0);
         assert!(r.ends_with(b"$2\r\ngo\r\n"), "{}", lossy(&r));
     }
 }

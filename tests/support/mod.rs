@@ -342,6 +342,33 @@ impl RawConn {
         );
     }
 
+    /// Reads exactly `n` complete RESP replies (framed by slotgate's own reply scanner).
+    pub fn read_replies(&mut self, n: usize) -> Vec<Vec<u8>> {
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        let mut scanner = slotgate::resp::ReplyScanner::new();
+        let mut chunk = vec![0u8; 1 << 16];
+        while out.len() < n {
+            if let Some(f) = scanner.scan(&buf).expect("valid RESP") {
+                out.push(buf.drain(..f.len).collect());
+                continue;
+            }
+            let got = self
+                .stream
+                .read(&mut chunk)
+                .expect("reply within the timeout");
+            assert!(got > 0, "connection closed after {} replies", out.len());
+            buf.extend_from_slice(&chunk[..got]);
+        }
+        out
+    }
+
+    /// Sends one command and returns its reply.
+    pub fn call(&mut self, args: &[&[u8]]) -> Vec<u8> {
+        self.send(&resp(args));
+        self.read_replies(1).remove(0)
+    }
+
     /// Whether the peer closed the connection (EOF) within the read timeout, after reading and
     /// discarding anything still buffered.
     pub fn is_closed(&mut self) -> bool {
