@@ -667,8 +667,20 @@ fn timeout_error(rule: &Rule) -> Outcome {
     ))
 }
 
-/// Fetches `key` from the origin and, unless the fill went dirty, stores it.
-async fn lead(w: &Rc<Worker>, rule: &Rule, key: &Bytes, flight: &Flight) -> Outcome {
+/// One origin fetch, counted in the rule's metrics.
+enum Loaded {
+    /// `200`: the body, and how long to store it (`None`: `no-store` or a zero TTL).
+    Value {
+        body: Bytes,
+        store_for: Option<Duration>,
+    },
+    /// `404`/`410`.
+    Absent,
+    /// The error reply for the client.
+    Failed(Outcome),
+}
+
+async fn fetch(w: &Worker, rule: &Rule, key: &[u8]) -> Loaded {
     let stats = &rule.stats;
     stats.origin_requests.add(1);
     let url = rule.template.render(key, rule.prefix.len());
@@ -686,33 +698,51 @@ async fn lead(w: &Rc<Worker>, rule: &Rule, key: &Bytes, flight: &Flight) -> Outc
                 Some(a) if rule.honor_max_age => a,
                 _ => rule.ttl,
             };
-            if no_store || ttl.is_zero() || flight.is_dirty() {
-                stats.store_skipped.add(1);
-            } else {
-                let px = (ttl + rule.grace).as_millis().to_string();
-                let set = command(&[b"SET", key, &body, b"PX", px.as_bytes(), b"NX"]);
-                let shard = w.shared.settings.slot_map.shard_of(key);
-                let r = w.request(shard, &set).await;
-                if r.first() == Some(&b'-') {
-                    tracing::warn!(rule = %rule.name, "storing a loaded value failed: {}",
-                        String::from_utf8_lossy(&r).trim_end());
-                } else {
-                    stats.stored.add(1);
+            // Stored for ttl + grace: the grace period serves it stale (see the module docs).
+            let store_for = (!no_store && !ttl.is_zero()).then_some(ttl + rule.grace);
+            Loaded::Value { body, store_for }
+        }
+        Ok(Fetched::Absent) => Loaded::Absent,
+        Err(e) => {
+            stats.origin_error(&e);
+            tracing::debug!(rule = %rule.name, %url, "origin fetch failed: {e}");
+            Loaded::Failed(Outcome::Error(format!(
+                "ERR origin failed for rule '{}': {e}",
+                rule.name
+            )))
+        }
+    }
+}
+
+/// Fetches `key` from the origin and, unless the fill went dirty, stores it with `NX`.
+async fn lead(w: &Rc<Worker>, rule: &Rule, key: &Bytes, flight: &Flight) -> Outcome {
+    let stats = &rule.stats;
+    match fetch(w, rule, key).await {
+        Loaded::Value { body, store_for } => {
+            match store_for {
+                Some(d) if !flight.is_dirty() => {
+                    let px = d.as_millis().to_string();
+                    let set = command(&[b"SET", key, &body, b"PX", px.as_bytes(), b"NX"]);
+                    let shard = w.shared.settings.slot_map.shard_of(key);
+                    let r = w.request(shard, &set).await;
+                    if r.first() == Some(&b'-') {
+                        tracing::warn!(rule = %rule.name, "storing a loaded value failed: {}",
+                            String::from_utf8_lossy(&r).trim_end());
+                    } else {
+                        stats.stored.add(1);
+                    }
                 }
+                _ => stats.store_skipped.add(1),
             }
             Outcome::Value(body)
         }
-        Ok(Fetched::Absent) => {
+        Loaded::Absent => {
             if !flight.is_dirty() {
                 w.shared.readthrough.remember_absent(key, rule.negative_ttl);
             }
             Outcome::Absent
         }
-        Err(e) => {
-            stats.origin_error(&e);
-            tracing::debug!(rule = %rule.name, %url, "origin fetch failed: {e}");
-            Outcome::Error(format!("ERR origin failed for rule '{}': {e}", rule.name))
-        }
+        Loaded::Failed(o) => o,
     }
 }
 
@@ -734,51 +764,38 @@ fn refresh_in_background(w: &Rc<Worker>, rule: &Arc<Rule>, key: &Bytes, served: 
     let old = bulk_payload(served);
     tokio::task::spawn_local(async move {
         let stats = &rule.stats;
-        stats.origin_requests.add(1);
-        let url = rule.template.render(&key, rule.prefix.len());
-        let t0 = Instant::now();
-        let fetched = w.origin.fetch(&url, rule.timeout, rule.max_body).await;
-        stats.latency.record(t0.elapsed().as_secs_f64());
         let rt = &w.shared.readthrough;
-        let outcome = match fetched {
-            Ok(Fetched::Found {
-                body,
-                max_age,
-                no_store,
-            }) => {
-                stats.bytes_loaded.add(body.len() as u64);
-                let ttl = match max_age {
-                    Some(a) if rule.honor_max_age => a,
-                    _ => rule.ttl,
-                };
-                if !no_store && !ttl.is_zero() && !flight.is_dirty() {
-                    let px = (ttl + rule.grace).as_millis().to_string();
-                    let cas = command(&[
-                        b"EVAL",
-                        CAS_SET.as_bytes(),
-                        b"1",
-                        &key,
-                        &old,
-                        &body,
-                        px.as_bytes(),
-                    ]);
-                    let shard = w.shared.settings.slot_map.shard_of(&key);
-                    let r = w.request(shard, &cas).await;
-                    if r.starts_with(b"+OK") {
-                        stats.stored.add(1);
-                    } else {
-                        stats.store_skipped.add(1);
+        let outcome = match fetch(&w, &rule, &key).await {
+            Loaded::Value { body, store_for } => {
+                match store_for {
+                    Some(d) if !flight.is_dirty() => {
+                        let px = d.as_millis().to_string();
+                        let cas = command(&[
+                            b"EVAL",
+                            CAS_SET.as_bytes(),
+                            b"1",
+                            &key,
+                            &old,
+                            &body,
+                            px.as_bytes(),
+                        ]);
+                        let shard = w.shared.settings.slot_map.shard_of(&key);
+                        if w.request(shard, &cas).await.starts_with(b"+OK") {
+                            stats.stored.add(1);
+                        } else {
+                            stats.store_skipped.add(1);
+                        }
                     }
+                    _ => stats.store_skipped.add(1),
                 }
                 Outcome::Value(body)
             }
             // Gone at the origin: the stale value expires on its own (hard TTL).
-            Ok(Fetched::Absent) => Outcome::Absent,
-            Err(e) => {
-                stats.origin_error(&e);
+            Loaded::Absent => Outcome::Absent,
+            Loaded::Failed(o) => {
                 rt.refresh_backoff
                     .insert(key.clone(), Instant::now() + REFRESH_BACKOFF);
-                Outcome::Error(format!("ERR origin failed for rule '{}': {e}", rule.name))
+                o
             }
         };
         rt.finish(&flight, Arc::new(outcome));
