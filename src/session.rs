@@ -374,9 +374,10 @@ impl Session {
                 return self.reply(e);
             }
         };
-        // Switching between shared and dedicated connections waits for what is in flight.
+        // Switching between shared and dedicated connections waits for what is in flight, and
+        // so does anything after a blocking command (the connection is "blocked", as in Redis).
         let dedicated = self.wants_dedicated(spec, req);
-        if dedicated != self.on_dedicated {
+        if dedicated != self.on_dedicated || self.blocked.is_some() {
             if self.queue.waiting() > 0 {
                 self.deferred = Some(crate::pinned::Deferred::from(req));
                 return;

@@ -322,6 +322,21 @@ fn blocking_commands_wake_time_out_and_keep_order() {
     assert_eq!(r[0], b":1\r\n");
     assert_eq!(r[1], b"*2\r\n$1\r\nq\r\n$1\r\nx\r\n");
     assert_eq!(r[2], b":0\r\n");
+    // Two blocking commands in one pipeline: the second waits for the first, as on a Redis
+    // connection (it must not replace the first one's connection).
+    waiter.send(
+        &[
+            resp(&[b"BLPOP", b"q1", b"0"]),
+            resp(&[b"BLPOP", b"q2", b"0"]),
+        ]
+        .concat(),
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(pusher.call(&[b"LPUSH", b"q2", b"second"]), b":1\r\n");
+    assert_eq!(pusher.call(&[b"LPUSH", b"q1", b"first"]), b":1\r\n");
+    let r = waiter.read_replies(2);
+    assert_eq!(r[0], b"*2\r\n$2\r\nq1\r\n$5\r\nfirst\r\n");
+    assert_eq!(r[1], b"*2\r\n$2\r\nq2\r\n$6\r\nsecond\r\n");
     // XREAD BLOCK, woken by XADD.
     waiter.send(&resp(&[b"XREAD", b"BLOCK", b"0", b"STREAMS", b"st", b"$"]));
     std::thread::sleep(Duration::from_millis(100));
