@@ -7,6 +7,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use metrics::{describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -99,19 +100,46 @@ pub fn install() -> Option<PrometheusHandle> {
 /// A worker's command counters, published to the registry once a second.
 #[derive(Default)]
 pub struct WorkerMetrics {
-    commands: RefCell<HashMap<&'static str, u64>>,
+    /// Keyed by the address of the command table's name: every name is a distinct
+    /// `&'static str`, so the address identifies it and hashing is a multiply, not SipHash
+    /// over the bytes (callgrind showed SipHash at ~1% of a GET).
+    commands: RefCell<HashMap<usize, (&'static str, u64), BuildHasherDefault<AddrHasher>>>,
+}
+
+/// Hashes one `usize` (an address) with a multiply.
+#[derive(Default)]
+pub struct AddrHasher(u64);
+
+impl Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.0 = (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }
 
 impl WorkerMetrics {
     /// Counts one command (by its table name, so the label set is bounded).
     #[inline]
     pub fn command(&self, name: &'static str) {
-        *self.commands.borrow_mut().entry(name).or_insert(0) += 1;
+        self.commands
+            .borrow_mut()
+            .entry(name.as_ptr() as usize)
+            .or_insert((name, 0))
+            .1 += 1;
     }
 
     /// Moves the counts into the registry.
     pub fn publish(&self) {
-        for (name, n) in self.commands.borrow_mut().drain() {
+        for (_, (name, n)) in self.commands.borrow_mut().drain() {
             metrics::counter!(COMMANDS, "command" => name).increment(n);
         }
     }

@@ -41,6 +41,8 @@ struct Inner {
 pub struct ReplyQueue {
     inner: RefCell<Inner>,
     /// Woken when a waiting slot becomes ready (or a pub/sub frame arrives).
+    /// (tokio's `Notify`: a single-threaded `LocalNotify` here lost a wake-up under
+    /// back-pressure in `tests/resp3_and_limits.rs`; see the closing note of this change.)
     pub notify: Notify,
     /// Out-of-band frames from the client's subscriber connections (pub/sub messages and
     /// subscription confirmations), written as they arrive.

@@ -24,11 +24,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::notify::LocalNotify;
 use bytes::{Bytes, BytesMut};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::UpstreamAuth;
@@ -89,9 +89,9 @@ pub struct Upstream {
     cfg: UpstreamConfig,
     st: RefCell<State>,
     /// Bytes were queued (writer) or a connect is wanted (driver while down).
-    wake_writer: Notify,
+    wake_writer: LocalNotify,
     /// The pending FIFO went from empty to non-empty: arm the op-timeout deadline.
-    wake_reader: Notify,
+    wake_reader: LocalNotify,
     /// Closed by its owner (dedicated connections): the driver stops.
     closed: std::cell::Cell<bool>,
     /// A subscriber connection: every frame after the handshake goes to this queue's
@@ -103,7 +103,7 @@ pub struct Upstream {
     confirmations: RefCell<VecDeque<(u64, usize, BytesMut)>>,
     /// A dedicated connection whose one connection ended: every request fails at once.
     dead: std::cell::Cell<bool>,
-    close_notify: Notify,
+    close_notify: LocalNotify,
 }
 
 /// Why a connection was dropped.
@@ -145,13 +145,13 @@ impl Upstream {
             proto,
             cfg,
             st: RefCell::new(State::default()),
-            wake_writer: Notify::new(),
-            wake_reader: Notify::new(),
+            wake_writer: LocalNotify::new(),
+            wake_reader: LocalNotify::new(),
             closed: std::cell::Cell::new(false),
             sink: RefCell::new(None),
             confirmations: RefCell::new(VecDeque::new()),
             dead: std::cell::Cell::new(false),
-            close_notify: Notify::new(),
+            close_notify: LocalNotify::new(),
         });
         tokio::task::spawn_local(up.clone().drive());
         up
