@@ -408,6 +408,12 @@ impl Session {
             }
             self.name = (!n.is_empty()).then(|| String::from_utf8_lossy(n).into());
         }
+        if proto != self.proto && (self.tx.is_some() || self.watch.is_some() || self.subscribed()) {
+            // Its dedicated connections speak the protocol they were opened with.
+            return self.reply(reply::error(
+                "ERR HELLO cannot switch the protocol while WATCH, MULTI or a subscription is active through slotgate",
+            ));
+        }
         self.switch_proto(proto);
         self.update_info();
         let version = self

@@ -236,7 +236,9 @@ impl Session {
         match spec.route {
             Route::Refused => return self.reject(reply::not_allowed(spec.name)),
             Route::NotYet => return self.reject(reply::not_yet(spec.name)),
-            Route::PubSub if spec.name != "publish" => {
+            // PUBLISH too: classic channels live on the first shard, not on the shard the
+            // transaction's keys chose.
+            Route::PubSub => {
                 return self.reject(reply::error(&format!(
                     "ERR '{}' is not supported inside MULTI by slotgate",
                     spec.name

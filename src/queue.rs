@@ -47,9 +47,16 @@ pub struct ReplyQueue {
     /// Out-of-band frames from the client's subscriber connections (pub/sub messages and
     /// subscription confirmations), written as they arrive.
     pushes: RefCell<VecDeque<Bytes>>,
-    /// A subscriber connection was lost: the client is closed so that it resubscribes.
+    /// A subscriber connection was lost (or the client fell too far behind): the client is
+    /// closed, so that it reconnects and resubscribes.
     sub_lost: std::cell::Cell<bool>,
+    /// Bytes of out-of-band frames not yet written.
+    pushed_bytes: std::cell::Cell<usize>,
 }
+
+/// Pub/sub bytes a client may have waiting before it is disconnected (Redis's default
+/// `client-output-buffer-limit pubsub 32mb`).
+pub const PUBSUB_OUTPUT_LIMIT: usize = 32 * 1024 * 1024;
 
 impl ReplyQueue {
     pub fn new() -> Rc<Self> {
@@ -126,9 +133,18 @@ impl ReplyQueue {
         self.len() == 0
     }
 
-    /// Queues an out-of-band pub/sub frame and wakes the session.
+    /// Queues an out-of-band pub/sub frame and wakes the session. A client that lets more
+    /// than [`PUBSUB_OUTPUT_LIMIT`] bytes of messages pile up (it does not read) is
+    /// disconnected, as Redis's `client-output-buffer-limit pubsub 32mb` does.
     pub fn push_oob(&self, frame: Bytes) {
-        self.pushes.borrow_mut().push_back(frame);
+        let queued: usize = self.pushed_bytes.get() + frame.len();
+        if queued > PUBSUB_OUTPUT_LIMIT {
+            // Dropped, and the client is closed: memory stays bounded.
+            self.sub_lost.set(true);
+        } else {
+            self.pushed_bytes.set(queued);
+            self.pushes.borrow_mut().push_back(frame);
+        }
         self.notify.notify_one();
     }
 
@@ -137,6 +153,7 @@ impl ReplyQueue {
         for f in self.pushes.borrow_mut().drain(..) {
             out.extend_from_slice(&f);
         }
+        self.pushed_bytes.set(0);
     }
 
     pub fn mark_sub_lost(&self) {

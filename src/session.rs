@@ -203,14 +203,30 @@ where
         if s.queue.drain_ready(&mut out) > 0 && !s.sampled.is_empty() {
             s.record_latencies();
         }
-        s.queue.drain_pushes(&mut out);
         if s.queue.sub_lost() {
-            // A subscriber connection died: close, so the client reconnects and resubscribes.
-            let _ = wr.write_all(&out).await;
+            // A subscriber connection died, or the client let too many messages pile up:
+            // close, so the client reconnects and resubscribes.
             break;
         }
+        s.queue.drain_pushes(&mut out);
         if !out.is_empty() {
-            if wr.write_all(&out).await.is_err() || wr.flush().await.is_err() {
+            // A subscribed client that stops reading must not block us forever: the write
+            // gives up when its messages overflow (the queue is notified).
+            let written = {
+                let write = wr.write_all(&out);
+                tokio::pin!(write);
+                loop {
+                    tokio::select! {
+                        r = &mut write => break r.is_ok(),
+                        _ = s.queue.notify.notified(), if s.subscribed() => {
+                            if s.queue.sub_lost() {
+                                break false;
+                            }
+                        }
+                    }
+                }
+            };
+            if !written || wr.flush().await.is_err() {
                 break;
             }
             out.clear();
@@ -229,10 +245,12 @@ where
         if can_read && rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
             rbuf.reserve(READ_CHUNK);
         }
-        // Idle: nothing in flight and nothing read for `idle_timeout` (Redis's `timeout`).
+        // Idle: nothing in flight and nothing read for `idle_timeout` (Redis's `timeout`;
+        // like Redis, it does not apply to subscribed clients).
+        let subscribed = s.subscribed();
         let idle = async {
             match idle_timeout {
-                Some(d) if s.queue.is_empty() => tokio::time::sleep(d).await,
+                Some(d) if s.queue.is_empty() && !subscribed => tokio::time::sleep(d).await,
                 _ => std::future::pending().await,
             }
         };
@@ -377,7 +395,10 @@ impl Session {
         // Switching between shared and dedicated connections waits for what is in flight, and
         // so does anything after a blocking command (the connection is "blocked", as in Redis).
         let dedicated = self.wants_dedicated(spec, req);
-        if dedicated != self.on_dedicated || self.blocked.is_some() {
+        // RESET closes dedicated connections: their replies in flight must arrive first.
+        let resets_pinned = spec.name == "reset"
+            && (self.tx.is_some() || self.watch.is_some() || self.subscribed());
+        if dedicated != self.on_dedicated || self.blocked.is_some() || resets_pinned {
             if self.queue.waiting() > 0 {
                 self.deferred = Some(crate::pinned::Deferred::from(req));
                 return;

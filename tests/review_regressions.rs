@@ -270,3 +270,107 @@ fn small_differences_from_redis_are_gone() {
         "no reply to an unterminated inline line"
     );
 }
+
+// --- Second review (transactions, pub/sub, read-through) ---
+
+#[test]
+fn publish_inside_multi_and_reset_inside_multi() {
+    let shards: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+    let refs: Vec<&RedisServer> = shards.iter().collect();
+    let proxy = Slotgate::start(&refs);
+    let mut c = proxy.raw();
+    // PUBLISH would run on the transaction's shard, not on the channels' (first) shard.
+    assert_eq!(c.call(&[b"MULTI"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"SET", b"k0", b"v"]), b"+QUEUED\r\n");
+    assert_eq!(
+        c.call(&[b"PUBLISH", b"ch", b"hello"]),
+        b"-ERR 'publish' is not supported inside MULTI by slotgate\r\n"
+    );
+    assert!(c.call(&[b"EXEC"]).starts_with(b"-EXECABORT"));
+    // RESET pipelined inside MULTI: the queued replies still arrive, as from Redis.
+    c.send(
+        &[
+            resp(&[b"MULTI"]),
+            resp(&[b"SET", b"k0", b"2"]),
+            resp(&[b"RESET"]),
+        ]
+        .concat(),
+    );
+    let r = c.read_replies(3);
+    assert_eq!(
+        r,
+        vec![
+            b"+OK\r\n".to_vec(),
+            b"+QUEUED\r\n".to_vec(),
+            b"+RESET\r\n".to_vec()
+        ]
+    );
+    assert_eq!(
+        c.call(&[b"EXISTS", b"k0"]),
+        b":0\r\n",
+        "the reset transaction never ran"
+    );
+}
+
+#[test]
+fn hello_does_not_switch_protocol_under_pinned_state_and_idle_timeout_spares_subscribers() {
+    let shard = RedisServer::start();
+    let proxy = Slotgate::start_with(&[&shard], &["--idle-timeout", "300ms"]);
+    let mut c = proxy.raw();
+    assert_eq!(c.call(&[b"WATCH", b"k"]), b"+OK\r\n");
+    assert_eq!(
+        c.call(&[b"HELLO", b"3"]),
+        b"-ERR HELLO cannot switch the protocol while WATCH, MULTI or a subscription is active through slotgate\r\n"
+    );
+    assert_eq!(c.call(&[b"UNWATCH"]), b"+OK\r\n");
+    assert!(c.call(&[b"HELLO", b"3"]).starts_with(b"%7"));
+    // A subscriber is not an idle client.
+    let mut sub = proxy.raw();
+    assert!(sub.call(&[b"SUBSCRIBE", b"quiet"]).ends_with(b":1\r\n"));
+    std::thread::sleep(Duration::from_millis(800));
+    let mut publ = proxy.raw();
+    assert_eq!(publ.call(&[b"PUBLISH", b"quiet", b"still here"]), b":1\r\n");
+    assert!(sub.read_replies(1)[0].ends_with(b"$10\r\nstill here\r\n"));
+}
+
+#[test]
+fn a_subscriber_that_stops_reading_is_disconnected_with_bounded_memory() {
+    let shard = RedisServer::start();
+    let proxy = Slotgate::start(&[&shard]);
+    let mut sub = proxy.raw();
+    assert!(sub.call(&[b"SUBSCRIBE", b"firehose"]).ends_with(b":1\r\n"));
+    let mut publ = proxy.raw();
+    let msg = vec![b'm'; 1 << 20];
+    let mut delivered = 0;
+    for _ in 0..80 {
+        match publ.call(&[b"PUBLISH", b"firehose", &msg]).as_slice() {
+            b":1\r\n" => delivered += 1,
+            b":0\r\n" => break, // the stalled subscriber was disconnected
+            other => panic!("{}", String::from_utf8_lossy(other)),
+        }
+    }
+    assert!(delivered < 80, "the stalled subscriber was never cut off");
+    let rss = rss_kb(proxy.pid());
+    assert!(
+        rss < 120 * 1024,
+        "RSS {} MiB with 80 MiB published to a stalled client",
+        rss / 1024
+    );
+    // Reading now: some messages, then the close.
+    sub.stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match sub.stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n,
+            Err(e) => panic!("expected the connection to be closed, got {e} after {total} bytes"),
+        }
+    }
+    assert!(
+        total < 80 << 20,
+        "the client was cut off before all 80 MiB ({total} bytes)"
+    );
+}

@@ -443,6 +443,8 @@ pub struct PendingGet {
     pub with_pttl: bool,
 }
 
+const WRONGTYPE: &[u8] = b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n";
+
 /// The value+PTTL script: `{GET key, PTTL key}` in one round trip.
 const GET_PTTL: &str = "return {redis.call('GET',KEYS[1]),redis.call('PTTL',KEYS[1])}";
 /// Replaces the value only if it is still the one that was served.
@@ -478,6 +480,12 @@ impl PendingGet {
         let (value, pttl) = if self.with_pttl {
             match split_value_pttl(&frame) {
                 Some(v) => v,
+                // The script's WRONGTYPE carries a script suffix: give GET's own text.
+                None if frame.starts_with(b"-WRONGTYPE") => {
+                    return self
+                        .queue
+                        .deliver(self.seq, 0, Bytes::from_static(WRONGTYPE));
+                }
                 // An error (shard unavailable…) or anything unexpected passes through.
                 None => return self.queue.deliver(self.seq, 0, frame),
             }

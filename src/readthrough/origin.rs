@@ -85,8 +85,10 @@ impl UrlTemplate {
 
 fn percent_encode(b: &[u8], out: &mut String) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    // "." and ".." would be dot-segments that an origin may normalise away: encode them.
+    let dots = b == b"." || b == b"..";
     for &c in b {
-        if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+        if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'~') || (c == b'.' && !dots) {
             out.push(c as char);
         } else {
             out.push('%');
