@@ -130,21 +130,6 @@ fn args(s: &[&str]) -> Vec<u8> {
     resp(&a)
 }
 
-fn crc16(data: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &b in data {
-        crc ^= (b as u16) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
-}
-
 fn slot(key: &str) -> u16 {
     crc16(key.as_bytes()) % 16384
 }

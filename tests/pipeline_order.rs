@@ -36,21 +36,6 @@ fn seed() -> u64 {
     seed
 }
 
-fn crc16(data: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &b in data {
-        crc ^= (b as u16) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
-}
-
 /// Shard index (even split of 3) of a key without hashtags.
 fn shard_of_plain_key(key: &str) -> usize {
     let slot = (crc16(key.as_bytes()) % 16384) as u32;

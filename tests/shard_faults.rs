@@ -26,21 +26,6 @@ fn read_some(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
 
 const UNAVAILABLE: &str = "-ERR shard unavailable";
 
-fn crc16(data: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &b in data {
-        crc ^= (b as u16) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
-}
-
 /// Shard (even split of 3) of a key without braces.
 fn shard_of(key: &str) -> usize {
     assert!(!key.contains('{'));

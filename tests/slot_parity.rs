@@ -14,23 +14,6 @@ use support::*;
 const SLOTS: u32 = 16384;
 const CHUNK: usize = 1000;
 
-/// CRC16/XMODEM as used by Redis Cluster (poly 0x1021, init 0). Only used to *pick* keys for
-/// given slots; the reference slot of every key is always Redis's own `CLUSTER KEYSLOT`.
-fn crc16(data: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &b in data {
-        crc ^= (b as u16) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
-}
-
 fn local_slot(key: &[u8]) -> u16 {
     if let Some(open) = key.iter().position(|&b| b == b'{')
         && let Some(len) = key[open + 1..].iter().position(|&b| b == b'}')

@@ -384,6 +384,24 @@ impl RawConn {
     }
 }
 
+/// CRC16/XMODEM as Redis Cluster uses it (poly 0x1021, init 0), written here independently of
+/// slotgate's so that tests can pick keys for given slots; the reference slot of a key is
+/// always Redis's own `CLUSTER KEYSLOT` (tests/slot_parity.rs).
+pub fn crc16(data: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &b in data {
+        crc ^= (b as u16) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
 /// Encodes a command as a RESP2 multibulk.
 pub fn resp(args: &[&[u8]]) -> Vec<u8> {
     let mut out = format!("*{}\r\n", args.len()).into_bytes();
