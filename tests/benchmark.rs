@@ -4,9 +4,8 @@
 
 mod support;
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use support::*;
 
@@ -35,47 +34,18 @@ const EXPECTED_TESTS: &[&str] = &[
 
 /// Runs redis-benchmark with `args`, killing it after `limit`. Returns (success, stdout, stderr).
 fn run_benchmark(args: &[&str], limit: Duration) -> (bool, String, String) {
-    let mut child = Command::new("redis-benchmark")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("redis-benchmark must be installed (redis-tools)");
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let out_t = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = out.read_to_end(&mut s);
-        s
-    });
-    let err_t = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = err.read_to_end(&mut s);
-        s
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
+    match run_bounded(Command::new("redis-benchmark").args(args), limit) {
+        Ok(f) => {
+            eprintln!("redis-benchmark {args:?} finished in {:?}", f.elapsed);
+            (f.code == Some(0), f.stdout, f.stderr)
         }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            let stdout = String::from_utf8_lossy(&out_t.join().unwrap()).into_owned();
-            let stderr = String::from_utf8_lossy(&err_t.join().unwrap()).into_owned();
-            panic!(
-                "redis-benchmark {args:?} did not finish within {limit:?} (killed)\n\
-                 stdout tail: {}\nstderr: {stderr}",
-                tail(&stdout)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let stdout = String::from_utf8_lossy(&out_t.join().unwrap()).into_owned();
-    let stderr = String::from_utf8_lossy(&err_t.join().unwrap()).into_owned();
-    eprintln!("redis-benchmark {args:?} finished in {:?}", start.elapsed());
-    (status.success(), stdout, stderr)
+        Err(f) => panic!(
+            "redis-benchmark {args:?} did not finish within {limit:?} (killed)\n\
+             stdout tail: {}\nstderr: {}",
+            tail(&f.stdout),
+            f.stderr
+        ),
+    }
 }
 
 fn tail(s: &str) -> String {

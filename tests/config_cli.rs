@@ -4,76 +4,35 @@
 
 mod support;
 
-use std::io::Read;
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use support::*;
 
-struct Outcome {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-    elapsed: Duration,
-}
+type Outcome = Finished;
 
-impl Outcome {
-    fn describe(&self, args: &[&str]) -> String {
-        format!(
-            "slotgate {}\n  exit: {:?} after {:?}\n  stdout: {}\n  stderr: {}",
-            args.join(" "),
-            self.code,
-            self.elapsed,
-            self.stdout.trim(),
-            self.stderr.trim()
-        )
-    }
+fn describe(o: &Outcome, args: &[&str]) -> String {
+    format!(
+        "slotgate {}\n  exit: {:?} after {:?}\n  stdout: {}\n  stderr: {}",
+        args.join(" "),
+        o.code,
+        o.elapsed,
+        o.stdout.trim(),
+        o.stderr.trim()
+    )
 }
 
 /// Runs the slotgate binary with `args`; kills it and panics after `limit`.
 fn run(args: &[&str], limit: Duration) -> Outcome {
-    let mut child = Command::new(slotgate_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn slotgate");
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let out_t = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err_t = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "slotgate {} still running after {limit:?} (killed); stderr: {}",
-                args.join(" "),
-                err_t.join().unwrap()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Outcome {
-        code: status.code(),
-        stdout: out_t.join().unwrap(),
-        stderr: err_t.join().unwrap(),
-        elapsed: start.elapsed(),
+    match run_bounded(Command::new(slotgate_bin()).args(args), limit) {
+        Ok(o) => o,
+        Err(o) => panic!(
+            "slotgate {} still running after {limit:?} (killed); stderr: {}",
+            args.join(" "),
+            o.stderr
+        ),
     }
 }
 
@@ -91,7 +50,7 @@ fn assert_valid(args: &[&str]) {
         o.code,
         Some(0),
         "expected a valid config:\n{}",
-        o.describe(&all)
+        describe(&o, &all)
     );
 }
 
@@ -102,13 +61,13 @@ fn assert_invalid(args: &[&str], words: &[&str]) {
     assert!(
         matches!(o.code, Some(c) if c != 0),
         "expected a non-zero exit:\n{}",
-        o.describe(&all)
+        describe(&o, &all)
     );
     let err = o.stderr.to_lowercase();
     assert!(
         words.iter().any(|w| err.contains(&w.to_lowercase())),
         "stderr should explain the problem (mention one of {words:?}):\n{}",
-        o.describe(&all)
+        describe(&o, &all)
     );
 }
 
@@ -383,12 +342,12 @@ fn start_with_invalid_layout_exits_nonzero_quickly() {
         assert!(
             matches!(o.code, Some(c) if c != 0),
             "invalid layout must exit non-zero:\n{}",
-            o.describe(&args)
+            describe(&o, &args)
         );
         assert!(
             !o.stderr.trim().is_empty(),
             "message on stderr:\n{}",
-            o.describe(&args)
+            describe(&o, &args)
         );
         assert!(
             o.elapsed < Duration::from_secs(5),
@@ -399,5 +358,9 @@ fn start_with_invalid_layout_exits_nonzero_quickly() {
     // No shard at all.
     let args = ["--listen", listen.as_str()];
     let o = run(&args, Duration::from_secs(5));
-    assert!(matches!(o.code, Some(c) if c != 0), "{}", o.describe(&args));
+    assert!(
+        matches!(o.code, Some(c) if c != 0),
+        "{}",
+        describe(&o, &args)
+    );
 }

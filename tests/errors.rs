@@ -666,7 +666,7 @@ fn read_reply(s: &mut TcpStream, req: &[u8]) -> Vec<u8> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 65536];
     loop {
-        if let Some(n) = complete_reply_len(&buf) {
+        if let Some(n) = resp2_reply_len(&buf) {
             assert_eq!(n, buf.len(), "extra bytes after reply to {:?}", lossy(req));
             return buf;
         }
@@ -674,35 +674,6 @@ fn read_reply(s: &mut TcpStream, req: &[u8]) -> Vec<u8> {
             .unwrap_or_else(|e| panic!("no reply to {:?}: {e}", lossy(req)));
         assert!(n > 0, "closed on {:?}", lossy(req));
         buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
-fn complete_reply_len(buf: &[u8]) -> Option<usize> {
-    let end = buf.windows(2).position(|w| w == b"\r\n")?;
-    let n = || {
-        std::str::from_utf8(&buf[1..end])
-            .unwrap()
-            .parse::<i64>()
-            .unwrap()
-    };
-    match buf[0] {
-        b'+' | b'-' | b':' => Some(end + 2),
-        b'$' => {
-            let total = if n() < 0 {
-                end + 2
-            } else {
-                end + 2 + n() as usize + 2
-            };
-            (buf.len() >= total).then_some(total)
-        }
-        b'*' => {
-            let mut off = end + 2;
-            for _ in 0..n().max(0) {
-                off += complete_reply_len(&buf[off..])?;
-            }
-            Some(off)
-        }
-        other => panic!("bad reply type {:?} in {:?}", other as char, lossy(buf)),
     }
 }
 

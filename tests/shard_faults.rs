@@ -51,35 +51,6 @@ fn bulk(v: &str) -> String {
     format!("${}\r\n{v}\r\n", v.len())
 }
 
-fn reply_len(buf: &[u8]) -> Option<usize> {
-    let end = buf.windows(2).position(|w| w == b"\r\n")?;
-    let n = || {
-        std::str::from_utf8(&buf[1..end])
-            .ok()
-            .and_then(|s| s.parse::<i64>().ok())
-            .unwrap_or_else(|| panic!("bad RESP header in {:?}", lossy(buf)))
-    };
-    match buf[0] {
-        b'+' | b'-' | b':' => Some(end + 2),
-        b'$' => {
-            let total = if n() < 0 {
-                end + 2
-            } else {
-                end + 2 + n() as usize + 2
-            };
-            (buf.len() >= total).then_some(total)
-        }
-        b'*' => {
-            let mut off = end + 2;
-            for _ in 0..n().max(0) {
-                off += reply_len(&buf[off..])?;
-            }
-            Some(off)
-        }
-        other => panic!("bad reply type {:?} in {:?}", other as char, lossy(buf)),
-    }
-}
-
 /// Raw client that reads one reply at a time and reports I/O problems as `Err`.
 struct Client {
     s: TcpStream,
@@ -101,7 +72,7 @@ impl Client {
     fn read(&mut self) -> Result<String, String> {
         let mut chunk = [0u8; 4096];
         loop {
-            if let Some(n) = reply_len(&self.buf) {
+            if let Some(n) = resp2_reply_len(&self.buf) {
                 let r: Vec<u8> = self.buf.drain(..n).collect();
                 return Ok(lossy(&r));
             }

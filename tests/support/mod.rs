@@ -384,6 +384,91 @@ impl RawConn {
     }
 }
 
+/// What a finished child process printed.
+pub struct Finished {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+/// Runs `cmd` to completion with both streams captured. A child still running after `limit`
+/// is killed, and what it printed is returned as `Err`.
+pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Result<Finished, Finished> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the command");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let start = Instant::now();
+    let (code, killed) = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break (st.code(), false);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break (None, true);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let f = Finished {
+        code,
+        stdout: out_t.join().unwrap(),
+        stderr: err_t.join().unwrap(),
+        elapsed: start.elapsed(),
+    };
+    if killed { Err(f) } else { Ok(f) }
+}
+
+/// The length of the first complete RESP2 reply in `buf`, if it is all there (an oracle
+/// written independently of slotgate's framer).
+pub fn resp2_reply_len(buf: &[u8]) -> Option<usize> {
+    let end = buf.windows(2).position(|w| w == b"\r\n")?;
+    let n = || {
+        std::str::from_utf8(&buf[1..end])
+            .ok()
+            .and_then(|s| s.parse::<i64>().ok())
+            .unwrap_or_else(|| panic!("bad RESP header in {:?}", String::from_utf8_lossy(buf)))
+    };
+    match buf[0] {
+        b'+' | b'-' | b':' => Some(end + 2),
+        b'$' => {
+            let total = if n() < 0 {
+                end + 2
+            } else {
+                end + 2 + n() as usize + 2
+            };
+            (buf.len() >= total).then_some(total)
+        }
+        b'*' => {
+            let mut off = end + 2;
+            for _ in 0..n().max(0) {
+                off += resp2_reply_len(&buf[off..])?;
+            }
+            Some(off)
+        }
+        other => panic!(
+            "bad reply type {:?} in {:?}",
+            other as char,
+            String::from_utf8_lossy(buf)
+        ),
+    }
+}
+
 /// CRC16/XMODEM as Redis Cluster uses it (poly 0x1021, init 0), written here independently of
 /// slotgate's so that tests can pick keys for given slots; the reference slot of a key is
 /// always Redis's own `CLUSTER KEYSLOT` (tests/slot_parity.rs).
