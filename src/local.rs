@@ -279,7 +279,7 @@ impl Session {
     }
 
     /// This session's CLIENT LIST entry as it is now.
-    fn info_entry(&self) -> ClientInfo {
+    pub(crate) fn info_entry(&self) -> ClientInfo {
         ClientInfo {
             id: self.id,
             addr: self.addr,
@@ -289,7 +289,6 @@ impl Session {
             user: self.user_name().to_string(),
             kill: self.kill.clone(),
             resp: if self.proto == Proto::Resp3 { 3 } else { 2 },
-            worker: self.w.id,
         }
     }
 

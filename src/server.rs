@@ -69,7 +69,6 @@ pub struct ClientInfo {
     pub name: String,
     pub user: String,
     pub resp: u8,
-    pub worker: usize,
     /// Notified by CLIENT KILL: the session closes.
     pub kill: Arc<tokio::sync::Notify>,
 }
@@ -210,20 +209,11 @@ impl Worker {
         }
     }
 
-    /// Counts processed commands; publishes to the shared counter every 256 to keep atomics
-    /// off the per-request path.
+    /// Counts processed commands; `tick` publishes them to the shared counter once a second,
+    /// which keeps atomics off the per-request path.
     #[inline]
     pub fn count_commands(&self, n: u64) {
-        let c = self.commands.get() + n;
-        if c >= 256 {
-            self.shared
-                .stats
-                .commands_processed
-                .fetch_add(c, Ordering::Relaxed);
-            self.commands.set(0);
-        } else {
-            self.commands.set(c);
-        }
+        self.commands.set(self.commands.get() + n);
     }
 }
 

@@ -30,7 +30,7 @@ use crate::resp::reply::{self, Proto};
 use crate::resp::request::push_header;
 use crate::resp::{Limits, Parsed, Request, RequestParser};
 use crate::router;
-use crate::server::{ClientInfo, Shared, Worker};
+use crate::server::{Shared, Worker};
 
 /// Read buffer growth step.
 const READ_CHUNK: usize = 16 * 1024;
@@ -288,20 +288,7 @@ where
 impl Session {
     fn register(&self) {
         if let Ok(mut c) = self.w.shared.clients.lock() {
-            c.insert(
-                self.id,
-                ClientInfo {
-                    id: self.id,
-                    addr: self.addr,
-                    laddr: self.laddr,
-                    created: self.created,
-                    name: String::new(),
-                    user: self.user_name().to_string(),
-                    resp: 2,
-                    worker: self.w.id,
-                    kill: self.kill.clone(),
-                },
-            );
+            c.insert(self.id, self.info_entry());
         }
     }
 
@@ -311,18 +298,9 @@ impl Session {
         }
     }
 
-    /// Updates this session's CLIENT LIST entry after a name or protocol change.
+    /// Updates this session's CLIENT LIST entry after a name, user or protocol change.
     pub(crate) fn update_info(&self) {
-        if let Ok(mut c) = self.w.shared.clients.lock()
-            && let Some(e) = c.get_mut(&self.id)
-        {
-            e.name = self.name.clone().unwrap_or_default();
-            e.user = self.user_name().to_string();
-            e.resp = match self.proto {
-                Proto::Resp2 => 2,
-                Proto::Resp3 => 3,
-            };
-        }
+        self.register();
     }
 
     /// Parses and dispatches every complete command in `rbuf`, within the pipeline bound.

@@ -22,20 +22,6 @@ fn read_some(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
     }
 }
 
-fn seed() -> u64 {
-    let seed = std::env::var("SLOTGATE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    eprintln!("pipeline_order seed: {seed} (set SLOTGATE_TEST_SEED={seed} to reproduce)");
-    seed
-}
-
 /// Shard index (even split of 3) of a key without hashtags.
 fn shard_of_plain_key(key: &str) -> usize {
     let slot = (crc16(key.as_bytes()) % 16384) as u32;
@@ -170,7 +156,7 @@ fn compare(label: &str, cmds: &[Command], got: &[Value], want: &[Value]) {
 
 #[test]
 fn four_concurrent_connections_get_same_replies_as_single_redis() {
-    let base_seed = seed();
+    let base_seed = seed("pipeline_order");
     let shards: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
     let refs: Vec<&RedisServer> = shards.iter().collect();
     let proxy = Slotgate::start_with(&refs, &["--workers", "2"]);
@@ -326,7 +312,7 @@ fn send_all_read_replies(port: u16, payload: &[u8], n: usize) -> Vec<u8> {
 
 #[test]
 fn giant_single_write_of_2000_commands_gets_byte_identical_replies() {
-    let mut rng = StdRng::seed_from_u64(seed());
+    let mut rng = StdRng::seed_from_u64(seed("pipeline_order"));
     let shards: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
     let refs: Vec<&RedisServer> = shards.iter().collect();
     let proxy = Slotgate::start(&refs);

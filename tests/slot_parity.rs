@@ -24,20 +24,6 @@ fn local_slot(key: &[u8]) -> u16 {
     crc16(key) % SLOTS as u16
 }
 
-fn seed() -> u64 {
-    let seed = std::env::var("SLOTGATE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    eprintln!("slot_parity seed: {seed} (set SLOTGATE_TEST_SEED={seed} to reproduce)");
-    seed
-}
-
 fn show(key: &[u8]) -> String {
     format!("{:?}", String::from_utf8_lossy(key))
 }
@@ -354,7 +340,7 @@ fn assert_keys_land_on_owners(
 
 #[test]
 fn random_keys_land_on_shard_owning_cluster_keyslot_even_split_of_3() {
-    let mut rng = StdRng::seed_from_u64(seed());
+    let mut rng = StdRng::seed_from_u64(seed("slot_parity"));
     let cluster_node = RedisServer::start_with(&["--cluster-enabled", "yes"]);
     let shards: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
     let refs: Vec<&RedisServer> = shards.iter().collect();
@@ -409,7 +395,7 @@ fn random_keys_land_on_shard_owning_cluster_keyslot_even_split_of_3() {
 #[test]
 fn even_split_of_5_shards_uses_floor_boundaries() {
     // 16384 / 5 is not an integer: boundaries are i*16384/5 (floored).
-    let mut rng = StdRng::seed_from_u64(seed());
+    let mut rng = StdRng::seed_from_u64(seed("slot_parity"));
     let cluster_node = RedisServer::start_with(&["--cluster-enabled", "yes"]);
     let shards: Vec<RedisServer> = (0..5).map(|_| RedisServer::start()).collect();
     let refs: Vec<&RedisServer> = shards.iter().collect();
@@ -433,7 +419,7 @@ fn even_split_of_5_shards_uses_floor_boundaries() {
 
 #[test]
 fn explicit_uneven_layout_routes_slots_100_to_199_to_second_shard() {
-    let mut rng = StdRng::seed_from_u64(seed());
+    let mut rng = StdRng::seed_from_u64(seed("slot_parity"));
     let cluster_node = RedisServer::start_with(&["--cluster-enabled", "yes"]);
     let a = RedisServer::start();
     let b = RedisServer::start();

@@ -50,14 +50,7 @@ pub fn null(proto: Proto) -> &'static [u8] {
 
 /// `-<msg>\r\n`, with CR/LF in `msg` replaced by spaces as Redis's `addReplyErrorLength` does.
 pub fn error(msg: &str) -> Bytes {
-    let mut out = BytesMut::with_capacity(msg.len() + 3);
-    out.put_u8(b'-');
-    out.extend(
-        msg.bytes()
-            .map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
-    );
-    out.extend_from_slice(b"\r\n");
-    out.freeze()
+    error_bytes(&[msg.as_bytes()])
 }
 
 /// `-` + the concatenated parts + CRLF, byte for byte (arguments echoed in an error keep

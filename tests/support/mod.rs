@@ -469,6 +469,22 @@ pub fn resp2_reply_len(buf: &[u8]) -> Option<usize> {
     }
 }
 
+/// A random seed for a test, from `SLOTGATE_TEST_SEED` or the clock; printed so that a
+/// failure can be replayed.
+pub fn seed(test: &str) -> u64 {
+    let seed = std::env::var("SLOTGATE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("{test} seed: {seed} (set SLOTGATE_TEST_SEED={seed} to reproduce)");
+    seed
+}
+
 /// CRC16/XMODEM as Redis Cluster uses it (poly 0x1021, init 0), written here independently of
 /// slotgate's so that tests can pick keys for given slots; the reference slot of a key is
 /// always Redis's own `CLUSTER KEYSLOT` (tests/slot_parity.rs).
