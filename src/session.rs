@@ -199,7 +199,7 @@ where
     let mut out = BytesMut::with_capacity(READ_CHUNK);
     let mut eof = false;
     loop {
-        s.process(&mut parser, &mut rbuf, &limits);
+        let bounded = s.process(&mut parser, &mut rbuf, &limits);
         if s.queue.drain_ready(&mut out) > 0 && !s.sampled.is_empty() {
             s.record_latencies();
         }
@@ -236,6 +236,12 @@ where
         }
         if (s.closing || eof) && s.queue.is_empty() {
             break;
+        }
+        if bounded && s.queue.len() < s.max_pipeline {
+            // Parsing stopped at the pipeline bound and the replies written since made room:
+            // the commands still buffered are parsed now, since the client may have sent
+            // everything and be waiting for them.
+            continue;
         }
         let can_read = !s.closing && !eof && !s.barrier && s.queue.len() < s.max_pipeline;
         if rbuf.is_empty() && rbuf.capacity() > KEEP_BUF {
@@ -304,11 +310,22 @@ impl Session {
     }
 
     /// Parses and dispatches every complete command in `rbuf`, within the pipeline bound.
-    fn process(&mut self, parser: &mut RequestParser, rbuf: &mut BytesMut, limits: &Limits) {
+    /// Returns whether it stopped at the bound with bytes still buffered.
+    fn process(
+        &mut self,
+        parser: &mut RequestParser,
+        rbuf: &mut BytesMut,
+        limits: &Limits,
+    ) -> bool {
         let now = Instant::now();
         let mut n = 0;
+        let mut bounded = false;
         loop {
-            if self.closing || self.queue.len() >= self.max_pipeline {
+            if self.closing {
+                break;
+            }
+            if self.queue.len() >= self.max_pipeline {
+                bounded = !rbuf.is_empty();
                 break;
             }
             if self.queue.waiting() == 0
@@ -347,6 +364,7 @@ impl Session {
         if n > 0 {
             self.w.count_commands(n);
         }
+        bounded
     }
 
     /// Appends a reply that is ready now.

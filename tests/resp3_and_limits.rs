@@ -150,6 +150,29 @@ fn a_client_that_pipelines_without_reading_is_bounded_and_loses_nothing() {
     }
 }
 
+/// The session stops parsing at `--max-client-pipeline`; when every reply in flight has
+/// already arrived by the time it writes them, the commands still buffered must be parsed
+/// without waiting for more bytes from the client (which has sent everything and is reading).
+#[test]
+fn commands_buffered_beyond_the_pipeline_bound_are_answered_without_more_input() {
+    let shard = RedisServer::start();
+    let proxy = Slotgate::start_with(&[&shard], &["--max-client-pipeline", "4"]);
+    for round in 0..20 {
+        let mut c = proxy.raw();
+        let n = 300;
+        let mut wire = Vec::new();
+        for i in 0..n {
+            wire.extend_from_slice(&resp(&[b"ECHO", format!("{round}-{i}").as_bytes()]));
+        }
+        c.send(&wire);
+        let replies = c.read_replies(n);
+        for (i, r) in replies.iter().enumerate() {
+            let v = format!("{round}-{i}");
+            assert_eq!(r, &format!("${}\r\n{v}\r\n", v.len()).into_bytes());
+        }
+    }
+}
+
 #[test]
 fn in_flight_cap_per_connection_fails_fast_with_shard_unavailable() {
     let shard = RedisServer::start();
