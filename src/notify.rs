@@ -1,11 +1,10 @@
 //! A notification for tasks of one worker thread: the single-threaded counterpart of
 //! `tokio::sync::Notify` for the hot path.
 //!
-//! Every shard connection waits on these per loop turn. tokio's `Notify` is thread-safe
-//! (atomics, an intrusive waiter list, a lock), which callgrind showed costing several percent
-//! of the proxy's instructions per GET; here a waker slot and a permit flag in `Cell`s do,
-//! since notifier and waiter always live on the same worker thread. (Sessions still use
-//! tokio's `Notify`: see `queue::ReplyQueue::notify`.)
+//! Every shard connection and every client session waits on these per loop turn. tokio's
+//! `Notify` is thread-safe (atomics, an intrusive waiter list, a lock), which callgrind showed
+//! costing about 12% of the proxy's instructions per GET; here a waker slot and a permit flag
+//! in `Cell`s do, since notifier and waiter always live on the same worker thread.
 //!
 //! Semantics used by slotgate: `notify_one` stores a permit (wakes the waiter if one is
 //! registered); `notified().await` consumes it. At most one task waits at a time; a dropped

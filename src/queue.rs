@@ -13,9 +13,9 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::Notify;
 
 use crate::fanout::Gather;
+use crate::notify::LocalNotify;
 
 /// One command's reply, in request order.
 pub enum Slot {
@@ -40,10 +40,9 @@ struct Inner {
 #[derive(Default)]
 pub struct ReplyQueue {
     inner: RefCell<Inner>,
-    /// Woken when a waiting slot becomes ready (or a pub/sub frame arrives).
-    /// (tokio's `Notify`: a single-threaded `LocalNotify` here lost a wake-up under
-    /// back-pressure in `tests/resp3_and_limits.rs`; see the closing note of this change.)
-    pub notify: Notify,
+    /// Woken when a waiting slot becomes ready (or a pub/sub frame arrives). Only the
+    /// owning session's task waits on it.
+    pub notify: LocalNotify,
     /// Out-of-band frames from the client's subscriber connections (pub/sub messages and
     /// subscription confirmations), written as they arrive.
     pushes: RefCell<VecDeque<Bytes>>,

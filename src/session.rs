@@ -198,6 +198,11 @@ where
     let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
     let mut out = BytesMut::with_capacity(READ_CHUNK);
     let mut eof = false;
+    // CLIENT KILL comes from any worker thread (tokio's `Notify`); its future is made once, so
+    // the loop does not register and unregister a waiter on every turn.
+    let kill = s.kill.clone();
+    let killed = kill.notified();
+    tokio::pin!(killed);
     loop {
         let bounded = s.process(&mut parser, &mut rbuf, &limits);
         if s.queue.drain_ready(&mut out) > 0 && !s.sampled.is_empty() {
@@ -281,7 +286,7 @@ where
                 tracing::debug!(client = s.id, "closing idle client");
                 break;
             }
-            _ = s.kill.notified() => {
+            _ = &mut killed => {
                 tracing::debug!(client = s.id, "killed by CLIENT KILL");
                 break;
             }

@@ -229,9 +229,64 @@ impl CommandSpec {
 }
 
 /// Case-insensitive lookup of a top-level command. No allocation: names longer than any
-/// command are rejected before comparing.
+/// command are rejected before comparing. The probe is lowered into a stack buffer and found
+/// through [`INDEX`], a hash index built at compile time (a binary search over the names cost
+/// about eight string comparisons per command).
 pub fn lookup(name: &[u8]) -> Option<&'static CommandSpec> {
-    find_in(COMMANDS, name)
+    const MAX: usize = 32;
+    if name.is_empty() || name.len() > MAX {
+        return None;
+    }
+    let mut buf = [0u8; MAX];
+    let lower = &mut buf[..name.len()];
+    lower.copy_from_slice(name);
+    lower.make_ascii_lowercase();
+    let lower: &[u8] = lower;
+    let mut at = name_hash(lower);
+    loop {
+        let i = INDEX[at];
+        if i == EMPTY {
+            return None;
+        }
+        let spec = &COMMANDS[i as usize];
+        if spec.name.as_bytes() == lower {
+            return Some(spec);
+        }
+        at = (at + 1) & (INDEX_SIZE - 1);
+    }
+}
+
+/// Slots of [`INDEX`]: a power of two, at least four times the number of commands, so probe
+/// runs stay short.
+const INDEX_SIZE: usize = 1024;
+const EMPTY: u16 = u16::MAX;
+
+/// Open-addressing hash index over [`COMMANDS`]: slot → position in the table.
+static INDEX: [u16; INDEX_SIZE] = {
+    assert!(COMMANDS.len() * 4 <= INDEX_SIZE);
+    let mut index = [EMPTY; INDEX_SIZE];
+    let mut i = 0;
+    while i < COMMANDS.len() {
+        let mut at = name_hash(COMMANDS[i].name.as_bytes());
+        while index[at] != EMPTY {
+            at = (at + 1) & (INDEX_SIZE - 1);
+        }
+        index[at] = i as u16;
+        i += 1;
+    }
+    index
+};
+
+/// FNV-1a of a lowered command name, folded to an [`INDEX`] slot.
+const fn name_hash(name: &[u8]) -> usize {
+    let mut h: u32 = 0x811c_9dc5;
+    let mut i = 0;
+    while i < name.len() {
+        h ^= name[i] as u32;
+        h = h.wrapping_mul(0x0100_0193);
+        i += 1;
+    }
+    (h >> 16) as usize & (INDEX_SIZE - 1)
 }
 
 /// Case-insensitive lookup of `sub` among a container's subcommands.
@@ -243,29 +298,24 @@ pub fn lookup_sub(container: &'static CommandSpec, sub: &[u8]) -> Option<&'stati
     })
 }
 
-/// Binary search over a table sorted by name; the probe is lowered into a stack buffer.
-fn find_in(table: &'static [CommandSpec], name: &[u8]) -> Option<&'static CommandSpec> {
-    const MAX: usize = 32;
-    if name.is_empty() || name.len() > MAX {
-        return None;
-    }
-    let mut buf = [0u8; MAX];
-    let lower = &mut buf[..name.len()];
-    lower.copy_from_slice(name);
-    lower.make_ascii_lowercase();
-    let lower: &[u8] = lower;
-    table
-        .binary_search_by(|s| s.name.as_bytes().cmp(lower))
-        .ok()
-        .map(|i| &table[i])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn table_is_sorted_for_binary_search() {
+    fn every_command_is_found_through_the_index_in_any_case() {
+        for c in COMMANDS {
+            assert!(std::ptr::eq(lookup(c.name.as_bytes()).unwrap(), c));
+            let upper = c.name.to_ascii_uppercase();
+            assert!(std::ptr::eq(lookup(upper.as_bytes()).unwrap(), c));
+            let longer = format!("{}x", c.name);
+            assert!(lookup(longer.as_bytes()).is_none_or(|o| o.name == longer));
+        }
+        assert!(lookup(&[b'a'; 33]).is_none());
+    }
+
+    #[test]
+    fn table_is_sorted() {
         for w in COMMANDS.windows(2) {
             assert!(w[0].name < w[1].name, "{} before {}", w[0].name, w[1].name);
         }
