@@ -51,6 +51,8 @@ pub struct ReplyQueue {
     sub_lost: std::cell::Cell<bool>,
     /// Bytes of out-of-band frames not yet written.
     pushed_bytes: std::cell::Cell<usize>,
+    /// CLIENT KILL named this client.
+    killed: std::cell::Cell<bool>,
 }
 
 /// Pub/sub bytes a client may have waiting before it is disconnected (Redis's default
@@ -148,7 +150,11 @@ impl ReplyQueue {
     }
 
     /// Moves the out-of-band frames into `out`.
+    #[inline]
     pub fn drain_pushes(&self, out: &mut BytesMut) {
+        if self.pushed_bytes.get() == 0 {
+            return;
+        }
         for f in self.pushes.borrow_mut().drain(..) {
             out.extend_from_slice(&f);
         }
@@ -158,6 +164,16 @@ impl ReplyQueue {
     pub fn mark_sub_lost(&self) {
         self.sub_lost.set(true);
         self.notify.notify_one();
+    }
+
+    /// Flags the session as killed (CLIENT KILL) and wakes it.
+    pub fn mark_killed(&self) {
+        self.killed.set(true);
+        self.notify.notify_one();
+    }
+
+    pub fn killed(&self) -> bool {
+        self.killed.get()
     }
 
     pub fn sub_lost(&self) -> bool {

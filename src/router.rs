@@ -13,8 +13,8 @@ pub const SLOTS: usize = 16384;
 /// is not empty, else of the whole key (Redis Cluster's hash tags).
 #[inline]
 pub fn slot(key: &[u8]) -> u16 {
-    let hashed = match key.iter().position(|&b| b == b'{') {
-        Some(open) => match key[open + 1..].iter().position(|&b| b == b'}') {
+    let hashed = match memchr::memchr(b'{', key) {
+        Some(open) => match memchr::memchr(b'}', &key[open + 1..]) {
             Some(len) if len > 0 => &key[open + 1..open + 1 + len],
             _ => key,
         },
@@ -23,19 +23,34 @@ pub fn slot(key: &[u8]) -> u16 {
     crc16(hashed) & (SLOTS as u16 - 1)
 }
 
-/// CRC16/XMODEM (polynomial 0x1021, initial value 0), as Redis Cluster uses.
+/// CRC16/XMODEM (polynomial 0x1021, initial value 0), as Redis Cluster uses. Four bytes per
+/// step ("slice-by-4"): the four table lookups are independent, where the byte-wise loop is
+/// one dependent chain (about 10 instructions per byte against 3).
 #[inline]
 pub fn crc16(data: &[u8]) -> u16 {
-    data.iter().fold(0u16, |crc, &b| {
-        (crc << 8) ^ CRC16_TABLE[((crc >> 8) as u8 ^ b) as usize]
-    })
+    let [z0, z1, z2, z3] = &CRC16_TABLES;
+    let mut crc = 0u16;
+    let mut quads = data.chunks_exact(4);
+    for q in &mut quads {
+        crc = z3[((crc >> 8) as u8 ^ q[0]) as usize]
+            ^ z2[(crc as u8 ^ q[1]) as usize]
+            ^ z1[q[2] as usize]
+            ^ z0[q[3] as usize];
+    }
+    for &b in quads.remainder() {
+        crc = (crc << 8) ^ z0[((crc >> 8) as u8 ^ b) as usize];
+    }
+    crc
 }
 
-static CRC16_TABLE: [u16; 256] = {
-    let mut table = [0u16; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut crc = (i as u16) << 8;
+/// `CRC16_TABLES[k][x]`: the register after feeding byte `x` and then `k` zero bytes from
+/// zero. The CRC is linear, so four input bytes (the first two XORed with the register)
+/// combine by XOR of one lookup each.
+static CRC16_TABLES: [[u16; 256]; 4] = {
+    let mut t = [[0u16; 256]; 4];
+    let mut x = 0;
+    while x < 256 {
+        let mut crc = (x as u16) << 8;
         let mut bit = 0;
         while bit < 8 {
             crc = if crc & 0x8000 != 0 {
@@ -45,10 +60,20 @@ static CRC16_TABLE: [u16; 256] = {
             };
             bit += 1;
         }
-        table[i] = crc;
-        i += 1;
+        t[0][x] = crc;
+        x += 1;
     }
-    table
+    let mut k = 1;
+    while k < 4 {
+        let mut x = 0;
+        while x < 256 {
+            let prev = t[k - 1][x];
+            t[k][x] = (prev << 8) ^ t[0][(prev >> 8) as usize];
+            x += 1;
+        }
+        k += 1;
+    }
+    t
 };
 
 /// A shard's name and its slot ranges (`None`: a share of an even split).

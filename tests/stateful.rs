@@ -406,6 +406,42 @@ fn killed_or_vanished_clients_leave_nothing_on_the_shards() {
     );
 }
 
+/// A client that stops reading while its replies are being written is still closed by
+/// CLIENT KILL at once, not after it has drained everything it asked for.
+#[test]
+fn client_kill_closes_a_client_that_stopped_reading() {
+    let shard = RedisServer::start();
+    let proxy = Slotgate::start(&[&shard]);
+    let mut victim = proxy.raw();
+    let big = vec![b'x'; 1 << 20];
+    assert_eq!(victim.call(&[b"SET", b"big", &big]), b"+OK\r\n");
+    let id = victim.call(&[b"CLIENT", b"ID"]);
+    let id = lossy(&id[1..id.len() - 2]);
+    let gets = 64;
+    victim.send(&resp(&[b"GET", b"big"]).repeat(gets));
+    // Let the session fill the socket and block in its write.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut admin = proxy.raw();
+    assert_eq!(
+        admin.call(&[b"CLIENT", b"KILL", b"ID", id.as_bytes()]),
+        b":1\r\n"
+    );
+    let mut read = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match std::io::Read::read(&mut victim.stream, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => read += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the killed client was not closed: {e}"),
+        }
+    }
+    assert!(
+        read < gets * big.len() / 2,
+        "the killed client got {read} bytes before EOF: all its replies were written first"
+    );
+}
+
 #[test]
 fn dedicated_connections_are_capped_per_shard() {
     let shard = RedisServer::start();
