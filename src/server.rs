@@ -238,8 +238,42 @@ pub enum Incoming {
 }
 
 /// Runs the proxy until SIGINT/SIGTERM.
+/// Raises the soft limit on open files to what `maxclients` needs, as Redis does at start-up
+/// (a default soft limit of 1024 would refuse connections long before `maxclients`). Each
+/// client may hold a subscriber connection too, and each worker has its shard connections.
+fn raise_fd_limit(settings: &Settings) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let per_worker = settings.shards.len()
+        * (settings.upstream_connections + settings.max_dedicated_per_shard + 2);
+    let want = (2 * settings.maxclients + settings.workers * per_worker + 64) as u64;
+    let lim = getrlimit(Resource::Nofile);
+    let current = lim.current.unwrap_or(u64::MAX);
+    if current >= want {
+        return;
+    }
+    let target = lim.maximum.map_or(want, |max| max.min(want));
+    if target > current {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(target),
+                maximum: lim.maximum,
+            },
+        );
+    }
+    let now = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    if now < want {
+        tracing::warn!(
+            "maxclients {} wants about {want} open files, but the limit is {now} \
+             (raise `ulimit -n`); connections beyond it will be refused",
+            settings.maxclients
+        );
+    }
+}
+
 pub fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> Result<(), StartError> {
     let workers = settings.workers;
+    raise_fd_limit(&settings);
     let shared = Shared::new(settings, prometheus);
 
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -364,3 +364,37 @@ fn start_with_invalid_layout_exits_nonzero_quickly() {
         describe(&o, &args)
     );
 }
+
+/// Like Redis, slotgate raises its soft limit on open files to what `--maxclients` needs
+/// (started here with a soft limit of 256).
+#[test]
+fn the_open_file_limit_is_raised_for_maxclients() {
+    let shard = RedisServer::start();
+    let port = free_port();
+    let script = format!(
+        "ulimit -Sn 256 && exec '{}' --listen 127.0.0.1:{port} --shard {} --workers 1 \
+         --admin-listen none --maxclients 3000",
+        slotgate_bin().display(),
+        shard.addr()
+    );
+    let mut child = Command::new("bash")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_own_port(port, child.id());
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let soft: u64 = line.split_whitespace().nth(3).unwrap().parse().unwrap();
+    let hard = line.split_whitespace().nth(4).unwrap();
+    let hard: u64 = hard.parse().unwrap_or(u64::MAX);
+    assert!(
+        soft >= 6000.min(hard),
+        "soft limit {soft} (hard {hard}) too low for 3000 clients: {line}"
+    );
+}
