@@ -239,13 +239,16 @@ pub enum Incoming {
 
 /// Runs the proxy until SIGINT/SIGTERM.
 /// Raises the soft limit on open files to what `maxclients` needs, as Redis does at start-up
-/// (a default soft limit of 1024 would refuse connections long before `maxclients`). Each
-/// client may hold a subscriber connection too, and each worker has its shard connections.
+/// (a default soft limit of 1024 would refuse connections long before `maxclients`): one per
+/// client, each worker's shard connections (shared and dedicated) and a reserve. Subscriber
+/// connections come on top, so the soft limit goes up to twice that when the hard limit
+/// allows; a warning is logged only when even the first figure is out of reach.
 fn raise_fd_limit(settings: &Settings) {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let per_worker = settings.shards.len()
         * (settings.upstream_connections + settings.max_dedicated_per_shard + 2);
-    let want = (2 * settings.maxclients + settings.workers * per_worker + 64) as u64;
+    let need = (settings.maxclients + settings.workers * per_worker + 64) as u64;
+    let want = need + settings.maxclients as u64;
     let lim = getrlimit(Resource::Nofile);
     let current = lim.current.unwrap_or(u64::MAX);
     if current >= want {
@@ -262,9 +265,9 @@ fn raise_fd_limit(settings: &Settings) {
         );
     }
     let now = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
-    if now < want {
+    if now < need {
         tracing::warn!(
-            "maxclients {} wants about {want} open files, but the limit is {now} \
+            "maxclients {} needs about {need} open files, but the limit is {now} \
              (raise `ulimit -n`); connections beyond it will be refused",
             settings.maxclients
         );
