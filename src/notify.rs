@@ -13,7 +13,9 @@
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 
 #[derive(Default)]
 pub struct LocalNotify {
@@ -41,24 +43,73 @@ impl LocalNotify {
     }
 }
 
+/// A waker that remembers it was woken, wrapping a task's own waker.
+///
+/// A session registers this (instead of its task's waker) for read readiness. When it is woken
+/// for another reason (a reply arrived) and the flag is clear, its read interest is still
+/// registered with the I/O driver and the socket has not become readable since, so polling
+/// the read again can be skipped: tokio's readiness poll takes a lock and compares wakers,
+/// about 150 instructions per unpipelined request in callgrind.
+pub struct FlagWaker {
+    woken: AtomicBool,
+    task: Waker,
+}
+
+impl FlagWaker {
+    /// A waker for `task` and the flag it sets.
+    pub fn new(task: Waker) -> (Arc<FlagWaker>, Waker) {
+        let flag = Arc::new(FlagWaker {
+            woken: AtomicBool::new(false),
+            task,
+        });
+        let waker = Waker::from(flag.clone());
+        (flag, waker)
+    }
+
+    /// Whether the waker was woken since the last call.
+    #[inline]
+    pub fn take(&self) -> bool {
+        self.woken.swap(false, Ordering::Acquire)
+    }
+}
+
+impl Wake for FlagWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake_by_ref();
+    }
+}
+
 /// The future of [`LocalNotify::notified`].
 pub struct Notified<'a> {
     n: &'a LocalNotify,
+}
+
+impl LocalNotify {
+    /// Consumes the permit if there is one; otherwise registers `cx`'s waker.
+    #[inline]
+    pub fn poll_notified(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.permit.replace(false) {
+            return Poll::Ready(());
+        }
+        let mut w = self.waker.borrow_mut();
+        match &*w {
+            Some(old) if old.will_wake(cx.waker()) => {}
+            _ => *w = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
 }
 
 impl Future for Notified<'_> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.n.permit.replace(false) {
-            return Poll::Ready(());
-        }
-        let mut w = self.n.waker.borrow_mut();
-        match &*w {
-            Some(old) if old.will_wake(cx.waker()) => {}
-            _ => *w = Some(cx.waker().clone()),
-        }
-        Poll::Pending
+        self.n.poll_notified(cx)
     }
 }
 

@@ -13,6 +13,8 @@ use std::rc::Rc;
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::future::Future;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -25,12 +27,20 @@ use crate::readthrough::{self, PendingGet, PendingMget, Rule};
 
 use crate::command::{self, CommandSpec, Merge, Route, flags, keys};
 use crate::fanout::{Gather, GatherKind};
+use crate::notify::FlagWaker;
 use crate::queue::{ReplyQueue, Slot, Target};
 use crate::resp::reply::{self, Proto};
 use crate::resp::request::push_header;
 use crate::resp::{Limits, Parsed, Request, RequestParser};
 use crate::router;
 use crate::server::{Shared, Worker};
+
+/// What ended a session's wait.
+enum Wake {
+    Queue,
+    Read(std::io::Result<usize>),
+    Idle,
+}
 
 /// Read buffer growth step.
 const READ_CHUNK: usize = 16 * 1024;
@@ -217,6 +227,11 @@ where
             queue.mark_killed();
         }))
     };
+    // Read readiness is registered with a waker that flags its wake-ups; `read_armed` says a
+    // read returned Pending, so its interest is registered and only the flag can change that.
+    let task = std::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
+    let (read_flag, read_waker) = FlagWaker::new(task);
+    let mut read_armed = false;
     loop {
         let bounded = s.process(&mut parser, &mut rbuf, &limits);
         if s.queue.drain_ready(&mut out) > 0 && !s.sampled.is_empty() {
@@ -285,24 +300,46 @@ where
                 _ => std::future::pending().await,
             }
         };
-        tokio::select! {
-            biased;
-            _ = s.queue.notify.notified() => {}
-            r = rd.read_buf(&mut rbuf), if can_read => match r {
-                // The client closed its side: answer what it sent, then close — unless a
-                // blocking command is waiting (it may never return): then close now, which
-                // closes its dedicated connection and unblocks the shard.
-                Ok(0) if s.blocked.is_some() => break,
-                Ok(0) => eof = true,
-                Ok(_) => {
-                    if rbuf.len() > qbuf_limit {
-                        tracing::warn!(client = s.id, "closing client that reached max query buffer length");
-                        break;
+        tokio::pin!(idle);
+        // Wait for a reply (the queue's notify), input, or the idle timeout. The read is
+        // polled only when it may have become ready: see `FlagWaker`.
+        let woke = std::future::poll_fn(|cx| {
+            if s.queue.notify.poll_notified(cx).is_ready() {
+                return Poll::Ready(Wake::Queue);
+            }
+            if can_read && (!read_armed || read_flag.take()) {
+                let mut rcx = Context::from_waker(&read_waker);
+                let read = rd.read_buf(&mut rbuf);
+                tokio::pin!(read);
+                match read.poll(&mut rcx) {
+                    Poll::Ready(r) => {
+                        read_armed = false;
+                        return Poll::Ready(Wake::Read(r));
                     }
+                    Poll::Pending => read_armed = true,
                 }
-                Err(_) => break,
-            },
-            _ = idle => {
+            }
+            if idle.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Idle);
+            }
+            Poll::Pending
+        })
+        .await;
+        match woke {
+            Wake::Queue => {}
+            // The client closed its side: answer what it sent, then close — unless a blocking
+            // command is waiting (it may never return): then close now, which closes its
+            // dedicated connection and unblocks the shard.
+            Wake::Read(Ok(0)) if s.blocked.is_some() => break,
+            Wake::Read(Ok(0)) => eof = true,
+            Wake::Read(Ok(_)) => {
+                if rbuf.len() > qbuf_limit {
+                    tracing::warn!(client = s.id, "closing client that reached max query buffer length");
+                    break;
+                }
+            }
+            Wake::Read(Err(_)) => break,
+            Wake::Idle => {
                 tracing::debug!(client = s.id, "closing idle client");
                 break;
             }
