@@ -228,8 +228,21 @@ mod tests {
     #[test]
     fn table_crc_agrees_with_redis_protocol_on_hashtag_edge_cases() {
         let mut keys: Vec<Vec<u8>> = [
-            &b""[..], b"{", b"}", b"{}", b"}{", b"{a", b"a}", b"{a}", b"{{a}}", b"a{}b}",
-            b"a{b}{c}", b"{}{x}", b"x{y", b"\xff{\x00}\x80", b"{user1000}.following",
+            &b""[..],
+            b"{",
+            b"}",
+            b"{}",
+            b"}{",
+            b"{a",
+            b"a}",
+            b"{a}",
+            b"{{a}}",
+            b"a{}b}",
+            b"a{b}{c}",
+            b"{}{x}",
+            b"x{y",
+            b"\xff{\x00}\x80",
+            b"{user1000}.following",
         ]
         .iter()
         .map(|k| k.to_vec())

@@ -126,6 +126,10 @@ pub struct Worker {
     pub origin: OriginClient,
     /// Per-command counters, published once a second.
     pub metrics: WorkerMetrics,
+    /// Shared by this worker's sessions: reads land here and writes are gathered here, so an
+    /// idle client holds no buffer of its own (see `session::serve`).
+    pub read_scratch: std::cell::RefCell<bytes::BytesMut>,
+    pub write_scratch: std::cell::RefCell<bytes::BytesMut>,
 }
 
 impl Worker {
@@ -158,6 +162,8 @@ impl Worker {
             commands: std::cell::Cell::new(0),
             origin: OriginClient::new(),
             metrics: WorkerMetrics::default(),
+            read_scratch: Default::default(),
+            write_scratch: Default::default(),
         })
     }
 

@@ -11,9 +11,10 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::future::Future;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -46,6 +47,8 @@ enum Wake {
 const READ_CHUNK: usize = 16 * 1024;
 /// Write buffers larger than this are released after use instead of kept for reuse.
 const KEEP_BUF: usize = 1024 * 1024;
+/// Allocation step of a worker's shared read buffer.
+const SCRATCH: usize = 64 * 1024;
 
 /// The state of one client connection.
 pub struct Session {
@@ -214,8 +217,13 @@ where
     let qbuf_limit = settings.client_query_buffer_limit;
     let idle_timeout = settings.idle_timeout;
     let mut parser = RequestParser::new();
-    let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
-    let mut out = BytesMut::with_capacity(READ_CHUNK);
+    // The session's own buffers stay empty (unallocated) while it keeps up: reads go into the
+    // worker's read scratch and only a partial command is kept here; replies are gathered in
+    // the worker's write scratch and only what the socket does not take at once is kept here.
+    // So 10,000 idle clients cost no buffers (Redis's shared query buffer does the same).
+    let mut rbuf = BytesMut::new();
+    let mut out = BytesMut::new();
+    let w = s.w.clone();
     let mut eof = false;
     // CLIENT KILL comes from any worker thread (tokio's `Notify`). A small task waits for it and
     // flags this session's own queue, so the loop polls nothing thread-safe per turn (polling
@@ -230,13 +238,10 @@ where
     // Read readiness is registered with a waker that flags its wake-ups; `read_armed` says a
     // read returned Pending, so its interest is registered and only the flag can change that.
     let task = std::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
-    let (read_flag, read_waker) = FlagWaker::new(task);
+    let (read_flag, read_waker) = FlagWaker::new(task.clone());
     let mut read_armed = false;
     loop {
         let bounded = s.process(&mut parser, &mut rbuf, &limits);
-        if s.queue.drain_ready(&mut out) > 0 && !s.sampled.is_empty() {
-            s.record_latencies();
-        }
         if s.queue.killed() {
             tracing::debug!(client = s.id, "killed by CLIENT KILL");
             break;
@@ -246,8 +251,36 @@ where
             // close, so the client reconnects and resubscribes.
             break;
         }
-        s.queue.drain_pushes(&mut out);
+        let mut wrote = false;
+        {
+            // Ready replies (and pub/sub pushes) are written from the worker's scratch with
+            // one non-blocking attempt; what the socket does not take moves into `out`.
+            let mut sc = w.write_scratch.borrow_mut();
+            let gather: &mut BytesMut = if out.is_empty() { &mut sc } else { &mut out };
+            let n = s.queue.drain_ready(gather);
+            s.queue.drain_pushes(gather);
+            if n > 0 && !s.sampled.is_empty() {
+                s.record_latencies();
+            }
+            if !sc.is_empty() {
+                wrote = true;
+                let mut cx = Context::from_waker(&task);
+                match Pin::new(&mut wr).poll_write(&mut cx, &sc) {
+                    Poll::Ready(Ok(n)) => out.extend_from_slice(&sc[n..]),
+                    Poll::Ready(Err(_)) => {
+                        sc.clear();
+                        break;
+                    }
+                    Poll::Pending => out.extend_from_slice(&sc),
+                }
+                sc.clear();
+                if sc.capacity() > KEEP_BUF {
+                    *sc = BytesMut::new();
+                }
+            }
+        }
         if !out.is_empty() {
+            wrote = true;
             // A client that stops reading must not block us forever: the write gives up when
             // its pub/sub messages overflow or CLIENT KILL names it (the queue is notified).
             let written = {
@@ -266,13 +299,13 @@ where
                     }
                 }
             };
-            if !written || wr.flush().await.is_err() {
+            if !written {
                 break;
             }
-            out.clear();
-            if out.capacity() > KEEP_BUF {
-                out = BytesMut::with_capacity(READ_CHUNK);
-            }
+            out = BytesMut::new();
+        }
+        if wrote && wr.flush().await.is_err() {
+            break;
         }
         if (s.closing || eof) && s.queue.is_empty() {
             break;
@@ -284,11 +317,10 @@ where
             continue;
         }
         let can_read = !s.closing && !eof && !s.barrier && s.queue.len() < s.max_pipeline;
-        if rbuf.is_empty() && rbuf.capacity() > KEEP_BUF {
-            // Give back the memory of a large request.
-            rbuf = BytesMut::with_capacity(READ_CHUNK);
-        }
-        if can_read && rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
+        if rbuf.is_empty() {
+            // Nothing partial is buffered: let go of the (shared or large) read buffer.
+            rbuf = BytesMut::new();
+        } else if can_read && rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
             rbuf.reserve(READ_CHUNK);
         }
         // Idle: nothing in flight and nothing read for `idle_timeout` (Redis's `timeout`;
@@ -309,9 +341,26 @@ where
             }
             if can_read && (!read_armed || read_flag.take()) {
                 let mut rcx = Context::from_waker(&read_waker);
-                let read = rd.read_buf(&mut rbuf);
-                tokio::pin!(read);
-                match read.poll(&mut rcx) {
+                let polled = if rbuf.is_empty() {
+                    // Into the worker's scratch; the bytes read become this session's `rbuf`
+                    // (sharing the allocation, which the scratch reuses once they are parsed).
+                    let mut sc = w.read_scratch.borrow_mut();
+                    if sc.capacity() < READ_CHUNK / 4 {
+                        sc.reserve(SCRATCH);
+                    }
+                    let read = rd.read_buf(&mut *sc);
+                    tokio::pin!(read);
+                    let polled = read.poll(&mut rcx);
+                    if !sc.is_empty() {
+                        rbuf = sc.split();
+                    }
+                    polled
+                } else {
+                    let read = rd.read_buf(&mut rbuf);
+                    tokio::pin!(read);
+                    read.poll(&mut rcx)
+                };
+                match polled {
                     Poll::Ready(r) => {
                         read_armed = false;
                         return Poll::Ready(Wake::Read(r));
@@ -334,7 +383,10 @@ where
             Wake::Read(Ok(0)) => eof = true,
             Wake::Read(Ok(_)) => {
                 if rbuf.len() > qbuf_limit {
-                    tracing::warn!(client = s.id, "closing client that reached max query buffer length");
+                    tracing::warn!(
+                        client = s.id,
+                        "closing client that reached max query buffer length"
+                    );
                     break;
                 }
             }
