@@ -117,6 +117,25 @@ impl Future for Notified<'_> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn flag_waker_records_its_wake_ups_and_wakes_the_task() {
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let count = Arc::new(Count(Default::default()));
+        let (flag, waker) = FlagWaker::new(Waker::from(count.clone()));
+        assert!(!flag.take());
+        waker.wake_by_ref();
+        assert!(flag.take());
+        assert!(!flag.take(), "take clears the flag");
+        waker.clone().wake();
+        assert!(flag.take());
+        assert_eq!(count.0.load(Ordering::Relaxed), 2);
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn permit_before_and_after_waiting() {
         let n = std::rc::Rc::new(LocalNotify::new());
