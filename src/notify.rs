@@ -131,7 +131,7 @@ mod tests {
         waker.wake_by_ref();
         assert!(flag.take());
         assert!(!flag.take(), "take clears the flag");
-        waker.clone().wake();
+        waker.wake();
         assert!(flag.take());
         assert_eq!(count.0.load(Ordering::Relaxed), 2);
     }
