@@ -51,20 +51,18 @@ impl Subs {
     }
 }
 
-/// The commands a RESP2 client may use while subscribed.
-pub fn allowed_while_subscribed(name: &str) -> bool {
+/// The (P|S)SUBSCRIBE and (P|S)UNSUBSCRIBE commands: they change the subscriptions, which
+/// live on the client's subscriber (dedicated) connections.
+pub fn changes_subscriptions(name: &str) -> bool {
     matches!(
         name,
-        "subscribe"
-            | "psubscribe"
-            | "ssubscribe"
-            | "unsubscribe"
-            | "punsubscribe"
-            | "sunsubscribe"
-            | "ping"
-            | "quit"
-            | "reset"
+        "subscribe" | "psubscribe" | "ssubscribe" | "unsubscribe" | "punsubscribe" | "sunsubscribe"
     )
+}
+
+/// The commands a RESP2 client may use while subscribed.
+pub fn allowed_while_subscribed(name: &str) -> bool {
+    changes_subscriptions(name) || matches!(name, "ping" | "quit" | "reset")
 }
 
 /// `[kind, channel|nil, count]` as a RESP2 array or a RESP3 push.

@@ -243,7 +243,6 @@ pub enum Incoming {
     Tls(std::net::TcpStream),
 }
 
-/// Runs the proxy until SIGINT/SIGTERM.
 /// Raises the soft limit on open files to what `maxclients` needs, as Redis does at start-up
 /// (a default soft limit of 1024 would refuse connections long before `maxclients`): one per
 /// client, each worker's shard connections (shared and dedicated) and a reserve. Subscriber
@@ -280,6 +279,7 @@ fn raise_fd_limit(settings: &Settings) {
     }
 }
 
+/// Runs the proxy until SIGINT/SIGTERM.
 pub fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> Result<(), StartError> {
     let workers = settings.workers;
     raise_fd_limit(&settings);

@@ -254,11 +254,12 @@ where
         let mut wrote = false;
         {
             // Ready replies (and pub/sub pushes) are written from the worker's scratch with
-            // one non-blocking attempt; what the socket does not take moves into `out`.
+            // one non-blocking attempt; what the socket does not take moves into `out`, which
+            // is written out below before the loop comes back here (so it is empty now).
+            debug_assert!(out.is_empty());
             let mut sc = w.write_scratch.borrow_mut();
-            let gather: &mut BytesMut = if out.is_empty() { &mut sc } else { &mut out };
-            let n = s.queue.drain_ready(gather);
-            s.queue.drain_pushes(gather);
+            let n = s.queue.drain_ready(&mut sc);
+            s.queue.drain_pushes(&mut sc);
             if n > 0 && !s.sampled.is_empty() {
                 s.record_latencies();
             }
