@@ -210,7 +210,7 @@ pub enum Target {
     /// The connection's handshake (AUTH / HELLO): an error reply fails the connection.
     Handshake,
     /// A GET of a read-through key: a nil reply starts the origin fetch.
-    ReadThrough(Box<crate::readthrough::PendingGet>),
+    ReadThrough(crate::readthrough::PendingGetRef),
     /// One shard's part of an MGET that includes read-through keys.
     ReadThroughMget {
         state: Rc<RefCell<crate::readthrough::PendingMget>>,

@@ -130,6 +130,8 @@ pub struct Worker {
     /// idle client holds no buffer of its own (see `session::serve`).
     pub read_scratch: std::cell::RefCell<bytes::BytesMut>,
     pub write_scratch: std::cell::RefCell<bytes::BytesMut>,
+    /// Read-through GETs waiting for their shard.
+    pub pending_gets: Rc<crate::readthrough::PendingGets>,
 }
 
 impl Worker {
@@ -164,6 +166,7 @@ impl Worker {
             metrics: WorkerMetrics::default(),
             read_scratch: Default::default(),
             write_scratch: Default::default(),
+            pending_gets: Default::default(),
         })
     }
 

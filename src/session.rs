@@ -793,7 +793,7 @@ impl Session {
         let key = req.arg_bytes(1);
         let script = readthrough::get_request(rule, &key);
         let seq = self.queue.push_waiting(Slot::Waiting);
-        let pending = Box::new(PendingGet {
+        let pending = self.w.pending_gets.insert(PendingGet {
             w: self.w.clone(),
             queue: self.queue.clone(),
             seq,

@@ -24,6 +24,7 @@
 
 pub mod origin;
 
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -473,10 +474,70 @@ fn is_nil(frame: &[u8]) -> bool {
     frame == reply::NULL_RESP2 || frame == reply::NULL_RESP3 || frame == b"*-1\r\n"
 }
 
+/// The read-through GETs in flight on one worker, held by index, so that a GET costs no heap
+/// allocation in steady state. (A `Box` per GET, freed in a different order than allocated,
+/// pushed glibc malloc into consolidating its fastbins under pipelining: about 400
+/// instructions per pipelined read-through GET in callgrind.)
+#[derive(Default)]
+pub struct PendingGets {
+    slots: RefCell<Vec<Option<PendingGet>>>,
+    free: RefCell<Vec<u32>>,
+}
+
+impl PendingGets {
+    /// Stores `get` until its shard answers.
+    pub fn insert(self: &Rc<Self>, get: PendingGet) -> PendingGetRef {
+        let mut slots = self.slots.borrow_mut();
+        let idx = match self.free.borrow_mut().pop() {
+            Some(i) => {
+                slots[i as usize] = Some(get);
+                i
+            }
+            None => {
+                slots.push(Some(get));
+                (slots.len() - 1) as u32
+            }
+        };
+        PendingGetRef {
+            gets: self.clone(),
+            idx,
+        }
+    }
+}
+
+/// A read-through GET's place in [`PendingGets`]: the shard connection's [`Target`]. Its
+/// slot is given back when it is dropped, delivered or not.
+///
+/// [`Target`]: crate::queue::Target
+pub struct PendingGetRef {
+    gets: Rc<PendingGets>,
+    idx: u32,
+}
+
+impl PendingGetRef {
+    /// The shard answered (see [`PendingGet::on_reply`]).
+    pub fn on_reply(self, frame: Bytes) {
+        let get = self.gets.slots.borrow_mut()[self.idx as usize].take();
+        drop(self);
+        if let Some(get) = get {
+            get.on_reply(frame);
+        }
+    }
+}
+
+impl Drop for PendingGetRef {
+    fn drop(&mut self) {
+        // `take` first: the GET's own fields are dropped outside the borrow.
+        let get = self.gets.slots.borrow_mut()[self.idx as usize].take();
+        self.gets.free.borrow_mut().push(self.idx);
+        drop(get);
+    }
+}
+
 impl PendingGet {
     /// The shard answered: a hit goes straight to the client; a miss starts (or joins) the
     /// origin fetch on this worker; a value within its grace period is served and refreshed.
-    pub fn on_reply(self: Box<Self>, frame: Bytes) {
+    pub fn on_reply(self, frame: Bytes) {
         let (value, pttl) = if self.with_pttl {
             match split_value_pttl(&frame) {
                 Some(v) => v,
