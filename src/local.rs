@@ -147,7 +147,7 @@ impl Session {
                 self.reply_static(reply::CLUSTER_DISABLED)
             }
             // COMMAND …, CONFIG GET, and HELP texts: the shards' own answer.
-            _ => self.forward(0, &req.raw, now),
+            _ => self.forward(0, req.raw, now),
         }
     }
 
@@ -163,15 +163,15 @@ impl Session {
         }
         let mut parser = RequestParser::new();
         let del = crate::command::lookup(b"del").expect("DEL is in the table");
-        if let Ok(Parsed::Command(r)) = parser.parse(&mut b, &Limits::default(), true) {
-            self.scatter(del, &r, crate::command::Merge::SumIntegers, now);
+        if let Ok(Parsed::Command { req, .. }) = parser.parse(&b, &Limits::default(), true) {
+            self.scatter(del, &req, crate::command::Merge::SumIntegers, now);
         }
     }
 
     /// `SLOTGATE.STATUS key`: the key's read-through state (hit, stale, miss, negative,
     /// in-flight), its remaining TTL, and its age estimated from the rule's TTL.
     fn cache_status(&mut self, req: &Request<'_>, now: Instant) {
-        let key = req.arg_bytes(1);
+        let key = req.arg_copy(1);
         let rt = &self.w.shared.readthrough;
         let rule = rt.rules.find(&key).cloned();
         let in_flight = rt.in_flight(&key);

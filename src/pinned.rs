@@ -54,14 +54,14 @@ pub struct Deferred {
 impl Deferred {
     pub fn from(req: &Request<'_>) -> Self {
         Deferred {
-            raw: req.raw.clone(),
+            raw: Bytes::copy_from_slice(req.raw),
             args: req.args.to_vec(),
         }
     }
 
     pub fn request(&self) -> Request<'_> {
         Request {
-            raw: self.raw.clone(),
+            raw: &self.raw,
             args: &self.args,
         }
     }
@@ -128,11 +128,11 @@ impl Session {
                     Some((conn, slot)) => {
                         tx.slot = Some(slot);
                         let d = self.op_deadline(now);
-                        self.send_dedicated(&conn, &req.raw, d);
+                        self.send_dedicated(&conn, req.raw, d);
                         tx.conn = Some(conn);
                     }
                     None => {
-                        tx.buffered.push(req.raw.clone());
+                        tx.buffered.push(Bytes::copy_from_slice(req.raw));
                         self.reply_static(reply::OK);
                     }
                 }
@@ -164,7 +164,7 @@ impl Session {
                         Err(e) => return self.reply(e),
                     },
                 };
-                self.send_dedicated(&conn, &req.raw, d);
+                self.send_dedicated(&conn, req.raw, d);
                 conn.release();
             }
             "discard" => {
@@ -174,7 +174,7 @@ impl Session {
                 match tx.conn {
                     Some(conn) => {
                         let d = self.op_deadline(now);
-                        self.send_dedicated(&conn, &req.raw, d);
+                        self.send_dedicated(&conn, req.raw, d);
                         conn.release();
                     }
                     None => self.reply_static(reply::OK),
@@ -201,7 +201,7 @@ impl Session {
                     },
                 };
                 let d = self.op_deadline(now);
-                self.send_dedicated(&conn, &req.raw, d);
+                self.send_dedicated(&conn, req.raw, d);
                 self.watch = Some((conn, slot));
             }
             "unwatch" => {
@@ -211,7 +211,7 @@ impl Session {
                 match self.watch.take() {
                     Some((conn, _)) => {
                         let d = self.op_deadline(now);
-                        self.send_dedicated(&conn, &req.raw, d);
+                        self.send_dedicated(&conn, req.raw, d);
                         conn.release();
                     }
                     None => self.reply_static(reply::OK),
@@ -272,7 +272,7 @@ impl Session {
         if self.tx.as_ref().is_some_and(|t| t.conn.is_none()) {
             if slot.is_none() {
                 if let Some(tx) = self.tx.as_mut() {
-                    tx.buffered.push(req.raw.clone());
+                    tx.buffered.push(Bytes::copy_from_slice(req.raw));
                 }
                 return self.reply(Bytes::from_static(b"+QUEUED\r\n"));
             }
@@ -291,7 +291,7 @@ impl Session {
         let Some(conn) = self.tx.as_mut().and_then(|t| t.conn.take()) else {
             return;
         };
-        self.send_dedicated(&conn, &req.raw, d);
+        self.send_dedicated(&conn, req.raw, d);
         if let Some(tx) = self.tx.as_mut() {
             tx.conn = Some(conn);
         }
@@ -307,7 +307,7 @@ impl Session {
             Ok(c) => c,
             Err(e) => return self.reply(e),
         };
-        self.send_dedicated(&conn, &req.raw, now + FOREVER);
+        self.send_dedicated(&conn, req.raw, now + FOREVER);
         self.blocked = Some(conn);
     }
 

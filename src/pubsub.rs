@@ -115,10 +115,10 @@ impl Session {
     }
 
     pub(crate) fn pubsub(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
-        let args: Vec<Bytes> = (1..req.argc()).map(|i| req.arg_bytes(i)).collect();
+        let args: Vec<Bytes> = (1..req.argc()).map(|i| req.arg_copy(i)).collect();
         match spec.name {
             "subscribe" | "psubscribe" => {
-                if let Err(e) = self.sub_send(0, &req.raw, args.len()) {
+                if let Err(e) = self.sub_send(0, req.raw, args.len()) {
                     return self.reply(e);
                 }
                 let set = if spec.name == "subscribe" {
@@ -135,7 +135,7 @@ impl Session {
                     Err(()) => return self.reply_static(reply::CROSSSLOT),
                 };
                 let shard = self.w.shared.settings.slot_map.shard_of_slot(slot);
-                if let Err(e) = self.sub_send(shard, &req.raw, args.len()) {
+                if let Err(e) = self.sub_send(shard, req.raw, args.len()) {
                     return self.reply(e);
                 }
                 self.subs.shard_set(shard).extend(args);
@@ -162,7 +162,7 @@ impl Session {
                     }
                 }
                 if has_conn {
-                    let _ = self.sub_send(0, &req.raw, frames);
+                    let _ = self.sub_send(0, req.raw, frames);
                 } else {
                     self.unsubscribe_locally(kind, &args);
                 }
@@ -179,7 +179,7 @@ impl Session {
                         return self.unsubscribe_locally(b"sunsubscribe", &args);
                     }
                     for (s, n) in shards {
-                        let _ = self.sub_send(s, &req.raw, n);
+                        let _ = self.sub_send(s, req.raw, n);
                     }
                     return;
                 }
@@ -193,23 +193,25 @@ impl Session {
                     self.subs.shard_set(shard).remove(a);
                 }
                 if self.subs.conns.get(shard).is_some_and(|c| c.is_some()) {
-                    let _ = self.sub_send(shard, &req.raw, args.len());
+                    let _ = self.sub_send(shard, req.raw, args.len());
                 } else {
                     self.unsubscribe_locally(b"sunsubscribe", &args);
                 }
             }
             // Classic channels live on the designated (first) shard.
             "publish" | "pubsub|channels" | "pubsub|numsub" | "pubsub|numpat" | "pubsub|help" => {
-                self.forward(0, &req.raw, now)
+                self.forward(0, req.raw, now)
             }
             "pubsub|shardchannels" => {
                 let n = self.w.shared.settings.slot_map.shard_count();
-                let parts: Vec<(usize, Bytes)> = (0..n).map(|s| (s, req.raw.clone())).collect();
+                let raw = Bytes::copy_from_slice(req.raw);
+                let parts: Vec<(usize, Bytes)> = (0..n).map(|s| (s, raw.clone())).collect();
                 self.gather(GatherKind::ConcatArrays, &parts, now);
             }
             "pubsub|shardnumsub" => {
                 let n = self.w.shared.settings.slot_map.shard_count();
-                let parts: Vec<(usize, Bytes)> = (0..n).map(|s| (s, req.raw.clone())).collect();
+                let raw = Bytes::copy_from_slice(req.raw);
+                let parts: Vec<(usize, Bytes)> = (0..n).map(|s| (s, raw.clone())).collect();
                 let kind = GatherKind::Info(Box::new(sum_pair_counts));
                 self.gather(kind, &parts, now);
             }

@@ -10,7 +10,7 @@
 use std::net::SocketAddr;
 use std::rc::Rc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -218,10 +218,14 @@ where
     let idle_timeout = settings.idle_timeout;
     let mut parser = RequestParser::new();
     // The session's own buffers stay empty (unallocated) while it keeps up: reads go into the
-    // worker's read scratch and only a partial command is kept here; replies are gathered in
-    // the worker's write scratch and only what the socket does not take at once is kept here.
-    // So 10,000 idle clients cost no buffers (Redis's shared query buffer does the same).
+    // worker's read scratch, commands are parsed and dispatched straight from there, and only
+    // the bytes of a partial command are copied here (Redis's shared query buffer does the
+    // same); replies are gathered in the worker's write scratch and only what the socket does
+    // not take at once is kept here. So 10,000 idle clients cost no buffers, and a request
+    // costs no reference counting of a shared buffer.
     let mut rbuf = BytesMut::new();
+    // The last read went into the worker's read scratch (not yet parsed).
+    let mut in_scratch = false;
     let mut out = BytesMut::new();
     let w = s.w.clone();
     let mut eof = false;
@@ -241,7 +245,29 @@ where
     let (read_flag, read_waker) = FlagWaker::new(task.clone());
     let mut read_armed = false;
     loop {
-        let bounded = s.process(&mut parser, &mut rbuf, &limits);
+        let bounded = if in_scratch {
+            in_scratch = false;
+            let mut sc = w.read_scratch.borrow_mut();
+            let (used, bounded) = s.process(&mut parser, &sc, &limits);
+            if used < sc.len() {
+                // A partial command (or commands past the pipeline bound) stays with the
+                // session; the scratch is the next reader's.
+                rbuf.extend_from_slice(&sc[used..]);
+            }
+            sc.clear();
+            bounded
+        } else {
+            let (used, bounded) = s.process(&mut parser, &rbuf, &limits);
+            rbuf.advance(used);
+            bounded
+        };
+        if rbuf.len() > qbuf_limit {
+            tracing::warn!(
+                client = s.id,
+                "closing client that reached max query buffer length"
+            );
+            break;
+        }
         if s.queue.killed() {
             tracing::debug!(client = s.id, "killed by CLIENT KILL");
             break;
@@ -343,18 +369,17 @@ where
             if can_read && (!read_armed || read_flag.take()) {
                 let mut rcx = Context::from_waker(&read_waker);
                 let polled = if rbuf.is_empty() {
-                    // Into the worker's scratch; the bytes read become this session's `rbuf`
-                    // (sharing the allocation, which the scratch reuses once they are parsed).
+                    // Into the worker's scratch, parsed from there at the top of the loop
+                    // (no other session runs in between: the scratch is empty again by then).
                     let mut sc = w.read_scratch.borrow_mut();
-                    if sc.capacity() < READ_CHUNK / 4 {
+                    debug_assert!(sc.is_empty());
+                    if sc.capacity() < SCRATCH {
                         sc.reserve(SCRATCH);
                     }
                     let read = rd.read_buf(&mut *sc);
                     tokio::pin!(read);
                     let polled = read.poll(&mut rcx);
-                    if !sc.is_empty() {
-                        rbuf = sc.split();
-                    }
+                    in_scratch = !sc.is_empty();
                     polled
                 } else {
                     let read = rd.read_buf(&mut rbuf);
@@ -382,15 +407,7 @@ where
             // dedicated connection and unblocks the shard.
             Wake::Read(Ok(0)) if s.blocked.is_some() => break,
             Wake::Read(Ok(0)) => eof = true,
-            Wake::Read(Ok(_)) => {
-                if rbuf.len() > qbuf_limit {
-                    tracing::warn!(
-                        client = s.id,
-                        "closing client that reached max query buffer length"
-                    );
-                    break;
-                }
-            }
+            Wake::Read(Ok(_)) => {}
             Wake::Read(Err(_)) => break,
             Wake::Idle => {
                 tracing::debug!(client = s.id, "closing idle client");
@@ -420,23 +437,25 @@ impl Session {
         self.register();
     }
 
-    /// Parses and dispatches every complete command in `rbuf`, within the pipeline bound.
-    /// Returns whether it stopped at the bound with bytes still buffered.
+    /// Parses and dispatches every complete command in `buf`, within the pipeline bound.
+    /// Returns how many bytes at the front of `buf` are done with, and whether it stopped at
+    /// the bound with bytes still buffered.
     fn process(
         &mut self,
         parser: &mut RequestParser,
-        rbuf: &mut BytesMut,
+        buf: &[u8],
         limits: &Limits,
-    ) -> bool {
+    ) -> (usize, bool) {
         let now = Instant::now();
         let mut n = 0;
+        let mut used = 0;
         let mut bounded = false;
         loop {
             if self.closing {
                 break;
             }
             if self.queue.len() >= self.max_pipeline {
-                bounded = !rbuf.is_empty();
+                bounded = used < buf.len();
                 break;
             }
             if self.queue.waiting() == 0
@@ -459,12 +478,20 @@ impl Session {
                 self.dispatch(&d.request(), now);
                 continue;
             }
-            match parser.parse(rbuf, limits, self.user.is_some()) {
-                Ok(Parsed::Command(req)) => {
+            if used == buf.len() {
+                // Everything is parsed (the parser keeps no partial state then).
+                break;
+            }
+            match parser.parse(&buf[used..], limits, self.user.is_some()) {
+                Ok(Parsed::Command { req, used: u }) => {
                     n += 1;
                     self.dispatch(&req, now);
+                    used += u;
                 }
-                Ok(Parsed::Incomplete) => break,
+                Ok(Parsed::Incomplete { used: u }) => {
+                    used += u;
+                    break;
+                }
                 Err(e) => {
                     self.queue.push_ready(reply::error(&e.message()));
                     self.closing = true;
@@ -475,7 +502,7 @@ impl Session {
         if n > 0 {
             self.w.count_commands(n);
         }
-        bounded
+        (used, bounded)
     }
 
     /// Appends a reply that is ready now.
@@ -545,7 +572,7 @@ impl Session {
             Route::Blocking => self.blocking(spec, req, now),
             Route::Single => self.single(spec, req, now),
             Route::Local => self.local(spec, req, now),
-            Route::AnyShard => self.forward(0, &req.raw, now),
+            Route::AnyShard => self.forward(0, req.raw, now),
             Route::Scatter(m) => self.scatter(spec, req, m, now),
             Route::AllShards(m) => self.all_shards(spec, req, m, now),
             Route::Refused => self.reply(reply::not_allowed(spec.name)),
@@ -657,10 +684,10 @@ impl Session {
                     let rule = rule.clone();
                     return self.get_readthrough(shard, &rule, req, now);
                 }
-                self.forward(shard, &req.raw, now)
+                self.forward(shard, req.raw, now)
             }
             // No keys, or key positions undeterminable: any shard answers (its own error).
-            Ok(None) => self.forward(0, &req.raw, now),
+            Ok(None) => self.forward(0, req.raw, now),
             Err(()) => self.reply_static(reply::CROSSSLOT),
         }
     }
@@ -750,7 +777,7 @@ impl Session {
             && (1..argc).any(|i| rules.find(req.arg(i)).is_some());
         if same && !readthrough {
             let shard = self.keys[0];
-            return self.forward(shard, &req.raw, now);
+            return self.forward(shard, req.raw, now);
         }
         let mut positions: Vec<Vec<u32>> = vec![Vec::new(); map.shard_count()];
         for (k, &shard) in self.keys.iter().enumerate() {
@@ -790,8 +817,8 @@ impl Session {
     /// A GET of a read-through key: forwarded like any GET (or as the value+PTTL script for
     /// rules with a grace period); a nil reply becomes an origin fetch (see `readthrough`).
     fn get_readthrough(&mut self, shard: usize, rule: &Arc<Rule>, req: &Request<'_>, now: Instant) {
-        let key = req.arg_bytes(1);
-        let script = readthrough::get_request(rule, &key);
+        let key = req.arg(1);
+        let script = readthrough::get_request(rule, key);
         let seq = self.queue.push_waiting(Slot::Waiting);
         let pending = self.w.pending_gets.insert(PendingGet {
             w: self.w.clone(),
@@ -801,10 +828,10 @@ impl Session {
             sent_at: now.into_std(),
             proto: self.proto,
             with_pttl: script.is_some(),
-            key,
+            key: readthrough::KeyBuf::new(key),
         });
         let up = self.w.pools.get(self.proto, shard, self.conn);
-        let raw = script.as_deref().unwrap_or(&req.raw);
+        let raw = script.as_deref().unwrap_or(req.raw);
         up.send(raw, Target::ReadThrough(pending), now);
     }
 
@@ -824,7 +851,7 @@ impl Session {
             seq,
             proto: self.proto,
             sent_at: now.into_std(),
-            keys: (1..req.argc()).map(|i| req.arg_bytes(i)).collect(),
+            keys: (1..req.argc()).map(|i| req.arg_copy(i)).collect(),
             positions,
             parts: vec![None; parts.len()],
             missing: parts.len(),
@@ -873,7 +900,8 @@ impl Session {
                 "ERR CONFIG SET parameter '{bad}' is not allowed through slotgate"
             )));
         }
-        let parts: Vec<(usize, Bytes)> = (0..n).map(|s| (s, req.raw.clone())).collect();
+        let raw = Bytes::copy_from_slice(req.raw);
+        let parts: Vec<(usize, Bytes)> = (0..n).map(|s| (s, raw.clone())).collect();
         self.gather(kind, &parts, now);
     }
 

@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -279,4 +280,60 @@ fn several_upstream_connections_keep_each_clients_order() {
     for t in threads {
         t.join().unwrap();
     }
+}
+
+/// `client_query_buffer_limit` counts input not parsed yet: a command larger than the limit
+/// closes its client (and only that client), while a value under the limit and a pipeline of
+/// small commands larger in total than the limit both go through.
+#[test]
+fn the_query_buffer_limit_closes_only_a_client_whose_unparsed_input_exceeds_it() {
+    let dir = support::tls::temp_dir("qbuf");
+    let cfg = dir.join("proxy.toml");
+    std::fs::write(&cfg, "client_query_buffer_limit = 1048576\n").unwrap();
+    let shard = RedisServer::start();
+    let proxy = Slotgate::start_with(&[&shard], &["--config", cfg.to_str().unwrap()]);
+    let mut other = proxy.raw();
+    assert_eq!(other.call(&[b"SET", b"other", b"1"]), b"+OK\r\n");
+
+    // 900 KB in one value: under the limit, sent in small writes.
+    let mut c = proxy.raw();
+    let value = vec![b'v'; 900 * 1024];
+    for piece in resp(&[b"SET", b"big", &value]).chunks(7000) {
+        c.send(piece);
+    }
+    assert_eq!(c.read_replies(1)[0], b"+OK\r\n");
+
+    // 2 MB of small commands in one pipeline: each is parsed as it arrives.
+    let n = 40_000;
+    let mut wire = Vec::new();
+    for i in 0..n {
+        wire.extend_from_slice(&resp(&[b"ECHO", format!("{i:045}").as_bytes()]));
+    }
+    assert!(wire.len() > 2 * 1024 * 1024);
+    let mut w = c.stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || w.write_all(&wire).unwrap());
+    let replies = c.read_replies(n);
+    sender.join().unwrap();
+    assert_eq!(
+        replies[n - 1],
+        format!("$45\r\n{:045}\r\n", n - 1).into_bytes()
+    );
+
+    // A 4 MB value: closed once 1 MB of it is buffered.
+    let mut big = proxy.raw();
+    big.send(b"*3\r\n$3\r\nSET\r\n$3\r\nbig\r\n$4194304\r\n");
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut sent = 0;
+    while sent < 2 * 1024 * 1024 {
+        if big.stream.write_all(&chunk).is_err() {
+            break;
+        }
+        sent += chunk.len();
+    }
+    assert!(big.is_closed(), "the client over the limit is closed");
+    assert_eq!(other.call(&[b"GET", b"other"]), b"$1\r\n1\r\n");
+    assert_eq!(
+        c.call(&[b"STRLEN", b"big"]),
+        format!(":{}\r\n", 900 * 1024).into_bytes()
+    );
 }

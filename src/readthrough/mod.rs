@@ -437,11 +437,54 @@ pub struct PendingGet {
     pub queue: Rc<ReplyQueue>,
     pub seq: u64,
     pub rule: Arc<Rule>,
-    pub key: Bytes,
+    pub key: KeyBuf,
     pub sent_at: Instant,
     pub proto: Proto,
     /// The request was the value+PTTL script (rules with a grace period).
     pub with_pttl: bool,
+}
+
+/// A key kept by value without a heap allocation when it is short (most cache keys): the
+/// request it came from is a view of the client's read buffer, which is reused at once.
+pub enum KeyBuf {
+    Inline {
+        len: u8,
+        bytes: [u8; KeyBuf::INLINE],
+    },
+    Heap(Bytes),
+}
+
+impl KeyBuf {
+    /// Keys up to this long are kept inline.
+    pub const INLINE: usize = 46;
+
+    pub fn new(key: &[u8]) -> Self {
+        if key.len() <= Self::INLINE {
+            let mut bytes = [0; Self::INLINE];
+            bytes[..key.len()].copy_from_slice(key);
+            KeyBuf::Inline {
+                len: key.len() as u8,
+                bytes,
+            }
+        } else {
+            KeyBuf::Heap(Bytes::copy_from_slice(key))
+        }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            KeyBuf::Inline { len, bytes } => &bytes[..*len as usize],
+            KeyBuf::Heap(b) => b,
+        }
+    }
+
+    /// The key as `Bytes`, for a miss or a refresh (which fetch from the origin anyway).
+    pub fn to_bytes(&self) -> Bytes {
+        match self {
+            KeyBuf::Inline { .. } => Bytes::copy_from_slice(self.as_slice()),
+            KeyBuf::Heap(b) => b.clone(),
+        }
+    }
 }
 
 const WRONGTYPE: &[u8] = b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n";
@@ -562,7 +605,7 @@ impl PendingGet {
             match pttl {
                 Some(p) if p >= 0 && p < grace => {
                     stats.stale_serves.add(1);
-                    refresh_in_background(&self.w, &self.rule, &self.key, &value);
+                    refresh_in_background(&self.w, &self.rule, &self.key.to_bytes(), &value);
                 }
                 _ => stats.hits.add(1),
             }
@@ -570,7 +613,8 @@ impl PendingGet {
         }
         stats.misses.add(1);
         tokio::task::spawn_local(async move {
-            let outcome = miss(&self.w, &self.rule, &self.key, self.sent_at).await;
+            let key = self.key.to_bytes();
+            let outcome = miss(&self.w, &self.rule, &key, self.sent_at).await;
             self.queue.deliver(self.seq, 0, outcome.reply(self.proto));
         });
     }
@@ -882,6 +926,24 @@ fn bulk_payload(frame: &Bytes) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_of_any_length_are_kept_whole() {
+        for n in [
+            0,
+            1,
+            KeyBuf::INLINE - 1,
+            KeyBuf::INLINE,
+            KeyBuf::INLINE + 1,
+            1000,
+        ] {
+            let key: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+            let k = KeyBuf::new(&key);
+            assert_eq!(k.as_slice(), &key[..], "length {n}");
+            assert_eq!(&k.to_bytes()[..], &key[..], "length {n}");
+            assert_eq!(matches!(k, KeyBuf::Inline { .. }), n <= KeyBuf::INLINE);
+        }
+    }
 
     fn rule(prefix: &str, name: Option<&str>) -> RuleConfig {
         RuleConfig {

@@ -2,8 +2,9 @@
 //!
 //! Bounded, resumable and non-recursive. It never allocates from an untrusted length: argument
 //! ranges grow one by one as bytes arrive, and the caller's read buffer grows in fixed steps.
-//! A complete command is split off the read buffer as one `Bytes` (zero copy) and forwarded
-//! untouched; an inline command is re-encoded as a multibulk first (rare path).
+//! A complete command is a view of the caller's buffer (no copy, no reference count), which
+//! the caller advances past once the command is dispatched; an inline command is re-encoded
+//! as a multibulk into the parser's own buffer first (rare path).
 //!
 //! Errors mirror Redis 7.0's `processMultibulkBuffer`/`processInlineBuffer` byte for byte
 //! (`../shared/notes/redis-facts.md` §3.1); after one the session replies and closes.
@@ -70,10 +71,10 @@ impl Default for Limits {
 }
 
 /// One parsed command: its raw bytes and the byte range of each argument inside them.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
     /// The whole command as received (or re-encoded, for inline commands).
-    pub raw: Bytes,
+    pub raw: &'a [u8],
     /// `(start, end)` of each argument in `raw`; index 0 is the command name.
     pub args: &'a [(u32, u32)],
 }
@@ -91,11 +92,11 @@ impl Request<'_> {
         &self.raw[s as usize..e as usize]
     }
 
-    /// The i-th argument as a zero-copy `Bytes`.
+    /// A copy of the i-th argument, to keep beyond the command (off the hot path: the
+    /// request itself is a view of the read buffer).
     #[inline]
-    pub fn arg_bytes(&self, i: usize) -> Bytes {
-        let (s, e) = self.args[i];
-        self.raw.slice(s as usize..e as usize)
+    pub fn arg_copy(&self, i: usize) -> Bytes {
+        Bytes::copy_from_slice(self.arg(i))
     }
 
     /// The raw bytes of the i-th argument including its `$len\r\n` header and trailing CRLF,
@@ -120,14 +121,19 @@ pub struct RequestParser {
     remaining: usize,
     /// Ranges of the arguments parsed so far (reused; never sized from the wire).
     args: Vec<(u32, u32)>,
+    /// The last inline command, re-encoded as a multibulk (reused).
+    inline: BytesMut,
 }
 
 /// What `RequestParser::parse` found at the front of the buffer.
 #[derive(Debug)]
 pub enum Parsed<'a> {
-    Command(Request<'a>),
-    /// Need more bytes; nothing was consumed beyond what is remembered.
-    Incomplete,
+    /// A complete command. The first `used` bytes of the buffer (the command and any ignored
+    /// input before it) are done with once the command is.
+    Command { req: Request<'a>, used: usize },
+    /// Need more bytes. The first `used` bytes (ignored input) are done with; the rest must be
+    /// passed again, with more bytes after it: the parser remembers how far it got.
+    Incomplete { used: usize },
 }
 
 impl RequestParser {
@@ -135,37 +141,52 @@ impl RequestParser {
         Self::default()
     }
 
-    /// Bytes the current incomplete command is known to need at least, beyond what is
-    /// buffered: the session uses it to size reads without trusting a huge length.
-    pub fn in_progress(&self) -> bool {
-        self.pos > 0
-    }
-
-    /// Parses the next command at the front of `buf`. On success the command's bytes are split
-    /// off `buf`. `authed` selects Redis's pre-authentication limits.
+    /// Parses the next command at the front of `buf`. `authed` selects Redis's
+    /// pre-authentication limits. The caller drops the `used` bytes the answer names from the
+    /// front of its buffer before the next call.
     pub fn parse<'p>(
         &'p mut self,
-        buf: &mut BytesMut,
+        buf: &'p [u8],
         limits: &Limits,
         authed: bool,
     ) -> Result<Parsed<'p>, ProtoError> {
+        if self.pos == 0
+            && let Some(end) = self.parse_whole(buf, limits, authed)
+        {
+            return Ok(Parsed::Command {
+                req: Request {
+                    raw: &buf[..end],
+                    args: &self.args,
+                },
+                used: end,
+            });
+        }
+        // Ignored input skipped so far in this call (the current command starts here).
+        let mut base = 0;
         loop {
+            let buf = &buf[base..];
             if self.pos == 0 {
                 // Skip what Redis ignores between commands: empty inline lines, `*0`, `*-N`.
                 if buf.is_empty() {
-                    return Ok(Parsed::Incomplete);
+                    return Ok(Parsed::Incomplete { used: base });
                 }
                 if buf[0] != b'*' {
                     match self.parse_inline(buf)? {
-                        Inline::Command(raw) => {
-                            return Ok(Parsed::Command(Request {
-                                raw,
-                                args: &self.args,
-                            }));
+                        Inline::Command(n) => {
+                            return Ok(Parsed::Command {
+                                req: Request {
+                                    raw: &self.inline,
+                                    args: &self.args,
+                                },
+                                used: base + n,
+                            });
                         }
-                        Inline::Incomplete => return Ok(Parsed::Incomplete),
+                        Inline::Incomplete => return Ok(Parsed::Incomplete { used: base }),
                         // An empty line was skipped: look at what follows.
-                        Inline::Skipped => continue,
+                        Inline::Skipped(n) => {
+                            base += n;
+                            continue;
+                        }
                     }
                 }
             }
@@ -175,11 +196,11 @@ impl RequestParser {
                     if buf.len() > INLINE_MAX {
                         return Err(ProtoError::TooBigMbulkCount);
                     }
-                    return Ok(Parsed::Incomplete);
+                    return Ok(Parsed::Incomplete { used: base });
                 };
                 let end = 1 + cr;
                 if end + 2 > buf.len() {
-                    return Ok(Parsed::Incomplete);
+                    return Ok(Parsed::Incomplete { used: base });
                 }
                 let n = parse_i64(&buf[1..end]).ok_or(ProtoError::InvalidMultibulkLength)?;
                 if n > i32::MAX as i64 {
@@ -189,7 +210,7 @@ impl RequestParser {
                     return Err(ProtoError::UnauthenticatedMultibulkLength);
                 }
                 if n <= 0 {
-                    let _ = buf.split_to(end + 2);
+                    base += end + 2;
                     continue;
                 }
                 self.remaining = n as usize;
@@ -199,7 +220,7 @@ impl RequestParser {
             while self.remaining > 0 {
                 let p = self.pos;
                 if p >= buf.len() {
-                    return Ok(Parsed::Incomplete);
+                    return Ok(Parsed::Incomplete { used: base });
                 }
                 if buf[p] != b'$' {
                     return Err(ProtoError::ExpectedDollar(buf[p]));
@@ -208,7 +229,7 @@ impl RequestParser {
                     if buf.len() - p > INLINE_MAX {
                         return Err(ProtoError::TooBigBulkCount);
                     }
-                    return Ok(Parsed::Incomplete);
+                    return Ok(Parsed::Incomplete { used: base });
                 };
                 let line_end = p + 1 + cr;
                 let len = parse_i64(&buf[p + 1..line_end]).ok_or(ProtoError::InvalidBulkLength)?;
@@ -222,7 +243,7 @@ impl RequestParser {
                 // Redis skips the two bytes after the payload without checking them.
                 let next = start + len as usize + 2;
                 if next > buf.len() {
-                    return Ok(Parsed::Incomplete);
+                    return Ok(Parsed::Incomplete { used: base });
                 }
                 if next > u32::MAX as usize {
                     return Err(ProtoError::InvalidBulkLength);
@@ -232,18 +253,54 @@ impl RequestParser {
                 self.pos = next;
                 self.remaining -= 1;
             }
-            let raw = buf.split_to(self.pos).freeze();
+            let end = self.pos;
             self.pos = 0;
-            return Ok(Parsed::Command(Request {
-                raw,
-                args: &self.args,
-            }));
+            return Ok(Parsed::Command {
+                req: Request {
+                    raw: &buf[..end],
+                    args: &self.args,
+                },
+                used: base + end,
+            });
         }
+    }
+
+    /// The common case in one pass: a whole multibulk command, counts and lengths of at most
+    /// 9 digits, within the limits. `None` for anything else (incomplete, unusual or wrong),
+    /// which the general path then parses from the start, remembering where it stops: so this
+    /// pass runs at most once per command, whatever the read boundaries.
+    #[inline]
+    fn parse_whole(&mut self, buf: &[u8], limits: &Limits, authed: bool) -> Option<usize> {
+        if buf.first() != Some(&b'*') {
+            return None;
+        }
+        let (n, mut p) = short_number(buf, 1)?;
+        if n == 0 || (!authed && n > limits.unauth_max_args) {
+            return None;
+        }
+        self.args.clear();
+        for _ in 0..n {
+            if *buf.get(p)? != b'$' {
+                return None;
+            }
+            let (len, start) = short_number(buf, p + 1)?;
+            if len > limits.max_bulk_len || (!authed && len > limits.unauth_max_bulk) {
+                return None;
+            }
+            // Redis skips the two bytes after the payload without checking them.
+            let next = start + len + 2;
+            if next > buf.len() || next > u32::MAX as usize {
+                return None;
+            }
+            self.args.push((start as u32, (start + len) as u32));
+            p = next;
+        }
+        Some(p)
     }
 
     /// An inline command: one line, split like `sdssplitargs`, re-encoded as multibulk.
     /// An empty line is consumed and ignored, as Redis does.
-    fn parse_inline(&mut self, buf: &mut BytesMut) -> Result<Inline, ProtoError> {
+    fn parse_inline(&mut self, buf: &[u8]) -> Result<Inline, ProtoError> {
         // Redis finds the newline with `strchr`, which stops at a NUL byte: a line with a NUL
         // before its newline never ends (until it is too big).
         let nl = match buf.iter().position(|&b| b == b'\n' || b == 0) {
@@ -255,39 +312,64 @@ impl RequestParser {
                 return Ok(Inline::Incomplete);
             }
         };
-        let line = buf.split_to(nl + 1);
-        let mut body = &line[..nl];
+        let mut body = &buf[..nl];
         if body.last() == Some(&b'\r') {
             body = &body[..body.len() - 1];
         }
         let words = split_args(body).ok_or(ProtoError::UnbalancedQuotes)?;
         if words.is_empty() {
-            return Ok(Inline::Skipped);
+            return Ok(Inline::Skipped(nl + 1));
         }
-        let mut out = BytesMut::with_capacity(body.len() + 16 * words.len());
+        let out = &mut self.inline;
+        out.clear();
         self.args.clear();
-        push_header(&mut out, b'*', words.len());
+        push_header(out, b'*', words.len());
         for w in &words {
-            push_header(&mut out, b'$', w.len());
+            push_header(out, b'$', w.len());
             let s = out.len();
             out.extend_from_slice(w);
             self.args.push((s as u32, out.len() as u32));
             out.extend_from_slice(b"\r\n");
         }
-        Ok(Inline::Command(out.freeze()))
+        Ok(Inline::Command(nl + 1))
     }
 }
 
-/// What an inline line turned out to be (its argument ranges are in `RequestParser::args`).
+/// What an inline line turned out to be, with the bytes of the line (the command's argument
+/// ranges are in `RequestParser::args`, its bytes in `RequestParser::inline`).
 enum Inline {
-    Command(Bytes),
+    Command(usize),
     Incomplete,
-    Skipped,
+    Skipped(usize),
 }
 
 #[inline]
 fn find_cr(b: &[u8]) -> Option<usize> {
     b.iter().position(|&c| c == b'\r')
+}
+
+/// A count or length line of 1 to 9 digits at `buf[at..]` (no sign, no leading zero), ended
+/// by `\r` and one more byte (not checked, as in Redis): its value and where the next line
+/// starts. `None` for anything else, including a line not complete yet.
+#[inline]
+fn short_number(buf: &[u8], at: usize) -> Option<(usize, usize)> {
+    let digits = buf.get(at..)?;
+    let mut v = 0usize;
+    let mut i = 0;
+    loop {
+        let c = *digits.get(i)?;
+        match c {
+            b'0'..=b'9' if i < 9 => v = v * 10 + (c - b'0') as usize,
+            b'\r' if i > 0 => break,
+            _ => return None,
+        }
+        i += 1;
+    }
+    if i > 1 && digits[0] == b'0' {
+        return None;
+    }
+    let next = at + i + 2;
+    (next <= buf.len()).then_some((v, next))
 }
 
 /// Redis's `string2ll` for the count and length lines: optional `-`, digits, no spaces,

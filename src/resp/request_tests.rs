@@ -2,14 +2,71 @@ use super::*;
 
 fn parse_all(input: &[u8]) -> Result<Vec<Vec<Vec<u8>>>, ProtoError> {
     let mut p = RequestParser::new();
-    let mut buf = BytesMut::from(input);
+    let mut buf = input;
     let mut out = Vec::new();
     loop {
-        match p.parse(&mut buf, &Limits::default(), true)? {
-            Parsed::Command(r) => out.push((0..r.argc()).map(|i| r.arg(i).to_vec()).collect()),
-            Parsed::Incomplete => return Ok(out),
+        match p.parse(buf, &Limits::default(), true)? {
+            Parsed::Command { req, used } => {
+                out.push((0..req.argc()).map(|i| req.arg(i).to_vec()).collect());
+                buf = &buf[used..];
+            }
+            Parsed::Incomplete { used } => {
+                assert_eq!(used, buf.len(), "only complete input in these tests");
+                return Ok(out);
+            }
         }
     }
+}
+
+/// Feeds `input` in pieces of `step` bytes, keeping what is not used (as the session does).
+fn parse_in_steps(input: &[u8], step: usize) -> Vec<Vec<Vec<u8>>> {
+    let mut p = RequestParser::new();
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    for piece in input.chunks(step) {
+        buf.extend_from_slice(piece);
+        loop {
+            match p.parse(&buf, &Limits::default(), true).unwrap() {
+                Parsed::Command { req, used } => {
+                    out.push((0..req.argc()).map(|i| req.arg(i).to_vec()).collect());
+                    buf.drain(..used);
+                }
+                Parsed::Incomplete { used } => {
+                    buf.drain(..used);
+                    break;
+                }
+            }
+        }
+    }
+    assert!(buf.is_empty(), "left over: {buf:?}");
+    out
+}
+
+#[test]
+fn commands_and_ignored_input_fed_byte_by_byte() {
+    let input = b"\r\n*0\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n\nPING\r\n*-1\r\n*1\r\n$4\r\nPING\r\n";
+    let whole = parse_all(input).unwrap();
+    assert_eq!(whole.len(), 3);
+    for step in 1..input.len() {
+        assert_eq!(parse_in_steps(input, step), whole, "step {step}");
+    }
+}
+
+#[test]
+fn ignored_input_before_a_partial_command_is_used() {
+    let mut p = RequestParser::new();
+    let buf = b"*0\r\n\r\n*1\r\n$4\r\nPI";
+    assert!(matches!(
+        p.parse(buf, &Limits::default(), true),
+        Ok(Parsed::Incomplete { used: 6 })
+    ));
+    let Parsed::Command { req, used } = p
+        .parse(b"*1\r\n$4\r\nPING\r\n", &Limits::default(), true)
+        .unwrap()
+    else {
+        panic!("incomplete")
+    };
+    assert_eq!((req.arg(0), used), (&b"PING"[..], 14));
 }
 
 #[test]
@@ -76,8 +133,8 @@ fn bulk_terminator_is_not_checked_like_redis() {
 #[test]
 fn arg_frame_points_at_the_header() {
     let mut p = RequestParser::new();
-    let mut buf = BytesMut::from(&b"*3\r\n$4\r\nMGET\r\n$1\r\na\r\n$10\r\nbbbbbbbbbb\r\n"[..]);
-    let Parsed::Command(r) = p.parse(&mut buf, &Limits::default(), true).unwrap() else {
+    let buf = b"*3\r\n$4\r\nMGET\r\n$1\r\na\r\n$10\r\nbbbbbbbbbb\r\n";
+    let Parsed::Command { req: r, .. } = p.parse(buf, &Limits::default(), true).unwrap() else {
         panic!("incomplete")
     };
     assert_eq!(r.arg_frame(0), b"$4\r\nMGET\r\n");
@@ -98,15 +155,14 @@ fn inline_quoting_like_sdssplitargs() {
 #[test]
 fn unauthenticated_limits() {
     let mut p = RequestParser::new();
-    let mut buf = BytesMut::from(&b"*11\r\n"[..]);
     assert_eq!(
-        p.parse(&mut buf, &Limits::default(), false).unwrap_err(),
+        p.parse(b"*11\r\n", &Limits::default(), false).unwrap_err(),
         ProtoError::UnauthenticatedMultibulkLength
     );
     let mut p = RequestParser::new();
-    let mut buf = BytesMut::from(&b"*1\r\n$16385\r\n"[..]);
     assert_eq!(
-        p.parse(&mut buf, &Limits::default(), false).unwrap_err(),
+        p.parse(b"*1\r\n$16385\r\n", &Limits::default(), false)
+            .unwrap_err(),
         ProtoError::UnauthenticatedBulkLength
     );
 }
