@@ -63,6 +63,7 @@ pub mod config;
 pub mod fanout;
 pub mod local;
 pub mod metrics;
+pub mod netio;
 pub mod notify;
 pub mod pinned;
 pub mod pubsub;

@@ -128,7 +128,7 @@ pub struct Worker {
     pub metrics: WorkerMetrics,
     /// Shared by this worker's sessions: reads land here and writes are gathered here, so an
     /// idle client holds no buffer of its own (see `session::serve`).
-    pub read_scratch: std::cell::RefCell<bytes::BytesMut>,
+    pub read_scratch: std::cell::RefCell<Vec<u8>>,
     pub write_scratch: std::cell::RefCell<bytes::BytesMut>,
     /// Read-through GETs waiting for their shard.
     pub pending_gets: Rc<crate::readthrough::PendingGets>,

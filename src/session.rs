@@ -12,13 +12,12 @@ use std::rc::Rc;
 
 use bytes::{Buf, Bytes, BytesMut};
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -28,6 +27,7 @@ use crate::readthrough::{self, PendingGet, PendingMget, Rule};
 
 use crate::command::{self, CommandSpec, Merge, Route, flags, keys};
 use crate::fanout::{Gather, GatherKind};
+use crate::netio::{ClientRead, ClientWrite, PlainRead, PlainWrite};
 use crate::notify::FlagWaker;
 use crate::queue::{ReplyQueue, Slot, Target};
 use crate::resp::reply::{self, Proto};
@@ -105,14 +105,14 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves one client connection until it closes: plain, or TLS when `tls` is given (the
 /// handshake runs here, on the worker, so it never blocks the acceptor).
-pub async fn run(mut stream: TcpStream, w: Rc<Worker>, tls: Option<TlsAcceptor>) {
+pub async fn run(stream: TcpStream, w: Rc<Worker>, tls: Option<TlsAcceptor>) {
     let _ = stream.set_nodelay(true);
     let (Ok(addr), Ok(laddr)) = (stream.peer_addr(), stream.local_addr()) else {
         return;
     };
     match tls {
         None => {
-            let (rd, wr) = stream.split();
+            let (rd, wr) = (PlainRead(&stream), PlainWrite(&stream));
             serve(rd, wr, w, addr, laddr).await;
         }
         Some(acceptor) => {
@@ -165,8 +165,8 @@ impl Drop for ClientPlace {
 /// The read/parse/route/write loop of one connection, over any byte stream.
 async fn serve<R, W>(mut rd: R, mut wr: W, w: Rc<Worker>, addr: SocketAddr, laddr: SocketAddr)
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    R: ClientRead,
+    W: ClientWrite,
 {
     let shared = w.shared.clone();
     let Some(_place) = ClientPlace::take(&shared) else {
@@ -292,7 +292,7 @@ where
             if !sc.is_empty() {
                 wrote = true;
                 let mut cx = Context::from_waker(&task);
-                match Pin::new(&mut wr).poll_write(&mut cx, &sc) {
+                match wr.poll_write_now(&mut cx, &sc) {
                     Poll::Ready(Ok(n)) => out.extend_from_slice(&sc[n..]),
                     Poll::Ready(Err(_)) => {
                         sc.clear();
@@ -376,15 +376,11 @@ where
                     if sc.capacity() < SCRATCH {
                         sc.reserve(SCRATCH);
                     }
-                    let read = rd.read_buf(&mut *sc);
-                    tokio::pin!(read);
-                    let polled = read.poll(&mut rcx);
+                    let polled = rd.poll_read_vec(&mut rcx, &mut sc);
                     in_scratch = !sc.is_empty();
                     polled
                 } else {
-                    let read = rd.read_buf(&mut rbuf);
-                    tokio::pin!(read);
-                    read.poll(&mut rcx)
+                    rd.poll_read_bytes(&mut rcx, &mut rbuf)
                 };
                 match polled {
                     Poll::Ready(r) => {
