@@ -1,4 +1,4 @@
-//! The client socket operations of the session's hot path.
+//! Socket reads and writes on the hot path: clients' and shards'.
 //!
 //! tokio's `AsyncRead`/`AsyncWrite` for a `TcpStream` run its readiness bookkeeping (the
 //! cooperative budget in a thread-local, the waker check) on every call, then libc's `recv`
@@ -6,9 +6,10 @@
 //! around the system call. In callgrind that is about 220 instructions per read and 180 per
 //! write, for a GET that costs about 4,300 in all.
 //!
-//! On plain TCP the session instead asks tokio only whether the socket is ready (`try_io`:
-//! one atomic load), makes the system call itself (rustix, no libc wrapper), and registers
-//! its waker with tokio only when the socket is not ready. Readiness stays tokio's: a
+//! On plain TCP, sessions and shard connections instead ask tokio only whether the socket is
+//! ready (`try_io`: one atomic load), make the system call themselves (rustix, no libc
+//! wrapper, where the buffer allows), and register their waker with tokio only when the
+//! socket is not ready. Readiness stays tokio's: a
 //! `WouldBlock`, or a short read or write (the socket is drained or full, as tokio itself
 //! assumes for edge-triggered epoll), clears it, so the next call waits for the next event.
 //! TLS keeps the generic path: there the record layer's work dominates.
@@ -22,14 +23,15 @@ use rustix::net::{RecvFlags, SendFlags};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, Interest};
 use tokio::net::TcpStream;
 
-/// Reading from a client.
-pub trait ClientRead {
+/// The read side of a connection.
+pub trait ReadSide {
     /// Appends what can be read now to `buf` (which must have spare capacity): the bytes
     /// read, 0 at end of stream. `Pending` registers `cx`'s waker for readability.
     fn poll_read_vec(&mut self, cx: &mut Context<'_>, buf: &mut Vec<u8>)
     -> Poll<io::Result<usize>>;
 
-    /// The same into a `BytesMut` (the session's own buffer, for a command cut across reads).
+    /// The same into a `BytesMut` (a session's own buffer for a command cut across reads; a
+    /// shard connection's buffer, whose replies are handed out as `Bytes`).
     fn poll_read_bytes(
         &mut self,
         cx: &mut Context<'_>,
@@ -37,16 +39,15 @@ pub trait ClientRead {
     ) -> Poll<io::Result<usize>>;
 }
 
-/// Writing to a client: `AsyncWrite` for the rare paths (a full socket, shutdown), and one
-/// non-blocking write for the hot path.
-pub trait ClientWrite: AsyncWrite + Unpin {
+/// The write side of a connection: `AsyncWrite`, and one non-blocking write for the hot path.
+pub trait WriteSide: AsyncWrite + Unpin {
     fn poll_write_now(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(self).poll_write(cx, buf)
     }
 }
 
-/// Any stream (TLS) goes through tokio's own read path.
-impl<T: AsyncRead> ClientRead for tokio::io::ReadHalf<T> {
+/// Any other stream (TLS) goes through tokio's own read path.
+impl<T: AsyncRead> ReadSide for tokio::io::ReadHalf<T> {
     fn poll_read_vec(
         &mut self,
         cx: &mut Context<'_>,
@@ -68,22 +69,22 @@ impl<T: AsyncRead> ClientRead for tokio::io::ReadHalf<T> {
     }
 }
 
-impl<T: AsyncWrite> ClientWrite for tokio::io::WriteHalf<T> {}
+impl<T: AsyncWrite> WriteSide for tokio::io::WriteHalf<T> {}
 
-/// The read side of a plain TCP client.
+/// The read side of a plain TCP connection.
 pub struct PlainRead<'a>(pub &'a TcpStream);
 
-/// The write side of a plain TCP client.
+/// The write side of a plain TCP connection.
 pub struct PlainWrite<'a>(pub &'a TcpStream);
 
-/// Runs `op` if tokio has seen the socket ready for `interest`; a `WouldBlock`, or a result
-/// `short` calls short (the socket is drained or full), clears tokio's readiness. `Pending`
-/// registers `cx`'s waker.
+/// Runs `op` if tokio has seen the socket ready for `interest`. A `WouldBlock`, or a result
+/// that `short` calls short (the socket is drained, or full), clears tokio's readiness, as
+/// tokio's own reads and writes do. `Pending` registers `cx`'s waker.
 fn poll_op(
     stream: &TcpStream,
     cx: &mut Context<'_>,
     interest: Interest,
-    mut op: impl FnMut() -> rustix::io::Result<usize>,
+    mut op: impl FnMut() -> io::Result<usize>,
     short: impl Fn(usize) -> bool,
 ) -> Poll<io::Result<usize>> {
     loop {
@@ -93,12 +94,11 @@ fn poll_op(
                 match op() {
                     Ok(n) if short(n) => {
                         done = Some(n);
-                        // Clears the readiness tokio recorded, as its own read and write do.
                         return Err(io::ErrorKind::WouldBlock.into());
                     }
                     Ok(n) => return Ok(n),
-                    Err(rustix::io::Errno::INTR) => continue,
-                    Err(e) => return Err(e.into()),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
                 }
             }
         });
@@ -121,7 +121,12 @@ fn poll_op(
     }
 }
 
-impl ClientRead for PlainRead<'_> {
+/// A rustix result as a std one.
+fn std_io(r: rustix::io::Result<usize>) -> io::Result<usize> {
+    r.map_err(Into::into)
+}
+
+impl ReadSide for PlainRead<'_> {
     fn poll_read_vec(
         &mut self,
         cx: &mut Context<'_>,
@@ -135,12 +140,8 @@ impl ClientRead for PlainRead<'_> {
             cx,
             Interest::READABLE,
             || {
-                rustix::net::recv(
-                    stream,
-                    rustix::buffer::spare_capacity(buf),
-                    RecvFlags::empty(),
-                )
-                .map(|(n, _)| n)
+                let spare = rustix::buffer::spare_capacity(buf);
+                std_io(rustix::net::recv(stream, spare, RecvFlags::empty()).map(|(n, _)| n))
             },
             |n| n > 0 && n < room,
         )
@@ -151,14 +152,20 @@ impl ClientRead for PlainRead<'_> {
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
     ) -> Poll<io::Result<usize>> {
-        loop {
-            match self.0.try_read_buf(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    ready!(self.0.poll_read_ready(cx))?;
-                }
-                res => return Poll::Ready(res),
-            }
+        // tokio's `try_read_buf` fills the uninitialized spare capacity (through libc's recv);
+        // `poll_op` around it handles readiness as above.
+        let stream = self.0;
+        if buf.capacity() == buf.len() {
+            buf.reserve(4096);
         }
+        let room = buf.capacity() - buf.len();
+        poll_op(
+            stream,
+            cx,
+            Interest::READABLE,
+            || stream.try_read_buf(buf),
+            |n| n > 0 && n < room,
+        )
     }
 }
 
@@ -176,21 +183,22 @@ impl AsyncWrite for PlainWrite<'_> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(rustix::net::shutdown(self.0, rustix::net::Shutdown::Write).map_err(Into::into))
+        let r = rustix::net::shutdown(self.0, rustix::net::Shutdown::Write);
+        Poll::Ready(r.map_err(Into::into))
     }
 }
 
-impl ClientWrite for PlainWrite<'_> {
+impl WriteSide for PlainWrite<'_> {
     fn poll_write_now(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let stream = self.0;
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
+        let stream = self.0;
         poll_op(
             stream,
             cx,
             Interest::WRITABLE,
-            || rustix::net::send(stream, buf, SendFlags::NOSIGNAL),
+            || std_io(rustix::net::send(stream, buf, SendFlags::NOSIGNAL)),
             |n| n < buf.len(),
         )
     }

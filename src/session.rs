@@ -27,7 +27,7 @@ use crate::readthrough::{self, PendingGet, PendingMget, Rule};
 
 use crate::command::{self, CommandSpec, Merge, Route, flags, keys};
 use crate::fanout::{Gather, GatherKind};
-use crate::netio::{ClientRead, ClientWrite, PlainRead, PlainWrite};
+use crate::netio::{PlainRead, PlainWrite, ReadSide, WriteSide};
 use crate::notify::FlagWaker;
 use crate::queue::{ReplyQueue, Slot, Target};
 use crate::resp::reply::{self, Proto};
@@ -165,8 +165,8 @@ impl Drop for ClientPlace {
 /// The read/parse/route/write loop of one connection, over any byte stream.
 async fn serve<R, W>(mut rd: R, mut wr: W, w: Rc<Worker>, addr: SocketAddr, laddr: SocketAddr)
 where
-    R: ClientRead,
-    W: ClientWrite,
+    R: ReadSide,
+    W: WriteSide,
 {
     let shared = w.shared.clone();
     let Some(_place) = ClientPlace::take(&shared) else {
@@ -256,10 +256,13 @@ where
             }
             sc.clear();
             bounded
-        } else {
+        } else if !rbuf.is_empty() || s.deferred.is_some() || s.blocked.is_some() {
             let (used, bounded) = s.process(&mut parser, &rbuf, &limits);
             rbuf.advance(used);
             bounded
+        } else {
+            // Nothing to parse and nothing held back (woken by a reply): skip the call.
+            false
         };
         if rbuf.len() > qbuf_limit {
             tracing::warn!(

@@ -24,10 +24,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::netio::{PlainRead, PlainWrite, ReadSide, WriteSide};
 use crate::notify::LocalNotify;
 use bytes::{Bytes, BytesMut};
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -337,8 +338,7 @@ impl Upstream {
     /// Runs one established connection (after TLS, if configured) until it fails.
     async fn serve(&self, stream: TcpStream) -> Fault {
         let Some(tls) = &self.cfg.tls else {
-            let (rd, wr) = stream.into_split();
-            return self.run(rd, wr).await;
+            return self.run(PlainRead(&stream), PlainWrite(&stream)).await;
         };
         let name = tls
             .server_name
@@ -389,8 +389,8 @@ impl Upstream {
 
     async fn run<R, W>(&self, rd: R, wr: W) -> Fault
     where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
+        R: ReadSide,
+        W: WriteSide,
     {
         {
             let mut st = self.st.borrow_mut();
@@ -423,7 +423,7 @@ impl Upstream {
         fault
     }
 
-    async fn write_loop<W: AsyncWrite + Unpin>(&self, mut wr: W) -> Fault {
+    async fn write_loop<W: WriteSide>(&self, mut wr: W) -> Fault {
         let mut wbuf = BytesMut::with_capacity(READ_CHUNK);
         loop {
             let idle = {
@@ -453,7 +453,7 @@ impl Upstream {
         }
     }
 
-    async fn read_loop<R: AsyncRead + Unpin>(&self, mut rd: R) -> Fault {
+    async fn read_loop<R: ReadSide>(&self, mut rd: R) -> Fault {
         let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
         let mut scanner = ReplyScanner::new();
         let mut last_read = Instant::now();
@@ -544,7 +544,7 @@ impl Upstream {
             };
             let read = match timers {
                 Some((wake, dead_at)) => tokio::select! {
-                    r = rd.read_buf(&mut rbuf) => r,
+                    r = std::future::poll_fn(|cx| rd.poll_read_bytes(cx, &mut rbuf)) => r,
                     _ = tokio::time::sleep_until(wake) => {
                         let now = Instant::now();
                         if now >= dead_at {
@@ -557,7 +557,7 @@ impl Upstream {
                     }
                 },
                 None => tokio::select! {
-                    r = rd.read_buf(&mut rbuf) => r,
+                    r = std::future::poll_fn(|cx| rd.poll_read_bytes(cx, &mut rbuf)) => r,
                     _ = self.wake_reader.notified() => continue,
                 },
             };

@@ -352,7 +352,7 @@ fn find_cr(b: &[u8]) -> Option<usize> {
 /// by `\r` and one more byte (not checked, as in Redis): its value and where the next line
 /// starts. `None` for anything else, including a line not complete yet.
 #[inline]
-fn short_number(buf: &[u8], at: usize) -> Option<(usize, usize)> {
+pub(crate) fn short_number(buf: &[u8], at: usize) -> Option<(usize, usize)> {
     let digits = buf.get(at..)?;
     let mut v = 0usize;
     let mut i = 0;

@@ -55,6 +55,11 @@ impl ReplyScanner {
     /// `Ok(Some(frame))` when the reply is complete (the scanner then resets for the next one),
     /// `Ok(None)` when more bytes are needed.
     pub fn scan(&mut self, buf: &[u8]) -> Result<Option<Frame>, ScanError> {
+        if self.pos == 0
+            && let Some(len) = simple_frame(buf)
+        {
+            return Ok(Some(Frame { len, push: false }));
+        }
         loop {
             let p = self.pos;
             if p >= buf.len() {
@@ -215,6 +220,25 @@ impl ReplyScanner {
                 return None;
             }
         }
+    }
+}
+
+/// The common replies in one pass: a whole status, error, integer or bulk string (of a
+/// length of at most 9 digits) at the front of `buf`; its length. `None` for anything else
+/// (incomplete, aggregate, unusual), which the general path then scans.
+#[inline]
+fn simple_frame(buf: &[u8]) -> Option<usize> {
+    match *buf.first()? {
+        b'$' => {
+            let (n, next) = super::request::short_number(buf, 1)?;
+            let end = next + n + 2;
+            (end <= buf.len()).then_some(end)
+        }
+        b'+' | b'-' | b':' => {
+            let next = 1 + memchr_cr(&buf[1..])? + 2;
+            (next <= buf.len()).then_some(next)
+        }
+        _ => None,
     }
 }
 
