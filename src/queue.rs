@@ -112,7 +112,15 @@ impl ReplyQueue {
     }
 
     /// Moves the ready replies at the front into `out`; returns how many.
+    #[inline]
     pub fn drain_ready(&self, out: &mut BytesMut) -> usize {
+        if !matches!(self.inner.borrow().slots.front(), Some(Slot::Ready(_))) {
+            return 0;
+        }
+        self.drain_ready_slow(out)
+    }
+
+    fn drain_ready_slow(&self, out: &mut BytesMut) -> usize {
         let mut q = self.inner.borrow_mut();
         let mut n = 0;
         while let Some(Slot::Ready(_)) = q.slots.front() {
@@ -152,9 +160,13 @@ impl ReplyQueue {
     /// Moves the out-of-band frames into `out`.
     #[inline]
     pub fn drain_pushes(&self, out: &mut BytesMut) {
-        if self.pushed_bytes.get() == 0 {
-            return;
+        if self.pushed_bytes.get() != 0 {
+            self.drain_pushes_slow(out);
         }
+    }
+
+    #[cold]
+    fn drain_pushes_slow(&self, out: &mut BytesMut) {
         for f in self.pushes.borrow_mut().drain(..) {
             out.extend_from_slice(&f);
         }

@@ -216,6 +216,8 @@ where
     };
     let qbuf_limit = settings.client_query_buffer_limit;
     let idle_timeout = settings.idle_timeout;
+    // The idle timer, when one is configured (re-armed whenever the client is idle).
+    let mut idle_sleep = idle_timeout.map(|d| Box::pin(tokio::time::sleep(d)));
     let mut parser = RequestParser::new();
     // The session's own buffers stay empty (unallocated) while it keeps up: reads go into the
     // worker's read scratch, commands are parsed and dispatched straight from there, and only
@@ -348,21 +350,22 @@ where
         }
         let can_read = !s.closing && !eof && !s.barrier && s.queue.len() < s.max_pipeline;
         if rbuf.is_empty() {
-            // Nothing partial is buffered: let go of the (shared or large) read buffer.
-            rbuf = BytesMut::new();
+            if rbuf.capacity() > 0 {
+                // Nothing partial is buffered: let go of the read buffer.
+                rbuf = BytesMut::new();
+            }
         } else if can_read && rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
             rbuf.reserve(READ_CHUNK);
         }
         // Idle: nothing in flight and nothing read for `idle_timeout` (Redis's `timeout`;
         // like Redis, it does not apply to subscribed clients).
-        let subscribed = s.subscribed();
-        let idle = async {
-            match idle_timeout {
-                Some(d) if s.queue.is_empty() && !subscribed => tokio::time::sleep(d).await,
-                _ => std::future::pending().await,
+        let mut idle = match (idle_timeout, idle_sleep.as_mut()) {
+            (Some(d), Some(sleep)) if s.queue.is_empty() && !s.subscribed() => {
+                sleep.as_mut().reset(Instant::now() + d);
+                Some(sleep)
             }
+            _ => None,
         };
-        tokio::pin!(idle);
         // Wait for a reply (the queue's notify), input, or the idle timeout. The read is
         // polled only when it may have become ready: see `FlagWaker`.
         let woke = std::future::poll_fn(|cx| {
@@ -393,7 +396,9 @@ where
                     Poll::Pending => read_armed = true,
                 }
             }
-            if idle.as_mut().poll(cx).is_ready() {
+            if let Some(sleep) = &mut idle
+                && sleep.as_mut().poll(cx).is_ready()
+            {
                 return Poll::Ready(Wake::Idle);
             }
             Poll::Pending

@@ -351,22 +351,26 @@ fn find_cr(b: &[u8]) -> Option<usize> {
 /// A count or length line of 1 to 9 digits at `buf[at..]` (no sign, no leading zero), ended
 /// by `\r` and one more byte (not checked, as in Redis): its value and where the next line
 /// starts. `None` for anything else, including a line not complete yet.
-#[inline]
+#[inline(always)]
 pub(crate) fn short_number(buf: &[u8], at: usize) -> Option<(usize, usize)> {
     let digits = buf.get(at..)?;
-    let mut v = 0usize;
-    let mut i = 0;
+    let mut v = (*digits.first()?).wrapping_sub(b'0') as usize;
+    if v > 9 {
+        return None;
+    }
+    let mut i = 1;
     loop {
         let c = *digits.get(i)?;
-        match c {
-            b'0'..=b'9' if i < 9 => v = v * 10 + (c - b'0') as usize,
-            b'\r' if i > 0 => break,
-            _ => return None,
+        if c == b'\r' {
+            break;
         }
+        let d = c.wrapping_sub(b'0') as usize;
+        // Not a digit, a tenth digit, or a digit after a leading zero.
+        if d > 9 || i == 9 || v == 0 {
+            return None;
+        }
+        v = v * 10 + d;
         i += 1;
-    }
-    if i > 1 && digits[0] == b'0' {
-        return None;
     }
     let next = at + i + 2;
     (next <= buf.len()).then_some((v, next))
