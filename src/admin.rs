@@ -88,6 +88,9 @@ fn refresh_gauges(shared: &Shared) {
         .absolute(st.connections_received.load(Ordering::Relaxed));
     metrics::counter!(m::REJECTED).absolute(st.rejected_connections.load(Ordering::Relaxed));
     metrics::counter!(m::AUTH_FAILURES).absolute(st.auth_failures.load(Ordering::Relaxed));
+    for rule in shared.readthrough.rules.iter() {
+        rule.stats.publish();
+    }
     let expected = shared.settings.workers * shared.settings.upstream_connections;
     for (i, addr) in shared.settings.shards.iter().enumerate() {
         let shard = addr.to_string();

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use crate::auth::User;
-use crate::readthrough::{self, PendingGet, PendingMget, Rule};
+use crate::readthrough::{self, PendingGet, PendingMget};
 
 use crate::command::{self, CommandSpec, Merge, Route, flags, keys};
 use crate::fanout::{Gather, GatherKind};
@@ -683,10 +683,9 @@ impl Session {
             Ok(Some(slot)) => {
                 let shard = self.w.shared.settings.slot_map.shard_of_slot(slot);
                 if spec.name == "get"
-                    && let Some(rule) = self.w.shared.readthrough.rules.find(req.arg(1))
+                    && let Some(rule) = self.w.shared.readthrough.rules.position(req.arg(1))
                 {
-                    let rule = rule.clone();
-                    return self.get_readthrough(shard, &rule, req, now);
+                    return self.get_readthrough(shard, rule, req, now);
                 }
                 self.forward(shard, req.raw, now)
             }
@@ -820,15 +819,16 @@ impl Session {
 
     /// A GET of a read-through key: forwarded like any GET (or as the value+PTTL script for
     /// rules with a grace period); a nil reply becomes an origin fetch (see `readthrough`).
-    fn get_readthrough(&mut self, shard: usize, rule: &Arc<Rule>, req: &Request<'_>, now: Instant) {
+    fn get_readthrough(&mut self, shard: usize, rule_at: usize, req: &Request<'_>, now: Instant) {
         let key = req.arg(1);
+        let rule = self.w.shared.readthrough.rules.at(rule_at);
         let script = readthrough::get_request(rule, key);
         let seq = self.queue.push_waiting(Slot::Waiting);
         let pending = self.w.pending_gets.insert(PendingGet {
             w: self.w.clone(),
             queue: self.queue.clone(),
             seq,
-            rule: rule.clone(),
+            rule: rule_at,
             sent_at: now.into_std(),
             proto: self.proto,
             with_pttl: script.is_some(),

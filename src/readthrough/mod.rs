@@ -121,7 +121,8 @@ pub struct Rule {
     pub stats: RuleStats,
 }
 
-/// Per-rule counters: atomics for INFO, mirrored into the metrics registry.
+/// Per-rule counters: atomics for INFO, copied into the metrics registry when it is scraped
+/// ([`RuleStats::publish`]), so a hit costs one atomic add.
 #[derive(Debug)]
 pub struct RuleStats {
     pub hits: Stat,
@@ -138,7 +139,7 @@ pub struct RuleStats {
     latency: metrics::Histogram,
 }
 
-/// A counter readable for INFO and exported to Prometheus.
+/// A counter readable for INFO and exported to Prometheus (see [`RuleStats::publish`]).
 #[derive(Debug)]
 pub struct Stat {
     value: AtomicU64,
@@ -156,7 +157,6 @@ impl Stat {
     #[inline]
     pub fn add(&self, n: u64) {
         self.value.fetch_add(n, Ordering::Relaxed);
-        self.counter.increment(n);
     }
 
     pub fn get(&self) -> u64 {
@@ -183,6 +183,24 @@ impl RuleStats {
                 |k| metrics::counter!(m::RT_ORIGIN_ERRORS, "rule" => rule.to_string(), "kind" => k),
             ),
             latency: metrics::histogram!(m::RT_ORIGIN_LATENCY, "rule" => rule.to_string()),
+        }
+    }
+
+    /// Copies the counters into the metrics registry (before `/metrics` renders it).
+    pub fn publish(&self) {
+        for s in [
+            &self.hits,
+            &self.misses,
+            &self.origin_requests,
+            &self.coalesced,
+            &self.negative_hits,
+            &self.stale_serves,
+            &self.origin_errors,
+            &self.bytes_loaded,
+            &self.stored,
+            &self.store_skipped,
+        ] {
+            s.counter.absolute(s.get());
         }
     }
 
@@ -262,6 +280,18 @@ impl Rules {
     #[inline]
     pub fn find(&self, key: &[u8]) -> Option<&Arc<Rule>> {
         self.rules.iter().find(|r| key.starts_with(&r.prefix))
+    }
+
+    /// Where in [`Rules::at`] the rule owning `key` is (a GET in flight keeps this, not an
+    /// `Arc`: no shared reference count to touch per request).
+    #[inline]
+    pub fn position(&self, key: &[u8]) -> Option<usize> {
+        self.rules.iter().position(|r| key.starts_with(&r.prefix))
+    }
+
+    #[inline]
+    pub fn at(&self, i: usize) -> &Arc<Rule> {
+        &self.rules[i]
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Rule>> {
@@ -436,7 +466,8 @@ pub struct PendingGet {
     pub w: Rc<Worker>,
     pub queue: Rc<ReplyQueue>,
     pub seq: u64,
-    pub rule: Arc<Rule>,
+    /// The rule, by its place in the worker's [`Rules`].
+    pub rule: usize,
     pub key: KeyBuf,
     pub sent_at: Instant,
     pub proto: Proto,
@@ -599,22 +630,24 @@ impl PendingGet {
         if value.first() == Some(&b'-') {
             return self.queue.deliver(self.seq, 0, value);
         }
-        let stats = &self.rule.stats;
+        let rule = self.w.shared.readthrough.rules.at(self.rule);
+        let stats = &rule.stats;
         if !is_nil(&value) {
-            let grace = self.rule.grace.as_millis() as i64;
+            let grace = rule.grace.as_millis() as i64;
             match pttl {
                 Some(p) if p >= 0 && p < grace => {
                     stats.stale_serves.add(1);
-                    refresh_in_background(&self.w, &self.rule, &self.key.to_bytes(), &value);
+                    refresh_in_background(&self.w, rule, &self.key.to_bytes(), &value);
                 }
                 _ => stats.hits.add(1),
             }
             return self.queue.deliver(self.seq, 0, value);
         }
         stats.misses.add(1);
+        let rule = rule.clone();
         tokio::task::spawn_local(async move {
             let key = self.key.to_bytes();
-            let outcome = miss(&self.w, &self.rule, &key, self.sent_at).await;
+            let outcome = miss(&self.w, &rule, &key, self.sent_at).await;
             self.queue.deliver(self.seq, 0, outcome.reply(self.proto));
         });
     }
