@@ -13,14 +13,39 @@ pub const SLOTS: usize = 16384;
 /// is not empty, else of the whole key (Redis Cluster's hash tags).
 #[inline]
 pub fn slot(key: &[u8]) -> u16 {
-    let hashed = match memchr::memchr(b'{', key) {
-        Some(open) => match memchr::memchr(b'}', &key[open + 1..]) {
+    let hashed = match find(b'{', key) {
+        Some(open) => match find(b'}', &key[open + 1..]) {
             Some(len) if len > 0 => &key[open + 1..open + 1 + len],
             _ => key,
         },
         None => key,
     };
     crc16(hashed) & (SLOTS as u16 - 1)
+}
+
+/// The first `b` in `s`. Short keys (most) are searched eight bytes at a time in a `u64`
+/// (about 15 instructions for a 16-byte key, where `memchr`'s setup alone costs about 50);
+/// long ones with `memchr`.
+#[inline]
+fn find(b: u8, s: &[u8]) -> Option<usize> {
+    if s.len() >= 32 {
+        return memchr::memchr(b, s);
+    }
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let pattern = ONES * b as u64;
+    let mut words = s.chunks_exact(8);
+    let mut at = 0;
+    for w in &mut words {
+        let x = u64::from_le_bytes(w.try_into().expect("8 bytes")) ^ pattern;
+        // A byte of `x` is zero where `s` has `b`; the lowest flagged byte is exact.
+        let zero = x.wrapping_sub(ONES) & !x & HIGHS;
+        if zero != 0 {
+            return Some(at + (zero.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
+    }
+    words.remainder().iter().position(|&c| c == b).map(|i| at + i)
 }
 
 /// CRC16/XMODEM (polynomial 0x1021, initial value 0), as Redis Cluster uses. Four bytes per
@@ -203,6 +228,25 @@ impl SlotMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn find_agrees_with_memchr() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 40) as usize;
+            // Bytes from a small alphabet around the searched ones, including 0x7b/0x7d
+            // neighbours and bytes with the high bit set.
+            let s: Vec<u8> = (0..len)
+                .map(|i| [b'{', b'}', b'a', 0x7a, 0xfb, 0x00, 0xff][((x >> (i % 60)) % 7) as usize])
+                .collect();
+            for b in [b'{', b'}'] {
+                assert_eq!(find(b, &s), memchr::memchr(b, &s), "{s:?} {b}");
+            }
+        }
+    }
 
     fn even(n: usize) -> Vec<ShardSlots> {
         (0..n).map(|i| (format!("s{i}"), None)).collect()

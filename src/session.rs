@@ -25,7 +25,9 @@ use tokio_rustls::TlsAcceptor;
 use crate::auth::User;
 use crate::readthrough::{self, PendingGet, PendingMget};
 
-use crate::command::{self, CommandSpec, Merge, Route, flags, keys};
+use crate::command::{
+    self, BeginSearch, CommandSpec, FindKeys, KeySpec, Merge, Route, flags, keys,
+};
 use crate::fanout::{Gather, GatherKind};
 use crate::netio::{PlainRead, PlainWrite, ReadSide, WriteSide};
 use crate::notify::FlagWaker;
@@ -701,6 +703,18 @@ impl Session {
         spec: &CommandSpec,
         req: &Request<'_>,
     ) -> Result<Option<u16>, ()> {
+        if let [
+            KeySpec {
+                begin: BeginSearch::Index(1),
+                find: FindKeys::Range { lastkey: 0, .. },
+                ..
+            },
+        ] = spec.key_specs
+            && req.argc() > 1
+        {
+            // The common shape (GET, SET, INCR, HGET …): one key, the first argument.
+            return Ok(Some(router::slot(req.arg(1))));
+        }
         self.keys.clear();
         if keys::key_indices(spec, req.argc(), |i| req.arg(i), &mut self.keys).is_err() {
             return Ok(None);
