@@ -45,7 +45,11 @@ fn find(b: u8, s: &[u8]) -> Option<usize> {
         }
         at += 8;
     }
-    words.remainder().iter().position(|&c| c == b).map(|i| at + i)
+    words
+        .remainder()
+        .iter()
+        .position(|&c| c == b)
+        .map(|i| at + i)
 }
 
 /// CRC16/XMODEM (polynomial 0x1021, initial value 0), as Redis Cluster uses. Four bytes per

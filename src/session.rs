@@ -77,6 +77,8 @@ pub struct Session {
     pub(crate) auth_failures: u32,
     /// Commands whose latency is being measured: (reply sequence number, start, name).
     sampled: std::collections::VecDeque<(u64, std::time::Instant, &'static str)>,
+    /// The last top-level command looked up.
+    last_command: Option<&'static CommandSpec>,
     /// Commands dispatched, for sampling one in `metrics::SAMPLE_EVERY`.
     dispatched: u64,
     /// An open MULTI (see `pinned`).
@@ -198,6 +200,7 @@ where
         restricted: false,
         auth_failures: 0,
         sampled: std::collections::VecDeque::new(),
+        last_command: None,
         dispatched: 0,
         tx: None,
         watch: None,
@@ -589,9 +592,23 @@ impl Session {
     /// Looks the command up and checks arity, authentication and permissions: the command's
     /// row, or the error reply.
     fn check(&mut self, req: &Request<'_>) -> Result<&'static CommandSpec, Bytes> {
-        let Some(mut spec) = command::lookup(req.arg(0)) else {
-            let mut args = (1..req.argc()).map(|i| req.arg(i));
-            return Err(reply::unknown_command(req.arg(0), &mut args));
+        let name = req.arg(0);
+        let mut spec = match self.last_command {
+            // Clients mostly repeat a few commands: one short comparison instead of a lookup.
+            Some(last)
+                if last.name.len() == name.len()
+                    && last.name.as_bytes().eq_ignore_ascii_case(name) =>
+            {
+                last
+            }
+            _ => {
+                let Some(spec) = command::lookup(name) else {
+                    let mut args = (1..req.argc()).map(|i| req.arg(i));
+                    return Err(reply::unknown_command(name, &mut args));
+                };
+                self.last_command = Some(spec);
+                spec
+            }
         };
         if spec.is_container() {
             if req.argc() < 2 {

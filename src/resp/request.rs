@@ -144,6 +144,7 @@ impl RequestParser {
     /// Parses the next command at the front of `buf`. `authed` selects Redis's
     /// pre-authentication limits. The caller drops the `used` bytes the answer names from the
     /// front of its buffer before the next call.
+    #[inline]
     pub fn parse<'p>(
         &'p mut self,
         buf: &'p [u8],
@@ -161,6 +162,18 @@ impl RequestParser {
                 used: end,
             });
         }
+        self.parse_general(buf, limits, authed)
+    }
+
+    /// Everything else, resumable: commands cut across reads, ignored input, inline commands,
+    /// errors.
+    #[inline(never)]
+    fn parse_general<'p>(
+        &'p mut self,
+        buf: &'p [u8],
+        limits: &Limits,
+        authed: bool,
+    ) -> Result<Parsed<'p>, ProtoError> {
         // Ignored input skipped so far in this call (the current command starts here).
         let mut base = 0;
         loop {
