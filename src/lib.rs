@@ -32,6 +32,8 @@
 //! - [`pubsub`]: subscriptions on dedicated subscriber connections (classic channels on the
 //!   first shard, sharded channels by slot), confirmations in reply order, messages as they
 //!   arrive.
+//! - [`netio`]: socket reads and writes on the hot path (plain TCP: tokio's readiness, rustix
+//!   system calls; TLS: tokio's own path).
 //! - [`metrics`]: every metric name, described once; [`admin`]: /metrics, /healthz, /readyz.
 //! - [`auth`]: users (`requirepass`, `[[users]]`), SHA-256 password digests, ACL-style command
 //!   rules and key patterns, checked per command before anything is forwarded.
@@ -40,8 +42,9 @@
 //!
 //! ```text
 //! accept (plain | TLS) → worker (round-robin) → session::run (TLS handshake on the worker)
-//!   read_buf → RequestParser::parse (pre-auth limits until AUTH) → Request { raw: Bytes, args }
-//!   → command::lookup (+ subcommand) → arity check → NOAUTH / NOPERM checks → Route:
+//!   read into the worker's scratch → RequestParser::parse (pre-auth limits until AUTH)
+//!   → Request { raw: &[u8], args } (a view of the scratch; a partial command is copied to
+//!   the session) → command::lookup (+ subcommand) → arity check → NOAUTH / NOPERM checks → Route:
 //!       Local      → reply now (PING, HELLO, SELECT, CLIENT …, INFO gathers shard INFO)
 //!       Single     → key_indices → one slot (else CROSSSLOT) → shard → Upstream::send(raw)
 //!                    (GET of a read-through key: Target::ReadThrough; nil → origin fetch)
