@@ -203,3 +203,73 @@ impl WriteSide for PlainWrite<'_> {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt as _;
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (s, c)
+    }
+
+    fn within<F: std::future::Future>(f: F) -> tokio::time::Timeout<F> {
+        tokio::time::timeout(Duration::from_secs(5), f)
+    }
+
+    /// A short read clears tokio's readiness; bytes that arrive later must still wake the
+    /// reader (a lost wake-up would hang here), into either buffer type. The reader runs in
+    /// its own task, so only its own waker can wake it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn reads_after_a_short_read_are_woken() {
+        let (server, mut client) = pair().await;
+        let reader = tokio::spawn(async move {
+            let mut rd = PlainRead(&server);
+            let mut buf = Vec::with_capacity(1024);
+            let n = std::future::poll_fn(|cx| rd.poll_read_vec(cx, &mut buf)).await?;
+            assert_eq!((n, &buf[..]), (3, &b"abc"[..]));
+            let mut bytes = BytesMut::new();
+            let n = std::future::poll_fn(|cx| rd.poll_read_bytes(cx, &mut bytes)).await?;
+            assert_eq!((n, &bytes[..]), (4, &b"defg"[..]));
+            buf.clear();
+            // End of stream reads as 0.
+            std::future::poll_fn(|cx| rd.poll_read_vec(cx, &mut buf)).await
+        });
+        client.write_all(b"abc").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        client.write_all(b"defg").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        client.shutdown().await.unwrap();
+        assert_eq!(within(reader).await.unwrap().unwrap().unwrap(), 0);
+    }
+
+    /// A write that fills the socket waits, and completes once the peer reads: nothing is
+    /// lost or duplicated across the short writes. The writer runs in its own task.
+    #[tokio::test(flavor = "current_thread")]
+    async fn writes_to_a_full_socket_resume_when_the_peer_reads() {
+        let (server, mut client) = pair().await;
+        let data: Vec<u8> = (0..8 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            let mut wr = PlainWrite(&server);
+            wr.write_all(&sent).await.unwrap();
+            wr.shutdown().await.unwrap();
+        });
+        // Let the writer fill the socket buffers first.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut got = Vec::new();
+        within(client.read_to_end(&mut got)).await.unwrap().unwrap();
+        within(writer).await.unwrap().unwrap();
+        assert!(
+            got == data,
+            "{} bytes of {} arrived intact",
+            got.len(),
+            data.len()
+        );
+    }
+}
