@@ -383,7 +383,10 @@ where
                     // Into the worker's scratch, parsed from there at the top of the loop
                     // (no other session runs in between: the scratch is empty again by then).
                     let mut sc = w.read_scratch.borrow_mut();
+                    // Always empty here; cleared anyway, so that no bytes of one client can
+                    // ever be read as another's.
                     debug_assert!(sc.is_empty());
+                    sc.clear();
                     if sc.capacity() < SCRATCH {
                         sc.reserve(SCRATCH);
                     }
