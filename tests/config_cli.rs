@@ -398,3 +398,27 @@ fn the_open_file_limit_is_raised_for_maxclients() {
         "soft limit {soft} (hard {hard}) too low for 3000 clients: {line}"
     );
 }
+
+/// Every `scripts/…` the README tells a reader to run exists and is executable (one was not:
+/// `scripts/scale.sh`).
+#[test]
+fn scripts_named_in_the_readme_are_executable() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let mut named: Vec<String> = readme
+        .split(|c: char| c.is_whitespace() || "`()[]|".contains(c))
+        .filter(|w| w.starts_with("scripts/") && w.ends_with(".sh"))
+        .map(str::to_string)
+        .collect();
+    named.sort();
+    named.dedup();
+    assert!(named.len() >= 4, "{named:?}");
+    for s in &named {
+        let meta = std::fs::metadata(root.join(s)).unwrap_or_else(|e| panic!("{s}: {e}"));
+        assert!(
+            meta.permissions().mode() & 0o111 != 0,
+            "{s} is not executable"
+        );
+    }
+}
