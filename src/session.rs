@@ -263,12 +263,14 @@ where
             }
             sc.clear();
             bounded
-        } else if !rbuf.is_empty() || s.deferred.is_some() || s.blocked.is_some() {
+        } else if !rbuf.is_empty() || s.deferred.is_some() || s.blocked.is_some() || s.barrier {
+            // (Parsing also ends a barrier, a deferred command and a finished blocking one.)
             let (used, bounded) = s.process(&mut parser, &rbuf, &limits);
             rbuf.advance(used);
             bounded
         } else {
             // Nothing to parse and nothing held back (woken by a reply): skip the call.
+            // (Every state `process` ends must be in the condition above.)
             false
         };
         if rbuf.len() > qbuf_limit {

@@ -374,3 +374,24 @@ fn a_subscriber_that_stops_reading_is_disconnected_with_bounded_memory() {
         "the client was cut off before all 80 MiB ({total} bytes)"
     );
 }
+
+/// HELLO (or RESET) switching the protocol while a command is in flight sets a barrier that
+/// only parsing clears. When the in-flight reply then woke the session with nothing buffered,
+/// parsing was skipped, the barrier stayed, and the client was never read again.
+#[test]
+fn a_protocol_switch_behind_a_command_in_flight_keeps_the_client_served() {
+    let shard = RedisServer::start();
+    let proxy = Slotgate::start(&[&shard]);
+    let mut c = proxy.raw();
+    let mut wire = resp(&[b"GET", b"k"]);
+    wire.extend(resp(&[b"HELLO", b"3"]));
+    c.send(&wire);
+    assert_eq!(c.read_replies(2)[0], b"$-1\r\n");
+    assert_eq!(c.call(&[b"PING"]), b"+PONG\r\n");
+    // Back to RESP2 with RESET behind a command in flight.
+    let mut wire = resp(&[b"GET", b"k"]);
+    wire.extend(resp(&[b"RESET"]));
+    c.send(&wire);
+    assert_eq!(c.read_replies(2)[1], b"+RESET\r\n");
+    assert_eq!(c.call(&[b"PING"]), b"+PONG\r\n");
+}
