@@ -45,6 +45,9 @@ enum Wake {
     Idle,
 }
 
+/// Reads with input in a row after which a session yields to the worker's other tasks.
+const READS_BEFORE_YIELD: u32 = 32;
+
 /// Read buffer growth step.
 const READ_CHUNK: usize = 16 * 1024;
 /// Write buffers larger than this are released after use instead of kept for reuse.
@@ -251,6 +254,8 @@ where
     let task = std::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
     let (read_flag, read_waker) = FlagWaker::new(task.clone());
     let mut read_armed = false;
+    // Reads that returned input since the read last had to wait.
+    let mut reads_in_a_row = 0u32;
     loop {
         let bounded = if in_scratch {
             in_scratch = false;
@@ -364,6 +369,13 @@ where
         } else if can_read && rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
             rbuf.reserve(READ_CHUNK);
         }
+        if reads_in_a_row >= READS_BEFORE_YIELD {
+            // A client that always has more input must let the worker's other sessions run
+            // (tokio's reads spent its cooperative budget for this; `netio`'s do not). The
+            // read scratch is empty here.
+            reads_in_a_row = 0;
+            tokio::task::yield_now().await;
+        }
         // Idle: nothing in flight and nothing read for `idle_timeout` (Redis's `timeout`;
         // like Redis, it does not apply to subscribed clients).
         let mut idle = match (idle_timeout, idle_sleep.as_mut()) {
@@ -403,7 +415,10 @@ where
                         read_armed = false;
                         return Poll::Ready(Wake::Read(r));
                     }
-                    Poll::Pending => read_armed = true,
+                    Poll::Pending => {
+                        read_armed = true;
+                        reads_in_a_row = 0;
+                    }
                 }
             }
             if let Some(sleep) = &mut idle
@@ -421,7 +436,7 @@ where
             // dedicated connection and unblocks the shard.
             Wake::Read(Ok(0)) if s.blocked.is_some() => break,
             Wake::Read(Ok(0)) => eof = true,
-            Wake::Read(Ok(_)) => {}
+            Wake::Read(Ok(_)) => reads_in_a_row += 1,
             Wake::Read(Err(_)) => break,
             Wake::Idle => {
                 tracing::debug!(client = s.id, "closing idle client");

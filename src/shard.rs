@@ -43,6 +43,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Read buffer growth step (a larger reply grows it in steps, never from a claimed length).
 const READ_CHUNK: usize = 16 * 1024;
+/// Reads after which a shard connection's reader yields to the worker's other tasks.
+const READS_BEFORE_YIELD: u32 = 64;
 /// Buffers that grew beyond this for one large value are released once empty.
 const KEEP_BUF: usize = 1024 * 1024;
 
@@ -457,6 +459,7 @@ impl Upstream {
         let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
         let mut scanner = ReplyScanner::new();
         let mut last_read = Instant::now();
+        let mut reads: u32 = 0;
         loop {
             // Hand out every complete reply.
             loop {
@@ -565,6 +568,13 @@ impl Upstream {
                 Ok(0) => return Fault::Closed,
                 Ok(_) => last_read = Instant::now(),
                 Err(e) => return Fault::Io(e),
+            }
+            reads = reads.wrapping_add(1);
+            if reads.is_multiple_of(READS_BEFORE_YIELD) {
+                // A connection that always has more to read (a subscriber connection under a
+                // flood of messages) must let the worker's sessions run: tokio's reads spent
+                // its cooperative budget for this, `netio`'s do not.
+                tokio::task::yield_now().await;
             }
         }
     }

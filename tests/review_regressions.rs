@@ -395,3 +395,55 @@ fn a_protocol_switch_behind_a_command_in_flight_keeps_the_client_served() {
     assert_eq!(c.read_replies(2)[1], b"+RESET\r\n");
     assert_eq!(c.call(&[b"PING"]), b"+PONG\r\n");
 }
+
+/// A client that always has more input must not keep the worker to itself: with one worker,
+/// another client's commands are still answered while it floods. (tokio's own reads spend a
+/// cooperative budget and yield; slotgate's reads through `netio` count for themselves.)
+#[test]
+fn a_flooding_client_does_not_starve_the_others_on_its_worker() {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let shard = RedisServer::start();
+    let proxy = Slotgate::start_with(&[&shard], &["--workers", "1"]);
+    let flood = proxy.raw();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut w = flood.stream.try_clone().unwrap();
+    let mut r = flood.stream.try_clone().unwrap();
+    let chunk: Vec<u8> = resp(&[b"PING"]).repeat(4096);
+    let stop_w = stop.clone();
+    let writer = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        while !stop_w.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(20) {
+            if w.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    let stop_r = stop.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 16];
+        while !stop_r.load(Ordering::Relaxed) {
+            match r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let mut other = proxy.raw();
+    for i in 0..20 {
+        let key = format!("fair:{i}");
+        let t = std::time::Instant::now();
+        assert_eq!(other.call(&[b"SET", key.as_bytes(), b"v"]), b"+OK\r\n");
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "a SET waited {:?} behind the flood",
+            t.elapsed()
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = flood.stream.shutdown(std::net::Shutdown::Both);
+    writer.join().unwrap();
+    reader.join().unwrap();
+}
