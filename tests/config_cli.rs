@@ -408,7 +408,7 @@ fn scripts_named_in_the_readme_are_executable() {
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
     let mut named: Vec<String> = readme
         .split(|c: char| c.is_whitespace() || "`()[]|".contains(c))
-        .filter(|w| w.starts_with("scripts/") && w.ends_with(".sh"))
+        .filter(|w| w.starts_with("scripts/") && w.ends_with(".sh") && !w.contains('*'))
         .map(str::to_string)
         .collect();
     named.sort();
