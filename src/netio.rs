@@ -53,9 +53,7 @@ impl<T: AsyncRead> ReadSide for tokio::io::ReadHalf<T> {
         cx: &mut Context<'_>,
         buf: &mut Vec<u8>,
     ) -> Poll<io::Result<usize>> {
-        let read = self.read_buf(buf);
-        tokio::pin!(read);
-        read.poll(cx)
+        poll_read_buf(self, cx, buf)
     }
 
     fn poll_read_bytes(
@@ -63,10 +61,19 @@ impl<T: AsyncRead> ReadSide for tokio::io::ReadHalf<T> {
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
     ) -> Poll<io::Result<usize>> {
-        let read = self.read_buf(buf);
-        tokio::pin!(read);
-        read.poll(cx)
+        poll_read_buf(self, cx, buf)
     }
+}
+
+/// One poll of tokio's `read_buf` into any growable buffer.
+fn poll_read_buf<R: AsyncRead + Unpin, B: bytes::BufMut>(
+    rd: &mut R,
+    cx: &mut Context<'_>,
+    buf: &mut B,
+) -> Poll<io::Result<usize>> {
+    let read = rd.read_buf(buf);
+    tokio::pin!(read);
+    read.poll(cx)
 }
 
 impl<T: AsyncWrite> WriteSide for tokio::io::WriteHalf<T> {}

@@ -203,17 +203,11 @@ impl Session {
                 self.forward(0, req.raw, now)
             }
             "pubsub|shardchannels" => {
-                let n = self.w.shared.settings.slot_map.shard_count();
-                let raw = Bytes::copy_from_slice(req.raw);
-                let parts: Vec<(usize, Bytes)> = (0..n).map(|s| (s, raw.clone())).collect();
-                self.gather(GatherKind::ConcatArrays, &parts, now);
+                self.gather_from_every_shard(GatherKind::ConcatArrays, req.raw, now)
             }
             "pubsub|shardnumsub" => {
-                let n = self.w.shared.settings.slot_map.shard_count();
-                let raw = Bytes::copy_from_slice(req.raw);
-                let parts: Vec<(usize, Bytes)> = (0..n).map(|s| (s, raw.clone())).collect();
                 let kind = GatherKind::Info(Box::new(sum_pair_counts));
-                self.gather(kind, &parts, now);
+                self.gather_from_every_shard(kind, req.raw, now)
             }
             _ => self.reply(reply::not_yet(spec.name)),
         }

@@ -938,7 +938,6 @@ impl Session {
 
     /// DBSIZE, KEYS, FLUSHDB, FLUSHALL, CONFIG SET/RESETSTAT, SCAN, RANDOMKEY.
     fn all_shards(&mut self, spec: &CommandSpec, req: &Request<'_>, merge: Merge, now: Instant) {
-        let n = self.w.shared.settings.slot_map.shard_count();
         let kind = match merge {
             Merge::Special if spec.name == "scan" => return self.scan(req, now),
             Merge::Special => GatherKind::RandomKey {
@@ -955,7 +954,13 @@ impl Session {
                 "ERR CONFIG SET parameter '{bad}' is not allowed through slotgate"
             )));
         }
-        let raw = Bytes::copy_from_slice(req.raw);
+        self.gather_from_every_shard(kind, req.raw, now);
+    }
+
+    /// Sends `raw` to every shard and merges their replies as `kind` says.
+    pub(crate) fn gather_from_every_shard(&mut self, kind: GatherKind, raw: &[u8], now: Instant) {
+        let n = self.w.shared.settings.slot_map.shard_count();
+        let raw = Bytes::copy_from_slice(raw);
         let parts: Vec<(usize, Bytes)> = (0..n).map(|s| (s, raw.clone())).collect();
         self.gather(kind, &parts, now);
     }

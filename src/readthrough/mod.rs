@@ -279,7 +279,7 @@ impl Rules {
     /// The rule owning `key`: the longest matching prefix.
     #[inline]
     pub fn find(&self, key: &[u8]) -> Option<&Arc<Rule>> {
-        self.rules.iter().find(|r| key.starts_with(&r.prefix))
+        self.position(key).map(|i| &self.rules[i])
     }
 
     /// Where in [`Rules::at`] the rule owning `key` is (a GET in flight keeps this, not an

@@ -356,8 +356,9 @@ enum Inline {
     Skipped(usize),
 }
 
+/// The first `\r` in `b` (count and length lines, here and in the reply framer).
 #[inline]
-fn find_cr(b: &[u8]) -> Option<usize> {
+pub(crate) fn find_cr(b: &[u8]) -> Option<usize> {
     b.iter().position(|&c| c == b'\r')
 }
 

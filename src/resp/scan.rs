@@ -6,6 +6,8 @@
 //! including attributes (`|`, which annotate the frame after them), pushes (`>`) and streamed
 //! strings and aggregates (`$?`, `*?` …), which Redis 7 never sends but the spec allows.
 
+use super::request::find_cr;
+
 /// Deepest aggregate nesting accepted from a shard; deeper input is a protocol error.
 pub const MAX_DEPTH: usize = 512;
 
@@ -97,7 +99,7 @@ impl ReplyScanner {
             }
             match t {
                 b'+' | b'-' | b':' | b'_' | b',' | b'#' | b'(' => {
-                    let Some(cr) = memchr_cr(&buf[p + 1..]) else {
+                    let Some(cr) = find_cr(&buf[p + 1..]) else {
                         return Ok(None);
                     };
                     let next = p + 1 + cr + 2;
@@ -108,7 +110,7 @@ impl ReplyScanner {
                 }
                 b'$' | b'!' | b'=' => {
                     if buf.get(p + 1) == Some(&b'?') {
-                        let Some(cr) = memchr_cr(&buf[p + 1..]) else {
+                        let Some(cr) = find_cr(&buf[p + 1..]) else {
                             return Ok(None);
                         };
                         let next = p + 1 + cr + 2;
@@ -134,7 +136,7 @@ impl ReplyScanner {
                 b'*' | b'~' | b'>' | b'%' | b'|' => {
                     let streamed = buf.get(p + 1) == Some(&b'?');
                     let (count, next) = if streamed {
-                        let Some(cr) = memchr_cr(&buf[p + 1..]) else {
+                        let Some(cr) = find_cr(&buf[p + 1..]) else {
                             return Ok(None);
                         };
                         let next = p + 1 + cr + 2;
@@ -171,7 +173,7 @@ impl ReplyScanner {
                 }
                 b'.' => {
                     // End of a streamed aggregate.
-                    let Some(cr) = memchr_cr(&buf[p + 1..]) else {
+                    let Some(cr) = find_cr(&buf[p + 1..]) else {
                         return Ok(None);
                     };
                     let next = p + 1 + cr + 2;
@@ -235,22 +237,17 @@ fn simple_frame(buf: &[u8]) -> Option<usize> {
             (end <= buf.len()).then_some(end)
         }
         b'+' | b'-' | b':' => {
-            let next = 1 + memchr_cr(&buf[1..])? + 2;
+            let next = 1 + find_cr(&buf[1..])? + 2;
             (next <= buf.len()).then_some(next)
         }
         _ => None,
     }
 }
 
-#[inline]
-fn memchr_cr(b: &[u8]) -> Option<usize> {
-    b.iter().position(|&c| c == b'\r')
-}
-
 /// Parses `<int>\r\n` starting at `from`; returns the value and the index after the CRLF.
 #[inline]
 fn line_int(buf: &[u8], from: usize) -> Result<Option<(i64, usize)>, ScanError> {
-    let Some(cr) = memchr_cr(&buf[from..]) else {
+    let Some(cr) = find_cr(&buf[from..]) else {
         return Ok(None);
     };
     let next = from + cr + 2;
