@@ -327,24 +327,32 @@ where
             wrote = true;
             // A client that stops reading must not block us forever: the write gives up when
             // its pub/sub messages overflow or CLIENT KILL names it (the queue is notified).
+            let mut replies_arrived = false;
             let written = {
                 let write = wr.write_all(&out);
                 tokio::pin!(write);
                 loop {
                     tokio::select! {
                         r = &mut write => break r.is_ok(),
-                        // (Woken by replies too, which is harmless: only a client whose
-                        // socket is full gets here.)
+                        // (Woken by replies too: only a client whose socket is full gets
+                        // here.)
                         _ = s.queue.notify.notified() => {
                             if s.queue.sub_lost() || s.queue.killed() {
                                 break false;
                             }
+                            replies_arrived = true;
                         }
                     }
                 }
             };
             if !written {
                 break;
+            }
+            if replies_arrived {
+                // The wake-up was consumed here: give it back, so that the replies that
+                // arrived while the socket was full are written now, not when the client
+                // next sends something.
+                s.queue.notify.notify_one();
             }
             out = BytesMut::new();
         }
