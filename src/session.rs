@@ -638,7 +638,9 @@ impl Session {
                 spec
             }
         };
-        if spec.is_container() {
+        // A container takes a subcommand, except where its own arity allows none (bare
+        // `COMMAND`, which answers the whole table).
+        if spec.is_container() && !(req.argc() == 1 && spec.arity_ok(1)) {
             if req.argc() < 2 {
                 return Err(reply::wrong_arity(spec.name));
             }

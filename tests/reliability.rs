@@ -57,3 +57,33 @@ fn redis_benchmark_with_large_pipelined_values_finishes() {
     run(&["-t", "set", "-d", "262144", "-n", "10"]);
     run(&["-t", "get", "-P", "20", "-c", "1", "-n", "2000"]);
 }
+
+/// Point 4: bare `COMMAND` (clients call it at start-up) used to fail with a wrong-arity
+/// error. It answers Redis's whole table, as do its subcommands.
+#[test]
+fn bare_command_answers_the_whole_table() {
+    let shard = RedisServer::start();
+    let proxy = Slotgate::start(&[&shard]);
+    let mut direct = RawConn::connect(shard.port);
+    let mut c = proxy.raw();
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let table = c.call(&[b"COMMAND"]);
+    assert!(table.starts_with(b"*"), "{}", lossy(&table[..40.min(table.len())]));
+    let want = direct.call(&[b"COMMAND"]);
+    assert_eq!(table.len(), want.len(), "the same table as a redis-server's");
+    let count = c.call(&[b"COMMAND", b"COUNT"]);
+    let n: usize = lossy(&count[1..count.len() - 2]).parse().unwrap();
+    assert!(n > 200, "COMMAND COUNT {n}");
+    assert!(table.starts_with(format!("*{n}\r\n").as_bytes()));
+    for args in [
+        &[&b"COMMAND"[..], b"INFO", b"get"][..],
+        &[b"COMMAND", b"DOCS", b"get"],
+        &[b"COMMAND", b"LIST"],
+        &[b"COMMAND", b"GETKEYS", b"SET", b"k", b"v"],
+        &[b"command"],
+    ] {
+        assert_eq!(lossy(&c.call(args)), lossy(&direct.call(args)), "{args:?}");
+    }
+}
