@@ -87,3 +87,48 @@ fn bare_command_answers_the_whole_table() {
         assert_eq!(lossy(&c.call(args)), lossy(&direct.call(args)), "{args:?}");
     }
 }
+
+/// Point 2: a reply nested deeper than 512 (a Lua table returned by EVAL) made the reply
+/// framer give up and drop the shared shard connection, failing other clients' requests.
+/// Any depth Redis produces is framed, and nobody else notices.
+#[test]
+fn deep_replies_are_framed_and_fail_nobody_else() {
+    let shard = RedisServer::start();
+    let proxy = Slotgate::start(&[&shard]);
+    let mut direct = RawConn::connect(shard.port);
+    let mut setup = proxy.raw();
+    assert_eq!(setup.call(&[b"SET", b"k", b"v"]), b"+OK\r\n");
+    // Two other clients pipeline GETs on the same (only) worker all along.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let others: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            let mut c = proxy.raw();
+            std::thread::spawn(move || {
+                let batch: Vec<u8> = resp(&[b"GET", b"k"]).repeat(50);
+                let mut batches = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) || batches < 3 {
+                    c.send(&batch);
+                    for r in c.read_replies(50) {
+                        assert_eq!(lossy(&r), "$1\r\nv\r\n", "after {batches} batches");
+                    }
+                    batches += 1;
+                }
+                batches
+            })
+        })
+        .collect();
+    for depth in [600, 1_000, 5_000] {
+        let script = format!("local t={{1}}; for i=1,{depth} do t={{t}} end; return t");
+        let args: [&[u8]; 3] = [b"EVAL", script.as_bytes(), b"0"];
+        let want = direct.call(&args);
+        assert!(want.starts_with(b"*1\r\n*1\r\n"), "{}", lossy(&want[..20]));
+        for _ in 0..5 {
+            assert_eq!(lossy(&setup.call(&args)), lossy(&want), "depth {depth}");
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in others {
+        assert!(t.join().expect("no other client saw an error") >= 3);
+    }
+}

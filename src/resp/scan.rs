@@ -2,23 +2,25 @@
 //! untouched and matched to requests in FIFO order.
 //!
 //! Resumable (a reply arriving over many reads is scanned once, not from byte 0 on every read),
-//! iterative (an explicit stack, capped in depth) and covering every RESP2 and RESP3 type,
+//! iterative (an explicit stack, never recursion) and covering every RESP2 and RESP3 type,
 //! including attributes (`|`, which annotate the frame after them), pushes (`>`) and streamed
 //! strings and aggregates (`$?`, `*?` …), which Redis 7 never sends but the spec allows.
+//!
+//! Any depth a shard can produce is framed (a Lua script returns tables nested thousands
+//! deep). Memory is bounded by the reply's own size instead: every open level was announced
+//! by at least four bytes of header, and a chain of one-element aggregates (`*1` inside `*1`
+//! …, what nested Lua tables give) takes a single stack entry however deep it goes.
 
 use super::request::find_cr;
 
-/// Deepest aggregate nesting accepted from a shard; deeper input is a protocol error.
-pub const MAX_DEPTH: usize = 512;
-
+/// Bytes a shard sent that are not RESP. Frame boundaries are lost from there on, so the
+/// stream cannot be resynchronised: the connection must be dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScanError {
-    /// The shard sent bytes that are not RESP; its connection must be dropped.
     Invalid,
-    TooDeep,
 }
 
-/// One open aggregate: how many frames it still needs.
+/// Open aggregates: how many frames the innermost still needs.
 #[derive(Debug, Clone, Copy)]
 struct Level {
     /// Frames still expected; `u64::MAX` for a streamed aggregate ended by `.`.
@@ -157,13 +159,22 @@ impl ReplyScanner {
                     };
                     self.pos = next;
                     if count > 0 {
-                        if self.stack.len() >= MAX_DEPTH {
-                            return Err(ScanError::TooDeep);
+                        let attribute = t == b'|';
+                        let chained = count == 1
+                            && !attribute
+                            && self
+                                .stack
+                                .last()
+                                .is_some_and(|top| top.remaining == 1 && !top.attribute);
+                        // A one-element aggregate as the last frame of its parent: both
+                        // complete with that one element, so the parent's entry stands for
+                        // both (a chain of any depth is one entry).
+                        if !chained {
+                            self.stack.push(Level {
+                                remaining: count,
+                                attribute,
+                            });
                         }
-                        self.stack.push(Level {
-                            remaining: count,
-                            attribute: t == b'|',
-                        });
                         continue;
                     }
                     if t == b'|' {

@@ -63,10 +63,33 @@ fn resumes_across_reads() {
     }
 }
 
+/// Replies of any depth are framed (Redis returns Lua tables nested thousands deep), and a
+/// chain of one-element aggregates costs one stack entry.
 #[test]
-fn depth_is_capped() {
-    let deep = b"*1\r\n".repeat(MAX_DEPTH + 1);
-    assert_eq!(ReplyScanner::new().scan(&deep), Err(ScanError::TooDeep));
+fn any_depth_is_framed_with_a_bounded_stack() {
+    for depth in [1usize, 2, 512, 513, 600, 5_000, 200_000] {
+        let mut deep = b"*1\r\n".repeat(depth);
+        deep.extend_from_slice(b":1\r\n");
+        let mut sc = ReplyScanner::new();
+        assert_eq!(frames(&deep), vec![deep.len()], "depth {depth}");
+        // Fed in two halves, the scanner holds one entry for the whole chain.
+        assert_eq!(sc.scan(&deep[..deep.len() / 2]), Ok(None));
+        assert!(sc.stack.len() <= 1, "depth {depth}: {} entries", sc.stack.len());
+        assert_eq!(sc.scan(&deep).unwrap().unwrap().len, deep.len());
+        assert!(sc.stack.is_empty());
+    }
+    // Wider nesting (two elements per level) keeps its levels apart and still frames.
+    let mut wide = Vec::new();
+    for _ in 0..10_000 {
+        wide.extend_from_slice(b"*2\r\n:0\r\n");
+    }
+    wide.extend_from_slice(b"_\r\n");
+    assert_eq!(frames(&wide), vec![wide.len()]);
+    // A chain that is followed by more frames at an outer level.
+    let mixed = b"*2\r\n*1\r\n*1\r\n*1\r\n:1\r\n+after\r\n:9\r\n";
+    assert_eq!(frames(mixed), vec![mixed.len() - 4, 4]);
+    let attr_chain = b"*1\r\n|1\r\n+a\r\n:1\r\n*1\r\n:2\r\n";
+    assert_eq!(frames(attr_chain), vec![attr_chain.len()]);
 }
 
 #[test]
