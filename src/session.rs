@@ -583,7 +583,7 @@ impl Session {
             self.sampled
                 .push_back((seq, std::time::Instant::now(), spec.name));
         }
-        if spec.has(flags::WRITE) && !self.w.shared.readthrough.rules.is_empty() {
+        if !self.w.shared.readthrough.rules.is_empty() && spec.may_write_keys() {
             self.note_writes(spec, req);
         }
         if self.tx.is_some()
@@ -931,8 +931,9 @@ impl Session {
         }
     }
 
-    /// A write through slotgate to read-through keys: an in-flight fill of them must not
-    /// store its (older) value, and their negative entries end.
+    /// A write through slotgate to read-through keys (a script's or function's declared keys
+    /// count as written): an in-flight fill of them must not store its (older) value, and
+    /// their negative entries end.
     fn note_writes(&mut self, spec: &CommandSpec, req: &Request<'_>) {
         let rt = &self.w.shared.readthrough;
         self.keys.clear();

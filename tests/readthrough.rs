@@ -373,7 +373,13 @@ fn no_stale_set_over_random_interleavings() {
         seed ^= seed << 17;
         seed
     };
-    for round in 0..60 {
+    // A function that deletes its key, on every shard.
+    let lib = "#!lua name=nostale\nredis.register_function('wipe', function(keys) return redis.call('del', keys[1]) end)";
+    assert_eq!(
+        s.proxy.raw().call(&[b"FUNCTION", b"LOAD", lib.as_bytes()]),
+        bulk("nostale")
+    );
+    for round in 0..90 {
         let key = format!("label:r{round}");
         s.origin.hold();
         let before = s.origin.requests();
@@ -387,15 +393,38 @@ fn no_stale_set_over_random_interleavings() {
         s.origin
             .wait_for_requests(before + 1, Duration::from_secs(5));
         let mut w = s.proxy.raw();
-        let op = rnd() % 4;
+        // Scripts and functions write their declared keys (issue 14.8); the first rounds
+        // go through every kind once, the rest at random.
+        let op = if round < 8 { round as u64 } else { rnd() % 8 };
+        let k = key.as_bytes();
         match op {
-            0 => assert_eq!(w.call(&[b"SET", key.as_bytes(), b"client-new"]), b"+OK\r\n"),
-            1 => assert_eq!(w.call(&[b"DEL", key.as_bytes()]), b":0\r\n"),
+            0 => assert_eq!(w.call(&[b"SET", k, b"client-new"]), b"+OK\r\n"),
+            1 => assert_eq!(w.call(&[b"DEL", k]), b":0\r\n"),
             2 => assert_eq!(
-                w.call(&[b"MSET", key.as_bytes(), b"client-new", b"other:x", b"1"]),
+                w.call(&[b"MSET", k, b"client-new", b"other:x", b"1"]),
                 b"+OK\r\n"
             ),
-            _ => assert_eq!(w.call(&[b"SLOTGATE.INVALIDATE", key.as_bytes()]), b":0\r\n"),
+            3 => assert_eq!(w.call(&[b"SLOTGATE.INVALIDATE", k]), b":0\r\n"),
+            4 => assert_eq!(
+                w.call(&[b"EVAL", b"return redis.call('del',KEYS[1])", b"1", k]),
+                b":0\r\n"
+            ),
+            5 => assert_eq!(
+                w.call(&[
+                    b"EVAL",
+                    b"return redis.call('set',KEYS[1],ARGV[1])",
+                    b"1",
+                    k,
+                    b"client-new"
+                ]),
+                b"+OK\r\n"
+            ),
+            6 => assert_eq!(w.call(&[b"FCALL", b"wipe", b"1", k]), b":0\r\n"),
+            // A read-only script writes nothing: the fill is stored.
+            _ => assert_eq!(
+                w.call(&[b"EVAL_RO", b"return redis.call('exists',KEYS[1])", b"1", k]),
+                b":0\r\n"
+            ),
         }
         s.origin.release();
         assert_eq!(
@@ -408,12 +437,17 @@ fn no_stale_set_over_random_interleavings() {
             .query(&mut s.owner(&key))
             .unwrap();
         match op {
-            0 | 2 => assert_eq!(
+            0 | 2 | 5 => assert_eq!(
                 stored.as_deref(),
                 Some("client-new"),
-                "round {round}: the client's write wins"
+                "round {round} (op {op}): the client's write wins"
             ),
-            _ => assert_eq!(stored, None, "round {round}: the delete wins"),
+            7 => assert_eq!(
+                stored.as_deref(),
+                Some("origin-old"),
+                "round {round}: a read-only script does not stop the fill"
+            ),
+            _ => assert_eq!(stored, None, "round {round} (op {op}): the delete wins"),
         }
     }
     // Without a write in between, the fill is stored.

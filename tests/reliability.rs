@@ -35,7 +35,12 @@ fn pipelined_large_replies_flow_as_the_client_reads() {
         c.send(&batch);
         let replies = c.read_replies(20);
         for r in &replies {
-            assert_eq!(r.len(), value.len() + 11, "round {round}: {}", lossy(&r[..20]));
+            assert_eq!(
+                r.len(),
+                value.len() + 11,
+                "round {round}: {}",
+                lossy(&r[..20])
+            );
         }
     }
 }
@@ -70,9 +75,17 @@ fn bare_command_answers_the_whole_table() {
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     let table = c.call(&[b"COMMAND"]);
-    assert!(table.starts_with(b"*"), "{}", lossy(&table[..40.min(table.len())]));
+    assert!(
+        table.starts_with(b"*"),
+        "{}",
+        lossy(&table[..40.min(table.len())])
+    );
     let want = direct.call(&[b"COMMAND"]);
-    assert_eq!(table.len(), want.len(), "the same table as a redis-server's");
+    assert_eq!(
+        table.len(),
+        want.len(),
+        "the same table as a redis-server's"
+    );
     let count = c.call(&[b"COMMAND", b"COUNT"]);
     let n: usize = lossy(&count[1..count.len() - 2]).parse().unwrap();
     assert!(n > 200, "COMMAND COUNT {n}");

@@ -221,6 +221,17 @@ impl CommandSpec {
         self.flags & flag != 0
     }
 
+    /// Whether the command may write its keys: a write command, or a script or function
+    /// that is not read-only (EVAL, EVALSHA, FCALL: Redis does not flag them as writes, but
+    /// what they do to their declared keys is up to the script).
+    #[inline]
+    pub fn may_write_keys(&self) -> bool {
+        self.has(flags::WRITE)
+            || (self.acl & acl::SCRIPTING != 0
+                && !self.has(flags::READONLY)
+                && !self.key_specs.is_empty())
+    }
+
     /// Whether this row is a container command with subcommands (CONFIG, CLIENT …).
     #[inline]
     pub fn is_container(&self) -> bool {

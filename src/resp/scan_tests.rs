@@ -74,7 +74,11 @@ fn any_depth_is_framed_with_a_bounded_stack() {
         assert_eq!(frames(&deep), vec![deep.len()], "depth {depth}");
         // Fed in two halves, the scanner holds one entry for the whole chain.
         assert_eq!(sc.scan(&deep[..deep.len() / 2]), Ok(None));
-        assert!(sc.stack.len() <= 1, "depth {depth}: {} entries", sc.stack.len());
+        assert!(
+            sc.stack.len() <= 1,
+            "depth {depth}: {} entries",
+            sc.stack.len()
+        );
         assert_eq!(sc.scan(&deep).unwrap().unwrap().len, deep.len());
         assert!(sc.stack.is_empty());
     }
