@@ -163,9 +163,13 @@ fn huge_claimed_lengths_wait_for_bytes() {
     ));
 }
 
-/// 100,000 nested arrays from a shard are a clean error, not a stack overflow.
+/// 100,000 nested arrays from a shard are framed without recursion (no stack overflow):
+/// incomplete until the innermost element arrives, then one frame.
 #[test]
-fn deep_nesting_is_bounded() {
-    let deep = b"*1\r\n".repeat(100_000);
-    assert!(ReplyScanner::new().scan(&deep).is_err());
+fn deep_nesting_is_framed_without_recursion() {
+    let mut deep = b"*1\r\n".repeat(100_000);
+    let mut sc = ReplyScanner::new();
+    assert_eq!(sc.scan(&deep), Ok(None));
+    deep.extend_from_slice(b"$1\r\nx\r\n");
+    assert_eq!(sc.scan(&deep).unwrap().unwrap().len, deep.len());
 }
