@@ -5,6 +5,11 @@
 use clap::Parser;
 use slotgate::config::Cli;
 
+/// jemalloc, configured at build time (`.cargo/config.toml`) to purge freed memory in a
+/// background thread after about a second.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() {
     slotgate::tls::install_default_provider();
     let cli = Cli::parse();
