@@ -51,6 +51,10 @@ pub struct Cli {
     /// Requests in flight per upstream connection before new ones fail [default: 65536].
     #[arg(long)]
     pub max_inflight_per_connection: Option<usize>,
+    /// Request bytes in flight per upstream connection before new ones fail, e.g. `256mb`
+    /// [default: 256mb].
+    #[arg(long, value_name = "BYTES")]
+    pub max_inflight_bytes_per_connection: Option<String>,
     /// Dedicated connections (transactions, blocking commands) per shard per worker [default: 512].
     #[arg(long)]
     pub max_dedicated_per_shard: Option<usize>,
@@ -132,7 +136,10 @@ pub struct FileConfig {
     pub log_level: Option<String>,
     pub max_client_pipeline: Option<usize>,
     pub max_inflight_per_connection: Option<usize>,
+    pub max_inflight_bytes_per_connection: Option<ByteSize>,
     pub max_dedicated_per_shard: Option<usize>,
+    pub client_output_buffer_limit_normal: Option<String>,
+    pub client_output_buffer_limit_pubsub: Option<String>,
     pub proto_max_bulk_len: Option<usize>,
     pub client_query_buffer_limit: Option<usize>,
     pub requirepass: Option<String>,
@@ -256,9 +263,13 @@ pub struct Settings {
     pub log_level: String,
     pub max_client_pipeline: usize,
     pub max_inflight_per_connection: usize,
+    pub max_inflight_bytes_per_connection: usize,
     pub max_dedicated_per_shard: usize,
     pub proto_max_bulk_len: usize,
     pub client_query_buffer_limit: usize,
+    /// Redis's `client-output-buffer-limit` for ordinary clients and for subscribers.
+    pub obuf_normal: OutputLimit,
+    pub obuf_pubsub: OutputLimit,
     pub tls: Option<TlsSettings>,
     pub users: Arc<Users>,
     pub max_auth_failures: u32,
@@ -269,6 +280,85 @@ pub struct Settings {
     pub upstream_tls: Option<UpstreamTls>,
     pub readthrough: Arc<Rules>,
     pub admin_listen: Option<SocketAddr>,
+}
+
+/// A byte count in `proxy.toml`: an integer, or a string with Redis's units (`"256mb"`).
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub enum ByteSize {
+    Bytes(u64),
+    Text(String),
+}
+
+impl ByteSize {
+    fn text(&self) -> String {
+        match self {
+            ByteSize::Bytes(n) => n.to_string(),
+            ByteSize::Text(t) => t.clone(),
+        }
+    }
+}
+
+/// Parses a size as Redis's `memtoull` does: a number with an optional unit, `b`, `k`
+/// (1000), `kb` (1024), `m`, `mb`, `g`, `gb`, in any case.
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| "expected a number of bytes, optionally with a unit (e.g. 64mb)")?;
+    let scale: u64 = match unit {
+        "" | "b" => 1,
+        "k" => 1000,
+        "kb" => 1024,
+        "m" => 1000 * 1000,
+        "mb" => 1024 * 1024,
+        "g" => 1000 * 1000 * 1000,
+        "gb" => 1024 * 1024 * 1024,
+        u => return Err(format!("unknown unit '{u}' (use b, k, kb, m, mb, g or gb)")),
+    };
+    n.checked_mul(scale)
+        .and_then(|v| usize::try_from(v).ok())
+        .ok_or_else(|| "too large".to_string())
+}
+
+/// One class of Redis's `client-output-buffer-limit`: a client whose replies not yet written
+/// reach `hard` bytes, or stay at `soft` bytes or more for `soft_for`, is closed. 0 = no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputLimit {
+    pub hard: usize,
+    pub soft: usize,
+    pub soft_for: Duration,
+}
+
+impl Default for OutputLimit {
+    /// No limit.
+    fn default() -> Self {
+        OutputLimit {
+            hard: 0,
+            soft: 0,
+            soft_for: std::time::Duration::ZERO,
+        }
+    }
+}
+
+impl OutputLimit {
+    /// `"<hard> <soft> <soft seconds>"`, as in redis.conf (e.g. `"256mb 64mb 60"`).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split_whitespace().collect();
+        let [hard, soft, secs] = parts[..] else {
+            return Err("expected '<hard> <soft> <soft seconds>', e.g. \"256mb 64mb 60\"".into());
+        };
+        let secs: u64 = secs
+            .parse()
+            .map_err(|_| format!("'{secs}' is not a number of seconds"))?;
+        Ok(OutputLimit {
+            hard: parse_bytes(hard)?,
+            soft: parse_bytes(soft)?,
+            soft_for: Duration::from_secs(secs),
+        })
+    }
 }
 
 /// Parses `250ms`, `1s`, `1.5s`, `10m`, `1h`, `500us`.
@@ -372,6 +462,17 @@ impl Cli {
                 .max_inflight_per_connection
                 .or(f.max_inflight_per_connection)
                 .unwrap_or(65536),
+            max_inflight_bytes_per_connection: self
+                .max_inflight_bytes_per_connection
+                .clone()
+                .or(f.max_inflight_bytes_per_connection.map(|b| b.text()))
+                .unwrap_or_else(|| "256mb".into()),
+            obuf_normal: f
+                .client_output_buffer_limit_normal
+                .unwrap_or_else(|| "256mb 64mb 60".into()),
+            obuf_pubsub: f
+                .client_output_buffer_limit_pubsub
+                .unwrap_or_else(|| "32mb 8mb 60".into()),
             max_dedicated_per_shard: self
                 .max_dedicated_per_shard
                 .or(f.max_dedicated_per_shard)
@@ -429,6 +530,9 @@ struct Merged {
     log_level: String,
     max_client_pipeline: usize,
     max_inflight_per_connection: usize,
+    max_inflight_bytes_per_connection: String,
+    obuf_normal: String,
+    obuf_pubsub: String,
     max_dedicated_per_shard: usize,
     proto_max_bulk_len: usize,
     client_query_buffer_limit: usize,
@@ -527,6 +631,28 @@ impl Merged {
         if self.max_inflight_per_connection == 0 {
             return Err(invalid("max-inflight-per-connection", 0, "must be > 0"));
         }
+        let inflight_bytes = &self.max_inflight_bytes_per_connection;
+        let max_inflight_bytes_per_connection = match parse_bytes(inflight_bytes) {
+            Ok(0) => {
+                return Err(invalid(
+                    "max-inflight-bytes-per-connection",
+                    0,
+                    "must be > 0",
+                ));
+            }
+            Ok(n) => n,
+            Err(why) => {
+                return Err(invalid(
+                    "max-inflight-bytes-per-connection",
+                    inflight_bytes,
+                    why,
+                ));
+            }
+        };
+        let obuf_normal = OutputLimit::parse(&self.obuf_normal)
+            .map_err(|why| invalid("client_output_buffer_limit_normal", &self.obuf_normal, why))?;
+        let obuf_pubsub = OutputLimit::parse(&self.obuf_pubsub)
+            .map_err(|why| invalid("client_output_buffer_limit_pubsub", &self.obuf_pubsub, why))?;
         if self.proto_max_bulk_len < 1024 * 1024 {
             return Err(invalid(
                 "proto_max_bulk_len",
@@ -628,6 +754,9 @@ impl Merged {
             log_level: self.log_level,
             max_client_pipeline: self.max_client_pipeline,
             max_inflight_per_connection: self.max_inflight_per_connection,
+            max_inflight_bytes_per_connection,
+            obuf_normal,
+            obuf_pubsub,
             max_dedicated_per_shard: self.max_dedicated_per_shard,
             proto_max_bulk_len: self.proto_max_bulk_len,
             client_query_buffer_limit: self.client_query_buffer_limit,
@@ -709,6 +838,36 @@ mod tests {
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("ms").is_err());
+    }
+
+    #[test]
+    fn sizes_and_output_limits() {
+        assert_eq!(parse_bytes("0").unwrap(), 0);
+        assert_eq!(parse_bytes("64mb").unwrap(), 64 << 20);
+        assert_eq!(parse_bytes("1k").unwrap(), 1000);
+        assert_eq!(parse_bytes("2KB").unwrap(), 2048);
+        assert_eq!(parse_bytes("1gb").unwrap(), 1 << 30);
+        assert!(parse_bytes("1tb").is_err());
+        assert!(parse_bytes("mb").is_err());
+        assert_eq!(
+            OutputLimit::parse("256mb 64mb 60").unwrap(),
+            OutputLimit {
+                hard: 256 << 20,
+                soft: 64 << 20,
+                soft_for: Duration::from_secs(60)
+            }
+        );
+        assert_eq!(OutputLimit::parse("0 0 0").unwrap().hard, 0);
+        assert!(OutputLimit::parse("256mb 64mb").is_err());
+        assert!(OutputLimit::parse("256mb 64mb x").is_err());
+        let file: FileConfig = toml::from_str(
+            "max_inflight_bytes_per_connection = 1048576\nclient_output_buffer_limit_pubsub = \"1mb 0 0\"\n[[shards]]\naddr = \"127.0.0.1:1\"\n",
+        )
+        .unwrap();
+        let s = Cli::default().merge(file).validate().unwrap();
+        assert_eq!(s.max_inflight_bytes_per_connection, 1 << 20);
+        assert_eq!(s.obuf_pubsub.hard, 1 << 20);
+        assert_eq!(s.obuf_normal.soft, 64 << 20);
     }
 
     #[test]

@@ -37,6 +37,11 @@ pub trait ReadSide {
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
     ) -> Poll<io::Result<usize>>;
+
+    /// Bytes received and not yet read, where the transport can tell (a diagnostic).
+    fn unread(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// The write side of a connection: `AsyncWrite`, and one non-blocking write for the hot path.
@@ -134,6 +139,10 @@ fn std_io(r: rustix::io::Result<usize>) -> io::Result<usize> {
 }
 
 impl ReadSide for PlainRead<'_> {
+    fn unread(&self) -> Option<u64> {
+        rustix::io::ioctl_fionread(self.0).ok()
+    }
+
     fn poll_read_vec(
         &mut self,
         cx: &mut Context<'_>,

@@ -112,6 +112,17 @@ impl Session {
     /// Drops every subscription (RESET): the subscriber connections close.
     pub(crate) fn reset_subs(&mut self) {
         self.subs = Subs::default();
+        self.update_output_class();
+    }
+
+    /// A client with subscriptions gets the `pubsub` output buffer limit, as in Redis.
+    pub(crate) fn update_output_class(&self) {
+        let settings = &self.w.shared.settings;
+        self.queue.set_output_limit(if self.subscribed() {
+            settings.obuf_pubsub
+        } else {
+            settings.obuf_normal
+        });
     }
 
     pub(crate) fn pubsub(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {

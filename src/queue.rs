@@ -8,12 +8,13 @@
 //!
 //! Everything here lives on one worker thread: `Rc` and `RefCell`, no locks, no atomics.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
 
+use crate::config::OutputLimit;
 use crate::fanout::Gather;
 use crate::notify::LocalNotify;
 
@@ -46,18 +47,42 @@ pub struct ReplyQueue {
     /// Out-of-band frames from the client's subscriber connections (pub/sub messages and
     /// subscription confirmations), written as they arrive.
     pushes: RefCell<VecDeque<Bytes>>,
-    /// A subscriber connection was lost (or the client fell too far behind): the client is
-    /// closed, so that it reconnects and resubscribes.
-    sub_lost: std::cell::Cell<bool>,
+    /// A subscriber connection was lost: the client is closed, so that it reconnects and
+    /// resubscribes.
+    sub_lost: Cell<bool>,
     /// Bytes of out-of-band frames not yet written.
-    pushed_bytes: std::cell::Cell<usize>,
+    pushed_bytes: Cell<usize>,
     /// CLIENT KILL named this client.
-    killed: std::cell::Cell<bool>,
+    killed: Cell<bool>,
+    /// Requests of this client that timed out but whose replies the shard has yet to send:
+    /// they still count against the client's pipeline bound (see [`Target::expire`]).
+    abandoned: Cell<usize>,
+    /// The client's output buffer, as Redis counts it: bytes of replies that are ready (in
+    /// any slot, also behind one still waiting), out-of-band frames, and what the session
+    /// holds for a socket that did not take it yet.
+    out_bytes: Cell<usize>,
+    /// Bytes of late replies to this client's timed-out requests, read from the shard and
+    /// dropped since its output buffer was last empty. They count against its limit as if
+    /// they had been queued (Redis would have queued them): a client that keeps a shard busy
+    /// with replies it never gets to read is closed like one that does not read.
+    late_bytes: Cell<usize>,
+    /// Moving average of the size of this client's replies from shards (0: none yet).
+    reply_avg: Cell<usize>,
+    /// The client's output buffer limit (its class: normal, or pubsub while subscribed).
+    limit: Cell<OutputLimit>,
+    /// Since when the output buffer is at or over the soft limit.
+    soft_since: Cell<Option<std::time::Instant>>,
+    /// The output buffer went over its limit: the client is closed.
+    overflow: Cell<bool>,
+    /// The session ended: replies still arriving are dropped at once.
+    closed: Cell<bool>,
 }
 
-/// Pub/sub bytes a client may have waiting before it is disconnected (Redis's default
-/// `client-output-buffer-limit pubsub 32mb`).
-pub const PUBSUB_OUTPUT_LIMIT: usize = 32 * 1024 * 1024;
+/// Expected bytes of replies one client may have in flight at the shards (see
+/// [`ReplyQueue::has_room`]).
+pub const INFLIGHT_REPLY_BUDGET: usize = 32 * 1024 * 1024;
+/// Requests a client may have in flight before the size of its replies is known.
+pub const FIRST_WINDOW: usize = 64;
 
 impl ReplyQueue {
     pub fn new() -> Rc<Self> {
@@ -66,6 +91,7 @@ impl ReplyQueue {
 
     /// Appends a reply that is ready now.
     pub fn push_ready(&self, reply: Bytes) {
+        self.add_out_bytes(reply.len());
         self.inner.borrow_mut().slots.push_back(Slot::Ready(reply));
     }
 
@@ -80,6 +106,9 @@ impl ReplyQueue {
 
     /// Fills part `part` of slot `seq` (part 0 for a single-shard command).
     pub fn deliver(&self, seq: u64, part: u32, reply: Bytes) {
+        if self.closed.get() {
+            return;
+        }
         let mut q = self.inner.borrow_mut();
         let Some(idx) = seq.checked_sub(q.base) else {
             return;
@@ -87,50 +116,65 @@ impl ReplyQueue {
         let Some(slot) = q.slots.get_mut(idx as usize) else {
             return;
         };
-        let done = match slot {
-            Slot::Waiting => {
-                *slot = Slot::Ready(reply);
-                true
-            }
-            Slot::Gather(g) => match g.put(part as usize, reply) {
-                Some(merged) => {
-                    *slot = Slot::Ready(merged);
-                    true
-                }
-                None => false,
-            },
-            Slot::Ready(_) => false,
+        let ready = match slot {
+            Slot::Waiting => Some(reply),
+            Slot::Gather(g) => g.put(part as usize, reply),
+            Slot::Ready(_) => None,
         };
-        if done {
+        if let Some(reply) = ready {
+            let len = reply.len();
+            *slot = Slot::Ready(reply);
             q.waiting -= 1;
             let front_ready = matches!(q.slots.front(), Some(Slot::Ready(_)));
             drop(q);
+            self.sample_reply(len);
+            self.add_out_bytes(len);
             if front_ready {
                 self.notify.notify_one();
             }
         }
     }
 
-    /// Moves the ready replies at the front into `out`; returns how many.
+    /// Moves the ready replies at the front into `out`, up to about `max` bytes (a reply
+    /// that does not fit is cut: its rest stays at the front, as a slice of the same
+    /// buffer); returns how many replies were moved whole. What stays here is not copied,
+    /// so a client that reads slowly costs its replies once, not twice.
     #[inline]
-    pub fn drain_ready(&self, out: &mut BytesMut) -> usize {
-        if !matches!(self.inner.borrow().slots.front(), Some(Slot::Ready(_))) {
+    pub fn drain_ready(&self, out: &mut BytesMut, max: usize) -> usize {
+        if !self.front_ready() {
             return 0;
         }
-        self.drain_ready_slow(out)
+        self.drain_ready_slow(out, max)
     }
 
-    fn drain_ready_slow(&self, out: &mut BytesMut) -> usize {
+    fn drain_ready_slow(&self, out: &mut BytesMut, max: usize) -> usize {
         let mut q = self.inner.borrow_mut();
         let mut n = 0;
-        while let Some(Slot::Ready(_)) = q.slots.front() {
-            if let Some(Slot::Ready(b)) = q.slots.pop_front() {
-                out.extend_from_slice(&b);
+        let before = out.len();
+        while let Some(Slot::Ready(b)) = q.slots.front_mut() {
+            let room = max.saturating_sub(out.len() - before);
+            if room == 0 {
+                break;
             }
+            if b.len() > room {
+                out.extend_from_slice(&b[..room]);
+                *b = b.slice(room..);
+                break;
+            }
+            out.extend_from_slice(b);
+            q.slots.pop_front();
             q.base += 1;
             n += 1;
         }
+        drop(q);
+        self.sub_out_bytes(out.len() - before);
         n
+    }
+
+    /// Whether the reply at the front is ready to be written.
+    #[inline]
+    pub fn front_ready(&self) -> bool {
+        matches!(self.inner.borrow().slots.front(), Some(Slot::Ready(_)))
     }
 
     /// Commands whose replies have not been written yet.
@@ -138,20 +182,57 @@ impl ReplyQueue {
         self.inner.borrow().slots.len()
     }
 
+    /// Whether the session may dispatch another command: its replies not yet written plus
+    /// its timed-out requests whose replies the shard has yet to send (a client whose requests
+    /// time out must not pile more onto a shard still working through the old ones) are under
+    /// `max_pipeline`, and the replies it has in flight at the shards are expected to come to less than
+    /// [`INFLIGHT_REPLY_BUDGET`] bytes (their count times the client's average reply size;
+    /// [`FIRST_WINDOW`] requests before any reply has been seen). A client that asks for
+    /// large values therefore keeps only a few in flight on the shared shard connection, and
+    /// one that never reads cannot make a shard queue gigabytes of replies for it.
+    #[inline]
+    pub fn has_room(&self, max_pipeline: usize) -> bool {
+        let q = self.inner.borrow();
+        let abandoned = self.abandoned.get();
+        if q.slots.len() + abandoned >= max_pipeline {
+            return false;
+        }
+        let inflight = q.waiting + abandoned;
+        match self.reply_avg.get() {
+            0 => inflight < FIRST_WINDOW,
+            avg => inflight.saturating_mul(avg) < INFLIGHT_REPLY_BUDGET,
+        }
+    }
+
+    /// Folds a reply's size into the client's average (a moving average over about the last
+    /// eight replies).
+    #[inline]
+    fn sample_reply(&self, len: usize) {
+        let avg = self.reply_avg.get();
+        self.reply_avg.set(if avg == 0 {
+            len.max(1)
+        } else {
+            (avg * 7 + len) / 8 + 1
+        });
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Queues an out-of-band pub/sub frame and wakes the session. A client that lets more
-    /// than [`PUBSUB_OUTPUT_LIMIT`] bytes of messages pile up (it does not read) is
-    /// disconnected, as Redis's `client-output-buffer-limit pubsub 32mb` does.
+    /// Queues an out-of-band pub/sub frame and wakes the session. A client that lets its
+    /// messages pile up past its output buffer limit (it does not read) is disconnected, as
+    /// Redis's `client-output-buffer-limit pubsub 32mb 8mb 60` does.
     pub fn push_oob(&self, frame: Bytes) {
-        let queued: usize = self.pushed_bytes.get() + frame.len();
-        if queued > PUBSUB_OUTPUT_LIMIT {
+        if self.closed.get() {
+            return;
+        }
+        self.add_out_bytes(frame.len());
+        if self.overflow.get() {
             // Dropped, and the client is closed: memory stays bounded.
-            self.sub_lost.set(true);
+            self.sub_out_bytes(frame.len());
         } else {
-            self.pushed_bytes.set(queued);
+            self.pushed_bytes.set(self.pushed_bytes.get() + frame.len());
             self.pushes.borrow_mut().push_back(frame);
         }
         self.notify.notify_one();
@@ -170,7 +251,98 @@ impl ReplyQueue {
         for f in self.pushes.borrow_mut().drain(..) {
             out.extend_from_slice(&f);
         }
-        self.pushed_bytes.set(0);
+        self.sub_out_bytes(self.pushed_bytes.replace(0));
+    }
+
+    /// Sets the output buffer limit of the client's class.
+    pub fn set_output_limit(&self, limit: OutputLimit) {
+        self.limit.set(limit);
+    }
+
+    /// Counts `n` more bytes in the output buffer; closes the client (flags it and wakes the
+    /// session) when that reaches the hard limit, or keeps it over the soft limit for longer
+    /// than allowed — checked as bytes are added, as Redis does.
+    #[inline]
+    pub fn add_out_bytes(&self, n: usize) {
+        let out = self.out_bytes.get() + n;
+        self.out_bytes.set(out);
+        let total = out + self.late_bytes.get();
+        let l = self.limit.get();
+        if (l.hard != 0 && total >= l.hard) || (l.soft != 0 && total >= l.soft) {
+            self.over_limit(total, l);
+        }
+    }
+
+    #[cold]
+    fn over_limit(&self, total: usize, l: OutputLimit) {
+        let overflow = if l.hard != 0 && total >= l.hard {
+            true
+        } else {
+            let now = std::time::Instant::now();
+            match self.soft_since.get() {
+                None => {
+                    self.soft_since.set(Some(now));
+                    false
+                }
+                Some(since) => now.duration_since(since) > l.soft_for,
+            }
+        };
+        if overflow && !self.overflow.replace(true) {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Counts `n` bytes out of the output buffer (written, or dropped).
+    #[inline]
+    pub fn sub_out_bytes(&self, n: usize) {
+        let out = self.out_bytes.get() - n;
+        self.out_bytes.set(out);
+        if out == 0 {
+            // The client has read everything: late replies are forgiven.
+            self.late_bytes.set(0);
+        }
+        if out + self.late_bytes.get() < self.limit.get().soft {
+            self.soft_since.set(None);
+        }
+    }
+
+    /// A late reply of `n` bytes to a timed-out request was read and dropped.
+    fn late_reply(&self, n: usize) {
+        if self.closed.get() {
+            return;
+        }
+        self.late_bytes.set(self.late_bytes.get() + n);
+        self.sample_reply(n);
+        self.add_out_bytes(0);
+    }
+
+    /// When the output buffer will have been over the soft limit for too long, if it is over
+    /// it now (a session blocked on a full socket checks then, as nothing else may arrive).
+    pub fn soft_deadline(&self) -> Option<tokio::time::Instant> {
+        let since = self.soft_since.get()?;
+        Some((since + self.limit.get().soft_for).into())
+    }
+
+    /// Checks the soft limit now (see [`soft_deadline`](Self::soft_deadline)).
+    pub fn check_soft_limit(&self) {
+        self.add_out_bytes(0);
+    }
+
+    /// The client's output buffer in bytes.
+    pub fn out_bytes(&self) -> usize {
+        self.out_bytes.get()
+    }
+
+    /// The output buffer went over its limit.
+    pub fn overflowed(&self) -> bool {
+        self.overflow.get()
+    }
+
+    /// The session is gone: drops every reply it holds, and those that arrive later.
+    pub fn close(&self) {
+        self.closed.set(true);
+        self.inner.borrow_mut().slots.clear();
+        self.pushes.borrow_mut().clear();
     }
 
     pub fn mark_sub_lost(&self) {
@@ -186,6 +358,13 @@ impl ReplyQueue {
 
     pub fn killed(&self) -> bool {
         self.killed.get()
+    }
+
+    /// The session must close: CLIENT KILL, a lost subscriber connection, or the output
+    /// buffer limit.
+    #[inline]
+    pub fn must_close(&self) -> bool {
+        self.killed.get() | self.sub_lost.get() | self.overflow.get()
     }
 
     pub fn sub_lost(&self) -> bool {
@@ -219,6 +398,8 @@ pub enum Target {
     },
     /// A request the proxy made for itself (e.g. `HELLO 3` on a RESP3 connection).
     Discard,
+    /// A client request that timed out (its client got the error); its late reply is dropped.
+    Abandoned(Rc<ReplyQueue>),
     /// The connection's handshake (AUTH / HELLO): an error reply fails the connection.
     Handshake,
     /// A GET of a read-through key: a nil reply starts the origin fetch.
@@ -236,9 +417,32 @@ impl Target {
         match self {
             Target::Client { queue, seq, part } => queue.deliver(seq, part, reply),
             Target::Discard | Target::Handshake => {}
+            Target::Abandoned(queue) => {
+                queue.abandoned.set(queue.abandoned.get() - 1);
+                queue.late_reply(reply.len());
+                // Room in the pipeline bound: commands the session holds back may go now.
+                queue.notify.notify_one();
+            }
             Target::ReadThrough(get) => get.on_reply(reply),
             Target::ReadThroughMget { state, part } => {
                 crate::readthrough::PendingMget::on_part(state, part, reply)
+            }
+        }
+    }
+
+    /// Delivers the error of a request that timed out after it was sent, and returns what
+    /// stays in the connection's FIFO until the late reply arrives: for a client's request, a
+    /// ghost that keeps counting against the client's pipeline bound.
+    pub fn expire(self, err: Bytes) -> Target {
+        match self {
+            Target::Client { queue, seq, part } => {
+                queue.deliver(seq, part, err);
+                queue.abandoned.set(queue.abandoned.get() + 1);
+                Target::Abandoned(queue)
+            }
+            other => {
+                other.deliver(err);
+                Target::Discard
             }
         }
     }

@@ -146,6 +146,7 @@ impl Worker {
                 let cfg = UpstreamConfig {
                     op_timeout: s.op_timeout,
                     max_inflight: s.max_inflight_per_connection,
+                    max_inflight_bytes: s.max_inflight_bytes_per_connection,
                     auth: auth.clone(),
                     tls: s.upstream_tls.clone(),
                     up: up.clone(),
@@ -190,7 +191,7 @@ impl Worker {
             queue.notify.notified().await;
         }
         let mut out = bytes::BytesMut::new();
-        queue.drain_ready(&mut out);
+        queue.drain_ready(&mut out, usize::MAX);
         out.freeze()
     }
 

@@ -8,6 +8,7 @@
 //! until replies drain, so a client that pipelines without reading costs bounded memory.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -41,6 +42,9 @@ use crate::server::{Shared, Worker};
 /// What ended a session's wait.
 enum Wake {
     Queue,
+    /// The socket took some of what was waiting to be written (or a TLS flush completed).
+    Wrote,
+    WriteFailed,
     Read(std::io::Result<usize>),
     Idle,
 }
@@ -52,6 +56,10 @@ const READS_BEFORE_YIELD: u32 = 32;
 const READ_CHUNK: usize = 16 * 1024;
 /// Write buffers larger than this are released after use instead of kept for reuse.
 const KEEP_BUF: usize = 1024 * 1024;
+/// Most bytes of replies copied into the write scratch for one write.
+const WRITE_CHUNK: usize = 1024 * 1024;
+/// Bytes a session writes in one turn before it lets the worker's other tasks run.
+const TURN_WRITE_MAX: usize = 8 * WRITE_CHUNK;
 /// Allocation step of a worker's shared read buffer.
 const SCRATCH: usize = 64 * 1024;
 
@@ -217,6 +225,7 @@ where
     if !users.auth_required() {
         s.set_user(users.default_user().clone());
     }
+    s.queue.set_output_limit(settings.obuf_normal);
     s.register();
     let limits = Limits {
         max_bulk_len: settings.proto_max_bulk_len,
@@ -237,6 +246,9 @@ where
     // The last read went into the worker's read scratch (not yet parsed).
     let mut in_scratch = false;
     let mut out = BytesMut::new();
+    // A TLS flush did not complete: it is polled again in the wait.
+    let mut flushing = false;
+    let mut soft_sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     let w = s.w.clone();
     let mut eof = false;
     // CLIENT KILL comes from any worker thread (tokio's `Notify`). A small task waits for it and
@@ -285,90 +297,94 @@ where
             );
             break;
         }
-        if s.queue.killed() {
-            tracing::debug!(client = s.id, "killed by CLIENT KILL");
+        if s.queue.must_close() {
+            // CLIENT KILL, a lost subscriber connection (the client reconnects and
+            // resubscribes), or the output buffer limit.
+            s.log_close();
             break;
         }
-        if s.queue.sub_lost() {
-            // A subscriber connection died, or the client let too many messages pile up:
-            // close, so the client reconnects and resubscribes.
-            break;
-        }
+        // Write what is ready: first what the socket did not take last time (`out`), then
+        // replies from the queue through the worker's scratch, at most `WRITE_CHUNK` at a
+        // time (larger replies stay in the queue, uncopied, until the socket takes them), for
+        // as long as the socket takes everything. What it does not take stays in `out`, which
+        // the wait below writes as the socket drains, while the session goes on reading and
+        // dispatching as Redis does: a client that does not read is closed by its output
+        // buffer limit, never waited on.
         let mut wrote = false;
-        {
-            // Ready replies (and pub/sub pushes) are written from the worker's scratch with
-            // one non-blocking attempt; what the socket does not take moves into `out`, which
-            // is written out below before the loop comes back here (so it is empty now).
-            debug_assert!(out.is_empty());
+        let mut write_failed = false;
+        if !out.is_empty() {
+            match wr.poll_write_now(&mut Context::from_waker(&task), &out) {
+                Poll::Ready(Ok(n)) => {
+                    out.advance(n);
+                    s.queue.sub_out_bytes(n);
+                    wrote = n > 0;
+                }
+                Poll::Ready(Err(_)) => write_failed = true,
+                Poll::Pending => {}
+            }
+        }
+        let mut turn_bytes = 0;
+        while out.is_empty() && !write_failed {
             let mut sc = w.write_scratch.borrow_mut();
-            let n = s.queue.drain_ready(&mut sc);
+            let n = s.queue.drain_ready(&mut sc, WRITE_CHUNK);
             s.queue.drain_pushes(&mut sc);
             if n > 0 && !s.sampled.is_empty() {
                 s.record_latencies();
             }
-            if !sc.is_empty() {
-                wrote = true;
-                let mut cx = Context::from_waker(&task);
-                match wr.poll_write_now(&mut cx, &sc) {
-                    Poll::Ready(Ok(n)) => out.extend_from_slice(&sc[n..]),
-                    Poll::Ready(Err(_)) => {
-                        sc.clear();
-                        break;
-                    }
-                    Poll::Pending => out.extend_from_slice(&sc),
-                }
-                sc.clear();
-                if sc.capacity() > KEEP_BUF {
-                    *sc = BytesMut::new();
-                }
-            }
-        }
-        if !out.is_empty() {
-            wrote = true;
-            // A client that stops reading must not block us forever: the write gives up when
-            // its pub/sub messages overflow or CLIENT KILL names it (the queue is notified).
-            let mut replies_arrived = false;
-            let written = {
-                let write = wr.write_all(&out);
-                tokio::pin!(write);
-                loop {
-                    tokio::select! {
-                        r = &mut write => break r.is_ok(),
-                        // (Woken by replies too: only a client whose socket is full gets
-                        // here.)
-                        _ = s.queue.notify.notified() => {
-                            if s.queue.sub_lost() || s.queue.killed() {
-                                break false;
-                            }
-                            replies_arrived = true;
-                        }
-                    }
-                }
-            };
-            if !written {
+            if sc.is_empty() {
                 break;
             }
-            if replies_arrived {
-                // The wake-up was consumed here: give it back, so that the replies that
-                // arrived while the socket was full are written now, not when the client
-                // next sends something.
-                s.queue.notify.notify_one();
+            wrote = true;
+            turn_bytes += sc.len();
+            match wr.poll_write_now(&mut Context::from_waker(&task), &sc) {
+                Poll::Ready(Ok(n)) => out.extend_from_slice(&sc[n..]),
+                Poll::Ready(Err(_)) => write_failed = true,
+                Poll::Pending => out.extend_from_slice(&sc),
             }
+            sc.clear();
+            if sc.capacity() > KEEP_BUF {
+                *sc = BytesMut::new();
+            }
+            if !out.is_empty() {
+                // Still the client's output buffer until the socket takes it.
+                s.queue.add_out_bytes(out.len());
+                break;
+            }
+            if !s.queue.front_ready() {
+                break;
+            }
+            if turn_bytes >= TURN_WRITE_MAX {
+                // More is ready for a fast reader: continue after the worker's other tasks.
+                s.queue.notify.notify_one();
+                reads_in_a_row = READS_BEFORE_YIELD;
+                break;
+            }
+        }
+        if out.is_empty() && out.capacity() > 0 {
             out = BytesMut::new();
         }
-        if wrote && wr.flush().await.is_err() {
+        if wrote || flushing {
+            // A no-op on plain TCP; pushes TLS records out.
+            match Pin::new(&mut wr).poll_flush(&mut Context::from_waker(&task)) {
+                Poll::Ready(Ok(())) => flushing = false,
+                Poll::Ready(Err(_)) => write_failed = true,
+                Poll::Pending => flushing = true,
+            }
+        }
+        if write_failed || s.queue.must_close() {
+            s.log_close();
             break;
         }
-        if (s.closing || eof) && s.queue.is_empty() {
+        if (s.closing || eof) && s.queue.is_empty() && out.is_empty() && !flushing {
             break;
         }
-        if bounded && s.queue.len() < s.max_pipeline {
+        if bounded && s.queue.has_room(s.max_pipeline) {
             // Parsing stopped at the pipeline bound and the replies written since made room:
             // the commands still buffered are parsed now, since the client may have sent
             // everything and be waiting for them.
             continue;
         }
-        let can_read = !s.closing && !eof && !s.barrier && s.queue.len() < s.max_pipeline;
+        let can_read = !s.closing && !eof && !s.barrier && s.queue.has_room(s.max_pipeline);
         if rbuf.is_empty() {
             if rbuf.capacity() > 0 {
                 // Nothing partial is buffered: let go of the read buffer.
@@ -387,16 +403,63 @@ where
         // Idle: nothing in flight and nothing read for `idle_timeout` (Redis's `timeout`;
         // like Redis, it does not apply to subscribed clients).
         let mut idle = match (idle_timeout, idle_sleep.as_mut()) {
-            (Some(d), Some(sleep)) if s.queue.is_empty() && !s.subscribed() => {
+            (Some(d), Some(sleep)) if s.queue.is_empty() && out.is_empty() && !s.subscribed() => {
                 sleep.as_mut().reset(Instant::now() + d);
                 Some(sleep)
             }
             _ => None,
         };
-        // Wait for a reply (the queue's notify), input, or the idle timeout. The read is
-        // polled only when it may have become ready: see `FlagWaker`.
+        // A client that is not keeping up with its replies and is over the soft output limit
+        // is closed once that has lasted too long, even if nothing else happens meanwhile.
+        let soft_at = if out.is_empty() {
+            None
+        } else {
+            s.queue.soft_deadline()
+        };
+        let mut soft = match (soft_at, soft_sleep.as_mut()) {
+            (Some(at), Some(sleep)) => {
+                if sleep.deadline() != at {
+                    sleep.as_mut().reset(at);
+                }
+                soft_sleep.as_mut()
+            }
+            (Some(at), None) => {
+                soft_sleep = Some(Box::pin(tokio::time::sleep_until(at)));
+                soft_sleep.as_mut()
+            }
+            (None, _) => None,
+        };
+        // Wait for a reply (the queue's notify), input, room in the client's socket, or the
+        // idle timeout. The read is polled only when it may have become ready: see
+        // `FlagWaker`.
         let woke = std::future::poll_fn(|cx| {
             if s.queue.notify.poll_notified(cx).is_ready() {
+                return Poll::Ready(Wake::Queue);
+            }
+            if !out.is_empty() {
+                match wr.poll_write_now(cx, &out) {
+                    Poll::Ready(Ok(n)) => {
+                        out.advance(n);
+                        s.queue.sub_out_bytes(n);
+                        return Poll::Ready(Wake::Wrote);
+                    }
+                    Poll::Ready(Err(_)) => return Poll::Ready(Wake::WriteFailed),
+                    Poll::Pending => {}
+                }
+            } else if flushing {
+                match Pin::new(&mut wr).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => {
+                        flushing = false;
+                        return Poll::Ready(Wake::Wrote);
+                    }
+                    Poll::Ready(Err(_)) => return Poll::Ready(Wake::WriteFailed),
+                    Poll::Pending => {}
+                }
+            }
+            if let Some(sleep) = &mut soft
+                && sleep.as_mut().poll(cx).is_ready()
+            {
+                s.queue.check_soft_limit();
                 return Poll::Ready(Wake::Queue);
             }
             if can_read && (!read_armed || read_flag.take()) {
@@ -438,7 +501,8 @@ where
         })
         .await;
         match woke {
-            Wake::Queue => {}
+            Wake::Queue | Wake::Wrote => {}
+            Wake::WriteFailed => break,
             // The client closed its side: answer what it sent, then close — unless a blocking
             // command is waiting (it may never return): then close now, which closes its
             // dedicated connection and unblocks the shard.
@@ -452,6 +516,9 @@ where
             }
         }
     }
+    // Replies still in flight are dropped as they arrive, and what is queued is freed now.
+    s.queue.close();
+    drop(out);
     let _ = wr.shutdown().await;
     s.unregister();
 }
@@ -460,6 +527,27 @@ impl Session {
     fn register(&self) {
         if let Ok(mut c) = self.w.shared.clients.lock() {
             c.insert(self.id, self.info_entry());
+        }
+    }
+
+    /// Logs why the session is being closed by slotgate (not by its client).
+    #[cold]
+    fn log_close(&self) {
+        let q = &self.queue;
+        if q.overflowed() {
+            // Redis logs the same event as "… scheduled to be closed ASAP for overcoming of
+            // output buffer limits".
+            tracing::warn!(
+                client = self.id,
+                addr = %self.addr,
+                user = self.user_name(),
+                output_bytes = q.out_bytes(),
+                "closing client for overcoming of output buffer limits"
+            );
+        } else if q.killed() {
+            tracing::debug!(client = self.id, "killed by CLIENT KILL");
+        } else if q.sub_lost() {
+            tracing::debug!(client = self.id, "a subscriber connection was lost");
         }
     }
 
@@ -491,7 +579,7 @@ impl Session {
             if self.closing {
                 break;
             }
-            if self.queue.len() >= self.max_pipeline {
+            if !self.queue.has_room(self.max_pipeline) {
                 bounded = used < buf.len();
                 break;
             }
@@ -604,7 +692,10 @@ impl Session {
             }
         }
         match spec.route {
-            Route::PubSub => self.pubsub(spec, req, now),
+            Route::PubSub => {
+                self.pubsub(spec, req, now);
+                self.update_output_class();
+            }
             Route::Transaction => self.transaction(spec, req, now),
             Route::Blocking => self.blocking(spec, req, now),
             Route::Single => self.single(spec, req, now),

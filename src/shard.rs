@@ -7,14 +7,21 @@
 //! frames them with the resumable [`ReplyScanner`] and hands each one, as a zero-copy slice of
 //! the read buffer, to the oldest pending target.
 //!
-//! Faults stay local to the shard. A request that has waited `op_timeout` fails on its own
-//! with `-ERR shard unavailable: <addr>: no reply within …`; it stays in the FIFO, abandoned,
-//! so that its late reply is matched and dropped, and the connection lives on (a slow command
-//! does not cost everyone else their connection). The connection itself is replaced on
+//! Faults stay local to the shard, and every failure says whether the request reached the
+//! shard. A request still in the output buffer (never written: the connection is down or the
+//! shard stopped reading) fails with `-ERR shard unavailable: <addr>: …` and is removed, so it
+//! is never sent later: retrying it is safe. A request that was written and got no reply fails
+//! with `-ERR outcome unknown: <addr>: …`: the shard may have applied it.
+//!
+//! A written request that has waited `op_timeout` fails on its own; it stays in the FIFO,
+//! abandoned, so that its late reply is matched and dropped, and it keeps counting against the
+//! connection (and its client's pipeline) until then. The connection lives on: a slow command
+//! does not cost everyone else their connection. The connection itself is replaced on
 //! refused/reset/EOF, or when requests are pending and the shard has sent nothing at all for
-//! `3 × op_timeout` (hung or partitioned): then every pending request fails at once. Reconnects back off from
-//! 50 ms to at most 1 s; a request that arrives while the shard is down triggers an attempt at
-//! once, so the first request after the shard returns succeeds.
+//! `3 × op_timeout` (hung or partitioned): then every pending request fails at once.
+//! Reconnects back off from 50 ms to at most 1 s; a request that arrives while the shard is
+//! down triggers an attempt at once, so the first request after the shard returns succeeds.
+//! Deadlines are kept while connecting too: no request waits longer than `op_timeout`.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -53,6 +60,9 @@ const KEEP_BUF: usize = 1024 * 1024;
 pub struct UpstreamConfig {
     pub op_timeout: Duration,
     pub max_inflight: usize,
+    /// Request bytes queued or in flight (until their replies are read) beyond which new
+    /// requests fail; one request alone may be larger.
+    pub max_inflight_bytes: usize,
     /// AUTH sent first on every new connection.
     pub auth: Option<UpstreamAuth>,
     /// TLS to the shard.
@@ -69,6 +79,8 @@ pub struct UpstreamConfig {
 struct Pending {
     target: Target,
     deadline: Instant,
+    /// Its request's length in bytes.
+    len: usize,
 }
 
 #[derive(Default)]
@@ -81,6 +93,16 @@ struct State {
     /// error, and their replies are dropped when they arrive. (Deadlines grow along the FIFO,
     /// so the timed-out requests are always a prefix.)
     abandoned: usize,
+    /// How many requests at the back of `pending` are still in `out`, not handed to the
+    /// socket: `out` holds exactly their bytes, in order (unless `oob` bytes are mixed in).
+    unsent: usize,
+    /// Bytes of the requests in `pending`.
+    inflight_bytes: usize,
+    /// The new connection's handshake (AUTH, HELLO), written before anything else.
+    handshake_out: BytesMut,
+    /// Handshake replies still expected: requests are written only once they all came, so
+    /// a refused handshake leaves them unsent (and safe to retry).
+    handshaking: usize,
     connected: bool,
 }
 
@@ -107,6 +129,9 @@ pub struct Upstream {
     /// A dedicated connection whose one connection ended: every request fails at once.
     dead: std::cell::Cell<bool>,
     close_notify: LocalNotify,
+    /// Bytes with no pending request were queued (`send_oob`): `out` no longer maps onto the
+    /// unsent requests, so none is cut out of it.
+    oob: std::cell::Cell<bool>,
 }
 
 /// Why a connection was dropped.
@@ -118,7 +143,8 @@ enum Fault {
     Protocol(ScanError),
     Unexpected,
     /// Requests pending, and nothing at all read for this long.
-    Silent(Duration),
+    /// With the bytes the socket held unread then, if known (not 0 unless wake-ups were lost).
+    Silent(Duration, Option<u64>),
     /// The shard refused the connection's AUTH/HELLO (its error text; no password in it).
     Handshake(String),
     Tls(String),
@@ -130,7 +156,10 @@ impl Fault {
             Fault::Io(e) => e.to_string(),
             Fault::Closed => "connection closed by the shard".into(),
             Fault::TimedOut => format!("no reply within {op_timeout:?}"),
-            Fault::Silent(d) => format!("nothing received for {d:?} with requests pending"),
+            Fault::Silent(d, None) => format!("nothing received for {d:?} with requests pending"),
+            Fault::Silent(d, Some(unread)) => format!(
+                "nothing received for {d:?} with requests pending ({unread} bytes unread in the socket)"
+            ),
             Fault::Protocol(e) => format!("invalid reply from the shard ({e:?})"),
             Fault::Unexpected => "reply with no request".into(),
             Fault::Handshake(e) => format!("handshake refused by the shard: {e}"),
@@ -155,6 +184,7 @@ impl Upstream {
             confirmations: RefCell::new(VecDeque::new()),
             dead: std::cell::Cell::new(false),
             close_notify: LocalNotify::new(),
+            oob: std::cell::Cell::new(false),
         });
         tokio::task::spawn_local(up.clone().drive());
         up
@@ -185,18 +215,30 @@ impl Upstream {
             ));
         }
         let mut st = self.st.borrow_mut();
-        if st.pending.len() >= self.cfg.max_inflight {
+        let full = if st.pending.len() >= self.cfg.max_inflight {
+            Some("too many requests in flight")
+        } else if st.inflight_bytes > 0
+            && st.inflight_bytes + raw.len() > self.cfg.max_inflight_bytes
+        {
+            Some("too many bytes in flight")
+        } else {
+            None
+        };
+        if let Some(why) = full {
             drop(st);
-            target.deliver(reply::shard_unavailable(
-                &self.label,
-                "too many requests in flight",
-            ));
-            return;
+            return target.deliver(reply::shard_unavailable(&self.label, why));
         }
         let wake_writer = st.out.is_empty();
-        let wake_reader = st.pending.is_empty();
+        // The first request with a live deadline: the reader arms its timer.
+        let wake_reader = st.pending.len() == st.abandoned;
         st.out.extend_from_slice(raw);
-        st.pending.push_back(Pending { target, deadline });
+        st.unsent += 1;
+        st.inflight_bytes += raw.len();
+        st.pending.push_back(Pending {
+            target,
+            deadline,
+            len: raw.len(),
+        });
         drop(st);
         if wake_writer {
             self.wake_writer.notify_one();
@@ -206,32 +248,45 @@ impl Upstream {
         }
     }
 
-    /// Fails every queued and in-flight request with `why`.
+    /// Fails every queued and in-flight request with `why`: those never written as
+    /// unavailable (safe to retry), those written as of unknown outcome.
     fn fail_all(&self, why: &str) {
-        let failed: Vec<Pending> = {
+        let (failed, unsent) = {
             let mut st = self.st.borrow_mut();
             st.out = BytesMut::new();
             st.connected = false;
             st.abandoned = 0;
-            st.pending.drain(..).collect()
+            st.inflight_bytes = 0;
+            st.handshake_out = BytesMut::new();
+            st.handshaking = 0;
+            let unsent = std::mem::take(&mut st.unsent);
+            let failed: Vec<Pending> = st.pending.drain(..).collect();
+            (failed, unsent)
         };
         if failed.is_empty() {
             return;
         }
         metrics::counter!(crate::metrics::SHARD_ERRORS, "shard" => self.label.clone())
             .increment(failed.len() as u64);
-        let err = reply::shard_unavailable(&self.label, why);
-        for p in failed {
+        let sent = failed.len() - unsent;
+        let unknown = reply::outcome_unknown(&self.label, why);
+        let unavailable = reply::shard_unavailable(&self.label, why);
+        for (i, p) in failed.into_iter().enumerate() {
+            let err = if i < sent { &unknown } else { &unavailable };
             p.target.deliver(err.clone());
         }
     }
 
-    /// Fails (and abandons) the requests whose deadline has passed. `Err` when the one timing
-    /// out is the connection's handshake: then the connection itself is no good.
+    /// Fails the requests whose deadline has passed. One that was written is abandoned (its
+    /// reply is still to come, and is dropped then); one still in the output buffer is taken
+    /// out, so it is never sent. `Err` when the one timing out is the connection's handshake:
+    /// then the connection itself is no good.
     fn expire(&self, now: Instant) -> Result<(), ()> {
-        let mut expired = Vec::new();
+        let mut abandoned = Vec::new();
+        let mut removed = Vec::new();
         {
             let mut st = self.st.borrow_mut();
+            let st = &mut *st;
             while st.abandoned < st.pending.len() {
                 let i = st.abandoned;
                 if st.pending[i].deadline > now {
@@ -240,21 +295,70 @@ impl Upstream {
                 if matches!(st.pending[i].target, Target::Handshake) {
                     return Err(());
                 }
-                expired.push(std::mem::replace(
-                    &mut st.pending[i].target,
-                    Target::Discard,
-                ));
+                let unsent = i >= st.pending.len() - st.unsent;
+                // Everything before it timed out as well, so its bytes are the first in `out`.
+                if unsent && !self.oob.get() && st.out.len() >= st.pending[i].len {
+                    let p = st.pending.remove(i).expect("index checked above");
+                    let _ = st.out.split_to(p.len);
+                    st.unsent -= 1;
+                    st.inflight_bytes -= p.len;
+                    removed.push(p.target);
+                    continue;
+                }
+                let t = std::mem::replace(&mut st.pending[i].target, Target::Discard);
+                abandoned.push(t);
                 st.abandoned += 1;
             }
         }
-        if !expired.is_empty() {
-            let why = format!("no reply within {:?}", self.cfg.op_timeout);
+        let op = self.cfg.op_timeout;
+        if !abandoned.is_empty() {
+            let err = reply::outcome_unknown(&self.label, &format!("no reply within {op:?}"));
+            let ghosts: Vec<Target> = abandoned
+                .into_iter()
+                .map(|t| t.expire(err.clone()))
+                .collect();
+            // The ghosts keep counting against their clients until the replies arrive.
+            let mut st = self.st.borrow_mut();
+            let first = st.abandoned - ghosts.len();
+            for (i, g) in ghosts.into_iter().enumerate() {
+                st.pending[first + i].target = g;
+            }
+        }
+        if !removed.is_empty() {
+            let why = if self.st.borrow().connected {
+                format!("not sent within {op:?}: the shard is not reading")
+            } else {
+                format!("not sent within {op:?}: not connected")
+            };
             let err = reply::shard_unavailable(&self.label, &why);
-            for t in expired {
+            for t in removed {
                 t.deliver(err.clone());
             }
         }
         Ok(())
+    }
+
+    /// The deadline of the oldest request not yet failed.
+    fn next_deadline(&self) -> Option<Instant> {
+        let st = self.st.borrow();
+        st.pending.get(st.abandoned).map(|p| p.deadline)
+    }
+
+    /// Runs `fut` (a connect, a backoff) while failing the requests whose deadline passes
+    /// meanwhile: none of them can have been sent, the connection is not up.
+    async fn expiring<F: std::future::Future>(&self, fut: F) -> F::Output {
+        tokio::pin!(fut);
+        loop {
+            let next = self.next_deadline();
+            tokio::select! {
+                r = &mut fut => return r,
+                _ = sleep_until_some(next) => {
+                    let _ = self.expire(Instant::now());
+                }
+                // A new request with the first live deadline.
+                _ = self.wake_reader.notified() => {}
+            }
+        }
     }
 
     /// Closes a dedicated connection: its driver stops and the socket is dropped, so the shard
@@ -283,6 +387,7 @@ impl Upstream {
     /// Writes `raw` with no reply expected (commands on a subscriber connection, whose
     /// answers arrive as out-of-band frames).
     pub fn send_oob(&self, raw: &[u8]) {
+        self.oob.set(true);
         let mut st = self.st.borrow_mut();
         let wake = st.out.is_empty();
         st.out.extend_from_slice(raw);
@@ -302,9 +407,8 @@ impl Upstream {
     async fn drive(self: Rc<Self>) {
         let mut backoff = BACKOFF_MIN;
         loop {
-            let why = match tokio::time::timeout(self.cfg.op_timeout, TcpStream::connect(self.addr))
-                .await
-            {
+            let connect = tokio::time::timeout(self.cfg.op_timeout, TcpStream::connect(self.addr));
+            let why = match self.expiring(connect).await {
                 Ok(Ok(stream)) => {
                     backoff = BACKOFF_MIN;
                     let _ = stream.set_nodelay(true);
@@ -329,10 +433,13 @@ impl Upstream {
                 return;
             }
             // Wait out the backoff unless a request arrives (then try at once).
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = self.wake_writer.notified() => {}
-            }
+            self.expiring(async {
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = self.wake_writer.notified() => {}
+                }
+            })
+            .await;
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
@@ -356,8 +463,8 @@ impl Upstream {
         }
     }
 
-    /// The handshake every new connection starts with, ahead of anything queued while
-    /// connecting: `AUTH` with the configured credentials, and `HELLO 3` on RESP3 connections
+    /// The handshake every new connection starts with, written (and answered) before anything
+    /// queued while connecting: `AUTH` with the configured credentials, and `HELLO 3` on RESP3 connections
     /// (with the credentials in it).
     fn handshake(&self) -> Option<BytesMut> {
         let mut args: Vec<&[u8]> = Vec::new();
@@ -397,12 +504,17 @@ impl Upstream {
         {
             let mut st = self.st.borrow_mut();
             st.connected = true;
-            if let Some(mut out) = self.handshake() {
-                out.extend_from_slice(&st.out);
-                st.out = out;
+            if let Some(out) = self.handshake() {
+                st.handshake_out = out;
+                st.handshaking = 1;
+                // No later than the requests queued behind it: they must not wait for it
+                // beyond their own deadlines.
+                let own = Instant::now() + self.cfg.op_timeout;
+                let deadline = st.pending.front().map_or(own, |p| p.deadline.min(own));
                 st.pending.push_front(Pending {
                     target: Target::Handshake,
-                    deadline: Instant::now() + self.cfg.op_timeout,
+                    deadline,
+                    len: 0,
                 });
             }
         }
@@ -430,11 +542,17 @@ impl Upstream {
         loop {
             let idle = {
                 let mut st = self.st.borrow_mut();
-                let idle = st.out.is_empty();
-                if !idle {
+                if !st.handshake_out.is_empty() {
+                    std::mem::swap(&mut st.handshake_out, &mut wbuf);
+                    false
+                } else if st.handshaking > 0 || st.out.is_empty() {
+                    true
+                } else {
                     std::mem::swap(&mut st.out, &mut wbuf);
+                    // Handed to the socket: from here on, they may reach the shard.
+                    st.unsent = 0;
+                    false
                 }
-                idle
             };
             if idle {
                 self.wake_writer.notified().await;
@@ -502,7 +620,11 @@ impl Upstream {
                         let p = {
                             let mut st = self.st.borrow_mut();
                             st.abandoned = st.abandoned.saturating_sub(1);
-                            st.pending.pop_front()
+                            let p = st.pending.pop_front();
+                            if let Some(p) = &p {
+                                st.inflight_bytes -= p.len;
+                            }
+                            p
                         };
                         match p {
                             Some(Pending {
@@ -511,6 +633,18 @@ impl Upstream {
                             }) if bytes.first() == Some(&b'-') => {
                                 let text = String::from_utf8_lossy(&bytes[1..]);
                                 return Fault::Handshake(text.trim_end().to_string());
+                            }
+                            Some(Pending {
+                                target: Target::Handshake,
+                                ..
+                            }) => {
+                                let mut st = self.st.borrow_mut();
+                                st.handshaking -= 1;
+                                if st.handshaking == 0 && !st.out.is_empty() {
+                                    // What was queued meanwhile goes out now.
+                                    drop(st);
+                                    self.wake_writer.notify_one();
+                                }
                             }
                             Some(p) => p.target.deliver(bytes),
                             None => return Fault::Unexpected,
@@ -525,7 +659,7 @@ impl Upstream {
                 rbuf = BytesMut::with_capacity(READ_CHUNK);
             }
             if rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
-                rbuf.reserve(READ_CHUNK);
+                grow(&mut rbuf);
             }
             // Two timers: the oldest live request's deadline, and "the shard has sent nothing
             // for 3 × op_timeout while requests wait" (counted from the later of the oldest
@@ -551,13 +685,16 @@ impl Upstream {
                     _ = tokio::time::sleep_until(wake) => {
                         let now = Instant::now();
                         if now >= dead_at {
-                            return Fault::Silent(op * 3);
+                            return Fault::Silent(op * 3, rd.unread());
                         }
                         if self.expire(now).is_err() {
                             return Fault::TimedOut;
                         }
                         continue;
                     }
+                    // A request arrived behind abandoned ones only: its deadline is the next
+                    // to watch (before, it waited for the silence timer: up to 2 × op_timeout).
+                    _ = self.wake_reader.notified() => continue,
                 },
                 None => tokio::select! {
                     r = std::future::poll_fn(|cx| rd.poll_read_bytes(cx, &mut rbuf)) => r,
@@ -790,4 +927,75 @@ fn is_confirmation(frame: &[u8]) -> bool {
             body.eq_ignore_ascii_case(k) && first[0] == b'$'
         }
     })
+}
+
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Makes room to read into. A large bulk string being received grows the buffer by doubling
+/// as usual, but never past its own end: a 1 MiB value then costs 1 MiB, not the 2 MiB that
+/// doubling would round it up to (each reply keeps its part of the buffer alive until the
+/// client has been sent it). Growth still follows bytes received, not the claimed length.
+fn grow(rbuf: &mut BytesMut) {
+    let len = rbuf.len();
+    match bulk_end(rbuf) {
+        // The rest of it fits already.
+        Some(end) if end <= rbuf.capacity() => {}
+        Some(end) if end > len + READ_CHUNK / 4 => {
+            let doubled = (rbuf.capacity() * 2).max(len + READ_CHUNK);
+            // The last step lands on the end instead of overshooting it.
+            let target = if doubled + doubled / 2 >= end { end } else { doubled };
+            let mut grown = BytesMut::with_capacity(target);
+            grown.extend_from_slice(rbuf);
+            *rbuf = grown;
+        }
+        _ => rbuf.reserve(READ_CHUNK),
+    }
+}
+
+/// Where the bulk string (`$`, `=` or `!`) at the start of `buf` ends, once its header is in.
+fn bulk_end(buf: &[u8]) -> Option<usize> {
+    if !matches!(buf.first(), Some(b'$' | b'=' | b'!')) {
+        return None;
+    }
+    let head = &buf[1..buf.len().min(24)];
+    let cr = head.iter().position(|&b| b == b'\r')?;
+    let len: usize = std::str::from_utf8(&head[..cr]).ok()?.parse().ok()?;
+    // Type byte, digits, CRLF, the value, CRLF.
+    Some(1 + cr + 2 + len + 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Receiving a 1 MiB value in 16 KiB reads ends with a buffer of the reply's size, where
+    /// plain doubling would have reached 2 MiB.
+    #[test]
+    fn a_large_bulk_grows_the_buffer_to_its_end_only() {
+        let value = vec![b'v'; 1 << 20];
+        let mut reply = format!("${}\r\n", value.len()).into_bytes();
+        reply.extend_from_slice(&value);
+        reply.extend_from_slice(b"\r\n");
+        let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
+        let mut fed = 0;
+        while fed < reply.len() {
+            if rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
+                grow(&mut rbuf);
+            }
+            let n = (rbuf.capacity() - rbuf.len()).min(READ_CHUNK).min(reply.len() - fed);
+            rbuf.extend_from_slice(&reply[fed..fed + n]);
+            fed += n;
+        }
+        assert_eq!(&rbuf[..], &reply[..]);
+        assert!(rbuf.capacity() < reply.len() + READ_CHUNK, "{}", rbuf.capacity());
+        assert_eq!(bulk_end(b"$5\r\nhel"), Some(11));
+        assert_eq!(bulk_end(b"$12"), None);
+        assert_eq!(bulk_end(b"*1\r\n"), None);
+    }
 }

@@ -3,8 +3,9 @@
 
 mod support;
 
+use std::io::{Read, Write};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::*;
 
@@ -144,4 +145,339 @@ fn deep_replies_are_framed_and_fail_nobody_else() {
     for t in others {
         assert!(t.join().expect("no other client saw an error") >= 3);
     }
+}
+
+/// Reads replies one at a time from a raw connection, keeping what arrives early.
+struct Replies {
+    buf: Vec<u8>,
+}
+
+impl Replies {
+    fn new() -> Self {
+        Replies { buf: Vec::new() }
+    }
+
+    /// The next reply as text, or why there is none.
+    fn next(&mut self, c: &mut RawConn) -> Result<String, String> {
+        let mut chunk = vec![0u8; 1 << 16];
+        loop {
+            if let Some(n) = resp2_reply_len(&self.buf) {
+                let r: Vec<u8> = self.buf.drain(..n).collect();
+                return Ok(lossy(&r));
+            }
+            match c.stream.read(&mut chunk) {
+                Ok(0) => return Err("closed".into()),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+}
+
+const UNAVAILABLE: &str = "-ERR shard unavailable: ";
+const UNKNOWN: &str = "-ERR outcome unknown: ";
+
+/// Point 7: every INCR that got `-ERR shard unavailable` while the shard was stopped had in
+/// fact been applied, so a client retrying on that error double-counted; and some requests
+/// waited 2 × op_timeout. Now a request that was sent says `outcome unknown`, only requests
+/// never sent say `shard unavailable`, and every answer comes within op_timeout + 30%.
+#[test]
+fn incr_across_a_stopped_shard_says_whether_it_may_have_been_applied() {
+    let shard = RedisServer::start();
+    let proxy = Slotgate::start_with(&[&shard], &["--op-timeout", "1s"]);
+    let mut c = proxy.raw();
+    assert_eq!(c.call(&[b"SET", b"ctr", b"0"]), b"+OK\r\n");
+    let (mut ok, mut unknown, mut unavailable) = (0u64, 0u64, 0u64);
+    let mut replies = Replies::new();
+    let mut slowest = Duration::ZERO;
+    let start = Instant::now();
+    let mut stopped = false;
+    let mut resumed = false;
+    while start.elapsed() < Duration::from_millis(6_500) {
+        if !stopped && start.elapsed() > Duration::from_millis(300) {
+            shard.pause();
+            stopped = true;
+        }
+        if !resumed && start.elapsed() > Duration::from_millis(4_800) {
+            shard.resume();
+            resumed = true;
+        }
+        let t = Instant::now();
+        c.send(&resp(&[b"INCR", b"ctr"]));
+        let r = replies.next(&mut c).expect("a reply");
+        let took = t.elapsed();
+        if r.starts_with(':') {
+            ok += 1;
+            continue;
+        }
+        slowest = slowest.max(took);
+        if r.starts_with(UNKNOWN) {
+            unknown += 1;
+        } else if r.starts_with(UNAVAILABLE) {
+            unavailable += 1;
+        } else {
+            panic!("unexpected reply {r}");
+        }
+    }
+    assert!(resumed);
+    assert!(
+        unknown >= 2,
+        "requests sent to the stopped shard: {unknown}"
+    );
+    assert!(
+        slowest <= Duration::from_millis(1_300),
+        "an error took {slowest:?} with a 1 s op timeout"
+    );
+    // The final count: every OK was applied, every "shard unavailable" was not, and an
+    // "outcome unknown" may have been.
+    let mut direct = shard.client();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let v: u64 = loop {
+        let v: redis::RedisResult<u64> = redis::cmd("GET").arg("ctr").query(&mut direct);
+        if let Ok(v) = v {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "shard did not come back");
+    };
+    eprintln!("ok {ok} unknown {unknown} unavailable {unavailable} final {v}");
+    assert!(
+        ok <= v && v <= ok + unknown,
+        "final {v}, but {ok} OK and {unknown} of unknown outcome ({unavailable} not sent)"
+    );
+}
+
+/// Point 7: a request that times out before it could be written (the stopped shard's socket
+/// is full) is taken out of the output buffer: it says `shard unavailable` and is never
+/// applied later; the requests that were written say `outcome unknown`.
+#[test]
+fn requests_that_time_out_unsent_are_never_sent_later() {
+    let shard = RedisServer::start();
+    let proxy = Slotgate::start_with(&[&shard], &["--op-timeout", "1s"]);
+    let mut c = proxy.raw();
+    assert_eq!(c.call(&[b"PING"]), b"+PONG\r\n");
+    shard.pause();
+    // 48 MiB of SETs: far more than the loopback socket buffers hold.
+    let value = vec![b'v'; 1 << 20];
+    let mut batch = Vec::new();
+    for i in 0..48 {
+        batch.extend_from_slice(&resp(&[b"SET", format!("big:{i}").as_bytes(), &value]));
+    }
+    let t = Instant::now();
+    let sender = {
+        let mut w = c.stream.try_clone().unwrap();
+        std::thread::spawn(move || w.write_all(&batch).unwrap())
+    };
+    let mut rd = Replies::new();
+    let replies: Vec<String> = (0..48).map(|_| rd.next(&mut c).unwrap()).collect();
+    let took = t.elapsed();
+    sender.join().unwrap();
+    shard.resume();
+    let not_sent: Vec<usize> = (0..48)
+        .filter(|&i| replies[i].starts_with(UNAVAILABLE))
+        .collect();
+    let unknown = replies.iter().filter(|r| r.starts_with(UNKNOWN)).count();
+    assert_eq!(not_sent.len() + unknown, 48, "{replies:?}");
+    assert!(unknown >= 1 && !not_sent.is_empty(), "{replies:?}");
+    assert!(
+        replies[not_sent[0]].contains("not sent within 1s"),
+        "{}",
+        replies[not_sent[0]]
+    );
+    assert!(
+        took < Duration::from_millis(2_600),
+        "all answered in {took:?}"
+    );
+    // Once the shard works again, nothing that was reported as not sent shows up.
+    assert_eq!(c.call(&[b"PING"]), b"+PONG\r\n");
+    let mut direct = shard.client();
+    for i in not_sent {
+        let n: u64 = redis::cmd("EXISTS")
+            .arg(format!("big:{i}"))
+            .query(&mut direct)
+            .unwrap();
+        assert_eq!(n, 0, "big:{i} was reported not sent, but it was applied");
+    }
+}
+
+/// Point 6: requests that timed out used to free their place in the client's pipeline
+/// while the shard still worked through them, so a client could keep piling requests onto
+/// a slow shard. They now count until their replies arrive: the client's next requests wait
+/// (and then succeed) instead of being forwarded and timing out in turn.
+#[test]
+fn timed_out_requests_keep_their_place_until_the_shard_answers() {
+    let shard = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    let proxy = Slotgate::start_with(
+        &[&shard],
+        &["--op-timeout", "500ms", "--max-client-pipeline", "10"],
+    );
+    let mut c = proxy.raw();
+    assert_eq!(c.call(&[b"SET", b"k", b"v"]), b"+OK\r\n");
+    let mut direct = shard.client();
+    let sleeper = std::thread::spawn(move || {
+        let _: () = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg("1.2")
+            .query(&mut direct)
+            .unwrap();
+    });
+    // The shard is asleep once a direct PING waits.
+    std::thread::sleep(Duration::from_millis(100));
+    c.send(&resp(&[b"GET", b"k"]).repeat(30));
+    let replies = c.read_replies(30);
+    sleeper.join().unwrap();
+    let timed_out = replies
+        .iter()
+        .filter(|r| lossy(r).starts_with(UNKNOWN))
+        .count();
+    assert_eq!(
+        timed_out, 10,
+        "only the first 10 were forwarded to the sleeping shard"
+    );
+    for r in &replies[10..] {
+        assert_eq!(lossy(r), "$1\r\nv\r\n");
+    }
+}
+
+/// Point 6: the in-flight budget of an upstream connection is in bytes as well, and a
+/// request that timed out keeps counting until its reply has been read.
+#[test]
+fn inflight_bytes_are_bounded_and_abandoned_requests_count() {
+    let shard = RedisServer::start();
+    let proxy = Slotgate::start_with(
+        &[&shard],
+        &[
+            "--op-timeout",
+            "300ms",
+            "--max-inflight-bytes-per-connection",
+            "1mb",
+        ],
+    );
+    let mut c = proxy.raw();
+    assert_eq!(c.call(&[b"PING"]), b"+PONG\r\n");
+    let value = vec![b'v'; 300 * 1024];
+    shard.pause();
+    let mut batch = Vec::new();
+    for i in 0..5 {
+        batch.extend_from_slice(&resp(&[b"SET", format!("b:{i}").as_bytes(), &value]));
+    }
+    c.send(&batch);
+    let mut rd = Replies::new();
+    let replies: Vec<String> = (0..5).map(|_| rd.next(&mut c).unwrap()).collect();
+    let full: Vec<&String> = replies
+        .iter()
+        .filter(|r| r.contains("too many bytes in flight"))
+        .collect();
+    assert_eq!(full.len(), 2, "3 × 300 KiB fit in 1 MiB: {replies:?}");
+    assert!(full[0].starts_with(UNAVAILABLE));
+    // The three others timed out, but the shard still owes their replies.
+    c.send(&resp(&[b"SET", b"b:late", &value]));
+    assert!(
+        rd.next(&mut c)
+            .unwrap()
+            .contains("too many bytes in flight")
+    );
+    shard.resume();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        c.send(&resp(&[b"SET", b"b:late", &value]));
+        if rd.next(&mut c).unwrap() == "+OK\r\n" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the budget was never given back");
+    }
+}
+
+fn rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap()
+        / 1024
+}
+
+/// Point 5: output buffers were bounded by command count only: 3,000 unread GETs of 1 MiB
+/// cost about 1 GB, which stayed after the client left. Now a client that does not read
+/// stops being read (slotgate forwards only what its in-flight budget allows), its output
+/// buffer has Redis's `client-output-buffer-limit` semantics, and it is closed when over the
+/// hard limit, or over the soft limit for the soft seconds: RSS stays under +600 MiB and is
+/// back under +150 MiB within 3 s of the client leaving. Run with the soft limit's seconds
+/// at 2 (the default is 60) and with a hard limit below what the client has in flight.
+#[test]
+fn a_client_that_never_reads_is_closed_at_its_output_limit_and_memory_returns() {
+    for (limit, why) in [("256mb 64mb 2", "soft"), ("32mb 0 0", "hard")] {
+        unread_gets_of_one_mib(limit, why);
+    }
+}
+
+fn unread_gets_of_one_mib(limit: &str, why: &str) {
+    let shard = RedisServer::start();
+    let dir = std::env::temp_dir();
+    let tag = format!("{}-{why}", std::process::id());
+    let log = dir.join(format!("slotgate-obuf-{tag}.log"));
+    let conf = dir.join(format!("slotgate-obuf-{tag}.toml"));
+    std::fs::write(
+        &conf,
+        format!("client_output_buffer_limit_normal = \"{limit}\"\n"),
+    )
+    .unwrap();
+    let conf_arg = conf.to_string_lossy().into_owned();
+    let proxy = Slotgate::start_logged(&[&shard], &["--config", &conf_arg], Some(&log));
+    let value = vec![b'm'; 1 << 20];
+    let mut c = proxy.raw();
+    assert_eq!(c.call(&[b"SET", b"mib", &value]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"GET", b"mib"]).len(), value.len() + 12);
+    let base = rss_mib(proxy.pid());
+    let mut hog = proxy.raw();
+    assert_eq!(connected_clients(&mut c), 2);
+    hog.send(&resp(&[b"GET", b"mib"]).repeat(3_000));
+    // Never read; watch RSS until slotgate has closed the connection (its client count).
+    let mut peak = base;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let closed = loop {
+        peak = peak.max(rss_mib(proxy.pid()));
+        if connected_clients(&mut c) == 1 {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(closed, "{why}: the client was never closed");
+    drop(hog);
+    let left = Instant::now();
+    assert!(
+        peak < base + 600,
+        "{why}: peak RSS {peak} MiB, base {base} MiB: over +600 MiB"
+    );
+    let mut now = rss_mib(proxy.pid());
+    while now >= base + 150 {
+        assert!(
+            left.elapsed() < Duration::from_secs(3),
+            "{why}: RSS {now} MiB 3 s after the client left (base {base} MiB, peak {peak} MiB)"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        now = rss_mib(proxy.pid());
+    }
+    eprintln!("{why} limit: base {base} MiB, peak {peak} MiB, after {now} MiB");
+    // Others are served all along, and the reason is logged.
+    assert_eq!(c.call(&[b"GET", b"mib"]).len(), value.len() + 12);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("output buffer limits"),
+        "{why}: the close is logged: {text}"
+    );
+    let _ = std::fs::remove_file(&log);
+    let _ = std::fs::remove_file(&conf);
+}
+
+/// slotgate's `connected_clients` (INFO clients), asked over `c`.
+fn connected_clients(c: &mut RawConn) -> u64 {
+    let info = lossy(&c.call(&[b"INFO", b"clients"]));
+    info.lines()
+        .find_map(|l| l.strip_prefix("connected_clients:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("connected_clients in INFO")
 }

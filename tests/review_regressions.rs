@@ -56,7 +56,7 @@ fn a_slow_shard_fails_only_the_requests_that_waited_too_long() {
         assert_eq!(
             lossy(&r),
             format!(
-                "-ERR shard unavailable: {}: no reply within 500ms\r\n",
+                "-ERR outcome unknown: {}: no reply within 500ms (the request was sent and may have been applied)\r\n",
                 shard.addr()
             )
         );

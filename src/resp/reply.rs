@@ -68,10 +68,20 @@ pub fn error_bytes(parts: &[&[u8]]) -> Bytes {
     out.freeze()
 }
 
-/// A shard could not serve a request: refused, reset, timed out or over its in-flight cap.
-/// Every such reply starts with `-ERR shard unavailable`.
+/// A shard could not serve a request that was never sent to it: the connection was down,
+/// refused or stalled, or over its in-flight caps. Safe to retry. Every such reply starts with
+/// `-ERR shard unavailable`.
 pub fn shard_unavailable(addr: &str, why: &str) -> Bytes {
     error(&format!("ERR shard unavailable: {addr}: {why}"))
+}
+
+/// A request was sent to its shard and no reply came (timed out, or the connection was lost
+/// after it was written): the shard may have applied it. Every such reply starts with
+/// `-ERR outcome unknown`.
+pub fn outcome_unknown(addr: &str, why: &str) -> Bytes {
+    error(&format!(
+        "ERR outcome unknown: {addr}: {why} (the request was sent and may have been applied)"
+    ))
 }
 
 /// An administrative command that would break the proxy's model; never forwarded.
