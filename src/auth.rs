@@ -39,6 +39,10 @@ pub struct User {
     /// `None` = every key.
     keys_rw: Option<Vec<Vec<u8>>>,
     keys_r: Vec<Vec<u8>>,
+    /// Pub/sub channel patterns; `None` = every channel.
+    channels: Option<Vec<Vec<u8>>>,
+    /// The command rules as written (`ACL SETUSER` syntax), for the user's shard mirror.
+    rule_text: Vec<String>,
 }
 
 /// Why a command was denied.
@@ -58,6 +62,8 @@ impl User {
             rules: None,
             keys_rw: None,
             keys_r: Vec::new(),
+            channels: None,
+            rule_text: Vec::new(),
         }
     }
 
@@ -80,9 +86,67 @@ impl User {
         self.passwords.is_none()
     }
 
-    /// Whether every command and key is allowed (the hot path skips the checks).
+    /// Whether every command, key and channel is allowed (the hot path skips the checks, and
+    /// scripts run with slotgate's own rights on the shard).
     pub fn unrestricted_access(&self) -> bool {
-        self.rules.is_none() && self.keys_rw.is_none()
+        self.rules.is_none() && self.keys_rw.is_none() && self.channels.is_none()
+    }
+
+    /// Whether the user may use pub/sub `channel`: a channel name is matched against the
+    /// user's patterns, a `PSUBSCRIBE` pattern (`pattern = true`) must be one of them
+    /// literally, as in Redis 7.
+    pub fn may_use_channel(&self, channel: &[u8], pattern: bool) -> bool {
+        let Some(allowed) = &self.channels else {
+            return true;
+        };
+        allowed.iter().any(|p| {
+            if pattern {
+                p.as_slice() == channel
+            } else {
+                glob_match(p, channel)
+            }
+        })
+    }
+
+    /// The rules of this user's mirror on the shards, as `ACL SETUSER` arguments after the
+    /// name and password: key patterns, channel patterns, command rules, and no command that
+    /// slotgate itself refuses (`deny`). A script of the user runs on a shard connection
+    /// authenticated as the mirror, so it can do no more than the user could directly.
+    pub fn mirror_rules(&self, deny: &[String]) -> Vec<String> {
+        let mut r = Vec::new();
+        match &self.keys_rw {
+            None => r.push("allkeys".to_string()),
+            Some(rw) => {
+                r.push("resetkeys".into());
+                r.extend(
+                    rw.iter()
+                        .map(|k| format!("~{}", String::from_utf8_lossy(k))),
+                );
+                r.extend(
+                    self.keys_r
+                        .iter()
+                        .map(|k| format!("%R~{}", String::from_utf8_lossy(k))),
+                );
+            }
+        }
+        match &self.channels {
+            None => r.push("allchannels".into()),
+            Some(list) => {
+                r.push("resetchannels".into());
+                r.extend(
+                    list.iter()
+                        .map(|c| format!("&{}", String::from_utf8_lossy(c))),
+                );
+            }
+        }
+        if self.rules.is_none() {
+            r.push("+@all".into());
+        } else {
+            r.push("-@all".into());
+            r.extend(self.rule_text.iter().cloned());
+        }
+        r.extend(deny.iter().map(|c| format!("-{c}")));
+        r
     }
 
     /// Whether the user may run `spec` at all.
@@ -153,6 +217,11 @@ pub struct UserConfig {
     /// Command rules in `ACL SETUSER` syntax, applied in order; absent = `+@all`.
     #[serde(default)]
     pub commands: Option<Vec<String>>,
+    /// Pub/sub channel patterns (Redis glob, like ACL `&pattern`). Absent: every channel
+    /// for a user with no `keys`/`commands` restrictions, none otherwise (Redis 7's
+    /// `resetchannels` default).
+    #[serde(default)]
+    pub channels: Option<Vec<String>>,
 }
 
 fn yes() -> bool {
@@ -292,6 +361,12 @@ fn compile(u: &UserConfig) -> Result<User, String> {
     } else {
         Some(u.keys.iter().map(|k| k.as_bytes().to_vec()).collect())
     };
+    let channels = match &u.channels {
+        Some(list) if list.iter().any(|c| c == "*") => None,
+        Some(list) => Some(list.iter().map(|c| c.as_bytes().to_vec()).collect()),
+        None if rules.is_none() && keys_rw.is_none() => None,
+        None => Some(Vec::new()),
+    };
     Ok(User {
         name: u.name.clone(),
         passwords,
@@ -299,6 +374,13 @@ fn compile(u: &UserConfig) -> Result<User, String> {
         rules,
         keys_rw,
         keys_r: u.read_keys.iter().map(|k| k.as_bytes().to_vec()).collect(),
+        channels,
+        rule_text: u
+            .commands
+            .iter()
+            .flatten()
+            .map(|r| r.trim().to_string())
+            .collect(),
     })
 }
 
@@ -487,6 +569,7 @@ mod tests {
             keys: keys.iter().map(|s| s.to_string()).collect(),
             read_keys: read.iter().map(|s| s.to_string()).collect(),
             commands: commands.map(|c| c.iter().map(|s| s.to_string()).collect()),
+            channels: None,
         })
         .unwrap()
     }
@@ -506,6 +589,54 @@ mod tests {
         let u2 = user(&["*"], &[], Some(&["+config|get"]));
         assert!(u2.may_run(cget));
         assert!(!u2.may_run(crate::command::lookup_sub(config, b"set").unwrap()));
+    }
+
+    #[test]
+    fn channels_default_to_none_for_restricted_users_and_mirror_rules_follow_the_user() {
+        let open = user(&["*"], &[], None);
+        assert!(open.unrestricted_access() && open.may_use_channel(b"any", false));
+        let tenant = user(&["t:*"], &["r:*"], Some(&["+@all", "-@dangerous"]));
+        assert!(
+            !tenant.may_use_channel(b"news", false),
+            "resetchannels by default"
+        );
+        let cfg_user = |channels: &[&str]| {
+            compile(&UserConfig {
+                name: "c".into(),
+                password: None,
+                password_sha256: None,
+                nopass: true,
+                enabled: true,
+                keys: vec!["t:*".into()],
+                read_keys: vec![],
+                commands: None,
+                channels: Some(channels.iter().map(|s| s.to_string()).collect()),
+            })
+            .unwrap()
+        };
+        let c = cfg_user(&["news.*"]);
+        assert!(c.may_use_channel(b"news.eu", false));
+        assert!(!c.may_use_channel(b"sport", false));
+        assert!(
+            c.may_use_channel(b"news.*", true),
+            "a pattern must match literally"
+        );
+        assert!(!c.may_use_channel(b"news.e*", true));
+        assert!(cfg_user(&["*"]).may_use_channel(b"x", true));
+        assert_eq!(
+            tenant.mirror_rules(&["move".into()]),
+            [
+                "resetkeys",
+                "~t:*",
+                "%R~r:*",
+                "resetchannels",
+                "-@all",
+                "+@all",
+                "-@dangerous",
+                "-move"
+            ]
+        );
+        assert_eq!(open.mirror_rules(&[]), ["allkeys", "allchannels", "+@all"]);
     }
 
     #[test]
@@ -532,6 +663,7 @@ mod tests {
                 keys: vec!["*".into()],
                 read_keys: vec![],
                 commands: None,
+                channels: None,
             }],
         )
         .unwrap();

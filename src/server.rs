@@ -151,6 +151,7 @@ impl Worker {
                     tls: s.upstream_tls.clone(),
                     up: up.clone(),
                     dedicated: false,
+                    mirror: None,
                 };
                 (addr, cfg)
             })

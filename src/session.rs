@@ -82,8 +82,9 @@ pub struct Session {
     access: Vec<(usize, u8)>,
     /// The authenticated user; `None` until AUTH when a password is required.
     pub(crate) user: Option<Arc<User>>,
-    /// The user has command or key restrictions (checked per command).
-    restricted: bool,
+    /// The user has command, key or channel restrictions (checked per command; scripts run
+    /// as the user's mirror on the shards).
+    pub(crate) restricted: bool,
     /// Consecutive failed AUTH attempts.
     pub(crate) auth_failures: u32,
     /// Commands whose latency is being measured: (reply sequence number, start, name).
@@ -102,7 +103,7 @@ pub struct Session {
     /// connections keeps the client's order).
     deferred: Option<crate::pinned::Deferred>,
     /// Whether the last forwarded command used a dedicated connection.
-    on_dedicated: bool,
+    on_dedicated: Lane,
     /// Pub/sub subscriptions and their subscriber connections.
     pub(crate) subs: crate::pubsub::Subs,
     /// CLIENT KILL from another session.
@@ -217,7 +218,7 @@ where
         watch: None,
         blocked: None,
         deferred: None,
-        on_dedicated: false,
+        on_dedicated: Lane::Shared,
         subs: crate::pubsub::Subs::default(),
         kill: Arc::new(tokio::sync::Notify::new()),
         w,
@@ -653,7 +654,13 @@ impl Session {
         };
         // Switching between shared and dedicated connections waits for what is in flight, and
         // so does anything after a blocking command (the connection is "blocked", as in Redis).
-        let dedicated = self.wants_dedicated(spec, req);
+        let dedicated = if self.restricted && self.tx.is_none() && spec.runs_script() {
+            Lane::Mirror
+        } else if self.wants_dedicated(spec, req) {
+            Lane::Dedicated
+        } else {
+            Lane::Shared
+        };
         // RESET closes dedicated connections: their replies in flight must arrive first.
         let resets_pinned = spec.name == "reset"
             && (self.tx.is_some() || self.watch.is_some() || self.subscribed());
@@ -678,6 +685,10 @@ impl Session {
             && spec.route != Route::Transaction
             && !matches!(spec.name, "quit" | "reset")
         {
+            if self.restricted && spec.runs_script() {
+                self.flag_tx();
+                return self.reply_static(NOPERM_SCRIPT_IN_MULTI);
+            }
             return self.tx_queue(spec, req, now);
         }
         if self.proto == Proto::Resp2 && self.subscribed() {
@@ -690,6 +701,9 @@ impl Session {
             if spec.name == "ping" {
                 return self.subscribed_ping(req);
             }
+        }
+        if dedicated == Lane::Mirror {
+            return self.script_as_user(spec, req, now);
         }
         match spec.route {
             Route::PubSub => {
@@ -787,6 +801,20 @@ impl Session {
         if !user.may_run(spec) {
             return Err(reply::noperm_command(spec.name));
         }
+        if let Some((first, pattern)) = channel_args(spec.name) {
+            // Channels are checked against the user's channel patterns (their key specs in
+            // SSUBSCRIBE and SPUBLISH are not keys).
+            let last = if matches!(spec.name, "publish" | "spublish") {
+                2
+            } else {
+                req.argc()
+            };
+            return if (first..last).all(|i| user.may_use_channel(req.arg(i), pattern)) {
+                Ok(())
+            } else {
+                Err(Bytes::from_static(reply::NOPERM_CHANNELS))
+            };
+        }
         self.access.clear();
         if keys::key_access(spec, req.argc(), |i| req.arg(i), &mut self.access).is_err() {
             // Key positions undeterminable: a restricted user gets no benefit of the doubt.
@@ -801,6 +829,33 @@ impl Session {
         } else {
             Err(Bytes::from_static(reply::NOPERM_KEYS))
         }
+    }
+
+    /// A script or function of a user with restrictions: to the shard of its keys, over a
+    /// connection authenticated as the user's mirror ([`crate::shard::Mirror`]), so that it
+    /// runs with the user's rights rather than slotgate's.
+    fn script_as_user(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
+        let shard = match self.slot_of(spec, req) {
+            Ok(slot) => slot.map_or(0, |s| self.w.shared.settings.slot_map.shard_of_slot(s)),
+            Err(()) => return self.reply_static(reply::CROSSSLOT),
+        };
+        let Some(user) = self.user.clone() else {
+            return;
+        };
+        let up = self
+            .w
+            .pools
+            .as_user(&user, command::refused_in_scripts(), self.proto, shard);
+        let seq = self.queue.push_waiting(Slot::Waiting);
+        up.send(
+            req.raw,
+            Target::Client {
+                queue: self.queue.clone(),
+                seq,
+                part: 0,
+            },
+            now,
+        );
     }
 
     /// A command whose keys must all be in one slot.
@@ -1248,4 +1303,30 @@ fn random_seed() -> usize {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(0);
     h.finish() as usize
+}
+
+/// Which connections a client's commands go to; switching waits until nothing is in flight,
+/// so that commands run on the shards in the order they were sent.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    /// The worker's shared connections.
+    Shared,
+    /// A dedicated connection (transaction, blocking command, subscriber).
+    Dedicated,
+    /// The user's mirror connections (scripts of a restricted user).
+    Mirror,
+}
+
+/// Scripts of a restricted user run on its mirror connections, which a transaction's
+/// dedicated connection is not.
+const NOPERM_SCRIPT_IN_MULTI: &[u8] = b"-NOPERM scripts and functions of users with restricted permissions cannot run inside MULTI through slotgate\r\n";
+
+/// For the commands that name pub/sub channels: where the channels start, and whether they
+/// are patterns (PSUBSCRIBE).
+fn channel_args(name: &str) -> Option<(usize, bool)> {
+    match name {
+        "subscribe" | "ssubscribe" | "publish" | "spublish" => Some((1, false)),
+        "psubscribe" => Some((1, true)),
+        _ => None,
+    }
 }

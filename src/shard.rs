@@ -73,6 +73,48 @@ pub struct UpstreamConfig {
     /// reconnects (its server-side state would be lost), no silence detection (a blocked
     /// command is legitimately silent), and closes when its owner lets go.
     pub dedicated: bool,
+    /// Run as this user's mirror: the handshake creates or updates the ACL user (with the
+    /// configured credentials) and authenticates as it.
+    pub mirror: Option<Arc<Mirror>>,
+}
+
+/// A `proxy.toml` user's counterpart on the shards, for running its scripts.
+#[derive(Debug)]
+pub struct Mirror {
+    /// The ACL user name on the shard (`slotgate:<user>`).
+    pub name: String,
+    /// Derived from the shard credentials and the name: the same for every worker and every
+    /// slotgate sharing those shards, unknown to anyone without the shard's credentials.
+    pub password: String,
+    /// `ACL SETUSER` rules after the password.
+    pub rules: Vec<String>,
+}
+
+impl Mirror {
+    pub fn new(
+        user: &crate::auth::User,
+        shard_auth: Option<&UpstreamAuth>,
+        deny: &[String],
+    ) -> Self {
+        let name = format!("slotgate:{}", user.name);
+        let mut seed = b"slotgate mirror\0".to_vec();
+        if let Some(a) = shard_auth {
+            seed.extend_from_slice(a.username.as_deref().unwrap_or("default").as_bytes());
+            seed.push(0);
+            seed.extend_from_slice(a.password.0.as_bytes());
+        }
+        seed.push(0);
+        seed.extend_from_slice(name.as_bytes());
+        let password = crate::auth::sha256(&seed)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Mirror {
+            name,
+            password,
+            rules: user.mirror_rules(deny),
+        }
+    }
 }
 
 /// A request waiting for its reply.
@@ -142,8 +184,8 @@ enum Fault {
     TimedOut,
     Protocol(ScanError),
     Unexpected,
-    /// Requests pending, and nothing at all read for this long.
-    /// With the bytes the socket held unread then, if known (not 0 unless wake-ups were lost).
+    /// Requests pending, and nothing at all read for this long; with the bytes the socket
+    /// held unread then, if known (not 0 unless wake-ups were lost).
     Silent(Duration, Option<u64>),
     /// The shard refused the connection's AUTH/HELLO (its error text; no password in it).
     Handshake(String),
@@ -251,6 +293,11 @@ impl Upstream {
     /// Fails every queued and in-flight request with `why`: those never written as
     /// unavailable (safe to retry), those written as of unknown outcome.
     fn fail_all(&self, why: &str) {
+        self.fail_all_with(why, reply::shard_unavailable(&self.label, why));
+    }
+
+    /// [`fail_all`](Self::fail_all), answering `unsent` to the requests never written.
+    fn fail_all_with(&self, why: &str, unsent_reply: Bytes) {
         let (failed, unsent) = {
             let mut st = self.st.borrow_mut();
             st.out = BytesMut::new();
@@ -270,9 +317,8 @@ impl Upstream {
             .increment(failed.len() as u64);
         let sent = failed.len() - unsent;
         let unknown = reply::outcome_unknown(&self.label, why);
-        let unavailable = reply::shard_unavailable(&self.label, why);
         for (i, p) in failed.into_iter().enumerate() {
-            let err = if i < sent { &unknown } else { &unavailable };
+            let err = if i < sent { &unknown } else { &unsent_reply };
             p.target.deliver(err.clone());
         }
     }
@@ -408,12 +454,14 @@ impl Upstream {
         let mut backoff = BACKOFF_MIN;
         loop {
             let connect = tokio::time::timeout(self.cfg.op_timeout, TcpStream::connect(self.addr));
+            let mut refused = false;
             let why = match self.expiring(connect).await {
                 Ok(Ok(stream)) => {
                     backoff = BACKOFF_MIN;
                     let _ = stream.set_nodelay(true);
                     tracing::debug!(shard = %self.label, "connected");
                     let fault = self.serve(stream).await;
+                    refused = matches!(fault, Fault::Handshake(_));
                     let why = fault.describe(self.cfg.op_timeout);
                     tracing::warn!(shard = %self.label, "shard connection lost: {why}");
                     why
@@ -421,7 +469,19 @@ impl Upstream {
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => format!("connect timed out after {:?}", self.cfg.op_timeout),
             };
-            self.fail_all(&why);
+            match &self.cfg.mirror {
+                // The user's rights could not be set up on the shard: nothing runs without
+                // them.
+                Some(m) if refused => self.fail_all_with(
+                    &why,
+                    reply::error(&format!(
+                        "NOPERM slotgate could not run this with the rights of user '{}' on shard {}: {why}",
+                        m.name.strip_prefix("slotgate:").unwrap_or(&m.name),
+                        self.label
+                    )),
+                ),
+                _ => self.fail_all(&why),
+            }
             if self.cfg.dedicated || self.closed.get() {
                 self.dead.set(true);
                 self.fail_all(&why);
@@ -464,36 +524,64 @@ impl Upstream {
     }
 
     /// The handshake every new connection starts with, written (and answered) before anything
-    /// queued while connecting: `AUTH` with the configured credentials, and `HELLO 3` on RESP3 connections
-    /// (with the credentials in it).
-    fn handshake(&self) -> Option<BytesMut> {
-        let mut args: Vec<&[u8]> = Vec::new();
-        let user;
-        match (self.proto, &self.cfg.auth) {
-            (Proto::Resp2, None) => return None,
-            (Proto::Resp2, Some(a)) => {
-                args.push(b"AUTH");
-                if let Some(u) = &a.username {
-                    args.push(u.as_bytes());
-                }
-                args.push(a.password.0.as_bytes());
-            }
-            (Proto::Resp3, auth) => {
-                args.extend([&b"HELLO"[..], b"3"]);
+    /// queued while connecting: `AUTH` with the configured credentials, and `HELLO 3` on RESP3
+    /// connections (with the credentials in it). A mirror connection first sets its ACL user
+    /// (`ACL SETUSER`, as the configured user) and then authenticates as it. The bytes, and
+    /// how many replies they ask for.
+    fn handshake(&self) -> Option<(BytesMut, usize)> {
+        let mut cmds: Vec<Vec<&[u8]>> = Vec::new();
+        let auth = self.cfg.auth.as_ref();
+        let base_user = auth.map(|a| a.username.clone().unwrap_or_else(|| "default".into()));
+        let pass;
+        let (user, password): (Option<&str>, Option<&str>) = match &self.cfg.mirror {
+            Some(m) => {
                 if let Some(a) = auth {
-                    user = a.username.clone().unwrap_or_else(|| "default".into());
-                    args.extend([&b"AUTH"[..], user.as_bytes(), a.password.0.as_bytes()]);
+                    let mut c: Vec<&[u8]> = vec![b"AUTH"];
+                    if let Some(u) = &a.username {
+                        c.push(u.as_bytes());
+                    }
+                    c.push(a.password.0.as_bytes());
+                    cmds.push(c);
                 }
+                pass = format!(">{}", m.password);
+                let mut c: Vec<&[u8]> =
+                    vec![b"ACL", b"SETUSER", m.name.as_bytes(), b"reset", b"on"];
+                c.push(pass.as_bytes());
+                c.extend(m.rules.iter().map(|r| r.as_bytes()));
+                cmds.push(c);
+                (Some(m.name.as_str()), Some(m.password.as_str()))
             }
+            None => (base_user.as_deref(), auth.map(|a| a.password.0.as_str())),
+        };
+        match (self.proto, user, password) {
+            (Proto::Resp2, Some(u), Some(p)) => {
+                let mut c: Vec<&[u8]> = vec![b"AUTH"];
+                // The plain `AUTH password` form when no user name was configured.
+                if self.cfg.mirror.is_some() || auth.is_some_and(|a| a.username.is_some()) {
+                    c.push(u.as_bytes());
+                }
+                c.push(p.as_bytes());
+                cmds.push(c);
+            }
+            (Proto::Resp3, Some(u), Some(p)) => {
+                cmds.push(vec![b"HELLO", b"3", b"AUTH", u.as_bytes(), p.as_bytes()]);
+            }
+            (Proto::Resp3, _, _) => cmds.push(vec![b"HELLO", b"3"]),
+            (Proto::Resp2, _, _) => {}
+        }
+        if cmds.is_empty() {
+            return None;
         }
         let mut out = BytesMut::new();
-        push_header(&mut out, b'*', args.len());
-        for a in args {
-            push_header(&mut out, b'$', a.len());
-            out.extend_from_slice(a);
-            out.extend_from_slice(b"\r\n");
+        for args in &cmds {
+            push_header(&mut out, b'*', args.len());
+            for a in args {
+                push_header(&mut out, b'$', a.len());
+                out.extend_from_slice(a);
+                out.extend_from_slice(b"\r\n");
+            }
         }
-        Some(out)
+        Some((out, cmds.len()))
     }
 
     async fn run<R, W>(&self, rd: R, wr: W) -> Fault
@@ -504,23 +592,26 @@ impl Upstream {
         {
             let mut st = self.st.borrow_mut();
             st.connected = true;
-            if let Some(out) = self.handshake() {
+            if let Some((out, n)) = self.handshake() {
                 st.handshake_out = out;
-                st.handshaking = 1;
+                st.handshaking = n;
                 // No later than the requests queued behind it: they must not wait for it
                 // beyond their own deadlines.
                 let own = Instant::now() + self.cfg.op_timeout;
                 let deadline = st.pending.front().map_or(own, |p| p.deadline.min(own));
-                st.pending.push_front(Pending {
-                    target: Target::Handshake,
-                    deadline,
-                    len: 0,
-                });
+                for _ in 0..n {
+                    st.pending.push_front(Pending {
+                        target: Target::Handshake,
+                        deadline,
+                        len: 0,
+                    });
+                }
             }
         }
         // Whatever was queued while connecting is written now.
         self.wake_writer.notify_one();
-        let counted = self.proto == Proto::Resp2 && !self.cfg.dedicated;
+        let counted =
+            self.proto == Proto::Resp2 && !self.cfg.dedicated && self.cfg.mirror.is_none();
         if counted {
             self.cfg.up.fetch_add(1, Ordering::Relaxed);
         }
@@ -726,6 +817,9 @@ pub struct Pools {
     resp3: RefCell<Option<Grid>>,
     shards: Vec<(SocketAddr, UpstreamConfig)>,
     per_shard: usize,
+    /// Connections authenticated as a user's mirror, for that user's scripts: one per user,
+    /// protocol and shard, opened on first use.
+    mirrors: RefCell<std::collections::HashMap<(String, Proto, usize), Rc<Upstream>>>,
 }
 
 impl Pools {
@@ -737,7 +831,30 @@ impl Pools {
             resp3: RefCell::new(None),
             shards,
             per_shard,
+            mirrors: RefCell::default(),
         }
+    }
+
+    /// The connection to `shard` that runs `user`'s scripts with `user`'s rights (see
+    /// [`Mirror`]); `deny` lists the commands slotgate refuses, which the mirror may not
+    /// run either.
+    pub fn as_user(
+        &self,
+        user: &crate::auth::User,
+        deny: &[String],
+        proto: Proto,
+        shard: usize,
+    ) -> Rc<Upstream> {
+        let key = (user.name.clone(), proto, shard);
+        if let Some(up) = self.mirrors.borrow().get(&key) {
+            return up.clone();
+        }
+        let (addr, cfg) = &self.shards[shard];
+        let mut cfg = cfg.clone();
+        cfg.mirror = Some(Arc::new(Mirror::new(user, cfg.auth.as_ref(), deny)));
+        let up = Upstream::start(*addr, proto, cfg);
+        self.mirrors.borrow_mut().insert(key, up.clone());
+        up
     }
 
     fn open(shards: &[(SocketAddr, UpstreamConfig)], per_shard: usize, proto: Proto) -> Grid {
@@ -949,7 +1066,11 @@ fn grow(rbuf: &mut BytesMut) {
         Some(end) if end > len + READ_CHUNK / 4 => {
             let doubled = (rbuf.capacity() * 2).max(len + READ_CHUNK);
             // The last step lands on the end instead of overshooting it.
-            let target = if doubled + doubled / 2 >= end { end } else { doubled };
+            let target = if doubled + doubled / 2 >= end {
+                end
+            } else {
+                doubled
+            };
             let mut grown = BytesMut::with_capacity(target);
             grown.extend_from_slice(rbuf);
             *rbuf = grown;
@@ -988,12 +1109,18 @@ mod tests {
             if rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
                 grow(&mut rbuf);
             }
-            let n = (rbuf.capacity() - rbuf.len()).min(READ_CHUNK).min(reply.len() - fed);
+            let n = (rbuf.capacity() - rbuf.len())
+                .min(READ_CHUNK)
+                .min(reply.len() - fed);
             rbuf.extend_from_slice(&reply[fed..fed + n]);
             fed += n;
         }
         assert_eq!(&rbuf[..], &reply[..]);
-        assert!(rbuf.capacity() < reply.len() + READ_CHUNK, "{}", rbuf.capacity());
+        assert!(
+            rbuf.capacity() < reply.len() + READ_CHUNK,
+            "{}",
+            rbuf.capacity()
+        );
         assert_eq!(bulk_end(b"$5\r\nhel"), Some(11));
         assert_eq!(bulk_end(b"$12"), None);
         assert_eq!(bulk_end(b"*1\r\n"), None);

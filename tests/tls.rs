@@ -242,14 +242,15 @@ fn plain_resp_on_the_tls_port_executes_nothing() {
 #[test]
 fn listen_none_serves_tls_only() {
     let shard = RedisServer::start();
-    let tls_port = free_port();
-    let mut child = Command::new(slotgate_bin())
-        .args(["--listen", "none", "--tls-self-signed", "--workers", "1"])
-        .args(["--tls-listen", &format!("127.0.0.1:{tls_port}")])
-        .args(["--shard", &shard.addr(), "--log-level", "warn"])
-        .spawn()
-        .unwrap();
-    wait_for_own_port(tls_port, child.id());
+    let (mut child, tls_port) = support::spawn_on_free_port(|tls_port| {
+        Command::new(slotgate_bin())
+            .args(["--listen", "none", "--tls-self-signed", "--workers", "1"])
+            .args(["--tls-listen", &format!("127.0.0.1:{tls_port}")])
+            .args(["--shard", &shard.addr(), "--log-level", "warn"])
+            .args(["--admin-listen", "none"])
+            .spawn()
+            .unwrap()
+    });
     let mut c = TlsConn::connect(tls_port, client_config(None, None, None)).unwrap();
     assert_eq!(c.call(PING).unwrap(), b"+PONG\r\n");
     let _ = child.kill();

@@ -237,6 +237,45 @@ impl CommandSpec {
     pub fn is_container(&self) -> bool {
         !self.subcommands.is_empty()
     }
+    /// EVAL, EVALSHA, EVAL_RO, EVALSHA_RO, FCALL, FCALL_RO: commands that run other commands
+    /// on the shard.
+    pub fn runs_script(&self) -> bool {
+        self.acl & acl::SCRIPTING != 0
+            && (self.name.starts_with("eval") || self.name.starts_with("fcall"))
+    }
+}
+
+/// Commands a script must not run through slotgate: those slotgate refuses that a script
+/// could call (not `NOSCRIPT`), and `SELECT` (clients of the proxy have database 0 only). As
+/// `ACL SETUSER` names: a container, or `container|sub` when only some subcommands are
+/// refused.
+pub fn refused_in_scripts() -> &'static [String] {
+    static LIST: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    LIST.get_or_init(|| {
+        let mut out = vec!["select".to_string()];
+        for c in table::COMMANDS {
+            let refused = |s: &CommandSpec| s.route == Route::Refused && !s.has(flags::NOSCRIPT);
+            if c.subcommands.is_empty() {
+                if refused(c) {
+                    out.push(c.name.to_string());
+                }
+            } else if c.route == Route::Refused
+                && c.subcommands.iter().all(|s| s.route == Route::Refused)
+            {
+                if c.subcommands.iter().any(refused) {
+                    out.push(c.name.to_string());
+                }
+            } else {
+                out.extend(
+                    c.subcommands
+                        .iter()
+                        .filter(|s| refused(s))
+                        .map(|s| s.name.to_string()),
+                );
+            }
+        }
+        out
+    })
 }
 
 /// Case-insensitive lookup of a top-level command. No allocation: names longer than any
@@ -354,5 +393,27 @@ mod tests {
         assert!(get.arity_ok(2) && !get.arity_ok(1) && !get.arity_ok(3));
         let mget = lookup(b"mget").unwrap();
         assert!(mget.arity_ok(2) && mget.arity_ok(10) && !mget.arity_ok(1));
+    }
+}
+#[cfg(test)]
+mod refused_tests {
+    /// What a tenant's script may not do through slotgate: the commands slotgate refuses
+    /// (and SELECT), not the ones it serves.
+    #[test]
+    fn scripts_are_denied_what_slotgate_refuses() {
+        let list = super::refused_in_scripts();
+        for c in [
+            "select",
+            "move",
+            "swapdb",
+            "migrate",
+            "module",
+            "memory|purge",
+        ] {
+            assert!(list.iter().any(|x| x == c), "{c} missing from {list:?}");
+        }
+        for c in ["get", "eval", "keys", "flushall", "config", "shutdown"] {
+            assert!(!list.iter().any(|x| x == c), "{c} in {list:?}");
+        }
     }
 }

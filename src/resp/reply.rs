@@ -7,7 +7,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::request::push_header;
 
 /// The protocol a client negotiated with `HELLO`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Proto {
     #[default]
     Resp2 = 0,
@@ -31,6 +31,9 @@ pub const BAD_CLIENT_NAME: &[u8] =
 pub const INVALID_CURSOR: &[u8] = b"-ERR invalid cursor\r\n";
 pub const NOAUTH: &[u8] = b"-NOAUTH Authentication required.\r\n";
 pub const NOAUTH_HELLO: &[u8] = b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time\r\n";
+/// A channel outside the user's channel patterns (Redis 7's text).
+pub const NOPERM_CHANNELS: &[u8] =
+    b"-NOPERM this user has no permissions to access one of the channels used as arguments\r\n";
 pub const NOPERM_KEYS: &[u8] =
     b"-NOPERM this user has no permissions to access one of the keys used as arguments\r\n";
 pub const MAX_CLIENTS: &[u8] = b"-ERR max number of clients reached\r\n";

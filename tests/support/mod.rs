@@ -115,6 +115,21 @@ impl Drop for RedisServer {
 /// Waits until `child` listens on `127.0.0.1:port` (read from /proc: the listening socket's
 /// inode is among the child's file descriptors). False if the child exited first, or another
 /// process owns the port (a parallel test took it between our probe and the child's bind).
+/// Starts `spawn(port)` on a free port, again on another port while the child does not end up
+/// listening on its own (a parallel test can take a probed port before the child binds it).
+pub fn spawn_on_free_port(mut spawn: impl FnMut(u16) -> Child) -> (Child, u16) {
+    for _ in 0..20 {
+        let port = free_port();
+        let mut child = spawn(port);
+        if listener_is(port, &mut child) {
+            return (child, port);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("could not start a listener on a free port");
+}
+
 fn listener_is(port: u16, child: &mut Child) -> bool {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
