@@ -92,6 +92,7 @@ pub struct PlainWrite<'a>(pub &'a TcpStream);
 /// Runs `op` if tokio has seen the socket ready for `interest`. A `WouldBlock`, or a result
 /// that `short` calls short (the socket is drained, or full), clears tokio's readiness, as
 /// tokio's own reads and writes do. `Pending` registers `cx`'s waker.
+#[inline]
 fn poll_op(
     stream: &TcpStream,
     cx: &mut Context<'_>,
@@ -143,6 +144,7 @@ impl ReadSide for PlainRead<'_> {
         rustix::io::ioctl_fionread(self.0).ok()
     }
 
+    #[inline]
     fn poll_read_vec(
         &mut self,
         cx: &mut Context<'_>,
@@ -163,6 +165,7 @@ impl ReadSide for PlainRead<'_> {
         )
     }
 
+    #[inline]
     fn poll_read_bytes(
         &mut self,
         cx: &mut Context<'_>,
@@ -205,6 +208,7 @@ impl AsyncWrite for PlainWrite<'_> {
 }
 
 impl WriteSide for PlainWrite<'_> {
+    #[inline]
     fn poll_write_now(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));

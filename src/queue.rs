@@ -70,12 +70,24 @@ pub struct ReplyQueue {
     reply_avg: Cell<usize>,
     /// The client's output buffer limit (its class: normal, or pubsub while subscribed).
     limit: Cell<OutputLimit>,
+    /// The smaller of the limit's non-zero hard and soft bytes (`usize::MAX`: no limit): the
+    /// one comparison the hot path makes.
+    alarm: Alarm,
     /// Since when the output buffer is at or over the soft limit.
     soft_since: Cell<Option<std::time::Instant>>,
     /// The output buffer went over its limit: the client is closed.
     overflow: Cell<bool>,
     /// The session ended: replies still arriving are dropped at once.
     closed: Cell<bool>,
+}
+
+/// An output buffer size that needs a look at the limits; `usize::MAX` (never) by default.
+struct Alarm(Cell<usize>);
+
+impl Default for Alarm {
+    fn default() -> Self {
+        Alarm(Cell::new(usize::MAX))
+    }
 }
 
 /// Expected bytes of replies one client may have in flight at the shards (see
@@ -257,6 +269,9 @@ impl ReplyQueue {
     /// Sets the output buffer limit of the client's class.
     pub fn set_output_limit(&self, limit: OutputLimit) {
         self.limit.set(limit);
+        let on = |b: usize| if b == 0 { usize::MAX } else { b };
+        self.alarm.0.set(on(limit.hard).min(on(limit.soft)));
+        self.add_out_bytes(0);
     }
 
     /// Counts `n` more bytes in the output buffer; closes the client (flags it and wakes the
@@ -267,14 +282,14 @@ impl ReplyQueue {
         let out = self.out_bytes.get() + n;
         self.out_bytes.set(out);
         let total = out + self.late_bytes.get();
-        let l = self.limit.get();
-        if (l.hard != 0 && total >= l.hard) || (l.soft != 0 && total >= l.soft) {
-            self.over_limit(total, l);
+        if total >= self.alarm.0.get() {
+            self.over_limit(total);
         }
     }
 
     #[cold]
-    fn over_limit(&self, total: usize, l: OutputLimit) {
+    fn over_limit(&self, total: usize) {
+        let l = self.limit.get();
         let overflow = if l.hard != 0 && total >= l.hard {
             true
         } else {
@@ -301,7 +316,7 @@ impl ReplyQueue {
             // The client has read everything: late replies are forgiven.
             self.late_bytes.set(0);
         }
-        if out + self.late_bytes.get() < self.limit.get().soft {
+        if self.soft_since.get().is_some() && out + self.late_bytes.get() < self.limit.get().soft {
             self.soft_since.set(None);
         }
     }

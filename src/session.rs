@@ -336,7 +336,8 @@ where
                 break;
             }
             wrote = true;
-            turn_bytes += sc.len();
+            let chunk = sc.len();
+            turn_bytes += chunk;
             match wr.poll_write_now(&mut Context::from_waker(&task), &sc) {
                 Poll::Ready(Ok(n)) => out.extend_from_slice(&sc[n..]),
                 Poll::Ready(Err(_)) => write_failed = true,
@@ -351,7 +352,8 @@ where
                 s.queue.add_out_bytes(out.len());
                 break;
             }
-            if !s.queue.front_ready() {
+            // Less than a chunk: the drain stopped at a reply not ready yet.
+            if chunk < WRITE_CHUNK || !s.queue.front_ready() {
                 break;
             }
             if turn_bytes >= TURN_WRITE_MAX {
@@ -379,13 +381,14 @@ where
         if (s.closing || eof) && s.queue.is_empty() && out.is_empty() && !flushing {
             break;
         }
-        if bounded && s.queue.has_room(s.max_pipeline) {
+        let room = s.queue.has_room(s.max_pipeline);
+        if bounded && room {
             // Parsing stopped at the pipeline bound and the replies written since made room:
             // the commands still buffered are parsed now, since the client may have sent
             // everything and be waiting for them.
             continue;
         }
-        let can_read = !s.closing && !eof && !s.barrier && s.queue.has_room(s.max_pipeline);
+        let can_read = !s.closing && !eof && !s.barrier && room;
         if rbuf.is_empty() {
             if rbuf.capacity() > 0 {
                 // Nothing partial is buffered: let go of the read buffer.
@@ -412,23 +415,10 @@ where
         };
         // A client that is not keeping up with its replies and is over the soft output limit
         // is closed once that has lasted too long, even if nothing else happens meanwhile.
-        let soft_at = if out.is_empty() {
+        let mut soft = if out.is_empty() {
             None
         } else {
-            s.queue.soft_deadline()
-        };
-        let mut soft = match (soft_at, soft_sleep.as_mut()) {
-            (Some(at), Some(sleep)) => {
-                if sleep.deadline() != at {
-                    sleep.as_mut().reset(at);
-                }
-                soft_sleep.as_mut()
-            }
-            (Some(at), None) => {
-                soft_sleep = Some(Box::pin(tokio::time::sleep_until(at)));
-                soft_sleep.as_mut()
-            }
-            (None, _) => None,
+            soft_timer(&s.queue, &mut soft_sleep)
         };
         // Wait for a reply (the queue's notify), input, room in the client's socket, or the
         // idle timeout. The read is polled only when it may have become ready: see
@@ -522,6 +512,24 @@ where
     drop(out);
     let _ = wr.shutdown().await;
     s.unregister();
+}
+
+/// The timer for the soft output limit, armed while the client's output is over it.
+#[cold]
+fn soft_timer<'a>(
+    queue: &ReplyQueue,
+    timer: &'a mut Option<Pin<Box<tokio::time::Sleep>>>,
+) -> Option<Pin<&'a mut tokio::time::Sleep>> {
+    let at = queue.soft_deadline()?;
+    match timer {
+        Some(sleep) => {
+            if sleep.deadline() != at {
+                sleep.as_mut().reset(at);
+            }
+        }
+        None => *timer = Some(Box::pin(tokio::time::sleep_until(at))),
+    }
+    timer.as_mut().map(|t| t.as_mut())
 }
 
 impl Session {
@@ -859,6 +867,7 @@ impl Session {
     }
 
     /// A command whose keys must all be in one slot.
+    #[inline]
     fn single(&mut self, spec: &'static CommandSpec, req: &Request<'_>, now: Instant) {
         if spec.has(flags::BLOCKING) && has_block_option(req) {
             // XREAD/XREADGROUP … BLOCK: a blocking command.
