@@ -34,11 +34,23 @@ fn before_auth_every_command_gets_noauth_and_nothing_reaches_a_shard() {
     let shards: Vec<RedisServer> = (0..2).map(|_| RedisServer::start()).collect();
     let refs: Vec<&RedisServer> = shards.iter().collect();
     let proxy = Slotgate::start_with(&refs, &["--requirepass", "pw"]);
-    // Wait for the proxy to be up and to have made its own start-up request, then reset the
-    // shards' command statistics.
+    // Wait for the proxy to be up and to have made its own start-up request (INFO server, to
+    // learn the shards' version), then reset the shards' command statistics.
     let mut c = proxy.raw();
     assert_eq!(c.call(&[b"PING"]), NOAUTH);
-    std::thread::sleep(Duration::from_millis(200));
+    wait_until(
+        "the proxy's start-up INFO to reach a shard",
+        Duration::from_secs(5),
+        || {
+            shards.iter().any(|s| {
+                let list: String = redis::cmd("CLIENT")
+                    .arg("LIST")
+                    .query(&mut s.client())
+                    .unwrap();
+                list.lines().any(|l| l.contains(" cmd=info "))
+            })
+        },
+    );
     let commands: Vec<Value> = redis::cmd("COMMAND")
         .query(&mut shards[0].client())
         .unwrap();
@@ -383,22 +395,17 @@ fn maxclients_rejects_with_redis_error() {
     assert!(third.is_closed());
     drop(a);
     // The place is freed when a client leaves.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let mut c = proxy.raw();
-        c.send(&resp(&[b"PING"]));
-        let mut buf = [0u8; 64];
-        let n = c.stream.read(&mut buf).unwrap_or(0);
-        if &buf[..n] == b"+PONG\r\n" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "place not freed: {:?}",
-            &buf[..n]
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        "the place to be freed (a new client's PING to get +PONG)",
+        Duration::from_secs(3),
+        || {
+            let mut c = proxy.raw();
+            c.send(&resp(&[b"PING"]));
+            let mut buf = [0u8; 64];
+            let n = c.stream.read(&mut buf).unwrap_or(0);
+            &buf[..n] == b"+PONG\r\n"
+        },
+    );
     assert_eq!(b.call(&[b"PING"]), b"+PONG\r\n");
 }
 
@@ -410,6 +417,7 @@ fn idle_clients_are_closed_after_the_idle_timeout() {
     // A client active more often than the timeout stays, however long it lives.
     for _ in 0..8 {
         assert_eq!(c.call(&[b"PING"]), b"+PONG\r\n");
+        // Needed: the client must really stay idle (for less than the timeout) between PINGs.
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(c.call(&[b"PING"]), b"+PONG\r\n");

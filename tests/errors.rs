@@ -537,6 +537,9 @@ fn refused_admin_commands_are_never_forwarded() {
         "SLAVEOF must be refused, got {got:?}"
     );
 
+    // A refused command forwarded anyway (SHUTDOWN, DEBUG SEGFAULT, REPLICAOF…) would show on
+    // the shards only once it got there and ran; nothing observable says "it never arrives".
+    // Needed: proving that nothing happens to the shards during an interval.
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
         shard_fingerprint(&e),

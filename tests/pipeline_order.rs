@@ -425,6 +425,7 @@ fn commands_cut_across_many_small_writes_are_answered_in_order() {
         at += len;
         writes += 1;
         if writes % 8 == 0 {
+            // Needed: slow-writer pacing, so that the proxy's reads end mid-command.
             std::thread::sleep(Duration::from_millis(1));
         }
     }

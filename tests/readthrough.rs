@@ -330,7 +330,11 @@ fn origin_errors_are_clear_and_nothing_is_stored() {
     let dead = Origin::start(|_| Reply::ok(""));
     let url_port = dead.port;
     drop(dead);
-    std::thread::sleep(Duration::from_millis(100));
+    wait_until(
+        "the dropped origin's port to refuse connections",
+        Duration::from_secs(5),
+        || std::net::TcpStream::connect(("127.0.0.1", url_port)).is_err(),
+    );
     let shard = RedisServer::start();
     let rule = format!("label:=http://127.0.0.1:{url_port}/{{rest}};timeout=1s");
     let proxy = Slotgate::start_with(&[&shard], &["--readthrough", &rule]);
@@ -463,18 +467,10 @@ fn no_stale_set_over_random_interleavings() {
 
 /// Polls SLOTGATE.STATUS until `key` reports `status`.
 fn wait_status(c: &mut RawConn, key: &str, status: &str, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let r = lossy(&c.call(&[b"SLOTGATE.STATUS", key.as_bytes()]));
-        if r.contains(&format!("${}\r\n{status}\r\n", status.len())) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{key} never became {status}: {r}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let want = format!("${}\r\n{status}\r\n", status.len());
+    wait_until(&format!("{key} to become {status}"), within, || {
+        lossy(&c.call(&[b"SLOTGATE.STATUS", key.as_bytes()])).contains(&want)
+    });
 }
 
 #[test]
@@ -505,11 +501,9 @@ fn stale_while_revalidate_and_stale_if_error() {
     s.origin.wait_for_requests(2, Duration::from_secs(2));
     assert_eq!(s.origin.requests(), 2, "one refresh for five stale GETs");
     s.origin.release();
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while c.call(&[b"GET", b"label:s"]) != bulk("v2") {
-        assert!(Instant::now() < deadline, "the refresh was not stored");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until("the refresh to be stored", Duration::from_secs(3), || {
+        c.call(&[b"GET", b"label:s"]) == bulk("v2")
+    });
     // Origin down during grace: the stale value is served until the hard TTL.
     wait_status(&mut c, "label:s", "stale", Duration::from_secs(3));
     s.origin.set_script(|_| Reply::status(500));
@@ -603,17 +597,16 @@ fn invalidate_status_and_info() {
     c.send(&resp(&[b"PING"]).repeat(64));
     c.read_replies(64);
     // Per-command counters are published once a second.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let m = s.metrics();
-        if metric(&m, "slotgate_commands_total", "command=\"get\"") >= 2.0 {
-            assert!(m.contains("slotgate_connected_clients"), "{m}");
-            assert!(m.contains("slotgate_command_duration_seconds"), "{m}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "{m}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let m = wait_for(
+        "slotgate_commands_total{command=\"get\"} >= 2 in /metrics",
+        Duration::from_secs(3),
+        || {
+            let m = s.metrics();
+            (metric(&m, "slotgate_commands_total", "command=\"get\"") >= 2.0).then_some(m)
+        },
+    );
+    assert!(m.contains("slotgate_connected_clients"), "{m}");
+    assert!(m.contains("slotgate_command_duration_seconds"), "{m}");
 }
 
 #[test]
@@ -624,23 +617,20 @@ fn readyz_reports_a_down_shard() {
     let admin = format!("127.0.0.1:{admin_port}");
     let proxy = Slotgate::start_with(&refs, &["--admin-listen", &admin]);
     wait_for_own_port(admin_port, proxy.pid());
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while http_get(admin_port, "/readyz").0 != 200 {
-        assert!(Instant::now() < deadline, "never ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until("/readyz to report ready", Duration::from_secs(3), || {
+        http_get(admin_port, "/readyz").0 == 200
+    });
     let mut shards = shards;
     shards[1].kill();
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let (code, body) = http_get(admin_port, "/readyz");
-        if code == 503 {
-            assert!(body.contains(&shards[1].addr()), "{body}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "still ready with a shard down");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let body = wait_for(
+        "/readyz to report not ready (503) with a shard down",
+        Duration::from_secs(3),
+        || {
+            let (code, body) = http_get(admin_port, "/readyz");
+            (code == 503).then_some(body)
+        },
+    );
+    assert!(body.contains(&shards[1].addr()), "{body}");
 }
 
 #[test]

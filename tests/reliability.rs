@@ -320,8 +320,19 @@ fn timed_out_requests_keep_their_place_until_the_shard_answers() {
             .query(&mut direct)
             .unwrap();
     });
-    // The shard is asleep once a direct PING waits.
-    std::thread::sleep(Duration::from_millis(100));
+    // The shard is asleep once its DEBUG SLEEP has been read (and a second client's PING
+    // gets no answer).
+    let shard_port = shard.port;
+    support::wait_until("the shard to be asleep", Duration::from_secs(5), || {
+        let mut probe = RawConn::connect(shard_port);
+        probe
+            .stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        probe.send(&resp(&[b"PING"]));
+        let mut b = [0u8; 16];
+        !matches!(std::io::Read::read(&mut probe.stream, &mut b), Ok(n) if n > 0)
+    });
     c.send(&resp(&[b"GET", b"k"]).repeat(30));
     let replies = c.read_replies(30);
     sleeper.join().unwrap();
@@ -434,18 +445,14 @@ fn unread_gets_of_one_mib(limit: &str, why: &str) {
     hog.send(&resp(&[b"GET", b"mib"]).repeat(3_000));
     // Never read; watch RSS until slotgate has closed the connection (its client count).
     let mut peak = base;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let closed = loop {
-        peak = peak.max(rss_mib(proxy.pid()));
-        if connected_clients(&mut c) == 1 {
-            break true;
-        }
-        if Instant::now() > deadline {
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(closed, "{why}: the client was never closed");
+    support::wait_until(
+        &format!("{why}: the client to be closed"),
+        Duration::from_secs(20),
+        || {
+            peak = peak.max(rss_mib(proxy.pid()));
+            connected_clients(&mut c) == 1
+        },
+    );
     drop(hog);
     let left = Instant::now();
     assert!(
@@ -453,14 +460,16 @@ fn unread_gets_of_one_mib(limit: &str, why: &str) {
         "{why}: peak RSS {peak} MiB, base {base} MiB: over +600 MiB"
     );
     let mut now = rss_mib(proxy.pid());
-    while now >= base + 150 {
-        assert!(
-            left.elapsed() < Duration::from_secs(3),
-            "{why}: RSS {now} MiB 3 s after the client left (base {base} MiB, peak {peak} MiB)"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-        now = rss_mib(proxy.pid());
-    }
+    support::wait_until(
+        &format!(
+            "{why}: RSS under +150 MiB within 3 s of the client leaving (base {base} MiB, peak {peak} MiB)"
+        ),
+        Duration::from_secs(3).saturating_sub(left.elapsed()),
+        || {
+            now = rss_mib(proxy.pid());
+            now < base + 150
+        },
+    );
     eprintln!("{why} limit: base {base} MiB, peak {peak} MiB, after {now} MiB");
     // Others are served all along, and the reason is logged.
     assert_eq!(c.call(&[b"GET", b"mib"]).len(), value.len() + 12);

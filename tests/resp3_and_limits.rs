@@ -9,6 +9,28 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
+/// Bytes received and not yet read by their owner, summed over the established loopback TCP
+/// sockets on local port `local` (and remote port `remote`, when given), from /proc/net/tcp.
+fn unread_bytes(local: u16, remote: Option<u16>) -> u64 {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let l = format!(":{local:04X}");
+    let r = remote.map(|p| format!(":{p:04X}"));
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // f[1] local addr:port, f[2] remote addr:port, f[3] state (01 = ESTABLISHED),
+            // f[4] tx_queue:rx_queue in hex.
+            let matches = f.len() > 4
+                && f[1].ends_with(&l)
+                && r.as_ref().is_none_or(|r| f[2].ends_with(r))
+                && f[3] == "01";
+            matches.then(|| u64::from_str_radix(f[4].split_once(':')?.1, 16).ok())?
+        })
+        .sum()
+}
+
 /// Sends `cmds` as one pipeline and reads until `expected_replies` complete replies arrived,
 /// using the proxy's own framer to count them.
 fn pipeline(conn: &mut RawConn, cmds: &[Vec<u8>]) -> Vec<Vec<u8>> {
@@ -137,6 +159,8 @@ fn a_client_that_pipelines_without_reading_is_bounded_and_loses_nothing() {
         use std::io::Write;
         w.write_all(&wire).unwrap();
     });
+    // Its unread replies fill the socket and the proxy has to stop at its pipeline bound.
+    // Needed: the client really does not read for a while (the behaviour under test).
     std::thread::sleep(Duration::from_millis(200));
     let replies = c.read_replies(2 * n);
     writer.join().unwrap();
@@ -184,16 +208,20 @@ fn in_flight_cap_per_connection_fails_fast_with_shard_unavailable() {
     shard.pause();
     let mut c = proxy.raw();
     let started = Instant::now();
-    c.send(
-        &[
-            resp(&[b"GET", b"a"]),
-            resp(&[b"GET", b"b"]),
-            resp(&[b"GET", b"c"]),
-        ]
-        .concat(),
+    let (get_a, get_b) = (resp(&[b"GET", b"a"]), resp(&[b"GET", b"b"]));
+    c.send(&[get_a.clone(), get_b.clone(), resp(&[b"GET", b"c"])].concat());
+    // The third request fails at once; the first two wait for the hung shard. Slotgate has read
+    // all three (routing them as it parses them), and the first two wait, unread, at the shard.
+    let own_port = c.stream.local_addr().unwrap().port();
+    let forwarded = (get_a.len() + get_b.len()) as u64;
+    wait_until(
+        "slotgate to have read the three GETs and sent two to the stopped shard",
+        Duration::from_secs(5),
+        || {
+            unread_bytes(proxy.port, Some(own_port)) == 0
+                && unread_bytes(shard.port, None) == forwarded
+        },
     );
-    // The third request fails at once; the first two wait for the hung shard.
-    std::thread::sleep(Duration::from_millis(300));
     shard.resume();
     let r = c.read_replies(3);
     assert_eq!(r[0], b"$-1\r\n");

@@ -106,11 +106,19 @@ struct Event {
     latency: Duration,
 }
 
+/// Pairs seen so far that started and ended in the same phase, per phase and shard.
+type Steady = Arc<Vec<AtomicUsize>>;
+
+fn steady_count(steady: &Steady, phase: usize, shard: usize) -> usize {
+    steady[phase * 3 + shard].load(Ordering::SeqCst)
+}
+
 fn traffic_thread(
     port: u16,
     keys: Vec<(String, usize)>,
     phase: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
+    steady: Steady,
 ) -> Vec<Event> {
     let mut c = Client::connect(port);
     let mut out = Vec::new();
@@ -144,6 +152,9 @@ fn traffic_thread(
         let latency = t.elapsed();
         let phase_after = phase.load(Ordering::SeqCst);
         let broken = set.is_err() || get.is_err();
+        if phase_before == phase_after {
+            steady[phase_before * 3 + shard].fetch_add(1, Ordering::SeqCst);
+        }
         out.push(Event {
             key: key.clone(),
             shard: *shard,
@@ -236,6 +247,7 @@ fn killed_shard_fails_only_its_keys_and_recovers_after_restart() {
     const DEAD: usize = 1;
     let phase = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
+    let steady: Steady = Arc::new((0..5 * 3).map(|_| AtomicUsize::new(0)).collect());
 
     let handles: Vec<_> = (0..4)
         .map(|t| {
@@ -249,21 +261,31 @@ fn killed_shard_fails_only_its_keys_and_recovers_after_restart() {
                     keys.push((ks[i].clone(), s));
                 }
             }
-            let (phase, stop, port) = (phase.clone(), stop.clone(), proxy.port);
-            std::thread::spawn(move || traffic_thread(port, keys, phase, stop))
+            let (phase, stop, steady, port) =
+                (phase.clone(), stop.clone(), steady.clone(), proxy.port);
+            std::thread::spawn(move || traffic_thread(port, keys, phase, stop, steady))
         })
         .collect();
 
     // Phases: 0 up, 1 being killed, 2 down, 3 being restarted, 4 up again. Only pairs that
     // start and end in the same steady phase (0, 2, 4) are held to that phase's rule.
-    std::thread::sleep(Duration::from_millis(700));
+    // Traffic flows to every shard before the kill.
+    wait_until(
+        "20 pairs on every shard while all are up",
+        Duration::from_secs(10),
+        || (0..3).all(|s| steady_count(&steady, 0, s) >= 20),
+    );
     phase.store(1, Ordering::SeqCst);
     shards[DEAD].kill();
     phase.store(2, Ordering::SeqCst);
+    // Failures must stay immediate and well-formed for the whole outage, not only its start.
+    // Needed: the shard stays down for a set time (1.5 s) under traffic.
     std::thread::sleep(Duration::from_millis(1500));
     phase.store(3, Ordering::SeqCst);
     shards[DEAD].restart();
     phase.store(4, Ordering::SeqCst);
+    // The restarted shard must keep serving, not only answer the first requests.
+    // Needed: traffic keeps running for a set time (1.5 s) after the restart.
     std::thread::sleep(Duration::from_millis(1500));
     stop.store(true, Ordering::SeqCst);
 
@@ -363,17 +385,18 @@ fn first_request_after_restart_succeeds_without_grace_period() {
     let first = c.call(&["GET", &k2]);
     if first != Ok("$-1\r\n".into()) {
         // Measure how long it would have taken, for the report.
-        let mut recovered = None;
-        while t.elapsed() < Duration::from_secs(5) {
-            if c.call(&["GET", &k2]) == Ok("$-1\r\n".into()) {
-                recovered = Some(t.elapsed());
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until(
+            &format!(
+                "a GET to succeed after the restart (the first GET after the shard accepted \
+                 connections again must succeed, got {first:?})"
+            ),
+            Duration::from_secs(5),
+            || c.call(&["GET", &k2]) == Ok("$-1\r\n".into()),
+        );
         panic!(
             "first GET after the shard accepted connections again must succeed (empty shard -> nil), \
-             got {first:?}; it succeeded after {recovered:?}"
+             got {first:?}; it succeeded after {:?}",
+            t.elapsed()
         );
     }
     assert_eq!(c.call(&["SET", &k2, "after"]), Ok("+OK\r\n".into()));

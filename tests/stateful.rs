@@ -19,9 +19,8 @@ fn three() -> (Vec<RedisServer>, Slotgate) {
     (shards, proxy)
 }
 
-/// Connections on the shards that are in MULTI (flag x) or blocked (flag b), or are running a
-/// command named `cmd`.
-fn leftover_on_shards(shards: &[RedisServer], cmd: &str) -> usize {
+/// Connections in the shards' CLIENT LIST for which `pick(flags, line)` holds.
+fn clients_on_shards(shards: &[RedisServer], pick: impl Fn(&str, &str) -> bool) -> usize {
     shards
         .iter()
         .map(|s| {
@@ -35,11 +34,46 @@ fn leftover_on_shards(shards: &[RedisServer], cmd: &str) -> usize {
                         .split_whitespace()
                         .find_map(|f| f.strip_prefix("flags="))
                         .unwrap_or("");
-                    flags.contains('x') || flags.contains('b') || l.contains(&format!("cmd={cmd} "))
+                    pick(flags, l)
                 })
                 .count()
         })
         .sum()
+}
+
+/// Connections on the shards that are in MULTI (flag x) or blocked (flag b), or are running a
+/// command named `cmd`.
+fn leftover_on_shards(shards: &[RedisServer], cmd: &str) -> usize {
+    clients_on_shards(shards, |flags, l| {
+        flags.contains('x') || flags.contains('b') || l.contains(&format!("cmd={cmd} "))
+    })
+}
+
+/// Connections on the shards blocked (flag b) in a command named `cmd`.
+fn blocked_on_shards(shards: &[RedisServer], cmd: &str) -> usize {
+    clients_on_shards(shards, |flags, l| {
+        flags.contains('b') && l.contains(&format!(" cmd={cmd} "))
+    })
+}
+
+/// `(tx_queue, rx_queue)` of the loopback TCP socket from port `local` to port `remote`, from
+/// /proc/net/tcp.
+fn tcp_queues(local: u16, remote: u16) -> Option<(u64, u64)> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let (l, r) = (format!(":{local:04X}"), format!(":{remote:04X}"));
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // f[1] = local addr:port, f[2] = remote addr:port, f[4] = tx_queue:rx_queue (hex)
+        if f.len() > 4 && f[1].ends_with(&l) && f[2].ends_with(&r) {
+            let (tx, rx) = f[4].split_once(':')?;
+            Some((
+                u64::from_str_radix(tx, 16).ok()?,
+                u64::from_str_radix(rx, 16).ok()?,
+            ))
+        } else {
+            None
+        }
+    })
 }
 
 #[test]
@@ -150,20 +184,23 @@ fn the_lock_pattern_under_50_clients_has_no_double_ownership() {
                 let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
                 let deadline = Instant::now() + Duration::from_secs(20);
                 let mut mine = 0;
-                while mine < 4 && Instant::now() < deadline {
+                while mine < 4 {
                     let token = format!("t{t}-{mine}");
-                    let got: Option<String> = redis::cmd("SET")
-                        .arg("lock:res")
-                        .arg(&token)
-                        .arg("NX")
-                        .arg("PX")
-                        .arg(5000)
-                        .query(&mut con)
-                        .unwrap();
-                    if got.is_none() {
-                        std::thread::sleep(Duration::from_millis(1));
-                        continue;
-                    }
+                    wait_until(
+                        &format!("client {t} to get the lock"),
+                        deadline.saturating_duration_since(Instant::now()),
+                        || {
+                            redis::cmd("SET")
+                                .arg("lock:res")
+                                .arg(&token)
+                                .arg("NX")
+                                .arg("PX")
+                                .arg(5000)
+                                .query::<Option<String>>(&mut con)
+                                .unwrap()
+                                .is_some()
+                        },
+                    );
                     if owned.swap(true, Ordering::SeqCst) {
                         doubles.fetch_add(1, Ordering::SeqCst);
                     }
@@ -285,7 +322,7 @@ fn scripts_and_functions_loaded_once_run_for_keys_on_every_shard() {
 
 #[test]
 fn blocking_commands_wake_time_out_and_keep_order() {
-    let (_shards, proxy) = {
+    let (shards, proxy) = {
         let shards: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
         let refs: Vec<&RedisServer> = shards.iter().collect();
         let proxy = Slotgate::start_with(&refs, &["--op-timeout", "200ms"]);
@@ -293,7 +330,11 @@ fn blocking_commands_wake_time_out_and_keep_order() {
     };
     let mut waiter = proxy.raw();
     waiter.send(&resp(&[b"BLPOP", b"jobs", b"0"]));
-    std::thread::sleep(Duration::from_millis(100));
+    wait_until(
+        "the BLPOP to block on a shard",
+        Duration::from_secs(5),
+        || blocked_on_shards(&shards, "blpop") == 1,
+    );
     let mut pusher = proxy.raw();
     assert_eq!(pusher.call(&[b"LPUSH", b"jobs", b"job1"]), b":1\r\n");
     assert_eq!(
@@ -331,7 +372,11 @@ fn blocking_commands_wake_time_out_and_keep_order() {
         ]
         .concat(),
     );
-    std::thread::sleep(Duration::from_millis(100));
+    wait_until(
+        "the first BLPOP (only) to block on a shard",
+        Duration::from_secs(5),
+        || blocked_on_shards(&shards, "blpop") == 1,
+    );
     assert_eq!(pusher.call(&[b"LPUSH", b"q2", b"second"]), b":1\r\n");
     assert_eq!(pusher.call(&[b"LPUSH", b"q1", b"first"]), b":1\r\n");
     let r = waiter.read_replies(2);
@@ -339,7 +384,11 @@ fn blocking_commands_wake_time_out_and_keep_order() {
     assert_eq!(r[1], b"*2\r\n$2\r\nq2\r\n$6\r\nsecond\r\n");
     // XREAD BLOCK, woken by XADD.
     waiter.send(&resp(&[b"XREAD", b"BLOCK", b"0", b"STREAMS", b"st", b"$"]));
-    std::thread::sleep(Duration::from_millis(100));
+    wait_until(
+        "the XREAD to block on a shard",
+        Duration::from_secs(5),
+        || blocked_on_shards(&shards, "xread") == 1,
+    );
     let id = pusher.call(&[b"XADD", b"st", b"*", b"f", b"v"]);
     assert!(id.starts_with(b"$"));
     let got = waiter.read_replies(1).remove(0);
@@ -365,41 +414,42 @@ fn killed_or_vanished_clients_leave_nothing_on_the_shards() {
         let mut in_tx = proxy.raw();
         assert_eq!(in_tx.call(&[b"MULTI"]), b"+OK\r\n");
         assert_eq!(in_tx.call(&[b"SET", b"k", b"v"]), b"+QUEUED\r\n");
-        std::thread::sleep(Duration::from_millis(200));
-        assert_eq!(
-            leftover_on_shards(&shards, "blpop"),
-            2,
-            "one blocked, one in MULTI"
+        let n = wait_for(
+            "the two clients' connections on the shards",
+            Duration::from_secs(5),
+            || {
+                let n = leftover_on_shards(&shards, "blpop");
+                (n >= 2).then_some(n)
+            },
         );
+        assert_eq!(n, 2, "one blocked, one in MULTI");
     }
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while leftover_on_shards(&shards, "blpop") > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "connections left behind on the shards"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        "the shards to drop the vanished clients' connections (connections left behind)",
+        Duration::from_secs(3),
+        || leftover_on_shards(&shards, "blpop") == 0,
+    );
     // CLIENT KILL ID closes another client's session (and so its blocked connection).
     let mut victim = proxy.raw();
     let id = victim.call(&[b"CLIENT", b"ID"]);
     let id = lossy(&id[1..id.len() - 2]);
     victim.send(&resp(&[b"BLPOP", b"gone", b"0"]));
-    std::thread::sleep(Duration::from_millis(100));
+    wait_until(
+        "the victim's BLPOP to block on a shard",
+        Duration::from_secs(5),
+        || blocked_on_shards(&shards, "blpop") == 1,
+    );
     let mut admin = proxy.raw();
     assert_eq!(
         admin.call(&[b"CLIENT", b"KILL", b"ID", id.as_bytes()]),
         b":1\r\n"
     );
     assert!(victim.is_closed());
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while leftover_on_shards(&shards, "blpop") > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the killed client's blocked connection stayed"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        "the shard to drop the killed client's blocked connection (it stayed)",
+        Duration::from_secs(3),
+        || leftover_on_shards(&shards, "blpop") == 0,
+    );
     assert_eq!(
         admin.call(&[b"CLIENT", b"KILL", b"127.0.0.1:1"]),
         b"-ERR No such client\r\n"
@@ -419,8 +469,26 @@ fn client_kill_closes_a_client_that_stopped_reading() {
     let id = lossy(&id[1..id.len() - 2]);
     let gets = 64;
     victim.send(&resp(&[b"GET", b"big"]).repeat(gets));
-    // Let the session fill the socket and block in its write.
-    std::thread::sleep(Duration::from_millis(500));
+    // Wait until the session has filled the socket and blocks in its write: the victim's
+    // receive queue is full and the proxy's send queue holds data, and neither moves.
+    let me = victim.stream.local_addr().unwrap().port();
+    let mut last = None;
+    let mut same = 0;
+    wait_until(
+        "the proxy's writes to the victim to stall on a full socket",
+        Duration::from_secs(10),
+        || {
+            let now = (tcp_queues(proxy.port, me), tcp_queues(me, proxy.port));
+            let full = matches!(now, (Some((tx, _)), Some((_, rx))) if tx > 0 && rx > 0);
+            same = if full && last == Some(now) {
+                same + 1
+            } else {
+                0
+            };
+            last = Some(now);
+            same >= 3
+        },
+    );
     let mut admin = proxy.raw();
     assert_eq!(
         admin.call(&[b"CLIENT", b"KILL", b"ID", id.as_bytes()]),
@@ -450,7 +518,11 @@ fn dedicated_connections_are_capped_per_shard() {
     let mut b = proxy.raw();
     a.send(&resp(&[b"BLPOP", b"x", b"0"]));
     b.send(&resp(&[b"BLPOP", b"y", b"0"]));
-    std::thread::sleep(Duration::from_millis(200));
+    wait_until(
+        "both BLPOPs to block on the shard",
+        Duration::from_secs(5),
+        || blocked_on_shards(std::slice::from_ref(&shard), "blpop") == 2,
+    );
     let mut c = proxy.raw();
     let r = lossy(&c.call(&[b"BLPOP", b"z", b"0"]));
     assert!(r.starts_with("-ERR too many dedicated connections"), "{r}");
@@ -468,12 +540,15 @@ fn blocked_clients_do_not_stall_other_traffic() {
             c
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        leftover_on_shards(&shards, "blpop"),
-        100,
-        "100 clients blocked"
+    let n = wait_for(
+        "100 clients blocked on the shards",
+        Duration::from_secs(10),
+        || {
+            let n = leftover_on_shards(&shards, "blpop");
+            (n >= 100).then_some(n)
+        },
     );
+    assert_eq!(n, 100, "100 clients blocked");
     let out = std::process::Command::new("redis-benchmark")
         .args([
             "-p",

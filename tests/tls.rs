@@ -3,9 +3,12 @@
 
 mod support;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use support::tls::{Ca, TlsConn, client_config, file_fingerprint, temp_dir};
 use support::*;
@@ -14,19 +17,51 @@ const PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
 
 /// Starts slotgate with a TLS listener on a free port; returns it and the TLS port.
 fn start_tls(shards: &[&RedisServer], tls_args: &[&str]) -> (Slotgate, u16) {
+    start_tls_logged(shards, tls_args, None)
+}
+
+/// Like [`start_tls`], with the log written to `log`.
+fn start_tls_logged(
+    shards: &[&RedisServer],
+    tls_args: &[&str],
+    log: Option<&Path>,
+) -> (Slotgate, u16) {
     let tls_port = free_port();
     let listen = format!("127.0.0.1:{tls_port}");
     let mut args = vec!["--tls-listen", &listen];
     args.extend_from_slice(tls_args);
-    let proxy = Slotgate::start_with(shards, &args);
+    let proxy = Slotgate::start_logged(shards, &args, log);
     wait_for_own_port(tls_port, proxy.pid());
     (proxy, tls_port)
+}
+
+/// A child process that is killed (and reaped) when this is dropped, a failed test included.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Reads `from` to its end in a thread; what arrived so far is readable at any time.
+fn collect(mut from: impl Read + Send + 'static) -> (Arc<Mutex<Vec<u8>>>, JoinHandle<()>) {
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let sink = got.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = from.read(&mut buf) {
+            sink.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    (got, reader)
 }
 
 /// `openssl s_client` pinned to one protocol version (old versions re-enabled client-side,
 /// so a refusal can only come from the server). Returns everything it printed.
 fn openssl_ping(port: u16, version_flag: &str) -> String {
-    let mut child = Command::new("openssl")
+    let child = Command::new("openssl")
         .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
         .args([
             version_flag,
@@ -40,23 +75,30 @@ fn openssl_ping(port: u16, version_flag: &str) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .expect("openssl must be installed (apt-get install -y openssl)");
-    let mut stdin = child.stdin.take().unwrap();
+    let mut child = KillOnDrop(child);
+    let mut stdin = child.0.stdin.take().unwrap();
+    let (stdout, out_reader) = collect(child.0.stdout.take().unwrap());
+    let (stderr, err_reader) = collect(child.0.stderr.take().unwrap());
     let _ = stdin.write_all(b"PING\r\n");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    std::thread::sleep(Duration::from_millis(500));
+    // `-quiet` implies `-ign_eof`: s_client stays connected until the server ends the
+    // session, so it is done when the reply arrived or when it exited (refused).
+    wait_until(
+        "openssl s_client to get +PONG or to exit",
+        Duration::from_secs(5),
+        || {
+            child.0.try_wait().unwrap().is_some()
+                || String::from_utf8_lossy(&stdout.lock().unwrap()).contains("+PONG")
+        },
+    );
     drop(stdin);
-    while Instant::now() < deadline {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let out = child.wait_with_output().unwrap();
+    drop(child);
+    out_reader.join().unwrap();
+    err_reader.join().unwrap();
+    let (stdout, stderr) = (stdout.lock().unwrap(), stderr.lock().unwrap());
     format!(
         "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&stdout),
+        String::from_utf8_lossy(&stderr)
     )
 }
 
@@ -140,7 +182,8 @@ fn certificate_reload_on_sighup_and_broken_files_keep_the_old_one() {
     let (crt, key) = ca.issue(&dir, "server", &["localhost"]);
     let first = file_fingerprint(&crt);
     let shard = RedisServer::start();
-    let (proxy, port) = start_tls(
+    let log = dir.join("slotgate.log");
+    let (proxy, port) = start_tls_logged(
         &[&shard],
         &[
             "--tls-cert",
@@ -148,7 +191,14 @@ fn certificate_reload_on_sighup_and_broken_files_keep_the_old_one() {
             "--tls-key",
             key.to_str().unwrap(),
         ],
+        Some(&log),
     );
+    let failed_reloads = || {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .matches("TLS certificate reload failed")
+            .count()
+    };
     let mut old = TlsConn::connect(port, client_config(None, None, None)).unwrap();
     assert_eq!(old.peer_fingerprint(), first);
 
@@ -158,18 +208,14 @@ fn certificate_reload_on_sighup_and_broken_files_keep_the_old_one() {
     std::fs::copy(&crt2, &crt).unwrap();
     std::fs::copy(&key2, &key).unwrap();
     proxy.signal("HUP");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let c = TlsConn::connect(port, client_config(None, None, None)).unwrap();
-        if c.peer_fingerprint() == second {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the new certificate was not picked up"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        "the new certificate to be picked up",
+        Duration::from_secs(5),
+        || {
+            let c = TlsConn::connect(port, client_config(None, None, None)).unwrap();
+            c.peer_fingerprint() == second
+        },
+    );
     assert_eq!(
         old.call(PING).unwrap(),
         b"+PONG\r\n",
@@ -177,9 +223,14 @@ fn certificate_reload_on_sighup_and_broken_files_keep_the_old_one() {
     );
 
     // A broken file: logged, and the current certificate stays in use.
+    let failed_before = failed_reloads();
     std::fs::write(&crt, "not a certificate").unwrap();
     proxy.signal("HUP");
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until(
+        "the reload of the broken file to fail (logged)",
+        Duration::from_secs(5),
+        || failed_reloads() > failed_before,
+    );
     let mut c = TlsConn::connect(port, client_config(None, None, None)).unwrap();
     assert_eq!(c.peer_fingerprint(), second);
     assert_eq!(c.call(PING).unwrap(), b"+PONG\r\n");
@@ -330,11 +381,12 @@ fn tls_and_password_to_the_shards_with_a_real_handshake() {
     }
     // RESP3 connections authenticate with HELLO 3 AUTH.
     let mut raw = proxy.raw();
-    raw.send(&resp(&[b"HELLO", b"3"]));
-    let _ = raw.read_exact_n(1);
-    std::thread::sleep(Duration::from_millis(100));
-    let mut sink = vec![0u8; 4096];
-    let _ = std::io::Read::read(&mut raw.stream, &mut sink);
+    let hello = raw.call(&[b"HELLO", b"3"]);
+    assert!(
+        hello.starts_with(b"%"),
+        "HELLO 3 answers with a map: {}",
+        String::from_utf8_lossy(&hello)
+    );
     raw.roundtrip(&resp(&[b"GET", b"k1"]), b"$2\r\nk1\r\n");
     drop(proxy);
 
@@ -356,12 +408,8 @@ fn tls_and_password_to_the_shards_with_a_real_handshake() {
     assert!(reply.starts_with("-ERR shard unavailable"), "{reply}");
     assert!(reply.contains("WRONGPASS"), "{reply}");
     assert!(!reply.contains("wrong-pass-xyz"), "{reply}");
-    let mut info = proxy.raw();
-    info.send(&resp(&[b"INFO"]));
-    std::thread::sleep(Duration::from_millis(200));
-    let mut text = vec![0u8; 65536];
-    let n = std::io::Read::read(&mut info.stream, &mut text).unwrap();
-    assert!(!String::from_utf8_lossy(&text[..n]).contains("wrong-pass-xyz"));
+    let info = proxy.raw().call(&[b"INFO"]);
+    assert!(!String::from_utf8_lossy(&info).contains("wrong-pass-xyz"));
     drop(proxy);
     let logged = std::fs::read_to_string(&log).unwrap();
     assert!(!logged.contains("wrong-pass-xyz"), "{logged}");
@@ -374,28 +422,20 @@ fn redis_benchmark_over_tls_has_no_errors() {
     let shards: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
     let refs: Vec<&RedisServer> = shards.iter().collect();
     let (_proxy, port) = start_tls(&refs, &["--tls-self-signed"]);
-    let mut child = Command::new("redis-benchmark")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(["--tls", "--insecure", "-q", "-n", "20000", "-c", "20"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(240);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("redis-benchmark over TLS did not finish within 240 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.wait_with_output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
+    let out = run_bounded(
+        Command::new("redis-benchmark")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(["--tls", "--insecure", "-q", "-n", "20000", "-c", "20"]),
+        Duration::from_secs(240),
+    )
+    .unwrap_or_else(|f| {
+        panic!(
+            "redis-benchmark over TLS did not finish within 240 s: {}{}",
+            f.stdout, f.stderr
+        )
+    });
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert_eq!(out.code, Some(0), "{text}");
     let lower = text.to_lowercase();
     assert!(!text.contains("ERR") && !lower.contains("error"), "{text}");
     for t in [

@@ -25,6 +25,34 @@ pub fn free_port() -> u16 {
 }
 
 /// Polls until something accepts connections on `port`, or panics after `within`.
+/// Polls `cond` every 10 ms until it holds; panics after `within`, naming `what`. Tests wait
+/// for an observable condition with this rather than sleeping a fixed time.
+pub fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Like [`wait_until`], returning the first value `probe` produces.
+pub fn wait_for<T>(what: &str, within: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 pub fn wait_for_port(port: u16, within: Duration) {
     let deadline = Instant::now() + within;
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
