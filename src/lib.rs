@@ -47,7 +47,7 @@
 //!   the session) → command::lookup (+ subcommand) → arity check → NOAUTH / NOPERM checks → Route:
 //!       Local      → reply now (PING, HELLO, SELECT, CLIENT …, INFO gathers shard INFO)
 //!       Single     → key_indices → one slot (else CROSSSLOT) → shard → Upstream::send(raw)
-//!                    (GET of a read-through key: Target::ReadThrough; nil → origin fetch)
+//!                    (GET of a read-through key: a `Target::Sink`; nil → origin fetch)
 //!       Scatter    → split keys per shard → Gather (MGET order | sum | +OK)
 //!       AllShards  → every shard → Gather (DBSIZE sum, KEYS concat, FLUSHDB …); SCAN one shard
 //!       Refused / NotYet → clear error, never forwarded
@@ -78,3 +78,4 @@ pub mod server;
 pub mod session;
 pub mod shard;
 pub mod tls;
+pub mod units;

@@ -39,7 +39,6 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::config::UpstreamAuth;
 use crate::queue::Target;
 use crate::resp::reply::{self, Proto};
 use crate::resp::request::push_header;
@@ -54,6 +53,23 @@ const READ_CHUNK: usize = 16 * 1024;
 const READS_BEFORE_YIELD: u32 = 64;
 /// Buffers that grew beyond this for one large value are released once empty.
 const KEEP_BUF: usize = 1024 * 1024;
+
+/// A secret (password): never shown by `Debug`, logs or `--check-config`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+/// Credentials sent with AUTH on every new connection to a shard.
+#[derive(Clone, Debug)]
+pub struct UpstreamAuth {
+    pub username: Option<String>,
+    pub password: Secret,
+}
 
 /// How to reach and talk to one shard.
 #[derive(Debug, Clone)]
