@@ -14,8 +14,9 @@ use crate::auth::{UserConfig, Users};
 pub use crate::queue::OutputLimit;
 use crate::readthrough::{RuleConfig, Rules};
 use crate::router::{LayoutError, SlotMap, parse_slot_ranges};
+pub use crate::settings::{Settings, TlsSettings};
 pub use crate::shard::{Secret, UpstreamAuth};
-use crate::tls::{CertSource, ReloadableCert, TlsError, UpstreamTls};
+use crate::tls::{CertSource, ReloadableCert, TlsError};
 pub use crate::units::{parse_bytes, parse_duration};
 
 /// Command-line flags. Every flag overrides the matching `proxy.toml` key.
@@ -219,53 +220,6 @@ pub enum ConfigError {
     Users(String),
     #[error("invalid read-through rule: {0}")]
     ReadThrough(String),
-}
-
-/// The TLS listener.
-#[derive(Clone)]
-pub struct TlsSettings {
-    pub listen: SocketAddr,
-    pub cert: Arc<ReloadableCert>,
-    pub config: Arc<rustls::ServerConfig>,
-}
-
-impl std::fmt::Debug for TlsSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsSettings")
-            .field("listen", &self.listen)
-            .finish_non_exhaustive()
-    }
-}
-
-/// The validated settings the server runs with.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub listen: Option<SocketAddr>,
-    pub shards: Vec<SocketAddr>,
-    pub slot_map: SlotMap,
-    pub workers: usize,
-    pub upstream_connections: usize,
-    pub op_timeout: Duration,
-    pub log_level: String,
-    pub max_client_pipeline: usize,
-    pub max_inflight_per_connection: usize,
-    pub max_inflight_bytes_per_connection: usize,
-    pub max_dedicated_per_shard: usize,
-    pub proto_max_bulk_len: usize,
-    pub client_query_buffer_limit: usize,
-    /// Redis's `client-output-buffer-limit` for ordinary clients and for subscribers.
-    pub obuf_normal: OutputLimit,
-    pub obuf_pubsub: OutputLimit,
-    pub tls: Option<TlsSettings>,
-    pub users: Arc<Users>,
-    pub max_auth_failures: u32,
-    pub maxclients: usize,
-    pub idle_timeout: Option<Duration>,
-    /// Per shard, in order.
-    pub upstream_auth: Vec<Option<UpstreamAuth>>,
-    pub upstream_tls: Option<UpstreamTls>,
-    pub readthrough: Arc<Rules>,
-    pub admin_listen: Option<SocketAddr>,
 }
 
 /// A byte count in `proxy.toml`: an integer, or a string with Redis's units (`"256mb"`).

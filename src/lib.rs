@@ -6,10 +6,17 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: `proxy.toml` + CLI flags → validated [`config::Settings`] (`--check-config`).
+//! Modules are layered; each uses only its own layer and those below (`tests/layers.rs` checks
+//! it), lowest first: wire and utilities (`resp`, `netio`, `notify`, `metrics`, `router`,
+//! `units`, `tls`) · data (`command`, `auth`) · `fanout` · `queue` · `shard` · proxy logic and
+//! worker state (`readthrough`, `settings`, `worker`) · the client connection (`session`,
+//! `local`, `pinned`, `pubsub`) · the process (`server`, `admin`, `config`).
+//!
+//! - [`config`]: `proxy.toml` + CLI flags → validated [`settings::Settings`] (`--check-config`);
+//!   [`units`] parses durations and sizes.
 //! - [`server`]: one acceptor hands connections round-robin to N worker threads; each worker
 //!   runs a single-threaded runtime with its own shard connections, so a request never leaves
-//!   the thread that read it.
+//!   the thread that read it. [`worker`] holds what workers share and each worker's own state.
 //! - [`session`]: one client connection: read a burst, parse, route, write ready replies in
 //!   request order with one syscall. [`local`] holds the commands the proxy answers itself.
 //! - [`resp`]: the bounded, resumable request parser (multibulk + inline, Redis's exact
@@ -76,6 +83,8 @@ pub mod resp;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod settings;
 pub mod shard;
 pub mod tls;
 pub mod units;
+pub mod worker;

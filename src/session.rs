@@ -37,7 +37,7 @@ use crate::resp::reply::{self, Proto};
 use crate::resp::request::push_header;
 use crate::resp::{Limits, Parsed, Request, RequestParser};
 use crate::router;
-use crate::server::{Shared, Worker};
+use crate::worker::{Shared, Worker};
 
 /// What ended a session's wait.
 enum Wake {

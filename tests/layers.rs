@@ -1,10 +1,7 @@
 //! The module graph is layered (issue 11): a module of `src/` may use modules of its own layer
 //! or of a lower one, never of a higher one. This test reads every `crate::…` path in `src/`
-//! and fails on an import that goes up, naming it.
-//!
-//! `STILL_UP` lists the upward imports that remain from before the layering, to be removed as
-//! the restructuring goes on; the test also fails when one of them is gone (so the list only
-//! shrinks) or when a new one appears.
+//! (doc links included) and fails on an import that goes up, naming it. Modules of one layer
+//! may use each other.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -23,21 +20,12 @@ const LAYERS: &[&[&str]] = &[
     &["queue"],
     // Upstream connections and pools.
     &["shard"],
-    // Proxy logic above the shards.
-    &["readthrough"],
+    // Proxy logic above the shards, the settings and a worker's state.
+    &["readthrough", "settings", "worker"],
     // The client connection (`impl Session` spans these files).
     &["session", "local", "pinned", "pubsub"],
     // Process: listeners, workers, admin endpoint, configuration.
     &["server", "admin", "config"],
-];
-
-/// Upward imports not yet removed: (from, to).
-const STILL_UP: &[(&str, &str)] = &[
-    // The read-through fill and the sessions reach their worker (pools, scratch buffers,
-    // settings) through `server::Worker`; it moves below them with the settings types.
-    ("readthrough", "server"),
-    ("session", "server"),
-    ("local", "server"),
 ];
 
 fn layer_of(module: &str) -> usize {
@@ -120,22 +108,9 @@ fn no_module_imports_one_above_it() {
             }
         }
     }
-    let known: BTreeSet<(&str, &str)> = STILL_UP.iter().copied().collect();
-    let new: Vec<_> = up
-        .iter()
-        .filter(|(a, b, _)| !known.contains(&(a.as_str(), b.as_str())))
-        .collect();
     assert!(
-        new.is_empty(),
-        "modules importing a higher layer (see LAYERS in tests/layers.rs): {new:#?}"
-    );
-    let gone: Vec<_> = known
-        .iter()
-        .filter(|(a, b)| !up.iter().any(|(x, y, _)| x == a && y == b))
-        .collect();
-    assert!(
-        gone.is_empty(),
-        "no longer imported: remove from STILL_UP in tests/layers.rs: {gone:?}"
+        up.is_empty(),
+        "modules importing a higher layer (see LAYERS in tests/layers.rs): {up:#?}"
     );
 }
 

@@ -39,8 +39,8 @@ use tokio::sync::watch;
 use crate::queue::{ReplyQueue, Sink, SinkRef};
 use crate::resp::reply::{self, Proto};
 use crate::resp::request::push_header;
-use crate::server::Worker;
 use crate::units::parse_duration;
+use crate::worker::Worker;
 use origin::{Fetched, OriginError, UrlTemplate};
 
 /// A `[[readthrough]]` table (or one `--readthrough` flag).
