@@ -12,7 +12,7 @@ use hyper::{Request, Response, StatusCode};
 use tokio::net::TcpListener;
 
 use crate::metrics as m;
-use crate::server::Shared;
+use crate::worker::Shared;
 
 /// Serves admin requests until the process exits.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {

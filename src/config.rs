@@ -11,9 +11,13 @@ use serde::Deserialize;
 use std::sync::Arc;
 
 use crate::auth::{UserConfig, Users};
+pub use crate::queue::OutputLimit;
 use crate::readthrough::{RuleConfig, Rules};
 use crate::router::{LayoutError, SlotMap, parse_slot_ranges};
-use crate::tls::{CertSource, ReloadableCert, TlsError, UpstreamTls};
+pub use crate::settings::{Settings, TlsSettings};
+pub use crate::shard::{Secret, UpstreamAuth};
+use crate::tls::{CertSource, ReloadableCert, TlsError};
+pub use crate::units::{parse_bytes, parse_duration};
 
 /// Command-line flags. Every flag overrides the matching `proxy.toml` key.
 #[derive(Debug, Parser, Default)]
@@ -218,70 +222,6 @@ pub enum ConfigError {
     ReadThrough(String),
 }
 
-/// A secret (password): never shown by `Debug`, logs or `--check-config`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(pub String);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("\"<redacted>\"")
-    }
-}
-
-/// Credentials sent with AUTH on every new connection to a shard.
-#[derive(Clone, Debug)]
-pub struct UpstreamAuth {
-    pub username: Option<String>,
-    pub password: Secret,
-}
-
-/// The TLS listener.
-#[derive(Clone)]
-pub struct TlsSettings {
-    pub listen: SocketAddr,
-    pub cert: Arc<ReloadableCert>,
-    pub config: Arc<rustls::ServerConfig>,
-}
-
-impl std::fmt::Debug for TlsSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsSettings")
-            .field("listen", &self.listen)
-            .finish_non_exhaustive()
-    }
-}
-
-/// The validated settings the server runs with.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub listen: Option<SocketAddr>,
-    pub shards: Vec<SocketAddr>,
-    pub slot_map: SlotMap,
-    pub workers: usize,
-    pub upstream_connections: usize,
-    pub op_timeout: Duration,
-    pub log_level: String,
-    pub max_client_pipeline: usize,
-    pub max_inflight_per_connection: usize,
-    pub max_inflight_bytes_per_connection: usize,
-    pub max_dedicated_per_shard: usize,
-    pub proto_max_bulk_len: usize,
-    pub client_query_buffer_limit: usize,
-    /// Redis's `client-output-buffer-limit` for ordinary clients and for subscribers.
-    pub obuf_normal: OutputLimit,
-    pub obuf_pubsub: OutputLimit,
-    pub tls: Option<TlsSettings>,
-    pub users: Arc<Users>,
-    pub max_auth_failures: u32,
-    pub maxclients: usize,
-    pub idle_timeout: Option<Duration>,
-    /// Per shard, in order.
-    pub upstream_auth: Vec<Option<UpstreamAuth>>,
-    pub upstream_tls: Option<UpstreamTls>,
-    pub readthrough: Arc<Rules>,
-    pub admin_listen: Option<SocketAddr>,
-}
-
 /// A byte count in `proxy.toml`: an integer, or a string with Redis's units (`"256mb"`).
 #[derive(Debug, Deserialize, Clone)]
 #[serde(untagged)]
@@ -297,93 +237,6 @@ impl ByteSize {
             ByteSize::Text(t) => t.clone(),
         }
     }
-}
-
-/// Parses a size as Redis's `memtoull` does: a number with an optional unit, `b`, `k`
-/// (1000), `kb` (1024), `m`, `mb`, `g`, `gb`, in any case.
-pub fn parse_bytes(s: &str) -> Result<usize, String> {
-    let t = s.trim().to_ascii_lowercase();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| "expected a number of bytes, optionally with a unit (e.g. 64mb)")?;
-    let scale: u64 = match unit {
-        "" | "b" => 1,
-        "k" => 1000,
-        "kb" => 1024,
-        "m" => 1000 * 1000,
-        "mb" => 1024 * 1024,
-        "g" => 1000 * 1000 * 1000,
-        "gb" => 1024 * 1024 * 1024,
-        u => return Err(format!("unknown unit '{u}' (use b, k, kb, m, mb, g or gb)")),
-    };
-    n.checked_mul(scale)
-        .and_then(|v| usize::try_from(v).ok())
-        .ok_or_else(|| "too large".to_string())
-}
-
-/// One class of Redis's `client-output-buffer-limit`: a client whose replies not yet written
-/// reach `hard` bytes, or stay at `soft` bytes or more for `soft_for`, is closed. 0 = no limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OutputLimit {
-    pub hard: usize,
-    pub soft: usize,
-    pub soft_for: Duration,
-}
-
-impl Default for OutputLimit {
-    /// No limit.
-    fn default() -> Self {
-        OutputLimit {
-            hard: 0,
-            soft: 0,
-            soft_for: std::time::Duration::ZERO,
-        }
-    }
-}
-
-impl OutputLimit {
-    /// `"<hard> <soft> <soft seconds>"`, as in redis.conf (e.g. `"256mb 64mb 60"`).
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let parts: Vec<&str> = s.split_whitespace().collect();
-        let [hard, soft, secs] = parts[..] else {
-            return Err("expected '<hard> <soft> <soft seconds>', e.g. \"256mb 64mb 60\"".into());
-        };
-        let secs: u64 = secs
-            .parse()
-            .map_err(|_| format!("'{secs}' is not a number of seconds"))?;
-        Ok(OutputLimit {
-            hard: parse_bytes(hard)?,
-            soft: parse_bytes(soft)?,
-            soft_for: Duration::from_secs(secs),
-        })
-    }
-}
-
-/// Parses `250ms`, `1s`, `1.5s`, `10m`, `1h`, `500us`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| "missing unit (use us, ms, s, m or h, e.g. 250ms)".to_string())?;
-    let (num, unit) = t.split_at(split);
-    let v: f64 = num
-        .parse()
-        .map_err(|_| "expected a number followed by a unit, e.g. 250ms".to_string())?;
-    let scale = match unit.trim() {
-        "us" | "µs" => 1e-6,
-        "ms" => 1e-3,
-        "s" | "sec" => 1.0,
-        "m" | "min" => 60.0,
-        "h" => 3600.0,
-        u => return Err(format!("unknown unit '{u}' (use us, ms, s, m or h)")),
-    };
-    let secs = v * scale;
-    if !secs.is_finite() || secs > 1e9 {
-        return Err("too large".into());
-    }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 impl Cli {

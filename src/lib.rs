@@ -6,10 +6,17 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: `proxy.toml` + CLI flags → validated [`config::Settings`] (`--check-config`).
+//! Modules are layered; each uses only its own layer and those below (`tests/layers.rs` checks
+//! it), lowest first: wire and utilities (`resp`, `netio`, `notify`, `metrics`, `router`,
+//! `units`, `tls`) · data (`command`, `auth`) · `fanout` · `queue` · `shard` · proxy logic and
+//! worker state (`readthrough`, `settings`, `worker`) · the client connection (`session`,
+//! `local`, `pinned`, `pubsub`) · the process (`server`, `admin`, `config`).
+//!
+//! - [`config`]: `proxy.toml` + CLI flags → validated [`settings::Settings`] (`--check-config`);
+//!   [`units`] parses durations and sizes.
 //! - [`server`]: one acceptor hands connections round-robin to N worker threads; each worker
 //!   runs a single-threaded runtime with its own shard connections, so a request never leaves
-//!   the thread that read it.
+//!   the thread that read it. [`worker`] holds what workers share and each worker's own state.
 //! - [`session`]: one client connection: read a burst, parse, route, write ready replies in
 //!   request order with one syscall. [`local`] holds the commands the proxy answers itself.
 //! - [`resp`]: the bounded, resumable request parser (multibulk + inline, Redis's exact
@@ -47,7 +54,7 @@
 //!   the session) → command::lookup (+ subcommand) → arity check → NOAUTH / NOPERM checks → Route:
 //!       Local      → reply now (PING, HELLO, SELECT, CLIENT …, INFO gathers shard INFO)
 //!       Single     → key_indices → one slot (else CROSSSLOT) → shard → Upstream::send(raw)
-//!                    (GET of a read-through key: Target::ReadThrough; nil → origin fetch)
+//!                    (GET of a read-through key: a `Target::Sink`; nil → origin fetch)
 //!       Scatter    → split keys per shard → Gather (MGET order | sum | +OK)
 //!       AllShards  → every shard → Gather (DBSIZE sum, KEYS concat, FLUSHDB …); SCAN one shard
 //!       Refused / NotYet → clear error, never forwarded
@@ -76,5 +83,8 @@ pub mod resp;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod settings;
 pub mod shard;
 pub mod tls;
+pub mod units;
+pub mod worker;

@@ -15,8 +15,8 @@ use crate::resp::reply::{self, Aggregate, Proto};
 use crate::resp::request::parse_i64;
 use crate::resp::request::push_header;
 use crate::resp::{Limits, Parsed, Request, RequestParser};
-use crate::server::{ClientInfo, Shared};
 use crate::session::Session;
+use crate::worker::{ClientInfo, Shared};
 
 /// Reported by HELLO before any shard has told its version.
 const FALLBACK_VERSION: &str = "7.0.0";

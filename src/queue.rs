@@ -14,9 +14,10 @@ use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::config::OutputLimit;
 use crate::fanout::Gather;
 use crate::notify::LocalNotify;
+use crate::units::parse_bytes;
+use std::time::Duration;
 
 /// One command's reply, in request order.
 pub enum Slot {
@@ -417,13 +418,46 @@ pub enum Target {
     Abandoned(Rc<ReplyQueue>),
     /// The connection's handshake (AUTH / HELLO): an error reply fails the connection.
     Handshake,
-    /// A GET of a read-through key: a nil reply starts the origin fetch.
-    ReadThrough(crate::readthrough::PendingGetRef),
-    /// One shard's part of an MGET that includes read-through keys.
-    ReadThroughMget {
-        state: Rc<RefCell<crate::readthrough::PendingMget>>,
-        part: usize,
-    },
+    /// A request of code above this layer (a read-through GET or MGET part).
+    Sink(SinkRef),
+}
+
+/// What code above the shard connections implements to get replies (read-through: a GET
+/// whose nil reply starts an origin fetch, an MGET's parts). `idx` tells its requests apart.
+pub trait Sink {
+    /// Request `idx` got its reply.
+    fn deliver(self: Rc<Self>, idx: u32, reply: Bytes);
+    /// Request `idx` will get no reply: its target was dropped undelivered.
+    fn release(&self, _idx: u32) {}
+}
+
+/// One request of a [`Sink`]: delivered once, or released when dropped.
+pub struct SinkRef {
+    sink: Option<Rc<dyn Sink>>,
+    idx: u32,
+}
+
+impl SinkRef {
+    pub fn new(sink: Rc<dyn Sink>, idx: u32) -> Self {
+        SinkRef {
+            sink: Some(sink),
+            idx,
+        }
+    }
+
+    pub fn deliver(mut self, reply: Bytes) {
+        if let Some(sink) = self.sink.take() {
+            sink.deliver(self.idx, reply);
+        }
+    }
+}
+
+impl Drop for SinkRef {
+    fn drop(&mut self) {
+        if let Some(sink) = self.sink.take() {
+            sink.release(self.idx);
+        }
+    }
 }
 
 impl Target {
@@ -438,10 +472,7 @@ impl Target {
                 // Room in the pipeline bound: commands the session holds back may go now.
                 queue.notify.notify_one();
             }
-            Target::ReadThrough(get) => get.on_reply(reply),
-            Target::ReadThroughMget { state, part } => {
-                crate::readthrough::PendingMget::on_part(state, part, reply)
-            }
+            Target::Sink(s) => s.deliver(reply),
         }
     }
 
@@ -460,5 +491,43 @@ impl Target {
                 Target::Discard
             }
         }
+    }
+}
+
+/// One class of Redis's `client-output-buffer-limit`: a client whose replies not yet written
+/// reach `hard` bytes, or stay at `soft` bytes or more for `soft_for`, is closed. 0 = no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputLimit {
+    pub hard: usize,
+    pub soft: usize,
+    pub soft_for: Duration,
+}
+
+impl Default for OutputLimit {
+    /// No limit.
+    fn default() -> Self {
+        OutputLimit {
+            hard: 0,
+            soft: 0,
+            soft_for: std::time::Duration::ZERO,
+        }
+    }
+}
+
+impl OutputLimit {
+    /// `"<hard> <soft> <soft seconds>"`, as in redis.conf (e.g. `"256mb 64mb 60"`).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split_whitespace().collect();
+        let [hard, soft, secs] = parts[..] else {
+            return Err("expected '<hard> <soft> <soft seconds>', e.g. \"256mb 64mb 60\"".into());
+        };
+        let secs: u64 = secs
+            .parse()
+            .map_err(|_| format!("'{secs}' is not a number of seconds"))?;
+        Ok(OutputLimit {
+            hard: parse_bytes(hard)?,
+            soft: parse_bytes(soft)?,
+            soft_for: Duration::from_secs(secs),
+        })
     }
 }

@@ -32,12 +32,12 @@ use crate::command::{
 use crate::fanout::{Gather, GatherKind};
 use crate::netio::{PlainRead, PlainWrite, ReadSide, WriteSide};
 use crate::notify::FlagWaker;
-use crate::queue::{ReplyQueue, Slot, Target};
+use crate::queue::{ReplyQueue, SinkRef, Slot, Target};
 use crate::resp::reply::{self, Proto};
 use crate::resp::request::push_header;
 use crate::resp::{Limits, Parsed, Request, RequestParser};
 use crate::router;
-use crate::server::{Shared, Worker};
+use crate::worker::{Shared, Worker};
 
 /// What ended a session's wait.
 enum Wake {
@@ -1052,7 +1052,7 @@ impl Session {
         });
         let up = self.w.pools.get(self.proto, shard, self.conn);
         let raw = script.as_deref().unwrap_or(req.raw);
-        up.send(raw, Target::ReadThrough(pending), now);
+        up.send(raw, Target::Sink(pending), now);
     }
 
     /// An MGET with read-through keys: its shard parts are sent now (so it keeps its place
@@ -1078,10 +1078,7 @@ impl Session {
         }));
         for (i, (shard, raw)) in parts.iter().enumerate() {
             let up = self.w.pools.get(self.proto, *shard, self.conn);
-            let target = Target::ReadThroughMget {
-                state: state.clone(),
-                part: i,
-            };
+            let target = Target::Sink(SinkRef::new(state.clone(), i as u32));
             up.send(raw, target, now);
         }
     }

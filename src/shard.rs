@@ -39,8 +39,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::config::UpstreamAuth;
-use crate::queue::Target;
+use crate::queue::{Sink, SinkRef, Target};
 use crate::resp::reply::{self, Proto};
 use crate::resp::request::push_header;
 use crate::resp::{ReplyScanner, ScanError};
@@ -54,6 +53,23 @@ const READ_CHUNK: usize = 16 * 1024;
 const READS_BEFORE_YIELD: u32 = 64;
 /// Buffers that grew beyond this for one large value are released once empty.
 const KEEP_BUF: usize = 1024 * 1024;
+
+/// A secret (password): never shown by `Debug`, logs or `--check-config`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+/// Credentials sent with AUTH on every new connection to a shard.
+#[derive(Clone, Debug)]
+pub struct UpstreamAuth {
+    pub username: Option<String>,
+    pub password: Secret,
+}
 
 /// How to reach and talk to one shard.
 #[derive(Debug, Clone)]
@@ -245,6 +261,23 @@ impl Upstream {
     /// Fails it at once when the connection has too many requests in flight.
     pub fn send(&self, raw: &[u8], target: Target, now: Instant) {
         self.send_until(raw, target, now + self.cfg.op_timeout)
+    }
+
+    /// Sends one request of the proxy's own and waits for its reply: the shard's, or the error
+    /// a client would get (`op_timeout` applies).
+    pub async fn request(&self, raw: &[u8]) -> Bytes {
+        let shot = Rc::new(OneShot::default());
+        self.send(
+            raw,
+            Target::Sink(SinkRef::new(shot.clone(), 0)),
+            Instant::now(),
+        );
+        loop {
+            if let Some(reply) = shot.reply.borrow_mut().take() {
+                return reply;
+            }
+            shot.done.notified().await;
+        }
     }
 
     /// Like [`send`](Self::send), with an explicit deadline (blocking commands wait as long
@@ -805,6 +838,25 @@ impl Upstream {
                 tokio::task::yield_now().await;
             }
         }
+    }
+}
+
+/// The reply to one [`Upstream::request`].
+#[derive(Default)]
+struct OneShot {
+    reply: RefCell<Option<Bytes>>,
+    done: LocalNotify,
+}
+
+impl Sink for OneShot {
+    fn deliver(self: Rc<Self>, _idx: u32, reply: Bytes) {
+        *self.reply.borrow_mut() = Some(reply);
+        self.done.notify_one();
+    }
+
+    fn release(&self, _idx: u32) {
+        *self.reply.borrow_mut() = Some(reply::error("ERR the request was dropped"));
+        self.done.notify_one();
     }
 }
 

@@ -36,11 +36,11 @@ use dashmap::mapref::entry::Entry;
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use crate::config::parse_duration;
-use crate::queue::ReplyQueue;
+use crate::queue::{ReplyQueue, Sink, SinkRef};
 use crate::resp::reply::{self, Proto};
 use crate::resp::request::push_header;
-use crate::server::Worker;
+use crate::units::parse_duration;
+use crate::worker::Worker;
 use origin::{Fetched, OriginError, UrlTemplate};
 
 /// A `[[readthrough]]` table (or one `--readthrough` flag).
@@ -559,8 +559,8 @@ pub struct PendingGets {
 }
 
 impl PendingGets {
-    /// Stores `get` until its shard answers.
-    pub fn insert(self: &Rc<Self>, get: PendingGet) -> PendingGetRef {
+    /// Stores `get` until its shard answers: the shard connection's target.
+    pub fn insert(self: &Rc<Self>, get: PendingGet) -> SinkRef {
         let mut slots = self.slots.borrow_mut();
         let idx = match self.free.borrow_mut().pop() {
             Some(i) => {
@@ -572,39 +572,36 @@ impl PendingGets {
                 (slots.len() - 1) as u32
             }
         };
-        PendingGetRef {
-            gets: self.clone(),
-            idx,
-        }
+        SinkRef::new(self.clone(), idx)
+    }
+
+    /// Takes GET `idx` out, giving its slot back.
+    fn take(&self, idx: u32) -> Option<PendingGet> {
+        let get = self.slots.borrow_mut()[idx as usize].take();
+        self.free.borrow_mut().push(idx);
+        get
     }
 }
 
-/// A read-through GET's place in [`PendingGets`]: the shard connection's [`Target`]. Its
-/// slot is given back when it is dropped, delivered or not.
-///
-/// [`Target`]: crate::queue::Target
-pub struct PendingGetRef {
-    gets: Rc<PendingGets>,
-    idx: u32,
-}
-
-impl PendingGetRef {
-    /// The shard answered (see [`PendingGet::on_reply`]).
-    pub fn on_reply(self, frame: Bytes) {
-        let get = self.gets.slots.borrow_mut()[self.idx as usize].take();
-        drop(self);
-        if let Some(get) = get {
-            get.on_reply(frame);
+/// A read-through GET's slot is given back when its shard answered, or when its target is
+/// dropped undelivered.
+impl Sink for PendingGets {
+    fn deliver(self: Rc<Self>, idx: u32, reply: Bytes) {
+        if let Some(get) = self.take(idx) {
+            get.on_reply(reply);
         }
+    }
+
+    fn release(&self, idx: u32) {
+        // Taken first: the GET's own fields are dropped outside the borrow.
+        drop(self.take(idx));
     }
 }
 
-impl Drop for PendingGetRef {
-    fn drop(&mut self) {
-        // `take` first: the GET's own fields are dropped outside the borrow.
-        let get = self.gets.slots.borrow_mut()[self.idx as usize].take();
-        self.gets.free.borrow_mut().push(self.idx);
-        drop(get);
+/// An MGET's part `idx` arrived.
+impl Sink for std::cell::RefCell<PendingMget> {
+    fn deliver(self: Rc<Self>, idx: u32, reply: Bytes) {
+        PendingMget::on_part(self, idx as usize, reply);
     }
 }
 

@@ -1,0 +1,60 @@
+//! The validated settings the server runs with, built by the `config` module from `proxy.toml`
+//! and the flags, and read by every worker.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::auth::Users;
+use crate::queue::OutputLimit;
+use crate::readthrough::Rules;
+use crate::router::SlotMap;
+use crate::shard::UpstreamAuth;
+use crate::tls::{ReloadableCert, UpstreamTls};
+
+/// The TLS listener.
+#[derive(Clone)]
+pub struct TlsSettings {
+    pub listen: SocketAddr,
+    pub cert: Arc<ReloadableCert>,
+    pub config: Arc<rustls::ServerConfig>,
+}
+
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The validated settings the server runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: Option<SocketAddr>,
+    pub shards: Vec<SocketAddr>,
+    pub slot_map: SlotMap,
+    pub workers: usize,
+    pub upstream_connections: usize,
+    pub op_timeout: Duration,
+    pub log_level: String,
+    pub max_client_pipeline: usize,
+    pub max_inflight_per_connection: usize,
+    pub max_inflight_bytes_per_connection: usize,
+    pub max_dedicated_per_shard: usize,
+    pub proto_max_bulk_len: usize,
+    pub client_query_buffer_limit: usize,
+    /// Redis's `client-output-buffer-limit` for ordinary clients and for subscribers.
+    pub obuf_normal: OutputLimit,
+    pub obuf_pubsub: OutputLimit,
+    pub tls: Option<TlsSettings>,
+    pub users: Arc<Users>,
+    pub max_auth_failures: u32,
+    pub maxclients: usize,
+    pub idle_timeout: Option<Duration>,
+    /// Per shard, in order.
+    pub upstream_auth: Vec<Option<UpstreamAuth>>,
+    pub upstream_tls: Option<UpstreamTls>,
+    pub readthrough: Arc<Rules>,
+    pub admin_listen: Option<SocketAddr>,
+}

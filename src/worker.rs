@@ -1,0 +1,208 @@
+//! What workers share ([`Shared`]: settings, counters, the client list, read-through state)
+//! and one worker thread's own state ([`Worker`]: its shard connections, scratch buffers,
+//! origin client and metrics). Sessions and the read-through fill reach everything through
+//! their `Rc<Worker>`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Instant, SystemTime};
+
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::metrics::WorkerMetrics;
+use crate::readthrough::ReadThrough;
+use crate::readthrough::origin::OriginClient;
+use crate::settings::Settings;
+use crate::shard::{DedicatedPool, Pools, UpstreamConfig};
+
+/// State shared by every worker. Cloning the `Arc` is the only cost of access.
+pub struct Shared {
+    pub settings: Settings,
+    pub started: Instant,
+    pub started_wall: SystemTime,
+    /// The shards' `redis_version`, learned from the first INFO that reaches a shard.
+    pub redis_version: OnceLock<String>,
+    pub next_client_id: AtomicU64,
+    /// Client connections now (for `maxclients`).
+    pub connected: AtomicUsize,
+    pub stats: Stats,
+    /// Client sessions, for CLIENT LIST. Touched on connect/disconnect and by CLIENT SETNAME.
+    pub clients: Mutex<HashMap<u64, ClientInfo>>,
+    /// The plain listener's bound address (known after bind).
+    pub listen_addr: OnceLock<SocketAddr>,
+    /// Read-through rules, fetches in flight and negative entries (shared by the workers).
+    pub readthrough: ReadThrough,
+    /// The Prometheus registry's handle, when metrics are installed.
+    pub prometheus: Option<PrometheusHandle>,
+    /// Per shard: RESP2 upstream connections up, over all workers (for /readyz).
+    pub shard_up: Vec<Arc<AtomicUsize>>,
+    /// `[worker][shard]`: requests in flight, published by each worker once a second.
+    pub inflight: Vec<Vec<AtomicUsize>>,
+}
+
+/// Process-wide counters (relaxed atomics; each is written by many workers only rarely, or is
+/// per-connection rather than per-request).
+#[derive(Default)]
+pub struct Stats {
+    pub connections_received: AtomicU64,
+    pub rejected_connections: AtomicU64,
+    pub auth_failures: AtomicU64,
+    pub commands_processed: AtomicU64,
+}
+
+/// What CLIENT LIST shows of a session.
+#[derive(Clone, Debug)]
+pub struct ClientInfo {
+    pub id: u64,
+    pub addr: SocketAddr,
+    pub laddr: SocketAddr,
+    pub created: Instant,
+    pub name: String,
+    pub user: String,
+    pub resp: u8,
+    /// Notified by CLIENT KILL: the session closes.
+    pub kill: Arc<tokio::sync::Notify>,
+}
+
+impl Shared {
+    pub fn new(settings: Settings, prometheus: Option<PrometheusHandle>) -> Arc<Self> {
+        let shards = settings.shards.len();
+        let readthrough = ReadThrough::new(settings.readthrough.clone(), settings.op_timeout * 2);
+        Arc::new(Shared {
+            readthrough,
+            prometheus,
+            shard_up: (0..shards).map(|_| Arc::new(AtomicUsize::new(0))).collect(),
+            inflight: (0..settings.workers)
+                .map(|_| (0..shards).map(|_| AtomicUsize::new(0)).collect())
+                .collect(),
+            settings,
+            started: Instant::now(),
+            started_wall: SystemTime::now(),
+            redis_version: OnceLock::new(),
+            next_client_id: AtomicU64::new(1),
+            connected: AtomicUsize::new(0),
+            stats: Stats::default(),
+            clients: Mutex::new(HashMap::new()),
+            listen_addr: OnceLock::new(),
+        })
+    }
+
+    pub fn connected_clients(&self) -> usize {
+        self.clients.lock().map(|c| c.len()).unwrap_or(0)
+    }
+
+    /// Shards that do not have all their RESP2 connections up (empty when ready).
+    pub fn shards_down(&self) -> Vec<String> {
+        let expected = self.settings.workers * self.settings.upstream_connections;
+        self.settings
+            .shards
+            .iter()
+            .zip(&self.shard_up)
+            .filter(|(_, up)| up.load(Ordering::Relaxed) < expected)
+            .map(|(a, _)| a.to_string())
+            .collect()
+    }
+}
+
+/// One worker thread's state: the shared settings plus its own shard connections.
+pub struct Worker {
+    pub id: usize,
+    pub shared: Arc<Shared>,
+    pub pools: Pools,
+    /// Dedicated connections for transactions and blocking commands.
+    pub dedicated: Rc<DedicatedPool>,
+    /// Commands processed by this worker, flushed into `Stats` now and then.
+    pub commands: std::cell::Cell<u64>,
+    /// This worker's HTTP client for read-through origins.
+    pub origin: OriginClient,
+    /// Per-command counters, published once a second.
+    pub metrics: WorkerMetrics,
+    /// Shared by this worker's sessions: reads land here and writes are gathered here, so an
+    /// idle client holds no buffer of its own (see `session::serve`).
+    pub read_scratch: std::cell::RefCell<Vec<u8>>,
+    pub write_scratch: std::cell::RefCell<bytes::BytesMut>,
+    /// Read-through GETs waiting for their shard.
+    pub pending_gets: Rc<crate::readthrough::PendingGets>,
+}
+
+impl Worker {
+    pub(crate) fn start(id: usize, shared: Arc<Shared>) -> Rc<Self> {
+        let s = &shared.settings;
+        let shards: Vec<_> = s
+            .shards
+            .iter()
+            .zip(&s.upstream_auth)
+            .zip(&shared.shard_up)
+            .map(|((&addr, auth), up)| {
+                let cfg = UpstreamConfig {
+                    op_timeout: s.op_timeout,
+                    max_inflight: s.max_inflight_per_connection,
+                    max_inflight_bytes: s.max_inflight_bytes_per_connection,
+                    auth: auth.clone(),
+                    tls: s.upstream_tls.clone(),
+                    up: up.clone(),
+                    dedicated: false,
+                    mirror: None,
+                };
+                (addr, cfg)
+            })
+            .collect();
+        let dedicated = DedicatedPool::new(&shards, s.max_dedicated_per_shard);
+        let pools = Pools::start(shards, s.upstream_connections);
+        Rc::new(Worker {
+            id,
+            shared,
+            pools,
+            dedicated,
+            commands: std::cell::Cell::new(0),
+            origin: OriginClient::new(),
+            metrics: WorkerMetrics::default(),
+            read_scratch: Default::default(),
+            write_scratch: Default::default(),
+            pending_gets: Default::default(),
+        })
+    }
+
+    /// Sends one request of the proxy's own to `shard` and waits for its reply (read-through
+    /// stores, INFO probes). Uses the same pipelined connections as clients.
+    pub async fn request(&self, shard: usize, raw: &[u8]) -> bytes::Bytes {
+        self.pools
+            .get(crate::resp::Proto::Resp2, shard, 0)
+            .request(raw)
+            .await
+    }
+
+    /// Once a second: publish counters, per-shard in-flight depth, and (worker 0) sweep the
+    /// read-through tables.
+    pub(crate) async fn tick(self: Rc<Self>) {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            every.tick().await;
+            let c = self.commands.replace(0);
+            self.shared
+                .stats
+                .commands_processed
+                .fetch_add(c, Ordering::Relaxed);
+            self.metrics.publish();
+            for (i, n) in self.pools.pending_per_shard().into_iter().enumerate() {
+                self.shared.inflight[self.id][i].store(n, Ordering::Relaxed);
+            }
+            if self.id == 0 {
+                self.shared.readthrough.sweep();
+                if let Some(h) = &self.shared.prometheus {
+                    h.run_upkeep();
+                }
+            }
+        }
+    }
+
+    /// Counts processed commands; `tick` publishes them to the shared counter once a second,
+    /// which keeps atomics off the per-request path.
+    #[inline]
+    pub fn count_commands(&self, n: u64) {
+        self.commands.set(self.commands.get() + n);
+    }
+}

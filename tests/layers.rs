@@ -1,0 +1,126 @@
+//! The module graph is layered (issue 11): a module of `src/` may use modules of its own layer
+//! or of a lower one, never of a higher one. This test reads every `crate::…` path in `src/`
+//! (doc links included) and fails on an import that goes up, naming it. Modules of one layer
+//! may use each other.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+/// Lowest first.
+const LAYERS: &[&[&str]] = &[
+    // Wire and utilities.
+    &[
+        "resp", "netio", "notify", "metrics", "router", "units", "tls",
+    ],
+    // Data: the command table and users' permissions.
+    &["command", "auth"],
+    // Merging shard replies.
+    &["fanout"],
+    // A client's replies in order, and where a shard's reply goes.
+    &["queue"],
+    // Upstream connections and pools.
+    &["shard"],
+    // Proxy logic above the shards, the settings and a worker's state.
+    &["readthrough", "settings", "worker"],
+    // The client connection (`impl Session` spans these files).
+    &["session", "local", "pinned", "pubsub"],
+    // Process: listeners, workers, admin endpoint, configuration.
+    &["server", "admin", "config"],
+];
+
+fn layer_of(module: &str) -> usize {
+    LAYERS
+        .iter()
+        .position(|l| l.contains(&module))
+        .unwrap_or_else(|| panic!("module `{module}` is in no layer of tests/layers.rs"))
+}
+
+/// The top-level module a file of `src/` belongs to (`readthrough/origin.rs` → `readthrough`).
+fn module_of(rel: &Path) -> Option<String> {
+    let first = rel.components().next()?.as_os_str().to_str()?.to_string();
+    match first.as_str() {
+        "lib.rs" | "main.rs" | "bin" => None,
+        f => Some(f.trim_end_matches(".rs").to_string()),
+    }
+}
+
+/// Every module named by a `crate::` path in `text`, including `crate::{a, b::c}` groups.
+fn uses(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let ident = |s: &str| -> String {
+        s.chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect()
+    };
+    for (i, _) in text.match_indices("crate::") {
+        let rest = &text[i + "crate::".len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            let mut depth = 0;
+            let mut start = 0;
+            for (j, c) in group.char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' if depth == 0 => {
+                        out.insert(ident(group[start..j].trim()));
+                        break;
+                    }
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => {
+                        out.insert(ident(group[start..j].trim()));
+                        start = j + 1;
+                    }
+                    _ => {}
+                }
+            }
+        } else {
+            out.insert(ident(rest));
+        }
+    }
+    out.remove("");
+    out
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+#[test]
+fn no_module_imports_one_above_it() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut up = BTreeSet::new();
+    for f in &files {
+        let Some(from) = module_of(f.strip_prefix(&src).unwrap()) else {
+            continue;
+        };
+        let text = std::fs::read_to_string(f).unwrap();
+        for to in uses(&text) {
+            if to != from && layer_of(&to) > layer_of(&from) {
+                up.insert((from.clone(), to, f.display().to_string()));
+            }
+        }
+    }
+    assert!(
+        up.is_empty(),
+        "modules importing a higher layer (see LAYERS in tests/layers.rs): {up:#?}"
+    );
+}
+
+#[test]
+fn the_use_parser_sees_groups_and_paths() {
+    let u = uses(
+        "use crate::{queue::Target, shard::{Pools, Upstream}};\nlet x = crate::resp::reply::OK;",
+    );
+    assert_eq!(
+        u.into_iter().collect::<Vec<_>>(),
+        ["queue", "resp", "shard"]
+    );
+}
