@@ -115,7 +115,9 @@ impl User {
     pub fn mirror_rules(&self, deny: &[String]) -> Vec<String> {
         let mut r = Vec::new();
         match &self.keys_rw {
+            // Redis takes no pattern after `*`.
             None => r.push("allkeys".to_string()),
+            Some(rw) if rw.iter().any(|k| k == b"*") => r.push("allkeys".to_string()),
             Some(rw) => {
                 r.push("resetkeys".into());
                 r.extend(
@@ -143,7 +145,13 @@ impl User {
             r.push("+@all".into());
         } else {
             r.push("-@all".into());
-            r.extend(self.rule_text.iter().cloned());
+            // slotgate's own commands (SLOTGATE.*) do not exist on the shards.
+            r.extend(
+                self.rule_text
+                    .iter()
+                    .filter(|t| !t.to_ascii_lowercase().contains("slotgate."))
+                    .cloned(),
+            );
         }
         r.extend(deny.iter().map(|c| format!("-{c}")));
         r

@@ -809,6 +809,16 @@ impl Session {
         if !user.may_run(spec) {
             return Err(reply::noperm_command(spec.name));
         }
+        if matches!(spec.name, "sort" | "sort_ro")
+            && !user.may_access(b"*", crate::command::access::READ)
+            && let Some(e) = sort_acl_error(req)
+        {
+            return Err(Bytes::from_static(e));
+        }
+        if matches!(spec.name, "unsubscribe" | "punsubscribe" | "sunsubscribe") {
+            // Leaving a channel needs no permission (as in Redis).
+            return Ok(());
+        }
         if let Some((first, pattern)) = channel_args(spec.name) {
             // Channels are checked against the user's channel patterns (their key specs in
             // SSUBSCRIBE and SPUBLISH are not keys).
@@ -1222,6 +1232,31 @@ fn sort_pattern_error(req: &Request<'_>) -> Option<&'static [u8]> {
                 return Some(reply::SORT_GET_DENIED);
             }
             i += 2;
+        } else if opt.eq_ignore_ascii_case(b"limit") {
+            i += 3;
+        } else if opt.eq_ignore_ascii_case(b"store") {
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    None
+}
+
+/// SORT's BY pattern (with a `*`) or GET reads keys the user's patterns do not cover: Redis
+/// refuses both to a user without access to every key, whatever the pattern.
+fn sort_acl_error(req: &Request<'_>) -> Option<&'static [u8]> {
+    let mut i = 2;
+    while i < req.argc() {
+        let opt = req.arg(i);
+        let has_arg = i + 1 < req.argc();
+        if opt.eq_ignore_ascii_case(b"by") && has_arg {
+            if req.arg(i + 1).contains(&b'*') {
+                return Some(reply::SORT_BY_ACL);
+            }
+            i += 2;
+        } else if opt.eq_ignore_ascii_case(b"get") && has_arg {
+            return Some(reply::SORT_GET_ACL);
         } else if opt.eq_ignore_ascii_case(b"limit") {
             i += 3;
         } else if opt.eq_ignore_ascii_case(b"store") {

@@ -97,7 +97,11 @@ pub struct UpstreamConfig {
 /// A `proxy.toml` user's counterpart on the shards, for running its scripts.
 #[derive(Debug)]
 pub struct Mirror {
-    /// The ACL user name on the shard (`slotgate:<user>`).
+    /// The `proxy.toml` user.
+    pub user: String,
+    /// The ACL user name on the shard: `slotgate:<user>:<digest of the rules>`, so that
+    /// slotgates with different rules for one user name (a rolling change) never share, or
+    /// overwrite, each other's mirror.
     pub name: String,
     /// Derived from the shard credentials and the name: the same for every worker and every
     /// slotgate sharing those shards, unknown to anyone without the shard's credentials.
@@ -112,7 +116,16 @@ impl Mirror {
         shard_auth: Option<&UpstreamAuth>,
         deny: &[String],
     ) -> Self {
-        let name = format!("slotgate:{}", user.name);
+        let rules = user.mirror_rules(deny);
+        let digest = crate::auth::sha256(rules.join("\n").as_bytes());
+        let name = format!(
+            "slotgate:{}:{}",
+            user.name,
+            digest[..4]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        );
         let mut seed = b"slotgate mirror\0".to_vec();
         if let Some(a) = shard_auth {
             seed.extend_from_slice(a.username.as_deref().unwrap_or("default").as_bytes());
@@ -126,9 +139,10 @@ impl Mirror {
             .map(|b| format!("{b:02x}"))
             .collect();
         Mirror {
+            user: user.name.clone(),
             name,
             password,
-            rules: user.mirror_rules(deny),
+            rules,
         }
     }
 }
@@ -490,11 +504,15 @@ impl Upstream {
             let mut refused = false;
             let why = match self.expiring(connect).await {
                 Ok(Ok(stream)) => {
-                    backoff = BACKOFF_MIN;
                     let _ = stream.set_nodelay(true);
                     tracing::debug!(shard = %self.label, "connected");
                     let fault = self.serve(stream).await;
                     refused = matches!(fault, Fault::Handshake(_));
+                    // A connection that got past its handshake starts the backoff over; a
+                    // refused or failed handshake keeps growing it.
+                    if !matches!(fault, Fault::Handshake(_) | Fault::Tls(_)) {
+                        backoff = BACKOFF_MIN;
+                    }
                     let why = fault.describe(self.cfg.op_timeout);
                     tracing::warn!(shard = %self.label, "shard connection lost: {why}");
                     why
@@ -509,7 +527,7 @@ impl Upstream {
                     &why,
                     reply::error(&format!(
                         "NOPERM slotgate could not run this with the rights of user '{}' on shard {}: {why}",
-                        m.name.strip_prefix("slotgate:").unwrap_or(&m.name),
+                        m.user,
                         self.label
                     )),
                 ),
@@ -525,10 +543,12 @@ impl Upstream {
                 }
                 return;
             }
-            // Wait out the backoff unless a request arrives (then try at once).
+            // Wait out the backoff unless a request arrives (then try at once). A mirror the
+            // shard refused is tried again only for a request: it would be refused again.
+            let idle_retry = !(refused && self.cfg.mirror.is_some());
             self.expiring(async {
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(backoff), if idle_retry => {}
                     _ = self.wake_writer.notified() => {}
                 }
             })

@@ -253,6 +253,10 @@ fn channel_permissions_match_redis() {
         (b"reader", b"rpw", &[b"SSUBSCRIBE", b"news.asia"]),
         (b"reader", b"rpw", &[b"PSUBSCRIBE", b"news.e*"]),
         (b"reader", b"rpw", &[b"PSUBSCRIBE", b"news.*"]),
+        // Leaving a channel needs no permission.
+        (b"tenant", b"tpw", &[b"SUNSUBSCRIBE", b"tenantA:chan"]),
+        (b"tenant", b"tpw", &[b"UNSUBSCRIBE", b"news.eu"]),
+        (b"tenant", b"tpw", &[b"PUNSUBSCRIBE", b"news.*"]),
     ];
     for (user, pw, cmd) in cases {
         let mut p = login(s.proxy.port, user, pw);
@@ -273,6 +277,87 @@ fn channel_permissions_match_redis() {
         "{}",
         text(&got)
     );
+}
+
+/// SORT's BY and GET patterns read keys no key spec names: refused, as by Redis, to a user
+/// without access to every key (they read another tenant's values before), in MULTI too.
+#[test]
+fn sort_patterns_need_access_to_every_key() {
+    let s = setup("", vec![RedisServer::start(), RedisServer::start()]);
+    let mut admin = login(s.proxy.port, b"default", b"adminpw");
+    let mut ref_admin = RawConn::connect(s.reference.port);
+    for c in [&mut admin, &mut ref_admin] {
+        assert_eq!(
+            c.call(&[b"SET", b"other:{x}secret", b"TOPSECRET"]),
+            b"+OK\r\n"
+        );
+        assert_eq!(c.call(&[b"RPUSH", b"t:{x}l", b"secret"]), b":1\r\n");
+    }
+    let mut t = login(s.proxy.port, b"reader", b"rpw");
+    let mut rt = login(s.reference.port, b"reader", b"rpw");
+    let cases: &[&[&[u8]]] = &[
+        &[b"SORT", b"t:{x}l", b"BY", b"nosort", b"GET", b"other:{x}*"],
+        &[b"SORT_RO", b"t:{x}l", b"BY", b"nosort", b"GET", b"#"],
+        &[b"SORT", b"t:{x}l", b"BY", b"other:{x}*", b"ALPHA"],
+        &[
+            b"SORT",
+            b"t:{x}l",
+            b"LIMIT",
+            b"0",
+            b"1",
+            b"GET",
+            b"other:{x}*",
+            b"STORE",
+            b"t:{x}o",
+        ],
+        // No pattern: allowed.
+        &[b"SORT", b"t:{x}l", b"BY", b"nosort", b"ALPHA"],
+    ];
+    for cmd in cases {
+        assert_eq!(text(&t.call(cmd)), text(&rt.call(cmd)), "{}", show(cmd));
+    }
+    assert_eq!(t.call(&[b"MULTI"]), b"+OK\r\n");
+    let got = t.call(&[b"SORT", b"t:{x}l", b"BY", b"nosort", b"GET", b"other:{x}*"]);
+    assert!(
+        got.starts_with(b"-ERR GET option of SORT denied due to insufficient ACL"),
+        "{}",
+        text(&got)
+    );
+    assert!(t.call(&[b"EXEC"]).starts_with(b"-EXECABORT"));
+}
+
+/// Two slotgates with different rules for the same user name (a rolling change) each get
+/// their own mirror: the wider one never widens the other's scripts.
+#[test]
+fn mirrors_of_different_rules_do_not_overwrite_each_other() {
+    let s = setup("", vec![RedisServer::start()]);
+    let dir = support::tls::temp_dir("script-acl-wide");
+    let cfg = dir.join("proxy.toml");
+    std::fs::write(
+        &cfg,
+        "[[users]]\nname = \"tenant\"\npassword = \"tpw\"\nkeys = [\"*\"]\ncommands = [\"+@all\", \"-@dangerous\"]\n",
+    )
+    .unwrap();
+    let wide = Slotgate::start_with(&[&s._shards[0]], &["--config", cfg.to_str().unwrap()]);
+    let set_victim: &[&[u8]] = &[b"EVAL", b"return redis.call('set','victim','x')", b"0"];
+    let mut narrow = login(s.proxy.port, b"tenant", b"tpw");
+    let got = narrow.call(set_victim);
+    assert!(
+        got.starts_with(b"-ERR The user executing the script can't access"),
+        "{}",
+        text(&got)
+    );
+    let mut w = login(wide.port, b"tenant", b"tpw");
+    assert_eq!(w.call(set_victim), b"+OK\r\n");
+    let mut fresh = login(s.proxy.port, b"tenant", b"tpw");
+    for c in [&mut narrow, &mut fresh] {
+        let got = c.call(set_victim);
+        assert!(
+            got.starts_with(b"-ERR The user executing the script can't access"),
+            "{}",
+            text(&got)
+        );
+    }
 }
 
 /// When slotgate's own shard user may not manage ACL users, a restricted user's script is
@@ -308,4 +393,29 @@ fn scripts_are_refused_when_the_users_rights_cannot_be_set_on_the_shard() {
     );
     assert_eq!(t.call(&[b"SET", b"tenantA:1", b"v"]), b"+OK\r\n");
     assert_eq!(c.call(&[b"GET", b"victim"]), b"$-1\r\n");
+    // The refused mirror is not retried while nobody asks for it (it used to reconnect 20
+    // times a second, forever).
+    let connections = |c: &mut RawConn| -> u64 {
+        let info = text(&c.call(&[b"INFO", b"stats"]));
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap()
+    };
+    let before = connections(&mut c);
+    // Needed: proving that nothing reconnects takes an interval without requests.
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let after = connections(&mut c);
+    assert!(
+        after <= before + 1,
+        "{} new connections to the shard while idle",
+        after - before
+    );
+    // A new script tries again (and is refused again).
+    let got = t.call(&[b"EVAL", b"return 1", b"0"]);
+    assert!(
+        got.starts_with(b"-NOPERM slotgate could not run"),
+        "{}",
+        text(&got)
+    );
 }

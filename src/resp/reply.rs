@@ -39,6 +39,12 @@ pub const NOPERM_KEYS: &[u8] =
 pub const MAX_CLIENTS: &[u8] = b"-ERR max number of clients reached\r\n";
 pub const SORT_BY_DENIED: &[u8] = b"-ERR BY option of SORT denied in Cluster mode when keys formed by the pattern may be in different slots.\r\n";
 pub const SORT_GET_DENIED: &[u8] = b"-ERR GET option of SORT denied in Cluster mode when keys formed by the pattern may be in different slots.\r\n";
+/// SORT's BY (with a `*`) and GET read keys no key spec names: Redis refuses them to a user
+/// without access to every key.
+pub const SORT_BY_ACL: &[u8] =
+    b"-ERR BY option of SORT denied due to insufficient ACL permissions.\r\n";
+pub const SORT_GET_ACL: &[u8] =
+    b"-ERR GET option of SORT denied due to insufficient ACL permissions.\r\n";
 pub const COPY_OTHER_DB: &[u8] =
     b"-ERR Copying to another database is not allowed in cluster mode\r\n";
 
