@@ -37,6 +37,8 @@ pub enum GatherKind {
     },
     /// INFO: the shards' INFO texts, turned into the proxy's INFO by `build`.
     Info(InfoBuilder),
+    /// CONFIG GET on one shard, without the shard's secrets.
+    ConfigGet,
 }
 
 /// Builds the client's INFO reply from the shards' INFO replies.
@@ -138,6 +140,7 @@ impl Gather {
                 out.freeze()
             }
             GatherKind::Scan { shard, shards } => rewrite_scan(&parts[0], shard, shards),
+            GatherKind::ConfigGet => hide_secrets(&parts[0]),
             GatherKind::Same => match parts.iter().find(|p| **p != parts[0]) {
                 None => parts[0].clone(),
                 Some(_) => reply::error(
@@ -214,6 +217,59 @@ fn merge_in_order(parts: &[Bytes], positions: &[Vec<u32>], total: usize) -> Byte
 }
 
 /// `(element count, bytes after the header)` of an array reply.
+/// Parameters whose values are the shards' secrets (their password, replication and TLS key
+/// credentials): slotgate's clients are not the shards' administrators.
+const SECRET_PARAMETERS: &[&[u8]] = &[
+    b"requirepass",
+    b"masterauth",
+    b"masteruser",
+    b"tls-key-file-pass",
+    b"tls-client-key-file-pass",
+];
+
+/// A CONFIG GET reply (name/value pairs: an array, or a RESP3 map) without the secret
+/// parameters.
+fn hide_secrets(p: &Bytes) -> Bytes {
+    let Some(elems) = array_elements(p) else {
+        return p.clone();
+    };
+    let mut kept = Vec::with_capacity(elems.len());
+    for pair in elems.chunks(2) {
+        let name = bulk_text(&p[pair[0].0..pair[0].1]);
+        if !SECRET_PARAMETERS
+            .iter()
+            .any(|s| name.eq_ignore_ascii_case(s))
+        {
+            kept.extend_from_slice(pair);
+        }
+    }
+    if kept.len() == elems.len() {
+        return p.clone();
+    }
+    let mut out = BytesMut::with_capacity(p.len());
+    if p[0] == b'%' {
+        push_header(&mut out, b'%', kept.len() / 2);
+    } else {
+        push_header(&mut out, p[0], kept.len());
+    }
+    for (s, e) in kept {
+        out.extend_from_slice(&p[s..e]);
+    }
+    out.freeze()
+}
+
+/// The text of a bulk or simple string reply (empty for anything else).
+fn bulk_text(f: &[u8]) -> &[u8] {
+    match f.first() {
+        Some(b'$') => f
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(&[][..], |i| &f[i + 1..f.len().saturating_sub(2)]),
+        Some(b'+') => &f[1..f.len().saturating_sub(2)],
+        _ => &[],
+    }
+}
+
 fn array_body(p: &[u8]) -> Option<(usize, &[u8])> {
     if p.first() != Some(&b'*') && p.first() != Some(&b'~') {
         return None;

@@ -146,7 +146,12 @@ impl Session {
             {
                 self.reply_static(reply::CLUSTER_DISABLED)
             }
-            // COMMAND …, CONFIG GET, and HELP texts: the shards' own answer.
+            "config|get" => self.gather(
+                GatherKind::ConfigGet,
+                &[(0, Bytes::copy_from_slice(req.raw))],
+                now,
+            ),
+            // COMMAND …, and HELP texts: the shards' own answer.
             _ => self.forward(0, req.raw, now),
         }
     }

@@ -419,3 +419,32 @@ fn scripts_are_refused_when_the_users_rights_cannot_be_set_on_the_shard() {
         text(&got)
     );
 }
+
+/// CONFIG GET answers with the first shard's configuration, minus the shards' secrets: their
+/// password (from which mirror passwords are derived) and replication/TLS credentials.
+#[test]
+fn config_get_does_not_show_the_shards_secrets() {
+    let shard =
+        RedisServer::start_with(&["--requirepass", "shardsecret", "--masterauth", "replsecret"]);
+    let s = setup("[upstream]\npassword = \"shardsecret\"\n", vec![shard]);
+    for (user, pw) in [(&b"default"[..], &b"adminpw"[..]), (b"reader", b"rpw")] {
+        for proto in [&b"2"[..], b"3"] {
+            let mut c = RawConn::connect(s.proxy.port);
+            let hello = c.call(&[b"HELLO", proto, b"AUTH", user, pw]);
+            assert!(!hello.starts_with(b"-"), "{}", text(&hello));
+            for pattern in [&b"requirepass"[..], b"masterauth", b"*", b"*pass*"] {
+                let got = text(&c.call(&[b"CONFIG", b"GET", pattern]));
+                assert!(
+                    !got.contains("secret"),
+                    "CONFIG GET {}: {got}",
+                    text(pattern)
+                );
+            }
+            let got = text(&c.call(&[b"CONFIG", b"GET", b"maxmemory-policy", b"requirepass"]));
+            assert!(
+                got.contains("noeviction") && !got.contains("requirepass"),
+                "{got}"
+            );
+        }
+    }
+}

@@ -277,16 +277,22 @@ pub fn reply_integer(frame: &[u8]) -> Option<i64> {
     super::request::parse_i64(&frame[1..frame.len() - 2])
 }
 
-/// Splits an array reply (`*n` or a RESP3 set/push header) into its top-level elements'
-/// byte ranges; `None` if `frame` is not an aggregate. Elements may themselves be aggregates.
+/// Splits an array reply (`*n`, a RESP3 set or push, or a RESP3 map: keys and values in
+/// turn) into its top-level elements' byte ranges; `None` if `frame` is not an aggregate.
+/// Elements may themselves be aggregates.
 pub fn array_elements(frame: &[u8]) -> Option<Vec<(usize, usize)>> {
-    if frame.is_empty() || !matches!(frame[0], b'*' | b'~') {
+    if frame.is_empty() || !matches!(frame[0], b'*' | b'~' | b'%') {
         return None;
     }
     let (n, mut pos) = line_int(frame, 1).ok()??;
     if n < 0 {
         return Some(Vec::new());
     }
+    let n = if frame[0] == b'%' {
+        n.checked_mul(2)?
+    } else {
+        n
+    };
     let mut out = Vec::with_capacity((n as usize).min(1024));
     let mut sc = ReplyScanner::new();
     for _ in 0..n {
