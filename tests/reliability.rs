@@ -417,12 +417,19 @@ fn rss_mib(pid: u32) -> u64 {
 /// at 2 (the default is 60) and with a hard limit below what the client has in flight.
 #[test]
 fn a_client_that_never_reads_is_closed_at_its_output_limit_and_memory_returns() {
-    for (limit, why) in [("256mb 64mb 2", "soft"), ("32mb 0 0", "hard")] {
-        unread_gets_of_one_mib(limit, why);
+    // 150 MiB of replies: over the soft limit, under the hard one, so only the soft limit's
+    // seconds close the client; 3,000 MiB: the hard limit does (the default one, whose
+    // 256 MiB must also be given back, and a small one).
+    for (limit, gets, why) in [
+        ("256mb 64mb 2", 150, "soft"),
+        ("256mb 64mb 60", 3_000, "default"),
+        ("32mb 0 0", 3_000, "hard"),
+    ] {
+        unread_gets_of_one_mib(limit, gets, why);
     }
 }
 
-fn unread_gets_of_one_mib(limit: &str, why: &str) {
+fn unread_gets_of_one_mib(limit: &str, gets: usize, why: &str) {
     let shard = RedisServer::start();
     let dir = std::env::temp_dir();
     let tag = format!("{}-{why}", std::process::id());
@@ -441,8 +448,12 @@ fn unread_gets_of_one_mib(limit: &str, why: &str) {
     assert_eq!(c.call(&[b"GET", b"mib"]).len(), value.len() + 12);
     let base = rss_mib(proxy.pid());
     let mut hog = proxy.raw();
-    assert_eq!(connected_clients(&mut c), 2);
-    hog.send(&resp(&[b"GET", b"mib"]).repeat(3_000));
+    // (The proxy registers a client once its worker has taken the connection.)
+    support::wait_until("the hog to be registered", Duration::from_secs(5), || {
+        connected_clients(&mut c) == 2
+    });
+    let sent = Instant::now();
+    hog.send(&resp(&[b"GET", b"mib"]).repeat(gets));
     // Never read; watch RSS until slotgate has closed the connection (its client count).
     let mut peak = base;
     support::wait_until(
@@ -453,6 +464,13 @@ fn unread_gets_of_one_mib(limit: &str, why: &str) {
             connected_clients(&mut c) == 1
         },
     );
+    if why == "soft" {
+        assert!(
+            sent.elapsed() >= Duration::from_secs(2),
+            "closed after {:?}, before the soft limit's 2 s",
+            sent.elapsed()
+        );
+    }
     drop(hog);
     let left = Instant::now();
     assert!(
