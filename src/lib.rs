@@ -9,8 +9,9 @@
 //! Modules are layered; each uses only its own layer and those below (`tests/layers.rs` checks
 //! it), lowest first: wire and utilities (`resp`, `netio`, `notify`, `metrics`, `router`,
 //! `units`, `tls`) · data (`command`, `auth`) · `fanout` · `queue` · `shard` · proxy logic and
-//! worker state (`readthrough`, `settings`, `worker`) · the client connection (`session`,
-//! `local`, `pinned`, `pubsub`) · the process (`server`, `admin`, `config`).
+//! worker state (`readthrough`, `settings`, `worker`) · the client connection (`session`, with
+//! `session::local`, `session::pinned`, `session::pubsub`) · the process (`server`, `admin`,
+//! `config`).
 //!
 //! - [`config`]: `proxy.toml` + CLI flags → validated [`settings::Settings`] (`--check-config`);
 //!   [`units`] parses durations and sizes.
@@ -18,7 +19,7 @@
 //!   runs a single-threaded runtime with its own shard connections, so a request never leaves
 //!   the thread that read it. [`worker`] holds what workers share and each worker's own state.
 //! - [`session`]: one client connection: read a burst, parse, route, write ready replies in
-//!   request order with one syscall. [`local`] holds the commands the proxy answers itself.
+//!   request order with one syscall. [`session::local`] holds the commands the proxy answers itself.
 //! - [`resp`]: the bounded, resumable request parser (multibulk + inline, Redis's exact
 //!   protocol errors), the resumable reply framer for RESP2/RESP3, and the proxy's own replies
 //!   (the only place error strings are spelled).
@@ -34,9 +35,9 @@
 //! - [`readthrough`]: rules (prefix → HTTP origin), the miss path, single-flight across
 //!   workers, no-stale-set, negative entries, stale-while-revalidate; [`readthrough::origin`]
 //!   is the hyper HTTP/1.1 client.
-//! - [`pinned`]: transactions and blocking commands on dedicated upstream connections, with
+//! - [`session::pinned`]: transactions and blocking commands on dedicated upstream connections, with
 //!   the client's order kept when it switches between shared and dedicated connections.
-//! - [`pubsub`]: subscriptions on dedicated subscriber connections (classic channels on the
+//! - [`session::pubsub`]: subscriptions on dedicated subscriber connections (classic channels on the
 //!   first shard, sharded channels by slot), confirmations in reply order, messages as they
 //!   arrive.
 //! - [`netio`]: socket reads and writes on the hot path (plain TCP: tokio's readiness, rustix
@@ -71,12 +72,9 @@ pub mod auth;
 pub mod command;
 pub mod config;
 pub mod fanout;
-pub mod local;
 pub mod metrics;
 pub mod netio;
 pub mod notify;
-pub mod pinned;
-pub mod pubsub;
 pub mod queue;
 pub mod readthrough;
 pub mod resp;

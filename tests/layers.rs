@@ -22,8 +22,9 @@ const LAYERS: &[&[&str]] = &[
     &["shard"],
     // Proxy logic above the shards, the settings and a worker's state.
     &["readthrough", "settings", "worker"],
-    // The client connection (`impl Session` spans these files).
-    &["session", "local", "pinned", "pubsub"],
+    // The client connection (`session/`: the loop, local answers, transactions and blocking
+    // commands, pub/sub).
+    &["session"],
     // Process: listeners, workers, admin endpoint, configuration.
     &["server", "admin", "config"],
 ];

@@ -7,6 +7,10 @@
 //! `max_client_pipeline` commands in flight per client; beyond that the session stops reading
 //! until replies drain, so a client that pipelines without reading costs bounded memory.
 
+pub mod local;
+pub mod pinned;
+pub mod pubsub;
+
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -94,18 +98,18 @@ pub struct Session {
     /// Commands dispatched, for sampling one in `metrics::SAMPLE_EVERY`.
     dispatched: u64,
     /// An open MULTI (see `pinned`).
-    pub(crate) tx: Option<crate::pinned::Tx>,
+    pub(crate) tx: Option<crate::session::pinned::Tx>,
     /// WATCHed keys outside MULTI: their dedicated connection and slot.
     pub(crate) watch: Option<(crate::shard::Dedicated, u16)>,
     /// The dedicated connection of a blocking command in flight.
     pub(crate) blocked: Option<crate::shard::Dedicated>,
     /// A command waiting until nothing is in flight (switching between shared and dedicated
     /// connections keeps the client's order).
-    deferred: Option<crate::pinned::Deferred>,
+    deferred: Option<crate::session::pinned::Deferred>,
     /// Whether the last forwarded command used a dedicated connection.
     on_dedicated: Lane,
     /// Pub/sub subscriptions and their subscriber connections.
-    pub(crate) subs: crate::pubsub::Subs,
+    pub(crate) subs: crate::session::pubsub::Subs,
     /// CLIENT KILL from another session.
     pub(crate) kill: Arc<tokio::sync::Notify>,
     /// QUIT or a protocol error: write what is queued, then close.
@@ -219,7 +223,7 @@ where
         blocked: None,
         deferred: None,
         on_dedicated: Lane::Shared,
-        subs: crate::pubsub::Subs::default(),
+        subs: crate::session::pubsub::Subs::default(),
         kill: Arc::new(tokio::sync::Notify::new()),
         w,
     };
@@ -674,7 +678,7 @@ impl Session {
             && (self.tx.is_some() || self.watch.is_some() || self.subscribed());
         if dedicated != self.on_dedicated || self.blocked.is_some() || resets_pinned {
             if self.queue.waiting() > 0 {
-                self.deferred = Some(crate::pinned::Deferred::from(req));
+                self.deferred = Some(crate::session::pinned::Deferred::from(req));
                 return;
             }
             self.on_dedicated = dedicated;
@@ -700,7 +704,7 @@ impl Session {
             return self.tx_queue(spec, req, now);
         }
         if self.proto == Proto::Resp2 && self.subscribed() {
-            if !crate::pubsub::allowed_while_subscribed(spec.name) {
+            if !crate::session::pubsub::allowed_while_subscribed(spec.name) {
                 return self.reply(reply::error(&format!(
                     "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
                     spec.name

@@ -78,7 +78,8 @@ impl Session {
     pub(crate) fn wants_dedicated(&self, spec: &CommandSpec, req: &Request<'_>) -> bool {
         self.tx.is_some()
             || matches!(spec.route, Route::Transaction | Route::Blocking)
-            || (spec.route == Route::PubSub && crate::pubsub::changes_subscriptions(spec.name))
+            || (spec.route == Route::PubSub
+                && crate::session::pubsub::changes_subscriptions(spec.name))
             || (spec.has(crate::command::flags::BLOCKING) && crate::session::has_block_option(req))
     }
 
