@@ -6,6 +6,7 @@
 //! answers itself ([`Route::Local`]).
 
 pub mod keys;
+pub mod policy;
 mod table;
 
 pub use table::COMMANDS;

@@ -80,7 +80,8 @@ impl Session {
             || matches!(spec.route, Route::Transaction | Route::Blocking)
             || (spec.route == Route::PubSub
                 && crate::session::pubsub::changes_subscriptions(spec.name))
-            || (spec.has(crate::command::flags::BLOCKING) && crate::session::has_block_option(req))
+            || (spec.has(crate::command::flags::BLOCKING)
+                && crate::command::policy::has_block_option(req))
     }
 
     /// Flags the open transaction after a queuing error (unknown command, arity, CROSSSLOT…).
