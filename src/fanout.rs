@@ -194,29 +194,42 @@ impl Gather {
 
 /// Places each part's array elements at their original key positions.
 fn merge_in_order(parts: &[Bytes], positions: &[Vec<u32>], total: usize) -> Bytes {
-    let mut elems: Vec<&[u8]> = vec![&[]; total];
-    let mut len = 0;
-    for (p, pos) in parts.iter().zip(positions) {
-        let Some(ranges) = array_elements(p) else {
-            return unexpected(p);
-        };
-        if ranges.len() != pos.len() {
-            return unexpected(p);
-        }
-        for (&(s, e), &i) in ranges.iter().zip(pos) {
-            elems[i as usize] = &p[s..e];
-            len += e - s;
-        }
-    }
+    let order = match order_elements(parts, positions, total) {
+        Ok(o) => o,
+        Err(e) => return e,
+    };
+    let len: usize = order.iter().map(|&(_, s, e)| e - s).sum();
     let mut out = BytesMut::with_capacity(len + 16);
     push_header(&mut out, b'*', total);
-    for e in elems {
-        out.extend_from_slice(e);
+    for (p, s, e) in order {
+        out.extend_from_slice(&parts[p][s..e]);
     }
     out.freeze()
 }
 
-/// `(element count, bytes after the header)` of an array reply.
+/// Where each of the `total` keys' elements is, in the client's key order: `(part, start,
+/// end)` in that part's array reply, whose elements belong to the keys at `positions[part]`.
+/// `Err` with the reply when a part is not an array of as many elements as its keys.
+pub fn order_elements(
+    parts: &[Bytes],
+    positions: &[Vec<u32>],
+    total: usize,
+) -> Result<Vec<(usize, usize, usize)>, Bytes> {
+    let mut order = vec![(0, 0, 0); total];
+    for (part, (p, pos)) in parts.iter().zip(positions).enumerate() {
+        let Some(ranges) = array_elements(p) else {
+            return Err(unexpected(p));
+        };
+        if ranges.len() != pos.len() {
+            return Err(unexpected(p));
+        }
+        for (&(s, e), &i) in ranges.iter().zip(pos) {
+            order[i as usize] = (part, s, e);
+        }
+    }
+    Ok(order)
+}
+
 /// Parameters whose values are the shards' secrets (their password, replication and TLS key
 /// credentials): slotgate's clients are not the shards' administrators.
 const SECRET_PARAMETERS: &[&[u8]] = &[
@@ -270,6 +283,7 @@ fn bulk_text(f: &[u8]) -> &[u8] {
     }
 }
 
+/// `(element count, bytes after the header)` of an array reply.
 fn array_body(p: &[u8]) -> Option<(usize, &[u8])> {
     if p.first() != Some(&b'*') && p.first() != Some(&b'~') {
         return None;

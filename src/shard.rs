@@ -41,7 +41,7 @@ use tokio::time::Instant;
 
 use crate::queue::{Sink, SinkRef, Target};
 use crate::resp::reply::{self, Proto};
-use crate::resp::request::push_header;
+use crate::resp::request::push_command;
 use crate::resp::{ReplyScanner, ScanError};
 use crate::tls::UpstreamTls;
 
@@ -627,12 +627,7 @@ impl Upstream {
         }
         let mut out = BytesMut::new();
         for args in &cmds {
-            push_header(&mut out, b'*', args.len());
-            for a in args {
-                push_header(&mut out, b'$', a.len());
-                out.extend_from_slice(a);
-                out.extend_from_slice(b"\r\n");
-            }
+            push_command(&mut out, args);
         }
         Some((out, cmds.len()))
     }

@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use serde::Deserialize;
@@ -38,7 +38,7 @@ use tokio::sync::watch;
 
 use crate::queue::{ReplyQueue, Sink, SinkRef};
 use crate::resp::reply::{self, Proto};
-use crate::resp::request::push_header;
+use crate::resp::request::command;
 use crate::units::parse_duration;
 use crate::worker::Worker;
 use origin::{Fetched, OriginError, UrlTemplate};
@@ -526,18 +526,6 @@ const GET_PTTL: &str = "return {redis.call('GET',KEYS[1]),redis.call('PTTL',KEYS
 const CAS_SET: &str = "if redis.call('GET',KEYS[1])==ARGV[1] then \
      return redis.call('SET',KEYS[1],ARGV[2],'PX',ARGV[3]) else return 0 end";
 
-/// Encodes a command as a RESP multibulk.
-pub fn command(args: &[&[u8]]) -> Bytes {
-    let mut b = BytesMut::with_capacity(16 + args.iter().map(|a| a.len() + 16).sum::<usize>());
-    push_header(&mut b, b'*', args.len());
-    for a in args {
-        push_header(&mut b, b'$', a.len());
-        b.extend_from_slice(a);
-        b.extend_from_slice(b"\r\n");
-    }
-    b.freeze()
-}
-
 /// The request a rule-owned GET sends to its shard: GET, or the value+PTTL script when the
 /// rule has a grace period.
 pub fn get_request(rule: &Rule, key: &[u8]) -> Option<Bytes> {
@@ -689,18 +677,20 @@ impl PendingMget {
         if let Some(e) = s.parts.iter().flatten().find(|p| p.first() == Some(&b'-')) {
             return s.queue.deliver(s.seq, 0, e.clone());
         }
-        let mut elems: Vec<Option<Bytes>> = vec![None; s.keys.len()];
-        for (p, pos) in s.parts.iter().zip(&s.positions) {
-            let Some(p) = p else { continue };
-            let Some(ranges) = crate::resp::scan::array_elements(p) else {
-                return s
-                    .queue
-                    .deliver(s.seq, 0, reply::error("ERR unexpected reply from shard"));
+        // Every part has arrived: the merge of any split MGET (with its length checks).
+        let parts: Vec<Bytes> = s
+            .parts
+            .iter()
+            .map(|p| p.clone().unwrap_or_default())
+            .collect();
+        let elems: Vec<Option<Bytes>> =
+            match crate::fanout::order_elements(&parts, &s.positions, s.keys.len()) {
+                Ok(order) => order
+                    .into_iter()
+                    .map(|(p, a, b)| Some(parts[p].slice(a..b)))
+                    .collect(),
+                Err(e) => return s.queue.deliver(s.seq, 0, e),
             };
-            for (&(a, b), &i) in ranges.iter().zip(pos) {
-                elems[i as usize] = Some(p.slice(a..b));
-            }
-        }
         let rules = &s.w.shared.readthrough.rules;
         let mut fills = Vec::new();
         for (i, e) in elems.iter().enumerate() {

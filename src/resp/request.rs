@@ -432,6 +432,25 @@ pub fn push_header(out: &mut BytesMut, kind: u8, n: usize) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Appends a command, as a client sends it (an array of bulk strings), to `out`: the one
+/// RESP encoder of the proxy's own requests (read-through stores, shard handshakes).
+pub fn push_command(out: &mut BytesMut, args: &[&[u8]]) {
+    out.reserve(16 + args.iter().map(|a| a.len() + 16).sum::<usize>());
+    push_header(out, b'*', args.len());
+    for a in args {
+        push_header(out, b'$', a.len());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// A command as a client sends it (see [`push_command`]).
+pub fn command(args: &[&[u8]]) -> bytes::Bytes {
+    let mut b = BytesMut::new();
+    push_command(&mut b, args);
+    b.freeze()
+}
+
 /// `sdssplitargs`: whitespace-separated words, `"…"` with C escapes and `\xHH`, `'…'` with
 /// only `\'`. A closing quote must be followed by whitespace or the end. `None` on unbalanced
 /// quotes.

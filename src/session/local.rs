@@ -215,7 +215,7 @@ impl Session {
             m.finish()
         };
         let shard = self.w.shared.settings.slot_map.shard_of(&key);
-        let raw = crate::readthrough::command(&[b"PTTL", &key]);
+        let raw = crate::resp::request::command(&[b"PTTL", &key]);
         self.gather(GatherKind::Info(Box::new(build)), &[(shard, raw)], now);
     }
 

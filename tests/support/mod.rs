@@ -548,11 +548,5 @@ pub fn crc16(data: &[u8]) -> u16 {
 
 /// Encodes a command as a RESP2 multibulk.
 pub fn resp(args: &[&[u8]]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
-    }
-    out
+    slotgate::resp::request::command(args).to_vec()
 }
