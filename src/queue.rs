@@ -531,3 +531,167 @@ impl OutputLimit {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fanout::{Gather, GatherKind};
+    use crate::resp::reply::Proto;
+
+    fn drain(q: &ReplyQueue) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        q.drain_ready(&mut out, usize::MAX);
+        out.to_vec()
+    }
+
+    fn client(q: &Rc<ReplyQueue>, seq: u64) -> Target {
+        Target::Client {
+            queue: q.clone(),
+            seq,
+            part: 0,
+        }
+    }
+
+    #[test]
+    fn replies_leave_in_request_order_whatever_order_they_arrive_in() {
+        let q = ReplyQueue::new();
+        let a = q.push_waiting(Slot::Waiting);
+        q.push_ready(Bytes::from_static(b"+local\r\n"));
+        let b = q.push_waiting(Slot::Waiting);
+        client(&q, b).deliver(Bytes::from_static(b":2\r\n"));
+        assert_eq!(drain(&q), b"", "the first reply is not there yet");
+        client(&q, a).deliver(Bytes::from_static(b":1\r\n"));
+        assert_eq!(drain(&q), b":1\r\n+local\r\n:2\r\n");
+        assert!(q.is_empty() && q.out_bytes() == 0);
+        // A late or duplicate delivery to a written slot is ignored.
+        client(&q, a).deliver(Bytes::from_static(b":9\r\n"));
+        assert_eq!(drain(&q), b"");
+    }
+
+    #[test]
+    fn a_split_command_is_one_reply_once_every_part_is_in() {
+        let q = ReplyQueue::new();
+        let g = Gather::new(GatherKind::SumIntegers, 2, Proto::Resp2);
+        let seq = q.push_waiting(Slot::Gather(Box::new(g)));
+        q.deliver(seq, 1, Bytes::from_static(b":3\r\n"));
+        assert_eq!(drain(&q), b"");
+        q.deliver(seq, 0, Bytes::from_static(b":4\r\n"));
+        assert_eq!(drain(&q), b":7\r\n");
+    }
+
+    #[test]
+    fn a_large_reply_is_written_in_pieces_without_a_copy_of_the_rest() {
+        let q = ReplyQueue::new();
+        q.push_ready(Bytes::from(vec![b'x'; 10]));
+        q.push_ready(Bytes::from_static(b"+OK\r\n"));
+        let mut out = BytesMut::new();
+        assert_eq!(q.drain_ready(&mut out, 4), 0, "the first reply is cut");
+        assert_eq!(&out[..], b"xxxx");
+        assert_eq!(q.out_bytes(), 6 + 5);
+        out.clear();
+        assert_eq!(q.drain_ready(&mut out, 100), 2);
+        assert_eq!(&out[..], b"xxxxxx+OK\r\n");
+        assert_eq!(q.out_bytes(), 0);
+    }
+
+    #[test]
+    fn timed_out_requests_keep_counting_until_their_late_reply() {
+        let q = ReplyQueue::new();
+        let seq = q.push_waiting(Slot::Waiting);
+        let ghost = client(&q, seq).expire(Bytes::from_static(b"-ERR outcome unknown\r\n"));
+        assert_eq!(drain(&q), b"-ERR outcome unknown\r\n");
+        assert!(!q.has_room(1), "the abandoned request still counts");
+        assert!(q.has_room(2));
+        ghost.deliver(Bytes::from(vec![b'v'; 100]));
+        assert!(q.has_room(1), "its late reply was read and dropped");
+        assert_eq!(drain(&q), b"");
+    }
+
+    #[test]
+    fn replies_in_flight_are_bounded_by_their_expected_bytes() {
+        let q = ReplyQueue::new();
+        // Before any reply: a first window of requests.
+        for _ in 0..FIRST_WINDOW {
+            assert!(q.has_room(usize::MAX));
+            q.push_waiting(Slot::Waiting);
+        }
+        assert!(!q.has_room(usize::MAX));
+        // Replies of 4 MiB: the budget holds 8 of them.
+        let q = ReplyQueue::new();
+        let first = q.push_waiting(Slot::Waiting);
+        q.deliver(first, 0, Bytes::from(vec![b'v'; 4 << 20]));
+        drain(&q);
+        let mut n = 0;
+        while q.has_room(usize::MAX) {
+            q.push_waiting(Slot::Waiting);
+            n += 1;
+        }
+        assert_eq!(n, INFLIGHT_REPLY_BUDGET / (4 << 20));
+    }
+
+    #[test]
+    fn output_limits_close_a_client_over_the_hard_limit_or_too_long_over_the_soft_one() {
+        let q = ReplyQueue::new();
+        q.set_output_limit(OutputLimit {
+            hard: 100,
+            soft: 0,
+            soft_for: Duration::ZERO,
+        });
+        q.push_ready(Bytes::from(vec![b'x'; 99]));
+        assert!(!q.must_close());
+        q.push_ready(Bytes::from_static(b"+"));
+        assert!(q.must_close() && q.overflowed());
+
+        let q = ReplyQueue::new();
+        q.set_output_limit(OutputLimit {
+            hard: 0,
+            soft: 10,
+            soft_for: Duration::from_secs(3600),
+        });
+        q.push_ready(Bytes::from(vec![b'x'; 20]));
+        assert!(
+            q.soft_deadline().is_some(),
+            "over the soft limit: the clock runs"
+        );
+        assert!(!q.must_close(), "not for long enough");
+        drain(&q);
+        assert!(
+            q.soft_deadline().is_none(),
+            "back under it: the clock stops"
+        );
+
+        let q = ReplyQueue::new();
+        q.set_output_limit(OutputLimit {
+            hard: 0,
+            soft: 10,
+            soft_for: Duration::ZERO,
+        });
+        q.push_ready(Bytes::from(vec![b'x'; 20]));
+        std::thread::sleep(Duration::from_millis(2));
+        q.check_soft_limit();
+        assert!(
+            q.must_close(),
+            "over the soft limit for longer than allowed"
+        );
+    }
+
+    #[test]
+    fn a_sink_request_is_delivered_once_or_released_when_dropped() {
+        #[derive(Default)]
+        struct Seen(RefCell<Vec<String>>);
+        impl Sink for Seen {
+            fn deliver(self: Rc<Self>, idx: u32, reply: Bytes) {
+                self.0
+                    .borrow_mut()
+                    .push(format!("{idx}:{}", String::from_utf8_lossy(&reply)));
+            }
+            fn release(&self, idx: u32) {
+                self.0.borrow_mut().push(format!("{idx}:released"));
+            }
+        }
+        let seen = Rc::new(Seen::default());
+        Target::Sink(SinkRef::new(seen.clone(), 1)).deliver(Bytes::from_static(b"a"));
+        drop(Target::Sink(SinkRef::new(seen.clone(), 2)));
+        assert_eq!(*seen.0.borrow(), ["1:a", "2:released"]);
+    }
+}
