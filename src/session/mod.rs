@@ -7,19 +7,17 @@
 //! `max_client_pipeline` commands in flight per client; beyond that the session stops reading
 //! until replies drain, so a client that pipelines without reading costs bounded memory.
 
+mod conn;
 pub mod local;
 pub mod pinned;
 pub mod pubsub;
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::rc::Rc;
 
-use bytes::{Buf, Bytes, BytesMut};
-use std::future::Future;
+use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -39,7 +37,6 @@ use crate::command::{
 };
 use crate::fanout::{Gather, GatherKind};
 use crate::netio::{PlainRead, PlainWrite, ReadSide, WriteSide};
-use crate::notify::FlagWaker;
 use crate::queue::{ReplyQueue, SinkRef, Slot, Target};
 use crate::resp::reply::{self, Proto};
 use crate::resp::request::push_header;
@@ -187,7 +184,7 @@ impl Drop for ClientPlace {
 }
 
 /// The read/parse/route/write loop of one connection, over any byte stream.
-async fn serve<R, W>(mut rd: R, mut wr: W, w: Rc<Worker>, addr: SocketAddr, laddr: SocketAddr)
+async fn serve<R, W>(rd: R, mut wr: W, w: Rc<Worker>, addr: SocketAddr, laddr: SocketAddr)
 where
     R: ReadSide,
     W: WriteSide,
@@ -236,30 +233,6 @@ where
     }
     s.queue.set_output_limit(settings.obuf_normal);
     s.register();
-    let limits = Limits {
-        max_bulk_len: settings.proto_max_bulk_len,
-        ..Limits::default()
-    };
-    let qbuf_limit = settings.client_query_buffer_limit;
-    let idle_timeout = settings.idle_timeout;
-    // The idle timer, when one is configured (re-armed whenever the client is idle).
-    let mut idle_sleep = idle_timeout.map(|d| Box::pin(tokio::time::sleep(d)));
-    let mut parser = RequestParser::new();
-    // The session's own buffers stay empty (unallocated) while it keeps up: reads go into the
-    // worker's read scratch, commands are parsed and dispatched straight from there, and only
-    // the bytes of a partial command are copied here (Redis's shared query buffer does the
-    // same); replies are gathered in the worker's write scratch and only what the socket does
-    // not take at once is kept here. So 10,000 idle clients cost no buffers, and a request
-    // costs no reference counting of a shared buffer.
-    let mut rbuf = BytesMut::new();
-    // The last read went into the worker's read scratch (not yet parsed).
-    let mut in_scratch = false;
-    let mut out = BytesMut::new();
-    // A TLS flush did not complete: it is polled again in the wait.
-    let mut flushing = false;
-    let mut soft_sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-    let w = s.w.clone();
-    let mut eof = false;
     // CLIENT KILL comes from any worker thread (tokio's `Notify`). A small task waits for it and
     // flags this session's own queue, so the loop polls nothing thread-safe per turn (polling
     // a `Notified` takes its lock: about 180 instructions per GET in callgrind).
@@ -270,274 +243,9 @@ where
             queue.mark_killed();
         }))
     };
-    // Read readiness is registered with a waker that flags its wake-ups; `read_armed` says a
-    // read returned Pending, so its interest is registered and only the flag can change that.
-    let task = std::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
-    let (read_flag, read_waker) = FlagWaker::new(task.clone());
-    let mut read_armed = false;
-    // Reads that returned input since the read last had to wait.
-    let mut reads_in_a_row = 0u32;
-    loop {
-        let bounded = if in_scratch {
-            in_scratch = false;
-            let mut sc = w.read_scratch.borrow_mut();
-            let (used, bounded) = s.process(&mut parser, &sc, &limits);
-            if used < sc.len() {
-                // A partial command (or commands past the pipeline bound) stays with the
-                // session; the scratch is the next reader's.
-                rbuf.extend_from_slice(&sc[used..]);
-            }
-            sc.clear();
-            bounded
-        } else if !rbuf.is_empty() || s.deferred.is_some() || s.blocked.is_some() || s.barrier {
-            // (Parsing also ends a barrier, a deferred command and a finished blocking one.)
-            let (used, bounded) = s.process(&mut parser, &rbuf, &limits);
-            rbuf.advance(used);
-            bounded
-        } else {
-            // Nothing to parse and nothing held back (woken by a reply): skip the call.
-            // (Every state `process` ends must be in the condition above.)
-            false
-        };
-        if rbuf.len() > qbuf_limit {
-            tracing::warn!(
-                client = s.id,
-                "closing client that reached max query buffer length"
-            );
-            break;
-        }
-        if s.queue.must_close() {
-            // CLIENT KILL, a lost subscriber connection (the client reconnects and
-            // resubscribes), or the output buffer limit.
-            s.log_close();
-            break;
-        }
-        // Write what is ready: first what the socket did not take last time (`out`), then
-        // replies from the queue through the worker's scratch, at most `WRITE_CHUNK` at a
-        // time (larger replies stay in the queue, uncopied, until the socket takes them), for
-        // as long as the socket takes everything. What it does not take stays in `out`, which
-        // the wait below writes as the socket drains, while the session goes on reading and
-        // dispatching as Redis does: a client that does not read is closed by its output
-        // buffer limit, never waited on.
-        let mut wrote = false;
-        let mut write_failed = false;
-        if !out.is_empty() {
-            match wr.poll_write_now(&mut Context::from_waker(&task), &out) {
-                Poll::Ready(Ok(n)) => {
-                    out.advance(n);
-                    s.queue.sub_out_bytes(n);
-                    wrote = n > 0;
-                }
-                Poll::Ready(Err(_)) => write_failed = true,
-                Poll::Pending => {}
-            }
-        }
-        let mut turn_bytes = 0;
-        while out.is_empty() && !write_failed {
-            let mut sc = w.write_scratch.borrow_mut();
-            let n = s.queue.drain_ready(&mut sc, WRITE_CHUNK);
-            s.queue.drain_pushes(&mut sc);
-            if n > 0 && !s.sampled.is_empty() {
-                s.record_latencies();
-            }
-            if sc.is_empty() {
-                break;
-            }
-            wrote = true;
-            let chunk = sc.len();
-            turn_bytes += chunk;
-            match wr.poll_write_now(&mut Context::from_waker(&task), &sc) {
-                Poll::Ready(Ok(n)) => out.extend_from_slice(&sc[n..]),
-                Poll::Ready(Err(_)) => write_failed = true,
-                Poll::Pending => out.extend_from_slice(&sc),
-            }
-            sc.clear();
-            if sc.capacity() > KEEP_BUF {
-                *sc = BytesMut::new();
-            }
-            if !out.is_empty() {
-                // Still the client's output buffer until the socket takes it.
-                s.queue.add_out_bytes(out.len());
-                break;
-            }
-            // Less than a chunk: the drain stopped at a reply not ready yet.
-            if chunk < WRITE_CHUNK || !s.queue.front_ready() {
-                break;
-            }
-            if turn_bytes >= TURN_WRITE_MAX {
-                // More is ready for a fast reader: continue after the worker's other tasks.
-                s.queue.notify.notify_one();
-                reads_in_a_row = READS_BEFORE_YIELD;
-                break;
-            }
-        }
-        if out.is_empty() && out.capacity() > 0 {
-            out = BytesMut::new();
-        }
-        if wrote || flushing {
-            // A no-op on plain TCP; pushes TLS records out.
-            match Pin::new(&mut wr).poll_flush(&mut Context::from_waker(&task)) {
-                Poll::Ready(Ok(())) => flushing = false,
-                Poll::Ready(Err(_)) => write_failed = true,
-                Poll::Pending => flushing = true,
-            }
-        }
-        if write_failed || s.queue.must_close() {
-            s.log_close();
-            break;
-        }
-        if (s.closing || eof) && s.queue.is_empty() && out.is_empty() && !flushing {
-            break;
-        }
-        let room = s.queue.has_room(s.max_pipeline);
-        if bounded && room {
-            // Parsing stopped at the pipeline bound and the replies written since made room:
-            // the commands still buffered are parsed now, since the client may have sent
-            // everything and be waiting for them.
-            continue;
-        }
-        let can_read = !s.closing && !eof && !s.barrier && room;
-        if rbuf.is_empty() {
-            if rbuf.capacity() > 0 {
-                // Nothing partial is buffered: let go of the read buffer.
-                rbuf = BytesMut::new();
-            }
-        } else if can_read && rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
-            rbuf.reserve(READ_CHUNK);
-        }
-        if reads_in_a_row >= READS_BEFORE_YIELD {
-            // A client that always has more input must let the worker's other sessions run
-            // (tokio's reads spent its cooperative budget for this; `netio`'s do not). The
-            // read scratch is empty here.
-            reads_in_a_row = 0;
-            tokio::task::yield_now().await;
-        }
-        // Idle: nothing in flight and nothing read for `idle_timeout` (Redis's `timeout`;
-        // like Redis, it does not apply to subscribed clients).
-        let mut idle = match (idle_timeout, idle_sleep.as_mut()) {
-            (Some(d), Some(sleep)) if s.queue.is_empty() && out.is_empty() && !s.subscribed() => {
-                sleep.as_mut().reset(Instant::now() + d);
-                Some(sleep)
-            }
-            _ => None,
-        };
-        // A client that is not keeping up with its replies and is over the soft output limit
-        // is closed once that has lasted too long, even if nothing else happens meanwhile.
-        let mut soft = if out.is_empty() {
-            None
-        } else {
-            soft_timer(&s.queue, &mut soft_sleep)
-        };
-        // Wait for a reply (the queue's notify), input, room in the client's socket, or the
-        // idle timeout. The read is polled only when it may have become ready: see
-        // `FlagWaker`.
-        let woke = std::future::poll_fn(|cx| {
-            if s.queue.notify.poll_notified(cx).is_ready() {
-                return Poll::Ready(Wake::Queue);
-            }
-            if !out.is_empty() {
-                match wr.poll_write_now(cx, &out) {
-                    Poll::Ready(Ok(n)) => {
-                        out.advance(n);
-                        s.queue.sub_out_bytes(n);
-                        return Poll::Ready(Wake::Wrote);
-                    }
-                    Poll::Ready(Err(_)) => return Poll::Ready(Wake::WriteFailed),
-                    Poll::Pending => {}
-                }
-            } else if flushing {
-                match Pin::new(&mut wr).poll_flush(cx) {
-                    Poll::Ready(Ok(())) => {
-                        flushing = false;
-                        return Poll::Ready(Wake::Wrote);
-                    }
-                    Poll::Ready(Err(_)) => return Poll::Ready(Wake::WriteFailed),
-                    Poll::Pending => {}
-                }
-            }
-            if let Some(sleep) = &mut soft
-                && sleep.as_mut().poll(cx).is_ready()
-            {
-                s.queue.check_soft_limit();
-                return Poll::Ready(Wake::Queue);
-            }
-            if can_read && (!read_armed || read_flag.take()) {
-                let mut rcx = Context::from_waker(&read_waker);
-                let polled = if rbuf.is_empty() {
-                    // Into the worker's scratch, parsed from there at the top of the loop
-                    // (no other session runs in between: the scratch is empty again by then).
-                    let mut sc = w.read_scratch.borrow_mut();
-                    // Always empty here; cleared anyway, so that no bytes of one client can
-                    // ever be read as another's.
-                    debug_assert!(sc.is_empty());
-                    sc.clear();
-                    if sc.capacity() < SCRATCH {
-                        sc.reserve(SCRATCH);
-                    }
-                    let polled = rd.poll_read_vec(&mut rcx, &mut sc);
-                    in_scratch = !sc.is_empty();
-                    polled
-                } else {
-                    rd.poll_read_bytes(&mut rcx, &mut rbuf)
-                };
-                match polled {
-                    Poll::Ready(r) => {
-                        read_armed = false;
-                        return Poll::Ready(Wake::Read(r));
-                    }
-                    Poll::Pending => {
-                        read_armed = true;
-                        reads_in_a_row = 0;
-                    }
-                }
-            }
-            if let Some(sleep) = &mut idle
-                && sleep.as_mut().poll(cx).is_ready()
-            {
-                return Poll::Ready(Wake::Idle);
-            }
-            Poll::Pending
-        })
-        .await;
-        match woke {
-            Wake::Queue | Wake::Wrote => {}
-            Wake::WriteFailed => break,
-            // The client closed its side: answer what it sent, then close — unless a blocking
-            // command is waiting (it may never return): then close now, which closes its
-            // dedicated connection and unblocks the shard.
-            Wake::Read(Ok(0)) if s.blocked.is_some() => break,
-            Wake::Read(Ok(0)) => eof = true,
-            Wake::Read(Ok(_)) => reads_in_a_row += 1,
-            Wake::Read(Err(_)) => break,
-            Wake::Idle => {
-                tracing::debug!(client = s.id, "closing idle client");
-                break;
-            }
-        }
-    }
-    // Replies still in flight are dropped as they arrive, and what is queued is freed now.
-    s.queue.close();
-    drop(out);
-    let _ = wr.shutdown().await;
+    let mut conn = conn::Conn::new(rd, wr, &s).await;
+    conn.run(&mut s).await;
     s.unregister();
-}
-
-/// The timer for the soft output limit, armed while the client's output is over it.
-#[cold]
-fn soft_timer<'a>(
-    queue: &ReplyQueue,
-    timer: &'a mut Option<Pin<Box<tokio::time::Sleep>>>,
-) -> Option<Pin<&'a mut tokio::time::Sleep>> {
-    let at = queue.soft_deadline()?;
-    match timer {
-        Some(sleep) => {
-            if sleep.deadline() != at {
-                sleep.as_mut().reset(at);
-            }
-        }
-        None => *timer = Some(Box::pin(tokio::time::sleep_until(at))),
-    }
-    timer.as_mut().map(|t| t.as_mut())
 }
 
 impl Session {
