@@ -5,7 +5,7 @@
 //! shard error such as `-ERR shard unavailable` or `-WRONGTYPE`) makes the whole reply that
 //! error, as Redis Cluster proxies do.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 
 use crate::command::Merge;
 use crate::resp::reply::{self, Proto};
@@ -143,9 +143,7 @@ impl Gather {
             GatherKind::ConfigGet => hide_secrets(&parts[0]),
             GatherKind::Same => match parts.iter().find(|p| **p != parts[0]) {
                 None => parts[0].clone(),
-                Some(_) => reply::error(
-                    "ERR shards disagree (the command was not applied the same everywhere)",
-                ),
+                Some(_) => reply::Failure::ShardsDisagree.to_reply(),
             },
             GatherKind::AndIntArrays => {
                 let mut acc: Option<Vec<bool>> = None;
@@ -316,7 +314,7 @@ fn rewrite_scan(p: &Bytes, shard: u64, shards: u64) -> Bytes {
             .and_then(|c| c.checked_add(shard))
         {
             Some(c) => c,
-            None => return reply::error("ERR shard cursor too large for the proxy to encode"),
+            None => return Bytes::from_static(reply::SCAN_CURSOR_TOO_LARGE),
         }
     };
     let mut buf = itoa::Buffer::new();
@@ -339,15 +337,7 @@ fn bulk_u64(frame: &[u8]) -> Option<u64> {
 
 /// A shard reply of an unexpected shape (should not happen with a real Redis).
 fn unexpected(p: &[u8]) -> Bytes {
-    let mut b = BytesMut::new();
-    b.put_slice(b"-ERR unexpected reply from shard: ");
-    b.extend(
-        p.iter()
-            .take(64)
-            .map(|&c| if c == b'\r' || c == b'\n' { b' ' } else { c }),
-    );
-    b.put_slice(b"\r\n");
-    b.freeze()
+    reply::Failure::UnexpectedReply(p).to_reply()
 }
 
 #[cfg(test)]

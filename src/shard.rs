@@ -525,11 +525,12 @@ impl Upstream {
                 // them.
                 Some(m) if refused => self.fail_all_with(
                     &why,
-                    reply::error(&format!(
-                        "NOPERM slotgate could not run this with the rights of user '{}' on shard {}: {why}",
-                        m.user,
-                        self.label
-                    )),
+                    reply::Failure::MirrorRefused {
+                        user: &m.user,
+                        shard: &self.label,
+                        why: &why,
+                    }
+                    .to_reply(),
                 ),
                 _ => self.fail_all(&why),
             }
@@ -870,7 +871,7 @@ impl Sink for OneShot {
     }
 
     fn release(&self, _idx: u32) {
-        *self.reply.borrow_mut() = Some(reply::error("ERR the request was dropped"));
+        *self.reply.borrow_mut() = Some(reply::Failure::Dropped.to_reply());
         self.done.notify_one();
     }
 }
@@ -1022,10 +1023,11 @@ impl DedicatedPool {
         }
         let (addr, cfg) = &self.shards[shard];
         if self.count.borrow()[shard] >= self.max {
-            return Err(reply::error(&format!(
-                "ERR too many dedicated connections (transactions and blocking commands) to shard {addr}: the limit is {} per worker",
-                self.max
-            )));
+            return Err(reply::Failure::TooManyDedicated {
+                shard: &addr.to_string(),
+                max: self.max,
+            }
+            .to_reply());
         }
         self.count.borrow_mut()[shard] += 1;
         let up = Upstream::start(*addr, proto, cfg.clone());

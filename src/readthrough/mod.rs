@@ -305,7 +305,8 @@ pub enum Outcome {
     Value(Bytes),
     Absent,
     /// The error reply (without `-` and CRLF).
-    Error(String),
+    /// The error reply (see [`reply::Failure::Origin`]).
+    Error(Bytes),
 }
 
 impl Outcome {
@@ -314,7 +315,7 @@ impl Outcome {
         match self {
             Outcome::Value(v) => reply::bulk(v),
             Outcome::Absent => Bytes::from_static(reply::null(proto)),
-            Outcome::Error(e) => reply::error(e),
+            Outcome::Error(e) => e.clone(),
         }
     }
 }
@@ -518,8 +519,6 @@ impl KeyBuf {
     }
 }
 
-const WRONGTYPE: &[u8] = b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n";
-
 /// The value+PTTL script: `{GET key, PTTL key}` in one round trip.
 const GET_PTTL: &str = "return {redis.call('GET',KEYS[1]),redis.call('PTTL',KEYS[1])}";
 /// Replaces the value only if it is still the one that was served.
@@ -604,7 +603,7 @@ impl PendingGet {
                 None if frame.starts_with(b"-WRONGTYPE") => {
                     return self
                         .queue
-                        .deliver(self.seq, 0, Bytes::from_static(WRONGTYPE));
+                        .deliver(self.seq, 0, Bytes::from_static(reply::WRONGTYPE));
                 }
                 // An error (shard unavailable…) or anything unexpected passes through.
                 None => return self.queue.deliver(self.seq, 0, frame),
@@ -794,10 +793,13 @@ pub async fn miss(w: &Rc<Worker>, rule: &Arc<Rule>, key: &Bytes, sent_at: Instan
 }
 
 fn timeout_error(rule: &Rule) -> Outcome {
-    Outcome::Error(format!(
-        "ERR origin failed for rule '{}': timed out after {:?}",
-        rule.name, rule.timeout
-    ))
+    Outcome::Error(
+        reply::Failure::Origin {
+            rule: &rule.name,
+            why: &format!("timed out after {:?}", rule.timeout),
+        }
+        .to_reply(),
+    )
 }
 
 /// One origin fetch, counted in the rule's metrics.
@@ -839,10 +841,13 @@ async fn fetch(w: &Worker, rule: &Rule, key: &[u8]) -> Loaded {
         Err(e) => {
             stats.origin_error(&e);
             tracing::debug!(rule = %rule.name, %url, "origin fetch failed: {e}");
-            Loaded::Failed(Outcome::Error(format!(
-                "ERR origin failed for rule '{}': {e}",
-                rule.name
-            )))
+            Loaded::Failed(Outcome::Error(
+                reply::Failure::Origin {
+                    rule: &rule.name,
+                    why: &e.to_string(),
+                }
+                .to_reply(),
+            ))
         }
     }
 }

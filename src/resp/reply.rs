@@ -81,16 +81,14 @@ pub fn error_bytes(parts: &[&[u8]]) -> Bytes {
 /// refused or stalled, or over its in-flight caps. Safe to retry. Every such reply starts with
 /// `-ERR shard unavailable`.
 pub fn shard_unavailable(addr: &str, why: &str) -> Bytes {
-    error(&format!("ERR shard unavailable: {addr}: {why}"))
+    Failure::ShardUnavailable { shard: addr, why }.to_reply()
 }
 
 /// A request was sent to its shard and no reply came (timed out, or the connection was lost
 /// after it was written): the shard may have applied it. Every such reply starts with
 /// `-ERR outcome unknown`.
 pub fn outcome_unknown(addr: &str, why: &str) -> Bytes {
-    error(&format!(
-        "ERR outcome unknown: {addr}: {why} (the request was sent and may have been applied)"
-    ))
+    Failure::OutcomeUnknown { shard: addr, why }.to_reply()
 }
 
 /// An administrative command that would break the proxy's model; never forwarded.
@@ -255,4 +253,187 @@ impl Aggregate {
     pub fn finish(self) -> Bytes {
         self.buf.freeze()
     }
+}
+
+/// Which side an error of slotgate's own comes from (see [`Failure`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The request itself (Redis's own answer to it).
+    Client,
+    /// slotgate: a limit, or something it does not do.
+    Proxy,
+    /// A shard: down, slow, or refusing.
+    Shard,
+    /// A read-through origin.
+    Origin,
+}
+
+/// A request that failed for another reason than its own content: every such reply is
+/// spelled here, with the side it comes from and whether a client may simply retry it.
+#[derive(Debug, Clone)]
+pub enum Failure<'a> {
+    /// Not sent to the shard: safe to retry.
+    ShardUnavailable { shard: &'a str, why: &'a str },
+    /// Sent, and no reply came: it may have been applied.
+    OutcomeUnknown { shard: &'a str, why: &'a str },
+    /// A restricted user's script, whose rights could not be set up on the shard.
+    MirrorRefused {
+        user: &'a str,
+        shard: &'a str,
+        why: &'a str,
+    },
+    /// The dedicated connections of a shard on this worker are all in use.
+    TooManyDedicated { shard: &'a str, max: usize },
+    /// A request of the proxy's own whose target was dropped undelivered.
+    Dropped,
+    /// A read-through GET whose origin fetch failed (`HTTP 503`, `timed out after 500ms` …).
+    Origin { rule: &'a str, why: &'a str },
+    /// A shard's reply of an unexpected shape (not from a real Redis).
+    UnexpectedReply(&'a [u8]),
+    /// The shards answered a command sent to all of them differently.
+    ShardsDisagree,
+}
+
+impl Failure<'_> {
+    pub fn side(&self) -> Side {
+        match self {
+            Failure::ShardUnavailable { .. }
+            | Failure::OutcomeUnknown { .. }
+            | Failure::ShardsDisagree
+            | Failure::UnexpectedReply(_) => Side::Shard,
+            Failure::MirrorRefused { .. } | Failure::TooManyDedicated { .. } | Failure::Dropped => {
+                Side::Proxy
+            }
+            Failure::Origin { .. } => Side::Origin,
+        }
+    }
+
+    /// Whether sending the request again cannot apply it twice.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            Failure::ShardUnavailable { .. }
+                | Failure::MirrorRefused { .. }
+                | Failure::TooManyDedicated { .. }
+                | Failure::Origin { .. }
+        )
+    }
+
+    pub fn to_reply(&self) -> Bytes {
+        match self {
+            Failure::ShardUnavailable { shard, why } => {
+                error(&format!("ERR shard unavailable: {shard}: {why}"))
+            }
+            Failure::OutcomeUnknown { shard, why } => error(&format!(
+                "ERR outcome unknown: {shard}: {why} (the request was sent and may have been applied)"
+            )),
+            Failure::MirrorRefused { user, shard, why } => error(&format!(
+                "NOPERM slotgate could not run this with the rights of user '{user}' on shard {shard}: {why}"
+            )),
+            Failure::TooManyDedicated { shard, max } => error(&format!(
+                "ERR too many dedicated connections (transactions and blocking commands) to shard {shard}: the limit is {max} per worker"
+            )),
+            Failure::Dropped => error("ERR the request was dropped"),
+            Failure::Origin { rule, why } => {
+                error(&format!("ERR origin failed for rule '{rule}': {why}"))
+            }
+            Failure::UnexpectedReply(p) => {
+                let shown: Vec<u8> = p
+                    .iter()
+                    .take(64)
+                    .map(|&c| if c == b'\r' || c == b'\n' { b' ' } else { c })
+                    .collect();
+                error_bytes(&[b"ERR unexpected reply from shard: ", &shown])
+            }
+            Failure::ShardsDisagree => {
+                error("ERR shards disagree (the command was not applied the same everywhere)")
+            }
+        }
+    }
+}
+
+// Errors of particular commands, as Redis 7.0 words them unless they say "slotgate".
+pub const MULTI_NESTED: &[u8] = b"-ERR MULTI calls can not be nested\r\n";
+pub const EXEC_WITHOUT_MULTI: &[u8] = b"-ERR EXEC without MULTI\r\n";
+pub const DISCARD_WITHOUT_MULTI: &[u8] = b"-ERR DISCARD without MULTI\r\n";
+pub const WATCH_IN_MULTI: &[u8] = b"-ERR WATCH inside MULTI is not allowed\r\n";
+pub const EXECABORT: &[u8] = b"-EXECABORT Transaction discarded because of previous errors.\r\n";
+pub const NO_SUCH_CLIENT: &[u8] = b"-ERR No such client\r\n";
+pub const CLIENT_ID_NOT_POSITIVE: &[u8] = b"-ERR client-id should be greater than 0\r\n";
+pub const INVALID_CLIENT_ID: &[u8] = b"-ERR Invalid client ID\r\n";
+pub const PROTO_NOT_INTEGER: &[u8] = b"-ERR Protocol version is not an integer or out of range\r\n";
+pub const HELLO_SWITCH_PINNED: &[u8] = b"-ERR HELLO cannot switch the protocol while WATCH, MULTI or a subscription is active through slotgate\r\n";
+pub const SCAN_CURSOR_TOO_LARGE: &[u8] = b"-ERR shard cursor too large for the proxy to encode\r\n";
+/// Scripts of a restricted user run on its mirror connections, which a transaction's
+/// dedicated connection is not.
+pub const NOPERM_SCRIPT_IN_MULTI: &[u8] = b"-NOPERM scripts and functions of users with restricted permissions cannot run inside MULTI through slotgate\r\n";
+pub const WRONGTYPE: &[u8] =
+    b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n";
+
+/// CLIENT SETINFO with an attribute it does not know.
+pub fn unrecognized_option(opt: &[u8]) -> Bytes {
+    error_bytes(&[b"ERR Unrecognized option '", opt, b"'"])
+}
+
+/// CLIENT SETINFO LIB-NAME/LIB-VER with spaces or special characters.
+pub fn bad_client_info(attr: &[u8]) -> Bytes {
+    error_bytes(&[
+        b"ERR ",
+        attr,
+        b" cannot contain spaces, newlines or special characters.",
+    ])
+}
+
+pub fn hello_syntax(opt: &[u8]) -> Bytes {
+    error_bytes(&[b"ERR Syntax error in HELLO option '", opt, b"'"])
+}
+
+pub fn unknown_client_type(t: &[u8]) -> Bytes {
+    error_bytes(&[b"ERR Unknown client type '", t, b"'"])
+}
+
+/// A command a RESP2 subscriber may not send.
+pub fn not_while_subscribed(name: &str) -> Bytes {
+    error(&format!(
+        "ERR Can't execute '{name}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
+    ))
+}
+
+pub fn config_set_not_allowed(param: &str) -> Bytes {
+    error(&format!(
+        "ERR CONFIG SET parameter '{param}' is not allowed through slotgate"
+    ))
+}
+
+/// A command a transaction pinned to one shard cannot run (`spans`: it needs every shard).
+pub fn not_in_multi(name: &str, spans: bool) -> Bytes {
+    if spans {
+        error(&format!(
+            "ERR '{name}' is not supported inside MULTI by slotgate (it spans shards)"
+        ))
+    } else {
+        error(&format!(
+            "ERR '{name}' is not supported inside MULTI by slotgate"
+        ))
+    }
+}
+
+/// A malformed request (the connection closes after it), as Redis words it: without the
+/// leading `-` and the CRLF.
+pub fn protocol_error(e: &super::request::ProtoError) -> String {
+    use super::request::ProtoError;
+    let m = match e {
+        ProtoError::InvalidMultibulkLength => "invalid multibulk length",
+        ProtoError::InvalidBulkLength => "invalid bulk length",
+        ProtoError::ExpectedDollar(c) => {
+            return format!("ERR Protocol error: expected '$', got '{}'", *c as char);
+        }
+        ProtoError::UnbalancedQuotes => "unbalanced quotes in request",
+        ProtoError::TooBigInline => "too big inline request",
+        ProtoError::TooBigMbulkCount => "too big mbulk count string",
+        ProtoError::TooBigBulkCount => "too big bulk count string",
+        ProtoError::UnauthenticatedMultibulkLength => "unauthenticated multibulk length",
+        ProtoError::UnauthenticatedBulkLength => "unauthenticated bulk length",
+    };
+    format!("ERR Protocol error: {m}")
 }

@@ -30,22 +30,10 @@ pub enum ProtoError {
 }
 
 impl ProtoError {
-    /// The exact error reply Redis sends, without the leading `-` and trailing CRLF.
+    /// The exact error reply Redis sends, without the leading `-` and trailing CRLF (spelled
+    /// in [`super::reply::protocol_error`]).
     pub fn message(&self) -> String {
-        let m = match self {
-            ProtoError::InvalidMultibulkLength => "invalid multibulk length",
-            ProtoError::InvalidBulkLength => "invalid bulk length",
-            ProtoError::ExpectedDollar(c) => {
-                return format!("ERR Protocol error: expected '$', got '{}'", *c as char);
-            }
-            ProtoError::UnbalancedQuotes => "unbalanced quotes in request",
-            ProtoError::TooBigInline => "too big inline request",
-            ProtoError::TooBigMbulkCount => "too big mbulk count string",
-            ProtoError::TooBigBulkCount => "too big bulk count string",
-            ProtoError::UnauthenticatedMultibulkLength => "unauthenticated multibulk length",
-            ProtoError::UnauthenticatedBulkLength => "unauthenticated bulk length",
-        };
-        format!("ERR Protocol error: {m}")
+        super::reply::protocol_error(self)
     }
 }
 

@@ -84,16 +84,10 @@ impl Session {
                 if !(attr.eq_ignore_ascii_case(b"lib-name")
                     || attr.eq_ignore_ascii_case(b"lib-ver"))
                 {
-                    return self.reply(reply::error(&format!(
-                        "ERR Unrecognized option '{}'",
-                        String::from_utf8_lossy(attr)
-                    )));
+                    return self.reply(reply::unrecognized_option(attr));
                 }
                 if !valid_client_name(req.arg(3)) {
-                    return self.reply(reply::error(&format!(
-                        "ERR {} cannot contain spaces, newlines or special characters.",
-                        String::from_utf8_lossy(attr)
-                    )));
+                    return self.reply(reply::bad_client_info(attr));
                 }
                 self.reply_static(reply::OK)
             }
@@ -237,7 +231,7 @@ impl Session {
                     c.kill.notify_one();
                     self.reply_static(reply::OK)
                 }
-                None => self.reply(reply::error("ERR No such client")),
+                None => self.reply_static(reply::NO_SUCH_CLIENT),
             };
         }
         let (mut id, mut addr, mut laddr, mut user, mut skipme) = (None, None, None, None, true);
@@ -247,7 +241,7 @@ impl Session {
             match req.arg(i).to_ascii_lowercase().as_slice() {
                 b"id" => match parse_i64(req.arg(i + 1)) {
                     Some(n) if n > 0 => id = Some(n as u64),
-                    _ => return self.reply(reply::error("ERR client-id should be greater than 0")),
+                    _ => return self.reply_static(reply::CLIENT_ID_NOT_POSITIVE),
                 },
                 b"addr" => addr = Some(v),
                 b"laddr" => laddr = Some(v),
@@ -372,9 +366,7 @@ impl Session {
                 Some(3) => proto = Proto::Resp3,
                 Some(_) => return self.reply_static(reply::NOPROTO),
                 None => {
-                    return self.reply(reply::error(
-                        "ERR Protocol version is not an integer or out of range",
-                    ));
+                    return self.reply_static(reply::PROTO_NOT_INTEGER);
                 }
             }
         }
@@ -391,11 +383,7 @@ impl Session {
                 setname = Some(req.arg(i + 1));
                 i += 2;
             } else {
-                return self.reply(reply::error_bytes(&[
-                    b"ERR Syntax error in HELLO option '",
-                    opt,
-                    b"'",
-                ]));
+                return self.reply(reply::hello_syntax(opt));
             }
         }
         if let Some((user, password)) = login
@@ -414,9 +402,7 @@ impl Session {
         }
         if proto != self.proto && (self.tx.is_some() || self.watch.is_some() || self.subscribed()) {
             // Its dedicated connections speak the protocol they were opened with.
-            return self.reply(reply::error(
-                "ERR HELLO cannot switch the protocol while WATCH, MULTI or a subscription is active through slotgate",
-            ));
+            return self.reply_static(reply::HELLO_SWITCH_PINNED);
         }
         self.switch_proto(proto);
         self.update_info();
@@ -480,11 +466,7 @@ impl ClientFilter {
                     b"normal" => {}
                     b"master" | b"replica" | b"slave" | b"pubsub" => f.none = true,
                     _ => {
-                        return Err(reply::error_bytes(&[
-                            b"ERR Unknown client type '",
-                            req.arg(i + 1),
-                            b"'",
-                        ]));
+                        return Err(reply::unknown_client_type(req.arg(i + 1)));
                     }
                 }
                 i += 2;
@@ -494,7 +476,7 @@ impl ClientFilter {
                 while i < req.argc() {
                     match parse_i64(req.arg(i)) {
                         Some(n) if n > 0 => ids.push(n as u64),
-                        _ => return Err(reply::error("ERR Invalid client ID")),
+                        _ => return Err(Bytes::from_static(reply::INVALID_CLIENT_ID)),
                     }
                     i += 1;
                 }

@@ -411,16 +411,13 @@ impl Session {
         {
             if self.restricted && spec.runs_script() {
                 self.flag_tx();
-                return self.reply_static(NOPERM_SCRIPT_IN_MULTI);
+                return self.reply_static(reply::NOPERM_SCRIPT_IN_MULTI);
             }
             return self.tx_queue(spec, req, now);
         }
         if self.proto == Proto::Resp2 && self.subscribed() {
             if !crate::session::pubsub::allowed_while_subscribed(spec.name) {
-                return self.reply(reply::error(&format!(
-                    "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
-                    spec.name
-                )));
+                return self.reply(reply::not_while_subscribed(spec.name));
             }
             if spec.name == "ping" {
                 return self.subscribed_ping(req);
@@ -832,9 +829,7 @@ impl Session {
         if spec.name == "config|set"
             && let Some(bad) = config_set_refused(req)
         {
-            return self.reply(reply::error(&format!(
-                "ERR CONFIG SET parameter '{bad}' is not allowed through slotgate"
-            )));
+            return self.reply(reply::config_set_not_allowed(&bad));
         }
         self.gather_from_every_shard(kind, req.raw, now);
     }
@@ -889,7 +884,3 @@ enum Lane {
     /// The user's mirror connections (scripts of a restricted user).
     Mirror,
 }
-
-/// Scripts of a restricted user run on its mirror connections, which a transaction's
-/// dedicated connection is not.
-const NOPERM_SCRIPT_IN_MULTI: &[u8] = b"-NOPERM scripts and functions of users with restricted permissions cannot run inside MULTI through slotgate\r\n";

@@ -70,8 +70,6 @@ impl Deferred {
 /// Blocking commands wait as long as the client asked: this is "no deadline".
 const FOREVER: Duration = Duration::from_secs(86_400 * 365);
 
-const EXECABORT: &[u8] = b"-EXECABORT Transaction discarded because of previous errors.\r\n";
-
 impl Session {
     /// Whether this command will use a dedicated connection (an open transaction, a
     /// transaction command, a blocking command).
@@ -122,7 +120,7 @@ impl Session {
         match spec.name {
             "multi" => {
                 if self.tx.is_some() {
-                    return self.reply(reply::error("ERR MULTI calls can not be nested"));
+                    return self.reply_static(reply::MULTI_NESTED);
                 }
                 let mut tx = Tx::default();
                 match self.watch.take() {
@@ -142,7 +140,7 @@ impl Session {
             }
             "exec" => {
                 let Some(tx) = self.tx.take() else {
-                    return self.reply(reply::error("ERR EXEC without MULTI"));
+                    return self.reply_static(reply::EXEC_WITHOUT_MULTI);
                 };
                 let d = self.op_deadline(now);
                 if tx.aborted {
@@ -151,7 +149,7 @@ impl Session {
                             .send_until(b"*1\r\n$7\r\nDISCARD\r\n", Target::Discard, d);
                         conn.release();
                     }
-                    return self.reply_static(EXECABORT);
+                    return self.reply_static(reply::EXECABORT);
                 }
                 let conn = match tx.conn {
                     Some(c) => c,
@@ -171,7 +169,7 @@ impl Session {
             }
             "discard" => {
                 let Some(tx) = self.tx.take() else {
-                    return self.reply(reply::error("ERR DISCARD without MULTI"));
+                    return self.reply_static(reply::DISCARD_WITHOUT_MULTI);
                 };
                 match tx.conn {
                     Some(conn) => {
@@ -184,7 +182,7 @@ impl Session {
             }
             "watch" => {
                 if self.tx.is_some() {
-                    return self.reply(reply::error("ERR WATCH inside MULTI is not allowed"));
+                    return self.reply_static(reply::WATCH_IN_MULTI);
                 }
                 let slot = match self.slot_of(spec, req) {
                     Ok(Some(s)) => s,
@@ -232,16 +230,10 @@ impl Session {
             // PUBLISH too: classic channels live on the first shard, not on the shard the
             // transaction's keys chose.
             Route::PubSub => {
-                return self.reject(reply::error(&format!(
-                    "ERR '{}' is not supported inside MULTI by slotgate",
-                    spec.name
-                )));
+                return self.reject(reply::not_in_multi(spec.name, false));
             }
             Route::AllShards(_) => {
-                return self.reject(reply::error(&format!(
-                    "ERR '{}' is not supported inside MULTI by slotgate (it spans shards)",
-                    spec.name
-                )));
+                return self.reject(reply::not_in_multi(spec.name, true));
             }
             Route::Local
                 if !matches!(
@@ -250,10 +242,7 @@ impl Session {
                     "ping" | "echo" | "time" | "command"
                 ) && !spec.name.starts_with("command|") =>
             {
-                return self.reject(reply::error(&format!(
-                    "ERR '{}' is not supported inside MULTI by slotgate",
-                    spec.name
-                )));
+                return self.reject(reply::not_in_multi(spec.name, false));
             }
             _ => {}
         }
