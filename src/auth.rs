@@ -45,13 +45,6 @@ pub struct User {
     rule_text: Vec<String>,
 }
 
-/// Why a command was denied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Denied {
-    Command,
-    Key,
-}
-
 impl User {
     /// The default user with no password and every permission (no `requirepass`).
     pub fn unrestricted(name: &str) -> Self {

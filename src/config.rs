@@ -439,28 +439,7 @@ impl Merged {
         } else {
             Some(parse_addr("listen address", &self.listen)?)
         };
-        let mut shards = Vec::new();
-        let mut layout = Vec::new();
-        for s in &self.shards {
-            let addr = parse_addr("shard address", s.addr.trim())?;
-            if shards.contains(&addr) {
-                return Err(invalid("shard address", &s.addr, "listed twice"));
-            }
-            let ranges = match &s.slots {
-                Some(r) => Some(parse_slot_ranges(r)?),
-                None => None,
-            };
-            if ranges.is_none() && self.shards.iter().any(|o| o.slots.is_some()) {
-                return Err(invalid(
-                    "shard",
-                    &s.addr,
-                    "give slots for every shard or for none (even split)",
-                ));
-            }
-            shards.push(addr);
-            layout.push((s.addr.clone(), ranges));
-        }
-        let slot_map = SlotMap::build(&layout)?;
+        let (shards, slot_map) = self.shard_layout()?;
         let op_timeout = parse_duration(&self.op_timeout)
             .map_err(|why| invalid("op-timeout", &self.op_timeout, why))?;
         if op_timeout.is_zero() {
@@ -484,28 +463,7 @@ impl Merged {
         if self.max_inflight_per_connection == 0 {
             return Err(invalid("max-inflight-per-connection", 0, "must be > 0"));
         }
-        let inflight_bytes = &self.max_inflight_bytes_per_connection;
-        let max_inflight_bytes_per_connection = match parse_bytes(inflight_bytes) {
-            Ok(0) => {
-                return Err(invalid(
-                    "max-inflight-bytes-per-connection",
-                    0,
-                    "must be > 0",
-                ));
-            }
-            Ok(n) => n,
-            Err(why) => {
-                return Err(invalid(
-                    "max-inflight-bytes-per-connection",
-                    inflight_bytes,
-                    why,
-                ));
-            }
-        };
-        let obuf_normal = OutputLimit::parse(&self.obuf_normal)
-            .map_err(|why| invalid("client_output_buffer_limit_normal", &self.obuf_normal, why))?;
-        let obuf_pubsub = OutputLimit::parse(&self.obuf_pubsub)
-            .map_err(|why| invalid("client_output_buffer_limit_pubsub", &self.obuf_pubsub, why))?;
+        let (max_inflight_bytes_per_connection, obuf_normal, obuf_pubsub) = self.byte_limits()?;
         if self.proto_max_bulk_len < 1024 * 1024 {
             return Err(invalid(
                 "proto_max_bulk_len",
@@ -543,50 +501,8 @@ impl Merged {
                 }
             })
             .map_err(|why| invalid("idle-timeout", &self.idle_timeout, why))?;
-        let upstream_auth = self
-            .shards
-            .iter()
-            .map(|s| {
-                let user = s.username.clone().or(self.upstream_username.clone());
-                let pass = s.password.clone().or(self.upstream_password.clone());
-                match (user, pass) {
-                    (u, Some(p)) => Ok(Some(UpstreamAuth {
-                        username: u,
-                        password: Secret(p),
-                    })),
-                    (None, None) => Ok(None),
-                    (Some(_), None) => Err(invalid(
-                        "upstream username",
-                        &s.addr,
-                        "a username needs a password",
-                    )),
-                }
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let upstream_tls = if self.upstream_tls {
-            let ca = self
-                .upstream_tls_ca
-                .as_deref()
-                .ok_or_else(|| invalid("upstream-tls", "on", "--upstream-tls-ca is required"))?;
-            let client = match (&self.upstream_tls_cert, &self.upstream_tls_key) {
-                (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
-                (None, None) => None,
-                _ => {
-                    return Err(invalid(
-                        "upstream-tls-cert",
-                        "",
-                        "give both --upstream-tls-cert and --upstream-tls-key",
-                    ));
-                }
-            };
-            Some(crate::tls::upstream_config(
-                ca,
-                client,
-                self.upstream_tls_server_name.as_deref(),
-            )?)
-        } else {
-            None
-        };
+        let upstream_auth = self.upstream_auth()?;
+        let upstream_tls = self.upstream_tls()?;
         let rules = self
             .readthrough
             .clone()
@@ -623,6 +539,99 @@ impl Merged {
             readthrough: Arc::new(rules),
             admin_listen,
         })
+    }
+
+    /// The limits given in bytes: in flight per upstream connection, and the two classes of
+    /// client output buffer.
+    fn byte_limits(&self) -> Result<(usize, OutputLimit, OutputLimit), ConfigError> {
+        let inflight_bytes = &self.max_inflight_bytes_per_connection;
+        let inflight = match parse_bytes(inflight_bytes) {
+            Ok(0) => Err("must be > 0".to_string()),
+            other => other,
+        }
+        .map_err(|why| invalid("max-inflight-bytes-per-connection", inflight_bytes, why))?;
+        let normal = OutputLimit::parse(&self.obuf_normal)
+            .map_err(|why| invalid("client_output_buffer_limit_normal", &self.obuf_normal, why))?;
+        let pubsub = OutputLimit::parse(&self.obuf_pubsub)
+            .map_err(|why| invalid("client_output_buffer_limit_pubsub", &self.obuf_pubsub, why))?;
+        Ok((inflight, normal, pubsub))
+    }
+
+    /// The shards in order, and the slot map of their layout.
+    fn shard_layout(&self) -> Result<(Vec<SocketAddr>, SlotMap), ConfigError> {
+        let mut shards = Vec::new();
+        let mut layout = Vec::new();
+        for s in &self.shards {
+            let addr = parse_addr("shard address", s.addr.trim())?;
+            if shards.contains(&addr) {
+                return Err(invalid("shard address", &s.addr, "listed twice"));
+            }
+            let ranges = match &s.slots {
+                Some(r) => Some(parse_slot_ranges(r)?),
+                None => None,
+            };
+            if ranges.is_none() && self.shards.iter().any(|o| o.slots.is_some()) {
+                return Err(invalid(
+                    "shard",
+                    &s.addr,
+                    "give slots for every shard or for none (even split)",
+                ));
+            }
+            shards.push(addr);
+            layout.push((s.addr.clone(), ranges));
+        }
+        let slot_map = SlotMap::build(&layout)?;
+        Ok((shards, slot_map))
+    }
+
+    /// Each shard's AUTH credentials (its own, or `[upstream]`'s).
+    fn upstream_auth(&self) -> Result<Vec<Option<UpstreamAuth>>, ConfigError> {
+        self.shards
+            .iter()
+            .map(|s| {
+                let user = s.username.clone().or(self.upstream_username.clone());
+                let pass = s.password.clone().or(self.upstream_password.clone());
+                match (user, pass) {
+                    (u, Some(p)) => Ok(Some(UpstreamAuth {
+                        username: u,
+                        password: Secret(p),
+                    })),
+                    (None, None) => Ok(None),
+                    (Some(_), None) => Err(invalid(
+                        "upstream username",
+                        &s.addr,
+                        "a username needs a password",
+                    )),
+                }
+            })
+            .collect()
+    }
+
+    /// TLS to the shards, when configured.
+    fn upstream_tls(&self) -> Result<Option<crate::tls::UpstreamTls>, ConfigError> {
+        if !self.upstream_tls {
+            return Ok(None);
+        }
+        let ca = self
+            .upstream_tls_ca
+            .as_deref()
+            .ok_or_else(|| invalid("upstream-tls", "on", "--upstream-tls-ca is required"))?;
+        let client = match (&self.upstream_tls_cert, &self.upstream_tls_key) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            (None, None) => None,
+            _ => {
+                return Err(invalid(
+                    "upstream-tls-cert",
+                    "",
+                    "give both --upstream-tls-cert and --upstream-tls-key",
+                ));
+            }
+        };
+        Ok(Some(crate::tls::upstream_config(
+            ca,
+            client,
+            self.upstream_tls_server_name.as_deref(),
+        )?))
     }
 
     /// The TLS listener, when a certificate (files or self-signed) is configured. Loads the

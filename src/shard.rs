@@ -713,6 +713,79 @@ impl Upstream {
         }
     }
 
+    /// One reply from the shard: to the oldest pending request (or the handshake), or, on a
+    /// subscriber connection, to the client's reply slot (confirmations) or out of band
+    /// (messages). `Err` when the connection is no good any more.
+    #[inline]
+    fn on_frame(&self, bytes: Bytes, push: bool) -> Result<(), Fault> {
+        let handshake = matches!(
+            self.st.borrow().pending.front(),
+            Some(Pending {
+                target: Target::Handshake,
+                ..
+            })
+        );
+        if !handshake && let Some(q) = self.sink.borrow().as_ref() {
+            // A subscriber connection: confirmations fill their reply slot,
+            // messages go out of band.
+            let mut conf = self.confirmations.borrow_mut();
+            match conf.front_mut() {
+                Some((seq, left, acc)) if is_confirmation(&bytes) => {
+                    acc.extend_from_slice(&bytes);
+                    *left -= 1;
+                    if *left == 0 {
+                        let (seq, acc) = (*seq, std::mem::take(acc));
+                        conf.pop_front();
+                        drop(conf);
+                        q.deliver(seq, 0, acc.freeze());
+                    }
+                }
+                _ => {
+                    drop(conf);
+                    q.push_oob(bytes);
+                }
+            }
+            return Ok(());
+        }
+        if push {
+            // Out-of-band (RESP3 push): not the reply to any request.
+            return Ok(());
+        }
+        let p = {
+            let mut st = self.st.borrow_mut();
+            st.abandoned = st.abandoned.saturating_sub(1);
+            let p = st.pending.pop_front();
+            if let Some(p) = &p {
+                st.inflight_bytes -= p.len;
+            }
+            p
+        };
+        match p {
+            Some(Pending {
+                target: Target::Handshake,
+                ..
+            }) if bytes.first() == Some(&b'-') => {
+                let text = String::from_utf8_lossy(&bytes[1..]);
+                return Err(Fault::Handshake(text.trim_end().to_string()));
+            }
+            Some(Pending {
+                target: Target::Handshake,
+                ..
+            }) => {
+                let mut st = self.st.borrow_mut();
+                st.handshaking -= 1;
+                if st.handshaking == 0 && !st.out.is_empty() {
+                    // What was queued meanwhile goes out now.
+                    drop(st);
+                    self.wake_writer.notify_one();
+                }
+            }
+            Some(p) => p.target.deliver(bytes),
+            None => return Err(Fault::Unexpected),
+        }
+        Ok(())
+    }
+
     async fn read_loop<R: ReadSide>(&self, mut rd: R) -> Fault {
         let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
         let mut scanner = ReplyScanner::new();
@@ -724,70 +797,8 @@ impl Upstream {
                 match scanner.scan(&rbuf) {
                     Ok(Some(frame)) => {
                         let bytes: Bytes = rbuf.split_to(frame.len).freeze();
-                        let handshake = matches!(
-                            self.st.borrow().pending.front(),
-                            Some(Pending {
-                                target: Target::Handshake,
-                                ..
-                            })
-                        );
-                        if !handshake && let Some(q) = self.sink.borrow().as_ref() {
-                            // A subscriber connection: confirmations fill their reply slot,
-                            // messages go out of band.
-                            let mut conf = self.confirmations.borrow_mut();
-                            match conf.front_mut() {
-                                Some((seq, left, acc)) if is_confirmation(&bytes) => {
-                                    acc.extend_from_slice(&bytes);
-                                    *left -= 1;
-                                    if *left == 0 {
-                                        let (seq, acc) = (*seq, std::mem::take(acc));
-                                        conf.pop_front();
-                                        drop(conf);
-                                        q.deliver(seq, 0, acc.freeze());
-                                    }
-                                }
-                                _ => {
-                                    drop(conf);
-                                    q.push_oob(bytes);
-                                }
-                            }
-                            continue;
-                        }
-                        if frame.push {
-                            // Out-of-band (RESP3 push): not the reply to any request.
-                            continue;
-                        }
-                        let p = {
-                            let mut st = self.st.borrow_mut();
-                            st.abandoned = st.abandoned.saturating_sub(1);
-                            let p = st.pending.pop_front();
-                            if let Some(p) = &p {
-                                st.inflight_bytes -= p.len;
-                            }
-                            p
-                        };
-                        match p {
-                            Some(Pending {
-                                target: Target::Handshake,
-                                ..
-                            }) if bytes.first() == Some(&b'-') => {
-                                let text = String::from_utf8_lossy(&bytes[1..]);
-                                return Fault::Handshake(text.trim_end().to_string());
-                            }
-                            Some(Pending {
-                                target: Target::Handshake,
-                                ..
-                            }) => {
-                                let mut st = self.st.borrow_mut();
-                                st.handshaking -= 1;
-                                if st.handshaking == 0 && !st.out.is_empty() {
-                                    // What was queued meanwhile goes out now.
-                                    drop(st);
-                                    self.wake_writer.notify_one();
-                                }
-                            }
-                            Some(p) => p.target.deliver(bytes),
-                            None => return Fault::Unexpected,
+                        if let Err(fault) = self.on_frame(bytes, frame.push) {
+                            return fault;
                         }
                     }
                     Ok(None) => break,

@@ -22,6 +22,35 @@ use crate::worker::{ClientInfo, Shared};
 const FALLBACK_VERSION: &str = "7.0.0";
 
 impl Session {
+    /// CLIENT LIST, with its TYPE and ID filters: the sessions of every worker.
+    fn client_list(&mut self, req: &Request<'_>) {
+        let filter = match ClientFilter::parse(req) {
+            Ok(f) => f,
+            Err(e) => return self.reply(e),
+        };
+        let mut all: Vec<ClientInfo> = self
+            .w
+            .shared
+            .clients
+            .lock()
+            .map(|c| c.values().cloned().collect())
+            .unwrap_or_default();
+        all.retain(|c| filter.keeps(c.id));
+        all.sort_by_key(|c| c.id);
+        let text: String = all
+            .iter()
+            .map(|c| {
+                let cmd = if c.id == self.id {
+                    "client|list"
+                } else {
+                    "NULL"
+                };
+                client_line(c, cmd)
+            })
+            .collect();
+        self.reply(reply::verbatim(self.proto, text.as_bytes()));
+    }
+
     pub(crate) fn local(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
         match spec.name {
             "ping" => match req.argc() {
@@ -103,33 +132,7 @@ impl Session {
                 let line = client_line(&self.info_entry(), "client|info");
                 self.reply(reply::verbatim(self.proto, line.as_bytes()));
             }
-            "client|list" => {
-                let filter = match ClientFilter::parse(req) {
-                    Ok(f) => f,
-                    Err(e) => return self.reply(e),
-                };
-                let mut all: Vec<ClientInfo> = self
-                    .w
-                    .shared
-                    .clients
-                    .lock()
-                    .map(|c| c.values().cloned().collect())
-                    .unwrap_or_default();
-                all.retain(|c| filter.keeps(c.id));
-                all.sort_by_key(|c| c.id);
-                let text: String = all
-                    .iter()
-                    .map(|c| {
-                        let cmd = if c.id == self.id {
-                            "client|list"
-                        } else {
-                            "NULL"
-                        };
-                        client_line(c, cmd)
-                    })
-                    .collect();
-                self.reply(reply::verbatim(self.proto, text.as_bytes()));
-            }
+            "client|list" => self.client_list(req),
             "slotgate.invalidate" => self.invalidate(req, now),
             "slotgate.status" => self.cache_status(req, now),
             "client|kill" => self.client_kill(req),
@@ -550,6 +553,95 @@ fn db0(text: &str) -> (u64, u64, u64) {
     (get("keys"), get("expires"), get("avg_ttl"))
 }
 
+/// INFO's `# Server`, with the shards' Redis version.
+fn server_info(shared: &Shared, version: &str) -> String {
+    let up_secs = shared.started.elapsed().as_secs();
+    let port = shared.listen_addr.get().map_or(0, |a| a.port());
+    format!(
+        "redis_version:{version}\r\nslotgate_version:{}\r\nredis_mode:standalone\r\n\
+             os:{} {}\r\narch_bits:{}\r\nmultiplexing_api:epoll\r\nprocess_id:{}\r\n\
+             tcp_port:{port}\r\nuptime_in_seconds:{up_secs}\r\nuptime_in_days:{}\r\n",
+        env!("CARGO_PKG_VERSION"),
+        std::env::consts::OS,
+        std::env::consts::ARCH,
+        usize::BITS,
+        std::process::id(),
+        up_secs / 86400
+    )
+}
+
+/// INFO's `# Readthrough`: the rules and their counters.
+fn readthrough_info(shared: &Shared) -> String {
+    let rt = &shared.readthrough;
+    let (flights, negatives) = rt.sizes();
+    let mut body = format!(
+        "rules:{}\r\nfetches_tracked:{flights}\r\nnegative_entries:{negatives}\r\n",
+        rt.rules.iter().count()
+    );
+    for r in rt.rules.iter() {
+        let s = &r.stats;
+        let (hits, misses) = (s.hits.get(), s.misses.get());
+        let ratio = if hits + misses > 0 {
+            hits as f64 / (hits + misses) as f64
+        } else {
+            0.0
+        };
+        let avoided = hits + s.coalesced.get() + s.negative_hits.get() + s.stale_serves.get();
+        body.push_str(&format!(
+            "rule_{}:prefix={},hits={hits},misses={misses},hit_ratio={ratio:.4},\
+             origin_requests={},origin_calls_avoided={avoided},coalesced={},\
+             negative_hits={},stale_serves={},origin_errors={},bytes_loaded={},stored={}\r\n",
+            r.name,
+            String::from_utf8_lossy(&r.prefix),
+            s.origin_requests.get(),
+            s.coalesced.get(),
+            s.negative_hits.get(),
+            s.stale_serves.get(),
+            s.origin_errors.get(),
+            s.bytes_loaded.get(),
+            s.stored.get()
+        ));
+    }
+    body
+}
+
+/// INFO's `# Shards`: each shard's address, slots, status, keys and version.
+fn shards_info(
+    settings: &crate::settings::Settings,
+    texts: &[Option<&str>],
+    up: &[bool],
+) -> String {
+    let mut body = String::new();
+    for (i, addr) in settings.shards.iter().enumerate() {
+        let ranges: Vec<String> = settings
+            .slot_map
+            .ranges(i)
+            .iter()
+            .map(|&(a, b)| {
+                if a == b {
+                    a.to_string()
+                } else {
+                    format!("{a}-{b}")
+                }
+            })
+            .collect();
+        let text = texts.get(i).copied().flatten();
+        let status = if text.is_some() && up.get(i).copied().unwrap_or(false) {
+            "up"
+        } else {
+            "down"
+        };
+        body.push_str(&format!(
+            "shard{i}:addr={addr},slots={},status={status},keys={},redis_version={}\r\n",
+            ranges.join(" "),
+            text.map_or(0, |t| db0(t).0),
+            text.and_then(|t| info_field(t, "redis_version"))
+                .unwrap_or("?")
+        ));
+    }
+    body
+}
+
 fn build_info(shared: &Arc<Shared>, wanted: &[String], up: &[bool], parts: &[Bytes]) -> String {
     let texts: Vec<Option<&str>> = parts.iter().map(|p| info_text(p)).collect();
     if shared.redis_version.get().is_none()
@@ -582,22 +674,7 @@ fn build_info(shared: &Arc<Shared>, wanted: &[String], up: &[bool], parts: &[Byt
         out.push_str(&body);
     };
     if want("server") {
-        let up_secs = shared.started.elapsed().as_secs();
-        let port = shared.listen_addr.get().map_or(0, |a| a.port());
-        section(
-            "Server",
-            format!(
-                "redis_version:{version}\r\nslotgate_version:{}\r\nredis_mode:standalone\r\n\
-                 os:{} {}\r\narch_bits:{}\r\nmultiplexing_api:epoll\r\nprocess_id:{}\r\n\
-                 tcp_port:{port}\r\nuptime_in_seconds:{up_secs}\r\nuptime_in_days:{}\r\n",
-                env!("CARGO_PKG_VERSION"),
-                std::env::consts::OS,
-                std::env::consts::ARCH,
-                usize::BITS,
-                std::process::id(),
-                up_secs / 86400
-            ),
-        );
+        section("Server", server_info(shared, version));
     }
     if want("clients") {
         section(
@@ -673,68 +750,10 @@ fn build_info(shared: &Arc<Shared>, wanted: &[String], up: &[bool], parts: &[Byt
         );
     }
     if want("readthrough") {
-        let rt = &shared.readthrough;
-        let (flights, negatives) = rt.sizes();
-        let mut body = format!(
-            "rules:{}\r\nfetches_tracked:{flights}\r\nnegative_entries:{negatives}\r\n",
-            rt.rules.iter().count()
-        );
-        for r in rt.rules.iter() {
-            let s = &r.stats;
-            let (hits, misses) = (s.hits.get(), s.misses.get());
-            let ratio = if hits + misses > 0 {
-                hits as f64 / (hits + misses) as f64
-            } else {
-                0.0
-            };
-            let avoided = hits + s.coalesced.get() + s.negative_hits.get() + s.stale_serves.get();
-            body.push_str(&format!(
-                "rule_{}:prefix={},hits={hits},misses={misses},hit_ratio={ratio:.4},\
-                 origin_requests={},origin_calls_avoided={avoided},coalesced={},\
-                 negative_hits={},stale_serves={},origin_errors={},bytes_loaded={},stored={}\r\n",
-                r.name,
-                String::from_utf8_lossy(&r.prefix),
-                s.origin_requests.get(),
-                s.coalesced.get(),
-                s.negative_hits.get(),
-                s.stale_serves.get(),
-                s.origin_errors.get(),
-                s.bytes_loaded.get(),
-                s.stored.get()
-            ));
-        }
-        section("Readthrough", body);
+        section("Readthrough", readthrough_info(shared));
     }
     if want("shards") {
-        let mut body = String::new();
-        for (i, addr) in settings.shards.iter().enumerate() {
-            let ranges: Vec<String> = settings
-                .slot_map
-                .ranges(i)
-                .iter()
-                .map(|&(a, b)| {
-                    if a == b {
-                        a.to_string()
-                    } else {
-                        format!("{a}-{b}")
-                    }
-                })
-                .collect();
-            let text = texts.get(i).copied().flatten();
-            let status = if text.is_some() && up.get(i).copied().unwrap_or(false) {
-                "up"
-            } else {
-                "down"
-            };
-            body.push_str(&format!(
-                "shard{i}:addr={addr},slots={},status={status},keys={},redis_version={}\r\n",
-                ranges.join(" "),
-                text.map_or(0, |t| db0(t).0),
-                text.and_then(|t| info_field(t, "redis_version"))
-                    .unwrap_or("?")
-            ));
-        }
-        section("Shards", body);
+        section("Shards", shards_info(settings, &texts, up));
     }
     out
 }
