@@ -101,24 +101,16 @@ impl ReplyScanner {
             }
             match t {
                 b'+' | b'-' | b':' | b'_' | b',' | b'#' | b'(' => {
-                    let Some(cr) = find_cr(&buf[p + 1..]) else {
+                    let Some(next) = line_end(buf, p) else {
                         return Ok(None);
                     };
-                    let next = p + 1 + cr + 2;
-                    if next > buf.len() {
-                        return Ok(None);
-                    }
                     self.pos = next;
                 }
                 b'$' | b'!' | b'=' => {
                     if buf.get(p + 1) == Some(&b'?') {
-                        let Some(cr) = find_cr(&buf[p + 1..]) else {
+                        let Some(next) = line_end(buf, p) else {
                             return Ok(None);
                         };
-                        let next = p + 1 + cr + 2;
-                        if next > buf.len() {
-                            return Ok(None);
-                        }
                         self.pos = next;
                         self.streamed_string = true;
                         continue;
@@ -135,62 +127,17 @@ impl ReplyScanner {
                     }
                     self.pos = end;
                 }
-                b'*' | b'~' | b'>' | b'%' | b'|' => {
-                    let streamed = buf.get(p + 1) == Some(&b'?');
-                    let (count, next) = if streamed {
-                        let Some(cr) = find_cr(&buf[p + 1..]) else {
-                            return Ok(None);
-                        };
-                        let next = p + 1 + cr + 2;
-                        if next > buf.len() {
-                            return Ok(None);
-                        }
-                        (u64::MAX, next)
-                    } else {
-                        let Some((n, next)) = line_int(buf, p + 1)? else {
-                            return Ok(None);
-                        };
-                        if n < -1 {
-                            return Err(ScanError::Invalid);
-                        }
-                        let pairs = matches!(t, b'%' | b'|');
-                        let n = if n <= 0 { 0 } else { n as u64 };
-                        (if pairs { n.saturating_mul(2) } else { n }, next)
-                    };
-                    self.pos = next;
-                    if count > 0 {
-                        let attribute = t == b'|';
-                        let chained = count == 1
-                            && !attribute
-                            && self
-                                .stack
-                                .last()
-                                .is_some_and(|top| top.remaining == 1 && !top.attribute);
-                        // A one-element aggregate as the last frame of its parent: both
-                        // complete with that one element, so the parent's entry stands for
-                        // both (a chain of any depth is one entry).
-                        if !chained {
-                            self.stack.push(Level {
-                                remaining: count,
-                                attribute,
-                            });
-                        }
-                        continue;
-                    }
-                    if t == b'|' {
-                        // An empty attribute: the annotated frame follows.
-                        continue;
-                    }
-                }
+                b'*' | b'~' | b'>' | b'%' | b'|' => match self.open_aggregate(buf, p, t)? {
+                    None => return Ok(None),
+                    Some(true) => continue,
+                    // An empty aggregate is a whole element.
+                    Some(false) => {}
+                },
                 b'.' => {
                     // End of a streamed aggregate.
-                    let Some(cr) = find_cr(&buf[p + 1..]) else {
+                    let Some(next) = line_end(buf, p) else {
                         return Ok(None);
                     };
-                    let next = p + 1 + cr + 2;
-                    if next > buf.len() {
-                        return Ok(None);
-                    }
                     match self.stack.last() {
                         Some(l) if l.remaining == u64::MAX => {}
                         _ => return Err(ScanError::Invalid),
@@ -204,6 +151,55 @@ impl ReplyScanner {
                 return Ok(Some(f));
             }
         }
+    }
+
+    /// The header of an aggregate at `p` (type `t`): pushes a level for its elements. `None`
+    /// until the header is complete; `Some(true)` when elements follow, `Some(false)` when it
+    /// is empty (a whole element itself).
+    #[inline]
+    fn open_aggregate(&mut self, buf: &[u8], p: usize, t: u8) -> Result<Option<bool>, ScanError> {
+        let streamed = buf.get(p + 1) == Some(&b'?');
+        let (count, next) = if streamed {
+            let Some(next) = line_end(buf, p) else {
+                return Ok(None);
+            };
+            (u64::MAX, next)
+        } else {
+            let Some((n, next)) = line_int(buf, p + 1)? else {
+                return Ok(None);
+            };
+            if n < -1 {
+                return Err(ScanError::Invalid);
+            }
+            let pairs = matches!(t, b'%' | b'|');
+            let n = if n <= 0 { 0 } else { n as u64 };
+            (if pairs { n.saturating_mul(2) } else { n }, next)
+        };
+        self.pos = next;
+        if count > 0 {
+            let attribute = t == b'|';
+            let chained = count == 1
+                && !attribute
+                && self
+                    .stack
+                    .last()
+                    .is_some_and(|top| top.remaining == 1 && !top.attribute);
+            // A one-element aggregate as the last frame of its parent: both
+            // complete with that one element, so the parent's entry stands for
+            // both (a chain of any depth is one entry).
+            if !chained {
+                self.stack.push(Level {
+                    remaining: count,
+                    attribute,
+                });
+            }
+            return Ok(Some(true));
+        }
+        if t == b'|' {
+            // An empty attribute: the annotated frame follows.
+            return Ok(Some(true));
+        }
+        Ok(Some(false))
     }
 
     /// One frame ended at `self.pos`: pop finished aggregates; `Some` when the top-level
@@ -301,6 +297,15 @@ pub fn array_elements(frame: &[u8]) -> Option<Vec<(usize, usize)>> {
         pos += f.len;
     }
     Some(out)
+}
+
+/// Where the line starting after the type byte at `p` ends (after its CRLF), once it is all
+/// in `buf`.
+#[inline]
+fn line_end(buf: &[u8], p: usize) -> Option<usize> {
+    let cr = find_cr(&buf[p + 1..])?;
+    let next = p + 1 + cr + 2;
+    (next <= buf.len()).then_some(next)
 }
 
 #[cfg(test)]
