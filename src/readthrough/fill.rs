@@ -1,0 +1,188 @@
+//! The fill: one origin fetch per key, stored with `SET … PX ttl NX` unless a write
+//! came first; background refreshes for stale-while-revalidate.
+
+use super::*;
+
+/// A miss on a rule-owned key: negative entry, join a fetch, or lead one.
+pub async fn miss(w: &Rc<Worker>, rule: &Arc<Rule>, key: &Bytes, sent_at: Instant) -> Arc<Outcome> {
+    let rt = &w.shared.readthrough;
+    if rt.negative_fresh(key) {
+        rule.stats.negative_hits.add(1);
+        return Arc::new(Outcome::Absent);
+    }
+    match rt.join(key, sent_at) {
+        Join::Done(o) => {
+            rule.stats.coalesced.add(1);
+            o
+        }
+        Join::Waiter(f) => {
+            rule.stats.coalesced.add(1);
+            let mut rx = f.tx.subscribe();
+            match tokio::time::timeout(rule.timeout, rx.wait_for(|o| o.is_some())).await {
+                Ok(Ok(o)) => o.clone().unwrap_or_else(|| Arc::new(timeout_error(rule))),
+                _ => Arc::new(timeout_error(rule)),
+            }
+        }
+        Join::Leader(f) => {
+            let o = Arc::new(lead(w, rule, key, &f).await);
+            rt.finish(&f, o.clone());
+            o
+        }
+    }
+}
+
+pub(super) fn timeout_error(rule: &Rule) -> Outcome {
+    Outcome::Error(
+        reply::Failure::Origin {
+            rule: &rule.name,
+            why: &format!("timed out after {:?}", rule.timeout),
+        }
+        .to_reply(),
+    )
+}
+
+/// One origin fetch, counted in the rule's metrics.
+pub(super) enum Loaded {
+    /// `200`: the body, and how long to store it (`None`: `no-store` or a zero TTL).
+    Value {
+        body: Bytes,
+        store_for: Option<Duration>,
+    },
+    /// `404`/`410`.
+    Absent,
+    /// The error reply for the client.
+    Failed(Outcome),
+}
+
+pub(super) async fn fetch(w: &Worker, rule: &Rule, key: &[u8]) -> Loaded {
+    let stats = &rule.stats;
+    stats.origin_requests.add(1);
+    let url = rule.template.render(key, rule.prefix.len());
+    let t0 = Instant::now();
+    let fetched = w.origin.fetch(&url, rule.timeout, rule.max_body).await;
+    stats.latency.record(t0.elapsed().as_secs_f64());
+    match fetched {
+        Ok(Fetched::Found {
+            body,
+            max_age,
+            no_store,
+        }) => {
+            stats.bytes_loaded.add(body.len() as u64);
+            let ttl = match max_age {
+                Some(a) if rule.honor_max_age => a,
+                _ => rule.ttl,
+            };
+            // Stored for ttl + grace: the grace period serves it stale (see the module docs).
+            let store_for = (!no_store && !ttl.is_zero()).then_some(ttl + rule.grace);
+            Loaded::Value { body, store_for }
+        }
+        Ok(Fetched::Absent) => Loaded::Absent,
+        Err(e) => {
+            stats.origin_error(&e);
+            tracing::debug!(rule = %rule.name, %url, "origin fetch failed: {e}");
+            Loaded::Failed(Outcome::Error(
+                reply::Failure::Origin {
+                    rule: &rule.name,
+                    why: &e.to_string(),
+                }
+                .to_reply(),
+            ))
+        }
+    }
+}
+
+/// Fetches `key` from the origin and, unless the fill went dirty, stores it with `NX`.
+pub(super) async fn lead(w: &Rc<Worker>, rule: &Rule, key: &Bytes, flight: &Flight) -> Outcome {
+    let stats = &rule.stats;
+    match fetch(w, rule, key).await {
+        Loaded::Value { body, store_for } => {
+            match store_for {
+                Some(d) if !flight.is_dirty() => {
+                    let px = d.as_millis().to_string();
+                    let set = command(&[b"SET", key, &body, b"PX", px.as_bytes(), b"NX"]);
+                    let shard = w.shared.settings.slot_map.shard_of(key);
+                    let r = w.request(shard, &set).await;
+                    if r.first() == Some(&b'-') {
+                        tracing::warn!(rule = %rule.name, "storing a loaded value failed: {}",
+                            String::from_utf8_lossy(&r).trim_end());
+                    } else {
+                        stats.stored.add(1);
+                    }
+                }
+                _ => stats.store_skipped.add(1),
+            }
+            Outcome::Value(body)
+        }
+        Loaded::Absent => {
+            if !flight.is_dirty() {
+                w.shared.readthrough.remember_absent(key, rule.negative_ttl);
+            }
+            Outcome::Absent
+        }
+        Loaded::Failed(o) => o,
+    }
+}
+
+/// Starts one background refresh of a value served in its grace period (single-flight).
+pub(super) fn refresh_in_background(w: &Rc<Worker>, rule: &Arc<Rule>, key: &Bytes, served: &Bytes) {
+    let rt = &w.shared.readthrough;
+    if rt
+        .refresh_backoff
+        .get(key)
+        .is_some_and(|until| *until > Instant::now())
+    {
+        return;
+    }
+    let Join::Leader(flight) = rt.join(key, Instant::now()) else {
+        return;
+    };
+    let (w, rule, key) = (w.clone(), rule.clone(), key.clone());
+    // The served frame is `$len\r\nvalue\r\n`: keep the value for the compare-and-set.
+    let old = bulk_payload(served);
+    tokio::task::spawn_local(async move {
+        let stats = &rule.stats;
+        let rt = &w.shared.readthrough;
+        let outcome = match fetch(&w, &rule, &key).await {
+            Loaded::Value { body, store_for } => {
+                match store_for {
+                    Some(d) if !flight.is_dirty() => {
+                        let px = d.as_millis().to_string();
+                        let cas = command(&[
+                            b"EVAL",
+                            CAS_SET.as_bytes(),
+                            b"1",
+                            &key,
+                            &old,
+                            &body,
+                            px.as_bytes(),
+                        ]);
+                        let shard = w.shared.settings.slot_map.shard_of(&key);
+                        if w.request(shard, &cas).await.starts_with(b"+OK") {
+                            stats.stored.add(1);
+                        } else {
+                            stats.store_skipped.add(1);
+                        }
+                    }
+                    _ => stats.store_skipped.add(1),
+                }
+                Outcome::Value(body)
+            }
+            // Gone at the origin: the stale value expires on its own (hard TTL).
+            Loaded::Absent => Outcome::Absent,
+            Loaded::Failed(o) => {
+                rt.refresh_backoff
+                    .insert(key.clone(), Instant::now() + REFRESH_BACKOFF);
+                o
+            }
+        };
+        rt.finish(&flight, Arc::new(outcome));
+    });
+}
+
+/// The payload of a `$len\r\n…\r\n` frame.
+pub(super) fn bulk_payload(frame: &Bytes) -> Bytes {
+    match frame.iter().position(|&c| c == b'\n') {
+        Some(nl) if frame.len() >= nl + 3 => frame.slice(nl + 1..frame.len() - 2),
+        _ => Bytes::new(),
+    }
+}

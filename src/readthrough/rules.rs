@@ -1,0 +1,260 @@
+//! Read-through rules: their configuration (`[[readthrough]]`, `--readthrough`), the
+//! prefix match, and their counters.
+
+use super::*;
+
+/// A `[[readthrough]]` table (or one `--readthrough` flag).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Name used in metrics and INFO; default: the prefix.
+    pub name: Option<String>,
+    /// Keys this rule owns.
+    pub prefix: String,
+    /// `http://host:port/path/{rest}` (`{key}` = whole key, `{rest}` = key minus the prefix).
+    pub origin: String,
+    /// How long a loaded value is cached [default: 10m].
+    pub ttl: Option<String>,
+    /// Use the origin's `Cache-Control: max-age` instead of `ttl` when present [default: false].
+    #[serde(default)]
+    pub honor_max_age: bool,
+    /// How long a 404/410 is remembered [default: 30s].
+    pub negative_ttl: Option<String>,
+    /// Longest wait for the origin [default: 500ms].
+    pub timeout: Option<String>,
+    /// Largest body accepted, in bytes [default: 16 MiB].
+    pub max_body: Option<usize>,
+    /// Stale-while-revalidate / stale-if-error window after `ttl` [default: 0s = off].
+    pub grace: Option<String>,
+}
+
+impl RuleConfig {
+    /// `PREFIX=URL_TEMPLATE[;ttl=10m][;negative_ttl=30s][;timeout=500ms][;grace=1m]
+    /// [;name=N][;max_body=BYTES][;honor_max_age=true]`, split at the first `=` so the prefix
+    /// may contain colons.
+    pub fn parse_flag(s: &str) -> Result<Self, String> {
+        let (prefix, rest) = s.split_once('=').ok_or_else(|| {
+            format!("--readthrough '{s}': expected PREFIX=URL_TEMPLATE[;opt=value…]")
+        })?;
+        let mut parts = rest.split(';');
+        let mut rc = RuleConfig {
+            prefix: prefix.to_string(),
+            origin: parts.next().unwrap_or("").trim().to_string(),
+            ..Default::default()
+        };
+        for opt in parts.map(str::trim).filter(|o| !o.is_empty()) {
+            let (k, v) = opt
+                .split_once('=')
+                .ok_or_else(|| format!("--readthrough option '{opt}': expected name=value"))?;
+            let v = v.trim().to_string();
+            match k.trim() {
+                "ttl" => rc.ttl = Some(v),
+                "negative_ttl" => rc.negative_ttl = Some(v),
+                "timeout" => rc.timeout = Some(v),
+                "grace" => rc.grace = Some(v),
+                "name" => rc.name = Some(v),
+                "max_body" => {
+                    rc.max_body = Some(v.parse().map_err(|_| format!("max_body '{v}': bytes"))?)
+                }
+                "honor_max_age" => {
+                    rc.honor_max_age = v.parse().map_err(|_| format!("honor_max_age '{v}'"))?
+                }
+                other => return Err(format!("--readthrough: unknown option '{other}'")),
+            }
+        }
+        Ok(rc)
+    }
+}
+
+/// A validated rule.
+#[derive(Debug)]
+pub struct Rule {
+    pub name: String,
+    pub prefix: Vec<u8>,
+    pub template: UrlTemplate,
+    pub ttl: Duration,
+    pub honor_max_age: bool,
+    pub negative_ttl: Duration,
+    pub timeout: Duration,
+    pub max_body: usize,
+    pub grace: Duration,
+    pub stats: RuleStats,
+}
+
+/// Per-rule counters: atomics for INFO, copied into the metrics registry when it is scraped
+/// ([`RuleStats::publish`]), so a hit costs one atomic add.
+#[derive(Debug)]
+pub struct RuleStats {
+    pub hits: Stat,
+    pub misses: Stat,
+    pub origin_requests: Stat,
+    pub coalesced: Stat,
+    pub negative_hits: Stat,
+    pub stale_serves: Stat,
+    pub origin_errors: Stat,
+    pub bytes_loaded: Stat,
+    pub stored: Stat,
+    pub store_skipped: Stat,
+    errors_by_kind: [metrics::Counter; 5],
+    pub(super) latency: metrics::Histogram,
+}
+
+/// A counter readable for INFO and exported to Prometheus (see [`RuleStats::publish`]).
+#[derive(Debug)]
+pub struct Stat {
+    value: AtomicU64,
+    counter: metrics::Counter,
+}
+
+impl Stat {
+    fn new(name: &'static str, rule: &str) -> Self {
+        Stat {
+            value: AtomicU64::new(0),
+            counter: metrics::counter!(name, "rule" => rule.to_string()),
+        }
+    }
+
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.value.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.value.load(Ordering::Relaxed)
+    }
+}
+
+impl RuleStats {
+    fn new(rule: &str) -> Self {
+        use crate::metrics as m;
+        let kinds = ["status", "timeout", "connect", "too_large", "other"];
+        RuleStats {
+            hits: Stat::new(m::RT_HITS, rule),
+            misses: Stat::new(m::RT_MISSES, rule),
+            origin_requests: Stat::new(m::RT_ORIGIN_REQUESTS, rule),
+            coalesced: Stat::new(m::RT_COALESCED, rule),
+            negative_hits: Stat::new(m::RT_NEGATIVE_HITS, rule),
+            stale_serves: Stat::new(m::RT_STALE_SERVES, rule),
+            origin_errors: Stat::new(m::RT_ORIGIN_ERRORS_ALL, rule),
+            bytes_loaded: Stat::new(m::RT_BYTES_LOADED, rule),
+            stored: Stat::new(m::RT_STORED, rule),
+            store_skipped: Stat::new(m::RT_STORE_SKIPPED, rule),
+            errors_by_kind: kinds.map(
+                |k| metrics::counter!(m::RT_ORIGIN_ERRORS, "rule" => rule.to_string(), "kind" => k),
+            ),
+            latency: metrics::histogram!(m::RT_ORIGIN_LATENCY, "rule" => rule.to_string()),
+        }
+    }
+
+    /// Copies the counters into the metrics registry (before `/metrics` renders it).
+    pub fn publish(&self) {
+        for s in [
+            &self.hits,
+            &self.misses,
+            &self.origin_requests,
+            &self.coalesced,
+            &self.negative_hits,
+            &self.stale_serves,
+            &self.origin_errors,
+            &self.bytes_loaded,
+            &self.stored,
+            &self.store_skipped,
+        ] {
+            s.counter.absolute(s.get());
+        }
+    }
+
+    pub(super) fn origin_error(&self, e: &OriginError) {
+        self.origin_errors.add(1);
+        let i = match e.kind() {
+            "status" => 0,
+            "timeout" => 1,
+            "connect" => 2,
+            "too_large" => 3,
+            _ => 4,
+        };
+        self.errors_by_kind[i].increment(1);
+    }
+}
+
+/// The rules, longest prefix first.
+#[derive(Debug, Default)]
+pub struct Rules {
+    rules: Vec<Arc<Rule>>,
+}
+
+impl Rules {
+    /// Validates the rules: well-formed URL templates and durations, distinct prefixes and
+    /// names. Nested prefixes are allowed; the longest one wins.
+    pub fn build(configs: &[RuleConfig]) -> Result<Self, String> {
+        let mut rules: Vec<Arc<Rule>> = Vec::new();
+        for c in configs {
+            if c.prefix.is_empty() {
+                return Err("a read-through rule needs a non-empty prefix".into());
+            }
+            let name = c.name.clone().unwrap_or_else(|| c.prefix.clone());
+            let what = |k: &str| format!("read-through rule '{name}': {k}");
+            let dur = |v: &Option<String>, default: &str, k: &str| {
+                parse_duration(v.as_deref().unwrap_or(default))
+                    .map_err(|e| format!("{}: {e}", what(k)))
+            };
+            let template = UrlTemplate::parse(&c.origin).map_err(|e| what(&e))?;
+            let ttl = dur(&c.ttl, "10m", "ttl")?;
+            let timeout = dur(&c.timeout, "500ms", "timeout")?;
+            if ttl.is_zero() || timeout.is_zero() {
+                return Err(what("ttl and timeout must be > 0"));
+            }
+            let rule = Rule {
+                stats: RuleStats::new(&name),
+                prefix: c.prefix.as_bytes().to_vec(),
+                template,
+                ttl,
+                honor_max_age: c.honor_max_age,
+                negative_ttl: dur(&c.negative_ttl, "30s", "negative_ttl")?,
+                timeout,
+                max_body: c.max_body.unwrap_or(16 * 1024 * 1024),
+                grace: dur(&c.grace, "0s", "grace")?,
+                name,
+            };
+            if let Some(o) = rules.iter().find(|o| o.prefix == rule.prefix) {
+                return Err(format!(
+                    "read-through rules '{}' and '{}' both own prefix '{}'",
+                    o.name, rule.name, c.prefix
+                ));
+            }
+            if rules.iter().any(|o| o.name == rule.name) {
+                return Err(format!("two read-through rules are named '{}'", rule.name));
+            }
+            rules.push(Arc::new(rule));
+        }
+        rules.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        Ok(Rules { rules })
+    }
+
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// The rule owning `key`: the longest matching prefix.
+    #[inline]
+    pub fn find(&self, key: &[u8]) -> Option<&Arc<Rule>> {
+        self.position(key).map(|i| &self.rules[i])
+    }
+
+    /// Where in [`Rules::at`] the rule owning `key` is (a GET in flight keeps this, not an
+    /// `Arc`: no shared reference count to touch per request).
+    #[inline]
+    pub fn position(&self, key: &[u8]) -> Option<usize> {
+        self.rules.iter().position(|r| key.starts_with(&r.prefix))
+    }
+
+    #[inline]
+    pub fn at(&self, i: usize) -> &Arc<Rule> {
+        &self.rules[i]
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Rule>> {
+        self.rules.iter()
+    }
+}
