@@ -1205,4 +1205,187 @@ mod tests {
         assert_eq!(bulk_end(b"$12"), None);
         assert_eq!(bulk_end(b"*1\r\n"), None);
     }
+
+    /// A fake shard on loopback for the upstream FIFO's unit tests: it answers each request
+    /// with `:<n>` (its number, from 1) once `release` lets it, and records what it read.
+    mod fake {
+        use std::sync::{Arc, Mutex};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::sync::Semaphore;
+
+        pub struct Shard {
+            pub addr: std::net::SocketAddr,
+            pub received: Arc<Mutex<Vec<u8>>>,
+            pub release: Arc<Semaphore>,
+        }
+
+        /// `refuse_auth`: answer the first command (the handshake's AUTH) with an error.
+        pub async fn start(refuse_auth: bool) -> Shard {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let received = Arc::new(Mutex::new(Vec::new()));
+            let release = Arc::new(Semaphore::new(0));
+            let (rec, rel) = (received.clone(), release.clone());
+            tokio::task::spawn_local(async move {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut buf = vec![0u8; 4096];
+                let mut answered = 0usize;
+                loop {
+                    let n = match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    rec.lock().unwrap().extend_from_slice(&buf[..n]);
+                    // One reply per command (each starts with `*`) read so far.
+                    let commands = rec.lock().unwrap().iter().filter(|&&b| b == b'*').count();
+                    while answered < commands {
+                        answered += 1;
+                        let reply = if refuse_auth && answered == 1 {
+                            b"-WRONGPASS invalid username-password pair\r\n".to_vec()
+                        } else {
+                            rel.acquire().await.unwrap().forget();
+                            format!(":{answered}\r\n").into_bytes()
+                        };
+                        if s.write_all(&reply).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+            Shard {
+                addr,
+                received,
+                release,
+            }
+        }
+    }
+
+    fn config(op_timeout: Duration, auth: bool) -> UpstreamConfig {
+        UpstreamConfig {
+            op_timeout,
+            max_inflight: 1000,
+            max_inflight_bytes: 1 << 20,
+            auth: auth.then(|| UpstreamAuth {
+                username: None,
+                password: Secret("pw".into()),
+            }),
+            tls: None,
+            up: Arc::new(AtomicUsize::new(0)),
+            dedicated: false,
+            mirror: None,
+        }
+    }
+
+    /// Sends `cmd` for the next slot of `q`.
+    fn send(up: &Upstream, q: &Rc<crate::queue::ReplyQueue>, cmd: &[&[u8]]) {
+        let seq = q.push_waiting(crate::queue::Slot::Waiting);
+        let target = Target::Client {
+            queue: q.clone(),
+            seq,
+            part: 0,
+        };
+        up.send(&crate::resp::request::command(cmd), target, Instant::now());
+    }
+
+    /// Waits (bounded) until `n` replies are ready at the front of `q`, and takes them.
+    async fn replies(q: &crate::queue::ReplyQueue, n: usize) -> Vec<u8> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if q.len() - q.waiting() >= n && q.front_ready() {
+                let mut out = BytesMut::new();
+                q.drain_ready(&mut out, usize::MAX);
+                return out.to_vec();
+            }
+            assert!(Instant::now() < deadline, "no {n} replies within 5 s");
+            let _ = tokio::time::timeout(Duration::from_millis(50), q.notify.notified()).await;
+        }
+    }
+
+    fn local(test: impl std::future::Future<Output = ()>) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, test);
+    }
+
+    /// Replies are matched to requests in order.
+    #[test]
+    fn replies_are_matched_to_requests_in_order() {
+        local(async {
+            let shard = fake::start(false).await;
+            let up = Upstream::start(
+                shard.addr,
+                Proto::Resp2,
+                config(Duration::from_secs(5), false),
+            );
+            let q = crate::queue::ReplyQueue::new();
+            for k in [&b"a"[..], b"b", b"c"] {
+                send(&up, &q, &[b"GET", k]);
+            }
+            shard.release.add_permits(3);
+            assert_eq!(replies(&q, 3).await, b":1\r\n:2\r\n:3\r\n");
+        });
+    }
+
+    /// A request that was sent and timed out says so, keeps its place in the FIFO (its late
+    /// reply is dropped, not given to the next request) and keeps counting as in flight.
+    #[test]
+    fn a_timed_out_request_keeps_its_place_and_its_late_reply_is_dropped() {
+        local(async {
+            let shard = fake::start(false).await;
+            let up = Upstream::start(
+                shard.addr,
+                Proto::Resp2,
+                config(Duration::from_millis(200), false),
+            );
+            let q = crate::queue::ReplyQueue::new();
+            send(&up, &q, &[b"GET", b"slow"]);
+            let first = replies(&q, 1).await;
+            assert!(
+                first.starts_with(b"-ERR outcome unknown: "),
+                "{}",
+                String::from_utf8_lossy(&first)
+            );
+            assert_eq!(
+                up.pending(),
+                1,
+                "the abandoned request is still in the FIFO"
+            );
+            send(&up, &q, &[b"GET", b"next"]);
+            shard.release.add_permits(2);
+            // `:1` was the late reply to the first request: dropped.
+            assert_eq!(replies(&q, 1).await, b":2\r\n");
+            assert_eq!(up.pending(), 0);
+        });
+    }
+
+    /// Requests wait for the handshake; when the shard refuses it they fail as not sent, and
+    /// the shard never receives them.
+    #[test]
+    fn a_refused_handshake_fails_requests_that_were_never_sent() {
+        local(async {
+            let shard = fake::start(true).await;
+            let up = Upstream::start(
+                shard.addr,
+                Proto::Resp2,
+                config(Duration::from_secs(5), true),
+            );
+            let q = crate::queue::ReplyQueue::new();
+            send(&up, &q, &[b"SET", b"k", b"v"]);
+            let r = replies(&q, 1).await;
+            assert!(
+                r.starts_with(b"-ERR shard unavailable: ")
+                    && r.windows(9).any(|w| w == b"WRONGPASS"),
+                "{}",
+                String::from_utf8_lossy(&r)
+            );
+            let seen = shard.received.lock().unwrap().clone();
+            assert!(
+                !seen.windows(3).any(|w| w == b"SET"),
+                "the request reached the shard: {}",
+                String::from_utf8_lossy(&seen)
+            );
+        });
+    }
 }
