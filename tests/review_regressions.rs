@@ -1,5 +1,6 @@
 //! Regression tests for bugs found by an adversarial review of the core proxy. Each failed
-//! before its fix.
+//! before its fix, except the flooding-client test, which guards the reader's yield: no
+//! starvation was reproduced without it.
 
 mod support;
 
