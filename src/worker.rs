@@ -206,3 +206,22 @@ impl Worker {
         self.commands.set(self.commands.get() + n);
     }
 }
+
+impl crate::readthrough::Context for Worker {
+    fn readthrough(&self) -> &ReadThrough {
+        &self.shared.readthrough
+    }
+
+    fn origin(&self) -> &OriginClient {
+        &self.origin
+    }
+
+    fn request_for_key<'a>(
+        &'a self,
+        key: &[u8],
+        cmd: &'a [u8],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bytes::Bytes> + 'a>> {
+        let shard = self.shared.settings.slot_map.shard_of(key);
+        Box::pin(self.request(shard, cmd))
+    }
+}

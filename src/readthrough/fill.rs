@@ -4,8 +4,13 @@
 use super::*;
 
 /// A miss on a rule-owned key: negative entry, join a fetch, or lead one.
-pub async fn miss(w: &Rc<Worker>, rule: &Arc<Rule>, key: &Bytes, sent_at: Instant) -> Arc<Outcome> {
-    let rt = &w.shared.readthrough;
+pub async fn miss(
+    w: &Rc<dyn Context>,
+    rule: &Arc<Rule>,
+    key: &Bytes,
+    sent_at: Instant,
+) -> Arc<Outcome> {
+    let rt = &w.readthrough();
     if rt.negative_fresh(key) {
         rule.stats.negative_hits.add(1);
         return Arc::new(Outcome::Absent);
@@ -54,12 +59,12 @@ pub(super) enum Loaded {
     Failed(Outcome),
 }
 
-pub(super) async fn fetch(w: &Worker, rule: &Rule, key: &[u8]) -> Loaded {
+pub(super) async fn fetch(w: &dyn Context, rule: &Rule, key: &[u8]) -> Loaded {
     let stats = &rule.stats;
     stats.origin_requests.add(1);
     let url = rule.template.render(key, rule.prefix.len());
     let t0 = Instant::now();
-    let fetched = w.origin.fetch(&url, rule.timeout, rule.max_body).await;
+    let fetched = w.origin().fetch(&url, rule.timeout, rule.max_body).await;
     stats.latency.record(t0.elapsed().as_secs_f64());
     match fetched {
         Ok(Fetched::Found {
@@ -92,16 +97,20 @@ pub(super) async fn fetch(w: &Worker, rule: &Rule, key: &[u8]) -> Loaded {
 }
 
 /// Fetches `key` from the origin and, unless the fill went dirty, stores it with `NX`.
-pub(super) async fn lead(w: &Rc<Worker>, rule: &Rule, key: &Bytes, flight: &Flight) -> Outcome {
+pub(super) async fn lead(
+    w: &Rc<dyn Context>,
+    rule: &Rule,
+    key: &Bytes,
+    flight: &Flight,
+) -> Outcome {
     let stats = &rule.stats;
-    match fetch(w, rule, key).await {
+    match fetch(w.as_ref(), rule, key).await {
         Loaded::Value { body, store_for } => {
             match store_for {
                 Some(d) if !flight.is_dirty() => {
                     let px = d.as_millis().to_string();
                     let set = command(&[b"SET", key, &body, b"PX", px.as_bytes(), b"NX"]);
-                    let shard = w.shared.settings.slot_map.shard_of(key);
-                    let r = w.request(shard, &set).await;
+                    let r = w.request_for_key(key, &set).await;
                     if r.first() == Some(&b'-') {
                         tracing::warn!(rule = %rule.name, "storing a loaded value failed: {}",
                             String::from_utf8_lossy(&r).trim_end());
@@ -115,7 +124,7 @@ pub(super) async fn lead(w: &Rc<Worker>, rule: &Rule, key: &Bytes, flight: &Flig
         }
         Loaded::Absent => {
             if !flight.is_dirty() {
-                w.shared.readthrough.remember_absent(key, rule.negative_ttl);
+                w.readthrough().remember_absent(key, rule.negative_ttl);
             }
             Outcome::Absent
         }
@@ -124,8 +133,13 @@ pub(super) async fn lead(w: &Rc<Worker>, rule: &Rule, key: &Bytes, flight: &Flig
 }
 
 /// Starts one background refresh of a value served in its grace period (single-flight).
-pub(super) fn refresh_in_background(w: &Rc<Worker>, rule: &Arc<Rule>, key: &Bytes, served: &Bytes) {
-    let rt = &w.shared.readthrough;
+pub(super) fn refresh_in_background(
+    w: &Rc<dyn Context>,
+    rule: &Arc<Rule>,
+    key: &Bytes,
+    served: &Bytes,
+) {
+    let rt = &w.readthrough();
     if rt
         .refresh_backoff
         .get(key)
@@ -141,8 +155,8 @@ pub(super) fn refresh_in_background(w: &Rc<Worker>, rule: &Arc<Rule>, key: &Byte
     let old = bulk_payload(served);
     tokio::task::spawn_local(async move {
         let stats = &rule.stats;
-        let rt = &w.shared.readthrough;
-        let outcome = match fetch(&w, &rule, &key).await {
+        let rt = &w.readthrough();
+        let outcome = match fetch(w.as_ref(), &rule, &key).await {
             Loaded::Value { body, store_for } => {
                 match store_for {
                     Some(d) if !flight.is_dirty() => {
@@ -156,8 +170,7 @@ pub(super) fn refresh_in_background(w: &Rc<Worker>, rule: &Arc<Rule>, key: &Byte
                             &body,
                             px.as_bytes(),
                         ]);
-                        let shard = w.shared.settings.slot_map.shard_of(&key);
-                        if w.request(shard, &cas).await.starts_with(b"+OK") {
+                        if w.request_for_key(&key, &cas).await.starts_with(b"+OK") {
                             stats.stored.add(1);
                         } else {
                             stats.store_skipped.add(1);

@@ -49,7 +49,19 @@ use crate::queue::{ReplyQueue, Sink, SinkRef};
 use crate::resp::reply::{self, Proto};
 use crate::resp::request::command;
 use crate::units::parse_duration;
-use crate::worker::Worker;
+/// What the read-through path needs of the worker it runs on: the shared read-through state,
+/// the origin client, and one request of its own to the shard owning a key (stores,
+/// refreshes). The worker implements it; read-through does not know the worker.
+pub trait Context {
+    fn readthrough(&self) -> &ReadThrough;
+    fn origin(&self) -> &origin::OriginClient;
+    /// Sends `cmd` to the shard owning `key` and waits for the reply.
+    fn request_for_key<'a>(
+        &'a self,
+        key: &[u8],
+        cmd: &'a [u8],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Bytes> + 'a>>;
+}
 use origin::{Fetched, OriginError, UrlTemplate};
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use super::*;
 
 /// A GET of a rule-owned key, waiting for its shard reply.
 pub struct PendingGet {
-    pub w: Rc<Worker>,
+    pub w: Rc<dyn Context>,
     pub queue: Rc<ReplyQueue>,
     pub seq: u64,
     /// The rule, by its place in the worker's [`Rules`].
@@ -155,7 +155,7 @@ impl PendingGet {
         if value.first() == Some(&b'-') {
             return self.queue.deliver(self.seq, 0, value);
         }
-        let rule = self.w.shared.readthrough.rules.at(self.rule);
+        let rule = self.w.readthrough().rules.at(self.rule);
         let stats = &rule.stats;
         if !is_nil(&value) {
             let grace = rule.grace.as_millis() as i64;
@@ -181,7 +181,7 @@ impl PendingGet {
 /// An MGET with read-through keys: its shard parts, then the misses filled from the origin.
 /// Elements whose origin fetch fails are nil (the failure is counted in the rule's metrics).
 pub struct PendingMget {
-    pub w: Rc<Worker>,
+    pub w: Rc<dyn Context>,
     pub queue: Rc<ReplyQueue>,
     pub seq: u64,
     pub proto: Proto,
@@ -231,7 +231,7 @@ impl PendingMget {
                     .collect(),
                 Err(e) => return s.queue.deliver(s.seq, 0, e),
             };
-        let rules = &s.w.shared.readthrough.rules;
+        let rules = &s.w.readthrough().rules;
         let mut fills = Vec::new();
         for (i, e) in elems.iter().enumerate() {
             let Some(rule) = rules.find(&s.keys[i]) else {
