@@ -187,6 +187,40 @@ impl User {
     }
 }
 
+/// Permission rules of particular commands, past the command check: SORT's patterns need
+/// access to every key, and pub/sub channels are checked against the user's channel patterns
+/// (their key specs in SSUBSCRIBE and SPUBLISH are not keys; leaving a channel needs no
+/// permission, as in Redis). `Some` when this decides (or refuses) the command; `None` leaves
+/// it to the key checks.
+pub fn special_permission(
+    user: &User,
+    name: &str,
+    req: &crate::resp::Request<'_>,
+) -> Option<Result<(), &'static [u8]>> {
+    if matches!(name, "sort" | "sort_ro")
+        && !user.may_access(b"*", crate::command::access::READ)
+        && let Some(e) = crate::command::policy::sort_acl_error(req)
+    {
+        return Some(Err(e));
+    }
+    if matches!(name, "unsubscribe" | "punsubscribe" | "sunsubscribe") {
+        return Some(Ok(()));
+    }
+    let (first, pattern) = crate::command::policy::channel_args(name)?;
+    let last = if matches!(name, "publish" | "spublish") {
+        2
+    } else {
+        req.argc()
+    };
+    Some(
+        if (first..last).all(|i| user.may_use_channel(req.arg(i), pattern)) {
+            Ok(())
+        } else {
+            Err(crate::resp::reply::NOPERM_CHANNELS)
+        },
+    )
+}
+
 /// All users; `default` always exists.
 #[derive(Debug)]
 pub struct Users {

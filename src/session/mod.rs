@@ -29,8 +29,7 @@ use crate::auth::User;
 use crate::readthrough::{self, PendingGet, PendingMget};
 
 use crate::command::policy::{
-    channel_args, config_set_refused, has_block_option, parse_cursor, refused_arguments,
-    sort_acl_error,
+    config_set_refused, has_block_option, parse_cursor, refused_arguments,
 };
 use crate::command::{
     self, BeginSearch, CommandSpec, FindKeys, KeySpec, Merge, Route, flags, keys,
@@ -522,29 +521,8 @@ impl Session {
         if !user.may_run(spec) {
             return Err(reply::noperm_command(spec.name));
         }
-        if matches!(spec.name, "sort" | "sort_ro")
-            && !user.may_access(b"*", crate::command::access::READ)
-            && let Some(e) = sort_acl_error(req)
-        {
-            return Err(Bytes::from_static(e));
-        }
-        if matches!(spec.name, "unsubscribe" | "punsubscribe" | "sunsubscribe") {
-            // Leaving a channel needs no permission (as in Redis).
-            return Ok(());
-        }
-        if let Some((first, pattern)) = channel_args(spec.name) {
-            // Channels are checked against the user's channel patterns (their key specs in
-            // SSUBSCRIBE and SPUBLISH are not keys).
-            let last = if matches!(spec.name, "publish" | "spublish") {
-                2
-            } else {
-                req.argc()
-            };
-            return if (first..last).all(|i| user.may_use_channel(req.arg(i), pattern)) {
-                Ok(())
-            } else {
-                Err(Bytes::from_static(reply::NOPERM_CHANNELS))
-            };
+        if let Some(decided) = crate::auth::special_permission(&user, spec.name, req) {
+            return decided.map_err(Bytes::from_static);
         }
         self.access.clear();
         if keys::key_access(spec, req.argc(), |i| req.arg(i), &mut self.access).is_err() {
