@@ -73,58 +73,52 @@ pub fn has_block_option(req: &Request<'_>) -> bool {
     false
 }
 
+/// SORT's `BY` (`true`) and `GET` (`false`) patterns, in order, walking the options as
+/// Redis does (LIMIT takes two arguments, STORE one).
+fn sort_patterns<'r>(req: &'r Request<'_>) -> impl Iterator<Item = (bool, &'r [u8])> {
+    let mut i = 2;
+    std::iter::from_fn(move || {
+        while i + 1 < req.argc() {
+            let (opt, pat) = (req.arg(i), req.arg(i + 1));
+            if opt.eq_ignore_ascii_case(b"by") || opt.eq_ignore_ascii_case(b"get") {
+                i += 2;
+                return Some((opt.eq_ignore_ascii_case(b"by"), pat));
+            }
+            i += if opt.eq_ignore_ascii_case(b"limit") {
+                3
+            } else if opt.eq_ignore_ascii_case(b"store") {
+                2
+            } else {
+                1
+            };
+        }
+        None
+    })
+}
+
 /// SORT/SORT_RO with a BY or GET pattern reads keys the pattern forms; like Redis Cluster,
 /// that is allowed only when those keys are in the slot of the sorted key (a `{tag}` in the
 /// pattern). The error Redis Cluster gives otherwise.
 pub fn sort_pattern_error(req: &Request<'_>) -> Option<&'static [u8]> {
     let key_slot = router::slot(req.arg(1));
-    let mut i = 2;
-    while i + 1 < req.argc() {
-        let (opt, pat) = (req.arg(i), req.arg(i + 1));
-        if opt.eq_ignore_ascii_case(b"by") {
-            if pat.contains(&b'*') && pattern_slot(pat) != Some(key_slot) {
-                return Some(reply::SORT_BY_DENIED);
-            }
-            i += 2;
-        } else if opt.eq_ignore_ascii_case(b"get") {
-            if pat != b"#" && pat.contains(&b'*') && pattern_slot(pat) != Some(key_slot) {
-                return Some(reply::SORT_GET_DENIED);
-            }
-            i += 2;
-        } else if opt.eq_ignore_ascii_case(b"limit") {
-            i += 3;
-        } else if opt.eq_ignore_ascii_case(b"store") {
-            i += 2;
-        } else {
-            i += 1;
+    sort_patterns(req).find_map(|(by, pat)| {
+        let other_slot = pat.contains(&b'*') && pattern_slot(pat) != Some(key_slot);
+        match by {
+            true if other_slot => Some(reply::SORT_BY_DENIED),
+            false if other_slot && pat != b"#" => Some(reply::SORT_GET_DENIED),
+            _ => None,
         }
-    }
-    None
+    })
 }
 
 /// SORT's BY pattern (with a `*`) or GET reads keys the user's patterns do not cover: Redis
 /// refuses both to a user without access to every key, whatever the pattern.
 pub fn sort_acl_error(req: &Request<'_>) -> Option<&'static [u8]> {
-    let mut i = 2;
-    while i < req.argc() {
-        let opt = req.arg(i);
-        let has_arg = i + 1 < req.argc();
-        if opt.eq_ignore_ascii_case(b"by") && has_arg {
-            if req.arg(i + 1).contains(&b'*') {
-                return Some(reply::SORT_BY_ACL);
-            }
-            i += 2;
-        } else if opt.eq_ignore_ascii_case(b"get") && has_arg {
-            return Some(reply::SORT_GET_ACL);
-        } else if opt.eq_ignore_ascii_case(b"limit") {
-            i += 3;
-        } else if opt.eq_ignore_ascii_case(b"store") {
-            i += 2;
-        } else {
-            i += 1;
-        }
-    }
-    None
+    sort_patterns(req).find_map(|(by, pat)| match by {
+        true if pat.contains(&b'*') => Some(reply::SORT_BY_ACL),
+        true => None,
+        false => Some(reply::SORT_GET_ACL),
+    })
 }
 
 /// The one slot every key a SORT pattern can form hashes to (Redis's `patternHashSlot`):
