@@ -340,12 +340,18 @@ impl Upstream {
     /// Fails every queued and in-flight request with `why`: those never written as
     /// unavailable (safe to retry), those written as of unknown outcome.
     fn fail_all(&self, why: &str) {
-        self.fail_all_with(why, reply::shard_unavailable(&self.label, why));
+        let unsent = reply::Failure::ShardUnavailable {
+            shard: &self.label,
+            why,
+        };
+        self.fail_all_with(why, unsent);
     }
 
-    /// [`fail_all`](Self::fail_all), answering `unsent` to the requests never written.
-    fn fail_all_with(&self, why: &str, unsent_reply: Bytes) {
-        let (failed, unsent) = {
+    /// [`fail_all`](Self::fail_all), answering `unsent` to the requests never written. The
+    /// replies are built only when a request is there to get one (reconnect attempts to a
+    /// shard that is down usually have none).
+    fn fail_all_with(&self, why: &str, unsent: reply::Failure<'_>) {
+        let (failed, not_written) = {
             let mut st = self.st.borrow_mut();
             st.out = BytesMut::new();
             st.connected = false;
@@ -353,17 +359,18 @@ impl Upstream {
             st.inflight_bytes = 0;
             st.handshake_out = BytesMut::new();
             st.handshaking = 0;
-            let unsent = std::mem::take(&mut st.unsent);
+            let not_written = std::mem::take(&mut st.unsent);
             let failed: Vec<Pending> = st.pending.drain(..).collect();
-            (failed, unsent)
+            (failed, not_written)
         };
         if failed.is_empty() {
             return;
         }
         metrics::counter!(crate::metrics::SHARD_ERRORS, "shard" => self.label.clone())
             .increment(failed.len() as u64);
-        let sent = failed.len() - unsent;
+        let sent = failed.len() - not_written;
         let unknown = reply::outcome_unknown(&self.label, why);
+        let unsent_reply = unsent.to_reply();
         for (i, p) in failed.into_iter().enumerate() {
             let err = if i < sent { &unknown } else { &unsent_reply };
             p.target.deliver(err.clone());
@@ -529,8 +536,7 @@ impl Upstream {
                         user: &m.user,
                         shard: &self.label,
                         why: &why,
-                    }
-                    .to_reply(),
+                    },
                 ),
                 _ => self.fail_all(&why),
             }
