@@ -431,15 +431,11 @@ fn a_client_that_never_reads_is_closed_at_its_output_limit_and_memory_returns() 
 
 fn unread_gets_of_one_mib(limit: &str, gets: usize, why: &str) {
     let shard = RedisServer::start();
-    let dir = std::env::temp_dir();
-    let tag = format!("{}-{why}", std::process::id());
-    let log = dir.join(format!("slotgate-obuf-{tag}.log"));
-    let conf = dir.join(format!("slotgate-obuf-{tag}.toml"));
-    std::fs::write(
-        &conf,
-        format!("client_output_buffer_limit_normal = \"{limit}\"\n"),
-    )
-    .unwrap();
+    let conf = support::config_file(
+        &format!("obuf-{why}"),
+        &format!("client_output_buffer_limit_normal = \"{limit}\"\n"),
+    );
+    let log = conf.with_file_name("slotgate.log");
     let conf_arg = conf.to_string_lossy().into_owned();
     let proxy = Slotgate::start_logged(&[&shard], &["--config", &conf_arg], Some(&log));
     let value = vec![b'm'; 1 << 20];

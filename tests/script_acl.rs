@@ -56,9 +56,7 @@ struct Setup {
 }
 
 fn setup(extra_config: &str, shards: Vec<RedisServer>) -> Setup {
-    let dir = support::tls::temp_dir("script-acl");
-    let cfg = dir.join("proxy.toml");
-    std::fs::write(&cfg, format!("{CONFIG}{extra_config}")).unwrap();
+    let cfg = support::config_file("script-acl", &format!("{CONFIG}{extra_config}"));
     let refs: Vec<&RedisServer> = shards.iter().collect();
     let proxy = Slotgate::start_with(&refs, &["--config", cfg.to_str().unwrap()]);
     let reference = RedisServer::start();
@@ -331,13 +329,10 @@ fn sort_patterns_need_access_to_every_key() {
 #[test]
 fn mirrors_of_different_rules_do_not_overwrite_each_other() {
     let s = setup("", vec![RedisServer::start()]);
-    let dir = support::tls::temp_dir("script-acl-wide");
-    let cfg = dir.join("proxy.toml");
-    std::fs::write(
-        &cfg,
+    let cfg = support::config_file(
+        "script-acl-wide",
         "[[users]]\nname = \"tenant\"\npassword = \"tpw\"\nkeys = [\"*\"]\ncommands = [\"+@all\", \"-@dangerous\"]\n",
-    )
-    .unwrap();
+    );
     let wide = Slotgate::start_with(&[&s._shards[0]], &["--config", cfg.to_str().unwrap()]);
     let set_victim: &[&[u8]] = &[b"EVAL", b"return redis.call('set','victim','x')", b"0"];
     let mut narrow = login(s.proxy.port, b"tenant", b"tpw");

@@ -25,6 +25,13 @@ pub fn free_port() -> u16 {
 }
 
 /// Polls until something accepts connections on `port`, or panics after `within`.
+/// Writes `text` as `proxy.toml` in a fresh temporary directory; its path.
+pub fn config_file(tag: &str, text: &str) -> PathBuf {
+    let path = tls::temp_dir(tag).join("proxy.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 /// Polls `cond` every 10 ms until it holds; panics after `within`, naming `what`. Tests wait
 /// for an observable condition with this rather than sleeping a fixed time.
 pub fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
