@@ -54,7 +54,9 @@ fn handle(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {
             let down = shared.shards_down();
-            if down.is_empty() {
+            if *shared.draining.borrow() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: shutting down\n")
+            } else if down.is_empty() {
                 text(StatusCode::OK, "ready\n")
             } else {
                 text(

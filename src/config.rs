@@ -94,6 +94,10 @@ pub struct Cli {
     /// Close clients idle for this long (`0` = never) [default: 0].
     #[arg(long, value_name = "DURATION")]
     pub idle_timeout: Option<String>,
+    /// On SIGTERM/SIGINT, how long to wait for clients to get the replies of what they sent
+    /// before exiting (`0` = exit at once) [default: 10s].
+    #[arg(long, value_name = "DURATION")]
+    pub shutdown_timeout: Option<String>,
     /// Username sent with AUTH on every new shard connection.
     #[arg(long)]
     pub upstream_username: Option<String>,
@@ -150,6 +154,7 @@ pub struct FileConfig {
     pub max_auth_failures: Option<u32>,
     pub maxclients: Option<usize>,
     pub idle_timeout: Option<String>,
+    pub shutdown_timeout: Option<String>,
     pub admin_listen: Option<String>,
     pub tls: TlsFile,
     pub upstream: UpstreamFile,
@@ -345,6 +350,11 @@ impl Cli {
                 .clone()
                 .or(f.idle_timeout)
                 .unwrap_or_else(|| "0s".into()),
+            shutdown_timeout: self
+                .shutdown_timeout
+                .clone()
+                .or(f.shutdown_timeout)
+                .unwrap_or_else(|| "10s".into()),
             users: f.users,
             readthrough: if self.readthrough.is_empty() {
                 Ok(f.readthrough)
@@ -398,6 +408,7 @@ struct Merged {
     max_auth_failures: u32,
     maxclients: usize,
     idle_timeout: String,
+    shutdown_timeout: String,
     users: Vec<UserConfig>,
     readthrough: Result<Vec<RuleConfig>, String>,
     admin_listen: String,
@@ -430,6 +441,14 @@ fn parse_addr(what: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
             .ok_or_else(|| invalid(what, s, "the name resolves to no address")),
         Err(e) => Err(invalid(what, s, format!("expected HOST:PORT ({e})"))),
     }
+}
+
+/// A duration, where a bare `0` also means zero.
+fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(s)
 }
 
 impl Merged {
@@ -492,15 +511,10 @@ impl Merged {
         if self.maxclients == 0 {
             return Err(invalid("maxclients", 0, "must be > 0"));
         }
-        let idle = parse_duration(&self.idle_timeout)
-            .or_else(|e| {
-                if self.idle_timeout.trim() == "0" {
-                    Ok(Duration::ZERO)
-                } else {
-                    Err(e)
-                }
-            })
+        let idle = parse_duration_or_zero(&self.idle_timeout)
             .map_err(|why| invalid("idle-timeout", &self.idle_timeout, why))?;
+        let shutdown_timeout = parse_duration_or_zero(&self.shutdown_timeout)
+            .map_err(|why| invalid("shutdown-timeout", &self.shutdown_timeout, why))?;
         let upstream_auth = self.upstream_auth()?;
         let upstream_tls = self.upstream_tls()?;
         let rules = self
@@ -534,6 +548,7 @@ impl Merged {
             max_auth_failures: self.max_auth_failures,
             maxclients: self.maxclients,
             idle_timeout: (!idle.is_zero()).then_some(idle),
+            shutdown_timeout,
             upstream_auth,
             upstream_tls,
             readthrough: Arc::new(rules),

@@ -55,6 +55,8 @@ pub struct ReplyQueue {
     pushed_bytes: Cell<usize>,
     /// CLIENT KILL named this client.
     killed: Cell<bool>,
+    /// slotgate is shutting down gracefully (see [`ReplyQueue::mark_draining`]).
+    draining: Cell<bool>,
     /// Requests of this client that timed out but whose replies the shard has yet to send:
     /// they still count against the client's pipeline bound (see [`Target::expire`]).
     abandoned: Cell<usize>,
@@ -374,6 +376,18 @@ impl ReplyQueue {
 
     pub fn killed(&self) -> bool {
         self.killed.get()
+    }
+
+    /// Flags the session as draining (a graceful shutdown) and wakes it: it reads nothing
+    /// more, answers what it has read, then closes.
+    pub fn mark_draining(&self) {
+        self.draining.set(true);
+        self.notify.notify_one();
+    }
+
+    #[inline]
+    pub fn draining(&self) -> bool {
+        self.draining.get()
     }
 
     /// The session must close: CLIENT KILL, a lost subscriber connection, or the output

@@ -75,7 +75,7 @@ fn raise_fd_limit(settings: &Settings) {
     }
 }
 
-/// Runs the proxy until SIGINT/SIGTERM.
+/// Runs the proxy until SIGINT/SIGTERM, then drains it (see [`drain`]).
 pub fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> Result<(), StartError> {
     let workers = settings.workers;
     raise_fd_limit(&settings);
@@ -144,10 +144,7 @@ pub fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> Result<(
         tokio::pin!(shutdown);
         loop {
             let (accepted, is_tls) = tokio::select! {
-                _ = &mut shutdown => {
-                    tracing::info!("shutting down");
-                    return Ok(());
-                }
+                _ = &mut shutdown => break,
                 r = accept(&plain) => (r, false),
                 r = accept(&tls) => (r, true),
             };
@@ -175,7 +172,47 @@ pub fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> Result<(
                 }
             }
         }
+        // No new connections from here on: the listeners close.
+        drop((plain, tls));
+        drain(&shared).await;
+        Ok(())
     })
+}
+
+/// A graceful shutdown, after SIGTERM/SIGINT: every session reads nothing more, answers
+/// what it has read (also requests waiting on a slow shard or origin), then closes; idle
+/// clients close at once. Returns when every client is gone, after `shutdown_timeout`, or
+/// at a second signal. Read-through fills still in flight then are abandoned with the
+/// process: nothing is stored after it has ended.
+async fn drain(shared: &Shared) {
+    let timeout = shared.settings.shutdown_timeout;
+    let clients = || shared.connected.load(Ordering::Relaxed);
+    tracing::info!(
+        "shutting down: not accepting; draining {} client(s) for at most {timeout:?}",
+        clients()
+    );
+    shared.draining.send_replace(true);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let again = shutdown_signal();
+    tokio::pin!(again);
+    let mut poll = tokio::time::interval(std::time::Duration::from_millis(10));
+    while clients() > 0 {
+        tokio::select! {
+            _ = &mut again => {
+                tracing::warn!("second signal: exiting with {} client(s) connected", clients());
+                return;
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(
+                    "shutdown_timeout ({timeout:?}) reached: exiting with {} client(s) connected",
+                    clients()
+                );
+                return;
+            }
+            _ = poll.tick() => {}
+        }
+    }
+    tracing::info!("drained: every client answered; exiting");
 }
 
 /// Accepts on `listener`, or never when there is none.

@@ -52,6 +52,8 @@ pub struct Settings {
     pub max_auth_failures: u32,
     pub maxclients: usize,
     pub idle_timeout: Option<Duration>,
+    /// How long a graceful shutdown waits for clients to be answered (zero: not at all).
+    pub shutdown_timeout: Duration,
     /// Per shard, in order.
     pub upstream_auth: Vec<Option<UpstreamAuth>>,
     pub upstream_tls: Option<UpstreamTls>,

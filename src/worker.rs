@@ -37,6 +37,8 @@ pub struct Shared {
     pub readthrough: ReadThrough,
     /// The Prometheus registry's handle, when metrics are installed.
     pub prometheus: Option<PrometheusHandle>,
+    /// Set once on SIGTERM/SIGINT: sessions answer what they have read, then close.
+    pub draining: tokio::sync::watch::Sender<bool>,
     /// Per shard: RESP2 upstream connections up, over all workers (for /readyz).
     pub shard_up: Vec<Arc<AtomicUsize>>,
     /// `[worker][shard]`: requests in flight, published by each worker once a second.
@@ -74,6 +76,7 @@ impl Shared {
         Arc::new(Shared {
             readthrough,
             prometheus,
+            draining: tokio::sync::watch::Sender::new(false),
             shard_up: (0..shards).map(|_| Arc::new(AtomicUsize::new(0))).collect(),
             inflight: (0..settings.workers)
                 .map(|_| (0..shards).map(|_| AtomicUsize::new(0)).collect())

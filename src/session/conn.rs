@@ -124,11 +124,13 @@ impl<R: ReadSide, W: WriteSide> Conn<R, W> {
                 s.log_close();
                 return;
             }
-            if (s.closing || self.eof)
-                && s.queue.is_empty()
+            if s.queue.is_empty()
                 && self.out.is_empty()
                 && !self.flushing
+                && (s.closing || self.eof || (s.queue.draining() && !bounded))
             {
+                // (Draining: everything read has been answered; a partial command is not a
+                // request yet.)
                 return;
             }
             let room = s.queue.has_room(s.max_pipeline);
@@ -138,7 +140,7 @@ impl<R: ReadSide, W: WriteSide> Conn<R, W> {
                 // sent everything and be waiting for them.
                 continue;
             }
-            let can_read = !s.closing && !self.eof && !s.barrier && room;
+            let can_read = !s.closing && !self.eof && !s.barrier && room && !s.queue.draining();
             self.size_rbuf(can_read);
             if self.reads_in_a_row >= READS_BEFORE_YIELD {
                 // A client that always has more input must let the worker's other sessions

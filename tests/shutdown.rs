@@ -1,0 +1,180 @@
+//! Graceful shutdown on SIGTERM/SIGINT (issue 14.9): slotgate stops accepting, answers every
+//! request it has read (also one waiting on a stopped shard or on the origin), closes idle
+//! clients, and exits when drained or after `shutdown_timeout`.
+
+mod support;
+
+use std::time::Duration;
+
+use support::origin::{Origin, Reply};
+use support::*;
+
+/// The number after `slotgate_shard_inflight_requests{shard="ADDR"}` in /metrics.
+fn shard_inflight(admin_port: u16, shard: &str) -> f64 {
+    let (_, body) = http_get(admin_port, "/metrics");
+    let label = format!("shard=\"{shard}\"");
+    body.lines()
+        .find(|l| l.starts_with("slotgate_shard_inflight_requests{") && l.contains(&label))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn start_with_admin(shards: &[&RedisServer], extra: &[&str]) -> (Slotgate, u16) {
+    let admin_port = free_port();
+    let admin = format!("127.0.0.1:{admin_port}");
+    let mut args = vec!["--admin-listen", admin.as_str()];
+    args.extend_from_slice(extra);
+    let proxy = Slotgate::start_with(shards, &args);
+    wait_for_own_port(admin_port, proxy.pid());
+    (proxy, admin_port)
+}
+
+#[test]
+fn sigterm_answers_what_was_read_closes_idle_clients_and_exits() {
+    let shard = RedisServer::start();
+    let (mut proxy, admin_port) = start_with_admin(&[&shard], &["--op-timeout", "10s"]);
+    let mut setup = proxy.raw();
+    assert_eq!(setup.call(&[b"SET", b"k", b"v"]), b"+OK\r\n");
+    let mut idle = proxy.raw();
+    assert_eq!(idle.call(&[b"PING"]), b"+PONG\r\n");
+    let mut subscriber = proxy.raw();
+    subscriber.call(&[b"SUBSCRIBE", b"news"]);
+
+    // A request waiting on a stopped shard: read by slotgate and sent, not answered yet.
+    shard.pause();
+    let mut busy = proxy.raw();
+    busy.send(&resp(&[b"GET", b"k"]));
+    busy.send(&resp(&[b"INCR", b"n"]));
+    wait_until(
+        "slotgate to have sent both requests to the stopped shard",
+        Duration::from_secs(5),
+        || shard_inflight(admin_port, &shard.addr()) >= 2.0,
+    );
+
+    proxy.signal("TERM");
+    // Idle and subscribed clients are closed; nobody new gets in; /readyz says why.
+    assert!(idle.is_closed(), "an idle client is closed");
+    assert!(subscriber.is_closed(), "a subscriber with nothing pending is closed");
+    assert!(setup.is_closed());
+    wait_until(
+        "the listener to close",
+        Duration::from_secs(5),
+        || std::net::TcpStream::connect(("127.0.0.1", proxy.port)).is_err(),
+    );
+    let (code, body) = http_get(admin_port, "/readyz");
+    assert_eq!((code, body.as_str()), (503, "not ready: shutting down\n"));
+    assert!(proxy.is_running(), "a client still waits for its replies");
+
+    // The shard comes back: the waiting client gets both replies, then the connection
+    // closes and slotgate exits.
+    shard.resume();
+    assert_eq!(busy.read_replies(2), vec![b"$1\r\nv\r\n".to_vec(), b":1\r\n".to_vec()]);
+    assert!(busy.is_closed());
+    let status = proxy
+        .wait_exit(Duration::from_secs(5))
+        .expect("slotgate exits once drained");
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn a_fill_in_flight_is_finished_and_stored_before_exit() {
+    let origin = Origin::start(|_| Reply::ok("from-origin").gated());
+    let shard = RedisServer::start();
+    let rule = format!("label:={}", origin.url("/labels/{rest}"));
+    let mut proxy = Slotgate::start_with(&[&shard], &["--readthrough", &rule]);
+    let mut c = proxy.raw();
+    c.send(&resp(&[b"GET", b"label:1"]));
+    origin.wait_for_requests(1, Duration::from_secs(5));
+
+    proxy.signal("TERM");
+    wait_until(
+        "the listener to close",
+        Duration::from_secs(5),
+        || std::net::TcpStream::connect(("127.0.0.1", proxy.port)).is_err(),
+    );
+    origin.release();
+    assert_eq!(c.read_replies(1), vec![b"$11\r\nfrom-origin\r\n".to_vec()]);
+    assert!(c.is_closed());
+    assert!(
+        proxy
+            .wait_exit(Duration::from_secs(5))
+            .expect("exits once drained")
+            .success()
+    );
+    let stored: Option<String> = redis::cmd("GET")
+        .arg("label:1")
+        .query(&mut shard.client())
+        .unwrap();
+    assert_eq!(stored.as_deref(), Some("from-origin"));
+}
+
+#[test]
+fn shutdown_timeout_bounds_the_wait_for_a_blocked_client() {
+    let shard = RedisServer::start();
+    let mut proxy = Slotgate::start_with(&[&shard], &["--shutdown-timeout", "300ms"]);
+    let mut blocked = proxy.raw();
+    blocked.send(&resp(&[b"BLPOP", b"never", b"0"]));
+    wait_until(
+        "the shard to have BLPOP blocked",
+        Duration::from_secs(5),
+        || {
+            let list: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .query(&mut shard.client())
+                .unwrap();
+            list.contains("cmd=blpop")
+        },
+    );
+    proxy.signal("TERM");
+    // The default (10 s) would outlast this wait.
+    let status = proxy
+        .wait_exit(Duration::from_secs(5))
+        .expect("slotgate exits after shutdown_timeout");
+    assert!(status.success(), "{status:?}");
+    assert!(blocked.is_closed());
+}
+
+#[test]
+fn sigint_drains_too_and_a_second_signal_exits_at_once() {
+    let shard = RedisServer::start();
+    let (mut proxy, admin_port) = start_with_admin(&[&shard], &["--op-timeout", "30s"]);
+    let mut busy = proxy.raw();
+    assert_eq!(busy.call(&[b"PING"]), b"+PONG\r\n");
+    shard.pause();
+    busy.send(&resp(&[b"GET", b"k"]));
+    wait_until(
+        "slotgate to have sent the request to the stopped shard",
+        Duration::from_secs(5),
+        || shard_inflight(admin_port, &shard.addr()) >= 1.0,
+    );
+    proxy.signal("INT");
+    wait_until(
+        "the listener to close",
+        Duration::from_secs(5),
+        || std::net::TcpStream::connect(("127.0.0.1", proxy.port)).is_err(),
+    );
+    assert!(proxy.is_running(), "the client's request is still in flight");
+    proxy.signal("INT");
+    assert!(
+        proxy.wait_exit(Duration::from_secs(5)).is_some(),
+        "a second signal ends the drain"
+    );
+    shard.resume();
+}
+
+#[test]
+fn shutdown_timeout_is_validated() {
+    let out = run_bounded(
+        std::process::Command::new(slotgate_bin()).args([
+            "--shard",
+            "127.0.0.1:1",
+            "--shutdown-timeout",
+            "soon",
+            "--check-config",
+        ]),
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|_| panic!("--check-config did not finish"));
+    assert_ne!(out.code, Some(0), "a bad duration is a configuration error");
+    assert!(out.stderr.contains("shutdown-timeout"), "{}", out.stderr);
+}
