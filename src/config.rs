@@ -91,6 +91,10 @@ pub struct Cli {
     /// Most client connections at once; beyond, `-ERR max number of clients reached` [default: 10000].
     #[arg(long)]
     pub maxclients: Option<usize>,
+    /// Length of the listeners' accept queue, as Redis's `tcp-backlog` (the kernel caps it at
+    /// `net.core.somaxconn`) [default: 511].
+    #[arg(long)]
+    pub tcp_backlog: Option<u32>,
     /// Close clients idle for this long (`0` = never) [default: 0].
     #[arg(long, value_name = "DURATION")]
     pub idle_timeout: Option<String>,
@@ -153,6 +157,7 @@ pub struct FileConfig {
     pub requirepass: Option<String>,
     pub max_auth_failures: Option<u32>,
     pub maxclients: Option<usize>,
+    pub tcp_backlog: Option<u32>,
     pub idle_timeout: Option<String>,
     pub shutdown_timeout: Option<String>,
     pub admin_listen: Option<String>,
@@ -345,6 +350,7 @@ impl Cli {
             requirepass: self.requirepass.clone().or(f.requirepass),
             max_auth_failures: self.max_auth_failures.or(f.max_auth_failures).unwrap_or(10),
             maxclients: self.maxclients.or(f.maxclients).unwrap_or(10000),
+            tcp_backlog: self.tcp_backlog.or(f.tcp_backlog).unwrap_or(511),
             idle_timeout: self
                 .idle_timeout
                 .clone()
@@ -407,6 +413,7 @@ struct Merged {
     requirepass: Option<String>,
     max_auth_failures: u32,
     maxclients: usize,
+    tcp_backlog: u32,
     idle_timeout: String,
     shutdown_timeout: String,
     users: Vec<UserConfig>,
@@ -511,6 +518,13 @@ impl Merged {
         if self.maxclients == 0 {
             return Err(invalid("maxclients", 0, "must be > 0"));
         }
+        if !(1..=65535).contains(&self.tcp_backlog) {
+            return Err(invalid(
+                "tcp-backlog",
+                self.tcp_backlog,
+                "must be between 1 and 65535",
+            ));
+        }
         let idle = parse_duration_or_zero(&self.idle_timeout)
             .map_err(|why| invalid("idle-timeout", &self.idle_timeout, why))?;
         let shutdown_timeout = parse_duration_or_zero(&self.shutdown_timeout)
@@ -547,6 +561,7 @@ impl Merged {
             users: Arc::new(users),
             max_auth_failures: self.max_auth_failures,
             maxclients: self.maxclients,
+            tcp_backlog: self.tcp_backlog,
             idle_timeout: (!idle.is_zero()).then_some(idle),
             shutdown_timeout,
             upstream_auth,

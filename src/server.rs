@@ -85,9 +85,11 @@ pub fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> Result<(
         .enable_all()
         .build()
         .map_err(StartError::Runtime)?;
+    let backlog = shared.settings.tcp_backlog;
+    warn_somaxconn(backlog);
     let bind = |addr: SocketAddr| {
-        rt.block_on(async { tokio::net::TcpListener::bind(addr).await })
-            .map_err(|source| StartError::Bind { addr, source })
+        let _entered = rt.enter();
+        listen(addr, backlog).map_err(|source| StartError::Bind { addr, source })
     };
     let plain = match shared.settings.listen {
         Some(a) => Some(bind(a)?),
@@ -213,6 +215,31 @@ async fn drain(shared: &Shared) {
         }
     }
     tracing::info!("drained: every client answered; exiting");
+}
+
+/// A listening socket with Redis's options: address reuse (a restart binds at once) and an
+/// accept queue of `backlog` (tokio's default of 1024 is not configurable, and Redis uses 511).
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    socket.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(socket.into())
+}
+
+/// Warns, as Redis does, when the kernel caps the accept queue below `tcp_backlog`.
+fn warn_somaxconn(backlog: u32) {
+    let max = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    if let Some(max) = max.filter(|&m| m < backlog) {
+        tracing::warn!(
+            "the TCP backlog setting of {backlog} cannot be enforced because \
+             /proc/sys/net/core/somaxconn is set to the lower value of {max}"
+        );
+    }
 }
 
 /// Accepts on `listener`, or never when there is none.

@@ -51,6 +51,8 @@ pub struct Settings {
     pub users: Arc<Users>,
     pub max_auth_failures: u32,
     pub maxclients: usize,
+    /// The listeners' accept queue (Redis's `tcp-backlog`).
+    pub tcp_backlog: u32,
     pub idle_timeout: Option<Duration>,
     /// How long a graceful shutdown waits for clients to be answered (zero: not at all).
     pub shutdown_timeout: Duration,
