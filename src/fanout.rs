@@ -269,16 +269,19 @@ fn hide_secrets(p: &Bytes) -> Bytes {
     out.freeze()
 }
 
-/// The text of a bulk or simple string reply (empty for anything else).
+/// The text of a bulk or simple string reply (empty for anything else, a null bulk
+/// `$-1` included: found by the fuzzer, it used to panic).
 fn bulk_text(f: &[u8]) -> &[u8] {
-    match f.first() {
+    let end = f.len().saturating_sub(2);
+    let text = match f.first() {
         Some(b'$') => f
             .iter()
             .position(|&b| b == b'\n')
-            .map_or(&[][..], |i| &f[i + 1..f.len().saturating_sub(2)]),
-        Some(b'+') => &f[1..f.len().saturating_sub(2)],
-        _ => &[],
-    }
+            .and_then(|i| f.get(i + 1..end)),
+        Some(b'+') => f.get(1..end),
+        _ => None,
+    };
+    text.unwrap_or_default()
 }
 
 /// `(element count, bytes after the header)` of an array reply.
@@ -346,6 +349,18 @@ mod tests {
 
     fn b(s: &str) -> Bytes {
         Bytes::from(s.to_string())
+    }
+
+    #[test]
+    fn config_get_tolerates_null_and_odd_elements() {
+        // A shard's (or a buggy shard's) CONFIG GET reply with a null name, and one with an
+        // odd element count: passed through, no panic (fuzzer finds).
+        for reply in ["*2\r\n$-1\r\n*0\r\n", "*1\r\n$-1\r\n", "*2\r\n+\r\n$-1\r\n"] {
+            let r = b(reply);
+            assert_eq!(hide_secrets(&r), r, "{reply:?}");
+        }
+        let r = b("*4\r\n$-1\r\n$1\r\nx\r\n$11\r\nrequirepass\r\n$2\r\npw\r\n");
+        assert_eq!(&hide_secrets(&r)[..], b"*2\r\n$-1\r\n$1\r\nx\r\n");
     }
 
     #[test]
