@@ -136,7 +136,8 @@ SYNTHETIC = [
 
 # slotgate's own commands (not Redis's), answered by the proxy: (name, arity, flags, ACL
 # categories, key specs). SLOTGATE.INVALIDATE deletes keys and their read-through state;
-# SLOTGATE.STATUS reports a key's read-through state.
+# SLOTGATE.STATUS reports a key's read-through state; SLOTGATE.RELOAD reloads the configuration
+# (admins only: @admin, @dangerous).
 PROXY_COMMANDS = [
     ("slotgate.invalidate", -2, ["write"], ["@write", "@keyspace", "@slow"],
      ["KeySpec { access: access::WRITE, begin: BeginSearch::Index(1), "
@@ -144,6 +145,7 @@ PROXY_COMMANDS = [
     ("slotgate.status", 2, ["readonly"], ["@read", "@keyspace", "@slow"],
      ["KeySpec { access: access::READ, begin: BeginSearch::Index(1), "
       "find: FindKeys::Range { lastkey: 0, keystep: 1, limit: 0 } }"]),
+    ("slotgate.reload", 1, ["admin", "noscript"], ["@admin", "@slow", "@dangerous"], []),
 ]
 
 # Key specs replaced by hand: (command, spec index) -> (Rust KeySpec, the Redis spec it replaces).

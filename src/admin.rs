@@ -55,7 +55,10 @@ fn handle(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
         "/readyz" => {
             let down = shared.shards_down();
             if *shared.draining.borrow() {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: shutting down\n")
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: shutting down\n",
+                )
             } else if down.is_empty() {
                 text(StatusCode::OK, "ready\n")
             } else {
@@ -90,7 +93,7 @@ fn refresh_gauges(shared: &Shared) {
         .absolute(st.connections_received.load(Ordering::Relaxed));
     metrics::counter!(m::REJECTED).absolute(st.rejected_connections.load(Ordering::Relaxed));
     metrics::counter!(m::AUTH_FAILURES).absolute(st.auth_failures.load(Ordering::Relaxed));
-    for rule in shared.readthrough.rules.iter() {
+    for rule in shared.live().readthrough.iter() {
         rule.stats.publish();
     }
     let expected = shared.settings.workers * shared.settings.upstream_connections;

@@ -77,6 +77,7 @@ pub mod netio;
 pub mod notify;
 pub mod queue;
 pub mod readthrough;
+pub mod reload;
 pub mod resp;
 pub mod router;
 pub mod server;

@@ -46,12 +46,28 @@ fn main() {
         );
         return;
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&settings.log_level))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    // The log filter sits behind a reload handle: a configuration reload may change it.
+    use tracing_subscriber::prelude::*;
+    let (filter, filter_handle) = tracing_subscriber::reload::Layer::new(
+        tracing_subscriber::EnvFilter::new(&settings.log_level),
+    );
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
         .init();
-    if let Err(e) = slotgate::server::run(settings, prometheus) {
+    let reloader = slotgate::reload::Reloader {
+        read: Box::new(move || cli.settings().map_err(|e| e.to_string())),
+        log_filter: Box::new(move |level| {
+            let filter =
+                tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+            filter_handle.reload(filter).map_err(|e| e.to_string())
+        }),
+    };
+    if let Err(e) = slotgate::server::run(settings, prometheus, reloader) {
         eprintln!("slotgate: {e}");
         std::process::exit(1);
     }

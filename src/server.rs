@@ -37,6 +37,8 @@ pub enum StartError {
 pub enum Incoming {
     Plain(std::net::TcpStream),
     Tls(std::net::TcpStream),
+    /// New settings were published (a reload): take them up, then acknowledge.
+    Reload(tokio::sync::oneshot::Sender<()>),
 }
 
 /// Raises the soft limit on open files to what `maxclients` needs, as Redis does at start-up
@@ -76,7 +78,11 @@ fn raise_fd_limit(settings: &Settings) {
 }
 
 /// Runs the proxy until SIGINT/SIGTERM, then drains it (see [`drain`]).
-pub fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> Result<(), StartError> {
+pub fn run(
+    settings: Settings,
+    prometheus: Option<PrometheusHandle>,
+    reloader: crate::reload::Reloader,
+) -> Result<(), StartError> {
     let workers = settings.workers;
     raise_fd_limit(&settings);
     let shared = Shared::new(settings, prometheus);
@@ -85,6 +91,12 @@ pub fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> Result<(
         .enable_all()
         .build()
         .map_err(StartError::Runtime)?;
+    // Before the listeners exist: a SIGHUP (a reload, or a closed terminal) must never end
+    // the process, whatever else is configured.
+    let hup = {
+        let _entered = rt.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+    };
     let backlog = shared.settings.tcp_backlog;
     warn_somaxconn(backlog);
     let bind = |addr: SocketAddr| {
@@ -141,6 +153,9 @@ pub fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> Result<(
             }
             tokio::spawn(reload_certificates(t.cert.clone()));
         }
+        // Installed before anything else can arrive: a SIGHUP must never end the process.
+        let reloads = crate::reload::serve(shared.clone(), reloader, senders.clone(), hup);
+        tokio::spawn(reloads);
         let mut next = 0usize;
         let shutdown = shutdown_signal();
         tokio::pin!(shutdown);
@@ -326,6 +341,11 @@ fn worker_main(id: usize, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<I
             let (std_stream, acceptor) = match incoming {
                 Incoming::Plain(s) => (s, None),
                 Incoming::Tls(s) => (s, tls.clone()),
+                Incoming::Reload(ack) => {
+                    worker.refresh();
+                    let _ = ack.send(());
+                    continue;
+                }
             };
             if std_stream.set_nonblocking(true).is_err() {
                 continue;

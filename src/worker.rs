@@ -20,7 +20,16 @@ use crate::shard::{DedicatedPool, Pools, UpstreamConfig};
 
 /// State shared by every worker. Cloning the `Arc` is the only cost of access.
 pub struct Shared {
+    /// The settings slotgate started with. What a reload cannot change (listeners, workers,
+    /// upstream connections and their credentials, timeouts of shard connections) is read
+    /// here; everything else through [`Worker::live`] or [`Shared::live`].
     pub settings: Settings,
+    /// The settings of the last successful reload (the start-up ones before any).
+    live: Mutex<Arc<Settings>>,
+    /// Counts reloads; a worker whose own count differs picks the new settings up.
+    pub generation: AtomicU64,
+    /// Where SLOTGATE.RELOAD sends its request (set by the server at start-up).
+    pub reloads: OnceLock<tokio::sync::mpsc::UnboundedSender<ReloadRequest>>,
     pub started: Instant,
     pub started_wall: SystemTime,
     /// The shards' `redis_version`, learned from the first INFO that reaches a shard.
@@ -72,7 +81,7 @@ pub struct ClientInfo {
 impl Shared {
     pub fn new(settings: Settings, prometheus: Option<PrometheusHandle>) -> Arc<Self> {
         let shards = settings.shards.len();
-        let readthrough = ReadThrough::new(settings.readthrough.clone(), settings.op_timeout * 2);
+        let readthrough = ReadThrough::new(settings.op_timeout * 2);
         Arc::new(Shared {
             readthrough,
             prometheus,
@@ -81,6 +90,9 @@ impl Shared {
             inflight: (0..settings.workers)
                 .map(|_| (0..shards).map(|_| AtomicUsize::new(0)).collect())
                 .collect(),
+            live: Mutex::new(Arc::new(settings.clone())),
+            generation: AtomicU64::new(0),
+            reloads: OnceLock::new(),
             settings,
             started: Instant::now(),
             started_wall: SystemTime::now(),
@@ -91,6 +103,22 @@ impl Shared {
             clients: Mutex::new(HashMap::new()),
             listen_addr: OnceLock::new(),
         })
+    }
+
+    /// The settings now in force (after the last reload).
+    pub fn live(&self) -> Arc<Settings> {
+        self.live
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// Makes `settings` the ones in force; workers pick them up when told (see
+    /// [`Worker::refresh`]).
+    pub fn publish(&self, settings: Settings) {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        *live = Arc::new(settings);
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     pub fn connected_clients(&self) -> usize {
@@ -110,10 +138,18 @@ impl Shared {
     }
 }
 
+/// A reload asked for by SLOTGATE.RELOAD: the outcome (a summary, or why the new
+/// configuration was refused) goes back on the channel.
+pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<String, String>>;
+
 /// One worker thread's state: the shared settings plus its own shard connections.
 pub struct Worker {
     pub id: usize,
     pub shared: Arc<Shared>,
+    /// This worker's copy of the settings in force, and the reload count it belongs to;
+    /// sessions compare their own count once per turn (see [`Worker::refresh`]).
+    live: std::cell::RefCell<Arc<Settings>>,
+    pub generation: std::cell::Cell<u64>,
     pub pools: Pools,
     /// Dedicated connections for transactions and blocking commands.
     pub dedicated: Rc<DedicatedPool>,
@@ -157,6 +193,8 @@ impl Worker {
         let pools = Pools::start(shards, s.upstream_connections);
         Rc::new(Worker {
             id,
+            live: std::cell::RefCell::new(shared.live()),
+            generation: std::cell::Cell::new(shared.generation.load(Ordering::Acquire)),
             shared,
             pools,
             dedicated,
@@ -167,6 +205,21 @@ impl Worker {
             write_scratch: Default::default(),
             pending_gets: Default::default(),
         })
+    }
+
+    /// The settings in force on this worker. Never hold the borrow across an await: a
+    /// reload replaces them between two turns of the worker's tasks.
+    #[inline]
+    pub fn live(&self) -> std::cell::Ref<'_, Arc<Settings>> {
+        self.live.borrow()
+    }
+
+    /// Takes up the settings of the last reload. Sessions notice the new generation on their
+    /// next turn and re-read their user and limits.
+    pub fn refresh(&self) {
+        let generation = self.shared.generation.load(Ordering::Acquire);
+        *self.live.borrow_mut() = self.shared.live();
+        self.generation.set(generation);
     }
 
     /// Sends one request of the proxy's own to `shard` and waits for its reply (read-through
@@ -215,6 +268,10 @@ impl crate::readthrough::Context for Worker {
         &self.shared.readthrough
     }
 
+    fn rules(&self) -> Arc<crate::readthrough::Rules> {
+        self.live().readthrough.clone()
+    }
+
     fn origin(&self) -> &OriginClient {
         &self.origin
     }
@@ -224,7 +281,7 @@ impl crate::readthrough::Context for Worker {
         key: &[u8],
         cmd: &'a [u8],
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bytes::Bytes> + 'a>> {
-        let shard = self.shared.settings.slot_map.shard_of(key);
+        let shard = self.live().slot_map.shard_of(key);
         Box::pin(self.request(shard, cmd))
     }
 }

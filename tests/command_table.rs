@@ -230,8 +230,8 @@ fn table_matches_command_info() {
         .collect();
     assert_eq!(
         COMMANDS.len() - redis_rows.len(),
-        2,
-        "SLOTGATE.INVALIDATE and STATUS"
+        3,
+        "SLOTGATE.INVALIDATE, STATUS and RELOAD"
     );
     let count: i64 = redis::cmd("COMMAND").arg("COUNT").query(&mut con).unwrap();
     assert_eq!(redis_rows.len() as i64, count, "top-level command count");

@@ -35,8 +35,171 @@ fn the_accept_queue_is_tcp_backlog_long() {
     // The default is Redis's 511.
     let proxy = Slotgate::start_with(&[&shard], &[]);
     let queued = connections_queued_while_stopped(&proxy, 400);
-    assert_eq!(queued.len(), 400, "the default backlog queues 400 connections");
+    assert_eq!(
+        queued.len(),
+        400,
+        "the default backlog queues 400 connections"
+    );
     // Once running again, slotgate serves them all.
     let mut c = proxy.raw();
     assert_eq!(c.call(&[b"PING"]), b"+PONG\r\n");
+}
+
+// --- Hot reload (issue 14.10) ---
+
+const ADMIN: &str = "[[users]]\nname = \"admin\"\npassword = \"a1\"\n\n";
+
+fn auth(c: &mut RawConn, user: &str, pw: &str) -> Vec<u8> {
+    c.call(&[b"AUTH", user.as_bytes(), pw.as_bytes()])
+}
+
+fn app_user(password: &str, keys: &str) -> String {
+    format!(
+        "[[users]]\nname = \"app\"\npassword = \"{password}\"\nkeys = [{keys}]\n\
+         commands = [\"+@all\", \"-@dangerous\"]\n\n"
+    )
+}
+
+#[test]
+fn sighup_reloads_users_and_permissions_and_clients_stay_connected() {
+    let shard = RedisServer::start();
+    let file = config_file(
+        "reload-users",
+        &format!("{ADMIN}{}", app_user("p1", "\"app:*\"")),
+    );
+    let mut proxy = Slotgate::start_with(
+        &[&shard],
+        &["--config", file.to_str().unwrap(), "--workers", "2"],
+    );
+    let mut app = proxy.raw();
+    assert_eq!(auth(&mut app, "app", "p1"), b"+OK\r\n");
+    assert_eq!(app.call(&[b"GET", b"app:1"]), b"$-1\r\n");
+    assert!(app.call(&[b"GET", b"other:1"]).starts_with(b"-NOPERM"));
+
+    // More keys, a new password, a new user.
+    std::fs::write(
+        &file,
+        format!(
+            "{ADMIN}{}[[users]]\nname = \"new\"\npassword = \"n1\"\n",
+            app_user("p2", "\"app:*\", \"other:*\"")
+        ),
+    )
+    .unwrap();
+    proxy.signal("HUP");
+    wait_until("the new user to exist", Duration::from_secs(5), || {
+        auth(&mut proxy.raw(), "new", "n1") == b"+OK\r\n"
+    });
+    assert!(proxy.is_running(), "SIGHUP does not end slotgate");
+    // The connected client has its new rights, and was not disconnected.
+    assert_eq!(app.call(&[b"GET", b"other:1"]), b"$-1\r\n");
+    // New connections need the new password.
+    assert!(auth(&mut proxy.raw(), "app", "p1").starts_with(b"-WRONGPASS"));
+    assert_eq!(auth(&mut proxy.raw(), "app", "p2"), b"+OK\r\n");
+
+    // A removed user's clients are closed (as Redis does for a deleted ACL user), even idle.
+    std::fs::write(&file, ADMIN).unwrap();
+    proxy.signal("HUP");
+    assert!(app.is_closed(), "the removed user's client is closed");
+    assert!(auth(&mut proxy.raw(), "app", "p2").starts_with(b"-WRONGPASS"));
+}
+
+#[test]
+fn sighup_without_a_config_file_or_tls_keeps_slotgate_running() {
+    let shard = RedisServer::start();
+    let mut proxy = Slotgate::start_with(&[&shard], &[]);
+    let mut c = proxy.raw();
+    assert_eq!(c.call(&[b"SET", b"k", b"v"]), b"+OK\r\n");
+    proxy.signal("HUP");
+    proxy.signal("HUP");
+    // Still serving the same connection and new ones.
+    assert_eq!(c.call(&[b"GET", b"k"]), b"$1\r\nv\r\n");
+    assert_eq!(proxy.raw().call(&[b"GET", b"k"]), b"$1\r\nv\r\n");
+    assert!(proxy.is_running());
+}
+
+#[test]
+fn slotgate_reload_answers_once_applied_and_refuses_invalid_files() {
+    let shard = RedisServer::start();
+    let file = config_file(
+        "reload-cmd",
+        &format!("{ADMIN}{}", app_user("p1", "\"app:*\"")),
+    );
+    let proxy = Slotgate::start_with(
+        &[&shard],
+        &["--config", file.to_str().unwrap(), "--workers", "2"],
+    );
+    let mut admin = proxy.raw();
+    assert_eq!(auth(&mut admin, "admin", "a1"), b"+OK\r\n");
+    let mut app = proxy.raw();
+    assert_eq!(auth(&mut app, "app", "p1"), b"+OK\r\n");
+    // A restricted user may not reload (it is @admin and @dangerous).
+    assert!(app.call(&[b"SLOTGATE.RELOAD"]).starts_with(b"-NOPERM"));
+
+    // An invalid file: the error, and the running configuration stays.
+    std::fs::write(&file, "maxclients = \"many\"\n").unwrap();
+    let reply = String::from_utf8(admin.call(&[b"SLOTGATE.RELOAD"])).unwrap();
+    assert!(
+        reply.starts_with("-ERR reload failed, the running configuration stays: "),
+        "{reply}"
+    );
+    assert_eq!(auth(&mut proxy.raw(), "app", "p1"), b"+OK\r\n");
+
+    // A valid one is in force on every worker when the reply comes: no polling needed.
+    std::fs::write(&file, format!("{ADMIN}{}", app_user("p9", "\"app:*\""))).unwrap();
+    assert_eq!(admin.call(&[b"SLOTGATE.RELOAD"]), b"+OK\r\n");
+    for _ in 0..4 {
+        let mut c = proxy.raw();
+        assert_eq!(auth(&mut c, "app", "p9"), b"+OK\r\n");
+    }
+    // The restricted client is still connected and still restricted.
+    assert!(app.call(&[b"GET", b"other"]).starts_with(b"-NOPERM"));
+}
+
+#[test]
+fn reload_changes_rules_limits_and_the_log_level() {
+    use support::origin::{Origin, Reply};
+    let shard = RedisServer::start();
+    let origin = Origin::start(|_| Reply::ok("loaded"));
+    let log = support::tls::temp_dir("reload-rules").join("slotgate.log");
+    let file = config_file("reload-rules", "log_level = \"warn\"\n");
+    let path = file.to_str().unwrap();
+    let proxy = Slotgate::start_logged(
+        &[&shard],
+        &["--config", path, LOG_LEVEL_FROM_FILE],
+        Some(&log),
+    );
+    let mut c = proxy.raw();
+    assert_eq!(c.call(&[b"GET", b"label:1"]), b"$-1\r\n", "no rule yet");
+    let mut second = proxy.raw();
+    assert_eq!(second.call(&[b"PING"]), b"+PONG\r\n");
+
+    std::fs::write(
+        &file,
+        format!(
+            "log_level = \"info\"\nmaxclients = 2\n\n[[readthrough]]\nprefix = \"label:\"\n\
+             origin = \"{}\"\n",
+            origin.url("/labels/{rest}")
+        ),
+    )
+    .unwrap();
+    assert_eq!(c.call(&[b"SLOTGATE.RELOAD"]), b"+OK\r\n");
+    // The new rule loads a miss; the new limit refuses a third client; the log, now at
+    // info, shows the reload.
+    assert_eq!(c.call(&[b"GET", b"label:1"]), b"$6\r\nloaded\r\n");
+    assert_eq!(origin.requests(), 1);
+    let mut third = proxy.raw();
+    assert_eq!(
+        third.read_replies(1),
+        vec![b"-ERR max number of clients reached\r\n".to_vec()]
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("configuration reloaded (SLOTGATE.RELOAD): changed: read-through rules, limits, log level"),
+        "{text}"
+    );
+    // Back to no rule: the key is a plain miss again (the stored value aside).
+    std::fs::write(&file, "log_level = \"info\"\n").unwrap();
+    assert_eq!(c.call(&[b"SLOTGATE.RELOAD"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"GET", b"label:2"]), b"$-1\r\n");
+    assert_eq!(origin.requests(), 1);
 }

@@ -54,13 +54,14 @@ fn sigterm_answers_what_was_read_closes_idle_clients_and_exits() {
     proxy.signal("TERM");
     // Idle and subscribed clients are closed; nobody new gets in; /readyz says why.
     assert!(idle.is_closed(), "an idle client is closed");
-    assert!(subscriber.is_closed(), "a subscriber with nothing pending is closed");
-    assert!(setup.is_closed());
-    wait_until(
-        "the listener to close",
-        Duration::from_secs(5),
-        || std::net::TcpStream::connect(("127.0.0.1", proxy.port)).is_err(),
+    assert!(
+        subscriber.is_closed(),
+        "a subscriber with nothing pending is closed"
     );
+    assert!(setup.is_closed());
+    wait_until("the listener to close", Duration::from_secs(5), || {
+        std::net::TcpStream::connect(("127.0.0.1", proxy.port)).is_err()
+    });
     let (code, body) = http_get(admin_port, "/readyz");
     assert_eq!((code, body.as_str()), (503, "not ready: shutting down\n"));
     assert!(proxy.is_running(), "a client still waits for its replies");
@@ -68,7 +69,10 @@ fn sigterm_answers_what_was_read_closes_idle_clients_and_exits() {
     // The shard comes back: the waiting client gets both replies, then the connection
     // closes and slotgate exits.
     shard.resume();
-    assert_eq!(busy.read_replies(2), vec![b"$1\r\nv\r\n".to_vec(), b":1\r\n".to_vec()]);
+    assert_eq!(
+        busy.read_replies(2),
+        vec![b"$1\r\nv\r\n".to_vec(), b":1\r\n".to_vec()]
+    );
     assert!(busy.is_closed());
     let status = proxy
         .wait_exit(Duration::from_secs(5))
@@ -87,11 +91,9 @@ fn a_fill_in_flight_is_finished_and_stored_before_exit() {
     origin.wait_for_requests(1, Duration::from_secs(5));
 
     proxy.signal("TERM");
-    wait_until(
-        "the listener to close",
-        Duration::from_secs(5),
-        || std::net::TcpStream::connect(("127.0.0.1", proxy.port)).is_err(),
-    );
+    wait_until("the listener to close", Duration::from_secs(5), || {
+        std::net::TcpStream::connect(("127.0.0.1", proxy.port)).is_err()
+    });
     origin.release();
     assert_eq!(c.read_replies(1), vec![b"$11\r\nfrom-origin\r\n".to_vec()]);
     assert!(c.is_closed());
@@ -148,12 +150,13 @@ fn sigint_drains_too_and_a_second_signal_exits_at_once() {
         || shard_inflight(admin_port, &shard.addr()) >= 1.0,
     );
     proxy.signal("INT");
-    wait_until(
-        "the listener to close",
-        Duration::from_secs(5),
-        || std::net::TcpStream::connect(("127.0.0.1", proxy.port)).is_err(),
+    wait_until("the listener to close", Duration::from_secs(5), || {
+        std::net::TcpStream::connect(("127.0.0.1", proxy.port)).is_err()
+    });
+    assert!(
+        proxy.is_running(),
+        "the client's request is still in flight"
     );
-    assert!(proxy.is_running(), "the client's request is still in flight");
     proxy.signal("INT");
     assert!(
         proxy.wait_exit(Duration::from_secs(5)).is_some(),

@@ -58,9 +58,9 @@ pub enum Join {
     Done(Arc<Outcome>),
 }
 
-/// The shared read-through state: rules, fetches in flight, negative entries.
+/// The shared read-through state: fetches in flight, negative entries. (The rules are
+/// settings: a reload replaces them.)
 pub struct ReadThrough {
-    pub rules: Arc<Rules>,
     flights: DashMap<Bytes, Arc<Flight>>,
     negatives: DashMap<Bytes, Instant>,
     pub(super) refresh_backoff: DashMap<Bytes, Instant>,
@@ -75,9 +75,8 @@ pub(super) const MAX_NEGATIVES: usize = 1_000_000;
 pub(super) const REFRESH_BACKOFF: Duration = Duration::from_secs(1);
 
 impl ReadThrough {
-    pub fn new(rules: Arc<Rules>, linger: Duration) -> Self {
+    pub fn new(linger: Duration) -> Self {
         ReadThrough {
-            rules,
             flights: DashMap::new(),
             negatives: DashMap::new(),
             refresh_backoff: DashMap::new(),

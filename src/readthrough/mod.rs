@@ -54,6 +54,8 @@ use crate::units::parse_duration;
 /// refreshes). The worker implements it; read-through does not know the worker.
 pub trait Context {
     fn readthrough(&self) -> &ReadThrough;
+    /// The rules in force (a reload may replace them at any await).
+    fn rules(&self) -> Arc<Rules>;
     fn origin(&self) -> &origin::OriginClient;
     /// Sends `cmd` to the shard owning `key` and waits for the reply.
     fn request_for_key<'a>(
@@ -124,7 +126,7 @@ mod tests {
 
     #[test]
     fn join_leads_once_and_late_misses_take_the_result() {
-        let rt = ReadThrough::new(Arc::new(Rules::default()), Duration::from_secs(1));
+        let rt = ReadThrough::new(Duration::from_secs(1));
         let key = Bytes::from_static(b"k");
         let before = Instant::now();
         let Join::Leader(f) = rt.join(&key, before) else {

@@ -8,8 +8,8 @@ pub struct PendingGet {
     pub w: Rc<dyn Context>,
     pub queue: Rc<ReplyQueue>,
     pub seq: u64,
-    /// The rule, by its place in the worker's [`Rules`].
-    pub rule: usize,
+    /// The rule (as it was when the GET was sent: a reload may replace the rules).
+    pub rule: Arc<Rule>,
     pub key: KeyBuf,
     pub sent_at: Instant,
     pub proto: Proto,
@@ -155,7 +155,7 @@ impl PendingGet {
         if value.first() == Some(&b'-') {
             return self.queue.deliver(self.seq, 0, value);
         }
-        let rule = self.w.readthrough().rules.at(self.rule);
+        let rule = &self.rule;
         let stats = &rule.stats;
         if !is_nil(&value) {
             let grace = rule.grace.as_millis() as i64;
@@ -231,7 +231,7 @@ impl PendingMget {
                     .collect(),
                 Err(e) => return s.queue.deliver(s.seq, 0, e),
             };
-        let rules = &s.w.readthrough().rules;
+        let rules = s.w.rules();
         let mut fills = Vec::new();
         for (i, e) in elems.iter().enumerate() {
             let Some(rule) = rules.find(&s.keys[i]) else {

@@ -78,7 +78,9 @@ pub struct Rule {
     pub timeout: Duration,
     pub max_body: usize,
     pub grace: Duration,
-    pub stats: RuleStats,
+    /// Shared with the rule of the same name that a reload replaced (see
+    /// [`Rules::keep_counters_of`]).
+    pub stats: Arc<RuleStats>,
 }
 
 /// Per-rule counters: atomics for INFO, copied into the metrics registry when it is scraped
@@ -205,7 +207,7 @@ impl Rules {
                 return Err(what("ttl and timeout must be > 0"));
             }
             let rule = Rule {
-                stats: RuleStats::new(&name),
+                stats: Arc::new(RuleStats::new(&name)),
                 prefix: c.prefix.as_bytes().to_vec(),
                 template,
                 ttl,
@@ -242,16 +244,21 @@ impl Rules {
         self.position(key).map(|i| &self.rules[i])
     }
 
-    /// Where in [`Rules::at`] the rule owning `key` is (a GET in flight keeps this, not an
-    /// `Arc`: no shared reference count to touch per request).
     #[inline]
-    pub fn position(&self, key: &[u8]) -> Option<usize> {
+    fn position(&self, key: &[u8]) -> Option<usize> {
         self.rules.iter().position(|r| key.starts_with(&r.prefix))
     }
 
-    #[inline]
-    pub fn at(&self, i: usize) -> &Arc<Rule> {
-        &self.rules[i]
+    /// After a reload, each rule keeps the counters of the running rule of the same name, so
+    /// INFO and the metrics go on counting.
+    pub fn keep_counters_of(&mut self, running: &Rules) {
+        for rule in &mut self.rules {
+            if let Some(old) = running.rules.iter().find(|o| o.name == rule.name)
+                && let Some(rule) = Arc::get_mut(rule)
+            {
+                rule.stats = old.stats.clone();
+            }
+        }
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Rule>> {

@@ -371,6 +371,13 @@ pub const WRONGTYPE: &[u8] =
     b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n";
 
 /// CLIENT SETINFO with an attribute it does not know.
+/// SLOTGATE.RELOAD: the new configuration was refused (the running one stays).
+pub fn reload_failed(why: &str) -> Bytes {
+    error(&format!(
+        "ERR reload failed, the running configuration stays: {why}"
+    ))
+}
+
 pub fn unrecognized_option(opt: &[u8]) -> Bytes {
     error_bytes(&[b"ERR Unrecognized option '", opt, b"'"])
 }

@@ -61,7 +61,7 @@ pub(super) struct Conn<R, W> {
 
 impl<R: ReadSide, W: WriteSide> Conn<R, W> {
     pub(super) async fn new(rd: R, wr: W, s: &Session) -> Self {
-        let settings = &s.w.shared.settings;
+        let settings = s.w.live().clone();
         let task = std::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
         let (read_flag, read_waker) = FlagWaker::new(task.clone());
         Conn {
@@ -106,6 +106,13 @@ impl<R: ReadSide, W: WriteSide> Conn<R, W> {
     /// CLIENT KILL, idle, a write error).
     async fn turns(&mut self, s: &mut Session) {
         loop {
+            if s.generation != self.w.generation.get() {
+                self.reloaded(s);
+                if s.queue.must_close() {
+                    // Its user was removed: nothing more of it runs.
+                    return;
+                }
+            }
             let bounded = self.parse(s);
             if self.rbuf.len() > self.qbuf_limit {
                 tracing::warn!(
@@ -167,6 +174,19 @@ impl<R: ReadSide, W: WriteSide> Conn<R, W> {
                     return;
                 }
             }
+        }
+    }
+
+    /// After a reload: the session and this connection take up the new limits.
+    #[cold]
+    fn reloaded(&mut self, s: &mut Session) {
+        s.reloaded();
+        let live = self.w.live().clone();
+        self.limits.max_bulk_len = live.proto_max_bulk_len;
+        self.qbuf_limit = live.client_query_buffer_limit;
+        if self.idle_timeout != live.idle_timeout {
+            self.idle_timeout = live.idle_timeout;
+            self.idle_sleep = live.idle_timeout.map(|d| Box::pin(tokio::time::sleep(d)));
         }
     }
 

@@ -68,7 +68,7 @@ impl Session {
                 self.reset_pinned();
                 self.reset_subs();
                 // Back to the default user: authenticated only if it needs no password.
-                let users = self.w.shared.settings.users.clone();
+                let users = self.w.live().users.clone();
                 self.user = None;
                 if !users.auth_required() {
                     self.set_user(users.default_user().clone());
@@ -135,6 +135,7 @@ impl Session {
             "client|list" => self.client_list(req),
             "slotgate.invalidate" => self.invalidate(req, now),
             "slotgate.status" => self.cache_status(req, now),
+            "slotgate.reload" => self.reload_config(),
             "client|kill" => self.client_kill(req),
             "acl|whoami" => self.reply(reply::bulk(self.user_name().as_bytes())),
             name if name == "cluster"
@@ -170,12 +171,32 @@ impl Session {
         }
     }
 
+    /// `SLOTGATE.RELOAD`: reloads the configuration as SIGHUP does (see `reload`); `+OK` once
+    /// every worker has taken it up, or why it was refused.
+    fn reload_config(&mut self) {
+        let (answer, outcome) = tokio::sync::oneshot::channel();
+        let sent = self.w.shared.reloads.get().map(|tx| tx.send(answer));
+        if !matches!(sent, Some(Ok(()))) {
+            return self.reply(reply::reload_failed("reloads are not available"));
+        }
+        let seq = self.queue.push_waiting(crate::queue::Slot::Waiting);
+        let queue = self.queue.clone();
+        tokio::task::spawn_local(async move {
+            let reply = match outcome.await {
+                Ok(Ok(_)) => Bytes::from_static(reply::OK),
+                Ok(Err(why)) => reply::reload_failed(&why),
+                Err(_) => reply::reload_failed("the reload did not finish"),
+            };
+            queue.deliver(seq, 0, reply);
+        });
+    }
+
     /// `SLOTGATE.STATUS key`: the key's read-through state (hit, stale, miss, negative,
     /// in-flight), its remaining TTL, and its age estimated from the rule's TTL.
     fn cache_status(&mut self, req: &Request<'_>, now: Instant) {
         let key = req.arg_copy(1);
         let rt = &self.w.shared.readthrough;
-        let rule = rt.rules.find(&key).cloned();
+        let rule = self.w.live().readthrough.find(&key).cloned();
         let in_flight = rt.in_flight(&key);
         let negative = rt.negative_fresh(&key);
         let proto = self.proto;
@@ -211,7 +232,7 @@ impl Session {
             m.bulk(b"age_ms").integer(age);
             m.finish()
         };
-        let shard = self.w.shared.settings.slot_map.shard_of(&key);
+        let shard = self.w.live().slot_map.shard_of(&key);
         let raw = crate::resp::request::command(&[b"PTTL", &key]);
         self.gather(GatherKind::Info(Box::new(build)), &[(shard, raw)], now);
     }
@@ -311,7 +332,7 @@ impl Session {
             3 => (req.arg(1), req.arg(2)),
             _ => return self.reply_static(reply::SYNTAX),
         };
-        let users = self.w.shared.settings.users.clone();
+        let users = self.w.live().users.clone();
         if req.argc() == 2 && users.default_user().nopass() {
             return self.reply_static(reply::AUTH_NO_PASSWORD);
         }
@@ -323,7 +344,7 @@ impl Session {
     /// Checks credentials; on success switches the user, on failure replies WRONGPASS,
     /// counts the failure and closes the connection after too many in a row.
     fn try_login(&mut self, user: &[u8], password: &[u8]) -> bool {
-        let users = self.w.shared.settings.users.clone();
+        let users = self.w.live().users.clone();
         if let Some(u) = users.authenticate(user, password) {
             self.set_user(u);
             self.auth_failures = 0;
@@ -348,7 +369,7 @@ impl Session {
             "AUTH failed"
         );
         self.reply_static(reply::WRONGPASS);
-        if self.auth_failures >= shared.settings.max_auth_failures {
+        if self.auth_failures >= self.w.live().max_auth_failures {
             tracing::warn!(
                 client = self.id,
                 addr = %self.addr,
@@ -440,7 +461,7 @@ impl Session {
             let text = build_info(&shared, &wanted, &connected, parts);
             reply::verbatim(proto, text.as_bytes())
         };
-        let n = self.w.shared.settings.slot_map.shard_count();
+        let n = self.w.live().slot_map.shard_count();
         let raw = Bytes::from_static(b"*1\r\n$4\r\nINFO\r\n");
         let parts: Vec<(usize, Bytes)> = (0..n).map(|s| (s, raw.clone())).collect();
         self.gather(GatherKind::Info(Box::new(build)), &parts, now);
@@ -572,13 +593,13 @@ fn server_info(shared: &Shared, version: &str) -> String {
 
 /// INFO's `# Readthrough`: the rules and their counters.
 fn readthrough_info(shared: &Shared) -> String {
-    let rt = &shared.readthrough;
-    let (flights, negatives) = rt.sizes();
+    let (flights, negatives) = shared.readthrough.sizes();
+    let rules = shared.live().readthrough.clone();
     let mut body = format!(
         "rules:{}\r\nfetches_tracked:{flights}\r\nnegative_entries:{negatives}\r\n",
-        rt.rules.iter().count()
+        rules.iter().count()
     );
-    for r in rt.rules.iter() {
+    for r in rules.iter() {
         let s = &r.stats;
         let (hits, misses) = (s.hits.get(), s.misses.get());
         let ratio = if hits + misses > 0 {

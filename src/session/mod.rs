@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use crate::auth::User;
-use crate::readthrough::{self, PendingGet, PendingMget};
+use crate::readthrough::{self, PendingGet, PendingMget, Rule};
 
 use crate::command::policy::{
     config_set_refused, has_block_option, parse_cursor, refused_arguments,
@@ -118,6 +118,8 @@ pub struct Session {
     /// which may go over a connection of the other protocol.
     pub(crate) barrier: bool,
     max_pipeline: usize,
+    /// The worker's reload count when this session last took up its settings.
+    generation: u64,
 }
 
 /// How long a client has to complete the TLS handshake.
@@ -161,8 +163,7 @@ impl Drop for AbortOnDrop {
 struct ClientPlace(Arc<Shared>);
 
 impl ClientPlace {
-    fn take(shared: &Arc<Shared>) -> Option<Self> {
-        let max = shared.settings.maxclients;
+    fn take(shared: &Arc<Shared>, max: usize) -> Option<Self> {
         let prev = shared.connected.fetch_add(1, Ordering::Relaxed);
         if prev >= max {
             shared.connected.fetch_sub(1, Ordering::Relaxed);
@@ -189,13 +190,13 @@ where
     W: WriteSide,
 {
     let shared = w.shared.clone();
-    let Some(_place) = ClientPlace::take(&shared) else {
+    let settings = w.live().clone();
+    let Some(_place) = ClientPlace::take(&shared, settings.maxclients) else {
         let _ = wr.write_all(reply::MAX_CLIENTS).await;
         let _ = wr.flush().await;
         let _ = wr.shutdown().await;
         return;
     };
-    let settings = &shared.settings;
     let id = shared.next_client_id.fetch_add(1, Ordering::Relaxed);
     let users = &settings.users;
     let mut s = Session {
@@ -225,6 +226,7 @@ where
         on_dedicated: Lane::Shared,
         subs: crate::session::pubsub::Subs::default(),
         kill: Arc::new(tokio::sync::Notify::new()),
+        generation: w.generation.get(),
         w,
     };
     if !users.auth_required() {
@@ -290,6 +292,39 @@ impl Session {
     /// Updates this session's CLIENT LIST entry after a name, user or protocol change.
     pub(crate) fn update_info(&self) {
         self.register();
+    }
+
+    /// After a reload: the session takes up the new client limits and its user's new rules.
+    /// A user that no longer exists is closed (as Redis closes the clients of a deleted ACL
+    /// user); a client that had not authenticated is let in if the new configuration needs
+    /// no password. The connection's own limits are re-read by [`conn::Conn`].
+    #[cold]
+    pub(crate) fn reloaded(&mut self) {
+        self.generation = self.w.generation.get();
+        let live = self.w.live().clone();
+        self.max_pipeline = live.max_client_pipeline;
+        self.update_output_class();
+        match &self.user {
+            Some(user) => match live.users.get(user.name.as_bytes()) {
+                Some(new) => {
+                    let new = new.clone();
+                    self.set_user(new);
+                }
+                None => {
+                    tracing::info!(
+                        client = self.id,
+                        user = %user.name,
+                        "closing the client: its user was removed by a reload"
+                    );
+                    self.queue.mark_killed();
+                }
+            },
+            None if !live.users.auth_required() => {
+                self.set_user(live.users.default_user().clone());
+            }
+            None => {}
+        }
+        self.update_info();
     }
 
     /// Parses and dispatches every complete command in `buf`, within the pipeline bound.
@@ -407,7 +442,7 @@ impl Session {
             self.sampled
                 .push_back((seq, std::time::Instant::now(), spec.name));
         }
-        if !self.w.shared.readthrough.rules.is_empty() && spec.may_write_keys() {
+        if !self.w.live().readthrough.is_empty() && spec.may_write_keys() {
             self.note_writes(spec, req);
         }
         if self.tx.is_some()
@@ -551,7 +586,7 @@ impl Session {
     /// runs with the user's rights rather than slotgate's.
     fn script_as_user(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
         let shard = match self.slot_of(spec, req) {
-            Ok(slot) => slot.map_or(0, |s| self.w.shared.settings.slot_map.shard_of_slot(s)),
+            Ok(slot) => slot.map_or(0, |s| self.w.live().slot_map.shard_of_slot(s)),
             Err(()) => return self.reply_static(reply::CROSSSLOT),
         };
         let Some(user) = self.user.clone() else {
@@ -585,13 +620,20 @@ impl Session {
         }
         match self.slot_of(spec, req) {
             Ok(Some(slot)) => {
-                let shard = self.w.shared.settings.slot_map.shard_of_slot(slot);
-                if spec.name == "get"
-                    && let Some(rule) = self.w.shared.readthrough.rules.position(req.arg(1))
-                {
-                    return self.get_readthrough(shard, rule, req, now);
+                let (shard, rule) = {
+                    let live = self.w.live();
+                    let rule = match spec.name {
+                        "get" if !live.readthrough.is_empty() => {
+                            live.readthrough.find(req.arg(1)).cloned()
+                        }
+                        _ => None,
+                    };
+                    (live.slot_map.shard_of_slot(slot), rule)
+                };
+                match rule {
+                    Some(rule) => self.get_readthrough(shard, rule, req, now),
+                    None => self.forward(shard, req.raw, now),
                 }
-                self.forward(shard, req.raw, now)
             }
             // No keys, or key positions undeterminable: any shard answers (its own error).
             Ok(None) => self.forward(0, req.raw, now),
@@ -681,7 +723,8 @@ impl Session {
         if !(argc - 1).is_multiple_of(step) {
             return self.reply(reply::wrong_arity(spec.name));
         }
-        let map = &self.w.shared.settings.slot_map;
+        let live = self.w.live().clone();
+        let map = &live.slot_map;
         let nkeys = (argc - 1) / step;
         self.keys.clear();
         let mut same = true;
@@ -690,7 +733,7 @@ impl Session {
             same &= self.keys.first().is_none_or(|&f| f == shard);
             self.keys.push(shard);
         }
-        let rules = &self.w.shared.readthrough.rules;
+        let rules = &live.readthrough;
         let readthrough = merge == Merge::ArrayInOrder
             && !rules.is_empty()
             && (1..argc).any(|i| rules.find(req.arg(i)).is_some());
@@ -735,16 +778,15 @@ impl Session {
 
     /// A GET of a read-through key: forwarded like any GET (or as the value+PTTL script for
     /// rules with a grace period); a nil reply becomes an origin fetch (see `readthrough`).
-    fn get_readthrough(&mut self, shard: usize, rule_at: usize, req: &Request<'_>, now: Instant) {
+    fn get_readthrough(&mut self, shard: usize, rule: Arc<Rule>, req: &Request<'_>, now: Instant) {
         let key = req.arg(1);
-        let rule = self.w.shared.readthrough.rules.at(rule_at);
-        let script = readthrough::get_request(rule, key);
+        let script = readthrough::get_request(&rule, key);
         let seq = self.queue.push_waiting(Slot::Waiting);
         let pending = self.w.pending_gets.insert(PendingGet {
             w: self.w.clone(),
             queue: self.queue.clone(),
             seq,
-            rule: rule_at,
+            rule,
             sent_at: now.into_std(),
             proto: self.proto,
             with_pttl: script.is_some(),
@@ -788,12 +830,13 @@ impl Session {
     /// their negative entries end.
     fn note_writes(&mut self, spec: &CommandSpec, req: &Request<'_>) {
         let rt = &self.w.shared.readthrough;
+        let rules = self.w.live().readthrough.clone();
         self.keys.clear();
         if keys::key_indices(spec, req.argc(), |i| req.arg(i), &mut self.keys).is_err() {
             return;
         }
         for &i in &self.keys {
-            if rt.rules.find(req.arg(i)).is_some() {
+            if rules.find(req.arg(i)).is_some() {
                 rt.note_write(req.arg(i));
             }
         }
@@ -820,7 +863,7 @@ impl Session {
 
     /// Sends `raw` to every shard and merges their replies as `kind` says.
     pub(crate) fn gather_from_every_shard(&mut self, kind: GatherKind, raw: &[u8], now: Instant) {
-        let n = self.w.shared.settings.slot_map.shard_count();
+        let n = self.w.live().slot_map.shard_count();
         let raw = Bytes::copy_from_slice(raw);
         let parts: Vec<(usize, Bytes)> = (0..n).map(|s| (s, raw.clone())).collect();
         self.gather(kind, &parts, now);
@@ -829,7 +872,7 @@ impl Session {
     /// SCAN: the cursor names the shard (cursor = shard_cursor * shards + shard), so one
     /// iteration walks shard 0, then 1, … with Redis's guarantees on each.
     fn scan(&mut self, req: &Request<'_>, now: Instant) {
-        let shards = self.w.shared.settings.slot_map.shard_count() as u64;
+        let shards = self.w.live().slot_map.shard_count() as u64;
         let Some(cursor) = parse_cursor(req.arg(1)) else {
             return self.reply_static(reply::INVALID_CURSOR);
         };

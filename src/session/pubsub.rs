@@ -117,7 +117,7 @@ impl Session {
 
     /// A client with subscriptions gets the `pubsub` output buffer limit, as in Redis.
     pub(crate) fn update_output_class(&self) {
-        let settings = &self.w.shared.settings;
+        let settings = self.w.live();
         self.queue.set_output_limit(if self.subscribed() {
             settings.obuf_pubsub
         } else {
@@ -145,7 +145,7 @@ impl Session {
                     Ok(None) => return self.reply(reply::wrong_arity(spec.name)),
                     Err(()) => return self.reply_static(reply::CROSSSLOT),
                 };
-                let shard = self.w.shared.settings.slot_map.shard_of_slot(slot);
+                let shard = self.w.live().slot_map.shard_of_slot(slot);
                 if let Err(e) = self.sub_send(shard, req.raw, args.len()) {
                     return self.reply(e);
                 }
@@ -199,7 +199,7 @@ impl Session {
                     Ok(None) => return self.reply(reply::wrong_arity(spec.name)),
                     Err(()) => return self.reply_static(reply::CROSSSLOT),
                 };
-                let shard = self.w.shared.settings.slot_map.shard_of_slot(slot);
+                let shard = self.w.live().slot_map.shard_of_slot(slot);
                 for a in &args {
                     self.subs.shard_set(shard).remove(a);
                 }

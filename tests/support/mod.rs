@@ -255,6 +255,10 @@ fn spawn_redis(port: u16, extra: &[String]) -> Child {
 }
 
 /// The `slotgate` binary built by cargo for this test run.
+/// Among [`Slotgate::start_with`]'s arguments: no `--log-level` flag, so that the
+/// configuration file's `log_level` is in force (and a reload can change it).
+pub const LOG_LEVEL_FROM_FILE: &str = "<log level from the file>";
+
 pub fn slotgate_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_slotgate"))
 }
@@ -302,10 +306,10 @@ impl Slotgate {
         if !extra.contains(&"--admin-listen") {
             cmd.args(["--admin-listen", "none"]);
         }
-        if !extra.contains(&"--log-level") {
+        if !extra.contains(&"--log-level") && !extra.contains(&LOG_LEVEL_FROM_FILE) {
             cmd.args(["--log-level", "warn"]);
         }
-        cmd.args(extra);
+        cmd.args(extra.iter().filter(|a| **a != LOG_LEVEL_FROM_FILE));
         let stderr = match log {
             Some(p) => Stdio::from(std::fs::File::create(p).expect("create log file")),
             None => Stdio::inherit(),

@@ -1,0 +1,200 @@
+//! Hot reload of the configuration, on SIGHUP and on `SLOTGATE.RELOAD`.
+//!
+//! A reload reads `proxy.toml` again and applies the original command-line flags on top, as
+//! at start-up; an invalid result is logged (and SLOTGATE.RELOAD answers why) and the running
+//! configuration stays. A valid one is published to the workers, each of which acknowledges
+//! it before the reload is reported done; sessions take it up at their next turn (see
+//! `session::Session::reloaded`). Existing clients stay connected.
+//!
+//! What a reload changes: users, passwords and permissions; read-through rules (their
+//! counters go on); the client limits (`maxclients`, `max_client_pipeline`, the output buffer
+//! limits, `proto_max_bulk_len`, `client_query_buffer_limit`, `max_auth_failures`,
+//! `idle_timeout`); `shutdown_timeout`; the log level. What needs a restart (a change is
+//! logged and ignored): the listeners, TLS settings, workers, the shard layout and the
+//! upstream connections' settings (credentials, TLS, `op_timeout`, in-flight limits,
+//! `upstream_connections`, `max_dedicated_per_shard`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::server::Incoming;
+use crate::settings::Settings;
+use crate::worker::{ReloadRequest, Shared};
+
+/// Reads the file again and applies the original command-line flags on top.
+pub type ReadConfig = Box<dyn Fn() -> Result<Settings, String> + Send + Sync>;
+/// Installs a new log filter (`log_level`).
+pub type SetLogFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// How a reload reads the configuration and applies the log level.
+pub struct Reloader {
+    pub read: ReadConfig,
+    pub log_filter: SetLogFilter,
+}
+
+/// Reloads on SIGHUP and on SLOTGATE.RELOAD, one at a time, for as long as the process runs.
+/// `hup` is the SIGHUP listener, installed by the caller as early as it can: from then on a
+/// SIGHUP never ends the process.
+pub async fn serve(
+    shared: Arc<Shared>,
+    reloader: Reloader,
+    workers: Vec<mpsc::UnboundedSender<Incoming>>,
+    mut hup: Option<tokio::signal::unix::Signal>,
+) {
+    let (tx, mut requests) = mpsc::unbounded_channel::<ReloadRequest>();
+    let _ = shared.reloads.set(tx);
+    loop {
+        let (why, answer) = tokio::select! {
+            Some(()) = async { hup.as_mut()?.recv().await } => ("SIGHUP", None),
+            Some(answer) = requests.recv() => ("SLOTGATE.RELOAD", Some(answer)),
+        };
+        let outcome = reload(&shared, &reloader, &workers).await;
+        match &outcome {
+            Ok(summary) => tracing::info!("configuration reloaded ({why}): {summary}"),
+            Err(e) => tracing::error!(
+                "configuration reload failed ({why}), the running configuration stays: {e}"
+            ),
+        }
+        if let Some(answer) = answer {
+            let _ = answer.send(outcome);
+        }
+    }
+}
+
+/// One reload: read, validate, publish, wait for every worker to take it up.
+async fn reload(
+    shared: &Shared,
+    reloader: &Reloader,
+    workers: &[mpsc::UnboundedSender<Incoming>],
+) -> Result<String, String> {
+    let mut new = (reloader.read)()?;
+    let running = shared.live();
+    let needs_restart = keep_fixed(&shared.settings, &mut new);
+    if let Some(rules) = Arc::get_mut(&mut new.readthrough) {
+        rules.keep_counters_of(&running.readthrough);
+    }
+    if new.log_level != running.log_level {
+        (reloader.log_filter)(&new.log_level)?;
+    }
+    let summary = changes(&running, &new);
+    shared.publish(new);
+    let mut acks = Vec::with_capacity(workers.len());
+    for w in workers {
+        let (ack, done) = oneshot::channel();
+        if w.send(Incoming::Reload(ack)).is_ok() {
+            acks.push(done);
+        }
+    }
+    for done in acks {
+        // A worker busy for longer than this still takes the settings up on its next turn.
+        let _ = tokio::time::timeout(Duration::from_secs(1), done).await;
+    }
+    close_clients_of_removed_users(shared);
+    for what in &needs_restart {
+        tracing::warn!("reload: `{what}` changed; it takes effect at the next restart");
+    }
+    Ok(summary)
+}
+
+/// Closes the clients whose user a reload removed, as Redis does for a deleted ACL user (the
+/// sessions also check at their next command).
+fn close_clients_of_removed_users(shared: &Shared) {
+    let users = shared.live().users.clone();
+    let Ok(clients) = shared.clients.lock() else {
+        return;
+    };
+    for c in clients.values() {
+        if users.get(c.user.as_bytes()).is_none() {
+            c.kill.notify_one();
+        }
+    }
+}
+
+/// Puts back into `new` what only a restart can change, and names what differed.
+fn keep_fixed(running: &Settings, new: &mut Settings) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    macro_rules! keep {
+        ($($field:ident),*) => {$(
+            if format!("{:?}", running.$field) != format!("{:?}", new.$field) {
+                changed.push(stringify!($field));
+            }
+            new.$field = running.$field.clone();
+        )*};
+    }
+    keep!(
+        listen,
+        tls,
+        workers,
+        tcp_backlog,
+        admin_listen,
+        shards,
+        upstream_connections,
+        op_timeout,
+        max_inflight_per_connection,
+        max_inflight_bytes_per_connection,
+        max_dedicated_per_shard,
+        upstream_tls
+    );
+    let layout = format!("{:?}", running.slot_map) != format!("{:?}", new.slot_map);
+    if layout && !changed.contains(&"shards") {
+        changed.push("shards");
+    }
+    new.slot_map = running.slot_map.clone();
+    let auth = |s: &Settings| {
+        s.upstream_auth
+            .iter()
+            .map(|a| a.as_ref().map(|a| (a.username.clone(), a.password.clone())))
+            .collect::<Vec<_>>()
+    };
+    if auth(running) != auth(new) {
+        changed.push("upstream credentials");
+    }
+    new.upstream_auth = running.upstream_auth.clone();
+    changed
+}
+
+/// What a reload changes, for the log line and SLOTGATE.RELOAD's reply.
+fn changes(running: &Settings, new: &Settings) -> String {
+    let mut what = Vec::new();
+    if format!("{:?}", running.users) != format!("{:?}", new.users) {
+        what.push("users");
+    }
+    let rules = |s: &Settings| {
+        s.readthrough
+            .iter()
+            .map(|r| format!("{:?}", (&r.name, &r.prefix, &r.template, r.ttl, r.timeout)))
+            .collect::<Vec<_>>()
+    };
+    if rules(running) != rules(new) {
+        what.push("read-through rules");
+    }
+    let limits = |s: &Settings| {
+        format!(
+            "{:?}",
+            (
+                s.maxclients,
+                s.max_client_pipeline,
+                s.obuf_normal,
+                s.obuf_pubsub,
+                s.proto_max_bulk_len,
+                s.client_query_buffer_limit,
+                s.max_auth_failures,
+                s.idle_timeout,
+                s.shutdown_timeout,
+            )
+        )
+    };
+    if limits(running) != limits(new) {
+        what.push("limits");
+    }
+    if running.log_level != new.log_level {
+        what.push("log level");
+    }
+    if what.is_empty() {
+        "nothing changed".into()
+    } else {
+        format!("changed: {}", what.join(", "))
+    }
+}
