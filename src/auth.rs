@@ -8,7 +8,10 @@
 //! is never forwarded.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::command::{CommandSpec, access, acl};
 
@@ -575,9 +578,159 @@ fn class(pat: &[u8], p: usize, c: u8) -> Option<(bool, usize)> {
     Some((matched != negate, j + 1))
 }
 
+/// Failed AUTHs per source address, across connections (Redis counts none): past `budget`
+/// failures within a minute, the address waits before its next AUTH is even checked — 1 s,
+/// doubling with each further failure, up to a minute — and a quiet minute forgets it. Also
+/// keeps the "AUTH failed" warnings to one line a second, with a count of those left out.
+pub struct AuthGuard {
+    by_addr: Mutex<HashMap<IpAddr, Failures>>,
+    /// The second (since `epoch`) of the last warning, and warnings left out since.
+    warned_at: AtomicU64,
+    unwarned: AtomicU64,
+    epoch: Instant,
+}
+
+struct Failures {
+    since: Instant,
+    count: u32,
+    backoff: Duration,
+    blocked_until: Option<Instant>,
+}
+
+/// How long failures are counted, and the longest wait.
+const AUTH_WINDOW: Duration = Duration::from_secs(60);
+/// Addresses remembered at most (their failures are forgotten beyond, oldest first).
+const AUTH_ADDRESSES: usize = 100_000;
+
+impl Default for AuthGuard {
+    fn default() -> Self {
+        AuthGuard {
+            by_addr: Mutex::new(HashMap::new()),
+            warned_at: AtomicU64::new(u64::MAX),
+            unwarned: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl AuthGuard {
+    /// `Err(wait)` while `ip` must wait before an AUTH of it is checked.
+    pub fn check(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
+        let map = self.by_addr.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(&ip).and_then(|f| f.blocked_until) {
+            Some(until) if now < until => Err(until - now),
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts a failed AUTH of `ip`; `Some(wait)` when that put it over `budget` (0: no
+    /// budget).
+    pub fn failed(&self, ip: IpAddr, now: Instant, budget: u32) -> Option<Duration> {
+        if budget == 0 {
+            return None;
+        }
+        let mut map = self.by_addr.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= AUTH_ADDRESSES && !map.contains_key(&ip) {
+            map.retain(|_, f| now < f.blocked_until.unwrap_or(f.since) + AUTH_WINDOW);
+            if map.len() >= AUTH_ADDRESSES {
+                return None;
+            }
+        }
+        let f = map.entry(ip).or_insert(Failures {
+            since: now,
+            count: 0,
+            backoff: Duration::ZERO,
+            blocked_until: None,
+        });
+        // A minute without failures (after the last wait, if any) forgets the address.
+        let quiet_from = f.blocked_until.unwrap_or(f.since);
+        if now >= quiet_from + AUTH_WINDOW {
+            *f = Failures {
+                since: now,
+                count: 0,
+                backoff: Duration::ZERO,
+                blocked_until: None,
+            };
+        }
+        f.count += 1;
+        if f.count <= budget {
+            return None;
+        }
+        f.backoff = (f.backoff * 2).clamp(Duration::from_secs(1), AUTH_WINDOW);
+        f.blocked_until = Some(now + f.backoff);
+        Some(f.backoff)
+    }
+
+    /// Whether a warning may be logged now (at most one a second): `Some(n)` with the
+    /// number of warnings left out since the last one.
+    pub fn may_warn(&self, now: Instant) -> Option<u64> {
+        let second = now.duration_since(self.epoch).as_secs();
+        let last = self.warned_at.load(Ordering::Relaxed);
+        if last == second
+            || self
+                .warned_at
+                .compare_exchange(last, second, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            self.unwarned.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(self.unwarned.swap(0, Ordering::Relaxed))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failures_past_the_budget_make_an_address_wait_longer_each_time() {
+        let g = AuthGuard::default();
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let t0 = Instant::now();
+        for i in 0..3 {
+            assert_eq!(g.failed(a, t0, 3), None, "failure {i} is within the budget");
+        }
+        assert_eq!(g.failed(a, t0, 3), Some(Duration::from_secs(1)));
+        assert_eq!(g.check(a, t0), Err(Duration::from_secs(1)));
+        assert_eq!(g.check(b, t0), Ok(()), "other addresses are not affected");
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(g.check(a, t1), Ok(()));
+        assert_eq!(g.failed(a, t1, 3), Some(Duration::from_secs(2)));
+        assert_eq!(
+            g.failed(a, t1 + Duration::from_secs(2), 3),
+            Some(Duration::from_secs(4))
+        );
+        // Doubling stops at a minute.
+        let mut t = t1 + Duration::from_secs(6);
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            let w = g.failed(a, t, 3).expect("still over the budget");
+            waits.push(w.as_secs());
+            t += w;
+        }
+        assert_eq!(waits, [8, 16, 32, 60, 60, 60]);
+        // A quiet minute after the wait forgets the address.
+        let later = t + AUTH_WINDOW + AUTH_WINDOW;
+        assert_eq!(g.failed(a, later, 3), None);
+        // No budget: never throttled.
+        for _ in 0..100 {
+            assert_eq!(g.failed(b, t0, 0), None);
+        }
+        assert_eq!(g.check(b, t0), Ok(()));
+    }
+
+    #[test]
+    fn warnings_are_one_a_second_with_a_count_of_the_rest() {
+        let g = AuthGuard::default();
+        let t = g.epoch + Duration::from_millis(10);
+        assert_eq!(g.may_warn(t), Some(0));
+        for _ in 0..2009 {
+            assert_eq!(g.may_warn(t + Duration::from_millis(500)), None);
+        }
+        assert_eq!(g.may_warn(t + Duration::from_secs(1)), Some(2009));
+        assert_eq!(g.may_warn(t + Duration::from_secs(2)), Some(0));
+    }
 
     #[test]
     fn globs_like_redis() {

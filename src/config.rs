@@ -88,6 +88,10 @@ pub struct Cli {
     /// Consecutive failed AUTHs after which a connection is closed [default: 10].
     #[arg(long)]
     pub max_auth_failures: Option<u32>,
+    /// Failed AUTHs per source address and minute, over all its connections, after which
+    /// the address waits before its next AUTH (1 s, doubling; `0` = no limit) [default: 50].
+    #[arg(long)]
+    pub max_auth_failures_per_address: Option<u32>,
     /// Most client connections at once; beyond, `-ERR max number of clients reached` [default: 10000].
     #[arg(long)]
     pub maxclients: Option<usize>,
@@ -156,6 +160,7 @@ pub struct FileConfig {
     pub client_query_buffer_limit: Option<usize>,
     pub requirepass: Option<String>,
     pub max_auth_failures: Option<u32>,
+    pub max_auth_failures_per_address: Option<u32>,
     pub maxclients: Option<usize>,
     pub tcp_backlog: Option<u32>,
     pub idle_timeout: Option<String>,
@@ -349,6 +354,10 @@ impl Cli {
             tls_client_ca: self.tls_client_ca.clone().or(f.tls.client_ca),
             requirepass: self.requirepass.clone().or(f.requirepass),
             max_auth_failures: self.max_auth_failures.or(f.max_auth_failures).unwrap_or(10),
+            max_auth_failures_per_address: self
+                .max_auth_failures_per_address
+                .or(f.max_auth_failures_per_address)
+                .unwrap_or(50),
             maxclients: self.maxclients.or(f.maxclients).unwrap_or(10000),
             tcp_backlog: self.tcp_backlog.or(f.tcp_backlog).unwrap_or(511),
             idle_timeout: self
@@ -412,6 +421,7 @@ struct Merged {
     tls_client_ca: Option<PathBuf>,
     requirepass: Option<String>,
     max_auth_failures: u32,
+    max_auth_failures_per_address: u32,
     maxclients: usize,
     tcp_backlog: u32,
     idle_timeout: String,
@@ -560,6 +570,7 @@ impl Merged {
             tls,
             users: Arc::new(users),
             max_auth_failures: self.max_auth_failures,
+            max_auth_failures_per_address: self.max_auth_failures_per_address,
             maxclients: self.maxclients,
             tcp_backlog: self.tcp_backlog,
             idle_timeout: (!idle.is_zero()).then_some(idle),

@@ -50,6 +50,8 @@ pub struct Settings {
     pub tls: Option<TlsSettings>,
     pub users: Arc<Users>,
     pub max_auth_failures: u32,
+    /// Failed AUTHs per source address and minute before it must wait (0: no limit).
+    pub max_auth_failures_per_address: u32,
     pub maxclients: usize,
     /// The listeners' accept queue (Redis's `tcp-backlog`).
     pub tcp_backlog: u32,

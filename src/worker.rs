@@ -40,6 +40,8 @@ pub struct Shared {
     pub stats: Stats,
     /// Client sessions, for CLIENT LIST. Touched on connect/disconnect and by CLIENT SETNAME.
     pub clients: Mutex<HashMap<u64, ClientInfo>>,
+    /// Failed AUTHs per source address, and the rate of their warnings.
+    pub auth_guard: crate::auth::AuthGuard,
     /// The plain listener's bound address (known after bind).
     pub listen_addr: OnceLock<SocketAddr>,
     /// Read-through rules, fetches in flight and negative entries (shared by the workers).
@@ -101,6 +103,7 @@ impl Shared {
             connected: AtomicUsize::new(0),
             stats: Stats::default(),
             clients: Mutex::new(HashMap::new()),
+            auth_guard: Default::default(),
             listen_addr: OnceLock::new(),
         })
     }

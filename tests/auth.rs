@@ -283,6 +283,95 @@ fn brute_force_closes_the_connection_and_never_logs_the_password() {
     );
 }
 
+/// Failed AUTHs are also counted per source address, over all its connections (issue 14.12):
+/// past the budget, the address waits (1 s, doubling) before its next AUTH is even checked,
+/// even with the right password; other clients already in are not affected.
+#[test]
+fn auth_failures_across_connections_make_the_address_wait() {
+    let shard = RedisServer::start();
+    let proxy = Slotgate::start_with(
+        &[&shard],
+        &[
+            "--requirepass",
+            "right",
+            "--max-auth-failures-per-address",
+            "5",
+        ],
+    );
+    let mut inside = proxy.raw();
+    assert_eq!(inside.call(&[b"AUTH", b"right"]), b"+OK\r\n");
+    // Five connections, one wrong guess each: within the budget.
+    for i in 0..5 {
+        let guess = format!("guess-{i}");
+        assert_eq!(proxy.raw().call(&[b"AUTH", guess.as_bytes()]), WRONGPASS);
+    }
+    // The sixth puts the address over it.
+    assert_eq!(proxy.raw().call(&[b"AUTH", b"guess-5"]), WRONGPASS);
+    let mut c = proxy.raw();
+    assert_eq!(
+        c.call(&[b"AUTH", b"right"]),
+        b"-ERR too many failed AUTH attempts from this address: retry in 1 s\r\n"
+    );
+    let hello = c.call(&[b"HELLO", b"3", b"AUTH", b"default", b"right"]);
+    assert!(hello.starts_with(b"-ERR too many failed AUTH"), "{hello:?}");
+    assert_eq!(
+        inside.call(&[b"PING"]),
+        b"+PONG\r\n",
+        "clients already in are not affected"
+    );
+    // Once the wait is over, the right password works again.
+    wait_until("the address's wait to end", Duration::from_secs(5), || {
+        c.call(&[b"AUTH", b"right"]) == b"+OK\r\n"
+    });
+}
+
+/// A brute force over many connections logs about one warning a second, each with the count
+/// of failures it stands for, instead of one line per failure (issue 14.12).
+#[test]
+fn auth_failure_warnings_are_rate_limited() {
+    let log = support::tls::temp_dir("auth-log").join("slotgate.log");
+    let shard = RedisServer::start();
+    let proxy = Slotgate::start_logged(
+        &[&shard],
+        &[
+            "--requirepass",
+            "right",
+            "--max-auth-failures-per-address",
+            "0",
+        ],
+        Some(&log),
+    );
+    let started = Instant::now();
+    let mut c = proxy.raw();
+    for i in 0..600 {
+        if i % 9 == 8 {
+            c = proxy.raw(); // the connection closes after 10 consecutive failures
+        }
+        assert_eq!(c.call(&[b"AUTH", format!("g{i}").as_bytes()]), WRONGPASS);
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    let mut admin = proxy.raw();
+    assert_eq!(admin.call(&[b"AUTH", b"right"]), b"+OK\r\n");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines = text.lines().filter(|l| l.contains("AUTH failed")).count() as u64;
+    assert!(
+        (1..=seconds + 1).contains(&lines),
+        "{lines} warnings for 600 failures in {seconds} s:\n{text}"
+    );
+    // The next line that gets through counts the failures left out.
+    wait_until(
+        "a warning counting the others",
+        Duration::from_secs(5),
+        || {
+            let mut c = proxy.raw();
+            assert_eq!(c.call(&[b"AUTH", b"late"]), WRONGPASS);
+            let text = std::fs::read_to_string(&log).unwrap();
+            text.lines()
+                .any(|l| l.contains("more failed AUTHs not logged since the last line"))
+        },
+    );
+}
+
 #[test]
 fn key_patterns_and_command_categories_are_enforced_before_forwarding() {
     let dir = support::tls::temp_dir("perms");

@@ -371,6 +371,14 @@ pub const WRONGTYPE: &[u8] =
     b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n";
 
 /// CLIENT SETINFO with an attribute it does not know.
+/// AUTH from an address with too many failed AUTHs lately (see `auth::AuthGuard`).
+pub fn auth_throttled(wait: std::time::Duration) -> Bytes {
+    error(&format!(
+        "ERR too many failed AUTH attempts from this address: retry in {} s",
+        wait.as_secs_f64().ceil() as u64
+    ))
+}
+
 /// SLOTGATE.RELOAD: the new configuration was refused (the running one stays).
 pub fn reload_failed(why: &str) -> Bytes {
     error(&format!(

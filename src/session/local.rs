@@ -4,7 +4,7 @@
 //! forwarded to the first shard, whose command set is the one clients talk to.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -343,7 +343,15 @@ impl Session {
 
     /// Checks credentials; on success switches the user, on failure replies WRONGPASS,
     /// counts the failure and closes the connection after too many in a row.
+    /// An address with too many failed AUTHs lately (over all its connections) gets
+    /// `-ERR too many failed AUTH attempts …` without a check until its wait is over.
     fn try_login(&mut self, user: &[u8], password: &[u8]) -> bool {
+        let now = std::time::Instant::now();
+        let guard = &self.w.shared.auth_guard;
+        if let Err(wait) = guard.check(self.addr.ip(), now) {
+            self.reply(reply::auth_throttled(wait));
+            return false;
+        }
         let users = self.w.live().users.clone();
         if let Some(u) = users.authenticate(user, password) {
             self.set_user(u);
@@ -352,33 +360,50 @@ impl Session {
             return true;
         }
         self.auth_failures += 1;
-        let shared = &self.w.shared;
-        shared
+        self.w
+            .shared
             .stats
             .auth_failures
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (budget, max) = {
+            let live = self.w.live();
+            (live.max_auth_failures_per_address, live.max_auth_failures)
+        };
+        let throttled = guard.failed(self.addr.ip(), now, budget);
+        if let Some(left_out) = guard.may_warn(now) {
+            self.warn_auth_failure(user, throttled, left_out);
+        }
+        self.reply_static(reply::WRONGPASS);
+        if self.auth_failures >= max {
+            self.closing = true;
+        }
+        false
+    }
+
+    /// The (rate-limited) warning for a failed AUTH.
+    #[cold]
+    fn warn_auth_failure(&self, user: &[u8], throttled: Option<Duration>, left_out: u64) {
         // The user name is the client's input: shown escaped and cut; never the password.
         let shown: String = String::from_utf8_lossy(&user[..user.len().min(64)])
             .escape_debug()
             .collect();
+        let closing = self.auth_failures >= self.w.live().max_auth_failures;
         tracing::warn!(
             client = self.id,
             addr = %self.addr,
             user = %shown,
             failures = self.auth_failures,
-            "AUTH failed"
+            "AUTH failed{}{}{}",
+            match throttled {
+                Some(w) => format!("; this address now waits {} s before its next AUTH", w.as_secs()),
+                None => String::new(),
+            },
+            if closing { "; closing the connection" } else { "" },
+            match left_out {
+                0 => String::new(),
+                n => format!(" ({n} more failed AUTHs not logged since the last line)"),
+            },
         );
-        self.reply_static(reply::WRONGPASS);
-        if self.auth_failures >= self.w.live().max_auth_failures {
-            tracing::warn!(
-                client = self.id,
-                addr = %self.addr,
-                "closing the connection after {} failed AUTH attempts",
-                self.auth_failures
-            );
-            self.closing = true;
-        }
-        false
     }
 
     /// `HELLO [protover [AUTH user pass] [SETNAME name]]`.
