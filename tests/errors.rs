@@ -147,6 +147,8 @@ fn shard_of(key: &str) -> usize {
 #[test]
 fn malformed_input_gets_redis_protocol_error_then_close() {
     let e = env();
+    let mut nul_before_cr = b"*\x00\r\n".to_vec();
+    nul_before_cr.resize(70_000, b'x');
     let cases: &[(&[u8], &[u8])] = &[
         (
             b"*abc\r\n",
@@ -187,6 +189,16 @@ fn malformed_input_gets_redis_protocol_error_then_close() {
         (
             b"ECHO 'x\r\n",
             b"-ERR Protocol error: unbalanced quotes in request\r\n",
+        ),
+        // The byte is sent as it came (not as UTF-8).
+        (
+            b"*1\r\n\xe9\r\n",
+            b"-ERR Protocol error: expected '$', got '\xe9'\r\n",
+        ),
+        // A NUL hides the CR from Redis's strchr: the line grows until it is too big.
+        (
+            &nul_before_cr,
+            b"-ERR Protocol error: too big mbulk count string\r\n",
         ),
     ];
     for (req, expected) in cases {

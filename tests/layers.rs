@@ -102,7 +102,9 @@ fn no_module_imports_one_above_it() {
         let Some(from) = module_of(f.strip_prefix(&src).unwrap()) else {
             continue;
         };
-        if f.file_name().is_some_and(|n| n.to_string_lossy().ends_with("_tests.rs")) {
+        if f.file_name()
+            .is_some_and(|n| n.to_string_lossy().ends_with("_tests.rs"))
+        {
             // A unit-test file (`#[cfg(test)]`) may build its module's surroundings from the
             // top, e.g. a worker from command-line flags.
             continue;

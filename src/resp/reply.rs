@@ -435,13 +435,17 @@ pub fn not_in_multi(name: &str, spans: bool) -> Bytes {
 
 /// A malformed request (the connection closes after it), as Redis words it: without the
 /// leading `-` and the CRLF.
-pub fn protocol_error(e: &super::request::ProtoError) -> String {
+/// The text is bytes: the byte in `expected '$', got 'X'` is sent as it came, as Redis does
+/// (a non-ASCII byte is not re-encoded as UTF-8).
+pub fn protocol_error(e: &super::request::ProtoError) -> Vec<u8> {
     use super::request::ProtoError;
     let m = match e {
         ProtoError::InvalidMultibulkLength => "invalid multibulk length",
         ProtoError::InvalidBulkLength => "invalid bulk length",
         ProtoError::ExpectedDollar(c) => {
-            return format!("ERR Protocol error: expected '$', got '{}'", *c as char);
+            let mut m = b"ERR Protocol error: expected '$', got '".to_vec();
+            m.extend_from_slice(&[*c, b'\'']);
+            return m;
         }
         ProtoError::UnbalancedQuotes => "unbalanced quotes in request",
         ProtoError::TooBigInline => "too big inline request",
@@ -450,5 +454,5 @@ pub fn protocol_error(e: &super::request::ProtoError) -> String {
         ProtoError::UnauthenticatedMultibulkLength => "unauthenticated multibulk length",
         ProtoError::UnauthenticatedBulkLength => "unauthenticated bulk length",
     };
-    format!("ERR Protocol error: {m}")
+    format!("ERR Protocol error: {m}").into_bytes()
 }

@@ -32,7 +32,7 @@ pub enum ProtoError {
 impl ProtoError {
     /// The exact error reply Redis sends, without the leading `-` and trailing CRLF (spelled
     /// in [`super::reply::protocol_error`]).
-    pub fn message(&self) -> String {
+    pub fn message(&self) -> Vec<u8> {
         super::reply::protocol_error(self)
     }
 }
@@ -193,7 +193,7 @@ impl RequestParser {
             }
             if self.remaining == 0 {
                 // The `*<count>\r\n` header.
-                let Some(cr) = find_cr(&buf[1..]) else {
+                let Some(cr) = find_header_cr(&buf[1..]) else {
                     if buf.len() > INLINE_MAX {
                         return Err(ProtoError::TooBigMbulkCount);
                     }
@@ -226,7 +226,7 @@ impl RequestParser {
                 if buf[p] != b'$' {
                     return Err(ProtoError::ExpectedDollar(buf[p]));
                 }
-                let Some(cr) = find_cr(&buf[p + 1..]) else {
+                let Some(cr) = find_header_cr(&buf[p + 1..]) else {
                     if buf.len() - p > INLINE_MAX {
                         return Err(ProtoError::TooBigBulkCount);
                     }
@@ -342,6 +342,14 @@ enum Inline {
     Command(usize),
     Incomplete,
     Skipped(usize),
+}
+
+/// The `\r` ending a client's count or length line, as Redis finds it: with `strchr` on its
+/// NUL-terminated query buffer, so a NUL byte before the `\r` hides it (`*\x00\r\n` waits for
+/// more input, and fails as "too big mbulk count string" past 64 KiB, as in Redis).
+#[inline]
+fn find_header_cr(b: &[u8]) -> Option<usize> {
+    memchr::memchr2(b'\r', 0, b).filter(|&i| b[i] == b'\r')
 }
 
 /// The first `\r` in `b` (count and length lines, here and in the reply framer).

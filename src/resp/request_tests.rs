@@ -118,7 +118,27 @@ fn protocol_errors() {
     );
     assert_eq!(
         ProtoError::ExpectedDollar(b'+').message(),
-        "ERR Protocol error: expected '$', got '+'"
+        b"ERR Protocol error: expected '$', got '+'"
+    );
+    // A NUL before the CR of a count or length line hides the CR, as Redis's strchr does:
+    // the line is incomplete until it is too long.
+    let mut p = RequestParser::new();
+    assert!(matches!(
+        p.parse(b"*\x00\r\n", &Limits::default(), true),
+        Ok(Parsed::Incomplete { used: 0 })
+    ));
+    let mut long = b"*\x00\r\n".to_vec();
+    long.resize(INLINE_MAX + 2, b'x');
+    assert_eq!(parse_all(&long), Err(ProtoError::TooBigMbulkCount));
+    let mut p = RequestParser::new();
+    assert!(matches!(
+        p.parse(b"*1\r\n$3\x00\r\nabc\r\n", &Limits::default(), true),
+        Ok(Parsed::Incomplete { .. })
+    ));
+    // A non-ASCII byte is sent as it came, as Redis does (not as UTF-8).
+    assert_eq!(
+        ProtoError::ExpectedDollar(0xE9).message(),
+        b"ERR Protocol error: expected '$', got '\xE9'"
     );
     let big = vec![b'a'; INLINE_MAX + 1];
     assert_eq!(parse_all(&big), Err(ProtoError::TooBigInline));

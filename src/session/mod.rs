@@ -383,7 +383,7 @@ impl Session {
                     break;
                 }
                 Err(e) => {
-                    self.queue.push_ready(reply::error(&e.message()));
+                    self.queue.push_ready(reply::error_bytes(&[&e.message()]));
                     self.closing = true;
                     break;
                 }
