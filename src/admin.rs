@@ -96,16 +96,11 @@ fn refresh_gauges(shared: &Shared) {
     for rule in shared.live().readthrough.iter() {
         rule.stats.publish();
     }
-    let expected = shared.settings.workers * shared.settings.upstream_connections;
-    for (i, addr) in shared.settings.shards.iter().enumerate() {
+    for &addr in shared.live().shards.iter() {
         let shard = addr.to_string();
-        let up = shared.shard_up[i].load(Ordering::Relaxed) >= expected;
+        let up = shared.shard_is_up(addr);
         metrics::gauge!(m::SHARD_UP, "shard" => shard.clone()).set(if up { 1.0 } else { 0.0 });
-        let inflight: usize = shared
-            .inflight
-            .iter()
-            .map(|w| w[i].load(Ordering::Relaxed))
-            .sum();
+        let inflight = shared.shard_inflight(addr);
         metrics::gauge!(m::SHARD_INFLIGHT, "shard" => shard).set(inflight as f64);
     }
 }

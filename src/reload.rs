@@ -9,10 +9,14 @@
 //! What a reload changes: users, passwords and permissions; read-through rules (their
 //! counters go on); the client limits (`maxclients`, `max_client_pipeline`, the output buffer
 //! limits, `proto_max_bulk_len`, `client_query_buffer_limit`, `max_auth_failures`,
-//! `idle_timeout`); `shutdown_timeout`; the log level. What needs a restart (a change is
-//! logged and ignored): the listeners, TLS settings, workers, the shard layout and the
-//! upstream connections' settings (credentials, TLS, `op_timeout`, in-flight limits,
-//! `upstream_connections`, `max_dedicated_per_shard`).
+//! `max_auth_failures_per_address`, `idle_timeout`); `shutdown_timeout`; the log level; and
+//! the shard layout (shards and slot ranges): new requests route by the new map, connections
+//! to shards that stay are kept, new shards are connected (with their credentials from the
+//! new file), and connections to removed shards drain — what is in flight on them is
+//! answered — then close (see `worker::Worker::refresh`); clients with subscriptions are
+//! closed so that they subscribe again. What needs a restart (a change is logged and
+//! ignored): the listeners, TLS settings, workers, and the upstream connections' settings
+//! (TLS, `op_timeout`, in-flight limits, `upstream_connections`, `max_dedicated_per_shard`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,6 +83,7 @@ async fn reload(
         (reloader.log_filter)(&new.log_level)?;
     }
     let summary = changes(&running, &new);
+    let relayout = running.shards != new.shards;
     shared.publish(new);
     let mut acks = Vec::with_capacity(workers.len());
     for w in workers {
@@ -91,7 +96,7 @@ async fn reload(
         // A worker busy for longer than this still takes the settings up on its next turn.
         let _ = tokio::time::timeout(Duration::from_secs(1), done).await;
     }
-    close_clients_of_removed_users(shared);
+    close_clients(shared, relayout);
     for what in &needs_restart {
         tracing::warn!("reload: `{what}` changed; it takes effect at the next restart");
     }
@@ -99,14 +104,17 @@ async fn reload(
 }
 
 /// Closes the clients whose user a reload removed, as Redis does for a deleted ACL user (the
-/// sessions also check at their next command).
-fn close_clients_of_removed_users(shared: &Shared) {
+/// sessions also check at their next command), and, after a new shard layout, the clients
+/// with subscriptions: their subscriber connections may be on a shard that no longer hears
+/// the publishes, so they reconnect and subscribe again (as after a lost subscriber
+/// connection).
+fn close_clients(shared: &Shared, relayout: bool) {
     let users = shared.live().users.clone();
     let Ok(clients) = shared.clients.lock() else {
         return;
     };
     for c in clients.values() {
-        if users.get(c.user.as_bytes()).is_none() {
+        if users.get(c.user.as_bytes()).is_none() || (relayout && c.subscribed) {
             c.kill.notify_one();
         }
     }
@@ -129,7 +137,6 @@ fn keep_fixed(running: &Settings, new: &mut Settings) -> Vec<&'static str> {
         workers,
         tcp_backlog,
         admin_listen,
-        shards,
         upstream_connections,
         op_timeout,
         max_inflight_per_connection,
@@ -137,21 +144,6 @@ fn keep_fixed(running: &Settings, new: &mut Settings) -> Vec<&'static str> {
         max_dedicated_per_shard,
         upstream_tls
     );
-    let layout = format!("{:?}", running.slot_map) != format!("{:?}", new.slot_map);
-    if layout && !changed.contains(&"shards") {
-        changed.push("shards");
-    }
-    new.slot_map = running.slot_map.clone();
-    let auth = |s: &Settings| {
-        s.upstream_auth
-            .iter()
-            .map(|a| a.as_ref().map(|a| (a.username.clone(), a.password.clone())))
-            .collect::<Vec<_>>()
-    };
-    if auth(running) != auth(new) {
-        changed.push("upstream credentials");
-    }
-    new.upstream_auth = running.upstream_auth.clone();
     changed
 }
 
@@ -191,6 +183,11 @@ fn changes(running: &Settings, new: &Settings) -> String {
     }
     if running.log_level != new.log_level {
         what.push("log level");
+    }
+    if running.shards != new.shards
+        || format!("{:?}", running.slot_map) != format!("{:?}", new.slot_map)
+    {
+        what.push("shard layout");
     }
     if what.is_empty() {
         "nothing changed".into()

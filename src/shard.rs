@@ -461,6 +461,16 @@ impl Upstream {
         }
     }
 
+    /// Closes this connection once nothing is in flight on it (or after `within`): a shard
+    /// that left the layout gets the replies it owes, then the connection goes.
+    pub async fn retire(self: Rc<Self>, within: std::time::Duration) {
+        let deadline = Instant::now() + within;
+        while self.pending() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        self.close();
+    }
+
     /// Closes a dedicated connection: its driver stops and the socket is dropped, so the shard
     /// forgets whatever state it held (a MULTI, WATCHes, a blocked command).
     pub fn close(&self) {
@@ -903,8 +913,8 @@ pub struct Pools {
     shards: Vec<(SocketAddr, UpstreamConfig)>,
     per_shard: usize,
     /// Connections authenticated as a user's mirror, for that user's scripts: one per user,
-    /// protocol and shard, opened on first use.
-    mirrors: RefCell<std::collections::HashMap<(String, Proto, usize), Rc<Upstream>>>,
+    /// protocol and shard address, opened on first use.
+    mirrors: RefCell<std::collections::HashMap<(String, Proto, SocketAddr), Rc<Upstream>>>,
 }
 
 impl Pools {
@@ -930,16 +940,63 @@ impl Pools {
         proto: Proto,
         shard: usize,
     ) -> Rc<Upstream> {
-        let key = (user.name.clone(), proto, shard);
+        let (addr, cfg) = &self.shards[shard];
+        let key = (user.name.clone(), proto, *addr);
         if let Some(up) = self.mirrors.borrow().get(&key) {
             return up.clone();
         }
-        let (addr, cfg) = &self.shards[shard];
         let mut cfg = cfg.clone();
         cfg.mirror = Some(Arc::new(Mirror::new(user, cfg.auth.as_ref(), deny)));
         let up = Upstream::start(*addr, proto, cfg);
         self.mirrors.borrow_mut().insert(key, up.clone());
         up
+    }
+
+    /// The pools of a new shard layout (a reload in static mode): the connections to shards
+    /// that stay are kept (with what is in flight on them), new shards are connected. Also
+    /// returns the connections to the shards that left, for their owner to retire.
+    pub fn relayout(
+        &self,
+        shards: Vec<(SocketAddr, UpstreamConfig)>,
+    ) -> (Pools, Vec<Rc<Upstream>>) {
+        let old = |addr: &SocketAddr| self.shards.iter().position(|(a, _)| a == addr);
+        let carry = |grid: &Grid, proto: Proto| -> Grid {
+            shards
+                .iter()
+                .map(|(addr, cfg)| match old(addr) {
+                    Some(i) => grid[i].clone(),
+                    None => (0..self.per_shard)
+                        .map(|_| Upstream::start(*addr, proto, cfg.clone()))
+                        .collect(),
+                })
+                .collect()
+        };
+        let kept = |addr: &SocketAddr| shards.iter().any(|(a, _)| a == addr);
+        let mut removed = Vec::new();
+        let r3 = self.resp3.borrow();
+        for (i, (addr, _)) in self.shards.iter().enumerate() {
+            if !kept(addr) {
+                removed.extend(self.resp2[i].iter().cloned());
+                if let Some(g) = r3.as_ref() {
+                    removed.extend(g[i].iter().cloned());
+                }
+            }
+        }
+        let mut mirrors = self.mirrors.borrow().clone();
+        mirrors.retain(|(_, _, addr), up| {
+            kept(addr) || {
+                removed.push(up.clone());
+                false
+            }
+        });
+        let pools = Pools {
+            resp2: carry(&self.resp2, Proto::Resp2),
+            resp3: RefCell::new(r3.as_ref().map(|g| carry(g, Proto::Resp3))),
+            shards,
+            per_shard: self.per_shard,
+            mirrors: RefCell::new(mirrors),
+        };
+        (pools, removed)
     }
 
     fn open(shards: &[(SocketAddr, UpstreamConfig)], per_shard: usize, proto: Proto) -> Grid {
@@ -1083,6 +1140,18 @@ impl Dedicated {
     /// connection state clean (EXEC, DISCARD, UNWATCH, or a blocking command that returned).
     pub fn release(mut self) {
         self.reusable = true;
+    }
+}
+
+/// A pool replaced by a new shard layout closes its idle connections once the last
+/// connection it handed out is back (each holds the pool).
+impl Drop for DedicatedPool {
+    fn drop(&mut self) {
+        for per_proto in self.idle.get_mut().iter() {
+            for up in per_proto.iter().flatten() {
+                up.close();
+            }
+        }
     }
 }
 

@@ -50,10 +50,10 @@ pub struct Shared {
     pub prometheus: Option<PrometheusHandle>,
     /// Set once on SIGTERM/SIGINT: sessions answer what they have read, then close.
     pub draining: tokio::sync::watch::Sender<bool>,
-    /// Per shard: RESP2 upstream connections up, over all workers (for /readyz).
-    pub shard_up: Vec<Arc<AtomicUsize>>,
-    /// `[worker][shard]`: requests in flight, published by each worker once a second.
-    pub inflight: Vec<Vec<AtomicUsize>>,
+    /// Per shard address: RESP2 upstream connections up, over all workers (for /readyz).
+    shard_up: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
+    /// Per worker: requests in flight per shard address, published once a second.
+    pub inflight: Vec<Mutex<Vec<(SocketAddr, usize)>>>,
 }
 
 /// Process-wide counters (relaxed atomics; each is written by many workers only rarely, or is
@@ -76,22 +76,21 @@ pub struct ClientInfo {
     pub name: String,
     pub user: String,
     pub resp: u8,
+    /// Has subscriptions (a new shard layout closes such clients: see `reload`).
+    pub subscribed: bool,
     /// Notified by CLIENT KILL: the session closes.
     pub kill: Arc<tokio::sync::Notify>,
 }
 
 impl Shared {
     pub fn new(settings: Settings, prometheus: Option<PrometheusHandle>) -> Arc<Self> {
-        let shards = settings.shards.len();
         let readthrough = ReadThrough::new(settings.op_timeout * 2);
         Arc::new(Shared {
             readthrough,
             prometheus,
             draining: tokio::sync::watch::Sender::new(false),
-            shard_up: (0..shards).map(|_| Arc::new(AtomicUsize::new(0))).collect(),
-            inflight: (0..settings.workers)
-                .map(|_| (0..shards).map(|_| AtomicUsize::new(0)).collect())
-                .collect(),
+            shard_up: Mutex::new(HashMap::new()),
+            inflight: (0..settings.workers).map(|_| Mutex::default()).collect(),
             live: Mutex::new(Arc::new(settings.clone())),
             generation: AtomicU64::new(0),
             reloads: OnceLock::new(),
@@ -128,17 +127,65 @@ impl Shared {
         self.clients.lock().map(|c| c.len()).unwrap_or(0)
     }
 
-    /// Shards that do not have all their RESP2 connections up (empty when ready).
-    pub fn shards_down(&self) -> Vec<String> {
+    /// The count of RESP2 connections up to the shard at `addr`, over all workers.
+    pub fn shard_up(&self, addr: SocketAddr) -> Arc<AtomicUsize> {
+        let mut map = self.shard_up.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(addr).or_default().clone()
+    }
+
+    /// Whether every worker has all its RESP2 connections to `addr` up.
+    pub fn shard_is_up(&self, addr: SocketAddr) -> bool {
         let expected = self.settings.workers * self.settings.upstream_connections;
-        self.settings
+        self.shard_up(addr).load(Ordering::Relaxed) >= expected
+    }
+
+    /// Requests in flight to `addr`, over all workers (as published once a second).
+    pub fn shard_inflight(&self, addr: SocketAddr) -> usize {
+        self.inflight
+            .iter()
+            .filter_map(|w| w.lock().ok())
+            .flat_map(|w| {
+                w.iter()
+                    .filter(|(a, _)| *a == addr)
+                    .map(|(_, n)| *n)
+                    .collect::<Vec<_>>()
+            })
+            .sum()
+    }
+
+    /// Shards of the layout in force that do not have all their RESP2 connections up (empty
+    /// when ready).
+    pub fn shards_down(&self) -> Vec<String> {
+        self.live()
             .shards
             .iter()
-            .zip(&self.shard_up)
-            .filter(|(_, up)| up.load(Ordering::Relaxed) < expected)
-            .map(|(a, _)| a.to_string())
+            .filter(|&&a| !self.shard_is_up(a))
+            .map(|a| a.to_string())
             .collect()
     }
+}
+
+/// How to reach each shard of `s` (in its order): the upstream settings slotgate started with,
+/// each shard's credentials, and its shared up-counter.
+fn upstream_configs(shared: &Shared, s: &Settings) -> Vec<(SocketAddr, UpstreamConfig)> {
+    let fixed = &shared.settings;
+    s.shards
+        .iter()
+        .zip(&s.upstream_auth)
+        .map(|(&addr, auth)| {
+            let cfg = UpstreamConfig {
+                op_timeout: fixed.op_timeout,
+                max_inflight: fixed.max_inflight_per_connection,
+                max_inflight_bytes: fixed.max_inflight_bytes_per_connection,
+                auth: auth.clone(),
+                tls: fixed.upstream_tls.clone(),
+                up: shared.shard_up(addr),
+                dedicated: false,
+                mirror: None,
+            };
+            (addr, cfg)
+        })
+        .collect()
 }
 
 /// A reload asked for by SLOTGATE.RELOAD: the outcome (a summary, or why the new
@@ -153,9 +200,10 @@ pub struct Worker {
     /// sessions compare their own count once per turn (see [`Worker::refresh`]).
     live: std::cell::RefCell<Arc<Settings>>,
     pub generation: std::cell::Cell<u64>,
-    pub pools: Pools,
+    /// The shard connections of the layout in force (a reload may change the layout).
+    pools: std::cell::RefCell<Rc<Pools>>,
     /// Dedicated connections for transactions and blocking commands.
-    pub dedicated: Rc<DedicatedPool>,
+    dedicated: std::cell::RefCell<Rc<DedicatedPool>>,
     /// Commands processed by this worker, flushed into `Stats` now and then.
     pub commands: std::cell::Cell<u64>,
     /// This worker's HTTP client for read-through origins.
@@ -173,34 +221,16 @@ pub struct Worker {
 impl Worker {
     pub(crate) fn start(id: usize, shared: Arc<Shared>) -> Rc<Self> {
         let s = &shared.settings;
-        let shards: Vec<_> = s
-            .shards
-            .iter()
-            .zip(&s.upstream_auth)
-            .zip(&shared.shard_up)
-            .map(|((&addr, auth), up)| {
-                let cfg = UpstreamConfig {
-                    op_timeout: s.op_timeout,
-                    max_inflight: s.max_inflight_per_connection,
-                    max_inflight_bytes: s.max_inflight_bytes_per_connection,
-                    auth: auth.clone(),
-                    tls: s.upstream_tls.clone(),
-                    up: up.clone(),
-                    dedicated: false,
-                    mirror: None,
-                };
-                (addr, cfg)
-            })
-            .collect();
+        let shards = upstream_configs(&shared, s);
         let dedicated = DedicatedPool::new(&shards, s.max_dedicated_per_shard);
         let pools = Pools::start(shards, s.upstream_connections);
         Rc::new(Worker {
             id,
+            pools: std::cell::RefCell::new(Rc::new(pools)),
+            dedicated: std::cell::RefCell::new(dedicated),
             live: std::cell::RefCell::new(shared.live()),
             generation: std::cell::Cell::new(shared.generation.load(Ordering::Acquire)),
             shared,
-            pools,
-            dedicated,
             commands: std::cell::Cell::new(0),
             origin: OriginClient::new(),
             metrics: WorkerMetrics::default(),
@@ -217,21 +247,47 @@ impl Worker {
         self.live.borrow()
     }
 
+    /// This worker's connections to the shards of the layout in force. Never hold the borrow
+    /// across an await.
+    #[inline]
+    pub fn pools(&self) -> std::cell::Ref<'_, Rc<Pools>> {
+        self.pools.borrow()
+    }
+
+    /// This worker's pool of dedicated connections (transactions, blocking commands).
+    #[inline]
+    pub fn dedicated(&self) -> Rc<DedicatedPool> {
+        self.dedicated.borrow().clone()
+    }
+
     /// Takes up the settings of the last reload. Sessions notice the new generation on their
-    /// next turn and re-read their user and limits.
+    /// next turn and re-read their user and limits. A new shard layout (static mode) gets new
+    /// pools: connections to shards that stay are kept, new shards are connected, and
+    /// connections to removed shards drain (their requests in flight are answered) and close.
     pub fn refresh(&self) {
         let generation = self.shared.generation.load(Ordering::Acquire);
-        *self.live.borrow_mut() = self.shared.live();
+        let new = self.shared.live();
+        if new.shards != self.live().shards {
+            let configs = upstream_configs(&self.shared, &new);
+            let (pools, removed) = self.pools().relayout(configs.clone());
+            *self.pools.borrow_mut() = Rc::new(pools);
+            let dedicated =
+                DedicatedPool::new(&configs, self.shared.settings.max_dedicated_per_shard);
+            *self.dedicated.borrow_mut() = dedicated;
+            let within = self.shared.settings.op_timeout * 2;
+            for up in removed {
+                tokio::task::spawn_local(up.retire(within));
+            }
+        }
+        *self.live.borrow_mut() = new;
         self.generation.set(generation);
     }
 
     /// Sends one request of the proxy's own to `shard` and waits for its reply (read-through
     /// stores, INFO probes). Uses the same pipelined connections as clients.
     pub async fn request(&self, shard: usize, raw: &[u8]) -> bytes::Bytes {
-        self.pools
-            .get(crate::resp::Proto::Resp2, shard, 0)
-            .request(raw)
-            .await
+        let up = self.pools().get(crate::resp::Proto::Resp2, shard, 0);
+        up.request(raw).await
     }
 
     /// Once a second: publish counters, per-shard in-flight depth, and (worker 0) sweep the
@@ -246,8 +302,10 @@ impl Worker {
                 .commands_processed
                 .fetch_add(c, Ordering::Relaxed);
             self.metrics.publish();
-            for (i, n) in self.pools.pending_per_shard().into_iter().enumerate() {
-                self.shared.inflight[self.id][i].store(n, Ordering::Relaxed);
+            let pending = self.pools().pending_per_shard();
+            let shards = self.live().shards.clone();
+            if let Ok(mut mine) = self.shared.inflight[self.id].lock() {
+                *mine = shards.into_iter().zip(pending).collect();
             }
             if self.id == 0 {
                 self.shared.readthrough.sweep();

@@ -203,3 +203,104 @@ fn reload_changes_rules_limits_and_the_log_level() {
     assert_eq!(c.call(&[b"GET", b"label:2"]), b"$-1\r\n");
     assert_eq!(origin.requests(), 1);
 }
+
+/// A key whose slot is in the upper half (owned by the second of two evenly split shards).
+fn upper_half_key(i: usize) -> String {
+    (0..)
+        .map(|n| format!("k{i}-{n}"))
+        .find(|k| crc16(k.as_bytes()) % 16384 >= 8192)
+        .unwrap()
+}
+
+fn shard_layout(shards: &[&RedisServer]) -> String {
+    shards
+        .iter()
+        .map(|s| format!("[[shards]]\naddr = \"{}\"\n", s.addr()))
+        .collect()
+}
+
+fn connected_clients(shard: &RedisServer) -> usize {
+    let info: String = redis::cmd("INFO")
+        .arg("clients")
+        .query(&mut shard.client())
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("connected_clients:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn reload_moves_to_a_new_shard_layout_and_drains_the_removed_shard() {
+    let (a, b, c) = (
+        RedisServer::start(),
+        RedisServer::start(),
+        RedisServer::start(),
+    );
+    let file = config_file("reload-layout", &shard_layout(&[&a, &b]));
+    let admin_port = free_port();
+    let admin_addr = format!("127.0.0.1:{admin_port}");
+    let proxy = Slotgate::start_with(
+        &[],
+        &[
+            "--config",
+            file.to_str().unwrap(),
+            "--op-timeout",
+            "10s",
+            "--admin-listen",
+            &admin_addr,
+        ],
+    );
+    wait_for_own_port(admin_port, proxy.pid());
+    let mut client = proxy.raw();
+    let key = upper_half_key(0);
+    assert_eq!(client.call(&[b"SET", key.as_bytes(), b"on-b"]), b"+OK\r\n");
+    let on_b: Option<String> = redis::cmd("GET").arg(&key).query(&mut b.client()).unwrap();
+    assert_eq!(on_b.as_deref(), Some("on-b"));
+    let mut subscriber = proxy.raw();
+    subscriber.call(&[b"SUBSCRIBE", b"news"]);
+
+    // A request in flight to B when the layout changes.
+    b.pause();
+    let mut waiting = proxy.raw();
+    waiting.send(&resp(&[b"GET", key.as_bytes()]));
+    let label = format!(
+        "slotgate_shard_inflight_requests{{shard=\"{}\"}} 1",
+        b.addr()
+    );
+    wait_until(
+        "the GET to be in flight to B",
+        Duration::from_secs(5),
+        || http_get(admin_port, "/metrics").1.contains(&label),
+    );
+    std::fs::write(&file, shard_layout(&[&a, &c])).unwrap();
+    let mut admin = proxy.raw();
+    assert_eq!(admin.call(&[b"SLOTGATE.RELOAD"]), b"+OK\r\n");
+
+    // New requests route by the new map: the upper half is C's now.
+    let key2 = upper_half_key(1);
+    assert_eq!(client.call(&[b"SET", key2.as_bytes(), b"on-c"]), b"+OK\r\n");
+    let on_c: Option<String> = redis::cmd("GET").arg(&key2).query(&mut c.client()).unwrap();
+    assert_eq!(on_c.as_deref(), Some("on-c"));
+    assert_eq!(
+        client.call(&[b"GET", key.as_bytes()]),
+        b"$-1\r\n",
+        "B is no longer asked"
+    );
+    // The subscriber is closed (it subscribes again, on the new layout).
+    assert!(subscriber.is_closed());
+
+    // B comes back: the request it owed is answered, then slotgate's connections to it go.
+    b.resume();
+    assert_eq!(waiting.read_replies(1), vec![b"$4\r\non-b\r\n".to_vec()]);
+    wait_until(
+        "slotgate's connections to the removed shard to close",
+        Duration::from_secs(10),
+        || connected_clients(&b) == 1, // the probe itself
+    );
+    assert_eq!(
+        client.call(&[b"PING"]),
+        b"+PONG\r\n",
+        "clients stayed connected"
+    );
+}

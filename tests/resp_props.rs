@@ -24,7 +24,7 @@ fn parse_chunks(chunks: &[&[u8]]) -> Result<Vec<Vec<Vec<u8>>>, String> {
                     buf.advance(used);
                     break;
                 }
-                Err(e) => return Err(e.message()),
+                Err(e) => return Err(String::from_utf8_lossy(&e.message()).into_owned()),
             }
         }
     }

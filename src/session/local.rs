@@ -312,6 +312,7 @@ impl Session {
             user: self.user_name().to_string(),
             kill: self.kill.clone(),
             resp: if self.proto == Proto::Resp3 { 3 } else { 2 },
+            subscribed: self.subscribed(),
         }
     }
 
@@ -480,7 +481,7 @@ impl Session {
             .map(|i| String::from_utf8_lossy(req.arg(i)).to_ascii_lowercase())
             .collect();
         let shared = self.w.shared.clone();
-        let connected = self.w.pools.connected();
+        let connected = self.w.pools().connected();
         let proto = self.proto;
         let build = move |parts: &[Bytes]| -> Bytes {
             let text = build_info(&shared, &wanted, &connected, parts);
@@ -708,7 +709,7 @@ fn build_info(shared: &Arc<Shared>, wanted: &[String], up: &[bool], parts: &[Byt
             .iter()
             .any(|w| matches!(w.as_str(), "all" | "everything" | "default"));
     let want = |s: &str| all || wanted.iter().any(|w| w == s);
-    let settings = &shared.settings;
+    let settings = &*shared.live();
     let mut out = String::with_capacity(2048);
     let mut section = |name: &str, body: String| {
         if !out.is_empty() {

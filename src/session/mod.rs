@@ -120,6 +120,8 @@ pub struct Session {
     max_pipeline: usize,
     /// The worker's reload count when this session last took up its settings.
     generation: u64,
+    /// Whether the client list shows this client as subscribed.
+    listed_subscribed: bool,
 }
 
 /// How long a client has to complete the TLS handshake.
@@ -227,6 +229,7 @@ where
         subs: crate::session::pubsub::Subs::default(),
         kill: Arc::new(tokio::sync::Notify::new()),
         generation: w.generation.get(),
+        listed_subscribed: false,
         w,
     };
     if !users.auth_required() {
@@ -594,7 +597,7 @@ impl Session {
         };
         let up = self
             .w
-            .pools
+            .pools()
             .as_user(&user, command::refused_in_scripts(), self.proto, shard);
         let seq = self.queue.push_waiting(Slot::Waiting);
         up.send(
@@ -678,7 +681,7 @@ impl Session {
     /// Sends `raw` to `shard`; its reply fills the next slot of the queue.
     pub(crate) fn forward(&mut self, shard: usize, raw: &[u8], now: Instant) {
         let seq = self.queue.push_waiting(Slot::Waiting);
-        let up = self.w.pools.get(self.proto, shard, self.conn);
+        let up = self.w.pools().get(self.proto, shard, self.conn);
         up.send(
             raw,
             Target::Client {
@@ -695,7 +698,7 @@ impl Session {
         let g = Gather::new(kind, parts.len(), self.proto);
         let seq = self.queue.push_waiting(Slot::Gather(Box::new(g)));
         for (i, (shard, raw)) in parts.iter().enumerate() {
-            let up = self.w.pools.get(self.proto, *shard, self.conn);
+            let up = self.w.pools().get(self.proto, *shard, self.conn);
             up.send(
                 raw,
                 Target::Client {
@@ -792,7 +795,7 @@ impl Session {
             with_pttl: script.is_some(),
             key: readthrough::KeyBuf::new(key),
         });
-        let up = self.w.pools.get(self.proto, shard, self.conn);
+        let up = self.w.pools().get(self.proto, shard, self.conn);
         let raw = script.as_deref().unwrap_or(req.raw);
         up.send(raw, Target::Sink(pending), now);
     }
@@ -819,7 +822,7 @@ impl Session {
             missing: parts.len(),
         }));
         for (i, (shard, raw)) in parts.iter().enumerate() {
-            let up = self.w.pools.get(self.proto, *shard, self.conn);
+            let up = self.w.pools().get(self.proto, *shard, self.conn);
             let target = Target::Sink(SinkRef::new(state.clone(), i as u32));
             up.send(raw, target, now);
         }

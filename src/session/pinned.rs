@@ -112,7 +112,7 @@ impl Session {
     /// A dedicated connection to the shard owning `slot` (shard 0 for none).
     fn take_dedicated(&mut self, slot: Option<u16>) -> Result<Dedicated, Bytes> {
         let shard = slot.map_or(0, |s| self.w.live().slot_map.shard_of_slot(s));
-        self.w.dedicated.take(self.proto, shard)
+        self.w.dedicated().take(self.proto, shard)
     }
 
     /// MULTI, EXEC, DISCARD, WATCH, UNWATCH.

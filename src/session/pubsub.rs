@@ -91,7 +91,7 @@ impl Session {
             self.subs.conns.resize_with(shard + 1, || None);
         }
         if self.subs.conns[shard].is_none() {
-            let conn = self.w.dedicated.take(self.proto, shard)?;
+            let conn = self.w.dedicated().take(self.proto, shard)?;
             conn.up.set_sink(self.queue.clone());
             self.subs.conns[shard] = Some(conn);
         }
@@ -116,13 +116,21 @@ impl Session {
     }
 
     /// A client with subscriptions gets the `pubsub` output buffer limit, as in Redis.
-    pub(crate) fn update_output_class(&self) {
-        let settings = self.w.live();
-        self.queue.set_output_limit(if self.subscribed() {
-            settings.obuf_pubsub
-        } else {
-            settings.obuf_normal
-        });
+    /// (The client list notes whether the client has subscriptions.)
+    pub(crate) fn update_output_class(&mut self) {
+        let subscribed = self.subscribed();
+        {
+            let settings = self.w.live();
+            self.queue.set_output_limit(if subscribed {
+                settings.obuf_pubsub
+            } else {
+                settings.obuf_normal
+            });
+        }
+        if subscribed != self.listed_subscribed {
+            self.listed_subscribed = subscribed;
+            self.update_info();
+        }
     }
 
     pub(crate) fn pubsub(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
