@@ -50,6 +50,14 @@ pub const COPY_OTHER_DB: &[u8] =
 
 /// The nil reply for a protocol.
 #[inline]
+/// A null array: EXEC of a transaction whose watched keys may have changed.
+pub fn null_array(proto: Proto) -> &'static [u8] {
+    match proto {
+        Proto::Resp2 => b"*-1\r\n",
+        Proto::Resp3 => NULL_RESP3,
+    }
+}
+
 pub fn null(proto: Proto) -> &'static [u8] {
     match proto {
         Proto::Resp2 => NULL_RESP2,

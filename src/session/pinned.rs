@@ -43,6 +43,10 @@ pub struct Tx {
     buffered: Vec<Bytes>,
     /// A queuing error happened: EXEC answers EXECABORT.
     aborted: bool,
+    /// The connection holding the WATCHes was lost before MULTI: the watched keys may have
+    /// changed unseen, so EXEC answers a null array (as when a watched key was touched) and
+    /// runs nothing.
+    watch_lost: bool,
 }
 
 /// A command kept until the client has nothing in flight (see the module docs).
@@ -124,6 +128,15 @@ impl Session {
                 }
                 let mut tx = Tx::default();
                 match self.watch.take() {
+                    // The WATCH connection is gone: MULTI succeeds (it never fails in Redis
+                    // but when nested) and EXEC will say the watched keys may have changed.
+                    Some((conn, slot)) if !conn.up.usable() => {
+                        drop(conn);
+                        tx.slot = Some(slot);
+                        tx.watch_lost = true;
+                        tx.buffered.push(Bytes::copy_from_slice(req.raw));
+                        self.reply_static(reply::OK);
+                    }
                     // WATCH already chose the shard: MULTI goes there.
                     Some((conn, slot)) => {
                         tx.slot = Some(slot);
@@ -143,6 +156,14 @@ impl Session {
                     return self.reply_static(reply::EXEC_WITHOUT_MULTI);
                 };
                 let d = self.op_deadline(now);
+                if tx.watch_lost && !tx.aborted {
+                    if let Some(conn) = tx.conn {
+                        conn.up
+                            .send_until(b"*1\r\n$7\r\nDISCARD\r\n", Target::Discard, d);
+                        conn.release();
+                    }
+                    return self.reply_static(reply::null_array(self.proto));
+                }
                 if tx.aborted {
                     if let Some(conn) = tx.conn {
                         conn.up
@@ -209,12 +230,13 @@ impl Session {
                     return self.tx_queue(spec, req, now);
                 }
                 match self.watch.take() {
-                    Some((conn, _)) => {
+                    Some((conn, _)) if conn.up.usable() => {
                         let d = self.op_deadline(now);
                         self.send_dedicated(&conn, req.raw, d);
                         conn.release();
                     }
-                    None => self.reply_static(reply::OK),
+                    // (A lost WATCH connection watches nothing any more.)
+                    _ => self.reply_static(reply::OK),
                 }
             }
             _ => self.reply(reply::not_yet(spec.name)),
