@@ -48,15 +48,11 @@ pub struct ReplyQueue {
     /// Out-of-band frames from the client's subscriber connections (pub/sub messages and
     /// subscription confirmations), written as they arrive.
     pushes: RefCell<VecDeque<Bytes>>,
-    /// A subscriber connection was lost: the client is closed, so that it reconnects and
-    /// resubscribes.
-    sub_lost: Cell<bool>,
+    /// What the session must look at before its next turn, as bits (see [`Attention`]): one
+    /// load per turn covers them all.
+    flags: Cell<u8>,
     /// Bytes of out-of-band frames not yet written.
     pushed_bytes: Cell<usize>,
-    /// CLIENT KILL named this client.
-    killed: Cell<bool>,
-    /// slotgate is shutting down gracefully (see [`ReplyQueue::mark_draining`]).
-    draining: Cell<bool>,
     /// Requests of this client that timed out but whose replies the shard has yet to send:
     /// they still count against the client's pipeline bound (see [`Target::expire`]).
     abandoned: Cell<usize>,
@@ -78,10 +74,27 @@ pub struct ReplyQueue {
     alarm: Alarm,
     /// Since when the output buffer is at or over the soft limit.
     soft_since: Cell<Option<std::time::Instant>>,
-    /// The output buffer went over its limit: the client is closed.
-    overflow: Cell<bool>,
     /// The session ended: replies still arriving are dropped at once.
     closed: Cell<bool>,
+}
+
+/// The bits of [`ReplyQueue::attention`].
+pub struct Attention;
+
+impl Attention {
+    /// CLIENT KILL named this client (or a reload removed its user).
+    pub const KILLED: u8 = 1;
+    /// A subscriber connection was lost.
+    pub const SUB_LOST: u8 = 2;
+    /// The output buffer went over its limit.
+    pub const OVERFLOW: u8 = 4;
+    /// The worker took up a reload: the session re-reads its user and limits.
+    pub const RELOAD: u8 = 8;
+    /// A graceful shutdown: the session reads nothing more, answers what it has read, then
+    /// closes.
+    pub const DRAIN: u8 = 16;
+    /// The bits that close the session.
+    pub const CLOSE: u8 = Self::KILLED | Self::SUB_LOST | Self::OVERFLOW;
 }
 
 /// An output buffer size that needs a look at the limits; `usize::MAX` (never) by default.
@@ -243,7 +256,7 @@ impl ReplyQueue {
             return;
         }
         self.add_out_bytes(frame.len());
-        if self.overflow.get() {
+        if self.overflowed() {
             // Dropped, and the client is closed: memory stays bounded.
             self.sub_out_bytes(frame.len());
         } else {
@@ -305,8 +318,8 @@ impl ReplyQueue {
                 Some(since) => now.duration_since(since) > l.soft_for,
             }
         };
-        if overflow && !self.overflow.replace(true) {
-            self.notify.notify_one();
+        if overflow && !self.overflowed() {
+            self.flag(Attention::OVERFLOW);
         }
     }
 
@@ -353,7 +366,7 @@ impl ReplyQueue {
 
     /// The output buffer went over its limit.
     pub fn overflowed(&self) -> bool {
-        self.overflow.get()
+        self.flags.get() & Attention::OVERFLOW != 0
     }
 
     /// The session is gone: drops every reply it holds, and those that arrive later.
@@ -363,42 +376,48 @@ impl ReplyQueue {
         self.pushes.borrow_mut().clear();
     }
 
-    pub fn mark_sub_lost(&self) {
-        self.sub_lost.set(true);
+    /// Sets a flag for the session's next turn and wakes it.
+    pub fn flag(&self, bit: u8) {
+        self.flags.set(self.flags.get() | bit);
         self.notify.notify_one();
+    }
+
+    /// Clears a flag the session has acted on (a reload, a drain).
+    pub fn unflag(&self, bit: u8) {
+        self.flags.set(self.flags.get() & !bit);
+    }
+
+    /// A subscriber connection was lost: the client is closed, so that it reconnects and
+    /// resubscribes.
+    pub fn mark_sub_lost(&self) {
+        self.flag(Attention::SUB_LOST);
     }
 
     /// Flags the session as killed (CLIENT KILL) and wakes it.
     pub fn mark_killed(&self) {
-        self.killed.set(true);
-        self.notify.notify_one();
+        self.flag(Attention::KILLED);
     }
 
     pub fn killed(&self) -> bool {
-        self.killed.get()
+        self.flags.get() & Attention::KILLED != 0
     }
 
-    /// Flags the session as draining (a graceful shutdown) and wakes it: it reads nothing
-    /// more, answers what it has read, then closes.
-    pub fn mark_draining(&self) {
-        self.draining.set(true);
-        self.notify.notify_one();
-    }
-
+    /// Whether anything needs the session's attention before its next turn (one load: the
+    /// hot path's only check of all these).
     #[inline]
-    pub fn draining(&self) -> bool {
-        self.draining.get()
+    pub fn attention(&self) -> u8 {
+        self.flags.get()
     }
 
     /// The session must close: CLIENT KILL, a lost subscriber connection, or the output
     /// buffer limit.
     #[inline]
     pub fn must_close(&self) -> bool {
-        self.killed.get() | self.sub_lost.get() | self.overflow.get()
+        self.flags.get() & Attention::CLOSE != 0
     }
 
     pub fn sub_lost(&self) -> bool {
-        self.sub_lost.get()
+        self.flags.get() & Attention::SUB_LOST != 0
     }
 
     /// The sequence number the next slot will get.

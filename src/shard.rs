@@ -210,7 +210,10 @@ pub struct Upstream {
 #[derive(Debug)]
 enum Fault {
     Io(std::io::Error),
+    /// The shard closed the connection.
     Closed,
+    /// slotgate closed it (a dedicated connection its session is done with, a retired one).
+    ClosedHere,
     TimedOut,
     Protocol(ScanError),
     Unexpected,
@@ -227,6 +230,7 @@ impl Fault {
         match self {
             Fault::Io(e) => e.to_string(),
             Fault::Closed => "connection closed by the shard".into(),
+            Fault::ClosedHere => "closed by slotgate".into(),
             Fault::TimedOut => format!("no reply within {op_timeout:?}"),
             Fault::Silent(d, None) => format!("nothing received for {d:?} with requests pending"),
             Fault::Silent(d, Some(unread)) => format!(
@@ -531,7 +535,11 @@ impl Upstream {
                         backoff = BACKOFF_MIN;
                     }
                     let why = fault.describe(self.cfg.op_timeout);
-                    tracing::warn!(shard = %self.label, "shard connection lost: {why}");
+                    if matches!(fault, Fault::ClosedHere) {
+                        tracing::debug!(shard = %self.label, "shard connection closed by slotgate");
+                    } else {
+                        tracing::warn!(shard = %self.label, "shard connection lost: {why}");
+                    }
                     why
                 }
                 Ok(Err(e)) => e.to_string(),
@@ -683,13 +691,15 @@ impl Upstream {
         let fault = tokio::select! {
             f = self.read_loop(rd) => f,
             f = self.write_loop(wr) => f,
-            _ = self.close_notify.notified() => Fault::Closed,
+            _ = self.close_notify.notified() => Fault::ClosedHere,
         };
         if counted {
             self.cfg.up.fetch_sub(1, Ordering::Relaxed);
         }
-        metrics::counter!(crate::metrics::SHARD_RECONNECTS, "shard" => self.label.clone())
-            .increment(1);
+        if !matches!(fault, Fault::ClosedHere) {
+            metrics::counter!(crate::metrics::SHARD_RECONNECTS, "shard" => self.label.clone())
+                .increment(1);
+        }
         fault
     }
 

@@ -199,7 +199,9 @@ pub struct Worker {
     /// This worker's copy of the settings in force, and the reload count it belongs to;
     /// sessions compare their own count once per turn (see [`Worker::refresh`]).
     live: std::cell::RefCell<Arc<Settings>>,
-    pub generation: std::cell::Cell<u64>,
+    /// Told the reload count each time this worker takes up a reload; each session's watcher
+    /// flags its session (see `session::serve`).
+    pub reloads: tokio::sync::watch::Sender<u64>,
     /// The shard connections of the layout in force (a reload may change the layout).
     pools: std::cell::RefCell<Rc<Pools>>,
     /// Dedicated connections for transactions and blocking commands.
@@ -229,7 +231,7 @@ impl Worker {
             pools: std::cell::RefCell::new(Rc::new(pools)),
             dedicated: std::cell::RefCell::new(dedicated),
             live: std::cell::RefCell::new(shared.live()),
-            generation: std::cell::Cell::new(shared.generation.load(Ordering::Acquire)),
+            reloads: tokio::sync::watch::Sender::new(shared.generation.load(Ordering::Acquire)),
             shared,
             commands: std::cell::Cell::new(0),
             origin: OriginClient::new(),
@@ -260,8 +262,8 @@ impl Worker {
         self.dedicated.borrow().clone()
     }
 
-    /// Takes up the settings of the last reload. Sessions notice the new generation on their
-    /// next turn and re-read their user and limits. A new shard layout (static mode) gets new
+    /// Takes up the settings of the last reload; every session of this worker is flagged and
+    /// re-reads its user and limits before its next command. A new shard layout (static mode) gets new
     /// pools: connections to shards that stay are kept, new shards are connected, and
     /// connections to removed shards drain (their requests in flight are answered) and close.
     pub fn refresh(&self) {
@@ -280,7 +282,7 @@ impl Worker {
             }
         }
         *self.live.borrow_mut() = new;
-        self.generation.set(generation);
+        self.reloads.send_replace(generation);
     }
 
     /// Sends one request of the proxy's own to `shard` and waits for its reply (read-through

@@ -24,6 +24,7 @@ use super::{
 };
 use crate::netio::{ReadSide, WriteSide};
 use crate::notify::FlagWaker;
+use crate::queue::Attention;
 use crate::resp::{Limits, RequestParser};
 use crate::worker::Worker;
 
@@ -106,12 +107,8 @@ impl<R: ReadSide, W: WriteSide> Conn<R, W> {
     /// CLIENT KILL, idle, a write error).
     async fn turns(&mut self, s: &mut Session) {
         loop {
-            if s.generation != self.w.generation.get() {
-                self.reloaded(s);
-                if s.queue.must_close() {
-                    // Its user was removed: nothing more of it runs.
-                    return;
-                }
+            if s.queue.attention() != 0 && !self.attend(s) {
+                return;
             }
             let bounded = self.parse(s);
             if self.rbuf.len() > self.qbuf_limit {
@@ -131,13 +128,11 @@ impl<R: ReadSide, W: WriteSide> Conn<R, W> {
                 s.log_close();
                 return;
             }
-            if s.queue.is_empty()
+            if (s.closing || self.eof)
+                && s.queue.is_empty()
                 && self.out.is_empty()
                 && !self.flushing
-                && (s.closing || self.eof || (s.queue.draining() && !bounded))
             {
-                // (Draining: everything read has been answered; a partial command is not a
-                // request yet.)
                 return;
             }
             let room = s.queue.has_room(s.max_pipeline);
@@ -147,7 +142,7 @@ impl<R: ReadSide, W: WriteSide> Conn<R, W> {
                 // sent everything and be waiting for them.
                 continue;
             }
-            let can_read = !s.closing && !self.eof && !s.barrier && room && !s.queue.draining();
+            let can_read = !s.closing && !self.eof && !s.barrier && room;
             self.size_rbuf(can_read);
             if self.reads_in_a_row >= READS_BEFORE_YIELD {
                 // A client that always has more input must let the worker's other sessions
@@ -177,8 +172,30 @@ impl<R: ReadSide, W: WriteSide> Conn<R, W> {
         }
     }
 
-    /// After a reload: the session and this connection take up the new limits.
+    /// What the session was flagged for (see `queue::Attention`): a reload, a graceful
+    /// shutdown, or a reason to close (`false`: close now). A drain reads nothing more and
+    /// closes once everything read has been answered, as when the client closes its side (a
+    /// partial command is not a request yet).
     #[cold]
+    fn attend(&mut self, s: &mut Session) -> bool {
+        let flags = s.queue.attention();
+        if flags & Attention::RELOAD != 0 {
+            s.queue.unflag(Attention::RELOAD);
+            self.reloaded(s);
+        }
+        if flags & Attention::DRAIN != 0 {
+            s.queue.unflag(Attention::DRAIN);
+            self.eof = true;
+        }
+        if s.queue.must_close() {
+            // CLIENT KILL, a removed user, a lost subscriber connection, the output limit.
+            s.log_close();
+            return false;
+        }
+        true
+    }
+
+    /// After a reload: the session and this connection take up the new limits.
     fn reloaded(&mut self, s: &mut Session) {
         s.reloaded();
         let live = self.w.live().clone();

@@ -36,7 +36,7 @@ use crate::command::{
 };
 use crate::fanout::{Gather, GatherKind};
 use crate::netio::{PlainRead, PlainWrite, ReadSide, WriteSide};
-use crate::queue::{ReplyQueue, SinkRef, Slot, Target};
+use crate::queue::{Attention, ReplyQueue, SinkRef, Slot, Target};
 use crate::resp::reply::{self, Proto};
 use crate::resp::request::push_header;
 use crate::resp::{Limits, Parsed, Request, RequestParser};
@@ -118,8 +118,6 @@ pub struct Session {
     /// which may go over a connection of the other protocol.
     pub(crate) barrier: bool,
     max_pipeline: usize,
-    /// The worker's reload count when this session last took up its settings.
-    generation: u64,
     /// Whether the client list shows this client as subscribed.
     listed_subscribed: bool,
 }
@@ -228,7 +226,6 @@ where
         on_dedicated: Lane::Shared,
         subs: crate::session::pubsub::Subs::default(),
         kill: Arc::new(tokio::sync::Notify::new()),
-        generation: w.generation.get(),
         listed_subscribed: false,
         w,
     };
@@ -240,17 +237,23 @@ where
     // CLIENT KILL comes from any worker thread (tokio's `Notify`). A small task waits for it and
     // flags this session's own queue, so the loop polls nothing thread-safe per turn (polling
     // a `Notified` takes its lock: about 180 instructions per GET in callgrind).
-    // A graceful shutdown is flagged the same way.
+    // A graceful shutdown and a reload taken up by the worker are flagged the same way.
     let _watcher = {
         let (kill, queue) = (s.kill.clone(), s.queue.clone());
         let mut draining = shared.draining.subscribe();
+        let mut reloads = s.w.reloads.subscribe();
         AbortOnDrop(tokio::task::spawn_local(async move {
-            tokio::select! {
-                _ = kill.notified() => return queue.mark_killed(),
-                Ok(_) = draining.wait_for(|d| *d) => queue.mark_draining(),
+            let mut drained = false;
+            loop {
+                tokio::select! {
+                    _ = kill.notified() => return queue.mark_killed(),
+                    Ok(_) = draining.wait_for(|d| *d), if !drained => {
+                        drained = true;
+                        queue.flag(Attention::DRAIN);
+                    }
+                    Ok(()) = reloads.changed() => queue.flag(Attention::RELOAD),
+                }
             }
-            kill.notified().await;
-            queue.mark_killed();
         }))
     };
     let mut conn = conn::Conn::new(rd, wr, &s).await;
@@ -303,7 +306,6 @@ impl Session {
     /// no password. The connection's own limits are re-read by [`conn::Conn`].
     #[cold]
     pub(crate) fn reloaded(&mut self) {
-        self.generation = self.w.generation.get();
         let live = self.w.live().clone();
         self.max_pipeline = live.max_client_pipeline;
         self.update_output_class();
@@ -445,7 +447,7 @@ impl Session {
             self.sampled
                 .push_back((seq, std::time::Instant::now(), spec.name));
         }
-        if !self.w.live().readthrough.is_empty() && spec.may_write_keys() {
+        if spec.may_write_keys() && !self.w.live().readthrough.is_empty() {
             self.note_writes(spec, req);
         }
         if self.tx.is_some()
@@ -625,11 +627,11 @@ impl Session {
             Ok(Some(slot)) => {
                 let (shard, rule) = {
                     let live = self.w.live();
-                    let rule = match spec.name {
-                        "get" if !live.readthrough.is_empty() => {
-                            live.readthrough.find(req.arg(1)).cloned()
-                        }
-                        _ => None,
+                    let rules = &live.readthrough;
+                    let rule = if rules.is_empty() || spec.name != "get" {
+                        None
+                    } else {
+                        rules.find(req.arg(1)).cloned()
                     };
                     (live.slot_map.shard_of_slot(slot), rule)
                 };

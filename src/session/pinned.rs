@@ -128,11 +128,12 @@ impl Session {
                 }
                 let mut tx = Tx::default();
                 match self.watch.take() {
-                    // The WATCH connection is gone: MULTI succeeds (it never fails in Redis
-                    // but when nested) and EXEC will say the watched keys may have changed.
-                    Some((conn, slot)) if !conn.up.usable() => {
+                    // The WATCH connection is gone (the WATCH failed, or its connection was
+                    // lost after): MULTI succeeds (it never fails in Redis but when nested),
+                    // the transaction's keys may be in any slot, and EXEC will say the watched
+                    // keys may have changed (a client's WATCH retry loop then starts over).
+                    Some((conn, _)) if !conn.up.usable() => {
                         drop(conn);
-                        tx.slot = Some(slot);
                         tx.watch_lost = true;
                         tx.buffered.push(Bytes::copy_from_slice(req.raw));
                         self.reply_static(reply::OK);
