@@ -33,6 +33,7 @@ use std::collections::BTreeMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use wire::R;
@@ -287,11 +288,16 @@ fn read_failure(path: &str) -> Result<(&'static Target, u64, Vec<u8>), String> {
 /// Inputs of a run by default: what `cargo test` (and CI) runs, about 10 s unoptimised.
 const DEFAULT_INPUTS: u64 = 5_000;
 
-/// Arguments: our own (`--inputs N`, `--seed S`, `--replay FILE`, `--targets a,b`) and
-/// libtest's, which are ignored except for filters.
+/// Arguments: our own (`--inputs N`, `--seed S`, `--replay FILE`, `--targets a,b`,
+/// `--only I`) and libtest's, which are ignored except for filters.
 struct Options {
     inputs: u64,
     seed: u64,
+    /// Only input `I` of the run (same seed and targets), saved to a file whatever happens.
+    only: Option<u64>,
+    /// `(k, j)`: this process takes the inputs whose index is `k` modulo `j` (scripts/fuzz.sh
+    /// runs `j` processes with the same seed: together, the inputs of one run).
+    shard: (u64, u64),
     replay: Option<String>,
     targets: Option<Vec<String>>,
     list: bool,
@@ -312,6 +318,18 @@ fn options() -> Result<Options, String> {
             None => std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| d.as_nanos() as u64),
+        },
+        only: env_num("FUZZ_ONLY")?,
+        shard: match std::env::var("FUZZ_SHARD") {
+            Ok(v) => {
+                let (k, j) = v.split_once('/').ok_or("FUZZ_SHARD: expected K/J")?;
+                let (k, j) = (parse_num(k)?, parse_num(j)?);
+                if j == 0 || k >= j {
+                    return Err(format!("FUZZ_SHARD={v}: expected K/J with K < J"));
+                }
+                (k, j)
+            }
+            Err(_) => (0, 1),
         },
         replay: std::env::var("FUZZ_REPLAY").ok(),
         targets: std::env::var("FUZZ_TARGETS")
@@ -338,6 +356,7 @@ fn options() -> Result<Options, String> {
             "--inputs" => o.inputs = parse_num(&value(&mut args)?)?,
             "--seed" => o.seed = parse_num(&value(&mut args)?)?,
             "--replay" => o.replay = Some(value(&mut args)?),
+            "--only" => o.only = Some(parse_num(&value(&mut args)?)?),
             "--targets" => {
                 o.targets = Some(value(&mut args)?.split(',').map(str::to_string).collect())
             }
@@ -420,6 +439,35 @@ fn replay(path: &str) -> i32 {
     }
 }
 
+/// The input being checked (`u64::MAX`: none) and since when (ms into the run), for the
+/// watchdog.
+static RUNNING: AtomicU64 = AtomicU64::new(u64::MAX);
+static RUNNING_SINCE_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Ends the run when one input takes longer than `FUZZ_STALL_SECS` (default 120): a hang is a
+/// failure too, and the seed and index regenerate the input (`FUZZ_ONLY`).
+fn watchdog(start: Instant, seed: u64) {
+    let limit = std::env::var("FUZZ_STALL_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(120u64);
+    std::thread::spawn(move || {
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let index = RUNNING.load(Relaxed);
+            let since = RUNNING_SINCE_MS.load(Relaxed);
+            let now = start.elapsed().as_millis() as u64;
+            if index != u64::MAX && now.saturating_sub(since) > limit * 1000 {
+                println!(
+                    "fuzz: FAIL: input {index} has run for more than {limit} s; save it with \
+                     FUZZ_SEED={seed:#x} FUZZ_ONLY={index} (and the same FUZZ_TARGETS)"
+                );
+                std::process::exit(1);
+            }
+        }
+    });
+}
+
 struct TargetStats {
     inputs: u64,
     bytes: u64,
@@ -486,8 +534,12 @@ fn fuzz(o: &Options) -> i32 {
     } else {
         "without debug assertions"
     };
+    let part = match o.shard {
+        (_, 1) => String::new(),
+        (k, j) => format!(" (this process: those with index {k} modulo {j})"),
+    };
     println!(
-        "fuzz: seed {:#x} (FUZZ_SEED={:#x} repeats this run), {} inputs, {profile}",
+        "fuzz: seed {:#x} (FUZZ_SEED={:#x} repeats this run), {} inputs{part}, {profile}",
         o.seed, o.seed, o.inputs
     );
     let regressions = known::check_reproducers();
@@ -505,9 +557,15 @@ fn fuzz(o: &Options) -> i32 {
         })
         .collect();
     let start = Instant::now();
+    watchdog(start, o.seed);
     let mut last_progress = Instant::now();
     let mut failures = regressions;
-    for index in 0..o.inputs {
+    let (k, j) = o.shard;
+    let indices = match o.only {
+        Some(i) => i..i + 1,
+        None => 0..o.inputs,
+    };
+    for index in indices.filter(|i| o.only.is_some() || i % j == k) {
         let ti = schedule[(index % schedule.len() as u64) as usize];
         let t = &TARGETS[ti];
         let mut r = R::new(input_seed(o.seed, ti, index));
@@ -515,7 +573,10 @@ fn fuzz(o: &Options) -> i32 {
         let check_seed = r.u64();
         let st = &mut stats[ti];
         let began = Instant::now();
+        RUNNING.store(index, Relaxed);
+        RUNNING_SINCE_MS.store(start.elapsed().as_millis() as u64, Relaxed);
         let verdict = run_one(t, &input, check_seed, &mut st.cx);
+        RUNNING.store(u64::MAX, Relaxed);
         let took = began.elapsed();
         st.time += took;
         if took > st.slowest.0 {
@@ -524,6 +585,18 @@ fn fuzz(o: &Options) -> i32 {
         st.inputs += 1;
         st.bytes += input.len() as u64;
         st.max_peak = st.max_peak.max(st.cx.peak);
+        if o.only.is_some() {
+            let f = Failure {
+                target: t.name,
+                check_seed,
+                input: input.clone(),
+                message: format!("input {index}: {verdict:?}"),
+            };
+            match write_failure(&f, o.seed, index) {
+                Ok(p) => println!("fuzz: input {index} ({}) saved to {}", t.name, p.display()),
+                Err(e) => println!("fuzz: input {index} not saved: {e}"),
+            }
+        }
         if let Err(message) = verdict {
             if let Some(k) = known::matching(t.name, &message) {
                 if st.known == 0 {
@@ -562,7 +635,7 @@ fn fuzz(o: &Options) -> i32 {
         if last_progress.elapsed() > Duration::from_secs(30) {
             last_progress = Instant::now();
             println!(
-                "fuzz: {} of {} inputs, {:.0} s",
+                "fuzz: input {} of {}, {:.0} s",
                 index + 1,
                 o.inputs,
                 start.elapsed().as_secs_f64()

@@ -180,6 +180,11 @@ fn resp3_oracle(b: &[u8]) -> Oracle {
     use redis_protocol::resp3::types::{DecodedRangeFrame, FrameKind};
     let step = |at: usize| catch_unwind(|| decode_range(&b[at..]));
     let (kind, mut at) = match step(0) {
+        // A chunk, stream end or HELLO inside a frame: redis-protocol reads them anywhere, the
+        // framer only where a stream allows them.
+        Ok(Ok(Some((DecodedRangeFrame::Complete(f), _)))) if stream_marker_inside(&f) => {
+            return Oracle::Unknown;
+        }
         Ok(Ok(Some((DecodedRangeFrame::Complete(_), n)))) => return Oracle::Complete(n),
         Ok(Ok(Some((DecodedRangeFrame::Streaming(s), n)))) => (s.kind, n),
         Ok(Ok(None)) => return Oracle::Incomplete,
@@ -209,6 +214,48 @@ fn resp3_oracle(b: &[u8]) -> Oracle {
             Err(_) => return Oracle::Unknown,
         }
     }
+}
+
+/// Whether a decoded frame holds a chunk, a stream end or a HELLO (its elements, map entries
+/// and attributes included).
+fn stream_marker_inside(f: &redis_protocol::resp3::types::RangeFrame) -> bool {
+    use redis_protocol::resp3::types::RangeFrame as F;
+    let pairs = |m: &redis_protocol::resp3::types::RangeAttributes| {
+        m.iter()
+            .any(|(k, v)| stream_marker_inside(k) || stream_marker_inside(v))
+    };
+    let attributes = match f {
+        F::ChunkedString(_) | F::Hello { .. } => return true,
+        F::Null => return false,
+        F::Array { data, attributes } | F::Push { data, attributes } => {
+            if data.iter().any(stream_marker_inside) {
+                return true;
+            }
+            attributes
+        }
+        F::Set { data, attributes } => {
+            if data.iter().any(stream_marker_inside) {
+                return true;
+            }
+            attributes
+        }
+        F::Map { data, attributes } => {
+            if pairs(data) {
+                return true;
+            }
+            attributes
+        }
+        F::BlobString { attributes, .. }
+        | F::BlobError { attributes, .. }
+        | F::SimpleString { attributes, .. }
+        | F::SimpleError { attributes, .. }
+        | F::Boolean { attributes, .. }
+        | F::Number { attributes, .. }
+        | F::Double { attributes, .. }
+        | F::BigNumber { attributes, .. }
+        | F::VerbatimString { attributes, .. } => attributes,
+    };
+    attributes.as_ref().is_some_and(pairs)
 }
 
 /// A deliberate difference from redis-protocol explains a disagreement on `b`.
