@@ -370,8 +370,12 @@ impl Upstream {
         if failed.is_empty() {
             return;
         }
-        metrics::counter!(crate::metrics::SHARD_ERRORS, "shard" => self.label.clone())
-            .increment(failed.len() as u64);
+        if !self.closed.get() {
+            // (A connection slotgate closed is not a shard failure: its requests belong to a
+            // session that has gone.)
+            metrics::counter!(crate::metrics::SHARD_ERRORS, "shard" => self.label.clone())
+                .increment(failed.len() as u64);
+        }
         let sent = failed.len() - not_written;
         let unknown = reply::outcome_unknown(&self.label, why);
         let unsent_reply = unsent.to_reply();

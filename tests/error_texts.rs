@@ -81,3 +81,26 @@ fn every_failure_reply_is_in_the_readme_table() {
         );
     }
 }
+
+/// The README's CONFIG SET allowlist is the code's, item for item (issue 13.2).
+#[test]
+fn the_readme_config_set_allowlist_is_the_codes() {
+    let readme = read("README.md");
+    let row = readme
+        .lines()
+        .find(|l| l.starts_with("| CONFIG SET, CONFIG RESETSTAT |"))
+        .expect("the README's CONFIG SET row");
+    let list = row
+        .split_once("tested against the code):")
+        .and_then(|(_, rest)| rest.split_once(". Any other parameter"))
+        .expect("the allowlist in the row")
+        .0;
+    let mut documented: Vec<&str> = list
+        .split(", ")
+        .map(|s| s.trim().trim_matches('`'))
+        .collect();
+    let mut code: Vec<&str> = slotgate::command::policy::CONFIG_SET_ALLOWED.to_vec();
+    documented.sort_unstable();
+    code.sort_unstable();
+    assert_eq!(documented, code);
+}

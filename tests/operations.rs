@@ -304,3 +304,71 @@ fn reload_moves_to_a_new_shard_layout_and_drains_the_removed_shard() {
         "clients stayed connected"
     );
 }
+
+/// The sum of a Prometheus counter's samples in /metrics (0 when it has none yet).
+fn metric_sum(admin_port: u16, name: &str) -> f64 {
+    http_get(admin_port, "/metrics")
+        .1
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Clients that leave while on a dedicated connection (subscribed, blocked, in MULTI) make
+/// slotgate close that connection: not a shard failure, so no WARN and no disconnect or error
+/// counted (issue 13.4).
+#[test]
+fn clients_leaving_dedicated_connections_are_not_shard_failures() {
+    let shard = RedisServer::start();
+    let log = support::tls::temp_dir("leaving").join("slotgate.log");
+    let admin_port = free_port();
+    let admin = format!("127.0.0.1:{admin_port}");
+    let proxy = Slotgate::start_logged(&[&shard], &["--admin-listen", &admin], Some(&log));
+    wait_for_own_port(admin_port, proxy.pid());
+    let before = (
+        metric_sum(admin_port, "slotgate_shard_disconnects_total"),
+        metric_sum(admin_port, "slotgate_shard_errors_total"),
+    );
+    for i in 0..50 {
+        let mut c = proxy.raw();
+        c.call(&[b"SUBSCRIBE", format!("ch{i}").as_bytes()]);
+    }
+    let blocked: Vec<RawConn> = (0..10)
+        .map(|_| {
+            let mut c = proxy.raw();
+            c.send(&resp(&[b"BLPOP", b"nothing", b"0"]));
+            c
+        })
+        .collect();
+    wait_until(
+        "the ten BLPOPs to block on the shard",
+        Duration::from_secs(5),
+        || {
+            let list: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .query(&mut shard.client())
+                .unwrap();
+            list.matches("cmd=blpop").count() == 10
+        },
+    );
+    drop(blocked);
+    for _ in 0..10 {
+        let mut c = proxy.raw();
+        assert_eq!(c.call(&[b"MULTI"]), b"+OK\r\n");
+        assert_eq!(c.call(&[b"SET", b"k", b"v"]), b"+QUEUED\r\n");
+    }
+    // Every one of those connections has been closed on the shard's side too.
+    wait_until(
+        "the shard to see only the shared connection and the probe",
+        Duration::from_secs(10),
+        || connected_clients(&shard) <= 3,
+    );
+    let after = (
+        metric_sum(admin_port, "slotgate_shard_disconnects_total"),
+        metric_sum(admin_port, "slotgate_shard_errors_total"),
+    );
+    assert_eq!(after, before);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("shard connection lost"), "{text}");
+}

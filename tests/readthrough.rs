@@ -566,7 +566,7 @@ fn invalidate_status_and_info() {
     assert!(info.contains("# Readthrough"), "{info}");
     assert!(
         info.contains(
-            "rule_label::prefix=label:,hits=0,misses=2,hit_ratio=0.0000,origin_requests=2"
+            "rule_0:name=label:,prefix=label:,hits=0,misses=2,hit_ratio=0.0000,origin_requests=2"
         ),
         "{info}"
     );

@@ -253,6 +253,20 @@ fn config_set_is_broadcast_for_allowed_parameters_only() {
             .unwrap();
         assert_eq!(v[1], "77", "every shard got the CONFIG SET");
     }
+    // The list encoding threshold and its legacy alias, like the hash and zset ones.
+    for (param, value) in [
+        (&b"list-max-listpack-size"[..], &b"-3"[..]),
+        (b"list-max-ziplist-size", b"-4"),
+        (b"zset-max-ziplist-entries", b"99"),
+    ] {
+        c.roundtrip(&resp(&[b"CONFIG", b"SET", param, value]), b"+OK\r\n");
+    }
+    let v: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("list-max-listpack-size")
+        .query(&mut shards[1].client())
+        .unwrap();
+    assert_eq!(v[1], "-4", "the alias set the same parameter");
     c.roundtrip(
         &resp(&[b"CONFIG", b"SET", b"port", b"1"]),
         b"-ERR CONFIG SET parameter 'port' is not allowed through slotgate\r\n",

@@ -162,6 +162,9 @@ pub const CONFIG_SET_ALLOWED: &[&str] = &[
     "lfu-decay-time",
     "lfu-log-factor",
     "list-compress-depth",
+    // The list encoding threshold, and its legacy alias (issue 13.2).
+    "list-max-listpack-size",
+    "list-max-ziplist-size",
     "lua-time-limit",
     "maxmemory",
     "maxmemory-eviction-tenacity",

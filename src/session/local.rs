@@ -625,7 +625,9 @@ fn readthrough_info(shared: &Shared) -> String {
         "rules:{}\r\nfetches_tracked:{flights}\r\nnegative_entries:{negatives}\r\n",
         rules.iter().count()
     );
-    for r in rules.iter() {
+    // `rule_<i>:name=…`: a rule's name may contain `:` (the default name is the prefix), which
+    // INFO parsers split on (issue 13.4).
+    for (i, r) in rules.iter().enumerate() {
         let s = &r.stats;
         let (hits, misses) = (s.hits.get(), s.misses.get());
         let ratio = if hits + misses > 0 {
@@ -635,7 +637,7 @@ fn readthrough_info(shared: &Shared) -> String {
         };
         let avoided = hits + s.coalesced.get() + s.negative_hits.get() + s.stale_serves.get();
         body.push_str(&format!(
-            "rule_{}:prefix={},hits={hits},misses={misses},hit_ratio={ratio:.4},\
+            "rule_{i}:name={},prefix={},hits={hits},misses={misses},hit_ratio={ratio:.4},\
              origin_requests={},origin_calls_avoided={avoided},coalesced={},\
              negative_hits={},stale_serves={},origin_errors={},bytes_loaded={},stored={}\r\n",
             r.name,
