@@ -79,7 +79,7 @@ pub const TARGETS: &[Target] = &[
         name: "gather",
         bytes_per_input_byte: 64,
         weight: 3,
-        generate: reply::generate_parts,
+        generate: reply::generate,
         check: reply::check_gather,
     },
     Target {

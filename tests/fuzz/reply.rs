@@ -21,7 +21,7 @@ pub fn generate(r: &mut R) -> Vec<u8> {
 #[derive(Debug, PartialEq, Eq)]
 struct Framing {
     frames: Vec<(usize, bool)>,
-    /// `None`: waiting for more bytes (with this many left over); `Some`: invalid.
+    /// `Ok(n)`: waiting for more bytes, `n` of them left over; `Err`: not RESP.
     end: Result<usize, ScanError>,
 }
 
@@ -366,10 +366,6 @@ fn compare_with_redis_protocol(input: &[u8], whole: &Framing, cx: &mut Ctx) -> R
 
 // ---------------------------------------------------------------------------------------
 // Scatter/gather merges
-
-pub fn generate_parts(r: &mut R) -> Vec<u8> {
-    wire::traffic(r, wire::replies)
-}
 
 /// Up to four shard replies (the complete frames at the front of the input) merged by every
 /// kind of gather, in RESP2 and RESP3: no panic, and the client gets exactly one frame.
