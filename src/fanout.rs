@@ -166,10 +166,14 @@ impl Gather {
                 }
                 out.freeze()
             }
-            GatherKind::AnyOk => match parts.iter().find(|p| p.as_ref() == reply::OK) {
-                Some(ok) => ok.clone(),
-                None => parts[0].clone(),
-            },
+            // SCRIPT KILL, FUNCTION KILL: OK if a shard killed one; else an error other than
+            // NOTBUSY (UNKILLABLE, an unavailable shard) if there is one; else NOTBUSY.
+            GatherKind::AnyOk => parts
+                .iter()
+                .find(|p| p.as_ref() == reply::OK)
+                .or_else(|| parts.iter().find(|p| !p.starts_with(b"-NOTBUSY")))
+                .unwrap_or(&parts[0])
+                .clone(),
             GatherKind::RandomKey { pick } => {
                 let keys: Vec<&Bytes> = parts
                     .iter()

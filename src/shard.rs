@@ -929,7 +929,14 @@ pub struct Pools {
     /// Connections authenticated as a user's mirror, for that user's scripts: one per user,
     /// protocol and shard address, opened on first use.
     mirrors: RefCell<std::collections::HashMap<(String, Proto, SocketAddr), Rc<Upstream>>>,
+    /// Per shard, a control connection, opened on first use: SCRIPT KILL and FUNCTION KILL
+    /// travel on it, never behind a busy script on the shared connections.
+    control: RefCell<Vec<Option<Rc<Upstream>>>>,
 }
+
+/// How long a request on a control connection may wait: a shard busy with a script takes
+/// commands again only after its `busy-reply-threshold` (5 s by default).
+pub const CONTROL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Pools {
     /// Starts the RESP2 connections now; RESP3 ones start on first use (`HELLO 3`).
@@ -938,10 +945,26 @@ impl Pools {
         Pools {
             resp2,
             resp3: RefCell::new(None),
+            control: RefCell::new(vec![None; shards.len()]),
             shards,
             per_shard,
             mirrors: RefCell::default(),
         }
+    }
+
+    /// The control connection to `shard` (see `control`): RESP2, its own timeout, and not
+    /// counted as one of the shard's connections for readiness.
+    pub fn control(&self, shard: usize) -> Rc<Upstream> {
+        let mut control = self.control.borrow_mut();
+        control[shard]
+            .get_or_insert_with(|| {
+                let (addr, cfg) = &self.shards[shard];
+                let mut cfg = cfg.clone();
+                cfg.op_timeout = cfg.op_timeout.max(CONTROL_TIMEOUT);
+                cfg.up = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                Upstream::start(*addr, Proto::Resp2, cfg)
+            })
+            .clone()
     }
 
     /// The connection to `shard` that runs `user`'s scripts with `user`'s rights (see
@@ -996,6 +1019,8 @@ impl Pools {
                 }
             }
         }
+        // Control connections are opened again on first use.
+        removed.extend(self.control.borrow().iter().flatten().cloned());
         let mut mirrors = self.mirrors.borrow().clone();
         mirrors.retain(|(_, _, addr), up| {
             kept(addr) || {
@@ -1006,6 +1031,7 @@ impl Pools {
         let pools = Pools {
             resp2: carry(&self.resp2, Proto::Resp2),
             resp3: RefCell::new(r3.as_ref().map(|g| carry(g, Proto::Resp3))),
+            control: RefCell::new(vec![None; shards.len()]),
             shards,
             per_shard: self.per_shard,
             mirrors: RefCell::new(mirrors),

@@ -576,3 +576,72 @@ fn blocked_clients_do_not_stall_other_traffic() {
         assert!(r.ends_with(b"$2\r\ngo\r\n"), "{}", lossy(&r));
     }
 }
+
+/// A runaway script or function is killed through slotgate (issue 13.1): SCRIPT KILL and
+/// FUNCTION KILL travel on control connections, not behind the script on the shared ones,
+/// answer as Redis does, and the shard serves everyone again at once.
+#[test]
+fn a_busy_script_or_function_is_killed_through_slotgate() {
+    // Redis takes commands during a script only after busy-reply-threshold (lua-time-limit).
+    let shards: Vec<RedisServer> = (0..2)
+        .map(|_| RedisServer::start_with(&["--lua-time-limit", "100"]))
+        .collect();
+    let refs: Vec<&RedisServer> = shards.iter().collect();
+    let proxy = Slotgate::start_with(&refs, &["--workers", "1"]);
+    let reference = RedisServer::start();
+    let notbusy = RawConn::connect(reference.port).call(&[b"SCRIPT", b"KILL"]);
+    assert_eq!(notbusy, b"-NOTBUSY No scripts in execution right now.\r\n");
+
+    let mut admin = proxy.raw();
+    assert_eq!(
+        admin.call(&[b"SCRIPT", b"KILL"]),
+        notbusy,
+        "nothing to kill"
+    );
+    assert_eq!(admin.call(&[b"FUNCTION", b"KILL"]), notbusy);
+
+    let busy_shard = |shard: &RedisServer| {
+        let mut c = RawConn::connect(shard.port);
+        c.call(&[b"PING"]).starts_with(b"-BUSY")
+    };
+    // A script (no keys: the first shard runs it).
+    let mut runaway = proxy.raw();
+    runaway.send(&resp(&[b"EVAL", b"while true do end", b"0"]));
+    wait_until("the first shard to be busy", Duration::from_secs(5), || {
+        busy_shard(&shards[0])
+    });
+    assert_eq!(admin.call(&[b"SCRIPT", b"KILL"]), b"+OK\r\n");
+    let killed = lossy(&runaway.read_replies(1)[0]);
+    assert!(
+        killed.contains("Script killed by user with SCRIPT KILL"),
+        "{killed}"
+    );
+    // The shard serves at once, through the connection the script held too.
+    assert_eq!(runaway.call(&[b"SET", b"k", b"v"]), b"+OK\r\n");
+    assert_eq!(admin.call(&[b"GET", b"k"]), b"$1\r\nv\r\n");
+
+    // A function.
+    let lib =
+        b"#!lua name=spinlib\nredis.register_function('spin', function() while true do end end)";
+    assert_eq!(
+        admin.call(&[b"FUNCTION", b"LOAD", lib]),
+        b"$7\r\nspinlib\r\n"
+    );
+    runaway.send(&resp(&[b"FCALL", b"spin", b"0"]));
+    wait_until("the first shard to be busy", Duration::from_secs(5), || {
+        busy_shard(&shards[0])
+    });
+    // SCRIPT KILL does not kill a function: the busy shard's error is passed through (the
+    // other shard's NOTBUSY does not hide it), as Redis answers it.
+    let wrong_kill = lossy(&admin.call(&[b"SCRIPT", b"KILL"]));
+    assert!(wrong_kill.starts_with("-BUSY"), "{wrong_kill}");
+    assert_eq!(admin.call(&[b"FUNCTION", b"KILL"]), b"+OK\r\n");
+    let killed = lossy(&runaway.read_replies(1)[0]);
+    // (Redis 7.0 words a killed function like a killed script.)
+    assert!(
+        killed.contains("Script killed by user") && killed.contains("spin"),
+        "{killed}"
+    );
+    assert_eq!(runaway.call(&[b"PING"]), b"+PONG\r\n");
+    assert_eq!(admin.call(&[b"SCRIPT", b"KILL"]), notbusy);
+}

@@ -863,7 +863,28 @@ impl Session {
         {
             return self.reply(reply::config_set_not_allowed(&bad));
         }
+        if merge == Merge::AnyOk {
+            // SCRIPT KILL, FUNCTION KILL: on the control connections, since the shared ones
+            // may be the ones stuck behind the busy script.
+            return self.gather_on_control(kind, req.raw, now);
+        }
         self.gather_from_every_shard(kind, req.raw, now);
+    }
+
+    /// Sends `raw` to every shard on its control connection and merges the replies.
+    fn gather_on_control(&mut self, kind: GatherKind, raw: &[u8], now: Instant) {
+        let n = self.w.live().slot_map.shard_count();
+        let g = Gather::new(kind, n, self.proto);
+        let seq = self.queue.push_waiting(Slot::Gather(Box::new(g)));
+        for shard in 0..n {
+            let up = self.w.pools().control(shard);
+            let target = Target::Client {
+                queue: self.queue.clone(),
+                seq,
+                part: shard as u32,
+            };
+            up.send(raw, target, now);
+        }
     }
 
     /// Sends `raw` to every shard and merges their replies as `kind` says.
