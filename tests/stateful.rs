@@ -645,3 +645,45 @@ fn a_busy_script_or_function_is_killed_through_slotgate() {
     assert_eq!(runaway.call(&[b"PING"]), b"+PONG\r\n");
     assert_eq!(admin.call(&[b"SCRIPT", b"KILL"]), notbusy);
 }
+
+/// A WATCH that failed watches nothing, as in Redis: the next transaction is not pinned to its
+/// slot (found by the soak: CROSSSLOT after a WATCH cut by a stopped shard). A WATCH that
+/// succeeded and then lost its connection makes EXEC answer a null array: the watched key
+/// may have changed unseen, and a WATCH retry loop starts over.
+#[test]
+fn failed_and_lost_watches() {
+    let mut shard = RedisServer::start();
+    let proxy = Slotgate::start_with(&[&shard], &["--op-timeout", "300ms"]);
+    let mut c = proxy.raw();
+
+    // WATCH cut by a stopped shard: "outcome unknown".
+    shard.pause();
+    let failed = lossy(&c.call(&[b"WATCH", b"{a}k"]));
+    assert!(failed.starts_with("-ERR outcome unknown"), "{failed}");
+    shard.resume();
+    assert_eq!(c.call(&[b"MULTI"]), b"+OK\r\n");
+    assert_eq!(
+        c.call(&[b"INCR", b"{b}n"]),
+        b"+QUEUED\r\n",
+        "not pinned to {{a}}'s slot"
+    );
+    assert_eq!(c.call(&[b"EXEC"]), b"*1\r\n:1\r\n");
+
+    // WATCH that succeeded, then its connection is lost (the shard restarts).
+    assert_eq!(c.call(&[b"WATCH", b"{a}k"]), b"+OK\r\n");
+    shard.restart();
+    assert_eq!(c.call(&[b"MULTI"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"SET", b"{a}k", b"v"]), b"+QUEUED\r\n");
+    assert_eq!(
+        c.call(&[b"EXEC"]),
+        b"*-1\r\n",
+        "the watched key may have changed"
+    );
+    let v: Option<String> = redis::cmd("GET")
+        .arg("{a}k")
+        .query(&mut shard.client())
+        .unwrap();
+    assert_eq!(v, None, "nothing ran");
+    // And the client goes on.
+    assert_eq!(c.call(&[b"SET", b"{a}k", b"w"]), b"+OK\r\n");
+}

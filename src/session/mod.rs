@@ -100,7 +100,7 @@ pub struct Session {
     /// An open MULTI (see `pinned`).
     pub(crate) tx: Option<crate::session::pinned::Tx>,
     /// WATCHed keys outside MULTI: their dedicated connection and slot.
-    pub(crate) watch: Option<(crate::shard::Dedicated, u16)>,
+    pub(crate) watch: Option<crate::session::pinned::Watch>,
     /// The dedicated connection of a blocking command in flight.
     pub(crate) blocked: Option<crate::shard::Dedicated>,
     /// A command waiting until nothing is in flight (switching between shared and dedicated

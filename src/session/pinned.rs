@@ -20,13 +20,15 @@
 //! before on the shared connections, and vice versa: switching between the two waits until
 //! nothing is in flight (the command is deferred, never reordered).
 
+use std::cell::Cell;
+use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::command::{CommandSpec, Route};
-use crate::queue::{Slot, Target};
+use crate::queue::{ReplyQueue, Sink, SinkRef, Slot, Target};
 use crate::resp::Request;
 use crate::resp::reply;
 use crate::session::Session;
@@ -47,6 +49,70 @@ pub struct Tx {
     /// changed unseen, so EXEC answers a null array (as when a watched key was touched) and
     /// runs nothing.
     watch_lost: bool,
+}
+
+/// WATCHed keys outside MULTI: their dedicated connection and slot, and what their WATCH
+/// replies said so far.
+pub struct Watch {
+    conn: Dedicated,
+    slot: u16,
+    replies: Rc<WatchReplies>,
+}
+
+/// What the WATCHes on one connection were answered: a WATCH that failed (`shard
+/// unavailable`, `outcome unknown`, an error) watches nothing, as in Redis, so it must not
+/// pin the next transaction to its slot.
+#[derive(Default)]
+struct WatchReplies {
+    ok: Cell<u32>,
+    failed: Cell<bool>,
+}
+
+/// Where a WATCH's reply goes: to the client, noted in [`WatchReplies`] on its way.
+struct WatchReply {
+    queue: Rc<ReplyQueue>,
+    seq: u64,
+    replies: Rc<WatchReplies>,
+}
+
+impl Sink for WatchReply {
+    fn deliver(self: Rc<Self>, _idx: u32, reply: Bytes) {
+        if reply.first() == Some(&b'-') {
+            self.replies.failed.set(true);
+        } else {
+            self.replies.ok.set(self.replies.ok.get() + 1);
+        }
+        self.queue.deliver(self.seq, 0, reply);
+    }
+}
+
+/// What is left of a WATCH when its transaction starts (or another WATCH comes).
+enum Watched {
+    /// Nothing: no WATCH succeeded (the connection is closed, so a WATCH that did reach the
+    /// shard late cannot stay behind).
+    Nothing,
+    /// Some WATCH succeeded but the connection was lost, or a later one failed: the keys may
+    /// have changed unseen.
+    Lost,
+    /// The watches hold on this connection.
+    Holds(Dedicated, u16),
+}
+
+impl Watch {
+    fn state(self) -> Watched {
+        let (ok, failed) = (self.replies.ok.get(), self.replies.failed.get());
+        if ok == 0 && failed {
+            Watched::Nothing
+        } else if !self.conn.up.usable() || failed {
+            if ok == 0 {
+                Watched::Nothing
+            } else {
+                Watched::Lost
+            }
+        } else {
+            Watched::Holds(self.conn, self.slot)
+        }
+    }
 }
 
 /// A command kept until the client has nothing in flight (see the module docs).
@@ -127,25 +193,25 @@ impl Session {
                     return self.reply_static(reply::MULTI_NESTED);
                 }
                 let mut tx = Tx::default();
-                match self.watch.take() {
-                    // The WATCH connection is gone (the WATCH failed, or its connection was
-                    // lost after): MULTI succeeds (it never fails in Redis but when nested),
-                    // the transaction's keys may be in any slot, and EXEC will say the watched
-                    // keys may have changed (a client's WATCH retry loop then starts over).
-                    Some((conn, _)) if !conn.up.usable() => {
-                        drop(conn);
+                match self.watch.take().map(Watch::state) {
+                    // The watches are lost (their connection went, or a WATCH failed after
+                    // one had succeeded): MULTI succeeds (it never fails in Redis but when
+                    // nested), the transaction's keys may be in any slot, and EXEC will say
+                    // the watched keys may have changed (a WATCH retry loop starts over).
+                    Some(Watched::Lost) => {
                         tx.watch_lost = true;
                         tx.buffered.push(Bytes::copy_from_slice(req.raw));
                         self.reply_static(reply::OK);
                     }
                     // WATCH already chose the shard: MULTI goes there.
-                    Some((conn, slot)) => {
+                    Some(Watched::Holds(conn, slot)) => {
                         tx.slot = Some(slot);
                         let d = self.op_deadline(now);
                         self.send_dedicated(&conn, req.raw, d);
                         tx.conn = Some(conn);
                     }
-                    None => {
+                    // No WATCH, or none that succeeded.
+                    None | Some(Watched::Nothing) => {
                         tx.buffered.push(Bytes::copy_from_slice(req.raw));
                         self.reply_static(reply::OK);
                     }
@@ -211,32 +277,59 @@ impl Session {
                     Ok(None) => return self.reply(reply::wrong_arity("watch")),
                     Err(()) => return self.reply_static(reply::CROSSSLOT),
                 };
-                let conn = match self.watch.take() {
-                    Some((c, s)) if s == slot => c,
+                let watch = match self.watch.take() {
+                    Some(w) if w.slot == slot => w,
+                    // A WATCH that failed and watches nothing gives way to this one.
+                    Some(w)
+                        if w.replies.ok.get() == 0
+                            && (w.replies.failed.get() || !w.conn.up.usable()) =>
+                    {
+                        match self.take_dedicated(Some(slot)) {
+                            Ok(conn) => Watch {
+                                conn,
+                                slot,
+                                replies: Rc::default(),
+                            },
+                            Err(e) => return self.reply(e),
+                        }
+                    }
                     Some(other) => {
                         self.watch = Some(other);
                         return self.reply_static(reply::CROSSSLOT);
                     }
                     None => match self.take_dedicated(Some(slot)) {
-                        Ok(c) => c,
+                        Ok(conn) => Watch {
+                            conn,
+                            slot,
+                            replies: Rc::default(),
+                        },
                         Err(e) => return self.reply(e),
                     },
                 };
+                let seq = self.queue.push_waiting(Slot::Waiting);
+                let sink = Rc::new(WatchReply {
+                    queue: self.queue.clone(),
+                    seq,
+                    replies: watch.replies.clone(),
+                });
                 let d = self.op_deadline(now);
-                self.send_dedicated(&conn, req.raw, d);
-                self.watch = Some((conn, slot));
+                watch
+                    .conn
+                    .up
+                    .send_until(req.raw, Target::Sink(SinkRef::new(sink, 0)), d);
+                self.watch = Some(watch);
             }
             "unwatch" => {
                 if self.tx.is_some() {
                     return self.tx_queue(spec, req, now);
                 }
-                match self.watch.take() {
-                    Some((conn, _)) if conn.up.usable() => {
+                match self.watch.take().map(Watch::state) {
+                    Some(Watched::Holds(conn, _)) => {
                         let d = self.op_deadline(now);
                         self.send_dedicated(&conn, req.raw, d);
                         conn.release();
                     }
-                    // (A lost WATCH connection watches nothing any more.)
+                    // (Lost or failed watches watch nothing any more.)
                     _ => self.reply_static(reply::OK),
                 }
             }
