@@ -34,6 +34,15 @@ impl UrlTemplate {
         if rest_of.is_empty() || rest_of.starts_with('/') {
             return Err(format!("origin '{s}' has no host"));
         }
+        // The host and port are literal: a client's key must never choose where slotgate
+        // fetches from (found by the fuzz harness: `http://{key}` used to pass).
+        let authority = rest_of.split(['/', '?']).next().unwrap_or("");
+        if authority.contains(['{', '}']) {
+            return Err(format!(
+                "origin '{s}': {{key}} and {{rest}} may appear only in the path or the query, \
+                 not in the host or port"
+            ));
+        }
         let mut parts = Vec::new();
         let mut lit = String::new();
         let mut i = 0;
@@ -275,6 +284,21 @@ mod tests {
         assert!(UrlTemplate::parse("http://x/{nope}").is_err());
         assert!(UrlTemplate::parse("ftp://x").is_err());
         assert!(UrlTemplate::parse("http:///path").is_err());
+        // The key never chooses the host or the port (fuzzer find).
+        for host_from_key in [
+            "http://{key}",
+            "http://h{key}/",
+            "http://h:80{key}",
+            "http://{rest}.example.com/x",
+        ] {
+            let e = UrlTemplate::parse(host_from_key).unwrap_err();
+            assert!(
+                e.contains("not in the host or port"),
+                "{host_from_key}: {e}"
+            );
+        }
+        assert!(UrlTemplate::parse("http://h/x?k={key}").is_ok());
+        assert!(UrlTemplate::parse("http://h?k={key}").is_ok());
     }
 
     #[test]
