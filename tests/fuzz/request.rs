@@ -48,7 +48,8 @@ impl Parse {
     }
 }
 
-type OnCommand<'a> = &'a mut dyn FnMut(&Request<'_>) -> Result<(), String>;
+/// Called with each command and the input bytes it used (with any ignored input before it).
+type OnCommand<'a> = &'a mut dyn FnMut(&Request<'_>, &[u8]) -> Result<(), String>;
 
 /// Parses `input` as a session does, the bytes arriving in chunks ending at each of `ends`:
 /// parse what the buffer holds, drop what each answer says is used, keep the rest.
@@ -79,7 +80,7 @@ fn parse_stream(
                         ));
                     }
                     let args = (0..req.argc()).map(|i| req.arg(i).to_vec()).collect();
-                    on_command(&req)?;
+                    on_command(&req, &buf[..used])?;
                     start += used;
                     out.commands.push((args, start));
                 }
@@ -145,6 +146,64 @@ fn command_ok(req: &Request<'_>) -> Result<(), String> {
     Ok(())
 }
 
+/// An inline command (re-encoded, so not a view of the input) has the words of its line, as
+/// `split_args` splits it; a line without quotes or backslashes splits at spaces, tabs and
+/// line ends (leading vertical tabs and form feeds are skipped too), as `sdssplitargs` does.
+fn inline_ok(req: &Request<'_>, used: &[u8]) -> Result<(), String> {
+    let line = used.strip_suffix(b"\n").unwrap_or(used);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let line = match line.iter().rposition(|&c| c == b'\n') {
+        Some(i) => &line[i + 1..],
+        None => line,
+    };
+    if line.first() == Some(&b'*') {
+        // A skipped `*0`/`*-1` ended by CR and any byte, then the command on the same line.
+        return Ok(());
+    }
+    let args: Vec<&[u8]> = (0..req.argc()).map(|i| req.arg(i)).collect();
+    let split = slotgate::resp::request::split_args(line);
+    if split
+        .as_ref()
+        .is_none_or(|w| w.iter().map(Vec::as_slice).ne(args.iter().copied()))
+    {
+        return Err(format!(
+            "inline line {} parsed to {} arguments, split_args gives {:?}",
+            hex_short(line),
+            args.len(),
+            split.map(|w| w.len())
+        ));
+    }
+    if !line.iter().any(|c| b"\"'\\".contains(c)) {
+        let mut words: Vec<&[u8]> = Vec::new();
+        let mut rest = line;
+        loop {
+            let skip = rest
+                .iter()
+                .position(|&c| !b" \t\n\r\x0b\x0c".contains(&c))
+                .unwrap_or(rest.len());
+            rest = &rest[skip..];
+            if rest.is_empty() {
+                break;
+            }
+            let end = rest
+                .iter()
+                .position(|&c| b" \t\n\r".contains(&c))
+                .unwrap_or(rest.len());
+            words.push(&rest[..end]);
+            rest = &rest[(end + 1).min(rest.len())..];
+        }
+        if words != args {
+            return Err(format!(
+                "inline line {} parsed to {} arguments, not its {} words",
+                hex_short(line),
+                args.len(),
+                words.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub fn check(input: &[u8], seed: u64, cx: &mut Ctx) -> Result<(), String> {
     let mut r = R::new(seed);
     let strict = Limits {
@@ -155,11 +214,14 @@ pub fn check(input: &[u8], seed: u64, cx: &mut Ctx) -> Result<(), String> {
     let user = restricted_user();
     let mut keys = Vec::new();
     let mut access = Vec::new();
-    let mut after = |req: &Request<'_>| {
+    let mut after = |req: &Request<'_>, used: &[u8]| {
         command_ok(req)?;
+        if !input.as_ptr_range().contains(&req.raw.as_ptr()) {
+            inline_ok(req, used)?;
+        }
         dispatch(req, &user, &mut keys, &mut access)
     };
-    let mut nothing = |_: &Request<'_>| Ok(());
+    let mut nothing = |_: &Request<'_>, _: &[u8]| Ok(());
     let mut first = None;
     for (i, (limits, authed)) in [
         (Limits::default(), true),
