@@ -605,6 +605,48 @@ impl Upstream {
         }
     }
 
+    /// Whether the shard answers `-BUSY` (a script or function is running) on a connection of
+    /// its own: a probe before a silent connection is given up (plain connections only; a
+    /// TLS shard's silent connection is replaced as before).
+    #[cold]
+    async fn shard_is_busy(&self) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        if self.cfg.tls.is_some() {
+            return false;
+        }
+        let probe = async {
+            let mut s = TcpStream::connect(self.addr).await.ok()?;
+            let mut out = BytesMut::new();
+            if let Some(a) = &self.cfg.auth {
+                let mut c: Vec<&[u8]> = vec![b"AUTH"];
+                if let Some(u) = &a.username {
+                    c.push(u.as_bytes());
+                }
+                c.push(a.password.0.as_bytes());
+                push_command(&mut out, &c);
+            }
+            push_command(&mut out, &[b"PING"]);
+            s.write_all(&out).await.ok()?;
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 512];
+            while !seen.windows(5).any(|w| w == b"-BUSY") && seen.len() < 4096 {
+                let n = s.read(&mut buf).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                seen.extend_from_slice(&buf[..n]);
+                if seen.ends_with(b"+PONG\r\n") {
+                    return Some(false);
+                }
+            }
+            Some(seen.windows(5).any(|w| w == b"-BUSY"))
+        };
+        matches!(
+            tokio::time::timeout(self.cfg.op_timeout, probe).await,
+            Ok(Some(true))
+        )
+    }
+
     /// The handshake every new connection starts with, written (and answered) before anything
     /// queued while connecting: `AUTH` with the configured credentials, and `HELLO 3` on RESP3
     /// connections (with the credentials in it). A mirror connection first sets its ACL user
@@ -866,6 +908,13 @@ impl Upstream {
                     _ = tokio::time::sleep_until(wake) => {
                         let now = Instant::now();
                         if now >= dead_at {
+                            if self.shard_is_busy().await {
+                                // Silent because a script runs on this connection: the shard
+                                // is alive, so the connection is kept (its requests still
+                                // fail at their deadlines); SCRIPT KILL ends the silence.
+                                last_read = Instant::now();
+                                continue;
+                            }
                             return Fault::Silent(op * 3, rd.unread());
                         }
                         if self.expire(now).is_err() {

@@ -305,16 +305,6 @@ fn reload_moves_to_a_new_shard_layout_and_drains_the_removed_shard() {
     );
 }
 
-/// The sum of a Prometheus counter's samples in /metrics (0 when it has none yet).
-fn metric_sum(admin_port: u16, name: &str) -> f64 {
-    http_get(admin_port, "/metrics")
-        .1
-        .lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Clients that leave while on a dedicated connection (subscribed, blocked, in MULTI) make
 /// slotgate close that connection: not a shard failure, so no WARN and no disconnect or error
 /// counted (issue 13.4).

@@ -687,3 +687,42 @@ fn failed_and_lost_watches() {
     // And the client goes on.
     assert_eq!(c.call(&[b"SET", b"{a}k", b"w"]), b"+OK\r\n");
 }
+
+/// A shard busy with a script is alive (issue 13.1): the connection the script holds is not
+/// replaced however long the script runs past 3 × op-timeout (slotgate asks the shard on a
+/// connection of its own and gets BUSY); SCRIPT KILL ends it and the same connection serves on.
+#[test]
+fn a_long_busy_script_does_not_get_its_shard_connection_replaced() {
+    let shard = RedisServer::start_with(&["--lua-time-limit", "50"]);
+    let log = support::tls::temp_dir("busy").join("slotgate.log");
+    let admin_port = free_port();
+    let admin = format!("127.0.0.1:{admin_port}");
+    let proxy = Slotgate::start_logged(
+        &[&shard],
+        &["--op-timeout", "200ms", "--admin-listen", &admin],
+        Some(&log),
+    );
+    wait_for_own_port(admin_port, proxy.pid());
+    let mut runaway = proxy.raw();
+    runaway.send(&resp(&[b"EVAL", b"while true do end", b"0"]));
+    wait_until("the shard to be busy", Duration::from_secs(5), || {
+        RawConn::connect(shard.port)
+            .call(&[b"PING"])
+            .starts_with(b"-BUSY")
+    });
+    // Needed: the connection is judged only once it has been silent for 3 × op-timeout
+    // (600 ms); this lets that pass twice over.
+    std::thread::sleep(Duration::from_millis(1500));
+    // The EVAL itself failed at its op-timeout, as every request does.
+    let timed_out = lossy(&runaway.read_replies(1)[0]);
+    assert!(timed_out.starts_with("-ERR outcome unknown"), "{timed_out}");
+    let mut admin_conn = proxy.raw();
+    assert_eq!(admin_conn.call(&[b"SCRIPT", b"KILL"]), b"+OK\r\n");
+    assert_eq!(runaway.call(&[b"PING"]), b"+PONG\r\n");
+    assert_eq!(
+        metric_sum(admin_port, "slotgate_shard_disconnects_total"),
+        0.0
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("shard connection lost"), "{text}");
+}

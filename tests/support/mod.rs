@@ -478,6 +478,16 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// The sum of a Prometheus counter's samples in /metrics (0 when it has none yet).
+pub fn metric_sum(admin_port: u16, name: &str) -> f64 {
+    http_get(admin_port, "/metrics")
+        .1
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// What a finished child process printed.
 pub struct Finished {
     pub code: Option<i32>,
