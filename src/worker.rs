@@ -32,11 +32,15 @@ pub struct Shared {
     pub reloads: OnceLock<tokio::sync::mpsc::UnboundedSender<ReloadRequest>>,
     pub started: Instant,
     pub started_wall: SystemTime,
+    /// INFO's `run_id` (and `master_replid`): 40 random hex characters per process, as Redis.
+    pub run_id: String,
     /// The shards' `redis_version`, learned from the first INFO that reaches a shard.
     pub redis_version: OnceLock<String>,
     pub next_client_id: AtomicU64,
     /// Client connections now (for `maxclients`).
     pub connected: AtomicUsize,
+    /// Clients waiting on a blocking command (INFO's `blocked_clients`).
+    pub blocked_clients: Arc<AtomicUsize>,
     pub stats: Stats,
     /// Client sessions, for CLIENT LIST. Touched on connect/disconnect and by CLIENT SETNAME.
     pub clients: Mutex<HashMap<u64, ClientInfo>>,
@@ -97,9 +101,11 @@ impl Shared {
             settings,
             started: Instant::now(),
             started_wall: SystemTime::now(),
+            run_id: random_hex40(),
             redis_version: OnceLock::new(),
             next_client_id: AtomicU64::new(1),
             connected: AtomicUsize::new(0),
+            blocked_clients: Arc::default(),
             stats: Stats::default(),
             clients: Mutex::new(HashMap::new()),
             auth_guard: Default::default(),
@@ -163,6 +169,19 @@ impl Shared {
             .map(|a| a.to_string())
             .collect()
     }
+}
+
+/// 40 random hex characters (20 bytes from the system's generator).
+fn random_hex40() -> String {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 20];
+    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+        // (No system randomness: the time and the process id still differ between runs.)
+        let seed = format!("{:?}{}", SystemTime::now(), std::process::id());
+        let d = ring::digest::digest(&ring::digest::SHA256, seed.as_bytes());
+        bytes.copy_from_slice(&d.as_ref()[..20]);
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// How to reach each shard of `s` (in its order): the upstream settings slotgate started with,

@@ -726,3 +726,61 @@ fn a_long_busy_script_does_not_get_its_shard_connection_replaced() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains("shard connection lost"), "{text}");
 }
+
+/// INFO fields that clients and exporters read (issue 13.2): `blocked_clients` follows the
+/// clients blocked through slotgate, `pubsub_clients` the subscribed ones, and slotgate is a
+/// primary without replicas with a stable 40-hex `run_id` (redis-py's `info()` parses them).
+#[test]
+fn info_reports_blocked_and_subscribed_clients_role_and_run_id() {
+    let (shards, proxy) = three();
+    let mut c = proxy.client();
+    let info = |c: &mut redis::Connection, section: &str| -> redis::InfoDict {
+        redis::cmd("INFO").arg(section).query(c).unwrap()
+    };
+    let field = |d: &redis::InfoDict, k: &str| -> i64 { d.get(k).unwrap_or(-1) };
+    assert_eq!(field(&info(&mut c, "clients"), "blocked_clients"), 0);
+    let mut blocked: Vec<RawConn> = (0..3).map(|_| proxy.raw()).collect();
+    for b in &mut blocked {
+        b.send(&resp(&[b"BLPOP", b"jobs", b"0"]));
+    }
+    wait_until("three blocked clients", Duration::from_secs(5), || {
+        field(&info(&mut c, "clients"), "blocked_clients") == 3
+    });
+    let mut sub = proxy.raw();
+    sub.call(&[b"SUBSCRIBE", b"news"]);
+    assert_eq!(field(&info(&mut c, "clients"), "pubsub_clients"), 1);
+    let _: i64 = redis::cmd("RPUSH")
+        .arg("jobs")
+        .arg("a")
+        .arg("b")
+        .arg("c")
+        .query(&mut c)
+        .unwrap();
+    for b in &mut blocked {
+        assert!(lossy(&b.read_replies(1)[0]).starts_with("*2\r\n$4\r\njobs"));
+    }
+    wait_until("no blocked client", Duration::from_secs(5), || {
+        field(&info(&mut c, "clients"), "blocked_clients") == 0
+    });
+    // A client that leaves while blocked is counted out too.
+    let mut leaving = proxy.raw();
+    leaving.send(&resp(&[b"BLPOP", b"jobs", b"0"]));
+    wait_until("one blocked client", Duration::from_secs(5), || {
+        field(&info(&mut c, "clients"), "blocked_clients") == 1
+    });
+    drop(leaving);
+    wait_until("none again", Duration::from_secs(5), || {
+        field(&info(&mut c, "clients"), "blocked_clients") == 0
+    });
+
+    let repl = info(&mut c, "replication");
+    assert_eq!(repl.get::<String>("role").as_deref(), Some("master"));
+    assert_eq!(field(&repl, "connected_slaves"), 0);
+    let run_id: String = info(&mut c, "server").get("run_id").unwrap();
+    assert_eq!(run_id.len(), 40);
+    assert!(run_id.bytes().all(|b| b.is_ascii_hexdigit()), "{run_id}");
+    let all = info(&mut c, "everything");
+    assert_eq!(all.get::<String>("run_id"), Some(run_id.clone()), "stable");
+    assert_eq!(all.get::<String>("role").as_deref(), Some("master"));
+    drop(shards);
+}

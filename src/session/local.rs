@@ -607,13 +607,42 @@ fn server_info(shared: &Shared, version: &str) -> String {
     format!(
         "redis_version:{version}\r\nslotgate_version:{}\r\nredis_mode:standalone\r\n\
              os:{} {}\r\narch_bits:{}\r\nmultiplexing_api:epoll\r\nprocess_id:{}\r\n\
-             tcp_port:{port}\r\nuptime_in_seconds:{up_secs}\r\nuptime_in_days:{}\r\n",
+             run_id:{}\r\ntcp_port:{port}\r\nuptime_in_seconds:{up_secs}\r\nuptime_in_days:{}\r\n",
         env!("CARGO_PKG_VERSION"),
         std::env::consts::OS,
         std::env::consts::ARCH,
         usize::BITS,
         std::process::id(),
+        shared.run_id,
         up_secs / 86400
+    )
+}
+
+/// INFO's `# Replication`: to its clients slotgate is a primary without replicas (Redis
+/// 7.0's fields; clients such as StackExchange.Redis read `role`).
+fn replication_info(shared: &Shared) -> String {
+    format!(
+        "role:master\r\nconnected_slaves:0\r\nmaster_failover_state:no-failover\r\n\
+         master_replid:{}\r\nmaster_replid2:0000000000000000000000000000000000000000\r\n\
+         master_repl_offset:0\r\nsecond_repl_offset:-1\r\nrepl_backlog_active:0\r\n\
+         repl_backlog_size:1048576\r\nrepl_backlog_first_byte_offset:0\r\n\
+         repl_backlog_histlen:0\r\n",
+        shared.run_id
+    )
+}
+
+/// INFO's `# Clients`: slotgate's own clients.
+fn clients_info(shared: &Shared, maxclients: usize) -> String {
+    let (connected, pubsub) = match shared.clients.lock() {
+        Ok(c) => (c.len(), c.values().filter(|i| i.subscribed).count()),
+        Err(_) => (0, 0),
+    };
+    format!(
+        "connected_clients:{connected}\r\ncluster_connections:0\r\nmaxclients:{maxclients}\r\n\
+         blocked_clients:{}\r\ntracking_clients:0\r\npubsub_clients:{pubsub}\r\n",
+        shared
+            .blocked_clients
+            .load(std::sync::atomic::Ordering::Relaxed)
     )
 }
 
@@ -726,13 +755,7 @@ fn build_info(shared: &Arc<Shared>, wanted: &[String], up: &[bool], parts: &[Byt
         section("Server", server_info(shared, version));
     }
     if want("clients") {
-        section(
-            "Clients",
-            format!(
-                "connected_clients:{}\r\nblocked_clients:0\r\n",
-                shared.connected_clients()
-            ),
-        );
+        section("Clients", clients_info(shared, settings.maxclients));
     }
     if want("memory") {
         let used: u64 = texts
@@ -744,6 +767,9 @@ fn build_info(shared: &Arc<Shared>, wanted: &[String], up: &[bool], parts: &[Byt
             "Memory",
             format!("used_memory:{used}\r\nused_memory_shards_sum:{used}\r\n"),
         );
+    }
+    if want("replication") {
+        section("Replication", replication_info(shared));
     }
     if want("stats") {
         use std::sync::atomic::Ordering::Relaxed;

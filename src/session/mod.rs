@@ -102,7 +102,7 @@ pub struct Session {
     /// WATCHed keys outside MULTI: their dedicated connection and slot.
     pub(crate) watch: Option<crate::session::pinned::Watch>,
     /// The dedicated connection of a blocking command in flight.
-    pub(crate) blocked: Option<crate::shard::Dedicated>,
+    pub(crate) blocked: Option<crate::session::pinned::Blocked>,
     /// A command waiting until nothing is in flight (switching between shared and dedicated
     /// connections keeps the client's order).
     deferred: Option<crate::session::pinned::Deferred>,

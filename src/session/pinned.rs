@@ -115,6 +115,37 @@ impl Watch {
     }
 }
 
+/// A blocking command in flight on its dedicated connection; counted in INFO's
+/// `blocked_clients` for as long as it lives.
+pub struct Blocked {
+    conn: Option<Dedicated>,
+    count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Blocked {
+    fn new(conn: Dedicated, count: &std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Blocked {
+            conn: Some(conn),
+            count: count.clone(),
+        }
+    }
+
+    /// The command returned: its connection goes back to the pool.
+    pub fn release(mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.release();
+        }
+    }
+}
+
+impl Drop for Blocked {
+    fn drop(&mut self) {
+        self.count
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// A command kept until the client has nothing in flight (see the module docs).
 pub struct Deferred {
     pub raw: Bytes,
@@ -416,7 +447,7 @@ impl Session {
             Err(e) => return self.reply(e),
         };
         self.send_dedicated(&conn, req.raw, now + FOREVER);
-        self.blocked = Some(conn);
+        self.blocked = Some(Blocked::new(conn, &self.w.shared.blocked_clients));
     }
 
     /// Drops the transaction and watches (RESET): their connections close, so the shard

@@ -270,7 +270,8 @@ fn sum_pair_counts(parts: &[Bytes]) -> Bytes {
         };
         for (i, c) in counts.iter_mut().enumerate() {
             if let Some(&(s, e)) = el.get(2 * i + 1) {
-                *c += crate::resp::scan::reply_integer(&p[s..e]).unwrap_or(0);
+                // (Saturating: a hostile shard's counts must not overflow.)
+                *c = c.saturating_add(crate::resp::scan::reply_integer(&p[s..e]).unwrap_or(0));
             }
         }
     }
