@@ -92,6 +92,107 @@ pub struct UpstreamConfig {
     /// Run as this user's mirror: the handshake creates or updates the ACL user (with the
     /// configured credentials) and authenticates as it.
     pub mirror: Option<Arc<Mirror>>,
+    /// Scripts and libraries loaded through slotgate: a new shared connection loads them
+    /// again (see [`Scripts`]).
+    pub scripts: Option<Arc<Scripts>>,
+}
+
+/// Scripts (SCRIPT LOAD) and function libraries (FUNCTION LOAD) loaded through slotgate.
+/// Every new shared connection to a shard loads them again right after its handshake, so a
+/// shard that restarted empty still knows them and EVALSHA and FCALL keep working without
+/// NOSCRIPT. SCRIPT FLUSH, FUNCTION FLUSH and FUNCTION DELETE forget them; at most
+/// [`SCRIPTS_MAX_BYTES`] are kept.
+#[derive(Debug, Default)]
+pub struct Scripts {
+    inner: std::sync::Mutex<ScriptsInner>,
+}
+
+#[derive(Debug, Default)]
+struct ScriptsInner {
+    scripts: Vec<Bytes>,
+    /// (library name, code).
+    libraries: Vec<(Bytes, Bytes)>,
+    bytes: usize,
+}
+
+/// The most script and library bytes remembered; beyond, new ones are not (and a shard that
+/// restarts loses them, as without slotgate).
+pub const SCRIPTS_MAX_BYTES: usize = 16 * 1024 * 1024;
+
+impl Scripts {
+    /// Notes what a SCRIPT or FUNCTION command sent to every shard does to the set
+    /// (`name` is the command's table name; `args` its arguments after the name).
+    pub fn note(&self, name: &str, args: &[&[u8]]) {
+        let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        match (name, args) {
+            ("script|load", [_, body]) => s.add_script(body),
+            ("script|flush", _) => {
+                s.bytes -= s.scripts.iter().map(|b| b.len()).sum::<usize>();
+                s.scripts.clear();
+            }
+            ("function|load", [.., code]) => s.add_library(code),
+            ("function|delete", [_, lib]) => s.remove_library(lib),
+            ("function|flush", _) => {
+                s.bytes -= s.libraries.iter().map(|(_, c)| c.len()).sum::<usize>();
+                s.libraries.clear();
+            }
+            _ => {}
+        }
+    }
+
+    /// The commands that load everything again, and how many.
+    fn loads(&self) -> Option<(BytesMut, usize)> {
+        let s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let n = s.scripts.len() + s.libraries.len();
+        if n == 0 {
+            return None;
+        }
+        let mut out = BytesMut::with_capacity(s.bytes + 64 * n);
+        for body in &s.scripts {
+            push_command(&mut out, &[b"SCRIPT", b"LOAD", body]);
+        }
+        for (_, code) in &s.libraries {
+            push_command(&mut out, &[b"FUNCTION", b"LOAD", b"REPLACE", code]);
+        }
+        Some((out, n))
+    }
+}
+
+impl ScriptsInner {
+    fn add_script(&mut self, body: &[u8]) {
+        if self.scripts.iter().any(|s| s.as_ref() == body) {
+            return;
+        }
+        if self.bytes + body.len() <= SCRIPTS_MAX_BYTES {
+            self.bytes += body.len();
+            self.scripts.push(Bytes::copy_from_slice(body));
+        }
+    }
+
+    fn add_library(&mut self, code: &[u8]) {
+        // `#!lua name=<lib>` on the first line names the library.
+        let first = code.split(|&b| b == b'\n').next().unwrap_or_default();
+        let Some(at) = first.windows(5).position(|w| w == b"name=") else {
+            return;
+        };
+        let name = first[at + 5..]
+            .split(|b| b.is_ascii_whitespace())
+            .next()
+            .unwrap_or_default();
+        self.remove_library(name);
+        if self.bytes + code.len() <= SCRIPTS_MAX_BYTES {
+            self.bytes += code.len();
+            self.libraries
+                .push((Bytes::copy_from_slice(name), Bytes::copy_from_slice(code)));
+        }
+    }
+
+    fn remove_library(&mut self, name: &[u8]) {
+        if let Some(i) = self.libraries.iter().position(|(n, _)| n.as_ref() == name) {
+            let (_, code) = self.libraries.remove(i);
+            self.bytes -= code.len();
+        }
+    }
 }
 
 /// A `proxy.toml` user's counterpart on the shards, for running its scripts.
@@ -711,13 +812,31 @@ impl Upstream {
         {
             let mut st = self.st.borrow_mut();
             st.connected = true;
+            // No later than the requests queued behind it: they must not wait for it
+            // beyond their own deadlines.
+            let own = Instant::now() + self.cfg.op_timeout;
+            let deadline = st.pending.front().map_or(own, |p| p.deadline.min(own));
+            // Scripts and libraries loaded through slotgate, again (replies dropped), ahead
+            // of the requests queued while connecting.
+            let shared_conn = !self.cfg.dedicated && self.cfg.mirror.is_none();
+            let loads = self
+                .cfg
+                .scripts
+                .as_ref()
+                .filter(|_| shared_conn)
+                .and_then(|s| s.loads());
+            if let Some((_, n)) = &loads {
+                for _ in 0..*n {
+                    st.pending.push_front(Pending {
+                        target: Target::Discard,
+                        deadline,
+                        len: 0,
+                    });
+                }
+            }
             if let Some((out, n)) = self.handshake() {
                 st.handshake_out = out;
                 st.handshaking = n;
-                // No later than the requests queued behind it: they must not wait for it
-                // beyond their own deadlines.
-                let own = Instant::now() + self.cfg.op_timeout;
-                let deadline = st.pending.front().map_or(own, |p| p.deadline.min(own));
                 for _ in 0..n {
                     st.pending.push_front(Pending {
                         target: Target::Handshake,
@@ -725,6 +844,9 @@ impl Upstream {
                         len: 0,
                     });
                 }
+            }
+            if let Some((out, _)) = loads {
+                st.handshake_out.extend_from_slice(&out);
             }
         }
         // Whatever was queued while connecting is written now.
@@ -1437,6 +1559,7 @@ mod tests {
             up: Arc::new(AtomicUsize::new(0)),
             dedicated: false,
             mirror: None,
+            scripts: None,
         }
     }
 

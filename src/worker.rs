@@ -39,6 +39,9 @@ pub struct Shared {
     pub next_client_id: AtomicU64,
     /// Client connections now (for `maxclients`).
     pub connected: AtomicUsize,
+    /// Scripts and function libraries loaded through slotgate (loaded again on new shard
+    /// connections).
+    pub scripts: Arc<crate::shard::Scripts>,
     /// Clients waiting on a blocking command (INFO's `blocked_clients`).
     pub blocked_clients: Arc<AtomicUsize>,
     pub stats: Stats,
@@ -106,6 +109,7 @@ impl Shared {
             next_client_id: AtomicU64::new(1),
             connected: AtomicUsize::new(0),
             blocked_clients: Arc::default(),
+            scripts: Arc::default(),
             stats: Stats::default(),
             clients: Mutex::new(HashMap::new()),
             auth_guard: Default::default(),
@@ -201,6 +205,7 @@ fn upstream_configs(shared: &Shared, s: &Settings) -> Vec<(SocketAddr, UpstreamC
                 up: shared.shard_up(addr),
                 dedicated: false,
                 mirror: None,
+                scripts: Some(shared.scripts.clone()),
             };
             (addr, cfg)
         })

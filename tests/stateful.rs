@@ -784,3 +784,45 @@ fn info_reports_blocked_and_subscribed_clients_role_and_run_id() {
     assert_eq!(all.get::<String>("role").as_deref(), Some("master"));
     drop(shards);
 }
+
+/// Scripts and libraries loaded through slotgate are loaded again on a shard that restarts
+/// empty (issue 13.1): EVALSHA and FCALL keep working without NOSCRIPT; SCRIPT FLUSH forgets.
+#[test]
+fn scripts_survive_a_shard_restart() {
+    let mut shard = RedisServer::start();
+    let proxy = Slotgate::start_with(&[&shard], &[]);
+    let mut c = proxy.raw();
+    let sha = c.call(&[b"SCRIPT", b"LOAD", b"return 'scripted'"]);
+    let sha = lossy(&sha).lines().nth(1).unwrap().to_string();
+    let lib = b"#!lua name=keep\nredis.register_function('kept', function() return 'fn' end)";
+    assert_eq!(c.call(&[b"FUNCTION", b"LOAD", lib]), b"$4\r\nkeep\r\n");
+    assert_eq!(
+        c.call(&[b"EVALSHA", sha.as_bytes(), b"0"]),
+        b"$8\r\nscripted\r\n"
+    );
+
+    shard.restart();
+    let evalsha = wait_for(
+        "EVALSHA to work after the restart",
+        Duration::from_secs(10),
+        || {
+            let r = lossy(&c.call(&[b"EVALSHA", sha.as_bytes(), b"0"]));
+            assert!(!r.contains("NOSCRIPT"), "{r}");
+            (!r.starts_with("-ERR shard unavailable") && !r.starts_with("-ERR outcome unknown"))
+                .then_some(r)
+        },
+    );
+    assert_eq!(evalsha, "$8\r\nscripted\r\n");
+    assert_eq!(c.call(&[b"FCALL", b"kept", b"0"]), b"$2\r\nfn\r\n");
+
+    // Forgotten once flushed: the next restart does not bring them back.
+    assert_eq!(c.call(&[b"SCRIPT", b"FLUSH"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"FUNCTION", b"DELETE", b"keep"]), b"+OK\r\n");
+    shard.restart();
+    let r = wait_for("the shard back", Duration::from_secs(10), || {
+        let r = lossy(&c.call(&[b"EVALSHA", sha.as_bytes(), b"0"]));
+        (!r.starts_with("-ERR shard unavailable") && !r.starts_with("-ERR outcome unknown"))
+            .then_some(r)
+    });
+    assert!(r.starts_with("-NOSCRIPT"), "{r}");
+}

@@ -863,6 +863,10 @@ impl Session {
         {
             return self.reply(reply::config_set_not_allowed(&bad));
         }
+        if spec.name.starts_with("script|") || spec.name.starts_with("function|") {
+            let args: Vec<&[u8]> = (1..req.argc()).map(|i| req.arg(i)).collect();
+            self.w.shared.scripts.note(spec.name, &args);
+        }
         if merge == Merge::AnyOk {
             // SCRIPT KILL, FUNCTION KILL: on the control connections, since the shared ones
             // may be the ones stuck behind the busy script.
