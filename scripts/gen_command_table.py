@@ -38,7 +38,7 @@ LOCAL = [
     "cluster",  # + every cluster subcommand (see FAMILIES)
     "readonly", "readwrite", "asking",
     "acl|whoami",
-    "client|kill",
+    "client|kill", "client|reply",
 ]
 
 # Multi-key commands split per shard, replies merged.
@@ -117,7 +117,7 @@ REFUSED = [
     "memory|purge",
     "script|debug", "monitor",
     # Connection controls of a single Redis that a proxy cannot honour for its clients.
-    "client|pause", "client|unpause", "client|reply", "client|tracking",
+    "client|pause", "client|unpause", "client|tracking",
     "client|trackinginfo", "client|caching", "client|getredir", "client|unblock",
 ]
 

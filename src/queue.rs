@@ -76,6 +76,11 @@ pub struct ReplyQueue {
     soft_since: Cell<Option<std::time::Instant>>,
     /// The session ended: replies still arriving are dropped at once.
     closed: Cell<bool>,
+    /// CLIENT REPLY OFF/SKIP: ranges `[from, to)` of sequence numbers whose replies are
+    /// dropped instead of written (`to` is `u64::MAX` while open). Checked only when
+    /// `muting` is set.
+    muted: RefCell<VecDeque<(u64, u64)>>,
+    muting: Cell<bool>,
 }
 
 /// The bits of [`ReplyQueue::attention`].
@@ -179,7 +184,20 @@ impl ReplyQueue {
         let mut q = self.inner.borrow_mut();
         let mut n = 0;
         let before = out.len();
-        while let Some(Slot::Ready(b)) = q.slots.front_mut() {
+        let muting = self.muting.get();
+        let mut dropped = 0;
+        loop {
+            let base = q.base;
+            let Some(Slot::Ready(b)) = q.slots.front_mut() else {
+                break;
+            };
+            if muting && self.is_muted(base) {
+                dropped += b.len();
+                q.slots.pop_front();
+                q.base += 1;
+                n += 1;
+                continue;
+            }
             let room = max.saturating_sub(out.len() - before);
             if room == 0 {
                 break;
@@ -195,8 +213,45 @@ impl ReplyQueue {
             n += 1;
         }
         drop(q);
-        self.sub_out_bytes(out.len() - before);
+        self.sub_out_bytes(out.len() - before + dropped);
         n
+    }
+
+    /// Whether the reply with sequence number `seq` is muted (CLIENT REPLY); forgets the
+    /// ranges that end before it.
+    #[cold]
+    fn is_muted(&self, seq: u64) -> bool {
+        let mut m = self.muted.borrow_mut();
+        while m.front().is_some_and(|&(_, to)| to <= seq) {
+            m.pop_front();
+        }
+        if m.is_empty() {
+            self.muting.set(false);
+        }
+        m.front().is_some_and(|&(from, _)| from <= seq)
+    }
+
+    /// CLIENT REPLY OFF/SKIP: replies from sequence number `from` on are dropped until
+    /// [`unmute`](Self::unmute).
+    pub fn mute(&self, from: u64) {
+        let mut m = self.muted.borrow_mut();
+        if m.back().is_none_or(|&(_, to)| to != u64::MAX) {
+            m.push_back((from, u64::MAX));
+        }
+        self.muting.set(true);
+    }
+
+    /// CLIENT REPLY ON (or the end of a SKIP): replies from `at` on are written again.
+    pub fn unmute(&self, at: u64) {
+        let mut m = self.muted.borrow_mut();
+        if let Some(last) = m.back_mut()
+            && last.1 == u64::MAX
+        {
+            last.1 = at;
+            if last.0 >= at {
+                m.pop_back();
+            }
+        }
     }
 
     /// Whether the reply at the front is ready to be written.

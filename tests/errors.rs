@@ -572,7 +572,6 @@ fn connection_controls_a_proxy_cannot_honour_are_refused() {
         (args(&["MONITOR"]), "monitor"),
         (args(&["CLIENT", "PAUSE", "100"]), "client|pause"),
         (args(&["CLIENT", "TRACKING", "on"]), "client|tracking"),
-        (args(&["CLIENT", "REPLY", "OFF"]), "client|reply"),
         (args(&["SCRIPT", "DEBUG", "YES"]), "script|debug"),
     ] {
         let mut r = req.clone();
@@ -823,4 +822,41 @@ fn info_reports_cluster_disabled_version_and_summed_keyspace() {
     let ks = lines.iter().position(|l| *l == "# Keyspace").unwrap();
     let db0_pos = lines.iter().position(|l| l.starts_with("db0:")).unwrap();
     assert!(db0_pos > ks, "db0 line belongs to the Keyspace section");
+}
+
+/// CLIENT REPLY ON|OFF|SKIP (issue 13.3): the same bytes as a plain Redis for a pipeline
+/// that switches replies off, on and skips one, over keys on several shards; the muted
+/// commands still run.
+#[test]
+fn client_reply_off_on_and_skip_like_redis() {
+    let e = env();
+    let mut req = Vec::new();
+    for cmd in [
+        &["CLIENT", "REPLY", "OFF"][..],
+        &["SET", "a", "1"],
+        &["MSET", "b", "2", "c", "3"],
+        &["GET", "a"],
+        &["CLIENT", "REPLY", "ON"],
+        &["MGET", "a", "b", "c"],
+        &["CLIENT", "REPLY", "SKIP"],
+        &["INCR", "n"],
+        &["PING"],
+        &["CLIENT", "REPLY", "SKIP"],
+        &["CLIENT", "REPLY", "OFF"],
+        &["INCR", "n"],
+        &["CLIENT", "REPLY", "SKIP"],
+        &["CLIENT", "REPLY", "ON"],
+        &["GET", "n"],
+        &["CLIENT", "REPLY", "MAYBE"],
+    ] {
+        req.extend(args(cmd));
+    }
+    let got = assert_same_as_redis(&e, &req);
+    assert_eq!(
+        lossy(&got),
+        lossy(
+            b"+OK\r\n*3\r\n$1\r\n1\r\n$1\r\n2\r\n$1\r\n3\r\n+PONG\r\n+OK\r\n$1\r\n2\r\n\
+              -ERR syntax error\r\n"
+        )
+    );
 }

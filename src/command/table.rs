@@ -561,7 +561,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::NOSCRIPT | flags::LOADING | flags::STALE,
                 acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
-                route: Route::Refused,
+                route: Route::Local,
                 subcommands: &[],
             },
             CommandSpec {

@@ -133,6 +133,7 @@ impl Session {
                 self.reply(reply::verbatim(self.proto, line.as_bytes()));
             }
             "client|list" => self.client_list(req),
+            "client|reply" => self.client_reply(req),
             "slotgate.invalidate" => self.invalidate(req, now),
             "slotgate.status" => self.cache_status(req, now),
             "slotgate.reload" => self.reload_config(),
@@ -168,6 +169,27 @@ impl Session {
         let del = crate::command::lookup(b"del").expect("DEL is in the table");
         if let Ok(Parsed::Command { req, .. }) = parser.parse(&b, &Limits::default(), true) {
             self.scatter(del, &req, crate::command::Merge::SumIntegers, now);
+        }
+    }
+
+    /// `CLIENT REPLY ON|OFF|SKIP`, as Redis: OFF and SKIP get no reply themselves; replies
+    /// muted are dropped by the reply queue while the commands run.
+    fn client_reply(&mut self, req: &Request<'_>) {
+        use crate::session::ReplyMode;
+        let mode = req.arg(2);
+        if mode.eq_ignore_ascii_case(b"on") {
+            self.queue.unmute(self.queue.next_seq());
+            self.reply_mode = ReplyMode::On;
+            self.reply_static(reply::OK);
+        } else if mode.eq_ignore_ascii_case(b"off") {
+            self.reply_mode = ReplyMode::Off;
+            self.queue.mute(self.queue.next_seq());
+        } else if mode.eq_ignore_ascii_case(b"skip") {
+            if self.reply_mode == ReplyMode::On {
+                self.reply_mode = ReplyMode::SkipNext;
+            }
+        } else {
+            self.reply_static(reply::SYNTAX);
         }
     }
 

@@ -120,6 +120,18 @@ pub struct Session {
     max_pipeline: usize,
     /// Whether the client list shows this client as subscribed.
     listed_subscribed: bool,
+    /// CLIENT REPLY.
+    pub(crate) reply_mode: ReplyMode,
+}
+
+/// CLIENT REPLY ON|OFF|SKIP: whether replies are written. Muted replies are dropped by the
+/// reply queue (`ReplyQueue::mute`); the commands still run.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum ReplyMode {
+    On,
+    Off,
+    /// The next command's reply is dropped, then ON again.
+    SkipNext,
 }
 
 /// How long a client has to complete the TLS handshake.
@@ -227,6 +239,7 @@ where
         subs: crate::session::pubsub::Subs::default(),
         kill: Arc::new(tokio::sync::Notify::new()),
         listed_subscribed: false,
+        reply_mode: ReplyMode::On,
         w,
     };
     if !users.auth_required() {
@@ -332,6 +345,18 @@ impl Session {
         self.update_info();
     }
 
+    /// The command after CLIENT REPLY SKIP: dispatched with its replies muted, then replies
+    /// are on again (unless it switched them itself: OFF keeps them muted, ON has unmuted).
+    #[cold]
+    fn dispatch_skipped(&mut self, req: &Request<'_>, now: Instant) {
+        self.reply_mode = ReplyMode::On;
+        self.queue.mute(self.queue.next_seq());
+        self.dispatch(req, now);
+        if self.reply_mode == ReplyMode::On {
+            self.queue.unmute(self.queue.next_seq());
+        }
+    }
+
     /// Parses and dispatches every complete command in `buf`, within the pipeline bound.
     /// Returns how many bytes at the front of `buf` are done with, and whether it stopped at
     /// the bound with bytes still buffered.
@@ -380,7 +405,11 @@ impl Session {
             match parser.parse(&buf[used..], limits, self.user.is_some()) {
                 Ok(Parsed::Command { req, used: u }) => {
                     n += 1;
-                    self.dispatch(&req, now);
+                    if self.reply_mode == ReplyMode::SkipNext {
+                        self.dispatch_skipped(&req, now);
+                    } else {
+                        self.dispatch(&req, now);
+                    }
                     used += u;
                 }
                 Ok(Parsed::Incomplete { used: u }) => {
