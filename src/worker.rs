@@ -223,6 +223,8 @@ pub struct Worker {
     /// This worker's copy of the settings in force, and the reload count it belongs to;
     /// sessions compare their own count once per turn (see [`Worker::refresh`]).
     live: std::cell::RefCell<Arc<Settings>>,
+    /// Whether the settings in force have read-through rules (one load on the write path).
+    pub has_rules: std::cell::Cell<bool>,
     /// Told the reload count each time this worker takes up a reload; each session's watcher
     /// flags its session (see `session::serve`).
     pub reloads: tokio::sync::watch::Sender<u64>,
@@ -254,6 +256,7 @@ impl Worker {
             id,
             pools: std::cell::RefCell::new(Rc::new(pools)),
             dedicated: std::cell::RefCell::new(dedicated),
+            has_rules: std::cell::Cell::new(!shared.live().readthrough.is_empty()),
             live: std::cell::RefCell::new(shared.live()),
             reloads: tokio::sync::watch::Sender::new(shared.generation.load(Ordering::Acquire)),
             shared,
@@ -305,6 +308,7 @@ impl Worker {
                 tokio::task::spawn_local(up.retire(within));
             }
         }
+        self.has_rules.set(!new.readthrough.is_empty());
         *self.live.borrow_mut() = new;
         self.reloads.send_replace(generation);
     }

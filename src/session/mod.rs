@@ -476,7 +476,7 @@ impl Session {
             self.sampled
                 .push_back((seq, std::time::Instant::now(), spec.name));
         }
-        if spec.may_write_keys() && !self.w.live().readthrough.is_empty() {
+        if spec.may_write_keys() && self.w.has_rules.get() {
             self.note_writes(spec, req);
         }
         if self.tx.is_some()
