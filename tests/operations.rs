@@ -334,13 +334,7 @@ fn clients_leaving_dedicated_connections_are_not_shard_failures() {
     wait_until(
         "the ten BLPOPs to block on the shard",
         Duration::from_secs(5),
-        || {
-            let list: String = redis::cmd("CLIENT")
-                .arg("LIST")
-                .query(&mut shard.client())
-                .unwrap();
-            list.matches("cmd=blpop").count() == 10
-        },
+        || clients_running(&shard, "blpop") == 10,
     );
     drop(blocked);
     for _ in 0..10 {

@@ -119,13 +119,7 @@ fn shutdown_timeout_bounds_the_wait_for_a_blocked_client() {
     wait_until(
         "the shard to have BLPOP blocked",
         Duration::from_secs(5),
-        || {
-            let list: String = redis::cmd("CLIENT")
-                .arg("LIST")
-                .query(&mut shard.client())
-                .unwrap();
-            list.contains("cmd=blpop")
-        },
+        || clients_running(&shard, "blpop") == 1,
     );
     proxy.signal("TERM");
     // The default (10 s) would outlast this wait.

@@ -488,6 +488,16 @@ pub fn metric_sum(admin_port: u16, name: &str) -> f64 {
         .sum()
 }
 
+/// How many of `shard`'s clients run `cmd` now (`cmd=…` in its CLIENT LIST), e.g. are
+/// blocked in `blpop`.
+pub fn clients_running(shard: &RedisServer, cmd: &str) -> usize {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(&mut shard.client())
+        .unwrap();
+    list.matches(&format!("cmd={cmd} ")).count()
+}
+
 /// What a finished child process printed.
 pub struct Finished {
     pub code: Option<i32>,
