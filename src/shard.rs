@@ -292,6 +292,8 @@ pub struct Upstream {
     wake_reader: LocalNotify,
     /// Closed by its owner (dedicated connections): the driver stops.
     closed: std::cell::Cell<bool>,
+    /// Close once nothing is in flight any more (see [`Upstream::close_when_idle`]).
+    close_when_idle: std::cell::Cell<bool>,
     /// A subscriber connection: every frame after the handshake goes to this queue's
     /// out-of-band list instead of being matched to a request.
     sink: RefCell<Option<Rc<crate::queue::ReplyQueue>>>,
@@ -357,6 +359,7 @@ impl Upstream {
             wake_writer: LocalNotify::new(),
             wake_reader: LocalNotify::new(),
             closed: std::cell::Cell::new(false),
+            close_when_idle: std::cell::Cell::new(false),
             sink: RefCell::new(None),
             confirmations: RefCell::new(VecDeque::new()),
             dead: std::cell::Cell::new(false),
@@ -573,11 +576,20 @@ impl Upstream {
     /// Closes this connection once nothing is in flight on it (or after `within`): a shard
     /// that left the layout gets the replies it owes, then the connection goes.
     pub async fn retire(self: Rc<Self>, within: std::time::Duration) {
-        let deadline = Instant::now() + within;
-        while self.pending() > 0 && Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        self.close_when_idle();
+        tokio::time::sleep(within).await;
         self.close();
+    }
+
+    /// Closes the connection now if nothing is in flight on it, else as soon as the last
+    /// reply in flight has been delivered (a dedicated connection given back right after
+    /// its EXEC was sent must still deliver the EXEC's reply).
+    pub fn close_when_idle(&self) {
+        if self.pending() == 0 {
+            self.close();
+        } else {
+            self.close_when_idle.set(true);
+        }
     }
 
     /// Closes a dedicated connection: its driver stops and the socket is dropped, so the shard
@@ -974,7 +986,12 @@ impl Upstream {
                     self.wake_writer.notify_one();
                 }
             }
-            Some(p) => p.target.deliver(bytes),
+            Some(p) => {
+                p.target.deliver(bytes);
+                if self.close_when_idle.get() && self.st.borrow().pending.is_empty() {
+                    self.close();
+                }
+            }
             None => return Err(Fault::Unexpected),
         }
         Ok(())
@@ -1297,14 +1314,20 @@ impl DedicatedPool {
     /// shard already has `max` of them on this worker.
     pub fn take(self: &Rc<Self>, proto: Proto, shard: usize) -> Result<Dedicated, bytes::Bytes> {
         let p = proto as usize;
-        loop {
-            let Some(up) = self.idle.borrow_mut()[p][shard].pop() else {
-                break;
-            };
-            if up.usable() {
+        {
+            let mut idle = self.idle.borrow_mut();
+            let list = &mut idle[p][shard];
+            // Unusable ones go; one with replies still in flight (an EXEC, an UNWATCH just
+            // sent by the session that gave it back) is not handed out: the next owner would
+            // get those replies (a subscriber would take them as its messages).
+            let before = list.len();
+            list.retain(|up| up.usable());
+            self.count.borrow_mut()[shard] -= before - list.len();
+            if let Some(i) = list.iter().rposition(|up| up.pending() == 0) {
+                let up = list.remove(i);
+                drop(idle);
                 return Ok(Dedicated::new(up, self.clone(), shard, proto));
             }
-            self.count.borrow_mut()[shard] -= 1;
         }
         let (addr, cfg) = &self.shards[shard];
         if self.count.borrow()[shard] >= self.max {
@@ -1360,7 +1383,7 @@ impl Drop for DedicatedPool {
     fn drop(&mut self) {
         for per_proto in self.idle.get_mut().iter() {
             for up in per_proto.iter().flatten() {
-                up.close();
+                up.close_when_idle();
             }
         }
     }
@@ -1372,6 +1395,10 @@ impl Drop for Dedicated {
         let list = &mut idle[self.proto as usize][self.shard];
         if self.reusable && self.up.usable() && list.len() < IDLE_DEDICATED {
             list.push(self.up.clone());
+        } else if self.reusable {
+            // Clean, but not kept: what is in flight on it (the EXEC) is answered first.
+            self.up.close_when_idle();
+            self.pool.count.borrow_mut()[self.shard] -= 1;
         } else {
             self.up.close();
             self.pool.count.borrow_mut()[self.shard] -= 1;

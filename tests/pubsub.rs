@@ -177,3 +177,68 @@ fn losing_the_subscriber_connection_disconnects_the_client() {
     shards[0].kill();
     assert!(c.is_closed(), "the client is told, so it can resubscribe");
 }
+
+/// A subscriber never gets another client's transaction replies (adversarial review): a
+/// dedicated connection given back right after its EXEC was sent still has the EXEC's
+/// reply to come, so it must not be handed to a new subscriber (or anyone) before that.
+#[test]
+fn a_subscriber_never_gets_another_clients_exec_reply() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let shard = RedisServer::start();
+    let proxy = Slotgate::start_with(&[&shard], &["--workers", "1"]);
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let port = proxy.port;
+    let tx_threads: Vec<_> = (0..3)
+        .map(|t| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut c = RawConn::connect(port);
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) && i < 5_000 {
+                    let key = format!("{{tx{t}}}a");
+                    let token = format!("TOKEN-{t}-{i}");
+                    let mut req = resp(&[b"MULTI"]);
+                    req.extend(resp(&[b"SET", key.as_bytes(), token.as_bytes()]));
+                    req.extend(resp(&[b"GET", key.as_bytes()]));
+                    req.extend(resp(&[b"EXEC"]));
+                    c.send(&req);
+                    let replies = c.read_replies(4);
+                    let exec = String::from_utf8_lossy(&replies[3]).into_owned();
+                    assert!(exec.contains(&token), "transaction {t}/{i} got {exec:?}");
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    let mut leaks = Vec::new();
+    for _ in 0..40 {
+        let mut s = proxy.raw();
+        s.send(&resp(&[b"SUBSCRIBE", b"news"]));
+        s.stream
+            .set_read_timeout(Some(Duration::from_millis(150)))
+            .unwrap();
+        // Needed: a reply that does not belong to this client can only be seen by reading
+        // for a while; 150 ms is hundreds of transactions of the other clients.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 65536];
+        while let Ok(n) = std::io::Read::read(&mut s.stream, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        if got.windows(6).any(|w| w == b"TOKEN-") || got.windows(6).any(|w| w == b"QUEUED") {
+            leaks.push(String::from_utf8_lossy(&got).into_owned());
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tx_threads {
+        t.join().unwrap();
+    }
+    assert!(
+        leaks.is_empty(),
+        "{} subscribers got others' replies: {:?}",
+        leaks.len(),
+        leaks.first()
+    );
+}
