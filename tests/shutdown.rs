@@ -175,3 +175,69 @@ fn shutdown_timeout_is_validated() {
     assert_ne!(out.code, Some(0), "a bad duration is a configuration error");
     assert!(out.stderr.contains("shutdown-timeout"), "{}", out.stderr);
 }
+
+/// A client still pipelining when SIGTERM comes gets the reply of every request slotgate
+/// read and the shard applied, then a clean end of stream: no reset dropping replies
+/// (adversarial review: 21,890 replies for 386,500 INCRs applied).
+#[test]
+fn a_client_still_pipelining_at_sigterm_gets_every_reply_of_what_was_applied() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let shard = RedisServer::start();
+    let mut proxy = Slotgate::start_with(&[&shard], &[]);
+    // A small receive buffer: what the client has not read stays in slotgate's send buffer.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], proxy.port).into();
+    socket.connect(&addr.into()).unwrap();
+    let c: std::net::TcpStream = socket.into();
+    let mut writer = c.try_clone().unwrap();
+    let mut reader = c.try_clone().unwrap();
+    reader
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let stop_w = stop.clone();
+    let sender = std::thread::spawn(move || {
+        let batch = resp(&[b"INCR", b"n"]).repeat(500);
+        let mut sent = 0u64;
+        // Bounded: at most 400,000 requests, or until slotgate stops reading.
+        while sent < 400_000 && !stop_w.load(Ordering::Relaxed) {
+            if writer.write_all(&batch).is_err() {
+                break;
+            }
+            sent += 500;
+        }
+    });
+    // Replies flow; then the signal, while the sender is still sending.
+    let mut replies = 0u64;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut signalled = false;
+    let end = loop {
+        match reader.read(&mut buf) {
+            Ok(0) => break "eof",
+            Ok(n) => replies += buf[..n].iter().filter(|&&b| b == b':').count() as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break "reset",
+            Err(e) => panic!("read: {e}"),
+        }
+        if !signalled && replies > 20_000 {
+            proxy.signal("TERM");
+            signalled = true;
+            // Needed: a client slow to read, so that slotgate's last replies are still in
+            // its socket's send buffer when it is done with the client.
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    stop.store(true, Ordering::Relaxed);
+    sender.join().unwrap();
+    assert!(proxy.wait_exit(Duration::from_secs(15)).is_some());
+    let applied: u64 = redis::cmd("GET")
+        .arg("n")
+        .query(&mut shard.client())
+        .unwrap();
+    assert_eq!(
+        (end, replies),
+        ("eof", applied),
+        "every applied INCR answered"
+    );
+}

@@ -28,6 +28,9 @@ use crate::queue::Attention;
 use crate::resp::{Limits, RequestParser};
 use crate::worker::Worker;
 
+/// How long a drained client may keep sending before its connection is closed anyway.
+const LINGER: Duration = Duration::from_secs(5);
+
 /// One client connection's I/O state around its [`Session`].
 pub(super) struct Conn<R, W> {
     rd: R,
@@ -45,6 +48,8 @@ pub(super) struct Conn<R, W> {
     /// A TLS flush did not complete: it is polled again in the wait.
     flushing: bool,
     eof: bool,
+    /// A graceful shutdown stopped reading this client (see [`Conn::linger`]).
+    drained: bool,
     idle_timeout: Option<Duration>,
     idle_sleep: Option<Pin<Box<Sleep>>>,
     soft_sleep: Option<Pin<Box<Sleep>>>,
@@ -80,6 +85,7 @@ impl<R: ReadSide, W: WriteSide> Conn<R, W> {
             out: BytesMut::new(),
             flushing: false,
             eof: false,
+            drained: false,
             idle_timeout: settings.idle_timeout,
             // The idle timer, when one is configured (re-armed whenever the client is idle).
             idle_sleep: settings
@@ -101,6 +107,28 @@ impl<R: ReadSide, W: WriteSide> Conn<R, W> {
         s.queue.close();
         self.out = BytesMut::new();
         let _ = tokio::io::AsyncWriteExt::shutdown(&mut self.wr).await;
+        if self.drained {
+            self.linger().await;
+        }
+    }
+
+    /// After a graceful shutdown's last reply: the write side is shut (the client sees the
+    /// end of its replies), and what the client still sends is read and dropped until it
+    /// closes too, for at most [`LINGER`]. Closing a socket with unread input makes the
+    /// kernel reset the connection, which drops the replies not yet delivered from the send
+    /// buffer: a client still pipelining lost replies to requests the shards had applied.
+    async fn linger(&mut self) {
+        let mut sink = Vec::with_capacity(READ_CHUNK);
+        let _ = tokio::time::timeout(LINGER, async {
+            loop {
+                sink.clear();
+                let r = std::future::poll_fn(|cx| self.rd.poll_read_vec(cx, &mut sink)).await;
+                if !matches!(r, Ok(n) if n > 0) {
+                    return;
+                }
+            }
+        })
+        .await;
     }
 
     /// Turns of parse, write, wait until the client closes or slotgate closes it (limits,
@@ -185,6 +213,7 @@ impl<R: ReadSide, W: WriteSide> Conn<R, W> {
         }
         if flags & Attention::DRAIN != 0 {
             s.queue.unflag(Attention::DRAIN);
+            self.drained = !self.eof;
             self.eof = true;
         }
         if s.queue.must_close() {
