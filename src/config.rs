@@ -460,6 +460,31 @@ fn parse_addr(what: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
     }
 }
 
+/// The log filter for `log_level`: a level (Redis's names too: `warning`, `notice`,
+/// `verbose`, `nothing`) or `target=level` directives. A bare word that is neither is an
+/// error: tracing would take it for a target and log nothing at all.
+fn log_filter(s: &str) -> Result<String, String> {
+    const LEVELS: &[&str] = &["error", "warn", "info", "debug", "trace", "off"];
+    let t = s.trim();
+    let mapped = match t.to_ascii_lowercase().as_str() {
+        "warning" => "warn".to_string(),
+        "notice" => "info".to_string(),
+        "verbose" => "debug".to_string(),
+        "nothing" => "off".to_string(),
+        _ => t.to_string(),
+    };
+    for part in mapped.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if !part.contains('=') && !LEVELS.contains(&part.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "'{part}' is neither a level (error, warn, info, debug, trace, off) nor a \
+                 target=level directive"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(&mapped).map_err(|e| e.to_string())?;
+    Ok(mapped)
+}
+
 /// A duration, where a bare `0` also means zero.
 fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
     if s.trim() == "0" {
@@ -507,8 +532,8 @@ impl Merged {
                 "at least 1048576 (as in Redis)",
             ));
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log_level)
-            .map_err(|e| invalid("log-level", &self.log_level, e))?;
+        let log_level =
+            log_filter(&self.log_level).map_err(|e| invalid("log-level", &self.log_level, e))?;
         let tls = self.tls_settings()?;
         if listen.is_none() && tls.is_none() {
             return Err(invalid(
@@ -558,7 +583,7 @@ impl Merged {
             workers,
             upstream_connections: self.upstream_connections,
             op_timeout,
-            log_level: self.log_level,
+            log_level,
             max_client_pipeline: self.max_client_pipeline,
             max_inflight_per_connection: self.max_inflight_per_connection,
             max_inflight_bytes_per_connection,

@@ -173,6 +173,7 @@ fn changes(running: &Settings, new: &Settings) -> String {
                 s.proto_max_bulk_len,
                 s.client_query_buffer_limit,
                 s.max_auth_failures,
+                s.max_auth_failures_per_address,
                 s.idle_timeout,
                 s.shutdown_timeout,
             )

@@ -157,11 +157,10 @@ pub fn run(
         let reloads = crate::reload::serve(shared.clone(), reloader, senders.clone(), hup);
         tokio::spawn(reloads);
         let mut next = 0usize;
-        let shutdown = shutdown_signal();
-        tokio::pin!(shutdown);
+        let mut signals = StopSignals::new();
         loop {
             let (accepted, is_tls) = tokio::select! {
-                _ = &mut shutdown => break,
+                _ = signals.next() => break,
                 r = accept(&plain) => (r, false),
                 r = accept(&tls) => (r, true),
             };
@@ -191,7 +190,7 @@ pub fn run(
         }
         // No new connections from here on: the listeners close.
         drop((plain, tls));
-        drain(&shared).await;
+        drain(&shared, &mut signals).await;
         Ok(())
     })
 }
@@ -201,8 +200,8 @@ pub fn run(
 /// clients close at once. Returns when every client is gone, after `shutdown_timeout`, or
 /// at a second signal. Read-through fills still in flight then are abandoned with the
 /// process: nothing is stored after it has ended.
-async fn drain(shared: &Shared) {
-    let timeout = shared.settings.shutdown_timeout;
+async fn drain(shared: &Shared, signals: &mut StopSignals) {
+    let timeout = shared.live().shutdown_timeout;
     let clients = || shared.connected.load(Ordering::Relaxed);
     tracing::info!(
         "shutting down: not accepting; draining {} client(s) for at most {timeout:?}",
@@ -210,12 +209,10 @@ async fn drain(shared: &Shared) {
     );
     shared.draining.send_replace(true);
     let deadline = tokio::time::Instant::now() + timeout;
-    let again = shutdown_signal();
-    tokio::pin!(again);
     let mut poll = tokio::time::interval(std::time::Duration::from_millis(10));
     while clients() > 0 {
         tokio::select! {
-            _ = &mut again => {
+            _ = signals.next() => {
                 tracing::warn!("second signal: exiting with {} client(s) connected", clients());
                 return;
             }
@@ -302,14 +299,36 @@ async fn reload_certificates(cert: Arc<ReloadableCert>) {
     }
 }
 
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// SIGTERM and SIGINT, listened to once for the whole run: a second signal sent right after
+/// the first is not lost between the two waits.
+struct StopSignals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    fn new() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        StopSignals {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
+        }
+    }
+
+    /// The next SIGTERM or SIGINT.
+    async fn next(&mut self) {
+        async fn one(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            _ = one(&mut self.term) => {}
+            _ = one(&mut self.int) => {}
+        }
     }
 }
 

@@ -422,3 +422,24 @@ fn scripts_named_in_the_readme_are_executable() {
         );
     }
 }
+
+/// `log_level` takes tracing's levels, Redis's names and `target=level` directives; a bare
+/// word that is none of them is an error (adversarial review: `warning` passed and then
+/// silenced every log line, ERRORs included, since tracing read it as a target).
+#[test]
+fn log_levels_are_checked() {
+    for ok in [
+        "warn",
+        "warning",
+        "notice",
+        "verbose",
+        "debug",
+        "off",
+        "slotgate=debug,warn",
+    ] {
+        assert_valid(&["--shard", A, "--log-level", ok]);
+    }
+    for bad in ["verbose!!", "loud", "warn,chatty"] {
+        assert_invalid(&["--shard", A, "--log-level", bad], &["neither a level"]);
+    }
+}

@@ -241,3 +241,44 @@ fn a_client_still_pipelining_at_sigterm_gets_every_reply_of_what_was_applied() {
         "every applied INCR answered"
     );
 }
+
+/// Two signals sent back to back are two signals: the second ends the drain (adversarial
+/// review: it was lost, and the whole shutdown_timeout was waited).
+#[test]
+fn two_signals_at_once_exit_at_once() {
+    let shard = RedisServer::start();
+    let mut proxy = Slotgate::start_with(&[&shard], &["--shutdown-timeout", "60s"]);
+    let mut blocked = proxy.raw();
+    blocked.send(&resp(&[b"BLPOP", b"never", b"0"]));
+    wait_until("the BLPOP to block", Duration::from_secs(5), || {
+        clients_running(&shard, "blpop") == 1
+    });
+    proxy.signal("TERM");
+    proxy.signal("TERM");
+    assert!(
+        proxy.wait_exit(Duration::from_secs(10)).is_some(),
+        "the second signal ends the 60 s drain"
+    );
+}
+
+/// A reload's shutdown_timeout is the one a later shutdown waits (adversarial review: the
+/// start-up value was used).
+#[test]
+fn shutdown_timeout_follows_a_reload() {
+    let shard = RedisServer::start();
+    let file = config_file("shutdown-reload", "shutdown_timeout = \"60s\"\n");
+    let mut proxy = Slotgate::start_with(&[&shard], &["--config", file.to_str().unwrap()]);
+    std::fs::write(&file, "shutdown_timeout = \"300ms\"\n").unwrap();
+    let mut admin = proxy.raw();
+    assert_eq!(admin.call(&[b"SLOTGATE.RELOAD"]), b"+OK\r\n");
+    let mut blocked = proxy.raw();
+    blocked.send(&resp(&[b"BLPOP", b"never", b"0"]));
+    wait_until("the BLPOP to block", Duration::from_secs(5), || {
+        clients_running(&shard, "blpop") == 1
+    });
+    proxy.signal("TERM");
+    assert!(
+        proxy.wait_exit(Duration::from_secs(10)).is_some(),
+        "exits after the reloaded 300 ms, not the 60 s it started with"
+    );
+}

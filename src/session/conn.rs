@@ -30,6 +30,8 @@ use crate::worker::Worker;
 
 /// How long a drained client may keep sending before its connection is closed anyway.
 const LINGER: Duration = Duration::from_secs(5);
+/// A drained client that sends nothing for this long is closed.
+const LINGER_QUIET: Duration = Duration::from_millis(200);
 
 /// One client connection's I/O state around its [`Session`].
 pub(super) struct Conn<R, W> {
@@ -114,17 +116,19 @@ impl<R: ReadSide, W: WriteSide> Conn<R, W> {
 
     /// After a graceful shutdown's last reply: the write side is shut (the client sees the
     /// end of its replies), and what the client still sends is read and dropped until it
-    /// closes too, for at most [`LINGER`]. Closing a socket with unread input makes the
-    /// kernel reset the connection, which drops the replies not yet delivered from the send
-    /// buffer: a client still pipelining lost replies to requests the shards had applied.
+    /// closes too or goes quiet for [`LINGER_QUIET`], for at most [`LINGER`]. Closing a
+    /// socket with unread input makes the kernel reset the connection, which drops the
+    /// replies not yet delivered from the send buffer: a client still pipelining lost
+    /// replies to requests the shards had applied.
     async fn linger(&mut self) {
         let mut sink = Vec::with_capacity(READ_CHUNK);
         let _ = tokio::time::timeout(LINGER, async {
             loop {
                 sink.clear();
-                let r = std::future::poll_fn(|cx| self.rd.poll_read_vec(cx, &mut sink)).await;
-                if !matches!(r, Ok(n) if n > 0) {
-                    return;
+                let read = std::future::poll_fn(|cx| self.rd.poll_read_vec(cx, &mut sink));
+                match tokio::time::timeout(LINGER_QUIET, read).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return,
                 }
             }
         })
