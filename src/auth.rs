@@ -583,11 +583,33 @@ fn class(pat: &[u8], p: usize, c: u8) -> Option<(bool, usize)> {
 /// doubling with each further failure, up to a minute — and a quiet minute forgets it. Also
 /// keeps the "AUTH failed" warnings to one line a second, with a count of those left out.
 pub struct AuthGuard {
-    by_addr: Mutex<HashMap<IpAddr, Failures>>,
+    by_addr: Mutex<AddressTable>,
     /// The second (since `epoch`) of the last warning, and warnings left out since.
     warned_at: AtomicU64,
     unwarned: AtomicU64,
     epoch: Instant,
+}
+
+/// The failures per address, and the addresses in the order they came (the oldest is
+/// forgotten first when the table is full).
+#[derive(Default)]
+struct AddressTable {
+    map: HashMap<IpAddr, Failures>,
+    order: std::collections::VecDeque<IpAddr>,
+}
+
+/// The address failures are counted for: an IPv6 client is counted per /64 (one host can
+/// have a whole /64 to itself), an IPv4-mapped one as its IPv4 address.
+fn counted_address(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
+    }
 }
 
 struct Failures {
@@ -605,7 +627,7 @@ const AUTH_ADDRESSES: usize = 100_000;
 impl Default for AuthGuard {
     fn default() -> Self {
         AuthGuard {
-            by_addr: Mutex::new(HashMap::new()),
+            by_addr: Mutex::new(AddressTable::default()),
             warned_at: AtomicU64::new(u64::MAX),
             unwarned: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -616,8 +638,12 @@ impl Default for AuthGuard {
 impl AuthGuard {
     /// `Err(wait)` while `ip` must wait before an AUTH of it is checked.
     pub fn check(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
-        let map = self.by_addr.lock().unwrap_or_else(|e| e.into_inner());
-        match map.get(&ip).and_then(|f| f.blocked_until) {
+        let table = self.by_addr.lock().unwrap_or_else(|e| e.into_inner());
+        match table
+            .map
+            .get(&counted_address(ip))
+            .and_then(|f| f.blocked_until)
+        {
             Some(until) if now < until => Err(until - now),
             _ => Ok(()),
         }
@@ -629,12 +655,21 @@ impl AuthGuard {
         if budget == 0 {
             return None;
         }
-        let mut map = self.by_addr.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() >= AUTH_ADDRESSES && !map.contains_key(&ip) {
-            map.retain(|_, f| now < f.blocked_until.unwrap_or(f.since) + AUTH_WINDOW);
-            if map.len() >= AUTH_ADDRESSES {
-                return None;
+        let ip = counted_address(ip);
+        let mut table = self.by_addr.lock().unwrap_or_else(|e| e.into_inner());
+        let AddressTable { map, order } = &mut *table;
+        if !map.contains_key(&ip) {
+            // Full: the oldest address goes (an attacker needs as many addresses to push a
+            // blocked one out as the table holds).
+            while map.len() >= AUTH_ADDRESSES {
+                match order.pop_front() {
+                    Some(old) => {
+                        map.remove(&old);
+                    }
+                    None => break,
+                }
             }
+            order.push_back(ip);
         }
         let f = map.entry(ip).or_insert(Failures {
             since: now,
@@ -718,6 +753,31 @@ mod tests {
             assert_eq!(g.failed(b, t0, 0), None);
         }
         assert_eq!(g.check(b, t0), Ok(()));
+    }
+
+    #[test]
+    fn a_full_table_forgets_the_oldest_and_ipv6_counts_per_64() {
+        let g = AuthGuard::default();
+        let t = Instant::now();
+        // Fill the table with one failure from each of as many addresses as it holds.
+        for i in 0..AUTH_ADDRESSES as u32 {
+            g.failed(IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i)), t, 3);
+        }
+        // A new address is still counted and throttled (adversarial review: it was not).
+        let fresh: IpAddr = "192.168.1.1".parse().unwrap();
+        let over = (0..5).filter_map(|_| g.failed(fresh, t, 3)).count();
+        assert_eq!(over, 2, "the 4th and 5th failures are over the budget");
+        assert!(g.check(fresh, t).is_err());
+        assert!(g.by_addr.lock().unwrap().map.len() <= AUTH_ADDRESSES);
+        // Two addresses of one /64 are one.
+        let (a, b): (IpAddr, IpAddr) = (
+            "2001:db8::1".parse().unwrap(),
+            "2001:db8::ffff:2".parse().unwrap(),
+        );
+        for _ in 0..3 {
+            assert_eq!(g.failed(a, t, 3), None);
+        }
+        assert!(g.failed(b, t, 3).is_some(), "the same /64");
     }
 
     #[test]

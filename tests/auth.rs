@@ -319,9 +319,18 @@ fn auth_failures_across_connections_make_the_address_wait() {
         b"+PONG\r\n",
         "clients already in are not affected"
     );
+    // A connection logged in already may AUTH again (a token refresh) while its address
+    // waits.
+    assert_eq!(inside.call(&[b"AUTH", b"right"]), b"+OK\r\n");
+    // Held-back attempts count as the connection's failures: it is closed after 10.
+    for _ in 0..8 {
+        let r = c.call(&[b"AUTH", b"right"]);
+        assert!(r.starts_with(b"-ERR too many failed AUTH"), "{r:?}");
+    }
+    assert!(c.is_closed(), "closed after 10 held-back attempts");
     // Once the wait is over, the right password works again.
     wait_until("the address's wait to end", Duration::from_secs(5), || {
-        c.call(&[b"AUTH", b"right"]) == b"+OK\r\n"
+        proxy.raw().call(&[b"AUTH", b"right"]) == b"+OK\r\n"
     });
 }
 

@@ -371,14 +371,24 @@ impl Session {
     fn try_login(&mut self, user: &[u8], password: &[u8]) -> bool {
         let now = std::time::Instant::now();
         let guard = &self.w.shared.auth_guard;
-        if let Err(wait) = guard.check(self.addr.ip(), now) {
+        // A connection that has logged in already is not held back (a client refreshing its
+        // token on a live connection); a held-back attempt counts as this connection's
+        // failure, so one that keeps trying is closed.
+        if !self.logged_in
+            && let Err(wait) = guard.check(self.addr.ip(), now)
+        {
             self.reply(reply::auth_throttled(wait));
+            self.auth_failures += 1;
+            if self.auth_failures >= self.w.live().max_auth_failures {
+                self.closing = true;
+            }
             return false;
         }
         let users = self.w.live().users.clone();
         if let Some(u) = users.authenticate(user, password) {
             self.set_user(u);
             self.auth_failures = 0;
+            self.logged_in = true;
             self.update_info();
             return true;
         }

@@ -91,6 +91,9 @@ pub struct Session {
     pub(crate) restricted: bool,
     /// Consecutive failed AUTH attempts.
     pub(crate) auth_failures: u32,
+    /// An AUTH (or HELLO AUTH) of this connection succeeded once: the per-address AUTH limit
+    /// does not hold it back.
+    pub(crate) logged_in: bool,
     /// Commands whose latency is being measured: (reply sequence number, start, name).
     sampled: std::collections::VecDeque<(u64, std::time::Instant, &'static str)>,
     /// The last top-level command looked up.
@@ -228,6 +231,7 @@ where
         user: None,
         restricted: false,
         auth_failures: 0,
+        logged_in: false,
         sampled: std::collections::VecDeque::new(),
         last_command: None,
         dispatched: 0,
