@@ -294,6 +294,8 @@ pub struct Upstream {
     closed: std::cell::Cell<bool>,
     /// Close once nothing is in flight any more (see [`Upstream::close_when_idle`]).
     close_when_idle: std::cell::Cell<bool>,
+    /// The busy probe of a silent connection (see [`Upstream::shard_is_busy`]).
+    probe: Rc<std::cell::Cell<ProbeState>>,
     /// A subscriber connection: every frame after the handshake goes to this queue's
     /// out-of-band list instead of being matched to a request.
     sink: RefCell<Option<Rc<crate::queue::ReplyQueue>>>,
@@ -360,6 +362,7 @@ impl Upstream {
             wake_reader: LocalNotify::new(),
             closed: std::cell::Cell::new(false),
             close_when_idle: std::cell::Cell::new(false),
+            probe: Rc::new(std::cell::Cell::new(ProbeState::Idle)),
             sink: RefCell::new(None),
             confirmations: RefCell::new(VecDeque::new()),
             dead: std::cell::Cell::new(false),
@@ -718,46 +721,32 @@ impl Upstream {
         }
     }
 
-    /// Whether the shard answers `-BUSY` (a script or function is running) on a connection of
-    /// its own: a probe before a silent connection is given up (plain connections only; a
-    /// TLS shard's silent connection is replaced as before).
+    /// Whether the shard is busy with a script (it answers `-BUSY` on a connection of its
+    /// own), asked before a silent connection is given up. The probe runs as a task of its
+    /// own, so that the requests of this connection keep failing at their deadlines
+    /// meanwhile: `Waiting` until it has an answer (a busy shard takes commands only after
+    /// its `busy-reply-threshold`, 5 s by default). Plain connections only: a TLS shard's
+    /// silent connection is given up as before.
     #[cold]
-    async fn shard_is_busy(&self) -> bool {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        if self.cfg.tls.is_some() {
-            return false;
+    fn shard_is_busy(&self) -> Probe {
+        match self.probe.get() {
+            ProbeState::Running => return Probe::Waiting,
+            ProbeState::Answered(busy) => {
+                self.probe.set(ProbeState::Idle);
+                return if busy { Probe::Busy } else { Probe::NotBusy };
+            }
+            ProbeState::Idle => {}
         }
-        let probe = async {
-            let mut s = TcpStream::connect(self.addr).await.ok()?;
-            let mut out = BytesMut::new();
-            if let Some(a) = &self.cfg.auth {
-                let mut c: Vec<&[u8]> = vec![b"AUTH"];
-                if let Some(u) = &a.username {
-                    c.push(u.as_bytes());
-                }
-                c.push(a.password.0.as_bytes());
-                push_command(&mut out, &c);
-            }
-            push_command(&mut out, &[b"PING"]);
-            s.write_all(&out).await.ok()?;
-            let mut seen = Vec::new();
-            let mut buf = [0u8; 512];
-            while !seen.windows(5).any(|w| w == b"-BUSY") && seen.len() < 4096 {
-                let n = s.read(&mut buf).await.ok()?;
-                if n == 0 {
-                    return None;
-                }
-                seen.extend_from_slice(&buf[..n]);
-                if seen.ends_with(b"+PONG\r\n") {
-                    return Some(false);
-                }
-            }
-            Some(seen.windows(5).any(|w| w == b"-BUSY"))
-        };
-        matches!(
-            tokio::time::timeout(self.cfg.op_timeout, probe).await,
-            Ok(Some(true))
-        )
+        if self.cfg.tls.is_some() {
+            return Probe::NotBusy;
+        }
+        self.probe.set(ProbeState::Running);
+        let (addr, auth, cell) = (self.addr, self.cfg.auth.clone(), self.probe.clone());
+        tokio::task::spawn_local(async move {
+            let busy = tokio::time::timeout(CONTROL_TIMEOUT, probe_busy(addr, auth)).await;
+            cell.set(ProbeState::Answered(matches!(busy, Ok(Some(true)))));
+        });
+        Probe::Waiting
     }
 
     /// The handshake every new connection starts with, written (and answered) before anything
@@ -1047,14 +1036,16 @@ impl Upstream {
                     _ = tokio::time::sleep_until(wake) => {
                         let now = Instant::now();
                         if now >= dead_at {
-                            if self.shard_is_busy().await {
+                            match self.shard_is_busy() {
                                 // Silent because a script runs on this connection: the shard
                                 // is alive, so the connection is kept (its requests still
                                 // fail at their deadlines); SCRIPT KILL ends the silence.
-                                last_read = Instant::now();
-                                continue;
+                                Probe::Busy => last_read = now,
+                                // Asked: look again shortly, expiring requests meanwhile.
+                                Probe::Waiting => last_read = now + PROBE_POLL - op * 3,
+                                Probe::NotBusy => return Fault::Silent(op * 3, rd.unread()),
                             }
-                            return Fault::Silent(op * 3, rd.unread());
+                            continue;
                         }
                         if self.expire(now).is_err() {
                             return Fault::TimedOut;
@@ -1120,6 +1111,57 @@ pub struct Pools {
     /// Per shard, a control connection, opened on first use: SCRIPT KILL and FUNCTION KILL
     /// travel on it, never behind a busy script on the shared connections.
     control: RefCell<Vec<Option<Rc<Upstream>>>>,
+}
+
+/// The answer of [`Upstream::shard_is_busy`].
+enum Probe {
+    Busy,
+    NotBusy,
+    Waiting,
+}
+
+/// Where the busy probe of a silent connection stands.
+#[derive(Clone, Copy, Debug)]
+enum ProbeState {
+    Idle,
+    Running,
+    Answered(bool),
+}
+
+/// How often a silent connection looks at its busy probe while it runs.
+const PROBE_POLL: Duration = Duration::from_millis(100);
+
+/// Whether the shard at `addr` answers PING with `-BUSY` on a new connection (`None`: no
+/// answer at all).
+async fn probe_busy(addr: SocketAddr, auth: Option<UpstreamAuth>) -> Option<bool> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    let mut out = BytesMut::new();
+    if let Some(a) = &auth {
+        let mut c: Vec<&[u8]> = vec![b"AUTH"];
+        if let Some(u) = &a.username {
+            c.push(u.as_bytes());
+        }
+        c.push(a.password.0.as_bytes());
+        push_command(&mut out, &c);
+    }
+    push_command(&mut out, &[b"PING"]);
+    s.write_all(&out).await.ok()?;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        let n = s.read(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        seen.extend_from_slice(&buf[..n]);
+        if seen.windows(5).any(|w| w == b"-BUSY") {
+            return Some(true);
+        }
+        if seen.ends_with(b"+PONG\r\n") || seen.len() > 4096 {
+            return Some(false);
+        }
+    }
 }
 
 /// How long a request on a control connection may wait: a shard busy with a script takes
