@@ -13,8 +13,8 @@
 //! the shard layout (shards and slot ranges): new requests route by the new map, connections
 //! to shards that stay are kept, new shards are connected (with their credentials from the
 //! new file), and connections to removed shards drain — what is in flight on them is
-//! answered — then close (see `worker::Worker::refresh`); clients with subscriptions are
-//! closed so that they subscribe again. What needs a restart (a change is logged and
+//! answered — then close (see `worker::Worker::refresh`); clients with subscriptions, a
+//! transaction or a blocking command in progress are closed so that they start over. What needs a restart (a change is logged and
 //! ignored): the listeners, TLS settings, workers, and the upstream connections' settings
 //! (TLS, `op_timeout`, in-flight limits, `upstream_connections`, `max_dedicated_per_shard`).
 
@@ -83,7 +83,7 @@ async fn reload(
         (reloader.log_filter)(&new.log_level)?;
     }
     let summary = changes(&running, &new);
-    let relayout = running.shards != new.shards;
+    let relayout = running.shards != new.shards || running.slot_map != new.slot_map;
     shared.publish(new);
     let mut acks = Vec::with_capacity(workers.len());
     for w in workers {
@@ -185,9 +185,7 @@ fn changes(running: &Settings, new: &Settings) -> String {
     if running.log_level != new.log_level {
         what.push("log level");
     }
-    if running.shards != new.shards
-        || format!("{:?}", running.slot_map) != format!("{:?}", new.slot_map)
-    {
+    if running.shards != new.shards || running.slot_map != new.slot_map {
         what.push("shard layout");
     }
     if what.is_empty() {

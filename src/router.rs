@@ -109,7 +109,7 @@ static CRC16_TABLES: [[u16; 256]; 4] = {
 pub type ShardSlots = (String, Option<Vec<(usize, usize)>>);
 
 /// Which shard owns each slot.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotMap {
     owner: Box<[u16; SLOTS]>,
     shards: usize,

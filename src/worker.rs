@@ -223,6 +223,8 @@ pub struct Worker {
     /// This worker's copy of the settings in force, and the reload count it belongs to;
     /// sessions compare their own count once per turn (see [`Worker::refresh`]).
     live: std::cell::RefCell<Arc<Settings>>,
+    /// Counts the shard layouts this worker has had (shards or slot ranges changed).
+    pub layout: std::cell::Cell<u64>,
     /// Whether the settings in force have read-through rules (one load on the write path).
     pub has_rules: std::cell::Cell<bool>,
     /// Told the reload count each time this worker takes up a reload; each session's watcher
@@ -256,6 +258,7 @@ impl Worker {
             id,
             pools: std::cell::RefCell::new(Rc::new(pools)),
             dedicated: std::cell::RefCell::new(dedicated),
+            layout: std::cell::Cell::new(0),
             has_rules: std::cell::Cell::new(!shared.live().readthrough.is_empty()),
             live: std::cell::RefCell::new(shared.live()),
             reloads: tokio::sync::watch::Sender::new(shared.generation.load(Ordering::Acquire)),
@@ -296,7 +299,14 @@ impl Worker {
     pub fn refresh(&self) {
         let generation = self.shared.generation.load(Ordering::Acquire);
         let new = self.shared.live();
-        if new.shards != self.live().shards {
+        let (same_shards, same_slots) = {
+            let old = self.live();
+            (new.shards == old.shards, new.slot_map == old.slot_map)
+        };
+        if !(same_shards && same_slots) {
+            self.layout.set(self.layout.get() + 1);
+        }
+        if !same_shards {
             let configs = upstream_configs(&self.shared, &new);
             let (pools, removed) = self.pools().relayout(configs.clone());
             *self.pools.borrow_mut() = Rc::new(pools);

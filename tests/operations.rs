@@ -356,3 +356,50 @@ fn clients_leaving_dedicated_connections_are_not_shard_failures() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains("shard connection lost"), "{text}");
 }
+
+/// A reload that only moves slot ranges (same shards) routes by the new ranges, and closes
+/// the clients whose transaction, blocking command or subscriptions sit on the old owner
+/// (adversarial review: an EXEC after the reload wrote where GET no longer looked, and an
+/// SSUBSCRIBE stayed deaf).
+#[test]
+fn a_slot_range_change_closes_pinned_clients_and_routes_by_the_new_ranges() {
+    let (a, b) = (RedisServer::start(), RedisServer::start());
+    let layout = |split: u32| {
+        format!(
+            "[[shards]]\naddr = \"{}\"\nslots = \"0-{split}\"\n[[shards]]\naddr = \"{}\"\nslots = \"{}-16383\"\n",
+            a.addr(),
+            b.addr(),
+            split + 1
+        )
+    };
+    let file = config_file("reload-slots", &layout(8191));
+    let proxy = Slotgate::start_with(&[], &["--config", file.to_str().unwrap()]);
+    // A key in the slots that move from B to A.
+    let key = (0..)
+        .map(|n| format!("moving{n}"))
+        .find(|k| (8192..=16000).contains(&(crc16(k.as_bytes()) % 16384)))
+        .unwrap();
+    let mut watching = proxy.raw();
+    assert_eq!(watching.call(&[b"WATCH", key.as_bytes()]), b"+OK\r\n");
+    let mut blocked = proxy.raw();
+    blocked.send(&resp(&[b"BLPOP", key.as_bytes(), b"0"]));
+    wait_until("the BLPOP to block on B", Duration::from_secs(5), || {
+        clients_running(&b, "blpop") == 1
+    });
+    let mut sharded = proxy.raw();
+    sharded.call(&[b"SSUBSCRIBE", key.as_bytes()]);
+    let mut plain = proxy.raw();
+    assert_eq!(plain.call(&[b"PING"]), b"+PONG\r\n");
+
+    std::fs::write(&file, layout(16000)).unwrap();
+    assert_eq!(plain.call(&[b"SLOTGATE.RELOAD"]), b"+OK\r\n");
+    assert!(sharded.is_closed(), "the sharded subscriber is closed");
+    assert!(blocked.is_closed(), "the blocked client is closed");
+    // The watching client is closed at its next command, before it runs.
+    watching.send(&resp(&[b"MULTI"]));
+    assert!(watching.is_closed(), "the watching client is closed");
+    // New requests go to the new owner; the other client stayed.
+    assert_eq!(plain.call(&[b"SET", key.as_bytes(), b"v"]), b"+OK\r\n");
+    let on_a: Option<String> = redis::cmd("GET").arg(&key).query(&mut a.client()).unwrap();
+    assert_eq!(on_a.as_deref(), Some("v"));
+}

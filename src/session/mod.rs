@@ -123,6 +123,9 @@ pub struct Session {
     max_pipeline: usize,
     /// Whether the client list shows this client as subscribed.
     listed_subscribed: bool,
+    /// The worker's shard layout count when this session's pinned state began to count on
+    /// it (see `reloaded`).
+    layout: u64,
     /// CLIENT REPLY.
     pub(crate) reply_mode: ReplyMode,
 }
@@ -243,6 +246,7 @@ where
         subs: crate::session::pubsub::Subs::default(),
         kill: Arc::new(tokio::sync::Notify::new()),
         listed_subscribed: false,
+        layout: w.layout.get(),
         reply_mode: ReplyMode::On,
         w,
     };
@@ -323,6 +327,26 @@ impl Session {
     /// no password. The connection's own limits are re-read by [`conn::Conn`].
     #[cold]
     pub(crate) fn reloaded(&mut self) {
+        let layout = self.w.layout.get();
+        if layout != self.layout {
+            self.layout = layout;
+            if self.tx.is_some()
+                || self.watch.is_some()
+                || self.blocked.is_some()
+                || self.subscribed()
+            {
+                // Its transaction, watches, blocking command or subscriptions live on a shard
+                // that may no longer own their slots: closed, so that the client starts over
+                // on the new layout (an EXEC would write where reads no longer look).
+                tracing::info!(
+                    client = self.id,
+                    "closing the client: the shard layout changed under its transaction, \
+                     blocking command or subscriptions"
+                );
+                self.queue.mark_killed();
+                return;
+            }
+        }
         let live = self.w.live().clone();
         self.max_pipeline = live.max_client_pipeline;
         self.update_output_class();
