@@ -93,7 +93,7 @@ async fn reload(
         }
     }
     for done in acks {
-        // A worker busy for longer than this still takes the settings up on its next turn.
+        // A worker slower than this takes the settings up when it gets to the message.
         let _ = tokio::time::timeout(Duration::from_secs(1), done).await;
     }
     close_clients(shared, relayout);
