@@ -158,3 +158,35 @@ fn redis_benchmark_default_suite_runs_clean_through_slotgate() {
         "LRANGE benchmark list exists with >= 600 elements ({len})"
     );
 }
+
+/// `redis-cli --pipe` mass insertion works through slotgate (issue 13.3): 20,000 SETs over
+/// three shards, then redis-cli's own count of replies and errors.
+#[test]
+fn redis_cli_pipe_mass_insertion() {
+    use std::io::Write;
+    let shards: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+    let refs: Vec<&RedisServer> = shards.iter().collect();
+    let proxy = Slotgate::start(&refs);
+    let input = support::tls::temp_dir("pipe").join("input.resp");
+    let mut f = std::fs::File::create(&input).unwrap();
+    for i in 0..20_000 {
+        f.write_all(&resp(&[b"SET", format!("mass:{i}").as_bytes(), b"v"]))
+            .unwrap();
+    }
+    drop(f);
+    // (run_bounded gives the command no stdin: the shell redirects the file.)
+    let line = format!("redis-cli -p {} --pipe < '{}'", proxy.port, input.display());
+    let out = run_bounded(
+        std::process::Command::new("sh").args(["-c", &line]),
+        Duration::from_secs(60),
+    )
+    .unwrap_or_else(|f| panic!("redis-cli --pipe did not finish: {}", f.stderr));
+    assert!(
+        out.stdout.contains("errors: 0, replies: 20000"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    let keys: i64 = redis::cmd("DBSIZE").query(&mut proxy.client()).unwrap();
+    assert_eq!(keys, 20_000);
+}
