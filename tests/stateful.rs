@@ -782,6 +782,22 @@ fn info_reports_blocked_and_subscribed_clients_role_and_run_id() {
     let all = info(&mut c, "everything");
     assert_eq!(all.get::<String>("run_id"), Some(run_id.clone()), "stable");
     assert_eq!(all.get::<String>("role").as_deref(), Some("master"));
+    // slotgate's own CPU time and resident memory.
+    let mut busy = proxy.raw();
+    wait_until(
+        "slotgate's CPU time to show",
+        Duration::from_secs(10),
+        || {
+            busy.send(&resp(&[b"PING"]).repeat(2000));
+            busy.read_replies(2000);
+            let cpu = info(&mut c, "cpu");
+            let user: f64 = cpu.get("used_cpu_user").unwrap();
+            let sys: f64 = cpu.get("used_cpu_sys").unwrap();
+            user + sys > 0.0
+        },
+    );
+    let rss: i64 = info(&mut c, "memory").get("proxy_used_memory_rss").unwrap();
+    assert!(rss > 1_000_000, "{rss}");
     drop(shards);
 }
 

@@ -650,6 +650,35 @@ fn server_info(shared: &Shared, version: &str) -> String {
     )
 }
 
+/// INFO's `# CPU`: slotgate's own CPU time, in Redis's fields (from /proc/self/stat; the
+/// kernel counts in 1/100 s on Linux).
+fn cpu_info() -> String {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name (which may hold spaces): state is the first.
+    let rest: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, r)| r.split_whitespace().collect());
+    let secs =
+        |i: usize| rest.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) as f64 / 100.0;
+    let (user, sys, cuser, csys) = (secs(11), secs(12), secs(13), secs(14));
+    format!(
+        "used_cpu_sys:{sys:.6}\r\nused_cpu_user:{user:.6}\r\n\
+         used_cpu_sys_children:{csys:.6}\r\nused_cpu_user_children:{cuser:.6}\r\n"
+    )
+}
+
+/// slotgate's own resident memory, in bytes (0 where /proc does not say).
+fn own_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
 /// INFO's `# Replication`: to its clients slotgate is a primary without replicas (Redis
 /// 7.0's fields; clients such as StackExchange.Redis read `role`).
 fn replication_info(shared: &Shared) -> String {
@@ -797,8 +826,15 @@ fn build_info(shared: &Arc<Shared>, wanted: &[String], up: &[bool], parts: &[Byt
             .sum();
         section(
             "Memory",
-            format!("used_memory:{used}\r\nused_memory_shards_sum:{used}\r\n"),
+            format!(
+                "used_memory:{used}\r\nused_memory_shards_sum:{used}\r\n\
+                 proxy_used_memory_rss:{}\r\n",
+                own_rss_bytes()
+            ),
         );
+    }
+    if want("cpu") {
+        section("CPU", cpu_info());
     }
     if want("replication") {
         section("Replication", replication_info(shared));
