@@ -181,23 +181,13 @@ impl ReplyQueue {
     }
 
     fn drain_ready_slow(&self, out: &mut BytesMut, max: usize) -> usize {
+        if self.muting.get() {
+            return self.drain_ready_muting(out, max);
+        }
         let mut q = self.inner.borrow_mut();
         let mut n = 0;
         let before = out.len();
-        let muting = self.muting.get();
-        let mut dropped = 0;
-        loop {
-            let base = q.base;
-            let Some(Slot::Ready(b)) = q.slots.front_mut() else {
-                break;
-            };
-            if muting && self.is_muted(base) {
-                dropped += b.len();
-                q.slots.pop_front();
-                q.base += 1;
-                n += 1;
-                continue;
-            }
+        while let Some(Slot::Ready(b)) = q.slots.front_mut() {
             let room = max.saturating_sub(out.len() - before);
             if room == 0 {
                 break;
@@ -208,6 +198,42 @@ impl ReplyQueue {
                 break;
             }
             out.extend_from_slice(b);
+            q.slots.pop_front();
+            q.base += 1;
+            n += 1;
+        }
+        drop(q);
+        self.sub_out_bytes(out.len() - before);
+        n
+    }
+
+    /// [`drain_ready`](Self::drain_ready) while CLIENT REPLY mutes some replies: those are
+    /// dropped instead of written.
+    #[cold]
+    fn drain_ready_muting(&self, out: &mut BytesMut, max: usize) -> usize {
+        let mut q = self.inner.borrow_mut();
+        let mut n = 0;
+        let before = out.len();
+        let mut dropped = 0;
+        loop {
+            let base = q.base;
+            let Some(Slot::Ready(b)) = q.slots.front_mut() else {
+                break;
+            };
+            if self.is_muted(base) {
+                dropped += b.len();
+            } else {
+                let room = max.saturating_sub(out.len() - before);
+                if room == 0 {
+                    break;
+                }
+                if b.len() > room {
+                    out.extend_from_slice(&b[..room]);
+                    *b = b.slice(room..);
+                    break;
+                }
+                out.extend_from_slice(b);
+            }
             q.slots.pop_front();
             q.base += 1;
             n += 1;

@@ -139,9 +139,6 @@ impl<R: ReadSide, W: WriteSide> Conn<R, W> {
     /// CLIENT KILL, idle, a write error).
     async fn turns(&mut self, s: &mut Session) {
         loop {
-            if s.queue.attention() != 0 && !self.attend(s) {
-                return;
-            }
             let bounded = self.parse(s);
             if self.rbuf.len() > self.qbuf_limit {
                 tracing::warn!(
@@ -150,10 +147,11 @@ impl<R: ReadSide, W: WriteSide> Conn<R, W> {
                 );
                 return;
             }
-            if s.queue.must_close() {
-                // CLIENT KILL, a lost subscriber connection (the client reconnects and
-                // resubscribes), or the output buffer limit.
-                s.log_close();
+            // CLIENT KILL, a lost subscriber connection (the client reconnects and
+            // resubscribes), the output buffer limit, a reload, a drain. (A flag raised while
+            // the session waited wakes it without a read, so what `parse` just ran was read
+            // before the flag: a reload applies from the next command on.)
+            if s.queue.attention() != 0 && !self.attend(s) {
                 return;
             }
             if !self.write_ready(s) || s.queue.must_close() {

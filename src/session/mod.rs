@@ -373,13 +373,17 @@ impl Session {
         self.update_info();
     }
 
-    /// The command after CLIENT REPLY SKIP: dispatched with its replies muted, then replies
-    /// are on again (unless it switched them itself: OFF keeps them muted, ON has unmuted).
+    /// The command after CLIENT REPLY SKIP is dispatched with its replies muted ...
     #[cold]
-    fn dispatch_skipped(&mut self, req: &Request<'_>, now: Instant) {
+    fn begin_skip(&mut self) {
         self.reply_mode = ReplyMode::On;
         self.queue.mute(self.queue.next_seq());
-        self.dispatch(req, now);
+    }
+
+    /// ... then replies are on again (unless it switched them itself: OFF keeps them muted,
+    /// ON has unmuted).
+    #[cold]
+    fn end_skip(&mut self) {
         if self.reply_mode == ReplyMode::On {
             self.queue.unmute(self.queue.next_seq());
         }
@@ -433,10 +437,13 @@ impl Session {
             match parser.parse(&buf[used..], limits, self.user.is_some()) {
                 Ok(Parsed::Command { req, used: u }) => {
                     n += 1;
-                    if self.reply_mode == ReplyMode::SkipNext {
-                        self.dispatch_skipped(&req, now);
-                    } else {
-                        self.dispatch(&req, now);
+                    let skip = self.reply_mode == ReplyMode::SkipNext;
+                    if skip {
+                        self.begin_skip();
+                    }
+                    self.dispatch(&req, now);
+                    if skip {
+                        self.end_skip();
                     }
                     used += u;
                 }
