@@ -67,6 +67,10 @@ ALL_SHARDS = {
     "script|exists": "AndIntArrays",
     "script|flush": "AllOk",
     "script|kill": "AnyOk",
+    # The shards' slow logs, merged newest first (each entry names its shard).
+    "slowlog|get": "SlowlogEntries",
+    "slowlog|len": "SumIntegers",
+    "slowlog|reset": "AllOk",
     "function|load": "Same",
     "function|delete": "AllOk",
     "function|flush": "AllOk",

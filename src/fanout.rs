@@ -39,6 +39,13 @@ pub enum GatherKind {
     Info(InfoBuilder),
     /// CONFIG GET on one shard, without the shard's secrets.
     ConfigGet,
+    /// SLOWLOG GET: every shard's entries, newest first, at most `count` (`None`: all), each
+    /// with an id unique over the shards (`id × shards + shard`) and the shard's address in
+    /// place of the client address (slotgate's own, on a shard).
+    Slowlog {
+        count: Option<usize>,
+        shards: Vec<String>,
+    },
 }
 
 /// Builds the client's INFO reply from the shards' INFO replies.
@@ -54,7 +61,7 @@ impl GatherKind {
             Merge::Same => GatherKind::Same,
             Merge::AndIntArrays => GatherKind::AndIntArrays,
             Merge::AnyOk => GatherKind::AnyOk,
-            Merge::ArrayInOrder | Merge::Special => return None,
+            Merge::ArrayInOrder | Merge::Special | Merge::SlowlogEntries => return None,
         })
     }
 }
@@ -174,6 +181,7 @@ impl Gather {
                 .or_else(|| parts.iter().find(|p| !p.starts_with(b"-NOTBUSY")))
                 .unwrap_or(&parts[0])
                 .clone(),
+            GatherKind::Slowlog { count, shards } => merge_slowlog(&parts, count, &shards),
             GatherKind::RandomKey { pick } => {
                 let keys: Vec<&Bytes> = parts
                     .iter()
@@ -269,6 +277,52 @@ fn hide_secrets(p: &Bytes) -> Bytes {
     }
     for (s, e) in kept {
         out.extend_from_slice(&p[s..e]);
+    }
+    out.freeze()
+}
+
+/// SLOWLOG GET's merge (see [`GatherKind::Slowlog`]); a shard's error is the reply.
+fn merge_slowlog(parts: &[Bytes], count: Option<usize>, shards: &[String]) -> Bytes {
+    if let Some(e) = parts.iter().find(|p| p.first() == Some(&b'-')) {
+        return e.clone();
+    }
+    // (timestamp, id, shard, the entry and its element ranges)
+    let mut entries = Vec::new();
+    for (shard, p) in parts.iter().enumerate() {
+        for (s, e) in array_elements(p).unwrap_or_default() {
+            let entry = p.slice(s..e);
+            let Some(el) = array_elements(&entry) else {
+                continue;
+            };
+            let int = |i: usize| {
+                el.get(i)
+                    .and_then(|&(a, b)| reply_integer(&entry[a..b]))
+                    .unwrap_or(0)
+            };
+            entries.push((int(1), int(0), shard, entry, el));
+        }
+    }
+    entries.sort_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
+    entries.truncate(count.unwrap_or(usize::MAX));
+    let mut out = BytesMut::new();
+    push_header(&mut out, b'*', entries.len());
+    for (_, id, shard, entry, el) in &entries {
+        push_header(&mut out, b'*', el.len());
+        for (i, &(a, b)) in el.iter().enumerate() {
+            match i {
+                0 => {
+                    let unique = id.saturating_mul(shards.len() as i64) + *shard as i64;
+                    out.extend_from_slice(format!(":{unique}\r\n").as_bytes());
+                }
+                4 => {
+                    let addr = shards.get(*shard).map_or("", String::as_str);
+                    push_header(&mut out, b'$', addr.len());
+                    out.extend_from_slice(addr.as_bytes());
+                    out.extend_from_slice(b"\r\n");
+                }
+                _ => out.extend_from_slice(&entry[a..b]),
+            }
+        }
     }
     out.freeze()
 }

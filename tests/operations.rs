@@ -403,3 +403,55 @@ fn a_slot_range_change_closes_pinned_clients_and_routes_by_the_new_ranges() {
     let on_a: Option<String> = redis::cmd("GET").arg(&key).query(&mut a.client()).unwrap();
     assert_eq!(on_a.as_deref(), Some("v"));
 }
+
+/// SLOWLOG through slotgate (issue 13.3): every shard's entries, newest first, each with an
+/// id unique over the shards and its shard's address in place of the client address;
+/// LEN sums, RESET empties them all.
+#[test]
+fn slowlog_is_gathered_from_every_shard() {
+    let shards: Vec<RedisServer> = (0..2)
+        .map(|_| RedisServer::start_with(&["--slowlog-log-slower-than", "0"]))
+        .collect();
+    let refs: Vec<&RedisServer> = shards.iter().collect();
+    let proxy = Slotgate::start_with(&refs, &[]);
+    let mut c = proxy.client();
+    for i in 0..40 {
+        let _: () = redis::cmd("SET")
+            .arg(format!("slow{i}"))
+            .arg(i)
+            .query(&mut c)
+            .unwrap();
+    }
+    let len: i64 = redis::cmd("SLOWLOG").arg("LEN").query(&mut c).unwrap();
+    assert!(len >= 40, "{len}");
+    type Entry = (i64, i64, i64, Vec<String>, String, String);
+    let recent: Vec<Entry> = redis::cmd("SLOWLOG").arg("GET").query(&mut c).unwrap();
+    assert_eq!(recent.len(), 10, "10 by default, as in Redis");
+    let all: Vec<Entry> = redis::cmd("SLOWLOG")
+        .arg("GET")
+        .arg(-1)
+        .query(&mut c)
+        .unwrap();
+    assert!(all.len() as i64 >= 40);
+    // Newest first, ids unique, every entry names its shard, both shards present.
+    assert!(all.windows(2).all(|w| w[0].1 >= w[1].1), "newest first");
+    let mut ids: Vec<i64> = all.iter().map(|e| e.0).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), all.len(), "unique ids");
+    for s in &shards {
+        assert!(
+            all.iter().any(|e| e.4 == s.addr()),
+            "entries of {}",
+            s.addr()
+        );
+    }
+    assert!(all.iter().all(|e| shards.iter().any(|s| e.4 == s.addr())));
+    assert!(
+        all.iter()
+            .any(|e| e.3.first().map(String::as_str) == Some("SET"))
+    );
+    let _: () = redis::cmd("SLOWLOG").arg("RESET").query(&mut c).unwrap();
+    let len: i64 = redis::cmd("SLOWLOG").arg("LEN").query(&mut c).unwrap();
+    assert!(len <= 2, "emptied on every shard: {len}");
+}

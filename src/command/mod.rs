@@ -140,6 +140,8 @@ pub enum Merge {
     /// `+OK` if any shard said OK (SCRIPT KILL: the shard running a script), else the first
     /// reply.
     AnyOk,
+    /// SLOWLOG GET: the shards' entries merged newest first (see `fanout`).
+    SlowlogEntries,
 }
 
 /// Where a command's keys are, mirroring Redis 7 key specs (`COMMAND INFO` → key specifications).

@@ -3755,7 +3755,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::ADMIN | flags::LOADING | flags::STALE,
                 acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
-                route: Route::Refused,
+                route: Route::AllShards(Merge::SlowlogEntries),
                 subcommands: &[],
             },
             CommandSpec {
@@ -3773,7 +3773,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::ADMIN | flags::LOADING | flags::STALE,
                 acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
-                route: Route::Refused,
+                route: Route::AllShards(Merge::SumIntegers),
                 subcommands: &[],
             },
             CommandSpec {
@@ -3782,7 +3782,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::ADMIN | flags::LOADING | flags::STALE,
                 acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
-                route: Route::Refused,
+                route: Route::AllShards(Merge::AllOk),
                 subcommands: &[],
             },
         ],

@@ -920,6 +920,18 @@ impl Session {
                     ^ random_seed(),
             },
             Merge::ArrayInOrder => GatherKind::AllOk,
+            Merge::SlowlogEntries => GatherKind::Slowlog {
+                // SLOWLOG GET [count]: 10 by default, a negative count means all (Redis 7).
+                count: match req.argc() {
+                    2 => Some(10),
+                    _ => match crate::resp::request::parse_i64(req.arg(2)) {
+                        Some(n) if n < 0 => None,
+                        Some(n) => Some(n as usize),
+                        None => return self.reply_static(reply::NOT_INTEGER),
+                    },
+                },
+                shards: self.w.live().shards.iter().map(|a| a.to_string()).collect(),
+            },
             m => GatherKind::from_merge(m).unwrap_or(GatherKind::AllOk),
         };
         if spec.name == "config|set"
