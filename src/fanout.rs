@@ -302,7 +302,7 @@ fn merge_slowlog(parts: &[Bytes], count: Option<usize>, shards: &[String]) -> By
             entries.push((int(1), int(0), shard, entry, el));
         }
     }
-    entries.sort_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
+    entries.sort_by_key(|e| std::cmp::Reverse((e.0, e.1)));
     entries.truncate(count.unwrap_or(usize::MAX));
     let mut out = BytesMut::new();
     push_header(&mut out, b'*', entries.len());
