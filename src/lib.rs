@@ -11,13 +11,15 @@
 //! `units`, `tls`) · data (`command`, `auth`) · `fanout` · `queue` · `shard` · proxy logic and
 //! worker state (`readthrough`, `settings`, `worker`) · the client connection (`session`, with
 //! `session::local`, `session::pinned`, `session::pubsub`) · the process (`server`, `admin`,
-//! `config`).
+//! `config`, `reload`).
 //!
 //! - [`config`]: `proxy.toml` + CLI flags → validated [`settings::Settings`] (`--check-config`);
 //!   [`units`] parses durations and sizes.
 //! - [`server`]: one acceptor hands connections round-robin to N worker threads; each worker
 //!   runs a single-threaded runtime with its own shard connections, so a request never leaves
-//!   the thread that read it. [`worker`] holds what workers share and each worker's own state.
+//!   the thread that read it; SIGTERM/SIGINT drain the clients. [`worker`] holds what workers
+//!   share and each worker's own state (the settings in force, the shard pools of the layout).
+//! - [`reload`]: SIGHUP and SLOTGATE.RELOAD: `proxy.toml` read again, published to the workers.
 //! - [`session`]: one client connection: read a burst, parse, route, write ready replies in
 //!   request order with one syscall. [`session::local`] holds the commands the proxy answers itself.
 //! - [`resp`]: the bounded, resumable request parser (multibulk + inline, Redis's exact
