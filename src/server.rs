@@ -77,7 +77,7 @@ fn raise_fd_limit(settings: &Settings) {
     }
 }
 
-/// Runs the proxy until SIGINT/SIGTERM, then drains it (see [`drain`]).
+/// Runs the proxy until SIGINT/SIGTERM, then drains it (see `drain`).
 pub fn run(
     settings: Settings,
     prometheus: Option<PrometheusHandle>,
