@@ -283,7 +283,7 @@ pub fn refused_in_scripts() -> &'static [String] {
 
 /// Case-insensitive lookup of a top-level command. No allocation: names longer than any
 /// command are rejected before comparing. The probe is lowered into a stack buffer and found
-/// through [`INDEX`], a hash index built at compile time (a binary search over the names cost
+/// through `INDEX`, a hash index built at compile time (a binary search over the names cost
 /// about eight string comparisons per command).
 pub fn lookup(name: &[u8]) -> Option<&'static CommandSpec> {
     const MAX: usize = 32;

@@ -4,7 +4,7 @@
 //!
 //! Guarantees (each tested in `tests/readthrough.rs`):
 //! - **Single-flight.** Concurrent misses for one key, from any client on any worker, make one
-//!   origin request ([`Flights`], a `DashMap` shared by the workers). Every waiter gets its
+//!   origin request ([`ReadThrough`]'s flights, a `DashMap` shared by the workers). Every waiter gets its
 //!   result and none waits longer than the rule's timeout. A miss whose GET reached the shard
 //!   before a fill stored the value (so it saw nil) but is processed after the fill completed
 //!   takes that fill's result instead of starting another one.
