@@ -4,8 +4,8 @@
 //!
 //! Guarantees (each tested in `tests/readthrough.rs`):
 //! - **Single-flight.** Concurrent misses for one key, from any client on any worker, make one
-//!   origin request ([`ReadThrough`]'s flights, a `DashMap` shared by the workers). Every waiter gets its
-//!   result and none waits longer than the rule's timeout. A miss whose GET reached the shard
+//!   origin request ([`ReadThrough`]'s flights, a `DashMap` shared by the workers). Every
+//!   waiter gets its result and none waits longer than the rule's timeout. A miss whose GET reached the shard
 //!   before a fill stored the value (so it saw nil) but is processed after the fill completed
 //!   takes that fill's result instead of starting another one.
 //! - **No stale set.** The fill stores with `SET key value PX ttl NX`. A write or delete of
