@@ -71,6 +71,12 @@ ALL_SHARDS = {
     "slowlog|get": "SlowlogEntries",
     "slowlog|len": "SumIntegers",
     "slowlog|reset": "AllOk",
+    # The shards' latency monitors: LATEST's events named with their shard, HISTORY's samples
+    # in time order, DOCTOR's reports one after the other, RESET's counts summed.
+    "latency|latest": "LatencyLatest",
+    "latency|history": "LatencyHistory",
+    "latency|doctor": "LatencyDoctor",
+    "latency|reset": "SumIntegers",
     "function|load": "Same",
     "function|delete": "AllOk",
     "function|flush": "AllOk",

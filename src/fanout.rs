@@ -46,6 +46,11 @@ pub enum GatherKind {
         count: Option<usize>,
         shards: Vec<String>,
     },
+    /// LATENCY LATEST / HISTORY / DOCTOR over every shard (see [`merge_latency`]).
+    Latency {
+        which: Merge,
+        shards: Vec<String>,
+    },
 }
 
 /// Builds the client's INFO reply from the shards' INFO replies.
@@ -61,7 +66,12 @@ impl GatherKind {
             Merge::Same => GatherKind::Same,
             Merge::AndIntArrays => GatherKind::AndIntArrays,
             Merge::AnyOk => GatherKind::AnyOk,
-            Merge::ArrayInOrder | Merge::Special | Merge::SlowlogEntries => return None,
+            Merge::ArrayInOrder
+            | Merge::Special
+            | Merge::SlowlogEntries
+            | Merge::LatencyLatest
+            | Merge::LatencyHistory
+            | Merge::LatencyDoctor => return None,
         })
     }
 }
@@ -182,6 +192,9 @@ impl Gather {
                 .unwrap_or(&parts[0])
                 .clone(),
             GatherKind::Slowlog { count, shards } => merge_slowlog(&parts, count, &shards),
+            GatherKind::Latency { which, shards } => {
+                merge_latency(&parts, which, &shards, self.proto)
+            }
             GatherKind::RandomKey { pick } => {
                 let keys: Vec<&Bytes> = parts
                     .iter()
@@ -325,6 +338,79 @@ fn merge_slowlog(parts: &[Bytes], count: Option<usize>, shards: &[String]) -> By
         }
     }
     out.freeze()
+}
+
+/// LATENCY over every shard; a shard's error is the reply.
+/// - LATEST: every shard's `[event, time, latest, max]` entries, the event named
+///   `<shard>/<event>`;
+/// - HISTORY: every shard's `[time, latency]` samples, oldest first;
+/// - DOCTOR: each shard's report under a `# <shard>` line.
+fn merge_latency(parts: &[Bytes], which: Merge, shards: &[String], proto: Proto) -> Bytes {
+    if let Some(e) = parts.iter().find(|p| p.first() == Some(&b'-')) {
+        return e.clone();
+    }
+    let shard = |i: usize| shards.get(i).map_or("", String::as_str);
+    match which {
+        Merge::LatencyDoctor => {
+            let mut text = Vec::new();
+            for (i, p) in parts.iter().enumerate() {
+                text.extend_from_slice(format!("# {}\n", shard(i)).as_bytes());
+                let t = bulk_text(p);
+                // (A RESP3 verbatim string starts with its format.)
+                text.extend_from_slice(t.strip_prefix(b"txt:").unwrap_or(t));
+                text.push(b'\n');
+            }
+            reply::verbatim(proto, &text)
+        }
+        Merge::LatencyHistory => {
+            let mut samples: Vec<(i64, Bytes)> = Vec::new();
+            for p in parts {
+                for (s, e) in array_elements(p).unwrap_or_default() {
+                    let sample = p.slice(s..e);
+                    let time = array_elements(&sample)
+                        .and_then(|el| el.first().and_then(|&(a, b)| reply_integer(&sample[a..b])))
+                        .unwrap_or(0);
+                    samples.push((time, sample));
+                }
+            }
+            samples.sort_by_key(|(t, _)| *t);
+            let mut out = BytesMut::new();
+            push_header(&mut out, b'*', samples.len());
+            for (_, s) in &samples {
+                out.extend_from_slice(s);
+            }
+            out.freeze()
+        }
+        _ => {
+            let mut out = BytesMut::new();
+            let mut entries = Vec::new();
+            for (i, p) in parts.iter().enumerate() {
+                for (s, e) in array_elements(p).unwrap_or_default() {
+                    entries.push((i, p.slice(s..e)));
+                }
+            }
+            push_header(&mut out, b'*', entries.len());
+            for (i, entry) in &entries {
+                let el = array_elements(entry).unwrap_or_default();
+                push_header(&mut out, b'*', el.len());
+                for (k, &(a, b)) in el.iter().enumerate() {
+                    if k == 0 {
+                        let name = format!(
+                            "{}/{}",
+                            shard(*i),
+                            String::from_utf8_lossy(bulk_text(&entry[a..b]))
+                        );
+                        push_header(&mut out, b'$', name.len());
+                        out.extend_from_slice(name.as_bytes());
+                        out.extend_from_slice(b"\r\n");
+                    } else {
+                        out.extend_from_slice(&entry[a..b]);
+                    }
+                }
+            }
+            out.freeze()
+        }
+    }
 }
 
 /// The text of a bulk or simple string reply (empty for anything else, a null bulk

@@ -142,6 +142,12 @@ pub enum Merge {
     AnyOk,
     /// SLOWLOG GET: the shards' entries merged newest first (see `fanout`).
     SlowlogEntries,
+    /// LATENCY LATEST: the shards' events, each named `<shard>/<event>`.
+    LatencyLatest,
+    /// LATENCY HISTORY: the shards' samples in time order.
+    LatencyHistory,
+    /// LATENCY DOCTOR: the shards' reports, one after the other, each under its shard.
+    LatencyDoctor,
 }
 
 /// Where a command's keys are, mirroring Redis 7 key specs (`COMMAND INFO` → key specifications).

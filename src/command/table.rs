@@ -2143,7 +2143,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
                 acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
-                route: Route::Refused,
+                route: Route::AllShards(Merge::LatencyDoctor),
                 subcommands: &[],
             },
             CommandSpec {
@@ -2179,7 +2179,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
                 acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
-                route: Route::Refused,
+                route: Route::AllShards(Merge::LatencyHistory),
                 subcommands: &[],
             },
             CommandSpec {
@@ -2188,7 +2188,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
                 acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
-                route: Route::Refused,
+                route: Route::AllShards(Merge::LatencyLatest),
                 subcommands: &[],
             },
             CommandSpec {
@@ -2197,7 +2197,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
                 acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
-                route: Route::Refused,
+                route: Route::AllShards(Merge::SumIntegers),
                 subcommands: &[],
             },
         ],

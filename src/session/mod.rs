@@ -920,6 +920,12 @@ impl Session {
                     ^ random_seed(),
             },
             Merge::ArrayInOrder => GatherKind::AllOk,
+            Merge::LatencyLatest | Merge::LatencyHistory | Merge::LatencyDoctor => {
+                GatherKind::Latency {
+                    which: merge,
+                    shards: self.w.live().shards.iter().map(|a| a.to_string()).collect(),
+                }
+            }
             Merge::SlowlogEntries => GatherKind::Slowlog {
                 // SLOWLOG GET [count]: 10 by default, a negative count means all (Redis 7).
                 count: match req.argc() {
