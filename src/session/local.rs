@@ -519,10 +519,14 @@ impl Session {
             let text = build_info(&shared, &wanted, &connected, parts);
             reply::verbatim(proto, text.as_bytes())
         };
-        let n = self.w.live().slot_map.shard_count();
-        let raw = Bytes::from_static(b"*1\r\n$4\r\nINFO\r\n");
-        let parts: Vec<(usize, Bytes)> = (0..n).map(|s| (s, raw.clone())).collect();
-        self.gather(GatherKind::Info(Box::new(build)), &parts, now);
+        // On the control connections: INFO never waits behind client traffic (or a busy
+        // script), and fails at the usual op-timeout.
+        let deadline = now + self.w.shared.settings.op_timeout;
+        self.gather_on_control(
+            GatherKind::Info(Box::new(build)),
+            b"*1\r\n$4\r\nINFO\r\n",
+            deadline,
+        );
     }
 }
 

@@ -952,13 +952,15 @@ impl Session {
         if merge == Merge::AnyOk {
             // SCRIPT KILL, FUNCTION KILL: on the control connections, since the shared ones
             // may be the ones stuck behind the busy script.
-            return self.gather_on_control(kind, req.raw, now);
+            let deadline = now + crate::shard::CONTROL_TIMEOUT;
+            return self.gather_on_control(kind, req.raw, deadline);
         }
         self.gather_from_every_shard(kind, req.raw, now);
     }
 
-    /// Sends `raw` to every shard on its control connection and merges the replies.
-    fn gather_on_control(&mut self, kind: GatherKind, raw: &[u8], now: Instant) {
+    /// Sends `raw` to every shard on its control connection (never queued behind client
+    /// traffic or a busy script) and merges the replies; each fails at `deadline`.
+    pub(crate) fn gather_on_control(&mut self, kind: GatherKind, raw: &[u8], deadline: Instant) {
         let n = self.w.live().slot_map.shard_count();
         let g = Gather::new(kind, n, self.proto);
         let seq = self.queue.push_waiting(Slot::Gather(Box::new(g)));
@@ -969,7 +971,7 @@ impl Session {
                 seq,
                 part: shard as u32,
             };
-            up.send(raw, target, now);
+            up.send_until(raw, target, deadline);
         }
     }
 
