@@ -83,6 +83,22 @@ pub struct ReplyQueue {
     muting: Cell<bool>,
 }
 
+/// Writes reply `b` into `out` within `room` bytes: `true` when all of it went (its slot is
+/// done); else what fits was written, `b` keeps the rest, and the drain stops.
+#[inline(always)]
+fn copy_reply(b: &mut Bytes, out: &mut BytesMut, room: usize) -> bool {
+    if room == 0 {
+        return false;
+    }
+    if b.len() > room {
+        out.extend_from_slice(&b[..room]);
+        *b = b.slice(room..);
+        return false;
+    }
+    out.extend_from_slice(b);
+    true
+}
+
 /// The bits of [`ReplyQueue::attention`].
 pub struct Attention;
 
@@ -188,16 +204,9 @@ impl ReplyQueue {
         let mut n = 0;
         let before = out.len();
         while let Some(Slot::Ready(b)) = q.slots.front_mut() {
-            let room = max.saturating_sub(out.len() - before);
-            if room == 0 {
+            if !copy_reply(b, out, max.saturating_sub(out.len() - before)) {
                 break;
             }
-            if b.len() > room {
-                out.extend_from_slice(&b[..room]);
-                *b = b.slice(room..);
-                break;
-            }
-            out.extend_from_slice(b);
             q.slots.pop_front();
             q.base += 1;
             n += 1;
@@ -222,17 +231,8 @@ impl ReplyQueue {
             };
             if self.is_muted(base) {
                 dropped += b.len();
-            } else {
-                let room = max.saturating_sub(out.len() - before);
-                if room == 0 {
-                    break;
-                }
-                if b.len() > room {
-                    out.extend_from_slice(&b[..room]);
-                    *b = b.slice(room..);
-                    break;
-                }
-                out.extend_from_slice(b);
+            } else if !copy_reply(b, out, max.saturating_sub(out.len() - before)) {
+                break;
             }
             q.slots.pop_front();
             q.base += 1;

@@ -71,6 +71,18 @@ pub struct UpstreamAuth {
     pub password: Secret,
 }
 
+impl UpstreamAuth {
+    /// `AUTH [username] password` with these credentials (the plain form without a name).
+    fn auth_command(&self) -> Vec<&[u8]> {
+        let mut c: Vec<&[u8]> = vec![b"AUTH"];
+        if let Some(u) = &self.username {
+            c.push(u.as_bytes());
+        }
+        c.push(self.password.0.as_bytes());
+        c
+    }
+}
+
 /// How to reach and talk to one shard.
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
@@ -762,12 +774,7 @@ impl Upstream {
         let (user, password): (Option<&str>, Option<&str>) = match &self.cfg.mirror {
             Some(m) => {
                 if let Some(a) = auth {
-                    let mut c: Vec<&[u8]> = vec![b"AUTH"];
-                    if let Some(u) = &a.username {
-                        c.push(u.as_bytes());
-                    }
-                    c.push(a.password.0.as_bytes());
-                    cmds.push(c);
+                    cmds.push(a.auth_command());
                 }
                 pass = format!(">{}", m.password);
                 let mut c: Vec<&[u8]> =
@@ -1138,12 +1145,7 @@ async fn probe_busy(addr: SocketAddr, auth: Option<UpstreamAuth>) -> Option<bool
     let mut s = TcpStream::connect(addr).await.ok()?;
     let mut out = BytesMut::new();
     if let Some(a) = &auth {
-        let mut c: Vec<&[u8]> = vec![b"AUTH"];
-        if let Some(u) = &a.username {
-            c.push(u.as_bytes());
-        }
-        c.push(a.password.0.as_bytes());
-        push_command(&mut out, &c);
+        push_command(&mut out, &a.auth_command());
     }
     push_command(&mut out, &[b"PING"]);
     s.write_all(&out).await.ok()?;

@@ -154,11 +154,11 @@ impl Shared {
         self.inflight
             .iter()
             .filter_map(|w| w.lock().ok())
-            .flat_map(|w| {
+            .map(|w| {
                 w.iter()
                     .filter(|(a, _)| *a == addr)
-                    .map(|(_, n)| *n)
-                    .collect::<Vec<_>>()
+                    .map(|(_, n)| n)
+                    .sum::<usize>()
             })
             .sum()
     }
