@@ -39,6 +39,9 @@ LOCAL = [
     "readonly", "readwrite", "asking",
     "acl|whoami",
     "client|kill", "client|reply",
+    # Proxy-wide: MONITOR sees every client of slotgate; CLIENT PAUSE holds them all;
+    # CLIENT UNBLOCK reaches the shard a client of slotgate is blocked on.
+    "monitor", "client|pause", "client|unpause", "client|unblock",
 ]
 
 # Multi-key commands split per shard, replies merged.
@@ -125,10 +128,9 @@ REFUSED = [
     "move", "pfdebug", "pfselftest",
     "latency", "slowlog",  # + subcommands except help (see FAMILIES)
     "memory|purge",
-    "script|debug", "monitor",
+    "script|debug",
     # Connection controls of a single Redis that a proxy cannot honour for its clients.
-    "client|pause", "client|unpause", "client|tracking",
-    "client|trackinginfo", "client|caching", "client|getredir", "client|unblock",
+    "client|tracking", "client|trackinginfo", "client|caching", "client|getredir",
 ]
 
 # Containers whose route also applies to every subcommand that is not listed explicitly.
@@ -188,7 +190,12 @@ FLAG_CONSTS = {
     "movablekeys": "MOVABLEKEYS",
     "no_multi": "NO_MULTI",
     "allow_busy": "ALLOW_BUSY",
+    "may_replicate": "MAY_REPLICATE",
 }
+
+# Commands Redis flags MAY_REPLICATE in its command JSON files; Redis 7.0's COMMAND reply does
+# not show that flag, so it is added here. CLIENT PAUSE WRITE holds them like writes.
+MAY_REPLICATE = ["eval", "evalsha", "fcall", "pfcount", "publish", "spublish"]
 
 
 # Redis ACL category -> `acl::*` const (all 21 categories of Redis 7.0).
@@ -428,7 +435,8 @@ def emit_row(c, out, indent):
     out.append(pad + "CommandSpec {")
     out.append(pad + "    name: %s," % rust_str(c["name"]))
     out.append(pad + "    arity: %d," % c["arity"])
-    out.append(pad + "    flags: %s," % flags_expr(c["flags"]))
+    extra = ["may_replicate"] if c["name"] in MAY_REPLICATE else []
+    out.append(pad + "    flags: %s," % flags_expr(list(c["flags"]) + extra))
     out.append(pad + "    acl: %s," % acl_expr(c["acl"]))
     if c["key_specs"]:
         out.append(pad + "    key_specs: &[%s]," % ", ".join(c["key_specs"]))

@@ -74,6 +74,7 @@ pub mod auth;
 pub mod command;
 pub mod config;
 pub mod fanout;
+pub mod gate;
 pub mod metrics;
 pub mod netio;
 pub mod notify;

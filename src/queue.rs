@@ -114,6 +114,8 @@ impl Attention {
     /// A graceful shutdown: the session reads nothing more, answers what it has read, then
     /// closes.
     pub const DRAIN: u8 = 16;
+    /// A CLIENT PAUSE ended: a command it held is tried again.
+    pub const RESUME: u8 = 32;
     /// The bits that close the session.
     pub const CLOSE: u8 = Self::KILLED | Self::SUB_LOST | Self::OVERFLOW;
 }

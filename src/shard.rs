@@ -321,6 +321,9 @@ pub struct Upstream {
     /// Bytes with no pending request were queued (`send_oob`): `out` no longer maps onto the
     /// unsent requests, so none is cut out of it.
     oob: std::cell::Cell<bool>,
+    /// The shard's client id of a dedicated connection (0 until its `CLIENT ID` reply is in):
+    /// CLIENT UNBLOCK names it.
+    shard_id: Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// Why a connection was dropped.
@@ -380,6 +383,7 @@ impl Upstream {
             dead: std::cell::Cell::new(false),
             close_notify: LocalNotify::new(),
             oob: std::cell::Cell::new(false),
+            shard_id: Arc::default(),
         });
         tokio::task::spawn_local(up.clone().drive());
         up
@@ -842,8 +846,20 @@ impl Upstream {
                     });
                 }
             }
+            if self.cfg.dedicated {
+                // After the handshake, ahead of what was queued: the shard's id for this
+                // connection, which CLIENT UNBLOCK names (the reply is not waited for).
+                push_command(&mut st.handshake_out, &[b"CLIENT", b"ID"]);
+                let sink = Rc::new(ShardId(self.shard_id.clone()));
+                st.pending.push_front(Pending {
+                    target: Target::Sink(crate::queue::SinkRef::new(sink, 0)),
+                    deadline,
+                    len: 0,
+                });
+            }
             if let Some((out, n)) = self.handshake() {
-                st.handshake_out = out;
+                let id = std::mem::replace(&mut st.handshake_out, out);
+                st.handshake_out.extend_from_slice(&id);
                 st.handshaking = n;
                 for _ in 0..n {
                     st.pending.push_front(Pending {
@@ -920,13 +936,9 @@ impl Upstream {
     /// (messages). `Err` when the connection is no good any more.
     #[inline]
     fn on_frame(&self, bytes: Bytes, push: bool) -> Result<(), Fault> {
-        let handshake = matches!(
-            self.st.borrow().pending.front(),
-            Some(Pending {
-                target: Target::Handshake,
-                ..
-            })
-        );
+        // (A subscriber connection sends its commands out of band: what is pending on it is
+        // its handshake and its `CLIENT ID`, answered before any subscription.)
+        let handshake = !self.st.borrow().pending.is_empty();
         if !handshake && let Some(q) = self.sink.borrow().as_ref() {
             // A subscriber connection: confirmations fill their reply slot,
             // messages go out of band.
@@ -1184,6 +1196,11 @@ impl Pools {
         }
     }
 
+    /// The index of the shard at `addr` in this layout.
+    pub fn shard_index(&self, addr: SocketAddr) -> Option<usize> {
+        self.shards.iter().position(|(a, _)| *a == addr)
+    }
+
     /// The control connection to `shard` (see `control`): RESP2, its own timeout, and not
     /// counted as one of the shard's connections for readiness.
     pub fn control(&self, shard: usize) -> Rc<Upstream> {
@@ -1320,6 +1337,17 @@ impl Pools {
     }
 }
 
+/// Where a dedicated connection's `CLIENT ID` reply goes.
+struct ShardId(Arc<std::sync::atomic::AtomicI64>);
+
+impl crate::queue::Sink for ShardId {
+    fn deliver(self: Rc<Self>, _idx: u32, reply: Bytes) {
+        if let Some(id) = crate::resp::scan::reply_integer(&reply) {
+            self.0.store(id, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Idle dedicated connections kept per shard and protocol, ready for the next transaction or
 /// blocking command.
 const IDLE_DEDICATED: usize = 16;
@@ -1412,6 +1440,11 @@ impl Dedicated {
             proto,
             reusable: false,
         }
+    }
+
+    /// The shard's address, and the shard's client id for this connection (0 until known).
+    pub fn shard_client(&self) -> (SocketAddr, Arc<std::sync::atomic::AtomicI64>) {
+        (self.up.addr, self.up.shard_id.clone())
     }
 
     /// Returns the connection to the pool: everything sent on it so far leaves the shard's

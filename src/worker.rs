@@ -61,6 +61,8 @@ pub struct Shared {
     shard_up: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
     /// Per worker: requests in flight per shard address, published once a second.
     pub inflight: Vec<Mutex<Vec<(SocketAddr, usize)>>>,
+    /// CLIENT PAUSE and MONITOR (proxy-wide).
+    pub gate: crate::gate::Gate,
 }
 
 /// Process-wide counters (relaxed atomics; each is written by many workers only rarely, or is
@@ -87,7 +89,13 @@ pub struct ClientInfo {
     pub subscribed: bool,
     /// Notified by CLIENT KILL: the session closes.
     pub kill: Arc<tokio::sync::Notify>,
+    /// Where the client's blocking command waits, while one does (CLIENT UNBLOCK).
+    pub blocked_on: Arc<BlockedOn>,
 }
+
+/// The shard a client's blocking command waits on, and the shard's client id for its
+/// dedicated connection (0 until known).
+pub type BlockedOn = Mutex<Option<(SocketAddr, Arc<std::sync::atomic::AtomicI64>)>>;
 
 impl Shared {
     pub fn new(settings: Settings, prometheus: Option<PrometheusHandle>) -> Arc<Self> {
@@ -114,6 +122,7 @@ impl Shared {
             clients: Mutex::new(HashMap::new()),
             auth_guard: Default::default(),
             listen_addr: OnceLock::new(),
+            gate: Default::default(),
         })
     }
 

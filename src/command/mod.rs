@@ -27,6 +27,9 @@ pub mod flags {
     pub const MOVABLEKEYS: u32 = 1 << 11;
     pub const NO_MULTI: u32 = 1 << 12;
     pub const ALLOW_BUSY: u32 = 1 << 13;
+    /// Not a write, but may cause one to be replicated (EVAL, FCALL, PUBLISH, PFCOUNT …):
+    /// held by CLIENT PAUSE WRITE like a write.
+    pub const MAY_REPLICATE: u32 = 1 << 14;
 }
 
 /// Redis ACL categories (`@read`, `@write` …), as `COMMAND` reports them per command.

@@ -552,7 +552,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
                 acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS | acl::CONNECTION,
                 key_specs: &[],
-                route: Route::Refused,
+                route: Route::Local,
                 subcommands: &[],
             },
             CommandSpec {
@@ -606,7 +606,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
                 acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS | acl::CONNECTION,
                 key_specs: &[],
-                route: Route::Refused,
+                route: Route::Local,
                 subcommands: &[],
             },
             CommandSpec {
@@ -615,7 +615,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
                 acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS | acl::CONNECTION,
                 key_specs: &[],
-                route: Route::Refused,
+                route: Route::Local,
                 subcommands: &[],
             },
         ],
@@ -1136,7 +1136,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "eval",
         arity: -3,
-        flags: flags::NOSCRIPT | flags::STALE | flags::MOVABLEKEYS,
+        flags: flags::NOSCRIPT | flags::STALE | flags::MOVABLEKEYS | flags::MAY_REPLICATE,
         acl: acl::SLOW | acl::SCRIPTING,
         key_specs: &[KeySpec {
             access: access::READ | access::WRITE,
@@ -1170,7 +1170,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "evalsha",
         arity: -3,
-        flags: flags::NOSCRIPT | flags::STALE | flags::MOVABLEKEYS,
+        flags: flags::NOSCRIPT | flags::STALE | flags::MOVABLEKEYS | flags::MAY_REPLICATE,
         acl: acl::SLOW | acl::SCRIPTING,
         key_specs: &[KeySpec {
             access: access::READ | access::WRITE,
@@ -1290,7 +1290,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "fcall",
         arity: -3,
-        flags: flags::NOSCRIPT | flags::STALE | flags::MOVABLEKEYS,
+        flags: flags::NOSCRIPT | flags::STALE | flags::MOVABLEKEYS | flags::MAY_REPLICATE,
         acl: acl::SLOW | acl::SCRIPTING,
         key_specs: &[KeySpec {
             access: access::READ | access::WRITE,
@@ -2641,7 +2641,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         flags: flags::ADMIN | flags::NOSCRIPT | flags::LOADING | flags::STALE,
         acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
-        route: Route::Refused,
+        route: Route::Local,
         subcommands: &[],
     },
     CommandSpec {
@@ -2879,7 +2879,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "pfcount",
         arity: -2,
-        flags: flags::READONLY,
+        flags: flags::READONLY | flags::MAY_REPLICATE,
         acl: acl::READ | acl::HYPERLOGLOG | acl::SLOW,
         key_specs: &[KeySpec {
             access: access::READ,
@@ -3011,7 +3011,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "publish",
         arity: 3,
-        flags: flags::PUBSUB | flags::LOADING | flags::STALE | flags::FAST,
+        flags: flags::PUBSUB | flags::LOADING | flags::STALE | flags::FAST | flags::MAY_REPLICATE,
         acl: acl::PUBSUB | acl::FAST,
         key_specs: &[],
         route: Route::PubSub,
@@ -3929,7 +3929,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "spublish",
         arity: 3,
-        flags: flags::PUBSUB | flags::LOADING | flags::STALE | flags::FAST,
+        flags: flags::PUBSUB | flags::LOADING | flags::STALE | flags::FAST | flags::MAY_REPLICATE,
         acl: acl::PUBSUB | acl::FAST,
         key_specs: &[KeySpec {
             access: 0,

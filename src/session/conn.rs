@@ -213,6 +213,10 @@ impl<R: ReadSide, W: WriteSide> Conn<R, W> {
             s.queue.unflag(Attention::RELOAD);
             self.reloaded(s);
         }
+        if flags & Attention::RESUME != 0 {
+            // (`parse` has already tried the held command again.)
+            s.queue.unflag(Attention::RESUME);
+        }
         if flags & Attention::DRAIN != 0 {
             s.queue.unflag(Attention::DRAIN);
             self.drained = !self.eof;
@@ -360,12 +364,12 @@ impl<R: ReadSide, W: WriteSide> Conn<R, W> {
 
     /// Arms the idle timer when the client is idle: nothing in flight and nothing read for
     /// `idle_timeout` (Redis's `timeout`; like Redis, it does not apply to subscribed
-    /// clients). Whether it is armed.
+    /// clients, nor to one whose command a CLIENT PAUSE holds). Whether it is armed.
     #[inline]
     fn arm_idle(&mut self, s: &Session) -> bool {
         match (self.idle_timeout, self.idle_sleep.as_mut()) {
             (Some(d), Some(sleep))
-                if s.queue.is_empty() && self.out.is_empty() && !s.subscribed() =>
+                if s.queue.is_empty() && self.out.is_empty() && !s.subscribed() && !s.held =>
             {
                 sleep.as_mut().reset(Instant::now() + d);
                 true

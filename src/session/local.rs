@@ -65,6 +65,9 @@ impl Session {
             }
             "reset" => {
                 self.name = None;
+                if self.monitor.take().is_some() {
+                    self.update_output_class();
+                }
                 self.reset_pinned();
                 self.reset_subs();
                 // Back to the default user: authenticated only if it needs no password.
@@ -138,6 +141,10 @@ impl Session {
             "slotgate.status" => self.cache_status(req, now),
             "slotgate.reload" => self.reload_config(),
             "client|kill" => self.client_kill(req),
+            "monitor" => self.monitor(req),
+            "client|pause" => self.client_pause(req),
+            "client|unpause" => self.client_unpause(),
+            "client|unblock" => self.client_unblock(req, now),
             "acl|whoami" => self.reply(reply::bulk(self.user_name().as_bytes())),
             name if name == "cluster"
                 || name.starts_with("cluster|")
@@ -333,6 +340,7 @@ impl Session {
             name: self.name.clone().unwrap_or_default(),
             user: self.user_name().to_string(),
             kill: self.kill.clone(),
+            blocked_on: self.blocked_on.clone(),
             resp: if self.proto == Proto::Resp3 { 3 } else { 2 },
             subscribed: self.subscribed(),
         }

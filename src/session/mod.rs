@@ -8,6 +8,7 @@
 //! until replies drain, so a client that pipelines without reading costs bounded memory.
 
 mod conn;
+pub mod control;
 pub mod local;
 pub mod pinned;
 pub mod pubsub;
@@ -128,6 +129,12 @@ pub struct Session {
     layout: u64,
     /// CLIENT REPLY.
     pub(crate) reply_mode: ReplyMode,
+    /// The command in `deferred` waits for a CLIENT PAUSE to end.
+    pub(crate) held: bool,
+    /// MONITOR mode.
+    pub(crate) monitor: Option<control::Monitoring>,
+    /// Where a blocking command of this client waits (see `pinned::Blocked`).
+    pub(crate) blocked_on: Arc<crate::worker::BlockedOn>,
 }
 
 /// CLIENT REPLY ON|OFF|SKIP: whether replies are written. Muted replies are dropped by the
@@ -248,6 +255,9 @@ where
         listed_subscribed: false,
         layout: w.layout.get(),
         reply_mode: ReplyMode::On,
+        held: false,
+        monitor: None,
+        blocked_on: Arc::default(),
         w,
     };
     if !users.auth_required() {
@@ -263,6 +273,7 @@ where
         let (kill, queue) = (s.kill.clone(), s.queue.clone());
         let mut draining = shared.draining.subscribe();
         let mut reloads = s.w.reloads.subscribe();
+        let mut resumed = shared.gate.resumed();
         AbortOnDrop(tokio::task::spawn_local(async move {
             let mut drained = false;
             loop {
@@ -273,6 +284,7 @@ where
                         queue.flag(Attention::DRAIN);
                     }
                     Ok(()) = reloads.changed() => queue.flag(Attention::RELOAD),
+                    Ok(()) = resumed.changed() => queue.flag(Attention::RESUME),
                 }
             }
         }))
@@ -423,10 +435,11 @@ impl Session {
                 self.barrier = false;
             }
             if let Some(d) = self.deferred.take() {
-                if self.queue.waiting() > 0 {
+                if self.queue.waiting() > 0 || (self.held && self.pause_holds()) {
                     self.deferred = Some(d);
                     break;
                 }
+                self.held = false;
                 self.dispatch(&d.request(), now);
                 continue;
             }
@@ -485,6 +498,11 @@ impl Session {
                 return self.reply(e);
             }
         };
+        // CLIENT PAUSE and MONITOR: one load while neither is in use.
+        let gate = self.w.shared.gate.bits();
+        if gate != 0 && self.gated(spec, req) {
+            return;
+        }
         // Switching between shared and dedicated connections waits for what is in flight, and
         // so does anything after a blocking command (the connection is "blocked", as in Redis).
         let dedicated = if self.restricted && self.tx.is_none() && spec.runs_script() {
@@ -505,6 +523,9 @@ impl Session {
             self.on_dedicated = dedicated;
         }
         self.w.metrics.command(spec.name);
+        if gate & crate::gate::Gate::MONITOR != 0 {
+            self.feed_monitors(spec, req);
+        }
         self.dispatched += 1;
         if self.dispatched.is_multiple_of(crate::metrics::SAMPLE_EVERY) {
             let seq = self.queue.next_seq();

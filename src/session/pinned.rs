@@ -49,6 +49,8 @@ pub struct Tx {
     /// changed unseen, so EXEC answers a null array (as when a watched key was touched) and
     /// runs nothing.
     watch_lost: bool,
+    /// A command that may write was queued: CLIENT PAUSE WRITE holds the EXEC.
+    pub(crate) writes: bool,
 }
 
 /// WATCHed keys outside MULTI: their dedicated connection and slot, and what their WATCH
@@ -120,14 +122,24 @@ impl Watch {
 pub struct Blocked {
     conn: Option<Dedicated>,
     count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// The session's CLIENT UNBLOCK entry, set while the command waits.
+    on: std::sync::Arc<crate::worker::BlockedOn>,
 }
 
 impl Blocked {
-    fn new(conn: Dedicated, count: &std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Self {
+    fn new(
+        conn: Dedicated,
+        count: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        on: &std::sync::Arc<crate::worker::BlockedOn>,
+    ) -> Self {
         count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut on) = on.lock() {
+            *on = Some(conn.shard_client());
+        }
         Blocked {
             conn: Some(conn),
             count: count.clone(),
+            on: on.clone(),
         }
     }
 
@@ -141,6 +153,9 @@ impl Blocked {
 
 impl Drop for Blocked {
     fn drop(&mut self) {
+        if let Ok(mut on) = self.on.lock() {
+            *on = None;
+        }
         self.count
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
@@ -407,6 +422,7 @@ impl Session {
                 _ => {}
             }
         }
+        tx.writes |= crate::session::control::may_write(spec);
         let d = self.op_deadline(now);
         if self.tx.as_ref().is_some_and(|t| t.conn.is_none()) {
             if slot.is_none() {
@@ -447,7 +463,11 @@ impl Session {
             Err(e) => return self.reply(e),
         };
         self.send_dedicated(&conn, req.raw, now + FOREVER);
-        self.blocked = Some(Blocked::new(conn, &self.w.shared.blocked_clients));
+        self.blocked = Some(Blocked::new(
+            conn,
+            &self.w.shared.blocked_clients,
+            &self.blocked_on,
+        ));
     }
 
     /// Drops the transaction and watches (RESET): their connections close, so the shard

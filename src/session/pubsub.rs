@@ -121,11 +121,14 @@ impl Session {
         let subscribed = self.subscribed();
         {
             let settings = self.w.live();
-            self.queue.set_output_limit(if subscribed {
-                settings.obuf_pubsub
-            } else {
-                settings.obuf_normal
-            });
+            // (A monitor has the pub/sub class's limits too: it receives a stream it did not
+            // ask for line by line.)
+            self.queue
+                .set_output_limit(if subscribed || self.monitor.is_some() {
+                    settings.obuf_pubsub
+                } else {
+                    settings.obuf_normal
+                });
         }
         if subscribed != self.listed_subscribed {
             self.listed_subscribed = subscribed;

@@ -1,0 +1,206 @@
+//! The proxy-wide controls a client can use on all of slotgate's clients: MONITOR, CLIENT
+//! PAUSE / UNPAUSE (their state is the worker-shared [`Gate`]), and CLIENT UNBLOCK.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{AbortOnDrop, Session};
+use crate::command::{CommandSpec, flags};
+use crate::gate::{Gate, PauseMode};
+use crate::queue::{Slot, Target};
+use crate::resp::Request;
+use crate::resp::reply;
+
+/// Whether CLIENT PAUSE WRITE holds this command: a write, or one that may cause a write
+/// (EVAL, EVALSHA, FCALL, PUBLISH, SPUBLISH, PFCOUNT), as Redis decides.
+pub fn may_write(spec: &CommandSpec) -> bool {
+    spec.has(flags::WRITE | flags::MAY_REPLICATE)
+}
+
+/// A session in MONITOR mode: its place in the gate's list, and the task moving lines into
+/// its output. Dropping it (RESET, or the session's end) ends MONITOR mode.
+pub struct Monitoring {
+    gate: Arc<crate::worker::Shared>,
+    id: u64,
+    _forward: AbortOnDrop,
+}
+
+impl Drop for Monitoring {
+    fn drop(&mut self) {
+        self.gate.gate.remove_monitor(self.id);
+    }
+}
+
+/// The error Redis answers a monitoring client that sends a command touching keys.
+const MONITOR_KEYSPACE: &[u8] = b"-ERR Replica can't interact with the keyspace\r\n";
+
+impl Session {
+    /// While a pause or a monitor exists: holds a command that a CLIENT PAUSE covers (it is
+    /// tried again when the pause ends; the client's later commands wait behind it, as in
+    /// Redis), and refuses keyspace commands from a monitoring client. `true` when the
+    /// command must not go on now.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn gated(&mut self, spec: &CommandSpec, req: &Request<'_>) -> bool {
+        let gate = &self.w.shared.gate;
+        if gate.bits() & Gate::PAUSE != 0 {
+            let writes = may_write(spec)
+                || (spec.name == "exec" && self.tx.as_ref().is_some_and(|t| t.writes));
+            if gate.holds(writes) {
+                self.deferred = Some(crate::session::pinned::Deferred::from(req));
+                self.held = true;
+                return true;
+            }
+        }
+        if self.monitor.is_some() && spec.has(flags::READONLY | flags::WRITE | flags::MAY_REPLICATE)
+        {
+            self.reply_static(MONITOR_KEYSPACE);
+            return true;
+        }
+        false
+    }
+
+    /// Whether the command this session holds must go on waiting (a pause may be in force;
+    /// `gated` decides when it is tried).
+    pub(super) fn pause_holds(&self) -> bool {
+        self.w.shared.gate.bits() & Gate::PAUSE != 0
+    }
+
+    /// Shows a command to the monitors, as Redis does: not the administrative ones (CONFIG,
+    /// CLIENT LIST, MONITOR …), and AUTH's secrets redacted.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn feed_monitors(&self, spec: &CommandSpec, req: &Request<'_>) {
+        if !spec.has(flags::ADMIN) {
+            self.w.shared.gate.feed(&self.addr, req);
+        }
+    }
+
+    /// `MONITOR`: from now on the client receives every command that passes through
+    /// slotgate, from every worker. A second MONITOR gets no reply (as in Redis).
+    pub(super) fn monitor(&mut self, req: &Request<'_>) {
+        if self.monitor.is_some() {
+            return;
+        }
+        if self.queue.waiting() > 0 {
+            // Its `+OK` must come after the replies in flight, and the lines after its `+OK`.
+            self.deferred = Some(crate::session::pinned::Deferred::from(req));
+            return;
+        }
+        self.reply_static(reply::OK);
+        let shared = self.w.shared.clone();
+        let feed = shared.gate.add_monitor(self.id, self.kill.clone());
+        let queue = self.queue.clone();
+        let forward = tokio::task::spawn_local(async move {
+            let (mut rx, backlog) = (feed.rx, feed.backlog);
+            while let Some(line) = rx.recv().await {
+                backlog.fetch_sub(line.len(), Ordering::Relaxed);
+                queue.push_oob(line);
+            }
+        });
+        self.monitor = Some(Monitoring {
+            gate: shared,
+            id: self.id,
+            _forward: AbortOnDrop(forward),
+        });
+        self.update_output_class();
+    }
+
+    /// `CLIENT PAUSE timeout [WRITE|ALL]`: every client of slotgate (this one too) stops at
+    /// its next command that the pause covers, until the timeout or CLIENT UNPAUSE.
+    pub(super) fn client_pause(&mut self, req: &Request<'_>) {
+        let mode = if req.argc() == 4 {
+            let m = req.arg(3);
+            if m.eq_ignore_ascii_case(b"write") {
+                PauseMode::Write
+            } else if m.eq_ignore_ascii_case(b"all") {
+                PauseMode::All
+            } else {
+                return self.reply_static(b"-ERR CLIENT PAUSE mode must be WRITE or ALL\r\n");
+            }
+        } else {
+            PauseMode::All
+        };
+        let ms = match std::str::from_utf8(req.arg(2))
+            .ok()
+            .and_then(|s| s.parse::<i64>().ok())
+        {
+            Some(ms) if ms < 0 => return self.reply_static(b"-ERR timeout is negative\r\n"),
+            Some(ms) => ms as u64,
+            None => {
+                return self.reply_static(b"-ERR timeout is not an integer or out of range\r\n");
+            }
+        };
+        let now = Instant::now();
+        // (A timeout past what the clock can hold lasts until CLIENT UNPAUSE, in practice.)
+        let until = now
+            .checked_add(Duration::from_millis(ms))
+            .unwrap_or(now + Duration::from_secs(100 * 365 * 86_400));
+        let shared = self.w.shared.clone();
+        shared.gate.pause(mode, until);
+        tracing::info!(client = self.id, ?mode, timeout_ms = ms, "CLIENT PAUSE");
+        tokio::task::spawn_local(async move {
+            tokio::time::sleep_until(until).await;
+            shared.gate.expire();
+        });
+        self.reply_static(reply::OK);
+    }
+
+    /// `CLIENT UNPAUSE`.
+    pub(super) fn client_unpause(&mut self) {
+        self.w.shared.gate.unpause();
+        self.reply_static(reply::OK);
+    }
+
+    /// `CLIENT UNBLOCK id [TIMEOUT|ERROR]` for a client of slotgate blocked in BLPOP, XREAD
+    /// BLOCK, WAIT …: the shard its command waits on is asked, on the control connection, to
+    /// unblock that command's dedicated connection. The blocked client then gets the shard's
+    /// answer (a timeout's null, or `-UNBLOCKED …`); this one gets `:1`, or `:0` when the
+    /// client is not blocked.
+    pub(super) fn client_unblock(&mut self, req: &Request<'_>, now: Instant) {
+        let Some(id) = std::str::from_utf8(req.arg(2))
+            .ok()
+            .and_then(|s| s.parse::<i64>().ok())
+        else {
+            return self.reply_static(reply::NOT_INTEGER);
+        };
+        let reason: &[u8] = match req.argc() {
+            4 if req.arg(3).eq_ignore_ascii_case(b"timeout") => b"TIMEOUT",
+            4 if req.arg(3).eq_ignore_ascii_case(b"error") => b"ERROR",
+            4 => {
+                return self
+                    .reply_static(b"-ERR CLIENT UNBLOCK reason should be TIMEOUT or ERROR\r\n");
+            }
+            _ => b"TIMEOUT",
+        };
+        let on = u64::try_from(id).ok().and_then(|id| {
+            let clients = self.w.shared.clients.lock().ok()?;
+            let on = clients.get(&id)?.blocked_on.lock().ok()?.clone()?;
+            Some((on.0, on.1.load(Ordering::Relaxed)))
+        });
+        let target = on.and_then(|(addr, shard_id)| {
+            let shard = self.w.pools().shard_index(addr)?;
+            (shard_id > 0).then_some((shard, shard_id))
+        });
+        let Some((shard, shard_id)) = target else {
+            return self.reply(reply::integer(0));
+        };
+        let raw = crate::resp::request::command(&[
+            b"CLIENT",
+            b"UNBLOCK",
+            shard_id.to_string().as_bytes(),
+            reason,
+        ]);
+        let seq = self.queue.push_waiting(Slot::Waiting);
+        let target = Target::Client {
+            queue: self.queue.clone(),
+            seq,
+            part: 0,
+        };
+        let up = self.w.pools().control(shard);
+        up.send_until(&raw, target, now + crate::shard::CONTROL_TIMEOUT);
+    }
+}
