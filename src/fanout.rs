@@ -78,6 +78,8 @@ impl GatherKind {
 
 /// Replies collected so far for one split command.
 pub struct Gather {
+    /// The command, for INFO's `failed_calls` (set by the session).
+    pub cmd: Option<&'static str>,
     kind: GatherKind,
     parts: Vec<Option<Bytes>>,
     missing: usize,
@@ -87,6 +89,7 @@ pub struct Gather {
 impl Gather {
     pub fn new(kind: GatherKind, parts: usize, proto: Proto) -> Self {
         Gather {
+            cmd: None,
             kind,
             parts: vec![None; parts],
             missing: parts,

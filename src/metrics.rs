@@ -103,10 +103,110 @@ pub struct WorkerMetrics {
     /// Keyed by the address of the command table's name: every name is a distinct
     /// `&'static str`, so the address identifies it and hashing is a multiply, not SipHash
     /// over the bytes (callgrind showed SipHash at ~1% of a GET).
-    commands: RefCell<HashMap<usize, (&'static str, u64), BuildHasherDefault<AddrHasher>>>,
+    commands:
+        RefCell<HashMap<usize, (&'static str, CommandCounts), BuildHasherDefault<AddrHasher>>>,
     /// The command counted last and how many times in a row, not yet in `commands`: a run
     /// of one command (the common case) costs a comparison per command, not a map lookup.
     run: std::cell::Cell<Option<(&'static str, u64)>>,
+}
+
+/// What INFO commandstats shows of one command.
+#[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommandCounts {
+    pub calls: u64,
+    /// Sampled latencies (one command in [`SAMPLE_EVERY`]): their sum and count. The time
+    /// per call is their mean.
+    pub sampled_usec: u64,
+    pub samples: u64,
+    /// Refused before running (unknown subcommand, arity, authentication, permissions).
+    pub rejected: u64,
+    /// Answered with an error (slotgate's own or the shard's).
+    pub failed: u64,
+}
+
+impl CommandCounts {
+    fn add(&mut self, o: &CommandCounts) {
+        self.calls += o.calls;
+        self.sampled_usec += o.sampled_usec;
+        self.samples += o.samples;
+        self.rejected += o.rejected;
+        self.failed += o.failed;
+    }
+}
+
+/// Errors answered, counted where they are seen (off the hot path: only error replies get
+/// here). Per thread, so per worker; [`WorkerMetrics::publish`] moves them to the totals.
+#[derive(Default)]
+struct ErrorCounts {
+    /// Per command (address of its table name, as in `commands`): rejected, failed.
+    per_command: HashMap<usize, (&'static str, u64, u64), BuildHasherDefault<AddrHasher>>,
+    /// Per error prefix (`ERR`, `WRONGTYPE` …).
+    prefixes: HashMap<String, u64>,
+    total: u64,
+}
+
+thread_local! {
+    static ERRORS: RefCell<ErrorCounts> = RefCell::default();
+}
+
+/// Most distinct error prefixes counted (Redis's limit too); errors with other prefixes still
+/// count in the total.
+pub const ERROR_PREFIXES_MAX: usize = 128;
+
+/// The prefix Redis's errorstats counts an error reply under: its first word (within 32
+/// bytes), or `ERR` when it has none.
+pub fn error_prefix(reply: &[u8]) -> &[u8] {
+    let body = reply.strip_prefix(b"-").unwrap_or(reply);
+    let head = &body[..body.len().min(31)];
+    match head.iter().position(|&c| c == b' ') {
+        Some(n) if n > 0 => &head[..n],
+        _ => b"ERR",
+    }
+}
+
+/// Counts an error reply of command `cmd` (when known): `rejected` before it ran, else failed.
+#[cold]
+#[inline(never)]
+pub fn note_error(cmd: Option<&'static str>, reply: &[u8], rejected: bool) {
+    ERRORS.with(|e| {
+        let mut e = e.borrow_mut();
+        e.total += 1;
+        if let Some(name) = cmd {
+            let c = e
+                .per_command
+                .entry(name.as_ptr() as usize)
+                .or_insert((name, 0, 0));
+            if rejected {
+                c.1 += 1;
+            } else {
+                c.2 += 1;
+            }
+        }
+        let prefix = String::from_utf8_lossy(error_prefix(reply));
+        let full = e.prefixes.len() >= ERROR_PREFIXES_MAX;
+        match e.prefixes.get_mut(prefix.as_ref()) {
+            Some(n) => *n += 1,
+            None if !full => {
+                e.prefixes.insert(prefix.into_owned(), 1);
+            }
+            None => {}
+        }
+    });
+}
+
+/// The process's command and error statistics (INFO commandstats, errorstats and
+/// `total_error_replies`): what every worker published.
+#[derive(Default, Debug)]
+pub struct CommandTotals {
+    pub commands: HashMap<&'static str, CommandCounts>,
+    pub errors: HashMap<String, u64>,
+    pub total_errors: u64,
+}
+
+impl CommandTotals {
+    fn command(&mut self, name: &'static str) -> &mut CommandCounts {
+        self.commands.entry(name).or_default()
+    }
 }
 
 /// Hashes one `usize` (an address) with a multiply.
@@ -142,20 +242,56 @@ impl WorkerMetrics {
     /// Adds the current run to the map and starts `next`.
     fn end_run(&self, next: Option<(&'static str, u64)>) {
         if let Some((name, n)) = self.run.replace(next) {
-            self.commands
-                .borrow_mut()
-                .entry(name.as_ptr() as usize)
-                .or_insert((name, 0))
-                .1 += n;
+            self.counts(name, |c| c.calls += n);
         }
     }
 
-    /// Moves the counts into the registry.
-    pub fn publish(&self) {
+    fn counts(&self, name: &'static str, f: impl FnOnce(&mut CommandCounts)) {
+        f(&mut self
+            .commands
+            .borrow_mut()
+            .entry(name.as_ptr() as usize)
+            .or_insert((name, CommandCounts::default()))
+            .1);
+    }
+
+    /// A sampled command's latency (see [`SAMPLE_EVERY`]).
+    pub fn sampled(&self, name: &'static str, took: std::time::Duration) {
+        self.counts(name, |c| {
+            c.sampled_usec += took.as_micros() as u64;
+            c.samples += 1;
+        });
+    }
+
+    /// Moves the counts into the registry and into the process's `totals`.
+    pub fn publish(&self, totals: &std::sync::Mutex<CommandTotals>) {
         self.end_run(None);
-        for (_, (name, n)) in self.commands.borrow_mut().drain() {
-            metrics::counter!(COMMANDS, "command" => name).increment(n);
+        let mut t = totals.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, (name, c)) in self.commands.borrow_mut().drain() {
+            if c.calls > 0 {
+                metrics::counter!(COMMANDS, "command" => name).increment(c.calls);
+            }
+            t.command(name).add(&c);
         }
+        ERRORS.with(|e| {
+            let mut e = e.borrow_mut();
+            for (_, (name, rejected, failed)) in e.per_command.drain() {
+                let c = t.command(name);
+                c.rejected += rejected;
+                c.failed += failed;
+            }
+            for (prefix, n) in e.prefixes.drain() {
+                let full = t.errors.len() >= ERROR_PREFIXES_MAX;
+                match t.errors.get_mut(&prefix) {
+                    Some(m) => *m += n,
+                    None if !full => {
+                        t.errors.insert(prefix, n);
+                    }
+                    None => {}
+                }
+            }
+            t.total_errors += std::mem::take(&mut e.total);
+        });
     }
 }
 
@@ -170,12 +306,48 @@ mod tests {
             m.command(name);
         }
         m.end_run(None);
-        let mut counts: Vec<(&str, u64)> = m.commands.borrow().values().copied().collect();
+        let mut counts: Vec<(&str, u64)> = m
+            .commands
+            .borrow()
+            .values()
+            .map(|(n, c)| (*n, c.calls))
+            .collect();
         counts.sort();
         assert_eq!(counts, vec![("del", 1), ("get", 3), ("set", 4)]);
-        // Nothing is left in the run after publishing.
+        // Nothing is left in the run after publishing; the totals have it all.
         m.command("get");
-        m.publish();
+        let totals = std::sync::Mutex::default();
+        m.publish(&totals);
         assert!(m.run.get().is_none() && m.commands.borrow().is_empty());
+        assert_eq!(totals.lock().unwrap().commands["get"].calls, 4);
+    }
+
+    #[test]
+    fn errors_count_by_command_and_prefix_as_redis() {
+        assert_eq!(
+            error_prefix(b"-WRONGTYPE Operation against a key"),
+            b"WRONGTYPE"
+        );
+        assert_eq!(error_prefix(b"-ERR unknown command"), b"ERR");
+        assert_eq!(error_prefix(b"-NOSPACEINTHISERROR"), b"ERR");
+        assert_eq!(
+            error_prefix(b"-AVERYVERYVERYLONGPREFIXPASTTHIRTYTWOBYTES x"),
+            b"ERR"
+        );
+        let m = WorkerMetrics::default();
+        note_error(Some("get"), b"-WRONGTYPE x\r\n", false);
+        note_error(Some("get"), b"-ERR wrong number of arguments\r\n", true);
+        note_error(None, b"-ERR unknown command\r\n", true);
+        let totals = std::sync::Mutex::default();
+        m.publish(&totals);
+        let t = totals.lock().unwrap();
+        assert_eq!(
+            (t.commands["get"].rejected, t.commands["get"].failed),
+            (1, 1)
+        );
+        assert_eq!(
+            (t.errors["ERR"], t.errors["WRONGTYPE"], t.total_errors),
+            (2, 1, 3)
+        );
     }
 }

@@ -21,8 +21,9 @@ use std::time::Duration;
 
 /// One command's reply, in request order.
 pub enum Slot {
-    /// Forwarded; waiting for its shard.
-    Waiting,
+    /// Forwarded; waiting for its shard. Names its command (when known) for INFO's
+    /// `failed_calls`.
+    Waiting(Option<&'static str>),
     /// Ready to be written.
     Ready(Bytes),
     /// Split over several shards; merged when every part has arrived.
@@ -167,12 +168,15 @@ impl ReplyQueue {
         let Some(slot) = q.slots.get_mut(idx as usize) else {
             return;
         };
-        let ready = match slot {
-            Slot::Waiting => Some(reply),
-            Slot::Gather(g) => g.put(part as usize, reply),
-            Slot::Ready(_) => None,
+        let (ready, cmd) = match slot {
+            Slot::Waiting(cmd) => (Some(reply), *cmd),
+            Slot::Gather(g) => (g.put(part as usize, reply), g.cmd),
+            Slot::Ready(_) => (None, None),
         };
         if let Some(reply) = ready {
+            if reply.first() == Some(&b'-') {
+                crate::metrics::note_error(cmd, &reply, false);
+            }
             let len = reply.len();
             *slot = Slot::Ready(reply);
             q.waiting -= 1;
@@ -671,9 +675,9 @@ mod tests {
     #[test]
     fn replies_leave_in_request_order_whatever_order_they_arrive_in() {
         let q = ReplyQueue::new();
-        let a = q.push_waiting(Slot::Waiting);
+        let a = q.push_waiting(Slot::Waiting(None));
         q.push_ready(Bytes::from_static(b"+local\r\n"));
-        let b = q.push_waiting(Slot::Waiting);
+        let b = q.push_waiting(Slot::Waiting(None));
         client(&q, b).deliver(Bytes::from_static(b":2\r\n"));
         assert_eq!(drain(&q), b"", "the first reply is not there yet");
         client(&q, a).deliver(Bytes::from_static(b":1\r\n"));
@@ -713,7 +717,7 @@ mod tests {
     #[test]
     fn timed_out_requests_keep_counting_until_their_late_reply() {
         let q = ReplyQueue::new();
-        let seq = q.push_waiting(Slot::Waiting);
+        let seq = q.push_waiting(Slot::Waiting(None));
         let ghost = client(&q, seq).expire(Bytes::from_static(b"-ERR outcome unknown\r\n"));
         assert_eq!(drain(&q), b"-ERR outcome unknown\r\n");
         assert!(!q.has_room(1), "the abandoned request still counts");
@@ -729,17 +733,17 @@ mod tests {
         // Before any reply: a first window of requests.
         for _ in 0..FIRST_WINDOW {
             assert!(q.has_room(usize::MAX));
-            q.push_waiting(Slot::Waiting);
+            q.push_waiting(Slot::Waiting(None));
         }
         assert!(!q.has_room(usize::MAX));
         // Replies of 4 MiB: the budget holds 8 of them.
         let q = ReplyQueue::new();
-        let first = q.push_waiting(Slot::Waiting);
+        let first = q.push_waiting(Slot::Waiting(None));
         q.deliver(first, 0, Bytes::from(vec![b'v'; 4 << 20]));
         drain(&q);
         let mut n = 0;
         while q.has_room(usize::MAX) {
-            q.push_waiting(Slot::Waiting);
+            q.push_waiting(Slot::Waiting(None));
             n += 1;
         }
         assert_eq!(n, INFLIGHT_REPLY_BUDGET / (4 << 20));

@@ -1669,7 +1669,7 @@ mod tests {
 
     /// Sends `cmd` for the next slot of `q`.
     fn send(up: &Upstream, q: &Rc<crate::queue::ReplyQueue>, cmd: &[&[u8]]) {
-        let seq = q.push_waiting(crate::queue::Slot::Waiting);
+        let seq = q.push_waiting(crate::queue::Slot::Waiting(None));
         let target = Target::Client {
             queue: q.clone(),
             seq,

@@ -63,6 +63,9 @@ pub struct Shared {
     pub inflight: Vec<Mutex<Vec<(SocketAddr, usize)>>>,
     /// CLIENT PAUSE and MONITOR (proxy-wide).
     pub gate: crate::gate::Gate,
+    /// INFO commandstats and errorstats: what the workers published (once a second, and
+    /// by the worker answering INFO just before).
+    pub command_totals: Mutex<crate::metrics::CommandTotals>,
 }
 
 /// Process-wide counters (relaxed atomics; each is written by many workers only rarely, or is
@@ -123,6 +126,7 @@ impl Shared {
             auth_guard: Default::default(),
             listen_addr: OnceLock::new(),
             gate: Default::default(),
+            command_totals: Mutex::default(),
         })
     }
 
@@ -350,7 +354,7 @@ impl Worker {
                 .stats
                 .commands_processed
                 .fetch_add(c, Ordering::Relaxed);
-            self.metrics.publish();
+            self.metrics.publish(&self.shared.command_totals);
             let pending = self.pools().pending_per_shard();
             let shards = self.live().shards.clone();
             if let Ok(mut mine) = self.shared.inflight[self.id].lock() {

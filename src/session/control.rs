@@ -194,7 +194,7 @@ impl Session {
             shard_id.to_string().as_bytes(),
             reason,
         ]);
-        let seq = self.queue.push_waiting(Slot::Waiting);
+        let seq = self.queue.push_waiting(Slot::Waiting(self.cmd));
         let target = Target::Client {
             queue: self.queue.clone(),
             seq,

@@ -208,7 +208,9 @@ impl Session {
         if !matches!(sent, Some(Ok(()))) {
             return self.reply(reply::reload_failed("reloads are not available"));
         }
-        let seq = self.queue.push_waiting(crate::queue::Slot::Waiting);
+        let seq = self
+            .queue
+            .push_waiting(crate::queue::Slot::Waiting(self.cmd));
         let queue = self.queue.clone();
         tokio::task::spawn_local(async move {
             let reply = match outcome.await {
@@ -521,6 +523,8 @@ impl Session {
             .map(|i| String::from_utf8_lossy(req.arg(i)).to_ascii_lowercase())
             .collect();
         let shared = self.w.shared.clone();
+        // This worker's latest counts first (the others publish theirs once a second).
+        self.w.metrics.publish(&shared.command_totals);
         let connected = self.w.pools().connected();
         let proto = self.proto;
         let build = move |parts: &[Bytes]| -> Bytes {
@@ -642,6 +646,129 @@ fn db0(text: &str) -> (u64, u64, u64) {
             .unwrap_or(0)
     };
     (get("keys"), get("expires"), get("avg_ttl"))
+}
+
+/// INFO's `# Commandstats`, as Redis (`cmdstat_<name>:calls=…,usec=…,usec_per_call=…,
+/// rejected_calls=…,failed_calls=…`), counted by slotgate: `usec_per_call` is the mean of the
+/// sampled latencies (one command in `metrics::SAMPLE_EVERY`, from reading the command to its
+/// reply being written) and `usec` that mean times `calls`.
+fn commandstats_info(shared: &Shared) -> String {
+    let t = shared
+        .command_totals
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let mut rows: Vec<_> = t.commands.iter().collect();
+    rows.sort_by_key(|(name, _)| **name);
+    let mut out = String::new();
+    for (name, c) in rows {
+        let per_call = if c.samples > 0 {
+            c.sampled_usec as f64 / c.samples as f64
+        } else {
+            0.0
+        };
+        out.push_str(&format!(
+            "cmdstat_{name}:calls={},usec={},usec_per_call={per_call:.2},rejected_calls={},\
+             failed_calls={}\r\n",
+            c.calls,
+            (per_call * c.calls as f64) as u64,
+            c.rejected,
+            c.failed
+        ));
+    }
+    out
+}
+
+/// INFO's `# Errorstats`: `errorstat_<PREFIX>:count=…` for every error slotgate answered, its
+/// own and the shards' (Redis's first-word prefix; at most 128 prefixes).
+fn errorstats_info(shared: &Shared) -> String {
+    let t = shared
+        .command_totals
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let mut rows: Vec<_> = t.errors.iter().collect();
+    rows.sort();
+    rows.iter()
+        .map(|(prefix, n)| format!("errorstat_{prefix}:count={n}\r\n"))
+        .collect()
+}
+
+/// INFO's `# Memory`: the shards' figures summed where a sum means something, and slotgate's
+/// own resident size as its own field.
+fn memory_info(texts: &[Option<&str>]) -> String {
+    let sum = |field: &str| -> u64 {
+        texts
+            .iter()
+            .flatten()
+            .filter_map(|t| info_field(t, field)?.parse::<u64>().ok())
+            .sum()
+    };
+    let used = sum("used_memory");
+    format!(
+        "used_memory:{used}\r\nused_memory_human:{}\r\nused_memory_rss:{}\r\n\
+         used_memory_peak:{}\r\nmaxmemory:{}\r\nused_memory_shards_sum:{used}\r\n\
+         proxy_used_memory_rss:{}\r\n",
+        human_bytes(used),
+        sum("used_memory_rss"),
+        sum("used_memory_peak"),
+        sum("maxmemory"),
+        own_rss_bytes()
+    )
+}
+
+/// Redis's `_human` memory figures (`1.50M`).
+fn human_bytes(n: u64) -> String {
+    let units = [
+        (1u64 << 40, 'T'),
+        (1 << 30, 'G'),
+        (1 << 20, 'M'),
+        (1 << 10, 'K'),
+    ];
+    match units.iter().find(|(u, _)| n >= *u) {
+        Some((u, c)) => format!("{:.2}{c}", n as f64 / *u as f64),
+        None => format!("{n}B"),
+    }
+}
+
+/// INFO's `# Persistence`, over the shards: counts summed, "in progress" flags and `loading`
+/// set when any shard's is, the oldest `rdb_last_save_time`, and a status `err` when any
+/// shard's is not `ok`.
+fn persistence_info(texts: &[Option<&str>]) -> String {
+    let shards: Vec<&str> = texts.iter().flatten().copied().collect();
+    let nums = |field: &str| -> Vec<i64> {
+        shards
+            .iter()
+            .filter_map(|t| info_field(t, field)?.parse::<i64>().ok())
+            .collect()
+    };
+    let mut out = String::new();
+    for field in [
+        "loading",
+        "async_loading",
+        "rdb_bgsave_in_progress",
+        "aof_enabled",
+        "aof_rewrite_in_progress",
+        "aof_rewrite_scheduled",
+    ] {
+        let v = nums(field).into_iter().max().unwrap_or(0);
+        out.push_str(&format!("{field}:{v}\r\n"));
+    }
+    for field in ["rdb_changes_since_last_save", "rdb_saves", "aof_rewrites"] {
+        let v: i64 = nums(field).into_iter().sum();
+        out.push_str(&format!("{field}:{v}\r\n"));
+    }
+    let last_save = nums("rdb_last_save_time").into_iter().min().unwrap_or(0);
+    out.push_str(&format!("rdb_last_save_time:{last_save}\r\n"));
+    for field in [
+        "rdb_last_bgsave_status",
+        "aof_last_bgrewrite_status",
+        "aof_last_write_status",
+    ] {
+        let ok = shards
+            .iter()
+            .all(|t| info_field(t, field).is_none_or(|v| v == "ok"));
+        out.push_str(&format!("{field}:{}\r\n", if ok { "ok" } else { "err" }));
+    }
+    out
 }
 
 /// INFO's `# Server`, with the shards' Redis version.
@@ -808,11 +935,13 @@ fn build_info(shared: &Arc<Shared>, wanted: &[String], up: &[bool], parts: &[Byt
         .flatten()
         .find_map(|t| info_field(t, "redis_version"))
         .unwrap_or(FALLBACK_VERSION);
-    let all = wanted.is_empty()
-        || wanted
-            .iter()
-            .any(|w| matches!(w.as_str(), "all" | "everything" | "default"));
-    let want = |s: &str| all || wanted.iter().any(|w| w == s);
+    // As Redis: no argument or `default` is every section but commandstats and
+    // latencystats; `all` and `everything` are every section.
+    let all = wanted
+        .iter()
+        .any(|w| matches!(w.as_str(), "all" | "everything"));
+    let default = all || wanted.is_empty() || wanted.iter().any(|w| w == "default");
+    let want = |s: &str| (default && s != "commandstats") || all || wanted.iter().any(|w| w == s);
     let settings = &*shared.live();
     let mut out = String::with_capacity(2048);
     let mut section = |name: &str, body: String| {
@@ -831,19 +960,10 @@ fn build_info(shared: &Arc<Shared>, wanted: &[String], up: &[bool], parts: &[Byt
         section("Clients", clients_info(shared, settings.maxclients));
     }
     if want("memory") {
-        let used: u64 = texts
-            .iter()
-            .flatten()
-            .filter_map(|t| info_field(t, "used_memory")?.parse::<u64>().ok())
-            .sum();
-        section(
-            "Memory",
-            format!(
-                "used_memory:{used}\r\nused_memory_shards_sum:{used}\r\n\
-                 proxy_used_memory_rss:{}\r\n",
-                own_rss_bytes()
-            ),
-        );
+        section("Memory", memory_info(&texts));
+    }
+    if want("persistence") {
+        section("Persistence", persistence_info(&texts));
     }
     if want("cpu") {
         section("CPU", cpu_info());
@@ -858,13 +978,20 @@ fn build_info(shared: &Arc<Shared>, wanted: &[String], up: &[bool], parts: &[Byt
             "Stats",
             format!(
                 "total_connections_received:{}\r\ntotal_commands_processed:{}\r\n\
-                 rejected_connections:{}\r\nauth_failures:{}\r\n",
+                 rejected_connections:{}\r\nauth_failures:{}\r\ntotal_error_replies:{}\r\n",
                 st.connections_received.load(Relaxed),
                 st.commands_processed.load(Relaxed),
                 st.rejected_connections.load(Relaxed),
-                st.auth_failures.load(Relaxed)
+                st.auth_failures.load(Relaxed),
+                shared.command_totals.lock().map_or(0, |t| t.total_errors)
             ),
         );
+    }
+    if want("commandstats") {
+        section("Commandstats", commandstats_info(shared));
+    }
+    if want("errorstats") {
+        section("Errorstats", errorstats_info(shared));
     }
     if want("cluster") {
         section("Cluster", "cluster_enabled:0\r\n".into());

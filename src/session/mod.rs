@@ -99,6 +99,9 @@ pub struct Session {
     sampled: std::collections::VecDeque<(u64, std::time::Instant, &'static str)>,
     /// The last top-level command looked up.
     last_command: Option<&'static CommandSpec>,
+    /// The command being dispatched (its table name; `None` for an unknown one): INFO
+    /// commandstats counts its errors.
+    pub(crate) cmd: Option<&'static str>,
     /// Commands dispatched, for sampling one in `metrics::SAMPLE_EVERY`.
     dispatched: u64,
     /// An open MULTI (see `pinned`).
@@ -244,6 +247,7 @@ where
         logged_in: false,
         sampled: std::collections::VecDeque::new(),
         last_command: None,
+        cmd: None,
         dispatched: 0,
         tx: None,
         watch: None,
@@ -477,15 +481,18 @@ impl Session {
         (used, bounded)
     }
 
-    /// Appends a reply that is ready now.
+    /// Appends a reply that is ready now (an error counts as the command's failure).
     #[inline]
     pub(crate) fn reply(&self, b: Bytes) {
+        if b.first() == Some(&b'-') {
+            crate::metrics::note_error(self.cmd, &b, false);
+        }
         self.queue.push_ready(b);
     }
 
     #[inline]
     pub(crate) fn reply_static(&self, b: &'static [u8]) {
-        self.queue.push_ready(Bytes::from_static(b));
+        self.reply(Bytes::from_static(b));
     }
 
     /// Looks the command up, checks arity and routes it.
@@ -495,7 +502,8 @@ impl Session {
             Err(e) => {
                 // A queuing error inside MULTI makes EXEC fail, as in Redis.
                 self.flag_tx();
-                return self.reply(e);
+                crate::metrics::note_error(self.cmd, &e, true);
+                return self.queue.push_ready(e);
             }
         };
         // CLIENT PAUSE and MONITOR: one load while neither is in use.
@@ -587,6 +595,7 @@ impl Session {
             }
             _ => {
                 let Some(spec) = command::lookup(name) else {
+                    self.cmd = None;
                     let mut args = (1..req.argc()).map(|i| req.arg(i));
                     return Err(reply::unknown_command(name, &mut args));
                 };
@@ -598,13 +607,18 @@ impl Session {
         // `COMMAND`, which answers the whole table).
         if spec.is_container() && !(req.argc() == 1 && spec.arity_ok(1)) {
             if req.argc() < 2 {
+                self.cmd = Some(spec.name);
                 return Err(reply::wrong_arity(spec.name));
             }
             match command::lookup_sub(spec, req.arg(1)) {
                 Some(sub) => spec = sub,
-                None => return Err(reply::unknown_subcommand(spec.name, req.arg(1))),
+                None => {
+                    self.cmd = Some(spec.name);
+                    return Err(reply::unknown_subcommand(spec.name, req.arg(1)));
+                }
             }
         }
+        self.cmd = Some(spec.name);
         if !spec.arity_ok(req.argc()) {
             return Err(reply::wrong_arity(spec.name));
         }
@@ -626,8 +640,10 @@ impl Session {
             if seq >= base {
                 break;
             }
+            let took = start.elapsed();
             metrics::histogram!(crate::metrics::COMMAND_DURATION, "command" => name)
-                .record(start.elapsed().as_secs_f64());
+                .record(took.as_secs_f64());
+            self.w.metrics.sampled(name, took);
             self.sampled.pop_front();
         }
     }
@@ -686,7 +702,7 @@ impl Session {
             .w
             .pools()
             .as_user(&user, command::refused_in_scripts(), self.proto, shard);
-        let seq = self.queue.push_waiting(Slot::Waiting);
+        let seq = self.queue.push_waiting(Slot::Waiting(self.cmd));
         up.send(
             req.raw,
             Target::Client {
@@ -767,7 +783,7 @@ impl Session {
 
     /// Sends `raw` to `shard`; its reply fills the next slot of the queue.
     pub(crate) fn forward(&mut self, shard: usize, raw: &[u8], now: Instant) {
-        let seq = self.queue.push_waiting(Slot::Waiting);
+        let seq = self.queue.push_waiting(Slot::Waiting(self.cmd));
         let up = self.w.pools().get(self.proto, shard, self.conn);
         up.send(
             raw,
@@ -782,7 +798,8 @@ impl Session {
 
     /// Sends one request per part; the gathered reply fills the next slot of the queue.
     pub(crate) fn gather(&mut self, kind: GatherKind, parts: &[(usize, Bytes)], now: Instant) {
-        let g = Gather::new(kind, parts.len(), self.proto);
+        let mut g = Gather::new(kind, parts.len(), self.proto);
+        g.cmd = self.cmd;
         let seq = self.queue.push_waiting(Slot::Gather(Box::new(g)));
         for (i, (shard, raw)) in parts.iter().enumerate() {
             let up = self.w.pools().get(self.proto, *shard, self.conn);
@@ -871,7 +888,7 @@ impl Session {
     fn get_readthrough(&mut self, shard: usize, rule: Arc<Rule>, req: &Request<'_>, now: Instant) {
         let key = req.arg(1);
         let script = readthrough::get_request(&rule, key);
-        let seq = self.queue.push_waiting(Slot::Waiting);
+        let seq = self.queue.push_waiting(Slot::Waiting(self.cmd));
         let pending = self.w.pending_gets.insert(PendingGet {
             w: self.w.clone(),
             queue: self.queue.clone(),
@@ -896,7 +913,7 @@ impl Session {
         positions: Vec<Vec<u32>>,
         now: Instant,
     ) {
-        let seq = self.queue.push_waiting(Slot::Waiting);
+        let seq = self.queue.push_waiting(Slot::Waiting(self.cmd));
         let state = Rc::new(std::cell::RefCell::new(PendingMget {
             w: self.w.clone(),
             queue: self.queue.clone(),
@@ -966,6 +983,9 @@ impl Session {
         {
             return self.reply(reply::config_set_not_allowed(&bad));
         }
+        if spec.name == "config|resetstat" {
+            self.reset_stats();
+        }
         if spec.name.starts_with("script|") || spec.name.starts_with("function|") {
             let args: Vec<&[u8]> = (1..req.argc()).map(|i| req.arg(i)).collect();
             self.w.shared.scripts.note(spec.name, &args);
@@ -983,7 +1003,8 @@ impl Session {
     /// traffic or a busy script) and merges the replies; each fails at `deadline`.
     pub(crate) fn gather_on_control(&mut self, kind: GatherKind, raw: &[u8], deadline: Instant) {
         let n = self.w.live().slot_map.shard_count();
-        let g = Gather::new(kind, n, self.proto);
+        let mut g = Gather::new(kind, n, self.proto);
+        g.cmd = self.cmd;
         let seq = self.queue.push_waiting(Slot::Gather(Box::new(g)));
         for shard in 0..n {
             let up = self.w.pools().control(shard);
@@ -993,6 +1014,27 @@ impl Session {
                 part: shard as u32,
             };
             up.send_until(raw, target, deadline);
+        }
+    }
+
+    /// CONFIG RESETSTAT: slotgate's own statistics restart from zero too (INFO commandstats,
+    /// errorstats and stats), as Redis's do.
+    #[cold]
+    fn reset_stats(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let shared = &self.w.shared;
+        self.w.metrics.publish(&shared.command_totals);
+        if let Ok(mut t) = shared.command_totals.lock() {
+            *t = Default::default();
+        }
+        let st = &shared.stats;
+        for c in [
+            &st.connections_received,
+            &st.commands_processed,
+            &st.rejected_connections,
+            &st.auth_failures,
+        ] {
+            c.store(0, Relaxed);
         }
     }
 

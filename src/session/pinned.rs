@@ -212,7 +212,7 @@ impl Session {
 
     /// Sends `raw` on a dedicated connection; the reply fills the next queue slot.
     fn send_dedicated(&mut self, conn: &Dedicated, raw: &[u8], deadline: Instant) {
-        let seq = self.queue.push_waiting(Slot::Waiting);
+        let seq = self.queue.push_waiting(Slot::Waiting(self.cmd));
         let target = Target::Client {
             queue: self.queue.clone(),
             seq,
@@ -352,7 +352,7 @@ impl Session {
                         Err(e) => return self.reply(e),
                     },
                 };
-                let seq = self.queue.push_waiting(Slot::Waiting);
+                let seq = self.queue.push_waiting(Slot::Waiting(self.cmd));
                 let sink = Rc::new(WatchReply {
                     queue: self.queue.clone(),
                     seq,

@@ -102,7 +102,9 @@ impl Session {
     /// confirmations become this command's reply, in order with the client's other replies.
     fn sub_send(&mut self, shard: usize, raw: &[u8], frames: usize) -> Result<(), Bytes> {
         self.sub_conn(shard)?;
-        let seq = self.queue.push_waiting(crate::queue::Slot::Waiting);
+        let seq = self
+            .queue
+            .push_waiting(crate::queue::Slot::Waiting(self.cmd));
         if let Some(Some(conn)) = self.subs.conns.get(shard) {
             conn.up.send_subscription(raw, seq, frames.max(1));
         }
