@@ -106,6 +106,14 @@ pub struct Cli {
     /// before exiting (`0` = exit at once) [default: 10s].
     #[arg(long, value_name = "DURATION")]
     pub shutdown_timeout: Option<String>,
+    /// slotgate's own slow log: commands that took at least this many microseconds from
+    /// being read to their reply arriving from the shard (negative = off, 0 = every
+    /// command), as Redis's `slowlog-log-slower-than` [default: 10000].
+    #[arg(long, value_name = "MICROSECONDS", allow_negative_numbers = true)]
+    pub slowlog_log_slower_than: Option<i64>,
+    /// Entries slotgate's own slow log keeps, as Redis's `slowlog-max-len` [default: 128].
+    #[arg(long)]
+    pub slowlog_max_len: Option<usize>,
     /// Username sent with AUTH on every new shard connection.
     #[arg(long)]
     pub upstream_username: Option<String>,
@@ -165,6 +173,8 @@ pub struct FileConfig {
     pub tcp_backlog: Option<u32>,
     pub idle_timeout: Option<String>,
     pub shutdown_timeout: Option<String>,
+    pub slowlog_log_slower_than: Option<i64>,
+    pub slowlog_max_len: Option<usize>,
     pub admin_listen: Option<String>,
     pub tls: TlsFile,
     pub upstream: UpstreamFile,
@@ -370,6 +380,11 @@ impl Cli {
                 .clone()
                 .or(f.shutdown_timeout)
                 .unwrap_or_else(|| "10s".into()),
+            slowlog_log_slower_than: self
+                .slowlog_log_slower_than
+                .or(f.slowlog_log_slower_than)
+                .unwrap_or(10_000),
+            slowlog_max_len: self.slowlog_max_len.or(f.slowlog_max_len).unwrap_or(128),
             users: f.users,
             readthrough: if self.readthrough.is_empty() {
                 Ok(f.readthrough)
@@ -426,6 +441,8 @@ struct Merged {
     tcp_backlog: u32,
     idle_timeout: String,
     shutdown_timeout: String,
+    slowlog_log_slower_than: i64,
+    slowlog_max_len: usize,
     users: Vec<UserConfig>,
     readthrough: Result<Vec<RuleConfig>, String>,
     admin_listen: String,
@@ -600,6 +617,8 @@ impl Merged {
             tcp_backlog: self.tcp_backlog,
             idle_timeout: (!idle.is_zero()).then_some(idle),
             shutdown_timeout,
+            slowlog_log_slower_than: self.slowlog_log_slower_than,
+            slowlog_max_len: self.slowlog_max_len,
             upstream_auth,
             upstream_tls,
             readthrough: Arc::new(rules),

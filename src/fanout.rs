@@ -39,12 +39,15 @@ pub enum GatherKind {
     Info(InfoBuilder),
     /// CONFIG GET on one shard, without the shard's secrets.
     ConfigGet,
-    /// SLOWLOG GET: every shard's entries, newest first, at most `count` (`None`: all), each
-    /// with an id unique over the shards (`id × shards + shard`) and the shard's address in
-    /// place of the client address (slotgate's own, on a shard).
+    /// SLOWLOG GET: every shard's entries and slotgate's own (`own`), newest first, at most
+    /// `count` (`None`: all), each with an id unique over them (`id × (shards + 1) + source`)
+    /// and the shard's address in place of the client address (slotgate's own, on a shard).
+    /// slotgate's own entries name the client in the client-name field, as
+    /// `slotgate client=<address>`, and their arguments are the command's name.
     Slowlog {
         count: Option<usize>,
         shards: Vec<String>,
+        own: Vec<crate::slowlog::Entry>,
     },
     /// LATENCY LATEST / HISTORY / DOCTOR over every shard (see [`merge_latency`]).
     Latency {
@@ -194,7 +197,9 @@ impl Gather {
                 .or_else(|| parts.iter().find(|p| !p.starts_with(b"-NOTBUSY")))
                 .unwrap_or(&parts[0])
                 .clone(),
-            GatherKind::Slowlog { count, shards } => merge_slowlog(&parts, count, &shards),
+            GatherKind::Slowlog { count, shards, own } => {
+                merge_slowlog(&parts, count, &shards, &own)
+            }
             GatherKind::Latency { which, shards } => {
                 merge_latency(&parts, which, &shards, self.proto)
             }
@@ -298,13 +303,44 @@ fn hide_secrets(p: &Bytes) -> Bytes {
 }
 
 /// SLOWLOG GET's merge (see [`GatherKind::Slowlog`]); a shard's error is the reply.
-fn merge_slowlog(parts: &[Bytes], count: Option<usize>, shards: &[String]) -> Bytes {
+fn merge_slowlog(
+    parts: &[Bytes],
+    count: Option<usize>,
+    shards: &[String],
+    own: &[crate::slowlog::Entry],
+) -> Bytes {
     if let Some(e) = parts.iter().find(|p| p.first() == Some(&b'-')) {
         return e.clone();
     }
+    // slotgate's own entries, encoded as a shard's would be, from source `shards.len()`.
+    let mut own_parts = BytesMut::new();
+    push_header(&mut own_parts, b'*', own.len());
+    for e in own {
+        let client = format!(
+            "slotgate client={}",
+            e.client.map(|a| a.to_string()).unwrap_or_default()
+        );
+        own_parts.extend_from_slice(
+            format!(
+                "*6\r\n:{}\r\n:{}\r\n:{}\r\n*1\r\n${}\r\n{}\r\n${}\r\n{}\r\n${}\r\n{}\r\n",
+                e.id,
+                e.time,
+                e.micros,
+                e.command.len(),
+                e.command,
+                e.shard.len(),
+                e.shard,
+                client.len(),
+                client
+            )
+            .as_bytes(),
+        );
+    }
+    let own_parts = own_parts.freeze();
+    let sources = shards.len() + 1;
     // (timestamp, id, shard, the entry and its element ranges)
     let mut entries = Vec::new();
-    for (shard, p) in parts.iter().enumerate() {
+    for (shard, p) in parts.iter().chain([&own_parts]).enumerate() {
         for (s, e) in array_elements(p).unwrap_or_default() {
             let entry = p.slice(s..e);
             let Some(el) = array_elements(&entry) else {
@@ -327,10 +363,10 @@ fn merge_slowlog(parts: &[Bytes], count: Option<usize>, shards: &[String]) -> By
         for (i, &(a, b)) in el.iter().enumerate() {
             match i {
                 0 => {
-                    let unique = id.saturating_mul(shards.len() as i64) + *shard as i64;
+                    let unique = id.saturating_mul(sources as i64) + *shard as i64;
                     out.extend_from_slice(format!(":{unique}\r\n").as_bytes());
                 }
-                4 => {
+                4 if *shard < shards.len() => {
                     let addr = shards.get(*shard).map_or("", String::as_str);
                     push_header(&mut out, b'$', addr.len());
                     out.extend_from_slice(addr.as_bytes());

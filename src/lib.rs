@@ -87,6 +87,7 @@ pub mod server;
 pub mod session;
 pub mod settings;
 pub mod shard;
+pub mod slowlog;
 pub mod tls;
 pub mod units;
 pub mod worker;

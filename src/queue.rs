@@ -82,6 +82,8 @@ pub struct ReplyQueue {
     /// `muting` is set.
     muted: RefCell<VecDeque<(u64, u64)>>,
     muting: Cell<bool>,
+    /// The client's address (the slow log names it).
+    client: Cell<Option<std::net::SocketAddr>>,
 }
 
 /// Writes reply `b` into `out` within `room` bytes: `true` when all of it went (its slot is
@@ -283,6 +285,25 @@ impl ReplyQueue {
             if last.0 >= at {
                 m.pop_back();
             }
+        }
+    }
+
+    /// Names the client these replies go to.
+    pub fn set_client(&self, addr: std::net::SocketAddr) {
+        self.client.set(Some(addr));
+    }
+
+    pub fn client(&self) -> Option<std::net::SocketAddr> {
+        self.client.get()
+    }
+
+    /// The command of reply slot `seq`, while it waits (the slow log names it).
+    pub fn command_of(&self, seq: u64) -> Option<&'static str> {
+        let q = self.inner.borrow();
+        match q.slots.get(seq.checked_sub(q.base)? as usize)? {
+            Slot::Waiting(cmd) => *cmd,
+            Slot::Gather(g) => g.cmd,
+            Slot::Ready(_) => None,
         }
     }
 

@@ -176,6 +176,8 @@ fn changes(running: &Settings, new: &Settings) -> String {
                 s.max_auth_failures_per_address,
                 s.idle_timeout,
                 s.shutdown_timeout,
+                s.slowlog_log_slower_than,
+                s.slowlog_max_len,
             )
         )
     };

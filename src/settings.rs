@@ -58,6 +58,9 @@ pub struct Settings {
     pub idle_timeout: Option<Duration>,
     /// How long a graceful shutdown waits for clients to be answered (zero: not at all).
     pub shutdown_timeout: Duration,
+    /// slotgate's own slow log: the threshold in microseconds (negative: off) and length.
+    pub slowlog_log_slower_than: i64,
+    pub slowlog_max_len: usize,
     /// Per shard, in order.
     pub upstream_auth: Vec<Option<UpstreamAuth>>,
     pub upstream_tls: Option<UpstreamTls>,

@@ -107,6 +107,9 @@ pub struct UpstreamConfig {
     /// Scripts and libraries loaded through slotgate: a new shared connection loads them
     /// again (see [`Scripts`]).
     pub scripts: Option<Arc<Scripts>>,
+    /// slotgate's slow log, on the shared connections (whose requests' deadlines are their
+    /// start plus `op_timeout`: see `slowlog`).
+    pub slowlog: Option<Arc<crate::slowlog::SlowLog>>,
 }
 
 /// Scripts (SCRIPT LOAD) and function libraries (FUNCTION LOAD) loaded through slotgate.
@@ -935,7 +938,12 @@ impl Upstream {
     /// subscriber connection, to the client's reply slot (confirmations) or out of band
     /// (messages). `Err` when the connection is no good any more.
     #[inline]
-    fn on_frame(&self, bytes: Bytes, push: bool) -> Result<(), Fault> {
+    fn on_frame(
+        &self,
+        bytes: Bytes,
+        push: bool,
+        slow: Option<(Instant, Instant)>,
+    ) -> Result<(), Fault> {
         // (A subscriber connection sends its commands out of band: what is pending on it is
         // its handshake and its `CLIENT ID`, answered before any subscription.)
         let handshake = !self.st.borrow().pending.is_empty();
@@ -995,6 +1003,11 @@ impl Upstream {
                 }
             }
             Some(p) => {
+                if let Some((cutoff, read_at)) = slow
+                    && p.deadline <= cutoff
+                {
+                    self.log_slow(&p, read_at);
+                }
                 p.target.deliver(bytes);
                 if self.close_when_idle.get() && self.st.borrow().pending.is_empty() {
                     self.close();
@@ -1005,18 +1018,50 @@ impl Upstream {
         Ok(())
     }
 
+    /// For the slow log, after a read at `read_at`: the deadline at or before which a request
+    /// took at least the threshold (its start is its deadline minus `op_timeout`).
+    #[inline]
+    fn slow_cutoff(&self, read_at: Instant) -> Option<(Instant, Instant)> {
+        let threshold = self.cfg.slowlog.as_ref()?.threshold()?;
+        Some((
+            (read_at + self.cfg.op_timeout).checked_sub(threshold)?,
+            read_at,
+        ))
+    }
+
+    /// Logs a request whose reply, read at `read_at`, took the slow log's threshold or more.
+    #[cold]
+    #[inline(never)]
+    fn log_slow(&self, p: &Pending, read_at: Instant) {
+        let (Some(log), Target::Client { queue, seq, .. }) = (&self.cfg.slowlog, &p.target) else {
+            return;
+        };
+        let Some(command) = queue.command_of(*seq) else {
+            return;
+        };
+        let started = p
+            .deadline
+            .checked_sub(self.cfg.op_timeout)
+            .unwrap_or(p.deadline);
+        let took = read_at.saturating_duration_since(started);
+        log.record(command, took, &self.label, queue.client());
+    }
+
     async fn read_loop<R: ReadSide>(&self, mut rd: R) -> Fault {
         let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
         let mut scanner = ReplyScanner::new();
         let mut last_read = Instant::now();
         let mut reads: u32 = 0;
+        // (When the slow log is on: requests whose deadline is at or before the first
+        // instant are slow; the second is when their reply was read.)
+        let mut slow: Option<(Instant, Instant)> = None;
         loop {
             // Hand out every complete reply.
             loop {
                 match scanner.scan(&rbuf) {
                     Ok(Some(frame)) => {
                         let bytes: Bytes = rbuf.split_to(frame.len).freeze();
-                        if let Err(fault) = self.on_frame(bytes, frame.push) {
+                        if let Err(fault) = self.on_frame(bytes, frame.push, slow) {
                             return fault;
                         }
                     }
@@ -1082,7 +1127,10 @@ impl Upstream {
             };
             match read {
                 Ok(0) => return Fault::Closed,
-                Ok(_) => last_read = Instant::now(),
+                Ok(_) => {
+                    last_read = Instant::now();
+                    slow = self.slow_cutoff(last_read);
+                }
                 Err(e) => return Fault::Io(e),
             }
             reads = reads.wrapping_add(1);
@@ -1210,6 +1258,7 @@ impl Pools {
                 let (addr, cfg) = &self.shards[shard];
                 let mut cfg = cfg.clone();
                 cfg.op_timeout = cfg.op_timeout.max(CONTROL_TIMEOUT);
+                cfg.slowlog = None;
                 cfg.up = Arc::new(std::sync::atomic::AtomicUsize::new(0));
                 Upstream::start(*addr, Proto::Resp2, cfg)
             })
@@ -1370,6 +1419,7 @@ impl DedicatedPool {
             .map(|(a, c)| {
                 let mut c = c.clone();
                 c.dedicated = true;
+                c.slowlog = None;
                 (*a, c)
             })
             .collect();
@@ -1652,6 +1702,7 @@ mod tests {
 
     fn config(op_timeout: Duration, auth: bool) -> UpstreamConfig {
         UpstreamConfig {
+            slowlog: None,
             op_timeout,
             max_inflight: 1000,
             max_inflight_bytes: 1 << 20,

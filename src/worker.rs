@@ -66,6 +66,8 @@ pub struct Shared {
     /// INFO commandstats and errorstats: what the workers published (once a second, and
     /// by the worker answering INFO just before).
     pub command_totals: Mutex<crate::metrics::CommandTotals>,
+    /// slotgate's own slow log (see `slowlog`).
+    pub slowlog: Arc<crate::slowlog::SlowLog>,
 }
 
 /// Process-wide counters (relaxed atomics; each is written by many workers only rarely, or is
@@ -103,6 +105,7 @@ pub type BlockedOn = Mutex<Option<(SocketAddr, Arc<std::sync::atomic::AtomicI64>
 impl Shared {
     pub fn new(settings: Settings, prometheus: Option<PrometheusHandle>) -> Arc<Self> {
         let readthrough = ReadThrough::new(settings.op_timeout * 2);
+        let settings_slowlog = (settings.slowlog_log_slower_than, settings.slowlog_max_len);
         Arc::new(Shared {
             readthrough,
             prometheus,
@@ -127,6 +130,10 @@ impl Shared {
             listen_addr: OnceLock::new(),
             gate: Default::default(),
             command_totals: Mutex::default(),
+            slowlog: Arc::new(crate::slowlog::SlowLog::new(
+                settings_slowlog.0,
+                settings_slowlog.1,
+            )),
         })
     }
 
@@ -142,6 +149,8 @@ impl Shared {
     /// [`Worker::refresh`]).
     pub fn publish(&self, settings: Settings) {
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        self.slowlog
+            .configure(settings.slowlog_log_slower_than, settings.slowlog_max_len);
         *live = Arc::new(settings);
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
@@ -219,6 +228,7 @@ fn upstream_configs(shared: &Shared, s: &Settings) -> Vec<(SocketAddr, UpstreamC
                 dedicated: false,
                 mirror: None,
                 scripts: Some(shared.scripts.clone()),
+                slowlog: Some(shared.slowlog.clone()),
             };
             (addr, cfg)
         })

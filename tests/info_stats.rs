@@ -1,5 +1,6 @@
 //! INFO commandstats, errorstats, persistence and memory through slotgate (issue 13.2),
-//! compared with a plain redis-server running the same commands.
+//! compared with a plain redis-server running the same commands; and slotgate's own slow log
+//! (issue 13.3).
 
 mod support;
 
@@ -168,4 +169,62 @@ fn persistence_and_memory_combine_the_shards() {
             .unwrap()
             .ends_with('M')
     );
+}
+
+/// A script that keeps its shard busy for 30 ms: slow on the shard and through slotgate.
+const BUSY_30MS: &str = "local s = redis.call('TIME') local t0 = s[1] * 1000000 + s[2] \
+    while true do local n = redis.call('TIME') \
+    if n[1] * 1000000 + n[2] - t0 > 30000 then break end end return 1";
+
+/// slotgate's own slow log: a command that took longer than the threshold through the proxy
+/// is in SLOWLOG GET beside the shard's own entry (named by the shard it went to and the
+/// client it came from); a fast one is not; LEN counts both logs and RESET clears both.
+#[test]
+fn the_proxy_slow_log_sits_beside_the_shards() {
+    let shards: Vec<RedisServer> = (0..2).map(|_| RedisServer::start()).collect();
+    let refs: Vec<&RedisServer> = shards.iter().collect();
+    let proxy = Slotgate::start_with(&refs, &["--slowlog-log-slower-than", "20000"]);
+    let mut c = proxy.raw();
+    assert_eq!(c.call(&[b"SLOWLOG", b"RESET"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"GET", b"k"]), b"$-1\r\n");
+    assert_eq!(
+        c.call(&[b"EVAL", BUSY_30MS.as_bytes(), b"1", b"k"]),
+        b":1\r\n"
+    );
+    let me = c.stream.local_addr().unwrap().to_string();
+    let shard = shards[(crc16(b"k") as usize % 16384) * 2 / 16384].addr();
+
+    let mut c2 = proxy.client();
+    let entries: Vec<redis::Value> = redis::cmd("SLOWLOG").arg("GET").query(&mut c2).unwrap();
+    let text = |v: &redis::Value| match v {
+        redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        redis::Value::Int(n) => n.to_string(),
+        other => format!("{other:?}"),
+    };
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| match e {
+            redis::Value::Array(f) => {
+                let args = match &f[3] {
+                    redis::Value::Array(a) => a.iter().map(text).collect::<Vec<_>>().join(" "),
+                    _ => String::new(),
+                };
+                vec![text(&f[2]), args, text(&f[4]), text(&f[5])]
+            }
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let own = rows
+        .iter()
+        .find(|r| r[3] == format!("slotgate client={me}"))
+        .unwrap_or_else(|| panic!("slotgate's own entry: {rows:?}"));
+    assert_eq!((own[1].as_str(), own[2].as_str()), ("eval", shard.as_str()));
+    assert!(own[0].parse::<u64>().unwrap() >= 30_000, "{own:?}");
+    let theirs = rows.iter().find(|r| r[3] != own[3]).unwrap();
+    assert!(theirs[1].starts_with("EVAL local s"), "{theirs:?}");
+    assert_eq!(theirs[2], shard);
+    assert_eq!(c.call(&[b"SLOWLOG", b"LEN"]), b":2\r\n");
+    assert_eq!(c.call(&[b"SLOWLOG", b"RESET"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"SLOWLOG", b"LEN"]), b":0\r\n");
 }

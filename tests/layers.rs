@@ -10,7 +10,7 @@ use std::path::Path;
 const LAYERS: &[&[&str]] = &[
     // Wire and utilities.
     &[
-        "resp", "netio", "notify", "metrics", "router", "units", "tls",
+        "resp", "netio", "notify", "metrics", "router", "units", "tls", "slowlog",
     ],
     // Data: the command table and users' permissions.
     &["command", "auth"],

@@ -268,6 +268,7 @@ where
         s.set_user(users.default_user().clone());
     }
     s.queue.set_output_limit(settings.obuf_normal);
+    s.queue.set_client(addr);
     s.register();
     // CLIENT KILL comes from any worker thread (tokio's `Notify`). A small task waits for it and
     // flags this session's own queue, so the loop polls nothing thread-safe per turn (polling
@@ -964,18 +965,36 @@ impl Session {
                     shards: self.w.live().shards.iter().map(|a| a.to_string()).collect(),
                 }
             }
-            Merge::SlowlogEntries => GatherKind::Slowlog {
+            Merge::SlowlogEntries => {
                 // SLOWLOG GET [count]: 10 by default, a negative count means all (Redis 7).
-                count: match req.argc() {
+                let count = match req.argc() {
                     2 => Some(10),
                     _ => match crate::resp::request::parse_i64(req.arg(2)) {
                         Some(n) if n < 0 => None,
                         Some(n) => Some(n as usize),
                         None => return self.reply_static(reply::NOT_INTEGER),
                     },
-                },
-                shards: self.w.live().shards.iter().map(|a| a.to_string()).collect(),
-            },
+                };
+                GatherKind::Slowlog {
+                    count,
+                    shards: self.w.live().shards.iter().map(|a| a.to_string()).collect(),
+                    own: self.w.shared.slowlog.newest(count),
+                }
+            }
+            // SLOWLOG LEN: the shards' and slotgate's own.
+            Merge::SumIntegers if spec.name == "slowlog|len" => {
+                let own = self.w.shared.slowlog.len() as i64;
+                GatherKind::Info(Box::new(move |parts: &[Bytes]| {
+                    if let Some(e) = parts.iter().find(|p| p.first() == Some(&b'-')) {
+                        return e.clone();
+                    }
+                    let n: i64 = parts
+                        .iter()
+                        .filter_map(|p| crate::resp::scan::reply_integer(p))
+                        .sum();
+                    reply::integer(n + own)
+                }))
+            }
             m => GatherKind::from_merge(m).unwrap_or(GatherKind::AllOk),
         };
         if spec.name == "config|set"
@@ -985,6 +1004,9 @@ impl Session {
         }
         if spec.name == "config|resetstat" {
             self.reset_stats();
+        }
+        if spec.name == "slowlog|reset" {
+            self.w.shared.slowlog.reset();
         }
         if spec.name.starts_with("script|") || spec.name.starts_with("function|") {
             let args: Vec<&[u8]> = (1..req.argc()).map(|i| req.arg(i)).collect();
