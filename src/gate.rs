@@ -159,8 +159,9 @@ impl Gate {
     /// Sends one command to every monitor, as Redis's MONITOR shows it. A monitor whose
     /// backlog would pass [`MONITOR_BACKLOG`] is dropped and its session closed.
     pub fn feed(&self, addr: &SocketAddr, req: &Request<'_>) {
-        let line = monitor_line(SystemTime::now(), addr, req);
         let mut m = self.monitors.lock().unwrap_or_else(|e| e.into_inner());
+        // (Stamped under the lock: lines from several workers stay in time order.)
+        let line = monitor_line(SystemTime::now(), addr, req);
         m.retain(|x| {
             let before = x.backlog.fetch_add(line.len(), Ordering::Relaxed);
             if before + line.len() > MONITOR_BACKLOG || x.tx.send(line.clone()).is_err() {

@@ -265,6 +265,15 @@ impl ReplyQueue {
         m.front().is_some_and(|&(from, _)| from <= seq)
     }
 
+    /// Whether CLIENT REPLY OFF is in force now (a mute range still open).
+    #[cold]
+    fn muted_open(&self) -> bool {
+        self.muted
+            .borrow()
+            .back()
+            .is_some_and(|&(_, to)| to == u64::MAX)
+    }
+
     /// CLIENT REPLY OFF/SKIP: replies from sequence number `from` on are dropped until
     /// [`unmute`](Self::unmute).
     pub fn mute(&self, from: u64) {
@@ -360,7 +369,8 @@ impl ReplyQueue {
     /// messages pile up past its output buffer limit (it does not read) is disconnected, as
     /// Redis's `client-output-buffer-limit pubsub 32mb 8mb 60` does.
     pub fn push_oob(&self, frame: Bytes) {
-        if self.closed.get() {
+        if self.closed.get() || (self.muting.get() && self.muted_open()) {
+            // (CLIENT REPLY OFF: messages and MONITOR lines are not written either.)
             return;
         }
         self.add_out_bytes(frame.len());

@@ -313,3 +313,73 @@ fn client_unblock_unblocks_a_client_blocked_through_slotgate() {
         }
     }
 }
+
+/// Review regressions: a monitor is never paused (as Redis never pauses a replica), so it can
+/// lift an ALL pause; the command after CLIENT REPLY SKIP keeps its reply muted when a pause
+/// held it; CLIENT REPLY OFF silences MONITOR lines too; extra arguments are refused.
+#[test]
+fn pause_skip_and_monitor_edges_behave_as_redis() {
+    let plain = RedisServer::start();
+    let (_shards, proxy) = two();
+    for port in [port_of(&plain.addr()), port_of(&proxy.addr())] {
+        let mut m = RawConn::connect(port);
+        assert_eq!(lossy(&m.call(&[b"MONITOR"])), "+OK\r\n");
+        let mut admin = RawConn::connect(port);
+        assert_eq!(
+            lossy(&admin.call(&[b"CLIENT", b"PAUSE", b"20000", b"ALL"])),
+            "+OK\r\n"
+        );
+        let mut reader = RawConn::connect(port);
+        assert_held(&mut reader, &[b"GET", b"k"], 200);
+        m.send(&resp(&[b"CLIENT", b"UNPAUSE"]));
+        assert_eq!(lossy(&reader.read_exact_n(5)), "$-1\r\n");
+        drop(m);
+
+        assert_eq!(
+            lossy(&admin.call(&[b"CLIENT", b"PAUSE", b"20000", b"WRITE"])),
+            "+OK\r\n"
+        );
+        let mut skipper = RawConn::connect(port);
+        let mut pipeline = resp(&[b"CLIENT", b"REPLY", b"SKIP"]);
+        pipeline.extend(resp(&[b"SET", b"s1", b"v"]));
+        pipeline.extend(resp(&[b"PING"]));
+        skipper.send(&pipeline);
+        assert_eq!(lossy(&admin.call(&[b"CLIENT", b"UNPAUSE"])), "+OK\r\n");
+        assert_eq!(lossy(&skipper.read_exact_n(7)), "+PONG\r\n");
+        assert_eq!(lossy(&admin.call(&[b"GET", b"s1"])), "$1\r\nv\r\n");
+
+        let mut quiet = RawConn::connect(port);
+        quiet.send(&resp(&[b"CLIENT", b"REPLY", b"OFF"]));
+        quiet.send(&resp(&[b"MONITOR"]));
+        admin.call(&[b"SET", b"during", b"off"]);
+        quiet.send(&resp(&[b"CLIENT", b"REPLY", b"ON"]));
+        assert_eq!(lossy(&quiet.read_exact_n(5)), "+OK\r\n");
+        admin.call(&[b"SET", b"after", b"on"]);
+        let lines = monitor_lines(&mut quiet, 1);
+        assert_eq!(
+            lines[lines.len() - 1],
+            "+T [0 127.0.0.1:P] \"SET\" \"after\" \"on\""
+        );
+        assert!(!lines.iter().any(|l| l.contains("during")), "{lines:?}");
+
+        for args in [
+            &[&b"CLIENT"[..], b"PAUSE", b"10", b"WRITE", b"extra"][..],
+            &[b"CLIENT", b"UNBLOCK", b"1", b"ERROR", b"extra"],
+        ] {
+            let sub = String::from_utf8_lossy(args[1]).to_string();
+            assert_eq!(
+                lossy(&admin.call(args)),
+                format!(
+                    "-ERR unknown subcommand or wrong number of arguments for '{sub}'. Try CLIENT HELP.\r\n"
+                )
+            );
+        }
+        for bad in [&b"+10"[..], b"010"] {
+            assert_eq!(
+                lossy(&admin.call(&[b"CLIENT", b"PAUSE", bad])),
+                "-ERR timeout is not an integer or out of range\r\n"
+            );
+        }
+        admin.call(&[b"DEL", b"s1", b"during", b"after"]);
+    }
+}

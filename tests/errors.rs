@@ -569,8 +569,6 @@ fn connection_controls_a_proxy_cannot_honour_are_refused() {
     let refused = |name: &str| format!("-ERR command '{name}' is not allowed through slotgate\r\n");
     let mut raw = e.proxy.raw();
     for (req, name) in [
-        (args(&["MONITOR"]), "monitor"),
-        (args(&["CLIENT", "PAUSE", "100"]), "client|pause"),
         (args(&["CLIENT", "TRACKING", "on"]), "client|tracking"),
         (args(&["SCRIPT", "DEBUG", "YES"]), "script|debug"),
     ] {

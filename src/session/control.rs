@@ -13,6 +13,16 @@ use crate::gate::{Gate, PauseMode};
 use crate::queue::{Slot, Target};
 use crate::resp::Request;
 use crate::resp::reply;
+use crate::resp::request::parse_i64;
+
+/// Redis's answer to a CLIENT subcommand with too many arguments.
+fn wrong_subcommand_arguments(sub: &[u8]) -> bytes::Bytes {
+    reply::error_bytes(&[
+        b"ERR unknown subcommand or wrong number of arguments for '",
+        sub,
+        b"'. Try CLIENT HELP.",
+    ])
+}
 
 /// Whether CLIENT PAUSE WRITE holds this command: a write, or one that may cause a write
 /// (EVAL, EVALSHA, FCALL, PUBLISH, SPUBLISH, PFCOUNT), as Redis decides.
@@ -46,7 +56,8 @@ impl Session {
     #[inline(never)]
     pub(super) fn gated(&mut self, spec: &CommandSpec, req: &Request<'_>) -> bool {
         let gate = &self.w.shared.gate;
-        if gate.bits() & Gate::PAUSE != 0 {
+        // (A monitor is never paused, as Redis never pauses a replica: it can lift a pause.)
+        if gate.bits() & Gate::PAUSE != 0 && self.monitor.is_none() {
             let writes = may_write(spec)
                 || (spec.name == "exec" && self.tx.as_ref().is_some_and(|t| t.writes));
             if gate.holds(writes) {
@@ -112,6 +123,9 @@ impl Session {
     /// `CLIENT PAUSE timeout [WRITE|ALL]`: every client of slotgate (this one too) stops at
     /// its next command that the pause covers, until the timeout or CLIENT UNPAUSE.
     pub(super) fn client_pause(&mut self, req: &Request<'_>) {
+        if req.argc() > 4 {
+            return self.reply(wrong_subcommand_arguments(req.arg(1)));
+        }
         let mode = if req.argc() == 4 {
             let m = req.arg(3);
             if m.eq_ignore_ascii_case(b"write") {
@@ -124,10 +138,7 @@ impl Session {
         } else {
             PauseMode::All
         };
-        let ms = match std::str::from_utf8(req.arg(2))
-            .ok()
-            .and_then(|s| s.parse::<i64>().ok())
-        {
+        let ms = match parse_i64(req.arg(2)) {
             Some(ms) if ms < 0 => return self.reply_static(b"-ERR timeout is negative\r\n"),
             Some(ms) => ms as u64,
             None => {
@@ -161,10 +172,10 @@ impl Session {
     /// answer (a timeout's null, or `-UNBLOCKED …`); this one gets `:1`, or `:0` when the
     /// client is not blocked.
     pub(super) fn client_unblock(&mut self, req: &Request<'_>, now: Instant) {
-        let Some(id) = std::str::from_utf8(req.arg(2))
-            .ok()
-            .and_then(|s| s.parse::<i64>().ok())
-        else {
+        if req.argc() > 4 {
+            return self.reply(wrong_subcommand_arguments(req.arg(1)));
+        }
+        let Some(id) = parse_i64(req.arg(2)) else {
             return self.reply_static(reply::NOT_INTEGER);
         };
         let reason: &[u8] = match req.argc() {

@@ -406,6 +406,15 @@ impl Session {
         }
     }
 
+    /// The command after CLIENT REPLY SKIP was held back (it waits for replies in flight or
+    /// for a CLIENT PAUSE): its reply is muted when it runs.
+    #[cold]
+    fn skip_deferred(&mut self) {
+        if let Some(d) = self.deferred.as_mut() {
+            d.skip = true;
+        }
+    }
+
     /// Parses and dispatches every complete command in `buf`, within the pipeline bound.
     /// Returns how many bytes at the front of `buf` are done with, and whether it stopped at
     /// the bound with bytes still buffered.
@@ -445,7 +454,14 @@ impl Session {
                     break;
                 }
                 self.held = false;
+                if d.skip {
+                    self.begin_skip();
+                }
                 self.dispatch(&d.request(), now);
+                if d.skip {
+                    self.end_skip();
+                    self.skip_deferred();
+                }
                 continue;
             }
             if used == buf.len() {
@@ -462,6 +478,7 @@ impl Session {
                     self.dispatch(&req, now);
                     if skip {
                         self.end_skip();
+                        self.skip_deferred();
                     }
                     used += u;
                 }

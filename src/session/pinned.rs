@@ -165,6 +165,8 @@ impl Drop for Blocked {
 pub struct Deferred {
     pub raw: Bytes,
     pub args: Vec<(u32, u32)>,
+    /// It came right after CLIENT REPLY SKIP: its reply is dropped when it runs.
+    pub skip: bool,
 }
 
 impl Deferred {
@@ -172,6 +174,7 @@ impl Deferred {
         Deferred {
             raw: Bytes::copy_from_slice(req.raw),
             args: req.args.to_vec(),
+            skip: false,
         }
     }
 
