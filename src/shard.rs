@@ -401,6 +401,17 @@ impl Upstream {
         self.st.borrow().pending.len()
     }
 
+    /// Whether nothing but the connection's own requests (its handshake, a dedicated
+    /// connection's `CLIENT ID`) waits for a reply: a dedicated connection can go to a new
+    /// owner, who gets no reply meant for another.
+    fn only_own_requests_pending(&self) -> bool {
+        self.st
+            .borrow()
+            .pending
+            .iter()
+            .all(|p| matches!(p.target, Target::Handshake | Target::Sink(_)))
+    }
+
     /// Queues one request (`raw` is a complete RESP command) whose reply goes to `target`.
     /// Fails it at once when the connection has too many requests in flight.
     pub fn send(&self, raw: &[u8], target: Target, now: Instant) {
@@ -1466,7 +1477,7 @@ impl DedicatedPool {
             let before = list.len();
             list.retain(|up| up.usable());
             self.count.borrow_mut()[shard] -= before - list.len();
-            if let Some(i) = list.iter().rposition(|up| up.pending() == 0) {
+            if let Some(i) = list.iter().rposition(|up| up.only_own_requests_pending()) {
                 let up = list.remove(i);
                 let empty = list.is_empty();
                 drop(idle);
