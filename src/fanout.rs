@@ -82,7 +82,7 @@ impl GatherKind {
 /// Replies collected so far for one split command.
 pub struct Gather {
     /// The command, for INFO's `failed_calls` (set by the session).
-    pub cmd: Option<&'static str>,
+    pub cmd: Option<&'static crate::command::CommandSpec>,
     kind: GatherKind,
     parts: Vec<Option<Bytes>>,
     missing: usize,

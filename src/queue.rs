@@ -23,7 +23,7 @@ use std::time::Duration;
 pub enum Slot {
     /// Forwarded; waiting for its shard. Names its command (when known) for INFO's
     /// `failed_calls`.
-    Waiting(Option<&'static str>),
+    Waiting(Option<&'static crate::command::CommandSpec>),
     /// Ready to be written.
     Ready(Bytes),
     /// Split over several shards; merged when every part has arrived.
@@ -177,7 +177,7 @@ impl ReplyQueue {
         };
         if let Some(reply) = ready {
             if reply.first() == Some(&b'-') {
-                crate::metrics::note_error(cmd, &reply, false);
+                crate::metrics::note_error(cmd.map(|c| c.name), &reply, false);
             }
             let len = reply.len();
             *slot = Slot::Ready(reply);
@@ -310,8 +310,8 @@ impl ReplyQueue {
     pub fn command_of(&self, seq: u64) -> Option<&'static str> {
         let q = self.inner.borrow();
         match q.slots.get(seq.checked_sub(q.base)? as usize)? {
-            Slot::Waiting(cmd) => *cmd,
-            Slot::Gather(g) => g.cmd,
+            Slot::Waiting(cmd) => cmd.map(|c| c.name),
+            Slot::Gather(g) => g.cmd.map(|c| c.name),
             Slot::Ready(_) => None,
         }
     }

@@ -949,12 +949,7 @@ impl Upstream {
     /// subscriber connection, to the client's reply slot (confirmations) or out of band
     /// (messages). `Err` when the connection is no good any more.
     #[inline]
-    fn on_frame(
-        &self,
-        bytes: Bytes,
-        push: bool,
-        slow: Option<(Instant, Instant)>,
-    ) -> Result<(), Fault> {
+    fn on_frame(&self, bytes: Bytes, push: bool, slow: Option<Instant>) -> Result<(), Fault> {
         // (A subscriber connection sends its commands out of band: what is pending on it is
         // its handshake and its `CLIENT ID`, answered before any subscription.)
         let handshake = !self.st.borrow().pending.is_empty();
@@ -987,6 +982,12 @@ impl Upstream {
         let p = {
             let mut st = self.st.borrow_mut();
             st.abandoned = st.abandoned.saturating_sub(1);
+            if let Some(cutoff) = slow
+                && let Some(oldest) = st.pending.front()
+                && oldest.deadline <= cutoff
+            {
+                self.log_slow(oldest);
+            }
             let p = st.pending.pop_front();
             if let Some(p) = &p {
                 st.inflight_bytes -= p.len;
@@ -1014,11 +1015,6 @@ impl Upstream {
                 }
             }
             Some(p) => {
-                if let Some((cutoff, read_at)) = slow
-                    && p.deadline <= cutoff
-                {
-                    self.log_slow(&p, read_at);
-                }
                 p.target.deliver(bytes);
                 if self.close_when_idle.get() && self.st.borrow().pending.is_empty() {
                     self.close();
@@ -1032,18 +1028,16 @@ impl Upstream {
     /// For the slow log, after a read at `read_at`: the deadline at or before which a request
     /// took at least the threshold (its start is its deadline minus `op_timeout`).
     #[inline]
-    fn slow_cutoff(&self, read_at: Instant) -> Option<(Instant, Instant)> {
+    fn slow_cutoff(&self, read_at: Instant) -> Option<Instant> {
         let threshold = self.cfg.slowlog.as_ref()?.threshold()?;
-        Some((
-            (read_at + self.cfg.op_timeout).checked_sub(threshold)?,
-            read_at,
-        ))
+        (read_at + self.cfg.op_timeout).checked_sub(threshold)
     }
 
-    /// Logs a request whose reply, read at `read_at`, took the slow log's threshold or more.
+    /// Logs a request whose reply, just read, took the slow log's threshold or more.
     #[cold]
     #[inline(never)]
-    fn log_slow(&self, p: &Pending, read_at: Instant) {
+    fn log_slow(&self, p: &Pending) {
+        let read_at = Instant::now();
         let (Some(log), Target::Client { queue, seq, .. }) = (&self.cfg.slowlog, &p.target) else {
             return;
         };
@@ -1063,9 +1057,8 @@ impl Upstream {
         let mut scanner = ReplyScanner::new();
         let mut last_read = Instant::now();
         let mut reads: u32 = 0;
-        // (When the slow log is on: requests whose deadline is at or before the first
-        // instant are slow; the second is when their reply was read.)
-        let mut slow: Option<(Instant, Instant)> = None;
+        // (When the slow log is on: requests whose deadline is at or before this are slow.)
+        let mut slow: Option<Instant> = None;
         loop {
             // Hand out every complete reply.
             loop {

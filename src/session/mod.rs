@@ -99,9 +99,9 @@ pub struct Session {
     sampled: std::collections::VecDeque<(u64, std::time::Instant, &'static str)>,
     /// The last top-level command looked up.
     last_command: Option<&'static CommandSpec>,
-    /// The command being dispatched (its table name; `None` for an unknown one): INFO
-    /// commandstats counts its errors.
-    pub(crate) cmd: Option<&'static str>,
+    /// The command being dispatched (`None` for an unknown one): INFO commandstats counts its
+    /// errors.
+    pub(crate) cmd: Option<&'static CommandSpec>,
     /// Commands dispatched, for sampling one in `metrics::SAMPLE_EVERY`.
     dispatched: u64,
     /// An open MULTI (see `pinned`).
@@ -503,7 +503,7 @@ impl Session {
     #[inline]
     pub(crate) fn reply(&self, b: Bytes) {
         if b.first() == Some(&b'-') {
-            crate::metrics::note_error(self.cmd, &b, false);
+            crate::metrics::note_error(self.cmd.map(|c| c.name), &b, false);
         }
         self.queue.push_ready(b);
     }
@@ -520,7 +520,7 @@ impl Session {
             Err(e) => {
                 // A queuing error inside MULTI makes EXEC fail, as in Redis.
                 self.flag_tx();
-                crate::metrics::note_error(self.cmd, &e, true);
+                crate::metrics::note_error(self.cmd.map(|c| c.name), &e, true);
                 return self.queue.push_ready(e);
             }
         };
@@ -625,18 +625,18 @@ impl Session {
         // `COMMAND`, which answers the whole table).
         if spec.is_container() && !(req.argc() == 1 && spec.arity_ok(1)) {
             if req.argc() < 2 {
-                self.cmd = Some(spec.name);
+                self.cmd = Some(spec);
                 return Err(reply::wrong_arity(spec.name));
             }
             match command::lookup_sub(spec, req.arg(1)) {
                 Some(sub) => spec = sub,
                 None => {
-                    self.cmd = Some(spec.name);
+                    self.cmd = Some(spec);
                     return Err(reply::unknown_subcommand(spec.name, req.arg(1)));
                 }
             }
         }
-        self.cmd = Some(spec.name);
+        self.cmd = Some(spec);
         if !spec.arity_ok(req.argc()) {
             return Err(reply::wrong_arity(spec.name));
         }
