@@ -110,8 +110,8 @@ pub struct WorkerMetrics {
     run: std::cell::Cell<Option<(&'static str, u64)>>,
 }
 
-/// What INFO commandstats shows of one command.
-#[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
+/// What INFO commandstats (and latencystats) shows of one command.
+#[derive(Default, Clone, Debug, PartialEq, Eq)]
 pub struct CommandCounts {
     pub calls: u64,
     /// Sampled latencies (one command in [`SAMPLE_EVERY`]): their sum and count. The time
@@ -122,6 +122,71 @@ pub struct CommandCounts {
     pub rejected: u64,
     /// Answered with an error (slotgate's own or the shard's).
     pub failed: u64,
+    /// The sampled latencies' distribution (INFO latencystats).
+    pub latency: LatencyHistogram,
+}
+
+/// Buckets per doubling of [`LatencyHistogram`]: a bucket spans at most 19% of its value.
+const SUB_BUCKETS: f64 = 4.0;
+/// Buckets up to 2^30 µs (about 18 minutes).
+const BUCKETS: usize = 120;
+
+/// A latency distribution in logarithmic buckets of microseconds, for percentiles.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LatencyHistogram(Vec<u64>);
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram(Vec::new())
+    }
+}
+
+impl LatencyHistogram {
+    fn bucket(us: u64) -> usize {
+        (((us + 1) as f64).log2() * SUB_BUCKETS) as usize
+    }
+
+    /// The upper bound (µs) of bucket `i`.
+    fn bound(i: usize) -> f64 {
+        (2f64.powf((i + 1) as f64 / SUB_BUCKETS) - 1.0).max(0.001)
+    }
+
+    pub fn record(&mut self, us: u64) {
+        if self.0.is_empty() {
+            self.0 = vec![0; BUCKETS];
+        }
+        self.0[Self::bucket(us).min(BUCKETS - 1)] += 1;
+    }
+
+    fn add(&mut self, o: &LatencyHistogram) {
+        if o.0.is_empty() {
+            return;
+        }
+        if self.0.is_empty() {
+            self.0 = vec![0; BUCKETS];
+        }
+        for (a, b) in self.0.iter_mut().zip(&o.0) {
+            *a += b;
+        }
+    }
+
+    /// The `p`-th percentile (0–100) in microseconds, as the upper bound of its bucket;
+    /// `None` without samples.
+    pub fn percentile(&self, p: f64) -> Option<f64> {
+        let total: u64 = self.0.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((p / 100.0) * total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, n) in self.0.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Some(Self::bound(i));
+            }
+        }
+        None
+    }
 }
 
 impl CommandCounts {
@@ -131,6 +196,7 @@ impl CommandCounts {
         self.samples += o.samples;
         self.rejected += o.rejected;
         self.failed += o.failed;
+        self.latency.add(&o.latency);
     }
 }
 
@@ -258,8 +324,10 @@ impl WorkerMetrics {
     /// A sampled command's latency (see [`SAMPLE_EVERY`]).
     pub fn sampled(&self, name: &'static str, took: std::time::Duration) {
         self.counts(name, |c| {
-            c.sampled_usec += took.as_micros() as u64;
+            let us = took.as_micros() as u64;
+            c.sampled_usec += us;
             c.samples += 1;
+            c.latency.record(us);
         });
     }
 
@@ -349,5 +417,19 @@ mod tests {
             (t.errors["ERR"], t.errors["WRONGTYPE"], t.total_errors),
             (2, 1, 3)
         );
+    }
+
+    #[test]
+    fn latency_percentiles_are_within_a_bucket() {
+        let mut h = LatencyHistogram::default();
+        assert_eq!(h.percentile(50.0), None);
+        for us in 1..=1000 {
+            h.record(us);
+        }
+        let p50 = h.percentile(50.0).unwrap();
+        let p99 = h.percentile(99.0).unwrap();
+        assert!((500.0..=500.0 * 1.2).contains(&p50), "{p50}");
+        assert!((990.0..=990.0 * 1.2).contains(&p99), "{p99}");
+        assert!(h.percentile(100.0).unwrap() >= 1000.0);
     }
 }

@@ -119,6 +119,29 @@ fn commandstats_and_errorstats_count_like_redis() {
     assert!(!default.contains("# Commandstats") && default.contains("# Errorstats"));
     let all: String = redis::cmd("INFO").arg("all").query(&mut c).unwrap();
     assert!(all.contains("# Commandstats") && all.contains("# Errorstats"));
+    assert!(all.contains("# Latencystats") && !default.contains("# Latencystats"));
+    // Latency percentiles from the sampled commands (one in 32): 64 PINGs give two samples.
+    for _ in 0..64 {
+        let _: String = redis::cmd("PING").query(&mut c).unwrap();
+    }
+    let lat: redis::InfoDict = redis::cmd("INFO")
+        .arg("latencystats")
+        .query(&mut c)
+        .unwrap();
+    let ping: String = lat
+        .get("latency_percentiles_usec_ping")
+        .expect("ping percentiles");
+    let p = |k: &str| -> f64 {
+        ping.split(',')
+            .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(
+        p("p50") > 0.0 && p("p50") <= p("p99") && p("p99") <= p("p99.9"),
+        "{ping}"
+    );
     let st: redis::InfoDict = redis::cmd("INFO").arg("stats").query(&mut c).unwrap();
     assert!(st.get::<u64>("total_error_replies").unwrap() >= 5);
     // CONFIG RESETSTAT starts them over.

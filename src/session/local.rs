@@ -678,6 +678,28 @@ fn commandstats_info(shared: &Shared) -> String {
     out
 }
 
+/// INFO's `# Latencystats`, as Redis (`latency_percentiles_usec_<name>:p50=…,p99=…,p99.9=…`),
+/// from the sampled latencies (one command in `metrics::SAMPLE_EVERY`), each percentile the
+/// upper bound of its bucket (within 19%).
+fn latencystats_info(shared: &Shared) -> String {
+    let t = shared
+        .command_totals
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let mut rows: Vec<_> = t.commands.iter().collect();
+    rows.sort_by_key(|(name, _)| **name);
+    let mut out = String::new();
+    for (name, c) in rows {
+        let p = |q: f64| c.latency.percentile(q);
+        if let (Some(p50), Some(p99), Some(p999)) = (p(50.0), p(99.0), p(99.9)) {
+            out.push_str(&format!(
+                "latency_percentiles_usec_{name}:p50={p50:.3},p99={p99:.3},p99.9={p999:.3}\r\n"
+            ));
+        }
+    }
+    out
+}
+
 /// INFO's `# Errorstats`: `errorstat_<PREFIX>:count=…` for every error slotgate answered, its
 /// own and the shards' (Redis's first-word prefix; at most 128 prefixes).
 fn errorstats_info(shared: &Shared) -> String {
@@ -941,7 +963,11 @@ fn build_info(shared: &Arc<Shared>, wanted: &[String], up: &[bool], parts: &[Byt
         .iter()
         .any(|w| matches!(w.as_str(), "all" | "everything"));
     let default = all || wanted.is_empty() || wanted.iter().any(|w| w == "default");
-    let want = |s: &str| (default && s != "commandstats") || all || wanted.iter().any(|w| w == s);
+    let want = |s: &str| {
+        (default && s != "commandstats" && s != "latencystats")
+            || all
+            || wanted.iter().any(|w| w == s)
+    };
     let settings = &*shared.live();
     let mut out = String::with_capacity(2048);
     let mut section = |name: &str, body: String| {
@@ -992,6 +1018,9 @@ fn build_info(shared: &Arc<Shared>, wanted: &[String], up: &[bool], parts: &[Byt
     }
     if want("errorstats") {
         section("Errorstats", errorstats_info(shared));
+    }
+    if want("latencystats") {
+        section("Latencystats", latencystats_info(shared));
     }
     if want("cluster") {
         section("Cluster", "cluster_enabled:0\r\n".into());
