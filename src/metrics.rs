@@ -132,14 +132,8 @@ const SUB_BUCKETS: f64 = 4.0;
 const BUCKETS: usize = 120;
 
 /// A latency distribution in logarithmic buckets of microseconds, for percentiles.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LatencyHistogram(Vec<u64>);
-
-impl Default for LatencyHistogram {
-    fn default() -> Self {
-        LatencyHistogram(Vec::new())
-    }
-}
 
 impl LatencyHistogram {
     fn bucket(us: u64) -> usize {
