@@ -251,3 +251,29 @@ fn the_proxy_slow_log_sits_beside_the_shards() {
     assert_eq!(c.call(&[b"SLOWLOG", b"RESET"]), b"+OK\r\n");
     assert_eq!(c.call(&[b"SLOWLOG", b"LEN"]), b":0\r\n");
 }
+
+/// The slow log's threshold and length are reloadable: off at start, every command after a
+/// reload sets the threshold to 0, and the length caps what it keeps.
+#[test]
+fn the_proxy_slow_log_follows_a_reload() {
+    let shard = RedisServer::start();
+    let cfg = config_file(
+        "slowlog-reload",
+        "slowlog_log_slower_than = -1\nslowlog_max_len = 3\n",
+    );
+    let proxy = Slotgate::start_with(&[&shard], &["--config", cfg.to_str().unwrap()]);
+    let mut c = proxy.raw();
+    c.call(&[b"SLOWLOG", b"RESET"]);
+    c.call(&[b"CONFIG", b"SET", b"slowlog-log-slower-than", b"-1"]);
+    for _ in 0..5 {
+        c.call(&[b"GET", b"k"]);
+    }
+    assert_eq!(c.call(&[b"SLOWLOG", b"LEN"]), b":0\r\n", "off");
+    std::fs::write(&cfg, "slowlog_log_slower_than = 0\nslowlog_max_len = 3\n").unwrap();
+    assert_eq!(c.call(&[b"SLOTGATE.RELOAD"]), b"+OK\r\n");
+    for _ in 0..5 {
+        c.call(&[b"GET", b"k"]);
+    }
+    // Every command through a shard is logged now; three kept.
+    assert_eq!(c.call(&[b"SLOWLOG", b"LEN"]), b":3\r\n");
+}
