@@ -648,56 +648,55 @@ fn db0(text: &str) -> (u64, u64, u64) {
     (get("keys"), get("expires"), get("avg_ttl"))
 }
 
-/// INFO's `# Commandstats`, as Redis (`cmdstat_<name>:calls=…,usec=…,usec_per_call=…,
-/// rejected_calls=…,failed_calls=…`), counted by slotgate: `usec_per_call` is the mean of the
-/// sampled latencies (one command in `metrics::SAMPLE_EVERY`, from reading the command to its
-/// reply being written) and `usec` that mean times `calls`.
-fn commandstats_info(shared: &Shared) -> String {
+/// One INFO line per command with statistics (by name), as `line` writes it (`None`: no line).
+fn per_command_lines(
+    shared: &Shared,
+    line: impl Fn(&str, &crate::metrics::CommandCounts) -> Option<String>,
+) -> String {
     let t = shared
         .command_totals
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     let mut rows: Vec<_> = t.commands.iter().collect();
     rows.sort_by_key(|(name, _)| **name);
-    let mut out = String::new();
-    for (name, c) in rows {
+    rows.into_iter()
+        .filter_map(|(name, c)| line(name, c))
+        .collect()
+}
+
+/// INFO's `# Commandstats`, as Redis (`cmdstat_<name>:calls=…,usec=…,usec_per_call=…,
+/// rejected_calls=…,failed_calls=…`), counted by slotgate: `usec_per_call` is the mean of the
+/// sampled latencies (one command in `metrics::SAMPLE_EVERY`, from reading the command to its
+/// reply being written) and `usec` that mean times `calls`.
+fn commandstats_info(shared: &Shared) -> String {
+    per_command_lines(shared, |name, c| {
         let per_call = if c.samples > 0 {
             c.sampled_usec as f64 / c.samples as f64
         } else {
             0.0
         };
-        out.push_str(&format!(
+        Some(format!(
             "cmdstat_{name}:calls={},usec={},usec_per_call={per_call:.2},rejected_calls={},\
              failed_calls={}\r\n",
             c.calls,
             (per_call * c.calls as f64) as u64,
             c.rejected,
             c.failed
-        ));
-    }
-    out
+        ))
+    })
 }
 
 /// INFO's `# Latencystats`, as Redis (`latency_percentiles_usec_<name>:p50=…,p99=…,p99.9=…`),
 /// from the sampled latencies (one command in `metrics::SAMPLE_EVERY`), each percentile the
 /// upper bound of its bucket (within 19%).
 fn latencystats_info(shared: &Shared) -> String {
-    let t = shared
-        .command_totals
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    let mut rows: Vec<_> = t.commands.iter().collect();
-    rows.sort_by_key(|(name, _)| **name);
-    let mut out = String::new();
-    for (name, c) in rows {
+    per_command_lines(shared, |name, c| {
         let p = |q: f64| c.latency.percentile(q);
-        if let (Some(p50), Some(p99), Some(p999)) = (p(50.0), p(99.0), p(99.9)) {
-            out.push_str(&format!(
-                "latency_percentiles_usec_{name}:p50={p50:.3},p99={p99:.3},p99.9={p999:.3}\r\n"
-            ));
-        }
-    }
-    out
+        let (p50, p99, p999) = (p(50.0)?, p(99.0)?, p(99.9)?);
+        Some(format!(
+            "latency_percentiles_usec_{name}:p50={p50:.3},p99={p99:.3},p99.9={p999:.3}\r\n"
+        ))
+    })
 }
 
 /// INFO's `# Errorstats`: `errorstat_<PREFIX>:count=…` for every error slotgate answered, its
