@@ -792,6 +792,42 @@ fn persistence_info(texts: &[Option<&str>]) -> String {
     out
 }
 
+/// INFO's `# Stats`: slotgate's own counters.
+fn stats_info(shared: &Shared) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let st = &shared.stats;
+    format!(
+        "total_connections_received:{}\r\ntotal_commands_processed:{}\r\n\
+         rejected_connections:{}\r\nauth_failures:{}\r\ntotal_error_replies:{}\r\n",
+        st.connections_received.load(Relaxed),
+        st.commands_processed.load(Relaxed),
+        st.rejected_connections.load(Relaxed),
+        st.auth_failures.load(Relaxed),
+        shared.command_totals.lock().map_or(0, |t| t.total_errors)
+    )
+}
+
+/// INFO's `# Keyspace`: database 0 summed over the shards (the mean of their `avg_ttl`s).
+fn keyspace_info(texts: &[Option<&str>]) -> String {
+    let (mut keys, mut expires, mut ttl_sum, mut ttl_n) = (0u64, 0u64, 0u64, 0u64);
+    for t in texts.iter().flatten() {
+        let (k, e, a) = db0(t);
+        keys += k;
+        expires += e;
+        if a > 0 {
+            ttl_sum += a;
+            ttl_n += 1;
+        }
+    }
+    if keys == 0 {
+        return String::new();
+    }
+    format!(
+        "db0:keys={keys},expires={expires},avg_ttl={}\r\n",
+        ttl_sum.checked_div(ttl_n).unwrap_or(0)
+    )
+}
+
 /// INFO's `# Server`, with the shards' Redis version.
 fn server_info(shared: &Shared, version: &str) -> String {
     let up_secs = shared.started.elapsed().as_secs();
@@ -997,20 +1033,7 @@ fn build_info(shared: &Arc<Shared>, wanted: &[String], up: &[bool], parts: &[Byt
         section("Replication", replication_info(shared));
     }
     if want("stats") {
-        use std::sync::atomic::Ordering::Relaxed;
-        let st = &shared.stats;
-        section(
-            "Stats",
-            format!(
-                "total_connections_received:{}\r\ntotal_commands_processed:{}\r\n\
-                 rejected_connections:{}\r\nauth_failures:{}\r\ntotal_error_replies:{}\r\n",
-                st.connections_received.load(Relaxed),
-                st.commands_processed.load(Relaxed),
-                st.rejected_connections.load(Relaxed),
-                st.auth_failures.load(Relaxed),
-                shared.command_totals.lock().map_or(0, |t| t.total_errors)
-            ),
-        );
+        section("Stats", stats_info(shared));
     }
     if want("commandstats") {
         section("Commandstats", commandstats_info(shared));
@@ -1025,25 +1048,7 @@ fn build_info(shared: &Arc<Shared>, wanted: &[String], up: &[bool], parts: &[Byt
         section("Cluster", "cluster_enabled:0\r\n".into());
     }
     if want("keyspace") {
-        let (mut keys, mut expires, mut ttl_sum, mut ttl_n) = (0u64, 0u64, 0u64, 0u64);
-        for t in texts.iter().flatten() {
-            let (k, e, a) = db0(t);
-            keys += k;
-            expires += e;
-            if a > 0 {
-                ttl_sum += a;
-                ttl_n += 1;
-            }
-        }
-        let body = if keys > 0 {
-            format!(
-                "db0:keys={keys},expires={expires},avg_ttl={}\r\n",
-                ttl_sum.checked_div(ttl_n).unwrap_or(0)
-            )
-        } else {
-            String::new()
-        };
-        section("Keyspace", body);
+        section("Keyspace", keyspace_info(&texts));
     }
     if want("proxy") {
         section(
