@@ -283,7 +283,8 @@ impl Cli {
         self.merge(file).validate()
     }
 
-    fn merge(&self, f: FileConfig) -> Merged {
+    /// The shards given by `--shard` and `--shard-list`, in order.
+    fn flag_shards(&self) -> Vec<ShardEntry> {
         let mut shards: Vec<ShardEntry> = Vec::new();
         let flag_shards = self
             .shards
@@ -307,6 +308,11 @@ impl Cli {
                 password: None,
             });
         }
+        shards
+    }
+
+    fn merge(&self, f: FileConfig) -> Merged {
+        let mut shards = self.flag_shards();
         if shards.is_empty() {
             shards = f.shards;
         }

@@ -83,6 +83,8 @@ impl GatherKind {
 pub struct Gather {
     /// The command, for INFO's `failed_calls` (set by the session).
     pub cmd: Option<&'static crate::command::CommandSpec>,
+    /// slotgate's slow log has this command already (one entry, whatever its parts).
+    pub slow_logged: bool,
     kind: GatherKind,
     parts: Vec<Option<Bytes>>,
     missing: usize,
@@ -93,6 +95,7 @@ impl Gather {
     pub fn new(kind: GatherKind, parts: usize, proto: Proto) -> Self {
         Gather {
             cmd: None,
+            slow_logged: false,
             kind,
             parts: vec![None; parts],
             missing: parts,
@@ -320,21 +323,17 @@ fn merge_slowlog(
             "slotgate client={}",
             e.client.map(|a| a.to_string()).unwrap_or_default()
         );
+        // (Its arguments: the command's name, split as Redis's are: `slowlog`, `len`.)
+        let words: Vec<&str> = e.command.split('|').collect();
         own_parts.extend_from_slice(
-            format!(
-                "*6\r\n:{}\r\n:{}\r\n:{}\r\n*1\r\n${}\r\n{}\r\n${}\r\n{}\r\n${}\r\n{}\r\n",
-                e.id,
-                e.time,
-                e.micros,
-                e.command.len(),
-                e.command,
-                e.shard.len(),
-                e.shard,
-                client.len(),
-                client
-            )
-            .as_bytes(),
+            format!("*6\r\n:{}\r\n:{}\r\n:{}\r\n", e.id, e.time, e.micros).as_bytes(),
         );
+        push_header(&mut own_parts, b'*', words.len());
+        for w in words.iter().chain([&e.shard.as_str(), &client.as_str()]) {
+            push_header(&mut own_parts, b'$', w.len());
+            own_parts.extend_from_slice(w.as_bytes());
+            own_parts.extend_from_slice(b"\r\n");
+        }
     }
     let own_parts = own_parts.freeze();
     let sources = shards.len() + 1;

@@ -108,6 +108,8 @@ pub struct WorkerMetrics {
     /// The command counted last and how many times in a row, not yet in `commands`: a run
     /// of one command (the common case) costs a comparison per command, not a map lookup.
     run: std::cell::Cell<Option<(&'static str, u64)>>,
+    /// The reset (see [`CommandTotals`]) these counts came after.
+    epoch: std::cell::Cell<u64>,
 }
 
 /// What INFO commandstats (and latencystats) shows of one command.
@@ -209,8 +211,10 @@ thread_local! {
     static ERRORS: RefCell<ErrorCounts> = RefCell::default();
 }
 
-/// Most distinct error prefixes counted (Redis's limit too); errors with other prefixes still
-/// count in the total.
+/// Most distinct error prefixes counted. As Redis 7.2+ does, one more turns errorstats off
+/// until CONFIG RESETSTAT (a client making up error prefixes, through scripts' `error_reply`,
+/// must not grow it without bound): the section then shows `errorstat_ERRORSTATS_DISABLED`.
+/// `total_error_replies` keeps counting.
 pub const ERROR_PREFIXES_MAX: usize = 128;
 
 /// The prefix Redis's errorstats counts an error reply under: its first word (within 32
@@ -243,7 +247,8 @@ pub fn note_error(cmd: Option<&'static str>, reply: &[u8], rejected: bool) {
             }
         }
         let prefix = String::from_utf8_lossy(error_prefix(reply));
-        let full = e.prefixes.len() >= ERROR_PREFIXES_MAX;
+        // (One past the limit is kept, so that publishing sees the overflow.)
+        let full = e.prefixes.len() > ERROR_PREFIXES_MAX;
         match e.prefixes.get_mut(prefix.as_ref()) {
             Some(n) => *n += 1,
             None if !full => {
@@ -261,6 +266,10 @@ pub struct CommandTotals {
     pub commands: HashMap<&'static str, CommandCounts>,
     pub errors: HashMap<String, u64>,
     pub total_errors: u64,
+    /// Too many distinct prefixes came: errorstats is off until a reset.
+    pub errors_disabled: bool,
+    /// Counts CONFIG RESETSTATs: a worker whose counts predate the last one drops them.
+    epoch: u64,
 }
 
 impl CommandTotals {
@@ -325,10 +334,38 @@ impl WorkerMetrics {
         });
     }
 
+    /// CONFIG RESETSTAT: the process's totals start over, and so do this worker's counts;
+    /// the other workers drop theirs at their next publish (what they counted since the
+    /// reset, up to a second of it, goes too: never counts from before it).
+    pub fn reset(&self, totals: &std::sync::Mutex<CommandTotals>) {
+        let mut t = totals.lock().unwrap_or_else(|e| e.into_inner());
+        *t = CommandTotals {
+            epoch: t.epoch + 1,
+            ..Default::default()
+        };
+        self.drop_counts(t.epoch);
+    }
+
+    /// Drops the counts (after a reset); `/metrics` still gets the calls, its counters never
+    /// reset.
+    fn drop_counts(&self, epoch: u64) {
+        self.end_run(None);
+        for (_, (name, c)) in self.commands.borrow_mut().drain() {
+            if c.calls > 0 {
+                metrics::counter!(COMMANDS, "command" => name).increment(c.calls);
+            }
+        }
+        ERRORS.with(|e| *e.borrow_mut() = ErrorCounts::default());
+        self.epoch.set(epoch);
+    }
+
     /// Moves the counts into the registry and into the process's `totals`.
     pub fn publish(&self, totals: &std::sync::Mutex<CommandTotals>) {
         self.end_run(None);
         let mut t = totals.lock().unwrap_or_else(|e| e.into_inner());
+        if t.epoch != self.epoch.get() {
+            return self.drop_counts(t.epoch);
+        }
         for (_, (name, c)) in self.commands.borrow_mut().drain() {
             if c.calls > 0 {
                 metrics::counter!(COMMANDS, "command" => name).increment(c.calls);
@@ -343,14 +380,20 @@ impl WorkerMetrics {
                 c.failed += failed;
             }
             for (prefix, n) in e.prefixes.drain() {
-                let full = t.errors.len() >= ERROR_PREFIXES_MAX;
-                match t.errors.get_mut(&prefix) {
-                    Some(m) => *m += n,
-                    None if !full => {
-                        t.errors.insert(prefix, n);
-                    }
-                    None => {}
+                if t.errors_disabled {
+                    continue;
                 }
+                if !t.errors.contains_key(&prefix) && t.errors.len() >= ERROR_PREFIXES_MAX {
+                    tracing::warn!(
+                        "errorstats stopped counting: more than {ERROR_PREFIXES_MAX} distinct \
+                         error prefixes (a script's error_reply?); CONFIG RESETSTAT starts it again"
+                    );
+                    t.errors.clear();
+                    t.errors.insert("ERRORSTATS_DISABLED".into(), 1);
+                    t.errors_disabled = true;
+                    continue;
+                }
+                *t.errors.entry(prefix).or_default() += n;
             }
             t.total_errors += std::mem::take(&mut e.total);
         });
@@ -411,6 +454,16 @@ mod tests {
             (t.errors["ERR"], t.errors["WRONGTYPE"], t.total_errors),
             (2, 1, 3)
         );
+        drop(t);
+        // One prefix past the limit turns errorstats off (Redis 7.2+), not the total.
+        for i in 0..ERROR_PREFIXES_MAX {
+            note_error(None, format!("-P{i} x").as_bytes(), false);
+        }
+        m.publish(&totals);
+        let t = totals.lock().unwrap();
+        assert_eq!(t.errors.len(), 1, "{:?}", t.errors.keys());
+        assert!(t.errors_disabled && t.errors["ERRORSTATS_DISABLED"] == 1);
+        assert_eq!(t.total_errors, 3 + ERROR_PREFIXES_MAX as u64);
     }
 
     #[test]

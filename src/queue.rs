@@ -306,13 +306,18 @@ impl ReplyQueue {
         self.client.get()
     }
 
-    /// The command of reply slot `seq`, while it waits (the slow log names it).
-    pub fn command_of(&self, seq: u64) -> Option<&'static str> {
-        let q = self.inner.borrow();
-        match q.slots.get(seq.checked_sub(q.base)? as usize)? {
+    /// The command of reply slot `seq`, while it waits, for the slow log: once per command
+    /// (a command split over shards is one entry, named at its first slow part).
+    pub fn slow_command(&self, seq: u64) -> Option<&'static str> {
+        let mut q = self.inner.borrow_mut();
+        let base = q.base;
+        match q.slots.get_mut(seq.checked_sub(base)? as usize)? {
             Slot::Waiting(cmd) => cmd.map(|c| c.name),
-            Slot::Gather(g) => g.cmd.map(|c| c.name),
-            Slot::Ready(_) => None,
+            Slot::Gather(g) if !g.slow_logged => {
+                g.slow_logged = true;
+                g.cmd.map(|c| c.name)
+            }
+            Slot::Gather(_) | Slot::Ready(_) => None,
         }
     }
 

@@ -540,6 +540,10 @@ impl Upstream {
                 if matches!(st.pending[i].target, Target::Handshake) {
                     return Err(());
                 }
+                if self.cfg.slowlog.is_some() {
+                    // A command that timed out took at least op_timeout: the slowest of all.
+                    self.log_slow(&st.pending[i]);
+                }
                 let unsent = i >= st.pending.len() - st.unsent;
                 // Everything before it timed out as well, so its bytes are the first in `out`.
                 if unsent && !self.oob.get() && st.out.len() >= st.pending[i].len {
@@ -1033,7 +1037,8 @@ impl Upstream {
         (read_at + self.cfg.op_timeout).checked_sub(threshold)
     }
 
-    /// Logs a request whose reply, just read, took the slow log's threshold or more.
+    /// Logs a request whose reply, just read (or its timeout, just now), took the slow log's
+    /// threshold or more.
     #[cold]
     #[inline(never)]
     fn log_slow(&self, p: &Pending) {
@@ -1041,7 +1046,7 @@ impl Upstream {
         let (Some(log), Target::Client { queue, seq, .. }) = (&self.cfg.slowlog, &p.target) else {
             return;
         };
-        let Some(command) = queue.command_of(*seq) else {
+        let Some(command) = queue.slow_command(*seq) else {
             return;
         };
         let started = p
@@ -1049,6 +1054,9 @@ impl Upstream {
             .checked_sub(self.cfg.op_timeout)
             .unwrap_or(p.deadline);
         let took = read_at.saturating_duration_since(started);
+        if log.threshold().is_none_or(|t| took < t) {
+            return;
+        }
         log.record(command, took, &self.label, queue.client());
     }
 
@@ -1445,8 +1453,8 @@ impl DedicatedPool {
     /// handshake (~0.2 ms on loopback), and a message published meanwhile by a client that did
     /// not wait for the confirmation was lost (29 of 30 tries; none on Redis itself). So one
     /// connected, idle RESP2 connection per shard is kept ready from the start and replaced as
-    /// soon as it is taken; a RESP3 spare is kept too once one was handed out from the idle
-    /// list.
+    /// soon as it is taken; a RESP3 spare once the first RESP3 one was asked for. At the cap,
+    /// an idle connection is closed to make room for one that is asked for (see `take`).
     fn add_spare(&self, proto: Proto, shard: usize) {
         if self.count.borrow()[shard] >= self.max {
             return;
@@ -1481,7 +1489,7 @@ impl DedicatedPool {
             }
         }
         let (addr, cfg) = &self.shards[shard];
-        if self.count.borrow()[shard] >= self.max {
+        if self.count.borrow()[shard] >= self.max && !self.evict_idle(shard) {
             return Err(reply::Failure::TooManyDedicated {
                 shard: &addr.to_string(),
                 max: self.max,
@@ -1490,10 +1498,24 @@ impl DedicatedPool {
         }
         self.count.borrow_mut()[shard] += 1;
         let up = Upstream::start(*addr, proto, cfg.clone());
-        if proto == Proto::Resp2 {
-            self.add_spare(proto, shard);
-        }
+        self.add_spare(proto, shard);
         Ok(Dedicated::new(up, self.clone(), shard, proto))
+    }
+
+    /// At the cap: closes an idle connection to `shard` (a spare of the other protocol,
+    /// say) to make room; whether there was one. (Not one whose last owner's replies are
+    /// still in flight: they would be lost.)
+    fn evict_idle(&self, shard: usize) -> bool {
+        let mut idle = self.idle.borrow_mut();
+        for list in idle.iter_mut() {
+            let list = &mut list[shard];
+            if let Some(i) = list.iter().position(|up| up.only_own_requests_pending()) {
+                list.remove(i).close();
+                self.count.borrow_mut()[shard] -= 1;
+                return true;
+            }
+        }
+        false
     }
 
     /// Dedicated connections to `shard` on this worker (in use or idle).

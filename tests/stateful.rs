@@ -530,6 +530,23 @@ fn dedicated_connections_are_capped_per_shard() {
     assert_eq!(c.call(&[b"SET", b"k", b"v"]), b"+OK\r\n");
 }
 
+/// The idle spare each worker keeps counts against the cap, and is closed to make room: with
+/// a cap of 1, a RESP3 client can still run a blocking command and a transaction (review
+/// regression: the RESP2 spare took the only place).
+#[test]
+fn a_spare_makes_room_under_the_dedicated_cap() {
+    let shard = RedisServer::start();
+    let proxy = Slotgate::start_with(&[&shard], &["--max-dedicated-per-shard", "1"]);
+    let mut c = proxy.raw();
+    assert!(c.call(&[b"HELLO", b"3"]).starts_with(b"%"));
+    assert_eq!(c.call(&[b"BLPOP", b"nothing", b"0.1"]), b"_\r\n");
+    assert_eq!(c.call(&[b"MULTI"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"SET", b"a", b"1"]), b"+QUEUED\r\n");
+    assert_eq!(c.call(&[b"EXEC"]), b"*1\r\n+OK\r\n");
+    let mut r2 = proxy.raw();
+    assert_eq!(r2.call(&[b"BLPOP", b"nothing", b"0.1"]), b"*-1\r\n");
+}
+
 #[test]
 fn blocked_clients_do_not_stall_other_traffic() {
     let (shards, proxy) = three();

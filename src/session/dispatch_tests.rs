@@ -245,6 +245,9 @@ async fn fake_conn(mut s: TcpStream, log: Rc<RefCell<Vec<String>>>) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let (mut resp3, mut subscribed) = (false, 0);
+    // A connection's `HELLO 3` is logged with its next command: a spare connection that is
+    // never used (slotgate keeps one ready) leaves nothing in the log.
+    let mut hello: Option<String> = None;
     loop {
         let n = match s.read(&mut chunk).await {
             Ok(0) | Err(_) => return,
@@ -272,7 +275,13 @@ async fn fake_conn(mut s: TcpStream, log: Rc<RefCell<Vec<String>>>) {
                 out.extend_from_slice(b":7\r\n");
                 continue;
             }
-            log.borrow_mut().push(args.join(" "));
+            let line = args.join(" ");
+            if args[0].eq_ignore_ascii_case("hello") {
+                hello = Some(line);
+            } else {
+                log.borrow_mut().extend(hello.take());
+                log.borrow_mut().push(line);
+            }
             match args[0].to_ascii_uppercase().as_str() {
                 "HELLO" => {
                     resp3 = args.get(1).map(String::as_str) == Some("3");

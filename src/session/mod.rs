@@ -631,7 +631,8 @@ impl Session {
             match command::lookup_sub(spec, req.arg(1)) {
                 Some(sub) => spec = sub,
                 None => {
-                    self.cmd = Some(spec);
+                    // (No commandstats line, as in Redis; errorstats counts it.)
+                    self.cmd = None;
                     return Err(reply::unknown_subcommand(spec.name, req.arg(1)));
                 }
             }
@@ -1062,10 +1063,7 @@ impl Session {
     fn reset_stats(&self) {
         use std::sync::atomic::Ordering::Relaxed;
         let shared = &self.w.shared;
-        self.w.metrics.publish(&shared.command_totals);
-        if let Ok(mut t) = shared.command_totals.lock() {
-            *t = Default::default();
-        }
+        self.w.metrics.reset(&shared.command_totals);
         let st = &shared.stats;
         for c in [
             &st.connections_received,
