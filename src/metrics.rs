@@ -108,8 +108,6 @@ pub struct WorkerMetrics {
     /// The command counted last and how many times in a row, not yet in `commands`: a run
     /// of one command (the common case) costs a comparison per command, not a map lookup.
     run: std::cell::Cell<Option<(&'static str, u64)>>,
-    /// The reset (see [`CommandTotals`]) these counts came after.
-    epoch: std::cell::Cell<u64>,
 }
 
 /// What INFO commandstats (and latencystats) shows of one command.
@@ -268,8 +266,6 @@ pub struct CommandTotals {
     pub total_errors: u64,
     /// Too many distinct prefixes came: errorstats is off until a reset.
     pub errors_disabled: bool,
-    /// Counts CONFIG RESETSTATs: a worker whose counts predate the last one drops them.
-    epoch: u64,
 }
 
 impl CommandTotals {
@@ -334,38 +330,19 @@ impl WorkerMetrics {
         });
     }
 
-    /// CONFIG RESETSTAT: the process's totals start over, and so do this worker's counts;
-    /// the other workers drop theirs at their next publish (what they counted since the
-    /// reset, up to a second of it, goes too: never counts from before it).
+    /// CONFIG RESETSTAT: the process's totals start over, with this worker's counts not yet
+    /// published. (The other workers' counts of the last second, published later, still
+    /// arrive: a reset is exact for the worker that takes it, within a second for others.)
     pub fn reset(&self, totals: &std::sync::Mutex<CommandTotals>) {
+        self.publish(totals);
         let mut t = totals.lock().unwrap_or_else(|e| e.into_inner());
-        *t = CommandTotals {
-            epoch: t.epoch + 1,
-            ..Default::default()
-        };
-        self.drop_counts(t.epoch);
-    }
-
-    /// Drops the counts (after a reset); `/metrics` still gets the calls, its counters never
-    /// reset.
-    fn drop_counts(&self, epoch: u64) {
-        self.end_run(None);
-        for (_, (name, c)) in self.commands.borrow_mut().drain() {
-            if c.calls > 0 {
-                metrics::counter!(COMMANDS, "command" => name).increment(c.calls);
-            }
-        }
-        ERRORS.with(|e| *e.borrow_mut() = ErrorCounts::default());
-        self.epoch.set(epoch);
+        *t = CommandTotals::default();
     }
 
     /// Moves the counts into the registry and into the process's `totals`.
     pub fn publish(&self, totals: &std::sync::Mutex<CommandTotals>) {
         self.end_run(None);
         let mut t = totals.lock().unwrap_or_else(|e| e.into_inner());
-        if t.epoch != self.epoch.get() {
-            return self.drop_counts(t.epoch);
-        }
         for (_, (name, c)) in self.commands.borrow_mut().drain() {
             if c.calls > 0 {
                 metrics::counter!(COMMANDS, "command" => name).increment(c.calls);
