@@ -304,6 +304,18 @@ impl WorkerMetrics {
         }
     }
 
+    /// Takes back the count of the command just counted: it was refused after all, or will
+    /// be counted again when it runs (a deferred MONITOR).
+    #[cold]
+    pub fn uncount(&self, name: &'static str) {
+        if let Some((last, n)) = self.run.get()
+            && std::ptr::eq(last, name)
+            && n > 0
+        {
+            self.run.set(Some((last, n - 1)));
+        }
+    }
+
     /// Adds the current run to the map and starts `next`.
     fn end_run(&self, next: Option<(&'static str, u64)>) {
         if let Some((name, n)) = self.run.replace(next) {

@@ -30,6 +30,24 @@ fn run_the_sequence(port: u16) {
         let c = if i % 2 == 0 { &mut a } else { &mut b };
         c.call(args);
     }
+    // Errors inside EXEC's reply count against the queued commands (review regression).
+    a.call(&[b"SET", b"t", b"v"]);
+    a.call(&[b"MULTI"]);
+    a.call(&[b"INCR", b"t"]);
+    a.call(&[b"LPUSH", b"t", b"x"]);
+    let exec = a.call(&[b"EXEC"]);
+    assert!(
+        exec.starts_with(b"*2\r\n-ERR"),
+        "{}",
+        String::from_utf8_lossy(&exec)
+    );
+    a.call(&[b"DEL", b"t"]);
+    // A RESP2 subscriber's GET is refused before it runs: a rejected call.
+    b.call(&[b"SUBSCRIBE", b"ch"]);
+    assert!(
+        b.call(&[b"GET", b"k"])
+            .starts_with(b"-ERR Can't execute 'get'")
+    );
 }
 
 /// `cmdstat_<name>` → (calls, rejected_calls, failed_calls), and `errorstat_<PREFIX>` → count,
@@ -46,7 +64,11 @@ fn stats(c: &mut redis::Connection) -> BTreeMap<String, String> {
             continue;
         };
         if let Some(cmd) = k.strip_prefix("cmdstat_") {
-            if !["set", "get", "incr", "lpush", "mget", "del", "client"].contains(&cmd) {
+            if ![
+                "set", "get", "incr", "lpush", "mget", "del", "client", "exec",
+            ]
+            .contains(&cmd)
+            {
                 continue;
             }
             let field = |f: &str| {

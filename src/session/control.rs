@@ -98,6 +98,10 @@ impl Session {
         }
         if self.queue.waiting() > 0 {
             // Its `+OK` must come after the replies in flight, and the lines after its `+OK`.
+            // (Counted when it runs.)
+            if let Some(monitor) = self.cmd {
+                self.w.metrics.uncount(monitor.name);
+            }
             self.deferred = Some(crate::session::pinned::Deferred::from(req));
             return;
         }

@@ -573,7 +573,11 @@ impl Session {
         }
         if self.proto == Proto::Resp2 && self.subscribed() {
             if !crate::session::pubsub::allowed_while_subscribed(spec.name) {
-                return self.reply(reply::not_while_subscribed(spec.name));
+                // Refused before running, as Redis counts it: a rejected call.
+                self.w.metrics.uncount(spec.name);
+                let e = reply::not_while_subscribed(spec.name);
+                crate::metrics::note_error(Some(spec.name), &e, true);
+                return self.queue.push_ready(e);
             }
             if spec.name == "ping" {
                 return self.subscribed_ping(req);

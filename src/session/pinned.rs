@@ -51,6 +51,9 @@ pub struct Tx {
     watch_lost: bool,
     /// A command that may write was queued: CLIENT PAUSE WRITE holds the EXEC.
     pub(crate) writes: bool,
+    /// The queued commands, in order: INFO commandstats counts the errors in EXEC's reply
+    /// against them, as Redis does.
+    queued: Vec<&'static str>,
 }
 
 /// WATCHed keys outside MULTI: their dedicated connection and slot, and what their WATCH
@@ -224,6 +227,42 @@ impl Session {
         conn.up.send_until(raw, target, deadline);
     }
 
+    /// EXEC: its reply goes to the client as it is, and the errors in its array are counted
+    /// against the commands that were `queued` (INFO commandstats and errorstats).
+    fn send_exec(
+        &mut self,
+        conn: &Dedicated,
+        raw: &[u8],
+        deadline: Instant,
+        queued: Vec<&'static str>,
+    ) {
+        let count = move |parts: &[Bytes]| -> Bytes {
+            let reply = parts.first().cloned().unwrap_or_default();
+            if reply.first() == Some(&b'*') {
+                let elements = crate::resp::scan::array_elements(&reply).unwrap_or_default();
+                for (i, &(a, b)) in elements.iter().enumerate() {
+                    if reply.get(a) == Some(&b'-') {
+                        crate::metrics::note_error(queued.get(i).copied(), &reply[a..b], false);
+                    }
+                }
+            }
+            reply
+        };
+        let mut g = crate::fanout::Gather::new(
+            crate::fanout::GatherKind::Info(Box::new(count)),
+            1,
+            self.proto,
+        );
+        g.cmd = self.cmd;
+        let seq = self.queue.push_waiting(Slot::Gather(Box::new(g)));
+        let target = Target::Client {
+            queue: self.queue.clone(),
+            seq,
+            part: 0,
+        };
+        conn.up.send_until(raw, target, deadline);
+    }
+
     fn op_deadline(&self, now: Instant) -> Instant {
         now + self.w.shared.settings.op_timeout
     }
@@ -301,7 +340,7 @@ impl Session {
                         Err(e) => return self.reply(e),
                     },
                 };
-                self.send_dedicated(&conn, req.raw, d);
+                self.send_exec(&conn, req.raw, d, tx.queued);
                 conn.release();
             }
             "discard" => {
@@ -426,6 +465,7 @@ impl Session {
             }
         }
         tx.writes |= crate::session::control::may_write(spec);
+        tx.queued.push(spec.name);
         let d = self.op_deadline(now);
         if self.tx.as_ref().is_some_and(|t| t.conn.is_none()) {
             if slot.is_none() {
