@@ -102,12 +102,34 @@ def lock(port: int) -> None:
     r.close()
 
 
+def info(port: int) -> None:
+    """The INFO fields clients and exporters read, as redis-py's info() parses them."""
+    r = redis.Redis(host="127.0.0.1", port=port)
+    r.get("py:info:probe")
+    everything = r.info("everything")
+    assert everything["role"] == "master", everything.get("role")
+    assert len(everything["run_id"]) == 40
+    for field in ("blocked_clients", "pubsub_clients", "tracking_clients", "used_memory",
+                  "used_cpu_sys", "rdb_changes_since_last_save", "total_error_replies"):
+        assert isinstance(everything[field], (int, float)), field
+    assert everything["cmdstat_get"]["calls"] >= 1, everything.get("cmdstat_get")
+    assert "p50" in everything.get("latency_percentiles_usec_get", {"p50": 0})
+    try:
+        r.execute_command("NOSUCHCOMMAND")
+    except redis.ResponseError:
+        pass
+    assert r.info("errorstats")["errorstat_ERR"]["count"] >= 1
+    assert "cmdstat_get" not in r.info(), "commandstats is not in the default INFO"
+    r.close()
+
+
 def main() -> None:
     port = int(sys.argv[1])
     asyncio.run(cache_aside(port))
     transactional_pipeline(port)
     pubsub(port)
     lock(port)
+    info(port)
     print("seed workflow OK")
 
 
