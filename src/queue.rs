@@ -119,6 +119,9 @@ impl Attention {
     pub const DRAIN: u8 = 16;
     /// A CLIENT PAUSE ended: a command it held is tried again.
     pub const RESUME: u8 = 32;
+    /// A subscriber connection failed before any subscription began on it: the session
+    /// forgets them (see `Session::drop_failed_subscriptions`).
+    pub const SUB_FAILED: u8 = 64;
     /// The bits that close the session.
     pub const CLOSE: u8 = Self::KILLED | Self::SUB_LOST | Self::OVERFLOW;
 }

@@ -318,6 +318,9 @@ pub struct Upstream {
     /// frames to come, frames so far). They fill the client's reply slot in order; every
     /// other frame (a message) is written out of band.
     confirmations: RefCell<VecDeque<(u64, usize, BytesMut)>>,
+    /// A subscriber connection confirmed a subscription once: losing it from then on loses
+    /// live subscriptions (the client is closed); before, its subscriptions never began.
+    confirmed: std::cell::Cell<bool>,
     /// A dedicated connection whose one connection ended: every request fails at once.
     dead: std::cell::Cell<bool>,
     close_notify: LocalNotify,
@@ -383,6 +386,7 @@ impl Upstream {
             probe: Rc::new(std::cell::Cell::new(ProbeState::Idle)),
             sink: RefCell::new(None),
             confirmations: RefCell::new(VecDeque::new()),
+            confirmed: std::cell::Cell::new(false),
             dead: std::cell::Cell::new(false),
             close_notify: LocalNotify::new(),
             oob: std::cell::Cell::new(false),
@@ -637,6 +641,22 @@ impl Upstream {
         self.wake_writer.notify_one();
     }
 
+    /// This subscriber connection is gone. With live subscriptions the client is closed, so
+    /// that it resubscribes; if none ever began (the shard was down, or refused the
+    /// handshake), each (un)subscribe waiting for its confirmation gets the error instead
+    /// and the session forgets what it subscribed there.
+    #[cold]
+    fn subscriber_lost(&self, q: &crate::queue::ReplyQueue, why: &str) {
+        if self.confirmed.get() {
+            return q.mark_sub_lost();
+        }
+        let err = reply::shard_unavailable(&self.label, why);
+        for (seq, _, _) in self.confirmations.borrow_mut().drain(..) {
+            q.deliver(seq, 0, err.clone());
+        }
+        q.flag(crate::queue::Attention::SUB_FAILED);
+    }
+
     /// Makes this dedicated connection a subscriber connection feeding `queue`.
     pub fn set_sink(&self, queue: Rc<crate::queue::ReplyQueue>) {
         *self.sink.borrow_mut() = Some(queue);
@@ -718,7 +738,7 @@ impl Upstream {
                 if !self.closed.get()
                     && let Some(q) = self.sink.borrow().as_ref()
                 {
-                    q.mark_sub_lost();
+                    self.subscriber_lost(q, &why);
                 }
                 return;
             }
@@ -966,6 +986,7 @@ impl Upstream {
                     acc.extend_from_slice(&bytes);
                     *left -= 1;
                     if *left == 0 {
+                        self.confirmed.set(true);
                         let (seq, acc) = (*seq, std::mem::take(acc));
                         conf.pop_front();
                         drop(conf);

@@ -288,3 +288,46 @@ fn a_subscribe_is_live_as_early_as_on_redis() {
         "missed {on_slotgate} of 100 through slotgate, {on_redis} on Redis"
     );
 }
+
+/// A subscription to a shard that is down gets the shard's error, and the client stays
+/// connected and unsubscribed (it used to be closed without a reply: a lost subscriber
+/// connection closes the client, but these subscriptions never began).
+#[test]
+fn subscribing_on_a_shard_that_is_down_answers_an_error() {
+    let up = RedisServer::start();
+    let down = format!("127.0.0.1:{}", free_port());
+    let addrs = format!("{},{}", up.addr(), down);
+    let proxy = Slotgate::start_with(&[], &["--shard-list", &addrs]);
+    // A sharded channel on the second (down) shard, and one on the first.
+    let on = |shard: usize| {
+        (0..)
+            .map(|i| format!("ch{i}"))
+            .find(|k| (crc16(k.as_bytes()) as usize % 16384) * 2 / 16384 == shard)
+            .unwrap()
+    };
+    let mut c = proxy.raw();
+    let r = c.call(&[b"SSUBSCRIBE", on(1).as_bytes()]);
+    assert!(
+        r.starts_with(b"-ERR shard unavailable"),
+        "{}",
+        String::from_utf8_lossy(&r)
+    );
+    assert_eq!(c.call(&[b"PING"]), b"+PONG\r\n", "not in subscribed mode");
+    let ok = c.call(&[b"SSUBSCRIBE", on(0).as_bytes()]);
+    assert!(
+        ok.starts_with(b"*3\r\n$10\r\nssubscribe\r\n"),
+        "{}",
+        String::from_utf8_lossy(&ok)
+    );
+
+    // Classic channels live on the first shard: down here.
+    let proxy = Slotgate::start_with(&[], &["--shard-list", &format!("{down},{}", up.addr())]);
+    let mut c = proxy.raw();
+    let r = c.call(&[b"SUBSCRIBE", b"news"]);
+    assert!(
+        r.starts_with(b"-ERR shard unavailable"),
+        "{}",
+        String::from_utf8_lossy(&r)
+    );
+    assert_eq!(c.call(&[b"PING"]), b"+PONG\r\n");
+}

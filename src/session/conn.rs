@@ -213,6 +213,10 @@ impl<R: ReadSide, W: WriteSide> Conn<R, W> {
             s.queue.unflag(Attention::RELOAD);
             self.reloaded(s);
         }
+        if flags & Attention::SUB_FAILED != 0 {
+            s.queue.unflag(Attention::SUB_FAILED);
+            s.drop_failed_subscriptions();
+        }
         if flags & Attention::RESUME != 0 {
             // (`parse` has already tried the held command again.)
             s.queue.unflag(Attention::RESUME);

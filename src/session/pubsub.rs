@@ -111,6 +111,29 @@ impl Session {
         Ok(())
     }
 
+    /// A subscriber connection failed before its subscriptions began (its (un)subscribes were
+    /// answered with the error): what was subscribed on it is forgotten, and the client is
+    /// no longer subscribed there.
+    #[cold]
+    pub(crate) fn drop_failed_subscriptions(&mut self) {
+        for shard in 0..self.subs.conns.len() {
+            if self.subs.conns[shard]
+                .as_ref()
+                .is_some_and(|c| !c.up.usable())
+            {
+                self.subs.conns[shard] = None;
+                if shard == 0 {
+                    self.subs.channels.clear();
+                    self.subs.patterns.clear();
+                }
+                if let Some(set) = self.subs.shard_channels.get_mut(shard) {
+                    set.clear();
+                }
+            }
+        }
+        self.update_output_class();
+    }
+
     /// Drops every subscription (RESET): the subscriber connections close.
     pub(crate) fn reset_subs(&mut self) {
         self.subs = Subs::default();
