@@ -315,6 +315,20 @@ fn resetstat_timeouts_and_split_commands_in_the_stats() {
     assert!(!text.contains("cmdstat_get:"), "{text}");
     let mut c = proxy.client();
     a.call(&[b"CLIENT", b"NOSUCHSUB"]);
+    // A protocol error counts in errorstats, as on Redis.
+    let before: redis::InfoDict = redis::cmd("INFO").arg("errorstats").query(&mut c).unwrap();
+    let mut bad = proxy.raw();
+    bad.send(b"*1\r\n$abc\r\n");
+    assert!(bad.read_replies(1)[0].starts_with(b"-ERR Protocol error"));
+    let errs = |d: &redis::InfoDict| -> u64 {
+        d.get::<String>("errorstat_ERR")
+            .and_then(|v| v.strip_prefix("count=")?.parse().ok())
+            .unwrap_or(0)
+    };
+    wait_until("the protocol error counted", Duration::from_secs(5), || {
+        let now: redis::InfoDict = redis::cmd("INFO").arg("errorstats").query(&mut c).unwrap();
+        errs(&now) > errs(&before)
+    });
     let text: String = redis::cmd("INFO")
         .arg("commandstats")
         .query(&mut c)

@@ -487,7 +487,10 @@ impl Session {
                     break;
                 }
                 Err(e) => {
-                    self.queue.push_ready(reply::error_bytes(&[&e.message()]));
+                    let e = reply::error_bytes(&[&e.message()]);
+                    // (Counted in errorstats, as Redis counts protocol errors.)
+                    crate::metrics::note_error(None, &e, false);
+                    self.queue.push_ready(e);
                     self.closing = true;
                     break;
                 }
