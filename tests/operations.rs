@@ -93,9 +93,11 @@ fn sighup_reloads_users_and_permissions_and_clients_stay_connected() {
     // The connected client has its new rights once its worker has taken the reload up (a
     // SIGHUP has no reply to wait for; the new user's check may have run on the other
     // worker), and was not disconnected.
-    wait_until("the connected client's new rights", Duration::from_secs(5), || {
-        app.call(&[b"GET", b"other:1"]) == b"$-1\r\n"
-    });
+    wait_until(
+        "the connected client's new rights",
+        Duration::from_secs(5),
+        || app.call(&[b"GET", b"other:1"]) == b"$-1\r\n",
+    );
     // New connections need the new password.
     assert!(auth(&mut proxy.raw(), "app", "p1").starts_with(b"-WRONGPASS"));
     assert_eq!(auth(&mut proxy.raw(), "app", "p2"), b"+OK\r\n");
