@@ -158,6 +158,16 @@ fn until_nul(b: &[u8]) -> &[u8] {
     b.iter().position(|&c| c == 0).map_or(b, |i| &b[..i])
 }
 
+/// `-ERR unknown subcommand or wrong number of arguments for 'pause'. Try CLIENT HELP.`: a
+/// CLIENT subcommand given too many arguments (`sub` as the client spelled it).
+pub fn client_subcommand_arguments(sub: &[u8]) -> Bytes {
+    error_bytes(&[
+        b"ERR unknown subcommand or wrong number of arguments for '",
+        sub,
+        b"'. Try CLIENT HELP.",
+    ])
+}
+
 /// `-ERR unknown subcommand 'foo'. Try CONFIG HELP.`
 pub fn unknown_subcommand(container: &str, sub: &[u8]) -> Bytes {
     let sub = until_nul(sub);
@@ -369,6 +379,12 @@ pub const EXECABORT: &[u8] = b"-EXECABORT Transaction discarded because of previ
 pub const NO_SUCH_CLIENT: &[u8] = b"-ERR No such client\r\n";
 pub const CLIENT_ID_NOT_POSITIVE: &[u8] = b"-ERR client-id should be greater than 0\r\n";
 pub const INVALID_CLIENT_ID: &[u8] = b"-ERR Invalid client ID\r\n";
+/// A monitoring client's key commands (Redis treats a monitor as a replica).
+pub const MONITOR_KEYSPACE: &[u8] = b"-ERR Replica can't interact with the keyspace\r\n";
+pub const PAUSE_MODE: &[u8] = b"-ERR CLIENT PAUSE mode must be WRITE or ALL\r\n";
+pub const TIMEOUT_NEGATIVE: &[u8] = b"-ERR timeout is negative\r\n";
+pub const TIMEOUT_NOT_INTEGER: &[u8] = b"-ERR timeout is not an integer or out of range\r\n";
+pub const UNBLOCK_REASON: &[u8] = b"-ERR CLIENT UNBLOCK reason should be TIMEOUT or ERROR\r\n";
 pub const PROTO_NOT_INTEGER: &[u8] = b"-ERR Protocol version is not an integer or out of range\r\n";
 pub const HELLO_SWITCH_PINNED: &[u8] = b"-ERR HELLO cannot switch the protocol while WATCH, MULTI or a subscription is active through slotgate\r\n";
 pub const SCAN_CURSOR_TOO_LARGE: &[u8] = b"-ERR shard cursor too large for the proxy to encode\r\n";

@@ -15,15 +15,6 @@ use crate::resp::Request;
 use crate::resp::reply;
 use crate::resp::request::parse_i64;
 
-/// Redis's answer to a CLIENT subcommand with too many arguments.
-fn wrong_subcommand_arguments(sub: &[u8]) -> bytes::Bytes {
-    reply::error_bytes(&[
-        b"ERR unknown subcommand or wrong number of arguments for '",
-        sub,
-        b"'. Try CLIENT HELP.",
-    ])
-}
-
 /// Whether CLIENT PAUSE WRITE holds this command: a write, or one that may cause a write
 /// (EVAL, EVALSHA, FCALL, PUBLISH, SPUBLISH, PFCOUNT), as Redis decides.
 pub fn may_write(spec: &CommandSpec) -> bool {
@@ -43,9 +34,6 @@ impl Drop for Monitoring {
         self.gate.gate.remove_monitor(self.id);
     }
 }
-
-/// The error Redis answers a monitoring client that sends a command touching keys.
-const MONITOR_KEYSPACE: &[u8] = b"-ERR Replica can't interact with the keyspace\r\n";
 
 impl Session {
     /// While a pause or a monitor exists: holds a command that a CLIENT PAUSE covers (it is
@@ -68,7 +56,7 @@ impl Session {
         }
         if self.monitor.is_some() && spec.has(flags::READONLY | flags::WRITE | flags::MAY_REPLICATE)
         {
-            self.reply_static(MONITOR_KEYSPACE);
+            self.reply_static(reply::MONITOR_KEYSPACE);
             return true;
         }
         false
@@ -128,7 +116,7 @@ impl Session {
     /// its next command that the pause covers, until the timeout or CLIENT UNPAUSE.
     pub(super) fn client_pause(&mut self, req: &Request<'_>) {
         if req.argc() > 4 {
-            return self.reply(wrong_subcommand_arguments(req.arg(1)));
+            return self.reply(reply::client_subcommand_arguments(req.arg(1)));
         }
         let mode = if req.argc() == 4 {
             let m = req.arg(3);
@@ -137,16 +125,16 @@ impl Session {
             } else if m.eq_ignore_ascii_case(b"all") {
                 PauseMode::All
             } else {
-                return self.reply_static(b"-ERR CLIENT PAUSE mode must be WRITE or ALL\r\n");
+                return self.reply_static(reply::PAUSE_MODE);
             }
         } else {
             PauseMode::All
         };
         let ms = match parse_i64(req.arg(2)) {
-            Some(ms) if ms < 0 => return self.reply_static(b"-ERR timeout is negative\r\n"),
+            Some(ms) if ms < 0 => return self.reply_static(reply::TIMEOUT_NEGATIVE),
             Some(ms) => ms as u64,
             None => {
-                return self.reply_static(b"-ERR timeout is not an integer or out of range\r\n");
+                return self.reply_static(reply::TIMEOUT_NOT_INTEGER);
             }
         };
         let now = Instant::now();
@@ -177,7 +165,7 @@ impl Session {
     /// client is not blocked.
     pub(super) fn client_unblock(&mut self, req: &Request<'_>, now: Instant) {
         if req.argc() > 4 {
-            return self.reply(wrong_subcommand_arguments(req.arg(1)));
+            return self.reply(reply::client_subcommand_arguments(req.arg(1)));
         }
         let Some(id) = parse_i64(req.arg(2)) else {
             return self.reply_static(reply::NOT_INTEGER);
@@ -186,8 +174,7 @@ impl Session {
             4 if req.arg(3).eq_ignore_ascii_case(b"timeout") => b"TIMEOUT",
             4 if req.arg(3).eq_ignore_ascii_case(b"error") => b"ERROR",
             4 => {
-                return self
-                    .reply_static(b"-ERR CLIENT UNBLOCK reason should be TIMEOUT or ERROR\r\n");
+                return self.reply_static(reply::UNBLOCK_REASON);
             }
             _ => b"TIMEOUT",
         };
