@@ -280,9 +280,8 @@ impl ReplyQueue {
     /// CLIENT REPLY OFF/SKIP: replies from sequence number `from` on are dropped until
     /// [`unmute`](Self::unmute).
     pub fn mute(&self, from: u64) {
-        let mut m = self.muted.borrow_mut();
-        if m.back().is_none_or(|&(_, to)| to != u64::MAX) {
-            m.push_back((from, u64::MAX));
+        if !self.muted_open() {
+            self.muted.borrow_mut().push_back((from, u64::MAX));
         }
         self.muting.set(true);
     }

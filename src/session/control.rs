@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use super::{AbortOnDrop, Session};
 use crate::command::{CommandSpec, flags};
 use crate::gate::{Gate, PauseMode};
-use crate::queue::{Slot, Target};
+use crate::queue::Slot;
 use crate::resp::Request;
 use crate::resp::reply;
 use crate::resp::request::parse_i64;
@@ -24,14 +24,14 @@ pub fn may_write(spec: &CommandSpec) -> bool {
 /// A session in MONITOR mode: its place in the gate's list, and the task moving lines into
 /// its output. Dropping it (RESET, or the session's end) ends MONITOR mode.
 pub struct Monitoring {
-    gate: Arc<crate::worker::Shared>,
+    shared: Arc<crate::worker::Shared>,
     id: u64,
     _forward: AbortOnDrop,
 }
 
 impl Drop for Monitoring {
     fn drop(&mut self) {
-        self.gate.gate.remove_monitor(self.id);
+        self.shared.gate.remove_monitor(self.id);
     }
 }
 
@@ -105,7 +105,7 @@ impl Session {
             }
         });
         self.monitor = Some(Monitoring {
-            gate: shared,
+            shared,
             id: self.id,
             _forward: AbortOnDrop(forward),
         });
@@ -196,13 +196,8 @@ impl Session {
             shard_id.to_string().as_bytes(),
             reason,
         ]);
-        let seq = self.queue.push_waiting(Slot::Waiting(self.cmd));
-        let target = Target::Client {
-            queue: self.queue.clone(),
-            seq,
-            part: 0,
-        };
         let up = self.w.pools().control(shard);
-        up.send_until(&raw, target, now + crate::shard::CONTROL_TIMEOUT);
+        let deadline = now + crate::shard::CONTROL_TIMEOUT;
+        self.send_until(Slot::Waiting(self.cmd), &up, &raw, deadline);
     }
 }

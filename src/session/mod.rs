@@ -822,6 +822,24 @@ impl Session {
         );
     }
 
+    /// Sends `raw` on `up`, failing at `deadline`; its reply fills `slot`, the next of the
+    /// queue.
+    pub(crate) fn send_until(
+        &mut self,
+        slot: Slot,
+        up: &crate::shard::Upstream,
+        raw: &[u8],
+        deadline: Instant,
+    ) {
+        let seq = self.queue.push_waiting(slot);
+        let target = Target::Client {
+            queue: self.queue.clone(),
+            seq,
+            part: 0,
+        };
+        up.send_until(raw, target, deadline);
+    }
+
     /// Sends one request per part; the gathered reply fills the next slot of the queue.
     pub(crate) fn gather(&mut self, kind: GatherKind, parts: &[(usize, Bytes)], now: Instant) {
         let mut g = Gather::new(kind, parts.len(), self.proto);

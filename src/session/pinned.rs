@@ -218,13 +218,7 @@ impl Session {
 
     /// Sends `raw` on a dedicated connection; the reply fills the next queue slot.
     fn send_dedicated(&mut self, conn: &Dedicated, raw: &[u8], deadline: Instant) {
-        let seq = self.queue.push_waiting(Slot::Waiting(self.cmd));
-        let target = Target::Client {
-            queue: self.queue.clone(),
-            seq,
-            part: 0,
-        };
-        conn.up.send_until(raw, target, deadline);
+        self.send_until(Slot::Waiting(self.cmd), &conn.up, raw, deadline);
     }
 
     /// EXEC: its reply goes to the client as it is, and the errors in its array are counted
@@ -254,13 +248,7 @@ impl Session {
             self.proto,
         );
         g.cmd = self.cmd;
-        let seq = self.queue.push_waiting(Slot::Gather(Box::new(g)));
-        let target = Target::Client {
-            queue: self.queue.clone(),
-            seq,
-            part: 0,
-        };
-        conn.up.send_until(raw, target, deadline);
+        self.send_until(Slot::Gather(Box::new(g)), &conn.up, raw, deadline);
     }
 
     fn op_deadline(&self, now: Instant) -> Instant {
