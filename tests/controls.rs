@@ -20,10 +20,6 @@ fn two() -> (Vec<RedisServer>, Slotgate) {
     (shards, proxy)
 }
 
-fn port_of(addr: &str) -> u16 {
-    addr.rsplit(':').next().unwrap().parse().unwrap()
-}
-
 /// Reads MONITOR lines until `n` have arrived; each with its time and client port replaced by
 /// placeholders (they differ between runs), checked for their shape first.
 fn monitor_lines(m: &mut RawConn, n: usize) -> Vec<String> {
@@ -85,9 +81,9 @@ fn run_the_sequence(c: &mut RawConn) {
 #[test]
 fn monitor_shows_every_command_like_redis() {
     let plain = RedisServer::start();
-    let mut direct = RawConn::connect(port_of(&plain.addr()));
+    let mut direct = RawConn::connect(plain.port);
     assert_eq!(lossy(&direct.call(&[b"MONITOR"])), "+OK\r\n");
-    run_the_sequence(&mut RawConn::connect(port_of(&plain.addr())));
+    run_the_sequence(&mut RawConn::connect(plain.port));
     let expected = monitor_lines(&mut direct, 10);
 
     let (_shards, proxy) = two();
@@ -173,7 +169,7 @@ fn assert_held(c: &mut RawConn, args: &[&[u8]], ms: u64) {
 fn client_pause_write_holds_a_set_but_not_a_get() {
     let plain = RedisServer::start();
     let (shards, proxy) = two();
-    for port in [port_of(&plain.addr()), port_of(&proxy.addr())] {
+    for port in [plain.port, proxy.port] {
         let mut admin = RawConn::connect(port);
         assert_eq!(lossy(&admin.call(&[b"SET", b"k", b"old"])), "+OK\r\n");
         assert_eq!(
@@ -196,7 +192,7 @@ fn client_pause_write_holds_a_set_but_not_a_get() {
                 ":1\r\n"
             );
         }
-        if port == port_of(&proxy.addr()) {
+        if port == proxy.port {
             let on_shard: Option<String> = redis::cmd("GET")
                 .arg("k")
                 .query(&mut shards[shard_of(b"k", 2)].client())
@@ -228,7 +224,7 @@ fn shard_of(key: &[u8], n: usize) -> usize {
 fn client_pause_all_holds_everything_until_its_timeout() {
     let plain = RedisServer::start();
     let (_shards, proxy) = two();
-    for port in [port_of(&plain.addr()), port_of(&proxy.addr())] {
+    for port in [plain.port, proxy.port] {
         let mut admin = RawConn::connect(port);
         for (args, want) in [
             (
@@ -272,7 +268,7 @@ fn client_pause_all_holds_everything_until_its_timeout() {
 fn client_unblock_unblocks_a_client_blocked_through_slotgate() {
     let plain = RedisServer::start();
     let (_shards, proxy) = two();
-    for port in [port_of(&plain.addr()), port_of(&proxy.addr())] {
+    for port in [plain.port, proxy.port] {
         let mut admin = RawConn::connect(port);
         for (reason, want) in [
             (&b"TIMEOUT"[..], "*-1\r\n"),
@@ -321,7 +317,7 @@ fn client_unblock_unblocks_a_client_blocked_through_slotgate() {
 fn pause_skip_and_monitor_edges_behave_as_redis() {
     let plain = RedisServer::start();
     let (_shards, proxy) = two();
-    for port in [port_of(&plain.addr()), port_of(&proxy.addr())] {
+    for port in [plain.port, proxy.port] {
         let mut m = RawConn::connect(port);
         assert_eq!(lossy(&m.call(&[b"MONITOR"])), "+OK\r\n");
         let mut admin = RawConn::connect(port);

@@ -104,7 +104,7 @@ fn commandstats_and_errorstats_count_like_redis() {
         .arg("RESETSTAT")
         .query(&mut direct)
         .unwrap();
-    run_the_sequence(plain.addr().rsplit(':').next().unwrap().parse().unwrap());
+    run_the_sequence(plain.port);
     let expected = stats(&mut direct);
     assert!(expected.contains_key("errorstat_WRONGTYPE"), "{expected:?}");
 
@@ -113,7 +113,7 @@ fn commandstats_and_errorstats_count_like_redis() {
     let proxy = Slotgate::start_with(&refs, &["--workers", "2"]);
     let mut c = proxy.client();
     let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut c).unwrap();
-    run_the_sequence(proxy.addr().rsplit(':').next().unwrap().parse().unwrap());
+    run_the_sequence(proxy.port);
     // The other worker publishes its counts once a second.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let mut got = stats(&mut c);

@@ -271,11 +271,11 @@ fn published_too_early(port: u16, ch: &str, resp3: bool) -> bool {
 #[test]
 fn a_subscribe_is_live_as_early_as_on_redis() {
     let direct = RedisServer::start();
-    let direct_port = direct.addr().rsplit(':').next().unwrap().parse().unwrap();
+    let direct_port = direct.port;
     let shards: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
     let refs: Vec<&RedisServer> = shards.iter().collect();
     let proxy = Slotgate::start_with(&refs, &["--workers", "1"]);
-    let proxy_port = proxy.addr().rsplit(':').next().unwrap().parse().unwrap();
+    let proxy_port = proxy.port;
     let (mut on_redis, mut on_slotgate) = (0, 0);
     for i in 0..100 {
         // RESP2 and RESP3 subscribers (a RESP3 spare is kept once one was asked for).
