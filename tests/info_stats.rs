@@ -224,7 +224,7 @@ fn the_proxy_slow_log_sits_beside_the_shards() {
         b":1\r\n"
     );
     let me = c.stream.local_addr().unwrap().to_string();
-    let shard = shards[(crc16(b"k") as usize % 16384) * 2 / 16384].addr();
+    let shard = shards[even_shard_of(b"k", 2)].addr();
 
     let mut c2 = proxy.client();
     let entries: Vec<redis::Value> = redis::cmd("SLOWLOG").arg("GET").query(&mut c2).unwrap();
@@ -337,7 +337,7 @@ fn resetstat_timeouts_and_split_commands_in_the_stats() {
 
     // One entry for an MGET over both shards, named as Redis names arguments.
     let (k1, k2) = (b"a", b"b");
-    let of = |k: &[u8]| (crc16(k) as usize % 16384) * 2 / 16384;
+    let of = |k: &[u8]| even_shard_of(k, 2);
     assert_ne!(of(k1), of(k2));
     a.call(&[b"SLOWLOG", b"RESET"]);
     a.call(&[b"MGET", k1, k2]);

@@ -24,10 +24,7 @@ fn read_some(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
 
 /// Shard index (even split of 3) of a key without hashtags.
 fn shard_of_plain_key(key: &str) -> usize {
-    let slot = (crc16(key.as_bytes()) % 16384) as u32;
-    (0..3)
-        .find(|i| slot >= i * 16384 / 3 && slot < (i + 1) * 16384 / 3)
-        .unwrap() as usize
+    even_shard_of(key.as_bytes(), 3)
 }
 
 type Command = Vec<Vec<u8>>;

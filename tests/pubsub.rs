@@ -302,7 +302,7 @@ fn subscribing_on_a_shard_that_is_down_answers_an_error() {
     let on = |shard: usize| {
         (0..)
             .map(|i| format!("ch{i}"))
-            .find(|k| (crc16(k.as_bytes()) as usize % 16384) * 2 / 16384 == shard)
+            .find(|k| even_shard_of(k.as_bytes(), 2) == shard)
             .unwrap()
     };
     let mut c = proxy.raw();

@@ -32,10 +32,7 @@ const UNKNOWN: &str = "-ERR outcome unknown";
 /// Shard (even split of 3) of a key without braces.
 fn shard_of(key: &str) -> usize {
     assert!(!key.contains('{'));
-    let s = (crc16(key.as_bytes()) % 16384) as u32;
-    (0..3)
-        .find(|i| s >= i * 16384 / 3 && s < (i + 1) * 16384 / 3)
-        .unwrap() as usize
+    even_shard_of(key.as_bytes(), 3)
 }
 
 fn keys_on_shard(shard: usize, prefix: &str, n: usize) -> Vec<String> {

@@ -602,6 +602,15 @@ pub fn seed(test: &str) -> u64 {
 /// CRC16/XMODEM as Redis Cluster uses it (poly 0x1021, init 0), written here independently of
 /// slotgate's so that tests can pick keys for given slots; the reference slot of a key is
 /// always Redis's own `CLUSTER KEYSLOT` (tests/slot_parity.rs).
+/// The shard that owns `key` (no hashtag) when `shards` shards split the slots evenly: shard
+/// `i` owns slots `i*16384/n ..= (i+1)*16384/n - 1`, as slotgate's default layout.
+pub fn even_shard_of(key: &[u8], shards: usize) -> usize {
+    let slot = (crc16(key) % 16384) as usize;
+    (0..shards)
+        .find(|i| slot < (i + 1) * 16384 / shards)
+        .expect("every slot has a shard")
+}
+
 pub fn crc16(data: &[u8]) -> u16 {
     let mut crc: u16 = 0;
     for &b in data {
