@@ -105,7 +105,10 @@ pub type BlockedOn = Mutex<Option<(SocketAddr, Arc<std::sync::atomic::AtomicI64>
 impl Shared {
     pub fn new(settings: Settings, prometheus: Option<PrometheusHandle>) -> Arc<Self> {
         let readthrough = ReadThrough::new(settings.op_timeout * 2);
-        let settings_slowlog = (settings.slowlog_log_slower_than, settings.slowlog_max_len);
+        let slowlog = Arc::new(crate::slowlog::SlowLog::new(
+            settings.slowlog_log_slower_than,
+            settings.slowlog_max_len,
+        ));
         Arc::new(Shared {
             readthrough,
             prometheus,
@@ -130,10 +133,7 @@ impl Shared {
             listen_addr: OnceLock::new(),
             gate: Default::default(),
             command_totals: Mutex::default(),
-            slowlog: Arc::new(crate::slowlog::SlowLog::new(
-                settings_slowlog.0,
-                settings_slowlog.1,
-            )),
+            slowlog,
         })
     }
 
