@@ -93,6 +93,7 @@ fn refresh_gauges(shared: &Shared) {
         .absolute(st.connections_received.load(Ordering::Relaxed));
     metrics::counter!(m::REJECTED).absolute(st.rejected_connections.load(Ordering::Relaxed));
     metrics::counter!(m::AUTH_FAILURES).absolute(st.auth_failures.load(Ordering::Relaxed));
+    metrics::counter!(m::TOKEN_AUTHS).absolute(st.token_auths.load(Ordering::Relaxed));
     for rule in shared.live().readthrough.iter() {
         rule.stats.publish();
     }

@@ -228,6 +228,10 @@ pub fn special_permission(
 #[derive(Debug)]
 pub struct Users {
     by_name: HashMap<String, Arc<User>>,
+    /// Token subjects (`token_subjects`) and the user each maps to.
+    by_subject: HashMap<String, Arc<User>>,
+    /// Token roles (`token_roles`) and their users, in the file's order.
+    by_role: Vec<(String, Arc<User>)>,
 }
 
 /// A user as written in `proxy.toml`.
@@ -260,6 +264,14 @@ pub struct UserConfig {
     /// `resetchannels` default).
     #[serde(default)]
     pub channels: Option<Vec<String>>,
+    /// Token authentication: values of a token issuer's username claim (e.g. Entra ID object
+    /// ids) that get this user's permissions with a valid token (see `token`).
+    #[serde(default)]
+    pub token_subjects: Vec<String>,
+    /// Token authentication: roles of the token's `roles` claim that get this user's
+    /// permissions.
+    #[serde(default)]
+    pub token_roles: Vec<String>,
 }
 
 fn yes() -> bool {
@@ -275,7 +287,7 @@ pub enum OneOrMany {
 }
 
 impl OneOrMany {
-    fn into_vec(self) -> Vec<String> {
+    pub fn into_vec(self) -> Vec<String> {
         match self {
             OneOrMany::One(s) => vec![s],
             OneOrMany::Many(v) => v,
@@ -288,6 +300,8 @@ impl Users {
     /// `[[users]]` entry named `default` is given (both at once is an error).
     pub fn build(requirepass: Option<&str>, users: &[UserConfig]) -> Result<Self, String> {
         let mut by_name = HashMap::new();
+        let mut by_subject = HashMap::new();
+        let mut by_role = Vec::new();
         for u in users {
             if u.name.is_empty() || u.name.contains(char::is_whitespace) {
                 return Err(format!("invalid user name '{}'", u.name));
@@ -298,7 +312,25 @@ impl Users {
             if u.name == "default" && requirepass.is_some() {
                 return Err("give requirepass or a [[users]] entry named default, not both".into());
             }
-            by_name.insert(u.name.clone(), Arc::new(compile(u)?));
+            let user = Arc::new(compile(u)?);
+            for s in &u.token_subjects {
+                if s.is_empty() {
+                    return Err(format!("user '{}': an empty token subject", u.name));
+                }
+                if let Some(other) = by_subject.insert(s.clone(), user.clone()) {
+                    return Err(format!(
+                        "token subject '{s}' is given to both user '{}' and user '{}'",
+                        other.name, u.name
+                    ));
+                }
+            }
+            for r in &u.token_roles {
+                if r.is_empty() {
+                    return Err(format!("user '{}': an empty token role", u.name));
+                }
+                by_role.push((r.clone(), user.clone()));
+            }
+            by_name.insert(u.name.clone(), user);
         }
         if !by_name.contains_key("default") {
             let mut d = User::unrestricted("default");
@@ -307,7 +339,11 @@ impl Users {
             }
             by_name.insert("default".into(), Arc::new(d));
         }
-        Ok(Users { by_name })
+        Ok(Users {
+            by_name,
+            by_subject,
+            by_role,
+        })
     }
 
     /// No authentication and no restrictions at all.
@@ -336,6 +372,24 @@ impl Users {
     pub fn authenticate(&self, user: &[u8], password: &[u8]) -> Option<Arc<User>> {
         let u = self.get(user)?;
         u.password_ok(password).then(|| u.clone())
+    }
+
+    /// The user a valid token maps to: the one listing its subject in `token_subjects`,
+    /// else the first (in the file's order) sharing one of its `roles` in `token_roles`.
+    /// A disabled user maps no token.
+    pub fn for_token(&self, subject: &str, roles: &[&str]) -> Option<Arc<User>> {
+        let user = self.by_subject.get(subject).or_else(|| {
+            self.by_role
+                .iter()
+                .find(|(r, _)| roles.contains(&r.as_str()))
+                .map(|(_, u)| u)
+        })?;
+        user.enabled.then(|| user.clone())
+    }
+
+    /// Whether some user can be reached with a token.
+    pub fn token_users(&self) -> bool {
+        !self.by_subject.is_empty() || !self.by_role.is_empty()
     }
 
     pub fn len(&self) -> usize {
@@ -370,8 +424,11 @@ fn compile(u: &UserConfig) -> Result<User, String> {
             )
         })?);
     }
+    let by_token = !u.token_subjects.is_empty() || !u.token_roles.is_empty();
     let passwords = match (u.nopass, digests.is_empty()) {
         (true, true) => None,
+        // Reached only with a token: no password opens it.
+        (false, true) if by_token => Some(Vec::new()),
         (true, false) => {
             return Err(format!(
                 "user '{}': nopass together with a password",
@@ -380,7 +437,8 @@ fn compile(u: &UserConfig) -> Result<User, String> {
         }
         (false, true) => {
             return Err(format!(
-                "user '{}': give password, password_sha256 or nopass = true",
+                "user '{}': give password, password_sha256, token_subjects, token_roles \
+                 or nopass = true",
                 u.name
             ));
         }
@@ -818,6 +876,8 @@ mod tests {
             read_keys: read.iter().map(|s| s.to_string()).collect(),
             commands: commands.map(|c| c.iter().map(|s| s.to_string()).collect()),
             channels: None,
+            token_subjects: vec![],
+            token_roles: vec![],
         })
         .unwrap()
     }
@@ -859,6 +919,8 @@ mod tests {
                 read_keys: vec![],
                 commands: None,
                 channels: Some(channels.iter().map(|s| s.to_string()).collect()),
+                token_subjects: vec![],
+                token_roles: vec![],
             })
             .unwrap()
         };
@@ -912,6 +974,8 @@ mod tests {
                 read_keys: vec![],
                 commands: None,
                 channels: None,
+                token_subjects: vec![],
+                token_roles: vec![],
             }],
         )
         .unwrap();

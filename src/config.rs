@@ -17,6 +17,7 @@ use crate::router::{LayoutError, SlotMap, parse_slot_ranges};
 pub use crate::settings::{Settings, TlsSettings};
 pub use crate::shard::{Secret, UpstreamAuth};
 use crate::tls::{CertSource, ReloadableCert, TlsError};
+use crate::token::{IssuerConfig, Issuers};
 pub use crate::units::{parse_bytes, parse_duration};
 
 /// Command-line flags. Every flag overrides the matching `proxy.toml` key.
@@ -180,6 +181,7 @@ pub struct FileConfig {
     pub upstream: UpstreamFile,
     pub shards: Vec<ShardEntry>,
     pub users: Vec<UserConfig>,
+    pub token_issuers: Vec<IssuerConfig>,
     pub readthrough: Vec<RuleConfig>,
 }
 
@@ -392,6 +394,7 @@ impl Cli {
                 .unwrap_or(10_000),
             slowlog_max_len: self.slowlog_max_len.or(f.slowlog_max_len).unwrap_or(128),
             users: f.users,
+            token_issuers: f.token_issuers,
             readthrough: if self.readthrough.is_empty() {
                 Ok(f.readthrough)
             } else {
@@ -450,6 +453,7 @@ struct Merged {
     slowlog_log_slower_than: i64,
     slowlog_max_len: usize,
     users: Vec<UserConfig>,
+    token_issuers: Vec<IssuerConfig>,
     readthrough: Result<Vec<RuleConfig>, String>,
     admin_listen: String,
     upstream_username: Option<String>,
@@ -570,6 +574,12 @@ impl Merged {
         }
         let users =
             Users::build(self.requirepass.as_deref(), &self.users).map_err(ConfigError::Users)?;
+        let tokens = Issuers::build(&self.token_issuers).map_err(ConfigError::Users)?;
+        if tokens.is_empty() && users.token_users() {
+            return Err(ConfigError::Users(
+                "token_subjects and token_roles need a [[token_issuers]] entry".into(),
+            ));
+        }
         if self.max_auth_failures == 0 {
             return Err(invalid("max-auth-failures", 0, "must be > 0"));
         }
@@ -617,6 +627,7 @@ impl Merged {
             client_query_buffer_limit: self.client_query_buffer_limit,
             tls,
             users: Arc::new(users),
+            tokens: Arc::new(tokens),
             max_auth_failures: self.max_auth_failures,
             max_auth_failures_per_address: self.max_auth_failures_per_address,
             maxclients: self.maxclients,

@@ -89,5 +89,6 @@ pub mod settings;
 pub mod shard;
 pub mod slowlog;
 pub mod tls;
+pub mod token;
 pub mod units;
 pub mod worker;

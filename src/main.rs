@@ -26,7 +26,7 @@ fn main() {
         // A summary only: never a password.
         println!(
             "configuration OK: listen {}, TLS {}, {} shard(s), {} worker(s), op timeout {:?}, \
-             {} user(s), authentication {}",
+             {} user(s), authentication {}, {} token issuer(s) with {} key(s)",
             settings
                 .listen
                 .map_or_else(|| "none".to_string(), |a| a.to_string()),
@@ -42,7 +42,9 @@ fn main() {
                 "required"
             } else {
                 "off"
-            }
+            },
+            settings.tokens.len(),
+            settings.tokens.key_count()
         );
         return;
     }

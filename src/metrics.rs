@@ -18,6 +18,8 @@ pub const CONNECTIONS: &str = "slotgate_connected_clients";
 pub const CONNECTIONS_TOTAL: &str = "slotgate_connections_received_total";
 pub const REJECTED: &str = "slotgate_rejected_connections_total";
 pub const AUTH_FAILURES: &str = "slotgate_auth_failures_total";
+pub const TOKEN_AUTHS: &str = "slotgate_token_auths_total";
+pub const TOKEN_AUTH_FAILURES: &str = "slotgate_token_auth_failures_total";
 pub const SHARD_ERRORS: &str = "slotgate_shard_errors_total";
 pub const SHARD_RECONNECTS: &str = "slotgate_shard_disconnects_total";
 pub const SHARD_INFLIGHT: &str = "slotgate_shard_inflight_requests";
@@ -34,6 +36,12 @@ pub const RT_ORIGIN_LATENCY: &str = "slotgate_readthrough_origin_duration_second
 pub const RT_BYTES_LOADED: &str = "slotgate_readthrough_bytes_loaded_total";
 pub const RT_STORED: &str = "slotgate_readthrough_stored_total";
 pub const RT_STORE_SKIPPED: &str = "slotgate_readthrough_store_skipped_total";
+
+/// Counts a refused token by its reason.
+#[cold]
+pub fn token_auth_failed(why: crate::token::Failure) {
+    metrics::counter!(TOKEN_AUTH_FAILURES, "reason" => why.as_str()).increment(1);
+}
 
 /// One command in this many has its latency recorded.
 pub const SAMPLE_EVERY: u64 = 32;
@@ -59,6 +67,14 @@ pub fn install() -> Option<PrometheusHandle> {
     describe_counter!(CONNECTIONS_TOTAL, "Client connections accepted");
     describe_counter!(REJECTED, "Client connections refused over maxclients");
     describe_counter!(AUTH_FAILURES, "Failed AUTH attempts");
+    describe_counter!(TOKEN_AUTHS, "AUTHs that succeeded with a token");
+    describe_counter!(
+        TOKEN_AUTH_FAILURES,
+        "AUTHs with a token that was refused, by reason"
+    );
+    for why in crate::token::Failure::ALL {
+        metrics::counter!(TOKEN_AUTH_FAILURES, "reason" => why.as_str()).absolute(0);
+    }
     describe_counter!(
         SHARD_ERRORS,
         "Requests failed with shard unavailable, by shard"

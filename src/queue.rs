@@ -122,6 +122,9 @@ impl Attention {
     /// A subscriber connection failed before any subscription began on it: the session
     /// forgets them (see `Session::drop_failed_subscriptions`).
     pub const SUB_FAILED: u8 = 64;
+    /// The token the client authenticated with expired: like a drain, it reads nothing more,
+    /// gets the replies of what it sent, then is closed.
+    pub const EXPIRED: u8 = 128;
     /// The bits that close the session.
     pub const CLOSE: u8 = Self::KILLED | Self::SUB_LOST | Self::OVERFLOW;
 }

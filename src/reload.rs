@@ -153,6 +153,9 @@ fn changes(running: &Settings, new: &Settings) -> String {
     if format!("{:?}", running.users) != format!("{:?}", new.users) {
         what.push("users");
     }
+    if format!("{:?}", running.tokens) != format!("{:?}", new.tokens) {
+        what.push("token issuers");
+    }
     let rules = |s: &Settings| {
         s.readthrough
             .iter()

@@ -49,6 +49,8 @@ pub struct Settings {
     pub obuf_pubsub: OutputLimit,
     pub tls: Option<TlsSettings>,
     pub users: Arc<Users>,
+    /// Token issuers (`[[token_issuers]]`); empty: no token authentication.
+    pub tokens: Arc<crate::token::Issuers>,
     pub max_auth_failures: u32,
     /// Failed AUTHs per source address and minute before it must wait (0: no limit).
     pub max_auth_failures_per_address: u32,

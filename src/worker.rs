@@ -78,6 +78,10 @@ pub struct Stats {
     pub rejected_connections: AtomicU64,
     pub auth_failures: AtomicU64,
     pub commands_processed: AtomicU64,
+    /// AUTHs (and HELLO AUTHs) that succeeded with a token.
+    pub token_auths: AtomicU64,
+    /// AUTHs with a token that was refused (also counted in `auth_failures`).
+    pub token_auth_failures: AtomicU64,
 }
 
 /// What CLIENT LIST shows of a session.
@@ -90,6 +94,8 @@ pub struct ClientInfo {
     pub name: String,
     pub user: String,
     pub resp: u8,
+    /// The `exp` of the token the client authenticated with (CLIENT LIST `token-exp`).
+    pub token_exp: Option<u64>,
     /// Has subscriptions (a new shard layout closes such clients: see `reload`).
     pub subscribed: bool,
     /// Notified by CLIENT KILL: the session closes.

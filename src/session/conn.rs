@@ -221,6 +221,21 @@ impl<R: ReadSide, W: WriteSide> Conn<R, W> {
             // (`parse` has already tried the held command again.)
             s.queue.unflag(Attention::RESUME);
         }
+        if flags & Attention::EXPIRED != 0 {
+            s.queue.unflag(Attention::EXPIRED);
+            tracing::debug!(
+                client = s.id,
+                user = s.user_name(),
+                "closing client: its token expired"
+            );
+            if s.blocked.is_some() {
+                // A blocking command may never return: the client is closed now.
+                return false;
+            }
+            // What it sent before is answered; nothing more is read (as in a drain).
+            self.drained = !self.eof;
+            self.eof = true;
+        }
         if flags & Attention::DRAIN != 0 {
             s.queue.unflag(Attention::DRAIN);
             self.drained = !self.eof;

@@ -4,6 +4,7 @@
 //! forwarded to the first shard, whose command set is the one clients talk to.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -344,6 +345,7 @@ impl Session {
             kill: self.kill.clone(),
             blocked_on: self.blocked_on.clone(),
             resp: if self.proto == Proto::Resp3 { 3 } else { 2 },
+            token_exp: self.token.as_ref().map(|t| t.expires),
             subscribed: self.subscribed(),
         }
     }
@@ -380,7 +382,8 @@ impl Session {
     /// `-ERR too many failed AUTH attempts …` without a check until its wait is over.
     fn try_login(&mut self, user: &[u8], password: &[u8]) -> bool {
         let now = std::time::Instant::now();
-        let guard = &self.w.shared.auth_guard;
+        let shared = self.w.shared.clone();
+        let guard = &shared.auth_guard;
         // A connection that has logged in already is not held back (a client refreshing its
         // token on a live connection); a held-back attempt counts as this connection's
         // failure, so one that keeps trying is closed.
@@ -394,27 +397,47 @@ impl Session {
             }
             return false;
         }
-        let users = self.w.live().users.clone();
-        if let Some(u) = users.authenticate(user, password) {
+        let (users, tokens) = {
+            let live = self.w.live();
+            (live.users.clone(), live.tokens.clone())
+        };
+        let stats = &shared.stats;
+        // `Err(Some(why))`: a token was refused.
+        let outcome = if let Some(u) = users.authenticate(user, password) {
             self.set_user(u);
+            Ok(())
+        } else if !tokens.is_empty() && crate::token::looks_like_jwt(password) {
+            // Tried only once the password check failed (password users are never slowed).
+            match tokens.login(user, password, &users) {
+                Ok(login) => {
+                    stats.token_auths.fetch_add(1, Ordering::Relaxed);
+                    self.token_login(login);
+                    Ok(())
+                }
+                Err(why) => {
+                    stats.token_auth_failures.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::token_auth_failed(why);
+                    Err(Some(why))
+                }
+            }
+        } else {
+            Err(None)
+        };
+        let Err(token_refused) = outcome else {
             self.auth_failures = 0;
             self.logged_in = true;
             self.update_info();
             return true;
-        }
+        };
         self.auth_failures += 1;
-        self.w
-            .shared
-            .stats
-            .auth_failures
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        stats.auth_failures.fetch_add(1, Ordering::Relaxed);
         let (budget, max) = {
             let live = self.w.live();
             (live.max_auth_failures_per_address, live.max_auth_failures)
         };
         let throttled = guard.failed(self.addr.ip(), now, budget);
         if let Some(left_out) = guard.may_warn(now) {
-            self.warn_auth_failure(user, throttled, left_out);
+            self.warn_auth_failure(user, token_refused, throttled, left_out);
         }
         self.reply_static(reply::WRONGPASS);
         if self.auth_failures >= max {
@@ -425,8 +448,15 @@ impl Session {
 
     /// The (rate-limited) warning for a failed AUTH.
     #[cold]
-    fn warn_auth_failure(&self, user: &[u8], throttled: Option<Duration>, left_out: u64) {
-        // The user name is the client's input: shown escaped and cut; never the password.
+    fn warn_auth_failure(
+        &self,
+        user: &[u8],
+        token_refused: Option<crate::token::Failure>,
+        throttled: Option<Duration>,
+        left_out: u64,
+    ) {
+        // The user name is the client's input: shown escaped and cut; never the password
+        // (nor a token: only why it was refused).
         let shown: String = String::from_utf8_lossy(&user[..user.len().min(64)])
             .escape_debug()
             .collect();
@@ -436,7 +466,11 @@ impl Session {
             addr = %self.addr,
             user = %shown,
             failures = self.auth_failures,
-            "AUTH failed{}{}{}",
+            "AUTH failed{}{}{}{}",
+            match token_refused {
+                Some(why) => format!(" (token refused: {})", why.as_str()),
+                None => String::new(),
+            },
             match throttled {
                 Some(w) => format!("; this address now waits {} s before its next AUTH", w.as_secs()),
                 None => String::new(),
@@ -601,7 +635,7 @@ fn client_line(c: &ClientInfo, cmd: &str) -> String {
     format!(
         "id={} addr={} laddr={} fd=-1 name={} age={} idle=0 flags=N db=0 sub=0 psub=0 ssub=0 \
          multi=-1 qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 \
-         tot-mem=0 events=r cmd={} user={} redir=-1 resp={}\n",
+         tot-mem=0 events=r cmd={} user={} redir=-1 resp={}{}\n",
         c.id,
         c.addr,
         c.laddr,
@@ -609,7 +643,12 @@ fn client_line(c: &ClientInfo, cmd: &str) -> String {
         c.created.elapsed().as_secs(),
         cmd,
         c.user,
-        c.resp
+        c.resp,
+        // slotgate's own field, at the end, only for a client authenticated with a token.
+        match c.token_exp {
+            Some(t) => format!(" token-exp={t}"),
+            None => String::new(),
+        }
     )
 }
 
@@ -798,11 +837,14 @@ fn stats_info(shared: &Shared) -> String {
     let st = &shared.stats;
     format!(
         "total_connections_received:{}\r\ntotal_commands_processed:{}\r\n\
-         rejected_connections:{}\r\nauth_failures:{}\r\ntotal_error_replies:{}\r\n",
+         rejected_connections:{}\r\nauth_failures:{}\r\ntoken_auths:{}\r\n\
+         token_auth_failures:{}\r\ntotal_error_replies:{}\r\n",
         st.connections_received.load(Relaxed),
         st.commands_processed.load(Relaxed),
         st.rejected_connections.load(Relaxed),
         st.auth_failures.load(Relaxed),
+        st.token_auths.load(Relaxed),
+        st.token_auth_failures.load(Relaxed),
         shared.command_totals.lock().map_or(0, |t| t.total_errors)
     )
 }

@@ -138,6 +138,16 @@ pub struct Session {
     pub(crate) monitor: Option<control::Monitoring>,
     /// Where a blocking command of this client waits (see `pinned::Blocked`).
     pub(crate) blocked_on: Arc<crate::worker::BlockedOn>,
+    /// The token this client authenticated with, when it did (see `Session::token_login`).
+    pub(crate) token: Option<TokenLife>,
+}
+
+/// The expiry of the token a client authenticated with: a timer flags the session
+/// (`Attention::EXPIRED`) at the deadline, unless a new AUTH replaces or drops it first.
+pub(crate) struct TokenLife {
+    /// The token's `exp` (Unix seconds).
+    pub(crate) expires: u64,
+    _timer: AbortOnDrop,
 }
 
 /// CLIENT REPLY ON|OFF|SKIP: whether replies are written. Muted replies are dropped by the
@@ -262,6 +272,7 @@ where
         held: false,
         monitor: None,
         blocked_on: Arc::default(),
+        token: None,
         w,
     };
     if !users.auth_required() {
@@ -680,9 +691,31 @@ impl Session {
     }
 
     /// Switches the connection's identity (AUTH, HELLO AUTH, RESET).
+    /// A password or no password: no token expiry any more.
     pub(crate) fn set_user(&mut self, user: Arc<User>) {
         self.restricted = !user.unrestricted_access();
         self.user = Some(user);
+        self.token = None;
+    }
+
+    /// A valid token: its user, and a close at its expiry (replacing any earlier token's),
+    /// unless the client authenticates again before.
+    pub(crate) fn token_login(&mut self, login: crate::token::Login) {
+        self.set_user(login.user);
+        self.queue.unflag(crate::queue::Attention::EXPIRED);
+        let left = login
+            .deadline
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        let queue = self.queue.clone();
+        let timer = tokio::task::spawn_local(async move {
+            tokio::time::sleep(left).await;
+            queue.flag(crate::queue::Attention::EXPIRED);
+        });
+        self.token = Some(TokenLife {
+            expires: login.expires,
+            _timer: AbortOnDrop(timer),
+        });
     }
 
     /// The user's command and key permissions for this command: `Err` is the NOPERM reply.
@@ -1095,6 +1128,8 @@ impl Session {
             &st.commands_processed,
             &st.rejected_connections,
             &st.auth_failures,
+            &st.token_auths,
+            &st.token_auth_failures,
         ] {
             c.store(0, Relaxed);
         }
