@@ -245,6 +245,8 @@ pub enum ConfigError {
     Tls(#[from] TlsError),
     #[error("invalid users: {0}")]
     Users(String),
+    #[error("invalid token issuers: {0}")]
+    TokenIssuers(String),
     #[error("invalid read-through rule: {0}")]
     ReadThrough(String),
 }
@@ -574,7 +576,7 @@ impl Merged {
         }
         let users =
             Users::build(self.requirepass.as_deref(), &self.users).map_err(ConfigError::Users)?;
-        let tokens = Issuers::build(&self.token_issuers).map_err(ConfigError::Users)?;
+        let tokens = Issuers::build(&self.token_issuers).map_err(ConfigError::TokenIssuers)?;
         if tokens.is_empty() && users.token_users() {
             return Err(ConfigError::Users(
                 "token_subjects and token_roles need a [[token_issuers]] entry".into(),

@@ -79,6 +79,9 @@ async fn reload(
     if let Some(rules) = Arc::get_mut(&mut new.readthrough) {
         rules.keep_counters_of(&running.readthrough);
     }
+    new.tokens.keep_keys_of(&running.tokens);
+    // Keys of a new jwks_url are there before the new issuers are.
+    new.tokens.start().await;
     if new.log_level != running.log_level {
         (reloader.log_filter)(&new.log_level)?;
     }

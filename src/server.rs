@@ -141,6 +141,9 @@ pub fn run(
     );
 
     rt.block_on(async move {
+        // Token issuers' keys from a URL, before the first client (bounded; retried later).
+        let tokens = shared.live().tokens.clone();
+        tokens.start().await;
         if let Some(l) = admin {
             tokio::spawn(crate::admin::serve(l, shared.clone()));
         }

@@ -265,3 +265,27 @@ pub fn upstream_config(
         server_name,
     })
 }
+
+/// A TLS client for HTTPS (JWKS downloads): the system's root certificates plus, when given,
+/// the CAs in `extra_ca` (a private identity provider's).
+pub fn https_connector(extra_ca: Option<&Path>) -> Result<tokio_rustls::TlsConnector, TlsError> {
+    let mut roots = match extra_ca {
+        Some(p) => root_store("CA file", p)?,
+        None => RootCertStore::empty(),
+    };
+    let native = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(native.certs);
+    if roots.is_empty() {
+        return Err(TlsError::Config(
+            "no trusted root certificates: the system has none (install ca-certificates) \
+             and no CA file was given"
+                .into(),
+        ));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}

@@ -2,10 +2,11 @@
 //! (Microsoft Entra ID and the like), as Azure Managed Redis accepts it.
 //!
 //! Issuers come from `[[token_issuers]]` in `proxy.toml`, each with its signing keys in a
-//! JWKS file. A token is checked in this order: it names a configured issuer (`iss`, exact),
+//! JWKS file (`jwks_file`) or at an HTTPS URL (`jwks_url`, see [`remote`]). A token is checked in this order: it names a configured issuer (`iss`, exact),
 //! its header's `alg` is one slotgate verifies (RS256/384/512, PS256/384/512, ES256/384,
 //! EdDSA; never `none` or an HMAC), its `kid` is one of that issuer's keys (an unknown `kid`
-//! re-reads the JWKS once, at most once a second per issuer), the signature verifies
+//! re-reads a JWKS file at once, at most once a second per issuer; for a URL it asks for a
+//! download, and this AUTH is refused), the signature verifies
 //! (`jsonwebtoken` on ring), `exp` and `nbf` hold within the issuer's leeway, `aud` names the
 //! issuer's audience, and the issuer's username claim equals the AUTH user name. The user the
 //! token maps to is the first `[[users]]` entry listing that name in `token_subjects`, else
@@ -26,6 +27,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
 use crate::auth::{OneOrMany, User, Users};
 
+mod remote;
+
 /// One `[[token_issuers]]` table.
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -39,9 +42,16 @@ pub struct IssuerConfig {
     /// The issuer's signing keys, a JWKS document (`{"keys": [...]}`).
     #[serde(default)]
     pub jwks_file: Option<PathBuf>,
-    /// Not yet supported: it needs the HTTPS client of the read-through work.
+    /// Or: the issuer's keys at an `https://` URL, downloaded at start-up and every
+    /// `jwks_refresh`.
     #[serde(default)]
     pub jwks_url: Option<String>,
+    /// Extra CA certificates (PEM) trusted for `jwks_url`, besides the system's.
+    #[serde(default)]
+    pub jwks_ca_file: Option<PathBuf>,
+    /// How often `jwks_url` is downloaded again, e.g. `"1h"` [default: 1h].
+    #[serde(default)]
+    pub jwks_refresh: Option<String>,
     /// The claim that must equal the AUTH user name [default: `oid`].
     #[serde(default = "default_username_claim")]
     pub username_claim: String,
@@ -127,7 +137,7 @@ pub struct Login {
 /// The configured issuers; empty when token authentication is off.
 #[derive(Default)]
 pub struct Issuers {
-    list: Vec<Issuer>,
+    list: Vec<Arc<Issuer>>,
 }
 
 struct Issuer {
@@ -136,10 +146,17 @@ struct Issuer {
     audience: Vec<String>,
     username_claim: String,
     leeway: u64,
-    jwks_file: PathBuf,
+    source: Source,
     keys: RwLock<Arc<KeySet>>,
     /// When the keys were last read again for an unknown `kid`.
     refreshed: Mutex<Option<Instant>>,
+}
+
+/// Where an issuer's keys come from.
+#[derive(Debug)]
+enum Source {
+    File(PathBuf),
+    Url(remote::Remote),
 }
 
 /// One issuer's keys, by `kid` (a key without one is found only by a token without one).
@@ -174,7 +191,7 @@ impl std::fmt::Debug for Issuers {
                 &i.audience,
                 &i.username_claim,
                 i.leeway,
-                &i.jwks_file,
+                &i.source,
                 kids,
                 keys.without_kid.len(),
             ));
@@ -186,7 +203,7 @@ impl std::fmt::Debug for Issuers {
 impl Issuers {
     /// Checks the `[[token_issuers]]` tables and reads their JWKS files.
     pub fn build(configs: &[IssuerConfig]) -> Result<Self, String> {
-        let mut list: Vec<Issuer> = Vec::with_capacity(configs.len());
+        let mut list: Vec<Arc<Issuer>> = Vec::with_capacity(configs.len());
         for c in configs {
             let what = format!("token issuer '{}'", c.name);
             if c.name.trim().is_empty() {
@@ -218,28 +235,43 @@ impl Issuers {
                     .map_err(|why| format!("{what}: leeway '{s}': {why}"))?
                     .as_secs(),
             };
-            let jwks_file = match (&c.jwks_file, &c.jwks_url) {
-                (Some(f), None) => f.clone(),
-                (None, Some(_)) => {
-                    return Err(format!(
-                        "{what}: jwks_url is not supported yet (it waits for the HTTPS client \
-                         of the read-through work); download the keys to a file and give \
-                         jwks_file (SIGHUP reads it again)"
-                    ));
+            if c.jwks_url.is_none() && (c.jwks_ca_file.is_some() || c.jwks_refresh.is_some()) {
+                return Err(format!(
+                    "{what}: jwks_ca_file and jwks_refresh go with jwks_url"
+                ));
+            }
+            let (source, keys) = match (&c.jwks_file, &c.jwks_url) {
+                (Some(f), None) => {
+                    let keys = read_jwks(f).map_err(|e| format!("{what}: {e}"))?;
+                    (Source::File(f.clone()), keys)
                 }
-                _ => return Err(format!("{what}: give jwks_file")),
+                (None, Some(url)) => {
+                    let every = match c.jwks_refresh.as_deref() {
+                        None => Duration::from_secs(3600),
+                        Some(s) => crate::units::parse_duration(s)
+                            .map_err(|why| format!("{what}: jwks_refresh '{s}': {why}"))?,
+                    };
+                    if every < Duration::from_secs(1) {
+                        return Err(format!("{what}: jwks_refresh must be at least 1s"));
+                    }
+                    let remote = remote::Remote::new(url, c.jwks_ca_file.as_deref(), every)
+                        .map_err(|e| format!("{what}: {e}"))?;
+                    // Downloaded when slotgate starts (`Issuers::start`), not here: the
+                    // configuration check contacts nothing.
+                    (Source::Url(remote), KeySet::default())
+                }
+                _ => return Err(format!("{what}: give jwks_file or jwks_url (one of them)")),
             };
-            let keys = read_jwks(&jwks_file).map_err(|e| format!("{what}: {e}"))?;
-            list.push(Issuer {
+            list.push(Arc::new(Issuer {
                 name: c.name.clone(),
                 issuer: c.issuer.clone(),
                 audience,
                 username_claim: c.username_claim.clone(),
                 leeway,
-                jwks_file,
+                source,
                 keys: RwLock::new(Arc::new(keys)),
                 refreshed: Mutex::new(None),
-            });
+            }));
         }
         Ok(Issuers { list })
     }
@@ -252,15 +284,43 @@ impl Issuers {
         self.list.len()
     }
 
+    /// Downloads the keys of every `jwks_url` issuer (each for at most 10 s; one that fails
+    /// keeps the keys a reload carried over and is retried in the background), then keeps
+    /// them fresh. Called before slotgate accepts clients, and for the issuers of a reload
+    /// (SIGHUP downloads the keys again, as it reads a `jwks_file` again).
+    pub async fn start(&self) {
+        for issuer in &self.list {
+            if let Source::Url(remote) = &issuer.source {
+                let due = if !remote::fetch_now(issuer).await {
+                    tokio::time::Instant::now() + Duration::from_secs(1)
+                } else {
+                    tokio::time::Instant::now() + remote.every
+                };
+                tokio::spawn(remote::keep_fresh(Arc::downgrade(issuer), due));
+            }
+        }
+    }
+
+    /// A reload: `jwks_url` issuers whose URL stays keep the keys downloaded so far (until
+    /// a download replaces them: a failed one leaves no gap).
+    pub fn keep_keys_of(&self, running: &Issuers) {
+        for issuer in &self.list {
+            let Source::Url(new) = &issuer.source else {
+                continue;
+            };
+            let old = running.list.iter().find(|o| match &o.source {
+                Source::Url(r) => r.url == new.url,
+                Source::File(_) => false,
+            });
+            if let Some(old) = old {
+                *issuer.keys.write().unwrap_or_else(|e| e.into_inner()) = old.keys();
+            }
+        }
+    }
+
     /// Keys over every issuer (for `--check-config`).
     pub fn key_count(&self) -> usize {
-        self.list
-            .iter()
-            .map(|i| {
-                let k = i.keys.read().unwrap_or_else(|e| e.into_inner());
-                k.by_kid.len() + k.without_kid.len()
-            })
-            .sum()
+        self.list.iter().map(|i| i.keys().len()).sum()
     }
 
     /// Validates `token` for AUTH user `name` and maps it to a user.
@@ -331,6 +391,14 @@ pub fn looks_like_jwt(p: &[u8]) -> bool {
 }
 
 impl Issuer {
+    fn keys(&self) -> Arc<KeySet> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_keys(&self, keys: KeySet) {
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+    }
+
     /// The signature and the standard claims; the claims when they pass.
     fn verify(
         &self,
@@ -338,9 +406,9 @@ impl Issuer {
         kid: Option<&str>,
         alg: Algorithm,
     ) -> Result<serde_json::Map<String, serde_json::Value>, Failure> {
-        let mut keys = self.keys.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut keys = self.keys();
         if !keys.has(kid) && self.refresh() {
-            keys = self.keys.read().unwrap_or_else(|e| e.into_inner()).clone();
+            keys = self.keys();
         }
         let candidates: Vec<&Key> = match kid {
             Some(k) => keys.by_kid.get(k).into_iter().collect(),
@@ -388,9 +456,17 @@ impl Issuer {
     }
 
     /// Reads the JWKS file again (an unknown `kid`: the keys may have rotated), at most once
-    /// a second; whether it was read.
+    /// a second; whether it was read. A URL's keys are downloaded in the background instead
+    /// (`false`: this token is checked against the keys at hand).
     #[cold]
     fn refresh(&self) -> bool {
+        let path = match &self.source {
+            Source::File(path) => path,
+            Source::Url(remote) => {
+                remote.wake.notify_one();
+                return false;
+            }
+        };
         {
             let mut last = self.refreshed.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
@@ -399,13 +475,13 @@ impl Issuer {
             }
             *last = Some(now);
         }
-        match read_jwks(&self.jwks_file) {
+        match read_jwks(path) {
             Ok(keys) => {
                 tracing::info!(
                     issuer = %self.name,
                     "token signed by an unknown key: read the issuer's JWKS again"
                 );
-                *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+                self.set_keys(keys);
                 true
             }
             Err(e) => {
@@ -417,6 +493,10 @@ impl Issuer {
 }
 
 impl KeySet {
+    fn len(&self) -> usize {
+        self.by_kid.len() + self.without_kid.len()
+    }
+
     fn has(&self, kid: Option<&str>) -> bool {
         match kid {
             Some(k) => self.by_kid.contains_key(k),

@@ -300,7 +300,10 @@ fn an_expiring_token_closes_the_connection_after_its_pending_replies_unless_it_r
         list = String::from_utf8(b.call(&[b"CLIENT", b"LIST"])).unwrap();
         list.lines().filter(|l| l.contains("token-exp=")).count() == 1
     });
-    assert!(list.contains(&format!(" token-exp={later_exp}\n")), "{list}");
+    assert!(
+        list.contains(&format!(" token-exp={later_exp}\n")),
+        "{list}"
+    );
     assert_eq!(list.matches("id=").count(), 2, "B and C: {list}");
 }
 
@@ -381,6 +384,21 @@ fn check_config_reads_the_jwks_and_rejects_bad_issuers() {
     let (ok, all) = check(&cfg);
     assert!(ok, "{all}");
     assert!(all.contains("1 token issuer(s) with 1 key(s)"), "{all}");
+    // A URL is checked, not contacted (nothing listens on port 9 of this machine).
+    let url_cfg = dir.join("url.toml");
+    std::fs::write(
+        &url_cfg,
+        std::fs::read_to_string(&cfg).unwrap().replace(
+            &format!("jwks_file = \"{}\"", jwks_path.display()),
+            "jwks_url = \"https://127.0.0.1:9/keys\"",
+        ),
+    )
+    .unwrap();
+    let (ok, all) = check(&url_cfg);
+    assert!(
+        ok && all.contains("1 token issuer(s) with 0 key(s)"),
+        "{all}"
+    );
 
     let base = std::fs::read_to_string(&cfg).unwrap();
     let variants = [
@@ -395,9 +413,19 @@ fn check_config_reads_the_jwks_and_rejects_bad_issuers() {
         (
             base.replace(
                 &format!("jwks_file = \"{}\"", jwks_path.display()),
-                "jwks_url = \"https://login.example.test/keys\"",
+                "jwks_url = \"http://login.example.test/keys\"",
             ),
-            "jwks_url is not supported yet",
+            "must be an https:// URL",
+        ),
+        (
+            base.replace(
+                &format!("jwks_file = \"{}\"", jwks_path.display()),
+                &format!(
+                    "jwks_file = \"{}\"\njwks_refresh = \"1m\"",
+                    jwks_path.display()
+                ),
+            ),
+            "go with jwks_url",
         ),
         (
             base.replace(
@@ -474,4 +502,146 @@ fn redis_py_credential_providers_keep_working_across_token_expiry() {
     };
     let text = format!("{}{}", out.stdout, out.stderr);
     assert!(done.is_ok() && text.contains("token refresh OK"), "{text}");
+}
+
+#[test]
+fn the_readme_example_token_script_and_redis_cli() {
+    let shard = RedisServer::start();
+    let dir = support::tls::temp_dir("token-script");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/token.sh");
+    let idp = dir.join("idp");
+    let keys = std::process::Command::new(script)
+        .arg("keys")
+        .arg(&idp)
+        .output()
+        .unwrap();
+    assert!(
+        keys.status.success(),
+        "{}",
+        String::from_utf8_lossy(&keys.stderr)
+    );
+    let cfg = dir.join("proxy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"requirepass = "pw"
+
+[[token_issuers]]
+name = "demo"
+issuer = "https://login.example.test/slotgate-demo/v2.0"
+audience = "api://slotgate"
+jwks_file = "{}"
+
+[[users]]
+name = "cache-reader"
+token_roles = ["CacheReader"]
+keys = ["app:*"]
+commands = ["+@read", "+@connection"]
+"#,
+            idp.join("jwks.json").display()
+        ),
+    )
+    .unwrap();
+    let proxy = Slotgate::start_with(&[&shard], &["--config", cfg.to_str().unwrap()]);
+    let oid = "6f1c2a3e-0000-4000-8000-000000000001";
+    let mint = |roles: &str| {
+        let out = std::process::Command::new(script)
+            .args(["mint", idp.to_str().unwrap(), oid, "600", roles])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let cli = |token: &str, args: &[&str]| {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &proxy.port.to_string(), "--no-auth-warning"])
+            .args(["--user", oid, "--pass", token])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+            + &String::from_utf8_lossy(&out.stderr)
+    };
+    let reader = mint("CacheReader");
+    assert_eq!(cli(&reader, &["ping"]), "PONG");
+    assert_eq!(cli(&reader, &["get", "app:1"]), "");
+    assert!(cli(&reader, &["get", "secret"]).contains("NOPERM"));
+    // A token whose roles map to no user is refused.
+    assert!(cli(&mint("Nobody"), &["ping"]).contains("WRONGPASS"));
+}
+
+#[test]
+fn keys_from_a_jwks_url_are_downloaded_refreshed_and_fetched_again_for_an_unknown_kid() {
+    let shard = RedisServer::start();
+    let dir = support::tls::temp_dir("token-url");
+    let (k1, k2, k3) = (
+        SigningKey::ec("k1"),
+        SigningKey::rsa("k2"),
+        SigningKey::ec("k3"),
+    );
+    let idp = jwt::JwksServer::start(&dir, &jwt::jwks(&[&k1]));
+    let placeholder = dir.join("unused.json");
+    let cfg = write_config(&dir, &placeholder, "1s");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &format!("jwks_file = \"{}\"", placeholder.display()),
+        &format!(
+            "jwks_url = \"{}\"\njwks_ca_file = \"{}\"\njwks_refresh = \"1h\"",
+            idp.url(),
+            idp.ca_pem.display()
+        ),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let proxy = Slotgate::start_with(
+        &[&shard],
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--max-auth-failures-per-address",
+            "0",
+        ],
+    );
+    let exp = now() + 3600;
+    let by = |k: &SigningKey| k.token(&claims(ISS, AUD, "oid-writer", exp));
+    // Downloaded before the first client was accepted.
+    assert_eq!(auth(&mut proxy.raw(), "oid-writer", &by(&k1)), OK);
+    assert!(idp.hits() >= 1);
+
+    // A new key: the first token naming it is refused and asks for a download; once that
+    // is done, the key is known.
+    idp.set(&jwt::jwks(&[&k1, &k2]));
+    let mut c = proxy.raw();
+    assert_eq!(c.call(&[b"AUTH", b"pw"]), OK);
+    let refused = info_stat(&mut c, "token_auth_failures");
+    let _ = auth(&mut proxy.raw(), "oid-writer", &by(&k2));
+    wait_until("k2 to be accepted", Duration::from_secs(15), || {
+        auth(&mut proxy.raw(), "oid-writer", &by(&k2)) == OK
+    });
+    assert!(info_stat(&mut c, "token_auth_failures") > refused);
+
+    // A reload keeps the downloaded keys (no gap), and a key gone from the URL goes.
+    idp.set(&jwt::jwks(&[&k3]));
+    assert_eq!(c.call(&[b"SLOTGATE.RELOAD"])[0], b'+');
+    wait_until("k1 to be refused", Duration::from_secs(10), || {
+        auth(&mut proxy.raw(), "oid-writer", &by(&k1)) == WRONGPASS
+    });
+    assert_eq!(auth(&mut proxy.raw(), "oid-writer", &by(&k3)), OK);
+
+    // Every jwks_refresh, without any client asking.
+    let cfg2 = dir.join("refresh.toml");
+    std::fs::write(
+        &cfg2,
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("jwks_refresh = \"1h\"", "jwks_refresh = \"1s\""),
+    )
+    .unwrap();
+    let _second = Slotgate::start_with(&[&shard], &["--config", cfg2.to_str().unwrap()]);
+    let before = idp.hits();
+    wait_until("two timed downloads", Duration::from_secs(10), || {
+        idp.hits() >= before + 2
+    });
 }
