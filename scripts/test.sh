@@ -17,10 +17,12 @@ if ! need_redis; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server redis-tools openssl >/dev/null
 fi
 # The Debian package starts a redis-server on 6379 as a service; the tests never use it.
-# redis-py (from PyPI) for the client test of tests/python/.
-if ! python3 -c "import redis, redis.asyncio" 2>/dev/null; then
+# redis-py (from PyPI) for the client tests of tests/python/.
+# (redis.auth and streaming credential providers came with redis-py 6.)
+if ! python3 -c "import redis, redis.asyncio, redis.auth.token" 2>/dev/null; then
   echo "installing redis-py (pip)..." >&2
-  python3 -m pip install --quiet "redis>=5" || python3 -m pip install --quiet --break-system-packages "redis>=5"
+  python3 -m pip install --quiet --upgrade "redis>=6" \
+    || python3 -m pip install --quiet --upgrade --break-system-packages "redis>=6"
 fi
 
 cargo fmt --all -- --check

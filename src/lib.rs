@@ -8,7 +8,7 @@
 //!
 //! Modules are layered; each uses only its own layer and those below (`tests/layers.rs` checks
 //! it), lowest first: wire and utilities (`resp`, `netio`, `notify`, `metrics`, `router`,
-//! `units`, `tls`) · data (`command`, `auth`) · `fanout` · `queue` · `shard` · proxy logic and
+//! `units`, `tls`) · data (`command`, `auth`, `token`) · `fanout` · `queue` · `shard` · proxy logic and
 //! worker state (`readthrough`, `settings`, `worker`) · the client connection (`session`, with
 //! `session::local`, `session::pinned`, `session::pubsub`) · the process (`server`, `admin`,
 //! `config`, `reload`).
@@ -47,6 +47,8 @@
 //! - [`metrics`]: every metric name, described once; [`admin`]: /metrics, /healthz, /readyz.
 //! - [`auth`]: users (`requirepass`, `[[users]]`), SHA-256 password digests, ACL-style command
 //!   rules and key patterns, checked per command before anything is forwarded.
+//! - [`token`]: token authentication: JWT access tokens checked against `[[token_issuers]]`
+//!   (keys from a JWKS file or an HTTPS URL) and mapped to users.
 //!
 //! # Request flow
 //!

@@ -37,12 +37,6 @@ pub const RT_BYTES_LOADED: &str = "slotgate_readthrough_bytes_loaded_total";
 pub const RT_STORED: &str = "slotgate_readthrough_stored_total";
 pub const RT_STORE_SKIPPED: &str = "slotgate_readthrough_store_skipped_total";
 
-/// Counts a refused token by its reason.
-#[cold]
-pub fn token_auth_failed(why: crate::token::Failure) {
-    metrics::counter!(TOKEN_AUTH_FAILURES, "reason" => why.as_str()).increment(1);
-}
-
 /// One command in this many has its latency recorded.
 pub const SAMPLE_EVERY: u64 = 32;
 
@@ -72,9 +66,6 @@ pub fn install() -> Option<PrometheusHandle> {
         TOKEN_AUTH_FAILURES,
         "AUTHs with a token that was refused, by reason"
     );
-    for why in crate::token::Failure::ALL {
-        metrics::counter!(TOKEN_AUTH_FAILURES, "reason" => why.as_str()).absolute(0);
-    }
     describe_counter!(
         SHARD_ERRORS,
         "Requests failed with shard unavailable, by shard"

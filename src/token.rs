@@ -106,6 +106,13 @@ impl Failure {
         Failure::NoUser,
     ];
 
+    /// Counts a refused token by its reason (`/metrics`).
+    #[cold]
+    pub fn count(self) {
+        metrics::counter!(crate::metrics::TOKEN_AUTH_FAILURES, "reason" => self.as_str())
+            .increment(1);
+    }
+
     /// The reason's label in metrics and logs.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -272,6 +279,13 @@ impl Issuers {
                 keys: RwLock::new(Arc::new(keys)),
                 refreshed: Mutex::new(None),
             }));
+        }
+        if !list.is_empty() {
+            // Every reason shows in /metrics from the start (a reload adds nothing to them).
+            for why in Failure::ALL {
+                metrics::counter!(crate::metrics::TOKEN_AUTH_FAILURES, "reason" => why.as_str())
+                    .increment(0);
+            }
         }
         Ok(Issuers { list })
     }

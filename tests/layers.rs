@@ -12,8 +12,8 @@ const LAYERS: &[&[&str]] = &[
     &[
         "resp", "netio", "notify", "metrics", "router", "units", "tls", "slowlog",
     ],
-    // Data: the command table and users' permissions.
-    &["command", "auth"],
+    // Data: the command table, users' permissions and token issuers.
+    &["command", "auth", "token"],
     // Merging shard replies.
     &["fanout"],
     // A client's replies in order, and where a shard's reply goes.

@@ -583,7 +583,7 @@ fn keys_from_a_jwks_url_are_downloaded_refreshed_and_fetched_again_for_an_unknow
         SigningKey::rsa("k2"),
         SigningKey::ec("k3"),
     );
-    let idp = jwt::JwksServer::start(&dir, &jwt::jwks(&[&k1]));
+    let idp = support::tls::JwksServer::start(&dir, &jwt::jwks(&[&k1]));
     let placeholder = dir.join("unused.json");
     let cfg = write_config(&dir, &placeholder, "1s");
     let text = std::fs::read_to_string(&cfg).unwrap().replace(

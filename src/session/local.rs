@@ -416,7 +416,7 @@ impl Session {
                 }
                 Err(why) => {
                     stats.token_auth_failures.fetch_add(1, Ordering::Relaxed);
-                    crate::metrics::token_auth_failed(why);
+                    why.count();
                     Err(Some(why))
                 }
             }
