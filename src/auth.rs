@@ -225,7 +225,6 @@ pub fn special_permission(
 }
 
 /// All users; `default` always exists.
-#[derive(Debug)]
 pub struct Users {
     by_name: HashMap<String, Arc<User>>,
     /// Token subjects (`token_subjects`) and the user each maps to.
@@ -292,6 +291,28 @@ impl OneOrMany {
             OneOrMany::One(s) => vec![s],
             OneOrMany::Many(v) => v,
         }
+    }
+}
+
+impl std::fmt::Debug for Users {
+    /// In a stable order: a reload compares two tables by this text.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fn sorted(m: &HashMap<String, Arc<User>>) -> Vec<(&String, &Arc<User>)> {
+            let mut v: Vec<(&String, &Arc<User>)> = m.iter().collect();
+            v.sort_by(|a, b| a.0.cmp(b.0));
+            v
+        }
+        let by_subject: Vec<(&String, &String)> = sorted(&self.by_subject)
+            .into_iter()
+            .map(|(s, u)| (s, &u.name))
+            .collect();
+        let by_role: Vec<(&String, &String)> =
+            self.by_role.iter().map(|(r, u)| (r, &u.name)).collect();
+        f.debug_struct("Users")
+            .field("by_name", &sorted(&self.by_name))
+            .field("by_subject", &by_subject)
+            .field("by_role", &by_role)
+            .finish()
     }
 }
 
@@ -376,15 +397,19 @@ impl Users {
 
     /// The user a valid token maps to: the one listing its subject in `token_subjects`,
     /// else the first (in the file's order) sharing one of its `roles` in `token_roles`.
-    /// A disabled user maps no token.
+    /// A disabled user maps no token: the next rule applies (a disabled personal grant
+    /// leaves the role's).
     pub fn for_token(&self, subject: &str, roles: &[&str]) -> Option<Arc<User>> {
-        let user = self.by_subject.get(subject).or_else(|| {
-            self.by_role
-                .iter()
-                .find(|(r, _)| roles.contains(&r.as_str()))
-                .map(|(_, u)| u)
-        })?;
-        user.enabled.then(|| user.clone())
+        self.by_subject
+            .get(subject)
+            .filter(|u| u.enabled)
+            .or_else(|| {
+                self.by_role
+                    .iter()
+                    .find(|(r, u)| u.enabled && roles.contains(&r.as_str()))
+                    .map(|(_, u)| u)
+            })
+            .cloned()
     }
 
     /// Whether some user can be reached with a token.
@@ -957,6 +982,60 @@ mod tests {
         assert!(!u.may_access(b"r:1", access::WRITE));
         assert!(!u.may_access(b"x", access::READ));
         assert!(u.may_access(b"r:1", 0), "no flags: any pattern suffices");
+    }
+
+    #[test]
+    fn tokens_map_by_subject_then_role_skipping_disabled_users() {
+        let cfg = |name: &str, subjects: &[&str], roles: &[&str], enabled: bool| UserConfig {
+            name: name.into(),
+            password: None,
+            password_sha256: None,
+            nopass: false,
+            enabled,
+            keys: vec!["*".into()],
+            read_keys: vec![],
+            commands: None,
+            channels: None,
+            token_subjects: subjects.iter().map(|s| s.to_string()).collect(),
+            token_roles: roles.iter().map(|s| s.to_string()).collect(),
+        };
+        let build = || {
+            Users::build(
+                None,
+                &[
+                    cfg("alice-admin", &["oid-alice"], &[], false),
+                    cfg("old-readers", &[], &["Reader"], false),
+                    cfg("readers", &[], &["Reader", "Viewer"], true),
+                    cfg("writers", &["oid-bob"], &["Writer"], true),
+                ],
+            )
+            .unwrap()
+        };
+        let users = build();
+        let name = |s: &str, r: &[&str]| users.for_token(s, r).map(|u| u.name.clone());
+        assert_eq!(name("oid-bob", &["Reader"]).as_deref(), Some("writers"));
+        assert_eq!(
+            name("oid-x", &["Viewer", "Writer"]).as_deref(),
+            Some("readers")
+        );
+        assert_eq!(
+            name("oid-alice", &["Reader"]).as_deref(),
+            Some("readers"),
+            "a disabled personal grant leaves the role's, and a disabled role user is skipped"
+        );
+        assert_eq!(name("oid-alice", &[]), None);
+        // Token-only users: no password opens them.
+        assert!(users.authenticate(b"readers", b"").is_none());
+        assert!(users.token_users());
+        // The same file twice prints the same (a reload compares the text).
+        for _ in 0..20 {
+            assert_eq!(format!("{users:?}"), format!("{:?}", build()));
+        }
+        let dup = Users::build(
+            None,
+            &[cfg("a", &["s"], &[], true), cfg("b", &["s"], &[], true)],
+        );
+        assert!(dup.unwrap_err().contains("token subject 's'"));
     }
 
     #[test]

@@ -181,6 +181,8 @@ struct Key {
 
 /// How often an unknown `kid` may make an issuer's keys be read again.
 const REFRESH_AT_MOST_EVERY: Duration = Duration::from_secs(1);
+/// The most clock skew an issuer may allow.
+const MAX_LEEWAY: Duration = Duration::from_secs(300);
 /// Longest token considered (Entra ID tokens are 1–3 KiB).
 const MAX_TOKEN: usize = 16 * 1024;
 
@@ -238,9 +240,16 @@ impl Issuers {
             let leeway = match c.leeway.as_deref() {
                 None => 1,
                 Some(s) if s.trim() == "0" => 0,
-                Some(s) => crate::units::parse_duration(s)
-                    .map_err(|why| format!("{what}: leeway '{s}': {why}"))?
-                    .as_secs(),
+                Some(s) => {
+                    let d = crate::units::parse_duration(s)
+                        .map_err(|why| format!("{what}: leeway '{s}': {why}"))?;
+                    if d.subsec_nanos() != 0 || d > MAX_LEEWAY {
+                        return Err(format!(
+                            "{what}: leeway '{s}' must be whole seconds, at most 5m"
+                        ));
+                    }
+                    d.as_secs()
+                }
             };
             if c.jwks_url.is_none() && (c.jwks_ca_file.is_some() || c.jwks_refresh.is_some()) {
                 return Err(format!(
@@ -355,6 +364,10 @@ impl Issuers {
         if matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
             return Err(Failure::Algorithm);
         }
+        if header.get("crit").is_some() {
+            // Extensions slotgate does not know must not be ignored (RFC 7515, 4.1.11).
+            return Err(Failure::Malformed);
+        }
         let kid = match header.get("kid") {
             None => None,
             Some(k) => Some(k.as_str().ok_or(Failure::Malformed)?),
@@ -369,6 +382,10 @@ impl Issuers {
             .find(|i| Some(i.issuer.as_str()) == iss)
             .ok_or(Failure::Issuer)?;
         let claims = issuer.verify(token, kid, alg)?;
+        if claims.get("nbf").is_some_and(|n| !n.is_number()) {
+            // (jsonwebtoken skips an `nbf` it cannot read.)
+            return Err(Failure::Malformed);
+        }
         let subject = claims
             .get(&issuer.username_claim)
             .and_then(|v| v.as_str())
@@ -388,10 +405,14 @@ impl Issuers {
             .and_then(|e| e.as_f64())
             .filter(|e| *e >= 0.0)
             .ok_or(Failure::MissingClaim)? as u64;
+        // A far `exp` (2^63, or a float that saturated) is a deadline of never, not a panic.
+        let deadline = UNIX_EPOCH
+            .checked_add(Duration::from_secs(expires.saturating_add(issuer.leeway)))
+            .unwrap_or(UNIX_EPOCH + Duration::from_secs(u32::MAX as u64 * 16));
         Ok(Login {
             user,
             expires,
-            deadline: UNIX_EPOCH + Duration::from_secs(expires.saturating_add(issuer.leeway)),
+            deadline,
         })
     }
 }

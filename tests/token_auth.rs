@@ -131,6 +131,15 @@ fn valid_tokens_map_to_their_users_and_every_bad_token_is_refused() {
         String::from_utf8_lossy(&set)
     );
 
+    // An `exp` too far for a clock is a token that never expires (review: it panicked).
+    let far = 1u64 << 63;
+    let mut f = proxy.raw();
+    let far_token = rsa.token(&claims(ISS, AUD, "oid-writer", far));
+    assert_eq!(auth(&mut f, "oid-writer", &far_token), OK);
+    assert_eq!(f.call(&[b"PING"]), b"+PONG\r\n");
+    let list = String::from_utf8(f.call(&[b"CLIENT", b"LIST"])).unwrap();
+    assert!(list.contains(&format!(" token-exp={far}\n")), "{list}");
+
     // Password users keep working beside the tokens.
     let mut p = proxy.raw();
     assert_eq!(p.call(&[b"AUTH", b"pw"]), OK);
@@ -159,6 +168,9 @@ fn valid_tokens_map_to_their_users_and_every_bad_token_is_refused() {
         jwt::b64(claims(ISS, AUD, "oid-writer", exp).to_string().as_bytes())
     );
     let hs_header = json!({"alg": "HS256", "typ": "JWT", "kid": "rsa-1"});
+    let crit_header = json!({"alg": "RS256", "typ": "JWT", "kid": "rsa-1", "crit": ["exp"]});
+    let mut bad_nbf = claims(ISS, AUD, "oid-writer", exp);
+    bad_nbf["nbf"] = json!("soon");
     let mut not_yet = claims(ISS, AUD, "oid-writer", exp);
     not_yet["nbf"] = json!(now() + 600);
     let cases: Vec<(&str, String, &str, &str)> = vec![
@@ -207,6 +219,18 @@ fn valid_tokens_map_to_their_users_and_every_bad_token_is_refused() {
             "oid-nobody",
             "no_user",
         ),
+        (
+            "a crit header",
+            rsa.token_with_header(&crit_header, &claims(ISS, AUD, "oid-writer", exp)),
+            "oid-writer",
+            "malformed",
+        ),
+        (
+            "nbf not a number",
+            rsa.token(&bad_nbf),
+            "oid-writer",
+            "malformed",
+        ),
     ];
     for (what, token, user, _) in &cases {
         let mut c = proxy.raw();
@@ -219,7 +243,7 @@ fn valid_tokens_map_to_their_users_and_every_bad_token_is_refused() {
     }
     let mut c = proxy.raw();
     assert_eq!(c.call(&[b"AUTH", b"pw"]), OK);
-    assert_eq!(info_stat(&mut c, "token_auths"), 2);
+    assert_eq!(info_stat(&mut c, "token_auths"), 3);
     assert_eq!(info_stat(&mut c, "token_auth_failures"), cases.len() as u64);
     wait_until("the per-reason metrics", Duration::from_secs(5), || {
         cases.iter().all(|(_, _, _, reason)| {
@@ -277,6 +301,14 @@ fn an_expiring_token_closes_the_connection_after_its_pending_replies_unless_it_r
     let mut d = proxy.raw();
     assert_eq!(auth(&mut d, "oid-writer", &short), OK);
     d.send(&resp(&[b"BLPOP", b"nothing-comes", b"0"]));
+    // E: RESET drops the token: it stays, unauthenticated (review: it was closed).
+    let mut e = proxy.raw();
+    assert_eq!(auth(&mut e, "oid-writer", &short), OK);
+    assert_eq!(e.call(&[b"RESET"]), b"+RESET\r\n");
+    // F: a reload does not forget its expiry (review: it did, and F stayed for good).
+    let mut f = proxy.raw();
+    assert_eq!(auth(&mut f, "oid-writer", &short), OK);
+    assert_eq!(c.call(&[b"SLOTGATE.RELOAD"]), OK);
 
     let busy = "local function us() local t = redis.call('TIME') return t[1] * 1000000 + t[2] end \
                 local s = us() while us() - s < 3000000 do end return 'done'";
@@ -288,12 +320,14 @@ fn an_expiring_token_closes_the_connection_after_its_pending_replies_unless_it_r
     assert!(now() > soon, "the script outlived the token");
     assert!(a.is_closed(), "closed after its pending replies");
     assert!(d.is_closed(), "the blocked client was closed");
+    assert!(f.is_closed(), "closed at the expiry despite the reload");
 
     wait_until("the short token to be past", Duration::from_secs(5), || {
         now() > soon
     });
     assert_eq!(b.call(&[b"PING"]), b"+PONG\r\n");
     assert_eq!(c.call(&[b"PING"]), b"+PONG\r\n");
+    assert_eq!(e.call(&[b"PING"]), b"-NOAUTH Authentication required.\r\n");
     // A and D leave the client list (A once its lingering read ends); B shows its new expiry.
     let mut list = String::new();
     wait_until("only B to have a token", Duration::from_secs(10), || {
@@ -304,7 +338,7 @@ fn an_expiring_token_closes_the_connection_after_its_pending_replies_unless_it_r
         list.contains(&format!(" token-exp={later_exp}\n")),
         "{list}"
     );
-    assert_eq!(list.matches("id=").count(), 2, "B and C: {list}");
+    assert_eq!(list.matches("id=").count(), 3, "B, C and E: {list}");
 }
 
 #[test]

@@ -74,6 +74,7 @@ impl Session {
                 // Back to the default user: authenticated only if it needs no password.
                 let users = self.w.live().users.clone();
                 self.user = None;
+                self.drop_token();
                 if !users.auth_required() {
                     self.set_user(users.default_user().clone());
                 }
@@ -405,6 +406,7 @@ impl Session {
         // `Err(Some(why))`: a token was refused.
         let outcome = if let Some(u) = users.authenticate(user, password) {
             self.set_user(u);
+            self.drop_token();
             Ok(())
         } else if !tokens.is_empty() && crate::token::looks_like_jwt(password) {
             // Tried only once the password check failed (password users are never slowed).

@@ -691,18 +691,25 @@ impl Session {
     }
 
     /// Switches the connection's identity (AUTH, HELLO AUTH, RESET).
-    /// A password or no password: no token expiry any more.
+    /// Switches the connection's identity (AUTH, HELLO AUTH, RESET, and a reload's new rules
+    /// for the same user: that keeps a token's expiry, see `drop_token`).
     pub(crate) fn set_user(&mut self, user: Arc<User>) {
         self.restricted = !user.unrestricted_access();
         self.user = Some(user);
+    }
+
+    /// A password AUTH or RESET: the connection no longer closes when the token it
+    /// authenticated with expires (also if that expiry was flagged this very turn).
+    pub(crate) fn drop_token(&mut self) {
         self.token = None;
+        self.queue.unflag(crate::queue::Attention::EXPIRED);
     }
 
     /// A valid token: its user, and a close at its expiry (replacing any earlier token's),
     /// unless the client authenticates again before.
     pub(crate) fn token_login(&mut self, login: crate::token::Login) {
         self.set_user(login.user);
-        self.queue.unflag(crate::queue::Attention::EXPIRED);
+        self.drop_token();
         let left = login
             .deadline
             .duration_since(std::time::SystemTime::now())

@@ -212,7 +212,9 @@ pub(super) async fn keep_fresh(issuer: Weak<Issuer>, mut due: Instant) {
             Instant::now() + every
         } else {
             failures = failures.saturating_add(1);
-            let backoff = Duration::from_secs(1 << failures.min(6)).min(Duration::from_secs(60));
+            // 1 s after the first failure, doubling up to a minute.
+            let backoff =
+                Duration::from_secs(1 << (failures - 1).min(6)).min(Duration::from_secs(60));
             Instant::now() + backoff.min(every)
         };
     }
