@@ -545,17 +545,15 @@ fn check_config_and_info_never_show_passwords() {
         "[upstream]\npassword = \"upstream-sekrit\"\n[[users]]\nname = \"u\"\npassword = \"user-sekrit\"\nkeys = [\"*\"]\n",
     )
     .unwrap();
-    let out = std::process::Command::new(slotgate_bin())
-        .args(["--check-config", "--config", cfg.to_str().unwrap()])
-        .args(["--requirepass", "default-sekrit", "--shard", "127.0.0.1:1"])
-        .output()
-        .unwrap();
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{all}");
+    let (ok, all) = check_config(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--requirepass",
+        "default-sekrit",
+        "--shard",
+        "127.0.0.1:1",
+    ]);
+    assert!(ok, "{all}");
     assert!(!all.contains("sekrit"), "{all}");
     assert!(all.contains("authentication required"), "{all}");
 }

@@ -57,6 +57,20 @@ fn auth(c: &mut RawConn, user: &str, token: &str) -> Vec<u8> {
     c.call(&[b"AUTH", user.as_bytes(), token.as_bytes()])
 }
 
+/// slotgate with `cfg`, for tests that poll with AUTHs: those fail many times from one
+/// address, so the per-address limit is off.
+fn polled_proxy(shard: &RedisServer, cfg: &Path) -> Slotgate {
+    Slotgate::start_with(
+        &[shard],
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--max-auth-failures-per-address",
+            "0",
+        ],
+    )
+}
+
 /// The value of an `INFO stats` field.
 fn info_stat(c: &mut RawConn, field: &str) -> u64 {
     let info = String::from_utf8(c.call(&[b"INFO", b"stats"])).unwrap();
@@ -353,18 +367,8 @@ fn jwks_rotation_by_sighup_and_an_unknown_kid_reads_the_keys_again() {
     let jwks_path = dir.join("jwks.json");
     std::fs::write(&jwks_path, jwt::jwks(&[&k1])).unwrap();
     let cfg = write_config(&dir, &jwks_path, "1s");
-    // (The polling below fails many AUTHs from one address.)
-    let proxy = Slotgate::start_with(
-        &[&shard],
-        &[
-            "--config",
-            cfg.to_str().unwrap(),
-            "--max-auth-failures-per-address",
-            "0",
-        ],
-    );
-    let exp = now() + 3600;
-    let by = |k: &SigningKey| k.token(&claims(ISS, AUD, "oid-writer", exp));
+    let proxy = polled_proxy(&shard, &cfg);
+    let by = |k: &SigningKey| k.token(&claims(ISS, AUD, "oid-writer", now() + 3600));
     assert_eq!(auth(&mut proxy.raw(), "oid-writer", &by(&k1)), OK);
     assert_eq!(auth(&mut proxy.raw(), "oid-writer", &by(&k2)), WRONGPASS);
 
@@ -401,19 +405,8 @@ fn check_config_reads_the_jwks_and_rejects_bad_issuers() {
     let key = SigningKey::ec("k1");
     let jwks_path = dir.join("jwks.json");
     std::fs::write(&jwks_path, jwt::jwks(&[&key])).unwrap();
-    let check = |cfg: &Path| {
-        let out = std::process::Command::new(slotgate_bin())
-            .args(["--check-config", "--config", cfg.to_str().unwrap()])
-            .args(["--shard", "127.0.0.1:1"])
-            .output()
-            .unwrap();
-        let all = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), all)
-    };
+    let check =
+        |cfg: &Path| check_config(&["--config", cfg.to_str().unwrap(), "--shard", "127.0.0.1:1"]);
     let cfg = write_config(&dir, &jwks_path, "1s");
     let (ok, all) = check(&cfg);
     assert!(ok, "{all}");
@@ -629,17 +622,8 @@ fn keys_from_a_jwks_url_are_downloaded_refreshed_and_fetched_again_for_an_unknow
         ),
     );
     std::fs::write(&cfg, text).unwrap();
-    let proxy = Slotgate::start_with(
-        &[&shard],
-        &[
-            "--config",
-            cfg.to_str().unwrap(),
-            "--max-auth-failures-per-address",
-            "0",
-        ],
-    );
-    let exp = now() + 3600;
-    let by = |k: &SigningKey| k.token(&claims(ISS, AUD, "oid-writer", exp));
+    let proxy = polled_proxy(&shard, &cfg);
+    let by = |k: &SigningKey| k.token(&claims(ISS, AUD, "oid-writer", now() + 3600));
     // Downloaded before the first client was accepted.
     assert_eq!(auth(&mut proxy.raw(), "oid-writer", &by(&k1)), OK);
     assert!(idp.hits() >= 1);

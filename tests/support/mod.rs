@@ -631,3 +631,14 @@ pub fn crc16(data: &[u8]) -> u16 {
 pub fn resp(args: &[&[u8]]) -> Vec<u8> {
     slotgate::resp::request::command(args).to_vec()
 }
+
+/// Runs `slotgate --check-config ARGS` (bounded): whether it passed, and its stdout and
+/// stderr together.
+pub fn check_config(args: &[&str]) -> (bool, String) {
+    let mut cmd = Command::new(slotgate_bin());
+    cmd.arg("--check-config").args(args);
+    let done = run_bounded(&mut cmd, Duration::from_secs(10));
+    let ok = matches!(&done, Ok(f) if f.code == Some(0));
+    let (Ok(f) | Err(f)) = done;
+    (ok, format!("{}{}", f.stdout, f.stderr))
+}
