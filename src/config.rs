@@ -574,14 +574,7 @@ impl Merged {
         if self.requirepass.as_deref() == Some("") {
             return Err(invalid("requirepass", "\"\"", "must not be empty"));
         }
-        let users =
-            Users::build(self.requirepass.as_deref(), &self.users).map_err(ConfigError::Users)?;
-        let tokens = Issuers::build(&self.token_issuers).map_err(ConfigError::TokenIssuers)?;
-        if tokens.is_empty() && users.token_users() {
-            return Err(ConfigError::Users(
-                "token_subjects and token_roles need a [[token_issuers]] entry".into(),
-            ));
-        }
+        let (users, tokens) = self.users_and_tokens()?;
         if self.max_auth_failures == 0 {
             return Err(invalid("max-auth-failures", 0, "must be > 0"));
         }
@@ -643,6 +636,19 @@ impl Merged {
             readthrough: Arc::new(rules),
             admin_listen,
         })
+    }
+
+    /// The users and the token issuers (whose JWKS files are read here).
+    fn users_and_tokens(&self) -> Result<(Users, Issuers), ConfigError> {
+        let users =
+            Users::build(self.requirepass.as_deref(), &self.users).map_err(ConfigError::Users)?;
+        let tokens = Issuers::build(&self.token_issuers).map_err(ConfigError::TokenIssuers)?;
+        if tokens.is_empty() && users.token_users() {
+            return Err(ConfigError::Users(
+                "token_subjects and token_roles need a [[token_issuers]] entry".into(),
+            ));
+        }
+        Ok((users, tokens))
     }
 
     /// The limits given in bytes: in flight per upstream connection, and the two classes of

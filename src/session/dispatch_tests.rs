@@ -879,3 +879,26 @@ fn maxclients_refuses_the_next_session() {
         first.finish().await;
     });
 }
+
+/// A session that ends without returning (its task aborted, as a panic would unwind it)
+/// leaves CLIENT LIST: the entry goes with the session, not at the end of its loop
+/// (adversarial review of issue 19: a panicking session stayed listed for good).
+#[test]
+fn a_session_that_ends_abnormally_leaves_the_client_list() {
+    run(async {
+        let w = worker(&[dead_addr()], &[]);
+        let mut c = Client::connect(&w);
+        c.call(&["PING"], reply::PONG).await;
+        let listed = || w.shared.clients.lock().expect("clients").len();
+        assert_eq!(listed(), 1);
+        c.session.abort();
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while listed() != 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the aborted session is still listed"
+            );
+            tokio::task::yield_now().await;
+        }
+    });
+}

@@ -307,7 +307,6 @@ where
     };
     let mut conn = conn::Conn::new(rd, wr, &s).await;
     conn.run(&mut s).await;
-    s.unregister();
 }
 
 impl Session {
@@ -343,7 +342,17 @@ impl Session {
             c.remove(&self.id);
         }
     }
+}
 
+impl Drop for Session {
+    /// Out of CLIENT LIST however the session ends (a panic in a session leaves no ghost
+    /// entry behind).
+    fn drop(&mut self) {
+        self.unregister();
+    }
+}
+
+impl Session {
     /// Updates this session's CLIENT LIST entry after a name, user or protocol change.
     pub(crate) fn update_info(&self) {
         self.register();
