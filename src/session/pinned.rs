@@ -264,152 +264,157 @@ impl Session {
     /// MULTI, EXEC, DISCARD, WATCH, UNWATCH.
     pub(crate) fn transaction(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
         match spec.name {
-            "multi" => {
-                if self.tx.is_some() {
-                    return self.reply_static(reply::MULTI_NESTED);
-                }
-                let mut tx = Tx::default();
-                match self.watch.take().map(Watch::state) {
-                    // The watches are lost (their connection went, or a WATCH failed after
-                    // one had succeeded): MULTI succeeds (it never fails in Redis but when
-                    // nested), the transaction's keys may be in any slot, and EXEC will say
-                    // the watched keys may have changed (a WATCH retry loop starts over).
-                    Some(Watched::Lost) => {
-                        tx.watch_lost = true;
-                        tx.buffered.push(Bytes::copy_from_slice(req.raw));
-                        self.reply_static(reply::OK);
-                    }
-                    // WATCH already chose the shard: MULTI goes there.
-                    Some(Watched::Holds(conn, slot)) => {
-                        tx.slot = Some(slot);
-                        let d = self.op_deadline(now);
-                        self.send_dedicated(&conn, req.raw, d);
-                        tx.conn = Some(conn);
-                    }
-                    // No WATCH, or none that succeeded.
-                    None | Some(Watched::Nothing) => {
-                        tx.buffered.push(Bytes::copy_from_slice(req.raw));
-                        self.reply_static(reply::OK);
-                    }
-                }
-                self.tx = Some(tx);
+            "multi" => self.multi(req, now),
+            "exec" => self.exec(req, now),
+            "discard" => self.discard(req, now),
+            "watch" => self.watch(spec, req, now),
+            "unwatch" if self.tx.is_some() => self.tx_queue(spec, req, now),
+            "unwatch" => self.unwatch(req, now),
+            _ => self.reply(reply::not_yet(spec.name)),
+        }
+    }
+
+    fn multi(&mut self, req: &Request<'_>, now: Instant) {
+        if self.tx.is_some() {
+            return self.reply_static(reply::MULTI_NESTED);
+        }
+        let mut tx = Tx::default();
+        match self.watch.take().map(Watch::state) {
+            // The watches are lost (their connection went, or a WATCH failed after one had
+            // succeeded): MULTI succeeds (it never fails in Redis but when nested), the
+            // transaction's keys may be in any slot, and EXEC will say the watched keys may
+            // have changed (a WATCH retry loop starts over).
+            Some(Watched::Lost) => {
+                tx.watch_lost = true;
+                tx.buffered.push(Bytes::copy_from_slice(req.raw));
+                self.reply_static(reply::OK);
             }
-            "exec" => {
-                let Some(tx) = self.tx.take() else {
-                    return self.reply_static(reply::EXEC_WITHOUT_MULTI);
-                };
+            // WATCH already chose the shard: MULTI goes there.
+            Some(Watched::Holds(conn, slot)) => {
+                tx.slot = Some(slot);
                 let d = self.op_deadline(now);
-                if tx.watch_lost && !tx.aborted {
-                    if let Some(conn) = tx.conn {
-                        conn.up
-                            .send_until(b"*1\r\n$7\r\nDISCARD\r\n", Target::Discard, d);
-                        conn.release();
-                    }
-                    return self.reply_static(reply::null_array(self.proto));
-                }
-                if tx.aborted {
-                    if let Some(conn) = tx.conn {
-                        conn.up
-                            .send_until(b"*1\r\n$7\r\nDISCARD\r\n", Target::Discard, d);
-                        conn.release();
-                    }
-                    return self.reply_static(reply::EXECABORT);
-                }
-                let conn = match tx.conn {
-                    Some(c) => c,
-                    // Only keyless commands: any shard runs them.
-                    None => match self.take_dedicated(None) {
-                        Ok(c) => {
-                            for b in &tx.buffered {
-                                c.up.send_until(b, Target::Discard, d);
-                            }
-                            c
-                        }
-                        Err(e) => return self.reply(e),
-                    },
-                };
-                self.send_exec(&conn, req.raw, d, tx.queued);
+                self.send_dedicated(&conn, req.raw, d);
+                tx.conn = Some(conn);
+            }
+            // No WATCH, or none that succeeded.
+            None | Some(Watched::Nothing) => {
+                tx.buffered.push(Bytes::copy_from_slice(req.raw));
+                self.reply_static(reply::OK);
+            }
+        }
+        self.tx = Some(tx);
+    }
+
+    fn exec(&mut self, req: &Request<'_>, now: Instant) {
+        let Some(tx) = self.tx.take() else {
+            return self.reply_static(reply::EXEC_WITHOUT_MULTI);
+        };
+        let d = self.op_deadline(now);
+        if tx.watch_lost || tx.aborted {
+            // Nothing runs: the shard (if one has the transaction) discards it.
+            if let Some(conn) = tx.conn {
+                conn.up
+                    .send_until(b"*1\r\n$7\r\nDISCARD\r\n", Target::Discard, d);
                 conn.release();
             }
-            "discard" => {
-                let Some(tx) = self.tx.take() else {
-                    return self.reply_static(reply::DISCARD_WITHOUT_MULTI);
-                };
-                match tx.conn {
-                    Some(conn) => {
-                        let d = self.op_deadline(now);
-                        self.send_dedicated(&conn, req.raw, d);
-                        conn.release();
+            return if tx.aborted {
+                self.reply_static(reply::EXECABORT)
+            } else {
+                self.reply_static(reply::null_array(self.proto))
+            };
+        }
+        let conn = match tx.conn {
+            Some(c) => c,
+            // Only keyless commands: any shard runs them.
+            None => match self.take_dedicated(None) {
+                Ok(c) => {
+                    for b in &tx.buffered {
+                        c.up.send_until(b, Target::Discard, d);
                     }
-                    None => self.reply_static(reply::OK),
+                    c
                 }
-            }
-            "watch" => {
-                if self.tx.is_some() {
-                    return self.reply_static(reply::WATCH_IN_MULTI);
-                }
-                let slot = match self.slot_of(spec, req) {
-                    Ok(Some(s)) => s,
-                    Ok(None) => return self.reply(reply::wrong_arity("watch")),
-                    Err(()) => return self.reply_static(reply::CROSSSLOT),
-                };
-                let watch = match self.watch.take() {
-                    Some(w) if w.slot == slot => w,
-                    // A WATCH that failed and watches nothing gives way to this one.
-                    Some(w)
-                        if w.replies.ok.get() == 0
-                            && (w.replies.failed.get() || !w.conn.up.usable()) =>
-                    {
-                        match self.take_dedicated(Some(slot)) {
-                            Ok(conn) => Watch {
-                                conn,
-                                slot,
-                                replies: Rc::default(),
-                            },
-                            Err(e) => return self.reply(e),
-                        }
-                    }
-                    Some(other) => {
-                        self.watch = Some(other);
-                        return self.reply_static(reply::CROSSSLOT);
-                    }
-                    None => match self.take_dedicated(Some(slot)) {
-                        Ok(conn) => Watch {
-                            conn,
-                            slot,
-                            replies: Rc::default(),
-                        },
-                        Err(e) => return self.reply(e),
-                    },
-                };
-                let seq = self.queue.push_waiting(Slot::Waiting(self.cmd));
-                let sink = Rc::new(WatchReply {
-                    queue: self.queue.clone(),
-                    seq,
-                    replies: watch.replies.clone(),
-                });
+                Err(e) => return self.reply(e),
+            },
+        };
+        self.send_exec(&conn, req.raw, d, tx.queued);
+        conn.release();
+    }
+
+    fn discard(&mut self, req: &Request<'_>, now: Instant) {
+        let Some(tx) = self.tx.take() else {
+            return self.reply_static(reply::DISCARD_WITHOUT_MULTI);
+        };
+        match tx.conn {
+            Some(conn) => {
                 let d = self.op_deadline(now);
-                watch
-                    .conn
-                    .up
-                    .send_until(req.raw, Target::Sink(SinkRef::new(sink, 0)), d);
-                self.watch = Some(watch);
+                self.send_dedicated(&conn, req.raw, d);
+                conn.release();
             }
-            "unwatch" => {
-                if self.tx.is_some() {
-                    return self.tx_queue(spec, req, now);
-                }
-                match self.watch.take().map(Watch::state) {
-                    Some(Watched::Holds(conn, _)) => {
-                        let d = self.op_deadline(now);
-                        self.send_dedicated(&conn, req.raw, d);
-                        conn.release();
-                    }
-                    // (Lost or failed watches watch nothing any more.)
-                    _ => self.reply_static(reply::OK),
+            None => self.reply_static(reply::OK),
+        }
+    }
+
+    fn watch(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
+        if self.tx.is_some() {
+            return self.reply_static(reply::WATCH_IN_MULTI);
+        }
+        let slot = match self.slot_of(spec, req) {
+            Ok(Some(s)) => s,
+            Ok(None) => return self.reply(reply::wrong_arity("watch")),
+            Err(()) => return self.reply_static(reply::CROSSSLOT),
+        };
+        let watch = match self.watch.take() {
+            Some(w) if w.slot == slot => w,
+            // A WATCH that failed and watches nothing gives way to this one.
+            Some(w)
+                if w.replies.ok.get() == 0 && (w.replies.failed.get() || !w.conn.up.usable()) =>
+            {
+                match self.new_watch(slot) {
+                    Ok(w) => w,
+                    Err(e) => return self.reply(e),
                 }
             }
-            _ => self.reply(reply::not_yet(spec.name)),
+            Some(other) => {
+                self.watch = Some(other);
+                return self.reply_static(reply::CROSSSLOT);
+            }
+            None => match self.new_watch(slot) {
+                Ok(w) => w,
+                Err(e) => return self.reply(e),
+            },
+        };
+        let seq = self.queue.push_waiting(Slot::Waiting(self.cmd));
+        let sink = Rc::new(WatchReply {
+            queue: self.queue.clone(),
+            seq,
+            replies: watch.replies.clone(),
+        });
+        let d = self.op_deadline(now);
+        watch
+            .conn
+            .up
+            .send_until(req.raw, Target::Sink(SinkRef::new(sink, 0)), d);
+        self.watch = Some(watch);
+    }
+
+    /// Watches on a new dedicated connection for `slot`.
+    fn new_watch(&mut self, slot: u16) -> Result<Watch, Bytes> {
+        Ok(Watch {
+            conn: self.take_dedicated(Some(slot))?,
+            slot,
+            replies: Rc::default(),
+        })
+    }
+
+    fn unwatch(&mut self, req: &Request<'_>, now: Instant) {
+        match self.watch.take().map(Watch::state) {
+            Some(Watched::Holds(conn, _)) => {
+                let d = self.op_deadline(now);
+                self.send_dedicated(&conn, req.raw, d);
+                conn.release();
+            }
+            // (Lost or failed watches watch nothing any more.)
+            _ => self.reply_static(reply::OK),
         }
     }
 
