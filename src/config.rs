@@ -38,6 +38,17 @@ pub struct Cli {
     /// The same as repeated `--shard`, comma-separated.
     #[arg(long = "shard-list", value_name = "ADDR,ADDR…")]
     pub shard_list: Option<String>,
+    /// A Redis Cluster node `HOST:PORT`, repeatable: slotgate reads the slot layout from the
+    /// cluster (instead of `--shard`) and follows it. Replaces the file's `[[shards]]` and
+    /// `[cluster] seeds` when given.
+    #[arg(long = "cluster", value_name = "HOST:PORT")]
+    pub cluster: Vec<String>,
+    /// Cluster mode: how often the topology is read again [default: 10s].
+    #[arg(long, value_name = "DURATION")]
+    pub cluster_refresh: Option<String>,
+    /// Cluster mode: where reads go, `primary`, `replica` or `prefer-replica` [default: primary].
+    #[arg(long, value_name = "MODE")]
+    pub read_from: Option<String>,
     /// Worker threads, each with its own upstream connections [default: number of cores].
     #[arg(long)]
     pub workers: Option<usize>,
@@ -180,6 +191,7 @@ pub struct FileConfig {
     pub tls: TlsFile,
     pub upstream: UpstreamFile,
     pub shards: Vec<ShardEntry>,
+    pub cluster: ClusterFile,
     pub users: Vec<UserConfig>,
     pub token_issuers: Vec<IssuerConfig>,
     pub readthrough: Vec<RuleConfig>,
@@ -207,6 +219,16 @@ pub struct UpstreamFile {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_server_name: Option<String>,
+}
+
+/// The `[cluster]` table: a Redis Cluster behind slotgate instead of `[[shards]]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterFile {
+    /// Nodes to read the topology from at start-up (`"HOST:PORT"`).
+    pub seeds: Vec<String>,
+    pub refresh_interval: Option<String>,
+    pub read_from: Option<String>,
 }
 
 /// One `[[shards]]` table.
@@ -316,11 +338,27 @@ impl Cli {
     }
 
     fn merge(&self, f: FileConfig) -> Merged {
-        let mut shards = self.flag_shards();
-        if shards.is_empty() {
-            shards = f.shards;
-        }
+        // Layout flags (shards or cluster seeds) replace the file's whole layout.
+        let (shards, cluster_seeds) = {
+            let flag_shards = self.flag_shards();
+            if flag_shards.is_empty() && self.cluster.is_empty() {
+                (f.shards, f.cluster.seeds)
+            } else {
+                (flag_shards, self.cluster.clone())
+            }
+        };
         Merged {
+            cluster_seeds,
+            cluster_refresh: self
+                .cluster_refresh
+                .clone()
+                .or(f.cluster.refresh_interval)
+                .unwrap_or_else(|| "10s".into()),
+            read_from: self
+                .read_from
+                .clone()
+                .or(f.cluster.read_from)
+                .unwrap_or_else(|| "primary".into()),
             listen: self
                 .listen
                 .clone()
@@ -428,6 +466,9 @@ impl Cli {
 struct Merged {
     listen: String,
     shards: Vec<ShardEntry>,
+    cluster_seeds: Vec<String>,
+    cluster_refresh: String,
+    read_from: String,
     workers: usize,
     upstream_connections: usize,
     op_timeout: String,
@@ -529,7 +570,13 @@ impl Merged {
         } else {
             Some(parse_addr("listen address", &self.listen)?)
         };
-        let (shards, slot_map) = self.shard_layout()?;
+        let cluster = self.cluster()?;
+        let (shards, slot_map) = match cluster {
+            // Read from the cluster when slotgate starts (`cluster::start`); until then, a
+            // map of one placeholder shard that nothing routes by.
+            Some(_) => (Vec::new(), SlotMap::build(&[("cluster".into(), None)])?),
+            None => self.shard_layout()?,
+        };
         let op_timeout = parse_duration(&self.op_timeout)
             .map_err(|why| invalid("op-timeout", &self.op_timeout, why))?;
         if op_timeout.is_zero() {
@@ -608,6 +655,7 @@ impl Merged {
             listen,
             shards,
             slot_map,
+            cluster: cluster.map(Arc::new),
             workers,
             upstream_connections: self.upstream_connections,
             op_timeout,
@@ -665,6 +713,77 @@ impl Merged {
         let pubsub = OutputLimit::parse(&self.obuf_pubsub)
             .map_err(|why| invalid("client_output_buffer_limit_pubsub", &self.obuf_pubsub, why))?;
         Ok((inflight, normal, pubsub))
+    }
+
+    /// Cluster mode (`--cluster`, `[cluster] seeds`), when its seeds are given: checked here,
+    /// contacted only when slotgate starts.
+    fn cluster(&self) -> Result<Option<crate::settings::ClusterSettings>, ConfigError> {
+        if self.cluster_seeds.is_empty() {
+            return Ok(None);
+        }
+        if !self.shards.is_empty() {
+            return Err(invalid(
+                "layout",
+                "shards and cluster seeds",
+                "give shards (--shard, [[shards]]) or cluster seeds (--cluster, [cluster] seeds), \
+                 not both",
+            ));
+        }
+        let mut seeds = Vec::new();
+        for s in &self.cluster_seeds {
+            let s = s.trim();
+            let port = s.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>()));
+            match port {
+                Some((h, Ok(p))) if !h.is_empty() && p != 0 => seeds.push(s.to_string()),
+                _ => return Err(invalid("cluster seed", s, "expected HOST:PORT")),
+            }
+        }
+        let refresh = parse_duration(&self.cluster_refresh)
+            .map_err(|why| invalid("cluster-refresh", &self.cluster_refresh, why))?;
+        if refresh < Duration::from_millis(100) {
+            return Err(invalid(
+                "cluster-refresh",
+                &self.cluster_refresh,
+                "at least 100ms",
+            ));
+        }
+        let read_from = match self.read_from.as_str() {
+            "primary" => crate::settings::ReadFrom::Primary,
+            "replica" | "prefer-replica" => {
+                return Err(invalid(
+                    "read-from",
+                    &self.read_from,
+                    "reads from replicas are not supported yet; use primary",
+                ));
+            }
+            _ => {
+                return Err(invalid(
+                    "read-from",
+                    &self.read_from,
+                    "expected primary, replica or prefer-replica",
+                ));
+            }
+        };
+        let auth = match (&self.upstream_username, &self.upstream_password) {
+            (u, Some(p)) => Some(UpstreamAuth {
+                username: u.clone(),
+                password: Secret(p.clone()),
+            }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(
+                    "upstream username",
+                    "cluster",
+                    "a username needs a password",
+                ));
+            }
+        };
+        Ok(Some(crate::settings::ClusterSettings {
+            seeds,
+            auth,
+            refresh,
+            read_from,
+        }))
     }
 
     /// The shards in order, and the slot map of their layout.

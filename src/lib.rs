@@ -73,6 +73,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod cluster;
 pub mod command;
 pub mod config;
 pub mod fanout;

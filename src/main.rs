@@ -25,7 +25,7 @@ fn main() {
     if cli.check_config {
         // A summary only: never a password.
         println!(
-            "configuration OK: listen {}, TLS {}, {} shard(s), {} worker(s), op timeout {:?}, \
+            "configuration OK: listen {}, TLS {}, {}, {} worker(s), op timeout {:?}, \
              {} user(s), authentication {}, {} token issuer(s) with {} key(s)",
             settings
                 .listen
@@ -34,7 +34,14 @@ fn main() {
                 .tls
                 .as_ref()
                 .map_or_else(|| "off".to_string(), |t| t.listen.to_string()),
-            settings.shards.len(),
+            match &settings.cluster {
+                Some(c) => format!(
+                    "cluster mode (seeds {}; the layout is read at start-up, then every {:?})",
+                    c.seeds.join(", "),
+                    c.refresh
+                ),
+                None => format!("{} shard(s)", settings.shards.len()),
+            },
             settings.workers,
             settings.op_timeout,
             settings.users.len(),

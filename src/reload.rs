@@ -41,11 +41,14 @@ pub struct Reloader {
 /// Reloads on SIGHUP and on SLOTGATE.RELOAD, one at a time, for as long as the process runs.
 /// `hup` is the SIGHUP listener, installed by the caller as early as it can: from then on a
 /// SIGHUP never ends the process.
+/// New cluster layouts (`cluster::keep_fresh`) are applied here too, one at a time with
+/// reloads.
 pub async fn serve(
     shared: Arc<Shared>,
     reloader: Reloader,
     workers: Vec<mpsc::UnboundedSender<Incoming>>,
     mut hup: Option<tokio::signal::unix::Signal>,
+    mut layouts: mpsc::UnboundedReceiver<crate::cluster::Layout>,
 ) {
     let (tx, mut requests) = mpsc::unbounded_channel::<ReloadRequest>();
     let _ = shared.reloads.set(tx);
@@ -53,6 +56,10 @@ pub async fn serve(
         let (why, answer) = tokio::select! {
             Some(()) = async { hup.as_mut()?.recv().await } => ("SIGHUP", None),
             Some(answer) = requests.recv() => ("SLOTGATE.RELOAD", Some(answer)),
+            Some(layout) = layouts.recv() => {
+                new_layout(&shared, &workers, layout).await;
+                continue;
+            }
         };
         let outcome = reload(&shared, &reloader, &workers).await;
         match &outcome {
@@ -67,26 +74,25 @@ pub async fn serve(
     }
 }
 
-/// One reload: read, validate, publish, wait for every worker to take it up.
-async fn reload(
+/// Cluster mode: the running settings with the cluster's new layout, published like a
+/// reload's new `[[shards]]` layout.
+async fn new_layout(
     shared: &Shared,
-    reloader: &Reloader,
     workers: &[mpsc::UnboundedSender<Incoming>],
-) -> Result<String, String> {
-    let mut new = (reloader.read)()?;
+    layout: crate::cluster::Layout,
+) {
     let running = shared.live();
-    let needs_restart = keep_fixed(&shared.settings, &mut new);
-    if let Some(rules) = Arc::get_mut(&mut new.readthrough) {
-        rules.keep_counters_of(&running.readthrough);
-    }
-    new.tokens.keep_keys_of(&running.tokens);
-    // Keys of a new jwks_url are there before the new issuers are.
-    new.tokens.start().await;
-    if new.log_level != running.log_level {
-        (reloader.log_filter)(&new.log_level)?;
-    }
-    let summary = changes(&running, &new);
-    let relayout = running.shards != new.shards || running.slot_map != new.slot_map;
+    let Some(cluster) = running.cluster.clone() else {
+        return;
+    };
+    let mut new = (*running).clone();
+    crate::cluster::apply(&mut new, &cluster, layout);
+    publish(shared, workers, new).await;
+    close_clients(shared, true);
+}
+
+/// Publishes `new` and waits (up to a second each) for the workers to take it up.
+async fn publish(shared: &Shared, workers: &[mpsc::UnboundedSender<Incoming>], new: Settings) {
     shared.publish(new);
     let mut acks = Vec::with_capacity(workers.len());
     for w in workers {
@@ -99,6 +105,36 @@ async fn reload(
         // A worker slower than this takes the settings up when it gets to the message.
         let _ = tokio::time::timeout(Duration::from_secs(1), done).await;
     }
+}
+
+/// One reload: read, validate, publish, wait for every worker to take it up.
+async fn reload(
+    shared: &Shared,
+    reloader: &Reloader,
+    workers: &[mpsc::UnboundedSender<Incoming>],
+) -> Result<String, String> {
+    let mut new = (reloader.read)()?;
+    let running = shared.live();
+    if running.cluster.is_some() || new.cluster.is_some() {
+        // In cluster mode the layout is the cluster's (`cluster::keep_fresh`), not the
+        // file's; and a switch between static and cluster mode needs a restart.
+        new.shards = running.shards.clone();
+        new.slot_map = running.slot_map.clone();
+        new.upstream_auth = running.upstream_auth.clone();
+    }
+    let needs_restart = keep_fixed(&shared.settings, &mut new);
+    if let Some(rules) = Arc::get_mut(&mut new.readthrough) {
+        rules.keep_counters_of(&running.readthrough);
+    }
+    new.tokens.keep_keys_of(&running.tokens);
+    // Keys of a new jwks_url are there before the new issuers are.
+    new.tokens.start().await;
+    if new.log_level != running.log_level {
+        (reloader.log_filter)(&new.log_level)?;
+    }
+    let summary = changes(&running, &new);
+    let relayout = running.shards != new.shards || running.slot_map != new.slot_map;
+    publish(shared, workers, new).await;
     close_clients(shared, relayout);
     for what in &needs_restart {
         tracing::warn!("reload: `{what}` changed; it takes effect at the next restart");
@@ -145,7 +181,8 @@ fn keep_fixed(running: &Settings, new: &mut Settings) -> Vec<&'static str> {
         max_inflight_per_connection,
         max_inflight_bytes_per_connection,
         max_dedicated_per_shard,
-        upstream_tls
+        upstream_tls,
+        cluster
     );
     changed
 }

@@ -31,6 +31,8 @@ pub enum StartError {
     Runtime(std::io::Error),
     #[error("no listener configured (listen = \"none\")")]
     NoListener,
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 /// A connection accepted by the acceptor, for a worker.
@@ -83,20 +85,24 @@ pub fn run(
     prometheus: Option<PrometheusHandle>,
     reloader: crate::reload::Reloader,
 ) -> Result<(), StartError> {
-    let workers = settings.workers;
-    raise_fd_limit(&settings);
-    let shared = Shared::new(settings, prometheus);
-
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(StartError::Runtime)?;
-    // Before the listeners exist: a SIGHUP (a reload, or a closed terminal) must never end
-    // the process, whatever else is configured.
+    // Before anything else: a SIGHUP (a reload, or a closed terminal) must never end the
+    // process, whatever else is configured.
     let hup = {
         let _entered = rt.enter();
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
     };
+    // Cluster mode: the layout is the cluster's, read before the workers start.
+    let settings = rt
+        .block_on(crate::cluster::start(settings))
+        .map_err(StartError::Cluster)?;
+    let workers = settings.workers;
+    raise_fd_limit(&settings);
+    let shared = Shared::new(settings, prometheus);
+
     let backlog = shared.settings.tcp_backlog;
     warn_somaxconn(backlog);
     let bind = |addr: SocketAddr| {
@@ -157,7 +163,10 @@ pub fn run(
             tokio::spawn(reload_certificates(t.cert.clone()));
         }
         // Installed before anything else can arrive: a SIGHUP must never end the process.
-        let reloads = crate::reload::serve(shared.clone(), reloader, senders.clone(), hup);
+        let (layouts, new_layouts) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(crate::cluster::keep_fresh(shared.clone(), layouts));
+        let reloads =
+            crate::reload::serve(shared.clone(), reloader, senders.clone(), hup, new_layouts);
         tokio::spawn(reloads);
         let mut next = 0usize;
         let mut signals = StopSignals::new();

@@ -28,12 +28,33 @@ impl std::fmt::Debug for TlsSettings {
     }
 }
 
+/// Cluster mode: a Redis Cluster behind slotgate, its layout read from the cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    /// Nodes to read the topology from at start-up (`HOST:PORT`), in order.
+    pub seeds: Vec<String>,
+    /// The `[upstream]` credentials, for every node.
+    pub auth: Option<UpstreamAuth>,
+    /// How often the topology is read again.
+    pub refresh: Duration,
+    pub read_from: ReadFrom,
+}
+
+/// Where reads go in cluster mode (`read_from`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadFrom {
+    Primary,
+}
+
 /// The validated settings the server runs with.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: Option<SocketAddr>,
+    /// The shards (in cluster mode: the cluster's primaries, as last read), in order.
     pub shards: Vec<SocketAddr>,
     pub slot_map: SlotMap,
+    /// Cluster mode: `shards`, `slot_map` and `upstream_auth` follow the cluster's topology.
+    pub cluster: Option<Arc<ClusterSettings>>,
     pub workers: usize,
     pub upstream_connections: usize,
     pub op_timeout: Duration,

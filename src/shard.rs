@@ -73,7 +73,7 @@ pub struct UpstreamAuth {
 
 impl UpstreamAuth {
     /// `AUTH [username] password` with these credentials (the plain form without a name).
-    fn auth_command(&self) -> Vec<&[u8]> {
+    pub fn auth_command(&self) -> Vec<&[u8]> {
         let mut c: Vec<&[u8]> = vec![b"AUTH"];
         if let Some(u) = &self.username {
             c.push(u.as_bytes());

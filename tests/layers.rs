@@ -21,7 +21,7 @@ const LAYERS: &[&[&str]] = &[
     // Upstream connections and pools.
     &["shard"],
     // Proxy logic above the shards, the settings and a worker's state.
-    &["readthrough", "settings", "worker", "gate"],
+    &["readthrough", "settings", "worker", "gate", "cluster"],
     // The client connection (`session/`: the loop, local answers, transactions and blocking
     // commands, pub/sub).
     &["session"],

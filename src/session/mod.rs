@@ -925,33 +925,38 @@ impl Session {
         }
         let live = self.w.live().clone();
         let map = &live.slot_map;
+        // A cluster node takes the keys of one slot per command: the parts are per slot
+        // there, per shard otherwise.
+        let per_slot = live.cluster.is_some();
         let nkeys = (argc - 1) / step;
         self.keys.clear();
         let mut same = true;
         for k in 0..nkeys {
-            let shard = map.shard_of(req.arg(1 + k * step));
-            same &= self.keys.first().is_none_or(|&f| f == shard);
-            self.keys.push(shard);
+            let key = req.arg(1 + k * step);
+            let group = if per_slot {
+                crate::router::slot(key) as usize
+            } else {
+                map.shard_of(key)
+            };
+            same &= self.keys.first().is_none_or(|&f| f == group);
+            self.keys.push(group);
         }
         let rules = &live.readthrough;
         let readthrough = merge == Merge::ArrayInOrder
             && !rules.is_empty()
             && (1..argc).any(|i| rules.find(req.arg(i)).is_some());
         if same && !readthrough {
-            let shard = self.keys[0];
+            let shard = if per_slot {
+                map.shard_of_slot(self.keys[0] as u16)
+            } else {
+                self.keys[0]
+            };
             return self.forward(shard, req.raw, now);
-        }
-        let mut positions: Vec<Vec<u32>> = vec![Vec::new(); map.shard_count()];
-        for (k, &shard) in self.keys.iter().enumerate() {
-            positions[shard].push(k as u32);
         }
         let name = req.arg_frame(0);
         let mut parts = Vec::new();
         let mut used_positions = Vec::new();
-        for (shard, pos) in positions.into_iter().enumerate() {
-            if pos.is_empty() {
-                continue;
-            }
+        let mut add_part = |shard: usize, pos: Vec<u32>| {
             let mut b = BytesMut::with_capacity(16 + name.len() + pos.len() * 32 * step);
             push_header(&mut b, b'*', 1 + pos.len() * step);
             b.extend_from_slice(name);
@@ -962,6 +967,25 @@ impl Session {
             }
             parts.push((shard, b.freeze()));
             used_positions.push(pos);
+        };
+        if per_slot {
+            let mut by_slot: std::collections::BTreeMap<usize, Vec<u32>> = Default::default();
+            for (k, &slot) in self.keys.iter().enumerate() {
+                by_slot.entry(slot).or_default().push(k as u32);
+            }
+            for (slot, pos) in by_slot {
+                add_part(map.shard_of_slot(slot as u16), pos);
+            }
+        } else {
+            let mut positions: Vec<Vec<u32>> = vec![Vec::new(); map.shard_count()];
+            for (k, &shard) in self.keys.iter().enumerate() {
+                positions[shard].push(k as u32);
+            }
+            for (shard, pos) in positions.into_iter().enumerate() {
+                if !pos.is_empty() {
+                    add_part(shard, pos);
+                }
+            }
         }
         if readthrough {
             return self.mget_readthrough(req, &parts, used_positions, now);

@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod jwt;
 pub mod origin;
 pub mod tls;

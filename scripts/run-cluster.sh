@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Starts a 6-node Redis Cluster on loopback (3 primaries, 3 replicas; ports 7101-7106) and
+# slotgate in cluster mode in front of it on 127.0.0.1:6380 (admin on 127.0.0.1:9180).
+# Installs redis-server with apt-get if it is missing, builds slotgate (release), and stops
+# everything it started on Ctrl-C.
+#
+#   scripts/run-cluster.sh          # then, in another terminal: redis-cli -p 6380
+#   CLUSTER_BASE_PORT=7201 PORT=6390 ADMIN_PORT=9181 scripts/run-cluster.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BASE=${CLUSTER_BASE_PORT:-7101}
+PORT=${PORT:-6380}
+ADMIN_PORT=${ADMIN_PORT:-9180}
+NODES=6
+
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+  echo "installing redis-server and redis-tools (apt-get)..." >&2
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server redis-tools >/dev/null
+fi
+cargo build --release --quiet
+
+DIR=$(mktemp -d /tmp/slotgate-cluster.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$DIR"
+}
+trap cleanup EXIT INT TERM
+
+ADDRS=()
+for i in $(seq 0 $((NODES - 1))); do
+  p=$((BASE + i))
+  if redis-cli -p "$p" ping >/dev/null 2>&1; then
+    echo "port $p is already in use; set CLUSTER_BASE_PORT to another base" >&2; exit 1
+  fi
+  redis-server --port "$p" --bind 127.0.0.1 --save '' --appendonly no --dir "$DIR" \
+    --cluster-enabled yes --cluster-config-file "nodes-$p.conf" --cluster-node-timeout 2000 \
+    --daemonize no --loglevel warning >"$DIR/node-$p.log" 2>&1 &
+  PIDS+=($!)
+  ADDRS+=("127.0.0.1:$p")
+done
+for a in "${ADDRS[@]}"; do
+  for _ in $(seq 50); do redis-cli -p "${a##*:}" ping >/dev/null 2>&1 && break; sleep 0.1; done
+done
+redis-cli --cluster create "${ADDRS[@]}" --cluster-replicas 1 --cluster-yes >"$DIR/create.log"
+for _ in $(seq 100); do
+  redis-cli -p "$BASE" cluster info | grep -q cluster_state:ok && break
+  sleep 0.1
+done
+
+target/release/slotgate --listen "127.0.0.1:$PORT" --cluster "127.0.0.1:$BASE" \
+  --cluster-refresh 2s --admin-listen "127.0.0.1:$ADMIN_PORT" &
+PIDS+=($!)
+for _ in $(seq 100); do redis-cli -p "$PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+
+cat <<MSG
+
+slotgate is listening on 127.0.0.1:$PORT in front of a Redis Cluster of $NODES nodes
+(3 primaries and 3 replicas, ports $BASE-$((BASE + NODES - 1))), in cluster mode.
+Connect with:   redis-cli -p $PORT                   (a plain client: no cluster support needed)
+Try:            redis-cli -p $PORT set hello world && redis-cli -p $PORT mget hello a b c
+                redis-cli -p $PORT info shards       (the cluster's primaries and their slots)
+                redis-cli -p $BASE cluster shards    (the same, from the cluster)
+Press Ctrl-C to stop everything.
+MSG
+wait

@@ -1,0 +1,576 @@
+//! Cluster mode: a Redis Cluster behind slotgate (`--cluster`, `[cluster] seeds`).
+//!
+//! The layout is the cluster's: its primaries are the shards, and each slot goes where the
+//! cluster says. It is read with `CLUSTER SHARDS` (Redis 7; `CLUSTER SLOTS` for older
+//! servers) from the first node that answers, at start-up (before any client is accepted:
+//! [`start`]) and then every `refresh_interval` ([`keep_fresh`]), asking the known primaries
+//! first and the seeds after them. A layout that changed is applied as a reload applies a new
+//! `[[shards]]` layout (see `reload`): new requests route by the new map, new primaries get
+//! connections, and the connections to nodes that left drain and close. Every node gets the
+//! `[upstream]` credentials and TLS settings.
+//!
+//! Not yet (issue 12 goes on): redirects (`MOVED`, `ASK`, `TRYAGAIN`) reach the client, so
+//! between a slot moving and the next refresh its requests get `-MOVED`; replicas are not
+//! used; a refresh is not yet triggered by a redirect or a lost node.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use redis_protocol::resp2::types::OwnedFrame;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::router::SlotMap;
+use crate::settings::{ClusterSettings, Settings};
+use crate::shard::UpstreamAuth;
+use crate::tls::UpstreamTls;
+use crate::worker::Shared;
+
+/// How long one node may take to answer (connect, TLS, AUTH, the topology).
+const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long slotgate tries to read the topology when it starts.
+const START_WITHIN: Duration = Duration::from_secs(10);
+/// How often the topology is read while a primary is unreachable.
+const DOWN_REFRESH: Duration = Duration::from_secs(1);
+/// The largest topology reply read (a 1,000-node cluster is well under).
+const MAX_REPLY: usize = 16 * 1024 * 1024;
+
+/// A primary and the slots it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Primary {
+    pub addr: SocketAddr,
+    pub slots: Vec<(usize, usize)>,
+}
+
+/// The cluster's layout as one node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Topology {
+    pub primaries: Vec<Primary>,
+}
+
+/// The layout slotgate routes by: shards in order, and the owner of each slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    pub shards: Vec<SocketAddr>,
+    pub slot_map: SlotMap,
+}
+
+impl Topology {
+    /// The shards (primaries with slots, in the order of their first slot) and the slot
+    /// map. Slots no primary serves (a cluster still being set up) go to the first shard,
+    /// which answers them as the cluster does (`-CLUSTERDOWN`, or a redirect).
+    pub fn layout(&self) -> Result<Layout, String> {
+        let mut primaries: Vec<&Primary> = self
+            .primaries
+            .iter()
+            .filter(|p| !p.slots.is_empty())
+            .collect();
+        if primaries.is_empty() {
+            return Err("the cluster has no primary with slots".into());
+        }
+        primaries.sort_by_key(|p| p.slots.iter().map(|r| r.0).min());
+        let mut owned = vec![false; crate::router::SLOTS];
+        let mut layout: Vec<crate::router::ShardSlots> = primaries
+            .iter()
+            .map(|p| {
+                for &(a, b) in &p.slots {
+                    owned[a..=b].iter_mut().for_each(|o| *o = true);
+                }
+                (p.addr.to_string(), Some(p.slots.clone()))
+            })
+            .collect();
+        let unowned: Vec<(usize, usize)> = ranges_of(&owned, false);
+        if !unowned.is_empty() {
+            tracing::warn!(
+                "cluster: {} slot range(s) have no primary (the first: {}-{}); their requests \
+                 go to {}",
+                unowned.len(),
+                unowned[0].0,
+                unowned[0].1,
+                layout[0].0
+            );
+            if let Some(r) = layout[0].1.as_mut() {
+                r.extend(unowned);
+            }
+        }
+        let slot_map = SlotMap::build(&layout).map_err(|e| e.to_string())?;
+        Ok(Layout {
+            shards: primaries.iter().map(|p| p.addr).collect(),
+            slot_map,
+        })
+    }
+}
+
+/// The ranges of slots whose entry in `owned` is `want`.
+fn ranges_of(owned: &[bool], want: bool) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for (s, &o) in owned.iter().enumerate() {
+        if o != want {
+            continue;
+        }
+        match out.last_mut() {
+            Some(r) if r.1 + 1 == s => r.1 = s,
+            _ => out.push((s, s)),
+        }
+    }
+    out
+}
+
+/// How slotgate talks to the cluster's nodes.
+#[derive(Clone)]
+pub struct Access {
+    pub auth: Option<UpstreamAuth>,
+    pub tls: Option<UpstreamTls>,
+}
+
+/// Reads the topology from the first of `nodes` that answers.
+pub async fn discover(nodes: &[String], access: &Access) -> Result<Topology, String> {
+    let mut why = Vec::new();
+    for node in nodes {
+        match tokio::time::timeout(ASK_TIMEOUT, ask(node, access)).await {
+            Ok(Ok(t)) => return Ok(t),
+            Ok(Err(e)) => why.push(format!("{node}: {e}")),
+            Err(_) => why.push(format!("{node}: no answer within {ASK_TIMEOUT:?}")),
+        }
+    }
+    Err(why.join("; "))
+}
+
+/// Asks one node.
+async fn ask(node: &str, access: &Access) -> Result<Topology, String> {
+    let tcp = TcpStream::connect(node)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    match &access.tls {
+        None => ask_over(tcp, access).await,
+        Some(tls) => {
+            let ip = tcp.peer_addr().map_err(|e| e.to_string())?.ip();
+            let name = tls
+                .server_name
+                .clone()
+                .unwrap_or_else(|| rustls::pki_types::ServerName::IpAddress(ip.into()));
+            let s = tls
+                .connector
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            ask_over(s, access).await
+        }
+    }
+}
+
+async fn ask_over<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    access: &Access,
+) -> Result<Topology, String> {
+    if let Some(a) = &access.auth
+        && let OwnedFrame::Error(e) = call(&mut s, &a.auth_command()).await?
+    {
+        return Err(format!("AUTH refused: {e}"));
+    }
+    let tls = access.tls.is_some();
+    match call(&mut s, &[b"CLUSTER", b"SHARDS"]).await? {
+        OwnedFrame::Error(e) if e.contains("unknown subcommand") => {
+            match call(&mut s, &[b"CLUSTER", b"SLOTS"]).await? {
+                OwnedFrame::Error(e) => Err(format!("CLUSTER SLOTS: {e}")),
+                f => parse_slots(&f),
+            }
+        }
+        OwnedFrame::Error(e) => Err(format!("CLUSTER SHARDS: {e}")),
+        f => parse_shards(&f, tls),
+    }
+}
+
+/// Sends one command and reads its reply.
+async fn call<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    args: &[&[u8]],
+) -> Result<OwnedFrame, String> {
+    let mut out = BytesMut::new();
+    crate::resp::request::push_command(&mut out, args);
+    s.write_all(&out).await.map_err(|e| format!("write: {e}"))?;
+    let mut buf = Vec::with_capacity(4096);
+    loop {
+        if let Some((frame, _)) =
+            redis_protocol::resp2::decode::decode(&buf).map_err(|e| format!("reply: {e:?}"))?
+        {
+            return Ok(frame);
+        }
+        if buf.len() > MAX_REPLY {
+            return Err("reply too large".into());
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        let n = s.read(&mut chunk).await.map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err("connection closed".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn text(f: &OwnedFrame) -> Option<String> {
+    match f {
+        OwnedFrame::BulkString(b) | OwnedFrame::SimpleString(b) => {
+            Some(String::from_utf8_lossy(b).into_owned())
+        }
+        OwnedFrame::Integer(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+fn int(f: &OwnedFrame) -> Option<i64> {
+    match f {
+        OwnedFrame::Integer(i) => Some(*i),
+        other => text(other)?.parse().ok(),
+    }
+}
+
+/// A RESP2 map (a flat array of key, value): the value of `key`.
+fn field<'a>(map: &'a [OwnedFrame], key: &str) -> Option<&'a OwnedFrame> {
+    map.chunks(2)
+        .find(|kv| kv.len() == 2 && text(&kv[0]).as_deref() == Some(key))
+        .map(|kv| &kv[1])
+}
+
+fn slot_range(a: i64, b: i64) -> Result<(usize, usize), String> {
+    let max = crate::router::SLOTS as i64 - 1;
+    if (0..=max).contains(&a) && (a..=max).contains(&b) {
+        Ok((a as usize, b as usize))
+    } else {
+        Err(format!("bad slot range {a}-{b}"))
+    }
+}
+
+/// `CLUSTER SHARDS`: per shard, `slots` (start, end pairs) and `nodes` (maps with `ip`,
+/// `port` / `tls-port`, `role`, `health`). The shard's primary is its node with role
+/// `master`.
+fn parse_shards(f: &OwnedFrame, tls: bool) -> Result<Topology, String> {
+    let OwnedFrame::Array(shards) = f else {
+        return Err("CLUSTER SHARDS: not an array".into());
+    };
+    let mut t = Topology::default();
+    for shard in shards {
+        let OwnedFrame::Array(shard) = shard else {
+            return Err("CLUSTER SHARDS: a shard is not a map".into());
+        };
+        let slots = match field(shard, "slots") {
+            Some(OwnedFrame::Array(s)) => s
+                .chunks(2)
+                .map(|p| match p {
+                    [a, b] => slot_range(int(a).unwrap_or(-1), int(b).unwrap_or(-1)),
+                    _ => Err("odd slots list".into()),
+                })
+                .collect::<Result<Vec<_>, String>>()?,
+            _ => return Err("CLUSTER SHARDS: a shard without slots".into()),
+        };
+        let Some(OwnedFrame::Array(nodes)) = field(shard, "nodes") else {
+            return Err("CLUSTER SHARDS: a shard without nodes".into());
+        };
+        // After a failover the old primary may still be listed as one, failed: the healthy
+        // primary is preferred.
+        let primaries: Vec<&Vec<OwnedFrame>> = nodes
+            .iter()
+            .filter_map(|n| match n {
+                OwnedFrame::Array(n)
+                    if field(n, "role").and_then(text).as_deref() == Some("master") =>
+                {
+                    Some(n)
+                }
+                _ => None,
+            })
+            .collect();
+        let primary = primaries
+            .iter()
+            .find(|n| field(n, "health").and_then(text).as_deref() == Some("online"))
+            .or(primaries.first())
+            .copied();
+        let Some(primary) = primary else {
+            // A shard whose primary is gone and no replica promoted yet: its slots are
+            // unowned until it has one.
+            continue;
+        };
+        let ip = field(primary, "ip")
+            .and_then(text)
+            .ok_or("CLUSTER SHARDS: a node without ip")?;
+        let port = if tls {
+            field(primary, "tls-port").and_then(int)
+        } else {
+            field(primary, "port").and_then(int)
+        }
+        .filter(|p| (1..=65535).contains(p))
+        .ok_or("CLUSTER SHARDS: a node without a port")?;
+        let addr = SocketAddr::new(
+            ip.parse()
+                .map_err(|_| format!("CLUSTER SHARDS: bad ip '{ip}'"))?,
+            port as u16,
+        );
+        t.primaries.push(Primary { addr, slots });
+    }
+    Ok(t)
+}
+
+/// `CLUSTER SLOTS`: per range, `[start, end, [ip, port, id…], replicas…]`.
+fn parse_slots(f: &OwnedFrame) -> Result<Topology, String> {
+    let OwnedFrame::Array(ranges) = f else {
+        return Err("CLUSTER SLOTS: not an array".into());
+    };
+    let mut t = Topology::default();
+    for r in ranges {
+        let OwnedFrame::Array(r) = r else {
+            return Err("CLUSTER SLOTS: a range is not an array".into());
+        };
+        let (Some(a), Some(b), Some(OwnedFrame::Array(node))) =
+            (r.first().and_then(int), r.get(1).and_then(int), r.get(2))
+        else {
+            return Err("CLUSTER SLOTS: a short range".into());
+        };
+        let range = slot_range(a, b)?;
+        let (Some(ip), Some(port)) = (node.first().and_then(text), node.get(1).and_then(int))
+        else {
+            return Err("CLUSTER SLOTS: a node without ip and port".into());
+        };
+        let addr = SocketAddr::new(
+            ip.parse()
+                .map_err(|_| format!("CLUSTER SLOTS: bad ip '{ip}'"))?,
+            u16::try_from(port).map_err(|_| "CLUSTER SLOTS: bad port".to_string())?,
+        );
+        match t.primaries.iter_mut().find(|p| p.addr == addr) {
+            Some(p) => p.slots.push(range),
+            None => t.primaries.push(Primary {
+                addr,
+                slots: vec![range],
+            }),
+        }
+    }
+    Ok(t)
+}
+
+/// How slotgate reaches the nodes of a cluster, from its settings.
+pub fn access(settings: &Settings, cluster: &ClusterSettings) -> Access {
+    Access {
+        auth: cluster.auth.clone(),
+        tls: settings.upstream_tls.clone(),
+    }
+}
+
+/// Puts `layout` into `settings`: the primaries as shards, every one with the `[upstream]`
+/// credentials.
+pub fn apply(settings: &mut Settings, cluster: &ClusterSettings, layout: Layout) {
+    settings.upstream_auth = vec![cluster.auth.clone(); layout.shards.len()];
+    settings.shards = layout.shards;
+    settings.slot_map = layout.slot_map;
+}
+
+/// At start-up: reads the topology from the seeds (retrying for up to 10 s) into `settings`.
+pub async fn start(mut settings: Settings) -> Result<Settings, String> {
+    let Some(cluster) = settings.cluster.clone() else {
+        return Ok(settings);
+    };
+    let access = access(&settings, &cluster);
+    let give_up = tokio::time::Instant::now() + START_WITHIN;
+    let topology = loop {
+        match discover(&cluster.seeds, &access).await {
+            Ok(t) => break t,
+            Err(e) if tokio::time::Instant::now() >= give_up => {
+                return Err(format!(
+                    "cannot read the cluster's topology from any seed within {START_WITHIN:?}: {e}"
+                ));
+            }
+            Err(e) => {
+                tracing::warn!("cluster: cannot read the topology yet ({e}); retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    let layout = topology.layout()?;
+    tracing::info!(
+        "cluster: {} primaries: {}",
+        layout.shards.len(),
+        describe(&layout)
+    );
+    apply(&mut settings, &cluster, layout);
+    Ok(settings)
+}
+
+/// `addr slots, …` for logs.
+pub fn describe(layout: &Layout) -> String {
+    layout
+        .shards
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let r: Vec<String> = layout
+                .slot_map
+                .ranges(i)
+                .iter()
+                .map(|(a, b)| format!("{a}-{b}"))
+                .collect();
+            format!("{a} {}", r.join(","))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Reads the topology again every `refresh_interval`, and at least once a second while a
+/// primary is unreachable (a failover promotes a replica: slotgate follows within a second
+/// of the cluster), asking the known primaries first, then the seeds. A changed layout goes
+/// to `apply` (the reload task, which publishes it to the workers). Runs for as long as
+/// slotgate does.
+pub async fn keep_fresh(shared: Arc<Shared>, apply: UnboundedSender<Layout>) {
+    let Some(cluster) = shared.settings.cluster.clone() else {
+        return;
+    };
+    let access = access(&shared.settings, &cluster);
+    let mut last = tokio::time::Instant::now();
+    loop {
+        let due = if shared.shards_down().is_empty() {
+            last + cluster.refresh
+        } else {
+            last + cluster.refresh.min(DOWN_REFRESH)
+        };
+        // (Checked every DOWN_REFRESH at most, so that a primary lost meanwhile is noticed.)
+        tokio::time::sleep_until(due.min(tokio::time::Instant::now() + DOWN_REFRESH)).await;
+        if tokio::time::Instant::now() < due && shared.shards_down().is_empty() {
+            continue;
+        }
+        last = tokio::time::Instant::now();
+        let running = shared.live();
+        let mut nodes: Vec<String> = running.shards.iter().map(|a| a.to_string()).collect();
+        nodes.extend(cluster.seeds.iter().cloned());
+        let layout = match discover(&nodes, &access).await.and_then(|t| t.layout()) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!("cluster: cannot read the topology: {e}");
+                continue;
+            }
+        };
+        if layout.shards != running.shards || layout.slot_map != running.slot_map {
+            tracing::info!("cluster: the topology changed: {}", describe(&layout));
+            if apply.send(layout).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> OwnedFrame {
+        OwnedFrame::BulkString(s.as_bytes().to_vec())
+    }
+
+    fn node(ip: &str, port: i64, role: &str) -> OwnedFrame {
+        node_with(ip, port, role, "online")
+    }
+
+    fn node_with(ip: &str, port: i64, role: &str, health: &str) -> OwnedFrame {
+        OwnedFrame::Array(vec![
+            bulk("id"),
+            bulk("abc"),
+            bulk("port"),
+            OwnedFrame::Integer(port),
+            bulk("ip"),
+            bulk(ip),
+            bulk("endpoint"),
+            bulk(ip),
+            bulk("role"),
+            bulk(role),
+            bulk("replication-offset"),
+            OwnedFrame::Integer(0),
+            bulk("health"),
+            bulk(health),
+        ])
+    }
+
+    #[test]
+    fn cluster_shards_gives_each_shards_primary_and_slots() {
+        let shards = OwnedFrame::Array(vec![
+            OwnedFrame::Array(vec![
+                bulk("slots"),
+                OwnedFrame::Array(vec![OwnedFrame::Integer(0), OwnedFrame::Integer(8191)]),
+                bulk("nodes"),
+                OwnedFrame::Array(vec![
+                    node("127.0.0.1", 7002, "replica"),
+                    node("127.0.0.1", 7001, "master"),
+                ]),
+            ]),
+            OwnedFrame::Array(vec![
+                bulk("slots"),
+                OwnedFrame::Array(
+                    [8192, 10000, 10002, 16383]
+                        .iter()
+                        .map(|&s| OwnedFrame::Integer(s))
+                        .collect(),
+                ),
+                bulk("nodes"),
+                // Just after a failover: the old primary is still listed, failed.
+                OwnedFrame::Array(vec![
+                    node_with("127.0.0.1", 7005, "master", "failed"),
+                    node("127.0.0.1", 7003, "master"),
+                ]),
+            ]),
+            // A shard whose primary failed with no replica promoted yet: no owner.
+            OwnedFrame::Array(vec![
+                bulk("slots"),
+                OwnedFrame::Array(vec![]),
+                bulk("nodes"),
+                OwnedFrame::Array(vec![node("127.0.0.1", 7004, "replica")]),
+            ]),
+        ]);
+        let t = parse_shards(&shards, false).unwrap();
+        assert_eq!(
+            t.primaries,
+            [
+                Primary {
+                    addr: "127.0.0.1:7001".parse().unwrap(),
+                    slots: vec![(0, 8191)]
+                },
+                Primary {
+                    addr: "127.0.0.1:7003".parse().unwrap(),
+                    slots: vec![(8192, 10000), (10002, 16383)]
+                }
+            ]
+        );
+        // Slot 10001 has no primary: it goes to the first shard.
+        let l = t.layout().unwrap();
+        assert_eq!(l.shards.len(), 2);
+        assert_eq!(l.slot_map.shard_of_slot(10001), 0);
+        assert_eq!(l.slot_map.shard_of_slot(10002), 1);
+        assert!(parse_shards(&OwnedFrame::Integer(1), false).is_err());
+    }
+
+    #[test]
+    fn cluster_slots_groups_ranges_by_primary() {
+        let range = |a: i64, b: i64, port: i64| {
+            OwnedFrame::Array(vec![
+                OwnedFrame::Integer(a),
+                OwnedFrame::Integer(b),
+                OwnedFrame::Array(vec![
+                    bulk("127.0.0.1"),
+                    OwnedFrame::Integer(port),
+                    bulk("id"),
+                ]),
+                OwnedFrame::Array(vec![bulk("127.0.0.1"), OwnedFrame::Integer(port + 10)]),
+            ])
+        };
+        let slots = OwnedFrame::Array(vec![
+            range(0, 99, 7001),
+            range(100, 16000, 7002),
+            range(16001, 16383, 7001),
+        ]);
+        let t = parse_slots(&slots).unwrap();
+        assert_eq!(t.primaries.len(), 2);
+        assert_eq!(t.primaries[0].slots, [(0, 99), (16001, 16383)]);
+        let l = t.layout().unwrap();
+        assert_eq!(l.slot_map.shard_of_slot(16383), 0);
+        assert_eq!(l.slot_map.shard_of_slot(100), 1);
+        assert!(parse_slots(&OwnedFrame::Array(vec![range(5, 3, 7001)])).is_err());
+        assert!(Topology::default().layout().is_err());
+    }
+}

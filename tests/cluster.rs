@@ -1,0 +1,286 @@
+//! Cluster mode (issue 12, first part): slotgate in front of a real Redis Cluster reads the
+//! layout from it, routes every key to the primary that serves its slot, and follows a
+//! reshard at its next refresh. The flags and `[cluster]` keys are checked like the rest of
+//! the configuration.
+
+mod support;
+
+use std::time::Duration;
+
+use support::cluster::Cluster;
+use support::*;
+
+fn key(i: usize) -> String {
+    format!("cluster:key:{i}")
+}
+
+/// The slot of a key without a hash tag.
+fn slot(k: &str) -> u16 {
+    crc16(k.as_bytes()) % 16384
+}
+
+#[test]
+fn cluster_mode_routes_by_the_clusters_layout_and_follows_a_reshard() {
+    let cluster = Cluster::start(3, 0);
+    let seed = cluster.nodes[0].addr();
+    let proxy = Slotgate::start_with(&[], &["--cluster", &seed, "--cluster-refresh", "500ms"]);
+    let mut c = proxy.client();
+    let n = 600;
+    for i in 0..n {
+        let _: () = redis::cmd("SET").arg(key(i)).arg(i).query(&mut c).unwrap();
+    }
+    // Every key is on the primary that serves its slot, and only there.
+    let owners = cluster.owners();
+    for i in 0..n {
+        let owner = owners[slot(&key(i)) as usize];
+        let v: Option<String> = redis::cmd("GET")
+            .arg(key(i))
+            .query(&mut cluster.node(owner).client())
+            .unwrap();
+        assert_eq!(v, Some(i.to_string()), "{} on {owner}", key(i));
+    }
+    let total: usize = cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            redis::cmd("DBSIZE")
+                .query::<usize>(&mut n.client())
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(total, n);
+    // MGET across the three primaries, in order.
+    let keys: Vec<String> = (0..50).map(key).collect();
+    let got: Vec<String> = redis::cmd("MGET").arg(&keys).query(&mut c).unwrap();
+    assert_eq!(got, (0..50).map(|i| i.to_string()).collect::<Vec<_>>());
+    // MSET, EXISTS and DEL across slots: one part per slot (a node refuses keys of two
+    // slots in one command, even its own).
+    let pairs: Vec<(String, String)> = (0..30).map(|i| (format!("m:{i}"), i.to_string())).collect();
+    let _: () = redis::cmd("MSET").arg(&pairs).query(&mut c).unwrap();
+    let names: Vec<&String> = pairs.iter().map(|p| &p.0).collect();
+    let exists: usize = redis::cmd("EXISTS").arg(&names).query(&mut c).unwrap();
+    assert_eq!(exists, 30);
+    let deleted: usize = redis::cmd("DEL").arg(&names).query(&mut c).unwrap();
+    assert_eq!(deleted, 30);
+
+    // Move 300 slots (with their keys) from the primary of slot 0 to another one.
+    let from = owners[0];
+    let to = cluster
+        .nodes
+        .iter()
+        .map(|n| n.port)
+        .find(|&p| p != from)
+        .unwrap();
+    let mut reshard = std::process::Command::new("redis-cli");
+    reshard
+        .args(["--cluster", "reshard", &seed])
+        .args(["--cluster-from", &cluster.id_of(from)])
+        .args(["--cluster-to", &cluster.id_of(to)])
+        .args(["--cluster-slots", "300", "--cluster-yes"]);
+    match run_bounded(&mut reshard, Duration::from_secs(60)) {
+        Ok(f) if f.code == Some(0) => {}
+        Ok(f) | Err(f) => panic!("reshard failed: {}{}", f.stdout, f.stderr),
+    }
+    let moved: Vec<usize> = (0..n)
+        .filter(|&i| cluster.owners()[slot(&key(i)) as usize] != owners[slot(&key(i)) as usize])
+        .collect();
+    assert!(!moved.is_empty(), "some test keys were in the moved slots");
+    // After slotgate's next refresh, every key is found where it now lives, and a write to
+    // a moved slot lands on its new primary.
+    wait_until(
+        "the keys of moved slots to be served",
+        Duration::from_secs(10),
+        || {
+            moved.iter().all(|&i| {
+                redis::cmd("GET")
+                    .arg(key(i))
+                    .query::<Option<String>>(&mut c)
+                    .ok()
+                    == Some(Some(i.to_string()))
+            })
+        },
+    );
+    let k = key(moved[0]);
+    let _: () = redis::cmd("SET").arg(&k).arg("new").query(&mut c).unwrap();
+    let v: Option<String> = redis::cmd("GET")
+        .arg(&k)
+        .query(&mut cluster.node(to).client())
+        .unwrap();
+    assert_eq!(v.as_deref(), Some("new"));
+    for i in 0..n {
+        let v: Option<String> = redis::cmd("GET").arg(key(i)).query(&mut c).unwrap();
+        let want = if key(i) == k {
+            "new".to_string()
+        } else {
+            i.to_string()
+        };
+        assert_eq!(v, Some(want));
+    }
+    // INFO shows the cluster's primaries as the shards.
+    let info: String = redis::cmd("INFO").arg("shards").query(&mut c).unwrap();
+    for node in &cluster.nodes {
+        assert!(info.contains(&node.addr()), "{info}");
+    }
+}
+
+#[test]
+fn cluster_flags_and_keys_are_checked_without_contacting_anything() {
+    let ok = |args: &[&str], want: &str| {
+        let (ok, out) = check_config(args);
+        assert!(ok && out.contains(want), "{args:?}: want '{want}' in {out}");
+    };
+    let bad = |args: &[&str], want: &str| {
+        let (ok, out) = check_config(args);
+        assert!(
+            !ok && out.contains(want),
+            "{args:?}: want '{want}' in {out}"
+        );
+    };
+    // Port 1 has no Redis: nothing is contacted.
+    ok(
+        &["--cluster", "127.0.0.1:1", "--cluster", "localhost:2"],
+        "cluster mode (seeds 127.0.0.1:1, localhost:2",
+    );
+    bad(
+        &["--cluster", "127.0.0.1:1", "--shard", "127.0.0.1:2"],
+        "not both",
+    );
+    bad(&["--cluster", "no-port"], "HOST:PORT");
+    bad(
+        &["--cluster", "127.0.0.1:1", "--cluster-refresh", "0"],
+        "cluster-refresh",
+    );
+    bad(
+        &["--cluster", "127.0.0.1:1", "--read-from", "replica"],
+        "not supported yet",
+    );
+    bad(
+        &["--cluster", "127.0.0.1:1", "--read-from", "nearest"],
+        "expected primary, replica or prefer-replica",
+    );
+    let dir = support::tls::temp_dir("cluster-config");
+    let both = dir.join("both.toml");
+    std::fs::write(
+        &both,
+        "[[shards]]\naddr = \"127.0.0.1:2\"\n\n[cluster]\nseeds = [\"127.0.0.1:1\"]\n",
+    )
+    .unwrap();
+    bad(&["--config", both.to_str().unwrap()], "not both");
+    // Layout flags replace the file's layout, whichever kind it is.
+    ok(
+        &[
+            "--config",
+            both.to_str().unwrap(),
+            "--cluster",
+            "127.0.0.1:3",
+        ],
+        "seeds 127.0.0.1:3;",
+    );
+    ok(
+        &["--config", both.to_str().unwrap(), "--shard", "127.0.0.1:3"],
+        "1 shard(s)",
+    );
+    let file = dir.join("cluster.toml");
+    std::fs::write(
+        &file,
+        "[cluster]\nseeds = [\"127.0.0.1:1\"]\nrefresh_interval = \"2s\"\nread_from = \"primary\"\n",
+    )
+    .unwrap();
+    ok(&["--config", file.to_str().unwrap()], "then every 2s");
+}
+
+#[test]
+fn a_seed_that_is_not_a_cluster_node_stops_the_start_with_a_clear_error() {
+    let plain = RedisServer::start();
+    let mut cmd = std::process::Command::new(slotgate_bin());
+    cmd.args(["--cluster", &plain.addr(), "--admin-listen", "none"])
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())]);
+    let done = run_bounded(&mut cmd, Duration::from_secs(30));
+    let Ok(f) = done else {
+        panic!("slotgate kept running without a cluster")
+    };
+    assert_ne!(f.code, Some(0));
+    assert!(
+        f.stderr.contains("cannot read the cluster's topology")
+            && f.stderr.contains("cluster support disabled"),
+        "{}",
+        f.stderr
+    );
+}
+
+#[test]
+fn after_a_primary_is_killed_its_slots_come_back_on_the_promoted_replica() {
+    let mut cluster = Cluster::start(3, 1);
+    let seed = cluster.nodes[0].addr();
+    // A long refresh interval: slotgate reads the topology every second by itself while a
+    // primary is unreachable.
+    let proxy = Slotgate::start_with(
+        &[],
+        &[
+            "--cluster",
+            &seed,
+            "--cluster-refresh",
+            "1m",
+            "--op-timeout",
+            "500ms",
+        ],
+    );
+    let mut c = proxy.client();
+    let n = 300;
+    let k = |i: usize| format!("fo:{i}");
+    for i in 0..n {
+        let _: () = redis::cmd("SET").arg(k(i)).arg(i).query(&mut c).unwrap();
+    }
+    let owners = cluster.owners();
+    let victim = owners[slot(&k(0)) as usize];
+    let other = (0..n)
+        .map(k)
+        .find(|key| owners[slot(key) as usize] != victim)
+        .unwrap();
+    // The victim's replica has every write before the kill.
+    let acked: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(5000)
+        .query(&mut cluster.node(victim).client())
+        .unwrap();
+    assert_eq!(acked, 1, "the replica acknowledged the writes");
+    let t0 = std::time::Instant::now();
+    cluster
+        .nodes
+        .iter_mut()
+        .find(|n| n.port == victim)
+        .unwrap()
+        .kill();
+    // Other slots keep working at once.
+    let v: Option<String> = redis::cmd("GET").arg(&other).query(&mut c).unwrap();
+    assert!(v.is_some());
+    // The victim's slots come back once the cluster has promoted the replica (node timeout
+    // 2 s) and slotgate has read the new layout.
+    let mut errors = Vec::new();
+    let back = wait_for(
+        "a write to the failed primary's slot",
+        Duration::from_secs(20),
+        || match redis::cmd("SET").arg(k(0)).arg("after").query::<()>(&mut c) {
+            Ok(()) => Some(t0.elapsed()),
+            Err(e) => {
+                errors.push(e.to_string());
+                std::thread::sleep(Duration::from_millis(50));
+                None
+            }
+        },
+    );
+    eprintln!(
+        "failover: writes to the killed primary's slot back after {back:?} ({} failed tries)",
+        errors.len()
+    );
+    assert!(
+        errors
+            .iter()
+            .all(|e| e.contains("shard unavailable") || e.contains("CLUSTERDOWN")),
+        "{errors:?}"
+    );
+    for i in 1..n {
+        let v: Option<String> = redis::cmd("GET").arg(k(i)).query(&mut c).unwrap();
+        assert_eq!(v, Some(i.to_string()), "{}", k(i));
+    }
+}

@@ -1,0 +1,108 @@
+//! A real Redis Cluster on loopback for the tests: `redis-server --cluster-enabled yes`
+//! nodes joined with `redis-cli --cluster create`.
+
+#![allow(dead_code)]
+
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use super::{RedisServer, run_bounded, wait_until};
+
+/// Cluster nodes; killed on drop.
+pub struct Cluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+static CONFIG_FILES: AtomicUsize = AtomicUsize::new(0);
+
+impl Cluster {
+    /// `primaries` primaries, each with `replicas` replicas, every slot assigned, and every
+    /// node agreeing that the cluster is up.
+    pub fn start(primaries: usize, replicas: usize) -> Cluster {
+        let nodes: Vec<RedisServer> = (0..primaries * (1 + replicas))
+            .map(|_| {
+                // A config file of its own (a stale one from an earlier run would rejoin an
+                // old cluster).
+                let file = format!(
+                    "nodes-{}-{}.conf",
+                    std::process::id(),
+                    CONFIG_FILES.fetch_add(1, Ordering::Relaxed)
+                );
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &file,
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
+            })
+            .collect();
+        let mut cmd = Command::new("redis-cli");
+        cmd.arg("--cluster").arg("create");
+        cmd.args(nodes.iter().map(|n| n.addr()));
+        cmd.args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"]);
+        match run_bounded(&mut cmd, Duration::from_secs(60)) {
+            Ok(f) if f.code == Some(0) => {}
+            Ok(f) | Err(f) => panic!(
+                "redis-cli --cluster create failed: {}{}",
+                f.stdout, f.stderr
+            ),
+        }
+        let c = Cluster { nodes };
+        wait_until("the cluster to be up", Duration::from_secs(30), || {
+            c.nodes.iter().all(|n| {
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query(&mut n.client())
+                    .unwrap_or_default();
+                info.contains("cluster_state:ok")
+            })
+        });
+        c
+    }
+
+    /// The node listening on `port`.
+    pub fn node(&self, port: u16) -> &RedisServer {
+        self.nodes
+            .iter()
+            .find(|n| n.port == port)
+            .expect("a node of the cluster")
+    }
+
+    /// The port of the primary serving each slot, as node 0 sees it.
+    pub fn owners(&self) -> Vec<u16> {
+        let slots: redis::Value = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query(&mut self.nodes[0].client())
+            .unwrap();
+        let redis::Value::Array(ranges) = slots else {
+            panic!("CLUSTER SLOTS: {slots:?}")
+        };
+        let mut owners = vec![0u16; 16384];
+        for r in ranges {
+            let redis::Value::Array(r) = r else { continue };
+            let (redis::Value::Int(a), redis::Value::Int(b), redis::Value::Array(node)) =
+                (&r[0], &r[1], &r[2])
+            else {
+                panic!("CLUSTER SLOTS range: {r:?}")
+            };
+            let redis::Value::Int(port) = node[1] else {
+                panic!("CLUSTER SLOTS node: {node:?}")
+            };
+            for s in *a..=*b {
+                owners[s as usize] = port as u16;
+            }
+        }
+        owners
+    }
+
+    /// The node id of the node on `port`.
+    pub fn id_of(&self, port: u16) -> String {
+        redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query(&mut self.node(port).client())
+            .unwrap()
+    }
+}
