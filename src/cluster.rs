@@ -9,9 +9,15 @@
 //! connections, and the connections to nodes that left drain and close. Every node gets the
 //! `[upstream]` credentials and TLS settings.
 //!
-//! Not yet (issue 12 goes on): redirects (`MOVED`, `ASK`, `TRYAGAIN`) reach the client, so
-//! between a slot moving and the next refresh its requests get `-MOVED`; replicas are not
-//! used; a refresh is not yet triggered by a redirect or a lost node.
+//! Redirects are slotgate's business, never the client's ([`redirector`]): a request that a
+//! node answers with `-MOVED slot addr` is sent again to `addr` (and the topology is read
+//! again soon), one answered `-ASK slot addr` goes to `addr` behind `ASKING` on the same
+//! connection, and one answered `-TRYAGAIN` (a multi-key request while its slot migrates) is
+//! sent again shortly; at most [`MAX_HOPS`] times, then the client gets an error. Requests on
+//! the shared connections are redirected; transactions, blocking commands and subscriptions
+//! (on dedicated connections) are not yet.
+//!
+//! Not yet (issue 12 goes on): replicas are not used (`read_from = primary` only).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,16 +29,27 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::queue::Target;
 use crate::router::SlotMap;
 use crate::settings::{ClusterSettings, Settings};
 use crate::shard::UpstreamAuth;
+use crate::shard::{Redirected, Retry};
 use crate::tls::UpstreamTls;
-use crate::worker::Shared;
+use crate::worker::{Shared, Worker};
 
 /// How long one node may take to answer (connect, TLS, AUTH, the topology).
 const ASK_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long slotgate tries to read the topology when it starts.
 const START_WITHIN: Duration = Duration::from_secs(10);
+/// Most redirects one request follows.
+pub const MAX_HOPS: u8 = 5;
+/// How long a `-TRYAGAIN` request waits before it is sent again.
+const TRYAGAIN_WAIT: Duration = Duration::from_millis(20);
+/// How long a request redirected to a node slotgate has no connection to waits for the
+/// next layout (one that includes the node) before it is tried again.
+const NEW_NODE_WAIT: Duration = Duration::from_millis(100);
+/// The shortest time between two reads of the topology that redirects asked for.
+const REDIRECT_REFRESH: Duration = Duration::from_millis(100);
 /// How often the topology is read while a primary is unreachable.
 const DOWN_REFRESH: Duration = Duration::from_secs(1);
 /// The largest topology reply read (a 1,000-node cluster is well under).
@@ -433,8 +450,13 @@ pub async fn keep_fresh(shared: Arc<Shared>, apply: UnboundedSender<Layout>) {
             last + cluster.refresh.min(DOWN_REFRESH)
         };
         // (Checked every DOWN_REFRESH at most, so that a primary lost meanwhile is noticed.)
-        tokio::time::sleep_until(due.min(tokio::time::Instant::now() + DOWN_REFRESH)).await;
-        if tokio::time::Instant::now() < due && shared.shards_down().is_empty() {
+        let redirected = tokio::select! {
+            _ = tokio::time::sleep_until(due.min(tokio::time::Instant::now() + DOWN_REFRESH)) => false,
+            _ = shared.cluster_changed.notified() => true,
+        };
+        if redirected {
+            tokio::time::sleep_until(last + REDIRECT_REFRESH).await;
+        } else if tokio::time::Instant::now() < due && shared.shards_down().is_empty() {
             continue;
         }
         last = tokio::time::Instant::now();
@@ -454,6 +476,102 @@ pub async fn keep_fresh(shared: Arc<Shared>, apply: UnboundedSender<Layout>) {
                 return;
             }
         }
+    }
+}
+
+/// Sends the requests this worker's connections got redirects for where they go, for as
+/// long as the worker runs (cluster mode).
+pub async fn redirector(w: std::rc::Rc<Worker>) {
+    loop {
+        for r in crate::shard::next_redirects().await {
+            redirect(&w, r);
+        }
+    }
+}
+
+/// One redirected request: sent again, or answered with an error.
+fn redirect(w: &std::rc::Rc<Worker>, r: Redirected) {
+    let text = String::from_utf8_lossy(&r.reply[1..])
+        .trim_end()
+        .to_string();
+    if r.retry.hops >= MAX_HOPS {
+        return r
+            .target
+            .deliver(crate::resp::reply::too_many_redirects(&text));
+    }
+    let mut words = text.split(' ');
+    let kind = words.next().unwrap_or("");
+    let to = match kind {
+        "TRYAGAIN" => r.from,
+        "MOVED" | "ASK" => match words.nth(1).and_then(|a| a.parse::<SocketAddr>().ok()) {
+            Some(a) => a,
+            None => return r.target.deliver(r.reply),
+        },
+        _ => return r.target.deliver(r.reply),
+    };
+    if kind == "MOVED" {
+        w.shared.cluster_changed.notify_one();
+    }
+    let retry = Retry {
+        raw: r.retry.raw,
+        hops: r.retry.hops + 1,
+    };
+    let shard = w.pools().shard_index(to);
+    let again = Redirected { retry, ..r };
+    match shard {
+        Some(i) if kind != "TRYAGAIN" => {
+            let up = w.pools().get(again.proto, i, 0);
+            if kind == "ASK" {
+                up.send_until(b"*1\r\n$6\r\nASKING\r\n", Target::Discard, again.deadline);
+            }
+            up.send_retryable(again.retry, again.target, again.deadline);
+        }
+        _ => {
+            // TRYAGAIN: the slot is being migrated, shortly. A node slotgate has no
+            // connection to yet: it joined; the next layout has it.
+            if shard.is_none() {
+                w.shared.cluster_changed.notify_one();
+            }
+            let wait = if shard.is_none() {
+                NEW_NODE_WAIT
+            } else {
+                TRYAGAIN_WAIT
+            };
+            let w = w.clone();
+            tokio::task::spawn_local(async move {
+                tokio::time::sleep(wait).await;
+                resend(&w, to, again);
+            });
+        }
+    }
+}
+
+/// Sends a request again to `to` after a wait (`-TRYAGAIN`, or a node that was not known).
+fn resend(w: &std::rc::Rc<Worker>, to: SocketAddr, r: Redirected) {
+    match w.pools().shard_index(to) {
+        Some(i) => w
+            .pools()
+            .get(r.proto, i, 0)
+            .send_retryable(r.retry, r.target, r.deadline),
+        None if r.retry.hops < MAX_HOPS => {
+            let again = Redirected {
+                retry: Retry {
+                    raw: r.retry.raw,
+                    hops: r.retry.hops + 1,
+                },
+                ..r
+            };
+            let w = w.clone();
+            tokio::task::spawn_local(async move {
+                tokio::time::sleep(NEW_NODE_WAIT).await;
+                resend(&w, to, again);
+            });
+        }
+        None => r
+            .target
+            .deliver(crate::resp::reply::too_many_redirects(&format!(
+                "to {to}, a node slotgate has no connection to"
+            ))),
     }
 }
 

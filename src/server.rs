@@ -362,6 +362,9 @@ fn worker_main(id: usize, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<I
             tokio::task::spawn_local(learn_redis_version(worker.clone()));
         }
         tokio::task::spawn_local(worker.clone().tick());
+        if worker.shared.settings.cluster.is_some() {
+            tokio::task::spawn_local(crate::cluster::redirector(worker.clone()));
+        }
         let tls = worker
             .shared
             .settings

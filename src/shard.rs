@@ -269,6 +269,62 @@ struct Pending {
     deadline: Instant,
     /// Its request's length in bytes.
     len: usize,
+    /// Cluster mode: the request itself, sent again if the node redirects it.
+    retry: Option<Retry>,
+}
+
+/// A request that may be sent again elsewhere (cluster mode): a node that answers
+/// `-MOVED`, `-ASK` or `-TRYAGAIN` did not run it (see `cluster::redirector`).
+pub struct Retry {
+    pub raw: Bytes,
+    /// Redirects it has had so far.
+    pub hops: u8,
+}
+
+/// A reply that redirects its request, handed to the worker's redirector with what it
+/// needs to send the request again.
+pub struct Redirected {
+    /// The redirect (`-MOVED …`, `-ASK …`, `-TRYAGAIN …`).
+    pub reply: Bytes,
+    /// The node that answered it, and the protocol of its connection.
+    pub from: SocketAddr,
+    pub proto: crate::resp::Proto,
+    pub retry: Retry,
+    pub target: Target,
+    pub deadline: Instant,
+}
+
+thread_local! {
+    /// This worker's redirected requests, for its redirector (`cluster::redirector`).
+    static REDIRECTS: (RefCell<VecDeque<Redirected>>, Rc<tokio::sync::Notify>) =
+        Default::default();
+}
+
+/// Queues a redirected request for this worker's redirector.
+#[cold]
+fn redirected(r: Redirected) {
+    REDIRECTS.with(|(q, wake)| {
+        q.borrow_mut().push_back(r);
+        wake.notify_one();
+    });
+}
+
+/// Waits until this worker has redirected requests, and takes them.
+pub async fn next_redirects() -> VecDeque<Redirected> {
+    let wake = REDIRECTS.with(|(_, w)| w.clone());
+    loop {
+        let got = REDIRECTS.with(|(q, _)| std::mem::take(&mut *q.borrow_mut()));
+        if !got.is_empty() {
+            return got;
+        }
+        wake.notified().await;
+    }
+}
+
+/// Whether a reply is a cluster redirect.
+#[inline]
+fn is_redirect(reply: &[u8]) -> bool {
+    reply.starts_with(b"-MOVED ") || reply.starts_with(b"-ASK ") || reply.starts_with(b"-TRYAGAIN")
 }
 
 #[derive(Default)]
@@ -418,6 +474,11 @@ impl Upstream {
 
     /// Queues one request (`raw` is a complete RESP command) whose reply goes to `target`.
     /// Fails it at once when the connection has too many requests in flight.
+    /// How long a request may wait for its reply.
+    pub fn op_timeout(&self) -> Duration {
+        self.cfg.op_timeout
+    }
+
     pub fn send(&self, raw: &[u8], target: Target, now: Instant) {
         self.send_until(raw, target, now + self.cfg.op_timeout)
     }
@@ -442,6 +503,17 @@ impl Upstream {
     /// Like [`send`](Self::send), with an explicit deadline (blocking commands wait as long
     /// as the client asked, not `op_timeout`).
     pub fn send_until(&self, raw: &[u8], target: Target, deadline: Instant) {
+        self.push(raw, target, deadline, None);
+    }
+
+    /// Cluster mode: like [`send_until`](Self::send_until), keeping the request to send it
+    /// again if the node redirects it.
+    pub fn send_retryable(&self, retry: Retry, target: Target, deadline: Instant) {
+        let raw = retry.raw.clone();
+        self.push(&raw, target, deadline, Some(retry));
+    }
+
+    fn push(&self, raw: &[u8], target: Target, deadline: Instant, retry: Option<Retry>) {
         if self.dead.get() || self.closed.get() {
             return target.deliver(reply::shard_unavailable(
                 &self.label,
@@ -472,6 +544,7 @@ impl Upstream {
             target,
             deadline,
             len: raw.len(),
+            retry,
         });
         drop(st);
         if wake_writer {
@@ -881,6 +954,7 @@ impl Upstream {
                         target: Target::Discard,
                         deadline,
                         len: 0,
+                        retry: None,
                     });
                 }
             }
@@ -893,6 +967,7 @@ impl Upstream {
                     target: Target::Sink(crate::queue::SinkRef::new(sink, 0)),
                     deadline,
                     len: 0,
+                    retry: None,
                 });
             }
             if let Some((out, n)) = self.handshake() {
@@ -904,6 +979,7 @@ impl Upstream {
                         target: Target::Handshake,
                         deadline,
                         len: 0,
+                        retry: None,
                     });
                 }
             }
@@ -1038,6 +1114,22 @@ impl Upstream {
                     drop(st);
                     self.wake_writer.notify_one();
                 }
+            }
+            Some(Pending {
+                retry: Some(retry),
+                target,
+                deadline,
+                ..
+            }) if is_redirect(&bytes) => {
+                // Cluster mode: the node did not run it; the worker sends it where it goes.
+                redirected(Redirected {
+                    reply: bytes,
+                    from: self.addr,
+                    proto: self.proto,
+                    retry,
+                    target,
+                    deadline,
+                });
             }
             Some(p) => {
                 p.target.deliver(bytes);

@@ -30,6 +30,8 @@ pub struct Shared {
     pub generation: AtomicU64,
     /// Where SLOTGATE.RELOAD sends its request (set by the server at start-up).
     pub reloads: OnceLock<tokio::sync::mpsc::UnboundedSender<ReloadRequest>>,
+    /// Cluster mode: a redirect says the layout changed; read it again soon.
+    pub cluster_changed: tokio::sync::Notify,
     pub started: Instant,
     pub started_wall: SystemTime,
     /// INFO's `run_id` (and `master_replid`): 40 random hex characters per process, as Redis.
@@ -124,6 +126,7 @@ impl Shared {
             live: Mutex::new(Arc::new(settings.clone())),
             generation: AtomicU64::new(0),
             reloads: OnceLock::new(),
+            cluster_changed: tokio::sync::Notify::new(),
             settings,
             started: Instant::now(),
             started_wall: SystemTime::now(),
@@ -256,6 +259,9 @@ pub struct Worker {
     pub layout: std::cell::Cell<u64>,
     /// Whether the settings in force have read-through rules (one load on the write path).
     pub has_rules: std::cell::Cell<bool>,
+    /// Cluster mode: requests on the shared connections keep their bytes, to follow
+    /// redirects (see `cluster`).
+    pub cluster: bool,
     /// Told the reload count each time this worker takes up a reload; each session's watcher
     /// flags its session (see `session::serve`).
     pub reloads: tokio::sync::watch::Sender<u64>,
@@ -289,6 +295,7 @@ impl Worker {
             dedicated: std::cell::RefCell::new(dedicated),
             layout: std::cell::Cell::new(0),
             has_rules: std::cell::Cell::new(!shared.live().readthrough.is_empty()),
+            cluster: shared.settings.cluster.is_some(),
             live: std::cell::RefCell::new(shared.live()),
             reloads: tokio::sync::watch::Sender::new(shared.generation.load(Ordering::Acquire)),
             shared,

@@ -284,3 +284,100 @@ fn after_a_primary_is_killed_its_slots_come_back_on_the_promoted_replica() {
         assert_eq!(v, Some(i.to_string()), "{}", k(i));
     }
 }
+
+#[test]
+fn a_reshard_under_load_gives_clients_no_errors() {
+    let cluster = Cluster::start(3, 0);
+    let seed = cluster.nodes[0].addr();
+    // A refresh interval longer than the test: redirects alone keep the clients right.
+    let proxy = Slotgate::start_with(
+        &[],
+        &[
+            "--cluster",
+            &seed,
+            "--cluster-refresh",
+            "10m",
+            "--workers",
+            "2",
+        ],
+    );
+    let n = 2000;
+    let k = |i: usize| format!("rs:{i}");
+    {
+        let mut c = proxy.client();
+        for i in 0..n {
+            let _: () = redis::cmd("SET").arg(k(i)).arg(i).query(&mut c).unwrap();
+        }
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..3)
+        .map(|t| {
+            let (url, stop) = (proxy.url(), stop.clone());
+            std::thread::spawn(move || {
+                let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+                let (mut ops, mut errors) = (0u64, Vec::new());
+                let mut i = t;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let key = format!("rs:{}", i % 2000);
+                    let value = format!("{t}-{ops}");
+                    let r: redis::RedisResult<()> = (|| {
+                        let _: () = redis::cmd("SET").arg(&key).arg(&value).query(&mut c)?;
+                        let got: String = redis::cmd("GET").arg(&key).query(&mut c)?;
+                        assert_eq!(got, value, "{key}");
+                        let _: i64 = redis::cmd("INCR").arg(format!("ctr:{t}")).query(&mut c)?;
+                        let keys: Vec<String> = (0..5)
+                            .map(|j| format!("rs:{}", (i + j * 7) % 2000))
+                            .collect();
+                        let got: Vec<Option<String>> =
+                            redis::cmd("MGET").arg(&keys).query(&mut c)?;
+                        assert!(got.iter().all(Option::is_some));
+                        Ok(())
+                    })();
+                    if let Err(e) = r {
+                        errors.push(e.to_string());
+                    }
+                    ops += 1;
+                    i += 3;
+                }
+                (ops, errors)
+            })
+        })
+        .collect();
+    let owners = cluster.owners();
+    let (from, to) = (owners[0], owners[16383]);
+    let mut reshard = std::process::Command::new("redis-cli");
+    reshard
+        .args(["--cluster", "reshard", &seed])
+        .args(["--cluster-from", &cluster.id_of(from)])
+        .args(["--cluster-to", &cluster.id_of(to)])
+        .args(["--cluster-slots", "1000", "--cluster-yes"]);
+    let done = run_bounded(&mut reshard, Duration::from_secs(120));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let results: Vec<(u64, Vec<String>)> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    match done {
+        Ok(f) if f.code == Some(0) => {}
+        Ok(f) | Err(f) => panic!("reshard failed: {}{}", f.stdout, f.stderr),
+    }
+    let ops: u64 = results.iter().map(|r| r.0).sum();
+    let errors: Vec<&String> = results.iter().flat_map(|r| &r.1).collect();
+    eprintln!(
+        "reshard of 1000 slots under load: {ops} client rounds, {} errors",
+        errors.len()
+    );
+    assert!(
+        errors.is_empty(),
+        "{} errors, e.g. {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    assert!(ops > 100, "the clients ran during the reshard");
+    // The counters saw every INCR exactly once.
+    let mut c = proxy.client();
+    for (t, (rounds, _)) in results.iter().enumerate() {
+        let v: u64 = redis::cmd("GET")
+            .arg(format!("ctr:{t}"))
+            .query(&mut c)
+            .unwrap();
+        assert_eq!(v, *rounds, "ctr:{t}");
+    }
+}

@@ -92,6 +92,14 @@ pub fn shard_unavailable(addr: &str, why: &str) -> Bytes {
     Failure::ShardUnavailable { shard: addr, why }.to_reply()
 }
 
+/// Cluster mode: a request redirected more often than slotgate follows (`last` is the last
+/// redirect, e.g. `MOVED 866 127.0.0.1:7002`).
+pub fn too_many_redirects(last: &str) -> Bytes {
+    Bytes::from(format!(
+        "-ERR too many cluster redirects for one request (the last: {last})\r\n"
+    ))
+}
+
 /// A request was sent to its shard and no reply came (timed out, or the connection was lost
 /// after it was written): the shard may have applied it. Every such reply starts with
 /// `-ERR outcome unknown`.

@@ -860,15 +860,15 @@ impl Session {
     pub(crate) fn forward(&mut self, shard: usize, raw: &[u8], now: Instant) {
         let seq = self.queue.push_waiting(Slot::Waiting(self.cmd));
         let up = self.w.pools().get(self.proto, shard, self.conn);
-        up.send(
-            raw,
-            Target::Client {
-                queue: self.queue.clone(),
-                seq,
-                part: 0,
-            },
-            now,
-        );
+        let target = Target::Client {
+            queue: self.queue.clone(),
+            seq,
+            part: 0,
+        };
+        if self.w.cluster {
+            return send_redirectable(&up, Bytes::copy_from_slice(raw), target, now);
+        }
+        up.send(raw, target, now);
     }
 
     /// Sends `raw` on `up`, failing at `deadline`; its reply fills `slot`, the next of the
@@ -896,15 +896,16 @@ impl Session {
         let seq = self.queue.push_waiting(Slot::Gather(Box::new(g)));
         for (i, (shard, raw)) in parts.iter().enumerate() {
             let up = self.w.pools().get(self.proto, *shard, self.conn);
-            up.send(
-                raw,
-                Target::Client {
-                    queue: self.queue.clone(),
-                    seq,
-                    part: i as u32,
-                },
-                now,
-            );
+            let target = Target::Client {
+                queue: self.queue.clone(),
+                seq,
+                part: i as u32,
+            };
+            if self.w.cluster {
+                send_redirectable(&up, raw.clone(), target, now);
+            } else {
+                up.send(raw, target, now);
+            }
         }
     }
 
@@ -1204,6 +1205,14 @@ impl Session {
         let kind = GatherKind::Scan { shard, shards };
         self.gather(kind, &[(shard as usize, b.freeze())], now);
     }
+}
+
+/// Cluster mode: sends a request that a redirect may send again elsewhere (out of line: the
+/// static mode's forward stays as it was).
+#[inline(never)]
+fn send_redirectable(up: &crate::shard::Upstream, raw: Bytes, target: Target, now: Instant) {
+    let deadline = now + up.op_timeout();
+    up.send_retryable(crate::shard::Retry { raw, hops: 0 }, target, deadline);
 }
 
 /// A cheap per-process random value (RANDOMKEY's shard pick needs no cryptography).
