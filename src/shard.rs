@@ -269,8 +269,9 @@ struct Pending {
     deadline: Instant,
     /// Its request's length in bytes.
     len: usize,
-    /// Cluster mode: the request itself, sent again if the node redirects it.
-    retry: Option<Retry>,
+    /// Cluster mode: the request itself, sent again if the node redirects it (boxed: the
+    /// static mode's FIFO entries stay small).
+    retry: Option<Box<Retry>>,
 }
 
 /// A request that may be sent again elsewhere (cluster mode): a node that answers
@@ -510,10 +511,10 @@ impl Upstream {
     /// again if the node redirects it.
     pub fn send_retryable(&self, retry: Retry, target: Target, deadline: Instant) {
         let raw = retry.raw.clone();
-        self.push(&raw, target, deadline, Some(retry));
+        self.push(&raw, target, deadline, Some(Box::new(retry)));
     }
 
-    fn push(&self, raw: &[u8], target: Target, deadline: Instant, retry: Option<Retry>) {
+    fn push(&self, raw: &[u8], target: Target, deadline: Instant, retry: Option<Box<Retry>>) {
         if self.dead.get() || self.closed.get() {
             return target.deliver(reply::shard_unavailable(
                 &self.label,
@@ -1126,7 +1127,7 @@ impl Upstream {
                     reply: bytes,
                     from: self.addr,
                     proto: self.proto,
-                    retry,
+                    retry: *retry,
                     target,
                     deadline,
                 });
