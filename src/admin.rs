@@ -94,6 +94,9 @@ fn refresh_gauges(shared: &Shared) {
     metrics::counter!(m::REJECTED).absolute(st.rejected_connections.load(Ordering::Relaxed));
     metrics::counter!(m::AUTH_FAILURES).absolute(st.auth_failures.load(Ordering::Relaxed));
     metrics::counter!(m::TOKEN_AUTHS).absolute(st.token_auths.load(Ordering::Relaxed));
+    if shared.settings.cluster.is_some() {
+        shared.cluster_stats.publish();
+    }
     for rule in shared.live().readthrough.iter() {
         rule.stats.publish();
     }

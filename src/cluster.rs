@@ -21,6 +21,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -54,6 +55,50 @@ const REDIRECT_REFRESH: Duration = Duration::from_millis(100);
 const DOWN_REFRESH: Duration = Duration::from_secs(1);
 /// The largest topology reply read (a 1,000-node cluster is well under).
 const MAX_REPLY: usize = 16 * 1024 * 1024;
+
+/// What cluster mode counts (INFO shards, `/metrics`).
+#[derive(Debug, Default)]
+pub struct ClusterStats {
+    /// Requests sent again after `-MOVED`, `-ASK`, `-TRYAGAIN`.
+    pub moved: AtomicU64,
+    pub ask: AtomicU64,
+    pub tryagain: AtomicU64,
+    /// Reads of the topology (after start-up), and those that found a new layout.
+    pub refreshes: AtomicU64,
+    pub layout_changes: AtomicU64,
+}
+
+impl ClusterStats {
+    /// INFO shards' lines for cluster mode.
+    pub fn info(&self) -> String {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "cluster_mode:1\r\ncluster_refreshes:{}\r\ncluster_layout_changes:{}\r\n\
+             cluster_redirects_moved:{}\r\ncluster_redirects_ask:{}\r\n\
+             cluster_redirects_tryagain:{}\r\n",
+            get(&self.refreshes),
+            get(&self.layout_changes),
+            get(&self.moved),
+            get(&self.ask),
+            get(&self.tryagain)
+        )
+    }
+
+    /// Copies the counters into the metrics registry.
+    pub fn publish(&self) {
+        use crate::metrics as m;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        for (kind, c) in [
+            ("moved", &self.moved),
+            ("ask", &self.ask),
+            ("tryagain", &self.tryagain),
+        ] {
+            metrics::counter!(m::CLUSTER_REDIRECTS, "kind" => kind).absolute(get(c));
+        }
+        metrics::counter!(m::CLUSTER_REFRESHES).absolute(get(&self.refreshes));
+        metrics::counter!(m::CLUSTER_LAYOUT_CHANGES).absolute(get(&self.layout_changes));
+    }
+}
 
 /// A primary and the slots it serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -460,6 +505,10 @@ pub async fn keep_fresh(shared: Arc<Shared>, apply: UnboundedSender<Layout>) {
             continue;
         }
         last = tokio::time::Instant::now();
+        shared
+            .cluster_stats
+            .refreshes
+            .fetch_add(1, Ordering::Relaxed);
         let running = shared.live();
         let mut nodes: Vec<String> = running.shards.iter().map(|a| a.to_string()).collect();
         nodes.extend(cluster.seeds.iter().cloned());
@@ -472,6 +521,10 @@ pub async fn keep_fresh(shared: Arc<Shared>, apply: UnboundedSender<Layout>) {
         };
         if layout.shards != running.shards || layout.slot_map != running.slot_map {
             tracing::info!("cluster: the topology changed: {}", describe(&layout));
+            shared
+                .cluster_stats
+                .layout_changes
+                .fetch_add(1, Ordering::Relaxed);
             if apply.send(layout).is_err() {
                 return;
             }
@@ -501,8 +554,30 @@ fn redirect(w: &std::rc::Rc<Worker>, r: Redirected) {
     }
     let mut words = text.split(' ');
     let kind = words.next().unwrap_or("");
+    let stats = &w.shared.cluster_stats;
+    match kind {
+        "MOVED" => stats.moved.fetch_add(1, Ordering::Relaxed),
+        "ASK" => stats.ask.fetch_add(1, Ordering::Relaxed),
+        _ => stats.tryagain.fetch_add(1, Ordering::Relaxed),
+    };
+    if kind == "TRYAGAIN" {
+        // The slot is being migrated: sent again every 20 ms until the request's deadline
+        // (a migration takes as long as its keys do), not counted as a hop.
+        if tokio::time::Instant::now() + TRYAGAIN_WAIT >= r.deadline {
+            return r.target.deliver(crate::resp::reply::shard_unavailable(
+                &r.from.to_string(),
+                "its slot was being migrated until the request's deadline (TRYAGAIN)",
+            ));
+        }
+        let w = w.clone();
+        let from = r.from;
+        tokio::task::spawn_local(async move {
+            tokio::time::sleep(TRYAGAIN_WAIT).await;
+            resend(&w, from, r);
+        });
+        return;
+    }
     let to = match kind {
-        "TRYAGAIN" => r.from,
         "MOVED" | "ASK" => match words.nth(1).and_then(|a| a.parse::<SocketAddr>().ok()) {
             Some(a) => a,
             None => return r.target.deliver(r.reply),
@@ -519,34 +594,27 @@ fn redirect(w: &std::rc::Rc<Worker>, r: Redirected) {
     let shard = w.pools().shard_index(to);
     let again = Redirected { retry, ..r };
     match shard {
-        Some(i) if kind != "TRYAGAIN" => {
+        Some(i) => {
             let up = w.pools().get(again.proto, i, 0);
             if kind == "ASK" {
                 up.send_until(b"*1\r\n$6\r\nASKING\r\n", Target::Discard, again.deadline);
             }
             up.send_retryable(again.retry, again.target, again.deadline);
         }
-        _ => {
-            // TRYAGAIN: the slot is being migrated, shortly. A node slotgate has no
-            // connection to yet: it joined; the next layout has it.
-            if shard.is_none() {
-                w.shared.cluster_changed.notify_one();
-            }
-            let wait = if shard.is_none() {
-                NEW_NODE_WAIT
-            } else {
-                TRYAGAIN_WAIT
-            };
+        None => {
+            // A node slotgate has no connection to yet: it joined; the next layout has it.
+            w.shared.cluster_changed.notify_one();
             let w = w.clone();
             tokio::task::spawn_local(async move {
-                tokio::time::sleep(wait).await;
+                tokio::time::sleep(NEW_NODE_WAIT).await;
                 resend(&w, to, again);
             });
         }
     }
 }
 
-/// Sends a request again to `to` after a wait (`-TRYAGAIN`, or a node that was not known).
+/// Sends a request again to `to` after a wait (`-TRYAGAIN`, or a node that was not known;
+/// for the latter, a hop each time).
 fn resend(w: &std::rc::Rc<Worker>, to: SocketAddr, r: Redirected) {
     match w.pools().shard_index(to) {
         Some(i) => w

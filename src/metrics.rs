@@ -20,6 +20,9 @@ pub const REJECTED: &str = "slotgate_rejected_connections_total";
 pub const AUTH_FAILURES: &str = "slotgate_auth_failures_total";
 pub const TOKEN_AUTHS: &str = "slotgate_token_auths_total";
 pub const TOKEN_AUTH_FAILURES: &str = "slotgate_token_auth_failures_total";
+pub const CLUSTER_REDIRECTS: &str = "slotgate_cluster_redirects_total";
+pub const CLUSTER_REFRESHES: &str = "slotgate_cluster_refreshes_total";
+pub const CLUSTER_LAYOUT_CHANGES: &str = "slotgate_cluster_layout_changes_total";
 pub const SHARD_ERRORS: &str = "slotgate_shard_errors_total";
 pub const SHARD_RECONNECTS: &str = "slotgate_shard_disconnects_total";
 pub const SHARD_INFLIGHT: &str = "slotgate_shard_inflight_requests";
@@ -69,6 +72,15 @@ pub fn install() -> Option<PrometheusHandle> {
     describe_counter!(
         SHARD_ERRORS,
         "Requests failed with shard unavailable, by shard"
+    );
+    describe_counter!(
+        CLUSTER_REDIRECTS,
+        "Cluster mode: requests sent again after MOVED, ASK or TRYAGAIN, by kind"
+    );
+    describe_counter!(CLUSTER_REFRESHES, "Cluster mode: reads of the topology");
+    describe_counter!(
+        CLUSTER_LAYOUT_CHANGES,
+        "Cluster mode: topology reads that found a new layout"
     );
     describe_counter!(SHARD_RECONNECTS, "Shard connections lost, by shard");
     describe_gauge!(

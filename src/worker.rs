@@ -32,6 +32,7 @@ pub struct Shared {
     pub reloads: OnceLock<tokio::sync::mpsc::UnboundedSender<ReloadRequest>>,
     /// Cluster mode: a redirect says the layout changed; read it again soon.
     pub cluster_changed: tokio::sync::Notify,
+    pub cluster_stats: crate::cluster::ClusterStats,
     pub started: Instant,
     pub started_wall: SystemTime,
     /// INFO's `run_id` (and `master_replid`): 40 random hex characters per process, as Redis.
@@ -127,6 +128,7 @@ impl Shared {
             generation: AtomicU64::new(0),
             reloads: OnceLock::new(),
             cluster_changed: tokio::sync::Notify::new(),
+            cluster_stats: Default::default(),
             settings,
             started: Instant::now(),
             started_wall: SystemTime::now(),

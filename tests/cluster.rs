@@ -14,6 +14,17 @@ fn key(i: usize) -> String {
     format!("cluster:key:{i}")
 }
 
+/// A counter of INFO shards (cluster mode).
+fn cluster_stat(c: &mut redis::Connection, field: &str) -> u64 {
+    let info: String = redis::cmd("INFO").arg("shards").query(c).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in {info}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// The slot of a key without a hash tag.
 fn slot(k: &str) -> u16 {
     crc16(k.as_bytes()) % 16384
@@ -121,6 +132,8 @@ fn cluster_mode_routes_by_the_clusters_layout_and_follows_a_reshard() {
     for node in &cluster.nodes {
         assert!(info.contains(&node.addr()), "{info}");
     }
+    assert!(cluster_stat(&mut c, "cluster_refreshes") > 0);
+    assert!(cluster_stat(&mut c, "cluster_layout_changes") >= 1);
 }
 
 #[test]
@@ -373,6 +386,10 @@ fn a_reshard_under_load_gives_clients_no_errors() {
     assert!(ops > 100, "the clients ran during the reshard");
     // The counters saw every INCR exactly once.
     let mut c = proxy.client();
+    let moved = cluster_stat(&mut c, "cluster_redirects_moved");
+    let ask = cluster_stat(&mut c, "cluster_redirects_ask");
+    eprintln!("redirects followed: {moved} MOVED, {ask} ASK");
+    assert!(moved > 0, "the clients' requests were redirected");
     for (t, (rounds, _)) in results.iter().enumerate() {
         let v: u64 = redis::cmd("GET")
             .arg(format!("ctr:{t}"))
@@ -380,4 +397,92 @@ fn a_reshard_under_load_gives_clients_no_errors() {
             .unwrap();
         assert_eq!(v, *rounds, "ctr:{t}");
     }
+}
+
+#[test]
+fn ask_and_tryagain_during_a_slot_migration_stay_inside_slotgate() {
+    let cluster = Cluster::start(3, 0);
+    let seed = cluster.nodes[0].addr();
+    let proxy = Slotgate::start_with(
+        &[],
+        &[
+            "--cluster",
+            &seed,
+            "--cluster-refresh",
+            "10m",
+            "--op-timeout",
+            "5s",
+        ],
+    );
+    let mut c = proxy.client();
+    let (a, b) = ("{mig}a", "{mig}b");
+    let s = slot("mig"); // (the hash tag)
+    let _: () = redis::cmd("MSET")
+        .arg(a)
+        .arg("1")
+        .arg(b)
+        .arg("2")
+        .query(&mut c)
+        .unwrap();
+    let from = cluster.owners()[s as usize];
+    let to = cluster
+        .nodes
+        .iter()
+        .map(|n| n.port)
+        .find(|&p| p != from)
+        .unwrap();
+    let (from_id, to_id) = (cluster.id_of(from), cluster.id_of(to));
+    let setslot = |port: u16, args: &[&str]| {
+        let _: () = redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(s)
+            .arg(args)
+            .query(&mut cluster.node(port).client())
+            .unwrap();
+    };
+    setslot(to, &["IMPORTING", &from_id]);
+    setslot(from, &["MIGRATING", &to_id]);
+    let migrate = |key: &str| {
+        let _: () = redis::cmd("MIGRATE")
+            .arg("127.0.0.1")
+            .arg(to)
+            .arg(key)
+            .arg(0)
+            .arg(5000)
+            .query(&mut cluster.node(from).client())
+            .unwrap();
+    };
+    migrate(a);
+    // `a` is on the importing node now: its owner answers ASK, slotgate follows it.
+    let v: String = redis::cmd("GET").arg(a).query(&mut c).unwrap();
+    assert_eq!(v, "1");
+    // `a` and `b` together: half migrated, the owner answers TRYAGAIN until the migration
+    // ends; the client just waits for its reply.
+    let url = proxy.url();
+    let mget = std::thread::spawn(move || {
+        let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+        redis::cmd("MGET")
+            .arg("{mig}a")
+            .arg("{mig}b")
+            .query::<Vec<String>>(&mut c)
+    });
+    wait_until("a TRYAGAIN", Duration::from_secs(5), || {
+        cluster_stat(&mut c, "cluster_redirects_tryagain") > 0
+    });
+    migrate(b);
+    for n in &cluster.nodes {
+        let _: () = redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(s)
+            .arg("NODE")
+            .arg(&to_id)
+            .query(&mut n.client())
+            .unwrap();
+    }
+    assert_eq!(mget.join().unwrap().unwrap(), ["1", "2"]);
+    assert!(cluster_stat(&mut c, "cluster_redirects_ask") > 0);
+    // After the migration the old owner answers MOVED: followed as well.
+    let v: String = redis::cmd("GET").arg(b).query(&mut c).unwrap();
+    assert_eq!(v, "2");
+    assert!(cluster_stat(&mut c, "cluster_redirects_moved") > 0);
 }

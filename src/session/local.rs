@@ -1112,7 +1112,11 @@ fn build_info(shared: &Arc<Shared>, wanted: &[String], up: &[bool], parts: &[Byt
         section("Readthrough", readthrough_info(shared));
     }
     if want("shards") {
-        section("Shards", shards_info(settings, &texts, up));
+        let mut body = shards_info(settings, &texts, up);
+        if settings.cluster.is_some() {
+            body.push_str(&shared.cluster_stats.info());
+        }
+        section("Shards", body);
     }
     out
 }
