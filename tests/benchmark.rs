@@ -190,3 +190,21 @@ fn redis_cli_pipe_mass_insertion() {
     let keys: i64 = redis::cmd("DBSIZE").query(&mut proxy.client()).unwrap();
     assert_eq!(keys, 20_000);
 }
+
+/// The same default set through cluster mode, in front of a real 3-primary Redis Cluster
+/// (issue 12): no errors, plain and pipelined.
+#[test]
+fn redis_benchmark_default_suite_runs_clean_in_cluster_mode() {
+    let cluster = support::cluster::Cluster::start(3, 0);
+    let seed = cluster.nodes[0].addr();
+    let proxy = Slotgate::start_with(&[], &["--cluster", &seed]);
+    let port = proxy.port.to_string();
+    let limit = Duration::from_secs(120);
+    let (ok, out, err) = run_benchmark(&["-p", &port, "-q", "-n", "5000", "-c", "20"], limit);
+    check_run("cluster -c 20", ok, &out, &err);
+    let (ok, out, err) = run_benchmark(
+        &["-p", &port, "-q", "-n", "5000", "-c", "20", "-P", "16"],
+        limit,
+    );
+    check_run("cluster -c 20 -P 16", ok, &out, &err);
+}
