@@ -33,8 +33,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::queue::Target;
 use crate::router::SlotMap;
 use crate::settings::{ClusterSettings, Settings};
+use crate::shard::Redirected;
 use crate::shard::UpstreamAuth;
-use crate::shard::{Redirected, Retry};
 use crate::tls::UpstreamTls;
 use crate::worker::{Shared, Worker};
 
@@ -547,7 +547,7 @@ fn redirect(w: &std::rc::Rc<Worker>, r: Redirected) {
     let text = String::from_utf8_lossy(&r.reply[1..])
         .trim_end()
         .to_string();
-    if r.retry.hops >= MAX_HOPS {
+    if r.retry.hops() >= MAX_HOPS {
         return r
             .target
             .deliver(crate::resp::reply::too_many_redirects(&text));
@@ -587,10 +587,7 @@ fn redirect(w: &std::rc::Rc<Worker>, r: Redirected) {
     if kind == "MOVED" {
         w.shared.cluster_changed.notify_one();
     }
-    let retry = Retry {
-        raw: r.retry.raw,
-        hops: r.retry.hops + 1,
-    };
+    let retry = r.retry.hop();
     let shard = w.pools().shard_index(to);
     let again = Redirected { retry, ..r };
     match shard {
@@ -621,12 +618,9 @@ fn resend(w: &std::rc::Rc<Worker>, to: SocketAddr, r: Redirected) {
             .pools()
             .get(r.proto, i, 0)
             .send_retryable(r.retry, r.target, r.deadline),
-        None if r.retry.hops < MAX_HOPS => {
+        None if r.retry.hops() < MAX_HOPS => {
             let again = Redirected {
-                retry: Retry {
-                    raw: r.retry.raw,
-                    hops: r.retry.hops + 1,
-                },
+                retry: r.retry.hop(),
                 ..r
             };
             let w = w.clone();

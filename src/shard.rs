@@ -269,17 +269,38 @@ struct Pending {
     deadline: Instant,
     /// Its request's length in bytes.
     len: usize,
-    /// Cluster mode: the request itself, sent again if the node redirects it (boxed: the
-    /// static mode's FIFO entries stay small).
-    retry: Option<Box<Retry>>,
+    /// Cluster mode: the request itself, sent again if the node redirects it.
+    retry: Option<Retry>,
 }
 
 /// A request that may be sent again elsewhere (cluster mode): a node that answers
-/// `-MOVED`, `-ASK` or `-TRYAGAIN` did not run it (see `cluster::redirector`).
-pub struct Retry {
-    pub raw: Bytes,
+/// `-MOVED`, `-ASK` or `-TRYAGAIN` did not run it (see `cluster::redirector`). One
+/// allocation: the redirects it has had so far, then its bytes (a pointer in the FIFO entry,
+/// which stays small for static mode).
+pub struct Retry(Box<[u8]>);
+
+impl Retry {
+    pub fn new(raw: &[u8], hops: u8) -> Self {
+        let mut b = Vec::with_capacity(raw.len() + 1);
+        b.push(hops);
+        b.extend_from_slice(raw);
+        Retry(b.into_boxed_slice())
+    }
+
+    pub fn raw(&self) -> &[u8] {
+        &self.0[1..]
+    }
+
     /// Redirects it has had so far.
-    pub hops: u8,
+    pub fn hops(&self) -> u8 {
+        self.0[0]
+    }
+
+    /// One more redirect.
+    pub fn hop(mut self) -> Self {
+        self.0[0] = self.0[0].saturating_add(1);
+        self
+    }
 }
 
 /// A reply that redirects its request, handed to the worker's redirector with what it
@@ -510,11 +531,15 @@ impl Upstream {
     /// Cluster mode: like [`send_until`](Self::send_until), keeping the request to send it
     /// again if the node redirects it.
     pub fn send_retryable(&self, retry: Retry, target: Target, deadline: Instant) {
-        let raw = retry.raw.clone();
-        self.push(&raw, target, deadline, Some(Box::new(retry)));
+        self.push(&[], target, deadline, Some(retry));
     }
 
-    fn push(&self, raw: &[u8], target: Target, deadline: Instant, retry: Option<Box<Retry>>) {
+    /// Queues a request: `raw`, or (when that is empty) the bytes of `retry`.
+    fn push(&self, raw: &[u8], target: Target, deadline: Instant, retry: Option<Retry>) {
+        let raw = match &retry {
+            Some(r) if raw.is_empty() => r.raw(),
+            _ => raw,
+        };
         if self.dead.get() || self.closed.get() {
             return target.deliver(reply::shard_unavailable(
                 &self.label,
@@ -1127,7 +1152,7 @@ impl Upstream {
                     reply: bytes,
                     from: self.addr,
                     proto: self.proto,
-                    retry: *retry,
+                    retry,
                     target,
                     deadline,
                 });

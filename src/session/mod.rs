@@ -866,7 +866,7 @@ impl Session {
             part: 0,
         };
         if self.w.cluster {
-            return send_redirectable(&up, Bytes::copy_from_slice(raw), target, now);
+            return send_redirectable(&up, raw, target, now);
         }
         up.send(raw, target, now);
     }
@@ -902,7 +902,7 @@ impl Session {
                 part: i as u32,
             };
             if self.w.cluster {
-                send_redirectable(&up, raw.clone(), target, now);
+                send_redirectable(&up, raw, target, now);
             } else {
                 up.send(raw, target, now);
             }
@@ -1210,9 +1210,9 @@ impl Session {
 /// Cluster mode: sends a request that a redirect may send again elsewhere (out of line: the
 /// static mode's forward stays as it was).
 #[inline(never)]
-fn send_redirectable(up: &crate::shard::Upstream, raw: Bytes, target: Target, now: Instant) {
+fn send_redirectable(up: &crate::shard::Upstream, raw: &[u8], target: Target, now: Instant) {
     let deadline = now + up.op_timeout();
-    up.send_retryable(crate::shard::Retry { raw, hops: 0 }, target, deadline);
+    up.send_retryable(crate::shard::Retry::new(raw, 0), target, deadline);
 }
 
 /// A cheap per-process random value (RANDOMKEY's shard pick needs no cryptography).
