@@ -105,6 +105,8 @@ impl ClusterStats {
 pub struct Primary {
     pub addr: SocketAddr,
     pub slots: Vec<(usize, usize)>,
+    /// Its replicas that have not failed, in the order the cluster lists them.
+    pub replicas: Vec<SocketAddr>,
 }
 
 /// The cluster's layout as one node sees it.
@@ -116,24 +118,37 @@ pub struct Topology {
 /// The layout slotgate routes by: shards in order, and the owner of each slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
+    /// The primaries, then (with reads from replicas) one replica of each that has one.
     pub shards: Vec<SocketAddr>,
     pub slot_map: SlotMap,
+    /// Per primary: the shard index of the replica its reads go to (see
+    /// `Settings::replica_of`); empty without reads from replicas.
+    pub replica_of: Vec<Option<usize>>,
 }
 
 impl Topology {
-    /// The shards (primaries with slots, in the order of their first slot) and the slot
-    /// map. Slots no primary serves (a cluster still being set up) go to the first shard,
-    /// which answers them as the cluster does (`-CLUSTERDOWN`, or a redirect).
-    pub fn layout(&self) -> Result<Layout, String> {
-        let mut primaries: Vec<&Primary> = self
-            .primaries
-            .iter()
-            .filter(|p| !p.slots.is_empty())
-            .collect();
-        if primaries.is_empty() {
+    /// The shards and the slot map. The shards are the primaries: those slotgate has already
+    /// (in `previous`) keep their order, so that a SCAN cursor, which names a shard, stays
+    /// good across a reshard; new ones follow in the order of their first slot, then those
+    /// without slots (a node just added: connected before its first slot arrives). With
+    /// `replicas`, the first replica of each primary that has one comes after them. Slots no
+    /// primary serves (a cluster still being set up) go to the first shard, which answers
+    /// them as the cluster does (`-CLUSTERDOWN`, or a redirect).
+    pub fn layout(&self, replicas: bool, previous: &[SocketAddr]) -> Result<Layout, String> {
+        if self.primaries.iter().all(|p| p.slots.is_empty()) {
             return Err("the cluster has no primary with slots".into());
         }
-        primaries.sort_by_key(|p| p.slots.iter().map(|r| r.0).min());
+        let mut primaries: Vec<&Primary> = self.primaries.iter().collect();
+        primaries.sort_by_key(|p| {
+            (
+                previous
+                    .iter()
+                    .position(|a| *a == p.addr)
+                    .unwrap_or(usize::MAX),
+                p.slots.is_empty(),
+                p.slots.iter().map(|r| r.0).min(),
+            )
+        });
         let mut owned = vec![false; crate::router::SLOTS];
         let mut layout: Vec<crate::router::ShardSlots> = primaries
             .iter()
@@ -159,9 +174,20 @@ impl Topology {
             }
         }
         let slot_map = SlotMap::build(&layout).map_err(|e| e.to_string())?;
+        let mut shards: Vec<SocketAddr> = primaries.iter().map(|p| p.addr).collect();
+        let mut replica_of = Vec::new();
+        if replicas {
+            for p in &primaries {
+                replica_of.push(p.replicas.first().map(|&r| {
+                    shards.push(r);
+                    shards.len() - 1
+                }));
+            }
+        }
         Ok(Layout {
-            shards: primaries.iter().map(|p| p.addr).collect(),
+            shards,
             slot_map,
+            replica_of,
         })
     }
 }
@@ -189,11 +215,22 @@ pub struct Access {
 }
 
 /// Reads the topology from the first of `nodes` that answers.
-pub async fn discover(nodes: &[String], access: &Access) -> Result<Topology, String> {
+/// The layout from the first of `nodes` whose answer makes one (a node that left the
+/// cluster answers, but with no slots: the next one is asked). `previous` keeps the order of
+/// the shards slotgate has (see [`Topology::layout`]).
+pub async fn discover(
+    nodes: &[String],
+    access: &Access,
+    replicas: bool,
+    previous: &[SocketAddr],
+) -> Result<Layout, String> {
     let mut why = Vec::new();
     for node in nodes {
         match tokio::time::timeout(ASK_TIMEOUT, ask(node, access)).await {
-            Ok(Ok(t)) => return Ok(t),
+            Ok(Ok(t)) => match t.layout(replicas, previous) {
+                Ok(l) => return Ok(l),
+                Err(e) => why.push(format!("{node}: {e}")),
+            },
             Ok(Err(e)) => why.push(format!("{node}: {e}")),
             Err(_) => why.push(format!("{node}: no answer within {ASK_TIMEOUT:?}")),
         }
@@ -355,24 +392,50 @@ fn parse_shards(f: &OwnedFrame, tls: bool) -> Result<Topology, String> {
             // unowned until it has one.
             continue;
         };
-        let ip = field(primary, "ip")
-            .and_then(text)
-            .ok_or("CLUSTER SHARDS: a node without ip")?;
-        let port = if tls {
-            field(primary, "tls-port").and_then(int)
-        } else {
-            field(primary, "port").and_then(int)
-        }
-        .filter(|p| (1..=65535).contains(p))
-        .ok_or("CLUSTER SHARDS: a node without a port")?;
-        let addr = SocketAddr::new(
-            ip.parse()
-                .map_err(|_| format!("CLUSTER SHARDS: bad ip '{ip}'"))?,
-            port as u16,
-        );
-        t.primaries.push(Primary { addr, slots });
+        let addr = node_addr(primary, tls)?;
+        let replicas = nodes
+            .iter()
+            .filter_map(|n| match n {
+                // (Redis 7.0 says `loading` for a replica whose replication offset is 0,
+                // as in a cluster nothing was written to yet: such a replica serves reads.)
+                OwnedFrame::Array(n)
+                    if field(n, "role").and_then(text).as_deref() == Some("replica")
+                        && matches!(
+                            field(n, "health").and_then(text).as_deref(),
+                            Some("online" | "loading")
+                        ) =>
+                {
+                    node_addr(n, tls).ok()
+                }
+                _ => None,
+            })
+            .collect();
+        t.primaries.push(Primary {
+            addr,
+            slots,
+            replicas,
+        });
     }
     Ok(t)
+}
+
+/// A `CLUSTER SHARDS` node's address (`ip`, and `port` or `tls-port`).
+fn node_addr(node: &[OwnedFrame], tls: bool) -> Result<SocketAddr, String> {
+    let ip = field(node, "ip")
+        .and_then(text)
+        .ok_or("CLUSTER SHARDS: a node without ip")?;
+    let port = if tls {
+        field(node, "tls-port").and_then(int)
+    } else {
+        field(node, "port").and_then(int)
+    }
+    .filter(|p| (1..=65535).contains(p))
+    .ok_or("CLUSTER SHARDS: a node without a port")?;
+    Ok(SocketAddr::new(
+        ip.parse()
+            .map_err(|_| format!("CLUSTER SHARDS: bad ip '{ip}'"))?,
+        port as u16,
+    ))
 }
 
 /// `CLUSTER SLOTS`: per range, `[start, end, [ip, port, id…], replicas…]`.
@@ -400,11 +463,22 @@ fn parse_slots(f: &OwnedFrame) -> Result<Topology, String> {
                 .map_err(|_| format!("CLUSTER SLOTS: bad ip '{ip}'"))?,
             u16::try_from(port).map_err(|_| "CLUSTER SLOTS: bad port".to_string())?,
         );
+        let replicas = r[3..]
+            .iter()
+            .filter_map(|n| match n {
+                OwnedFrame::Array(n) => Some(SocketAddr::new(
+                    n.first().and_then(text)?.parse().ok()?,
+                    u16::try_from(n.get(1).and_then(int)?).ok()?,
+                )),
+                _ => None,
+            })
+            .collect();
         match t.primaries.iter_mut().find(|p| p.addr == addr) {
             Some(p) => p.slots.push(range),
             None => t.primaries.push(Primary {
                 addr,
                 slots: vec![range],
+                replicas,
             }),
         }
     }
@@ -425,6 +499,7 @@ pub fn apply(settings: &mut Settings, cluster: &ClusterSettings, layout: Layout)
     settings.upstream_auth = vec![cluster.auth.clone(); layout.shards.len()];
     settings.shards = layout.shards;
     settings.slot_map = layout.slot_map;
+    settings.replica_of = layout.replica_of;
 }
 
 /// At start-up: reads the topology from the seeds (retrying for up to 10 s) into `settings`.
@@ -434,9 +509,9 @@ pub async fn start(mut settings: Settings) -> Result<Settings, String> {
     };
     let access = access(&settings, &cluster);
     let give_up = tokio::time::Instant::now() + START_WITHIN;
-    let topology = loop {
-        match discover(&cluster.seeds, &access).await {
-            Ok(t) => break t,
+    let layout = loop {
+        match discover(&cluster.seeds, &access, reads_replicas(&cluster), &[]).await {
+            Ok(l) => break l,
             Err(e) if tokio::time::Instant::now() >= give_up => {
                 return Err(format!(
                     "cannot read the cluster's topology from any seed within {START_WITHIN:?}: {e}"
@@ -448,7 +523,6 @@ pub async fn start(mut settings: Settings) -> Result<Settings, String> {
             }
         }
     };
-    let layout = topology.layout()?;
     tracing::info!(
         "cluster: {} primaries: {}",
         layout.shards.len(),
@@ -456,6 +530,11 @@ pub async fn start(mut settings: Settings) -> Result<Settings, String> {
     );
     apply(&mut settings, &cluster, layout);
     Ok(settings)
+}
+
+/// Whether reads go to replicas (`read_from` other than `primary`).
+fn reads_replicas(cluster: &ClusterSettings) -> bool {
+    cluster.read_from != crate::settings::ReadFrom::Primary
 }
 
 /// `addr slots, …` for logs.
@@ -512,14 +591,18 @@ pub async fn keep_fresh(shared: Arc<Shared>, apply: UnboundedSender<Layout>) {
         let running = shared.live();
         let mut nodes: Vec<String> = running.shards.iter().map(|a| a.to_string()).collect();
         nodes.extend(cluster.seeds.iter().cloned());
-        let layout = match discover(&nodes, &access).await.and_then(|t| t.layout()) {
+        let primaries = &running.shards[..running.slot_map.shard_count().min(running.shards.len())];
+        let layout = match discover(&nodes, &access, reads_replicas(&cluster), primaries).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!("cluster: cannot read the topology: {e}");
                 continue;
             }
         };
-        if layout.shards != running.shards || layout.slot_map != running.slot_map {
+        if layout.shards != running.shards
+            || layout.slot_map != running.slot_map
+            || layout.replica_of != running.replica_of
+        {
             tracing::info!("cluster: the topology changed: {}", describe(&layout));
             shared
                 .cluster_stats
@@ -547,22 +630,33 @@ fn redirect(w: &std::rc::Rc<Worker>, r: Redirected) {
     let text = String::from_utf8_lossy(&r.reply[1..])
         .trim_end()
         .to_string();
-    if r.retry.hops() >= MAX_HOPS {
-        return r
-            .target
-            .deliver(crate::resp::reply::too_many_redirects(&text));
-    }
     let mut words = text.split(' ');
     let kind = words.next().unwrap_or("");
     let stats = &w.shared.cluster_stats;
     match kind {
-        "MOVED" => stats.moved.fetch_add(1, Ordering::Relaxed),
-        "ASK" => stats.ask.fetch_add(1, Ordering::Relaxed),
-        _ => stats.tryagain.fetch_add(1, Ordering::Relaxed),
-    };
+        "MOVED" => {
+            stats.moved.fetch_add(1, Ordering::Relaxed);
+            // (Before anything else: the layout is read again even if this one fails.)
+            w.shared.cluster_changed.notify_one();
+        }
+        "ASK" => {
+            stats.ask.fetch_add(1, Ordering::Relaxed);
+        }
+        _ => {
+            stats.tryagain.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    if tokio::time::Instant::now() >= r.deadline {
+        // Its client is told it timed out (or already was): never run it later.
+        return r.target.deliver(crate::resp::reply::shard_unavailable(
+            &r.from.to_string(),
+            &format!("redirected ({text}) past the request's deadline"),
+        ));
+    }
     if kind == "TRYAGAIN" {
-        // The slot is being migrated: sent again every 20 ms until the request's deadline
-        // (a migration takes as long as its keys do), not counted as a hop.
+        // The slot is being migrated: sent again (to the same node, with ASKING if it went
+        // with it) every 20 ms until the request's deadline (a migration takes as long as its
+        // keys do), not counted as a hop.
         if tokio::time::Instant::now() + TRYAGAIN_WAIT >= r.deadline {
             return r.target.deliver(crate::resp::reply::shard_unavailable(
                 &r.from.to_string(),
@@ -577,27 +671,21 @@ fn redirect(w: &std::rc::Rc<Worker>, r: Redirected) {
         });
         return;
     }
-    let to = match kind {
-        "MOVED" | "ASK" => match words.nth(1).and_then(|a| a.parse::<SocketAddr>().ok()) {
-            Some(a) => a,
-            None => return r.target.deliver(r.reply),
-        },
+    if r.retry.hops() >= MAX_HOPS {
+        return r
+            .target
+            .deliver(crate::resp::reply::too_many_redirects(&text));
+    }
+    let to = match (kind, words.nth(1).and_then(redirect_addr)) {
+        ("MOVED" | "ASK", Some(a)) => a,
         _ => return r.target.deliver(r.reply),
     };
-    if kind == "MOVED" {
-        w.shared.cluster_changed.notify_one();
-    }
-    let retry = r.retry.hop();
-    let shard = w.pools().shard_index(to);
-    let again = Redirected { retry, ..r };
-    match shard {
-        Some(i) => {
-            let up = w.pools().get(again.proto, i, 0);
-            if kind == "ASK" {
-                up.send_until(b"*1\r\n$6\r\nASKING\r\n", Target::Discard, again.deadline);
-            }
-            up.send_retryable(again.retry, again.target, again.deadline);
-        }
+    let again = Redirected {
+        retry: r.retry.hop().asking(kind == "ASK"),
+        ..r
+    };
+    match w.pools().shard_index(to) {
+        Some(_) => resend(w, to, again),
         None => {
             // A node slotgate has no connection to yet: it joined; the next layout has it.
             w.shared.cluster_changed.notify_one();
@@ -610,15 +698,26 @@ fn redirect(w: &std::rc::Rc<Worker>, r: Redirected) {
     }
 }
 
-/// Sends a request again to `to` after a wait (`-TRYAGAIN`, or a node that was not known;
-/// for the latter, a hop each time).
+/// The address of a redirect: `ip:port`, where an IPv6 `ip` has no brackets
+/// (`MOVED 15495 ::1:7410`).
+fn redirect_addr(a: &str) -> Option<SocketAddr> {
+    let (ip, port) = a.rsplit_once(':')?;
+    let ip = ip.trim_start_matches('[').trim_end_matches(']');
+    Some(SocketAddr::new(ip.parse().ok()?, port.parse().ok()?))
+}
+
+/// Sends a request (again) to `to`: behind `ASKING` when an ASK sent it there. A node
+/// slotgate has no connection to yet is waited for (a hop each time).
 fn resend(w: &std::rc::Rc<Worker>, to: SocketAddr, r: Redirected) {
     match w.pools().shard_index(to) {
-        Some(i) => w
-            .pools()
-            .get(r.proto, i, 0)
-            .send_retryable(r.retry, r.target, r.deadline),
-        None if r.retry.hops() < MAX_HOPS => {
+        Some(i) => {
+            let up = w.pools().get(r.proto, i, 0);
+            if r.retry.is_asking() {
+                up.send_until(b"*1\r\n$6\r\nASKING\r\n", Target::Discard, r.deadline);
+            }
+            up.send_retryable(r.retry, r.target, r.deadline);
+        }
+        None if r.retry.hops() < MAX_HOPS && tokio::time::Instant::now() < r.deadline => {
             let again = Redirected {
                 retry: r.retry.hop(),
                 ..r
@@ -709,17 +808,25 @@ mod tests {
             [
                 Primary {
                     addr: "127.0.0.1:7001".parse().unwrap(),
-                    slots: vec![(0, 8191)]
+                    slots: vec![(0, 8191)],
+                    replicas: vec!["127.0.0.1:7002".parse().unwrap()],
                 },
                 Primary {
                     addr: "127.0.0.1:7003".parse().unwrap(),
-                    slots: vec![(8192, 10000), (10002, 16383)]
+                    slots: vec![(8192, 10000), (10002, 16383)],
+                    replicas: vec![],
                 }
             ]
         );
         // Slot 10001 has no primary: it goes to the first shard.
-        let l = t.layout().unwrap();
+        let l = t.layout(false, &[]).unwrap();
         assert_eq!(l.shards.len(), 2);
+        assert!(l.replica_of.is_empty());
+        // Reads from replicas: the replicas come after the primaries.
+        let r = t.layout(true, &[]).unwrap();
+        assert_eq!(r.shards[2], "127.0.0.1:7002".parse().unwrap());
+        assert_eq!(r.replica_of, [Some(2), None]);
+        assert_eq!(r.slot_map.shard_count(), 2);
         assert_eq!(l.slot_map.shard_of_slot(10001), 0);
         assert_eq!(l.slot_map.shard_of_slot(10002), 1);
         assert!(parse_shards(&OwnedFrame::Integer(1), false).is_err());
@@ -747,10 +854,45 @@ mod tests {
         let t = parse_slots(&slots).unwrap();
         assert_eq!(t.primaries.len(), 2);
         assert_eq!(t.primaries[0].slots, [(0, 99), (16001, 16383)]);
-        let l = t.layout().unwrap();
+        assert_eq!(t.primaries[0].replicas, ["127.0.0.1:7011".parse().unwrap()]);
+        let l = t.layout(false, &[]).unwrap();
         assert_eq!(l.slot_map.shard_of_slot(16383), 0);
         assert_eq!(l.slot_map.shard_of_slot(100), 1);
         assert!(parse_slots(&OwnedFrame::Array(vec![range(5, 3, 7001)])).is_err());
-        assert!(Topology::default().layout().is_err());
+        assert!(Topology::default().layout(false, &[]).is_err());
+    }
+
+    #[test]
+    fn known_primaries_keep_their_place_and_empty_ones_are_connected() {
+        let p = |port: u16, slots: Vec<(usize, usize)>| Primary {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            slots,
+            replicas: vec![],
+        };
+        // 7002 took slot 0 from 7001 in a reshard; 7009 joined without slots yet.
+        let t = Topology {
+            primaries: vec![
+                p(7009, vec![]),
+                p(7002, vec![(0, 0), (8192, 16383)]),
+                p(7001, vec![(1, 8191)]),
+            ],
+        };
+        let previous = [7001, 7002].map(|port| SocketAddr::from(([127, 0, 0, 1], port)));
+        let l = t.layout(false, &previous).unwrap();
+        let ports: Vec<u16> = l.shards.iter().map(|a| a.port()).collect();
+        assert_eq!(
+            ports,
+            [7001, 7002, 7009],
+            "a SCAN cursor's shard stays the same"
+        );
+        assert_eq!(l.slot_map.shard_of_slot(0), 1);
+        assert!(l.slot_map.ranges(2).is_empty());
+        assert_eq!(
+            redirect_addr("::1:7410"),
+            Some("[::1]:7410".parse().unwrap()),
+            "IPv6 without brackets, as Redis writes it"
+        );
+        assert_eq!(redirect_addr("127.0.0.1:7001"), Some(previous[0]));
+        assert_eq!(redirect_addr("localhost:7001"), None);
     }
 }

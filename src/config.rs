@@ -656,6 +656,7 @@ impl Merged {
             shards,
             slot_map,
             cluster: cluster.map(Arc::new),
+            replica_of: Vec::new(),
             workers,
             upstream_connections: self.upstream_connections,
             op_timeout,
@@ -718,7 +719,29 @@ impl Merged {
     /// Cluster mode (`--cluster`, `[cluster] seeds`), when its seeds are given: checked here,
     /// contacted only when slotgate starts.
     fn cluster(&self) -> Result<Option<crate::settings::ClusterSettings>, ConfigError> {
+        let refresh = parse_duration(&self.cluster_refresh)
+            .map_err(|why| invalid("cluster-refresh", &self.cluster_refresh, why))?;
+        if refresh < Duration::from_millis(100) {
+            return Err(invalid(
+                "cluster-refresh",
+                &self.cluster_refresh,
+                "at least 100ms",
+            ));
+        }
+        let read_from = match self.read_from.as_str() {
+            "primary" => crate::settings::ReadFrom::Primary,
+            "replica" => crate::settings::ReadFrom::Replica,
+            "prefer-replica" => crate::settings::ReadFrom::PreferReplica,
+            _ => {
+                return Err(invalid(
+                    "read-from",
+                    &self.read_from,
+                    "expected primary, replica or prefer-replica",
+                ));
+            }
+        };
         if self.cluster_seeds.is_empty() {
+            // (The cluster keys are checked anyway: a typo is an error in static mode too.)
             return Ok(None);
         }
         if !self.shards.is_empty() {
@@ -738,32 +761,6 @@ impl Merged {
                 _ => return Err(invalid("cluster seed", s, "expected HOST:PORT")),
             }
         }
-        let refresh = parse_duration(&self.cluster_refresh)
-            .map_err(|why| invalid("cluster-refresh", &self.cluster_refresh, why))?;
-        if refresh < Duration::from_millis(100) {
-            return Err(invalid(
-                "cluster-refresh",
-                &self.cluster_refresh,
-                "at least 100ms",
-            ));
-        }
-        let read_from = match self.read_from.as_str() {
-            "primary" => crate::settings::ReadFrom::Primary,
-            "replica" | "prefer-replica" => {
-                return Err(invalid(
-                    "read-from",
-                    &self.read_from,
-                    "reads from replicas are not supported yet; use primary",
-                ));
-            }
-            _ => {
-                return Err(invalid(
-                    "read-from",
-                    &self.read_from,
-                    "expected primary, replica or prefer-replica",
-                ));
-            }
-        };
         let auth = match (&self.upstream_username, &self.upstream_password) {
             (u, Some(p)) => Some(UpstreamAuth {
                 username: u.clone(),

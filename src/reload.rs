@@ -88,7 +88,8 @@ async fn new_layout(
     let mut new = (*running).clone();
     crate::cluster::apply(&mut new, &cluster, layout);
     publish(shared, workers, new).await;
-    close_clients(shared, true);
+    // (Unlike a static relayout, no client is closed: every node it used is still a node of
+    // the cluster, or drains.)
 }
 
 /// Publishes `new` and waits (up to a second each) for the workers to take it up.

@@ -44,6 +44,10 @@ pub struct ClusterSettings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadFrom {
     Primary,
+    /// Reads go to a replica of the slot's primary, and fail when it has none.
+    Replica,
+    /// Reads go to a replica when one is connected, else to the primary.
+    PreferReplica,
 }
 
 /// The validated settings the server runs with.
@@ -55,6 +59,10 @@ pub struct Settings {
     pub slot_map: SlotMap,
     /// Cluster mode: `shards`, `slot_map` and `upstream_auth` follow the cluster's topology.
     pub cluster: Option<Arc<ClusterSettings>>,
+    /// Cluster mode with reads from replicas: per primary (its shard index), the shard index
+    /// of the replica its reads go to. The replicas are the shards after the primaries (no
+    /// slot maps to them). Empty otherwise.
+    pub replica_of: Vec<Option<usize>>,
     pub workers: usize,
     pub upstream_connections: usize,
     pub op_timeout: Duration,

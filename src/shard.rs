@@ -110,6 +110,8 @@ pub struct UpstreamConfig {
     /// slotgate's slow log, on the shared connections (whose requests' deadlines are their
     /// start plus `op_timeout`: see `slowlog`).
     pub slowlog: Option<Arc<crate::slowlog::SlowLog>>,
+    /// A cluster replica that serves reads: `READONLY` after the handshake.
+    pub readonly: bool,
 }
 
 /// Scripts (SCRIPT LOAD) and function libraries (FUNCTION LOAD) loaded through slotgate.
@@ -280,9 +282,12 @@ struct Pending {
 pub struct Retry(Box<[u8]>);
 
 impl Retry {
+    /// Bit of the first byte: the request goes behind `ASKING` (an ASK sent it).
+    const ASKING: u8 = 0x80;
+
     pub fn new(raw: &[u8], hops: u8) -> Self {
         let mut b = Vec::with_capacity(raw.len() + 1);
-        b.push(hops);
+        b.push(hops & !Self::ASKING);
         b.extend_from_slice(raw);
         Retry(b.into_boxed_slice())
     }
@@ -293,12 +298,29 @@ impl Retry {
 
     /// Redirects it has had so far.
     pub fn hops(&self) -> u8 {
-        self.0[0]
+        self.0[0] & !Self::ASKING
     }
 
     /// One more redirect.
     pub fn hop(mut self) -> Self {
-        self.0[0] = self.0[0].saturating_add(1);
+        if self.hops() < !Self::ASKING {
+            self.0[0] += 1;
+        }
+        self
+    }
+
+    /// Whether it goes behind `ASKING` (to the node an ASK named, until it is redirected
+    /// again).
+    pub fn is_asking(&self) -> bool {
+        self.0[0] & Self::ASKING != 0
+    }
+
+    pub fn asking(mut self, on: bool) -> Self {
+        if on {
+            self.0[0] |= Self::ASKING;
+        } else {
+            self.0[0] &= !Self::ASKING;
+        }
         self
     }
 }
@@ -943,6 +965,10 @@ impl Upstream {
             (Proto::Resp3, _, _) => cmds.push(vec![b"HELLO", b"3"]),
             (Proto::Resp2, _, _) => {}
         }
+        if self.cfg.readonly {
+            // A cluster replica serves reads of its primary's slots on this connection.
+            cmds.push(vec![b"READONLY"]);
+        }
         if cmds.is_empty() {
             return None;
         }
@@ -1146,7 +1172,7 @@ impl Upstream {
                 target,
                 deadline,
                 ..
-            }) if is_redirect(&bytes) => {
+            }) if is_redirect(&bytes) && !matches!(target, Target::Abandoned(_)) => {
                 // Cluster mode: the node did not run it; the worker sends it where it goes.
                 redirected(Redirected {
                     reply: bytes,
@@ -1896,6 +1922,7 @@ mod tests {
     fn config(op_timeout: Duration, auth: bool) -> UpstreamConfig {
         UpstreamConfig {
             slowlog: None,
+            readonly: false,
             op_timeout,
             max_inflight: 1000,
             max_inflight_bytes: 1 << 20,

@@ -228,7 +228,8 @@ fn upstream_configs(shared: &Shared, s: &Settings) -> Vec<(SocketAddr, UpstreamC
     s.shards
         .iter()
         .zip(&s.upstream_auth)
-        .map(|(&addr, auth)| {
+        .enumerate()
+        .map(|(i, (&addr, auth))| {
             let cfg = UpstreamConfig {
                 op_timeout: fixed.op_timeout,
                 max_inflight: fixed.max_inflight_per_connection,
@@ -240,6 +241,8 @@ fn upstream_configs(shared: &Shared, s: &Settings) -> Vec<(SocketAddr, UpstreamC
                 mirror: None,
                 scripts: Some(shared.scripts.clone()),
                 slowlog: Some(shared.slowlog.clone()),
+                // (The shards after the primaries are the replicas reads go to.)
+                readonly: i >= s.slot_map.shard_count(),
             };
             (addr, cfg)
         })
@@ -264,6 +267,8 @@ pub struct Worker {
     /// Cluster mode: requests on the shared connections keep their bytes, to follow
     /// redirects (see `cluster`).
     pub cluster: bool,
+    /// Cluster mode: where read-only commands go (`read_from`).
+    pub read_from: crate::settings::ReadFrom,
     /// Told the reload count each time this worker takes up a reload; each session's watcher
     /// flags its session (see `session::serve`).
     pub reloads: tokio::sync::watch::Sender<u64>,
@@ -298,6 +303,11 @@ impl Worker {
             layout: std::cell::Cell::new(0),
             has_rules: std::cell::Cell::new(!shared.live().readthrough.is_empty()),
             cluster: shared.settings.cluster.is_some(),
+            read_from: shared
+                .settings
+                .cluster
+                .as_ref()
+                .map_or(crate::settings::ReadFrom::Primary, |c| c.read_from),
             live: std::cell::RefCell::new(shared.live()),
             reloads: tokio::sync::watch::Sender::new(shared.generation.load(Ordering::Acquire)),
             shared,

@@ -163,9 +163,9 @@ fn cluster_flags_and_keys_are_checked_without_contacting_anything() {
         &["--cluster", "127.0.0.1:1", "--cluster-refresh", "0"],
         "cluster-refresh",
     );
-    bad(
-        &["--cluster", "127.0.0.1:1", "--read-from", "replica"],
-        "not supported yet",
+    ok(
+        &["--cluster", "127.0.0.1:1", "--read-from", "prefer-replica"],
+        "cluster mode",
     );
     bad(
         &["--cluster", "127.0.0.1:1", "--read-from", "nearest"],
@@ -224,6 +224,8 @@ fn a_seed_that_is_not_a_cluster_node_stops_the_start_with_a_clear_error() {
 #[test]
 fn after_a_primary_is_killed_its_slots_come_back_on_the_promoted_replica() {
     let mut cluster = Cluster::start(3, 1);
+    // (A replica attaches to its primary a few seconds after the cluster is created.)
+    cluster.wait_for_replicas(3);
     let seed = cluster.nodes[0].addr();
     // A long refresh interval: slotgate reads the topology every second by itself while a
     // primary is unreachable.
@@ -466,6 +468,16 @@ fn ask_and_tryagain_during_a_slot_migration_stay_inside_slotgate() {
             .arg("{mig}b")
             .query::<Vec<String>>(&mut c)
     });
+    // `a` (moved) and a key that exists nowhere: the owner answers ASK, the importing node
+    // TRYAGAIN; it is asked again behind ASKING (review: it lost ASKING and gave up).
+    let url2 = proxy.url();
+    let missing = std::thread::spawn(move || {
+        let mut c = redis::Client::open(url2).unwrap().get_connection().unwrap();
+        redis::cmd("MGET")
+            .arg("{mig}a")
+            .arg("{mig}nx")
+            .query::<Vec<Option<String>>>(&mut c)
+    });
     wait_until("a TRYAGAIN", Duration::from_secs(5), || {
         cluster_stat(&mut c, "cluster_redirects_tryagain") > 0
     });
@@ -480,9 +492,201 @@ fn ask_and_tryagain_during_a_slot_migration_stay_inside_slotgate() {
             .unwrap();
     }
     assert_eq!(mget.join().unwrap().unwrap(), ["1", "2"]);
+    assert_eq!(
+        missing.join().unwrap().unwrap(),
+        [Some("1".to_string()), None]
+    );
     assert!(cluster_stat(&mut c, "cluster_redirects_ask") > 0);
     // After the migration the old owner answers MOVED: followed as well.
     let v: String = redis::cmd("GET").arg(b).query(&mut c).unwrap();
     assert_eq!(v, "2");
     assert!(cluster_stat(&mut c, "cluster_redirects_moved") > 0);
+}
+
+#[test]
+fn read_from_replica_sends_reads_to_replicas_and_writes_to_primaries() {
+    let cluster = Cluster::start(3, 1);
+    cluster.wait_for_replicas(3);
+    let seed = cluster.nodes[0].addr();
+    let proxy = Slotgate::start_with(&[], &["--cluster", &seed, "--read-from", "replica"]);
+    let mut c = proxy.client();
+    let k = |i: usize| format!("rr:{i}");
+    for i in 0..100 {
+        let _: () = redis::cmd("SET").arg(k(i)).arg(i).query(&mut c).unwrap();
+    }
+    let primaries: Vec<u16> = {
+        let mut p = cluster.owners();
+        p.sort();
+        p.dedup();
+        p
+    };
+    for &p in &primaries {
+        let _: i64 = redis::cmd("WAIT")
+            .arg(1)
+            .arg(5000)
+            .query(&mut cluster.node(p).client())
+            .unwrap();
+    }
+    for n in &cluster.nodes {
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query(&mut n.client())
+            .unwrap();
+    }
+    for i in 0..100 {
+        let v: Option<String> = redis::cmd("GET").arg(k(i)).query(&mut c).unwrap();
+        assert_eq!(v, Some(i.to_string()), "{}", k(i));
+    }
+    let keys: Vec<String> = (0..20).map(k).collect();
+    let got: Vec<String> = redis::cmd("MGET").arg(&keys).query(&mut c).unwrap();
+    assert_eq!(got, (0..20).map(|i| i.to_string()).collect::<Vec<_>>());
+    let _: () = redis::cmd("SET").arg(k(0)).arg("w").query(&mut c).unwrap();
+    let replicas: Vec<u16> = cluster
+        .nodes
+        .iter()
+        .map(|n| n.port)
+        .filter(|p| !primaries.contains(p))
+        .collect();
+    for &p in &primaries {
+        assert_eq!(
+            cluster.calls(p, "get") + cluster.calls(p, "mget"),
+            0,
+            "primary {p} served reads"
+        );
+    }
+    let gets: u64 = replicas.iter().map(|&p| cluster.calls(p, "get")).sum();
+    assert_eq!(gets, 100, "every GET on a replica");
+    assert!(replicas.iter().all(|&p| cluster.calls(p, "get") > 0));
+    assert!(
+        replicas
+            .iter()
+            .map(|&p| cluster.calls(p, "mget"))
+            .sum::<u64>()
+            > 0
+    );
+    assert_eq!(
+        primaries
+            .iter()
+            .map(|&p| cluster.calls(p, "set"))
+            .sum::<u64>(),
+        1
+    );
+    let info: String = redis::cmd("INFO").arg("shards").query(&mut c).unwrap();
+    assert_eq!(info.matches("role=replica").count(), 3, "{info}");
+}
+
+/// `/metrics`' count of layouts slotgate took up (read without contacting any node).
+fn layout_changes(admin: u16) -> f64 {
+    http_get(admin, "/metrics")
+        .1
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("slotgate_cluster_layout_changes_total ")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn a_new_layout_keeps_a_clients_order_and_its_subscriptions() {
+    let cluster = Cluster::start(3, 0);
+    let seed = cluster.nodes[0].addr();
+    let admin = free_port();
+    let proxy = Slotgate::start_with(
+        &[],
+        &[
+            "--cluster",
+            &seed,
+            "--cluster-refresh",
+            "10m",
+            "--op-timeout",
+            "5s",
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
+        ],
+    );
+    // A subscriber, on whatever node classic channels use.
+    let mut sub = proxy.raw();
+    sub.send(&resp(&[b"SUBSCRIBE", b"news"]));
+    assert_eq!(
+        sub.read_replies(1)[0],
+        b"*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n"
+    );
+    let owners = cluster.owners();
+    // `k` (slot of "k") and `m` (another primary's slot) both move to a third primary,
+    // behind slotgate's back.
+    let (ks, ms) = (
+        slot("k"),
+        (0..16384u16)
+            .find(|&s| owners[s as usize] != owners[slot("k") as usize])
+            .unwrap(),
+    );
+    let a = owners[ks as usize];
+    let c_port = owners[ms as usize];
+    let b = cluster
+        .nodes
+        .iter()
+        .map(|n| n.port)
+        .find(|&p| p != a && p != c_port)
+        .unwrap();
+    let mut direct = cluster.node(c_port).client();
+    let m_key = (0..)
+        .map(|i| format!("m{i}"))
+        .find(|k| slot(k) == ms)
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&m_key)
+        .arg("x")
+        .query(&mut direct)
+        .unwrap();
+    cluster.move_slot(ks, a, b);
+    cluster.move_slot(ms, c_port, b);
+    // The old owner of `k` is busy; a client's `SET k 1` waits there (slotgate still routes
+    // `k` to it).
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("busy-reply-threshold")
+        .arg(10000)
+        .query(&mut cluster.node(a).client())
+        .unwrap();
+    // (Written before the client's SET: the node reads it first and sleeps.)
+    let mut sleeper = RawConn::connect(a);
+    sleeper.send(&resp(&[b"DEBUG", b"SLEEP", b"1.5"]));
+    let mut client = proxy.raw();
+    client
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let before = layout_changes(admin);
+    client.send(&resp(&[b"SET", b"k", b"1"]));
+    // Another client's read of `m` gets MOVED: slotgate reads the new layout.
+    let v: String = redis::cmd("GET")
+        .arg(&m_key)
+        .query(&mut proxy.client())
+        .unwrap();
+    assert_eq!(v, "x");
+    wait_until(
+        "slotgate to take up the new layout",
+        Duration::from_secs(5),
+        || layout_changes(admin) > before,
+    );
+    // The same client's next write goes by the new layout, after the first one.
+    client.send(&resp(&[b"SET", b"k", b"2"]));
+    assert_eq!(
+        client.read_replies(2),
+        [b"+OK\r\n".to_vec(), b"+OK\r\n".to_vec()]
+    );
+    assert_eq!(sleeper.read_replies(1)[0], b"+OK\r\n");
+    assert_eq!(client.call(&[b"GET", b"k"]), b"$1\r\n2\r\n");
+    // The subscriber stayed through the layout change.
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("news")
+        .arg("hello")
+        .query(&mut proxy.client())
+        .unwrap();
+    assert_eq!(
+        sub.read_replies(1)[0],
+        b"*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nhello\r\n"
+    );
 }

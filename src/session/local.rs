@@ -1010,8 +1010,14 @@ fn shards_info(
         } else {
             "down"
         };
+        // Cluster mode: the replicas reads go to come after the primaries.
+        let role = match (&settings.cluster, i < settings.slot_map.shard_count()) {
+            (None, _) => "",
+            (Some(_), true) => ",role=primary",
+            (Some(_), false) => ",role=replica",
+        };
         body.push_str(&format!(
-            "shard{i}:addr={addr},slots={},status={status},keys={},redis_version={}\r\n",
+            "shard{i}:addr={addr},slots={},status={status},keys={},redis_version={}{role}\r\n",
             ranges.join(" "),
             text.map_or(0, |t| db0(t).0),
             text.and_then(|t| info_field(t, "redis_version"))

@@ -42,6 +42,7 @@ use crate::resp::reply::{self, Proto};
 use crate::resp::request::push_header;
 use crate::resp::{Limits, Parsed, Request, RequestParser};
 use crate::router;
+use crate::settings::ReadFrom;
 use crate::worker::{Shared, Worker};
 
 /// What ended a session's wait.
@@ -140,6 +141,9 @@ pub struct Session {
     pub(crate) blocked_on: Arc<crate::worker::BlockedOn>,
     /// The token this client authenticated with, when it did (see `Session::token_login`).
     pub(crate) token: Option<TokenLife>,
+    /// Cluster mode: the worker's layout count this client's requests were last routed by
+    /// (see `follow_layout`).
+    routed_layout: u64,
 }
 
 /// The expiry of the token a client authenticated with: a timer flags the session
@@ -273,6 +277,7 @@ where
         monitor: None,
         blocked_on: Arc::default(),
         token: None,
+        routed_layout: w.layout.get(),
         w,
     };
     if !users.auth_required() {
@@ -367,10 +372,13 @@ impl Session {
         let layout = self.w.layout.get();
         if layout != self.layout {
             self.layout = layout;
-            if self.tx.is_some()
-                || self.watch.is_some()
-                || self.blocked.is_some()
-                || self.subscribed()
+            // (In cluster mode their node stays, and answers for the slots it still serves:
+            // the clients stay.)
+            if !self.w.cluster
+                && (self.tx.is_some()
+                    || self.watch.is_some()
+                    || self.blocked.is_some()
+                    || self.subscribed())
             {
                 // Its transaction, watches, blocking command or subscriptions live on a shard
                 // that may no longer own their slots: closed, so that the client starts over
@@ -448,6 +456,9 @@ impl Session {
         let mut n = 0;
         let mut used = 0;
         let mut bounded = false;
+        if self.w.cluster {
+            self.follow_layout();
+        }
         loop {
             if self.closing {
                 break;
@@ -813,12 +824,54 @@ impl Session {
                 };
                 match rule {
                     Some(rule) => self.get_readthrough(shard, rule, req, now),
+                    None if self.w.read_from != ReadFrom::Primary && spec.has(flags::READONLY) => {
+                        match self.reader_of(shard) {
+                            Ok(s) => self.forward(s, req.raw, now),
+                            Err(e) => self.reply(e),
+                        }
+                    }
                     None => self.forward(shard, req.raw, now),
                 }
             }
             // No keys, or key positions undeterminable: any shard answers (its own error).
             Ok(None) => self.forward(0, req.raw, now),
             Err(()) => self.reply_static(reply::CROSSSLOT),
+        }
+    }
+
+    /// Cluster mode: after the cluster's layout changed, this client's next commands wait
+    /// for the replies of those sent by the old one. Those may be redirected to the new
+    /// owner of their slot, and a later command sent there directly could overtake them (a
+    /// pipelined `SET k 1`, `SET k 2` would end as 1). The layout only changes between two
+    /// turns of the worker, so once per read is enough.
+    #[cold]
+    fn follow_layout(&mut self) {
+        let layout = self.w.layout.get();
+        if layout != self.routed_layout {
+            self.routed_layout = layout;
+            if self.queue.waiting() > 0 {
+                self.barrier = true;
+            }
+        }
+    }
+
+    /// Cluster mode with reads from replicas: the shard a read of `primary`'s slots goes
+    /// to: its replica, or (`prefer-replica`, when it has none or that one is not connected)
+    /// the primary itself.
+    #[cold]
+    fn reader_of(&self, primary: usize) -> Result<usize, Bytes> {
+        let replica = self.w.live().replica_of.get(primary).copied().flatten();
+        match (replica, self.w.read_from) {
+            (Some(r), ReadFrom::Replica) => Ok(r),
+            (Some(r), _) if self.w.pools().get(self.proto, r, self.conn).is_connected() => Ok(r),
+            (None, ReadFrom::Replica) => {
+                let addr = self.w.live().shards[primary].to_string();
+                Err(reply::shard_unavailable(
+                    &addr,
+                    "no replica to read from (read_from = replica)",
+                ))
+            }
+            _ => Ok(primary),
         }
     }
 
@@ -946,12 +999,19 @@ impl Session {
         let readthrough = merge == Merge::ArrayInOrder
             && !rules.is_empty()
             && (1..argc).any(|i| rules.find(req.arg(i)).is_some());
+        let from_replica = self.w.read_from != ReadFrom::Primary && spec.has(flags::READONLY);
         if same && !readthrough {
-            let shard = if per_slot {
+            let mut shard = if per_slot {
                 map.shard_of_slot(self.keys[0] as u16)
             } else {
                 self.keys[0]
             };
+            if from_replica {
+                shard = match self.reader_of(shard) {
+                    Ok(s) => s,
+                    Err(e) => return self.reply(e),
+                };
+            }
             return self.forward(shard, req.raw, now);
         }
         let name = req.arg_frame(0);
@@ -990,6 +1050,14 @@ impl Session {
         }
         if readthrough {
             return self.mget_readthrough(req, &parts, used_positions, now);
+        }
+        if from_replica {
+            for part in parts.iter_mut() {
+                part.0 = match self.reader_of(part.0) {
+                    Ok(s) => s,
+                    Err(e) => return self.reply(e),
+                };
+            }
         }
         let kind = match merge {
             Merge::ArrayInOrder => GatherKind::ArrayInOrder {

@@ -36,6 +36,9 @@ impl Cluster {
                     &file,
                     "--cluster-node-timeout",
                     "2000",
+                    // DEBUG SLEEP makes a node busy on purpose.
+                    "--enable-debug-command",
+                    "yes",
                 ])
             })
             .collect();
@@ -46,8 +49,8 @@ impl Cluster {
         match run_bounded(&mut cmd, Duration::from_secs(60)) {
             Ok(f) if f.code == Some(0) => {}
             Ok(f) | Err(f) => panic!(
-                "redis-cli --cluster create failed: {}{}",
-                f.stdout, f.stderr
+                "redis-cli --cluster create failed (exit {:?}): {}{}",
+                f.code, f.stdout, f.stderr
             ),
         }
         let c = Cluster { nodes };
@@ -61,6 +64,41 @@ impl Cluster {
             })
         });
         c
+    }
+
+    /// Waits until every primary has a connected replica that the cluster sees as up (gossip
+    /// takes a few seconds after `--cluster create`).
+    pub fn wait_for_replicas(&self, replicas: usize) {
+        wait_until("the replicas to be up", Duration::from_secs(30), || {
+            let nodes: String = redis::cmd("CLUSTER")
+                .arg("NODES")
+                .query(&mut self.nodes[0].client())
+                .unwrap_or_default();
+            let up = nodes
+                .lines()
+                .filter(|l| l.contains("slave") && !l.contains("fail") && l.contains("connected"))
+                .count();
+            up == replicas
+                && self.nodes.iter().all(|n| {
+                    let info: String = redis::cmd("INFO")
+                        .arg("replication")
+                        .query(&mut n.client())
+                        .unwrap_or_default();
+                    info.contains("role:master") || info.contains("master_link_status:up")
+                })
+        });
+    }
+
+    /// A command's calls on the node on `port` (its INFO commandstats).
+    pub fn calls(&self, port: u16, command: &str) -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut self.node(port).client())
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+            .and_then(|r| r.split(',').next()?.parse().ok())
+            .unwrap_or(0)
     }
 
     /// The node listening on `port`.
@@ -96,6 +134,52 @@ impl Cluster {
             }
         }
         owners
+    }
+
+    /// Moves `slot` and its keys from the node on `from` to the node on `to` by hand, as
+    /// `redis-cli --cluster reshard` does for each slot.
+    pub fn move_slot(&self, slot: u16, from: u16, to: u16) {
+        let (from_id, to_id) = (self.id_of(from), self.id_of(to));
+        let setslot = |port: u16, args: &[&str]| {
+            let _: () = redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg(args)
+                .query(&mut self.node(port).client())
+                .unwrap();
+        };
+        setslot(to, &["IMPORTING", &from_id]);
+        setslot(from, &["MIGRATING", &to_id]);
+        loop {
+            let keys: Vec<String> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(100)
+                .query(&mut self.node(from).client())
+                .unwrap();
+            if keys.is_empty() {
+                break;
+            }
+            let _: () = redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(to)
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(&keys)
+                .query(&mut self.node(from).client())
+                .unwrap();
+        }
+        for n in &self.nodes {
+            let _: () = redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg("NODE")
+                .arg(&to_id)
+                .query(&mut n.client())
+                .unwrap();
+        }
     }
 
     /// The node id of the node on `port`.
