@@ -619,7 +619,11 @@ pub async fn keep_fresh(shared: Arc<Shared>, apply: UnboundedSender<Layout>) {
 /// long as the worker runs (cluster mode).
 pub async fn redirector(w: std::rc::Rc<Worker>) {
     loop {
-        for r in crate::shard::next_redirects().await {
+        let (redirected, moved) = crate::shard::next_redirects().await;
+        if moved {
+            w.shared.cluster_changed.notify_one();
+        }
+        for r in redirected {
             redirect(&w, r);
         }
     }

@@ -23,7 +23,7 @@
 //! down triggers an attempt at once, so the first request after the shard returns succeeds.
 //! Deadlines are kept while connecting too: no request waits longer than `op_timeout`.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -112,6 +112,9 @@ pub struct UpstreamConfig {
     pub slowlog: Option<Arc<crate::slowlog::SlowLog>>,
     /// A cluster replica that serves reads: `READONLY` after the handshake.
     pub readonly: bool,
+    /// Cluster mode: a `-MOVED` that reaches its client (a request not sent to follow
+    /// redirects) still makes slotgate read the layout again.
+    pub cluster: bool,
 }
 
 /// Scripts (SCRIPT LOAD) and function libraries (FUNCTION LOAD) loaded through slotgate.
@@ -339,27 +342,39 @@ pub struct Redirected {
 }
 
 thread_local! {
-    /// This worker's redirected requests, for its redirector (`cluster::redirector`).
-    static REDIRECTS: (RefCell<VecDeque<Redirected>>, Rc<tokio::sync::Notify>) =
+    /// This worker's redirected requests, for its redirector (`cluster::redirector`), and
+    /// whether a `-MOVED` went to a client as it was.
+    static REDIRECTS: (RefCell<VecDeque<Redirected>>, Rc<tokio::sync::Notify>, Cell<bool>) =
         Default::default();
 }
 
 /// Queues a redirected request for this worker's redirector.
 #[cold]
 fn redirected(r: Redirected) {
-    REDIRECTS.with(|(q, wake)| {
+    REDIRECTS.with(|(q, wake, _)| {
         q.borrow_mut().push_back(r);
         wake.notify_one();
     });
 }
 
-/// Waits until this worker has redirected requests, and takes them.
-pub async fn next_redirects() -> VecDeque<Redirected> {
-    let wake = REDIRECTS.with(|(_, w)| w.clone());
+/// A `-MOVED` went to a client as it was (its request does not follow redirects).
+#[cold]
+fn moved_seen() {
+    REDIRECTS.with(|(_, wake, moved)| {
+        moved.set(true);
+        wake.notify_one();
+    });
+}
+
+/// Waits until this worker has redirected requests (or saw a `-MOVED` go to a client), and
+/// takes them; `true` with a `-MOVED` seen.
+pub async fn next_redirects() -> (VecDeque<Redirected>, bool) {
+    let wake = REDIRECTS.with(|(_, w, _)| w.clone());
     loop {
-        let got = REDIRECTS.with(|(q, _)| std::mem::take(&mut *q.borrow_mut()));
-        if !got.is_empty() {
-            return got;
+        let (got, moved) =
+            REDIRECTS.with(|(q, _, m)| (std::mem::take(&mut *q.borrow_mut()), m.replace(false)));
+        if !got.is_empty() || moved {
+            return (got, moved);
         }
         wake.notified().await;
     }
@@ -1184,6 +1199,9 @@ impl Upstream {
                 });
             }
             Some(p) => {
+                if self.cfg.cluster && bytes.starts_with(b"-MOVED ") {
+                    moved_seen();
+                }
                 p.target.deliver(bytes);
                 if self.close_when_idle.get() && self.st.borrow().pending.is_empty() {
                     self.close();
@@ -1923,6 +1941,7 @@ mod tests {
         UpstreamConfig {
             slowlog: None,
             readonly: false,
+            cluster: false,
             op_timeout,
             max_inflight: 1000,
             max_inflight_bytes: 1 << 20,

@@ -243,6 +243,7 @@ fn upstream_configs(shared: &Shared, s: &Settings) -> Vec<(SocketAddr, UpstreamC
                 slowlog: Some(shared.slowlog.clone()),
                 // (The shards after the primaries are the replicas reads go to.)
                 readonly: i >= s.slot_map.shard_count(),
+                cluster: s.cluster.is_some(),
             };
             (addr, cfg)
         })
