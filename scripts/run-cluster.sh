@@ -13,22 +13,8 @@ PORT=${PORT:-6380}
 ADMIN_PORT=${ADMIN_PORT:-9180}
 NODES=6
 
-if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
-  echo "installing redis-server and redis-tools (apt-get)..." >&2
-  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server redis-tools >/dev/null
-fi
-cargo build --release --quiet
-
-DIR=$(mktemp -d /tmp/slotgate-cluster.XXXXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$DIR"
-}
-trap cleanup EXIT INT TERM
+# shellcheck source=scripts/local-setup.sh
+. scripts/local-setup.sh slotgate-cluster
 
 ADDRS=()
 for i in $(seq 0 $((NODES - 1))); do

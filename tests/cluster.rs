@@ -17,12 +17,15 @@ fn key(i: usize) -> String {
 /// A counter of INFO shards (cluster mode).
 fn cluster_stat(c: &mut redis::Connection, field: &str) -> u64 {
     let info: String = redis::cmd("INFO").arg("shards").query(c).unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap_or_else(|| panic!("no {field} in {info}"))
-        .trim()
-        .parse()
-        .unwrap()
+    info_u64(&info, field)
+}
+
+/// slotgate in cluster mode in front of `cluster`, with `extra` flags.
+fn proxy_for(cluster: &Cluster, extra: &[&str]) -> Slotgate {
+    let seed = cluster.nodes[0].addr();
+    let mut args = vec!["--cluster", seed.as_str()];
+    args.extend_from_slice(extra);
+    Slotgate::start_with(&[], &args)
 }
 
 /// The slot of a key without a hash tag.
@@ -34,7 +37,7 @@ fn slot(k: &str) -> u16 {
 fn cluster_mode_routes_by_the_clusters_layout_and_follows_a_reshard() {
     let cluster = Cluster::start(3, 0);
     let seed = cluster.nodes[0].addr();
-    let proxy = Slotgate::start_with(&[], &["--cluster", &seed, "--cluster-refresh", "500ms"]);
+    let proxy = proxy_for(&cluster, &["--cluster-refresh", "500ms"]);
     let mut c = proxy.client();
     let n = 600;
     for i in 0..n {
@@ -226,19 +229,11 @@ fn after_a_primary_is_killed_its_slots_come_back_on_the_promoted_replica() {
     let mut cluster = Cluster::start(3, 1);
     // (A replica attaches to its primary a few seconds after the cluster is created.)
     cluster.wait_for_replicas(3);
-    let seed = cluster.nodes[0].addr();
     // A long refresh interval: slotgate reads the topology every second by itself while a
     // primary is unreachable.
-    let proxy = Slotgate::start_with(
-        &[],
-        &[
-            "--cluster",
-            &seed,
-            "--cluster-refresh",
-            "1m",
-            "--op-timeout",
-            "500ms",
-        ],
+    let proxy = proxy_for(
+        &cluster,
+        &["--cluster-refresh", "1m", "--op-timeout", "500ms"],
     );
     let mut c = proxy.client();
     let n = 300;
@@ -305,17 +300,7 @@ fn a_reshard_under_load_gives_clients_no_errors() {
     let cluster = Cluster::start(3, 0);
     let seed = cluster.nodes[0].addr();
     // A refresh interval longer than the test: redirects alone keep the clients right.
-    let proxy = Slotgate::start_with(
-        &[],
-        &[
-            "--cluster",
-            &seed,
-            "--cluster-refresh",
-            "10m",
-            "--workers",
-            "2",
-        ],
-    );
+    let proxy = proxy_for(&cluster, &["--cluster-refresh", "10m", "--workers", "2"]);
     let n = 2000;
     let k = |i: usize| format!("rs:{i}");
     {
@@ -404,17 +389,9 @@ fn a_reshard_under_load_gives_clients_no_errors() {
 #[test]
 fn ask_and_tryagain_during_a_slot_migration_stay_inside_slotgate() {
     let cluster = Cluster::start(3, 0);
-    let seed = cluster.nodes[0].addr();
-    let proxy = Slotgate::start_with(
-        &[],
-        &[
-            "--cluster",
-            &seed,
-            "--cluster-refresh",
-            "10m",
-            "--op-timeout",
-            "5s",
-        ],
+    let proxy = proxy_for(
+        &cluster,
+        &["--cluster-refresh", "10m", "--op-timeout", "5s"],
     );
     let mut c = proxy.client();
     let (a, b) = ("{mig}a", "{mig}b");
@@ -507,8 +484,7 @@ fn ask_and_tryagain_during_a_slot_migration_stay_inside_slotgate() {
 fn read_from_replica_sends_reads_to_replicas_and_writes_to_primaries() {
     let cluster = Cluster::start(3, 1);
     cluster.wait_for_replicas(3);
-    let seed = cluster.nodes[0].addr();
-    let proxy = Slotgate::start_with(&[], &["--cluster", &seed, "--read-from", "replica"]);
+    let proxy = proxy_for(&cluster, &["--read-from", "replica"]);
     let mut c = proxy.client();
     let k = |i: usize| format!("rr:{i}");
     for i in 0..100 {
@@ -520,13 +496,21 @@ fn read_from_replica_sends_reads_to_replicas_and_writes_to_primaries() {
         p.dedup();
         p
     };
-    for &p in &primaries {
-        let _: i64 = redis::cmd("WAIT")
-            .arg(1)
-            .arg(5000)
-            .query(&mut cluster.node(p).client())
-            .unwrap();
-    }
+    // Replicas lag their primaries: every key is readable through slotgate (from the
+    // replicas) before the reads that are counted.
+    wait_until(
+        "the replicas to have every key",
+        Duration::from_secs(10),
+        || {
+            (0..100).all(|i| {
+                redis::cmd("GET")
+                    .arg(k(i))
+                    .query::<Option<String>>(&mut c)
+                    .ok()
+                    == Some(Some(i.to_string()))
+            })
+        },
+    );
     for n in &cluster.nodes {
         let _: () = redis::cmd("CONFIG")
             .arg("RESETSTAT")
@@ -601,13 +585,10 @@ fn layout_changes(admin: u16) -> f64 {
 #[test]
 fn a_new_layout_keeps_a_clients_order_and_its_subscriptions() {
     let cluster = Cluster::start(3, 0);
-    let seed = cluster.nodes[0].addr();
     let admin = free_port();
-    let proxy = Slotgate::start_with(
-        &[],
+    let proxy = proxy_for(
+        &cluster,
         &[
-            "--cluster",
-            &seed,
             "--cluster-refresh",
             "10m",
             "--op-timeout",
@@ -705,13 +686,10 @@ fn a_new_layout_keeps_a_clients_order_and_its_subscriptions() {
 #[test]
 fn a_moved_that_reaches_a_client_still_makes_slotgate_read_the_layout() {
     let cluster = Cluster::start(3, 0);
-    let seed = cluster.nodes[0].addr();
     let admin = free_port();
-    let proxy = Slotgate::start_with(
-        &[],
+    let proxy = proxy_for(
+        &cluster,
         &[
-            "--cluster",
-            &seed,
             "--cluster-refresh",
             "10m",
             "--admin-listen",

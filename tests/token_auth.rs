@@ -74,12 +74,7 @@ fn polled_proxy(shard: &RedisServer, cfg: &Path) -> Slotgate {
 /// The value of an `INFO stats` field.
 fn info_stat(c: &mut RawConn, field: &str) -> u64 {
     let info = String::from_utf8(c.call(&[b"INFO", b"stats"])).unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap_or_else(|| panic!("no {field} in {info}"))
-        .trim()
-        .parse()
-        .unwrap()
+    info_u64(&info, field)
 }
 
 /// A labelled sample of `/metrics`.

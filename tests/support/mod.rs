@@ -646,3 +646,13 @@ pub fn check_config(args: &[&str]) -> (bool, String) {
     let (Ok(f) | Err(f)) = done;
     (ok, format!("{}{}", f.stdout, f.stderr))
 }
+
+/// The integer field `field` of an INFO text (`field:123`).
+pub fn info_u64(info: &str, field: &str) -> u64 {
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in {info}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
