@@ -561,6 +561,7 @@ impl Upstream {
 
     /// Like [`send`](Self::send), with an explicit deadline (blocking commands wait as long
     /// as the client asked, not `op_timeout`).
+    #[inline]
     pub fn send_until(&self, raw: &[u8], target: Target, deadline: Instant) {
         self.push(raw, target, deadline, None);
     }
@@ -571,7 +572,9 @@ impl Upstream {
         self.push(&[], target, deadline, Some(retry));
     }
 
-    /// Queues a request: `raw`, or (when that is empty) the bytes of `retry`.
+    /// Queues a request: `raw`, or (when that is empty) the bytes of `retry`. (Inlined into
+    /// both senders: without a retry it is the plain send.)
+    #[inline(always)]
     fn push(&self, raw: &[u8], target: Target, deadline: Instant, retry: Option<Retry>) {
         let raw = match &retry {
             Some(r) if raw.is_empty() => r.raw(),
@@ -1182,13 +1185,25 @@ impl Upstream {
                     self.wake_writer.notify_one();
                 }
             }
-            Some(Pending {
+            Some(p) if self.cfg.cluster => self.cluster_reply(p, bytes),
+            Some(p) => self.deliver(p.target, bytes),
+            None => return Err(Fault::Unexpected),
+        }
+        Ok(())
+    }
+
+    /// Cluster mode: a reply that redirects a request that follows redirects goes to the
+    /// worker's redirector (the node did not run it); any other is delivered, and a `-MOVED`
+    /// among them still makes slotgate read the layout again.
+    #[inline(never)]
+    fn cluster_reply(&self, p: Pending, bytes: Bytes) {
+        match p {
+            Pending {
                 retry: Some(retry),
                 target,
                 deadline,
                 ..
-            }) if is_redirect(&bytes) && !matches!(target, Target::Abandoned(_)) => {
-                // Cluster mode: the node did not run it; the worker sends it where it goes.
+            } if is_redirect(&bytes) && !matches!(target, Target::Abandoned(_)) => {
                 redirected(Redirected {
                     reply: bytes,
                     from: self.addr,
@@ -1198,18 +1213,22 @@ impl Upstream {
                     deadline,
                 });
             }
-            Some(p) => {
-                if self.cfg.cluster && bytes.starts_with(b"-MOVED ") {
+            p => {
+                if bytes.starts_with(b"-MOVED ") {
                     moved_seen();
                 }
-                p.target.deliver(bytes);
-                if self.close_when_idle.get() && self.st.borrow().pending.is_empty() {
-                    self.close();
-                }
+                self.deliver(p.target, bytes);
             }
-            None => return Err(Fault::Unexpected),
         }
-        Ok(())
+    }
+
+    /// A reply to its request's target; a connection that should close once idle closes.
+    #[inline(always)]
+    fn deliver(&self, target: Target, bytes: Bytes) {
+        target.deliver(bytes);
+        if self.close_when_idle.get() && self.st.borrow().pending.is_empty() {
+            self.close();
+        }
     }
 
     /// For the slow log, after a read at `read_at`: the deadline at or before which a request

@@ -824,12 +824,6 @@ impl Session {
                 };
                 match rule {
                     Some(rule) => self.get_readthrough(shard, rule, req, now),
-                    None if self.w.read_from != ReadFrom::Primary && spec.has(flags::READONLY) => {
-                        match self.reader_of(shard) {
-                            Ok(s) => self.forward(s, req.raw, now),
-                            Err(e) => self.reply(e),
-                        }
-                    }
                     None => self.forward(shard, req.raw, now),
                 }
             }
@@ -911,6 +905,31 @@ impl Session {
 
     /// Sends `raw` to `shard`; its reply fills the next slot of the queue.
     pub(crate) fn forward(&mut self, shard: usize, raw: &[u8], now: Instant) {
+        if self.w.cluster {
+            return self.forward_cluster(shard, raw, now);
+        }
+        let seq = self.queue.push_waiting(Slot::Waiting(self.cmd));
+        let up = self.w.pools().get(self.proto, shard, self.conn);
+        up.send(
+            raw,
+            Target::Client {
+                queue: self.queue.clone(),
+                seq,
+                part: 0,
+            },
+            now,
+        );
+    }
+
+    /// Cluster mode's [`forward`](Self::forward): to a replica for a read when `read_from`
+    /// says so, and followed through redirects (out of line: static mode's forward stays as
+    /// it was).
+    #[inline(never)]
+    fn forward_cluster(&mut self, shard: usize, raw: &[u8], now: Instant) {
+        let shard = match self.reader_for(shard) {
+            Ok(s) => s,
+            Err(e) => return self.reply(e),
+        };
         let seq = self.queue.push_waiting(Slot::Waiting(self.cmd));
         let up = self.w.pools().get(self.proto, shard, self.conn);
         let target = Target::Client {
@@ -918,10 +937,18 @@ impl Session {
             seq,
             part: 0,
         };
-        if self.w.cluster {
-            return send_redirectable(&up, raw, target, now);
+        send_redirectable(&up, raw, target, now);
+    }
+
+    /// Cluster mode: where the current command goes instead of `primary`: a replica of it
+    /// for a read-only command when reads go to replicas (see `reader_of`), else `primary`.
+    fn reader_for(&self, primary: usize) -> Result<usize, Bytes> {
+        if self.w.read_from != ReadFrom::Primary && self.cmd.is_some_and(|c| c.has(flags::READONLY))
+        {
+            self.reader_of(primary)
+        } else {
+            Ok(primary)
         }
-        up.send(raw, target, now);
     }
 
     /// Sends `raw` on `up`, failing at `deadline`; its reply fills `slot`, the next of the
@@ -944,21 +971,48 @@ impl Session {
 
     /// Sends one request per part; the gathered reply fills the next slot of the queue.
     pub(crate) fn gather(&mut self, kind: GatherKind, parts: &[(usize, Bytes)], now: Instant) {
+        if self.w.cluster {
+            return self.gather_cluster(kind, parts, now);
+        }
         let mut g = Gather::new(kind, parts.len(), self.proto);
         g.cmd = self.cmd;
         let seq = self.queue.push_waiting(Slot::Gather(Box::new(g)));
         for (i, (shard, raw)) in parts.iter().enumerate() {
             let up = self.w.pools().get(self.proto, *shard, self.conn);
+            up.send(
+                raw,
+                Target::Client {
+                    queue: self.queue.clone(),
+                    seq,
+                    part: i as u32,
+                },
+                now,
+            );
+        }
+    }
+
+    /// Cluster mode's [`gather`](Self::gather): each part to a replica for a read when
+    /// `read_from` says so, and followed through redirects.
+    #[inline(never)]
+    fn gather_cluster(&mut self, kind: GatherKind, parts: &[(usize, Bytes)], now: Instant) {
+        let mut shards = Vec::with_capacity(parts.len());
+        for (shard, _) in parts {
+            match self.reader_for(*shard) {
+                Ok(s) => shards.push(s),
+                Err(e) => return self.reply(e),
+            }
+        }
+        let mut g = Gather::new(kind, parts.len(), self.proto);
+        g.cmd = self.cmd;
+        let seq = self.queue.push_waiting(Slot::Gather(Box::new(g)));
+        for (i, ((_, raw), shard)) in parts.iter().zip(shards).enumerate() {
+            let up = self.w.pools().get(self.proto, shard, self.conn);
             let target = Target::Client {
                 queue: self.queue.clone(),
                 seq,
                 part: i as u32,
             };
-            if self.w.cluster {
-                send_redirectable(&up, raw, target, now);
-            } else {
-                up.send(raw, target, now);
-            }
+            send_redirectable(&up, raw, target, now);
         }
     }
 
@@ -999,19 +1053,12 @@ impl Session {
         let readthrough = merge == Merge::ArrayInOrder
             && !rules.is_empty()
             && (1..argc).any(|i| rules.find(req.arg(i)).is_some());
-        let from_replica = self.w.read_from != ReadFrom::Primary && spec.has(flags::READONLY);
         if same && !readthrough {
-            let mut shard = if per_slot {
+            let shard = if per_slot {
                 map.shard_of_slot(self.keys[0] as u16)
             } else {
                 self.keys[0]
             };
-            if from_replica {
-                shard = match self.reader_of(shard) {
-                    Ok(s) => s,
-                    Err(e) => return self.reply(e),
-                };
-            }
             return self.forward(shard, req.raw, now);
         }
         let name = req.arg_frame(0);
@@ -1050,14 +1097,6 @@ impl Session {
         }
         if readthrough {
             return self.mget_readthrough(req, &parts, used_positions, now);
-        }
-        if from_replica {
-            for part in parts.iter_mut() {
-                part.0 = match self.reader_of(part.0) {
-                    Ok(s) => s,
-                    Err(e) => return self.reply(e),
-                };
-            }
         }
         let kind = match merge {
             Merge::ArrayInOrder => GatherKind::ArrayInOrder {
@@ -1275,9 +1314,7 @@ impl Session {
     }
 }
 
-/// Cluster mode: sends a request that a redirect may send again elsewhere (out of line: the
-/// static mode's forward stays as it was).
-#[inline(never)]
+/// Cluster mode: sends a request that a redirect may send again elsewhere.
 fn send_redirectable(up: &crate::shard::Upstream, raw: &[u8], target: Target, now: Instant) {
     let deadline = now + up.op_timeout();
     up.send_retryable(crate::shard::Retry::new(raw, 0), target, deadline);
