@@ -24,16 +24,18 @@ impl Cluster {
             .map(|_| {
                 // A config file of its own (a stale one from an earlier run would rejoin an
                 // old cluster).
-                let file = format!(
-                    "nodes-{}-{}.conf",
-                    std::process::id(),
-                    CONFIG_FILES.fetch_add(1, Ordering::Relaxed)
-                );
+                let n = CONFIG_FILES.fetch_add(1, Ordering::Relaxed);
+                let file = format!("nodes-{}-{n}.conf", std::process::id());
+                // (A replica writes the data set it syncs: not where a later server of the
+                // same port would load it.)
+                let rdb = format!("sync-{}-{n}.rdb", std::process::id());
                 RedisServer::start_with(&[
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
                     &file,
+                    "--dbfilename",
+                    &rdb,
                     "--cluster-node-timeout",
                     "2000",
                     // DEBUG SLEEP makes a node busy on purpose.

@@ -230,6 +230,10 @@ fn signal(pid: u32, sig: &str) {
 fn spawn_redis(port: u16, extra: &[String]) -> Child {
     let dir = std::env::temp_dir().join(format!("slotgate-test-redis-{port}"));
     std::fs::create_dir_all(&dir).unwrap();
+    // A fresh server: a cluster replica that used this port before left the data set it
+    // synced here, which redis-server would load at start (a SCAN test found another test's
+    // keys).
+    let _ = std::fs::remove_file(dir.join("dump.rdb"));
     Command::new("redis-server")
         .args([
             "--port",
