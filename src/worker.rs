@@ -199,8 +199,11 @@ impl Shared {
     /// Shards of the layout in force that do not have all their RESP2 connections up (empty
     /// when ready).
     pub fn shards_down(&self) -> Vec<String> {
-        self.live()
-            .shards
+        let live = self.live();
+        // (Cluster mode: the primaries; the replicas reads go to come after them, and a
+        // read falls back to its primary when its replica is down with `prefer-replica`.)
+        let primaries = live.slot_map.shard_count().min(live.shards.len());
+        live.shards[..primaries]
             .iter()
             .filter(|&&a| !self.shard_is_up(a))
             .map(|a| a.to_string())

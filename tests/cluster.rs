@@ -732,3 +732,59 @@ fn a_moved_that_reaches_a_client_still_makes_slotgate_read_the_layout() {
         .unwrap();
     assert_eq!(v, "2");
 }
+
+#[test]
+fn prefer_replica_reads_fall_back_to_the_primary_when_the_replica_is_gone() {
+    let mut cluster = Cluster::start(3, 1);
+    cluster.wait_for_replicas(3);
+    let admin = free_port();
+    let proxy = proxy_for(
+        &cluster,
+        &[
+            "--read-from",
+            "prefer-replica",
+            "--cluster-refresh",
+            "10m",
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
+        ],
+    );
+    let mut c = proxy.client();
+    let k = |i: usize| format!("pr:{i}");
+    for i in 0..100 {
+        let _: () = redis::cmd("SET").arg(k(i)).arg(i).query(&mut c).unwrap();
+    }
+    let read_all = |c: &mut redis::Connection| {
+        (0..100).all(|i| {
+            redis::cmd("GET").arg(k(i)).query::<Option<String>>(c).ok() == Some(Some(i.to_string()))
+        })
+    };
+    wait_until(
+        "the replicas to have every key",
+        Duration::from_secs(10),
+        || read_all(&mut c),
+    );
+    let owners = cluster.owners();
+    let replica = cluster
+        .nodes
+        .iter()
+        .map(|n| n.port)
+        .find(|p| !owners.contains(p))
+        .unwrap();
+    cluster
+        .nodes
+        .iter_mut()
+        .find(|n| n.port == replica)
+        .unwrap()
+        .kill();
+    // Its primary's keys are read from the primary as soon as slotgate sees the replica's
+    // connection gone; the others from their replicas throughout.
+    wait_until("every key readable again", Duration::from_secs(10), || {
+        read_all(&mut c)
+    });
+    assert_eq!(
+        http_get(admin, "/readyz").0,
+        200,
+        "every primary is reachable"
+    );
+}
