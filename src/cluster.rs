@@ -66,6 +66,8 @@ pub struct ClusterStats {
     /// Reads of the topology (after start-up), and those that found a new layout.
     pub refreshes: AtomicU64,
     pub layout_changes: AtomicU64,
+    /// Primaries seen that were replicas at the read before (promoted by a failover).
+    pub failovers: AtomicU64,
 }
 
 impl ClusterStats {
@@ -74,10 +76,11 @@ impl ClusterStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
             "cluster_mode:1\r\ncluster_refreshes:{}\r\ncluster_layout_changes:{}\r\n\
-             cluster_redirects_moved:{}\r\ncluster_redirects_ask:{}\r\n\
+             cluster_failovers:{}\r\ncluster_redirects_moved:{}\r\ncluster_redirects_ask:{}\r\n\
              cluster_redirects_tryagain:{}\r\n",
             get(&self.refreshes),
             get(&self.layout_changes),
+            get(&self.failovers),
             get(&self.moved),
             get(&self.ask),
             get(&self.tryagain)
@@ -97,6 +100,7 @@ impl ClusterStats {
         }
         metrics::counter!(m::CLUSTER_REFRESHES).absolute(get(&self.refreshes));
         metrics::counter!(m::CLUSTER_LAYOUT_CHANGES).absolute(get(&self.layout_changes));
+        metrics::counter!(m::CLUSTER_FAILOVERS).absolute(get(&self.failovers));
     }
 }
 
@@ -124,6 +128,8 @@ pub struct Layout {
     /// Per primary: the shard index of the replica its reads go to (see
     /// `Settings::replica_of`); empty without reads from replicas.
     pub replica_of: Vec<Option<usize>>,
+    /// Every replica the cluster listed (a primary that was one of them is a failover).
+    pub replicas: Vec<SocketAddr>,
 }
 
 impl Topology {
@@ -188,6 +194,11 @@ impl Topology {
             shards,
             slot_map,
             replica_of,
+            replicas: self
+                .primaries
+                .iter()
+                .flat_map(|p| p.replicas.iter().copied())
+                .collect(),
         })
     }
 }
@@ -567,6 +578,16 @@ pub async fn keep_fresh(shared: Arc<Shared>, apply: UnboundedSender<Layout>) {
     };
     let access = access(&shared.settings, &cluster);
     let mut last = tokio::time::Instant::now();
+    // The replicas of the last read: a primary that was one of them was promoted. (Read
+    // once now: the start-up read kept only the layout.)
+    let mut replicas: Vec<SocketAddr> = {
+        let running = shared.live();
+        let nodes: Vec<String> = running.shards.iter().map(|a| a.to_string()).collect();
+        discover(&nodes, &access, false, &running.shards)
+            .await
+            .map(|l| l.replicas)
+            .unwrap_or_default()
+    };
     loop {
         let due = if shared.shards_down().is_empty() {
             last + cluster.refresh
@@ -599,6 +620,18 @@ pub async fn keep_fresh(shared: Arc<Shared>, apply: UnboundedSender<Layout>) {
                 continue;
             }
         };
+        let promoted = layout.shards[..layout.slot_map.shard_count()]
+            .iter()
+            .filter(|p| replicas.contains(p))
+            .count();
+        if promoted > 0 {
+            tracing::warn!("cluster: {promoted} replica(s) promoted to primary (a failover)");
+            shared
+                .cluster_stats
+                .failovers
+                .fetch_add(promoted as u64, Ordering::Relaxed);
+        }
+        replicas = layout.replicas.clone();
         if layout.shards != running.shards
             || layout.slot_map != running.slot_map
             || layout.replica_of != running.replica_of

@@ -23,6 +23,7 @@ pub const TOKEN_AUTH_FAILURES: &str = "slotgate_token_auth_failures_total";
 pub const CLUSTER_REDIRECTS: &str = "slotgate_cluster_redirects_total";
 pub const CLUSTER_REFRESHES: &str = "slotgate_cluster_refreshes_total";
 pub const CLUSTER_LAYOUT_CHANGES: &str = "slotgate_cluster_layout_changes_total";
+pub const CLUSTER_FAILOVERS: &str = "slotgate_cluster_failovers_total";
 pub const SHARD_ERRORS: &str = "slotgate_shard_errors_total";
 pub const SHARD_RECONNECTS: &str = "slotgate_shard_disconnects_total";
 pub const SHARD_INFLIGHT: &str = "slotgate_shard_inflight_requests";
@@ -78,6 +79,10 @@ pub fn install() -> Option<PrometheusHandle> {
         "Cluster mode: requests sent again after MOVED, ASK or TRYAGAIN, by kind"
     );
     describe_counter!(CLUSTER_REFRESHES, "Cluster mode: reads of the topology");
+    describe_counter!(
+        CLUSTER_FAILOVERS,
+        "Cluster mode: replicas seen promoted to primary"
+    );
     describe_counter!(
         CLUSTER_LAYOUT_CHANGES,
         "Cluster mode: topology reads that found a new layout"

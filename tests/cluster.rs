@@ -293,6 +293,7 @@ fn after_a_primary_is_killed_its_slots_come_back_on_the_promoted_replica() {
         let v: Option<String> = redis::cmd("GET").arg(k(i)).query(&mut c).unwrap();
         assert_eq!(v, Some(i.to_string()), "{}", k(i));
     }
+    assert!(cluster_stat(&mut c, "cluster_failovers") >= 1);
 }
 
 #[test]
