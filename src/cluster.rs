@@ -583,26 +583,33 @@ pub async fn keep_fresh(shared: Arc<Shared>, apply: UnboundedSender<Layout>) {
     let mut replicas: Vec<SocketAddr> = {
         let running = shared.live();
         let nodes: Vec<String> = running.shards.iter().map(|a| a.to_string()).collect();
+        shared
+            .cluster_stats
+            .refreshes
+            .fetch_add(1, Ordering::Relaxed);
         discover(&nodes, &access, false, &running.shards)
             .await
             .map(|l| l.replicas)
             .unwrap_or_default()
     };
     loop {
-        let due = if shared.shards_down().is_empty() {
-            last + cluster.refresh
-        } else {
-            last + cluster.refresh.min(DOWN_REFRESH)
-        };
-        // (Checked every DOWN_REFRESH at most, so that a primary lost meanwhile is noticed.)
+        // Woken every DOWN_REFRESH (or refresh interval, if shorter) to look whether a read
+        // is due by the state of the primaries now, or at once by a redirect.
         let redirected = tokio::select! {
-            _ = tokio::time::sleep_until(due.min(tokio::time::Instant::now() + DOWN_REFRESH)) => false,
+            _ = tokio::time::sleep(DOWN_REFRESH.min(cluster.refresh)) => false,
             _ = shared.cluster_changed.notified() => true,
         };
         if redirected {
             tokio::time::sleep_until(last + REDIRECT_REFRESH).await;
-        } else if tokio::time::Instant::now() < due && shared.shards_down().is_empty() {
-            continue;
+        } else {
+            let every = if shared.shards_down().is_empty() {
+                cluster.refresh
+            } else {
+                cluster.refresh.min(DOWN_REFRESH)
+            };
+            if tokio::time::Instant::now() < last + every {
+                continue;
+            }
         }
         last = tokio::time::Instant::now();
         shared
