@@ -578,6 +578,23 @@ fn settled(admin: u16) {
     });
 }
 
+/// slotgate with a 10-minute refresh interval and an admin listener (its port), once it has
+/// settled: only what the test does makes it read the layout again.
+fn settled_proxy(cluster: &Cluster, extra: &[&str]) -> (Slotgate, u16) {
+    let admin = free_port();
+    let listen = format!("127.0.0.1:{admin}");
+    let mut args = vec![
+        "--cluster-refresh",
+        "10m",
+        "--admin-listen",
+        listen.as_str(),
+    ];
+    args.extend_from_slice(extra);
+    let proxy = proxy_for(cluster, &args);
+    settled(admin);
+    (proxy, admin)
+}
+
 /// `/metrics`' count of layouts slotgate took up.
 fn layout_changes(admin: u16) -> f64 {
     metric_value(admin, "slotgate_cluster_layout_changes_total")
@@ -586,19 +603,7 @@ fn layout_changes(admin: u16) -> f64 {
 #[test]
 fn a_new_layout_keeps_a_clients_order_and_its_subscriptions() {
     let cluster = Cluster::start(3, 0);
-    let admin = free_port();
-    let proxy = proxy_for(
-        &cluster,
-        &[
-            "--cluster-refresh",
-            "10m",
-            "--op-timeout",
-            "5s",
-            "--admin-listen",
-            &format!("127.0.0.1:{admin}"),
-        ],
-    );
-    settled(admin);
+    let (proxy, admin) = settled_proxy(&cluster, &["--op-timeout", "5s"]);
     // A subscriber, on whatever node classic channels use.
     let mut sub = proxy.raw();
     sub.send(&resp(&[b"SUBSCRIBE", b"news"]));
@@ -687,17 +692,7 @@ fn a_new_layout_keeps_a_clients_order_and_its_subscriptions() {
 #[test]
 fn a_moved_that_reaches_a_client_still_makes_slotgate_read_the_layout() {
     let cluster = Cluster::start(3, 0);
-    let admin = free_port();
-    let proxy = proxy_for(
-        &cluster,
-        &[
-            "--cluster-refresh",
-            "10m",
-            "--admin-listen",
-            &format!("127.0.0.1:{admin}"),
-        ],
-    );
-    settled(admin);
+    let (proxy, admin) = settled_proxy(&cluster, &[]);
     let mut c = proxy.raw();
     assert_eq!(c.call(&[b"SET", b"tx", b"0"]), b"+OK\r\n");
     let owners = cluster.owners();
