@@ -153,27 +153,31 @@ fn cluster_flags_and_keys_are_checked_without_contacting_anything() {
         );
     };
     // Port 1 has no Redis: nothing is contacted.
-    ok(
-        &["--cluster", "127.0.0.1:1", "--cluster", "localhost:2"],
-        "cluster mode (seeds 127.0.0.1:1, localhost:2",
-    );
-    bad(
-        &["--cluster", "127.0.0.1:1", "--shard", "127.0.0.1:2"],
-        "not both",
-    );
-    bad(&["--cluster", "no-port"], "HOST:PORT");
-    bad(
-        &["--cluster", "127.0.0.1:1", "--cluster-refresh", "0"],
-        "cluster-refresh",
-    );
-    ok(
-        &["--cluster", "127.0.0.1:1", "--read-from", "prefer-replica"],
-        "cluster mode",
-    );
-    bad(
-        &["--cluster", "127.0.0.1:1", "--read-from", "nearest"],
-        "expected primary, replica or prefer-replica",
-    );
+    let seed = ["--cluster", "127.0.0.1:1"];
+    let cases: [(&[&str], bool, &str); 6] = [
+        (
+            &["--cluster", "localhost:2"],
+            true,
+            "cluster mode (seeds 127.0.0.1:1, localhost:2",
+        ),
+        (&["--shard", "127.0.0.1:2"], false, "not both"),
+        (&["--cluster", "no-port"], false, "HOST:PORT"),
+        (&["--cluster-refresh", "0"], false, "cluster-refresh"),
+        (&["--read-from", "prefer-replica"], true, "cluster mode"),
+        (
+            &["--read-from", "nearest"],
+            false,
+            "expected primary, replica or prefer-replica",
+        ),
+    ];
+    for (extra, passes, want) in cases {
+        let args: Vec<&str> = seed.iter().chain(extra).copied().collect();
+        if passes {
+            ok(&args, want);
+        } else {
+            bad(&args, want);
+        }
+    }
     let dir = support::tls::temp_dir("cluster-config");
     let both = dir.join("both.toml");
     std::fs::write(
