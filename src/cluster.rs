@@ -13,11 +13,14 @@
 //! node answers with `-MOVED slot addr` is sent again to `addr` (and the topology is read
 //! again soon), one answered `-ASK slot addr` goes to `addr` behind `ASKING` on the same
 //! connection, and one answered `-TRYAGAIN` (a multi-key request while its slot migrates) is
-//! sent again shortly; at most [`MAX_HOPS`] times, then the client gets an error. Requests on
-//! the shared connections are redirected; transactions, blocking commands and subscriptions
-//! (on dedicated connections) are not yet.
+//! sent again every 20 ms until its deadline; at most [`MAX_HOPS`] MOVED/ASK hops, then the
+//! client gets an error. Requests on the shared connections are redirected; transactions,
+//! blocking commands and subscriptions (on dedicated connections) are not yet, but a MOVED
+//! they get still makes slotgate read the layout again.
 //!
-//! Not yet (issue 12 goes on): replicas are not used (`read_from = primary` only).
+//! With `read_from = replica | prefer-replica`, the first replica of each primary gets a
+//! `READONLY` connection (its shard index follows the primaries') and read-only commands go
+//! there (see `Session::reader_of`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
