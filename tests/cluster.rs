@@ -788,3 +788,87 @@ fn prefer_replica_reads_fall_back_to_the_primary_when_the_replica_is_gone() {
         "every primary is reachable"
     );
 }
+
+#[test]
+fn a_manual_failover_under_load_gives_clients_no_errors() {
+    let cluster = Cluster::start(3, 1);
+    cluster.wait_for_replicas(3);
+    let (proxy, admin) = settled_proxy(&cluster, &["--op-timeout", "5s"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let done = || progress.load(std::sync::atomic::Ordering::Relaxed);
+    let clients: Vec<_> = (0..3)
+        .map(|t| {
+            let (url, stop, progress) = (proxy.url(), stop.clone(), progress.clone());
+            std::thread::spawn(move || {
+                let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+                let (mut rounds, mut errors) = (0u64, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let key = format!("mf:{t}:{}", rounds % 200);
+                    let r: redis::RedisResult<()> = (|| {
+                        let _: () = redis::cmd("SET").arg(&key).arg(rounds).query(&mut c)?;
+                        let got: u64 = redis::cmd("GET").arg(&key).query(&mut c)?;
+                        assert_eq!(got, rounds, "{key}");
+                        let _: i64 = redis::cmd("INCR")
+                            .arg(format!("mf:ctr:{t}"))
+                            .query(&mut c)?;
+                        Ok(())
+                    })();
+                    if let Err(e) = r {
+                        errors.push(e.to_string());
+                    }
+                    rounds += 1;
+                    progress.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                (rounds, errors)
+            })
+        })
+        .collect();
+    // A replica takes over its primary's slots (`CLUSTER FAILOVER`, coordinated: no write
+    // is lost).
+    let owners = cluster.owners();
+    let replica = cluster
+        .nodes
+        .iter()
+        .map(|n| n.port)
+        .find(|p| !owners.contains(p))
+        .unwrap();
+    wait_until("the clients to run", Duration::from_secs(10), || {
+        done() >= 300
+    });
+    let before = metric_value(admin, "slotgate_cluster_layout_changes_total");
+    let _: () = redis::cmd("CLUSTER")
+        .arg("FAILOVER")
+        .query(&mut cluster.node(replica).client())
+        .unwrap();
+    wait_until(
+        "slotgate to route to the new primary",
+        Duration::from_secs(15),
+        || {
+            metric_value(admin, "slotgate_cluster_layout_changes_total") > before
+                && cluster.owners().contains(&replica)
+        },
+    );
+    // And on the new layout.
+    let then = done();
+    wait_until("the clients to run on", Duration::from_secs(10), || {
+        done() >= then + 300
+    });
+    let mut c = proxy.client();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let results: Vec<(u64, Vec<String>)> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let errors: Vec<&String> = results.iter().flat_map(|r| &r.1).collect();
+    eprintln!(
+        "manual failover under load: {} client rounds, {} errors",
+        results.iter().map(|r| r.0).sum::<u64>(),
+        errors.len()
+    );
+    assert!(errors.is_empty(), "{errors:?}");
+    for (t, (rounds, _)) in results.iter().enumerate() {
+        let v: u64 = redis::cmd("GET")
+            .arg(format!("mf:ctr:{t}"))
+            .query(&mut c)
+            .unwrap();
+        assert_eq!(v, *rounds, "mf:ctr:{t}: every INCR once");
+    }
+}
