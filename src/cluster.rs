@@ -723,13 +723,40 @@ fn redirect(w: &std::rc::Rc<Worker>, r: Redirected) {
             .target
             .deliver(crate::resp::reply::too_many_redirects(&text));
     }
-    let to = match (kind, words.nth(1).and_then(redirect_addr)) {
-        ("MOVED" | "ASK", Some(a)) => a,
-        _ => return r.target.deliver(r.reply),
+    let (kind_ok, target) = (matches!(kind, "MOVED" | "ASK"), words.nth(1));
+    let Some(target) = target.filter(|_| kind_ok) else {
+        return r.target.deliver(r.reply);
     };
     let again = Redirected {
         retry: r.retry.hop().asking(kind == "ASK"),
         ..r
+    };
+    let Some(to) = redirect_addr(target) else {
+        // A host name (`cluster-preferred-endpoint-type hostname`): looked up, then the
+        // node slotgate knows by one of its addresses.
+        let (w, host) = (w.clone(), target.to_string());
+        tokio::task::spawn_local(async move {
+            let addrs: Vec<SocketAddr> = match tokio::net::lookup_host(host.as_str()).await {
+                Ok(a) => a.collect(),
+                Err(_) => Vec::new(),
+            };
+            let known = {
+                let pools = w.pools();
+                addrs
+                    .iter()
+                    .copied()
+                    .find(|a| pools.shard_index(*a).is_some())
+            };
+            match known.or(addrs.first().copied()) {
+                Some(to) => resend(&w, to, again),
+                None => again
+                    .target
+                    .deliver(crate::resp::reply::too_many_redirects(&format!(
+                        "to {host}, a name that does not resolve"
+                    ))),
+            }
+        });
+        return;
     };
     match w.pools().shard_index(to) {
         Some(_) => resend(w, to, again),

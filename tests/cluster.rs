@@ -872,3 +872,41 @@ fn a_manual_failover_under_load_gives_clients_no_errors() {
         assert_eq!(v, *rounds, "mf:ctr:{t}: every INCR once");
     }
 }
+
+#[test]
+fn redirects_to_host_names_are_followed() {
+    // The nodes announce themselves as `localhost`: redirects name that, not an address.
+    let cluster = Cluster::start_with(
+        3,
+        0,
+        &[
+            "--cluster-announce-hostname",
+            "localhost",
+            "--cluster-preferred-endpoint-type",
+            "hostname",
+        ],
+    );
+    let (proxy, _admin) = settled_proxy(&cluster, &[]);
+    let mut c = proxy.client();
+    let _: () = redis::cmd("SET").arg("hn").arg("v").query(&mut c).unwrap();
+    let from = cluster.owners()[slot("hn") as usize];
+    let to = cluster
+        .nodes
+        .iter()
+        .map(|n| n.port)
+        .find(|&p| p != from)
+        .unwrap();
+    cluster.move_slot(slot("hn"), from, to);
+    let moved: redis::RedisResult<String> = redis::cmd("GET")
+        .arg("hn")
+        .query(&mut cluster.node(from).client());
+    assert!(
+        moved
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("localhost")),
+        "the node redirects by name: {moved:?}"
+    );
+    let v: String = redis::cmd("GET").arg("hn").query(&mut c).unwrap();
+    assert_eq!(v, "v");
+    assert!(cluster_stat(&mut c, "cluster_redirects_moved") >= 1);
+}

@@ -20,6 +20,11 @@ impl Cluster {
     /// `primaries` primaries, each with `replicas` replicas, every slot assigned, and every
     /// node agreeing that the cluster is up.
     pub fn start(primaries: usize, replicas: usize) -> Cluster {
+        Self::start_with(primaries, replicas, &[])
+    }
+
+    /// [`start`](Self::start), with more `redis-server` arguments for every node.
+    pub fn start_with(primaries: usize, replicas: usize, extra: &[&str]) -> Cluster {
         let nodes: Vec<RedisServer> = (0..primaries * (1 + replicas))
             .map(|_| {
                 // A config file of its own (a stale one from an earlier run would rejoin an
@@ -29,7 +34,7 @@ impl Cluster {
                 // (A replica writes the data set it syncs: not where a later server of the
                 // same port would load it.)
                 let rdb = format!("sync-{}-{n}.rdb", std::process::id());
-                RedisServer::start_with(&[
+                let mut args = vec![
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
@@ -41,7 +46,9 @@ impl Cluster {
                     // DEBUG SLEEP makes a node busy on purpose.
                     "--enable-debug-command",
                     "yes",
-                ])
+                ];
+                args.extend_from_slice(extra);
+                RedisServer::start_with(&args)
             })
             .collect();
         let mut cmd = Command::new("redis-cli");
