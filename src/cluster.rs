@@ -262,10 +262,7 @@ async fn ask(node: &str, access: &Access) -> Result<Topology, String> {
         None => ask_over(tcp, access).await,
         Some(tls) => {
             let ip = tcp.peer_addr().map_err(|e| e.to_string())?.ip();
-            let name = tls
-                .server_name
-                .clone()
-                .unwrap_or_else(|| rustls::pki_types::ServerName::IpAddress(ip.into()));
+            let name = tls.name_for(ip);
             let s = tls
                 .connector
                 .connect(name, tcp)

@@ -508,6 +508,26 @@ struct Merged {
     upstream_tls_server_name: Option<String>,
 }
 
+/// AUTH credentials for shard connections (`of` names the shard, or `cluster`, in an error).
+fn credentials(
+    user: Option<String>,
+    pass: Option<String>,
+    of: &str,
+) -> Result<Option<UpstreamAuth>, ConfigError> {
+    match (user, pass) {
+        (u, Some(p)) => Ok(Some(UpstreamAuth {
+            username: u,
+            password: Secret(p),
+        })),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(invalid(
+            "upstream username",
+            of,
+            "a username needs a password",
+        )),
+    }
+}
+
 fn invalid(what: &'static str, value: impl ToString, why: impl ToString) -> ConfigError {
     ConfigError::Invalid {
         what,
@@ -761,20 +781,11 @@ impl Merged {
                 _ => return Err(invalid("cluster seed", s, "expected HOST:PORT")),
             }
         }
-        let auth = match (&self.upstream_username, &self.upstream_password) {
-            (u, Some(p)) => Some(UpstreamAuth {
-                username: u.clone(),
-                password: Secret(p.clone()),
-            }),
-            (None, None) => None,
-            (Some(_), None) => {
-                return Err(invalid(
-                    "upstream username",
-                    "cluster",
-                    "a username needs a password",
-                ));
-            }
-        };
+        let auth = credentials(
+            self.upstream_username.clone(),
+            self.upstream_password.clone(),
+            "cluster",
+        )?;
         Ok(Some(crate::settings::ClusterSettings {
             seeds,
             auth,
@@ -815,20 +826,11 @@ impl Merged {
         self.shards
             .iter()
             .map(|s| {
-                let user = s.username.clone().or(self.upstream_username.clone());
-                let pass = s.password.clone().or(self.upstream_password.clone());
-                match (user, pass) {
-                    (u, Some(p)) => Ok(Some(UpstreamAuth {
-                        username: u,
-                        password: Secret(p),
-                    })),
-                    (None, None) => Ok(None),
-                    (Some(_), None) => Err(invalid(
-                        "upstream username",
-                        &s.addr,
-                        "a username needs a password",
-                    )),
-                }
+                credentials(
+                    s.username.clone().or(self.upstream_username.clone()),
+                    s.password.clone().or(self.upstream_password.clone()),
+                    &s.addr,
+                )
             })
             .collect()
     }

@@ -34,7 +34,6 @@ use std::time::Duration;
 use crate::netio::{PlainRead, PlainWrite, ReadSide, WriteSide};
 use crate::notify::LocalNotify;
 use bytes::{Bytes, BytesMut};
-use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -900,10 +899,7 @@ impl Upstream {
         let Some(tls) = &self.cfg.tls else {
             return self.run(PlainRead(&stream), PlainWrite(&stream)).await;
         };
-        let name = tls
-            .server_name
-            .clone()
-            .unwrap_or_else(|| ServerName::IpAddress(self.addr.ip().into()));
+        let name = tls.name_for(self.addr.ip());
         match tokio::time::timeout(self.cfg.op_timeout, tls.connector.connect(name, stream)).await {
             Ok(Ok(s)) => {
                 let (rd, wr) = tokio::io::split(s);

@@ -227,6 +227,16 @@ impl std::fmt::Debug for UpstreamTls {
     }
 }
 
+impl UpstreamTls {
+    /// The name to verify (and send as SNI) for the shard at `ip`: the configured one, or
+    /// the address itself.
+    pub fn name_for(&self, ip: std::net::IpAddr) -> ServerName<'static> {
+        self.server_name
+            .clone()
+            .unwrap_or_else(|| ServerName::IpAddress(ip.into()))
+    }
+}
+
 /// The client configuration for TLS to the shards: the CA that signed their certificates and,
 /// optionally, a client certificate (for shards with `tls-auth-clients yes`).
 pub fn upstream_config(
