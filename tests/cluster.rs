@@ -306,48 +306,7 @@ fn a_reshard_under_load_gives_clients_no_errors() {
     let seed = cluster.nodes[0].addr();
     // A refresh interval longer than the test: redirects alone keep the clients right.
     let proxy = proxy_for(&cluster, &["--cluster-refresh", "10m", "--workers", "2"]);
-    let n = 2000;
-    let k = |i: usize| format!("rs:{i}");
-    {
-        let mut c = proxy.client();
-        for i in 0..n {
-            let _: () = redis::cmd("SET").arg(k(i)).arg(i).query(&mut c).unwrap();
-        }
-    }
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let clients: Vec<_> = (0..3)
-        .map(|t| {
-            let (url, stop) = (proxy.url(), stop.clone());
-            std::thread::spawn(move || {
-                let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
-                let (mut ops, mut errors) = (0u64, Vec::new());
-                let mut i = t;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let key = format!("rs:{}", i % 2000);
-                    let value = format!("{t}-{ops}");
-                    let r: redis::RedisResult<()> = (|| {
-                        let _: () = redis::cmd("SET").arg(&key).arg(&value).query(&mut c)?;
-                        let got: String = redis::cmd("GET").arg(&key).query(&mut c)?;
-                        assert_eq!(got, value, "{key}");
-                        let _: i64 = redis::cmd("INCR").arg(format!("ctr:{t}")).query(&mut c)?;
-                        let keys: Vec<String> = (0..5)
-                            .map(|j| format!("rs:{}", (i + j * 7) % 2000))
-                            .collect();
-                        let got: Vec<Option<String>> =
-                            redis::cmd("MGET").arg(&keys).query(&mut c)?;
-                        assert!(got.iter().all(Option::is_some));
-                        Ok(())
-                    })();
-                    if let Err(e) = r {
-                        errors.push(e.to_string());
-                    }
-                    ops += 1;
-                    i += 3;
-                }
-                (ops, errors)
-            })
-        })
-        .collect();
+    let load = Load::start(&proxy, "rs");
     let owners = cluster.owners();
     let (from, to) = (owners[0], owners[16383]);
     let mut reshard = std::process::Command::new("redis-cli");
@@ -357,38 +316,20 @@ fn a_reshard_under_load_gives_clients_no_errors() {
         .args(["--cluster-to", &cluster.id_of(to)])
         .args(["--cluster-slots", "1000", "--cluster-yes"]);
     let done = run_bounded(&mut reshard, Duration::from_secs(120));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let results: Vec<(u64, Vec<String>)> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let results = load.finish();
     match done {
         Ok(f) if f.code == Some(0) => {}
         Ok(f) | Err(f) => panic!("reshard failed: {}{}", f.stdout, f.stderr),
     }
     let ops: u64 = results.iter().map(|r| r.0).sum();
-    let errors: Vec<&String> = results.iter().flat_map(|r| &r.1).collect();
-    eprintln!(
-        "reshard of 1000 slots under load: {ops} client rounds, {} errors",
-        errors.len()
-    );
-    assert!(
-        errors.is_empty(),
-        "{} errors, e.g. {:?}",
-        errors.len(),
-        &errors[..errors.len().min(5)]
-    );
+    eprintln!("reshard of 1000 slots under load: {ops} client rounds");
     assert!(ops > 100, "the clients ran during the reshard");
-    // The counters saw every INCR exactly once.
     let mut c = proxy.client();
+    assert_clean(&mut c, "rs", &results);
     let moved = cluster_stat(&mut c, "cluster_redirects_moved");
     let ask = cluster_stat(&mut c, "cluster_redirects_ask");
     eprintln!("redirects followed: {moved} MOVED, {ask} ASK");
     assert!(moved > 0, "the clients' requests were redirected");
-    for (t, (rounds, _)) in results.iter().enumerate() {
-        let v: u64 = redis::cmd("GET")
-            .arg(format!("ctr:{t}"))
-            .query(&mut c)
-            .unwrap();
-        assert_eq!(v, *rounds, "ctr:{t}");
-    }
 }
 
 #[test]
@@ -571,6 +512,105 @@ fn metric_value(admin: u16, name: &str) -> f64 {
         .lines()
         .find_map(|l| l.strip_prefix(&format!("{name} "))?.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// Keys each load client writes and reads (`PREFIX:T:I`), preloaded.
+const LOAD_KEYS: usize = 2000;
+
+/// Three clients on connections of their own, doing rounds through slotgate until stopped:
+/// a SET of one of their keys and a GET that must return the value, an INCR of their own
+/// counter (`PREFIX:ctr:T`), and an MGET of 5 of their keys that must all be there. Every
+/// error a client gets is kept.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    rounds: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    clients: Vec<std::thread::JoinHandle<(u64, Vec<String>)>>,
+}
+
+impl Load {
+    fn start(proxy: &Slotgate, prefix: &'static str) -> Load {
+        let mut c = proxy.client();
+        for t in 0..3 {
+            let pairs: Vec<(String, usize)> = (0..LOAD_KEYS)
+                .map(|i| (format!("{prefix}:{t}:{i}"), i))
+                .collect();
+            let _: () = redis::cmd("MSET").arg(&pairs).query(&mut c).unwrap();
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let rounds = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let clients = (0..3)
+            .map(|t| {
+                let (url, stop, all) = (proxy.url(), stop.clone(), rounds.clone());
+                std::thread::spawn(move || {
+                    let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+                    let key = |i: u64| format!("{prefix}:{t}:{}", i as usize % LOAD_KEYS);
+                    let (mut round, mut errors) = (0u64, Vec::new());
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let value = format!("{t}-{round}");
+                        let r: redis::RedisResult<()> = (|| {
+                            let _: () = redis::cmd("SET")
+                                .arg(key(round))
+                                .arg(&value)
+                                .query(&mut c)?;
+                            let got: String = redis::cmd("GET").arg(key(round)).query(&mut c)?;
+                            assert_eq!(got, value, "{}", key(round));
+                            let _: i64 = redis::cmd("INCR")
+                                .arg(format!("{prefix}:ctr:{t}"))
+                                .query(&mut c)?;
+                            let keys: Vec<String> = (0..5).map(|j| key(round + j * 7)).collect();
+                            let got: Vec<Option<String>> =
+                                redis::cmd("MGET").arg(&keys).query(&mut c)?;
+                            assert!(got.iter().all(Option::is_some), "{keys:?}");
+                            Ok(())
+                        })();
+                        if let Err(e) = r {
+                            errors.push(e.to_string());
+                        }
+                        round += 1;
+                        all.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    (round, errors)
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            rounds,
+            clients,
+        }
+    }
+
+    /// Rounds done so far, over every client.
+    fn rounds(&self) -> u64 {
+        self.rounds.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops the clients: each one's rounds and errors.
+    fn finish(self) -> Vec<(u64, Vec<String>)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.clients
+            .into_iter()
+            .map(|c| c.join().unwrap())
+            .collect()
+    }
+}
+
+/// No load client got an error, and each one's counter saw every INCR exactly once.
+fn assert_clean(c: &mut redis::Connection, prefix: &str, results: &[(u64, Vec<String>)]) {
+    let errors: Vec<&String> = results.iter().flat_map(|r| &r.1).collect();
+    assert!(
+        errors.is_empty(),
+        "{} errors, e.g. {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    for (t, (rounds, _)) in results.iter().enumerate() {
+        let v: u64 = redis::cmd("GET")
+            .arg(format!("{prefix}:ctr:{t}"))
+            .query(c)
+            .unwrap();
+        assert_eq!(v, *rounds, "{prefix}:ctr:{t}: every INCR once");
+    }
 }
 
 /// Until every node is connected, slotgate reads the layout every second: waits for that to
@@ -794,36 +834,7 @@ fn a_manual_failover_under_load_gives_clients_no_errors() {
     let cluster = Cluster::start(3, 1);
     cluster.wait_for_replicas(3);
     let (proxy, admin) = settled_proxy(&cluster, &["--op-timeout", "5s"]);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let done = || progress.load(std::sync::atomic::Ordering::Relaxed);
-    let clients: Vec<_> = (0..3)
-        .map(|t| {
-            let (url, stop, progress) = (proxy.url(), stop.clone(), progress.clone());
-            std::thread::spawn(move || {
-                let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
-                let (mut rounds, mut errors) = (0u64, Vec::new());
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let key = format!("mf:{t}:{}", rounds % 200);
-                    let r: redis::RedisResult<()> = (|| {
-                        let _: () = redis::cmd("SET").arg(&key).arg(rounds).query(&mut c)?;
-                        let got: u64 = redis::cmd("GET").arg(&key).query(&mut c)?;
-                        assert_eq!(got, rounds, "{key}");
-                        let _: i64 = redis::cmd("INCR")
-                            .arg(format!("mf:ctr:{t}"))
-                            .query(&mut c)?;
-                        Ok(())
-                    })();
-                    if let Err(e) = r {
-                        errors.push(e.to_string());
-                    }
-                    rounds += 1;
-                    progress.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                (rounds, errors)
-            })
-        })
-        .collect();
+    let load = Load::start(&proxy, "mf");
     // A replica takes over its primary's slots (`CLUSTER FAILOVER`, coordinated: no write
     // is lost).
     let owners = cluster.owners();
@@ -834,7 +845,7 @@ fn a_manual_failover_under_load_gives_clients_no_errors() {
         .find(|p| !owners.contains(p))
         .unwrap();
     wait_until("the clients to run", Duration::from_secs(10), || {
-        done() >= 300
+        load.rounds() >= 300
     });
     let before = metric_value(admin, "slotgate_cluster_layout_changes_total");
     let _: () = redis::cmd("CLUSTER")
@@ -850,27 +861,16 @@ fn a_manual_failover_under_load_gives_clients_no_errors() {
         },
     );
     // And on the new layout.
-    let then = done();
+    let then = load.rounds();
     wait_until("the clients to run on", Duration::from_secs(10), || {
-        done() >= then + 300
+        load.rounds() >= then + 300
     });
-    let mut c = proxy.client();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let results: Vec<(u64, Vec<String>)> = clients.into_iter().map(|c| c.join().unwrap()).collect();
-    let errors: Vec<&String> = results.iter().flat_map(|r| &r.1).collect();
+    let results = load.finish();
     eprintln!(
-        "manual failover under load: {} client rounds, {} errors",
-        results.iter().map(|r| r.0).sum::<u64>(),
-        errors.len()
+        "manual failover under load: {} client rounds",
+        results.iter().map(|r| r.0).sum::<u64>()
     );
-    assert!(errors.is_empty(), "{errors:?}");
-    for (t, (rounds, _)) in results.iter().enumerate() {
-        let v: u64 = redis::cmd("GET")
-            .arg(format!("mf:ctr:{t}"))
-            .query(&mut c)
-            .unwrap();
-        assert_eq!(v, *rounds, "mf:ctr:{t}: every INCR once");
-    }
+    assert_clean(&mut proxy.client(), "mf", &results);
 }
 
 #[test]
