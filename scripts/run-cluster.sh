@@ -19,18 +19,11 @@ NODES=6
 ADDRS=()
 for i in $(seq 0 $((NODES - 1))); do
   p=$((BASE + i))
-  if redis-cli -p "$p" ping >/dev/null 2>&1; then
-    echo "port $p is already in use; set CLUSTER_BASE_PORT to another base" >&2; exit 1
-  fi
-  redis-server --port "$p" --bind 127.0.0.1 --save '' --appendonly no --dir "$DIR" \
-    --cluster-enabled yes --cluster-config-file "nodes-$p.conf" --cluster-node-timeout 2000 \
-    --daemonize no --loglevel warning >"$DIR/node-$p.log" 2>&1 &
-  PIDS+=($!)
+  start_redis "$p" CLUSTER_BASE_PORT --cluster-enabled yes --cluster-config-file "nodes-$p.conf" \
+    --cluster-node-timeout 2000
   ADDRS+=("127.0.0.1:$p")
 done
-for a in "${ADDRS[@]}"; do
-  for _ in $(seq 50); do redis-cli -p "${a##*:}" ping >/dev/null 2>&1 && break; sleep 0.1; done
-done
+for i in $(seq 0 $((NODES - 1))); do wait_ping $((BASE + i)); done
 redis-cli --cluster create "${ADDRS[@]}" --cluster-replicas 1 --cluster-yes >"$DIR/create.log"
 for _ in $(seq 100); do
   redis-cli -p "$BASE" cluster info | grep -q cluster_state:ok && break
@@ -40,7 +33,7 @@ done
 target/release/slotgate --listen "127.0.0.1:$PORT" --cluster "127.0.0.1:$BASE" \
   --cluster-refresh 2s --admin-listen "127.0.0.1:$ADMIN_PORT" &
 PIDS+=($!)
-for _ in $(seq 100); do redis-cli -p "$PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+wait_ping "$PORT" 100
 
 cat <<MSG
 

@@ -20,19 +20,10 @@ ADMIN_PORT=${ADMIN_PORT:-9180}
 
 SHARD_ARGS=()
 for i in $(seq 0 $((SHARDS - 1))); do
-  p=$((BASE + i))
-  if redis-cli -p "$p" ping >/dev/null 2>&1; then
-    echo "port $p is already in use; set SHARD_BASE_PORT to another base" >&2; exit 1
-  fi
-  redis-server --port "$p" --bind 127.0.0.1 --save '' --appendonly no --dir "$DIR" \
-    --daemonize no --loglevel warning >"$DIR/shard-$p.log" 2>&1 &
-  PIDS+=($!)
-  SHARD_ARGS+=(--shard "127.0.0.1:$p")
+  start_redis $((BASE + i)) SHARD_BASE_PORT
+  SHARD_ARGS+=(--shard "127.0.0.1:$((BASE + i))")
 done
-for i in $(seq 0 $((SHARDS - 1))); do
-  p=$((BASE + i))
-  for _ in $(seq 50); do redis-cli -p "$p" ping >/dev/null 2>&1 && break; sleep 0.1; done
-done
+for i in $(seq 0 $((SHARDS - 1))); do wait_ping $((BASE + i)); done
 
 target/release/slotgate-demo-origin "127.0.0.1:$ORIGIN_PORT" &
 PIDS+=($!)
@@ -40,7 +31,7 @@ target/release/slotgate --listen "127.0.0.1:$PORT" "${SHARD_ARGS[@]}" \
   --admin-listen "127.0.0.1:$ADMIN_PORT" \
   --readthrough "label:=http://127.0.0.1:$ORIGIN_PORT/labels/{rest};ttl=10m;negative_ttl=30s;timeout=500ms;name=labels" &
 PIDS+=($!)
-for _ in $(seq 50); do redis-cli -p "$PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+wait_ping "$PORT"
 
 cat <<MSG
 

@@ -136,11 +136,12 @@ pub struct Layout {
 }
 
 impl Topology {
-    /// The shards and the slot map. The shards are the primaries: those slotgate has already
-    /// (in `previous`) keep their order, so that a SCAN cursor, which names a shard, stays
-    /// good across a reshard; new ones follow in the order of their first slot, then those
-    /// without slots (a node just added: connected before its first slot arrives). With
-    /// `replicas`, the first replica of each primary that has one comes after them. Slots no
+    /// The shards and the slot map. The shards are the primaries with slots: those slotgate
+    /// has already (in `previous`) keep their order, so that a SCAN cursor, which names a
+    /// shard, stays good across a reshard; new ones follow in the order of their first slot.
+    /// Then the primaries without slots (a node just added: connected before its first slot
+    /// arrives, but not asked by commands that go to every shard). With `replicas`, the
+    /// first replica of each primary with slots comes last. Slots no
     /// primary serves (a cluster still being set up) go to the first shard, which answers
     /// them as the cluster does (`-CLUSTERDOWN`, or a redirect).
     pub fn layout(&self, replicas: bool, previous: &[SocketAddr]) -> Result<Layout, String> {
@@ -154,10 +155,13 @@ impl Topology {
                     .iter()
                     .position(|a| *a == p.addr)
                     .unwrap_or(usize::MAX),
-                p.slots.is_empty(),
                 p.slots.iter().map(|r| r.0).min(),
             )
         });
+        // Only primaries with slots are in the slot map (and in commands that go to every
+        // shard); those without come after them, connected but holding no keys.
+        let (primaries, empty): (Vec<&Primary>, Vec<&Primary>) =
+            primaries.into_iter().partition(|p| !p.slots.is_empty());
         let mut owned = vec![false; crate::router::SLOTS];
         let mut layout: Vec<crate::router::ShardSlots> = primaries
             .iter()
@@ -183,7 +187,7 @@ impl Topology {
             }
         }
         let slot_map = SlotMap::build(&layout).map_err(|e| e.to_string())?;
-        let mut shards: Vec<SocketAddr> = primaries.iter().map(|p| p.addr).collect();
+        let mut shards: Vec<SocketAddr> = primaries.iter().chain(&empty).map(|p| p.addr).collect();
         let mut replica_of = Vec::new();
         if replicas {
             for p in &primaries {
@@ -958,6 +962,11 @@ mod tests {
         );
         assert_eq!(l.slot_map.shard_of_slot(0), 1);
         assert!(l.slot_map.ranges(2).is_empty());
+        assert_eq!(
+            l.slot_map.shard_count(),
+            2,
+            "commands for every shard ask only the primaries with slots"
+        );
         assert_eq!(
             redirect_addr("::1:7410"),
             Some("[::1]:7410".parse().unwrap()),

@@ -244,8 +244,8 @@ fn upstream_configs(shared: &Shared, s: &Settings) -> Vec<(SocketAddr, UpstreamC
                 mirror: None,
                 scripts: Some(shared.scripts.clone()),
                 slowlog: Some(shared.slowlog.clone()),
-                // (The shards after the primaries are the replicas reads go to.)
-                readonly: i >= s.slot_map.shard_count(),
+                // (The replicas reads go to.)
+                readonly: s.replica_of.contains(&Some(i)),
                 cluster: s.cluster.is_some(),
             };
             (addr, cfg)

@@ -503,6 +503,7 @@ fn read_from_replica_sends_reads_to_replicas_and_writes_to_primaries() {
     );
     let info: String = redis::cmd("INFO").arg("shards").query(&mut c).unwrap();
     assert_eq!(info.matches("role=replica").count(), 3, "{info}");
+    assert_eq!(info.matches("status=up").count(), 6, "{info}");
 }
 
 /// An unlabelled sample of `/metrics` (read without contacting any node).

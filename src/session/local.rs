@@ -1005,16 +1005,18 @@ fn shards_info(
             })
             .collect();
         let text = texts.get(i).copied().flatten();
-        let status = if text.is_some() && up.get(i).copied().unwrap_or(false) {
+        // (INFO is asked of the shards with slots; the others are up when connected.)
+        let answered = text.is_some() || i >= texts.len();
+        let status = if answered && up.get(i).copied().unwrap_or(false) {
             "up"
         } else {
             "down"
         };
         // Cluster mode: the replicas reads go to come after the primaries.
-        let role = match (&settings.cluster, i < settings.slot_map.shard_count()) {
+        let role = match (&settings.cluster, settings.replica_of.contains(&Some(i))) {
             (None, _) => "",
-            (Some(_), true) => ",role=primary",
-            (Some(_), false) => ",role=replica",
+            (Some(_), false) => ",role=primary",
+            (Some(_), true) => ",role=replica",
         };
         body.push_str(&format!(
             "shard{i}:addr={addr},slots={},status={status},keys={},redis_version={}{role}\r\n",
