@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use redis_protocol::resp2::types::OwnedFrame;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -51,7 +51,7 @@ pub const MAX_HOPS: u8 = 5;
 const TRYAGAIN_WAIT: Duration = Duration::from_millis(20);
 /// How long a request redirected to a node slotgate has no connection to waits for the
 /// next layout (one that includes the node) before it is tried again.
-const NEW_NODE_WAIT: Duration = Duration::from_millis(100);
+pub const NEW_NODE_WAIT: Duration = Duration::from_millis(100);
 /// The shortest time between two reads of the topology that redirects asked for.
 const REDIRECT_REFRESH: Duration = Duration::from_millis(100);
 /// How often the topology is read while a primary is unreachable.
@@ -673,11 +673,36 @@ pub async fn redirector(w: std::rc::Rc<Worker>) {
     }
 }
 
-/// One redirected request: sent again, or answered with an error.
-fn redirect(w: &std::rc::Rc<Worker>, r: Redirected) {
-    let text = String::from_utf8_lossy(&r.reply[1..])
-        .trim_end()
-        .to_string();
+/// Where a redirected request goes next (see [`next_hop`]).
+pub enum Hop {
+    /// Sent again to `to`, behind `ASKING` when `asking`, after `wait`.
+    Again {
+        to: SocketAddr,
+        asking: bool,
+        wait: Duration,
+        /// A MOVED or ASK: one more redirect (a TRYAGAIN is not).
+        counted: bool,
+    },
+    /// Sent again to the node slotgate knows by one of this host name's addresses (see
+    /// [`lookup`]), behind `ASKING` when `asking`; one more redirect.
+    Lookup { host: String, asking: bool },
+    /// Not sent again: this is its reply.
+    Answer(Bytes),
+}
+
+/// What to do with a request that `from` answered with the redirect `reply`, after `hops`
+/// redirects so far, going behind `ASKING` when `asking`, failing at `deadline`; counts the
+/// redirect, and a MOVED makes slotgate read the layout again. Shared connections
+/// ([`redirector`]) and dedicated ones (`session::follow`) decide alike.
+pub fn next_hop(
+    w: &Worker,
+    reply: &Bytes,
+    from: SocketAddr,
+    hops: u8,
+    asking: bool,
+    deadline: tokio::time::Instant,
+) -> Hop {
+    let text = String::from_utf8_lossy(&reply[1..]).trim_end().to_string();
     let mut words = text.split(' ');
     let kind = words.next().unwrap_or("");
     let stats = &w.shared.cluster_stats;
@@ -694,10 +719,11 @@ fn redirect(w: &std::rc::Rc<Worker>, r: Redirected) {
             stats.tryagain.fetch_add(1, Ordering::Relaxed);
         }
     }
-    if tokio::time::Instant::now() >= r.deadline {
+    let now = tokio::time::Instant::now();
+    if now >= deadline {
         // Its client is told it timed out (or already was): never run it later.
-        return r.target.deliver(crate::resp::reply::shard_unavailable(
-            &r.from.to_string(),
+        return Hop::Answer(crate::resp::reply::shard_unavailable(
+            &from.to_string(),
             &format!("redirected ({text}) past the request's deadline"),
         ));
     }
@@ -705,69 +731,107 @@ fn redirect(w: &std::rc::Rc<Worker>, r: Redirected) {
         // The slot is being migrated: sent again (to the same node, with ASKING if it went
         // with it) every 20 ms until the request's deadline (a migration takes as long as its
         // keys do), not counted as a hop.
-        if tokio::time::Instant::now() + TRYAGAIN_WAIT >= r.deadline {
-            return r.target.deliver(crate::resp::reply::shard_unavailable(
-                &r.from.to_string(),
+        if now + TRYAGAIN_WAIT >= deadline {
+            return Hop::Answer(crate::resp::reply::shard_unavailable(
+                &from.to_string(),
                 "its slot was being migrated until the request's deadline (TRYAGAIN)",
             ));
         }
-        let w = w.clone();
-        let from = r.from;
-        tokio::task::spawn_local(async move {
-            tokio::time::sleep(TRYAGAIN_WAIT).await;
-            resend(&w, from, r);
-        });
-        return;
+        return Hop::Again {
+            to: from,
+            asking,
+            wait: TRYAGAIN_WAIT,
+            counted: false,
+        };
     }
-    if r.retry.hops() >= MAX_HOPS {
-        return r
-            .target
-            .deliver(crate::resp::reply::too_many_redirects(&text));
+    if hops >= MAX_HOPS {
+        return Hop::Answer(crate::resp::reply::too_many_redirects(&text));
     }
     let (kind_ok, target) = (matches!(kind, "MOVED" | "ASK"), words.nth(1));
     let Some(target) = target.filter(|_| kind_ok) else {
-        return r.target.deliver(r.reply);
+        return Hop::Answer(reply.clone());
     };
-    let again = Redirected {
-        retry: r.retry.hop().asking(kind == "ASK"),
-        ..r
-    };
+    let asking = kind == "ASK";
     let Some(to) = redirect_addr(target) else {
-        // A host name (`cluster-preferred-endpoint-type hostname`): looked up, then the
-        // node slotgate knows by one of its addresses.
-        let (w, host) = (w.clone(), target.to_string());
-        tokio::task::spawn_local(async move {
-            let addrs: Vec<SocketAddr> = match tokio::net::lookup_host(host.as_str()).await {
-                Ok(a) => a.collect(),
-                Err(_) => Vec::new(),
-            };
-            let known = {
-                let pools = w.pools();
-                addrs
-                    .iter()
-                    .copied()
-                    .find(|a| pools.shard_index(*a).is_some())
-            };
-            match known.or(addrs.first().copied()) {
-                Some(to) => resend(&w, to, again),
-                None => again
-                    .target
-                    .deliver(crate::resp::reply::too_many_redirects(&format!(
-                        "to {host}, a name that does not resolve"
-                    ))),
-            }
-        });
-        return;
+        // A host name (`cluster-preferred-endpoint-type hostname`).
+        return Hop::Lookup {
+            host: target.to_string(),
+            asking,
+        };
     };
-    match w.pools().shard_index(to) {
-        Some(_) => resend(w, to, again),
-        None => {
-            // A node slotgate has no connection to yet: it joined; the next layout has it.
-            w.shared.cluster_changed.notify_one();
+    let wait = if w.pools().shard_index(to).is_some() {
+        Duration::ZERO
+    } else {
+        // A node slotgate has no connection to yet: it joined; the next layout has it.
+        w.shared.cluster_changed.notify_one();
+        NEW_NODE_WAIT
+    };
+    Hop::Again {
+        to,
+        asking,
+        wait,
+        counted: true,
+    }
+}
+
+/// The address of `host` to send a redirected request to: the one slotgate knows the node
+/// by, else the first; `Err` with the request's reply when the name does not resolve.
+pub async fn lookup(w: &Worker, host: &str) -> Result<SocketAddr, Bytes> {
+    let addrs: Vec<SocketAddr> = match tokio::net::lookup_host(host).await {
+        Ok(a) => a.collect(),
+        Err(_) => Vec::new(),
+    };
+    let known = {
+        let pools = w.pools();
+        addrs
+            .iter()
+            .copied()
+            .find(|a| pools.shard_index(*a).is_some())
+    };
+    known.or(addrs.first().copied()).ok_or_else(|| {
+        crate::resp::reply::too_many_redirects(&format!("to {host}, a name that does not resolve"))
+    })
+}
+
+/// One redirected request on a shared connection: sent again, or answered with an error.
+fn redirect(w: &std::rc::Rc<Worker>, r: Redirected) {
+    let (hops, asking) = (r.retry.hops(), r.retry.is_asking());
+    match next_hop(w, &r.reply, r.from, hops, asking, r.deadline) {
+        Hop::Answer(reply) => r.target.deliver(reply),
+        Hop::Again {
+            to,
+            asking,
+            wait,
+            counted,
+        } => {
+            let again = if counted {
+                Redirected {
+                    retry: r.retry.hop().asking(asking),
+                    ..r
+                }
+            } else {
+                r
+            };
+            if wait.is_zero() {
+                return resend(w, to, again);
+            }
             let w = w.clone();
             tokio::task::spawn_local(async move {
-                tokio::time::sleep(NEW_NODE_WAIT).await;
+                tokio::time::sleep(wait).await;
                 resend(&w, to, again);
+            });
+        }
+        Hop::Lookup { host, asking } => {
+            let again = Redirected {
+                retry: r.retry.hop().asking(asking),
+                ..r
+            };
+            let w = w.clone();
+            tokio::task::spawn_local(async move {
+                match lookup(&w, &host).await {
+                    Ok(to) => resend(&w, to, again),
+                    Err(reply) => again.target.deliver(reply),
+                }
             });
         }
     }
@@ -775,7 +839,7 @@ fn redirect(w: &std::rc::Rc<Worker>, r: Redirected) {
 
 /// The address of a redirect: `ip:port`, where an IPv6 `ip` has no brackets
 /// (`MOVED 15495 ::1:7410`).
-fn redirect_addr(a: &str) -> Option<SocketAddr> {
+pub fn redirect_addr(a: &str) -> Option<SocketAddr> {
     let (ip, port) = a.rsplit_once(':')?;
     let ip = ip.trim_start_matches('[').trim_end_matches(']');
     Some(SocketAddr::new(ip.parse().ok()?, port.parse().ok()?))

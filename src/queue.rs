@@ -51,7 +51,7 @@ pub struct ReplyQueue {
     pushes: RefCell<VecDeque<Bytes>>,
     /// What the session must look at before its next turn, as bits (see [`Attention`]): one
     /// load per turn covers them all.
-    flags: Cell<u8>,
+    flags: Cell<u16>,
     /// Bytes of out-of-band frames not yet written.
     pushed_bytes: Cell<usize>,
     /// Requests of this client that timed out but whose replies the shard has yet to send:
@@ -107,26 +107,29 @@ pub struct Attention;
 
 impl Attention {
     /// CLIENT KILL named this client (or a reload removed its user).
-    pub const KILLED: u8 = 1;
+    pub const KILLED: u16 = 1;
     /// A subscriber connection was lost.
-    pub const SUB_LOST: u8 = 2;
+    pub const SUB_LOST: u16 = 2;
     /// The output buffer went over its limit.
-    pub const OVERFLOW: u8 = 4;
+    pub const OVERFLOW: u16 = 4;
     /// The worker took up a reload: the session re-reads its user and limits.
-    pub const RELOAD: u8 = 8;
+    pub const RELOAD: u16 = 8;
     /// A graceful shutdown: the session reads nothing more, answers what it has read, then
     /// closes.
-    pub const DRAIN: u8 = 16;
+    pub const DRAIN: u16 = 16;
     /// A CLIENT PAUSE ended: a command it held is tried again.
-    pub const RESUME: u8 = 32;
+    pub const RESUME: u16 = 32;
     /// A subscriber connection failed before any subscription began on it: the session
     /// forgets them (see `Session::drop_failed_subscriptions`).
-    pub const SUB_FAILED: u8 = 64;
+    pub const SUB_FAILED: u16 = 64;
     /// The token the client authenticated with expired: like a drain, it reads nothing more,
     /// gets the replies of what it sent, then is closed.
-    pub const EXPIRED: u8 = 128;
+    pub const EXPIRED: u16 = 128;
+    /// Cluster mode: a request on a dedicated connection (a blocking command, a transaction,
+    /// a WATCH) was redirected; the session sends it where it goes (see `session::follow`).
+    pub const FOLLOW: u16 = 256;
     /// The bits that close the session.
-    pub const CLOSE: u8 = Self::KILLED | Self::SUB_LOST | Self::OVERFLOW;
+    pub const CLOSE: u16 = Self::KILLED | Self::SUB_LOST | Self::OVERFLOW;
 }
 
 /// An output buffer size that needs a look at the limits; `usize::MAX` (never) by default.
@@ -505,13 +508,13 @@ impl ReplyQueue {
     }
 
     /// Sets a flag for the session's next turn and wakes it.
-    pub fn flag(&self, bit: u8) {
+    pub fn flag(&self, bit: u16) {
         self.flags.set(self.flags.get() | bit);
         self.notify.notify_one();
     }
 
     /// Clears a flag the session has acted on (a reload, a drain).
-    pub fn unflag(&self, bit: u8) {
+    pub fn unflag(&self, bit: u16) {
         self.flags.set(self.flags.get() & !bit);
     }
 
@@ -533,7 +536,7 @@ impl ReplyQueue {
     /// Whether anything needs the session's attention before its next turn (one load: the
     /// hot path's only check of all these).
     #[inline]
-    pub fn attention(&self) -> u8 {
+    pub fn attention(&self) -> u16 {
         self.flags.get()
     }
 

@@ -381,7 +381,7 @@ pub async fn next_redirects() -> (VecDeque<Redirected>, bool) {
 
 /// Whether a reply is a cluster redirect.
 #[inline]
-fn is_redirect(reply: &[u8]) -> bool {
+pub fn is_redirect(reply: &[u8]) -> bool {
     reply.starts_with(b"-MOVED ") || reply.starts_with(b"-ASK ") || reply.starts_with(b"-TRYAGAIN")
 }
 

@@ -381,6 +381,12 @@ fn ask_and_tryagain_during_a_slot_migration_stay_inside_slotgate() {
     // `a` is on the importing node now: its owner answers ASK, slotgate follows it.
     let v: String = redis::cmd("GET").arg(a).query(&mut c).unwrap();
     assert_eq!(v, "1");
+    // A transaction on `a`: the owner answers its GET ASK (and EXEC EXECABORT), so the whole
+    // transaction goes to the importing node behind ASKING.
+    let mut raw = proxy.raw();
+    assert_eq!(raw.call(&[b"MULTI"]), b"+OK\r\n");
+    assert_eq!(raw.call(&[b"GET", a.as_bytes()]), b"+QUEUED\r\n");
+    assert_eq!(raw.call(&[b"EXEC"]), b"*1\r\n$1\r\n1\r\n");
     // `a` and `b` together: half migrated, the owner answers TRYAGAIN until the migration
     // ends; the client just waits for its reply.
     let url = proxy.url();
@@ -734,44 +740,130 @@ fn a_new_layout_keeps_a_clients_order_and_its_subscriptions() {
     );
 }
 
+/// Another primary than the one on `port`.
+fn other_than(cluster: &Cluster, port: u16) -> u16 {
+    cluster
+        .nodes
+        .iter()
+        .map(|n| n.port)
+        .find(|&p| p != port)
+        .unwrap()
+}
+
+/// A node's count of blocked clients.
+fn blocked_on(cluster: &Cluster, port: u16) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("clients")
+        .query(&mut cluster.node(port).client())
+        .unwrap();
+    info_u64(&info, "blocked_clients")
+}
+
 #[test]
-fn a_moved_that_reaches_a_client_still_makes_slotgate_read_the_layout() {
+fn a_transaction_follows_its_moved_slot_and_slotgate_reads_the_layout() {
     let cluster = Cluster::start(3, 0);
     let (proxy, admin) = settled_proxy(&cluster, &[]);
     let mut c = proxy.raw();
     assert_eq!(c.call(&[b"SET", b"tx", b"0"]), b"+OK\r\n");
-    let owners = cluster.owners();
-    let from = owners[slot("tx") as usize];
-    let to = cluster
-        .nodes
-        .iter()
-        .map(|n| n.port)
-        .find(|&p| p != from)
-        .unwrap();
+    let from = cluster.owners()[slot("tx") as usize];
+    let to = other_than(&cluster, from);
     cluster.move_slot(slot("tx"), from, to);
     let before = layout_changes(admin);
-    // A transaction runs on a dedicated connection, which does not follow redirects yet:
-    // its queued SET gets the node's MOVED (a documented gap)...
+    // The transaction goes whole at EXEC; its old node answers MOVED (and EXECABORT), so
+    // nothing ran there, and slotgate sends it whole to the new owner.
     assert_eq!(c.call(&[b"MULTI"]), b"+OK\r\n");
-    let queued = c.call(&[b"SET", b"tx", b"1"]);
-    assert!(
-        queued.starts_with(b"-MOVED"),
-        "{}",
-        String::from_utf8_lossy(&queued)
-    );
-    let _ = c.call(&[b"EXEC"]);
-    // ...but slotgate reads the layout at once, and the next transaction goes right.
-    wait_until("a new layout", Duration::from_secs(5), || {
-        layout_changes(admin) > before
-    });
-    assert_eq!(c.call(&[b"MULTI"]), b"+OK\r\n");
-    assert_eq!(c.call(&[b"SET", b"tx", b"2"]), b"+QUEUED\r\n");
-    assert_eq!(c.call(&[b"EXEC"]), b"*1\r\n+OK\r\n");
+    assert_eq!(c.call(&[b"SET", b"tx", b"1"]), b"+QUEUED\r\n");
+    assert_eq!(c.call(&[b"INCR", b"tx"]), b"+QUEUED\r\n");
+    assert_eq!(c.call(&[b"EXEC"]), b"*2\r\n+OK\r\n:2\r\n");
     let v: String = redis::cmd("GET")
         .arg("tx")
         .query(&mut cluster.node(to).client())
         .unwrap();
     assert_eq!(v, "2");
+    // The MOVED also made slotgate read the layout at once.
+    wait_until("a new layout", Duration::from_secs(5), || {
+        layout_changes(admin) > before
+    });
+    assert_eq!(c.call(&[b"MULTI"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"INCR", b"tx"]), b"+QUEUED\r\n");
+    assert_eq!(c.call(&[b"EXEC"]), b"*1\r\n:3\r\n");
+    // A queuing error still aborts the transaction, and nothing reaches a node.
+    assert_eq!(c.call(&[b"MULTI"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"INCR", b"tx"]), b"+QUEUED\r\n");
+    assert!(
+        c.call(&[b"GET", b"tx", b"extra"])
+            .starts_with(b"-ERR wrong number")
+    );
+    assert!(c.call(&[b"EXEC"]).starts_with(b"-EXECABORT"));
+    assert_eq!(c.call(&[b"GET", b"tx"]), b"$1\r\n3\r\n");
+}
+
+#[test]
+fn blocking_commands_and_watched_transactions_follow_a_slot_that_moves() {
+    let cluster = Cluster::start(3, 0);
+    let (proxy, admin) = settled_proxy(&cluster, &["--op-timeout", "5s"]);
+    let owners = cluster.owners();
+    // A BLPOP blocks; its slot moves away; the node answers it MOVED (Redis checks blocked
+    // clients about every 100 ms) and slotgate sends it to the new owner, where a push
+    // wakes it.
+    let from = owners[slot("bl") as usize];
+    let to = other_than(&cluster, from);
+    let url = proxy.url();
+    let blpop = std::thread::spawn(move || {
+        let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+        redis::cmd("BLPOP")
+            .arg("bl")
+            .arg(30)
+            .query::<(String, String)>(&mut c)
+    });
+    wait_until("the BLPOP to block", Duration::from_secs(5), || {
+        blocked_on(&cluster, from) == 1
+    });
+    cluster.move_slot(slot("bl"), from, to);
+    wait_until(
+        "the BLPOP to block on the new owner",
+        Duration::from_secs(5),
+        || blocked_on(&cluster, to) == 1,
+    );
+    let mut c = proxy.raw();
+    assert_eq!(c.call(&[b"RPUSH", b"bl", b"x"]), b":1\r\n");
+    assert_eq!(
+        blpop.join().unwrap().unwrap(),
+        ("bl".to_string(), "x".to_string())
+    );
+    // A transaction under WATCH whose slot moved: EXEC answers nil, as when a watched key
+    // changed (its watches were on the node that lost the keys); the client's retry goes
+    // to the new owner.
+    let from = owners[slot("w") as usize];
+    let to = other_than(&cluster, from);
+    assert_eq!(c.call(&[b"SET", b"w", b"5"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"WATCH", b"w"]), b"+OK\r\n");
+    cluster.move_slot(slot("w"), from, to);
+    assert_eq!(c.call(&[b"MULTI"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"INCR", b"w"]), b"+QUEUED\r\n");
+    assert_eq!(c.call(&[b"EXEC"]), b"*-1\r\n");
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        assert!(tries < 500, "the WATCH retries never went through");
+        let watch = c.call(&[b"WATCH", b"w"]);
+        assert_eq!(watch, b"+OK\r\n", "{}", String::from_utf8_lossy(&watch));
+        assert_eq!(c.call(&[b"MULTI"]), b"+OK\r\n");
+        assert_eq!(c.call(&[b"INCR", b"w"]), b"+QUEUED\r\n");
+        let exec = c.call(&[b"EXEC"]);
+        if exec == b"*1\r\n:6\r\n" {
+            break;
+        }
+        assert_eq!(exec, b"*-1\r\n", "{}", String::from_utf8_lossy(&exec));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let v: String = redis::cmd("GET")
+        .arg("w")
+        .query(&mut cluster.node(to).client())
+        .unwrap();
+    assert_eq!(v, "6");
+    // The clients saw no redirect; slotgate followed them.
+    assert!(metric_value(admin, "slotgate_cluster_redirects_total{kind=\"moved\"}") >= 2.0);
 }
 
 #[test]

@@ -217,6 +217,10 @@ impl<R: ReadSide, W: WriteSide> Conn<R, W> {
             s.queue.unflag(Attention::SUB_FAILED);
             s.drop_failed_subscriptions();
         }
+        if flags & Attention::FOLLOW != 0 {
+            s.queue.unflag(Attention::FOLLOW);
+            s.follow_redirects();
+        }
         if flags & Attention::RESUME != 0 {
             // (`parse` has already tried the held command again.)
             s.queue.unflag(Attention::RESUME);

@@ -9,6 +9,7 @@
 
 mod conn;
 pub mod control;
+pub mod follow;
 pub mod local;
 pub mod pinned;
 pub mod pubsub;
@@ -111,6 +112,8 @@ pub struct Session {
     pub(crate) watch: Option<crate::session::pinned::Watch>,
     /// The dedicated connection of a blocking command in flight.
     pub(crate) blocked: Option<crate::session::pinned::Blocked>,
+    /// Cluster mode: redirected requests of its dedicated connections (see `follow`).
+    follows: Option<Rc<crate::session::follow::Follows>>,
     /// A command waiting until nothing is in flight (switching between shared and dedicated
     /// connections keeps the client's order).
     deferred: Option<crate::session::pinned::Deferred>,
@@ -266,6 +269,7 @@ where
         tx: None,
         watch: None,
         blocked: None,
+        follows: None,
         deferred: None,
         on_dedicated: Lane::Shared,
         subs: crate::session::pubsub::Subs::default(),

@@ -22,7 +22,6 @@
 
 use std::cell::Cell;
 use std::rc::Rc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -54,6 +53,9 @@ pub struct Tx {
     /// The queued commands, in order: INFO commandstats counts the errors in EXEC's reply
     /// against them, as Redis does.
     queued: Vec<&'static str>,
+    /// Cluster mode: `conn` holds WATCHes, and nothing was sent on it for this transaction
+    /// yet (everything is sent at EXEC: see `follow`).
+    watched: bool,
 }
 
 /// WATCHed keys outside MULTI: their dedicated connection and slot, and what their WATCH
@@ -71,6 +73,8 @@ pub struct Watch {
 struct WatchReplies {
     ok: Cell<u32>,
     failed: Cell<bool>,
+    /// Cluster mode: a WATCH was redirected, so its slot moved (see `follow`).
+    moved: Cell<bool>,
 }
 
 /// Where a WATCH's reply goes: to the client, noted in [`WatchReplies`] on its way.
@@ -82,6 +86,14 @@ struct WatchReply {
 
 impl Sink for WatchReply {
     fn deliver(self: Rc<Self>, _idx: u32, reply: Bytes) {
+        if crate::shard::is_redirect(&reply) {
+            // Its slot moved (or is moving) away: the keys may change unseen, so the
+            // transaction's EXEC answers a null array, as when a watched key changed.
+            self.replies.moved.set(true);
+            return self
+                .queue
+                .deliver(self.seq, 0, Bytes::from_static(reply::OK));
+        }
         if reply.first() == Some(&b'-') {
             self.replies.failed.set(true);
         } else {
@@ -106,7 +118,9 @@ enum Watched {
 impl Watch {
     fn state(self) -> Watched {
         let (ok, failed) = (self.replies.ok.get(), self.replies.failed.get());
-        if ok == 0 && failed {
+        if self.replies.moved.get() {
+            Watched::Lost
+        } else if ok == 0 && failed {
             Watched::Nothing
         } else if !self.conn.up.usable() || failed {
             if ok == 0 {
@@ -143,6 +157,17 @@ impl Blocked {
             conn: Some(conn),
             count: count.clone(),
             on: on.clone(),
+        }
+    }
+
+    /// Cluster mode: the command was redirected and now waits on `conn` (the one it left
+    /// answered, so it is clean).
+    pub fn moved_to(&mut self, conn: Dedicated) {
+        if let Ok(mut on) = self.on.lock() {
+            *on = Some(conn.shard_client());
+        }
+        if let Some(old) = self.conn.replace(conn) {
+            old.release();
         }
     }
 
@@ -189,8 +214,7 @@ impl Deferred {
     }
 }
 
-/// Blocking commands wait as long as the client asked: this is "no deadline".
-const FOREVER: Duration = Duration::from_secs(86_400 * 365);
+use crate::session::follow::FOREVER;
 
 impl Session {
     /// Whether this command will use a dedicated connection (an open transaction, a
@@ -232,14 +256,7 @@ impl Session {
     ) {
         let count = move |parts: &[Bytes]| -> Bytes {
             let reply = parts.first().cloned().unwrap_or_default();
-            if reply.first() == Some(&b'*') {
-                let elements = crate::resp::scan::array_elements(&reply).unwrap_or_default();
-                for (i, &(a, b)) in elements.iter().enumerate() {
-                    if reply.get(a) == Some(&b'-') {
-                        crate::metrics::note_error(queued.get(i).copied(), &reply[a..b], false);
-                    }
-                }
-            }
+            crate::session::follow::count_exec_errors(&reply, &queued);
             reply
         };
         let mut g = crate::fanout::Gather::new(
@@ -289,6 +306,14 @@ impl Session {
                 tx.buffered.push(Bytes::copy_from_slice(req.raw));
                 self.reply_static(reply::OK);
             }
+            // Cluster mode: everything goes at EXEC, on the WATCH's connection.
+            Some(Watched::Holds(conn, slot)) if self.w.cluster => {
+                tx.slot = Some(slot);
+                tx.watched = true;
+                tx.conn = Some(conn);
+                tx.buffered.push(Bytes::copy_from_slice(req.raw));
+                self.reply_static(reply::OK);
+            }
             // WATCH already chose the shard: MULTI goes there.
             Some(Watched::Holds(conn, slot)) => {
                 tx.slot = Some(slot);
@@ -313,8 +338,13 @@ impl Session {
         if tx.watch_lost || tx.aborted {
             // Nothing runs: the shard (if one has the transaction) discards it.
             if let Some(conn) = tx.conn {
-                conn.up
-                    .send_until(b"*1\r\n$7\r\nDISCARD\r\n", Target::Discard, d);
+                // (Cluster mode sent no MULTI yet, only the WATCHes.)
+                let clean: &[u8] = if tx.watched {
+                    b"*1\r\n$7\r\nUNWATCH\r\n"
+                } else {
+                    b"*1\r\n$7\r\nDISCARD\r\n"
+                };
+                conn.up.send_until(clean, Target::Discard, d);
                 conn.release();
             }
             return if tx.aborted {
@@ -322,6 +352,9 @@ impl Session {
             } else {
                 self.reply_static(reply::null_array(self.proto))
             };
+        }
+        if self.w.cluster {
+            return self.exec_cluster(tx, req, d);
         }
         let conn = match tx.conn {
             Some(c) => c,
@@ -340,10 +373,37 @@ impl Session {
         conn.release();
     }
 
+    /// Cluster mode: the whole transaction goes now, and follows redirects (see `follow`).
+    fn exec_cluster(&mut self, tx: Tx, req: &Request<'_>, deadline: Instant) {
+        let conn = match tx.conn {
+            Some(c) => c,
+            None => match self.take_dedicated(tx.slot) {
+                Ok(c) => c,
+                Err(e) => return self.reply(e),
+            },
+        };
+        let mut parts = tx.buffered;
+        parts.push(Bytes::copy_from_slice(req.raw));
+        self.send_tx(&conn, parts, tx.queued, tx.watched, deadline);
+        conn.release();
+    }
+
     fn discard(&mut self, req: &Request<'_>, now: Instant) {
         let Some(tx) = self.tx.take() else {
             return self.reply_static(reply::DISCARD_WITHOUT_MULTI);
         };
+        if tx.watched {
+            // Cluster mode: only the WATCHes are on the shard.
+            if let Some(conn) = tx.conn {
+                conn.up.send_until(
+                    b"*1\r\n$7\r\nUNWATCH\r\n",
+                    Target::Discard,
+                    self.op_deadline(now),
+                );
+                conn.release();
+            }
+            return self.reply_static(reply::OK);
+        }
         match tx.conn {
             Some(conn) => {
                 let d = self.op_deadline(now);
@@ -460,13 +520,19 @@ impl Session {
         tx.writes |= crate::session::control::may_write(spec);
         tx.queued.push(spec.name);
         let d = self.op_deadline(now);
-        if self.tx.as_ref().is_some_and(|t| t.conn.is_none()) {
-            if slot.is_none() {
-                if let Some(tx) = self.tx.as_mut() {
-                    tx.buffered.push(Bytes::copy_from_slice(req.raw));
-                }
-                return self.reply(Bytes::from_static(b"+QUEUED\r\n"));
+        let opened = self
+            .tx
+            .as_ref()
+            .is_some_and(|t| t.conn.is_some() && !t.watched);
+        // Cluster mode keeps every command until EXEC (see `follow`); otherwise keyless ones
+        // wait until a key chose the shard.
+        if self.w.cluster || (slot.is_none() && !opened) {
+            if let Some(tx) = self.tx.as_mut() {
+                tx.buffered.push(Bytes::copy_from_slice(req.raw));
             }
+            return self.reply(Bytes::from_static(b"+QUEUED\r\n"));
+        }
+        if !opened {
             let conn = match self.take_dedicated(slot) {
                 Ok(c) => c,
                 Err(e) => return self.reject(e),
@@ -498,7 +564,11 @@ impl Session {
             Ok(c) => c,
             Err(e) => return self.reply(e),
         };
-        self.send_dedicated(&conn, req.raw, now + FOREVER);
+        if self.w.cluster {
+            self.send_blocking(&conn, req.raw, now);
+        } else {
+            self.send_dedicated(&conn, req.raw, now + FOREVER);
+        }
         self.blocked = Some(Blocked::new(
             conn,
             &self.w.shared.blocked_clients,

@@ -1,0 +1,415 @@
+//! Cluster mode: requests on dedicated connections follow redirects too.
+//!
+//! A request on a shared connection is redirected by its worker's redirector
+//! (`cluster::redirector`). One on a dedicated connection belongs to its session, which
+//! holds the connection (a blocked client's, a transaction's), so the session sends it again:
+//! the reply's sink keeps the redirect in the session's [`Follows`] and flags the session
+//! (`Attention::FOLLOW`); the session asks `cluster::next_hop` where it goes (the same
+//! decision as for shared connections: MOVED and ASK hops, TRYAGAIN waits, host names,
+//! nodes that just joined) and sends it there on a new dedicated connection.
+//!
+//! - **Blocking commands** (BLPOP …, XREAD BLOCK): a node answers `-MOVED` before it blocks,
+//!   and also to a client blocked on a slot it gave away (Redis checks blocked clients
+//!   about every 100 ms). The command is sent again as it was, so it waits its whole
+//!   timeout again from there.
+//! - **Transactions** are kept in slotgate until EXEC (each command answered `+QUEUED` once
+//!   slotgate's own checks pass), then sent at once: MULTI, the commands, EXEC. A node that
+//!   does not own the slot answers the commands with a redirect and EXEC with `-EXECABORT`,
+//!   so nothing ran, and the whole transaction is sent where the first redirect says (behind
+//!   `ASKING` for an ASK: it lasts until EXEC inside MULTI). A transaction under WATCH is not
+//!   moved: the watches hold on the node that lost the slot, so EXEC answers a null array,
+//!   as when a watched key changed (and moving a slot does move its keys); the client's next
+//!   try WATCHes at the new owner. A WATCH answered with a redirect does the same.
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use crate::cluster::{self, Hop};
+use crate::queue::{Attention, ReplyQueue, Sink, SinkRef, Slot, Target};
+use crate::resp::reply;
+use crate::session::Session;
+use crate::shard::is_redirect;
+
+const ASKING: &[u8] = b"*1\r\n$6\r\nASKING\r\n";
+
+/// The redirected requests of one session's dedicated connections, for the session to send
+/// again.
+#[derive(Default)]
+pub struct Follows(RefCell<Vec<Follow>>);
+
+/// A request a node redirected.
+pub struct Follow {
+    /// The redirect.
+    reply: Bytes,
+    /// The node that answered it.
+    from: SocketAddr,
+    /// MOVED and ASK redirects so far, and whether it went behind `ASKING`.
+    hops: u8,
+    asking: bool,
+    deadline: Instant,
+    /// Where it goes, once a wait or a host name look-up decided.
+    to: Option<(SocketAddr, bool)>,
+    again: Again,
+}
+
+enum Again {
+    /// A blocking command: its bytes and its reply's place in the queue.
+    Blocking {
+        queue: Rc<ReplyQueue>,
+        raw: Bytes,
+        seq: u64,
+    },
+    /// A transaction.
+    Exec(Rc<TxRun>),
+}
+
+impl Again {
+    /// It is not sent again: `reply` is its answer.
+    fn answer(self, reply: Bytes) {
+        match self {
+            Again::Blocking { queue, seq, .. } => queue.deliver(seq, 0, reply),
+            Again::Exec(run) => run.queue.deliver(run.seq, 0, reply),
+        }
+    }
+}
+
+impl Follows {
+    fn push(&self, f: Follow, queue: &ReplyQueue) {
+        self.0.borrow_mut().push(f);
+        queue.flag(Attention::FOLLOW);
+    }
+}
+
+/// A blocking command's reply on its way to the client; a redirect stops here.
+struct BlockingReply {
+    queue: Rc<ReplyQueue>,
+    seq: u64,
+    raw: Bytes,
+    follows: Rc<Follows>,
+    from: SocketAddr,
+    hops: u8,
+    asking: bool,
+    deadline: Instant,
+}
+
+impl Sink for BlockingReply {
+    fn deliver(self: Rc<Self>, _idx: u32, reply: Bytes) {
+        if !is_redirect(&reply) {
+            return self.queue.deliver(self.seq, 0, reply);
+        }
+        let f = Follow {
+            reply,
+            from: self.from,
+            hops: self.hops,
+            asking: self.asking,
+            deadline: self.deadline,
+            to: None,
+            again: Again::Blocking {
+                queue: self.queue.clone(),
+                raw: self.raw.clone(),
+                seq: self.seq,
+            },
+        };
+        self.follows.push(f, &self.queue);
+    }
+
+    fn release(&self, _idx: u32) {
+        // (Dropped undelivered: the client is not left waiting.)
+        let err = reply::outcome_unknown(&self.from.to_string(), "its connection was dropped");
+        self.queue.deliver(self.seq, 0, err);
+    }
+}
+
+/// A transaction sent as MULTI, its commands and EXEC (see the module docs).
+pub struct TxRun {
+    queue: Rc<ReplyQueue>,
+    /// EXEC's reply slot.
+    seq: u64,
+    /// MULTI, the queued commands, then EXEC.
+    parts: Vec<Bytes>,
+    /// The queued commands' names (INFO counts the errors in EXEC's reply against them).
+    queued: Vec<&'static str>,
+    /// Watches hold on its connection: a redirect answers a null array.
+    watched: bool,
+    proto: reply::Proto,
+    follows: Rc<Follows>,
+    deadline: Instant,
+    run: RefCell<Run>,
+}
+
+/// One sending of a transaction.
+#[derive(Default)]
+struct Run {
+    /// The node it went to, the redirects so far, and whether it went behind `ASKING`.
+    to: Option<SocketAddr>,
+    hops: u8,
+    asking: bool,
+    /// The first redirect its MULTI or commands got.
+    redirect: Option<Bytes>,
+}
+
+impl Sink for TxRun {
+    fn deliver(self: Rc<Self>, idx: u32, reply: Bytes) {
+        let last = idx as usize + 1 == self.parts.len();
+        let mut run = self.run.borrow_mut();
+        if !last {
+            if run.redirect.is_none() && is_redirect(&reply) {
+                run.redirect = Some(reply);
+            }
+            return;
+        }
+        let redirect = match run.redirect.take() {
+            // Nothing ran: EXEC says EXECABORT (or is redirected itself).
+            Some(r) if reply.first() == Some(&b'-') => r,
+            None if is_redirect(&reply) => reply,
+            _ => {
+                drop(run);
+                count_exec_errors(&reply, &self.queued);
+                return self.queue.deliver(self.seq, 0, reply);
+            }
+        };
+        if self.watched {
+            drop(run);
+            let null = reply::null_array(self.proto);
+            return self.queue.deliver(self.seq, 0, Bytes::from_static(null));
+        }
+        let f = Follow {
+            reply: redirect,
+            from: run
+                .to
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+            hops: run.hops,
+            asking: run.asking,
+            deadline: self.deadline,
+            to: None,
+            again: Again::Exec(self.clone()),
+        };
+        drop(run);
+        self.follows.push(f, &self.queue);
+    }
+
+    fn release(&self, idx: u32) {
+        if idx as usize + 1 == self.parts.len() {
+            // (Dropped undelivered: the client is not left waiting.)
+            let to = self
+                .run
+                .borrow()
+                .to
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            let err = reply::outcome_unknown(&to, "its connection was dropped");
+            self.queue.deliver(self.seq, 0, err);
+        }
+    }
+}
+
+/// Counts the errors in EXEC's reply against the commands that were `queued` (INFO
+/// commandstats and errorstats), as Redis does.
+pub fn count_exec_errors(reply: &Bytes, queued: &[&'static str]) {
+    if reply.first() == Some(&b'*') {
+        let elements = crate::resp::scan::array_elements(reply).unwrap_or_default();
+        for (i, &(a, b)) in elements.iter().enumerate() {
+            if reply.get(a) == Some(&b'-') {
+                crate::metrics::note_error(queued.get(i).copied(), &reply[a..b], false);
+            }
+        }
+    }
+}
+
+/// Blocking commands wait as long as the client asked: this is "no deadline".
+pub const FOREVER: Duration = Duration::from_secs(86_400 * 365);
+
+impl Session {
+    fn follows(&mut self) -> Rc<Follows> {
+        self.follows.get_or_insert_with(Rc::default).clone()
+    }
+
+    /// Cluster mode: a blocking command on `conn`, whose redirects the session follows.
+    pub(crate) fn send_blocking(
+        &mut self,
+        conn: &crate::shard::Dedicated,
+        raw: &[u8],
+        now: Instant,
+    ) {
+        let seq = self.queue.push_waiting(Slot::Waiting(self.cmd));
+        let sink = Rc::new(BlockingReply {
+            queue: self.queue.clone(),
+            seq,
+            raw: Bytes::copy_from_slice(raw),
+            follows: self.follows(),
+            from: conn.up.addr,
+            hops: 0,
+            asking: false,
+            deadline: now + FOREVER,
+        });
+        conn.up
+            .send_until(raw, Target::Sink(SinkRef::new(sink, 0)), now + FOREVER);
+    }
+
+    /// Cluster mode: a transaction's MULTI, commands and EXEC (`parts`) sent on `conn`; its
+    /// EXEC's reply fills the next slot of the queue.
+    pub(crate) fn send_tx(
+        &mut self,
+        conn: &crate::shard::Dedicated,
+        parts: Vec<Bytes>,
+        queued: Vec<&'static str>,
+        watched: bool,
+        deadline: Instant,
+    ) {
+        let seq = self.queue.push_waiting(Slot::Waiting(self.cmd));
+        let run = Rc::new(TxRun {
+            queue: self.queue.clone(),
+            seq,
+            parts,
+            queued,
+            watched,
+            proto: self.proto,
+            follows: self.follows(),
+            deadline,
+            run: RefCell::default(),
+        });
+        send_run(&run, &conn.up, 0, false);
+    }
+
+    /// Sends the redirected requests of this session's dedicated connections where they go.
+    #[cold]
+    pub(crate) fn follow_redirects(&mut self) {
+        let Some(follows) = self.follows.clone() else {
+            return;
+        };
+        let list = std::mem::take(&mut *follows.0.borrow_mut());
+        for f in list {
+            self.follow(f);
+        }
+    }
+
+    fn follow(&mut self, f: Follow) {
+        let (to, asking, hops) = match f.to {
+            Some((to, asking)) => (to, asking, f.hops),
+            None => {
+                match cluster::next_hop(&self.w, &f.reply, f.from, f.hops, f.asking, f.deadline) {
+                    Hop::Answer(reply) => return f.again.answer(reply),
+                    Hop::Again {
+                        to,
+                        asking,
+                        wait,
+                        counted,
+                    } => {
+                        let hops = f.hops + u8::from(counted);
+                        if !wait.is_zero() {
+                            let f = Follow {
+                                to: Some((to, asking)),
+                                hops,
+                                ..f
+                            };
+                            return self.follow_later(f, wait);
+                        }
+                        (to, asking, hops)
+                    }
+                    Hop::Lookup { host, asking } => {
+                        let (w, follows, queue) =
+                            (self.w.clone(), self.follows(), self.queue.clone());
+                        tokio::task::spawn_local(async move {
+                            match cluster::lookup(&w, &host).await {
+                                Ok(to) => {
+                                    let f = Follow {
+                                        to: Some((to, asking)),
+                                        hops: f.hops + 1,
+                                        ..f
+                                    };
+                                    follows.push(f, &queue);
+                                }
+                                Err(reply) => f.again.answer(reply),
+                            }
+                        });
+                        return;
+                    }
+                }
+            }
+        };
+        let Some(shard) = self.w.pools().shard_index(to) else {
+            // A node slotgate has no connection to yet: the next layout has it.
+            if hops < cluster::MAX_HOPS && Instant::now() < f.deadline {
+                self.w.shared.cluster_changed.notify_one();
+                let f = Follow {
+                    to: Some((to, asking)),
+                    hops: hops + 1,
+                    ..f
+                };
+                return self.follow_later(f, cluster::NEW_NODE_WAIT);
+            }
+            return f.again.answer(reply::too_many_redirects(&format!(
+                "to {to}, a node slotgate has no connection to"
+            )));
+        };
+        let conn = match self.w.dedicated().take(self.proto, shard) {
+            Ok(c) => c,
+            Err(e) => return f.again.answer(e),
+        };
+        match f.again {
+            Again::Blocking { queue, raw, seq } => {
+                if asking {
+                    conn.up.send_until(ASKING, Target::Discard, f.deadline);
+                }
+                let sink = Rc::new(BlockingReply {
+                    queue,
+                    seq,
+                    raw: raw.clone(),
+                    follows: self.follows(),
+                    from: to,
+                    hops,
+                    asking,
+                    deadline: f.deadline,
+                });
+                conn.up
+                    .send_until(&raw, Target::Sink(SinkRef::new(sink, 0)), f.deadline);
+                match &mut self.blocked {
+                    Some(b) => b.moved_to(conn),
+                    // (The client went on: the connection closes, and the command with it.)
+                    None => drop(conn),
+                }
+            }
+            Again::Exec(run) => {
+                send_run(&run, &conn.up, hops, asking);
+                // EXEC leaves the connection clean (the transaction ran, aborted or was
+                // discarded).
+                conn.release();
+            }
+        }
+    }
+
+    /// Follows `f` again after `wait`.
+    fn follow_later(&mut self, f: Follow, wait: Duration) {
+        let (follows, queue) = (self.follows(), self.queue.clone());
+        tokio::task::spawn_local(async move {
+            tokio::time::sleep(wait).await;
+            follows.push(f, &queue);
+        });
+    }
+}
+
+/// Sends a transaction's parts on `up` (behind `ASKING` when `asking`).
+fn send_run(run: &Rc<TxRun>, up: &crate::shard::Upstream, hops: u8, asking: bool) {
+    *run.run.borrow_mut() = Run {
+        to: Some(up.addr),
+        hops,
+        asking,
+        redirect: None,
+    };
+    if asking {
+        up.send_until(ASKING, Target::Discard, run.deadline);
+    }
+    for (i, part) in run.parts.iter().enumerate() {
+        let sink: Rc<dyn Sink> = run.clone();
+        up.send_until(
+            part,
+            Target::Sink(SinkRef::new(sink, i as u32)),
+            run.deadline,
+        );
+    }
+}
