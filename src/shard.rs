@@ -327,6 +327,31 @@ impl Retry {
     }
 }
 
+/// A (un)subscribe command on a subscriber connection, waiting for its confirmations.
+struct Confirmations {
+    /// The reply slot they fill ([`SILENT`]: none, slotgate subscribed on its own).
+    seq: u64,
+    /// Confirmation frames still to come, and those that came.
+    left: usize,
+    acc: BytesMut,
+    /// The command (cluster mode sends it again elsewhere when it is redirected).
+    raw: Bytes,
+}
+
+/// The reply slot of a subscription slotgate makes on its own (a sharded channel whose slot
+/// moved, subscribed again at its new node): its confirmation goes nowhere.
+pub const SILENT: u64 = u64::MAX;
+
+/// Cluster mode: what a subscriber connection tells its session (see `session::follow`).
+pub trait SubscriptionsMoved {
+    /// The (un)subscribe command `raw`, whose confirmations were to fill reply slot `seq`,
+    /// was answered with the redirect `reply` by `from`.
+    fn redirected(&self, seq: u64, raw: Bytes, reply: Bytes, from: SocketAddr);
+    /// `from` dropped a sharded channel (its slot went to another node): `frame` is its
+    /// `sunsubscribe` message.
+    fn dropped(&self, frame: Bytes, from: SocketAddr);
+}
+
 /// A reply that redirects its request, handed to the worker's redirector with what it
 /// needs to send the request again.
 pub struct Redirected {
@@ -428,10 +453,11 @@ pub struct Upstream {
     /// A subscriber connection: every frame after the handshake goes to this queue's
     /// out-of-band list instead of being matched to a request.
     sink: RefCell<Option<Rc<crate::queue::ReplyQueue>>>,
-    /// Subscription confirmations still expected on a subscriber connection: (reply slot,
-    /// frames to come, frames so far). They fill the client's reply slot in order; every
-    /// other frame (a message) is written out of band.
-    confirmations: RefCell<VecDeque<(u64, usize, BytesMut)>>,
+    /// Subscription confirmations still expected on a subscriber connection.
+    confirmations: RefCell<VecDeque<Confirmations>>,
+    /// Cluster mode: where a subscriber connection tells its session about sharded channels
+    /// whose slot moved.
+    moved: RefCell<Option<Rc<dyn SubscriptionsMoved>>>,
     /// A subscriber connection confirmed a subscription once: losing it from then on loses
     /// live subscriptions (the client is closed); before, its subscriptions never began.
     confirmed: std::cell::Cell<bool>,
@@ -500,6 +526,7 @@ impl Upstream {
             probe: Rc::new(std::cell::Cell::new(ProbeState::Idle)),
             sink: RefCell::new(None),
             confirmations: RefCell::new(VecDeque::new()),
+            moved: RefCell::new(None),
             confirmed: std::cell::Cell::new(false),
             dead: std::cell::Cell::new(false),
             close_notify: LocalNotify::new(),
@@ -789,24 +816,33 @@ impl Upstream {
             return q.mark_sub_lost();
         }
         let err = reply::shard_unavailable(&self.label, why);
-        for (seq, _, _) in self.confirmations.borrow_mut().drain(..) {
-            q.deliver(seq, 0, err.clone());
+        for c in self.confirmations.borrow_mut().drain(..) {
+            q.deliver(c.seq, 0, err.clone());
         }
         q.flag(crate::queue::Attention::SUB_FAILED);
     }
 
-    /// Makes this dedicated connection a subscriber connection feeding `queue`.
-    pub fn set_sink(&self, queue: Rc<crate::queue::ReplyQueue>) {
+    /// Makes this dedicated connection a subscriber connection feeding `queue` (and, in
+    /// cluster mode, telling `moved` about sharded channels whose slot moved).
+    pub fn set_sink(
+        &self,
+        queue: Rc<crate::queue::ReplyQueue>,
+        moved: Option<Rc<dyn SubscriptionsMoved>>,
+    ) {
         *self.sink.borrow_mut() = Some(queue);
+        *self.moved.borrow_mut() = moved;
     }
 
     /// Sends a (un)subscribe command on a subscriber connection: its `n` confirmation
-    /// frames will fill reply slot `seq` of the sink queue, in order with the client's other
-    /// replies.
+    /// frames will fill reply slot `seq` of the sink queue (none for [`SILENT`]), in order
+    /// with the client's other replies.
     pub fn send_subscription(&self, raw: &[u8], seq: u64, n: usize) {
-        self.confirmations
-            .borrow_mut()
-            .push_back((seq, n, BytesMut::new()));
+        self.confirmations.borrow_mut().push_back(Confirmations {
+            seq,
+            left: n,
+            acc: BytesMut::new(),
+            raw: Bytes::copy_from_slice(raw),
+        });
         self.send_oob(raw);
     }
 
@@ -1122,24 +1158,11 @@ impl Upstream {
         if !handshake && let Some(q) = self.sink.borrow().as_ref() {
             // A subscriber connection: confirmations fill their reply slot,
             // messages go out of band.
-            let mut conf = self.confirmations.borrow_mut();
-            match conf.front_mut() {
-                Some((seq, left, acc)) if is_confirmation(&bytes) => {
-                    acc.extend_from_slice(&bytes);
-                    *left -= 1;
-                    if *left == 0 {
-                        self.confirmed.set(true);
-                        let (seq, acc) = (*seq, std::mem::take(acc));
-                        conf.pop_front();
-                        drop(conf);
-                        q.deliver(seq, 0, acc.freeze());
-                    }
-                }
-                _ => {
-                    drop(conf);
-                    q.push_oob(bytes);
-                }
+            if self.cfg.cluster && self.moved.borrow().is_some() {
+                return self.cluster_sub_frame(q, bytes);
             }
+            let conf = self.confirmations.borrow_mut();
+            self.confirm_or_pass(q, conf, bytes);
             return Ok(());
         }
         if push {
@@ -1214,6 +1237,66 @@ impl Upstream {
                     moved_seen();
                 }
                 self.deliver(p.target, bytes);
+            }
+        }
+    }
+
+    /// Cluster mode, a subscriber connection's frame: as in static mode, except that a
+    /// redirect answering a (un)subscribe, and a `sunsubscribe` the client did not ask for
+    /// (the node gave the channel's slot away), go to the session, which subscribes where
+    /// the channel lives now (see `session::follow`).
+    #[cold]
+    #[inline(never)]
+    fn cluster_sub_frame(&self, q: &crate::queue::ReplyQueue, bytes: Bytes) -> Result<(), Fault> {
+        let Some(moved) = self.moved.borrow().clone() else {
+            return Ok(());
+        };
+        let mut conf = self.confirmations.borrow_mut();
+        if is_redirect(&bytes)
+            && let Some(c) = conf.pop_front()
+        {
+            drop(conf);
+            moved.redirected(c.seq, c.raw, bytes, self.addr);
+            return Ok(());
+        }
+        let asked = conf
+            .front()
+            .is_some_and(|c| command_is(&c.raw, b"sunsubscribe"));
+        if !asked && confirmation_kind(&bytes) == Some(&b"sunsubscribe"[..]) {
+            drop(conf);
+            moved.dropped(bytes, self.addr);
+            return Ok(());
+        }
+        self.confirm_or_pass(q, conf, bytes);
+        Ok(())
+    }
+
+    /// A subscriber connection's frame: a confirmation fills the reply slot of the oldest
+    /// (un)subscribe once all of its confirmations came; anything else (a message) goes out
+    /// of band.
+    fn confirm_or_pass(
+        &self,
+        q: &crate::queue::ReplyQueue,
+        mut conf: std::cell::RefMut<'_, VecDeque<Confirmations>>,
+        bytes: Bytes,
+    ) {
+        match conf.front_mut() {
+            Some(c) if is_confirmation(&bytes) => {
+                c.acc.extend_from_slice(&bytes);
+                c.left -= 1;
+                if c.left == 0 {
+                    self.confirmed.set(true);
+                    let (seq, acc) = (c.seq, std::mem::take(&mut c.acc));
+                    conf.pop_front();
+                    drop(conf);
+                    if seq != SILENT {
+                        q.deliver(seq, 0, acc.freeze());
+                    }
+                }
+            }
+            _ => {
+                drop(conf);
+                q.push_oob(bytes);
             }
         }
     }
@@ -1457,6 +1540,11 @@ impl Pools {
     /// The index of the shard at `addr` in this layout.
     pub fn shard_index(&self, addr: SocketAddr) -> Option<usize> {
         self.shards.iter().position(|(a, _)| *a == addr)
+    }
+
+    /// The address of `shard`.
+    pub fn addr(&self, shard: usize) -> Option<SocketAddr> {
+        self.shards.get(shard).map(|(a, _)| *a)
     }
 
     /// The control connection to `shard` (see `control`): RESP2, its own timeout, and not
@@ -1788,6 +1876,11 @@ impl Drop for Dedicated {
 /// Whether a frame from a subscriber connection confirms a (un)subscribe (as opposed to a
 /// message): `*3`/`>3` whose first element is one of the six subscription kinds.
 fn is_confirmation(frame: &[u8]) -> bool {
+    confirmation_kind(frame).is_some()
+}
+
+/// The kind of a subscription confirmation (`b"ssubscribe"` …), lower case.
+fn confirmation_kind(frame: &[u8]) -> Option<&'static [u8]> {
     const KINDS: [&[u8]; 6] = [
         b"subscribe",
         b"unsubscribe",
@@ -1796,26 +1889,28 @@ fn is_confirmation(frame: &[u8]) -> bool {
         b"ssubscribe",
         b"sunsubscribe",
     ];
-    let Some(elems) = crate::resp::scan::array_elements(frame).or_else(|| {
+    let elems = crate::resp::scan::array_elements(frame).or_else(|| {
         // RESP3 push frames start with '>': read them as arrays.
         (frame.first() == Some(&b'>')).then(|| {
             let mut f = frame.to_vec();
             f[0] = b'*';
             crate::resp::scan::array_elements(&f)
         })?
-    }) else {
-        return false;
-    };
-    let Some(&(s, e)) = elems.first() else {
-        return false;
-    };
-    let first = &frame[s..e];
-    KINDS.iter().any(|k| {
-        first.len() > k.len() + 4 && first.ends_with(b"\r\n") && {
-            let body = &first[first.len() - 2 - k.len()..first.len() - 2];
-            body.eq_ignore_ascii_case(k) && first[0] == b'$'
-        }
-    })
+    })?;
+    let &(s, e) = elems.first()?;
+    let first = crate::resp::scan::bulk_body(&frame[s..e])?;
+    KINDS
+        .iter()
+        .copied()
+        .find(|k| first.eq_ignore_ascii_case(k))
+}
+
+/// Whether the command `raw` (a RESP array) is `name`.
+fn command_is(raw: &[u8], name: &[u8]) -> bool {
+    crate::resp::scan::array_elements(raw)
+        .and_then(|e| e.first().copied())
+        .and_then(|(s, e)| crate::resp::scan::bulk_body(&raw[s..e]))
+        .is_some_and(|b| b.eq_ignore_ascii_case(name))
 }
 
 /// Sleeps until `at`, or forever when there is nothing to wait for.

@@ -801,7 +801,7 @@ fn a_transaction_follows_its_moved_slot_and_slotgate_reads_the_layout() {
 #[test]
 fn blocking_commands_and_watched_transactions_follow_a_slot_that_moves() {
     let cluster = Cluster::start(3, 0);
-    let (proxy, admin) = settled_proxy(&cluster, &["--op-timeout", "5s"]);
+    let (proxy, _admin) = settled_proxy(&cluster, &["--op-timeout", "5s"]);
     let owners = cluster.owners();
     // A BLPOP blocks; its slot moves away; the node answers it MOVED (Redis checks blocked
     // clients about every 100 ms) and slotgate sends it to the new owner, where a push
@@ -863,7 +863,73 @@ fn blocking_commands_and_watched_transactions_follow_a_slot_that_moves() {
         .unwrap();
     assert_eq!(v, "6");
     // The clients saw no redirect; slotgate followed them.
-    assert!(metric_value(admin, "slotgate_cluster_redirects_total{kind=\"moved\"}") >= 2.0);
+    assert!(cluster_stat(&mut proxy.client(), "cluster_redirects_moved") >= 1);
+}
+
+/// How many clients of the node on `port` subscribe to the sharded `channel`.
+fn shard_subscribers(cluster: &Cluster, port: u16, channel: &str) -> i64 {
+    let (_, n): (String, i64) = redis::cmd("PUBSUB")
+        .arg("SHARDNUMSUB")
+        .arg(channel)
+        .query(&mut cluster.node(port).client())
+        .unwrap();
+    n
+}
+
+#[test]
+fn sharded_subscriptions_follow_their_slot() {
+    let cluster = Cluster::start(3, 0);
+    let (proxy, _admin) = settled_proxy(&cluster, &[]);
+    let owners = cluster.owners();
+    let mut sub = proxy.raw();
+    sub.send(&resp(&[b"SSUBSCRIBE", b"ch"]));
+    assert_eq!(
+        sub.read_replies(1)[0],
+        b"*3\r\n$10\r\nssubscribe\r\n$2\r\nch\r\n:1\r\n"
+    );
+    // The channel's slot moves: its node drops the channel (and tells slotgate with a
+    // `sunsubscribe`); slotgate reads the layout and subscribes at the new owner, and the
+    // client sees nothing of it.
+    let from = owners[slot("ch") as usize];
+    let to = other_than(&cluster, from);
+    cluster.move_slot(slot("ch"), from, to);
+    wait_until(
+        "the channel to be subscribed at its new node",
+        Duration::from_secs(10),
+        || shard_subscribers(&cluster, to, "ch") == 1,
+    );
+    assert_eq!(shard_subscribers(&cluster, from, "ch"), 0);
+    let mut c = proxy.raw();
+    assert_eq!(c.call(&[b"SPUBLISH", b"ch", b"hello"]), b":1\r\n");
+    assert_eq!(
+        sub.read_replies(1)[0],
+        b"*3\r\n$8\r\nsmessage\r\n$2\r\nch\r\n$5\r\nhello\r\n"
+    );
+    // A new SSUBSCRIBE to a slot that moved behind slotgate's back: the old node answers
+    // MOVED, and slotgate subscribes at the new one; the client gets its confirmation.
+    let from = owners[slot("news") as usize];
+    let to = other_than(&cluster, from);
+    cluster.move_slot(slot("news"), from, to);
+    let mut sub2 = proxy.raw();
+    sub2.send(&resp(&[b"SSUBSCRIBE", b"news"]));
+    assert_eq!(
+        sub2.read_replies(1)[0],
+        b"*3\r\n$10\r\nssubscribe\r\n$4\r\nnews\r\n:1\r\n"
+    );
+    assert_eq!(shard_subscribers(&cluster, to, "news"), 1);
+    assert_eq!(c.call(&[b"SPUBLISH", b"news", b"x"]), b":1\r\n");
+    assert_eq!(
+        sub2.read_replies(1)[0],
+        b"*3\r\n$8\r\nsmessage\r\n$4\r\nnews\r\n$1\r\nx\r\n"
+    );
+    // Unsubscribing goes where the channel lives now.
+    sub.send(&resp(&[b"SUNSUBSCRIBE", b"ch"]));
+    assert_eq!(
+        sub.read_replies(1)[0],
+        b"*3\r\n$12\r\nsunsubscribe\r\n$2\r\nch\r\n:0\r\n"
+    );
+    let to_ch = cluster.owners()[slot("ch") as usize];
+    assert_eq!(shard_subscribers(&cluster, to_ch, "ch"), 0);
 }
 
 #[test]

@@ -265,6 +265,14 @@ fn line_int(buf: &[u8], from: usize) -> Result<Option<(i64, usize)>, ScanError> 
     Ok(Some((v, next)))
 }
 
+/// The text of a bulk string element (`$5\r\nhello\r\n`).
+pub fn bulk_body(el: &[u8]) -> Option<&[u8]> {
+    if el.first() != Some(&b'$') || !el.ends_with(b"\r\n") {
+        return None;
+    }
+    el.get(el.iter().position(|&b| b == b'\n')? + 1..el.len() - 2)
+}
+
 /// Reads the integer of a `:<n>\r\n` reply (used when merging DEL/EXISTS counts).
 pub fn reply_integer(frame: &[u8]) -> Option<i64> {
     if frame.first() != Some(&b':') || frame.len() < 4 {

@@ -33,7 +33,7 @@ use crate::cluster::{self, Hop};
 use crate::queue::{Attention, ReplyQueue, Sink, SinkRef, Slot, Target};
 use crate::resp::reply;
 use crate::session::Session;
-use crate::shard::is_redirect;
+use crate::shard::{SILENT, SubscriptionsMoved, is_redirect};
 
 const ASKING: &[u8] = b"*1\r\n$6\r\nASKING\r\n";
 
@@ -59,21 +59,26 @@ pub struct Follow {
 
 enum Again {
     /// A blocking command: its bytes and its reply's place in the queue.
-    Blocking {
-        queue: Rc<ReplyQueue>,
-        raw: Bytes,
-        seq: u64,
-    },
+    Blocking { raw: Bytes, seq: u64 },
     /// A transaction.
     Exec(Rc<TxRun>),
+    /// A (un)subscribe of sharded channels: its bytes, and the reply slot of its
+    /// confirmations ([`SILENT`]: one slotgate made on its own).
+    Subscribe { raw: Bytes, seq: u64 },
+    /// A sharded channel its node dropped (the slot went elsewhere): the node's
+    /// `sunsubscribe` message.
+    Dropped { frame: Bytes },
 }
 
 impl Again {
-    /// It is not sent again: `reply` is its answer.
-    fn answer(self, reply: Bytes) {
+    /// It is not sent again: `reply` is its answer (`queue` is its session's).
+    fn answer(self, queue: &ReplyQueue, reply: Bytes) {
         match self {
-            Again::Blocking { queue, seq, .. } => queue.deliver(seq, 0, reply),
-            Again::Exec(run) => run.queue.deliver(run.seq, 0, reply),
+            Again::Blocking { seq, .. } | Again::Subscribe { seq, .. } => {
+                queue.deliver(seq, 0, reply)
+            }
+            Again::Exec(run) => queue.deliver(run.seq, 0, reply),
+            Again::Dropped { .. } => {}
         }
     }
 }
@@ -110,7 +115,6 @@ impl Sink for BlockingReply {
             deadline: self.deadline,
             to: None,
             again: Again::Blocking {
-                queue: self.queue.clone(),
                 raw: self.raw.clone(),
                 seq: self.seq,
             },
@@ -208,6 +212,57 @@ impl Sink for TxRun {
     }
 }
 
+/// A session's subscriber connections tell it here about sharded channels whose slot moved.
+struct SubMoved {
+    follows: Rc<Follows>,
+    queue: Rc<ReplyQueue>,
+}
+
+/// How long slotgate tries to subscribe a sharded channel its node dropped again, while
+/// its layout still names that node (it reads the layout again meanwhile).
+const RESUBSCRIBE_WITHIN: Duration = Duration::from_secs(10);
+
+impl SubscriptionsMoved for SubMoved {
+    fn redirected(&self, seq: u64, raw: Bytes, reply: Bytes, from: SocketAddr) {
+        let f = Follow {
+            reply,
+            from,
+            hops: 0,
+            asking: false,
+            deadline: Instant::now() + RESUBSCRIBE_WITHIN,
+            to: None,
+            again: Again::Subscribe { raw, seq },
+        };
+        self.follows.push(f, &self.queue);
+    }
+
+    fn dropped(&self, frame: Bytes, from: SocketAddr) {
+        let f = Follow {
+            reply: Bytes::new(),
+            from,
+            hops: 0,
+            asking: false,
+            deadline: Instant::now() + RESUBSCRIBE_WITHIN,
+            to: None,
+            again: Again::Dropped { frame },
+        };
+        self.follows.push(f, &self.queue);
+    }
+}
+
+/// The bulk string arguments of a command or message (a RESP array or push).
+fn elements(frame: &[u8]) -> Vec<Bytes> {
+    let mut f = frame.to_vec();
+    if f.first() == Some(&b'>') {
+        f[0] = b'*';
+    }
+    crate::resp::scan::array_elements(&f)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|&(s, e)| crate::resp::scan::bulk_body(&f[s..e]).map(Bytes::copy_from_slice))
+        .collect()
+}
+
 /// Counts the errors in EXEC's reply against the commands that were `queued` (INFO
 /// commandstats and errorstats), as Redis does.
 pub fn count_exec_errors(reply: &Bytes, queued: &[&'static str]) {
@@ -227,6 +282,14 @@ pub const FOREVER: Duration = Duration::from_secs(86_400 * 365);
 impl Session {
     fn follows(&mut self) -> Rc<Follows> {
         self.follows.get_or_insert_with(Rc::default).clone()
+    }
+
+    /// What a subscriber connection tells this session about moved sharded channels.
+    pub(crate) fn subscriptions_moved(&mut self) -> Rc<dyn SubscriptionsMoved> {
+        Rc::new(SubMoved {
+            follows: self.follows(),
+            queue: self.queue.clone(),
+        })
     }
 
     /// Cluster mode: a blocking command on `conn`, whose redirects the session follows.
@@ -289,11 +352,14 @@ impl Session {
     }
 
     fn follow(&mut self, f: Follow) {
+        if let Again::Dropped { .. } = f.again {
+            return self.resubscribe(f);
+        }
         let (to, asking, hops) = match f.to {
             Some((to, asking)) => (to, asking, f.hops),
             None => {
                 match cluster::next_hop(&self.w, &f.reply, f.from, f.hops, f.asking, f.deadline) {
-                    Hop::Answer(reply) => return f.again.answer(reply),
+                    Hop::Answer(reply) => return f.again.answer(&self.queue, reply),
                     Hop::Again {
                         to,
                         asking,
@@ -324,7 +390,7 @@ impl Session {
                                     };
                                     follows.push(f, &queue);
                                 }
-                                Err(reply) => f.again.answer(reply),
+                                Err(reply) => f.again.answer(&queue, reply),
                             }
                         });
                         return;
@@ -343,21 +409,29 @@ impl Session {
                 };
                 return self.follow_later(f, cluster::NEW_NODE_WAIT);
             }
-            return f.again.answer(reply::too_many_redirects(&format!(
-                "to {to}, a node slotgate has no connection to"
-            )));
+            return f.again.answer(
+                &self.queue,
+                reply::too_many_redirects(&format!(
+                    "to {to}, a node slotgate has no connection to"
+                )),
+            );
         };
-        let conn = match self.w.dedicated().take(self.proto, shard) {
-            Ok(c) => c,
-            Err(e) => return f.again.answer(e),
+        let conn = match &f.again {
+            Again::Blocking { .. } | Again::Exec(_) => {
+                match self.w.dedicated().take(self.proto, shard) {
+                    Ok(c) => Some(c),
+                    Err(e) => return f.again.answer(&self.queue, e),
+                }
+            }
+            _ => None,
         };
-        match f.again {
-            Again::Blocking { queue, raw, seq } => {
+        match (f.again, conn) {
+            (Again::Blocking { raw, seq }, Some(conn)) => {
                 if asking {
                     conn.up.send_until(ASKING, Target::Discard, f.deadline);
                 }
                 let sink = Rc::new(BlockingReply {
-                    queue,
+                    queue: self.queue.clone(),
                     seq,
                     raw: raw.clone(),
                     follows: self.follows(),
@@ -374,13 +448,76 @@ impl Session {
                     None => drop(conn),
                 }
             }
-            Again::Exec(run) => {
+            (Again::Exec(run), Some(conn)) => {
                 send_run(&run, &conn.up, hops, asking);
                 // EXEC leaves the connection clean (the transaction ran, aborted or was
                 // discarded).
                 conn.release();
             }
+            (Again::Subscribe { raw, seq }, _) => self.subscribe_at(shard, f.from, &raw, seq),
+            _ => {}
         }
+    }
+
+    /// A (un)subscribe of sharded channels that `from` redirected, sent to `shard`.
+    fn subscribe_at(&mut self, shard: usize, from: SocketAddr, raw: &[u8], seq: u64) {
+        let args = elements(raw);
+        let Some((name, channels)) = args.split_first() else {
+            return;
+        };
+        let old = self.w.pools().shard_index(from);
+        let subscribe = name.eq_ignore_ascii_case(b"ssubscribe");
+        for c in channels {
+            if let Some(old) = old.and_then(|o| self.subs.shard_channels.get_mut(o)) {
+                old.remove(c);
+            }
+            if subscribe {
+                self.subs.shard_set(shard).insert(c.clone());
+            }
+        }
+        match self.sub_conn(shard) {
+            Ok(conn) => conn.up.send_subscription(raw, seq, channels.len().max(1)),
+            Err(e) if seq != SILENT => self.queue.deliver(seq, 0, e),
+            Err(_) => {}
+        }
+    }
+
+    /// A sharded channel its node dropped: subscribed again where its slot lives now, unless
+    /// the client unsubscribed meanwhile. While slotgate's layout still names the node that
+    /// dropped it, the layout is read again and this is tried again shortly; after
+    /// [`RESUBSCRIBE_WITHIN`] the client gets the node's `sunsubscribe`, as from Redis.
+    fn resubscribe(&mut self, f: Follow) {
+        let Again::Dropped { frame } = &f.again else {
+            return;
+        };
+        let Some(channel) = elements(frame).into_iter().nth(1) else {
+            return;
+        };
+        let Some(old) = self
+            .subs
+            .shard_channels
+            .iter()
+            .position(|set| set.contains(&channel))
+        else {
+            // (Unsubscribed meanwhile.)
+            return;
+        };
+        let shard = self
+            .w
+            .live()
+            .slot_map
+            .shard_of_slot(crate::router::slot(&channel));
+        if self.w.pools().addr(shard) == Some(f.from) || self.w.pools().addr(shard).is_none() {
+            if Instant::now() >= f.deadline {
+                self.subs.shard_channels[old].remove(&channel);
+                return self.queue.push_oob(frame.clone());
+            }
+            self.w.shared.cluster_changed.notify_one();
+            return self.follow_later(f, cluster::NEW_NODE_WAIT);
+        }
+        let raw = crate::resp::request::command(&[b"SSUBSCRIBE", &channel]);
+        let from = self.w.pools().addr(old).unwrap_or(f.from);
+        self.subscribe_at(shard, from, &raw, SILENT);
     }
 
     /// Follows `f` again after `wait`.

@@ -31,7 +31,7 @@ pub struct Subs {
     channels: HashSet<Bytes>,
     patterns: HashSet<Bytes>,
     /// Per shard, the sharded channels subscribed there.
-    shard_channels: Vec<HashSet<Bytes>>,
+    pub(crate) shard_channels: Vec<HashSet<Bytes>>,
     /// Per shard, the subscriber connection (created on first use).
     conns: Vec<Option<Dedicated>>,
 }
@@ -43,7 +43,7 @@ impl Subs {
             && self.shard_channels.iter().all(|s| s.is_empty()))
     }
 
-    fn shard_set(&mut self, shard: usize) -> &mut HashSet<Bytes> {
+    pub(crate) fn shard_set(&mut self, shard: usize) -> &mut HashSet<Bytes> {
         if self.shard_channels.len() <= shard {
             self.shard_channels.resize_with(shard + 1, HashSet::new);
         }
@@ -86,13 +86,14 @@ impl Session {
     }
 
     /// The subscriber connection to `shard`, opened on first use.
-    fn sub_conn(&mut self, shard: usize) -> Result<&Dedicated, Bytes> {
+    pub(crate) fn sub_conn(&mut self, shard: usize) -> Result<&Dedicated, Bytes> {
         if self.subs.conns.len() <= shard {
             self.subs.conns.resize_with(shard + 1, || None);
         }
         if self.subs.conns[shard].is_none() {
             let conn = self.w.dedicated().take(self.proto, shard)?;
-            conn.up.set_sink(self.queue.clone());
+            let moved = self.w.cluster.then(|| self.subscriptions_moved());
+            conn.up.set_sink(self.queue.clone(), moved);
             self.subs.conns[shard] = Some(conn);
         }
         Ok(self.subs.conns[shard].as_ref().expect("opened above"))
