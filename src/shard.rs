@@ -572,11 +572,14 @@ impl Upstream {
     /// a client would get (`op_timeout` applies).
     pub async fn request(&self, raw: &[u8]) -> Bytes {
         let shot = Rc::new(OneShot::default());
-        self.send(
-            raw,
-            Target::Sink(SinkRef::new(shot.clone(), 0)),
-            Instant::now(),
-        );
+        let target = Target::Sink(SinkRef::new(shot.clone(), 0));
+        if self.cfg.cluster {
+            // (A read-through store follows redirects like a client's request.)
+            let deadline = Instant::now() + self.cfg.op_timeout;
+            self.send_retryable(Retry::new(raw, 0), target, deadline);
+        } else {
+            self.send(raw, target, Instant::now());
+        }
         loop {
             if let Some(reply) = shot.reply.borrow_mut().take() {
                 return reply;

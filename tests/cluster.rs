@@ -932,6 +932,78 @@ fn sharded_subscriptions_follow_their_slot() {
     assert_eq!(shard_subscribers(&cluster, to_ch, "ch"), 0);
 }
 
+/// Moves the slot of `key` to another primary behind slotgate's back; the new owner.
+fn move_key_slot(cluster: &Cluster, key: &str) -> u16 {
+    let s = slot(key);
+    let from = cluster.owners()[s as usize];
+    let to = other_than(cluster, from);
+    cluster.move_slot(s, from, to);
+    to
+}
+
+#[test]
+fn scripts_of_restricted_users_and_read_through_follow_a_slot_that_moves() {
+    let cluster = Cluster::start(3, 0);
+    let origin =
+        support::origin::Origin::start(|path| support::origin::Reply::ok(format!("origin{path}")));
+    let cfg = config_file(
+        "cluster-follow",
+        &format!(
+            "requirepass = \"adminpw\"\n[[users]]\nname = \"tenant\"\npassword = \"tpw\"\n\
+             keys = [\"tenantA:*\"]\ncommands = [\"+@all\", \"-@dangerous\"]\n\
+             [[readthrough]]\nprefix = \"label:\"\norigin = \"{}\"\n",
+            origin.url("/{rest}")
+        ),
+    );
+    let (proxy, admin) = settled_proxy(&cluster, &["--config", cfg.to_str().unwrap()]);
+    let mut root = proxy.raw();
+    assert_eq!(root.call(&[b"AUTH", b"adminpw"]), b"+OK\r\n");
+    let sha = root.call(&[b"SCRIPT", b"LOAD", b"return redis.call('incr', KEYS[1])"]);
+    let sha = &sha[5..45];
+    // A restricted user's script runs on a connection of its own (as the user's mirror on
+    // the node); its MOVED is followed there too.
+    let mut tenant = proxy.raw();
+    assert_eq!(tenant.call(&[b"AUTH", b"tenant", b"tpw"]), b"+OK\r\n");
+    let before = layout_changes(admin);
+    let to = move_key_slot(&cluster, "tenantA:k");
+    assert_eq!(
+        tenant.call(&[b"EVALSHA", sha, b"1", b"tenantA:k"]),
+        b":1\r\n"
+    );
+    let v: String = redis::cmd("GET")
+        .arg("tenantA:k")
+        .query(&mut cluster.node(to).client())
+        .unwrap();
+    assert_eq!(v, "1");
+    // Still the user's rights there.
+    assert!(
+        tenant
+            .call(&[b"EVALSHA", sha, b"1", b"other:k"])
+            .starts_with(b"-NOPERM")
+    );
+    wait_until("a new layout", Duration::from_secs(5), || {
+        layout_changes(admin) > before
+    });
+    // EVALSHA of anyone else, on the shared connections, after another move.
+    let before = layout_changes(admin);
+    let to = move_key_slot(&cluster, "ev");
+    let calls = cluster.calls(to, "evalsha");
+    assert_eq!(root.call(&[b"EVALSHA", sha, b"1", b"ev"]), b":1\r\n");
+    assert_eq!(cluster.calls(to, "evalsha"), calls + 1);
+    wait_until("a new layout", Duration::from_secs(5), || {
+        layout_changes(admin) > before
+    });
+    // A read-through GET whose slot moved: the GET and the store both reach the new owner.
+    let to = move_key_slot(&cluster, "label:x");
+    assert_eq!(root.call(&[b"GET", b"label:x"]), b"$8\r\norigin/x\r\n");
+    let v: String = redis::cmd("GET")
+        .arg("label:x")
+        .query(&mut cluster.node(to).client())
+        .unwrap();
+    assert_eq!(v, "origin/x");
+    assert_eq!(origin.requests(), 1);
+}
+
 #[test]
 fn prefer_replica_reads_fall_back_to_the_primary_when_the_replica_is_gone() {
     let mut cluster = Cluster::start(3, 1);

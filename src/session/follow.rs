@@ -57,9 +57,18 @@ pub struct Follow {
     again: Again,
 }
 
+/// Which connections a followed request goes on.
+#[derive(Clone)]
+pub enum Via {
+    /// A dedicated one, held by the session (a blocking command).
+    Blocking,
+    /// The user's mirror connections (a script of a user with restrictions).
+    Mirror(std::sync::Arc<crate::auth::User>),
+}
+
 enum Again {
-    /// A blocking command: its bytes and its reply's place in the queue.
-    Blocking { raw: Bytes, seq: u64 },
+    /// A request: its bytes, its reply's place in the queue, and its connections.
+    Request { raw: Bytes, seq: u64, via: Via },
     /// A transaction.
     Exec(Rc<TxRun>),
     /// A (un)subscribe of sharded channels: its bytes, and the reply slot of its
@@ -74,7 +83,7 @@ impl Again {
     /// It is not sent again: `reply` is its answer (`queue` is its session's).
     fn answer(self, queue: &ReplyQueue, reply: Bytes) {
         match self {
-            Again::Blocking { seq, .. } | Again::Subscribe { seq, .. } => {
+            Again::Request { seq, .. } | Again::Subscribe { seq, .. } => {
                 queue.deliver(seq, 0, reply)
             }
             Again::Exec(run) => queue.deliver(run.seq, 0, reply),
@@ -90,11 +99,12 @@ impl Follows {
     }
 }
 
-/// A blocking command's reply on its way to the client; a redirect stops here.
-struct BlockingReply {
+/// A followed request's reply on its way to the client; a redirect stops here.
+struct FollowedReply {
     queue: Rc<ReplyQueue>,
     seq: u64,
     raw: Bytes,
+    via: Via,
     follows: Rc<Follows>,
     from: SocketAddr,
     hops: u8,
@@ -102,7 +112,7 @@ struct BlockingReply {
     deadline: Instant,
 }
 
-impl Sink for BlockingReply {
+impl Sink for FollowedReply {
     fn deliver(self: Rc<Self>, _idx: u32, reply: Bytes) {
         if !is_redirect(&reply) {
             return self.queue.deliver(self.seq, 0, reply);
@@ -114,9 +124,10 @@ impl Sink for BlockingReply {
             asking: self.asking,
             deadline: self.deadline,
             to: None,
-            again: Again::Blocking {
+            again: Again::Request {
                 raw: self.raw.clone(),
                 seq: self.seq,
+                via: self.via.clone(),
             },
         };
         self.follows.push(f, &self.queue);
@@ -292,26 +303,29 @@ impl Session {
         })
     }
 
-    /// Cluster mode: a blocking command on `conn`, whose redirects the session follows.
-    pub(crate) fn send_blocking(
+    /// Cluster mode: a request on `up` whose redirects the session follows (a blocking
+    /// command on its dedicated connection, a restricted user's script on a mirror one); its
+    /// reply fills the next slot of the queue.
+    pub(crate) fn send_followed(
         &mut self,
-        conn: &crate::shard::Dedicated,
+        up: &crate::shard::Upstream,
+        via: Via,
         raw: &[u8],
-        now: Instant,
+        deadline: Instant,
     ) {
         let seq = self.queue.push_waiting(Slot::Waiting(self.cmd));
-        let sink = Rc::new(BlockingReply {
+        let sink = Rc::new(FollowedReply {
             queue: self.queue.clone(),
             seq,
             raw: Bytes::copy_from_slice(raw),
+            via,
             follows: self.follows(),
-            from: conn.up.addr,
+            from: up.addr,
             hops: 0,
             asking: false,
-            deadline: now + FOREVER,
+            deadline,
         });
-        conn.up
-            .send_until(raw, Target::Sink(SinkRef::new(sink, 0)), now + FOREVER);
+        up.send_until(raw, Target::Sink(SinkRef::new(sink, 0)), deadline);
     }
 
     /// Cluster mode: a transaction's MULTI, commands and EXEC (`parts`) sent on `conn`; its
@@ -417,35 +431,49 @@ impl Session {
             );
         };
         let conn = match &f.again {
-            Again::Blocking { .. } | Again::Exec(_) => {
-                match self.w.dedicated().take(self.proto, shard) {
-                    Ok(c) => Some(c),
-                    Err(e) => return f.again.answer(&self.queue, e),
-                }
+            Again::Request {
+                via: Via::Blocking, ..
             }
+            | Again::Exec(_) => match self.w.dedicated().take(self.proto, shard) {
+                Ok(c) => Some(c),
+                Err(e) => return f.again.answer(&self.queue, e),
+            },
             _ => None,
         };
         match (f.again, conn) {
-            (Again::Blocking { raw, seq }, Some(conn)) => {
+            (Again::Request { raw, seq, via }, conn) => {
+                let up = match (&via, &conn) {
+                    (_, Some(conn)) => conn.up.clone(),
+                    (Via::Mirror(user), None) => self.w.pools().as_user(
+                        user,
+                        crate::command::refused_in_scripts(),
+                        self.proto,
+                        shard,
+                    ),
+                    (Via::Blocking, None) => return,
+                };
                 if asking {
-                    conn.up.send_until(ASKING, Target::Discard, f.deadline);
+                    up.send_until(ASKING, Target::Discard, f.deadline);
                 }
-                let sink = Rc::new(BlockingReply {
+                let sink = Rc::new(FollowedReply {
                     queue: self.queue.clone(),
                     seq,
                     raw: raw.clone(),
+                    via,
                     follows: self.follows(),
                     from: to,
                     hops,
                     asking,
                     deadline: f.deadline,
                 });
-                conn.up
-                    .send_until(&raw, Target::Sink(SinkRef::new(sink, 0)), f.deadline);
-                match &mut self.blocked {
-                    Some(b) => b.moved_to(conn),
-                    // (The client went on: the connection closes, and the command with it.)
-                    None => drop(conn),
+                up.send_until(&raw, Target::Sink(SinkRef::new(sink, 0)), f.deadline);
+                if let Some(conn) = conn {
+                    match &mut self.blocked {
+                        Some(b) => b.moved_to(conn),
+                        // (The client went on: the connection closes, and the command with
+                        // it.)
+                        None => drop(conn),
+                    }
                 }
             }
             (Again::Exec(run), Some(conn)) => {

@@ -792,6 +792,10 @@ impl Session {
             .w
             .pools()
             .as_user(&user, command::refused_in_scripts(), self.proto, shard);
+        if self.w.cluster {
+            let via = crate::session::follow::Via::Mirror(user);
+            return self.send_followed(&up, via, req.raw, now + up.op_timeout());
+        }
         let seq = self.queue.push_waiting(Slot::Waiting(self.cmd));
         up.send(
             req.raw,
@@ -1130,7 +1134,11 @@ impl Session {
         });
         let up = self.w.pools().get(self.proto, shard, self.conn);
         let raw = script.as_deref().unwrap_or(req.raw);
-        up.send(raw, Target::Sink(pending), now);
+        if self.w.cluster {
+            send_redirectable(&up, raw, Target::Sink(pending), now);
+        } else {
+            up.send(raw, Target::Sink(pending), now);
+        }
     }
 
     /// An MGET with read-through keys: its shard parts are sent now (so it keeps its place
@@ -1157,7 +1165,11 @@ impl Session {
         for (i, (shard, raw)) in parts.iter().enumerate() {
             let up = self.w.pools().get(self.proto, *shard, self.conn);
             let target = Target::Sink(SinkRef::new(state.clone(), i as u32));
-            up.send(raw, target, now);
+            if self.w.cluster {
+                send_redirectable(&up, raw, target, now);
+            } else {
+                up.send(raw, target, now);
+            }
         }
     }
 

@@ -565,7 +565,8 @@ impl Session {
             Err(e) => return self.reply(e),
         };
         if self.w.cluster {
-            self.send_blocking(&conn, req.raw, now);
+            let via = crate::session::follow::Via::Blocking;
+            self.send_followed(&conn.up, via, req.raw, now + FOREVER);
         } else {
             self.send_dedicated(&conn, req.raw, now + FOREVER);
         }
