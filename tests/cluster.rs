@@ -258,7 +258,25 @@ fn after_a_primary_is_killed_its_slots_come_back_on_the_promoted_replica() {
         .query(&mut cluster.node(victim).client())
         .unwrap();
     assert_eq!(acked, 1, "the replica acknowledged the writes");
+    // A write whose reply is lost: the node is busy (DEBUG SLEEP), so it has the SET but
+    // never runs it before it dies. Its client is told that the outcome is unknown (here at
+    // the op timeout, or when the connection drops), and slotgate never sends it again, to
+    // the promoted replica or anywhere else.
+    let lost_key = (0..)
+        .map(|i| format!("fo-lost:{i}"))
+        .find(|key| owners[slot(key) as usize] == victim)
+        .unwrap();
+    // (The figure printed below counts from here: the node answers nothing from now on.)
     let t0 = std::time::Instant::now();
+    let mut sleeper = RawConn::connect(victim);
+    sleeper.send(&resp(&[b"DEBUG", b"SLEEP", b"10"]));
+    let mut lost = proxy.raw();
+    let r = lost.call(&[b"SET", lost_key.as_bytes(), b"lost"]);
+    assert!(
+        r.starts_with(b"-ERR outcome unknown"),
+        "{}",
+        String::from_utf8_lossy(&r)
+    );
     cluster
         .nodes
         .iter_mut()
@@ -297,6 +315,8 @@ fn after_a_primary_is_killed_its_slots_come_back_on_the_promoted_replica() {
         let v: Option<String> = redis::cmd("GET").arg(k(i)).query(&mut c).unwrap();
         assert_eq!(v, Some(i.to_string()), "{}", k(i));
     }
+    let v: Option<String> = redis::cmd("GET").arg(&lost_key).query(&mut c).unwrap();
+    assert_eq!(v, None, "the write whose reply was lost was never sent again");
     assert!(cluster_stat(&mut c, "cluster_failovers") >= 1);
 }
 
