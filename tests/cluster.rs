@@ -316,7 +316,10 @@ fn after_a_primary_is_killed_its_slots_come_back_on_the_promoted_replica() {
         assert_eq!(v, Some(i.to_string()), "{}", k(i));
     }
     let v: Option<String> = redis::cmd("GET").arg(&lost_key).query(&mut c).unwrap();
-    assert_eq!(v, None, "the write whose reply was lost was never sent again");
+    assert_eq!(
+        v, None,
+        "the write whose reply was lost was never sent again"
+    );
     assert!(cluster_stat(&mut c, "cluster_failovers") >= 1);
 }
 
@@ -350,6 +353,57 @@ fn a_reshard_under_load_gives_clients_no_errors() {
     let ask = cluster_stat(&mut c, "cluster_redirects_ask");
     eprintln!("redirects followed: {moved} MOVED, {ask} ASK");
     assert!(moved > 0, "the clients' requests were redirected");
+}
+
+#[test]
+fn a_primary_added_and_rebalanced_under_load_gives_clients_no_errors() {
+    let mut cluster = Cluster::start(3, 0);
+    let seed = cluster.nodes[0].addr();
+    let proxy = proxy_for(&cluster, &["--cluster-refresh", "10m", "--workers", "2"]);
+    // (The load loads its script before the fourth node exists.)
+    let load = Load::start(&proxy, "rb");
+    let added = cluster.add_primary();
+    let mut rebalance = std::process::Command::new("redis-cli");
+    rebalance.args([
+        "--cluster",
+        "rebalance",
+        &seed,
+        "--cluster-use-empty-masters",
+    ]);
+    let t = std::time::Instant::now();
+    let done = run_bounded(&mut rebalance, Duration::from_secs(180));
+    let took = t.elapsed();
+    let results = load.finish();
+    match done {
+        Ok(f) if f.code == Some(0) => {}
+        Ok(f) | Err(f) => panic!("rebalance failed: {}{}", f.stdout, f.stderr),
+    }
+    let owners = cluster.owners();
+    let moved = owners.iter().filter(|&&p| p == added).count();
+    let ops: u64 = results.iter().map(|r| r.0).sum();
+    eprintln!(
+        "add-node + rebalance under load: {moved} slots moved to the new primary in {took:?}, \
+         {ops} client rounds"
+    );
+    assert!(
+        moved > 3000,
+        "the new primary got its share ({moved} slots)"
+    );
+    let mut c = proxy.client();
+    assert_clean(&mut c, "rb", &results);
+    // The new primary got the load's script when slotgate connected to it (SCRIPT LOAD
+    // went to the three primaries there were).
+    let sha: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(INCR_SCRIPT)
+        .query(&mut cluster.node(cluster.nodes[0].port).client())
+        .unwrap();
+    let known: Vec<bool> = redis::cmd("SCRIPT")
+        .arg("EXISTS")
+        .arg(&sha)
+        .query(&mut cluster.node(added).client())
+        .unwrap();
+    assert_eq!(known, [true]);
 }
 
 #[test]
@@ -565,7 +619,12 @@ impl Load {
         }
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let rounds = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let clients = (0..3)
+        let sha: String = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(INCR_SCRIPT)
+            .query(&mut c)
+            .unwrap();
+        let mut clients: Vec<_> = (0..3)
             .map(|t| {
                 let (url, stop, all) = (proxy.url(), stop.clone(), rounds.clone());
                 std::thread::spawn(move || {
@@ -600,11 +659,61 @@ impl Load {
                 })
             })
             .collect();
+        clients.push(Self::transactions(proxy, prefix, sha, stop.clone()));
         Load {
             stop,
             rounds,
             clients,
         }
+    }
+
+    /// A fourth client: WATCH, GET, MULTI, SET, EXEC of its counter `PREFIX:tx` (tried
+    /// again while EXEC answers nil, as a WATCH client does), then an EVALSHA of an INCR of
+    /// `PREFIX:ev`; each round counts once on both.
+    fn transactions(
+        proxy: &Slotgate,
+        prefix: &'static str,
+        sha: String,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> std::thread::JoinHandle<(u64, Vec<String>)> {
+        let url = proxy.url();
+        std::thread::spawn(move || {
+            let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+            let (tx, ev) = (format!("{prefix}:tx"), format!("{prefix}:ev"));
+            let (mut round, mut errors) = (0u64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r: redis::RedisResult<()> = (|| {
+                    loop {
+                        let _: () = redis::cmd("WATCH").arg(&tx).query(&mut c)?;
+                        let v: Option<u64> = redis::cmd("GET").arg(&tx).query(&mut c)?;
+                        let done: Option<((),)> = redis::pipe()
+                            .atomic()
+                            .cmd("SET")
+                            .arg(&tx)
+                            .arg(v.unwrap_or(0) + 1)
+                            .query(&mut c)?;
+                        if done.is_some() {
+                            break;
+                        }
+                    }
+                    let n: u64 = redis::cmd("EVALSHA")
+                        .arg(&sha)
+                        .arg(1)
+                        .arg(&ev)
+                        .query(&mut c)?;
+                    assert_eq!(n, round + 1, "{ev}");
+                    Ok(())
+                })();
+                match r {
+                    Ok(()) => round += 1,
+                    Err(e) => {
+                        errors.push(e.to_string());
+                        break;
+                    }
+                }
+            }
+            (round, errors)
+        })
     }
 
     /// Rounds done so far, over every client.
@@ -622,7 +731,11 @@ impl Load {
     }
 }
 
-/// No load client got an error, and each one's counter saw every INCR exactly once.
+/// A script that increments its key.
+const INCR_SCRIPT: &str = "return redis.call('incr', KEYS[1])";
+
+/// No load client got an error, and each one's counter saw every INCR exactly once (the
+/// transactions' client: every transaction and every EVALSHA once).
 fn assert_clean(c: &mut redis::Connection, prefix: &str, results: &[(u64, Vec<String>)]) {
     let errors: Vec<&String> = results.iter().flat_map(|r| &r.1).collect();
     assert!(
@@ -631,12 +744,21 @@ fn assert_clean(c: &mut redis::Connection, prefix: &str, results: &[(u64, Vec<St
         errors.len(),
         &errors[..errors.len().min(5)]
     );
-    for (t, (rounds, _)) in results.iter().enumerate() {
+    let (tx_rounds, load) = results.split_last().unwrap();
+    for (t, (rounds, _)) in load.iter().enumerate() {
         let v: u64 = redis::cmd("GET")
             .arg(format!("{prefix}:ctr:{t}"))
             .query(c)
             .unwrap();
         assert_eq!(v, *rounds, "{prefix}:ctr:{t}: every INCR once");
+    }
+    assert!(tx_rounds.0 > 0, "the transactions' client ran");
+    for key in ["tx", "ev"] {
+        let v: u64 = redis::cmd("GET")
+            .arg(format!("{prefix}:{key}"))
+            .query(c)
+            .unwrap();
+        assert_eq!(v, tx_rounds.0, "{prefix}:{key}: every round once");
     }
 }
 

@@ -26,30 +26,7 @@ impl Cluster {
     /// [`start`](Self::start), with more `redis-server` arguments for every node.
     pub fn start_with(primaries: usize, replicas: usize, extra: &[&str]) -> Cluster {
         let nodes: Vec<RedisServer> = (0..primaries * (1 + replicas))
-            .map(|_| {
-                // A config file of its own (a stale one from an earlier run would rejoin an
-                // old cluster).
-                let n = CONFIG_FILES.fetch_add(1, Ordering::Relaxed);
-                let file = format!("nodes-{}-{n}.conf", std::process::id());
-                // (A replica writes the data set it syncs: not where a later server of the
-                // same port would load it.)
-                let rdb = format!("sync-{}-{n}.rdb", std::process::id());
-                let mut args = vec![
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    &file,
-                    "--dbfilename",
-                    &rdb,
-                    "--cluster-node-timeout",
-                    "2000",
-                    // DEBUG SLEEP makes a node busy on purpose.
-                    "--enable-debug-command",
-                    "yes",
-                ];
-                args.extend_from_slice(extra);
-                RedisServer::start_with(&args)
-            })
+            .map(|_| Self::node_server(extra))
             .collect();
         let mut cmd = Command::new("redis-cli");
         cmd.arg("--cluster").arg("create");
@@ -73,6 +50,76 @@ impl Cluster {
             })
         });
         c
+    }
+
+    /// Starts one more node and adds it to the cluster as a primary without slots
+    /// (`redis-cli --cluster add-node`); its port, once every node knows it.
+    pub fn add_primary(&mut self) -> u16 {
+        let node = Self::node_server(&[]);
+        let port = node.port;
+        let mut cmd = Command::new("redis-cli");
+        cmd.args(["--cluster", "add-node", &node.addr(), &self.nodes[0].addr()]);
+        match run_bounded(&mut cmd, Duration::from_secs(60)) {
+            Ok(f) if f.code == Some(0) => {}
+            Ok(f) | Err(f) => panic!(
+                "redis-cli --cluster add-node failed (exit {:?}): {}{}",
+                f.code, f.stdout, f.stderr
+            ),
+        }
+        self.nodes.push(node);
+        let n = self.nodes.len();
+        wait_until(
+            "every node to know the new one",
+            Duration::from_secs(30),
+            || {
+                self.nodes.iter().all(|node| {
+                    let nodes: String = redis::cmd("CLUSTER")
+                        .arg("NODES")
+                        .query(&mut node.client())
+                        .unwrap_or_default();
+                    nodes.lines().filter(|l| !l.contains("handshake")).count() == n
+                })
+            },
+        );
+        // (Until it has learnt every slot's owner, it answers CLUSTERDOWN, also to MIGRATE.)
+        wait_until(
+            "the new node to see the cluster up",
+            Duration::from_secs(30),
+            || {
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query(&mut self.node(port).client())
+                    .unwrap_or_default();
+                info.contains("cluster_state:ok")
+            },
+        );
+        port
+    }
+
+    /// A `redis-server` ready to join a cluster, with `extra` arguments.
+    fn node_server(extra: &[&str]) -> RedisServer {
+        // A config file of its own (a stale one from an earlier run would rejoin an old
+        // cluster).
+        let n = CONFIG_FILES.fetch_add(1, Ordering::Relaxed);
+        let file = format!("nodes-{}-{n}.conf", std::process::id());
+        // (A replica writes the data set it syncs: not where a later server of the same port
+        // would load it.)
+        let rdb = format!("sync-{}-{n}.rdb", std::process::id());
+        let mut args = vec![
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            &file,
+            "--dbfilename",
+            &rdb,
+            "--cluster-node-timeout",
+            "2000",
+            // DEBUG SLEEP makes a node busy on purpose.
+            "--enable-debug-command",
+            "yes",
+        ];
+        args.extend_from_slice(extra);
+        RedisServer::start_with(&args)
     }
 
     /// Waits until every primary has a connected replica that the cluster sees as up (gossip
