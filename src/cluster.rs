@@ -14,9 +14,10 @@
 //! again soon), one answered `-ASK slot addr` goes to `addr` behind `ASKING` on the same
 //! connection, and one answered `-TRYAGAIN` (a multi-key request while its slot migrates) is
 //! sent again every 20 ms until its deadline; at most [`MAX_HOPS`] MOVED/ASK hops, then the
-//! client gets an error. Requests on the shared connections are redirected; transactions,
-//! blocking commands and subscriptions (on dedicated connections) are not yet, but a MOVED
-//! they get still makes slotgate read the layout again.
+//! client gets an error. [`next_hop`] makes that decision for every request; the redirector
+//! sends the requests of the shared connections again, and a session sends those of its
+//! dedicated connections (transactions, blocking commands, sharded subscriptions, a
+//! restricted user's scripts: see `session::follow`).
 //!
 //! With `read_from = replica | prefer-replica`, the first replica of each primary gets a
 //! `READONLY` connection (its shard index follows the primaries') and read-only commands go

@@ -12,6 +12,9 @@
 //! inside MULTI. After EXEC/DISCARD/UNWATCH the connection goes back to the worker's pool; a
 //! client that disconnects mid-transaction closes it, so the shard forgets everything.
 //!
+//! In cluster mode a transaction is kept whole until EXEC and then sent at once, so that it
+//! can follow a redirect (see `follow`).
+//!
 //! **Blocking commands** get a dedicated connection for their duration, with no op timeout
 //! (the client's own timeout applies); it returns to the pool when the reply arrives, and is
 //! closed if the client goes away first (the shard unblocks).
