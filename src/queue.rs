@@ -507,6 +507,11 @@ impl ReplyQueue {
         self.pushes.borrow_mut().clear();
     }
 
+    /// Whether the session is gone.
+    pub fn is_closed(&self) -> bool {
+        self.closed.get()
+    }
+
     /// Sets a flag for the session's next turn and wakes it.
     pub fn flag(&self, bit: u16) {
         self.flags.set(self.flags.get() | bit);

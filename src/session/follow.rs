@@ -93,7 +93,17 @@ impl Again {
 }
 
 impl Follows {
+    /// Forgets what is waiting (the session ends).
+    pub fn clear(&self) {
+        let list = std::mem::take(&mut *self.0.borrow_mut());
+        drop(list);
+    }
+
     fn push(&self, f: Follow, queue: &ReplyQueue) {
+        if queue.is_closed() {
+            // (Its session is gone: nothing is sent again, and nothing is kept.)
+            return;
+        }
         self.0.borrow_mut().push(f);
         queue.flag(Attention::FOLLOW);
     }

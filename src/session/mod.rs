@@ -358,6 +358,10 @@ impl Drop for Session {
     /// entry behind).
     fn drop(&mut self) {
         self.unregister();
+        if let Some(f) = &self.follows {
+            // (A redirected transaction in there holds the list: the cycle is broken.)
+            f.clear();
+        }
     }
 }
 
