@@ -664,8 +664,8 @@ pub async fn keep_fresh(shared: Arc<Shared>, apply: UnboundedSender<Layout>) {
 /// long as the worker runs (cluster mode).
 pub async fn redirector(w: std::rc::Rc<Worker>) {
     loop {
-        let (redirected, moved) = crate::shard::next_redirects().await;
-        if moved {
+        let (redirected, doubt) = crate::shard::next_redirects().await;
+        if doubt {
             w.shared.cluster_changed.notify_one();
         }
         for r in redirected {

@@ -367,7 +367,7 @@ pub struct Redirected {
 
 thread_local! {
     /// This worker's redirected requests, for its redirector (`cluster::redirector`), and
-    /// whether a `-MOVED` went to a client as it was.
+    /// whether something said the layout may have changed (see [`layout_in_doubt`]).
     static REDIRECTS: (RefCell<VecDeque<Redirected>>, Rc<tokio::sync::Notify>, Cell<bool>) =
         Default::default();
 }
@@ -381,17 +381,19 @@ fn redirected(r: Redirected) {
     });
 }
 
-/// A `-MOVED` went to a client as it was (its request does not follow redirects).
+/// Cluster mode: the layout may have changed, and slotgate reads it again soon: a `-MOVED`
+/// went to a client as it was (its request does not follow redirects), a node answered
+/// `-CLUSTERDOWN`, or a connection to a node was lost.
 #[cold]
-fn moved_seen() {
+fn layout_in_doubt() {
     REDIRECTS.with(|(_, wake, moved)| {
         moved.set(true);
         wake.notify_one();
     });
 }
 
-/// Waits until this worker has redirected requests (or saw a `-MOVED` go to a client), and
-/// takes them; `true` with a `-MOVED` seen.
+/// Waits until this worker has redirected requests (or a reason to doubt the layout), and
+/// takes them; `true` with a doubt.
 pub async fn next_redirects() -> (VecDeque<Redirected>, bool) {
     let wake = REDIRECTS.with(|(_, w, _)| w.clone());
     loop {
@@ -890,6 +892,9 @@ impl Upstream {
                         tracing::debug!(shard = %self.label, "shard connection closed by slotgate");
                     } else {
                         tracing::warn!(shard = %self.label, "shard connection lost: {why}");
+                        if self.cfg.cluster {
+                            layout_in_doubt();
+                        }
                     }
                     why
                 }
@@ -1236,8 +1241,10 @@ impl Upstream {
                 });
             }
             p => {
-                if bytes.starts_with(b"-MOVED ") {
-                    moved_seen();
+                if bytes.first() == Some(&b'-')
+                    && (bytes.starts_with(b"-MOVED ") || bytes.starts_with(b"-CLUSTERDOWN"))
+                {
+                    layout_in_doubt();
                 }
                 self.deliver(p.target, bytes);
             }
