@@ -235,8 +235,14 @@ impl Mirror {
         user: &crate::auth::User,
         shard_auth: Option<&UpstreamAuth>,
         deny: &[String],
+        cluster: bool,
     ) -> Self {
-        let rules = user.mirror_rules(deny);
+        let mut rules = user.mirror_rules(deny);
+        if cluster {
+            // A script that follows an ASK goes behind ASKING (of the `@connection`
+            // category a restricted user may not have).
+            rules.push("+asking".into());
+        }
         let digest = crate::auth::sha256(rules.join("\n").as_bytes());
         let name = format!(
             "slotgate:{}:{}",
@@ -334,8 +340,10 @@ struct Confirmations {
     /// Confirmation frames still to come, and those that came.
     left: usize,
     acc: BytesMut,
-    /// The command (cluster mode sends it again elsewhere when it is redirected).
+    /// The command (cluster mode sends it again elsewhere when it is redirected), and the
+    /// redirects it followed to get here.
     raw: Bytes,
+    hops: u8,
 }
 
 /// The reply slot of a subscription slotgate makes on its own (a sharded channel whose slot
@@ -345,8 +353,8 @@ pub const SILENT: u64 = u64::MAX;
 /// Cluster mode: what a subscriber connection tells its session (see `session::follow`).
 pub trait SubscriptionsMoved {
     /// The (un)subscribe command `raw`, whose confirmations were to fill reply slot `seq`,
-    /// was answered with the redirect `reply` by `from`.
-    fn redirected(&self, seq: u64, raw: Bytes, reply: Bytes, from: SocketAddr);
+    /// was answered with the redirect `reply` by `from`, after `hops` redirects before.
+    fn redirected(&self, seq: u64, raw: Bytes, reply: Bytes, from: SocketAddr, hops: u8);
     /// `from` dropped a sharded channel (its slot went to another node): `frame` is its
     /// `sunsubscribe` message.
     fn dropped(&self, frame: Bytes, from: SocketAddr);
@@ -842,11 +850,18 @@ impl Upstream {
     /// frames will fill reply slot `seq` of the sink queue (none for [`SILENT`]), in order
     /// with the client's other replies.
     pub fn send_subscription(&self, raw: &[u8], seq: u64, n: usize) {
+        self.send_subscription_after(raw, seq, n, 0);
+    }
+
+    /// [`send_subscription`](Self::send_subscription) of a command that followed `hops`
+    /// redirects (cluster mode).
+    pub fn send_subscription_after(&self, raw: &[u8], seq: u64, n: usize, hops: u8) {
         self.confirmations.borrow_mut().push_back(Confirmations {
             seq,
             left: n,
             acc: BytesMut::new(),
             raw: Bytes::copy_from_slice(raw),
+            hops,
         });
         self.send_oob(raw);
     }
@@ -1262,17 +1277,20 @@ impl Upstream {
             return Ok(());
         };
         let mut conf = self.confirmations.borrow_mut();
-        if is_redirect(&bytes)
-            && let Some(c) = conf.pop_front()
-        {
-            drop(conf);
-            moved.redirected(c.seq, c.raw, bytes, self.addr);
+        if is_redirect(&bytes) {
+            match conf.pop_front() {
+                Some(c) => {
+                    drop(conf);
+                    moved.redirected(c.seq, c.raw, bytes, self.addr, c.hops);
+                }
+                // (Nothing asked: never the client's.)
+                None => layout_in_doubt(),
+            }
             return Ok(());
         }
-        let asked = conf
-            .front()
-            .is_some_and(|c| command_is(&c.raw, b"sunsubscribe"));
-        if !asked && confirmation_kind(&bytes) == Some(&b"sunsubscribe"[..]) {
+        if confirmation_kind(&bytes) == Some(&b"sunsubscribe"[..])
+            && !conf.front().is_some_and(|c| confirms(&c.raw, &bytes))
+        {
             drop(conf);
             moved.dropped(bytes, self.addr);
             return Ok(());
@@ -1589,7 +1607,12 @@ impl Pools {
             return up.clone();
         }
         let mut cfg = cfg.clone();
-        cfg.mirror = Some(Arc::new(Mirror::new(user, cfg.auth.as_ref(), deny)));
+        cfg.mirror = Some(Arc::new(Mirror::new(
+            user,
+            cfg.auth.as_ref(),
+            deny,
+            cfg.cluster,
+        )));
         let up = Upstream::start(*addr, proto, cfg);
         self.mirrors.borrow_mut().insert(key, up.clone());
         up
@@ -1915,12 +1938,23 @@ fn confirmation_kind(frame: &[u8]) -> Option<&'static [u8]> {
         .find(|k| first.eq_ignore_ascii_case(k))
 }
 
-/// Whether the command `raw` (a RESP array) is `name`.
-fn command_is(raw: &[u8], name: &[u8]) -> bool {
-    crate::resp::scan::array_elements(raw)
-        .and_then(|e| e.first().copied())
-        .and_then(|(s, e)| crate::resp::scan::bulk_body(&raw[s..e]))
-        .is_some_and(|b| b.eq_ignore_ascii_case(name))
+/// Whether the `sunsubscribe` message `frame` confirms the command `raw`: an SUNSUBSCRIBE of
+/// every channel, or one that names the message's channel. (Any other is a node dropping a
+/// channel whose slot it gave away.)
+fn confirms(raw: &[u8], frame: &[u8]) -> bool {
+    let bulks = |f: &[u8]| -> Vec<Vec<u8>> {
+        crate::resp::scan::array_elements(f)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|&(s, e)| crate::resp::scan::bulk_body(&f[s..e]).map(<[u8]>::to_vec))
+            .collect()
+    };
+    let (args, message) = (bulks(raw), bulks(frame));
+    let Some((name, channels)) = args.split_first() else {
+        return false;
+    };
+    name.eq_ignore_ascii_case(b"sunsubscribe")
+        && (channels.is_empty() || message.get(1).is_some_and(|c| channels.contains(c)))
 }
 
 /// Sleeps until `at`, or forever when there is nothing to wait for.
@@ -1971,6 +2005,21 @@ fn bulk_end(buf: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A node that gives a slot away sends `sunsubscribe` for its channels: while the
+    /// client's SUNSUBSCRIBE of another channel waits, that message is not its confirmation
+    /// (review: it was taken as one, and the dropped channel was never subscribed again).
+    #[test]
+    fn a_sunsubscribe_confirms_only_the_channels_it_names() {
+        let frame = |c: &[u8]| crate::resp::request::command(&[b"sunsubscribe", c, b":1"]);
+        let other = crate::resp::request::command(&[b"SUNSUBSCRIBE", b"chB"]);
+        assert!(!confirms(&other, &frame(b"ch{t}")));
+        assert!(confirms(&other, &frame(b"chB")));
+        let all = crate::resp::request::command(&[b"sunsubscribe"]);
+        assert!(confirms(&all, &frame(b"ch{t}")));
+        let subscribe = crate::resp::request::command(&[b"SSUBSCRIBE", b"ch{t}"]);
+        assert!(!confirms(&subscribe, &frame(b"ch{t}")));
+    }
 
     /// Receiving a 1 MiB value in 16 KiB reads ends with a buffer of the reply's size, where
     /// plain doubling would have reached 2 MiB.

@@ -172,7 +172,9 @@ impl<R: ReadSide, W: WriteSide> Conn<R, W> {
                 // sent everything and be waiting for them.
                 continue;
             }
-            let can_read = !s.closing && !self.eof && !s.barrier && room;
+            // (A blocked client is read even behind a barrier: its going away must close
+            // the blocking command's connection.)
+            let can_read = !s.closing && !self.eof && (!s.barrier || s.blocked.is_some()) && room;
             self.size_rbuf(can_read);
             if self.reads_in_a_row >= READS_BEFORE_YIELD {
                 // A client that always has more input must let the worker's other sessions

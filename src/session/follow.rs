@@ -119,7 +119,11 @@ struct FollowedReply {
     from: SocketAddr,
     hops: u8,
     asking: bool,
-    deadline: Instant,
+    /// Until when it is sent again (a TRYAGAIN is tried again until then): a script's
+    /// deadline; `None` for a blocking command, which has none: `op_timeout` after the
+    /// redirect.
+    follow_until: Option<Instant>,
+    op_timeout: Duration,
 }
 
 impl Sink for FollowedReply {
@@ -132,7 +136,9 @@ impl Sink for FollowedReply {
             from: self.from,
             hops: self.hops,
             asking: self.asking,
-            deadline: self.deadline,
+            deadline: self
+                .follow_until
+                .unwrap_or_else(|| Instant::now() + self.op_timeout),
             to: None,
             again: Again::Request {
                 raw: self.raw.clone(),
@@ -244,11 +250,11 @@ struct SubMoved {
 const RESUBSCRIBE_WITHIN: Duration = Duration::from_secs(10);
 
 impl SubscriptionsMoved for SubMoved {
-    fn redirected(&self, seq: u64, raw: Bytes, reply: Bytes, from: SocketAddr) {
+    fn redirected(&self, seq: u64, raw: Bytes, reply: Bytes, from: SocketAddr, hops: u8) {
         let f = Follow {
             reply,
             from,
-            hops: 0,
+            hops,
             asking: false,
             deadline: Instant::now() + RESUBSCRIBE_WITHIN,
             to: None,
@@ -282,6 +288,13 @@ fn elements(frame: &[u8]) -> Vec<Bytes> {
         .iter()
         .filter_map(|&(s, e)| crate::resp::scan::bulk_body(&f[s..e]).map(Bytes::copy_from_slice))
         .collect()
+}
+
+/// Whether a command is SSUBSCRIBE.
+fn command_is_ssubscribe(raw: &[u8]) -> bool {
+    elements(raw)
+        .first()
+        .is_some_and(|n| n.eq_ignore_ascii_case(b"ssubscribe"))
 }
 
 /// Counts the errors in EXEC's reply against the commands that were `queued` (INFO
@@ -324,6 +337,7 @@ impl Session {
         deadline: Instant,
     ) {
         let seq = self.queue.push_waiting(Slot::Waiting(self.cmd));
+        let follow_until = matches!(via, Via::Mirror(_)).then_some(deadline);
         let sink = Rc::new(FollowedReply {
             queue: self.queue.clone(),
             seq,
@@ -333,7 +347,8 @@ impl Session {
             from: up.addr,
             hops: 0,
             asking: false,
-            deadline,
+            follow_until,
+            op_timeout: self.w.shared.settings.op_timeout,
         });
         up.send_until(raw, Target::Sink(SinkRef::new(sink, 0)), deadline);
     }
@@ -383,7 +398,14 @@ impl Session {
             Some((to, asking)) => (to, asking, f.hops),
             None => {
                 match cluster::next_hop(&self.w, &f.reply, f.from, f.hops, f.asking, f.deadline) {
-                    Hop::Answer(reply) => return f.again.answer(&self.queue, reply),
+                    Hop::Answer(reply) => {
+                        if let Again::Subscribe { raw, .. } = &f.again {
+                            // (Not subscribed anywhere.)
+                            self.forget_channels(raw);
+                            self.update_output_class();
+                        }
+                        return f.again.answer(&self.queue, reply);
+                    }
                     Hop::Again {
                         to,
                         asking,
@@ -462,8 +484,15 @@ impl Session {
                     ),
                     (Via::Blocking, None) => return,
                 };
+                // (A blocking command waits as long as the client asked, at any node.)
+                let blocking = matches!(via, Via::Blocking);
+                let wait_until = if blocking {
+                    Instant::now() + FOREVER
+                } else {
+                    f.deadline
+                };
                 if asking {
-                    up.send_until(ASKING, Target::Discard, f.deadline);
+                    up.send_until(ASKING, Target::Discard, wait_until);
                 }
                 let sink = Rc::new(FollowedReply {
                     queue: self.queue.clone(),
@@ -474,9 +503,14 @@ impl Session {
                     from: to,
                     hops,
                     asking,
-                    deadline: f.deadline,
+                    // A blocking command sent on after a MOVED or ASK may block for long, and
+                    // its next redirect gets `op_timeout` again; one tried again after a
+                    // TRYAGAIN keeps this one's.
+                    follow_until: (!blocking || f.reply.starts_with(b"-TRYAGAIN"))
+                        .then_some(f.deadline),
+                    op_timeout: self.w.shared.settings.op_timeout,
                 });
-                up.send_until(&raw, Target::Sink(SinkRef::new(sink, 0)), f.deadline);
+                up.send_until(&raw, Target::Sink(SinkRef::new(sink, 0)), wait_until);
                 if let Some(conn) = conn {
                     match &mut self.blocked {
                         Some(b) => b.moved_to(conn),
@@ -492,32 +526,43 @@ impl Session {
                 // discarded).
                 conn.release();
             }
-            (Again::Subscribe { raw, seq }, _) => self.subscribe_at(shard, f.from, &raw, seq),
+            (Again::Subscribe { raw, seq }, _) => self.subscribe_at(shard, &raw, seq, hops),
             _ => {}
         }
     }
 
-    /// A (un)subscribe of sharded channels that `from` redirected, sent to `shard`.
-    fn subscribe_at(&mut self, shard: usize, from: SocketAddr, raw: &[u8], seq: u64) {
-        let args = elements(raw);
-        let Some((name, channels)) = args.split_first() else {
+    /// A (un)subscribe of sharded channels sent to `shard` after `hops` redirects: the
+    /// channels it names are subscribed there from now on (or nowhere, for an unsubscribe).
+    fn subscribe_at(&mut self, shard: usize, raw: &[u8], seq: u64, hops: u8) {
+        let channels = self.forget_channels(raw);
+        let Some(channels) = channels else {
             return;
         };
-        let old = self.w.pools().shard_index(from);
-        let subscribe = name.eq_ignore_ascii_case(b"ssubscribe");
-        for c in channels {
-            if let Some(old) = old.and_then(|o| self.subs.shard_channels.get_mut(o)) {
-                old.remove(c);
-            }
-            if subscribe {
-                self.subs.shard_set(shard).insert(c.clone());
-            }
+        let n = channels.len().max(1);
+        if command_is_ssubscribe(raw) {
+            self.subs.shard_set(shard).extend(channels);
         }
         match self.sub_conn(shard) {
-            Ok(conn) => conn.up.send_subscription(raw, seq, channels.len().max(1)),
+            Ok(conn) => conn.up.send_subscription_after(raw, seq, n, hops),
             Err(e) if seq != SILENT => self.queue.deliver(seq, 0, e),
             Err(_) => {}
         }
+    }
+
+    /// The channels a redirected (un)subscribe names, no longer subscribed on any shard
+    /// (`None` for a command without a name).
+    fn forget_channels(&mut self, raw: &[u8]) -> Option<Vec<Bytes>> {
+        let mut args = elements(raw);
+        if args.is_empty() {
+            return None;
+        }
+        let channels = args.split_off(1);
+        for set in &mut self.subs.shard_channels {
+            for c in &channels {
+                set.remove(c);
+            }
+        }
+        Some(channels)
     }
 
     /// A sharded channel its node dropped: subscribed again where its slot lives now, unless
@@ -554,8 +599,7 @@ impl Session {
             return self.follow_later(f, cluster::NEW_NODE_WAIT);
         }
         let raw = crate::resp::request::command(&[b"SSUBSCRIBE", &channel]);
-        let from = self.w.pools().addr(old).unwrap_or(f.from);
-        self.subscribe_at(shard, from, &raw, SILENT);
+        self.subscribe_at(shard, &raw, SILENT, 0);
     }
 
     /// Follows `f` again after `wait`.

@@ -583,7 +583,11 @@ impl Session {
         // RESET closes dedicated connections: their replies in flight must arrive first.
         let resets_pinned = spec.name == "reset"
             && (self.tx.is_some() || self.watch.is_some() || self.subscribed());
-        if dedicated != self.on_dedicated || self.blocked.is_some() || resets_pinned {
+        if dedicated != self.on_dedicated
+            || self.blocked.is_some()
+            || resets_pinned
+            || self.exec_waits(spec)
+        {
             if self.queue.waiting() > 0 {
                 self.deferred = Some(crate::session::pinned::Deferred::from(req));
                 return;

@@ -59,6 +59,8 @@ pub struct Tx {
     /// Cluster mode: `conn` holds WATCHes, and nothing was sent on it for this transaction
     /// yet (everything is sent at EXEC: see `follow`).
     watched: bool,
+    /// Cluster mode: what those WATCHes were answered (EXEC waits for all of them).
+    watch_replies: Option<Rc<WatchReplies>>,
 }
 
 /// WATCHed keys outside MULTI: their dedicated connection and slot, and what their WATCH
@@ -114,8 +116,15 @@ enum Watched {
     /// Some WATCH succeeded but the connection was lost, or a later one failed: the keys may
     /// have changed unseen.
     Lost,
-    /// The watches hold on this connection.
-    Holds(Dedicated, u16),
+    /// The watches hold on this connection (so far: some replies may be still to come).
+    Holds(Dedicated, u16, Rc<WatchReplies>),
+}
+
+impl WatchReplies {
+    /// The watches may not hold: one was redirected, or one failed after one succeeded.
+    fn lost(&self) -> bool {
+        self.moved.get() || (self.failed.get() && self.ok.get() > 0)
+    }
 }
 
 impl Watch {
@@ -132,7 +141,7 @@ impl Watch {
                 Watched::Lost
             }
         } else {
-            Watched::Holds(self.conn, self.slot)
+            Watched::Holds(self.conn, self.slot, self.replies)
         }
     }
 }
@@ -310,15 +319,16 @@ impl Session {
                 self.reply_static(reply::OK);
             }
             // Cluster mode: everything goes at EXEC, on the WATCH's connection.
-            Some(Watched::Holds(conn, slot)) if self.w.cluster => {
+            Some(Watched::Holds(conn, slot, replies)) if self.w.cluster => {
                 tx.slot = Some(slot);
                 tx.watched = true;
+                tx.watch_replies = Some(replies);
                 tx.conn = Some(conn);
                 tx.buffered.push(Bytes::copy_from_slice(req.raw));
                 self.reply_static(reply::OK);
             }
             // WATCH already chose the shard: MULTI goes there.
-            Some(Watched::Holds(conn, slot)) => {
+            Some(Watched::Holds(conn, slot, _)) => {
                 tx.slot = Some(slot);
                 let d = self.op_deadline(now);
                 self.send_dedicated(&conn, req.raw, d);
@@ -376,8 +386,25 @@ impl Session {
         conn.release();
     }
 
+    /// Cluster mode: EXEC waits until the client has nothing in flight: its WATCHes have been
+    /// answered (one a node redirected watches nothing), and a transaction before it, which
+    /// may be following a redirect, has run.
+    pub(crate) fn exec_waits(&self, spec: &CommandSpec) -> bool {
+        self.w.cluster && self.tx.is_some() && spec.name == "exec"
+    }
+
     /// Cluster mode: the whole transaction goes now, and follows redirects (see `follow`).
     fn exec_cluster(&mut self, tx: Tx, req: &Request<'_>, deadline: Instant) {
+        if tx.watch_replies.is_some_and(|r| r.lost()) {
+            // A WATCH was redirected (its slot moved), or failed after one succeeded: as
+            // when a watched key changed.
+            if let Some(conn) = tx.conn {
+                conn.up
+                    .send_until(b"*1\r\n$7\r\nUNWATCH\r\n", Target::Discard, deadline);
+                conn.release();
+            }
+            return self.reply_static(reply::null_array(self.proto));
+        }
         let conn = match tx.conn {
             Some(c) => c,
             None => match self.take_dedicated(tx.slot) {
@@ -471,7 +498,7 @@ impl Session {
 
     fn unwatch(&mut self, req: &Request<'_>, now: Instant) {
         match self.watch.take().map(Watch::state) {
-            Some(Watched::Holds(conn, _)) => {
+            Some(Watched::Holds(conn, _, _)) => {
                 let d = self.op_deadline(now);
                 self.send_dedicated(&conn, req.raw, d);
                 conn.release();
