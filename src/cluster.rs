@@ -50,6 +50,8 @@ const START_WITHIN: Duration = Duration::from_secs(10);
 pub const MAX_HOPS: u8 = 5;
 /// How long a `-TRYAGAIN` request waits before it is sent again.
 const TRYAGAIN_WAIT: Duration = Duration::from_millis(20);
+/// How long a `-CLUSTERDOWN` request waits before it is sent again.
+const CLUSTERDOWN_WAIT: Duration = Duration::from_millis(50);
 /// How long a request redirected to a node slotgate has no connection to waits for the
 /// next layout (one that includes the node) before it is tried again.
 pub const NEW_NODE_WAIT: Duration = Duration::from_millis(100);
@@ -63,10 +65,11 @@ const MAX_REPLY: usize = 16 * 1024 * 1024;
 /// What cluster mode counts (INFO shards, `/metrics`).
 #[derive(Debug, Default)]
 pub struct ClusterStats {
-    /// Requests sent again after `-MOVED`, `-ASK`, `-TRYAGAIN`.
+    /// Requests sent again after `-MOVED`, `-ASK`, `-TRYAGAIN`, `-CLUSTERDOWN`.
     pub moved: AtomicU64,
     pub ask: AtomicU64,
     pub tryagain: AtomicU64,
+    pub clusterdown: AtomicU64,
     /// Reads of the topology (after start-up), and those that found a new layout.
     pub refreshes: AtomicU64,
     pub layout_changes: AtomicU64,
@@ -81,13 +84,14 @@ impl ClusterStats {
         format!(
             "cluster_mode:1\r\ncluster_refreshes:{}\r\ncluster_layout_changes:{}\r\n\
              cluster_failovers:{}\r\ncluster_redirects_moved:{}\r\ncluster_redirects_ask:{}\r\n\
-             cluster_redirects_tryagain:{}\r\n",
+             cluster_redirects_tryagain:{}\r\ncluster_redirects_clusterdown:{}\r\n",
             get(&self.refreshes),
             get(&self.layout_changes),
             get(&self.failovers),
             get(&self.moved),
             get(&self.ask),
-            get(&self.tryagain)
+            get(&self.tryagain),
+            get(&self.clusterdown)
         )
     }
 
@@ -99,6 +103,7 @@ impl ClusterStats {
             ("moved", &self.moved),
             ("ask", &self.ask),
             ("tryagain", &self.tryagain),
+            ("clusterdown", &self.clusterdown),
         ] {
             metrics::counter!(m::CLUSTER_REDIRECTS, "kind" => kind).absolute(get(c));
         }
@@ -716,6 +721,11 @@ pub fn next_hop(
         "ASK" => {
             stats.ask.fetch_add(1, Ordering::Relaxed);
         }
+        "CLUSTERDOWN" => {
+            stats.clusterdown.fetch_add(1, Ordering::Relaxed);
+            // (A failed primary, most likely: the layout is read again.)
+            w.shared.cluster_changed.notify_one();
+        }
         _ => {
             stats.tryagain.fetch_add(1, Ordering::Relaxed);
         }
@@ -727,6 +737,23 @@ pub fn next_hop(
             &from.to_string(),
             &format!("redirected ({text}) past the request's deadline"),
         ));
+    }
+    if kind == "CLUSTERDOWN" {
+        // The cluster refuses every request for a moment when a primary fails (until a
+        // replica is promoted: `cluster-require-full-coverage`), and a slot may have no
+        // primary: sent again to the same node every 50 ms until the request's deadline.
+        if now + CLUSTERDOWN_WAIT >= deadline {
+            return Hop::Answer(crate::resp::reply::shard_unavailable(
+                &from.to_string(),
+                &format!("the cluster was down until the request's deadline ({text})"),
+            ));
+        }
+        return Hop::Again {
+            to: from,
+            asking,
+            wait: CLUSTERDOWN_WAIT,
+            counted: false,
+        };
     }
     if kind == "TRYAGAIN" {
         // The slot is being migrated: sent again (to the same node, with ASKING if it went

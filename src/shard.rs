@@ -414,10 +414,15 @@ pub async fn next_redirects() -> (VecDeque<Redirected>, bool) {
     }
 }
 
-/// Whether a reply is a cluster redirect.
+/// Whether a reply is a cluster redirect, or another refusal that says the node did not run
+/// the request and it may succeed later (`-CLUSTERDOWN`).
 #[inline]
 pub fn is_redirect(reply: &[u8]) -> bool {
-    reply.starts_with(b"-MOVED ") || reply.starts_with(b"-ASK ") || reply.starts_with(b"-TRYAGAIN")
+    reply.first() == Some(&b'-')
+        && (reply.starts_with(b"-MOVED ")
+            || reply.starts_with(b"-ASK ")
+            || reply.starts_with(b"-TRYAGAIN")
+            || reply.starts_with(b"-CLUSTERDOWN"))
 }
 
 #[derive(Default)]
