@@ -255,18 +255,20 @@ fn after_a_primary_is_killed_its_slots_come_back_on_the_promoted_replica() {
         .query(&mut cluster.node(victim).client())
         .unwrap();
     assert_eq!(acked, 1, "the replica acknowledged the writes");
-    // A write whose reply is lost: the node is busy (DEBUG SLEEP), so it has the SET but
-    // never runs it before it dies. Its client is told that the outcome is unknown (here at
-    // the op timeout, or when the connection drops), and slotgate never sends it again, to
-    // the promoted replica or anywhere else.
+    // A write whose reply is lost: the node holds writes (CLIENT PAUSE WRITE), so it has
+    // the SET but never runs it before it dies. Its client is told that the outcome is
+    // unknown (here at the op timeout, or when the connection drops), and slotgate never
+    // sends it again, to the promoted replica or anywhere else.
     let lost_key = (0..)
         .map(|i| format!("fo-lost:{i}"))
         .find(|key| owners[slot(key) as usize] == victim)
         .unwrap();
-    // (The figure printed below counts from here: the node answers nothing from now on.)
-    let t0 = std::time::Instant::now();
-    let mut sleeper = RawConn::connect(victim);
-    sleeper.send(&resp(&[b"DEBUG", b"SLEEP", b"10"]));
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(60_000)
+        .arg("WRITE")
+        .query(&mut cluster.node(victim).client())
+        .unwrap();
     let mut lost = proxy.raw();
     let r = lost.call(&[b"SET", lost_key.as_bytes(), b"lost"]);
     assert!(
@@ -274,6 +276,7 @@ fn after_a_primary_is_killed_its_slots_come_back_on_the_promoted_replica() {
         "{}",
         String::from_utf8_lossy(&r)
     );
+    let t0 = std::time::Instant::now();
     cluster
         .nodes
         .iter_mut()
@@ -454,27 +457,8 @@ fn ask_and_tryagain_during_a_slot_migration_stay_inside_slotgate() {
         .map(|n| n.port)
         .find(|&p| p != from)
         .unwrap();
-    let (from_id, to_id) = (cluster.id_of(from), cluster.id_of(to));
-    let setslot = |port: u16, args: &[&str]| {
-        let _: () = redis::cmd("CLUSTER")
-            .arg("SETSLOT")
-            .arg(s)
-            .arg(args)
-            .query(&mut cluster.node(port).client())
-            .unwrap();
-    };
-    setslot(to, &["IMPORTING", &from_id]);
-    setslot(from, &["MIGRATING", &to_id]);
-    let migrate = |key: &str| {
-        let _: () = redis::cmd("MIGRATE")
-            .arg("127.0.0.1")
-            .arg(to)
-            .arg(key)
-            .arg(0)
-            .arg(5000)
-            .query(&mut cluster.node(from).client())
-            .unwrap();
-    };
+    cluster.begin_migration(s, from, to);
+    let migrate = |key: &str| cluster.migrate_key(from, to, key);
     migrate(a);
     // `a` is on the importing node now: its owner answers ASK, slotgate follows it.
     let v: String = redis::cmd("GET").arg(a).query(&mut c).unwrap();
@@ -509,15 +493,7 @@ fn ask_and_tryagain_during_a_slot_migration_stay_inside_slotgate() {
         cluster_stat(&mut c, "cluster_redirects_tryagain") > 0
     });
     migrate(b);
-    for n in &cluster.nodes {
-        let _: () = redis::cmd("CLUSTER")
-            .arg("SETSLOT")
-            .arg(s)
-            .arg("NODE")
-            .arg(&to_id)
-            .query(&mut n.client())
-            .unwrap();
-    }
+    cluster.end_migration(s, to);
     assert_eq!(mget.join().unwrap().unwrap(), ["1", "2"]);
     assert_eq!(
         missing.join().unwrap().unwrap(),
@@ -1219,27 +1195,8 @@ fn during_a_migration_transactions_keep_their_order_and_nothing_waits_forever() 
     for k in ["a{t}", "b{t}", "w{t}", "tenantA:{t}"] {
         assert_eq!(c.call(&[b"SET", k.as_bytes(), b"0"]), b"+OK\r\n");
     }
-    let (from_id, to_id) = (cluster.id_of(from), cluster.id_of(to));
-    let setslot = |port: u16, args: &[&str]| {
-        let _: () = redis::cmd("CLUSTER")
-            .arg("SETSLOT")
-            .arg(s)
-            .arg(args)
-            .query(&mut cluster.node(port).client())
-            .unwrap();
-    };
-    setslot(to, &["IMPORTING", &from_id]);
-    setslot(from, &["MIGRATING", &to_id]);
-    let migrate = |key: &str| {
-        let _: () = redis::cmd("MIGRATE")
-            .arg("127.0.0.1")
-            .arg(to)
-            .arg(key)
-            .arg(0)
-            .arg(5000)
-            .query(&mut cluster.node(from).client())
-            .unwrap();
-    };
+    cluster.begin_migration(s, from, to);
+    let migrate = |key: &str| cluster.migrate_key(from, to, key);
     for k in ["a{t}", "w{t}", "tenantA:{t}"] {
         migrate(k);
     }
@@ -1302,15 +1259,7 @@ fn during_a_migration_transactions_keep_their_order_and_nothing_waits_forever() 
         || cluster_stat(&mut proxy.client(), "cluster_redirects_tryagain") > tryagain,
     );
     migrate("b{t}");
-    for n in &cluster.nodes {
-        let _: () = redis::cmd("CLUSTER")
-            .arg("SETSLOT")
-            .arg(s)
-            .arg("NODE")
-            .arg(&to_id)
-            .query(&mut n.client())
-            .unwrap();
-    }
+    cluster.end_migration(s, to);
     let replies = c.read_replies(7);
     assert_eq!(replies[3], b"*2\r\n+OK\r\n+OK\r\n", "{replies:?}");
     assert_eq!(replies[6], b"*1\r\n+OK\r\n", "{replies:?}");

@@ -195,17 +195,7 @@ impl Cluster {
     /// Moves `slot` and its keys from the node on `from` to the node on `to` by hand, as
     /// `redis-cli --cluster reshard` does for each slot.
     pub fn move_slot(&self, slot: u16, from: u16, to: u16) {
-        let (from_id, to_id) = (self.id_of(from), self.id_of(to));
-        let setslot = |port: u16, args: &[&str]| {
-            let _: () = redis::cmd("CLUSTER")
-                .arg("SETSLOT")
-                .arg(slot)
-                .arg(args)
-                .query(&mut self.node(port).client())
-                .unwrap();
-        };
-        setslot(to, &["IMPORTING", &from_id]);
-        setslot(from, &["MIGRATING", &to_id]);
+        self.begin_migration(slot, from, to);
         loop {
             let keys: Vec<String> = redis::cmd("CLUSTER")
                 .arg("GETKEYSINSLOT")
@@ -227,15 +217,44 @@ impl Cluster {
                 .query(&mut self.node(from).client())
                 .unwrap();
         }
+        self.end_migration(slot, to);
+    }
+
+    /// Marks `slot` as migrating from the node on `from` to the node on `to` (its keys stay
+    /// where they are until [`migrate_key`](Self::migrate_key)).
+    pub fn begin_migration(&self, slot: u16, from: u16, to: u16) {
+        let (from_id, to_id) = (self.id_of(from), self.id_of(to));
+        self.setslot(to, slot, &["IMPORTING", &from_id]);
+        self.setslot(from, slot, &["MIGRATING", &to_id]);
+    }
+
+    /// Moves one key of a migrating slot from the node on `from` to the node on `to`.
+    pub fn migrate_key(&self, from: u16, to: u16, key: &str) {
+        let _: () = redis::cmd("MIGRATE")
+            .arg("127.0.0.1")
+            .arg(to)
+            .arg(key)
+            .arg(0)
+            .arg(5000)
+            .query(&mut self.node(from).client())
+            .unwrap();
+    }
+
+    /// Gives `slot` to the node on `to`, on every node.
+    pub fn end_migration(&self, slot: u16, to: u16) {
+        let to_id = self.id_of(to);
         for n in &self.nodes {
-            let _: () = redis::cmd("CLUSTER")
-                .arg("SETSLOT")
-                .arg(slot)
-                .arg("NODE")
-                .arg(&to_id)
-                .query(&mut n.client())
-                .unwrap();
+            self.setslot(n.port, slot, &["NODE", &to_id]);
         }
+    }
+
+    fn setslot(&self, port: u16, slot: u16, args: &[&str]) {
+        let _: () = redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg(args)
+            .query(&mut self.node(port).client())
+            .unwrap();
     }
 
     /// The node id of the node on `port`.
