@@ -200,7 +200,12 @@ fn changes(running: &Settings, new: &Settings) -> String {
     let rules = |s: &Settings| {
         s.readthrough
             .iter()
-            .map(|r| format!("{:?}", (&r.name, &r.prefix, &r.template, r.ttl, r.timeout)))
+            .map(|r| {
+                format!(
+                    "{:?}",
+                    (&r.name, &r.prefix, &r.template, &r.origin, r.ttl, r.timeout)
+                )
+            })
             .collect::<Vec<_>>()
     };
     if rules(running) != rules(new) {

@@ -736,3 +736,83 @@ fn pipelined_read_through_gets_from_many_clients_stay_in_order() {
     // Every key was loaded from the origin exactly once.
     assert_eq!(s.origin.requests(), 200);
 }
+
+/// Issue 15.1–2: an `https://` origin is verified against the system roots plus the rule's
+/// `ca` file, gets the rule's headers (a value from the environment), and the secret shows
+/// nowhere: not in `--check-config`, INFO, or the log.
+#[test]
+fn https_origins_are_verified_and_get_the_rules_headers() {
+    let dir = support::tls::temp_dir("rt-https");
+    let ca = support::tls::Ca::new("origin test CA");
+    let ca_file = ca.write(&dir, "ca");
+    let (cert, key) = ca.issue(&dir, "origin", &["localhost"]);
+    let origin = Origin::start_tls(&cert, &key, |path| Reply::ok(format!("secure{path}")));
+    let shard = RedisServer::start();
+    let secret = "s3cr3t-t0ken-value";
+    let rule = format!(
+        "label:={};ca={};header=Authorization:env:ORIGIN_TOKEN;header=Accept:application/json",
+        origin.https_url("/labels/{rest}"),
+        ca_file.display()
+    );
+    let log = dir.join("slotgate.log");
+    let bearer = format!("Bearer {secret}");
+    let proxy = Slotgate::start_env(
+        &[&shard],
+        &["--readthrough", &rule, "--log-level", "debug"],
+        Some(&log),
+        &[("ORIGIN_TOKEN", &bearer)],
+    );
+    let mut c = proxy.raw();
+    assert_eq!(c.call(&[b"GET", b"label:a"]), bulk("secure/labels/a"));
+    assert_eq!(c.call(&[b"GET", b"label:b"]), bulk("secure/labels/b"));
+    assert_eq!(origin.requests(), 2);
+    assert_eq!(
+        origin.header_values("authorization"),
+        [Some(bearer.clone()), Some(bearer.clone())]
+    );
+    assert_eq!(
+        origin.header_values("accept"),
+        [
+            Some("application/json".into()),
+            Some("application/json".into())
+        ]
+    );
+    let info = lossy(&c.call(&[b"INFO", b"readthrough"]));
+    assert!(!info.contains(secret), "{info}");
+    let (ok, out) = support::check_config(&["--readthrough", &rule, "--shard", "127.0.0.1:1"]);
+    assert!(!ok, "the variable is not set for this run: {out}");
+    assert!(
+        out.contains("the environment variable ORIGIN_TOKEN is not set"),
+        "{out}"
+    );
+    drop(proxy);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(!logged.contains(secret), "the log shows the token");
+
+    // Without the rule's CA the origin's certificate is refused (an error, never a value);
+    // `insecure=true` skips the check, for development.
+    let shard2 = RedisServer::start();
+    let strict = format!("label:={}", origin.https_url("/labels/{rest}"));
+    let proxy = Slotgate::start_with(&[&shard2], &["--readthrough", &strict]);
+    let r = lossy(&proxy.raw().call(&[b"GET", b"label:c"]));
+    assert!(
+        r.starts_with("-ERR origin failed for rule 'label:': cannot connect")
+            && r.contains("certificate"),
+        "{r}"
+    );
+    drop(proxy);
+    let lax = format!("{strict};insecure=true");
+    let proxy = Slotgate::start_with(&[&shard2], &["--readthrough", &lax]);
+    assert_eq!(
+        proxy.raw().call(&[b"GET", b"label:c"]),
+        bulk("secure/labels/c")
+    );
+    // `ca` and `insecure` are for https:// origins only.
+    let (ok, out) = support::check_config(&[
+        "--readthrough",
+        "label:=http://127.0.0.1:1/{rest};insecure=true",
+        "--shard",
+        "127.0.0.1:1",
+    ]);
+    assert!(!ok && out.contains("https:// origins only"), "{out}");
+}

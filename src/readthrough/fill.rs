@@ -64,7 +64,10 @@ pub(super) async fn fetch(w: &dyn Context, rule: &Rule, key: &[u8]) -> Loaded {
     stats.origin_requests.add(1);
     let url = rule.template.render(key, rule.prefix.len());
     let t0 = Instant::now();
-    let fetched = w.origin().fetch(&url, rule.timeout, rule.max_body).await;
+    let fetched = w
+        .origin()
+        .fetch(&url, &rule.origin, rule.timeout, rule.max_body)
+        .await;
     stats.latency.record(t0.elapsed().as_secs_f64());
     match fetched {
         Ok(Fetched::Found {

@@ -1,13 +1,25 @@
-//! The HTTP origin: URL templates and the fetch (hyper 1, HTTP/1.1 keep-alive pool).
+//! The HTTP origin: URL templates and the fetch (hyper 1, HTTP/1.1 keep-alive pool per
+//! worker and TLS setting).
+//!
+//! An `https://` origin is reached with rustls (ring): the system's roots plus the rule's `ca`
+//! file, SNI and certificate verification on, unless the rule says `insecure=true`
+//! (development only: logged at WARN). A rule's `header=NAME:VALUE` options are sent with
+//! every request; `VALUE` may be `env:VAR`, read from the environment when the configuration
+//! is loaded, and header values are never printed (see [`OriginSpec`]).
 //!
 //! Status mapping: `200` → a value (with `Cache-Control: max-age` / `no-store` noted),
 //! `404`/`410` → absent, anything else → an error. A body over the rule's cap is an error
 //! and is never stored. Every fetch is bounded by the rule's timeout.
 
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Empty};
+use hyper::header::{HeaderName, HeaderValue};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -26,11 +38,12 @@ enum Part {
 }
 
 impl UrlTemplate {
-    /// Parses `http://host:port/path/{rest}`. Only `http://` origins are supported.
+    /// Parses `http(s)://host:port/path/{rest}`.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let rest_of = s.strip_prefix("http://").ok_or_else(|| {
-            format!("origin '{s}' must start with http:// (https is not supported yet)")
-        })?;
+        let rest_of = s
+            .strip_prefix("http://")
+            .or_else(|| s.strip_prefix("https://"))
+            .ok_or_else(|| format!("origin '{s}' must start with http:// or https://"))?;
         if rest_of.is_empty() || rest_of.starts_with('/') {
             return Err(format!("origin '{s}' has no host"));
         }
@@ -75,6 +88,11 @@ impl UrlTemplate {
             .parse::<hyper::Uri>()
             .map_err(|e| format!("origin '{s}' is not a valid URL: {e}"))?;
         Ok(t)
+    }
+
+    /// Whether the origin is `https://`.
+    pub fn is_https(&self) -> bool {
+        matches!(self.parts.first(), Some(Part::Literal(l)) if l.starts_with("https://"))
     }
 
     /// The URL for `key`; `{rest}` is the key without its first `prefix_len` bytes. Both are
@@ -155,10 +173,159 @@ impl std::fmt::Display for OriginError {
     }
 }
 
-/// A keep-alive HTTP/1.1 client (one per worker thread).
+/// How a rule's origin is reached: the TLS settings of an `https://` origin, and the headers
+/// sent with every request. Its `Debug` names the headers but never prints their values.
+#[derive(Default, Clone)]
+pub struct OriginSpec {
+    /// `https://`: the roots and verifier (`None`: plain HTTP).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Where `tls`'s extra roots came from, and whether verification is off (for `Debug`).
+    pub tls_note: String,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl std::fmt::Debug for OriginSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.headers.iter().map(|(n, _)| n.as_str()).collect();
+        f.debug_struct("OriginSpec")
+            .field("tls", &self.tls_note)
+            .field("headers", &names)
+            .finish()
+    }
+}
+
+impl OriginSpec {
+    /// A rule's origin settings: `https` for an `https://` origin, with `ca` (a PEM file of
+    /// roots added to the system's) or `insecure` (no verification); `headers` as
+    /// `NAME:VALUE` or `NAME:env:VAR`. `Err` with the reason (never a header's value).
+    pub fn build(
+        https: bool,
+        ca: Option<&str>,
+        insecure: bool,
+        headers: &[String],
+    ) -> Result<OriginSpec, String> {
+        if !https && (ca.is_some() || insecure) {
+            return Err("ca and insecure apply to https:// origins only".into());
+        }
+        let (tls, tls_note) = if !https {
+            (None, String::new())
+        } else if insecure {
+            (
+                Some(insecure_config()?),
+                "insecure (not verified)".to_string(),
+            )
+        } else {
+            let connector = crate::tls::https_connector(ca.map(std::path::Path::new))
+                .map_err(|e| e.to_string())?;
+            let note = ca.map_or("system roots".to_string(), |c| {
+                format!("system roots and {c}")
+            });
+            (Some(connector.config().clone()), note)
+        };
+        let mut out = Vec::new();
+        for h in headers {
+            let (name, value) = h
+                .split_once(':')
+                .ok_or_else(|| format!("header '{}': expected NAME:VALUE", redact(h)))?;
+            let name = HeaderName::from_bytes(name.trim().as_bytes())
+                .map_err(|_| format!("header '{}': not a valid header name", name.trim()))?;
+            let value = match value.strip_prefix("env:") {
+                Some(var) => std::env::var(var).map_err(|_| {
+                    format!("header {name}: the environment variable {var} is not set")
+                })?,
+                None => value.trim().to_string(),
+            };
+            let mut value = HeaderValue::from_str(value.trim())
+                .map_err(|_| format!("header {name}: its value is not a valid header value"))?;
+            value.set_sensitive(true);
+            out.push((name, value));
+        }
+        Ok(OriginSpec {
+            tls,
+            tls_note,
+            headers: out,
+        })
+    }
+}
+
+/// A `header=` option as it may be shown: its name only.
+fn redact(h: &str) -> String {
+    format!("{}:…", h.split(':').next().unwrap_or(""))
+}
+
+/// TLS without certificate verification (`insecure=true`, for development).
+fn insecure_config() -> Result<Arc<rustls::ClientConfig>, String> {
+    let provider = crate::tls::provider();
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Accepts any server certificate (`insecure=true`); signatures are still checked, so the
+/// handshake itself is sound.
+#[derive(Debug)]
+struct NoVerification(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+type HttpsClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+/// A worker's HTTPS clients, one per TLS setting in force.
+type HttpsClients = Rc<RefCell<Vec<(Arc<rustls::ClientConfig>, HttpsClient)>>>;
+
+/// Keep-alive HTTP/1.1 clients (one set per worker thread): one for plain HTTP, and one per
+/// TLS setting of the `https://` rules in force.
 #[derive(Clone)]
 pub struct OriginClient {
     client: Client<HttpConnector, Empty<Bytes>>,
+    https: HttpsClients,
 }
 
 impl Default for OriginClient {
@@ -167,40 +334,86 @@ impl Default for OriginClient {
     }
 }
 
+/// The TCP connector under every origin client.
+fn http_connector() -> HttpConnector {
+    let mut conn = HttpConnector::new();
+    conn.set_nodelay(true);
+    conn.set_connect_timeout(Some(Duration::from_secs(5)));
+    conn
+}
+
+fn pooled<C>(conn: C) -> Client<C, Empty<Bytes>>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone,
+{
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(64)
+        .build(conn)
+}
+
 impl OriginClient {
     pub fn new() -> Self {
-        let mut conn = HttpConnector::new();
-        conn.set_nodelay(true);
-        conn.set_connect_timeout(Some(Duration::from_secs(5)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(64)
-            .build(conn);
-        OriginClient { client }
+        OriginClient {
+            client: pooled(http_connector()),
+            https: Rc::default(),
+        }
+    }
+
+    /// The client for `tls` (made on first use; those of rules a reload dropped go).
+    fn https_client(&self, tls: &Arc<rustls::ClientConfig>) -> HttpsClient {
+        let mut list = self.https.borrow_mut();
+        if let Some((_, c)) = list.iter().find(|(t, _)| Arc::ptr_eq(t, tls)) {
+            return c.clone();
+        }
+        list.retain(|(t, _)| Arc::strong_count(t) > 1);
+        let mut http = http_connector();
+        http.enforce_http(false);
+        let conn = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((**tls).clone())
+            .https_only()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = pooled(conn);
+        list.push((tls.clone(), client.clone()));
+        client
     }
 
     /// GETs `url` within `timeout`, reading at most `max_body` bytes of body.
     pub async fn fetch(
         &self,
         url: &str,
+        spec: &OriginSpec,
         timeout: Duration,
         max_body: usize,
     ) -> Result<Fetched, OriginError> {
-        match tokio::time::timeout(timeout, self.fetch_inner(url, max_body)).await {
+        match tokio::time::timeout(timeout, self.fetch_inner(url, spec, max_body)).await {
             Ok(r) => r,
             Err(_) => Err(OriginError::Timeout(timeout)),
         }
     }
 
-    async fn fetch_inner(&self, url: &str, max_body: usize) -> Result<Fetched, OriginError> {
+    async fn fetch_inner(
+        &self,
+        url: &str,
+        spec: &OriginSpec,
+        max_body: usize,
+    ) -> Result<Fetched, OriginError> {
         let uri: hyper::Uri = url
             .parse()
             .map_err(|e| OriginError::Other(format!("bad URL: {e}")))?;
-        let req = hyper::Request::get(uri)
+        let mut req = hyper::Request::get(uri)
             .header(hyper::header::USER_AGENT, "slotgate")
             .body(Empty::<Bytes>::new())
             .map_err(|e| OriginError::Other(e.to_string()))?;
-        let resp = self.client.request(req).await.map_err(|e| {
+        for (name, value) in &spec.headers {
+            req.headers_mut().insert(name.clone(), value.clone());
+        }
+        let sent = match &spec.tls {
+            Some(tls) => self.https_client(tls).request(req).await,
+            None => self.client.request(req).await,
+        };
+        let resp = sent.map_err(|e| {
             if e.is_connect() {
                 OriginError::Connect(source_text(&e))
             } else {
@@ -280,7 +493,9 @@ mod tests {
             t.render(b"label:PO 1/2", 6),
             "http://127.0.0.1:8080/labels/PO%201%2F2?full=label%3APO%201%2F2"
         );
-        assert!(UrlTemplate::parse("https://x/{key}").is_err());
+        assert!(UrlTemplate::parse("https://x/{key}").unwrap().is_https());
+        assert!(!UrlTemplate::parse("http://x/{key}").unwrap().is_https());
+        assert!(UrlTemplate::parse("ftp://x/{key}").is_err());
         assert!(UrlTemplate::parse("http://x/{nope}").is_err());
         assert!(UrlTemplate::parse("ftp://x").is_err());
         assert!(UrlTemplate::parse("http:///path").is_err());

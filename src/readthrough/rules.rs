@@ -26,12 +26,20 @@ pub struct RuleConfig {
     pub max_body: Option<usize>,
     /// Stale-while-revalidate / stale-if-error window after `ttl` [default: 0s = off].
     pub grace: Option<String>,
+    /// A PEM file of root certificates for an `https://` origin, added to the system's.
+    pub ca: Option<String>,
+    /// `https://` without certificate verification (development only) [default: false].
+    #[serde(default)]
+    pub insecure: bool,
+    /// Request headers, `NAME:VALUE` or `NAME:env:VAR` (read from the environment).
+    #[serde(default)]
+    pub header: Vec<String>,
 }
 
 impl RuleConfig {
     /// `PREFIX=URL_TEMPLATE[;ttl=10m][;negative_ttl=30s][;timeout=500ms][;grace=1m]
-    /// [;name=N][;max_body=BYTES][;honor_max_age=true]`, split at the first `=` so the prefix
-    /// may contain colons.
+    /// [;name=N][;max_body=BYTES][;honor_max_age=true][;ca=FILE][;insecure=true]
+    /// [;header=NAME:VALUE]…`, split at the first `=` so the prefix may contain colons.
     pub fn parse_flag(s: &str) -> Result<Self, String> {
         let (prefix, rest) = s.split_once('=').ok_or_else(|| {
             format!("--readthrough '{s}': expected PREFIX=URL_TEMPLATE[;opt=value…]")
@@ -59,6 +67,9 @@ impl RuleConfig {
                 "honor_max_age" => {
                     rc.honor_max_age = v.parse().map_err(|_| format!("honor_max_age '{v}'"))?
                 }
+                "ca" => rc.ca = Some(v),
+                "insecure" => rc.insecure = v.parse().map_err(|_| format!("insecure '{v}'"))?,
+                "header" => rc.header.push(v),
                 other => return Err(format!("--readthrough: unknown option '{other}'")),
             }
         }
@@ -72,6 +83,8 @@ pub struct Rule {
     pub name: String,
     pub prefix: Vec<u8>,
     pub template: UrlTemplate,
+    /// TLS and headers of its origin.
+    pub origin: origin::OriginSpec,
     pub ttl: Duration,
     pub honor_max_age: bool,
     pub negative_ttl: Duration,
@@ -201,6 +214,20 @@ impl Rules {
                     .map_err(|e| format!("{}: {e}", what(k)))
             };
             let template = UrlTemplate::parse(&c.origin).map_err(|e| what(&e))?;
+            let origin = origin::OriginSpec::build(
+                template.is_https(),
+                c.ca.as_deref(),
+                c.insecure,
+                &c.header,
+            )
+            .map_err(|e| what(&e))?;
+            if c.insecure {
+                tracing::warn!(
+                    rule = %name,
+                    "read-through rule '{name}': insecure=true: its origin's certificate is not \
+                     verified (for development only)"
+                );
+            }
             let ttl = dur(&c.ttl, "10m", "ttl")?;
             let timeout = dur(&c.timeout, "500ms", "timeout")?;
             if ttl.is_zero() || timeout.is_zero() {
@@ -210,6 +237,7 @@ impl Rules {
                 stats: Arc::new(RuleStats::new(&name)),
                 prefix: c.prefix.as_bytes().to_vec(),
                 template,
+                origin,
                 ttl,
                 honor_max_age: c.honor_max_age,
                 negative_ttl: dur(&c.negative_ttl, "30s", "negative_ttl")?,

@@ -288,9 +288,19 @@ impl Slotgate {
 
     /// Like [`start_with`](Self::start_with), with stderr (the log) written to `log`.
     pub fn start_logged(shards: &[&RedisServer], extra: &[&str], log: Option<&Path>) -> Self {
+        Self::start_env(shards, extra, log, &[])
+    }
+
+    /// Like [`start_logged`](Self::start_logged), with these environment variables set.
+    pub fn start_env(
+        shards: &[&RedisServer],
+        extra: &[&str],
+        log: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> Self {
         for _ in 0..20 {
             let port = free_port();
-            let mut child = Self::spawn(port, shards, extra, log);
+            let mut child = Self::spawn(port, shards, extra, log, env);
             if listener_is(port, &mut child) {
                 return Slotgate { port, child };
             }
@@ -300,8 +310,15 @@ impl Slotgate {
         panic!("could not start slotgate on a free port");
     }
 
-    fn spawn(port: u16, shards: &[&RedisServer], extra: &[&str], log: Option<&Path>) -> Child {
+    fn spawn(
+        port: u16,
+        shards: &[&RedisServer],
+        extra: &[&str],
+        log: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> Child {
         let mut cmd = Command::new(slotgate_bin());
+        cmd.envs(env.iter().copied());
         cmd.arg("--listen").arg(format!("127.0.0.1:{port}"));
         for s in shards {
             cmd.arg("--shard").arg(s.addr());

@@ -2,8 +2,8 @@
 //! delay, hang, close) and which counts the requests it receives. A gate holds responses until
 //! the test releases them, for controlled interleavings without sleeps.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -64,6 +64,8 @@ type Script = Box<dyn Fn(&str) -> Reply + Send + Sync>;
 struct State {
     requests: AtomicUsize,
     paths: Mutex<Vec<String>>,
+    /// Each request's headers, lower-case names.
+    headers: Mutex<Vec<Vec<(String, String)>>>,
     script: Mutex<Arc<Script>>,
     gate_open: Mutex<bool>,
     gate: Condvar,
@@ -79,12 +81,43 @@ pub struct Origin {
 impl Origin {
     /// Starts an origin answering every request with `script(path)`.
     pub fn start(script: impl Fn(&str) -> Reply + Send + Sync + 'static) -> Origin {
+        Self::start_with(None, script)
+    }
+
+    /// [`start`](Self::start) over HTTPS, with the certificate and key in these PEM files.
+    pub fn start_tls(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        script: impl Fn(&str) -> Reply + Send + Sync + 'static,
+    ) -> Origin {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .unwrap()
+            .map(|c| c.unwrap())
+            .collect();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, PrivateKeyDer::from_pem_file(key).unwrap())
+        .unwrap();
+        Self::start_with(Some(Arc::new(config)), script)
+    }
+
+    fn start_with(
+        tls: Option<Arc<rustls::ServerConfig>>,
+        script: impl Fn(&str) -> Reply + Send + Sync + 'static,
+    ) -> Origin {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
         let state = Arc::new(State {
             requests: AtomicUsize::new(0),
             paths: Mutex::new(Vec::new()),
+            headers: Mutex::new(Vec::new()),
             script: Mutex::new(Arc::new(Box::new(script))),
             gate_open: Mutex::new(false),
             gate: Condvar::new(),
@@ -95,8 +128,17 @@ impl Origin {
             while !st.stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((conn, _)) => {
-                        let st = st.clone();
-                        std::thread::spawn(move || serve(conn, st));
+                        let (st, tls) = (st.clone(), tls.clone());
+                        let _ = conn.set_nonblocking(false);
+                        let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
+                        std::thread::spawn(move || match tls {
+                            Some(cfg) => {
+                                if let Ok(tls) = rustls::ServerConnection::new(cfg) {
+                                    serve(rustls::StreamOwned::new(tls, conn), st);
+                                }
+                            }
+                            None => serve(conn, st),
+                        });
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(2)),
                 }
@@ -113,6 +155,23 @@ impl Origin {
     /// Requests received so far.
     pub fn requests(&self) -> usize {
         self.state.requests.load(Ordering::SeqCst)
+    }
+
+    /// `https://localhost:PORT` + `path` (for an origin started with [`start_tls`]).
+    pub fn https_url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.port)
+    }
+
+    /// The values of header `name` (lower case) of each request so far, in order (`None`
+    /// where a request did not have it).
+    pub fn header_values(&self, name: &str) -> Vec<Option<String>> {
+        self.state
+            .headers
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|h| h.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+            .collect()
     }
 
     /// The paths requested so far.
@@ -157,9 +216,7 @@ impl Drop for Origin {
     }
 }
 
-fn serve(conn: TcpStream, st: Arc<State>) {
-    let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
-    let mut writer = conn.try_clone().unwrap();
+fn serve<S: Read + Write>(conn: S, st: Arc<State>) {
     let mut reader = BufReader::new(conn);
     loop {
         // Request line and headers (GET only: no body).
@@ -189,12 +246,17 @@ fn serve(conn: TcpStream, st: Arc<State>) {
                 Err(_) => return,
             }
         };
+        let mut headers = Vec::new();
         loop {
             line.clear();
             match reader.read_line(&mut line) {
                 Ok(0) => return,
                 Ok(_) if line.trim_end().is_empty() => break,
-                Ok(_) => {}
+                Ok(_) => {
+                    if let Some((k, v)) = line.trim_end().split_once(':') {
+                        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+                    }
+                }
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -204,6 +266,7 @@ fn serve(conn: TcpStream, st: Arc<State>) {
             }
         }
         st.paths.lock().unwrap().push(path.clone());
+        st.headers.lock().unwrap().push(headers);
         let script = st.script.lock().unwrap().clone();
         let reply = script(&path);
         st.requests.fetch_add(1, Ordering::SeqCst);
@@ -236,7 +299,11 @@ fn serve(conn: TcpStream, st: Arc<State>) {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
         head.push_str("\r\n");
-        if writer.write_all(head.as_bytes()).is_err() || writer.write_all(&reply.body).is_err() {
+        let writer = reader.get_mut();
+        if writer.write_all(head.as_bytes()).is_err()
+            || writer.write_all(&reply.body).is_err()
+            || writer.flush().is_err()
+        {
             return;
         }
     }
