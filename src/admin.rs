@@ -99,6 +99,7 @@ fn refresh_gauges(shared: &Shared) {
     }
     for rule in shared.live().readthrough.iter() {
         rule.stats.publish();
+        rule.stats.publish_guard(&rule.name, &rule.guard);
     }
     for &addr in shared.live().shards.iter() {
         let shard = addr.to_string();

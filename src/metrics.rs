@@ -40,6 +40,11 @@ pub const RT_ORIGIN_LATENCY: &str = "slotgate_readthrough_origin_duration_second
 pub const RT_BYTES_LOADED: &str = "slotgate_readthrough_bytes_loaded_total";
 pub const RT_STORED: &str = "slotgate_readthrough_stored_total";
 pub const RT_STORE_SKIPPED: &str = "slotgate_readthrough_store_skipped_total";
+pub const RT_THROTTLED: &str = "slotgate_readthrough_origin_throttled_total";
+pub const RT_BREAKER_REJECTIONS: &str = "slotgate_readthrough_breaker_rejections_total";
+pub const RT_BREAKER_OPENS: &str = "slotgate_readthrough_breaker_opens_total";
+pub const RT_BREAKER_OPEN: &str = "slotgate_readthrough_breaker_open";
+pub const RT_ORIGIN_INFLIGHT: &str = "slotgate_readthrough_origin_inflight";
 
 /// One command in this many has its latency recorded.
 pub const SAMPLE_EVERY: u64 = 32;
@@ -114,6 +119,23 @@ pub fn install() -> Option<PrometheusHandle> {
     );
     describe_counter!(RT_BYTES_LOADED, "Bytes loaded from the origin");
     describe_counter!(RT_STORED, "Loaded values stored in a shard");
+    describe_counter!(
+        RT_THROTTLED,
+        "Origin fetches that waited for the rule's max_origin_concurrency"
+    );
+    describe_counter!(
+        RT_BREAKER_REJECTIONS,
+        "Origin fetches the rule's open circuit breaker refused"
+    );
+    describe_counter!(RT_BREAKER_OPENS, "Times the rule's circuit breaker opened");
+    describe_gauge!(
+        RT_BREAKER_OPEN,
+        "1 while the rule's circuit breaker is open (or half-open), else 0"
+    );
+    describe_gauge!(
+        RT_ORIGIN_INFLIGHT,
+        "Origin fetches of the rule in flight (rules with max_origin_concurrency)"
+    );
     describe_counter!(
         RT_STORE_SKIPPED,
         "Loaded values not stored (no-store, a client wrote the key meanwhile, or a refresh lost its compare-and-set)"

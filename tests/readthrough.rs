@@ -816,3 +816,75 @@ fn https_origins_are_verified_and_get_the_rules_headers() {
     ]);
     assert!(!ok && out.contains("https:// origins only"), "{out}");
 }
+
+/// Issue 15.7: a circuit breaker stops calling a failing origin for its cool-down (clients
+/// get `origin unavailable` at once), then lets one request try; `max_origin_concurrency`
+/// keeps the origin's requests in flight at the limit, the others waiting their turn.
+#[test]
+fn the_origin_is_protected_by_a_breaker_and_a_concurrency_limit() {
+    let s = Setup::new(
+        ";breaker=3/1s;timeout=2s",
+        Origin::start(|_| Reply::status(503)),
+    );
+    let mut c = s.proxy.raw();
+    for k in ["label:a", "label:b", "label:c"] {
+        let r = lossy(&c.call(&[b"GET", k.as_bytes()]));
+        assert!(
+            r.starts_with("-ERR origin failed for rule 'label:': HTTP 503"),
+            "{r}"
+        );
+    }
+    let r = lossy(&c.call(&[b"GET", b"label:d"]));
+    assert!(
+        r.starts_with("-ERR origin unavailable for rule 'label:': its circuit breaker is open"),
+        "{r}"
+    );
+    assert_eq!(s.origin.requests(), 3, "the open breaker called nobody");
+    let info = lossy(&c.call(&[b"INFO", b"readthrough"]));
+    assert!(
+        info.contains("breaker=open,breaker_rejections=1,breaker_opens=1"),
+        "{info}"
+    );
+    // The origin is back: after the cool-down one request tries it and closes the breaker.
+    s.origin.set_script(|path| Reply::ok(format!("v{path}")));
+    wait_until(
+        "the breaker to let a request through",
+        Duration::from_secs(5),
+        || c.call(&[b"GET", b"label:e"]) == bulk("v/labels/e"),
+    );
+    let info = lossy(&c.call(&[b"INFO", b"readthrough"]));
+    assert!(info.contains("breaker=closed"), "{info}");
+    drop(s);
+
+    let s = Setup::new(
+        ";max_origin_concurrency=2;timeout=5s",
+        Origin::start(|path| Reply::ok(format!("v{path}")).gated()),
+    );
+    let clients: Vec<_> = (0..5)
+        .map(|i| {
+            let mut c = s.proxy.raw();
+            std::thread::spawn(move || c.call(&[b"GET", format!("label:{i}").as_bytes()]))
+        })
+        .collect();
+    let mut c = s.proxy.raw();
+    let throttled = |c: &mut RawConn| {
+        let info = lossy(&c.call(&[b"INFO", b"readthrough"]));
+        info_u64(&info.replace(',', "\r\n").replace('=', ":"), "throttled")
+    };
+    wait_until(
+        "three fetches to wait for the limit",
+        Duration::from_secs(5),
+        || throttled(&mut c) == 3,
+    );
+    s.origin.wait_for_requests(2, Duration::from_secs(5));
+    assert_eq!(s.origin.requests(), 2, "no more than two at once");
+    let info = lossy(&c.call(&[b"INFO", b"readthrough"]));
+    assert!(info.contains("origin_inflight=2"), "{info}");
+    s.origin.release();
+    let mut got: Vec<Vec<u8>> = clients.into_iter().map(|t| t.join().unwrap()).collect();
+    got.sort();
+    let mut want: Vec<Vec<u8>> = (0..5).map(|i| bulk(&format!("v/labels/{i}"))).collect();
+    want.sort();
+    assert_eq!(got, want);
+    assert_eq!(s.origin.requests(), 5);
+}

@@ -61,14 +61,97 @@ pub(super) enum Loaded {
 
 pub(super) async fn fetch(w: &dyn Context, rule: &Rule, key: &[u8]) -> Loaded {
     let stats = &rule.stats;
+    let deadline = Instant::now() + rule.timeout;
+    if let Some(b) = &rule.guard.breaker
+        && let Err(left) = b.admit()
+    {
+        stats.breaker_rejections.add(1);
+        let when = if left.is_zero() {
+            "one request is trying it now".to_string()
+        } else {
+            format!(
+                "it is tried again in {:?}",
+                Duration::from_millis(left.as_millis() as u64)
+            )
+        };
+        let why = format!(
+            "its circuit breaker is open after {} failed fetches in a row ({when})",
+            b.threshold
+        );
+        return Loaded::Failed(Outcome::Error(
+            reply::Failure::OriginUnavailable {
+                rule: &rule.name,
+                why: &why,
+            }
+            .to_reply(),
+        ));
+    }
+    // (Held until the fetch ends: at most `max_origin_concurrency` in flight.)
+    let _permit = match &rule.guard.limit {
+        None => None,
+        Some((max, sem)) => {
+            let permit = match sem.clone().try_acquire_owned() {
+                Ok(p) => Ok(p),
+                Err(_) => {
+                    stats.throttled.add(1);
+                    match tokio::time::timeout_at(deadline.into(), sem.clone().acquire_owned())
+                        .await
+                    {
+                        Ok(Ok(p)) => Ok(p),
+                        _ => Err(format!(
+                            "timed out after {:?} waiting for one of its {max} origin requests \
+                             (max_origin_concurrency)",
+                            rule.timeout
+                        )),
+                    }
+                }
+            };
+            match permit {
+                Ok(p) => Some(p),
+                Err(why) => {
+                    if let Some(b) = &rule.guard.breaker {
+                        // (A trial fetch that never ran is no verdict: let the next try.)
+                        b.record_skipped();
+                    }
+                    return Loaded::Failed(Outcome::Error(
+                        reply::Failure::Origin {
+                            rule: &rule.name,
+                            why: &why,
+                        }
+                        .to_reply(),
+                    ));
+                }
+            }
+        }
+    };
     stats.origin_requests.add(1);
     let url = rule.template.render(key, rule.prefix.len());
     let t0 = Instant::now();
+    let left = deadline
+        .saturating_duration_since(t0)
+        .max(Duration::from_millis(1));
     let fetched = w
         .origin()
-        .fetch(&url, &rule.origin, rule.timeout, rule.max_body)
-        .await;
+        .fetch(&url, &rule.origin, left, rule.max_body)
+        .await
+        .map_err(|e| match e {
+            // (The rule's timeout, waiting for a turn included.)
+            OriginError::Timeout(_) => OriginError::Timeout(rule.timeout),
+            e => e,
+        });
     stats.latency.record(t0.elapsed().as_secs_f64());
+    if let Some(b) = &rule.guard.breaker
+        && b.record(fetched.is_ok())
+    {
+        stats.breaker_opens.add(1);
+        tracing::warn!(
+            rule = %rule.name,
+            "read-through rule '{}': the origin failed {} times in a row; not calling it for {:?}",
+            rule.name,
+            b.threshold,
+            b.cooldown
+        );
+    }
     match fetched {
         Ok(Fetched::Found {
             body,

@@ -34,12 +34,19 @@ pub struct RuleConfig {
     /// Request headers, `NAME:VALUE` or `NAME:env:VAR` (read from the environment).
     #[serde(default)]
     pub header: Vec<String>,
+    /// Most origin requests of this rule in flight at once, over the whole process
+    /// [default: no limit].
+    pub max_origin_concurrency: Option<usize>,
+    /// `N/COOLDOWN`: after N consecutive failed fetches, the origin is not called for
+    /// COOLDOWN [default: off].
+    pub breaker: Option<String>,
 }
 
 impl RuleConfig {
     /// `PREFIX=URL_TEMPLATE[;ttl=10m][;negative_ttl=30s][;timeout=500ms][;grace=1m]
     /// [;name=N][;max_body=BYTES][;honor_max_age=true][;ca=FILE][;insecure=true]
-    /// [;header=NAME:VALUE]…`, split at the first `=` so the prefix may contain colons.
+    /// [;header=NAME:VALUE]…[;max_origin_concurrency=N][;breaker=N/COOLDOWN]`, split at the
+    /// first `=` so the prefix may contain colons.
     pub fn parse_flag(s: &str) -> Result<Self, String> {
         let (prefix, rest) = s.split_once('=').ok_or_else(|| {
             format!("--readthrough '{s}': expected PREFIX=URL_TEMPLATE[;opt=value…]")
@@ -70,6 +77,13 @@ impl RuleConfig {
                 "ca" => rc.ca = Some(v),
                 "insecure" => rc.insecure = v.parse().map_err(|_| format!("insecure '{v}'"))?,
                 "header" => rc.header.push(v),
+                "max_origin_concurrency" => {
+                    rc.max_origin_concurrency = Some(
+                        v.parse()
+                            .map_err(|_| format!("max_origin_concurrency '{v}': a number"))?,
+                    )
+                }
+                "breaker" => rc.breaker = Some(v),
                 other => return Err(format!("--readthrough: unknown option '{other}'")),
             }
         }
@@ -85,6 +99,8 @@ pub struct Rule {
     pub template: UrlTemplate,
     /// TLS and headers of its origin.
     pub origin: origin::OriginSpec,
+    /// Its origin's protection: a concurrency limit and a circuit breaker.
+    pub guard: OriginGuard,
     pub ttl: Duration,
     pub honor_max_age: bool,
     pub negative_ttl: Duration,
@@ -110,6 +126,11 @@ pub struct RuleStats {
     pub bytes_loaded: Stat,
     pub stored: Stat,
     pub store_skipped: Stat,
+    /// Fetches that waited for `max_origin_concurrency`, and fetches the open breaker
+    /// refused.
+    pub throttled: Stat,
+    pub breaker_rejections: Stat,
+    pub breaker_opens: Stat,
     errors_by_kind: [metrics::Counter; 5],
     pub(super) latency: metrics::Histogram,
 }
@@ -154,6 +175,9 @@ impl RuleStats {
             bytes_loaded: Stat::new(m::RT_BYTES_LOADED, rule),
             stored: Stat::new(m::RT_STORED, rule),
             store_skipped: Stat::new(m::RT_STORE_SKIPPED, rule),
+            throttled: Stat::new(m::RT_THROTTLED, rule),
+            breaker_rejections: Stat::new(m::RT_BREAKER_REJECTIONS, rule),
+            breaker_opens: Stat::new(m::RT_BREAKER_OPENS, rule),
             errors_by_kind: kinds.map(
                 |k| metrics::counter!(m::RT_ORIGIN_ERRORS, "rule" => rule.to_string(), "kind" => k),
             ),
@@ -174,9 +198,25 @@ impl RuleStats {
             &self.bytes_loaded,
             &self.stored,
             &self.store_skipped,
+            &self.throttled,
+            &self.breaker_rejections,
+            &self.breaker_opens,
         ] {
             s.counter.absolute(s.get());
         }
+    }
+
+    /// The rule's gauges (breaker open, origin requests in flight), into the registry.
+    pub fn publish_guard(&self, rule: &str, guard: &OriginGuard) {
+        use crate::metrics as m;
+        let open = guard.breaker.as_ref().is_some_and(Breaker::is_open);
+        metrics::gauge!(m::RT_BREAKER_OPEN, "rule" => rule.to_string()).set(if open {
+            1.0
+        } else {
+            0.0
+        });
+        metrics::gauge!(m::RT_ORIGIN_INFLIGHT, "rule" => rule.to_string())
+            .set(guard.inflight() as f64);
     }
 
     pub(super) fn origin_error(&self, e: &OriginError) {
@@ -221,6 +261,8 @@ impl Rules {
                 &c.header,
             )
             .map_err(|e| what(&e))?;
+            let guard = OriginGuard::build(c.max_origin_concurrency, c.breaker.as_deref())
+                .map_err(|e| what(&e))?;
             if c.insecure {
                 tracing::warn!(
                     rule = %name,
@@ -238,6 +280,7 @@ impl Rules {
                 prefix: c.prefix.as_bytes().to_vec(),
                 template,
                 origin,
+                guard,
                 ttl,
                 honor_max_age: c.honor_max_age,
                 negative_ttl: dur(&c.negative_ttl, "30s", "negative_ttl")?,
@@ -291,5 +334,113 @@ impl Rules {
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Rule>> {
         self.rules.iter()
+    }
+}
+
+/// A rule's protection of its origin (issue 15.7): at most `max` fetches in flight over the
+/// whole process (the others wait, within the rule's timeout), and a circuit breaker.
+#[derive(Debug, Default)]
+pub struct OriginGuard {
+    pub limit: Option<(usize, Arc<tokio::sync::Semaphore>)>,
+    pub breaker: Option<Breaker>,
+}
+
+impl OriginGuard {
+    fn build(max: Option<usize>, breaker: Option<&str>) -> Result<OriginGuard, String> {
+        let limit = match max {
+            Some(0) => return Err("max_origin_concurrency must be > 0".into()),
+            Some(n) => Some((n, Arc::new(tokio::sync::Semaphore::new(n)))),
+            None => None,
+        };
+        let breaker = match breaker {
+            None => None,
+            Some(b) => {
+                let bad = || format!("breaker '{b}': expected FAILURES/COOLDOWN, e.g. 5/10s");
+                let (n, cooldown) = b.split_once('/').ok_or_else(bad)?;
+                let threshold: u32 = n.trim().parse().map_err(|_| bad())?;
+                let cooldown = parse_duration(cooldown.trim()).map_err(|_| bad())?;
+                if threshold == 0 || cooldown.is_zero() {
+                    return Err(bad());
+                }
+                Some(Breaker {
+                    threshold,
+                    cooldown,
+                    state: Mutex::default(),
+                })
+            }
+        };
+        Ok(OriginGuard { limit, breaker })
+    }
+
+    /// Origin fetches of the rule in flight now.
+    pub fn inflight(&self) -> usize {
+        self.limit
+            .as_ref()
+            .map_or(0, |(max, sem)| max - sem.available_permits())
+    }
+}
+
+/// A circuit breaker: `threshold` failed fetches in a row open it for `cooldown`, during
+/// which the origin is not called; then one fetch is let through (half-open): its success
+/// closes the breaker, its failure opens it again.
+#[derive(Debug)]
+pub struct Breaker {
+    pub threshold: u32,
+    pub cooldown: Duration,
+    state: Mutex<BreakerState>,
+}
+
+#[derive(Debug, Default)]
+struct BreakerState {
+    failures: u32,
+    open_until: Option<Instant>,
+    /// Half-open: the one trial fetch is in flight.
+    trial: bool,
+}
+
+impl Breaker {
+    /// Whether a fetch may call the origin now; `Err` with the time until it may.
+    pub fn admit(&self) -> Result<(), Duration> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        match st.open_until {
+            Some(until) if now < until => Err(until - now),
+            Some(_) if st.trial => Err(Duration::ZERO),
+            Some(_) => {
+                st.trial = true;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// A fetch that was admitted ended: `true` if the origin answered (a value or a 404),
+    /// `false` if it failed. Whether the breaker opened now.
+    pub fn record(&self, answered: bool) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if answered {
+            *st = BreakerState::default();
+            return false;
+        }
+        st.failures = st.failures.saturating_add(1);
+        if st.trial || (st.open_until.is_none() && st.failures >= self.threshold) {
+            st.open_until = Some(Instant::now() + self.cooldown);
+            st.trial = false;
+            return true;
+        }
+        false
+    }
+
+    /// An admitted fetch that did not reach the origin (it waited too long for a
+    /// concurrency permit): a half-open breaker lets the next fetch try.
+    pub fn record_skipped(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.trial = false;
+    }
+
+    /// Whether it is open (or half-open) now.
+    pub fn is_open(&self) -> bool {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.open_until.is_some()
     }
 }

@@ -314,6 +314,8 @@ pub enum Failure<'a> {
     Dropped,
     /// A read-through GET whose origin fetch failed (`HTTP 503`, `timed out after 500ms` …).
     Origin { rule: &'a str, why: &'a str },
+    /// A read-through GET whose origin the rule's circuit breaker keeps from being called.
+    OriginUnavailable { rule: &'a str, why: &'a str },
     /// A shard's reply of an unexpected shape (not from a real Redis).
     UnexpectedReply(&'a [u8]),
     /// The shards answered a command sent to all of them differently.
@@ -330,7 +332,7 @@ impl Failure<'_> {
             Failure::MirrorRefused { .. } | Failure::TooManyDedicated { .. } | Failure::Dropped => {
                 Side::Proxy
             }
-            Failure::Origin { .. } => Side::Origin,
+            Failure::Origin { .. } | Failure::OriginUnavailable { .. } => Side::Origin,
         }
     }
 
@@ -342,6 +344,7 @@ impl Failure<'_> {
                 | Failure::MirrorRefused { .. }
                 | Failure::TooManyDedicated { .. }
                 | Failure::Origin { .. }
+                | Failure::OriginUnavailable { .. }
         )
     }
 
@@ -362,6 +365,9 @@ impl Failure<'_> {
             Failure::Dropped => error("ERR the request was dropped"),
             Failure::Origin { rule, why } => {
                 error(&format!("ERR origin failed for rule '{rule}': {why}"))
+            }
+            Failure::OriginUnavailable { rule, why } => {
+                error(&format!("ERR origin unavailable for rule '{rule}': {why}"))
             }
             Failure::UnexpectedReply(p) => {
                 let shown: Vec<u8> = p

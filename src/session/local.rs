@@ -969,7 +969,8 @@ fn readthrough_info(shared: &Shared) -> String {
         body.push_str(&format!(
             "rule_{i}:name={},prefix={},hits={hits},misses={misses},hit_ratio={ratio:.4},\
              origin_requests={},origin_calls_avoided={avoided},coalesced={},\
-             negative_hits={},stale_serves={},origin_errors={},bytes_loaded={},stored={}\r\n",
+             negative_hits={},stale_serves={},origin_errors={},bytes_loaded={},stored={},\
+             origin_inflight={},throttled={},breaker={},breaker_rejections={},breaker_opens={}\r\n",
             r.name,
             String::from_utf8_lossy(&r.prefix),
             s.origin_requests.get(),
@@ -978,7 +979,16 @@ fn readthrough_info(shared: &Shared) -> String {
             s.stale_serves.get(),
             s.origin_errors.get(),
             s.bytes_loaded.get(),
-            s.stored.get()
+            s.stored.get(),
+            r.guard.inflight(),
+            s.throttled.get(),
+            match &r.guard.breaker {
+                None => "off",
+                Some(b) if b.is_open() => "open",
+                Some(_) => "closed",
+            },
+            s.breaker_rejections.get(),
+            s.breaker_opens.get()
         ));
     }
     body
