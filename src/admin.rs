@@ -1,5 +1,6 @@
 //! The admin HTTP listener: `/metrics` (Prometheus text), `/healthz` (the process answers),
-//! `/readyz` (every shard has all its connections up). HTTP/1.1 with hyper, on the
+//! `/readyz` (every shard has all its connections up), `POST /invalidate` (read-through
+//! invalidation, with its own bearer token). HTTP/1.1 with hyper, on the
 //! acceptor's runtime; never on a worker.
 
 use std::convert::Infallible;
@@ -30,7 +31,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             let io = hyper_util::rt::TokioIo::new(stream);
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(&shared, req.uri().path())) }
+                async move {
+                    if req.uri().path() == "/invalidate" {
+                        return Ok::<_, Infallible>(invalidate(&shared, req).await);
+                    }
+                    Ok::<_, Infallible>(handle(&shared, req.uri().path()))
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(io, svc)
@@ -80,8 +86,84 @@ fn handle(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
         },
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: /metrics /healthz /readyz\n",
+            "not found: /metrics /healthz /readyz /invalidate\n",
         ),
+    }
+}
+
+/// Largest `POST /invalidate` body read.
+const MAX_INVALIDATE_BODY: usize = 1 << 20;
+
+/// `POST /invalidate` with `Authorization: Bearer <SLOTGATE_INVALIDATE_TOKEN>` and a JSON body
+/// `{"keys": [...]}` or `{"prefix": "..."}`: the keys are deleted from the shards and every
+/// instance forgets its state for them (see `readthrough::invalidate`); `200 {"cleared": N}`.
+/// Without a configured token the endpoint does not exist (404).
+async fn invalidate(shared: &Shared, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    use crate::readthrough::invalidate::{Invalidation, Job};
+    use http_body_util::BodyExt;
+    let Some(token) = &shared.invalidate_token else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "not found: /invalidate needs SLOTGATE_INVALIDATE_TOKEN\n",
+        );
+    };
+    if req.method() != hyper::Method::POST {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
+    }
+    let given = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .unwrap_or_default();
+    if !crate::auth::constant_time_eq(given, token.as_bytes()) {
+        return text(StatusCode::UNAUTHORIZED, "unauthorized\n");
+    }
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_INVALIDATE_BODY)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "body too large or cut\n"),
+    };
+    let what = match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(serde_json::Value::Object(o)) => match (o.get("keys"), o.get("prefix")) {
+            (Some(serde_json::Value::Array(keys)), None) => keys
+                .iter()
+                .map(|k| k.as_str().map(|k| Bytes::copy_from_slice(k.as_bytes())))
+                .collect::<Option<Vec<Bytes>>>()
+                .map(Invalidation::Keys),
+            (None, Some(serde_json::Value::String(p))) if !p.is_empty() => {
+                Some(Invalidation::Prefix(Bytes::copy_from_slice(p.as_bytes())))
+            }
+            _ => None,
+        },
+        _ => None,
+    };
+    let Some(what) = what else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "expected {\"keys\": [\"k1\", …]} or {\"prefix\": \"p\"}\n",
+        );
+    };
+    let (done, result) = tokio::sync::oneshot::channel();
+    let sent = shared
+        .invalidations
+        .get()
+        .is_some_and(|jobs| jobs.send(Job { what, done }).is_ok());
+    match (sent, result.await) {
+        (true, Ok(Ok(n))) => {
+            let mut r = text(StatusCode::OK, format!("{{\"cleared\": {n}}}\n"));
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        (true, Ok(Err(e))) => text(
+            StatusCode::BAD_GATEWAY,
+            format!("invalidation failed: {e}\n"),
+        ),
+        _ => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
     }
 }
 

@@ -573,6 +573,12 @@ fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Whether two secrets are equal, in a time that does not depend on where they differ
+/// (their SHA-256 digests are compared).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    ct_eq(&sha256(a), &sha256(b))
+}
+
 /// Redis's `stringmatchlen`: `*`, `?`, `[abc]`, `[^a-z]`, `\x` escapes. Iterative, with
 /// backtracking only to the last `*` (linear in practice, no recursion on untrusted input).
 pub fn glob_match(pat: &[u8], s: &[u8]) -> bool {

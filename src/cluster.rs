@@ -262,36 +262,40 @@ pub async fn discover(
     Err(why.join("; "))
 }
 
-/// Asks one node.
-async fn ask(node: &str, access: &Access) -> Result<Topology, String> {
+/// A connection of slotgate's own to a node (TLS or not).
+pub trait NodeIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> NodeIo for T {}
+
+/// Connects to `node` with slotgate's credentials and TLS settings (and authenticates).
+pub async fn connect(node: &str, access: &Access) -> Result<Box<dyn NodeIo>, String> {
     let tcp = TcpStream::connect(node)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let _ = tcp.set_nodelay(true);
-    match &access.tls {
-        None => ask_over(tcp, access).await,
+    let mut s: Box<dyn NodeIo> = match &access.tls {
+        None => Box::new(tcp),
         Some(tls) => {
             let ip = tcp.peer_addr().map_err(|e| e.to_string())?.ip();
             let name = tls.name_for(ip);
-            let s = tls
-                .connector
-                .connect(name, tcp)
-                .await
-                .map_err(|e| format!("TLS: {e}"))?;
-            ask_over(s, access).await
+            Box::new(
+                tls.connector
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("TLS: {e}"))?,
+            )
         }
-    }
-}
-
-async fn ask_over<S: AsyncRead + AsyncWrite + Unpin>(
-    mut s: S,
-    access: &Access,
-) -> Result<Topology, String> {
+    };
     if let Some(a) = &access.auth
         && let OwnedFrame::Error(e) = call(&mut s, &a.auth_command()).await?
     {
         return Err(format!("AUTH refused: {e}"));
     }
+    Ok(s)
+}
+
+/// Asks one node.
+async fn ask(node: &str, access: &Access) -> Result<Topology, String> {
+    let mut s = connect(node, access).await?;
     let tls = access.tls.is_some();
     match call(&mut s, &[b"CLUSTER", b"SHARDS"]).await? {
         OwnedFrame::Error(e) if e.contains("unknown subcommand") => {
@@ -306,18 +310,26 @@ async fn ask_over<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Sends one command and reads its reply.
-async fn call<S: AsyncRead + AsyncWrite + Unpin>(
+pub async fn call<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
     s: &mut S,
     args: &[&[u8]],
 ) -> Result<OwnedFrame, String> {
     let mut out = BytesMut::new();
     crate::resp::request::push_command(&mut out, args);
     s.write_all(&out).await.map_err(|e| format!("write: {e}"))?;
-    let mut buf = Vec::with_capacity(4096);
+    read_frame(s, &mut Vec::with_capacity(4096)).await
+}
+
+/// Reads the next frame from `s`, with what was read past the last one in `buf`.
+pub async fn read_frame<S: AsyncRead + Unpin + ?Sized>(
+    s: &mut S,
+    buf: &mut Vec<u8>,
+) -> Result<OwnedFrame, String> {
     loop {
-        if let Some((frame, _)) =
-            redis_protocol::resp2::decode::decode(&buf).map_err(|e| format!("reply: {e:?}"))?
+        if let Some((frame, used)) =
+            redis_protocol::resp2::decode::decode(buf).map_err(|e| format!("reply: {e:?}"))?
         {
+            buf.drain(..used);
             return Ok(frame);
         }
         if buf.len() > MAX_REPLY {

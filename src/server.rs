@@ -165,6 +165,7 @@ pub fn run(
         // Installed before anything else can arrive: a SIGHUP must never end the process.
         let (layouts, new_layouts) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(crate::cluster::keep_fresh(shared.clone(), layouts));
+        tokio::spawn(crate::readthrough::invalidate::listen(shared.clone()));
         let reloads =
             crate::reload::serve(shared.clone(), reloader, senders.clone(), hup, new_layouts);
         tokio::spawn(reloads);
@@ -360,6 +361,12 @@ fn worker_main(id: usize, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<I
         let worker = Worker::start(id, shared);
         if id == 0 {
             tokio::task::spawn_local(learn_redis_version(worker.clone()));
+            let (jobs, todo) = tokio::sync::mpsc::unbounded_channel();
+            let _ = worker.shared.invalidations.set(jobs);
+            tokio::task::spawn_local(crate::readthrough::invalidate::serve_jobs(
+                worker.clone(),
+                todo,
+            ));
         }
         tokio::task::spawn_local(worker.clone().tick());
         if worker.shared.settings.cluster.is_some() {

@@ -30,6 +30,13 @@ pub struct Shared {
     pub generation: AtomicU64,
     /// Where SLOTGATE.RELOAD sends its request (set by the server at start-up).
     pub reloads: OnceLock<tokio::sync::mpsc::UnboundedSender<ReloadRequest>>,
+    /// Where `POST /invalidate` sends its work (worker 0 carries it out: see
+    /// `readthrough::invalidate`).
+    pub invalidations:
+        OnceLock<tokio::sync::mpsc::UnboundedSender<crate::readthrough::invalidate::Job>>,
+    /// The bearer token of `POST /invalidate` (`SLOTGATE_INVALIDATE_TOKEN`; none: the
+    /// endpoint answers 404).
+    pub invalidate_token: Option<String>,
     /// Cluster mode: a redirect says the layout changed; read it again soon.
     pub cluster_changed: tokio::sync::Notify,
     pub cluster_stats: crate::cluster::ClusterStats,
@@ -127,6 +134,10 @@ impl Shared {
             live: Mutex::new(Arc::new(settings.clone())),
             generation: AtomicU64::new(0),
             reloads: OnceLock::new(),
+            invalidations: OnceLock::new(),
+            invalidate_token: std::env::var("SLOTGATE_INVALIDATE_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty()),
             cluster_changed: tokio::sync::Notify::new(),
             cluster_stats: Default::default(),
             settings,

@@ -888,3 +888,101 @@ fn the_origin_is_protected_by_a_breaker_and_a_concurrency_limit() {
     assert_eq!(got, want);
     assert_eq!(s.origin.requests(), 5);
 }
+
+/// Issue 15.6: an invalidation sent to one of three instances (over `POST /invalidate` or
+/// `SLOTGATE.INVALIDATE`) clears the keys in the shards and every instance's own state for
+/// them (here: their remembered 404s), over the shards' pub/sub.
+#[test]
+fn an_invalidation_sent_to_one_instance_reaches_all_three() {
+    let published = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let p = published.clone();
+    let origin = Origin::start(move |path| {
+        if p.load(std::sync::atomic::Ordering::SeqCst) {
+            Reply::ok(format!("v2{path}"))
+        } else {
+            Reply::status(404)
+        }
+    });
+    let shards: Vec<RedisServer> = (0..2).map(|_| RedisServer::start()).collect();
+    let refs: Vec<&RedisServer> = shards.iter().collect();
+    let rule = format!("label:={};negative_ttl=1h", origin.url("/{rest}"));
+    let instances: Vec<(Slotgate, u16)> = (0..3)
+        .map(|_| {
+            let admin = free_port();
+            let listen = format!("127.0.0.1:{admin}");
+            let proxy = Slotgate::start_env(
+                &refs,
+                &["--readthrough", &rule, "--admin-listen", &listen],
+                None,
+                &[("SLOTGATE_INVALIDATE_TOKEN", "tok")],
+            );
+            wait_for_own_port(admin, proxy.pid());
+            (proxy, admin)
+        })
+        .collect();
+    let mut first_shard = RawConn::connect(shards[0].port);
+    wait_until("every instance to listen", Duration::from_secs(10), || {
+        first_shard.call(&[b"PUBSUB", b"NUMSUB", b"__slotgate:invalidate"])
+            == b"*2\r\n$21\r\n__slotgate:invalidate\r\n:3\r\n"
+    });
+    // Each instance remembers that the origin has no `label:x` or `label:z`.
+    for (proxy, _) in &instances {
+        let mut c = proxy.raw();
+        assert_eq!(c.call(&[b"GET", b"label:x"]), b"$-1\r\n");
+        assert_eq!(c.call(&[b"GET", b"label:z"]), b"$-1\r\n");
+    }
+    published.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(instances[1].0.raw().call(&[b"GET", b"label:x"]), b"$-1\r\n");
+    // POST /invalidate to the first: every instance forgets the 404.
+    let auth = [("Authorization", "Bearer tok")];
+    let (status, body) = http_request(
+        instances[0].1,
+        "POST",
+        "/invalidate",
+        &auth,
+        r#"{"keys": ["label:x"]}"#,
+    );
+    assert_eq!((status, body.as_str()), (200, "{\"cleared\": 0}\n"));
+    for (proxy, _) in &instances {
+        let mut c = proxy.raw();
+        wait_until(
+            "the instance to forget label:x",
+            Duration::from_secs(5),
+            || c.call(&[b"GET", b"label:x"]) == bulk("v2/x"),
+        );
+    }
+    // SLOTGATE.INVALIDATE through the second reaches the third.
+    let mut c = instances[1].0.raw();
+    assert_eq!(c.call(&[b"SLOTGATE.INVALIDATE", b"label:z"]), b":0\r\n");
+    let mut third = instances[2].0.raw();
+    wait_until(
+        "the third to forget label:z",
+        Duration::from_secs(5),
+        || third.call(&[b"GET", b"label:z"]) == bulk("v2/z"),
+    );
+    // A prefix: every key under it is deleted from the shards, and loaded again.
+    for k in ["label:p:1", "label:p:2", "label:p:3"] {
+        assert_eq!(c.call(&[b"SET", k.as_bytes(), b"old"]), b"+OK\r\n");
+    }
+    let (status, body) = http_request(
+        instances[2].1,
+        "POST",
+        "/invalidate",
+        &auth,
+        r#"{"prefix": "label:p:"}"#,
+    );
+    assert_eq!((status, body.as_str()), (200, "{\"cleared\": 3}\n"));
+    assert_eq!(c.call(&[b"GET", b"label:p:2"]), bulk("v2/p%3A2"));
+    // A wrong token, a bad body, no POST.
+    let admin = instances[0].1;
+    let bad = [("Authorization", "Bearer nope")];
+    assert_eq!(
+        http_request(admin, "POST", "/invalidate", &bad, "{}").0,
+        401
+    );
+    assert_eq!(
+        http_request(admin, "POST", "/invalidate", &auth, "[1]").0,
+        400
+    );
+    assert_eq!(http_request(admin, "GET", "/invalidate", &auth, "").0, 405);
+}

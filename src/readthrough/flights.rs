@@ -128,6 +128,18 @@ impl ReadThrough {
         self.refresh_backoff.remove(key);
     }
 
+    /// [`note_write`](Self::note_write) for every key under `prefix` this instance has
+    /// state for.
+    pub fn note_prefix(&self, prefix: &[u8]) {
+        for f in self.flights.iter() {
+            if f.key().starts_with(prefix) && f.done_at().is_none() {
+                f.dirty.store(true, Ordering::Release);
+            }
+        }
+        self.negatives.retain(|k, _| !k.starts_with(prefix));
+        self.refresh_backoff.retain(|k, _| !k.starts_with(prefix));
+    }
+
     /// Whether a fresh negative entry says `key` is absent at the origin.
     pub fn negative_fresh(&self, key: &[u8]) -> bool {
         self.negatives

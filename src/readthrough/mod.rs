@@ -24,6 +24,7 @@
 
 mod fill;
 mod flights;
+pub mod invalidate;
 pub mod origin;
 mod pending;
 mod rules;

@@ -179,6 +179,14 @@ impl Session {
         if let Ok(Parsed::Command { req, .. }) = parser.parse(&b, &Limits::default(), true) {
             self.scatter(del, &req, crate::command::Merge::SumIntegers, now);
         }
+        // The other slotgate instances forget their own state for the keys (negative
+        // entries, fills in flight): see `readthrough::invalidate`.
+        let keys = (1..req.argc()).map(|i| req.arg_copy(i)).collect();
+        let publish = crate::readthrough::invalidate::publish_command(
+            &crate::readthrough::invalidate::Invalidation::Keys(keys),
+        );
+        let up = self.w.pools().get(Proto::Resp2, 0, 0);
+        up.send(&publish, crate::queue::Target::Discard, now);
     }
 
     /// `CLIENT REPLY ON|OFF|SKIP`, as Redis: OFF and SKIP get no reply themselves; replies
