@@ -754,7 +754,9 @@ pub fn next_hop(
         // The cluster refuses every request for a moment when a primary fails (until a
         // replica is promoted: `cluster-require-full-coverage`), and a slot may have no
         // primary: sent again to the same node every 50 ms until the request's deadline.
-        if now + CLUSTERDOWN_WAIT >= deadline {
+        // (The last try leaves time for its answer: one that arrives after the deadline
+        // would leave its client told "outcome unknown".)
+        if now + 4 * CLUSTERDOWN_WAIT >= deadline {
             return Hop::Answer(crate::resp::reply::shard_unavailable(
                 &from.to_string(),
                 &format!("the cluster was down until the request's deadline ({text})"),

@@ -353,7 +353,8 @@ pub const SILENT: u64 = u64::MAX;
 /// Cluster mode: what a subscriber connection tells its session (see `session::follow`).
 pub trait SubscriptionsMoved {
     /// The (un)subscribe command `raw`, whose confirmations were to fill reply slot `seq`,
-    /// was answered with the redirect `reply` by `from`, after `hops` redirects before.
+    /// was answered with the error `reply` (a redirect to follow, or its answer) by `from`,
+    /// after `hops` redirects before.
     fn redirected(&self, seq: u64, raw: Bytes, reply: Bytes, from: SocketAddr, hops: u8);
     /// `from` dropped a sharded channel (its slot went to another node): `frame` is its
     /// `sunsubscribe` message.
@@ -1282,7 +1283,9 @@ impl Upstream {
             return Ok(());
         };
         let mut conf = self.confirmations.borrow_mut();
-        if is_redirect(&bytes) {
+        if bytes.first() == Some(&b'-') {
+            // A redirect (followed), or another error (`-CLUSTERDOWN` …: the command's
+            // answer): either way the (un)subscribe did not happen here.
             match conf.pop_front() {
                 Some(c) => {
                     drop(conf);
@@ -1948,7 +1951,12 @@ fn confirmation_kind(frame: &[u8]) -> Option<&'static [u8]> {
 /// channel whose slot it gave away.)
 fn confirms(raw: &[u8], frame: &[u8]) -> bool {
     let bulks = |f: &[u8]| -> Vec<Vec<u8>> {
-        crate::resp::scan::array_elements(f)
+        // (A RESP3 push frame, `>3`, reads as an array.)
+        let mut f = f.to_vec();
+        if f.first() == Some(&b'>') {
+            f[0] = b'*';
+        }
+        crate::resp::scan::array_elements(&f)
             .unwrap_or_default()
             .iter()
             .filter_map(|&(s, e)| crate::resp::scan::bulk_body(&f[s..e]).map(<[u8]>::to_vec))
@@ -2022,6 +2030,13 @@ mod tests {
         assert!(confirms(&other, &frame(b"chB")));
         let all = crate::resp::request::command(&[b"sunsubscribe"]);
         assert!(confirms(&all, &frame(b"ch{t}")));
+        // RESP3: the same as a push (review: it was never taken as the confirmation).
+        let mut push = frame(b"chB").to_vec();
+        push[0] = b'>';
+        assert!(confirms(&other, &push));
+        push = frame(b"ch{t}").to_vec();
+        push[0] = b'>';
+        assert!(!confirms(&other, &push));
         let subscribe = crate::resp::request::command(&[b"SSUBSCRIBE", b"ch{t}"]);
         assert!(!confirms(&subscribe, &frame(b"ch{t}")));
     }

@@ -1291,6 +1291,25 @@ fn subscriptions_that_cannot_follow_their_slot_end_cleanly() {
         ]
     );
     assert_eq!(c.call(&[b"SET", b"after", b"1"]), b"+OK\r\n");
+    // The same in RESP3, where confirmations are pushes (review: the SUNSUBSCRIBE's was
+    // taken for a node dropping the channel, and the client hung).
+    let mut r3 = proxy.raw();
+    assert!(r3.call(&[b"HELLO", b"3"]).starts_with(b"%"));
+    r3.send(
+        &[
+            resp(&[b"SSUBSCRIBE", b"r3{v}"]),
+            resp(&[b"SUNSUBSCRIBE", b"r3{v}"]),
+        ]
+        .concat(),
+    );
+    assert_eq!(
+        r3.read_replies(2),
+        [
+            b">3\r\n$10\r\nssubscribe\r\n$5\r\nr3{v}\r\n:1\r\n".to_vec(),
+            b">3\r\n$12\r\nsunsubscribe\r\n$5\r\nr3{v}\r\n:0\r\n".to_vec()
+        ]
+    );
+    assert_eq!(r3.call(&[b"PING"]), b"+PONG\r\n");
     // Two nodes that each say the other owns a slot: an SSUBSCRIBE there ends with an error
     // after the redirect limit (review: it went back and forth for ever).
     let s = slot("u");
@@ -1312,6 +1331,71 @@ fn subscriptions_that_cannot_follow_their_slot_end_cleanly() {
         String::from_utf8_lossy(&r)
     );
     assert_eq!(c.call(&[b"PING"]), b"+PONG\r\n");
+}
+
+#[test]
+fn while_a_node_says_the_cluster_is_down_every_request_ends_within_the_op_timeout() {
+    let mut cluster = Cluster::start(3, 0);
+    let (proxy, _admin) = settled_proxy(&cluster, &["--op-timeout", "1s"]);
+    let s = slot("cd");
+    let node = cluster.owners()[s as usize];
+    // Another primary dies, and it has no replica: once the others mark it failed, they
+    // answer CLUSTERDOWN to everything (Redis's `cluster-require-full-coverage`).
+    let mut n = cluster.node(node).client();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("cluster-allow-pubsubshard-when-down")
+        .arg("no")
+        .query(&mut n)
+        .unwrap();
+    let victim = other_than(&cluster, node);
+    cluster
+        .nodes
+        .iter_mut()
+        .find(|x| x.port == victim)
+        .unwrap()
+        .kill();
+    wait_until(
+        "the node to see the cluster down",
+        Duration::from_secs(10),
+        || {
+            let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut n).unwrap();
+            info.contains("cluster_state:fail")
+        },
+    );
+    let mut c = proxy.raw();
+    let unavailable = |r: &[u8]| {
+        r.starts_with(b"-ERR shard unavailable")
+            && String::from_utf8_lossy(r).contains("CLUSTERDOWN")
+    };
+    // A plain GET, a blocking command (review: retried for ever) and a transaction: tried
+    // again until the op timeout, then a clear error.
+    for cmd in [vec![&b"GET"[..], b"k{cd}"], vec![b"BLPOP", b"q{cd}", b"5"]] {
+        let t = std::time::Instant::now();
+        let r = c.call(&cmd);
+        assert!(unavailable(&r), "{}", String::from_utf8_lossy(&r));
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    }
+    assert_eq!(c.call(&[b"MULTI"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"INCR", b"n{cd}"]), b"+QUEUED\r\n");
+    let r = c.call(&[b"EXEC"]);
+    assert!(unavailable(&r), "{}", String::from_utf8_lossy(&r));
+    // WATCH gets the node's error (review: it said OK and EXEC nil, for ever).
+    let r = c.call(&[b"WATCH", b"w{cd}"]);
+    assert!(
+        r.starts_with(b"-CLUSTERDOWN"),
+        "{}",
+        String::from_utf8_lossy(&r)
+    );
+    // An SSUBSCRIBE the node refuses gets its error (review: no reply, for ever), and the
+    // client is not subscribed.
+    let r = c.call(&[b"SSUBSCRIBE", b"ch{cd}"]);
+    assert!(
+        r.starts_with(b"-CLUSTERDOWN"),
+        "{}",
+        String::from_utf8_lossy(&r)
+    );
+    assert!(unavailable(&c.call(&[b"SET", b"k{cd}", b"1"])));
 }
 
 #[test]

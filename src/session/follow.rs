@@ -206,6 +206,10 @@ impl Sink for TxRun {
         };
         if self.watched {
             drop(run);
+            if redirect.starts_with(b"-CLUSTERDOWN") {
+                // (Not a moved slot: the cluster's answer.)
+                return self.queue.deliver(self.seq, 0, redirect);
+            }
             let null = reply::null_array(self.proto);
             return self.queue.deliver(self.seq, 0, Bytes::from_static(null));
         }
@@ -394,6 +398,23 @@ impl Session {
         if let Again::Dropped { .. } = f.again {
             return self.resubscribe(f);
         }
+        if let Again::Subscribe { raw, .. } = &f.again
+            && !(f.reply.starts_with(b"-MOVED ") || f.reply.starts_with(b"-ASK "))
+        {
+            // Refused (`-CLUSTERDOWN` …): the command's answer, and nothing is subscribed.
+            // (One slotgate made on its own: the client learns that the channel is gone.)
+            let channels = self.forget_channels(raw).unwrap_or_default();
+            if matches!(f.again, Again::Subscribe { seq: SILENT, .. }) {
+                for c in &channels {
+                    let gone =
+                        crate::session::pubsub::message(self.proto, b"sunsubscribe", Some(c), 0);
+                    self.queue.push_oob(gone);
+                }
+            }
+            self.update_output_class();
+            let reply = f.reply.clone();
+            return f.again.answer(&self.queue, reply);
+        }
         let (to, asking, hops) = match f.to {
             Some((to, asking)) => (to, asking, f.hops),
             None => {
@@ -505,9 +526,10 @@ impl Session {
                     asking,
                     // A blocking command sent on after a MOVED or ASK may block for long, and
                     // its next redirect gets `op_timeout` again; one tried again after a
-                    // TRYAGAIN keeps this one's.
-                    follow_until: (!blocking || f.reply.starts_with(b"-TRYAGAIN"))
-                        .then_some(f.deadline),
+                    // TRYAGAIN or CLUSTERDOWN keeps this one's.
+                    follow_until: (!blocking
+                        || !(f.reply.starts_with(b"-MOVED ") || f.reply.starts_with(b"-ASK ")))
+                    .then_some(f.deadline),
                     op_timeout: self.w.shared.settings.op_timeout,
                 });
                 up.send_until(&raw, Target::Sink(SinkRef::new(sink, 0)), wait_until);

@@ -91,7 +91,7 @@ struct WatchReply {
 
 impl Sink for WatchReply {
     fn deliver(self: Rc<Self>, _idx: u32, reply: Bytes) {
-        if crate::shard::is_redirect(&reply) {
+        if crate::shard::is_redirect(&reply) && !reply.starts_with(b"-CLUSTERDOWN") {
             // Its slot moved (or is moving) away: the keys may change unseen, so the
             // transaction's EXEC answers a null array, as when a watched key changed.
             self.replies.moved.set(true);

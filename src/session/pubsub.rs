@@ -66,7 +66,7 @@ pub fn allowed_while_subscribed(name: &str) -> bool {
 }
 
 /// `[kind, channel|nil, count]` as a RESP2 array or a RESP3 push.
-fn message(proto: Proto, kind: &[u8], channel: Option<&[u8]>, count: i64) -> Bytes {
+pub(crate) fn message(proto: Proto, kind: &[u8], channel: Option<&[u8]>, count: i64) -> Bytes {
     let mut a = match proto {
         Proto::Resp2 => Aggregate::array(3),
         Proto::Resp3 => Aggregate::push(3),
