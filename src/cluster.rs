@@ -57,8 +57,9 @@ const CLUSTERDOWN_WAIT: Duration = Duration::from_millis(50);
 pub const NEW_NODE_WAIT: Duration = Duration::from_millis(100);
 /// The shortest time between two reads of the topology that redirects asked for.
 const REDIRECT_REFRESH: Duration = Duration::from_millis(100);
-/// How often the topology is read while a primary is unreachable.
-const DOWN_REFRESH: Duration = Duration::from_secs(1);
+/// How often the topology is read while a primary is unreachable (a promoted replica serves
+/// its slots within this of the promotion).
+const DOWN_REFRESH: Duration = Duration::from_millis(250);
 /// The largest topology reply read (a 1,000-node cluster is well under).
 const MAX_REPLY: usize = 16 * 1024 * 1024;
 
@@ -589,9 +590,9 @@ pub fn describe(layout: &Layout) -> String {
         .join("; ")
 }
 
-/// Reads the topology again every `refresh_interval`, and at least once a second while a
-/// primary is unreachable (a failover promotes a replica: slotgate follows within a second
-/// of the cluster), asking the known primaries first, then the seeds. A changed layout goes
+/// Reads the topology again every `refresh_interval`, and every 250 ms while a primary is
+/// unreachable (a failover promotes a replica: slotgate follows within 250 ms of the
+/// cluster), asking the known primaries first, then the seeds. A changed layout goes
 /// to `apply` (the reload task, which publishes it to the workers). Runs for as long as
 /// slotgate does.
 pub async fn keep_fresh(shared: Arc<Shared>, apply: UnboundedSender<Layout>) {

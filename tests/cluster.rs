@@ -139,6 +139,74 @@ fn cluster_mode_routes_by_the_clusters_layout_and_follows_a_reshard() {
     assert!(cluster_stat(&mut c, "cluster_layout_changes") >= 1);
 }
 
+/// A pipelined burst: the same 10,000 commands (single-key, multi-key across slots, lists,
+/// counters) in one write to slotgate in front of the cluster and to one plain Redis.
+fn burst_commands() -> Vec<u8> {
+    let mut out = Vec::new();
+    for i in 0..10_000usize {
+        let (k, k2, k3) = (
+            format!("b:{}", i % 500),
+            format!("b:{}", (i * 7) % 500),
+            format!("b:{}", (i * 13) % 500),
+        );
+        let (c, l) = (format!("bc:{}", i % 50), format!("bl:{}", i % 40));
+        let v = i.to_string();
+        let cmd: Vec<&[u8]> = match i % 10 {
+            0 => vec![b"SET", k.as_bytes(), v.as_bytes()],
+            1 => vec![b"GET", k.as_bytes()],
+            2 => vec![b"INCR", c.as_bytes()],
+            3 => vec![b"MGET", k.as_bytes(), k2.as_bytes(), k3.as_bytes()],
+            4 => vec![b"DEL", k2.as_bytes(), k3.as_bytes()],
+            5 => vec![b"EXISTS", k.as_bytes(), k2.as_bytes(), c.as_bytes()],
+            6 => vec![b"LPUSH", l.as_bytes(), v.as_bytes()],
+            7 => vec![b"LRANGE", l.as_bytes(), b"0", b"2"],
+            8 => vec![
+                b"MSET",
+                k2.as_bytes(),
+                v.as_bytes(),
+                k3.as_bytes(),
+                v.as_bytes(),
+            ],
+            _ => vec![b"APPEND", k.as_bytes(), b"x"],
+        };
+        out.extend_from_slice(&resp(&cmd));
+    }
+    out
+}
+
+/// Writes `payload` from a helper thread while reading `n` replies.
+fn burst(mut conn: RawConn, payload: &[u8], n: usize) -> Vec<Vec<u8>> {
+    conn.stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut writer = conn.stream.try_clone().unwrap();
+    let payload = payload.to_vec();
+    let w = std::thread::spawn(move || {
+        use std::io::Write;
+        writer.write_all(&payload)
+    });
+    let replies = conn.read_replies(n);
+    w.join().unwrap().unwrap();
+    replies
+}
+
+#[test]
+fn a_pipelined_burst_gets_the_same_replies_as_from_one_redis() {
+    let cluster = Cluster::start(3, 0);
+    let proxy = proxy_for(&cluster, &[]);
+    let reference = RedisServer::start();
+    let payload = burst_commands();
+    let want = burst(RawConn::connect(reference.port), &payload, 10_000);
+    let got = burst(proxy.raw(), &payload, 10_000);
+    if let Some(i) = (0..10_000).find(|&i| got[i] != want[i]) {
+        panic!(
+            "reply #{i} differs: slotgate {:?}, redis {:?}",
+            String::from_utf8_lossy(&got[i]),
+            String::from_utf8_lossy(&want[i])
+        );
+    }
+}
+
 #[test]
 fn cluster_flags_and_keys_are_checked_without_contacting_anything() {
     let ok = |args: &[&str], want: &str| {
@@ -276,6 +344,17 @@ fn after_a_primary_is_killed_its_slots_come_back_on_the_promoted_replica() {
         "{}",
         String::from_utf8_lossy(&r)
     );
+    let replica = cluster
+        .nodes
+        .iter()
+        .map(|n| n.port)
+        .find(|&p| {
+            let role: Vec<redis::Value> = redis::cmd("ROLE")
+                .query(&mut cluster.node(p).client())
+                .unwrap();
+            matches!(role.get(2), Some(redis::Value::Int(port)) if *port == i64::from(victim))
+        })
+        .expect("the victim has a replica");
     let t0 = std::time::Instant::now();
     cluster
         .nodes
@@ -310,28 +389,41 @@ fn after_a_primary_is_killed_its_slots_come_back_on_the_promoted_replica() {
     // The victim's slots come back once the cluster has promoted the replica (node timeout
     // 2 s) and slotgate has read the new layout.
     let mut errors = Vec::new();
+    let mut promoted = None;
     let back = wait_for(
         "a write to the failed primary's slot",
         Duration::from_secs(20),
-        || match redis::cmd("SET").arg(k(0)).arg("after").query::<()>(&mut c) {
-            Ok(()) => Some(t0.elapsed()),
-            Err(e) => {
-                errors.push(e.to_string());
-                std::thread::sleep(Duration::from_millis(50));
-                None
+        || {
+            if promoted.is_none() && is_primary(&cluster, replica) {
+                promoted = Some(t0.elapsed());
+            }
+            match redis::cmd("SET").arg(k(0)).arg("after").query::<()>(&mut c) {
+                Ok(()) => Some(t0.elapsed()),
+                Err(e) => {
+                    errors.push(e.to_string());
+                    std::thread::sleep(Duration::from_millis(20));
+                    None
+                }
             }
         },
     );
+    let promoted = promoted.unwrap_or(back);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (writes, bystander_errors) = bystander.join().unwrap();
     eprintln!(
-        "failover: writes to the killed primary's slot back after {back:?} ({} failed tries); \
-         {writes} writes to another primary's key meanwhile, {} errors; {} CLUSTERDOWN retried",
+        "failover: the replica was a primary {promoted:?} after the kill, and writes to its \
+         slots went through slotgate {back:?} after the kill ({} failed tries); {writes} \
+         writes to another primary's key meanwhile, {} errors; {} CLUSTERDOWN retried",
         errors.len(),
         bystander_errors.len(),
         cluster_stat(&mut c, "cluster_redirects_clusterdown")
     );
     assert!(bystander_errors.is_empty(), "{bystander_errors:?}");
+    // slotgate's part: it reads the layout every 250 ms while a primary is down.
+    assert!(
+        back.saturating_sub(promoted) < Duration::from_millis(1500),
+        "served {back:?} after the kill, the replica promoted at {promoted:?}"
+    );
     assert!(
         errors
             .iter()
@@ -890,6 +982,14 @@ fn other_than(cluster: &Cluster, port: u16) -> u16 {
         .map(|n| n.port)
         .find(|&p| p != port)
         .unwrap()
+}
+
+/// Whether the node on `port` is a primary now (`ROLE`).
+fn is_primary(cluster: &Cluster, port: u16) -> bool {
+    let role: Vec<redis::Value> = redis::cmd("ROLE")
+        .query(&mut cluster.node(port).client())
+        .unwrap_or_default();
+    matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"master")
 }
 
 /// A node's count of blocked clients.
