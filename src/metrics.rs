@@ -41,6 +41,7 @@ pub const RT_BYTES_LOADED: &str = "slotgate_readthrough_bytes_loaded_total";
 pub const RT_STORED: &str = "slotgate_readthrough_stored_total";
 pub const RT_STORE_SKIPPED: &str = "slotgate_readthrough_store_skipped_total";
 pub const RT_THROTTLED: &str = "slotgate_readthrough_origin_throttled_total";
+pub const RT_LEASE_WAITS: &str = "slotgate_readthrough_lease_waits_total";
 pub const RT_BREAKER_REJECTIONS: &str = "slotgate_readthrough_breaker_rejections_total";
 pub const RT_BREAKER_OPENS: &str = "slotgate_readthrough_breaker_opens_total";
 pub const RT_BREAKER_OPEN: &str = "slotgate_readthrough_breaker_open";
@@ -122,6 +123,10 @@ pub fn install() -> Option<PrometheusHandle> {
     describe_counter!(
         RT_THROTTLED,
         "Origin fetches that waited for the rule's max_origin_concurrency"
+    );
+    describe_counter!(
+        RT_LEASE_WAITS,
+        "Misses that waited for another instance's lease instead of calling the origin"
     );
     describe_counter!(
         RT_BREAKER_REJECTIONS,

@@ -986,3 +986,89 @@ fn an_invalidation_sent_to_one_instance_reaches_all_three() {
     );
     assert_eq!(http_request(admin, "GET", "/invalidate", &auth, "").0, 405);
 }
+
+/// Three instances in front of the same shards, each started with the same rule.
+fn fleet(shards: &[RedisServer], rule: &str) -> Vec<Slotgate> {
+    let refs: Vec<&RedisServer> = shards.iter().collect();
+    (0..3)
+        .map(|_| Slotgate::start_with(&refs, &["--readthrough", rule, "--workers", "2"]))
+        .collect()
+}
+
+/// Issue 15.3: 300 clients spread over three instances miss one key at once: the instance
+/// that takes the key's lease calls the origin, the others wait for its fill. One origin
+/// request in all.
+#[test]
+fn a_stampede_over_three_instances_makes_one_origin_request() {
+    let origin =
+        Origin::start(|path| Reply::ok(format!("v{path}")).delay(Duration::from_millis(200)));
+    let shards: Vec<RedisServer> = (0..2).map(|_| RedisServer::start()).collect();
+    let rule = format!("label:={};timeout=5s", origin.url("/{rest}"));
+    let proxies = fleet(&shards, &rule);
+    let barrier = Arc::new(std::sync::Barrier::new(300));
+    let clients: Vec<_> = (0..300)
+        .map(|i| {
+            let mut c = proxies[i % 3].raw();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                c.call(&[b"GET", b"label:hot"])
+            })
+        })
+        .collect();
+    for t in clients {
+        assert_eq!(t.join().unwrap(), bulk("v/hot"));
+    }
+    assert_eq!(
+        origin.requests(),
+        1,
+        "one origin request for 300 misses on 3 instances"
+    );
+    let waits: u64 = proxies
+        .iter()
+        .map(|p| {
+            let info = lossy(&p.raw().call(&[b"INFO", b"readthrough"]));
+            info_u64(&info.replace(',', "\r\n").replace('=', ":"), "lease_waits")
+        })
+        .sum();
+    assert!(
+        waits >= 2,
+        "the other instances waited on the lease ({waits})"
+    );
+    // The lease is gone once the value is stored.
+    let mut lease_left = 0;
+    for s in &shards {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("__slotgate:lease:*")
+            .query(&mut s.client())
+            .unwrap();
+        lease_left += keys.len();
+    }
+    assert_eq!(lease_left, 0);
+}
+
+/// Issue 15.3: the instance holding a lease dies mid-fill; once the lease expires (the
+/// rule's timeout plus a margin) another instance takes over and fills the key.
+#[test]
+fn when_the_lease_holder_dies_another_instance_takes_over() {
+    let origin = Origin::start(|path| Reply::ok(format!("v{path}")).gated());
+    let shards: Vec<RedisServer> = (0..2).map(|_| RedisServer::start()).collect();
+    let rule = format!("label:={};timeout=1s", origin.url("/{rest}"));
+    let mut proxies = fleet(&shards, &rule);
+    let mut holder = proxies[0].raw();
+    holder.send(&resp(&[b"GET", b"label:k"]));
+    origin.wait_for_requests(1, Duration::from_secs(5));
+    proxies.remove(0).signal("KILL");
+    origin.release();
+    // Another instance waits on the dead holder's lease until the lease expires, then
+    // fetches the key itself.
+    let mut c = proxies[0].raw();
+    wait_until(
+        "another instance to fill the key",
+        Duration::from_secs(10),
+        || c.call(&[b"GET", b"label:k"]) == bulk("v/k"),
+    );
+    assert_eq!(origin.requests(), 2);
+    assert_eq!(proxies[1].raw().call(&[b"GET", b"label:k"]), bulk("v/k"));
+    assert_eq!(origin.requests(), 2);
+}

@@ -182,26 +182,51 @@ pub(super) async fn fetch(w: &dyn Context, rule: &Rule, key: &[u8]) -> Loaded {
     }
 }
 
-/// Fetches `key` from the origin and, unless the fill went dirty, stores it with `NX`.
+/// Fetches `key` from the origin and, unless the fill went dirty, stores it with `NX`. With
+/// the rule's lease (the default), only the instance that holds the key's lease fetches; the
+/// others wait for its result (see `lease`).
 pub(super) async fn lead(
     w: &Rc<dyn Context>,
     rule: &Rule,
     key: &Bytes,
     flight: &Flight,
 ) -> Outcome {
+    let token = match rule.lease {
+        true => match lease::acquire(w.as_ref(), rule, key).await {
+            Some(lease::Lease::Held(token)) => Some(token),
+            Some(lease::Lease::Settled(o)) => {
+                if o == Outcome::Absent && !flight.is_dirty() {
+                    w.readthrough().remember_absent(key, rule.negative_ttl);
+                }
+                return o;
+            }
+            None => None,
+        },
+        false => None,
+    };
     let stats = &rule.stats;
-    match fetch(w.as_ref(), rule, key).await {
+    let mut stored = false;
+    let outcome = match fetch(w.as_ref(), rule, key).await {
         Loaded::Value { body, store_for } => {
             match store_for {
                 Some(d) if !flight.is_dirty() => {
                     let px = d.as_millis().to_string();
-                    let set = command(&[b"SET", key, &body, b"PX", px.as_bytes(), b"NX"]);
-                    let r = w.request_for_key(key, &set).await;
-                    if r.first() == Some(&b'-') {
-                        tracing::warn!(rule = %rule.name, "storing a loaded value failed: {}",
-                            String::from_utf8_lossy(&r).trim_end());
-                    } else {
+                    stored = match &token {
+                        Some(t) => lease::store(w.as_ref(), key, t, &body, px.as_bytes()).await,
+                        None => {
+                            let set = command(&[b"SET", key, &body, b"PX", px.as_bytes(), b"NX"]);
+                            let r = w.request_for_key(key, &set).await;
+                            if r.first() == Some(&b'-') {
+                                tracing::warn!(rule = %rule.name, "storing a loaded value failed: {}",
+                                    String::from_utf8_lossy(&r).trim_end());
+                            }
+                            r.starts_with(b"+OK")
+                        }
+                    };
+                    if stored {
                         stats.stored.add(1);
+                    } else {
+                        stats.store_skipped.add(1);
                     }
                 }
                 _ => stats.store_skipped.add(1),
@@ -215,7 +240,14 @@ pub(super) async fn lead(
             Outcome::Absent
         }
         Loaded::Failed(o) => o,
+    };
+    if let Some(t) = &token
+        && !stored
+    {
+        // (A stored value ended the lease; anything else is left in it for a moment.)
+        lease::settle(w.as_ref(), key, t, &outcome).await;
     }
+    outcome
 }
 
 /// Starts one background refresh of a value served in its grace period (single-flight).

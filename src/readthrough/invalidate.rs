@@ -127,23 +127,35 @@ async fn run(w: &crate::worker::Worker, what: &Invalidation) -> Result<u64, Stri
             }
         }
         Invalidation::Prefix(prefix) => {
-            let pattern = match_pattern(prefix);
+            // The keys, then the leases of keys under the prefix (those of keys without a
+            // hash tag have it in braces).
+            let lease = super::lease::PREFIX;
+            let patterns = [
+                (match_pattern(prefix), true),
+                ([lease, &match_pattern(prefix)].concat(), false),
+                ([lease, b"\\{", &match_pattern(prefix)].concat(), false),
+            ];
             let primaries = w.live().slot_map.shard_count();
-            for shard in 0..primaries {
-                let mut cursor = b"0".to_vec();
-                loop {
-                    let scan = crate::resp::request::command(&[
-                        b"SCAN", &cursor, b"MATCH", &pattern, b"COUNT", SCAN_COUNT,
-                    ]);
-                    let r = w.request(shard, &scan).await;
-                    let (next, keys) = scan_reply(&r)?;
-                    for k in keys {
-                        cleared += delete(w, &k).await?;
+            for (pattern, count) in &patterns {
+                for shard in 0..primaries {
+                    let mut cursor = b"0".to_vec();
+                    loop {
+                        let scan = crate::resp::request::command(&[
+                            b"SCAN", &cursor, b"MATCH", pattern, b"COUNT", SCAN_COUNT,
+                        ]);
+                        let r = w.request(shard, &scan).await;
+                        let (next, keys) = scan_reply(&r)?;
+                        for k in keys {
+                            let n = delete(w, &k).await?;
+                            if *count {
+                                cleared += n;
+                            }
+                        }
+                        if next == b"0" {
+                            break;
+                        }
+                        cursor = next;
                     }
-                    if next == b"0" {
-                        break;
-                    }
-                    cursor = next;
                 }
             }
         }
@@ -159,9 +171,13 @@ async fn run(w: &crate::worker::Worker, what: &Invalidation) -> Result<u64, Stri
     Ok(cleared)
 }
 
-/// Deletes `key` where it lives: how many keys that deleted (0 or 1).
+/// Deletes `key` where it lives, and its lease (a remembered `404` in it, a fill in flight:
+/// see `lease`): how many keys that deleted (0 or 1; the lease is not counted).
 async fn delete(w: &crate::worker::Worker, key: &[u8]) -> Result<u64, String> {
     use super::Context;
+    if let Some(release) = super::lease::release_command(key) {
+        let _ = w.request_for_key(key, &release).await;
+    }
     let r = w
         .request_for_key(key, &crate::resp::request::command(&[b"DEL", key]))
         .await;

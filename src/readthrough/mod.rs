@@ -4,7 +4,9 @@
 //!
 //! Guarantees (each tested in `tests/readthrough.rs`):
 //! - **Single-flight.** Concurrent misses for one key, from any client on any worker, make one
-//!   origin request ([`ReadThrough`]'s flights, a `DashMap` shared by the workers). Every
+//!   origin request ([`ReadThrough`]'s flights, a `DashMap` shared by the workers), and so do
+//!   misses on several instances in front of the same shards (a lease in the shard: see
+//!   [`lease`]). Every
 //!   waiter gets its result and none waits longer than the rule's timeout. A miss whose GET reached the shard
 //!   before a fill stored the value (so it saw nil) but is processed after the fill completed
 //!   takes that fill's result instead of starting another one.
@@ -25,6 +27,7 @@
 mod fill;
 mod flights;
 pub mod invalidate;
+pub mod lease;
 pub mod origin;
 mod pending;
 mod rules;

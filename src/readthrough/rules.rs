@@ -40,13 +40,15 @@ pub struct RuleConfig {
     /// `N/COOLDOWN`: after N consecutive failed fetches, the origin is not called for
     /// COOLDOWN [default: off].
     pub breaker: Option<String>,
+    /// Single-flight across instances with a lease in the shard [default: true].
+    pub lease: Option<bool>,
 }
 
 impl RuleConfig {
     /// `PREFIX=URL_TEMPLATE[;ttl=10m][;negative_ttl=30s][;timeout=500ms][;grace=1m]
     /// [;name=N][;max_body=BYTES][;honor_max_age=true][;ca=FILE][;insecure=true]
-    /// [;header=NAME:VALUE]…[;max_origin_concurrency=N][;breaker=N/COOLDOWN]`, split at the
-    /// first `=` so the prefix may contain colons.
+    /// [;header=NAME:VALUE]…[;max_origin_concurrency=N][;breaker=N/COOLDOWN][;lease=false]`,
+    /// split at the first `=` so the prefix may contain colons.
     pub fn parse_flag(s: &str) -> Result<Self, String> {
         let (prefix, rest) = s.split_once('=').ok_or_else(|| {
             format!("--readthrough '{s}': expected PREFIX=URL_TEMPLATE[;opt=value…]")
@@ -84,6 +86,7 @@ impl RuleConfig {
                     )
                 }
                 "breaker" => rc.breaker = Some(v),
+                "lease" => rc.lease = Some(v.parse().map_err(|_| format!("lease '{v}'"))?),
                 other => return Err(format!("--readthrough: unknown option '{other}'")),
             }
         }
@@ -101,6 +104,8 @@ pub struct Rule {
     pub origin: origin::OriginSpec,
     /// Its origin's protection: a concurrency limit and a circuit breaker.
     pub guard: OriginGuard,
+    /// Single-flight across instances (see `lease`).
+    pub lease: bool,
     pub ttl: Duration,
     pub honor_max_age: bool,
     pub negative_ttl: Duration,
@@ -129,6 +134,8 @@ pub struct RuleStats {
     /// Fetches that waited for `max_origin_concurrency`, and fetches the open breaker
     /// refused.
     pub throttled: Stat,
+    /// Misses that waited for another instance's lease instead of calling the origin.
+    pub lease_waits: Stat,
     pub breaker_rejections: Stat,
     pub breaker_opens: Stat,
     errors_by_kind: [metrics::Counter; 5],
@@ -176,6 +183,7 @@ impl RuleStats {
             stored: Stat::new(m::RT_STORED, rule),
             store_skipped: Stat::new(m::RT_STORE_SKIPPED, rule),
             throttled: Stat::new(m::RT_THROTTLED, rule),
+            lease_waits: Stat::new(m::RT_LEASE_WAITS, rule),
             breaker_rejections: Stat::new(m::RT_BREAKER_REJECTIONS, rule),
             breaker_opens: Stat::new(m::RT_BREAKER_OPENS, rule),
             errors_by_kind: kinds.map(
@@ -199,6 +207,7 @@ impl RuleStats {
             &self.stored,
             &self.store_skipped,
             &self.throttled,
+            &self.lease_waits,
             &self.breaker_rejections,
             &self.breaker_opens,
         ] {
@@ -281,6 +290,7 @@ impl Rules {
                 template,
                 origin,
                 guard,
+                lease: c.lease.unwrap_or(true),
                 ttl,
                 honor_max_age: c.honor_max_age,
                 negative_ttl: dur(&c.negative_ttl, "30s", "negative_ttl")?,

@@ -978,7 +978,8 @@ fn readthrough_info(shared: &Shared) -> String {
             "rule_{i}:name={},prefix={},hits={hits},misses={misses},hit_ratio={ratio:.4},\
              origin_requests={},origin_calls_avoided={avoided},coalesced={},\
              negative_hits={},stale_serves={},origin_errors={},bytes_loaded={},stored={},\
-             origin_inflight={},throttled={},breaker={},breaker_rejections={},breaker_opens={}\r\n",
+             origin_inflight={},throttled={},lease_waits={},breaker={},breaker_rejections={},\
+             breaker_opens={}\r\n",
             r.name,
             String::from_utf8_lossy(&r.prefix),
             s.origin_requests.get(),
@@ -990,6 +991,7 @@ fn readthrough_info(shared: &Shared) -> String {
             s.stored.get(),
             r.guard.inflight(),
             s.throttled.get(),
+            s.lease_waits.get(),
             match &r.guard.breaker {
                 None => "off",
                 Some(b) if b.is_open() => "open",

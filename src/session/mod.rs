@@ -1192,8 +1192,24 @@ impl Session {
             return;
         }
         for &i in &self.keys {
-            if rules.find(req.arg(i)).is_some() {
-                rt.note_write(req.arg(i));
+            let key = req.arg(i);
+            let Some(rule) = rules.find(key) else {
+                continue;
+            };
+            rt.note_write(key);
+            if rule.lease
+                && let Some(release) = readthrough::lease::release_command(key)
+            {
+                // Another instance's fill in flight for the key loses its lease, so it does
+                // not store (the write goes to the shard right after this).
+                let shard = self.w.live().slot_map.shard_of(key);
+                let up = self.w.pools().get(self.proto, shard, self.conn);
+                let now = Instant::now();
+                if self.w.cluster {
+                    send_redirectable(&up, &release, Target::Discard, now);
+                } else {
+                    up.send(&release, Target::Discard, now);
+                }
             }
         }
     }
