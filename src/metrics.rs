@@ -42,6 +42,7 @@ pub const RT_STORED: &str = "slotgate_readthrough_stored_total";
 pub const RT_STORE_SKIPPED: &str = "slotgate_readthrough_store_skipped_total";
 pub const RT_THROTTLED: &str = "slotgate_readthrough_origin_throttled_total";
 pub const RT_LEASE_WAITS: &str = "slotgate_readthrough_lease_waits_total";
+pub const RT_REFRESHES: &str = "slotgate_readthrough_refreshes_total";
 pub const RT_BREAKER_REJECTIONS: &str = "slotgate_readthrough_breaker_rejections_total";
 pub const RT_BREAKER_OPENS: &str = "slotgate_readthrough_breaker_opens_total";
 pub const RT_BREAKER_OPEN: &str = "slotgate_readthrough_breaker_open";
@@ -123,6 +124,10 @@ pub fn install() -> Option<PrometheusHandle> {
     describe_counter!(
         RT_THROTTLED,
         "Origin fetches that waited for the rule's max_origin_concurrency"
+    );
+    describe_counter!(
+        RT_REFRESHES,
+        "Background refreshes of values (refresh-ahead, grace) this instance made"
     );
     describe_counter!(
         RT_LEASE_WAITS,

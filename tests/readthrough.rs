@@ -1072,3 +1072,74 @@ fn when_the_lease_holder_dies_another_instance_takes_over() {
     assert_eq!(proxies[1].raw().call(&[b"GET", b"label:k"]), bulk("v/k"));
     assert_eq!(origin.requests(), 2);
 }
+
+/// Issue 15.5: a hot key is refreshed before it expires (`refresh_ahead`), by one of the
+/// instances at a time (the key's lease), so that no client ever sees a miss.
+#[test]
+fn a_hot_key_refreshed_ahead_never_misses() {
+    let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let m = n.clone();
+    let origin = Origin::start(move |_| {
+        Reply::ok(format!(
+            "v{}",
+            m.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        ))
+    });
+    let shards: Vec<RedisServer> = (0..2).map(|_| RedisServer::start()).collect();
+    let rule = format!(
+        "label:={};ttl=400ms;refresh_ahead=0.5",
+        origin.url("/{rest}")
+    );
+    let proxies = fleet(&shards, &rule);
+    // Three clients, one per instance, read the key for 10 TTLs.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = proxies
+        .iter()
+        .map(|p| {
+            let (mut c, stop) = (p.raw(), stop.clone());
+            std::thread::spawn(move || {
+                let mut reads = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = c.call(&[b"GET", b"label:hot"]);
+                    assert!(
+                        r.starts_with(b"$2\r\nv") || r.starts_with(b"$3\r\nv"),
+                        "{r:?}"
+                    );
+                    reads += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                reads
+            })
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(4000) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reads: usize = readers.into_iter().map(|t| t.join().unwrap()).sum();
+    let stat = |field: &str| -> u64 {
+        proxies
+            .iter()
+            .map(|p| {
+                let info = lossy(&p.raw().call(&[b"INFO", b"readthrough"]));
+                info_u64(&info.replace(',', "\r\n").replace('=', ":"), field)
+            })
+            .sum()
+    };
+    let (misses, refreshes) = (stat("misses"), stat("refreshes"));
+    eprintln!(
+        "refresh-ahead: {reads} reads over 10 TTLs, {misses} miss(es), {refreshes} refreshes, \
+         {} origin requests",
+        origin.requests()
+    );
+    // Only the very first read of each instance could miss (the key did not exist yet).
+    assert!(misses <= 3, "{misses} misses");
+    assert!(refreshes >= 5, "the key was refreshed ahead ({refreshes})");
+    // One instance refreshes at a time: at most one origin request per half TTL, and a few.
+    assert!(
+        origin.requests() <= 4000 / 200 + 4,
+        "{} origin requests",
+        origin.requests()
+    );
+}

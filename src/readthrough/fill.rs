@@ -250,7 +250,8 @@ pub(super) async fn lead(
     outcome
 }
 
-/// Starts one background refresh of a value served in its grace period (single-flight).
+/// Starts one background refresh of a value served in its grace period or past its
+/// `refresh_ahead` point (single-flight; across instances too, with the key's lease).
 pub(super) fn refresh_in_background(
     w: &Rc<dyn Context>,
     rule: &Arc<Rule>,
@@ -274,6 +275,20 @@ pub(super) fn refresh_in_background(
     tokio::task::spawn_local(async move {
         let stats = &rule.stats;
         let rt = &w.readthrough();
+        // With leases, one instance refreshes: the one that takes the key's lease.
+        let token = match rule.lease {
+            true => match lease::try_take(w.as_ref(), &rule, &key).await {
+                Ok(token) => token,
+                Err(()) => {
+                    rt.refresh_backoff
+                        .insert(key.clone(), Instant::now() + REFRESH_BACKOFF);
+                    rt.finish(&flight, Arc::new(Outcome::Value(old)));
+                    return;
+                }
+            },
+            false => None,
+        };
+        stats.refreshes.add(1);
         let outcome = match fetch(w.as_ref(), &rule, &key).await {
             Loaded::Value { body, store_for } => {
                 match store_for {
@@ -306,6 +321,9 @@ pub(super) fn refresh_in_background(
                 o
             }
         };
+        if let Some(t) = &token {
+            lease::end(w.as_ref(), &key, t).await;
+        }
         rt.finish(&flight, Arc::new(outcome));
     });
 }

@@ -118,6 +118,35 @@ pub(super) async fn acquire(w: &dyn Context, rule: &Rule, key: &[u8]) -> Option<
     }
 }
 
+/// One try at `key`'s lease (a background refresh): `Ok(Some(token))` taken, `Ok(None)` the
+/// key can have no lease (refresh anyway), `Err(())` another instance holds it.
+pub(super) async fn try_take(
+    w: &dyn Context,
+    rule: &Rule,
+    key: &[u8],
+) -> Result<Option<Bytes>, ()> {
+    let Some(lease) = lease_key(key) else {
+        return Ok(None);
+    };
+    let token = Bytes::from(format!("{:016x}", random_token()));
+    let px = (rule.timeout + MARGIN).as_millis().to_string();
+    let take = command(&[b"SET", &lease, &token, b"NX", b"PX", px.as_bytes()]);
+    let r = w.request_for_key(key, &take).await;
+    match r.first() {
+        Some(b'+') => Ok(Some(token)),
+        Some(b'-') => Ok(None),
+        _ => Err(()),
+    }
+}
+
+/// Ends the holder's lease.
+pub(super) async fn end(w: &dyn Context, key: &[u8], token: &[u8]) {
+    if let Some(lease) = lease_key(key) {
+        let cmd = command(&[b"EVAL", END.as_bytes(), b"1", &lease, token]);
+        let _ = w.request_for_key(key, &cmd).await;
+    }
+}
+
 /// The holder stores `body` for `px` if it still holds the lease, and ends it; whether it
 /// stored.
 pub(super) async fn store(
@@ -153,11 +182,7 @@ pub(super) async fn settle(w: &dyn Context, key: &[u8], token: &[u8], outcome: &
     let left: Vec<u8> = match outcome {
         Outcome::Absent => b"=absent".to_vec(),
         Outcome::Value(v) => [b"=value ".as_slice(), v].concat(),
-        Outcome::Error(_) => {
-            let cmd = command(&[b"EVAL", END.as_bytes(), b"1", &lease, token]);
-            let _ = w.request_for_key(key, &cmd).await;
-            return;
-        }
+        Outcome::Error(_) => return end(w, key, token).await,
     };
     let px = OUTCOME_KEPT.as_millis().to_string();
     let cmd = command(&[

@@ -67,9 +67,9 @@ pub(super) const CAS_SET: &str = "if redis.call('GET',KEYS[1])==ARGV[1] then \
      return redis.call('SET',KEYS[1],ARGV[2],'PX',ARGV[3]) else return 0 end";
 
 /// The request a rule-owned GET sends to its shard: GET, or the value+PTTL script when the
-/// rule has a grace period.
+/// rule has a grace period or refreshes ahead.
 pub fn get_request(rule: &Rule, key: &[u8]) -> Option<Bytes> {
-    (!rule.grace.is_zero()).then(|| command(&[b"EVAL", GET_PTTL.as_bytes(), b"1", key]))
+    (!rule.refresh_below.is_zero()).then(|| command(&[b"EVAL", GET_PTTL.as_bytes(), b"1", key]))
 }
 
 pub(super) fn is_nil(frame: &[u8]) -> bool {
@@ -160,8 +160,12 @@ impl PendingGet {
         if !is_nil(&value) {
             let grace = rule.grace.as_millis() as i64;
             match pttl {
-                Some(p) if p >= 0 && p < grace => {
-                    stats.stale_serves.add(1);
+                Some(p) if p >= 0 && p < rule.refresh_below.as_millis() as i64 => {
+                    if p < grace {
+                        stats.stale_serves.add(1);
+                    } else {
+                        stats.hits.add(1);
+                    }
                     refresh_in_background(&self.w, rule, &self.key.to_bytes(), &value);
                 }
                 _ => stats.hits.add(1),

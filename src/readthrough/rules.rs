@@ -42,13 +42,16 @@ pub struct RuleConfig {
     pub breaker: Option<String>,
     /// Single-flight across instances with a lease in the shard [default: true].
     pub lease: Option<bool>,
+    /// Refresh a value in the background once this fraction of its TTL has passed (e.g.
+    /// 0.8), so that a hot key never misses [default: off].
+    pub refresh_ahead: Option<f64>,
 }
 
 impl RuleConfig {
     /// `PREFIX=URL_TEMPLATE[;ttl=10m][;negative_ttl=30s][;timeout=500ms][;grace=1m]
     /// [;name=N][;max_body=BYTES][;honor_max_age=true][;ca=FILE][;insecure=true]
-    /// [;header=NAME:VALUE]…[;max_origin_concurrency=N][;breaker=N/COOLDOWN][;lease=false]`,
-    /// split at the first `=` so the prefix may contain colons.
+    /// [;header=NAME:VALUE]…[;max_origin_concurrency=N][;breaker=N/COOLDOWN][;lease=false]
+    /// [;refresh_ahead=F]`, split at the first `=` so the prefix may contain colons.
     pub fn parse_flag(s: &str) -> Result<Self, String> {
         let (prefix, rest) = s.split_once('=').ok_or_else(|| {
             format!("--readthrough '{s}': expected PREFIX=URL_TEMPLATE[;opt=value…]")
@@ -87,6 +90,12 @@ impl RuleConfig {
                 }
                 "breaker" => rc.breaker = Some(v),
                 "lease" => rc.lease = Some(v.parse().map_err(|_| format!("lease '{v}'"))?),
+                "refresh_ahead" => {
+                    rc.refresh_ahead = Some(
+                        v.parse()
+                            .map_err(|_| format!("refresh_ahead '{v}': a fraction, e.g. 0.8"))?,
+                    )
+                }
                 other => return Err(format!("--readthrough: unknown option '{other}'")),
             }
         }
@@ -106,6 +115,9 @@ pub struct Rule {
     pub guard: OriginGuard,
     /// Single-flight across instances (see `lease`).
     pub lease: bool,
+    /// A value whose remaining PTTL is below this is refreshed in the background (its grace
+    /// period, and the part of its TTL after `refresh_ahead`); zero: never.
+    pub refresh_below: Duration,
     pub ttl: Duration,
     pub honor_max_age: bool,
     pub negative_ttl: Duration,
@@ -136,6 +148,8 @@ pub struct RuleStats {
     pub throttled: Stat,
     /// Misses that waited for another instance's lease instead of calling the origin.
     pub lease_waits: Stat,
+    /// Background refreshes of hits (refresh-ahead and grace) started here.
+    pub refreshes: Stat,
     pub breaker_rejections: Stat,
     pub breaker_opens: Stat,
     errors_by_kind: [metrics::Counter; 5],
@@ -184,6 +198,7 @@ impl RuleStats {
             store_skipped: Stat::new(m::RT_STORE_SKIPPED, rule),
             throttled: Stat::new(m::RT_THROTTLED, rule),
             lease_waits: Stat::new(m::RT_LEASE_WAITS, rule),
+            refreshes: Stat::new(m::RT_REFRESHES, rule),
             breaker_rejections: Stat::new(m::RT_BREAKER_REJECTIONS, rule),
             breaker_opens: Stat::new(m::RT_BREAKER_OPENS, rule),
             errors_by_kind: kinds.map(
@@ -208,6 +223,7 @@ impl RuleStats {
             &self.store_skipped,
             &self.throttled,
             &self.lease_waits,
+            &self.refreshes,
             &self.breaker_rejections,
             &self.breaker_opens,
         ] {
@@ -272,6 +288,7 @@ impl Rules {
             .map_err(|e| what(&e))?;
             let guard = OriginGuard::build(c.max_origin_concurrency, c.breaker.as_deref())
                 .map_err(|e| what(&e))?;
+
             if c.insecure {
                 tracing::warn!(
                     rule = %name,
@@ -284,6 +301,16 @@ impl Rules {
             if ttl.is_zero() || timeout.is_zero() {
                 return Err(what("ttl and timeout must be > 0"));
             }
+            let grace = dur(&c.grace, "0s", "grace")?;
+            let refresh_below = match c.refresh_ahead {
+                None => grace,
+                Some(f) if f > 0.0 && f < 1.0 => grace + ttl.mul_f64(1.0 - f),
+                Some(f) => {
+                    return Err(what(&format!(
+                        "refresh_ahead {f}: a fraction of the TTL between 0 and 1, e.g. 0.8"
+                    )));
+                }
+            };
             let rule = Rule {
                 stats: Arc::new(RuleStats::new(&name)),
                 prefix: c.prefix.as_bytes().to_vec(),
@@ -291,12 +318,13 @@ impl Rules {
                 origin,
                 guard,
                 lease: c.lease.unwrap_or(true),
+                refresh_below,
                 ttl,
                 honor_max_age: c.honor_max_age,
                 negative_ttl: dur(&c.negative_ttl, "30s", "negative_ttl")?,
                 timeout,
                 max_body: c.max_body.unwrap_or(16 * 1024 * 1024),
-                grace: dur(&c.grace, "0s", "grace")?,
+                grace,
                 name,
             };
             if let Some(o) = rules.iter().find(|o| o.prefix == rule.prefix) {

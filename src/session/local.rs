@@ -978,7 +978,8 @@ fn readthrough_info(shared: &Shared) -> String {
             "rule_{i}:name={},prefix={},hits={hits},misses={misses},hit_ratio={ratio:.4},\
              origin_requests={},origin_calls_avoided={avoided},coalesced={},\
              negative_hits={},stale_serves={},origin_errors={},bytes_loaded={},stored={},\
-             origin_inflight={},throttled={},lease_waits={},breaker={},breaker_rejections={},\
+             origin_inflight={},throttled={},lease_waits={},refreshes={},breaker={},\
+             breaker_rejections={},\
              breaker_opens={}\r\n",
             r.name,
             String::from_utf8_lossy(&r.prefix),
@@ -992,6 +993,7 @@ fn readthrough_info(shared: &Shared) -> String {
             r.guard.inflight(),
             s.throttled.get(),
             s.lease_waits.get(),
+            s.refreshes.get(),
             match &r.guard.breaker {
                 None => "off",
                 Some(b) if b.is_open() => "open",
