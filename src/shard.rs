@@ -1930,14 +1930,7 @@ fn confirmation_kind(frame: &[u8]) -> Option<&'static [u8]> {
         b"ssubscribe",
         b"sunsubscribe",
     ];
-    let elems = crate::resp::scan::array_elements(frame).or_else(|| {
-        // RESP3 push frames start with '>': read them as arrays.
-        (frame.first() == Some(&b'>')).then(|| {
-            let mut f = frame.to_vec();
-            f[0] = b'*';
-            crate::resp::scan::array_elements(&f)
-        })?
-    })?;
+    let elems = crate::resp::scan::array_elements(frame)?;
     let &(s, e) = elems.first()?;
     let first = crate::resp::scan::bulk_body(&frame[s..e])?;
     KINDS
@@ -1950,19 +1943,8 @@ fn confirmation_kind(frame: &[u8]) -> Option<&'static [u8]> {
 /// every channel, or one that names the message's channel. (Any other is a node dropping a
 /// channel whose slot it gave away.)
 fn confirms(raw: &[u8], frame: &[u8]) -> bool {
-    let bulks = |f: &[u8]| -> Vec<Vec<u8>> {
-        // (A RESP3 push frame, `>3`, reads as an array.)
-        let mut f = f.to_vec();
-        if f.first() == Some(&b'>') {
-            f[0] = b'*';
-        }
-        crate::resp::scan::array_elements(&f)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|&(s, e)| crate::resp::scan::bulk_body(&f[s..e]).map(<[u8]>::to_vec))
-            .collect()
-    };
-    let (args, message) = (bulks(raw), bulks(frame));
+    use crate::resp::scan::bulk_strings;
+    let (args, message) = (bulk_strings(raw), bulk_strings(frame));
     let Some((name, channels)) = args.split_first() else {
         return false;
     };

@@ -52,14 +52,8 @@ impl Invalidation {
         match m.split_first()? {
             (b'P', p) => Some(Invalidation::Prefix(Bytes::copy_from_slice(p))),
             (b'K', rest) => {
-                let elements = crate::resp::scan::array_elements(rest)?;
-                let keys = elements
-                    .iter()
-                    .map(|&(s, e)| {
-                        crate::resp::scan::bulk_body(&rest[s..e]).map(Bytes::copy_from_slice)
-                    })
-                    .collect::<Option<Vec<Bytes>>>()?;
-                Some(Invalidation::Keys(keys))
+                crate::resp::scan::array_elements(rest)?;
+                Some(Invalidation::Keys(crate::resp::scan::bulk_strings(rest)))
             }
             _ => None,
         }
@@ -196,11 +190,8 @@ fn scan_reply(r: &[u8]) -> Result<(Vec<u8>, Vec<Bytes>), String> {
         .ok_or_else(bad)?
         .to_vec();
     let list = &r[ks..ke];
-    let keys = crate::resp::scan::array_elements(list)
-        .ok_or_else(bad)?
-        .iter()
-        .filter_map(|&(s, e)| crate::resp::scan::bulk_body(&list[s..e]).map(Bytes::copy_from_slice))
-        .collect();
+    crate::resp::scan::array_elements(list).ok_or_else(bad)?;
+    let keys = crate::resp::scan::bulk_strings(list);
     Ok((cursor, keys))
 }
 

@@ -273,6 +273,16 @@ pub fn bulk_body(el: &[u8]) -> Option<&[u8]> {
     el.get(el.iter().position(|&b| b == b'\n')? + 1..el.len() - 2)
 }
 
+/// The bulk strings among the elements of an array or push (a command, a pub/sub message),
+/// in order.
+pub fn bulk_strings(frame: &[u8]) -> Vec<bytes::Bytes> {
+    array_elements(frame)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|&(s, e)| bulk_body(&frame[s..e]).map(bytes::Bytes::copy_from_slice))
+        .collect()
+}
+
 /// Reads the integer of a `:<n>\r\n` reply (used when merging DEL/EXISTS counts).
 pub fn reply_integer(frame: &[u8]) -> Option<i64> {
     if frame.first() != Some(&b':') || frame.len() < 4 {
@@ -285,7 +295,7 @@ pub fn reply_integer(frame: &[u8]) -> Option<i64> {
 /// turn) into its top-level elements' byte ranges; `None` if `frame` is not an aggregate.
 /// Elements may themselves be aggregates.
 pub fn array_elements(frame: &[u8]) -> Option<Vec<(usize, usize)>> {
-    if frame.is_empty() || !matches!(frame[0], b'*' | b'~' | b'%') {
+    if frame.is_empty() || !matches!(frame[0], b'*' | b'~' | b'%' | b'>') {
         return None;
     }
     let (n, mut pos) = line_int(frame, 1).ok()??;

@@ -281,18 +281,7 @@ impl SubscriptionsMoved for SubMoved {
     }
 }
 
-/// The bulk string arguments of a command or message (a RESP array or push).
-fn elements(frame: &[u8]) -> Vec<Bytes> {
-    let mut f = frame.to_vec();
-    if f.first() == Some(&b'>') {
-        f[0] = b'*';
-    }
-    crate::resp::scan::array_elements(&f)
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|&(s, e)| crate::resp::scan::bulk_body(&f[s..e]).map(Bytes::copy_from_slice))
-        .collect()
-}
+use crate::resp::scan::bulk_strings as elements;
 
 /// Whether a command is SSUBSCRIBE.
 fn command_is_ssubscribe(raw: &[u8]) -> bool {
