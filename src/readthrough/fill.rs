@@ -60,6 +60,13 @@ pub(super) enum Loaded {
 }
 
 pub(super) async fn fetch(w: &dyn Context, rule: &Rule, key: &[u8]) -> Loaded {
+    let url = rule.template.render(key, rule.prefix.len());
+    fetch_url(w, rule, &url).await
+}
+
+/// One origin request to `url` (a key's, or a batch's), through the rule's breaker and
+/// concurrency limit, counted in its metrics.
+pub(super) async fn fetch_url(w: &dyn Context, rule: &Rule, url: &str) -> Loaded {
     let stats = &rule.stats;
     let deadline = Instant::now() + rule.timeout;
     if let Some(b) = &rule.guard.breaker
@@ -125,14 +132,13 @@ pub(super) async fn fetch(w: &dyn Context, rule: &Rule, key: &[u8]) -> Loaded {
         }
     };
     stats.origin_requests.add(1);
-    let url = rule.template.render(key, rule.prefix.len());
     let t0 = Instant::now();
     let left = deadline
         .saturating_duration_since(t0)
         .max(Duration::from_millis(1));
     let fetched = w
         .origin()
-        .fetch(&url, &rule.origin, left, rule.max_body)
+        .fetch(url, &rule.origin, left, rule.max_body)
         .await
         .map_err(|e| match e {
             // (The rule's timeout, waiting for a turn included.)

@@ -24,6 +24,7 @@
 //!   refresh runs. When the origin fails, the stale value keeps being served until the hard
 //!   TTL.
 
+mod batch;
 mod fill;
 mod flights;
 pub mod invalidate;

@@ -110,7 +110,7 @@ impl UrlTemplate {
     }
 }
 
-fn percent_encode(b: &[u8], out: &mut String) {
+pub(crate) fn percent_encode(b: &[u8], out: &mut String) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     // "." and ".." would be dot-segments that an origin may normalise away: encode them.
     let dots = b == b"." || b == b"..";

@@ -272,24 +272,51 @@ impl PendingMget {
             return queue.deliver(seq, 0, build(elems));
         }
         tokio::task::spawn_local(async move {
-            // Every miss is fetched concurrently (each single-flight per key).
-            let handles: Vec<_> = fills
+            // Misses of rules with a batch URL are loaded a batch at a time (see `batch`);
+            // every other miss is fetched concurrently (each single-flight per key).
+            let mut batched: Vec<(Arc<Rule>, Vec<usize>)> = Vec::new();
+            let mut singles = Vec::new();
+            for (i, rule) in fills {
+                if rule.batch.is_none() {
+                    singles.push((i, rule));
+                } else if let Some((_, at)) =
+                    batched.iter_mut().find(|(r, _)| Arc::ptr_eq(r, &rule))
+                {
+                    at.push(i);
+                } else {
+                    batched.push((rule, vec![i]));
+                }
+            }
+            let handles: Vec<_> = singles
                 .into_iter()
                 .map(|(i, rule)| {
                     let (w, key) = (w.clone(), keys[i].clone());
-                    let h =
-                        tokio::task::spawn_local(
-                            async move { miss(&w, &rule, &key, sent_at).await },
-                        );
-                    (i, h)
+                    let h = tokio::task::spawn_local(async move {
+                        vec![miss(&w, &rule, &key, sent_at).await]
+                    });
+                    (vec![i], h)
                 })
+                .chain(batched.into_iter().map(|(rule, at)| {
+                    let w = w.clone();
+                    let ks: Vec<Bytes> = at.iter().map(|&i| keys[i].clone()).collect();
+                    let h = tokio::task::spawn_local(async move {
+                        let Some(batch) = &rule.batch else {
+                            return Vec::new();
+                        };
+                        super::batch::load(&w, &rule, batch, &ks, sent_at).await
+                    });
+                    (at, h)
+                }))
                 .collect();
             let mut elems = elems;
-            for (i, h) in handles {
-                elems[i] = match h.await.ok().as_deref() {
-                    Some(Outcome::Value(v)) => Some(reply::bulk(v)),
-                    _ => None,
-                };
+            for (at, h) in handles {
+                let outcomes = h.await.unwrap_or_default();
+                for (j, i) in at.into_iter().enumerate() {
+                    elems[i] = match outcomes.get(j).map(|o| o.as_ref()) {
+                        Some(Outcome::Value(v)) => Some(reply::bulk(v)),
+                        _ => None,
+                    };
+                }
             }
             queue.deliver(seq, 0, build(elems));
         });

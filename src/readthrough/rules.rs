@@ -45,13 +45,21 @@ pub struct RuleConfig {
     /// Refresh a value in the background once this fraction of its TTL has passed (e.g.
     /// 0.8), so that a hot key never misses [default: off].
     pub refresh_ahead: Option<f64>,
+    /// An MGET's misses are loaded with this URL, `{keys}` = the ids joined by `batch_sep`
+    /// [default: one request per key].
+    pub batch_url: Option<String>,
+    /// [default: ","]
+    pub batch_sep: Option<String>,
+    /// Most ids in one batch request [default: 100].
+    pub batch_max: Option<usize>,
 }
 
 impl RuleConfig {
     /// `PREFIX=URL_TEMPLATE[;ttl=10m][;negative_ttl=30s][;timeout=500ms][;grace=1m]
     /// [;name=N][;max_body=BYTES][;honor_max_age=true][;ca=FILE][;insecure=true]
     /// [;header=NAME:VALUE]…[;max_origin_concurrency=N][;breaker=N/COOLDOWN][;lease=false]
-    /// [;refresh_ahead=F]`, split at the first `=` so the prefix may contain colons.
+    /// [;refresh_ahead=F][;batch_url=URL][;batch_sep=S][;batch_max=N]`, split at the first
+    /// `=` so the prefix may contain colons.
     pub fn parse_flag(s: &str) -> Result<Self, String> {
         let (prefix, rest) = s.split_once('=').ok_or_else(|| {
             format!("--readthrough '{s}': expected PREFIX=URL_TEMPLATE[;opt=value…]")
@@ -90,6 +98,14 @@ impl RuleConfig {
                 }
                 "breaker" => rc.breaker = Some(v),
                 "lease" => rc.lease = Some(v.parse().map_err(|_| format!("lease '{v}'"))?),
+                "batch_url" => rc.batch_url = Some(v),
+                "batch_sep" => rc.batch_sep = Some(v),
+                "batch_max" => {
+                    rc.batch_max = Some(
+                        v.parse()
+                            .map_err(|_| format!("batch_max '{v}': a number"))?,
+                    )
+                }
                 "refresh_ahead" => {
                     rc.refresh_ahead = Some(
                         v.parse()
@@ -115,6 +131,8 @@ pub struct Rule {
     pub guard: OriginGuard,
     /// Single-flight across instances (see `lease`).
     pub lease: bool,
+    /// Batch loading of an MGET's misses (see `batch`).
+    pub batch: Option<batch::BatchUrl>,
     /// A value whose remaining PTTL is below this is refreshed in the background (its grace
     /// period, and the part of its TTL after `refresh_ahead`); zero: never.
     pub refresh_below: Duration,
@@ -288,6 +306,17 @@ impl Rules {
             .map_err(|e| what(&e))?;
             let guard = OriginGuard::build(c.max_origin_concurrency, c.breaker.as_deref())
                 .map_err(|e| what(&e))?;
+            let batch = match &c.batch_url {
+                Some(u) => Some(
+                    batch::BatchUrl::parse(
+                        u,
+                        c.batch_sep.as_deref().unwrap_or(","),
+                        c.batch_max.unwrap_or(100),
+                    )
+                    .map_err(|e| what(&e))?,
+                ),
+                None => None,
+            };
 
             if c.insecure {
                 tracing::warn!(
@@ -318,6 +347,7 @@ impl Rules {
                 origin,
                 guard,
                 lease: c.lease.unwrap_or(true),
+                batch,
                 refresh_below,
                 ttl,
                 honor_max_age: c.honor_max_age,
