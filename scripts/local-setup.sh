@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Sourced by run-local.sh and run-cluster.sh: installs redis-server and redis-tools with
+# Sourced by run-local.sh, run-cluster.sh and run-fleet.sh: installs redis-server and redis-tools with
 # apt-get if missing, builds slotgate (release), makes a temporary directory DIR, and stops
 # every process in PIDS (and removes DIR) when the script ends or is interrupted; and gives
 # start_redis and wait_ping (below).
