@@ -145,6 +145,18 @@ async fn invalidate(shared: &Shared, req: Request<hyper::body::Incoming>) -> Res
             "expected {\"keys\": [\"k1\", …]} or {\"prefix\": \"p\"}\n",
         );
     };
+    // Only what read-through rules own: the token deletes nothing else.
+    let rules = shared.live().readthrough.clone();
+    let owned = match &what {
+        Invalidation::Keys(keys) => keys.iter().all(|k| rules.find(k).is_some()),
+        Invalidation::Prefix(p) => rules.find(p).is_some(),
+    };
+    if !owned {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "only keys (or a prefix) of a read-through rule can be invalidated\n",
+        );
+    }
     let (done, result) = tokio::sync::oneshot::channel();
     let sent = shared
         .invalidations

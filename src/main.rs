@@ -68,6 +68,10 @@ fn main() {
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
         )
         .init();
+    // (The rules were built before the log existed: their warning is given now.)
+    for rule in settings.readthrough.iter() {
+        slotgate::readthrough::warn_if_insecure(rule);
+    }
     let reloader = slotgate::reload::Reloader {
         read: Box::new(move || cli.settings().map_err(|e| e.to_string())),
         log_filter: Box::new(move |level| {

@@ -204,6 +204,19 @@ fn changes(running: &Settings, new: &Settings) -> String {
                 format!(
                     "{:?}",
                     (&r.name, &r.prefix, &r.template, &r.origin, r.ttl, r.timeout)
+                ) + &format!(
+                    "{:?}",
+                    (
+                        r.lease,
+                        r.refresh_below,
+                        &r.batch,
+                        r.guard.limit.as_ref().map(|l| l.0),
+                        r.guard.breaker.as_ref().map(|b| (b.threshold, b.cooldown)),
+                        r.grace,
+                        r.negative_ttl,
+                        r.max_body,
+                        r.honor_max_age
+                    )
                 )
             })
             .collect::<Vec<_>>()

@@ -985,6 +985,19 @@ fn an_invalidation_sent_to_one_instance_reaches_all_three() {
         400
     );
     assert_eq!(http_request(admin, "GET", "/invalidate", &auth, "").0, 405);
+    // Only keys of a read-through rule: the token deletes nothing else.
+    assert_eq!(c.call(&[b"SET", b"other", b"1"]), b"+OK\r\n");
+    let body = r#"{"keys": ["other"]}"#;
+    assert_eq!(
+        http_request(admin, "POST", "/invalidate", &auth, body).0,
+        400
+    );
+    let body = r#"{"prefix": "o"}"#;
+    assert_eq!(
+        http_request(admin, "POST", "/invalidate", &auth, body).0,
+        400
+    );
+    assert_eq!(c.call(&[b"GET", b"other"]), b"$1\r\n1\r\n");
 }
 
 /// Three instances in front of the same shards, each started with the same rule.
@@ -1201,4 +1214,101 @@ fn an_mget_of_missing_keys_is_loaded_in_batches() {
         one.origin.requests()
     );
     assert!(r.starts_with(b"*100\r\n"));
+}
+
+/// Review of issue 15's read-through work: what it found, each fixed.
+#[test]
+fn review_findings_on_the_fleet_features_stay_fixed() {
+    // A huge max-age is capped (a worker panicked on the TTL's overflow, and the key failed
+    // until a restart).
+    let s = Setup::new(
+        ";honor_max_age=true;grace=5s",
+        Origin::start(|_| Reply::ok("v").header("Cache-Control", "max-age=18446744073709551615")),
+    );
+    let mut c = s.proxy.raw();
+    assert_eq!(c.call(&[b"GET", b"label:big"]), bulk("v"));
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg("label:big")
+        .query(&mut s.owner("label:big"))
+        .unwrap();
+    assert!(pttl > 0 && pttl <= (365 * 86_400 + 5) * 1000, "{pttl}");
+    drop(s);
+
+    // A read sent after an invalidation does not get the value of a fill it made dirty.
+    let s = Setup::new(";timeout=5s", Origin::start(|_| Reply::ok("old").gated()));
+    let mut first = s.proxy.raw();
+    first.send(&resp(&[b"GET", b"label:dj"]));
+    s.origin.wait_for_requests(1, Duration::from_secs(5));
+    s.origin.set_script(|_| Reply::ok("new"));
+    let mut c = s.proxy.raw();
+    assert_eq!(c.call(&[b"SLOTGATE.INVALIDATE", b"label:dj"]), b":0\r\n");
+    assert_eq!(c.call(&[b"GET", b"label:dj"]), bulk("new"));
+    s.origin.release();
+    assert_eq!(
+        first.read_replies(1)[0],
+        bulk("old"),
+        "it asked before the write"
+    );
+    drop(s);
+
+    // A concurrency limit does not trip the breaker of a healthy origin: a turn that comes
+    // too late is not sent (it was sent with a 1 ms budget, and its timeout counted).
+    let s = Setup::new(
+        ";timeout=1s;max_origin_concurrency=1;breaker=2/10s",
+        Origin::start(|_| Reply::ok("v").delay(Duration::from_millis(300))),
+    );
+    let clients: Vec<_> = (0..8)
+        .map(|i| {
+            let mut c = s.proxy.raw();
+            std::thread::spawn(move || c.call(&[b"GET", format!("label:c{i}").as_bytes()]))
+        })
+        .collect();
+    for t in clients {
+        t.join().unwrap();
+    }
+    let info = lossy(&s.proxy.raw().call(&[b"INFO", b"readthrough"]));
+    assert!(info.contains("breaker=closed"), "{info}");
+    assert!(info.contains("breaker_opens=0"), "{info}");
+    drop(s);
+
+    // A value in its refresh window whose origin now says 404 is not fetched again by every
+    // GET (there was no backoff).
+    let s = Setup::new(
+        ";ttl=10s;refresh_ahead=0.05",
+        Origin::start(|_| Reply::ok("v")),
+    );
+    let mut c = s.proxy.raw();
+    assert_eq!(c.call(&[b"GET", b"label:r"]), bulk("v"));
+    s.origin.set_script(|_| Reply::status(404));
+    // (The value must get older than 5% of its TTL: 0.5 s.)
+    std::thread::sleep(Duration::from_millis(600));
+    for _ in 0..20 {
+        assert_eq!(c.call(&[b"GET", b"label:r"]), bulk("v"));
+    }
+    assert!(
+        s.origin.requests() <= 3,
+        "{} origin requests",
+        s.origin.requests()
+    );
+    drop(s);
+
+    // Configuration errors: never a header's value; schemes and options that do not mix.
+    for (rule, want) in [
+        (
+            "label:=http://127.0.0.1:1/{rest};header=Bearer s3cr3t",
+            "not NAME:VALUE",
+        ),
+        (
+            "label:=http://127.0.0.1:1/{rest};batch_url=https://127.0.0.1:1/b?ids={keys}",
+            "the origin's scheme",
+        ),
+        (
+            "label:=http://127.0.0.1:1/{rest};refresh_ahead=0.8;honor_max_age=true",
+            "cannot be used together",
+        ),
+    ] {
+        let (ok, out) = support::check_config(&["--readthrough", rule, "--shard", "127.0.0.1:1"]);
+        assert!(!ok && out.contains(want), "{out}");
+        assert!(!out.contains("s3cr3t"), "{out}");
+    }
 }

@@ -135,7 +135,7 @@ async fn load_chunk(
         .map(|k| &k[rule.prefix.len().min(k.len())..])
         .collect();
     let url = batch.render(&ids);
-    let loaded = fill::fetch_url(w.as_ref(), rule, &url).await;
+    let loaded = fill::fetch_url(w.as_ref(), rule, &url, Instant::now() + rule.timeout).await;
     let mut outcomes = Vec::with_capacity(keys.len());
     let values: Result<(Answer, Option<Duration>), Outcome> = match loaded {
         Loaded::Value { body, store_for } => serde_json::from_slice(&body)

@@ -59,16 +59,20 @@ pub(super) enum Loaded {
     Failed(Outcome),
 }
 
-pub(super) async fn fetch(w: &dyn Context, rule: &Rule, key: &[u8]) -> Loaded {
+pub(super) async fn fetch(w: &dyn Context, rule: &Rule, key: &[u8], deadline: Instant) -> Loaded {
     let url = rule.template.render(key, rule.prefix.len());
-    fetch_url(w, rule, &url).await
+    fetch_url(w, rule, &url, deadline).await
 }
 
-/// One origin request to `url` (a key's, or a batch's), through the rule's breaker and
-/// concurrency limit, counted in its metrics.
-pub(super) async fn fetch_url(w: &dyn Context, rule: &Rule, url: &str) -> Loaded {
+/// One origin request to `url` (a key's, or a batch's) that ends by `deadline`, through the
+/// rule's breaker and concurrency limit, counted in its metrics.
+pub(super) async fn fetch_url(
+    w: &dyn Context,
+    rule: &Rule,
+    url: &str,
+    deadline: Instant,
+) -> Loaded {
     let stats = &rule.stats;
-    let deadline = Instant::now() + rule.timeout;
     if let Some(b) = &rule.guard.breaker
         && let Err(left) = b.admit()
     {
@@ -113,6 +117,19 @@ pub(super) async fn fetch_url(w: &dyn Context, rule: &Rule, url: &str) -> Loaded
                     }
                 }
             };
+            // A turn that comes with too little time left is no fair try of the origin
+            // (its timeout would count against the breaker).
+            let permit = permit.and_then(|p| {
+                if deadline.saturating_duration_since(Instant::now()) < rule.timeout / 10 {
+                    Err(format!(
+                        "timed out after {:?} waiting for one of its {max} origin requests \
+                         (max_origin_concurrency)",
+                        rule.timeout
+                    ))
+                } else {
+                    Ok(p)
+                }
+            });
             match permit {
                 Ok(p) => Some(p),
                 Err(why) => {
@@ -170,7 +187,7 @@ pub(super) async fn fetch_url(w: &dyn Context, rule: &Rule, url: &str) -> Loaded
                 _ => rule.ttl,
             };
             // Stored for ttl + grace: the grace period serves it stale (see the module docs).
-            let store_for = (!no_store && !ttl.is_zero()).then_some(ttl + rule.grace);
+            let store_for = (!no_store && !ttl.is_zero()).then_some(ttl.saturating_add(rule.grace));
             Loaded::Value { body, store_for }
         }
         Ok(Fetched::Absent) => Loaded::Absent,
@@ -197,6 +214,8 @@ pub(super) async fn lead(
     key: &Bytes,
     flight: &Flight,
 ) -> Outcome {
+    // (The rule's timeout counts from here, waiting on another instance's lease included.)
+    let deadline = Instant::now() + rule.timeout;
     let token = match rule.lease {
         true => match lease::acquire(w.as_ref(), rule, key).await {
             Some(lease::Lease::Held(token)) => Some(token),
@@ -212,7 +231,7 @@ pub(super) async fn lead(
     };
     let stats = &rule.stats;
     let mut stored = false;
-    let outcome = match fetch(w.as_ref(), rule, key).await {
+    let outcome = match fetch(w.as_ref(), rule, key, deadline).await {
         Loaded::Value { body, store_for } => {
             match store_for {
                 Some(d) if !flight.is_dirty() => {
@@ -295,7 +314,8 @@ pub(super) fn refresh_in_background(
             false => None,
         };
         stats.refreshes.add(1);
-        let outcome = match fetch(w.as_ref(), &rule, &key).await {
+        let deadline = Instant::now() + rule.timeout;
+        let outcome = match fetch(w.as_ref(), &rule, &key, deadline).await {
             Loaded::Value { body, store_for } => {
                 match store_for {
                     Some(d) if !flight.is_dirty() => {
@@ -313,17 +333,23 @@ pub(super) fn refresh_in_background(
                             stats.stored.add(1);
                         } else {
                             stats.store_skipped.add(1);
+                            backoff(rt, &key);
                         }
                     }
-                    _ => stats.store_skipped.add(1),
+                    _ => {
+                        stats.store_skipped.add(1);
+                        backoff(rt, &key);
+                    }
                 }
                 Outcome::Value(body)
             }
             // Gone at the origin: the stale value expires on its own (hard TTL).
-            Loaded::Absent => Outcome::Absent,
+            Loaded::Absent => {
+                backoff(rt, &key);
+                Outcome::Absent
+            }
             Loaded::Failed(o) => {
-                rt.refresh_backoff
-                    .insert(key.clone(), Instant::now() + REFRESH_BACKOFF);
+                backoff(rt, &key);
                 o
             }
         };
@@ -332,6 +358,14 @@ pub(super) fn refresh_in_background(
         }
         rt.finish(&flight, Arc::new(outcome));
     });
+}
+
+/// A refresh that left the value as it was (the origin failed, has no such key, said
+/// `no-store`, or a client wrote the key): the next one for the key waits a while, so that
+/// GETs of it do not each call the origin.
+fn backoff(rt: &ReadThrough, key: &Bytes) {
+    rt.refresh_backoff
+        .insert(key.clone(), Instant::now() + REFRESH_BACKOFF);
 }
 
 /// The payload of a `$len\r\n…\r\n` frame.

@@ -89,6 +89,13 @@ impl ReadThrough {
     pub fn join(&self, key: &Bytes, sent_at: Instant) -> Join {
         match self.flights.entry(key.clone()) {
             Entry::Occupied(mut e) => match e.get().done_at() {
+                // A fill that a write made dirty answers those who asked before the write,
+                // not those who ask after it: they get a new fetch.
+                _ if e.get().is_dirty() => {
+                    let f = Flight::new();
+                    e.insert(f.clone());
+                    Join::Leader(f)
+                }
                 None => Join::Waiter(e.get().clone()),
                 Some(done) if done > sent_at => match e.get().tx.borrow().clone() {
                     Some(o) => Join::Done(o),

@@ -181,15 +181,21 @@ pub struct OriginSpec {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Where `tls`'s extra roots came from, and whether verification is off (for `Debug`).
     pub tls_note: String,
+    /// `insecure=true`: the origin's certificate is not verified.
+    pub insecure: bool,
     pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl std::fmt::Debug for OriginSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let names: Vec<&str> = self.headers.iter().map(|(n, _)| n.as_str()).collect();
+        // (A short digest of the values, so that a reload sees them change; never a value.)
+        let values: Vec<&[u8]> = self.headers.iter().map(|(_, v)| v.as_bytes()).collect();
+        let digest = crate::auth::sha256(&values.concat());
         f.debug_struct("OriginSpec")
             .field("tls", &self.tls_note)
             .field("headers", &names)
+            .field("digest", &format!("{:02x}{:02x}", digest[0], digest[1]))
             .finish()
     }
 }
@@ -224,9 +230,10 @@ impl OriginSpec {
         };
         let mut out = Vec::new();
         for h in headers {
+            // (The option is never shown: without a colon it may be all secret.)
             let (name, value) = h
                 .split_once(':')
-                .ok_or_else(|| format!("header '{}': expected NAME:VALUE", redact(h)))?;
+                .ok_or_else(|| "a header option is not NAME:VALUE".to_string())?;
             let name = HeaderName::from_bytes(name.trim().as_bytes())
                 .map_err(|_| format!("header '{}': not a valid header name", name.trim()))?;
             let value = match value.strip_prefix("env:") {
@@ -243,14 +250,10 @@ impl OriginSpec {
         Ok(OriginSpec {
             tls,
             tls_note,
+            insecure,
             headers: out,
         })
     }
-}
-
-/// A `header=` option as it may be shown: its name only.
-fn redact(h: &str) -> String {
-    format!("{}:…", h.split(':').next().unwrap_or(""))
 }
 
 /// TLS without certificate verification (`insecure=true`, for development).
@@ -464,6 +467,9 @@ fn source_text(e: &(dyn std::error::Error + 'static)) -> String {
     cur.to_string()
 }
 
+/// The longest `max-age` taken from an origin, in seconds (a year).
+const MAX_AGE_CAP: u64 = 365 * 86_400;
+
 /// `Cache-Control: max-age=N` and `no-store`.
 fn cache_control(h: &hyper::HeaderMap) -> (Option<Duration>, bool) {
     let mut max_age = None;
@@ -475,7 +481,12 @@ fn cache_control(h: &hyper::HeaderMap) -> (Option<Duration>, bool) {
             if d == "no-store" {
                 no_store = true;
             } else if let Some(n) = d.strip_prefix("max-age=") {
-                max_age = n.trim().parse::<u64>().ok().map(Duration::from_secs);
+                // (At most a year: a huge max-age must not overflow a TTL.)
+                max_age = n
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+                    .map(|n| Duration::from_secs(n.min(MAX_AGE_CAP)));
             }
         }
     }

@@ -307,6 +307,12 @@ impl Rules {
             let guard = OriginGuard::build(c.max_origin_concurrency, c.breaker.as_deref())
                 .map_err(|e| what(&e))?;
             let batch = match &c.batch_url {
+                // (Fetched with the origin's TLS settings.)
+                Some(u) if u.starts_with("https://") != template.is_https() => {
+                    return Err(what(
+                        "batch_url must use the origin's scheme (http or https)",
+                    ));
+                }
                 Some(u) => Some(
                     batch::BatchUrl::parse(
                         u,
@@ -318,19 +324,18 @@ impl Rules {
                 None => None,
             };
 
-            if c.insecure {
-                tracing::warn!(
-                    rule = %name,
-                    "read-through rule '{name}': insecure=true: its origin's certificate is not \
-                     verified (for development only)"
-                );
-            }
             let ttl = dur(&c.ttl, "10m", "ttl")?;
             let timeout = dur(&c.timeout, "500ms", "timeout")?;
             if ttl.is_zero() || timeout.is_zero() {
                 return Err(what("ttl and timeout must be > 0"));
             }
             let grace = dur(&c.grace, "0s", "grace")?;
+            if c.refresh_ahead.is_some() && c.honor_max_age {
+                // (The refresh point is a fraction of the rule's ttl, which max-age replaces.)
+                return Err(what(
+                    "refresh_ahead and honor_max_age cannot be used together",
+                ));
+            }
             let refresh_below = match c.refresh_ahead {
                 None => grace,
                 Some(f) if f > 0.0 && f < 1.0 => grace + ttl.mul_f64(1.0 - f),
@@ -366,6 +371,7 @@ impl Rules {
             if rules.iter().any(|o| o.name == rule.name) {
                 return Err(format!("two read-through rules are named '{}'", rule.name));
             }
+            warn_if_insecure(&rule);
             rules.push(Arc::new(rule));
         }
         rules.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
@@ -510,5 +516,18 @@ impl Breaker {
     pub fn is_open(&self) -> bool {
         let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.open_until.is_some()
+    }
+}
+
+/// The warning for a rule with `insecure=true` (logged when its rules are built, and at
+/// start-up once the log exists).
+pub fn warn_if_insecure(rule: &Rule) {
+    if rule.origin.insecure {
+        tracing::warn!(
+            rule = %rule.name,
+            "read-through rule '{}': insecure=true: its origin's certificate is not verified \
+             (for development only)",
+            rule.name
+        );
     }
 }
