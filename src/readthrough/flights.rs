@@ -26,6 +26,8 @@ impl Outcome {
 /// One in-flight (or just finished) origin fetch.
 pub struct Flight {
     dirty: AtomicBool,
+    /// When a write first made it dirty.
+    dirty_at: Mutex<Option<Instant>>,
     pub(super) tx: watch::Sender<Option<Arc<Outcome>>>,
     done_at: Mutex<Option<Instant>>,
 }
@@ -34,6 +36,7 @@ impl Flight {
     fn new() -> Arc<Self> {
         Arc::new(Flight {
             dirty: AtomicBool::new(false),
+            dirty_at: Mutex::new(None),
             tx: watch::channel(None).0,
             done_at: Mutex::new(None),
         })
@@ -45,6 +48,25 @@ impl Flight {
 
     pub fn is_dirty(&self) -> bool {
         self.dirty.load(Ordering::Acquire)
+    }
+
+    /// A write made it dirty: its result must not be stored.
+    fn make_dirty(&self) {
+        if let Ok(mut d) = self.dirty_at.lock() {
+            d.get_or_insert_with(Instant::now);
+        }
+        self.dirty.store(true, Ordering::Release);
+    }
+
+    /// Whether a miss sent at `sent_at` came after a write made it dirty.
+    fn dirty_before(&self, sent_at: Instant) -> bool {
+        self.is_dirty()
+            && self
+                .dirty_at
+                .lock()
+                .ok()
+                .and_then(|d| *d)
+                .is_some_and(|d| d <= sent_at)
     }
 }
 
@@ -91,7 +113,7 @@ impl ReadThrough {
             Entry::Occupied(mut e) => match e.get().done_at() {
                 // A fill that a write made dirty answers those who asked before the write,
                 // not those who ask after it: they get a new fetch.
-                _ if e.get().is_dirty() => {
+                _ if e.get().dirty_before(sent_at) => {
                     let f = Flight::new();
                     e.insert(f.clone());
                     Join::Leader(f)
@@ -129,7 +151,7 @@ impl ReadThrough {
         if let Some(f) = self.flights.get(key)
             && f.done_at().is_none()
         {
-            f.dirty.store(true, Ordering::Release);
+            f.make_dirty();
         }
         self.negatives.remove(key);
         self.refresh_backoff.remove(key);
@@ -140,7 +162,7 @@ impl ReadThrough {
     pub fn note_prefix(&self, prefix: &[u8]) {
         for f in self.flights.iter() {
             if f.key().starts_with(prefix) && f.done_at().is_none() {
-                f.dirty.store(true, Ordering::Release);
+                f.make_dirty();
             }
         }
         self.negatives.retain(|k, _| !k.starts_with(prefix));
