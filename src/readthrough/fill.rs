@@ -73,6 +73,11 @@ pub(super) async fn fetch_url(
     deadline: Instant,
 ) -> Loaded {
     let stats = &rule.stats;
+    if deadline.saturating_duration_since(Instant::now()) < rule.timeout / 10 {
+        // (Its time went waiting on another instance's lease: not sent, and no verdict for
+        // the breaker.)
+        return Loaded::Failed(timeout_error(rule));
+    }
     if let Some(b) = &rule.guard.breaker
         && let Err(left) = b.admit()
     {
