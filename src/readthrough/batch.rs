@@ -162,12 +162,9 @@ async fn load_chunk(
                     match store_for {
                         Some(d) if !flight.is_dirty() => {
                             let px = d.as_millis().to_string();
-                            let set = command(&[b"SET", key, &body, b"PX", px.as_bytes(), b"NX"]);
-                            if w.request_for_key(key, &set).await.starts_with(b"+OK") {
-                                rule.stats.stored.add(1);
-                            } else {
-                                rule.stats.store_skipped.add(1);
-                            }
+                            let stored =
+                                fill::store_nx(w.as_ref(), rule, key, &body, px.as_bytes()).await;
+                            fill::count_store(rule, stored);
                         }
                         _ => rule.stats.store_skipped.add(1),
                     }

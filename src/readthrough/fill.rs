@@ -243,21 +243,9 @@ pub(super) async fn lead(
                     let px = d.as_millis().to_string();
                     stored = match &token {
                         Some(t) => lease::store(w.as_ref(), key, t, &body, px.as_bytes()).await,
-                        None => {
-                            let set = command(&[b"SET", key, &body, b"PX", px.as_bytes(), b"NX"]);
-                            let r = w.request_for_key(key, &set).await;
-                            if r.first() == Some(&b'-') {
-                                tracing::warn!(rule = %rule.name, "storing a loaded value failed: {}",
-                                    String::from_utf8_lossy(&r).trim_end());
-                            }
-                            r.starts_with(b"+OK")
-                        }
+                        None => store_nx(w.as_ref(), rule, key, &body, px.as_bytes()).await,
                     };
-                    if stored {
-                        stats.stored.add(1);
-                    } else {
-                        stats.store_skipped.add(1);
-                    }
+                    count_store(rule, stored);
                 }
                 _ => stats.store_skipped.add(1),
             }
@@ -278,6 +266,33 @@ pub(super) async fn lead(
         lease::settle(w.as_ref(), key, t, &outcome).await;
     }
     outcome
+}
+
+/// Stores a loaded value with `SET key body PX px NX` (a client's newer write wins);
+/// whether it stored.
+pub(super) async fn store_nx(
+    w: &dyn Context,
+    rule: &Rule,
+    key: &[u8],
+    body: &[u8],
+    px: &[u8],
+) -> bool {
+    let set = command(&[b"SET", key, body, b"PX", px, b"NX"]);
+    let r = w.request_for_key(key, &set).await;
+    if r.first() == Some(&b'-') {
+        tracing::warn!(rule = %rule.name, "storing a loaded value failed: {}",
+            String::from_utf8_lossy(&r).trim_end());
+    }
+    r.starts_with(b"+OK")
+}
+
+/// Counts a loaded value as stored or not.
+pub(super) fn count_store(rule: &Rule, stored: bool) {
+    if stored {
+        rule.stats.stored.add(1);
+    } else {
+        rule.stats.store_skipped.add(1);
+    }
 }
 
 /// Starts one background refresh of a value served in its grace period or past its

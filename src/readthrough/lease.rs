@@ -72,10 +72,8 @@ pub(super) enum Lease {
 pub(super) async fn acquire(w: &dyn Context, rule: &Rule, key: &[u8]) -> Option<Lease> {
     let lease = lease_key(key)?;
     let deadline = Instant::now() + rule.timeout;
-    let token = Bytes::from(format!("{:016x}", random_token()));
-    let px = (rule.timeout + MARGIN).as_millis().to_string();
+    let (token, take) = take_command(rule, &lease);
     loop {
-        let take = command(&[b"SET", &lease, &token, b"NX", b"PX", px.as_bytes()]);
         let r = w.request_for_key(key, &take).await;
         if r.starts_with(b"+OK") {
             return Some(Lease::Held(token));
@@ -128,9 +126,7 @@ pub(super) async fn try_take(
     let Some(lease) = lease_key(key) else {
         return Ok(None);
     };
-    let token = Bytes::from(format!("{:016x}", random_token()));
-    let px = (rule.timeout + MARGIN).as_millis().to_string();
-    let take = command(&[b"SET", &lease, &token, b"NX", b"PX", px.as_bytes()]);
+    let (token, take) = take_command(rule, &lease);
     let r = w.request_for_key(key, &take).await;
     match r.first() {
         Some(b'+') => Ok(Some(token)),
@@ -201,6 +197,15 @@ pub(super) async fn settle(w: &dyn Context, key: &[u8], token: &[u8], outcome: &
 /// so it does not store.
 pub fn release_command(key: &[u8]) -> Option<Bytes> {
     lease_key(key).map(|l| command(&[b"DEL", &l]))
+}
+
+/// A new token, and the command that takes `lease` with it for the rule's timeout plus
+/// the margin.
+fn take_command(rule: &Rule, lease: &[u8]) -> (Bytes, Bytes) {
+    let token = Bytes::from(format!("{:016x}", random_token()));
+    let px = (rule.timeout + MARGIN).as_millis().to_string();
+    let take = command(&[b"SET", lease, &token, b"NX", b"PX", px.as_bytes()]);
+    (token, take)
 }
 
 /// A lease token: random enough that two instances never share one.

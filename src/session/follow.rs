@@ -66,6 +66,14 @@ pub enum Via {
     Mirror(std::sync::Arc<crate::auth::User>),
 }
 
+impl Follow {
+    /// Whether its redirect names another node (MOVED, ASK), as opposed to a wait on the
+    /// same one (TRYAGAIN, CLUSTERDOWN).
+    fn moves(&self) -> bool {
+        self.reply.starts_with(b"-MOVED ") || self.reply.starts_with(b"-ASK ")
+    }
+}
+
 enum Again {
     /// A request: its bytes, its reply's place in the queue, and its connections.
     Request { raw: Bytes, seq: u64, via: Via },
@@ -388,7 +396,7 @@ impl Session {
             return self.resubscribe(f);
         }
         if let Again::Subscribe { raw, .. } = &f.again
-            && !(f.reply.starts_with(b"-MOVED ") || f.reply.starts_with(b"-ASK "))
+            && !f.moves()
         {
             // Refused (`-CLUSTERDOWN` …): the command's answer, and nothing is subscribed.
             // (One slotgate made on its own: the client learns that the channel is gone.)
@@ -482,6 +490,7 @@ impl Session {
             },
             _ => None,
         };
+        let moves = f.moves();
         match (f.again, conn) {
             (Again::Request { raw, seq, via }, conn) => {
                 let up = match (&via, &conn) {
@@ -516,9 +525,7 @@ impl Session {
                     // A blocking command sent on after a MOVED or ASK may block for long, and
                     // its next redirect gets `op_timeout` again; one tried again after a
                     // TRYAGAIN or CLUSTERDOWN keeps this one's.
-                    follow_until: (!blocking
-                        || !(f.reply.starts_with(b"-MOVED ") || f.reply.starts_with(b"-ASK ")))
-                    .then_some(f.deadline),
+                    follow_until: (!blocking || !moves).then_some(f.deadline),
                     op_timeout: self.w.shared.settings.op_timeout,
                 });
                 up.send_until(&raw, Target::Sink(SinkRef::new(sink, 0)), wait_until);
