@@ -43,6 +43,7 @@ pub const RT_STORE_SKIPPED: &str = "slotgate_readthrough_store_skipped_total";
 pub const RT_THROTTLED: &str = "slotgate_readthrough_origin_throttled_total";
 pub const RT_LEASE_WAITS: &str = "slotgate_readthrough_lease_waits_total";
 pub const RT_REFRESHES: &str = "slotgate_readthrough_refreshes_total";
+pub const RT_REVALIDATED: &str = "slotgate_readthrough_revalidated_total";
 pub const RT_BREAKER_REJECTIONS: &str = "slotgate_readthrough_breaker_rejections_total";
 pub const RT_BREAKER_OPENS: &str = "slotgate_readthrough_breaker_opens_total";
 pub const RT_BREAKER_OPEN: &str = "slotgate_readthrough_breaker_open";
@@ -128,6 +129,10 @@ pub fn install() -> Option<PrometheusHandle> {
     describe_counter!(
         RT_REFRESHES,
         "Background refreshes of values (refresh-ahead, grace) this instance made"
+    );
+    describe_counter!(
+        RT_REVALIDATED,
+        "Refreshes the origin answered 304 Not Modified to (the value's TTL was extended)"
     );
     describe_counter!(
         RT_LEASE_WAITS,

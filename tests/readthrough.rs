@@ -1157,6 +1157,108 @@ fn a_hot_key_refreshed_ahead_never_misses() {
     );
 }
 
+/// Issue 15.2: a value loaded with an `ETag` (or a `Last-Modified`) is refreshed with a
+/// conditional request, and the origin's `304` (no body) extends its TTL; a changed record is
+/// loaded in full with its new validator; after a client's write the next refresh asks
+/// without conditions (the validators describe the origin's bytes only).
+#[test]
+fn a_304_revalidation_extends_the_ttl_without_a_body() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    const LM: &str = "Wed, 21 Oct 2015 07:28:00 GMT";
+    let version = Arc::new(AtomicUsize::new(1));
+    let origin = Origin::start(|_| Reply::ok(""));
+    let v = version.clone();
+    origin.set_script_with_headers(move |path, headers| {
+        let has = |name: &str, value: &str| headers.iter().any(|(k, v)| k == name && v == value);
+        let not_modified = Reply {
+            body: Vec::new(),
+            ..Reply::status(304)
+        };
+        if path.ends_with("/lm") {
+            return match has("if-modified-since", LM) {
+                true => not_modified,
+                false => Reply::ok("dated").header("Last-Modified", LM),
+            };
+        }
+        let etag = format!("\"v{}\"", v.load(SeqCst));
+        match has("if-none-match", &etag) {
+            true => not_modified,
+            false => Reply::ok(format!("body-{etag}")).header("ETag", &etag),
+        }
+    });
+    let s = Setup::new(";ttl=2s;refresh_ahead=0.5", origin);
+    let mut c = s.proxy.raw();
+    let revalidated = |c: &mut RawConn| {
+        let info = lossy(&c.call(&[b"INFO", b"readthrough"]));
+        info_u64(&info.replace(',', "\r\n").replace('=', ":"), "revalidated")
+    };
+    let pttl = |key: &str| -> i64 {
+        redis::cmd("PTTL")
+            .arg(key)
+            .query(&mut s.owner(key))
+            .unwrap()
+    };
+    let v1 = bulk("body-\"v1\"");
+    assert_eq!(c.call(&[b"GET", b"label:a"]), v1);
+    assert_eq!(c.call(&[b"GET", b"label:lm"]), bulk("dated"));
+    assert_eq!(s.origin.requests(), 2);
+    // Past the refresh point (under half the TTL left) a read starts the refresh, and the
+    // origin says 304 to both.
+    wait_until("both keys revalidated", Duration::from_secs(6), || {
+        assert_eq!(c.call(&[b"GET", b"label:a"]), v1);
+        assert_eq!(c.call(&[b"GET", b"label:lm"]), bulk("dated"));
+        revalidated(&mut c) >= 2
+    });
+    assert_eq!(s.origin.requests(), 4, "{:?}", s.origin.paths());
+    // The TTL was extended to the full 2 s again (it was under 1 s when the refresh began).
+    assert!(pttl("label:a") > 1000, "{}", pttl("label:a"));
+    assert!(pttl("label:lm") > 1000, "{}", pttl("label:lm"));
+    let inm = s.origin.header_values("if-none-match");
+    let ims = s.origin.header_values("if-modified-since");
+    let paths = s.origin.paths();
+    for (i, p) in paths.iter().enumerate() {
+        let conditional = i >= 2;
+        if p.ends_with("/a") {
+            assert_eq!(inm[i].as_deref(), conditional.then_some("\"v1\""), "{i}");
+        } else {
+            assert_eq!(ims[i].as_deref(), conditional.then_some(LM), "{i}");
+        }
+    }
+    // The record changes: the next refresh gets it in full, with its new ETag, which the
+    // refresh after that sends.
+    version.store(2, SeqCst);
+    let v2 = bulk("body-\"v2\"");
+    wait_until("the new version loaded", Duration::from_secs(6), || {
+        c.call(&[b"GET", b"label:a"]) == v2
+    });
+    wait_until(
+        "the new version revalidated",
+        Duration::from_secs(6),
+        || {
+            assert_eq!(c.call(&[b"GET", b"label:a"]), v2);
+            s.origin.header_values("if-none-match").last() == Some(&Some("\"v2\"".into()))
+                && revalidated(&mut c) >= 3
+        },
+    );
+    // A client's write (with a TTL, so it is refreshed too): the stored validators no longer
+    // describe the value, so the refresh is unconditional.
+    assert_eq!(
+        c.call(&[b"SET", b"label:a", b"mine", b"PX", b"900"]),
+        b"+OK\r\n"
+    );
+    let before = s.origin.requests();
+    wait_until(
+        "the client's value refreshed",
+        Duration::from_secs(6),
+        || {
+            c.call(&[b"GET", b"label:a"]);
+            s.origin.requests() > before
+        },
+    );
+    let inm = s.origin.header_values("if-none-match");
+    assert_eq!(inm[before], None, "{:?}", s.origin.paths());
+}
+
 /// Issue 15.4: an MGET of 100 missing keys of a rule with `batch_max=25` makes 4 origin
 /// requests; the replies keep the keys' order, an id the origin leaves out is nil (and a
 /// remembered 404), and the loaded values are stored.

@@ -135,10 +135,12 @@ async fn load_chunk(
         .map(|k| &k[rule.prefix.len().min(k.len())..])
         .collect();
     let url = batch.render(&ids);
-    let loaded = fill::fetch_url(w.as_ref(), rule, &url, Instant::now() + rule.timeout).await;
+    let loaded = fill::fetch_url(w.as_ref(), rule, &url, Instant::now() + rule.timeout, None).await;
     let mut outcomes = Vec::with_capacity(keys.len());
     let values: Result<(Answer, Option<Duration>), Outcome> = match loaded {
-        Loaded::Value { body, store_for } => serde_json::from_slice(&body)
+        Loaded::Value {
+            body, store_for, ..
+        } => serde_json::from_slice(&body)
             .map(|m| (m, store_for))
             .map_err(|e| {
                 Outcome::Error(
@@ -150,6 +152,7 @@ async fn load_chunk(
                 )
             }),
         Loaded::Absent => Ok((Default::default(), None)),
+        Loaded::NotModified { .. } => Err(fill::unasked_304(rule)),
         Loaded::Failed(o) => Err(o),
     };
     for ((key, id), flight) in keys.iter().zip(&ids).zip(flights) {

@@ -48,11 +48,15 @@ pub(super) fn timeout_error(rule: &Rule) -> Outcome {
 
 /// One origin fetch, counted in the rule's metrics.
 pub(super) enum Loaded {
-    /// `200`: the body, and how long to store it (`None`: `no-store` or a zero TTL).
+    /// `200`: the body, how long to store it (`None`: `no-store` or a zero TTL), and its
+    /// validators.
     Value {
         body: Bytes,
         store_for: Option<Duration>,
+        validators: revalidate::Validators,
     },
+    /// `304` to a conditional request: the value held is current; keep it this long.
+    NotModified { store_for: Option<Duration> },
     /// `404`/`410`.
     Absent,
     /// The error reply for the client.
@@ -61,16 +65,17 @@ pub(super) enum Loaded {
 
 pub(super) async fn fetch(w: &dyn Context, rule: &Rule, key: &[u8], deadline: Instant) -> Loaded {
     let url = rule.template.render(key, rule.prefix.len());
-    fetch_url(w, rule, &url, deadline).await
+    fetch_url(w, rule, &url, deadline, None).await
 }
 
 /// One origin request to `url` (a key's, or a batch's) that ends by `deadline`, through the
-/// rule's breaker and concurrency limit, counted in its metrics.
+/// rule's breaker and concurrency limit, counted in its metrics; conditional with `cond`.
 pub(super) async fn fetch_url(
     w: &dyn Context,
     rule: &Rule,
     url: &str,
     deadline: Instant,
+    cond: Option<&revalidate::Validators>,
 ) -> Loaded {
     let stats = &rule.stats;
     if deadline.saturating_duration_since(Instant::now()) < rule.timeout / 10 {
@@ -160,7 +165,7 @@ pub(super) async fn fetch_url(
         .max(Duration::from_millis(1));
     let fetched = w
         .origin()
-        .fetch(url, &rule.origin, left, rule.max_body)
+        .fetch(url, &rule.origin, left, rule.max_body, cond)
         .await
         .map_err(|e| match e {
             // (The rule's timeout, waiting for a turn included.)
@@ -180,21 +185,31 @@ pub(super) async fn fetch_url(
             b.cooldown
         );
     }
+    // Stored for ttl + grace: the grace period serves it stale (see the module docs).
+    let store_for = |max_age: Option<Duration>, no_store: bool| {
+        let ttl = match max_age {
+            Some(a) if rule.honor_max_age => a,
+            _ => rule.ttl,
+        };
+        (!no_store && !ttl.is_zero()).then_some(ttl.saturating_add(rule.grace))
+    };
     match fetched {
         Ok(Fetched::Found {
             body,
             max_age,
             no_store,
+            validators,
         }) => {
             stats.bytes_loaded.add(body.len() as u64);
-            let ttl = match max_age {
-                Some(a) if rule.honor_max_age => a,
-                _ => rule.ttl,
-            };
-            // Stored for ttl + grace: the grace period serves it stale (see the module docs).
-            let store_for = (!no_store && !ttl.is_zero()).then_some(ttl.saturating_add(rule.grace));
-            Loaded::Value { body, store_for }
+            Loaded::Value {
+                body,
+                store_for: store_for(max_age, no_store),
+                validators,
+            }
         }
+        Ok(Fetched::NotModified { max_age, no_store }) => Loaded::NotModified {
+            store_for: store_for(max_age, no_store),
+        },
         Ok(Fetched::Absent) => Loaded::Absent,
         Err(e) => {
             stats.origin_error(&e);
@@ -237,7 +252,11 @@ pub(super) async fn lead(
     let stats = &rule.stats;
     let mut stored = false;
     let outcome = match fetch(w.as_ref(), rule, key, deadline).await {
-        Loaded::Value { body, store_for } => {
+        Loaded::Value {
+            body,
+            store_for,
+            validators,
+        } => {
             match store_for {
                 Some(d) if !flight.is_dirty() => {
                     let px = d.as_millis().to_string();
@@ -246,6 +265,10 @@ pub(super) async fn lead(
                         None => store_nx(w.as_ref(), rule, key, &body, px.as_bytes()).await,
                     };
                     count_store(rule, stored);
+                    if stored {
+                        revalidate::remember(w.as_ref(), key, &validators, &body, px.as_bytes())
+                            .await;
+                    }
                 }
                 _ => stats.store_skipped.add(1),
             }
@@ -257,6 +280,7 @@ pub(super) async fn lead(
             }
             Outcome::Absent
         }
+        Loaded::NotModified { .. } => unasked_304(rule),
         Loaded::Failed(o) => o,
     };
     if let Some(t) = &token
@@ -266,6 +290,18 @@ pub(super) async fn lead(
         lease::settle(w.as_ref(), key, t, &outcome).await;
     }
     outcome
+}
+
+/// A `304` to a request that was not conditional (the origin client maps it to an error
+/// before this; kept as one for the match).
+pub(super) fn unasked_304(rule: &Rule) -> Outcome {
+    Outcome::Error(
+        reply::Failure::Origin {
+            rule: &rule.name,
+            why: "HTTP 304 to a request that was not conditional",
+        }
+        .to_reply(),
+    )
 }
 
 /// Stores a loaded value with `SET key body PX px NX` (a client's newer write wins);
@@ -335,8 +371,33 @@ pub(super) fn refresh_in_background(
         };
         stats.refreshes.add(1);
         let deadline = Instant::now() + rule.timeout;
-        let outcome = match fetch(w.as_ref(), &rule, &key, deadline).await {
-            Loaded::Value { body, store_for } => {
+        // Conditional when the value came with validators (a `304` then extends it).
+        let cond = revalidate::recall(w.as_ref(), &key, &old).await;
+        let url = rule.template.render(&key, rule.prefix.len());
+        let outcome = match fetch_url(w.as_ref(), &rule, &url, deadline, cond.as_ref()).await {
+            Loaded::NotModified { store_for } => {
+                match store_for {
+                    Some(d) if !flight.is_dirty() => {
+                        let px = d.as_millis().to_string();
+                        if revalidate::extend(w.as_ref(), &key, &old, px.as_bytes()).await {
+                            stats.revalidated.add(1);
+                        } else {
+                            stats.store_skipped.add(1);
+                            backoff(rt, &key);
+                        }
+                    }
+                    _ => {
+                        stats.store_skipped.add(1);
+                        backoff(rt, &key);
+                    }
+                }
+                Outcome::Value(old.clone())
+            }
+            Loaded::Value {
+                body,
+                store_for,
+                validators,
+            } => {
                 match store_for {
                     Some(d) if !flight.is_dirty() => {
                         let px = d.as_millis().to_string();
@@ -351,6 +412,14 @@ pub(super) fn refresh_in_background(
                         ]);
                         if w.request_for_key(&key, &cas).await.starts_with(b"+OK") {
                             stats.stored.add(1);
+                            revalidate::remember(
+                                w.as_ref(),
+                                &key,
+                                &validators,
+                                &body,
+                                px.as_bytes(),
+                            )
+                            .await;
                         } else {
                             stats.store_skipped.add(1);
                             backoff(rt, &key);

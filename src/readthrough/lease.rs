@@ -40,7 +40,13 @@ const END: &str = "if redis.call('get',KEYS[1])==ARGV[1] then \
 /// for an empty key and one that has a `}` but no hash tag (braces around it would make a
 /// different tag).
 pub fn lease_key(key: &[u8]) -> Option<Vec<u8>> {
-    let mut k = PREFIX.to_vec();
+    side_key(PREFIX, key)
+}
+
+/// A key of slotgate's own beside `key`, in its slot: `prefix` and the key, tagged as
+/// [`lease_key`] says (also used for a value's validators, see `revalidate`).
+pub(super) fn side_key(prefix: &[u8], key: &[u8]) -> Option<Vec<u8>> {
+    let mut k = prefix.to_vec();
     let tagged = key.iter().position(|&b| b == b'{').is_some_and(|open| {
         key[open + 1..]
             .iter()

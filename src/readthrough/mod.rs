@@ -31,6 +31,7 @@ pub mod invalidate;
 pub mod lease;
 pub mod origin;
 mod pending;
+pub mod revalidate;
 mod rules;
 
 pub use fill::*;

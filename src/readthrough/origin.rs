@@ -7,8 +7,9 @@
 //! every request; `VALUE` may be `env:VAR`, read from the environment when the configuration
 //! is loaded, and header values are never printed (see [`OriginSpec`]).
 //!
-//! Status mapping: `200` → a value (with `Cache-Control: max-age` / `no-store` noted),
-//! `404`/`410` → absent, anything else → an error. A body over the rule's cap is an error
+//! Status mapping: `200` → a value (with `Cache-Control: max-age` / `no-store`, `ETag` and
+//! `Last-Modified` noted), `304` to a conditional request → not modified, `404`/`410` →
+//! absent, anything else → an error. A body over the rule's cap is an error
 //! and is never stored. Every fetch is bounded by the rule's timeout.
 
 use std::cell::RefCell;
@@ -23,6 +24,8 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+
+use super::revalidate::Validators;
 
 /// A URL with `{key}` / `{rest}` placeholders, split once at configuration time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,9 +131,17 @@ pub(crate) fn percent_encode(b: &[u8], out: &mut String) {
 /// What the origin said about a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fetched {
-    /// `200`: the body, the `max-age` if any, and whether `no-store` forbids caching it.
+    /// `200`: the body, the `max-age` if any, whether `no-store` forbids caching it, and its
+    /// validators.
     Found {
         body: Bytes,
+        max_age: Option<Duration>,
+        no_store: bool,
+        validators: Validators,
+    },
+    /// `304` to a conditional request: the value held is current (`max-age` and `no-store`
+    /// as for `200`).
+    NotModified {
         max_age: Option<Duration>,
         no_store: bool,
     },
@@ -382,15 +393,17 @@ impl OriginClient {
         client
     }
 
-    /// GETs `url` within `timeout`, reading at most `max_body` bytes of body.
+    /// GETs `url` within `timeout`, reading at most `max_body` bytes of body; with `cond`, a
+    /// conditional GET (`If-None-Match`, `If-Modified-Since`).
     pub async fn fetch(
         &self,
         url: &str,
         spec: &OriginSpec,
         timeout: Duration,
         max_body: usize,
+        cond: Option<&Validators>,
     ) -> Result<Fetched, OriginError> {
-        match tokio::time::timeout(timeout, self.fetch_inner(url, spec, max_body)).await {
+        match tokio::time::timeout(timeout, self.fetch_inner(url, spec, max_body, cond)).await {
             Ok(r) => r,
             Err(_) => Err(OriginError::Timeout(timeout)),
         }
@@ -401,6 +414,7 @@ impl OriginClient {
         url: &str,
         spec: &OriginSpec,
         max_body: usize,
+        cond: Option<&Validators>,
     ) -> Result<Fetched, OriginError> {
         let uri: hyper::Uri = url
             .parse()
@@ -411,6 +425,16 @@ impl OriginClient {
             .map_err(|e| OriginError::Other(e.to_string()))?;
         for (name, value) in &spec.headers {
             req.headers_mut().insert(name.clone(), value.clone());
+        }
+        if let Some(v) = cond {
+            for (name, value) in [
+                (hyper::header::IF_NONE_MATCH, &v.etag),
+                (hyper::header::IF_MODIFIED_SINCE, &v.last_modified),
+            ] {
+                if let Some(value) = value.as_ref().and_then(|b| HeaderValue::from_bytes(b).ok()) {
+                    req.headers_mut().insert(name, value);
+                }
+            }
         }
         let sent = match &spec.tls {
             Some(tls) => self.https_client(tls).request(req).await,
@@ -424,12 +448,22 @@ impl OriginClient {
             }
         })?;
         let status = resp.status().as_u16();
+        let (max_age, no_store) = cache_control(resp.headers());
         match status {
             200 => {}
+            304 if cond.is_some() => return Ok(Fetched::NotModified { max_age, no_store }),
             404 | 410 => return Ok(Fetched::Absent),
             s => return Err(OriginError::Status(s)),
         }
-        let (max_age, no_store) = cache_control(resp.headers());
+        let header = |name| {
+            resp.headers()
+                .get(name)
+                .map(|v: &HeaderValue| Bytes::copy_from_slice(v.as_bytes()))
+        };
+        let validators = Validators {
+            etag: header(hyper::header::ETAG),
+            last_modified: header(hyper::header::LAST_MODIFIED),
+        };
         if let Some(len) = resp
             .headers()
             .get(hyper::header::CONTENT_LENGTH)
@@ -454,6 +488,7 @@ impl OriginClient {
             body: buf.freeze(),
             max_age,
             no_store,
+            validators,
         })
     }
 }

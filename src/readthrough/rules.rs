@@ -168,6 +168,8 @@ pub struct RuleStats {
     pub lease_waits: Stat,
     /// Background refreshes of hits (refresh-ahead and grace) started here.
     pub refreshes: Stat,
+    /// Refreshes the origin answered `304 Not Modified` to, which extended the value.
+    pub revalidated: Stat,
     pub breaker_rejections: Stat,
     pub breaker_opens: Stat,
     errors_by_kind: [metrics::Counter; 5],
@@ -217,6 +219,7 @@ impl RuleStats {
             throttled: Stat::new(m::RT_THROTTLED, rule),
             lease_waits: Stat::new(m::RT_LEASE_WAITS, rule),
             refreshes: Stat::new(m::RT_REFRESHES, rule),
+            revalidated: Stat::new(m::RT_REVALIDATED, rule),
             breaker_rejections: Stat::new(m::RT_BREAKER_REJECTIONS, rule),
             breaker_opens: Stat::new(m::RT_BREAKER_OPENS, rule),
             errors_by_kind: kinds.map(
@@ -242,6 +245,7 @@ impl RuleStats {
             &self.throttled,
             &self.lease_waits,
             &self.refreshes,
+            &self.revalidated,
             &self.breaker_rejections,
             &self.breaker_opens,
         ] {

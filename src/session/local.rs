@@ -978,7 +978,7 @@ fn readthrough_info(shared: &Shared) -> String {
             "rule_{i}:name={},prefix={},hits={hits},misses={misses},hit_ratio={ratio:.4},\
              origin_requests={},origin_calls_avoided={avoided},coalesced={},\
              negative_hits={},stale_serves={},origin_errors={},bytes_loaded={},stored={},\
-             origin_inflight={},throttled={},lease_waits={},refreshes={},breaker={},\
+             origin_inflight={},throttled={},lease_waits={},refreshes={},revalidated={},breaker={},\
              breaker_rejections={},\
              breaker_opens={}\r\n",
             r.name,
@@ -994,6 +994,7 @@ fn readthrough_info(shared: &Shared) -> String {
             s.throttled.get(),
             s.lease_waits.get(),
             s.refreshes.get(),
+            s.revalidated.get(),
             match &r.guard.breaker {
                 None => "off",
                 Some(b) if b.is_open() => "open",

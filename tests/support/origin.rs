@@ -59,7 +59,8 @@ impl Reply {
     }
 }
 
-type Script = Box<dyn Fn(&str) -> Reply + Send + Sync>;
+/// The script: the reply to a request, from its path and headers (lower-case names).
+type Script = Box<dyn Fn(&str, &[(String, String)]) -> Reply + Send + Sync>;
 
 struct State {
     requests: AtomicUsize,
@@ -118,7 +119,7 @@ impl Origin {
             requests: AtomicUsize::new(0),
             paths: Mutex::new(Vec::new()),
             headers: Mutex::new(Vec::new()),
-            script: Mutex::new(Arc::new(Box::new(script))),
+            script: Mutex::new(Arc::new(Box::new(move |p, _| script(p)))),
             gate_open: Mutex::new(false),
             gate: Condvar::new(),
             stop: AtomicBool::new(false),
@@ -181,6 +182,14 @@ impl Origin {
 
     /// Replaces the script.
     pub fn set_script(&self, script: impl Fn(&str) -> Reply + Send + Sync + 'static) {
+        self.set_script_with_headers(move |p, _| script(p));
+    }
+
+    /// Replaces the script with one that also sees each request's headers (lower-case names).
+    pub fn set_script_with_headers(
+        &self,
+        script: impl Fn(&str, &[(String, String)]) -> Reply + Send + Sync + 'static,
+    ) {
         *self.state.script.lock().unwrap() = Arc::new(Box::new(script));
     }
 
@@ -266,9 +275,9 @@ fn serve<S: Read + Write>(conn: S, st: Arc<State>) {
             }
         }
         st.paths.lock().unwrap().push(path.clone());
-        st.headers.lock().unwrap().push(headers);
         let script = st.script.lock().unwrap().clone();
-        let reply = script(&path);
+        let reply = script(&path, &headers);
+        st.headers.lock().unwrap().push(headers);
         st.requests.fetch_add(1, Ordering::SeqCst);
         if reply.gated {
             let mut open = st.gate_open.lock().unwrap();
