@@ -662,6 +662,21 @@ fn bad_rules_fail_check_config() {
             ],
             "both own prefix",
         ),
+        (
+            vec![
+                "--readthrough",
+                "a:=http://127.0.0.1:1/{key};batch_url=http://127.0.0.1:1/b?ids={keys};\
+                 batch_window=1s",
+            ],
+            "batch_window 1s: at most 100ms",
+        ),
+        (
+            vec![
+                "--readthrough",
+                "a:=http://127.0.0.1:1/{key};batch_window=1ms",
+            ],
+            "need a batch_url",
+        ),
     ] {
         let out = std::process::Command::new(slotgate_bin())
             .args(["--check-config", "--shard", "127.0.0.1:1"])
@@ -1316,6 +1331,60 @@ fn an_mget_of_missing_keys_is_loaded_in_batches() {
         one.origin.requests()
     );
     assert!(r.starts_with(b"*100\r\n"));
+}
+
+/// Issue 15.4: with `batch_window`, the misses of concurrent single GETs (here 40 clients at
+/// once) are loaded with batch requests (`batch_max` ids each) instead of one request per key,
+/// each client gets its own key's value (or nil for an id the answer leaves out), and the
+/// values are stored. A lone GET is loaded once its window ends.
+#[test]
+fn concurrent_single_gets_within_the_batch_window_share_a_request() {
+    let origin = Origin::start(|path| {
+        let Some((_, ids)) = path.split_once("ids=") else {
+            return Reply::ok("per-key request");
+        };
+        let body: Vec<String> = ids
+            .split("%2C")
+            .flat_map(|i| i.split(','))
+            .filter(|i| i.parse::<u32>().is_ok_and(|n| n % 10 != 0))
+            .map(|i| format!("\"{i}\": \"v{i}\""))
+            .collect();
+        Reply::ok(format!("{{{}}}", body.join(", ")))
+    });
+    let opts = format!(
+        ";batch_url={};batch_max=25;batch_window=100ms",
+        origin.url("/batch?ids={keys}")
+    );
+    let s = Setup::new(&opts, origin);
+    let start = Arc::new(std::sync::Barrier::new(40));
+    let clients: Vec<_> = (1..=40)
+        .map(|i| {
+            let (mut c, start) = (s.proxy.raw(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                (i, c.call(&[b"GET", format!("label:{i}").as_bytes()]))
+            })
+        })
+        .collect();
+    for t in clients {
+        let (i, r) = t.join().unwrap();
+        let want = match i % 10 {
+            0 => b"$-1\r\n".to_vec(),
+            _ => bulk(&format!("\"v{i}\"")),
+        };
+        assert_eq!(lossy(&r), lossy(&want), "label:{i}");
+    }
+    let paths = s.origin.paths();
+    assert_eq!(paths.len(), 2, "{paths:?}");
+    assert!(paths.iter().all(|p| p.contains("ids=")), "{paths:?}");
+    let ids: usize = paths.iter().map(|p| p.matches(',').count() + 1).sum();
+    assert_eq!(ids, 40, "{paths:?}");
+    // Stored: hits now.
+    let mut c = s.proxy.raw();
+    assert_eq!(c.call(&[b"GET", b"label:7"]), bulk("\"v7\""));
+    assert_eq!(c.call(&[b"GET", b"label:41"]), bulk("\"v41\""));
+    assert_eq!(s.origin.requests(), 3);
+    assert!(s.origin.paths()[2].ends_with("ids=41"));
 }
 
 /// Review of issue 15's read-through work: what it found, each fixed.

@@ -4,12 +4,148 @@
 //! the origin answers a JSON object keyed by id, whose values are stored as their JSON text;
 //! an id the object does not have is a `404` for its key. Each key is still single-flight on
 //! this instance: a key another request is already loading is waited for, not asked again.
+//!
+//! With a `batch_window`, single GETs are batched too: the misses this worker leads within
+//! the window (each after taking its key's lease, as an unbatched miss does) are loaded with
+//! one request, sent when the window ends or holds `batch_max` ids; each miss then stores its
+//! own value as before.
 
 use super::*;
 use fill::Loaded;
 
 /// A batch answer: the JSON text of each id's value.
 type Answer = std::collections::HashMap<String, Box<serde_json::value::RawValue>>;
+
+/// The longest `batch_window`.
+const MAX_WINDOW: Duration = Duration::from_millis(100);
+
+/// The ids of `keys` (without the rule's prefix).
+fn ids<'k>(rule: &Rule, keys: impl Iterator<Item = &'k Bytes>) -> Vec<&'k [u8]> {
+    keys.map(|k| &k[rule.prefix.len().min(k.len())..]).collect()
+}
+
+/// A batch request's answer, parsed: each id's value and how long to store it, or the error
+/// for every key.
+fn parse_answer(rule: &Rule, loaded: Loaded) -> Result<(Answer, Option<Duration>), Outcome> {
+    match loaded {
+        Loaded::Value {
+            body, store_for, ..
+        } => serde_json::from_slice(&body)
+            .map(|m| (m, store_for))
+            .map_err(|e| {
+                Outcome::Error(
+                    reply::Failure::Origin {
+                        rule: &rule.name,
+                        why: &format!("the batch answer is not a JSON object: {e}"),
+                    }
+                    .to_reply(),
+                )
+            }),
+        Loaded::Absent => Ok((Default::default(), None)),
+        Loaded::NotModified { .. } => Err(fill::unasked_304(rule)),
+        Loaded::Failed(o) => Err(o),
+    }
+}
+
+/// The JSON text of `id`'s value in `answer`, counted as loaded.
+fn value_of(rule: &Rule, answer: &Answer, id: &[u8]) -> Option<Bytes> {
+    let v = answer.get(String::from_utf8_lossy(id).as_ref())?;
+    let body = Bytes::copy_from_slice(v.get().as_bytes());
+    rule.stats.bytes_loaded.add(body.len() as u64);
+    Some(body)
+}
+
+/// A miss in a window: its key, the end of its time, and where its result goes.
+type Gathered = (Bytes, Instant, tokio::sync::oneshot::Sender<Loaded>);
+
+/// The misses gathered in each rule's open window on this worker.
+#[derive(Default)]
+struct Window {
+    /// Counts windows, so that a window's timer does not send the next one.
+    id: u64,
+    keys: Vec<Gathered>,
+}
+
+thread_local! {
+    /// This worker's open windows, by rule (the `Arc<Rule>`'s address: a reloaded rule gets
+    /// windows of its own).
+    static WINDOWS: RefCell<std::collections::HashMap<usize, Window>> = RefCell::default();
+}
+
+/// Loads `key` (a single GET's miss that this instance leads) with the misses of the same
+/// rule in its window: one origin request for all of them.
+pub(super) async fn windowed(
+    w: &Rc<dyn Context>,
+    rule: &Arc<Rule>,
+    batch: &BatchUrl,
+    key: &Bytes,
+    deadline: Instant,
+) -> Loaded {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let at = Arc::as_ptr(rule) as usize;
+    let (opened, full) = WINDOWS.with(|m| {
+        let mut m = m.borrow_mut();
+        let win = m.entry(at).or_default();
+        win.keys.push((key.clone(), deadline, tx));
+        let opened = (win.keys.len() == 1).then_some(win.id);
+        let full = (win.keys.len() >= batch.max).then(|| close(win));
+        (opened, full)
+    });
+    if let Some(keys) = full {
+        send(w, rule, batch, keys).await;
+    } else if let Some(id) = opened {
+        let (w, rule, batch) = (w.clone(), rule.clone(), batch.clone());
+        tokio::task::spawn_local(async move {
+            tokio::time::sleep(batch.window).await;
+            let keys = WINDOWS.with(|m| {
+                let mut m = m.borrow_mut();
+                let win = m.get_mut(&at)?;
+                let keys = (win.id == id).then(|| close(win));
+                if win.keys.is_empty() {
+                    m.remove(&at);
+                }
+                keys
+            });
+            if let Some(keys) = keys {
+                send(&w, &rule, &batch, keys).await;
+            }
+        });
+    }
+    rx.await
+        .unwrap_or_else(|_| Loaded::Failed(fill::timeout_error(rule)))
+}
+
+/// Ends a window: its misses, to be sent.
+fn close(win: &mut Window) -> Vec<Gathered> {
+    win.id += 1;
+    std::mem::take(&mut win.keys)
+}
+
+/// One origin request for a window's misses; each gets its own result.
+async fn send(w: &Rc<dyn Context>, rule: &Rule, batch: &BatchUrl, keys: Vec<Gathered>) {
+    let url = batch.render(&ids(rule, keys.iter().map(|(k, ..)| k)));
+    // (Within the time of the miss that has the most left: one whose time went waiting on
+    // another instance's lease must not fail the others.)
+    let deadline = keys.iter().map(|&(_, d, _)| d).max();
+    let deadline = deadline.unwrap_or_else(|| Instant::now() + rule.timeout);
+    let loaded = fill::fetch_url(w.as_ref(), rule, &url, deadline, None).await;
+    let answer = parse_answer(rule, loaded);
+    for (key, _, tx) in keys {
+        let id = &key[rule.prefix.len().min(key.len())..];
+        let one = match &answer {
+            Err(o) => Loaded::Failed(o.clone()),
+            Ok((map, store_for)) => match value_of(rule, map, id) {
+                Some(body) => Loaded::Value {
+                    body,
+                    store_for: *store_for,
+                    validators: Default::default(),
+                },
+                None => Loaded::Absent,
+            },
+        };
+        let _ = tx.send(one);
+    }
+}
 
 /// A batch URL: `{keys}` between two literal parts.
 #[derive(Debug, Clone)]
@@ -18,13 +154,20 @@ pub struct BatchUrl {
     after: String,
     pub sep: String,
     pub max: usize,
+    /// How long single GETs' misses are gathered (zero: not batched).
+    pub window: Duration,
 }
 
 impl BatchUrl {
     /// `http(s)://host/path?ids={keys}`, with the separator and the largest batch.
-    pub fn parse(s: &str, sep: &str, max: usize) -> Result<BatchUrl, String> {
+    pub fn parse(s: &str, sep: &str, max: usize, window: Duration) -> Result<BatchUrl, String> {
         if max == 0 {
             return Err("batch_max must be > 0".into());
+        }
+        if window > MAX_WINDOW {
+            return Err(format!(
+                "batch_window {window:?}: at most {MAX_WINDOW:?} (every miss waits for it)"
+            ));
         }
         let (before, after) = s
             .split_once("{keys}")
@@ -45,6 +188,7 @@ impl BatchUrl {
             after: after.to_string(),
             sep: sep.to_string(),
             max,
+            window,
         })
     }
 
@@ -130,38 +274,16 @@ async fn load_chunk(
     keys: &[Bytes],
     flights: &[Arc<Flight>],
 ) -> Vec<Arc<Outcome>> {
-    let ids: Vec<&[u8]> = keys
-        .iter()
-        .map(|k| &k[rule.prefix.len().min(k.len())..])
-        .collect();
+    let ids = ids(rule, keys.iter());
     let url = batch.render(&ids);
     let loaded = fill::fetch_url(w.as_ref(), rule, &url, Instant::now() + rule.timeout, None).await;
     let mut outcomes = Vec::with_capacity(keys.len());
-    let values: Result<(Answer, Option<Duration>), Outcome> = match loaded {
-        Loaded::Value {
-            body, store_for, ..
-        } => serde_json::from_slice(&body)
-            .map(|m| (m, store_for))
-            .map_err(|e| {
-                Outcome::Error(
-                    reply::Failure::Origin {
-                        rule: &rule.name,
-                        why: &format!("the batch answer is not a JSON object: {e}"),
-                    }
-                    .to_reply(),
-                )
-            }),
-        Loaded::Absent => Ok((Default::default(), None)),
-        Loaded::NotModified { .. } => Err(fill::unasked_304(rule)),
-        Loaded::Failed(o) => Err(o),
-    };
+    let values = parse_answer(rule, loaded);
     for ((key, id), flight) in keys.iter().zip(&ids).zip(flights) {
         let outcome = match &values {
             Err(o) => o.clone(),
-            Ok((map, store_for)) => match map.get(String::from_utf8_lossy(id).as_ref()) {
-                Some(v) => {
-                    let body = Bytes::copy_from_slice(v.get().as_bytes());
-                    rule.stats.bytes_loaded.add(body.len() as u64);
+            Ok((map, store_for)) => match value_of(rule, map, id) {
+                Some(body) => {
                     match store_for {
                         Some(d) if !flight.is_dirty() => {
                             let px = d.as_millis().to_string();

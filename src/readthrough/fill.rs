@@ -230,7 +230,7 @@ pub(super) async fn fetch_url(
 /// others wait for its result (see `lease`).
 pub(super) async fn lead(
     w: &Rc<dyn Context>,
-    rule: &Rule,
+    rule: &Arc<Rule>,
     key: &Bytes,
     flight: &Flight,
 ) -> Outcome {
@@ -251,7 +251,12 @@ pub(super) async fn lead(
     };
     let stats = &rule.stats;
     let mut stored = false;
-    let outcome = match fetch(w.as_ref(), rule, key, deadline).await {
+    let loaded = match &rule.batch {
+        // (Gathered with other single GETs' misses: one batch request.)
+        Some(b) if !b.window.is_zero() => batch::windowed(w, rule, b, key, deadline).await,
+        _ => fetch(w.as_ref(), rule, key, deadline).await,
+    };
+    let outcome = match loaded {
         Loaded::Value {
             body,
             store_for,

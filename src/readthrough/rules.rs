@@ -52,13 +52,17 @@ pub struct RuleConfig {
     pub batch_sep: Option<String>,
     /// Most ids in one batch request [default: 100].
     pub batch_max: Option<usize>,
+    /// Concurrent single GETs that miss within this window (at most 100ms; keep it ≤ 1ms)
+    /// are loaded with one `batch_url` request [default: off].
+    pub batch_window: Option<String>,
 }
 
 impl RuleConfig {
     /// `PREFIX=URL_TEMPLATE[;ttl=10m][;negative_ttl=30s][;timeout=500ms][;grace=1m]
     /// [;name=N][;max_body=BYTES][;honor_max_age=true][;ca=FILE][;insecure=true]
     /// [;header=NAME:VALUE]…[;max_origin_concurrency=N][;breaker=N/COOLDOWN][;lease=false]
-    /// [;refresh_ahead=F][;batch_url=URL][;batch_sep=S][;batch_max=N]`, split at the first
+    /// [;refresh_ahead=F][;batch_url=URL][;batch_sep=S][;batch_max=N][;batch_window=D]`,
+    /// split at the first
     /// `=` so the prefix may contain colons.
     pub fn parse_flag(s: &str) -> Result<Self, String> {
         let (prefix, rest) = s.split_once('=').ok_or_else(|| {
@@ -100,6 +104,7 @@ impl RuleConfig {
                 "lease" => rc.lease = Some(v.parse().map_err(|_| format!("lease '{v}'"))?),
                 "batch_url" => rc.batch_url = Some(v),
                 "batch_sep" => rc.batch_sep = Some(v),
+                "batch_window" => rc.batch_window = Some(v),
                 "batch_max" => {
                     rc.batch_max = Some(
                         v.parse()
@@ -322,9 +327,18 @@ impl Rules {
                         u,
                         c.batch_sep.as_deref().unwrap_or(","),
                         c.batch_max.unwrap_or(100),
+                        dur(&c.batch_window, "0s", "batch_window")?,
                     )
                     .map_err(|e| what(&e))?,
                 ),
+                None if c.batch_sep.is_some()
+                    || c.batch_max.is_some()
+                    || c.batch_window.is_some() =>
+                {
+                    return Err(what(
+                        "batch_sep, batch_max and batch_window need a batch_url",
+                    ));
+                }
                 None => None,
             };
 
