@@ -1387,6 +1387,86 @@ fn concurrent_single_gets_within_the_batch_window_share_a_request() {
     assert!(s.origin.paths()[2].ends_with("ids=41"));
 }
 
+/// Review of the revalidation and batch-window work: what it found, each fixed.
+#[test]
+fn review_findings_on_revalidation_and_windows_stay_fixed() {
+    // A 304 that says nothing of its lifetime keeps the one the value was stored with (here
+    // the first answer's max-age, 2 s + 1 s grace), not the rule's ttl (20 s).
+    let origin = Origin::start(|_| Reply::ok(""));
+    origin.set_script_with_headers(|_, headers| {
+        if headers.iter().any(|(k, _)| k == "if-none-match") {
+            return Reply {
+                body: Vec::new(),
+                ..Reply::status(304)
+            };
+        }
+        Reply::ok("short")
+            .header("ETag", "\"s\"")
+            .header("Cache-Control", "max-age=2")
+    });
+    let s = Setup::new(";ttl=20s;honor_max_age=true;grace=1s", origin);
+    let mut c = s.proxy.raw();
+    assert_eq!(c.call(&[b"GET", b"label:m"]), bulk("short"));
+    wait_until(
+        "revalidated in its grace period",
+        Duration::from_secs(6),
+        || {
+            assert_eq!(c.call(&[b"GET", b"label:m"]), bulk("short"));
+            let info = lossy(&c.call(&[b"INFO", b"readthrough"]));
+            info_u64(&info.replace(',', "\r\n").replace('=', ":"), "revalidated") >= 1
+        },
+    );
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg("label:m")
+        .query(&mut s.owner("label:m"))
+        .unwrap();
+    assert!(pttl > 0 && pttl <= 3000, "{pttl}");
+    drop(s);
+
+    // An id that is not UTF-8 is never batched: two such ids could name one JSON entry
+    // (`\xff` was read as U+FFFD, and got that id's value).
+    let origin = Origin::start(|path| {
+        if path.contains("ids=") {
+            Reply::ok("{\"\u{FFFD}\": \"secret\", \"ok\": \"fine\"}")
+        } else {
+            Reply::status(404)
+        }
+    });
+    let opts = format!(
+        ";batch_url={};batch_window=5ms",
+        origin.url("/batch?ids={keys}")
+    );
+    let s = Setup::new(&opts, origin);
+    let mut c = s.proxy.raw();
+    assert_eq!(c.call(&[b"GET", b"label:\xff"]), b"$-1\r\n");
+    assert_eq!(c.call(&[b"MGET", b"label:\xfe", b"label:ok"]), {
+        let mut r = b"*2\r\n$-1\r\n".to_vec();
+        r.extend(bulk("\"fine\""));
+        r
+    });
+    let mut paths = s.origin.paths();
+    paths.sort();
+    assert_eq!(paths, ["/batch?ids=ok", "/labels/%FE", "/labels/%FF"]);
+    drop(s);
+
+    // A window that leaves the batch request too little of the rule's timeout is refused
+    // (every miss failed without calling the origin).
+    let out = std::process::Command::new(slotgate_bin())
+        .args(["--check-config", "--shard", "127.0.0.1:1", "--readthrough"])
+        .arg(
+            "a:=http://127.0.0.1:1/{key};timeout=40ms;batch_url=http://127.0.0.1:1/b?ids={keys};\
+             batch_window=60ms",
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        lossy(&out.stderr).contains("must be at most half the timeout"),
+        "{}",
+        lossy(&out.stderr)
+    );
+}
+
 /// Review of issue 15's read-through work: what it found, each fixed.
 #[test]
 fn review_findings_on_the_fleet_features_stay_fixed() {

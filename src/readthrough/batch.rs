@@ -47,12 +47,16 @@ fn parse_answer(rule: &Rule, loaded: Loaded) -> Result<(Answer, Option<Duration>
     }
 }
 
-/// The JSON text of `id`'s value in `answer`, counted as loaded.
-fn value_of(rule: &Rule, answer: &Answer, id: &[u8]) -> Option<Bytes> {
-    let v = answer.get(String::from_utf8_lossy(id).as_ref())?;
-    let body = Bytes::copy_from_slice(v.get().as_bytes());
-    rule.stats.bytes_loaded.add(body.len() as u64);
-    Some(body)
+/// The JSON text of `id`'s value in `answer` (the batch body was counted as loaded).
+fn value_of(answer: &Answer, id: &[u8]) -> Option<Bytes> {
+    let v = answer.get(std::str::from_utf8(id).ok()?)?;
+    Some(Bytes::copy_from_slice(v.get().as_bytes()))
+}
+
+/// Whether `key` can be in a batch: its id must be UTF-8, as the answer's JSON keys are (two
+/// different ids must never name one entry).
+pub(super) fn batchable(rule: &Rule, key: &[u8]) -> bool {
+    std::str::from_utf8(&key[rule.prefix.len().min(key.len())..]).is_ok()
 }
 
 /// A miss in a window: its key, the end of its time, and where its result goes.
@@ -92,6 +96,10 @@ pub(super) async fn windowed(
         (opened, full)
     });
     if let Some(keys) = full {
+        if opened.is_some() {
+            // (Opened and closed at once, `batch_max=1`: no timer will tidy it.)
+            WINDOWS.with(|m| m.borrow_mut().remove(&at));
+        }
         send(w, rule, batch, keys).await;
     } else if let Some(id) = opened {
         let (w, rule, batch) = (w.clone(), rule.clone(), batch.clone());
@@ -134,7 +142,7 @@ async fn send(w: &Rc<dyn Context>, rule: &Rule, batch: &BatchUrl, keys: Vec<Gath
         let id = &key[rule.prefix.len().min(key.len())..];
         let one = match &answer {
             Err(o) => Loaded::Failed(o.clone()),
-            Ok((map, store_for)) => match value_of(rule, map, id) {
+            Ok((map, store_for)) => match value_of(map, id) {
                 Some(body) => Loaded::Value {
                     body,
                     store_for: *store_for,
@@ -216,7 +224,7 @@ pub(super) async fn load(
 ) -> Vec<Arc<Outcome>> {
     let rt = w.readthrough();
     let mut out: Vec<Option<Arc<Outcome>>> = vec![None; keys.len()];
-    let (mut leaders, mut waiters) = (Vec::new(), Vec::new());
+    let (mut leaders, mut waiters, mut singles) = (Vec::new(), Vec::new(), Vec::new());
     for (i, k) in keys.iter().enumerate() {
         if rt.negative_fresh(k) {
             rule.stats.negative_hits.add(1);
@@ -226,9 +234,23 @@ pub(super) async fn load(
         match rt.join(k, sent_at) {
             Join::Done(o) => out[i] = Some(o),
             Join::Waiter(f) => waiters.push((i, f)),
-            Join::Leader(f) => leaders.push((i, f)),
+            Join::Leader(f) if batchable(rule, k) => leaders.push((i, f)),
+            Join::Leader(f) => singles.push((i, f)),
         }
     }
+    // (Ids that are not UTF-8 are loaded one by one, with the rule's URL.)
+    let singles: Vec<_> = singles
+        .into_iter()
+        .map(|(i, f)| {
+            let (w, rule, key) = (w.clone(), rule.clone(), keys[i].clone());
+            let h = tokio::task::spawn_local(async move {
+                let o = Arc::new(fill::lead(&w, &rule, &key, &f).await);
+                w.readthrough().finish(&f, o.clone());
+                o
+            });
+            (i, h)
+        })
+        .collect();
     let chunks: Vec<_> = leaders
         .chunks(batch.max)
         .map(|chunk| {
@@ -247,6 +269,9 @@ pub(super) async fn load(
         for (i, o) in at.into_iter().zip(outcomes) {
             out[i] = Some(o);
         }
+    }
+    for (i, h) in singles {
+        out[i] = h.await.ok();
     }
     for (i, f) in waiters {
         rule.stats.coalesced.add(1);
@@ -282,7 +307,7 @@ async fn load_chunk(
     for ((key, id), flight) in keys.iter().zip(&ids).zip(flights) {
         let outcome = match &values {
             Err(o) => o.clone(),
-            Ok((map, store_for)) => match value_of(rule, map, id) {
+            Ok((map, store_for)) => match value_of(map, id) {
                 Some(body) => {
                     match store_for {
                         Some(d) if !flight.is_dirty() => {

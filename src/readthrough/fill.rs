@@ -55,8 +55,9 @@ pub(super) enum Loaded {
         store_for: Option<Duration>,
         validators: revalidate::Validators,
     },
-    /// `304` to a conditional request: the value held is current; keep it this long.
-    NotModified { store_for: Option<Duration> },
+    /// `304` to a conditional request: the value held is current; keep it for this long
+    /// (`Some(None)`: not at all, `no-store`), or, `None`, for as long as it was stored for.
+    NotModified { store_for: Option<Option<Duration>> },
     /// `404`/`410`.
     Absent,
     /// The error reply for the client.
@@ -207,8 +208,11 @@ pub(super) async fn fetch_url(
                 validators,
             }
         }
+        // (A 304 that says nothing of its lifetime leaves the stored one in force, RFC 9111
+        // §4.3.4: with `honor_max_age`, the first answer's `max-age` may have set it.)
         Ok(Fetched::NotModified { max_age, no_store }) => Loaded::NotModified {
-            store_for: store_for(max_age, no_store),
+            store_for: (no_store || max_age.is_some() || !rule.honor_max_age)
+                .then(|| store_for(max_age, no_store)),
         },
         Ok(Fetched::Absent) => Loaded::Absent,
         Err(e) => {
@@ -253,7 +257,9 @@ pub(super) async fn lead(
     let mut stored = false;
     let loaded = match &rule.batch {
         // (Gathered with other single GETs' misses: one batch request.)
-        Some(b) if !b.window.is_zero() => batch::windowed(w, rule, b, key, deadline).await,
+        Some(b) if !b.window.is_zero() && batch::batchable(rule, key) => {
+            batch::windowed(w, rule, b, key, deadline).await
+        }
         _ => fetch(w.as_ref(), rule, key, deadline).await,
     };
     let outcome = match loaded {
@@ -379,9 +385,11 @@ pub(super) fn refresh_in_background(
         // Conditional when the value came with validators (a `304` then extends it).
         let cond = revalidate::recall(w.as_ref(), &key, &old).await;
         let url = rule.template.render(&key, rule.prefix.len());
-        let outcome = match fetch_url(w.as_ref(), &rule, &url, deadline, cond.as_ref()).await {
+        let asked = cond.as_ref().map(|(v, _)| v);
+        let outcome = match fetch_url(w.as_ref(), &rule, &url, deadline, asked).await {
             Loaded::NotModified { store_for } => {
-                match store_for {
+                let stored_for = cond.as_ref().map(|&(_, d)| d);
+                match store_for.unwrap_or(stored_for) {
                     Some(d) if !flight.is_dirty() => {
                         let px = d.as_millis().to_string();
                         if revalidate::extend(w.as_ref(), &key, &old, px.as_bytes()).await {

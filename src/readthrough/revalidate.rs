@@ -34,24 +34,30 @@ impl Validators {
         self.etag.is_none() && self.last_modified.is_none()
     }
 
-    /// The side key's value for `value`: `hex(sha256(value))\netag\nlast-modified` (header
-    /// values never hold a newline).
-    fn encode(&self, value: &[u8]) -> Vec<u8> {
+    /// The side key's value for `value`, stored for `px` ms:
+    /// `hex(sha256(value))\npx\netag\nlast-modified` (header values never hold a newline).
+    fn encode(&self, value: &[u8], px: &[u8]) -> Vec<u8> {
         let mut out = hex_digest(value).into_bytes();
-        for v in [&self.etag, &self.last_modified] {
+        for v in [
+            Some(px),
+            self.etag.as_deref(),
+            self.last_modified.as_deref(),
+        ] {
             out.push(b'\n');
-            out.extend_from_slice(v.as_deref().unwrap_or_default());
+            out.extend_from_slice(v.unwrap_or_default());
         }
         out
     }
 
-    /// The validators in `blob` if they describe `value`.
-    fn decode(blob: &[u8], value: &[u8]) -> Option<Validators> {
+    /// The validators in `blob` if they describe `value`, and how long the value was stored
+    /// for (a `304` that says nothing of it keeps that lifetime).
+    fn decode(blob: &[u8], value: &[u8]) -> Option<(Validators, Duration)> {
         let mut parts = blob.split(|&b| b == b'\n');
         let digest = parts.next()?;
         if digest != hex_digest(value).as_bytes() {
             return None;
         }
+        let px: u64 = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
         let mut field = || {
             parts
                 .next()
@@ -62,7 +68,7 @@ impl Validators {
             etag: field(),
             last_modified: field(),
         };
-        (!v.is_empty()).then_some(v)
+        (!v.is_empty()).then_some((v, Duration::from_millis(px)))
     }
 }
 
@@ -85,7 +91,7 @@ pub(super) async fn remember(
     if validators.is_empty() {
         return;
     }
-    let set = command(&[b"SET", &vkey, &validators.encode(value), b"PX", px]);
+    let set = command(&[b"SET", &vkey, &validators.encode(value, px), b"PX", px]);
     let r = w.request_for_key(key, &set).await;
     if r.first() == Some(&b'-') {
         tracing::debug!(
@@ -95,8 +101,13 @@ pub(super) async fn remember(
     }
 }
 
-/// The validators stored for `key` if they describe `value` (the one being refreshed).
-pub(super) async fn recall(w: &dyn Context, key: &[u8], value: &[u8]) -> Option<Validators> {
+/// The validators stored for `key` if they describe `value` (the one being refreshed), and
+/// how long it was stored for.
+pub(super) async fn recall(
+    w: &dyn Context,
+    key: &[u8],
+    value: &[u8],
+) -> Option<(Validators, Duration)> {
     let vkey = side_key(key)?;
     let r = w.request_for_key(key, &command(&[b"GET", &vkey])).await;
     Validators::decode(crate::resp::scan::bulk_body(&r)?, value)
@@ -126,8 +137,11 @@ mod tests {
             etag: Some(Bytes::from_static(b"W/\"v1\"")),
             last_modified: None,
         };
-        let blob = v.encode(b"body");
-        assert_eq!(Validators::decode(&blob, b"body"), Some(v.clone()));
+        let blob = v.encode(b"body", b"2500");
+        assert_eq!(
+            Validators::decode(&blob, b"body"),
+            Some((v.clone(), Duration::from_millis(2500)))
+        );
         // A value written since (by a client) has another digest: no conditions.
         assert_eq!(Validators::decode(&blob, b"other"), None);
         let both = Validators {
@@ -135,8 +149,8 @@ mod tests {
             last_modified: Some(Bytes::from_static(b"Wed, 21 Oct 2015 07:28:00 GMT")),
         };
         assert_eq!(
-            Validators::decode(&both.encode(b""), b""),
-            Some(both.clone())
+            Validators::decode(&both.encode(b"", b"1"), b""),
+            Some((both.clone(), Duration::from_millis(1)))
         );
         assert_eq!(Validators::decode(b"garbage", b"body"), None);
         assert_eq!(

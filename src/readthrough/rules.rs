@@ -344,6 +344,16 @@ impl Rules {
 
             let ttl = dur(&c.ttl, "10m", "ttl")?;
             let timeout = dur(&c.timeout, "500ms", "timeout")?;
+            if let Some(b) = &batch
+                && b.window > timeout / 2
+            {
+                // (Each miss waits for its window, then for the batch request, within the
+                // rule's timeout.)
+                return Err(what(&format!(
+                    "batch_window {:?} must be at most half the timeout ({timeout:?})",
+                    b.window
+                )));
+            }
             if ttl.is_zero() || timeout.is_zero() {
                 return Err(what("ttl and timeout must be > 0"));
             }
