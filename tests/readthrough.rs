@@ -1031,27 +1031,39 @@ fn a_stampede_over_three_instances_makes_one_origin_request() {
     let origin =
         Origin::start(|path| Reply::ok(format!("v{path}")).delay(Duration::from_millis(200)));
     let shards: Vec<RedisServer> = (0..2).map(|_| RedisServer::start()).collect();
-    let rule = format!("label:={};timeout=5s", origin.url("/{rest}"));
-    let proxies = fleet(&shards, &rule);
-    let barrier = Arc::new(std::sync::Barrier::new(300));
-    let clients: Vec<_> = (0..300)
-        .map(|i| {
-            let mut c = proxies[i % 3].raw();
-            let barrier = barrier.clone();
-            std::thread::spawn(move || {
-                barrier.wait();
-                c.call(&[b"GET", b"label:hot"])
+    let stampede = |proxies: &[Slotgate], key: &'static str| {
+        let barrier = Arc::new(std::sync::Barrier::new(300));
+        let clients: Vec<_> = (0..300)
+            .map(|i| {
+                let mut c = proxies[i % 3].raw();
+                let barrier = barrier.clone();
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    c.call(&[b"GET", key.as_bytes()])
+                })
             })
-        })
-        .collect();
-    for t in clients {
-        assert_eq!(t.join().unwrap(), bulk("v/hot"));
-    }
+            .collect();
+        for t in clients {
+            assert_eq!(t.join().unwrap(), bulk(&format!("v/{}", &key[6..])));
+        }
+    };
+    // Without leases each instance single-flights on its own: one request per instance.
+    let rule = format!("label:={};timeout=5s;lease=false", origin.url("/{rest}"));
+    stampede(&fleet(&shards, &rule), "label:cold");
     assert_eq!(
         origin.requests(),
-        1,
+        3,
+        "lease=false: one request per instance"
+    );
+    let rule = format!("label:={};timeout=5s", origin.url("/{rest}"));
+    let proxies = fleet(&shards, &rule);
+    stampede(&proxies, "label:hot");
+    assert_eq!(
+        origin.requests(),
+        4,
         "one origin request for 300 misses on 3 instances"
     );
+    eprintln!("stampede of 300 clients over 3 instances: 1 origin request (3 with lease=false)");
     let waits: u64 = proxies
         .iter()
         .map(|p| {
