@@ -386,75 +386,55 @@ pub(super) fn refresh_in_background(
         let cond = revalidate::recall(w.as_ref(), &key, &old).await;
         let url = rule.template.render(&key, rule.prefix.len());
         let asked = cond.as_ref().map(|(v, _)| v);
-        let outcome = match fetch_url(w.as_ref(), &rule, &url, deadline, asked).await {
+        let fetched = fetch_url(w.as_ref(), &rule, &url, deadline, asked).await;
+        // How long the value is kept now (`None`: it is not written).
+        let keep = match &fetched {
             Loaded::NotModified { store_for } => {
-                let stored_for = cond.as_ref().map(|&(_, d)| d);
-                match store_for.unwrap_or(stored_for) {
-                    Some(d) if !flight.is_dirty() => {
-                        let px = d.as_millis().to_string();
-                        if revalidate::extend(w.as_ref(), &key, &old, px.as_bytes()).await {
-                            stats.revalidated.add(1);
-                        } else {
-                            stats.store_skipped.add(1);
-                            backoff(rt, &key);
-                        }
-                    }
-                    _ => {
-                        stats.store_skipped.add(1);
-                        backoff(rt, &key);
-                    }
-                }
-                Outcome::Value(old.clone())
+                store_for.unwrap_or(cond.as_ref().map(|&(_, d)| d))
+            }
+            Loaded::Value { store_for, .. } => *store_for,
+            Loaded::Absent | Loaded::Failed(_) => None,
+        }
+        .filter(|_| !flight.is_dirty())
+        .map(|d| d.as_millis().to_string());
+        let (outcome, written) = match fetched {
+            Loaded::NotModified { .. } => {
+                let ok = match &keep {
+                    Some(px) => revalidate::extend(w.as_ref(), &key, &old, px.as_bytes()).await,
+                    None => false,
+                };
+                (
+                    Outcome::Value(old.clone()),
+                    ok.then_some(&stats.revalidated),
+                )
             }
             Loaded::Value {
-                body,
-                store_for,
-                validators,
+                body, validators, ..
             } => {
-                match store_for {
-                    Some(d) if !flight.is_dirty() => {
-                        let px = d.as_millis().to_string();
-                        let cas = command(&[
-                            b"EVAL",
-                            CAS_SET.as_bytes(),
-                            b"1",
-                            &key,
-                            &old,
-                            &body,
-                            px.as_bytes(),
-                        ]);
-                        if w.request_for_key(&key, &cas).await.starts_with(b"+OK") {
-                            stats.stored.add(1);
-                            revalidate::remember(
-                                w.as_ref(),
-                                &key,
-                                &validators,
-                                &body,
-                                px.as_bytes(),
-                            )
-                            .await;
-                        } else {
-                            stats.store_skipped.add(1);
-                            backoff(rt, &key);
-                        }
-                    }
-                    _ => {
-                        stats.store_skipped.add(1);
-                        backoff(rt, &key);
+                let mut ok = false;
+                if let Some(px) = &keep {
+                    let px = px.as_bytes();
+                    let cas = command(&[b"EVAL", CAS_SET.as_bytes(), b"1", &key, &old, &body, px]);
+                    ok = w.request_for_key(&key, &cas).await.starts_with(b"+OK");
+                    if ok {
+                        revalidate::remember(w.as_ref(), &key, &validators, &body, px).await;
                     }
                 }
-                Outcome::Value(body)
+                (Outcome::Value(body), ok.then_some(&stats.stored))
             }
             // Gone at the origin: the stale value expires on its own (hard TTL).
-            Loaded::Absent => {
-                backoff(rt, &key);
-                Outcome::Absent
-            }
-            Loaded::Failed(o) => {
-                backoff(rt, &key);
-                o
-            }
+            Loaded::Absent => (Outcome::Absent, None),
+            Loaded::Failed(o) => (o, None),
         };
+        match written {
+            Some(stat) => stat.add(1),
+            None => {
+                if matches!(outcome, Outcome::Value(_)) {
+                    stats.store_skipped.add(1);
+                }
+                backoff(rt, &key);
+            }
+        }
         if let Some(t) = &token {
             lease::end(w.as_ref(), &key, t).await;
         }
