@@ -4,8 +4,7 @@
 //! forwarded to the first shard, whose command set is the one clients talk to.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -72,12 +71,7 @@ impl Session {
                 self.reset_pinned();
                 self.reset_subs();
                 // Back to the default user: authenticated only if it needs no password.
-                let users = self.w.live().users.clone();
-                self.user = None;
-                self.drop_token();
-                if !users.auth_required() {
-                    self.set_user(users.default_user().clone());
-                }
+                self.login.reset(&self.w, &self.queue);
                 self.switch_proto(Proto::Resp2);
                 self.update_info();
                 self.reply(Bytes::from_static(b"+RESET\r\n"));
@@ -87,7 +81,12 @@ impl Session {
                 Some(_) => self.reply_static(reply::DB_OUT_OF_RANGE),
                 None => self.reply_static(reply::NOT_INTEGER),
             },
-            "auth" => self.auth(req),
+            "auth" => {
+                let (login, cx) = self.login_parts();
+                if let Some(verdict) = login.auth(&cx, req) {
+                    self.after_login(verdict);
+                }
+            }
             "hello" => self.hello(req),
             "time" => {
                 let t = SystemTime::now()
@@ -354,7 +353,7 @@ impl Session {
             kill: self.kill.clone(),
             blocked_on: self.blocked_on.clone(),
             resp: if self.proto == Proto::Resp3 { 3 } else { 2 },
-            token_exp: self.token.as_ref().map(|t| t.expires),
+            token_exp: self.login.token.as_ref().map(|t| t.expires),
             subscribed: self.subscribed(),
         }
     }
@@ -366,131 +365,6 @@ impl Session {
             self.proto = p;
             self.barrier = true;
         }
-    }
-
-    /// `AUTH [user] password`, against the users of `proxy.toml`. A failure keeps the
-    /// identity the connection had; a success switches to the new user.
-    fn auth(&mut self, req: &Request<'_>) {
-        let (user, password) = match req.argc() {
-            2 => (&b"default"[..], req.arg(1)),
-            3 => (req.arg(1), req.arg(2)),
-            _ => return self.reply_static(reply::SYNTAX),
-        };
-        let users = self.w.live().users.clone();
-        if req.argc() == 2 && users.default_user().nopass() {
-            return self.reply_static(reply::AUTH_NO_PASSWORD);
-        }
-        if self.try_login(user, password) {
-            self.reply_static(reply::OK);
-        }
-    }
-
-    /// Checks credentials; on success switches the user, on failure replies WRONGPASS,
-    /// counts the failure and closes the connection after too many in a row.
-    /// An address with too many failed AUTHs lately (over all its connections) gets
-    /// `-ERR too many failed AUTH attempts …` without a check until its wait is over.
-    fn try_login(&mut self, user: &[u8], password: &[u8]) -> bool {
-        let now = std::time::Instant::now();
-        let shared = self.w.shared.clone();
-        let guard = &shared.auth_guard;
-        // A connection that has logged in already is not held back (a client refreshing its
-        // token on a live connection); a held-back attempt counts as this connection's
-        // failure, so one that keeps trying is closed.
-        if !self.logged_in
-            && let Err(wait) = guard.check(self.addr.ip(), now)
-        {
-            self.reply(reply::auth_throttled(wait));
-            self.auth_failures += 1;
-            if self.auth_failures >= self.w.live().max_auth_failures {
-                self.closing = true;
-            }
-            return false;
-        }
-        let (users, tokens) = {
-            let live = self.w.live();
-            (live.users.clone(), live.tokens.clone())
-        };
-        let stats = &shared.stats;
-        // `Err(Some(why))`: a token was refused.
-        let outcome = if let Some(u) = users.authenticate(user, password) {
-            self.set_user(u);
-            self.drop_token();
-            Ok(())
-        } else if !tokens.is_empty() && crate::token::looks_like_jwt(password) {
-            // Tried only once the password check failed (password users are never slowed).
-            match tokens.login(user, password, &users) {
-                Ok(login) => {
-                    stats.token_auths.fetch_add(1, Ordering::Relaxed);
-                    self.token_login(login);
-                    Ok(())
-                }
-                Err(why) => {
-                    stats.token_auth_failures.fetch_add(1, Ordering::Relaxed);
-                    why.count();
-                    Err(Some(why))
-                }
-            }
-        } else {
-            Err(None)
-        };
-        let Err(token_refused) = outcome else {
-            self.auth_failures = 0;
-            self.logged_in = true;
-            self.update_info();
-            return true;
-        };
-        self.auth_failures += 1;
-        stats.auth_failures.fetch_add(1, Ordering::Relaxed);
-        let (budget, max) = {
-            let live = self.w.live();
-            (live.max_auth_failures_per_address, live.max_auth_failures)
-        };
-        let throttled = guard.failed(self.addr.ip(), now, budget);
-        if let Some(left_out) = guard.may_warn(now) {
-            self.warn_auth_failure(user, token_refused, throttled, left_out);
-        }
-        self.reply_static(reply::WRONGPASS);
-        if self.auth_failures >= max {
-            self.closing = true;
-        }
-        false
-    }
-
-    /// The (rate-limited) warning for a failed AUTH.
-    #[cold]
-    fn warn_auth_failure(
-        &self,
-        user: &[u8],
-        token_refused: Option<crate::token::Failure>,
-        throttled: Option<Duration>,
-        left_out: u64,
-    ) {
-        // The user name is the client's input: shown escaped and cut; never the password
-        // (nor a token: only why it was refused).
-        let shown: String = String::from_utf8_lossy(&user[..user.len().min(64)])
-            .escape_debug()
-            .collect();
-        let closing = self.auth_failures >= self.w.live().max_auth_failures;
-        tracing::warn!(
-            client = self.id,
-            addr = %self.addr,
-            user = %shown,
-            failures = self.auth_failures,
-            "AUTH failed{}{}{}{}",
-            match token_refused {
-                Some(why) => format!(" (token refused: {})", why.as_str()),
-                None => String::new(),
-            },
-            match throttled {
-                Some(w) => format!("; this address now waits {} s before its next AUTH", w.as_secs()),
-                None => String::new(),
-            },
-            if closing { "; closing the connection" } else { "" },
-            match left_out {
-                0 => String::new(),
-                n => format!(" ({n} more failed AUTHs not logged since the last line)"),
-            },
-        );
     }
 
     /// `HELLO [protover [AUTH user pass] [SETNAME name]]`.
@@ -522,12 +396,16 @@ impl Session {
                 return self.reply(reply::hello_syntax(opt));
             }
         }
-        if let Some((user, password)) = login
-            && !self.try_login(user, password)
-        {
-            return;
+        if let Some((user, password)) = login {
+            let (login, cx) = self.login_parts();
+            let verdict = login.try_login(&cx, user, password);
+            let refused = matches!(verdict, crate::session::login::Verdict::Refused { .. });
+            self.after_login(verdict);
+            if refused {
+                return;
+            }
         }
-        if self.user.is_none() {
+        if self.login.user.is_none() {
             return self.reply_static(reply::NOAUTH_HELLO);
         }
         if let Some(n) = setname {

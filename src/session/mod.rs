@@ -11,6 +11,7 @@ mod conn;
 pub mod control;
 pub mod follow;
 pub mod local;
+pub mod login;
 pub mod pinned;
 pub mod pubsub;
 
@@ -27,7 +28,6 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
-use crate::auth::User;
 use crate::readthrough::{self, PendingGet, PendingMget, Rule};
 
 use crate::command::policy::{
@@ -87,16 +87,8 @@ pub struct Session {
     keys: Vec<usize>,
     /// Reused buffer of key indices with the access each needs (permission checks).
     access: Vec<(usize, u8)>,
-    /// The authenticated user; `None` until AUTH when a password is required.
-    pub(crate) user: Option<Arc<User>>,
-    /// The user has command, key or channel restrictions (checked per command; scripts run
-    /// as the user's mirror on the shards).
-    pub(crate) restricted: bool,
-    /// Consecutive failed AUTH attempts.
-    pub(crate) auth_failures: u32,
-    /// An AUTH (or HELLO AUTH) of this connection succeeded once: the per-address AUTH limit
-    /// does not hold it back.
-    pub(crate) logged_in: bool,
+    /// Who the client is: its user and how it logged in.
+    pub(crate) login: login::Login,
     /// Commands whose latency is being measured: (reply sequence number, start, name).
     sampled: std::collections::VecDeque<(u64, std::time::Instant, &'static str)>,
     /// The last top-level command looked up.
@@ -142,19 +134,9 @@ pub struct Session {
     pub(crate) monitor: Option<control::Monitoring>,
     /// Where a blocking command of this client waits (see `pinned::Blocked`).
     pub(crate) blocked_on: Arc<crate::worker::BlockedOn>,
-    /// The token this client authenticated with, when it did (see `Session::token_login`).
-    pub(crate) token: Option<TokenLife>,
     /// Cluster mode: the worker's layout count this client's requests were last routed by
     /// (see `follow_layout`).
     routed_layout: u64,
-}
-
-/// The expiry of the token a client authenticated with: a timer flags the session
-/// (`Attention::EXPIRED`) at the deadline, unless a new AUTH replaces or drops it first.
-pub(crate) struct TokenLife {
-    /// The token's `exp` (Unix seconds).
-    pub(crate) expires: u64,
-    _timer: AbortOnDrop,
 }
 
 /// CLIENT REPLY ON|OFF|SKIP: whether replies are written. Muted replies are dropped by the
@@ -196,7 +178,7 @@ pub async fn run(stream: TcpStream, w: Rc<Worker>, tls: Option<TlsAcceptor>) {
 }
 
 /// Aborts a helper task when its session ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(crate) struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -258,10 +240,7 @@ where
         closing: false,
         barrier: false,
         max_pipeline: settings.max_client_pipeline,
-        user: None,
-        restricted: false,
-        auth_failures: 0,
-        logged_in: false,
+        login: login::Login::default(),
         sampled: std::collections::VecDeque::new(),
         last_command: None,
         cmd: None,
@@ -280,12 +259,11 @@ where
         held: false,
         monitor: None,
         blocked_on: Arc::default(),
-        token: None,
         routed_layout: w.layout.get(),
         w,
     };
     if !users.auth_required() {
-        s.set_user(users.default_user().clone());
+        s.login.set_user(users.default_user().clone());
     }
     s.queue.set_output_limit(settings.obuf_normal);
     s.queue.set_client(addr);
@@ -403,11 +381,11 @@ impl Session {
         let live = self.w.live().clone();
         self.max_pipeline = live.max_client_pipeline;
         self.update_output_class();
-        match &self.user {
+        match &self.login.user {
             Some(user) => match live.users.get(user.name.as_bytes()) {
                 Some(new) => {
                     let new = new.clone();
-                    self.set_user(new);
+                    self.login.set_user(new);
                 }
                 None => {
                     tracing::info!(
@@ -419,7 +397,7 @@ impl Session {
                 }
             },
             None if !live.users.auth_required() => {
-                self.set_user(live.users.default_user().clone());
+                self.login.set_user(live.users.default_user().clone());
             }
             None => {}
         }
@@ -507,7 +485,7 @@ impl Session {
                 // Everything is parsed (the parser keeps no partial state then).
                 break;
             }
-            match parser.parse(&buf[used..], limits, self.user.is_some()) {
+            match parser.parse(&buf[used..], limits, self.login.user.is_some()) {
                 Ok(Parsed::Command { req, used: u }) => {
                     n += 1;
                     let skip = self.reply_mode == ReplyMode::SkipNext;
@@ -573,7 +551,7 @@ impl Session {
         }
         // Switching between shared and dedicated connections waits for what is in flight, and
         // so does anything after a blocking command (the connection is "blocked", as in Redis).
-        let dedicated = if self.restricted && self.tx.is_none() && spec.runs_script() {
+        let dedicated = if self.login.restricted && self.tx.is_none() && spec.runs_script() {
             Lane::Mirror
         } else if self.wants_dedicated(spec, req) {
             Lane::Dedicated
@@ -611,7 +589,7 @@ impl Session {
             && spec.route != Route::Transaction
             && !matches!(spec.name, "quit" | "reset")
         {
-            if self.restricted && spec.runs_script() {
+            if self.login.restricted && spec.runs_script() {
                 self.flag_tx();
                 return self.reply_static(reply::NOPERM_SCRIPT_IN_MULTI);
             }
@@ -691,12 +669,12 @@ impl Session {
         if !spec.arity_ok(req.argc()) {
             return Err(reply::wrong_arity(spec.name));
         }
-        if self.user.is_none() {
+        if self.login.user.is_none() {
             // Before AUTH, nothing reaches a shard (Redis's NOAUTH rule).
             if !matches!(spec.name, "auth" | "hello" | "quit" | "reset") {
                 return Err(Bytes::from_static(reply::NOAUTH));
             }
-        } else if self.restricted {
+        } else if self.login.restricted {
             self.permitted(spec, req)?;
         }
         Ok(spec)
@@ -719,48 +697,34 @@ impl Session {
 
     /// The authenticated user's name (`default` before AUTH, as Redis shows it).
     pub(crate) fn user_name(&self) -> &str {
-        self.user.as_ref().map_or("default", |u| u.name.as_str())
+        self.login.user_name()
     }
 
-    /// Switches the connection's identity (AUTH, HELLO AUTH, RESET).
-    /// Switches the connection's identity (AUTH, HELLO AUTH, RESET, and a reload's new rules
-    /// for the same user: that keeps a token's expiry, see `drop_token`).
-    pub(crate) fn set_user(&mut self, user: Arc<User>) {
-        self.restricted = !user.unrestricted_access();
-        self.user = Some(user);
+    /// The login state, and the narrow context its handlers get.
+    pub(crate) fn login_parts(&mut self) -> (&mut login::Login, login::Cx<'_>) {
+        let cx = login::Cx {
+            w: &self.w,
+            queue: &self.queue,
+            cmd: self.cmd,
+            id: self.id,
+            addr: self.addr,
+        };
+        (&mut self.login, cx)
     }
 
-    /// A password AUTH or RESET: the connection no longer closes when the token it
-    /// authenticated with expires (also if that expiry was flagged this very turn).
-    pub(crate) fn drop_token(&mut self) {
-        self.token = None;
-        self.queue.unflag(crate::queue::Attention::EXPIRED);
-    }
-
-    /// A valid token: its user, and a close at its expiry (replacing any earlier token's),
-    /// unless the client authenticates again before.
-    pub(crate) fn token_login(&mut self, login: crate::token::Login) {
-        self.set_user(login.user);
-        self.drop_token();
-        let left = login
-            .deadline
-            .duration_since(std::time::SystemTime::now())
-            .unwrap_or_default();
-        let queue = self.queue.clone();
-        let timer = tokio::task::spawn_local(async move {
-            tokio::time::sleep(left).await;
-            queue.flag(crate::queue::Attention::EXPIRED);
-        });
-        self.token = Some(TokenLife {
-            expires: login.expires,
-            _timer: AbortOnDrop(timer),
-        });
+    /// What the session does after a login attempt: registers the new identity, or closes
+    /// after too many failures in a row.
+    pub(crate) fn after_login(&mut self, verdict: login::Verdict) {
+        match verdict {
+            login::Verdict::In => self.update_info(),
+            login::Verdict::Refused { close } => self.closing |= close,
+        }
     }
 
     /// The user's command and key permissions for this command: `Err` is the NOPERM reply.
     /// Every key is checked, including each key of a scatter command.
     fn permitted(&mut self, spec: &CommandSpec, req: &Request<'_>) -> Result<(), Bytes> {
-        let Some(user) = self.user.clone() else {
+        let Some(user) = self.login.user.clone() else {
             return Ok(());
         };
         if !user.may_run(spec) {
@@ -793,7 +757,7 @@ impl Session {
             Ok(slot) => slot.map_or(0, |s| self.w.live().slot_map.shard_of_slot(s)),
             Err(()) => return self.reply_static(reply::CROSSSLOT),
         };
-        let Some(user) = self.user.clone() else {
+        let Some(user) = self.login.user.clone() else {
             return;
         };
         let up = self
