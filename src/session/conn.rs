@@ -217,7 +217,8 @@ impl<R: ReadSide, W: WriteSide> Conn<R, W> {
         }
         if flags & Attention::SUB_FAILED != 0 {
             s.queue.unflag(Attention::SUB_FAILED);
-            s.drop_failed_subscriptions();
+            s.subs.drop_failed();
+            s.update_output_class();
         }
         if flags & Attention::FOLLOW != 0 {
             s.queue.unflag(Attention::FOLLOW);

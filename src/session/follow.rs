@@ -560,7 +560,9 @@ impl Session {
         if command_is_ssubscribe(raw) {
             self.subs.shard_set(shard).extend(channels);
         }
-        match self.sub_conn(shard) {
+        let moved = self.w.cluster.then(|| self.subscriptions_moved());
+        let cx = cx!(self);
+        match self.subs.conn(&cx, &moved, shard) {
             Ok(conn) => conn.up.send_subscription_after(raw, seq, n, hops),
             Err(e) if seq != SILENT => self.queue.deliver(seq, 0, e),
             Err(_) => {}

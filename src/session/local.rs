@@ -69,7 +69,9 @@ impl Session {
                     self.update_output_class();
                 }
                 self.reset_pinned();
-                self.reset_subs();
+                // Every subscription goes (the subscriber connections close).
+                self.subs = crate::session::pubsub::Subs::default();
+                self.update_output_class();
                 // Back to the default user: authenticated only if it needs no password.
                 self.login.reset(&self.w, &self.queue);
                 self.switch_proto(Proto::Resp2);
@@ -82,8 +84,8 @@ impl Session {
                 None => self.reply_static(reply::NOT_INTEGER),
             },
             "auth" => {
-                let (login, cx) = self.login_parts();
-                if let Some(verdict) = login.auth(&cx, req) {
+                let cx = cx!(self);
+                if let Some(verdict) = self.login.auth(&cx, req) {
                     self.after_login(verdict);
                 }
             }
@@ -397,8 +399,8 @@ impl Session {
             }
         }
         if let Some((user, password)) = login {
-            let (login, cx) = self.login_parts();
-            let verdict = login.try_login(&cx, user, password);
+            let cx = cx!(self);
+            let verdict = self.login.try_login(&cx, user, password);
             let refused = matches!(verdict, crate::session::login::Verdict::Refused { .. });
             self.after_login(verdict);
             if refused {

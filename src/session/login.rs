@@ -5,17 +5,13 @@
 //! subscription or the connection loop. What the session must do afterwards (register the new
 //! identity, close after too many failures) comes back as a [`Verdict`].
 
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::Bytes;
-
-use super::AbortOnDrop;
+use super::{AbortOnDrop, Cx};
 use crate::auth::User;
-use crate::command::CommandSpec;
 use crate::queue::ReplyQueue;
 use crate::resp::Request;
 use crate::resp::reply;
@@ -44,29 +40,6 @@ pub(crate) struct TokenLife {
     /// The token's `exp` (Unix seconds).
     pub(crate) expires: u64,
     _timer: AbortOnDrop,
-}
-
-/// What a login handler may use: the worker, where replies go, and who is asking.
-pub(crate) struct Cx<'s> {
-    pub(crate) w: &'s Worker,
-    pub(crate) queue: &'s Rc<ReplyQueue>,
-    /// The command being run (INFO errorstats counts its errors).
-    pub(crate) cmd: Option<&'static CommandSpec>,
-    pub(crate) id: u64,
-    pub(crate) addr: SocketAddr,
-}
-
-impl Cx<'_> {
-    pub(crate) fn reply(&self, b: Bytes) {
-        if b.first() == Some(&b'-') {
-            crate::metrics::note_error(self.cmd.map(|c| c.name), &b, false);
-        }
-        self.queue.push_ready(b);
-    }
-
-    fn reply_static(&self, b: &'static [u8]) {
-        self.reply(Bytes::from_static(b));
-    }
 }
 
 /// How a login attempt ended, for the session.

@@ -7,8 +7,24 @@
 //! `max_client_pipeline` commands in flight per client; beyond that the session stops reading
 //! until replies drain, so a client that pipelines without reading costs bounded memory.
 
+/// The narrow context of a session's handlers ([`Cx`]), built from its fields so that it
+/// borrows only them: `let cx = cx!(self); self.subs.change(&cx, …)`.
+macro_rules! cx {
+    ($s:expr) => {
+        crate::session::Cx {
+            w: &$s.w,
+            queue: &$s.queue,
+            proto: $s.proto,
+            cmd: $s.cmd,
+            id: $s.id,
+            addr: $s.addr,
+        }
+    };
+}
+
 mod conn;
 pub mod control;
+mod cx;
 pub mod follow;
 pub mod local;
 pub mod login;
@@ -45,6 +61,7 @@ use crate::resp::{Limits, Parsed, Request, RequestParser};
 use crate::router;
 use crate::settings::ReadFrom;
 use crate::worker::{Shared, Worker};
+pub(crate) use cx::Cx;
 
 /// What ended a session's wait.
 enum Wake {
@@ -604,17 +621,14 @@ impl Session {
                 return self.queue.push_ready(e);
             }
             if spec.name == "ping" {
-                return self.subscribed_ping(req);
+                return crate::session::pubsub::subscribed_ping(&cx!(self), req);
             }
         }
         if dedicated == Lane::Mirror {
             return self.script_as_user(spec, req, now);
         }
         match spec.route {
-            Route::PubSub => {
-                self.pubsub(spec, req, now);
-                self.update_output_class();
-            }
+            Route::PubSub => self.pubsub(spec, req, now),
             Route::Transaction => self.transaction(spec, req, now),
             Route::Blocking => self.blocking(spec, req, now),
             Route::Single => self.single(spec, req, now),
@@ -698,18 +712,6 @@ impl Session {
     /// The authenticated user's name (`default` before AUTH, as Redis shows it).
     pub(crate) fn user_name(&self) -> &str {
         self.login.user_name()
-    }
-
-    /// The login state, and the narrow context its handlers get.
-    pub(crate) fn login_parts(&mut self) -> (&mut login::Login, login::Cx<'_>) {
-        let cx = login::Cx {
-            w: &self.w,
-            queue: &self.queue,
-            cmd: self.cmd,
-            id: self.id,
-            addr: self.addr,
-        };
-        (&mut self.login, cx)
     }
 
     /// What the session does after a login attempt: registers the new identity, or closes

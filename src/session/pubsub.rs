@@ -14,6 +14,7 @@
 //! subscriber connection is lost, the client is disconnected so that it resubscribes.
 
 use std::collections::HashSet;
+use std::rc::Rc;
 
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -22,8 +23,9 @@ use crate::command::CommandSpec;
 use crate::fanout::GatherKind;
 use crate::resp::Request;
 use crate::resp::reply::{self, Aggregate, Proto};
-use crate::session::Session;
+use crate::session::{Cx, Session};
 use crate::shard::Dedicated;
+use crate::shard::SubscriptionsMoved;
 
 /// A client's subscriptions and subscriber connections.
 #[derive(Default)]
@@ -80,64 +82,209 @@ pub(crate) fn message(proto: Proto, kind: &[u8], channel: Option<&[u8]>, count: 
     a.finish()
 }
 
+impl Subs {
+    /// The subscriber connection to `shard`, opened on first use (in cluster mode it tells
+    /// `moved` of the channels its node gives away).
+    pub(crate) fn conn(
+        &mut self,
+        cx: &Cx<'_>,
+        moved: &Option<Rc<dyn SubscriptionsMoved>>,
+        shard: usize,
+    ) -> Result<&Dedicated, Bytes> {
+        if self.conns.len() <= shard {
+            self.conns.resize_with(shard + 1, || None);
+        }
+        if self.conns[shard].is_none() {
+            let conn = cx.w.dedicated().take(cx.proto, shard)?;
+            conn.up.set_sink(cx.queue.clone(), moved.clone());
+            self.conns[shard] = Some(conn);
+        }
+        Ok(self.conns[shard].as_ref().expect("opened above"))
+    }
+
+    /// Sends a subscription command on the subscriber connection to `shard`; its `frames`
+    /// confirmations become this command's reply, in order with the client's other replies.
+    fn send(
+        &mut self,
+        cx: &Cx<'_>,
+        moved: &Option<Rc<dyn SubscriptionsMoved>>,
+        shard: usize,
+        raw: &[u8],
+        frames: usize,
+    ) -> Result<(), Bytes> {
+        let conn = self.conn(cx, moved, shard)?;
+        let seq = cx.queue.push_waiting(crate::queue::Slot::Waiting(cx.cmd));
+        conn.up.send_subscription(raw, seq, frames.max(1));
+        Ok(())
+    }
+
+    /// Subscriber connections that failed before their subscriptions began (their
+    /// (un)subscribes were answered with the error): what was subscribed on them is
+    /// forgotten, and the client is no longer subscribed there.
+    #[cold]
+    pub(crate) fn drop_failed(&mut self) {
+        for shard in 0..self.conns.len() {
+            if self.conns[shard].as_ref().is_some_and(|c| !c.up.usable()) {
+                self.conns[shard] = None;
+                if shard == 0 {
+                    self.channels.clear();
+                    self.patterns.clear();
+                }
+                if let Some(set) = self.shard_channels.get_mut(shard) {
+                    set.clear();
+                }
+            }
+        }
+    }
+
+    /// (P|S)SUBSCRIBE and (P|S)UNSUBSCRIBE. `slot` is the slot of a sharded command's
+    /// channels (`Err`: they do not share one).
+    pub(crate) fn change(
+        &mut self,
+        cx: &Cx<'_>,
+        moved: &Option<Rc<dyn SubscriptionsMoved>>,
+        spec: &CommandSpec,
+        req: &Request<'_>,
+        slot: Result<Option<u16>, ()>,
+    ) {
+        let args: Vec<Bytes> = (1..req.argc()).map(|i| req.arg_copy(i)).collect();
+        // The shard of a sharded command's channels.
+        let shard = || match slot {
+            Ok(Some(s)) => Ok(cx.w.live().slot_map.shard_of_slot(s)),
+            Ok(None) => Err(reply::wrong_arity(spec.name)),
+            Err(()) => Err(Bytes::from_static(reply::CROSSSLOT)),
+        };
+        match spec.name {
+            "subscribe" | "psubscribe" => {
+                if let Err(e) = self.send(cx, moved, 0, req.raw, args.len()) {
+                    return cx.reply(e);
+                }
+                let set = if spec.name == "subscribe" {
+                    &mut self.channels
+                } else {
+                    &mut self.patterns
+                };
+                set.extend(args);
+            }
+            "ssubscribe" => {
+                let shard = match shard() {
+                    Ok(s) => s,
+                    Err(e) => return cx.reply(e),
+                };
+                if let Err(e) = self.send(cx, moved, shard, req.raw, args.len()) {
+                    return cx.reply(e);
+                }
+                self.shard_set(shard).extend(args);
+            }
+            "unsubscribe" | "punsubscribe" => {
+                let kind = spec.name.as_bytes();
+                let has_conn = self.conns.first().is_some_and(|c| c.is_some());
+                let set = if spec.name == "unsubscribe" {
+                    &mut self.channels
+                } else {
+                    &mut self.patterns
+                };
+                // Redis confirms each named channel, or each subscribed one for "all".
+                let frames = if args.is_empty() {
+                    set.len()
+                } else {
+                    args.len()
+                };
+                if args.is_empty() {
+                    set.clear();
+                } else {
+                    for a in &args {
+                        set.remove(a);
+                    }
+                }
+                if has_conn {
+                    let _ = self.send(cx, moved, 0, req.raw, frames);
+                } else {
+                    unsubscribe_locally(cx, kind, &args);
+                }
+            }
+            "sunsubscribe" => {
+                if args.is_empty() {
+                    // Every shard where sharded channels are subscribed confirms each one.
+                    let shards: Vec<(usize, usize)> = (0..self.shard_channels.len())
+                        .map(|s| (s, self.shard_channels[s].len()))
+                        .filter(|&(_, n)| n > 0)
+                        .collect();
+                    self.shard_channels.clear();
+                    if shards.is_empty() {
+                        return unsubscribe_locally(cx, b"sunsubscribe", &args);
+                    }
+                    for (s, n) in shards {
+                        let _ = self.send(cx, moved, s, req.raw, n);
+                    }
+                    return;
+                }
+                let shard = match shard() {
+                    Ok(s) => s,
+                    Err(e) => return cx.reply(e),
+                };
+                for a in &args {
+                    self.shard_set(shard).remove(a);
+                }
+                if self.conns.get(shard).is_some_and(|c| c.is_some()) {
+                    let _ = self.send(cx, moved, shard, req.raw, args.len());
+                } else {
+                    unsubscribe_locally(cx, b"sunsubscribe", &args);
+                }
+            }
+            _ => cx.reply(reply::not_yet(spec.name)),
+        }
+    }
+}
+
+/// Unsubscribing with no subscriber connection: Redis's replies, answered here.
+fn unsubscribe_locally(cx: &Cx<'_>, kind: &[u8], args: &[Bytes]) {
+    if args.is_empty() {
+        return cx.reply(message(cx.proto, kind, None, 0));
+    }
+    for a in args {
+        cx.reply(message(cx.proto, kind, Some(a), 0));
+    }
+}
+
+/// PING while subscribed in RESP2: `["pong", message]`, as Redis answers.
+pub(crate) fn subscribed_ping(cx: &Cx<'_>, req: &Request<'_>) {
+    let mut a = Aggregate::array(2);
+    a.bulk(b"pong");
+    a.bulk(if req.argc() > 1 { req.arg(1) } else { b"" });
+    cx.reply(a.finish());
+}
+
 impl Session {
     pub(crate) fn subscribed(&self) -> bool {
         self.subs.active()
     }
 
-    /// The subscriber connection to `shard`, opened on first use.
-    pub(crate) fn sub_conn(&mut self, shard: usize) -> Result<&Dedicated, Bytes> {
-        if self.subs.conns.len() <= shard {
-            self.subs.conns.resize_with(shard + 1, || None);
-        }
-        if self.subs.conns[shard].is_none() {
-            let conn = self.w.dedicated().take(self.proto, shard)?;
-            let moved = self.w.cluster.then(|| self.subscriptions_moved());
-            conn.up.set_sink(self.queue.clone(), moved);
-            self.subs.conns[shard] = Some(conn);
-        }
-        Ok(self.subs.conns[shard].as_ref().expect("opened above"))
-    }
-
-    /// Sends a subscription command on the subscriber connection to `shard`; its `frames`
-    /// confirmations become this command's reply, in order with the client's other replies.
-    fn sub_send(&mut self, shard: usize, raw: &[u8], frames: usize) -> Result<(), Bytes> {
-        self.sub_conn(shard)?;
-        let seq = self
-            .queue
-            .push_waiting(crate::queue::Slot::Waiting(self.cmd));
-        if let Some(Some(conn)) = self.subs.conns.get(shard) {
-            conn.up.send_subscription(raw, seq, frames.max(1));
-        }
-        Ok(())
-    }
-
-    /// A subscriber connection failed before its subscriptions began (its (un)subscribes were
-    /// answered with the error): what was subscribed on it is forgotten, and the client is
-    /// no longer subscribed there.
-    #[cold]
-    pub(crate) fn drop_failed_subscriptions(&mut self) {
-        for shard in 0..self.subs.conns.len() {
-            if self.subs.conns[shard]
-                .as_ref()
-                .is_some_and(|c| !c.up.usable())
-            {
-                self.subs.conns[shard] = None;
-                if shard == 0 {
-                    self.subs.channels.clear();
-                    self.subs.patterns.clear();
-                }
-                if let Some(set) = self.subs.shard_channels.get_mut(shard) {
-                    set.clear();
-                }
+    /// Pub/sub commands: subscriptions change on the client's subscriber connections (see
+    /// [`Subs::change`]); classic channels' PUBLISH and PUBSUB live on the first shard.
+    pub(crate) fn pubsub(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
+        match spec.name {
+            "publish" | "pubsub|channels" | "pubsub|numsub" | "pubsub|numpat" | "pubsub|help" => {
+                self.forward(0, req.raw, now)
+            }
+            "pubsub|shardchannels" => {
+                self.gather_from_every_shard(GatherKind::ConcatArrays, req.raw, now)
+            }
+            "pubsub|shardnumsub" => {
+                let kind = GatherKind::Info(Box::new(sum_pair_counts));
+                self.gather_from_every_shard(kind, req.raw, now)
+            }
+            _ => {
+                let sharded = matches!(spec.name, "ssubscribe" | "sunsubscribe");
+                let slot = match sharded && req.argc() > 1 {
+                    true => self.slot_of(spec, req),
+                    false => Ok(None),
+                };
+                let moved = self.w.cluster.then(|| self.subscriptions_moved());
+                let cx = cx!(self);
+                self.subs.change(&cx, &moved, spec, req, slot);
             }
         }
-        self.update_output_class();
-    }
-
-    /// Drops every subscription (RESET): the subscriber connections close.
-    pub(crate) fn reset_subs(&mut self) {
-        self.subs = Subs::default();
         self.update_output_class();
     }
 
@@ -160,123 +307,6 @@ impl Session {
             self.listed_subscribed = subscribed;
             self.update_info();
         }
-    }
-
-    pub(crate) fn pubsub(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
-        let args: Vec<Bytes> = (1..req.argc()).map(|i| req.arg_copy(i)).collect();
-        match spec.name {
-            "subscribe" | "psubscribe" => {
-                if let Err(e) = self.sub_send(0, req.raw, args.len()) {
-                    return self.reply(e);
-                }
-                let set = if spec.name == "subscribe" {
-                    &mut self.subs.channels
-                } else {
-                    &mut self.subs.patterns
-                };
-                set.extend(args);
-            }
-            "ssubscribe" => {
-                let slot = match self.slot_of(spec, req) {
-                    Ok(Some(s)) => s,
-                    Ok(None) => return self.reply(reply::wrong_arity(spec.name)),
-                    Err(()) => return self.reply_static(reply::CROSSSLOT),
-                };
-                let shard = self.w.live().slot_map.shard_of_slot(slot);
-                if let Err(e) = self.sub_send(shard, req.raw, args.len()) {
-                    return self.reply(e);
-                }
-                self.subs.shard_set(shard).extend(args);
-            }
-            "unsubscribe" | "punsubscribe" => {
-                let kind = spec.name.as_bytes();
-                let has_conn = self.subs.conns.first().is_some_and(|c| c.is_some());
-                let set = if spec.name == "unsubscribe" {
-                    &mut self.subs.channels
-                } else {
-                    &mut self.subs.patterns
-                };
-                // Redis confirms each named channel, or each subscribed one for "all".
-                let frames = if args.is_empty() {
-                    set.len()
-                } else {
-                    args.len()
-                };
-                if args.is_empty() {
-                    set.clear();
-                } else {
-                    for a in &args {
-                        set.remove(a);
-                    }
-                }
-                if has_conn {
-                    let _ = self.sub_send(0, req.raw, frames);
-                } else {
-                    self.unsubscribe_locally(kind, &args);
-                }
-            }
-            "sunsubscribe" => {
-                if args.is_empty() {
-                    // Every shard where sharded channels are subscribed confirms each one.
-                    let shards: Vec<(usize, usize)> = (0..self.subs.shard_channels.len())
-                        .map(|s| (s, self.subs.shard_channels[s].len()))
-                        .filter(|&(_, n)| n > 0)
-                        .collect();
-                    self.subs.shard_channels.clear();
-                    if shards.is_empty() {
-                        return self.unsubscribe_locally(b"sunsubscribe", &args);
-                    }
-                    for (s, n) in shards {
-                        let _ = self.sub_send(s, req.raw, n);
-                    }
-                    return;
-                }
-                let slot = match self.slot_of(spec, req) {
-                    Ok(Some(s)) => s,
-                    Ok(None) => return self.reply(reply::wrong_arity(spec.name)),
-                    Err(()) => return self.reply_static(reply::CROSSSLOT),
-                };
-                let shard = self.w.live().slot_map.shard_of_slot(slot);
-                for a in &args {
-                    self.subs.shard_set(shard).remove(a);
-                }
-                if self.subs.conns.get(shard).is_some_and(|c| c.is_some()) {
-                    let _ = self.sub_send(shard, req.raw, args.len());
-                } else {
-                    self.unsubscribe_locally(b"sunsubscribe", &args);
-                }
-            }
-            // Classic channels live on the designated (first) shard.
-            "publish" | "pubsub|channels" | "pubsub|numsub" | "pubsub|numpat" | "pubsub|help" => {
-                self.forward(0, req.raw, now)
-            }
-            "pubsub|shardchannels" => {
-                self.gather_from_every_shard(GatherKind::ConcatArrays, req.raw, now)
-            }
-            "pubsub|shardnumsub" => {
-                let kind = GatherKind::Info(Box::new(sum_pair_counts));
-                self.gather_from_every_shard(kind, req.raw, now)
-            }
-            _ => self.reply(reply::not_yet(spec.name)),
-        }
-    }
-
-    /// Unsubscribing with no subscriber connection: Redis's replies, answered here.
-    fn unsubscribe_locally(&mut self, kind: &[u8], args: &[Bytes]) {
-        if args.is_empty() {
-            return self.reply(message(self.proto, kind, None, 0));
-        }
-        for a in args {
-            self.reply(message(self.proto, kind, Some(a), 0));
-        }
-    }
-
-    /// PING while subscribed in RESP2: `["pong", message]`, as Redis answers.
-    pub(crate) fn subscribed_ping(&mut self, req: &Request<'_>) {
-        let mut a = Aggregate::array(2);
-        a.bulk(b"pong");
-        a.bulk(if req.argc() > 1 { req.arg(1) } else { b"" });
-        self.reply(a.finish());
     }
 }
 

@@ -1,0 +1,38 @@
+//! The narrow context a command handler gets instead of the whole `Session`: the worker,
+//! where the client's replies go, its protocol, the command being run, and who the client is.
+//! A handler that holds a `Cx` and its own state (`Login`, `Subs` …) cannot reach a
+//! transaction, a subscription or the connection loop it was not given.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use bytes::Bytes;
+
+use crate::command::CommandSpec;
+use crate::queue::ReplyQueue;
+use crate::resp::reply::Proto;
+use crate::worker::Worker;
+
+pub(crate) struct Cx<'s> {
+    pub(crate) w: &'s Worker,
+    pub(crate) queue: &'s Rc<ReplyQueue>,
+    pub(crate) proto: Proto,
+    /// The command being run (INFO errorstats counts its errors).
+    pub(crate) cmd: Option<&'static CommandSpec>,
+    pub(crate) id: u64,
+    pub(crate) addr: SocketAddr,
+}
+
+impl Cx<'_> {
+    /// Queues a reply that is ready now (an error is counted against the command).
+    pub(crate) fn reply(&self, b: Bytes) {
+        if b.first() == Some(&b'-') {
+            crate::metrics::note_error(self.cmd.map(|c| c.name), &b, false);
+        }
+        self.queue.push_ready(b);
+    }
+
+    pub(crate) fn reply_static(&self, b: &'static [u8]) {
+        self.reply(Bytes::from_static(b));
+    }
+}
