@@ -9,8 +9,11 @@ use std::rc::Rc;
 use bytes::Bytes;
 
 use crate::command::CommandSpec;
-use crate::queue::ReplyQueue;
+use tokio::time::Instant;
+
+use crate::queue::{ReplyQueue, Slot, Target};
 use crate::resp::reply::Proto;
+use crate::shard::Upstream;
 use crate::worker::Worker;
 
 pub(crate) struct Cx<'s> {
@@ -34,5 +37,17 @@ impl Cx<'_> {
 
     pub(crate) fn reply_static(&self, b: &'static [u8]) {
         self.reply(Bytes::from_static(b));
+    }
+
+    /// Sends `raw` on `up`, failing at `deadline`; its reply fills `slot`, the next of the
+    /// queue.
+    pub(crate) fn send_until(&self, slot: Slot, up: &Upstream, raw: &[u8], deadline: Instant) {
+        let seq = self.queue.push_waiting(slot);
+        let target = Target::Client {
+            queue: self.queue.clone(),
+            seq,
+            part: 0,
+        };
+        up.send_until(raw, target, deadline);
     }
 }

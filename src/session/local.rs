@@ -15,42 +15,13 @@ use crate::resp::reply::{self, Aggregate, Proto};
 use crate::resp::request::parse_i64;
 use crate::resp::request::push_header;
 use crate::resp::{Limits, Parsed, Request, RequestParser};
-use crate::session::Session;
+use crate::session::{Cx, Session, control};
 use crate::worker::{ClientInfo, Shared};
 
 /// Reported by HELLO before any shard has told its version.
 const FALLBACK_VERSION: &str = "7.0.0";
 
 impl Session {
-    /// CLIENT LIST, with its TYPE and ID filters: the sessions of every worker.
-    fn client_list(&mut self, req: &Request<'_>) {
-        let filter = match ClientFilter::parse(req) {
-            Ok(f) => f,
-            Err(e) => return self.reply(e),
-        };
-        let mut all: Vec<ClientInfo> = self
-            .w
-            .shared
-            .clients
-            .lock()
-            .map(|c| c.values().cloned().collect())
-            .unwrap_or_default();
-        all.retain(|c| filter.keeps(c.id));
-        all.sort_by_key(|c| c.id);
-        let text: String = all
-            .iter()
-            .map(|c| {
-                let cmd = if c.id == self.id {
-                    "client|list"
-                } else {
-                    "NULL"
-                };
-                client_line(c, cmd)
-            })
-            .collect();
-        self.reply(reply::verbatim(self.proto, text.as_bytes()));
-    }
-
     pub(crate) fn local(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
         match spec.name {
             "ping" => match req.argc() {
@@ -138,16 +109,16 @@ impl Session {
                 let line = client_line(&self.info_entry(), "client|info");
                 self.reply(reply::verbatim(self.proto, line.as_bytes()));
             }
-            "client|list" => self.client_list(req),
+            "client|list" => client_list(&cx!(self), req),
             "client|reply" => self.client_reply(req),
             "slotgate.invalidate" => self.invalidate(req, now),
             "slotgate.status" => self.cache_status(req, now),
-            "slotgate.reload" => self.reload_config(),
-            "client|kill" => self.client_kill(req),
+            "slotgate.reload" => reload_config(&cx!(self)),
+            "client|kill" => self.closing |= client_kill(&cx!(self), req),
             "monitor" => self.monitor(req),
-            "client|pause" => self.client_pause(req),
-            "client|unpause" => self.client_unpause(),
-            "client|unblock" => self.client_unblock(req, now),
+            "client|pause" => control::client_pause(&cx!(self), req),
+            "client|unpause" => control::client_unpause(&cx!(self)),
+            "client|unblock" => control::client_unblock(&cx!(self), req, now),
             "acl|whoami" => self.reply(reply::bulk(self.user_name().as_bytes())),
             name if name == "cluster"
                 || name.starts_with("cluster|")
@@ -211,28 +182,6 @@ impl Session {
         }
     }
 
-    /// `SLOTGATE.RELOAD`: reloads the configuration as SIGHUP does (see `reload`); `+OK` once
-    /// every worker has taken it up, or why it was refused.
-    fn reload_config(&mut self) {
-        let (answer, outcome) = tokio::sync::oneshot::channel();
-        let sent = self.w.shared.reloads.get().map(|tx| tx.send(answer));
-        if !matches!(sent, Some(Ok(()))) {
-            return self.reply(reply::reload_failed("reloads are not available"));
-        }
-        let seq = self
-            .queue
-            .push_waiting(crate::queue::Slot::Waiting(self.cmd));
-        let queue = self.queue.clone();
-        tokio::task::spawn_local(async move {
-            let reply = match outcome.await {
-                Ok(Ok(_)) => Bytes::from_static(reply::OK),
-                Ok(Err(why)) => reply::reload_failed(&why),
-                Err(_) => reply::reload_failed("the reload did not finish"),
-            };
-            queue.deliver(seq, 0, reply);
-        });
-    }
-
     /// `SLOTGATE.STATUS key`: the key's read-through state (hit, stale, miss, negative,
     /// in-flight), its remaining TTL, and its age estimated from the rule's TTL.
     fn cache_status(&mut self, req: &Request<'_>, now: Instant) {
@@ -277,70 +226,6 @@ impl Session {
         let shard = self.w.live().slot_map.shard_of(&key);
         let raw = crate::resp::request::command(&[b"PTTL", &key]);
         self.gather(GatherKind::Info(Box::new(build)), &[(shard, raw)], now);
-    }
-
-    /// CLIENT KILL over slotgate's own client sessions: the old form `CLIENT KILL ip:port`
-    /// (`+OK` or `-ERR No such client`) and the filter form (`ID`, `ADDR`, `LADDR`, `USER`,
-    /// `SKIPME`; replies the number killed). Shard connections are never touched.
-    fn client_kill(&mut self, req: &Request<'_>) {
-        let clients: Vec<ClientInfo> = self
-            .w
-            .shared
-            .clients
-            .lock()
-            .map(|c| c.values().cloned().collect())
-            .unwrap_or_default();
-        if req.argc() == 3 {
-            let addr = String::from_utf8_lossy(req.arg(2)).to_string();
-            return match clients.iter().find(|c| c.addr.to_string() == addr) {
-                Some(c) => {
-                    c.kill.notify_one();
-                    self.reply_static(reply::OK)
-                }
-                None => self.reply_static(reply::NO_SUCH_CLIENT),
-            };
-        }
-        let (mut id, mut addr, mut laddr, mut user, mut skipme) = (None, None, None, None, true);
-        let mut i = 2;
-        while i + 1 < req.argc() {
-            let v = String::from_utf8_lossy(req.arg(i + 1)).to_string();
-            match req.arg(i).to_ascii_lowercase().as_slice() {
-                b"id" => match parse_i64(req.arg(i + 1)) {
-                    Some(n) if n > 0 => id = Some(n as u64),
-                    _ => return self.reply_static(reply::CLIENT_ID_NOT_POSITIVE),
-                },
-                b"addr" => addr = Some(v),
-                b"laddr" => laddr = Some(v),
-                b"user" => user = Some(v),
-                b"skipme" => match v.to_ascii_lowercase().as_str() {
-                    "yes" => skipme = true,
-                    "no" => skipme = false,
-                    _ => return self.reply_static(reply::SYNTAX),
-                },
-                _ => return self.reply_static(reply::SYNTAX),
-            }
-            i += 2;
-        }
-        if i != req.argc() {
-            return self.reply_static(reply::SYNTAX);
-        }
-        let mut killed = 0;
-        for c in &clients {
-            let matches = id.is_none_or(|x| x == c.id)
-                && addr.as_ref().is_none_or(|a| *a == c.addr.to_string())
-                && laddr.as_ref().is_none_or(|a| *a == c.laddr.to_string())
-                && user.as_ref().is_none_or(|u| *u == c.user)
-                && !(skipme && c.id == self.id);
-            if matches {
-                if c.id == self.id {
-                    self.closing = true;
-                } else {
-                    c.kill.notify_one();
-                }
-                killed += 1;
-            }
-        }
-        self.reply(reply::integer(killed));
     }
 
     /// This session's CLIENT LIST entry as it is now.
@@ -464,6 +349,126 @@ impl Session {
             deadline,
         );
     }
+}
+
+/// CLIENT LIST, with its TYPE and ID filters: the sessions of every worker.
+fn client_list(cx: &Cx<'_>, req: &Request<'_>) {
+    let filter = match ClientFilter::parse(req) {
+        Ok(f) => f,
+        Err(e) => return cx.reply(e),
+    };
+    let mut all: Vec<ClientInfo> =
+        cx.w.shared
+            .clients
+            .lock()
+            .map(|c| c.values().cloned().collect())
+            .unwrap_or_default();
+    all.retain(|c| filter.keeps(c.id));
+    all.sort_by_key(|c| c.id);
+    let text: String = all
+        .iter()
+        .map(|c| {
+            let cmd = if c.id == cx.id { "client|list" } else { "NULL" };
+            client_line(c, cmd)
+        })
+        .collect();
+    cx.reply(reply::verbatim(cx.proto, text.as_bytes()));
+}
+
+/// CLIENT KILL over slotgate's own client sessions: the old form `CLIENT KILL ip:port`
+/// (`+OK` or `-ERR No such client`) and the filter form (`ID`, `ADDR`, `LADDR`, `USER`,
+/// `SKIPME`; replies the number killed). Shard connections are never touched. `true`:
+/// the client killed itself (its connection closes once the reply is written).
+fn client_kill(cx: &Cx<'_>, req: &Request<'_>) -> bool {
+    let clients: Vec<ClientInfo> =
+        cx.w.shared
+            .clients
+            .lock()
+            .map(|c| c.values().cloned().collect())
+            .unwrap_or_default();
+    if req.argc() == 3 {
+        let addr = String::from_utf8_lossy(req.arg(2)).to_string();
+        match clients.iter().find(|c| c.addr.to_string() == addr) {
+            Some(c) => {
+                c.kill.notify_one();
+                cx.reply_static(reply::OK)
+            }
+            None => cx.reply_static(reply::NO_SUCH_CLIENT),
+        }
+        return false;
+    }
+    let (mut id, mut addr, mut laddr, mut user, mut skipme) = (None, None, None, None, true);
+    let mut i = 2;
+    while i + 1 < req.argc() {
+        let v = String::from_utf8_lossy(req.arg(i + 1)).to_string();
+        match req.arg(i).to_ascii_lowercase().as_slice() {
+            b"id" => match parse_i64(req.arg(i + 1)) {
+                Some(n) if n > 0 => id = Some(n as u64),
+                _ => {
+                    cx.reply_static(reply::CLIENT_ID_NOT_POSITIVE);
+                    return false;
+                }
+            },
+            b"addr" => addr = Some(v),
+            b"laddr" => laddr = Some(v),
+            b"user" => user = Some(v),
+            b"skipme" => match v.to_ascii_lowercase().as_str() {
+                "yes" => skipme = true,
+                "no" => skipme = false,
+                _ => {
+                    cx.reply_static(reply::SYNTAX);
+                    return false;
+                }
+            },
+            _ => {
+                cx.reply_static(reply::SYNTAX);
+                return false;
+            }
+        }
+        i += 2;
+    }
+    if i != req.argc() {
+        cx.reply_static(reply::SYNTAX);
+        return false;
+    }
+    let (mut killed, mut me) = (0, false);
+    for c in &clients {
+        let matches = id.is_none_or(|x| x == c.id)
+            && addr.as_ref().is_none_or(|a| *a == c.addr.to_string())
+            && laddr.as_ref().is_none_or(|a| *a == c.laddr.to_string())
+            && user.as_ref().is_none_or(|u| *u == c.user)
+            && !(skipme && c.id == cx.id);
+        if matches {
+            if c.id == cx.id {
+                me = true;
+            } else {
+                c.kill.notify_one();
+            }
+            killed += 1;
+        }
+    }
+    cx.reply(reply::integer(killed));
+    me
+}
+
+/// `SLOTGATE.RELOAD`: reloads the configuration as SIGHUP does (see `reload`); `+OK` once
+/// every worker has taken it up, or why it was refused.
+fn reload_config(cx: &Cx<'_>) {
+    let (answer, outcome) = tokio::sync::oneshot::channel();
+    let sent = cx.w.shared.reloads.get().map(|tx| tx.send(answer));
+    if !matches!(sent, Some(Ok(()))) {
+        return cx.reply(reply::reload_failed("reloads are not available"));
+    }
+    let seq = cx.queue.push_waiting(crate::queue::Slot::Waiting(cx.cmd));
+    let queue = cx.queue.clone();
+    tokio::task::spawn_local(async move {
+        let reply = match outcome.await {
+            Ok(Ok(_)) => Bytes::from_static(reply::OK),
+            Ok(Err(why)) => reply::reload_failed(&why),
+            Err(_) => reply::reload_failed("the reload did not finish"),
+        };
+        queue.deliver(seq, 0, reply);
+    });
 }
 
 /// CLIENT LIST's `TYPE` and `ID` options. Every slotgate client is of type `normal`.

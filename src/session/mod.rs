@@ -539,10 +539,7 @@ impl Session {
     /// Appends a reply that is ready now (an error counts as the command's failure).
     #[inline]
     pub(crate) fn reply(&self, b: Bytes) {
-        if b.first() == Some(&b'-') {
-            crate::metrics::note_error(self.cmd.map(|c| c.name), &b, false);
-        }
-        self.queue.push_ready(b);
+        cx!(self).reply(b);
     }
 
     #[inline]
@@ -942,13 +939,7 @@ impl Session {
         raw: &[u8],
         deadline: Instant,
     ) {
-        let seq = self.queue.push_waiting(slot);
-        let target = Target::Client {
-            queue: self.queue.clone(),
-            seq,
-            part: 0,
-        };
-        up.send_until(raw, target, deadline);
+        cx!(self).send_until(slot, up, raw, deadline);
     }
 
     /// Sends one request per part; the gathered reply fills the next slot of the queue.
