@@ -47,7 +47,7 @@ impl Session {
         // (A monitor is never paused, as Redis never pauses a replica: it can lift a pause.)
         if gate.bits() & Gate::PAUSE != 0 && self.monitor.is_none() {
             let writes = may_write(spec)
-                || (spec.name == "exec" && self.tx.as_ref().is_some_and(|t| t.writes));
+                || (spec.name == "exec" && self.pinned.tx.as_ref().is_some_and(|t| t.writes));
             if gate.holds(writes) {
                 self.deferred = Some(crate::session::pinned::Deferred::from(req));
                 self.held = true;

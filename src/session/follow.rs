@@ -315,7 +315,7 @@ pub fn count_exec_errors(reply: &Bytes, queued: &[&'static str]) {
 pub const FOREVER: Duration = Duration::from_secs(86_400 * 365);
 
 impl Session {
-    fn follows(&mut self) -> Rc<Follows> {
+    pub(crate) fn follows(&mut self) -> Rc<Follows> {
         self.follows.get_or_insert_with(Rc::default).clone()
     }
 
@@ -352,31 +352,6 @@ impl Session {
             op_timeout: self.w.shared.settings.op_timeout,
         });
         up.send_until(raw, Target::Sink(SinkRef::new(sink, 0)), deadline);
-    }
-
-    /// Cluster mode: a transaction's MULTI, commands and EXEC (`parts`) sent on `conn`; its
-    /// EXEC's reply fills the next slot of the queue.
-    pub(crate) fn send_tx(
-        &mut self,
-        conn: &crate::shard::Dedicated,
-        parts: Vec<Bytes>,
-        queued: Vec<&'static str>,
-        watched: bool,
-        deadline: Instant,
-    ) {
-        let seq = self.queue.push_waiting(Slot::Waiting(self.cmd));
-        let run = Rc::new(TxRun {
-            queue: self.queue.clone(),
-            seq,
-            parts,
-            queued,
-            watched,
-            proto: self.proto,
-            follows: self.follows(),
-            deadline,
-            run: RefCell::default(),
-        });
-        send_run(&run, &conn.up, 0, false);
     }
 
     /// Sends the redirected requests of this session's dedicated connections where they go.
@@ -651,4 +626,30 @@ fn send_run(run: &Rc<TxRun>, up: &crate::shard::Upstream, hops: u8, asking: bool
             run.deadline,
         );
     }
+}
+
+/// Cluster mode: a transaction's MULTI, commands and EXEC (`parts`) sent on `conn`; its
+/// EXEC's reply fills the next slot of the queue, and its redirects come to `follows`.
+pub(crate) fn send_tx(
+    cx: &crate::session::Cx<'_>,
+    follows: &Rc<Follows>,
+    conn: &crate::shard::Dedicated,
+    parts: Vec<Bytes>,
+    queued: Vec<&'static str>,
+    watched: bool,
+    deadline: Instant,
+) {
+    let seq = cx.queue.push_waiting(Slot::Waiting(cx.cmd));
+    let run = Rc::new(TxRun {
+        queue: cx.queue.clone(),
+        seq,
+        parts,
+        queued,
+        watched,
+        proto: cx.proto,
+        follows: follows.clone(),
+        deadline,
+        run: RefCell::default(),
+    });
+    send_run(&run, &conn.up, 0, false);
 }

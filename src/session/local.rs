@@ -39,7 +39,8 @@ impl Session {
                 if self.monitor.take().is_some() {
                     self.update_output_class();
                 }
-                self.reset_pinned();
+                // Its transaction and watches go (their connections close, so the shard forgets them).
+                self.pinned = Default::default();
                 // Every subscription goes (the subscriber connections close).
                 self.subs = crate::session::pubsub::Subs::default();
                 self.update_output_class();
@@ -301,7 +302,9 @@ impl Session {
             }
             self.name = (!n.is_empty()).then(|| String::from_utf8_lossy(n).into());
         }
-        if proto != self.proto && (self.tx.is_some() || self.watch.is_some() || self.subscribed()) {
+        if proto != self.proto
+            && (self.pinned.tx.is_some() || self.pinned.watch.is_some() || self.subscribed())
+        {
             // Its dedicated connections speak the protocol they were opened with.
             return self.reply_static(reply::HELLO_SWITCH_PINNED);
         }

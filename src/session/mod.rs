@@ -115,10 +115,8 @@ pub struct Session {
     pub(crate) cmd: Option<&'static CommandSpec>,
     /// Commands dispatched, for sampling one in `metrics::SAMPLE_EVERY`.
     dispatched: u64,
-    /// An open MULTI (see `pinned`).
-    pub(crate) tx: Option<crate::session::pinned::Tx>,
-    /// WATCHed keys outside MULTI: their dedicated connection and slot.
-    pub(crate) watch: Option<crate::session::pinned::Watch>,
+    /// An open MULTI and WATCHed keys (see `pinned`).
+    pub(crate) pinned: crate::session::pinned::Pinned,
     /// The dedicated connection of a blocking command in flight.
     pub(crate) blocked: Option<crate::session::pinned::Blocked>,
     /// Cluster mode: redirected requests of its dedicated connections (see `follow`).
@@ -262,8 +260,7 @@ where
         last_command: None,
         cmd: None,
         dispatched: 0,
-        tx: None,
-        watch: None,
+        pinned: Default::default(),
         blocked: None,
         follows: None,
         deferred: None,
@@ -378,8 +375,8 @@ impl Session {
             // (In cluster mode their node stays, and answers for the slots it still serves:
             // the clients stay.)
             if !self.w.cluster
-                && (self.tx.is_some()
-                    || self.watch.is_some()
+                && (self.pinned.tx.is_some()
+                    || self.pinned.watch.is_some()
                     || self.blocked.is_some()
                     || self.subscribed())
             {
@@ -553,7 +550,7 @@ impl Session {
             Ok(spec) => spec,
             Err(e) => {
                 // A queuing error inside MULTI makes EXEC fail, as in Redis.
-                self.flag_tx();
+                self.pinned.flag_tx();
                 crate::metrics::note_error(self.cmd.map(|c| c.name), &e, true);
                 return self.queue.push_ready(e);
             }
@@ -565,20 +562,20 @@ impl Session {
         }
         // Switching between shared and dedicated connections waits for what is in flight, and
         // so does anything after a blocking command (the connection is "blocked", as in Redis).
-        let dedicated = if self.login.restricted && self.tx.is_none() && spec.runs_script() {
+        let dedicated = if self.login.restricted && self.pinned.tx.is_none() && spec.runs_script() {
             Lane::Mirror
-        } else if self.wants_dedicated(spec, req) {
+        } else if self.pinned.wants_dedicated(spec, req) {
             Lane::Dedicated
         } else {
             Lane::Shared
         };
         // RESET closes dedicated connections: their replies in flight must arrive first.
         let resets_pinned = spec.name == "reset"
-            && (self.tx.is_some() || self.watch.is_some() || self.subscribed());
+            && (self.pinned.tx.is_some() || self.pinned.watch.is_some() || self.subscribed());
         if dedicated != self.on_dedicated
             || self.blocked.is_some()
             || resets_pinned
-            || self.exec_waits(spec)
+            || self.pinned.exec_waits(self.w.cluster, spec)
         {
             if self.queue.waiting() > 0 {
                 self.deferred = Some(crate::session::pinned::Deferred::from(req));
@@ -599,12 +596,12 @@ impl Session {
         if spec.may_write_keys() && self.w.has_rules.get() {
             self.note_writes(spec, req);
         }
-        if self.tx.is_some()
+        if self.pinned.tx.is_some()
             && spec.route != Route::Transaction
             && !matches!(spec.name, "quit" | "reset")
         {
             if self.login.restricted && spec.runs_script() {
-                self.flag_tx();
+                self.pinned.flag_tx();
                 return self.reply_static(reply::NOPERM_SCRIPT_IN_MULTI);
             }
             return self.tx_queue(spec, req, now);
@@ -928,18 +925,6 @@ impl Session {
         } else {
             Ok(primary)
         }
-    }
-
-    /// Sends `raw` on `up`, failing at `deadline`; its reply fills `slot`, the next of the
-    /// queue.
-    pub(crate) fn send_until(
-        &mut self,
-        slot: Slot,
-        up: &crate::shard::Upstream,
-        raw: &[u8],
-        deadline: Instant,
-    ) {
-        cx!(self).send_until(slot, up, raw, deadline);
     }
 
     /// Sends one request per part; the gathered reply fills the next slot of the queue.

@@ -33,7 +33,7 @@ use crate::command::{CommandSpec, Route};
 use crate::queue::{ReplyQueue, Sink, SinkRef, Slot, Target};
 use crate::resp::Request;
 use crate::resp::reply;
-use crate::session::Session;
+use crate::session::{Cx, Session};
 use crate::shard::Dedicated;
 
 /// An open transaction.
@@ -226,9 +226,74 @@ impl Deferred {
     }
 }
 
-use crate::session::follow::FOREVER;
+use crate::session::follow::{FOREVER, Follows};
 
-impl Session {
+/// A client's transaction and watches, and the dedicated connections they hold.
+#[derive(Default)]
+pub(crate) struct Pinned {
+    /// An open MULTI.
+    pub(crate) tx: Option<Tx>,
+    /// WATCHed keys outside MULTI: their dedicated connection and slot.
+    pub(crate) watch: Option<Watch>,
+}
+
+/// What the transaction commands may use: the narrow context, the slot of the command's keys
+/// (`Err`: they do not share one), and in cluster mode the session's mailbox for redirects (a
+/// transaction sent at EXEC follows them).
+pub(crate) struct TxCx<'s> {
+    pub(crate) cx: Cx<'s>,
+    pub(crate) slot: Result<Option<u16>, ()>,
+    pub(crate) follows: Option<Rc<Follows>>,
+}
+
+/// Sends `raw` on a dedicated connection; the reply fills the next queue slot.
+fn send_dedicated(cx: &Cx<'_>, conn: &Dedicated, raw: &[u8], deadline: Instant) {
+    cx.send_until(Slot::Waiting(cx.cmd), &conn.up, raw, deadline);
+}
+
+/// EXEC: its reply goes to the client as it is, and the errors in its array are counted
+/// against the commands that were `queued` (INFO commandstats and errorstats).
+fn send_exec(
+    cx: &Cx<'_>,
+    conn: &Dedicated,
+    raw: &[u8],
+    deadline: Instant,
+    queued: Vec<&'static str>,
+) {
+    let count = move |parts: &[Bytes]| -> Bytes {
+        let reply = parts.first().cloned().unwrap_or_default();
+        crate::session::follow::count_exec_errors(&reply, &queued);
+        reply
+    };
+    let mut g = crate::fanout::Gather::new(
+        crate::fanout::GatherKind::Info(Box::new(count)),
+        1,
+        cx.proto,
+    );
+    g.cmd = cx.cmd;
+    cx.send_until(Slot::Gather(Box::new(g)), &conn.up, raw, deadline);
+}
+
+fn op_deadline(cx: &Cx<'_>, now: Instant) -> Instant {
+    now + cx.w.shared.settings.op_timeout
+}
+
+/// A dedicated connection to the shard owning `slot` (shard 0 for none).
+fn take_dedicated(cx: &Cx<'_>, slot: Option<u16>) -> Result<Dedicated, Bytes> {
+    let shard = slot.map_or(0, |s| cx.w.live().slot_map.shard_of_slot(s));
+    cx.w.dedicated().take(cx.proto, shard)
+}
+
+/// Watches on a new dedicated connection for `slot`.
+fn new_watch(cx: &Cx<'_>, slot: u16) -> Result<Watch, Bytes> {
+    Ok(Watch {
+        conn: take_dedicated(cx, Some(slot))?,
+        slot,
+        replies: Rc::default(),
+    })
+}
+
+impl Pinned {
     /// Whether this command will use a dedicated connection (an open transaction, a
     /// transaction command, a blocking command).
     pub(crate) fn wants_dedicated(&self, spec: &CommandSpec, req: &Request<'_>) -> bool {
@@ -247,65 +312,41 @@ impl Session {
         }
     }
 
-    fn reject(&mut self, err: Bytes) {
+    fn reject(&mut self, cx: &Cx<'_>, err: Bytes) {
         self.flag_tx();
-        self.reply(err);
+        cx.reply(err);
     }
 
-    /// Sends `raw` on a dedicated connection; the reply fills the next queue slot.
-    fn send_dedicated(&mut self, conn: &Dedicated, raw: &[u8], deadline: Instant) {
-        self.send_until(Slot::Waiting(self.cmd), &conn.up, raw, deadline);
-    }
-
-    /// EXEC: its reply goes to the client as it is, and the errors in its array are counted
-    /// against the commands that were `queued` (INFO commandstats and errorstats).
-    fn send_exec(
-        &mut self,
-        conn: &Dedicated,
-        raw: &[u8],
-        deadline: Instant,
-        queued: Vec<&'static str>,
-    ) {
-        let count = move |parts: &[Bytes]| -> Bytes {
-            let reply = parts.first().cloned().unwrap_or_default();
-            crate::session::follow::count_exec_errors(&reply, &queued);
-            reply
-        };
-        let mut g = crate::fanout::Gather::new(
-            crate::fanout::GatherKind::Info(Box::new(count)),
-            1,
-            self.proto,
-        );
-        g.cmd = self.cmd;
-        self.send_until(Slot::Gather(Box::new(g)), &conn.up, raw, deadline);
-    }
-
-    fn op_deadline(&self, now: Instant) -> Instant {
-        now + self.w.shared.settings.op_timeout
-    }
-
-    /// A dedicated connection to the shard owning `slot` (shard 0 for none).
-    fn take_dedicated(&mut self, slot: Option<u16>) -> Result<Dedicated, Bytes> {
-        let shard = slot.map_or(0, |s| self.w.live().slot_map.shard_of_slot(s));
-        self.w.dedicated().take(self.proto, shard)
+    /// Cluster mode: EXEC waits until the client has nothing in flight: its WATCHes have been
+    /// answered (one a node redirected watches nothing), and a transaction before it, which
+    /// may be following a redirect, has run.
+    pub(crate) fn exec_waits(&self, cluster: bool, spec: &CommandSpec) -> bool {
+        cluster && self.tx.is_some() && spec.name == "exec"
     }
 
     /// MULTI, EXEC, DISCARD, WATCH, UNWATCH.
-    pub(crate) fn transaction(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
+    pub(crate) fn transaction(
+        &mut self,
+        tc: &TxCx<'_>,
+        spec: &CommandSpec,
+        req: &Request<'_>,
+        now: Instant,
+    ) {
+        let cx = &tc.cx;
         match spec.name {
-            "multi" => self.multi(req, now),
-            "exec" => self.exec(req, now),
-            "discard" => self.discard(req, now),
-            "watch" => self.watch(spec, req, now),
-            "unwatch" if self.tx.is_some() => self.tx_queue(spec, req, now),
-            "unwatch" => self.unwatch(req, now),
-            _ => self.reply(reply::not_yet(spec.name)),
+            "multi" => self.multi(cx, req, now),
+            "exec" => self.exec(tc, req, now),
+            "discard" => self.discard(cx, req, now),
+            "watch" => self.watch(cx, tc.slot, req, now),
+            "unwatch" if self.tx.is_some() => self.tx_queue(tc, spec, req, now),
+            "unwatch" => self.unwatch(cx, req, now),
+            _ => cx.reply(reply::not_yet(spec.name)),
         }
     }
 
-    fn multi(&mut self, req: &Request<'_>, now: Instant) {
+    fn multi(&mut self, cx: &Cx<'_>, req: &Request<'_>, now: Instant) {
         if self.tx.is_some() {
-            return self.reply_static(reply::MULTI_NESTED);
+            return cx.reply_static(reply::MULTI_NESTED);
         }
         let mut tx = Tx::default();
         match self.watch.take().map(Watch::state) {
@@ -316,38 +357,38 @@ impl Session {
             Some(Watched::Lost) => {
                 tx.watch_lost = true;
                 tx.buffered.push(Bytes::copy_from_slice(req.raw));
-                self.reply_static(reply::OK);
+                cx.reply_static(reply::OK);
             }
             // Cluster mode: everything goes at EXEC, on the WATCH's connection.
-            Some(Watched::Holds(conn, slot, replies)) if self.w.cluster => {
+            Some(Watched::Holds(conn, slot, replies)) if cx.w.cluster => {
                 tx.slot = Some(slot);
                 tx.watched = true;
                 tx.watch_replies = Some(replies);
                 tx.conn = Some(conn);
                 tx.buffered.push(Bytes::copy_from_slice(req.raw));
-                self.reply_static(reply::OK);
+                cx.reply_static(reply::OK);
             }
             // WATCH already chose the shard: MULTI goes there.
             Some(Watched::Holds(conn, slot, _)) => {
                 tx.slot = Some(slot);
-                let d = self.op_deadline(now);
-                self.send_dedicated(&conn, req.raw, d);
+                send_dedicated(cx, &conn, req.raw, op_deadline(cx, now));
                 tx.conn = Some(conn);
             }
             // No WATCH, or none that succeeded.
             None | Some(Watched::Nothing) => {
                 tx.buffered.push(Bytes::copy_from_slice(req.raw));
-                self.reply_static(reply::OK);
+                cx.reply_static(reply::OK);
             }
         }
         self.tx = Some(tx);
     }
 
-    fn exec(&mut self, req: &Request<'_>, now: Instant) {
+    fn exec(&mut self, tc: &TxCx<'_>, req: &Request<'_>, now: Instant) {
+        let cx = &tc.cx;
         let Some(tx) = self.tx.take() else {
-            return self.reply_static(reply::EXEC_WITHOUT_MULTI);
+            return cx.reply_static(reply::EXEC_WITHOUT_MULTI);
         };
-        let d = self.op_deadline(now);
+        let d = op_deadline(cx, now);
         if tx.watch_lost || tx.aborted {
             // Nothing runs: the shard (if one has the transaction) discards it.
             if let Some(conn) = tx.conn {
@@ -361,66 +402,34 @@ impl Session {
                 conn.release();
             }
             return if tx.aborted {
-                self.reply_static(reply::EXECABORT)
+                cx.reply_static(reply::EXECABORT)
             } else {
-                self.reply_static(reply::null_array(self.proto))
+                cx.reply_static(reply::null_array(cx.proto))
             };
         }
-        if self.w.cluster {
-            return self.exec_cluster(tx, req, d);
+        if let Some(follows) = &tc.follows {
+            return exec_cluster(cx, follows, tx, req, d);
         }
         let conn = match tx.conn {
             Some(c) => c,
             // Only keyless commands: any shard runs them.
-            None => match self.take_dedicated(None) {
+            None => match take_dedicated(cx, None) {
                 Ok(c) => {
                     for b in &tx.buffered {
                         c.up.send_until(b, Target::Discard, d);
                     }
                     c
                 }
-                Err(e) => return self.reply(e),
+                Err(e) => return cx.reply(e),
             },
         };
-        self.send_exec(&conn, req.raw, d, tx.queued);
+        send_exec(cx, &conn, req.raw, d, tx.queued);
         conn.release();
     }
 
-    /// Cluster mode: EXEC waits until the client has nothing in flight: its WATCHes have been
-    /// answered (one a node redirected watches nothing), and a transaction before it, which
-    /// may be following a redirect, has run.
-    pub(crate) fn exec_waits(&self, spec: &CommandSpec) -> bool {
-        self.w.cluster && self.tx.is_some() && spec.name == "exec"
-    }
-
-    /// Cluster mode: the whole transaction goes now, and follows redirects (see `follow`).
-    fn exec_cluster(&mut self, tx: Tx, req: &Request<'_>, deadline: Instant) {
-        if tx.watch_replies.is_some_and(|r| r.lost()) {
-            // A WATCH was redirected (its slot moved), or failed after one succeeded: as
-            // when a watched key changed.
-            if let Some(conn) = tx.conn {
-                conn.up
-                    .send_until(b"*1\r\n$7\r\nUNWATCH\r\n", Target::Discard, deadline);
-                conn.release();
-            }
-            return self.reply_static(reply::null_array(self.proto));
-        }
-        let conn = match tx.conn {
-            Some(c) => c,
-            None => match self.take_dedicated(tx.slot) {
-                Ok(c) => c,
-                Err(e) => return self.reply(e),
-            },
-        };
-        let mut parts = tx.buffered;
-        parts.push(Bytes::copy_from_slice(req.raw));
-        self.send_tx(&conn, parts, tx.queued, tx.watched, deadline);
-        conn.release();
-    }
-
-    fn discard(&mut self, req: &Request<'_>, now: Instant) {
+    fn discard(&mut self, cx: &Cx<'_>, req: &Request<'_>, now: Instant) {
         let Some(tx) = self.tx.take() else {
-            return self.reply_static(reply::DISCARD_WITHOUT_MULTI);
+            return cx.reply_static(reply::DISCARD_WITHOUT_MULTI);
         };
         if tx.watched {
             // Cluster mode: only the WATCHes are on the shard.
@@ -428,30 +437,35 @@ impl Session {
                 conn.up.send_until(
                     b"*1\r\n$7\r\nUNWATCH\r\n",
                     Target::Discard,
-                    self.op_deadline(now),
+                    op_deadline(cx, now),
                 );
                 conn.release();
             }
-            return self.reply_static(reply::OK);
+            return cx.reply_static(reply::OK);
         }
         match tx.conn {
             Some(conn) => {
-                let d = self.op_deadline(now);
-                self.send_dedicated(&conn, req.raw, d);
+                send_dedicated(cx, &conn, req.raw, op_deadline(cx, now));
                 conn.release();
             }
-            None => self.reply_static(reply::OK),
+            None => cx.reply_static(reply::OK),
         }
     }
 
-    fn watch(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
+    fn watch(
+        &mut self,
+        cx: &Cx<'_>,
+        slot: Result<Option<u16>, ()>,
+        req: &Request<'_>,
+        now: Instant,
+    ) {
         if self.tx.is_some() {
-            return self.reply_static(reply::WATCH_IN_MULTI);
+            return cx.reply_static(reply::WATCH_IN_MULTI);
         }
-        let slot = match self.slot_of(spec, req) {
+        let slot = match slot {
             Ok(Some(s)) => s,
-            Ok(None) => return self.reply(reply::wrong_arity("watch")),
-            Err(()) => return self.reply_static(reply::CROSSSLOT),
+            Ok(None) => return cx.reply(reply::wrong_arity("watch")),
+            Err(()) => return cx.reply_static(reply::CROSSSLOT),
         };
         let watch = match self.watch.take() {
             Some(w) if w.slot == slot => w,
@@ -459,68 +473,65 @@ impl Session {
             Some(w)
                 if w.replies.ok.get() == 0 && (w.replies.failed.get() || !w.conn.up.usable()) =>
             {
-                match self.new_watch(slot) {
+                match new_watch(cx, slot) {
                     Ok(w) => w,
-                    Err(e) => return self.reply(e),
+                    Err(e) => return cx.reply(e),
                 }
             }
             Some(other) => {
                 self.watch = Some(other);
-                return self.reply_static(reply::CROSSSLOT);
+                return cx.reply_static(reply::CROSSSLOT);
             }
-            None => match self.new_watch(slot) {
+            None => match new_watch(cx, slot) {
                 Ok(w) => w,
-                Err(e) => return self.reply(e),
+                Err(e) => return cx.reply(e),
             },
         };
-        let seq = self.queue.push_waiting(Slot::Waiting(self.cmd));
+        let seq = cx.queue.push_waiting(Slot::Waiting(cx.cmd));
         let sink = Rc::new(WatchReply {
-            queue: self.queue.clone(),
+            queue: cx.queue.clone(),
             seq,
             replies: watch.replies.clone(),
         });
-        let d = self.op_deadline(now);
-        watch
-            .conn
-            .up
-            .send_until(req.raw, Target::Sink(SinkRef::new(sink, 0)), d);
+        watch.conn.up.send_until(
+            req.raw,
+            Target::Sink(SinkRef::new(sink, 0)),
+            op_deadline(cx, now),
+        );
         self.watch = Some(watch);
     }
 
-    /// Watches on a new dedicated connection for `slot`.
-    fn new_watch(&mut self, slot: u16) -> Result<Watch, Bytes> {
-        Ok(Watch {
-            conn: self.take_dedicated(Some(slot))?,
-            slot,
-            replies: Rc::default(),
-        })
-    }
-
-    fn unwatch(&mut self, req: &Request<'_>, now: Instant) {
+    fn unwatch(&mut self, cx: &Cx<'_>, req: &Request<'_>, now: Instant) {
         match self.watch.take().map(Watch::state) {
             Some(Watched::Holds(conn, _, _)) => {
-                let d = self.op_deadline(now);
-                self.send_dedicated(&conn, req.raw, d);
+                send_dedicated(cx, &conn, req.raw, op_deadline(cx, now));
                 conn.release();
             }
             // (Lost or failed watches watch nothing any more.)
-            _ => self.reply_static(reply::OK),
+            _ => cx.reply_static(reply::OK),
         }
     }
 
     /// A command inside MULTI: queued on the transaction's connection (or locally while no
     /// key has chosen the shard yet).
-    pub(crate) fn tx_queue(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
+    pub(crate) fn tx_queue(
+        &mut self,
+        tc: &TxCx<'_>,
+        spec: &CommandSpec,
+        req: &Request<'_>,
+        now: Instant,
+    ) {
+        let cx = &tc.cx;
         match spec.route {
-            Route::Refused => return self.reject(reply::not_allowed(spec.name)),
-            Route::NotYet => return self.reject(reply::not_yet(spec.name)),
+            Route::Refused => return self.reject(cx, reply::not_allowed(spec.name)),
+            Route::NotYet => return self.reject(cx, reply::not_yet(spec.name)),
             // PUBLISH too: classic channels live on the first shard, not on the shard the
             // transaction's keys chose.
             Route::PubSub => {
-                return self.reject(reply::not_in_multi(spec.name, false));
+                return self.reject(cx, reply::not_in_multi(spec.name, false));
             }
             Route::AllShards(_) => {
-                return self.reject(reply::not_in_multi(spec.name, true));
+                return self.reject(cx, reply::not_in_multi(spec.name, true));
             }
             Route::Local
                 if !matches!(
@@ -529,13 +540,13 @@ impl Session {
                     "ping" | "echo" | "time" | "command"
                 ) && !spec.name.starts_with("command|") =>
             {
-                return self.reject(reply::not_in_multi(spec.name, false));
+                return self.reject(cx, reply::not_in_multi(spec.name, false));
             }
             _ => {}
         }
-        let slot = match self.slot_of(spec, req) {
+        let slot = match tc.slot {
             Ok(s) => s,
-            Err(()) => return self.reject(Bytes::from_static(reply::CROSSSLOT)),
+            Err(()) => return self.reject(cx, Bytes::from_static(reply::CROSSSLOT)),
         };
         let Some(tx) = self.tx.as_mut() else {
             return;
@@ -543,45 +554,96 @@ impl Session {
         if let Some(s) = slot {
             match tx.slot {
                 None => tx.slot = Some(s),
-                Some(t) if t != s => return self.reject(Bytes::from_static(reply::CROSSSLOT)),
+                Some(t) if t != s => {
+                    return self.reject(cx, Bytes::from_static(reply::CROSSSLOT));
+                }
                 _ => {}
             }
         }
         tx.writes |= crate::session::control::may_write(spec);
         tx.queued.push(spec.name);
-        let d = self.op_deadline(now);
-        let opened = self
-            .tx
-            .as_ref()
-            .is_some_and(|t| t.conn.is_some() && !t.watched);
+        let d = op_deadline(cx, now);
+        let opened = tx.conn.is_some() && !tx.watched;
         // Cluster mode keeps every command until EXEC (see `follow`); otherwise keyless ones
         // wait until a key chose the shard.
-        if self.w.cluster || (slot.is_none() && !opened) {
-            if let Some(tx) = self.tx.as_mut() {
-                tx.buffered.push(Bytes::copy_from_slice(req.raw));
-            }
-            return self.reply(Bytes::from_static(b"+QUEUED\r\n"));
+        if cx.w.cluster || (slot.is_none() && !opened) {
+            tx.buffered.push(Bytes::copy_from_slice(req.raw));
+            return cx.reply(Bytes::from_static(b"+QUEUED\r\n"));
         }
         if !opened {
-            let conn = match self.take_dedicated(slot) {
+            let conn = match take_dedicated(cx, slot) {
                 Ok(c) => c,
-                Err(e) => return self.reject(e),
+                Err(e) => return self.reject(cx, e),
             };
-            if let Some(tx) = self.tx.as_mut() {
-                for b in &tx.buffered {
-                    conn.up.send_until(b, Target::Discard, d);
-                }
-                tx.buffered.clear();
-                tx.conn = Some(conn);
+            for b in &tx.buffered {
+                conn.up.send_until(b, Target::Discard, d);
             }
-        }
-        let Some(conn) = self.tx.as_mut().and_then(|t| t.conn.take()) else {
-            return;
-        };
-        self.send_dedicated(&conn, req.raw, d);
-        if let Some(tx) = self.tx.as_mut() {
+            tx.buffered.clear();
             tx.conn = Some(conn);
         }
+        if let Some(conn) = &tx.conn {
+            send_dedicated(cx, conn, req.raw, d);
+        }
+    }
+}
+
+/// Cluster mode: the whole transaction goes now, and follows redirects (see `follow`).
+fn exec_cluster(cx: &Cx<'_>, follows: &Rc<Follows>, tx: Tx, req: &Request<'_>, deadline: Instant) {
+    if tx.watch_replies.is_some_and(|r| r.lost()) {
+        // A WATCH was redirected (its slot moved), or failed after one succeeded: as
+        // when a watched key changed.
+        if let Some(conn) = tx.conn {
+            conn.up
+                .send_until(b"*1\r\n$7\r\nUNWATCH\r\n", Target::Discard, deadline);
+            conn.release();
+        }
+        return cx.reply_static(reply::null_array(cx.proto));
+    }
+    let conn = match tx.conn {
+        Some(c) => c,
+        None => match take_dedicated(cx, tx.slot) {
+            Ok(c) => c,
+            Err(e) => return cx.reply(e),
+        },
+    };
+    let mut parts = tx.buffered;
+    parts.push(Bytes::copy_from_slice(req.raw));
+    crate::session::follow::send_tx(cx, follows, &conn, parts, tx.queued, tx.watched, deadline);
+    conn.release();
+}
+
+impl Session {
+    /// The transaction commands' context.
+    fn tx_cx(
+        &mut self,
+        spec: &CommandSpec,
+        req: &Request<'_>,
+    ) -> (Result<Option<u16>, ()>, Option<Rc<Follows>>) {
+        let slot = self.slot_of(spec, req);
+        let follows = self.w.cluster.then(|| self.follows());
+        (slot, follows)
+    }
+
+    /// MULTI, EXEC, DISCARD, WATCH, UNWATCH (see [`Pinned::transaction`]).
+    pub(crate) fn transaction(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
+        let (slot, follows) = self.tx_cx(spec, req);
+        let tc = TxCx {
+            cx: cx!(self),
+            slot,
+            follows,
+        };
+        self.pinned.transaction(&tc, spec, req, now);
+    }
+
+    /// A command inside MULTI (see [`Pinned::tx_queue`]).
+    pub(crate) fn tx_queue(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
+        let (slot, follows) = self.tx_cx(spec, req);
+        let tc = TxCx {
+            cx: cx!(self),
+            slot,
+            follows,
+        };
+        self.pinned.tx_queue(&tc, spec, req, now);
     }
 
     /// A blocking command outside MULTI: its own dedicated connection, no op timeout.
@@ -590,7 +652,7 @@ impl Session {
             Ok(s) => s,
             Err(()) => return self.reply_static(reply::CROSSSLOT),
         };
-        let conn = match self.take_dedicated(slot) {
+        let conn = match take_dedicated(&cx!(self), slot) {
             Ok(c) => c,
             Err(e) => return self.reply(e),
         };
@@ -598,19 +660,12 @@ impl Session {
             let via = crate::session::follow::Via::Blocking;
             self.send_followed(&conn.up, via, req.raw, now + FOREVER);
         } else {
-            self.send_dedicated(&conn, req.raw, now + FOREVER);
+            send_dedicated(&cx!(self), &conn, req.raw, now + FOREVER);
         }
         self.blocked = Some(Blocked::new(
             conn,
             &self.w.shared.blocked_clients,
             &self.blocked_on,
         ));
-    }
-
-    /// Drops the transaction and watches (RESET): their connections close, so the shard
-    /// forgets them.
-    pub(crate) fn reset_pinned(&mut self) {
-        self.tx = None;
-        self.watch = None;
     }
 }
