@@ -338,6 +338,10 @@ impl Cli {
     }
 
     fn merge(&self, f: FileConfig) -> Merged {
+        // A text setting: the flag, else the file, else the default.
+        let text = |flag: &Option<String>, file: Option<String>, default: &str| {
+            flag.clone().or(file).unwrap_or_else(|| default.into())
+        };
         // Layout flags (shards or cluster seeds) replace the file's whole layout.
         let (shards, cluster_seeds) = {
             let flag_shards = self.flag_shards();
@@ -349,37 +353,17 @@ impl Cli {
         };
         Merged {
             cluster_seeds,
-            cluster_refresh: self
-                .cluster_refresh
-                .clone()
-                .or(f.cluster.refresh_interval)
-                .unwrap_or_else(|| "10s".into()),
-            read_from: self
-                .read_from
-                .clone()
-                .or(f.cluster.read_from)
-                .unwrap_or_else(|| "primary".into()),
-            listen: self
-                .listen
-                .clone()
-                .or(f.listen)
-                .unwrap_or_else(|| "127.0.0.1:6380".into()),
+            cluster_refresh: text(&self.cluster_refresh, f.cluster.refresh_interval, "10s"),
+            read_from: text(&self.read_from, f.cluster.read_from, "primary"),
+            listen: text(&self.listen, f.listen, "127.0.0.1:6380"),
             shards,
             workers: self.workers.or(f.workers).unwrap_or(0),
             upstream_connections: self
                 .upstream_connections
                 .or(f.upstream_connections)
                 .unwrap_or(1),
-            op_timeout: self
-                .op_timeout
-                .clone()
-                .or(f.op_timeout)
-                .unwrap_or_else(|| "1s".into()),
-            log_level: self
-                .log_level
-                .clone()
-                .or(f.log_level)
-                .unwrap_or_else(|| "info".into()),
+            op_timeout: text(&self.op_timeout, f.op_timeout, "1s"),
+            log_level: text(&self.log_level, f.log_level, "info"),
             max_client_pipeline: self
                 .max_client_pipeline
                 .or(f.max_client_pipeline)
@@ -418,16 +402,8 @@ impl Cli {
                 .unwrap_or(50),
             maxclients: self.maxclients.or(f.maxclients).unwrap_or(10000),
             tcp_backlog: self.tcp_backlog.or(f.tcp_backlog).unwrap_or(511),
-            idle_timeout: self
-                .idle_timeout
-                .clone()
-                .or(f.idle_timeout)
-                .unwrap_or_else(|| "0s".into()),
-            shutdown_timeout: self
-                .shutdown_timeout
-                .clone()
-                .or(f.shutdown_timeout)
-                .unwrap_or_else(|| "10s".into()),
+            idle_timeout: text(&self.idle_timeout, f.idle_timeout, "0s"),
+            shutdown_timeout: text(&self.shutdown_timeout, f.shutdown_timeout, "10s"),
             slowlog_log_slower_than: self
                 .slowlog_log_slower_than
                 .or(f.slowlog_log_slower_than)
@@ -443,11 +419,7 @@ impl Cli {
                     .map(|s| RuleConfig::parse_flag(s))
                     .collect()
             },
-            admin_listen: self
-                .admin_listen
-                .clone()
-                .or(f.admin_listen)
-                .unwrap_or_else(|| "127.0.0.1:9180".into()),
+            admin_listen: text(&self.admin_listen, f.admin_listen, "127.0.0.1:9180"),
             upstream_username: self.upstream_username.clone().or(f.upstream.username),
             upstream_password: self.upstream_password.clone().or(f.upstream.password),
             upstream_tls: self.upstream_tls || f.upstream.tls,
@@ -607,27 +579,8 @@ impl Merged {
             n if n > 1024 => return Err(invalid("workers", n, "at most 1024")),
             n => n,
         };
-        if !(1..=64).contains(&self.upstream_connections) {
-            return Err(invalid(
-                "upstream-connections",
-                self.upstream_connections,
-                "must be between 1 and 64",
-            ));
-        }
-        if self.max_client_pipeline == 0 {
-            return Err(invalid("max-client-pipeline", 0, "must be > 0"));
-        }
-        if self.max_inflight_per_connection == 0 {
-            return Err(invalid("max-inflight-per-connection", 0, "must be > 0"));
-        }
+        self.check_limits()?;
         let (max_inflight_bytes_per_connection, obuf_normal, obuf_pubsub) = self.byte_limits()?;
-        if self.proto_max_bulk_len < 1024 * 1024 {
-            return Err(invalid(
-                "proto_max_bulk_len",
-                self.proto_max_bulk_len,
-                "at least 1048576 (as in Redis)",
-            ));
-        }
         let log_level =
             log_filter(&self.log_level).map_err(|e| invalid("log-level", &self.log_level, e))?;
         let tls = self.tls_settings()?;
@@ -638,23 +591,7 @@ impl Merged {
                 "no listener left: enable the plain or the TLS listener",
             ));
         }
-        if self.requirepass.as_deref() == Some("") {
-            return Err(invalid("requirepass", "\"\"", "must not be empty"));
-        }
         let (users, tokens) = self.users_and_tokens()?;
-        if self.max_auth_failures == 0 {
-            return Err(invalid("max-auth-failures", 0, "must be > 0"));
-        }
-        if self.maxclients == 0 {
-            return Err(invalid("maxclients", 0, "must be > 0"));
-        }
-        if !(1..=65535).contains(&self.tcp_backlog) {
-            return Err(invalid(
-                "tcp-backlog",
-                self.tcp_backlog,
-                "must be between 1 and 65535",
-            ));
-        }
         let idle = parse_duration_or_zero(&self.idle_timeout)
             .map_err(|why| invalid("idle-timeout", &self.idle_timeout, why))?;
         let shutdown_timeout = parse_duration_or_zero(&self.shutdown_timeout)
@@ -705,6 +642,47 @@ impl Merged {
             readthrough: Arc::new(rules),
             admin_listen,
         })
+    }
+
+    /// The numeric limits and the password, each within its bounds.
+    fn check_limits(&self) -> Result<(), ConfigError> {
+        if !(1..=64).contains(&self.upstream_connections) {
+            return Err(invalid(
+                "upstream-connections",
+                self.upstream_connections,
+                "must be between 1 and 64",
+            ));
+        }
+        if self.max_client_pipeline == 0 {
+            return Err(invalid("max-client-pipeline", 0, "must be > 0"));
+        }
+        if self.max_inflight_per_connection == 0 {
+            return Err(invalid("max-inflight-per-connection", 0, "must be > 0"));
+        }
+        if self.proto_max_bulk_len < 1024 * 1024 {
+            return Err(invalid(
+                "proto_max_bulk_len",
+                self.proto_max_bulk_len,
+                "at least 1048576 (as in Redis)",
+            ));
+        }
+        if self.requirepass.as_deref() == Some("") {
+            return Err(invalid("requirepass", "\"\"", "must not be empty"));
+        }
+        if self.max_auth_failures == 0 {
+            return Err(invalid("max-auth-failures", 0, "must be > 0"));
+        }
+        if self.maxclients == 0 {
+            return Err(invalid("maxclients", 0, "must be > 0"));
+        }
+        if !(1..=65535).contains(&self.tcp_backlog) {
+            return Err(invalid(
+                "tcp-backlog",
+                self.tcp_backlog,
+                "must be between 1 and 65535",
+            ));
+        }
+        Ok(())
     }
 
     /// The users and the token issuers (whose JWKS files are read here).

@@ -169,43 +169,54 @@ pub fn run(
         let reloads =
             crate::reload::serve(shared.clone(), reloader, senders.clone(), hup, new_layouts);
         tokio::spawn(reloads);
-        let mut next = 0usize;
         let mut signals = StopSignals::new();
-        loop {
-            let (accepted, is_tls) = tokio::select! {
-                _ = signals.next() => break,
-                r = accept(&plain) => (r, false),
-                r = accept(&tls) => (r, true),
-            };
-            match accepted {
-                Ok(stream) => {
-                    shared
-                        .stats
-                        .connections_received
-                        .fetch_add(1, Ordering::Relaxed);
-                    let Ok(std_stream) = stream.into_std() else {
-                        continue;
-                    };
-                    let incoming = if is_tls {
-                        Incoming::Tls(std_stream)
-                    } else {
-                        Incoming::Plain(std_stream)
-                    };
-                    let _ = senders[next % workers].send(incoming);
-                    next = next.wrapping_add(1);
-                }
-                Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                }
-            }
-        }
+        accept_until_stopped(&shared, &plain, &tls, &senders, &mut signals).await;
         // No new connections from here on: the listeners close.
         drop((plain, tls));
         drain(&shared, &mut signals).await;
         Ok(())
     })
+}
+
+/// Hands each accepted connection to the next worker, round robin, until a stop signal.
+async fn accept_until_stopped(
+    shared: &Shared,
+    plain: &Option<tokio::net::TcpListener>,
+    tls: &Option<tokio::net::TcpListener>,
+    senders: &[mpsc::UnboundedSender<Incoming>],
+    signals: &mut StopSignals,
+) {
+    let mut next = 0usize;
+    loop {
+        let (accepted, is_tls) = tokio::select! {
+            _ = signals.next() => break,
+            r = accept(plain) => (r, false),
+            r = accept(tls) => (r, true),
+        };
+        match accepted {
+            Ok(stream) => {
+                shared
+                    .stats
+                    .connections_received
+                    .fetch_add(1, Ordering::Relaxed);
+                let Ok(std_stream) = stream.into_std() else {
+                    continue;
+                };
+                let incoming = if is_tls {
+                    Incoming::Tls(std_stream)
+                } else {
+                    Incoming::Plain(std_stream)
+                };
+                let _ = senders[next % senders.len()].send(incoming);
+                next = next.wrapping_add(1);
+            }
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    }
 }
 
 /// A graceful shutdown, after SIGTERM/SIGINT: every session reads nothing more, answers

@@ -132,3 +132,57 @@ fn the_use_parser_sees_groups_and_paths() {
         ["queue", "resp", "shard"]
     );
 }
+
+/// The lengths of the functions in `text` whose body closes at their own indentation:
+/// (name, lines).
+fn function_lengths(text: &str) -> Vec<(String, usize)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        let indent = &l[..l.len() - l.trim_start().len()];
+        let mut rest = l.trim_start();
+        for prefix in ["pub(crate) ", "pub(super) ", "pub ", "async ", "const "] {
+            rest = rest.strip_prefix(prefix).unwrap_or(rest);
+        }
+        let Some(sig) = rest.strip_prefix("fn ") else {
+            continue;
+        };
+        if l.trim_end().ends_with(';') {
+            continue;
+        }
+        let name: String = sig
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        let close = format!("{indent}}}");
+        if let Some(end) = lines[i + 1..].iter().position(|x| *x == close) {
+            out.push((name, end + 2));
+        }
+    }
+    out
+}
+
+/// Issue 11: no function in `src/` is over 120 lines (the generated command table aside).
+#[test]
+fn no_function_is_over_120_lines() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut long = Vec::new();
+    for f in files {
+        if f.ends_with("command/table.rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&f).unwrap();
+        for (name, n) in function_lengths(&text) {
+            if n > 120 {
+                long.push(format!("{}: {name} ({n} lines)", f.display()));
+            }
+        }
+    }
+    assert!(long.is_empty(), "functions over 120 lines: {long:#?}");
+    // The counter itself sees a long function.
+    let body = "\n".repeat(130);
+    let sample = format!("    pub(crate) async fn big() {{{body}    }}\n");
+    assert_eq!(function_lengths(&sample), [("big".to_string(), 131)]);
+}

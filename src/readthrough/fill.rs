@@ -84,80 +84,10 @@ pub(super) async fn fetch_url(
         // the breaker.)
         return Loaded::Failed(timeout_error(rule));
     }
-    if let Some(b) = &rule.guard.breaker
-        && let Err(left) = b.admit()
-    {
-        stats.breaker_rejections.add(1);
-        let when = if left.is_zero() {
-            "one request is trying it now".to_string()
-        } else {
-            format!(
-                "it is tried again in {:?}",
-                Duration::from_millis(left.as_millis() as u64)
-            )
-        };
-        let why = format!(
-            "its circuit breaker is open after {} failed fetches in a row ({when})",
-            b.threshold
-        );
-        return Loaded::Failed(Outcome::Error(
-            reply::Failure::OriginUnavailable {
-                rule: &rule.name,
-                why: &why,
-            }
-            .to_reply(),
-        ));
-    }
     // (Held until the fetch ends: at most `max_origin_concurrency` in flight.)
-    let _permit = match &rule.guard.limit {
-        None => None,
-        Some((max, sem)) => {
-            let permit = match sem.clone().try_acquire_owned() {
-                Ok(p) => Ok(p),
-                Err(_) => {
-                    stats.throttled.add(1);
-                    match tokio::time::timeout_at(deadline.into(), sem.clone().acquire_owned())
-                        .await
-                    {
-                        Ok(Ok(p)) => Ok(p),
-                        _ => Err(format!(
-                            "timed out after {:?} waiting for one of its {max} origin requests \
-                             (max_origin_concurrency)",
-                            rule.timeout
-                        )),
-                    }
-                }
-            };
-            // A turn that comes with too little time left is no fair try of the origin
-            // (its timeout would count against the breaker).
-            let permit = permit.and_then(|p| {
-                if deadline.saturating_duration_since(Instant::now()) < rule.timeout / 10 {
-                    Err(format!(
-                        "timed out after {:?} waiting for one of its {max} origin requests \
-                         (max_origin_concurrency)",
-                        rule.timeout
-                    ))
-                } else {
-                    Ok(p)
-                }
-            });
-            match permit {
-                Ok(p) => Some(p),
-                Err(why) => {
-                    if let Some(b) = &rule.guard.breaker {
-                        // (A trial fetch that never ran is no verdict: let the next try.)
-                        b.record_skipped();
-                    }
-                    return Loaded::Failed(Outcome::Error(
-                        reply::Failure::Origin {
-                            rule: &rule.name,
-                            why: &why,
-                        }
-                        .to_reply(),
-                    ));
-                }
-            }
-        }
+    let _permit = match admit(rule, deadline).await {
+        Ok(p) => p,
+        Err(refused) => return refused,
     };
     stats.origin_requests.add(1);
     let t0 = Instant::now();
@@ -225,6 +155,80 @@ pub(super) async fn fetch_url(
                 }
                 .to_reply(),
             ))
+        }
+    }
+}
+
+/// The rule's breaker and concurrency limit: a turn to call the origin (a permit, held until
+/// the fetch ends, when the rule has a limit), or the outcome of a fetch that must not be
+/// sent.
+async fn admit(
+    rule: &Rule,
+    deadline: Instant,
+) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Loaded> {
+    let stats = &rule.stats;
+    if let Some(b) = &rule.guard.breaker
+        && let Err(left) = b.admit()
+    {
+        stats.breaker_rejections.add(1);
+        let when = if left.is_zero() {
+            "one request is trying it now".to_string()
+        } else {
+            format!(
+                "it is tried again in {:?}",
+                Duration::from_millis(left.as_millis() as u64)
+            )
+        };
+        let why = format!(
+            "its circuit breaker is open after {} failed fetches in a row ({when})",
+            b.threshold
+        );
+        return Err(Loaded::Failed(Outcome::Error(
+            reply::Failure::OriginUnavailable {
+                rule: &rule.name,
+                why: &why,
+            }
+            .to_reply(),
+        )));
+    }
+    match &rule.guard.limit {
+        None => Ok(None),
+        Some((max, sem)) => {
+            let permit = match sem.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    stats.throttled.add(1);
+                    let turn = sem.clone().acquire_owned();
+                    tokio::time::timeout_at(deadline.into(), turn)
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                }
+            };
+            // A turn that comes with too little time left is no fair try of the origin
+            // (its timeout would count against the breaker).
+            let left = deadline.saturating_duration_since(Instant::now());
+            match permit.filter(|_| left >= rule.timeout / 10) {
+                Some(p) => Ok(Some(p)),
+                None => {
+                    if let Some(b) = &rule.guard.breaker {
+                        // (A trial fetch that never ran is no verdict: let the next try.)
+                        b.record_skipped();
+                    }
+                    let why = format!(
+                        "timed out after {:?} waiting for one of its {max} origin requests \
+                         (max_origin_concurrency)",
+                        rule.timeout
+                    );
+                    Err(Loaded::Failed(Outcome::Error(
+                        reply::Failure::Origin {
+                            rule: &rule.name,
+                            why: &why,
+                        }
+                        .to_reply(),
+                    )))
+                }
+            }
         }
     }
 }

@@ -370,72 +370,11 @@ impl Session {
         if let Again::Dropped { .. } = f.again {
             return self.resubscribe(f);
         }
-        if let Again::Subscribe { raw, .. } = &f.again
-            && !f.moves()
-        {
-            // Refused (`-CLUSTERDOWN` …): the command's answer, and nothing is subscribed.
-            // (One slotgate made on its own: the client learns that the channel is gone.)
-            let channels = self.forget_channels(raw).unwrap_or_default();
-            if matches!(f.again, Again::Subscribe { seq: SILENT, .. }) {
-                for c in &channels {
-                    let gone =
-                        crate::session::pubsub::message(self.proto, b"sunsubscribe", Some(c), 0);
-                    self.queue.push_oob(gone);
-                }
-            }
-            self.update_output_class();
-            let reply = f.reply.clone();
-            return f.again.answer(&self.queue, reply);
+        if matches!(f.again, Again::Subscribe { .. }) && !f.moves() {
+            return self.subscribe_refused(f);
         }
-        let (to, asking, hops) = match f.to {
-            Some((to, asking)) => (to, asking, f.hops),
-            None => {
-                match cluster::next_hop(&self.w, &f.reply, f.from, f.hops, f.asking, f.deadline) {
-                    Hop::Answer(reply) => {
-                        if let Again::Subscribe { raw, .. } = &f.again {
-                            // (Not subscribed anywhere.)
-                            self.forget_channels(raw);
-                            self.update_output_class();
-                        }
-                        return f.again.answer(&self.queue, reply);
-                    }
-                    Hop::Again {
-                        to,
-                        asking,
-                        wait,
-                        counted,
-                    } => {
-                        let hops = f.hops + u8::from(counted);
-                        if !wait.is_zero() {
-                            let f = Follow {
-                                to: Some((to, asking)),
-                                hops,
-                                ..f
-                            };
-                            return self.follow_later(f, wait);
-                        }
-                        (to, asking, hops)
-                    }
-                    Hop::Lookup { host, asking } => {
-                        let (w, follows, queue) =
-                            (self.w.clone(), self.follows(), self.queue.clone());
-                        tokio::task::spawn_local(async move {
-                            match cluster::lookup(&w, &host).await {
-                                Ok(to) => {
-                                    let f = Follow {
-                                        to: Some((to, asking)),
-                                        hops: f.hops + 1,
-                                        ..f
-                                    };
-                                    follows.push(f, &queue);
-                                }
-                                Err(reply) => f.again.answer(&queue, reply),
-                            }
-                        });
-                        return;
-                    }
-                }
-            }
+        let Some((f, to, asking, hops)) = self.next_stop(f) else {
+            return;
         };
         let Some(shard) = self.w.pools().shard_index(to) else {
             // A node slotgate has no connection to yet: the next layout has it.
@@ -522,6 +461,83 @@ impl Session {
             (Again::Subscribe { raw, seq }, _) => self.subscribe_at(shard, &raw, seq, hops),
             _ => {}
         }
+    }
+
+    /// A sharded (un)subscribe its node refused (`-CLUSTERDOWN` …) rather than redirected.
+    fn subscribe_refused(&mut self, f: Follow) {
+        let Again::Subscribe { raw, seq } = &f.again else {
+            return;
+        };
+        // The command's answer, and nothing is subscribed. (One slotgate made on its own: the
+        // client learns that the channel is gone.)
+        let channels = self.forget_channels(raw).unwrap_or_default();
+        if *seq == SILENT {
+            for c in &channels {
+                let gone = crate::session::pubsub::message(self.proto, b"sunsubscribe", Some(c), 0);
+                self.queue.push_oob(gone);
+            }
+        }
+        self.update_output_class();
+        let reply = f.reply.clone();
+        f.again.answer(&self.queue, reply);
+    }
+
+    /// Where a redirected request goes next: the node, whether behind ASKING, and the hops so
+    /// far; `None` when it is answered, or goes on later (a wait, a host name to look up).
+    fn next_stop(&mut self, f: Follow) -> Option<(Follow, SocketAddr, bool, u8)> {
+        let (to, asking, hops) = match f.to {
+            Some((to, asking)) => (to, asking, f.hops),
+            None => {
+                match cluster::next_hop(&self.w, &f.reply, f.from, f.hops, f.asking, f.deadline) {
+                    Hop::Answer(reply) => {
+                        if let Again::Subscribe { raw, .. } = &f.again {
+                            // (Not subscribed anywhere.)
+                            self.forget_channels(raw);
+                            self.update_output_class();
+                        }
+                        f.again.answer(&self.queue, reply);
+                        return None;
+                    }
+                    Hop::Again {
+                        to,
+                        asking,
+                        wait,
+                        counted,
+                    } => {
+                        let hops = f.hops + u8::from(counted);
+                        if !wait.is_zero() {
+                            let f = Follow {
+                                to: Some((to, asking)),
+                                hops,
+                                ..f
+                            };
+                            self.follow_later(f, wait);
+                            return None;
+                        }
+                        (to, asking, hops)
+                    }
+                    Hop::Lookup { host, asking } => {
+                        let (w, follows, queue) =
+                            (self.w.clone(), self.follows(), self.queue.clone());
+                        tokio::task::spawn_local(async move {
+                            match cluster::lookup(&w, &host).await {
+                                Ok(to) => {
+                                    let f = Follow {
+                                        to: Some((to, asking)),
+                                        hops: f.hops + 1,
+                                        ..f
+                                    };
+                                    follows.push(f, &queue);
+                                }
+                                Err(reply) => f.again.answer(&queue, reply),
+                            }
+                        });
+                        return None;
+                    }
+                }
+            }
+        };
+        Some((f, to, asking, hops))
     }
 
     /// A (un)subscribe of sharded channels sent to `shard` after `hops` redirects: the
