@@ -22,6 +22,10 @@
 //! - [`reload`]: SIGHUP and SLOTGATE.RELOAD: `proxy.toml` read again, published to the workers.
 //! - [`session`]: one client connection: read a burst, parse, route, write ready replies in
 //!   request order with one syscall. [`session::local`] holds the commands the proxy answers itself.
+//!   Handlers get a narrow context (`session::Cx`: the worker, the reply queue, the protocol,
+//!   the command, the client's id and address) and their own state — [`session::login`] (the
+//!   user, AUTH, tokens), `Subs` in [`session::pubsub`], `Pinned` in [`session::pinned`] —
+//!   rather than the whole `Session`.
 //! - [`resp`]: the bounded, resumable request parser (multibulk + inline, Redis's exact
 //!   protocol errors), the resumable reply framer for RESP2/RESP3, and the proxy's own replies
 //!   (the only place error strings are spelled).
@@ -35,8 +39,9 @@
 //! - [`tls`]: rustls (TLS 1.2/1.3) for the client listener, with a certificate reloadable on
 //!   SIGHUP and optional mutual TLS, and for connections to the shards.
 //! - [`readthrough`]: rules (prefix → HTTP origin), the miss path, single-flight across
-//!   workers, no-stale-set, negative entries, stale-while-revalidate; [`readthrough::origin`]
-//!   is the hyper HTTP/1.1 client.
+//!   workers and instances (leases), no-stale-set, negative entries, stale-while-revalidate,
+//!   refresh-ahead, revalidation, batch loads, invalidation; [`readthrough::origin`] is the
+//!   hyper HTTP/1.1 client (HTTP and HTTPS).
 //! - [`session::pinned`]: transactions and blocking commands on dedicated upstream connections, with
 //!   the client's order kept when it switches between shared and dedicated connections.
 //! - [`session::pubsub`]: subscriptions on dedicated subscriber connections (classic channels on the
