@@ -1,9 +1,9 @@
 //! Who the client is: its user, and how it logged in (AUTH, HELLO AUTH, a token).
 //!
-//! The handlers here get a narrow context ([`Cx`]: the worker, the client's reply queue, its
+//! The handlers here get a narrow context (`Cx`: the worker, the client's reply queue, its
 //! id and address), never the whole `Session`: logging in cannot touch a transaction, a
 //! subscription or the connection loop. What the session must do afterwards (register the new
-//! identity, close after too many failures) comes back as a [`Verdict`].
+//! identity, close after too many failures) comes back as a `Verdict`.
 
 use std::rc::Rc;
 use std::sync::Arc;
