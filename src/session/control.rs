@@ -29,6 +29,28 @@ pub struct Monitoring {
     _forward: AbortOnDrop,
 }
 
+impl Monitoring {
+    /// Joins the gate's monitors: every command's line goes into this client's output, out
+    /// of band, as it passes through any worker. `kill` ends the client if it falls behind.
+    fn start(cx: &Cx<'_>, kill: Arc<tokio::sync::Notify>) -> Monitoring {
+        let shared = cx.w.shared.clone();
+        let feed = shared.gate.add_monitor(cx.id, kill);
+        let queue = cx.queue.clone();
+        let forward = tokio::task::spawn_local(async move {
+            let (mut rx, backlog) = (feed.rx, feed.backlog);
+            while let Some(line) = rx.recv().await {
+                backlog.fetch_sub(line.len(), Ordering::Relaxed);
+                queue.push_oob(line);
+            }
+        });
+        Monitoring {
+            shared,
+            id: cx.id,
+            _forward: AbortOnDrop(forward),
+        }
+    }
+}
+
 impl Drop for Monitoring {
     fn drop(&mut self) {
         self.shared.gate.remove_monitor(self.id);
@@ -94,21 +116,7 @@ impl Session {
             return;
         }
         self.reply_static(reply::OK);
-        let shared = self.w.shared.clone();
-        let feed = shared.gate.add_monitor(self.id, self.kill.clone());
-        let queue = self.queue.clone();
-        let forward = tokio::task::spawn_local(async move {
-            let (mut rx, backlog) = (feed.rx, feed.backlog);
-            while let Some(line) = rx.recv().await {
-                backlog.fetch_sub(line.len(), Ordering::Relaxed);
-                queue.push_oob(line);
-            }
-        });
-        self.monitor = Some(Monitoring {
-            shared,
-            id: self.id,
-            _forward: AbortOnDrop(forward),
-        });
+        self.monitor = Some(Monitoring::start(&cx!(self), self.kill.clone()));
         self.update_output_class();
     }
 }

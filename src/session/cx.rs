@@ -11,6 +11,7 @@ use bytes::Bytes;
 use crate::command::CommandSpec;
 use tokio::time::Instant;
 
+use crate::fanout::{Gather, GatherKind};
 use crate::queue::{ReplyQueue, Slot, Target};
 use crate::resp::reply::Proto;
 use crate::shard::Upstream;
@@ -49,5 +50,22 @@ impl Cx<'_> {
             part: 0,
         };
         up.send_until(raw, target, deadline);
+    }
+    /// Sends `raw` to every shard on its control connection (never queued behind client
+    /// traffic or a busy script) and merges the replies; each fails at `deadline`.
+    pub(crate) fn gather_on_control(&self, kind: GatherKind, raw: &[u8], deadline: Instant) {
+        let n = self.w.live().slot_map.shard_count();
+        let mut g = Gather::new(kind, n, self.proto);
+        g.cmd = self.cmd;
+        let seq = self.queue.push_waiting(Slot::Gather(Box::new(g)));
+        for shard in 0..n {
+            let up = self.w.pools().control(shard);
+            let target = Target::Client {
+                queue: self.queue.clone(),
+                seq,
+                part: shard as u32,
+            };
+            up.send_until(raw, target, deadline);
+        }
     }
 }

@@ -15,7 +15,7 @@ use crate::resp::reply::{self, Aggregate, Proto};
 use crate::resp::request::parse_i64;
 use crate::resp::request::push_header;
 use crate::resp::{Limits, Parsed, Request, RequestParser};
-use crate::session::{Cx, Session, control};
+use crate::session::{Cx, ReplyMode, Session, control};
 use crate::worker::{ClientInfo, Shared};
 
 /// Reported by HELLO before any shard has told its version.
@@ -71,7 +71,7 @@ impl Session {
                     .bulk(t.subsec_micros().to_string().as_bytes());
                 self.reply(a.finish());
             }
-            "info" => self.info(req, now),
+            "info" => info(&cx!(self), req, now),
             "client|id" => self.reply(reply::integer(self.id as i64)),
             "client|getname" => match &self.name {
                 Some(n) => self.reply(reply::bulk(n.as_bytes())),
@@ -111,7 +111,10 @@ impl Session {
                 self.reply(reply::verbatim(self.proto, line.as_bytes()));
             }
             "client|list" => client_list(&cx!(self), req),
-            "client|reply" => self.client_reply(req),
+            "client|reply" => {
+                let cx = cx!(self);
+                client_reply(&cx, &mut self.reply_mode, req)
+            }
             "slotgate.invalidate" => self.invalidate(req, now),
             "slotgate.status" => self.cache_status(req, now),
             "slotgate.reload" => reload_config(&cx!(self)),
@@ -160,27 +163,6 @@ impl Session {
         );
         let up = self.w.pools().get(Proto::Resp2, 0, 0);
         up.send(&publish, crate::queue::Target::Discard, now);
-    }
-
-    /// `CLIENT REPLY ON|OFF|SKIP`, as Redis: OFF and SKIP get no reply themselves; replies
-    /// muted are dropped by the reply queue while the commands run.
-    fn client_reply(&mut self, req: &Request<'_>) {
-        use crate::session::ReplyMode;
-        let mode = req.arg(2);
-        if mode.eq_ignore_ascii_case(b"on") {
-            self.queue.unmute(self.queue.next_seq());
-            self.reply_mode = ReplyMode::On;
-            self.reply_static(reply::OK);
-        } else if mode.eq_ignore_ascii_case(b"off") {
-            self.reply_mode = ReplyMode::Off;
-            self.queue.mute(self.queue.next_seq());
-        } else if mode.eq_ignore_ascii_case(b"skip") {
-            if self.reply_mode == ReplyMode::On {
-                self.reply_mode = ReplyMode::SkipNext;
-            }
-        } else {
-            self.reply_static(reply::SYNTAX);
-        }
     }
 
     /// `SLOTGATE.STATUS key`: the key's read-through state (hit, stale, miss, negative,
@@ -327,30 +309,50 @@ impl Session {
         m.bulk(b"modules").raw(b"*0\r\n");
         self.reply(m.finish());
     }
+}
 
-    /// INFO: the proxy's own sections plus what the shards report (version, memory and a
-    /// keyspace summed over shards), gathered from every shard.
-    fn info(&mut self, req: &Request<'_>, now: Instant) {
-        let wanted: Vec<String> = (1..req.argc())
-            .map(|i| String::from_utf8_lossy(req.arg(i)).to_ascii_lowercase())
-            .collect();
-        let shared = self.w.shared.clone();
-        // This worker's latest counts first (the others publish theirs once a second).
-        self.w.metrics.publish(&shared.command_totals);
-        let connected = self.w.pools().connected();
-        let proto = self.proto;
-        let build = move |parts: &[Bytes]| -> Bytes {
-            let text = build_info(&shared, &wanted, &connected, parts);
-            reply::verbatim(proto, text.as_bytes())
-        };
-        // On the control connections: INFO never waits behind client traffic (or a busy
-        // script), and fails at the usual op-timeout.
-        let deadline = now + self.w.shared.settings.op_timeout;
-        self.gather_on_control(
-            GatherKind::Info(Box::new(build)),
-            b"*1\r\n$4\r\nINFO\r\n",
-            deadline,
-        );
+/// INFO: the proxy's own sections plus what the shards report (version, memory and a
+/// keyspace summed over shards), gathered from every shard.
+fn info(cx: &Cx<'_>, req: &Request<'_>, now: Instant) {
+    let wanted: Vec<String> = (1..req.argc())
+        .map(|i| String::from_utf8_lossy(req.arg(i)).to_ascii_lowercase())
+        .collect();
+    let shared = cx.w.shared.clone();
+    // This worker's latest counts first (the others publish theirs once a second).
+    cx.w.metrics.publish(&shared.command_totals);
+    let connected = cx.w.pools().connected();
+    let proto = cx.proto;
+    let build = move |parts: &[Bytes]| -> Bytes {
+        let text = build_info(&shared, &wanted, &connected, parts);
+        reply::verbatim(proto, text.as_bytes())
+    };
+    // On the control connections: INFO never waits behind client traffic (or a busy
+    // script), and fails at the usual op-timeout.
+    let deadline = now + cx.w.shared.settings.op_timeout;
+    cx.gather_on_control(
+        GatherKind::Info(Box::new(build)),
+        b"*1\r\n$4\r\nINFO\r\n",
+        deadline,
+    );
+}
+
+/// `CLIENT REPLY ON|OFF|SKIP`, as Redis: OFF and SKIP get no reply themselves; replies
+/// muted are dropped by the reply queue while the commands run.
+fn client_reply(cx: &Cx<'_>, now: &mut ReplyMode, req: &Request<'_>) {
+    let mode = req.arg(2);
+    if mode.eq_ignore_ascii_case(b"on") {
+        cx.queue.unmute(cx.queue.next_seq());
+        *now = ReplyMode::On;
+        cx.reply_static(reply::OK);
+    } else if mode.eq_ignore_ascii_case(b"off") {
+        *now = ReplyMode::Off;
+        cx.queue.mute(cx.queue.next_seq());
+    } else if mode.eq_ignore_ascii_case(b"skip") {
+        if *now == ReplyMode::On {
+            *now = ReplyMode::SkipNext;
+        }
+    } else {
+        cx.reply_static(reply::SYNTAX);
     }
 }
 

@@ -1222,27 +1222,9 @@ impl Session {
             // SCRIPT KILL, FUNCTION KILL: on the control connections, since the shared ones
             // may be the ones stuck behind the busy script.
             let deadline = now + crate::shard::CONTROL_TIMEOUT;
-            return self.gather_on_control(kind, req.raw, deadline);
+            return cx!(self).gather_on_control(kind, req.raw, deadline);
         }
         self.gather_from_every_shard(kind, req.raw, now);
-    }
-
-    /// Sends `raw` to every shard on its control connection (never queued behind client
-    /// traffic or a busy script) and merges the replies; each fails at `deadline`.
-    pub(crate) fn gather_on_control(&mut self, kind: GatherKind, raw: &[u8], deadline: Instant) {
-        let n = self.w.live().slot_map.shard_count();
-        let mut g = Gather::new(kind, n, self.proto);
-        g.cmd = self.cmd;
-        let seq = self.queue.push_waiting(Slot::Gather(Box::new(g)));
-        for shard in 0..n {
-            let up = self.w.pools().control(shard);
-            let target = Target::Client {
-                queue: self.queue.clone(),
-                seq,
-                part: shard as u32,
-            };
-            up.send_until(raw, target, deadline);
-        }
     }
 
     /// CONFIG RESETSTAT: slotgate's own statistics restart from zero too (INFO commandstats,
