@@ -155,6 +155,21 @@ pub struct Cli {
     /// Admin HTTP listener (/metrics, /healthz, /readyz), or `none` [default: 127.0.0.1:9180].
     #[arg(long, value_name = "ADDR")]
     pub admin_listen: Option<String>,
+    /// Answer CLUSTER SLOTS/SHARDS/NODES … as a Redis Cluster whose nodes are this slotgate
+    /// instance and its peers (`[cluster_api] enabled`).
+    #[arg(long = "cluster-api")]
+    pub cluster_api: bool,
+    /// The address this instance announces in the cluster API [default: the plain listener's;
+    /// required when that is a wildcard address].
+    #[arg(long = "announce", value_name = "HOST:PORT")]
+    pub announce: Option<String>,
+    /// The other instances' announced addresses, for the cluster API.
+    #[arg(
+        long = "cluster-api-peers",
+        value_name = "A,B,C",
+        value_delimiter = ','
+    )]
+    pub cluster_api_peers: Vec<String>,
     /// Validate the configuration (file plus flags) without contacting any shard, then exit.
     #[arg(long)]
     pub check_config: bool,
@@ -192,6 +207,7 @@ pub struct FileConfig {
     pub upstream: UpstreamFile,
     pub shards: Vec<ShardEntry>,
     pub cluster: ClusterFile,
+    pub cluster_api: ClusterApiFile,
     pub users: Vec<UserConfig>,
     pub token_issuers: Vec<IssuerConfig>,
     pub readthrough: Vec<RuleConfig>,
@@ -229,6 +245,17 @@ pub struct ClusterFile {
     pub seeds: Vec<String>,
     pub refresh_interval: Option<String>,
     pub read_from: Option<String>,
+}
+
+/// The `[cluster_api]` table: slotgate instances announced as the nodes of one cluster.
+#[derive(Debug, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterApiFile {
+    pub enabled: bool,
+    /// `"HOST:PORT"` this instance announces [default: the plain listener's address].
+    pub announce: Option<String>,
+    /// The other instances' announced addresses.
+    pub peers: Vec<String>,
 }
 
 /// One `[[shards]]` table.
@@ -420,6 +447,13 @@ impl Cli {
                     .collect()
             },
             admin_listen: text(&self.admin_listen, f.admin_listen, "127.0.0.1:9180"),
+            cluster_api: self.cluster_api || f.cluster_api.enabled,
+            announce: self.announce.clone().or(f.cluster_api.announce),
+            cluster_api_peers: if self.cluster_api_peers.is_empty() {
+                f.cluster_api.peers
+            } else {
+                self.cluster_api_peers.clone()
+            },
             upstream_username: self.upstream_username.clone().or(f.upstream.username),
             upstream_password: self.upstream_password.clone().or(f.upstream.password),
             upstream_tls: self.upstream_tls || f.upstream.tls,
@@ -440,6 +474,9 @@ struct Merged {
     shards: Vec<ShardEntry>,
     cluster_seeds: Vec<String>,
     cluster_refresh: String,
+    cluster_api: bool,
+    announce: Option<String>,
+    cluster_api_peers: Vec<String>,
     read_from: String,
     workers: usize,
     upstream_connections: usize,
@@ -603,6 +640,7 @@ impl Merged {
             .clone()
             .and_then(|r| Rules::build(&r))
             .map_err(ConfigError::ReadThrough)?;
+        let cluster_api = self.cluster_api(listen, tls.as_ref().map(|t| t.listen.port()))?;
         let admin_listen = if self.admin_listen.eq_ignore_ascii_case("none") {
             None
         } else {
@@ -641,7 +679,47 @@ impl Merged {
             upstream_tls,
             readthrough: Arc::new(rules),
             admin_listen,
+            cluster_api: cluster_api.map(Arc::new),
         })
+    }
+
+    /// The cluster API (`--cluster-api`): what this instance announces, and its peers.
+    fn cluster_api(
+        &self,
+        listen: Option<SocketAddr>,
+        tls_port: Option<u16>,
+    ) -> Result<Option<crate::cluster_api::ClusterApi>, ConfigError> {
+        use crate::cluster_api::{ClusterApi, Node};
+        if !self.cluster_api {
+            if self.announce.is_some() || !self.cluster_api_peers.is_empty() {
+                return Err(invalid(
+                    "announce",
+                    self.announce.as_deref().unwrap_or("(peers)"),
+                    "announce and cluster-api-peers need --cluster-api ([cluster_api] enabled)",
+                ));
+            }
+            return Ok(None);
+        }
+        let me = match (&self.announce, listen) {
+            (Some(a), _) => Node::parse(a).map_err(|why| invalid("announce", a, why))?,
+            (None, Some(l)) if !l.ip().is_unspecified() => Node {
+                host: l.ip().to_string(),
+                port: l.port(),
+            },
+            (None, l) => {
+                return Err(invalid(
+                    "announce",
+                    l.map_or("none".to_string(), |l| l.to_string()),
+                    "the cluster API needs --announce HOST:PORT when the plain listener is a \
+                     wildcard address or off",
+                ));
+            }
+        };
+        let mut peers = Vec::new();
+        for p in &self.cluster_api_peers {
+            peers.push(Node::parse(p).map_err(|why| invalid("cluster-api-peers", p, why))?);
+        }
+        Ok(Some(ClusterApi::new(me, peers, tls_port)))
     }
 
     /// The numeric limits and the password, each within its bounds.

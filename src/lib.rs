@@ -79,6 +79,7 @@
 pub mod admin;
 pub mod auth;
 pub mod cluster;
+pub mod cluster_api;
 pub mod command;
 pub mod config;
 pub mod fanout;

@@ -177,6 +177,7 @@ fn keep_fixed(running: &Settings, new: &mut Settings) -> Vec<&'static str> {
         workers,
         tcp_backlog,
         admin_listen,
+        cluster_api,
         upstream_connections,
         op_timeout,
         max_inflight_per_connection,

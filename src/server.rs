@@ -166,6 +166,9 @@ pub fn run(
         let (layouts, new_layouts) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(crate::cluster::keep_fresh(shared.clone(), layouts));
         tokio::spawn(crate::readthrough::invalidate::listen(shared.clone()));
+        if let Some(api) = &shared.settings.cluster_api {
+            tokio::spawn(crate::cluster_api::watch_peers(api.clone()));
+        }
         let reloads =
             crate::reload::serve(shared.clone(), reloader, senders.clone(), hup, new_layouts);
         tokio::spawn(reloads);

@@ -97,4 +97,6 @@ pub struct Settings {
     pub upstream_tls: Option<UpstreamTls>,
     pub readthrough: Arc<Rules>,
     pub admin_listen: Option<SocketAddr>,
+    /// The cluster API (`--cluster-api`): the fleet this instance announces itself in.
+    pub cluster_api: Option<Arc<crate::cluster_api::ClusterApi>>,
 }

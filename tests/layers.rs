@@ -21,7 +21,14 @@ const LAYERS: &[&[&str]] = &[
     // Upstream connections and pools.
     &["shard"],
     // Proxy logic above the shards, the settings and a worker's state.
-    &["readthrough", "settings", "worker", "gate", "cluster"],
+    &[
+        "readthrough",
+        "settings",
+        "worker",
+        "gate",
+        "cluster",
+        "cluster_api",
+    ],
     // The client connection (`session/`: the loop, local answers, transactions and blocking
     // commands, pub/sub).
     &["session"],

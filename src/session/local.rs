@@ -128,7 +128,10 @@ impl Session {
                 || name.starts_with("cluster|")
                 || matches!(name, "readonly" | "readwrite" | "asking") =>
             {
-                self.reply_static(reply::CLUSTER_DISABLED)
+                match self.w.shared.settings.cluster_api.clone() {
+                    Some(api) => self.cluster_api(&api, name, req, now),
+                    None => self.reply_static(reply::CLUSTER_DISABLED),
+                }
             }
             "config|get" => self.gather(
                 GatherKind::ConfigGet,
@@ -353,6 +356,127 @@ fn client_reply(cx: &Cx<'_>, now: &mut ReplyMode, req: &Request<'_>) {
         }
     } else {
         cx.reply_static(reply::SYNTAX);
+    }
+}
+
+impl Session {
+    /// The cluster API's commands (`--cluster-api`, see `cluster_api`): the fleet of slotgate
+    /// instances described as a Redis Cluster.
+    fn cluster_api(
+        &mut self,
+        api: &crate::cluster_api::ClusterApi,
+        name: &str,
+        req: &Request<'_>,
+        now: Instant,
+    ) {
+        // A client on the TLS listener is told the nodes' TLS ports.
+        let tls = (self.w.shared.settings.tls.as_ref())
+            .is_some_and(|t| t.listen.port() == self.laddr.port());
+        let proto = self.proto;
+        match name {
+            "readonly" | "readwrite" | "asking" => self.reply_static(reply::OK),
+            "cluster|slots" => self.reply(api.slots(proto, tls)),
+            "cluster|shards" => self.reply(api.shards(proto)),
+            "cluster|nodes" => self.reply(reply::verbatim(proto, api.nodes(tls).as_bytes())),
+            "cluster|info" => self.reply(reply::verbatim(proto, api.info().as_bytes())),
+            "cluster|myid" => self.reply(reply::bulk(api.me.id().as_bytes())),
+            "cluster|keyslot" => self.reply(reply::integer(crate::router::slot(req.arg(2)).into())),
+            "cluster|countkeysinslot" | "cluster|getkeysinslot" => {
+                self.keys_in_slot(name, req, now)
+            }
+            _ => self.reply(reply::not_yet(name)),
+        }
+    }
+
+    /// `CLUSTER COUNTKEYSINSLOT slot` and `CLUSTER GETKEYSINSLOT slot count`: asked of the
+    /// node owning the slot behind a Redis Cluster; over static shards, counted from a SCAN of
+    /// the shard that owns it (as long as its keyspace is large).
+    fn keys_in_slot(&mut self, name: &str, req: &Request<'_>, now: Instant) {
+        let get = name == "cluster|getkeysinslot";
+        let (Some(slot), Some(max)) = (
+            parse_i64(req.arg(2)),
+            if get { parse_i64(req.arg(3)) } else { Some(0) },
+        ) else {
+            return self.reply_static(reply::NOT_INTEGER);
+        };
+        if !(0..16384).contains(&slot) || max < 0 {
+            return self.reply_static(if get {
+                reply::INVALID_SLOT_OR_KEYS
+            } else {
+                reply::INVALID_SLOT
+            });
+        }
+        let shard = self.w.live().slot_map.shard_of_slot(slot as u16);
+        if self.w.cluster {
+            return self.forward(shard, req.raw, now);
+        }
+        let seq = self
+            .queue
+            .push_waiting(crate::queue::Slot::Waiting(self.cmd));
+        let (w, queue) = (self.w.clone(), self.queue.clone());
+        let max = get.then_some(max as usize);
+        tokio::task::spawn_local(async move {
+            let reply = scan_slot(&w, shard, slot as u16, max).await;
+            queue.deliver(seq, 0, reply);
+        });
+    }
+}
+
+/// The keys of `slot` on a static `shard`, by SCAN: their number, or (with `max`) up to
+/// `max` of them.
+async fn scan_slot(
+    w: &crate::worker::Worker,
+    shard: usize,
+    slot: u16,
+    max: Option<usize>,
+) -> Bytes {
+    use crate::resp::scan::{array_elements, bulk_body};
+    let (mut cursor, mut count, mut keys) = (b"0".to_vec(), 0i64, Vec::new());
+    loop {
+        let cmd = crate::resp::request::command(&[b"SCAN", &cursor, b"COUNT", b"1000"]);
+        let r = w.request(shard, &cmd).await;
+        let parsed = array_elements(&r).and_then(|parts| {
+            let (cs, ce) = *parts.first()?;
+            let (ks, ke) = *parts.get(1)?;
+            Some((
+                bulk_body(&r[cs..ce])?.to_vec(),
+                array_elements(&r[ks..ke])?,
+                ks,
+            ))
+        });
+        let Some((next, elements, base)) = parsed else {
+            // (An error, such as `shard unavailable`, is the answer.)
+            return r;
+        };
+        for (s, e) in elements {
+            let Some(key) = bulk_body(&r[base + s..base + e]) else {
+                continue;
+            };
+            if crate::router::slot(key) != slot {
+                continue;
+            }
+            count += 1;
+            if let Some(max) = max {
+                if keys.len() >= max {
+                    break;
+                }
+                keys.push(Bytes::copy_from_slice(key));
+            }
+        }
+        if next == b"0" || max.is_some_and(|m| keys.len() >= m) {
+            break;
+        }
+        cursor = next;
+    }
+    match max {
+        None => reply::integer(count),
+        Some(_) => {
+            let mut a = Aggregate::array(keys.len());
+            for k in &keys {
+                a.bulk(k);
+            }
+            a.finish()
+        }
     }
 }
 
@@ -1010,7 +1134,8 @@ fn build_info(shared: &Arc<Shared>, wanted: &[String], up: &[bool], parts: &[Byt
         section("Latencystats", latencystats_info(shared));
     }
     if want("cluster") {
-        section("Cluster", "cluster_enabled:0\r\n".into());
+        let on = u8::from(shared.settings.cluster_api.is_some());
+        section("Cluster", format!("cluster_enabled:{on}\r\n"));
     }
     if want("keyspace") {
         section("Keyspace", keyspace_info(&texts));

@@ -310,6 +310,18 @@ impl Slotgate {
         panic!("could not start slotgate on a free port");
     }
 
+    /// Starts slotgate listening on `port` (chosen beforehand, e.g. because other instances
+    /// must be told it); `None` when the port turned out to be taken.
+    pub fn start_on(port: u16, shards: &[&RedisServer], extra: &[&str]) -> Option<Self> {
+        let mut child = Self::spawn(port, shards, extra, None, &[]);
+        if listener_is(port, &mut child) {
+            return Some(Slotgate { port, child });
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+
     fn spawn(
         port: u16,
         shards: &[&RedisServer],

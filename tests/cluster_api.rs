@@ -1,0 +1,232 @@
+//! The cluster API (issue 16.2): slotgate instances in front of the same shards announce
+//! themselves as the nodes of one Redis Cluster, so that cluster-aware clients spread over
+//! them; any instance serves any slot; a dead instance is no longer announced.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::*;
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into()
+}
+
+/// Three instances, each told the other two.
+fn fleet(shards: &[&RedisServer]) -> Vec<Slotgate> {
+    'again: for _ in 0..10 {
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut out = Vec::new();
+        for &p in &ports {
+            let peers: Vec<String> = ports
+                .iter()
+                .filter(|&&q| q != p)
+                .map(|q| format!("127.0.0.1:{q}"))
+                .collect();
+            let peers = peers.join(",");
+            let args = [
+                "--cluster-api",
+                "--cluster-api-peers",
+                &peers,
+                "--workers",
+                "2",
+            ];
+            match Slotgate::start_on(p, shards, &args) {
+                Some(s) => out.push(s),
+                None => continue 'again,
+            }
+        }
+        return out;
+    }
+    panic!("could not start three instances on free ports");
+}
+
+/// The `CLUSTER NODES` lines of an instance.
+fn nodes(s: &Slotgate) -> Vec<String> {
+    let r = lossy(&s.raw().call(&[b"CLUSTER", b"NODES"]));
+    r.lines()
+        .skip(1)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn three_instances_announce_one_cluster() {
+    let shards: Vec<RedisServer> = (0..2).map(|_| RedisServer::start()).collect();
+    let refs: Vec<&RedisServer> = shards.iter().collect();
+    let mut fleet = fleet(&refs);
+    // Every instance announces the same cluster: the slot space split three ways, in the
+    // order of the announced addresses; each marks itself `myself`.
+    let slots: Vec<Vec<u8>> = fleet
+        .iter()
+        .map(|s| s.raw().call(&[b"CLUSTER", b"SLOTS"]))
+        .collect();
+    assert!(slots.iter().all(|s| *s == slots[0]), "{slots:?}");
+    let mut ports: Vec<u16> = fleet.iter().map(|s| s.port).collect();
+    ports.sort_by_key(|p| format!("127.0.0.1:{p}"));
+    let ranges = ["0-5460", "5461-10921", "10922-16383"];
+    for s in &fleet {
+        let lines = nodes(s);
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        for (i, l) in lines.iter().enumerate() {
+            assert!(l.contains(&format!(" 127.0.0.1:{}@", ports[i])), "{l}");
+            assert!(l.ends_with(ranges[i]), "{l}");
+            let mine = l.contains(&format!(":{}@", s.port));
+            assert_eq!(l.contains("myself,master"), mine, "{l}");
+            if mine {
+                let id = s.raw().call(&[b"CLUSTER", b"MYID"]);
+                assert_eq!(lossy(&id), format!("$40\r\n{}\r\n", &l[..40]));
+            }
+        }
+        let info = lossy(&s.raw().call(&[b"INFO", b"cluster"]));
+        assert!(info.contains("cluster_enabled:1"), "{info}");
+        let ci = lossy(&s.raw().call(&[b"CLUSTER", b"INFO"]));
+        assert!(ci.contains("cluster_state:ok") && ci.contains("cluster_known_nodes:3"));
+    }
+    // Any instance serves any slot: no MOVED, whichever node the slot is announced on.
+    let mut c = fleet[0].raw();
+    for i in 0..50 {
+        let k = format!("k{i}");
+        assert_eq!(c.call(&[b"SET", k.as_bytes(), b"v"]), b"+OK\r\n");
+    }
+    assert_eq!(c.call(&[b"READONLY"]), b"+OK\r\n");
+    assert_eq!(c.call(&[b"CLUSTER", b"KEYSLOT", b"foo"]), b":12182\r\n");
+    // The keys of one slot, counted over the shards (three keys of the tag `{t}`).
+    for k in ["{t}1", "{t}2", "{t}3"] {
+        assert_eq!(c.call(&[b"SET", k.as_bytes(), b"v"]), b"+OK\r\n");
+    }
+    let slot = c.call(&[b"CLUSTER", b"KEYSLOT", b"{t}"]);
+    let slot = lossy(&slot[1..slot.len() - 2]);
+    assert_eq!(
+        c.call(&[b"CLUSTER", b"COUNTKEYSINSLOT", slot.as_bytes()]),
+        b":3\r\n"
+    );
+    let got = lossy(&c.call(&[b"CLUSTER", b"GETKEYSINSLOT", slot.as_bytes(), b"2"]));
+    assert!(got.starts_with("*2\r\n$4\r\n{t}"), "{got}");
+    assert_eq!(
+        c.call(&[b"CLUSTER", b"COUNTKEYSINSLOT", b"16384"]),
+        b"-ERR Invalid slot\r\n"
+    );
+    assert_eq!(
+        c.call(&[b"CLUSTER", b"GETKEYSINSLOT", b"1", b"-1"]),
+        b"-ERR Invalid slot or number of keys\r\n"
+    );
+    assert_eq!(
+        c.call(&[b"CLUSTER", b"COUNTKEYSINSLOT", b"x"]),
+        b"-ERR value is not an integer or out of range\r\n"
+    );
+    // A dead instance is no longer announced: the other two share the slots.
+    let dead = fleet.remove(1);
+    drop(dead);
+    for s in &fleet {
+        wait_until("the dead peer left out", Duration::from_secs(10), || {
+            nodes(s).len() == 2
+        });
+        let lines = nodes(s);
+        assert!(lines[0].ends_with(" 0-8191") && lines[1].ends_with(" 8192-16383"));
+    }
+    // Without --cluster-api, slotgate is one standalone server, as before.
+    let plain = Slotgate::start_with(&refs, &[]);
+    assert_eq!(
+        plain.raw().call(&[b"CLUSTER", b"SLOTS"]),
+        b"-ERR This instance has cluster support disabled\r\n"
+    );
+    let info = lossy(&plain.raw().call(&[b"INFO", b"cluster"]));
+    assert!(info.contains("cluster_enabled:0"), "{info}");
+}
+
+/// redis-py's `RedisCluster`, given one instance: it finds the three, spreads its
+/// connections over them, runs the workflow, and carries on through the other two when one
+/// is killed (after its topology refresh).
+#[test]
+fn redis_py_cluster_client_spreads_and_survives_a_dead_instance() {
+    let shards: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+    let refs: Vec<&RedisServer> = shards.iter().collect();
+    let mut fleet = fleet(&refs);
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/python/cluster_client.py"
+    );
+    let mut py = Command::new("python3")
+        .arg(script)
+        .arg(fleet[0].port.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut out = BufReader::new(py.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    if !line.starts_with("READY") {
+        let _ = py.kill();
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(&mut py.stderr.take().unwrap(), &mut err);
+        panic!("the cluster client failed: {line}{err}");
+    }
+    // Its connections went to all three instances.
+    let used: Vec<u16> = line["READY ".len()..]
+        .trim()
+        .split(',')
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let mut all: Vec<u16> = fleet.iter().map(|s| s.port).collect();
+    all.sort();
+    assert_eq!(used, all, "the client's connections: {line}");
+    // Kill one (not the one the client was given), then let the client go on.
+    let victim = fleet.remove(2);
+    drop(victim);
+    writeln!(py.stdin.as_mut().unwrap(), "go").unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let status = py.wait().unwrap();
+    let mut err = String::new();
+    let _ = std::io::Read::read_to_string(&mut py.stderr.take().unwrap(), &mut err);
+    eprintln!("{rest}");
+    assert!(status.success(), "{rest}{err}");
+    assert!(rest.contains("cluster client OK"), "{rest}{err}");
+}
+
+/// The cluster API's settings are checked: `--announce` is required when the plain listener
+/// is a wildcard address, and the options need `--cluster-api`.
+#[test]
+fn cluster_api_settings_are_checked() {
+    let check = |args: &[&str]| {
+        let out = Command::new(slotgate_bin())
+            .args(["--check-config", "--shard", "127.0.0.1:1"])
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.code(), lossy(&out.stderr))
+    };
+    let (code, err) = check(&["--cluster-api", "--listen", "0.0.0.0:6380"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("needs --announce HOST:PORT"), "{err}");
+    let (code, err) = check(&["--announce", "10.0.0.1:6380"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("need --cluster-api"), "{err}");
+    let (code, err) = check(&["--cluster-api", "--cluster-api-peers", "10.0.0.2"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("expected HOST:PORT"), "{err}");
+    let (code, err) = check(&[
+        "--cluster-api",
+        "--listen",
+        "0.0.0.0:6380",
+        "--announce",
+        "proxy-1.example:6380",
+        "--cluster-api-peers",
+        "proxy-2.example:6380,proxy-3.example:6380",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    // The same in proxy.toml.
+    let file = config_file(
+        "cluster-api",
+        "[cluster_api]\nenabled = true\nannounce = \"10.0.0.1:6380\"\n\
+         peers = [\"10.0.0.2:6380\"]\n",
+    );
+    let (code, err) = check(&["--config", file.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+}
