@@ -25,6 +25,18 @@ if ! python3 -c "import redis, redis.asyncio, redis.auth.token" 2>/dev/null; the
     || python3 -m pip install --quiet --upgrade --break-system-packages "redis>=6"
 fi
 
+# ioredis (from npm) for the cluster-client tests of tests/node/.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  echo "installing nodejs and npm (apt-get)..." >&2
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >/dev/null
+fi
+if [ ! -d tests/node/node_modules/ioredis ]; then
+  echo "installing ioredis (npm)..." >&2
+  npm ci --prefix tests/node --no-audit --no-fund --silent
+fi
+
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
 # Integration tests start several redis-server processes each: keep the parallelism bounded.

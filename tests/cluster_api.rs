@@ -138,33 +138,29 @@ fn three_instances_announce_one_cluster() {
     assert!(info.contains("cluster_enabled:0"), "{info}");
 }
 
-/// redis-py's `RedisCluster`, given one instance: it finds the three, spreads its
-/// connections over them, runs the workflow, and carries on through the other two when one
-/// is killed (after its topology refresh).
-#[test]
-fn redis_py_cluster_client_spreads_and_survives_a_dead_instance() {
+/// A cluster client (`program script PORT`), given one instance of three: it finds the
+/// three, spreads its connections over them, runs its workflow, and carries on through the
+/// other two when one is killed (after its topology refresh). It prints `READY <ports>`, waits
+/// for a line, then prints `ok_line` at the end.
+fn cluster_client_spreads_and_survives_a_dead_instance(program: &str, script: &str, ok_line: &str) {
     let shards: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
     let refs: Vec<&RedisServer> = shards.iter().collect();
     let mut fleet = fleet(&refs);
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/python/cluster_client.py"
-    );
-    let mut py = Command::new("python3")
+    let mut client = Command::new(program)
         .arg(script)
         .arg(fleet[0].port.to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("python3");
-    let mut out = BufReader::new(py.stdout.take().unwrap());
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    let mut out = BufReader::new(client.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     if !line.starts_with("READY") {
-        let _ = py.kill();
+        let _ = client.kill();
         let mut err = String::new();
-        let _ = std::io::Read::read_to_string(&mut py.stderr.take().unwrap(), &mut err);
+        let _ = std::io::Read::read_to_string(&mut client.stderr.take().unwrap(), &mut err);
         panic!("the cluster client failed: {line}{err}");
     }
     // Its connections went to all three instances.
@@ -179,15 +175,39 @@ fn redis_py_cluster_client_spreads_and_survives_a_dead_instance() {
     // Kill one (not the one the client was given), then let the client go on.
     let victim = fleet.remove(2);
     drop(victim);
-    writeln!(py.stdin.as_mut().unwrap(), "go").unwrap();
+    writeln!(client.stdin.as_mut().unwrap(), "go").unwrap();
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
-    let status = py.wait().unwrap();
+    let status = client.wait().unwrap();
     let mut err = String::new();
-    let _ = std::io::Read::read_to_string(&mut py.stderr.take().unwrap(), &mut err);
-    eprintln!("{rest}");
+    let _ = std::io::Read::read_to_string(&mut client.stderr.take().unwrap(), &mut err);
+    eprintln!("{program}: {rest}");
     assert!(status.success(), "{rest}{err}");
-    assert!(rest.contains("cluster client OK"), "{rest}{err}");
+    assert!(rest.contains(ok_line), "{rest}{err}");
+}
+
+/// redis-py's `RedisCluster` (tests/python/cluster_client.py).
+#[test]
+fn redis_py_cluster_client_spreads_and_survives_a_dead_instance() {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/python/cluster_client.py"
+    );
+    cluster_client_spreads_and_survives_a_dead_instance("python3", script, "cluster client OK");
+}
+
+/// ioredis's `Cluster` (tests/node/cluster_client.js; `scripts/test.sh` installs ioredis).
+#[test]
+fn ioredis_cluster_client_spreads_and_survives_a_dead_instance() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/node");
+    assert!(
+        std::path::Path::new(dir)
+            .join("node_modules/ioredis")
+            .exists(),
+        "ioredis is required: npm ci --prefix tests/node (scripts/test.sh does it)"
+    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/node/cluster_client.js");
+    cluster_client_spreads_and_survives_a_dead_instance("node", script, "ioredis cluster OK");
 }
 
 /// The cluster API's settings are checked: `--announce` is required when the plain listener
