@@ -250,3 +250,48 @@ fn cluster_api_settings_are_checked() {
     let (code, err) = check(&["--config", file.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{err}");
 }
+
+/// A client on the TLS listener is told the nodes' TLS ports (a peer's is its announced port
+/// plus this instance's TLS − plain offset); `CLUSTER SHARDS` gives both.
+#[test]
+fn tls_clients_are_told_the_tls_ports() {
+    use support::tls::{TlsConn, client_config};
+    let shard = RedisServer::start();
+    let tls_port = free_port();
+    let listen = format!("127.0.0.1:{tls_port}");
+    let args = [
+        "--tls-listen",
+        &listen,
+        "--tls-self-signed",
+        "--cluster-api",
+        "--cluster-api-peers",
+        "127.0.0.1:30000",
+    ];
+    let proxy = Slotgate::start_with(&[&shard], &args);
+    wait_for_own_port(tls_port, proxy.pid());
+    let offset = i32::from(tls_port) - i32::from(proxy.port);
+    // (Port 30000 plus the offset is a valid port whatever the two ephemeral ports are.)
+    let peer_tls = (30000 + offset).to_string();
+    let mut tls = TlsConn::connect(tls_port, client_config(None, None, None)).unwrap();
+    let nodes = lossy(&tls.call(b"*2\r\n$7\r\nCLUSTER\r\n$5\r\nNODES\r\n").unwrap());
+    assert!(
+        nodes.contains(&format!("127.0.0.1:{tls_port}@")),
+        "tls {tls_port} plain {}: {nodes}",
+        proxy.port
+    );
+    // The peer (nothing listens on it) is announced until it fails two checks, a second
+    // apart: told with its TLS port.
+    if nodes.lines().count() > 2 {
+        assert!(nodes.contains(&format!("127.0.0.1:{peer_tls}@")), "{nodes}");
+    }
+    let plain = lossy(&proxy.raw().call(&[b"CLUSTER", b"NODES"]));
+    assert!(
+        plain.contains(&format!("127.0.0.1:{}@", proxy.port)),
+        "{plain}"
+    );
+    let shards = lossy(&proxy.raw().call(&[b"CLUSTER", b"SHARDS"]));
+    assert!(
+        shards.contains(&format!("$8\r\ntls-port\r\n:{tls_port}\r\n")),
+        "{shards}"
+    );
+}
