@@ -62,8 +62,8 @@ ALL_SHARDS = {
     "flushall": "AllOk",
     "config|set": "AllOk",
     "config|resetstat": "AllOk",
-    "scan": "Special",
-    "randomkey": "Special",
+    "scan": "Scan",
+    "randomkey": "RandomKey",
     # Scripts and functions are loaded on every shard, so a script loaded once can run for
     # any key (no NOSCRIPT for a script loaded through slotgate).
     "script|load": "Same",
@@ -72,7 +72,7 @@ ALL_SHARDS = {
     "script|kill": "AnyOk",
     # The shards' slow logs, merged newest first (each entry names its shard).
     "slowlog|get": "SlowlogEntries",
-    "slowlog|len": "SumIntegers",
+    "slowlog|len": "SlowlogLen",
     "slowlog|reset": "AllOk",
     # The shards' latency monitors: LATEST's events named with their shard, HISTORY's samples
     # in time order, DOCTOR's reports one after the other, RESET's counts summed.

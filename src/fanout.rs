@@ -70,7 +70,9 @@ impl GatherKind {
             Merge::AndIntArrays => GatherKind::AndIntArrays,
             Merge::AnyOk => GatherKind::AnyOk,
             Merge::ArrayInOrder
-            | Merge::Special
+            | Merge::Scan
+            | Merge::RandomKey
+            | Merge::SlowlogLen
             | Merge::SlowlogEntries
             | Merge::LatencyLatest
             | Merge::LatencyHistory

@@ -134,8 +134,12 @@ pub enum Merge {
     AllOk,
     /// Concatenation of the array replies, shard by shard (KEYS).
     ConcatArrays,
-    /// Served by a dedicated handler in `fanout.rs` (SCAN cursor, RANDOMKEY).
-    Special,
+    /// SCAN: one shard after the other, its cursor carrying the shard (see `fanout`).
+    Scan,
+    /// RANDOMKEY: a shard picked at random.
+    RandomKey,
+    /// SLOWLOG LEN: the shards' lengths and slotgate's own, added up.
+    SlowlogLen,
     /// Every shard must answer the same (SCRIPT LOAD's SHA, FUNCTION LOAD's name): that reply.
     Same,
     /// Arrays of 0/1 combined element by element with AND (SCRIPT EXISTS: loaded everywhere).

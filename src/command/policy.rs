@@ -9,6 +9,27 @@ use crate::resp::reply;
 use crate::resp::request::parse_i64;
 use crate::router;
 
+/// The commands a client may send before it authenticates (Redis's NOAUTH rule).
+pub fn allowed_before_auth(name: &str) -> bool {
+    matches!(name, "auth" | "hello" | "quit" | "reset")
+}
+
+/// QUIT and RESET end the connection's state: inside MULTI they run, not queued.
+pub fn ends_connection_state(name: &str) -> bool {
+    matches!(name, "quit" | "reset")
+}
+
+/// RESET: it drops the transaction, the watches and the subscriptions, whose connections'
+/// replies in flight must arrive first.
+pub fn resets_connection(name: &str) -> bool {
+    name == "reset"
+}
+
+/// PING, which a RESP2 client that is subscribed gets answered as `["pong", message]`.
+pub fn is_ping(name: &str) -> bool {
+    name == "ping"
+}
+
 /// Arguments of a single-slot command that a proxy in front of shards refuses: SORT/SORT_RO
 /// patterns whose keys may be in other slots, and COPY to another database (the shards have
 /// databases the proxy does not expose). The error reply, as Redis Cluster words it.
@@ -177,8 +198,33 @@ pub const CONFIG_SET_ALLOWED: &[&str] = &[
     "stream-node-max-entries",
 ];
 
-/// The first parameter of a CONFIG SET that is not on the allowlist.
-pub fn config_set_refused(req: &Request<'_>) -> Option<String> {
+/// What slotgate does itself along with a command it sends to every shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlsoHere {
+    Nothing,
+    /// CONFIG RESETSTAT: slotgate's own statistics restart from zero too.
+    ResetStats,
+    /// SLOWLOG RESET: slotgate's own slow log too.
+    ResetSlowlog,
+    /// SCRIPT … / FUNCTION …: noted, so that shards that join later get the same scripts.
+    NoteScripts,
+}
+
+/// What slotgate does itself along with `name`, an all-shards command.
+pub fn also_here(name: &str) -> AlsoHere {
+    match name {
+        "config|resetstat" => AlsoHere::ResetStats,
+        "slowlog|reset" => AlsoHere::ResetSlowlog,
+        n if n.starts_with("script|") || n.starts_with("function|") => AlsoHere::NoteScripts,
+        _ => AlsoHere::Nothing,
+    }
+}
+
+/// The first parameter of a CONFIG SET (`name`) that is not on the allowlist.
+pub fn config_set_refused(name: &str, req: &Request<'_>) -> Option<String> {
+    if name != "config|set" {
+        return None;
+    }
     (2..req.argc()).step_by(2).find_map(|i| {
         let p = String::from_utf8_lossy(req.arg(i)).to_ascii_lowercase();
         let ok = CONFIG_SET_ALLOWED

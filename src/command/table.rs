@@ -3110,7 +3110,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         flags: flags::READONLY,
         acl: acl::KEYSPACE | acl::READ | acl::SLOW,
         key_specs: &[],
-        route: Route::AllShards(Merge::Special),
+        route: Route::AllShards(Merge::RandomKey),
         subcommands: &[],
     },
     CommandSpec {
@@ -3373,7 +3373,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         flags: flags::READONLY,
         acl: acl::KEYSPACE | acl::READ | acl::SLOW,
         key_specs: &[],
-        route: Route::AllShards(Merge::Special),
+        route: Route::AllShards(Merge::Scan),
         subcommands: &[],
     },
     CommandSpec {
@@ -3773,7 +3773,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::ADMIN | flags::LOADING | flags::STALE,
                 acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
-                route: Route::AllShards(Merge::SumIntegers),
+                route: Route::AllShards(Merge::SlowlogLen),
                 subcommands: &[],
             },
             CommandSpec {

@@ -570,7 +570,7 @@ impl Session {
             Lane::Shared
         };
         // RESET closes dedicated connections: their replies in flight must arrive first.
-        let resets_pinned = spec.name == "reset"
+        let resets_pinned = command::policy::resets_connection(spec.name)
             && (self.pinned.tx.is_some() || self.pinned.watch.is_some() || self.subscribed());
         if dedicated != self.on_dedicated
             || self.blocked.is_some()
@@ -598,7 +598,7 @@ impl Session {
         }
         if self.pinned.tx.is_some()
             && spec.route != Route::Transaction
-            && !matches!(spec.name, "quit" | "reset")
+            && !command::policy::ends_connection_state(spec.name)
         {
             if self.login.restricted && spec.runs_script() {
                 self.pinned.flag_tx();
@@ -614,7 +614,7 @@ impl Session {
                 crate::metrics::note_error(Some(spec.name), &e, true);
                 return self.queue.push_ready(e);
             }
-            if spec.name == "ping" {
+            if command::policy::is_ping(spec.name) {
                 return crate::session::pubsub::subscribed_ping(&cx!(self), req);
             }
         }
@@ -679,7 +679,7 @@ impl Session {
         }
         if self.login.user.is_none() {
             // Before AUTH, nothing reaches a shard (Redis's NOAUTH rule).
-            if !matches!(spec.name, "auth" | "hello" | "quit" | "reset") {
+            if !command::policy::allowed_before_auth(spec.name) {
                 return Err(Bytes::from_static(reply::NOAUTH));
             }
         } else if self.login.restricted {
@@ -1159,8 +1159,8 @@ impl Session {
     /// DBSIZE, KEYS, FLUSHDB, FLUSHALL, CONFIG SET/RESETSTAT, SCAN, RANDOMKEY.
     fn all_shards(&mut self, spec: &CommandSpec, req: &Request<'_>, merge: Merge, now: Instant) {
         let kind = match merge {
-            Merge::Special if spec.name == "scan" => return self.scan(req, now),
-            Merge::Special => GatherKind::RandomKey {
+            Merge::Scan => return self.scan(req, now),
+            Merge::RandomKey => GatherKind::RandomKey {
                 pick: (self.id as usize).wrapping_add(now.elapsed().subsec_nanos() as usize)
                     ^ random_seed(),
             },
@@ -1188,7 +1188,7 @@ impl Session {
                 }
             }
             // SLOWLOG LEN: the shards' and slotgate's own.
-            Merge::SumIntegers if spec.name == "slowlog|len" => {
+            Merge::SlowlogLen => {
                 let own = self.w.shared.slowlog.len() as i64;
                 GatherKind::Info(Box::new(move |parts: &[Bytes]| {
                     if let Some(e) = parts.iter().find(|p| p.first() == Some(&b'-')) {
@@ -1203,20 +1203,19 @@ impl Session {
             }
             m => GatherKind::from_merge(m).unwrap_or(GatherKind::AllOk),
         };
-        if spec.name == "config|set"
-            && let Some(bad) = config_set_refused(req)
-        {
+        if let Some(bad) = config_set_refused(spec.name, req) {
             return self.reply(reply::config_set_not_allowed(&bad));
         }
-        if spec.name == "config|resetstat" {
-            self.reset_stats();
-        }
-        if spec.name == "slowlog|reset" {
-            self.w.shared.slowlog.reset();
-        }
-        if spec.name.starts_with("script|") || spec.name.starts_with("function|") {
-            let args: Vec<&[u8]> = (1..req.argc()).map(|i| req.arg(i)).collect();
-            self.w.shared.scripts.note(spec.name, &args);
+        match command::policy::also_here(spec.name) {
+            command::policy::AlsoHere::ResetStats => self.reset_stats(),
+            command::policy::AlsoHere::ResetSlowlog => {
+                self.w.shared.slowlog.reset();
+            }
+            command::policy::AlsoHere::NoteScripts => {
+                let args: Vec<&[u8]> = (1..req.argc()).map(|i| req.arg(i)).collect();
+                self.w.shared.scripts.note(spec.name, &args);
+            }
+            command::policy::AlsoHere::Nothing => {}
         }
         if merge == Merge::AnyOk {
             // SCRIPT KILL, FUNCTION KILL: on the control connections, since the shared ones

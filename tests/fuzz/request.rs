@@ -429,9 +429,7 @@ fn dispatch(
         let _ = policy::has_block_option(req);
     }
     let _ = policy::refused_arguments(spec.name, req);
-    if spec.name == "config|set"
-        && let Some(bad) = policy::config_set_refused(req)
-    {
+    if let Some(bad) = policy::config_set_refused(spec.name, req) {
         one_error_frame(&reply::config_set_not_allowed(&bad))?;
     }
     if spec.name == "scan" {
