@@ -613,37 +613,32 @@ fn exec_cluster(cx: &Cx<'_>, follows: &Rc<Follows>, tx: Tx, req: &Request<'_>, d
 }
 
 impl Session {
-    /// The transaction commands' context.
-    fn tx_cx(
-        &mut self,
-        spec: &CommandSpec,
-        req: &Request<'_>,
-    ) -> (Result<Option<u16>, ()>, Option<Rc<Follows>>) {
-        let slot = self.slot_of(spec, req);
-        let follows = self.w.cluster.then(|| self.follows());
-        (slot, follows)
-    }
-
     /// MULTI, EXEC, DISCARD, WATCH, UNWATCH (see [`Pinned::transaction`]).
     pub(crate) fn transaction(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
-        let (slot, follows) = self.tx_cx(spec, req);
-        let tc = TxCx {
-            cx: cx!(self),
-            slot,
-            follows,
-        };
-        self.pinned.transaction(&tc, spec, req, now);
+        self.on_pinned(spec, req, now, false);
     }
 
     /// A command inside MULTI (see [`Pinned::tx_queue`]).
     pub(crate) fn tx_queue(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
-        let (slot, follows) = self.tx_cx(spec, req);
+        self.on_pinned(spec, req, now, true);
+    }
+
+    /// Runs a transaction command (or, `queued`, a command inside MULTI) on the `Pinned`
+    /// state, with its context: the slot of its keys and, in cluster mode, the redirect
+    /// mailbox.
+    fn on_pinned(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant, queued: bool) {
+        let slot = self.slot_of(spec, req);
+        let follows = self.w.cluster.then(|| self.follows());
         let tc = TxCx {
             cx: cx!(self),
             slot,
             follows,
         };
-        self.pinned.tx_queue(&tc, spec, req, now);
+        if queued {
+            self.pinned.tx_queue(&tc, spec, req, now);
+        } else {
+            self.pinned.transaction(&tc, spec, req, now);
+        }
     }
 
     /// A blocking command outside MULTI: its own dedicated connection, no op timeout.
