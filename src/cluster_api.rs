@@ -36,8 +36,16 @@ impl Node {
             .ok()
             .filter(|&p| p > 0)
             .ok_or_else(|| format!("'{s}': the port must be 1-65535"))?;
-        if host.is_empty() {
-            return Err(format!("'{s}': no host"));
+        if host.is_empty() || host.contains(|c: char| c.is_whitespace() || "[]/@,".contains(c)) {
+            return Err(format!("'{s}': not a host"));
+        }
+        if host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_unspecified())
+        {
+            return Err(format!(
+                "'{s}': a wildcard address cannot be announced (clients connect to it)"
+            ));
         }
         Ok(Node {
             host: host.to_string(),
@@ -76,6 +84,9 @@ pub struct ClusterApi {
     /// The TLS listener's port minus the plain one: a node's TLS port is its announced port
     /// plus this (the instances of a fleet share one port layout).
     tls_offset: Option<i32>,
+    /// The peers are checked over TLS (this instance has no plain listener, so the announced
+    /// addresses are TLS listeners).
+    tls_only: bool,
 }
 
 /// One node of the announced cluster: its address, its slots, and whether it is this one.
@@ -88,18 +99,29 @@ struct Member<'a> {
 
 impl ClusterApi {
     /// The cluster API of an instance announcing `me`, with these peers (`me` among them is
-    /// left out) and, when it has one, a TLS listener on `tls_port`.
-    pub fn new(me: Node, peers: Vec<Node>, tls_port: Option<u16>) -> ClusterApi {
+    /// left out), its plain listener's port (`None`: TLS only, so `me` is the TLS listener)
+    /// and its TLS listener's.
+    pub fn new(
+        me: Node,
+        peers: Vec<Node>,
+        plain_port: Option<u16>,
+        tls_port: Option<u16>,
+    ) -> ClusterApi {
         let mut peers: Vec<Node> = peers.into_iter().filter(|p| *p != me).collect();
         peers.sort();
         peers.dedup();
         let alive = peers.iter().map(|_| AtomicBool::new(true)).collect();
-        let tls_offset = tls_port.map(|t| i32::from(t) - i32::from(me.port));
+        // (From the listener's own port, not the announced one, which a NAT may map.)
+        let tls_offset = match (plain_port, tls_port) {
+            (Some(p), Some(t)) => Some(i32::from(t) - i32::from(p)),
+            _ => None,
+        };
         ClusterApi {
             me,
             peers,
             alive,
             tls_offset,
+            tls_only: plain_port.is_none(),
         }
     }
 
@@ -192,7 +214,7 @@ impl ClusterApi {
                     m.node.id(),
                     m.node.host,
                     port,
-                    u32::from(port) + 10000,
+                    bus_port(port),
                     if m.me { "myself,master" } else { "master" },
                     m.first,
                     m.last
@@ -213,12 +235,22 @@ impl ClusterApi {
         )
     }
 
+    /// Whether `id` is the id of a node this instance announces.
+    pub fn knows(&self, id: &[u8]) -> bool {
+        self.members().iter().any(|m| m.node.id().as_bytes() == id)
+    }
+
     /// Whether `peer` (an index into `peers`) answered its last PING.
     pub fn is_alive(&self, peer: usize) -> bool {
         self.alive
             .get(peer)
             .is_some_and(|a| a.load(Ordering::Relaxed))
     }
+}
+
+/// The cluster bus port Redis shows after `@` (the port + 10000; 0 when that is no port).
+fn bus_port(port: u16) -> u16 {
+    port.checked_add(10000).unwrap_or(0)
 }
 
 /// How often the peers are checked, how long one check may take, and how many checks in a
@@ -237,12 +269,45 @@ pub async fn watch_peers(api: Arc<ClusterApi>) {
     let mut every = tokio::time::interval_at(start, CHECK_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failed = vec![0u32; api.peers.len()];
+    let tls = match api.tls_only {
+        true => crate::readthrough::origin::insecure_config().ok(),
+        false => None,
+    };
+    let my_id = api.me.id();
     loop {
         every.tick().await;
+        // (All at once: a hung peer does not delay noticing another.)
+        let mut checks = tokio::task::JoinSet::new();
         for (i, peer) in api.peers.iter().enumerate() {
-            let answered = tokio::time::timeout(CHECK_TIMEOUT, ping(peer))
-                .await
-                .unwrap_or(false);
+            let (peer, tls) = (peer.clone(), tls.clone());
+            checks.spawn(async move {
+                let r = tokio::time::timeout(CHECK_TIMEOUT, check(&peer, tls)).await;
+                (i, r.unwrap_or(Check::Silent))
+            });
+        }
+        let mut results: Vec<Option<Check>> = api.peers.iter().map(|_| None).collect();
+        while let Some(Ok((i, r))) = checks.join_next().await {
+            results[i] = Some(r);
+        }
+        for (i, (peer, result)) in api.peers.iter().zip(results).enumerate() {
+            let result = result.unwrap_or(Check::Silent);
+            let answered = match result {
+                Check::Answered(Some(id)) if id == my_id => {
+                    warn_once(
+                        &api,
+                        i,
+                        peer,
+                        "is this instance itself under another address",
+                    );
+                    false
+                }
+                Check::Answered(Some(id)) if id != peer.id() => {
+                    warn_once(&api, i, peer, "announces itself under another address");
+                    false
+                }
+                Check::Answered(_) => true,
+                Check::Silent => false,
+            };
             failed[i] = if answered { 0 } else { failed[i] + 1 };
             let up = failed[i] < FAILURES;
             let was = api.alive[i].swap(up, Ordering::Relaxed);
@@ -257,17 +322,84 @@ pub async fn watch_peers(api: Arc<ClusterApi>) {
     }
 }
 
-/// One PING to `peer`'s listener: whether it answered in RESP.
-async fn ping(peer: &Node) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect((peer.host.as_str(), peer.port)).await else {
+/// A peer whose node id shows a misconfiguration is left out; said once per peer.
+fn warn_once(api: &ClusterApi, i: usize, peer: &Node, what: &str) {
+    if api.alive[i].load(Ordering::Relaxed) {
+        tracing::warn!(
+            peer = %peer,
+            "cluster API: peer {peer} {what} (its CLUSTER MYID differs): not announced; give \
+             every instance the same list of announced addresses"
+        );
+    }
+}
+
+/// Whether `got` holds a one-line reply and then a one-line or bulk one.
+fn both_replies(got: &[u8]) -> bool {
+    let lines = |b: &[u8]| b.windows(2).filter(|w| w == b"\r\n").count();
+    let Some(end) = got.windows(2).position(|w| w == b"\r\n") else {
         return false;
     };
-    if s.write_all(b"*1\r\n$4\r\nPING\r\n").await.is_err() {
-        return false;
+    let rest = &got[end + 2..];
+    match rest.first() {
+        None => false,
+        Some(b'$') => lines(rest) >= 2,
+        Some(_) => lines(rest) >= 1,
     }
-    let mut b = [0u8; 64];
-    matches!(s.read(&mut b).await, Ok(n) if n > 0 && matches!(b[0], b'+' | b'-'))
+}
+
+/// What a peer's check found.
+enum Check {
+    /// It answered; with its node id when it told it (one that wants AUTH answers an error).
+    Answered(Option<String>),
+    Silent,
+}
+
+/// `PING` and `CLUSTER MYID` to `peer`'s listener (over TLS when `tls` is given).
+async fn check(peer: &Node, tls: Option<Arc<rustls::ClientConfig>>) -> Check {
+    let Ok(tcp) = tokio::net::TcpStream::connect((peer.host.as_str(), peer.port)).await else {
+        return Check::Silent;
+    };
+    match tls {
+        None => ask(tcp).await,
+        Some(cfg) => {
+            let Ok(name) = rustls::pki_types::ServerName::try_from(peer.host.clone()) else {
+                return Check::Silent;
+            };
+            match tokio_rustls::TlsConnector::from(cfg)
+                .connect(name, tcp)
+                .await
+            {
+                Ok(s) => ask(s).await,
+                Err(_) => Check::Silent,
+            }
+        }
+    }
+}
+
+async fn ask<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S) -> Check {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let q = b"*1\r\n$4\r\nPING\r\n*2\r\n$7\r\nCLUSTER\r\n$4\r\nMYID\r\n";
+    if s.write_all(q).await.is_err() || s.flush().await.is_err() {
+        return Check::Silent;
+    }
+    let mut got = Vec::new();
+    let mut b = [0u8; 128];
+    // The two replies: `+PONG` (or an error) and the id (or an error).
+    while !both_replies(&got) && got.len() < 512 {
+        match s.read(&mut b).await {
+            Ok(n) if n > 0 => got.extend_from_slice(&b[..n]),
+            _ => break,
+        }
+    }
+    if !matches!(got.first(), Some(b'+' | b'-')) {
+        return Check::Silent;
+    }
+    // `+PONG\r\n$40\r\n<id>\r\n`
+    let id = got
+        .strip_prefix(b"+PONG\r\n$40\r\n")
+        .and_then(|r| r.get(..40))
+        .map(|id| String::from_utf8_lossy(id).into_owned());
+    Check::Answered(id)
 }
 
 #[cfg(test)]
@@ -283,6 +415,7 @@ mod tests {
         let a = ClusterApi::new(
             node("10.0.0.2:6380"),
             vec![node("10.0.0.1:6380"), node("10.0.0.3:6380")],
+            Some(6380),
             Some(10000),
         );
         let b = ClusterApi::new(
@@ -292,6 +425,7 @@ mod tests {
                 node("10.0.0.1:6380"),
                 node("10.0.0.3:6380"),
             ],
+            Some(6380),
             Some(10000),
         );
         let strip = |s: String| s.replace("myself,", "");
@@ -314,5 +448,15 @@ mod tests {
         assert!(Node::parse("nohost").is_err());
         assert!(Node::parse("h:0").is_err());
         assert_eq!(node("[::1]:7000").to_string(), "[::1]:7000");
+        assert!(Node::parse("0.0.0.0:6380").is_err());
+        assert!(Node::parse("a b:1").is_err());
+        assert_eq!(bus_port(60000), 0);
+        // Behind a NAT: the TLS port follows the listeners' offset, not the announced port's.
+        let nat = ClusterApi::new(node("1.2.3.4:7713"), vec![], Some(7613), Some(7623));
+        assert!(
+            nat.nodes(true).contains(" 1.2.3.4:7723@"),
+            "{}",
+            nat.nodes(true)
+        );
     }
 }

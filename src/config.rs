@@ -719,7 +719,12 @@ impl Merged {
         for p in &self.cluster_api_peers {
             peers.push(Node::parse(p).map_err(|why| invalid("cluster-api-peers", p, why))?);
         }
-        Ok(Some(ClusterApi::new(me, peers, tls_port)))
+        Ok(Some(ClusterApi::new(
+            me,
+            peers,
+            listen.map(|l| l.port()),
+            tls_port,
+        )))
     }
 
     /// The numeric limits and the password, each within its bounds.

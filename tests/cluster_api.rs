@@ -295,3 +295,100 @@ fn tls_clients_are_told_the_tls_ports() {
         "{shards}"
     );
 }
+
+/// Review of the cluster API: what it found, each fixed.
+#[test]
+fn review_findings_on_the_cluster_api_stay_fixed() {
+    use support::tls::{TlsConn, client_config};
+    let shard = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    // A fleet on TLS listeners only: the peers are checked over TLS (plain PINGs to a TLS
+    // listener failed, and each instance announced itself alone for good). B comes up after
+    // A dropped it, and A announces it again.
+    let (pa, pb) = (free_port(), free_port());
+    let tls_only = |me: u16, peer: u16| {
+        let (listen, peers) = (format!("127.0.0.1:{me}"), format!("127.0.0.1:{peer}"));
+        let args = [
+            "--tls-listen",
+            &listen,
+            "--tls-self-signed",
+            "--announce",
+            &listen,
+            "--cluster-api",
+            "--cluster-api-peers",
+            &peers,
+        ];
+        let mut cmd = Command::new(slotgate_bin());
+        cmd.args([
+            "--listen",
+            "none",
+            "--shard",
+            &shard.addr(),
+            "--workers",
+            "1",
+        ])
+        .args(["--admin-listen", "none", "--log-level", "error"])
+        .args(args);
+        let child = cmd.spawn().unwrap();
+        wait_for_own_port(me, child.id());
+        child
+    };
+    let tls_nodes = |port: u16| -> usize {
+        let mut c = TlsConn::connect(port, client_config(None, None, None)).unwrap();
+        let r = lossy(&c.call(b"*2\r\n$7\r\nCLUSTER\r\n$5\r\nNODES\r\n").unwrap());
+        r.lines().filter(|l| l.contains("connected")).count()
+    };
+    let mut a = tls_only(pa, pb);
+    wait_until(
+        "A to drop B, which is not up",
+        Duration::from_secs(10),
+        || tls_nodes(pa) == 1,
+    );
+    let mut b = tls_only(pb, pa);
+    wait_until("A to announce B again", Duration::from_secs(10), || {
+        tls_nodes(pa) == 2
+    });
+    for c in [&mut a, &mut b] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    // An instance listed among its own peers under another name is left out (its CLUSTER
+    // MYID is this instance's): it was announced twice.
+    let port = free_port();
+    let peers = format!("localhost:{port}");
+    let me = Slotgate::start_on(
+        port,
+        &[&shard],
+        &["--cluster-api", "--cluster-api-peers", &peers],
+    )
+    .expect("a free port");
+    wait_until("itself left out", Duration::from_secs(10), || {
+        nodes(&me).len() == 1
+    });
+    let mut c = me.raw();
+    let id = c.call(&[b"CLUSTER", b"MYID"]);
+    let id = &id[5..45];
+    assert_eq!(c.call(&[b"CLUSTER", b"LINKS"]), b"*0\r\n");
+    assert_eq!(c.call(&[b"CLUSTER", b"REPLICAS", id]), b"*0\r\n");
+    assert_eq!(
+        c.call(&[b"CLUSTER", b"COUNT-FAILURE-REPORTS", id]),
+        b":0\r\n"
+    );
+    assert_eq!(
+        c.call(&[b"CLUSTER", b"REPLICAS", b"nope"]),
+        b"-ERR Unknown node nope\r\n"
+    );
+    // COUNTKEYSINSLOT over a static shard too large to scan is refused at once (2M keys took
+    // 2 s of SCANs per call, and went on after the client left).
+    let mut direct = shard.client();
+    let _: () = redis::cmd("DEBUG")
+        .arg("POPULATE")
+        .arg(100_001)
+        .query(&mut direct)
+        .unwrap();
+    let r = lossy(&c.call(&[b"CLUSTER", b"COUNTKEYSINSLOT", b"0"]));
+    assert!(
+        r.starts_with("-ERR slotgate finds the keys of a slot by scanning"),
+        "{r}"
+    );
+    assert!(r.contains("100001 keys"), "{r}");
+}

@@ -268,7 +268,7 @@ impl OriginSpec {
 }
 
 /// TLS without certificate verification (`insecure=true`, for development).
-fn insecure_config() -> Result<Arc<rustls::ClientConfig>, String> {
+pub(crate) fn insecure_config() -> Result<Arc<rustls::ClientConfig>, String> {
     let provider = crate::tls::provider();
     let config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])

@@ -25,6 +25,9 @@ pub const SYNTAX: &[u8] = b"-ERR syntax error\r\n";
 pub const CLUSTER_DISABLED: &[u8] = b"-ERR This instance has cluster support disabled\r\n";
 pub const INVALID_SLOT: &[u8] = b"-ERR Invalid slot\r\n";
 pub const INVALID_SLOT_OR_KEYS: &[u8] = b"-ERR Invalid slot or number of keys\r\n";
+/// CLUSTER COUNTKEYSINSLOT / GETKEYSINSLOT over static shards: the scan ran out of time.
+pub const KEYS_IN_SLOT_TIMEOUT: &[u8] =
+    b"-ERR timed out scanning the shard for the keys of the slot\r\n";
 pub const NOPROTO: &[u8] = b"-NOPROTO unsupported protocol version\r\n";
 pub const AUTH_NO_PASSWORD: &[u8] = b"-ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?\r\n";
 pub const WRONGPASS: &[u8] = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n";
@@ -92,6 +95,19 @@ pub fn error_bytes(parts: &[&[u8]]) -> Bytes {
 /// `-ERR shard unavailable`.
 pub fn shard_unavailable(addr: &str, why: &str) -> Bytes {
     Failure::ShardUnavailable { shard: addr, why }.to_reply()
+}
+
+/// CLUSTER REPLICAS / COUNT-FAILURE-REPORTS of a node id the cluster does not have.
+pub fn unknown_node(id: &[u8]) -> Bytes {
+    error(&format!("ERR Unknown node {}", String::from_utf8_lossy(id)))
+}
+
+/// CLUSTER COUNTKEYSINSLOT / GETKEYSINSLOT over a static shard too large to scan for them.
+pub fn keys_in_slot_too_many(keys: i64, max: i64) -> Bytes {
+    error(&format!(
+        "ERR slotgate finds the keys of a slot by scanning the shard that holds it, and that \
+         shard has {keys} keys (more than {max}): use SCAN, or a Redis Cluster behind slotgate"
+    ))
 }
 
 /// Cluster mode: a request redirected more often than slotgate follows (`last` is the last

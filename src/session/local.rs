@@ -384,6 +384,17 @@ impl Session {
             "cluster|countkeysinslot" | "cluster|getkeysinslot" => {
                 self.keys_in_slot(name, req, now)
             }
+            // Every node is a primary with no replicas, and no node fails another.
+            "cluster|links" => self.reply_static(b"*0\r\n"),
+            "cluster|replicas" | "cluster|slaves" | "cluster|count-failure-reports" => {
+                if !api.knows(req.arg(2)) {
+                    return self.reply(reply::unknown_node(req.arg(2)));
+                }
+                match name {
+                    "cluster|count-failure-reports" => self.reply_static(b":0\r\n"),
+                    _ => self.reply_static(b"*0\r\n"),
+                }
+            }
             _ => self.reply(reply::not_yet(name)),
         }
     }
@@ -415,24 +426,48 @@ impl Session {
             .push_waiting(crate::queue::Slot::Waiting(self.cmd));
         let (w, queue) = (self.w.clone(), self.queue.clone());
         let max = get.then_some(max as usize);
+        let deadline = now + self.w.shared.settings.op_timeout;
         tokio::task::spawn_local(async move {
-            let reply = scan_slot(&w, shard, slot as u16, max).await;
+            let reply = scan_slot(&w, &queue, shard, slot as u16, max, deadline).await;
             queue.deliver(seq, 0, reply);
         });
     }
 }
 
+/// Most keys a static shard may hold for COUNTKEYSINSLOT / GETKEYSINSLOT to scan it.
+const SCAN_SLOT_MAX_KEYS: i64 = 100_000;
+
 /// The keys of `slot` on a static `shard`, by SCAN: their number, or (with `max`) up to
-/// `max` of them.
+/// `max` of them. Refused on a shard of more than [`SCAN_SLOT_MAX_KEYS`] keys; given up at
+/// `deadline`, or when the client (`queue`'s other owner) is gone.
 async fn scan_slot(
     w: &crate::worker::Worker,
+    queue: &std::rc::Rc<crate::queue::ReplyQueue>,
     shard: usize,
     slot: u16,
     max: Option<usize>,
+    deadline: Instant,
 ) -> Bytes {
-    use crate::resp::scan::{array_elements, bulk_body};
-    let (mut cursor, mut count, mut keys) = (b"0".to_vec(), 0i64, Vec::new());
+    use crate::resp::scan::{array_elements, bulk_body, reply_integer};
+    let size = w.request(shard, b"*1\r\n$6\r\nDBSIZE\r\n").await;
+    match reply_integer(&size) {
+        Some(n) if n > SCAN_SLOT_MAX_KEYS => {
+            return reply::keys_in_slot_too_many(n, SCAN_SLOT_MAX_KEYS);
+        }
+        Some(_) => {}
+        None => return size,
+    }
+    // (SCAN may return a key twice.)
+    let mut seen = std::collections::HashSet::new();
+    let (mut cursor, mut keys) = (b"0".to_vec(), Vec::new());
     loop {
+        if Instant::now() >= deadline {
+            return Bytes::from_static(reply::KEYS_IN_SLOT_TIMEOUT);
+        }
+        if std::rc::Rc::strong_count(queue) == 1 {
+            // The client is gone.
+            return Bytes::new();
+        }
         let cmd = crate::resp::request::command(&[b"SCAN", &cursor, b"COUNT", b"1000"]);
         let r = w.request(shard, &cmd).await;
         let parsed = array_elements(&r).and_then(|parts| {
@@ -452,10 +487,9 @@ async fn scan_slot(
             let Some(key) = bulk_body(&r[base + s..base + e]) else {
                 continue;
             };
-            if crate::router::slot(key) != slot {
+            if crate::router::slot(key) != slot || !seen.insert(key.to_vec()) {
                 continue;
             }
-            count += 1;
             if let Some(max) = max {
                 if keys.len() >= max {
                     break;
@@ -469,7 +503,7 @@ async fn scan_slot(
         cursor = next;
     }
     match max {
-        None => reply::integer(count),
+        None => reply::integer(seen.len() as i64),
         Some(_) => {
             let mut a = Aggregate::array(keys.len());
             for k in &keys {
