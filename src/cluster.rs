@@ -57,6 +57,10 @@ const CLUSTERDOWN_WAIT: Duration = Duration::from_millis(50);
 pub const NEW_NODE_WAIT: Duration = Duration::from_millis(100);
 /// The shortest time between two reads of the topology that redirects asked for.
 const REDIRECT_REFRESH: Duration = Duration::from_millis(100);
+/// Reads of the topology after one that a redirect asked for found no change: the node it
+/// asked may not have heard of the move yet (a reshard tells the nodes one after the other),
+/// so the layout is read again, `REDIRECT_REFRESH` apart.
+const RECHECKS: u8 = 5;
 /// How often the topology is read while a primary is unreachable (a promoted replica serves
 /// its slots within this of the promotion).
 const DOWN_REFRESH: Duration = Duration::from_millis(250);
@@ -615,12 +619,20 @@ pub async fn keep_fresh(shared: Arc<Shared>, apply: UnboundedSender<Layout>) {
             .map(|l| l.replicas)
             .unwrap_or_default()
     };
+    let mut rechecks = 0u8;
     loop {
         // Woken every DOWN_REFRESH (or refresh interval, if shorter) to look whether a read
-        // is due by the state of the primaries now, or at once by a redirect.
-        let redirected = tokio::select! {
-            _ = tokio::time::sleep(DOWN_REFRESH.min(cluster.refresh)) => false,
-            _ = shared.cluster_changed.notified() => true,
+        // is due by the state of the primaries now, or at once by a redirect (or to read
+        // again after a redirect that the last read did not explain).
+        let recheck = rechecks > 0;
+        let redirected = if recheck {
+            rechecks -= 1;
+            true
+        } else {
+            tokio::select! {
+                _ = tokio::time::sleep(DOWN_REFRESH.min(cluster.refresh)) => false,
+                _ = shared.cluster_changed.notified() => true,
+            }
         };
         if redirected {
             tokio::time::sleep_until(last + REDIRECT_REFRESH).await;
@@ -674,6 +686,9 @@ pub async fn keep_fresh(shared: Arc<Shared>, apply: UnboundedSender<Layout>) {
             if apply.send(layout).is_err() {
                 return;
             }
+            rechecks = 0;
+        } else if redirected && !recheck {
+            rechecks = RECHECKS;
         }
     }
 }
