@@ -83,6 +83,8 @@ fn three_instances_announce_one_cluster() {
         }
         let info = lossy(&s.raw().call(&[b"INFO", b"cluster"]));
         assert!(info.contains("cluster_enabled:1"), "{info}");
+        let hello = lossy(&s.raw().call(&[b"HELLO", b"2"]));
+        assert!(hello.contains("$4\r\nmode\r\n$7\r\ncluster\r\n"), "{hello}");
         let ci = lossy(&s.raw().call(&[b"CLUSTER", b"INFO"]));
         assert!(ci.contains("cluster_state:ok") && ci.contains("cluster_known_nodes:3"));
     }
@@ -136,6 +138,8 @@ fn three_instances_announce_one_cluster() {
     );
     let info = lossy(&plain.raw().call(&[b"INFO", b"cluster"]));
     assert!(info.contains("cluster_enabled:0"), "{info}");
+    let hello = lossy(&plain.raw().call(&[b"HELLO", b"2"]));
+    assert!(hello.contains("$10\r\nstandalone\r\n"), "{hello}");
 }
 
 /// A cluster client (`program script PORT`), given one instance of three: it finds the

@@ -242,34 +242,11 @@ impl Session {
 
     /// `HELLO [protover [AUTH user pass] [SETNAME name]]`.
     fn hello(&mut self, req: &Request<'_>) {
-        let mut proto = self.proto;
-        if req.argc() >= 2 {
-            match parse_i64(req.arg(1)) {
-                Some(2) => proto = Proto::Resp2,
-                Some(3) => proto = Proto::Resp3,
-                Some(_) => return self.reply_static(reply::NOPROTO),
-                None => {
-                    return self.reply_static(reply::PROTO_NOT_INTEGER);
-                }
-            }
-        }
-        let mut setname: Option<&[u8]> = None;
-        let mut login: Option<(&[u8], &[u8])> = None;
-        let mut i = 2;
-        while i < req.argc() {
-            let opt = req.arg(i);
-            let more = req.argc() - i - 1;
-            if opt.eq_ignore_ascii_case(b"auth") && more >= 2 {
-                login = Some((req.arg(i + 1), req.arg(i + 2)));
-                i += 3;
-            } else if opt.eq_ignore_ascii_case(b"setname") && more >= 1 {
-                setname = Some(req.arg(i + 1));
-                i += 2;
-            } else {
-                return self.reply(reply::hello_syntax(opt));
-            }
-        }
-        if let Some((user, password)) = login {
+        let hello = match Hello::parse(req, self.proto) {
+            Ok(h) => h,
+            Err(e) => return self.reply(e),
+        };
+        if let Some((user, password)) = hello.login {
             let cx = cx!(self);
             let verdict = self.login.try_login(&cx, user, password);
             let refused = matches!(verdict, crate::session::login::Verdict::Refused { .. });
@@ -281,37 +258,85 @@ impl Session {
         if self.login.user.is_none() {
             return self.reply_static(reply::NOAUTH_HELLO);
         }
-        if let Some(n) = setname {
+        if let Some(n) = hello.setname {
             if !valid_client_name(n) {
                 return self.reply_static(reply::BAD_CLIENT_NAME);
             }
             self.name = (!n.is_empty()).then(|| String::from_utf8_lossy(n).into());
         }
-        if proto != self.proto
+        if hello.proto != self.proto
             && (self.pinned.tx.is_some() || self.pinned.watch.is_some() || self.subscribed())
         {
             // Its dedicated connections speak the protocol they were opened with.
             return self.reply_static(reply::HELLO_SWITCH_PINNED);
         }
-        self.switch_proto(proto);
+        self.switch_proto(hello.proto);
         self.update_info();
-        let version = self
-            .w
-            .shared
-            .redis_version
-            .get()
-            .map_or(FALLBACK_VERSION, |v| v.as_str());
-        let mut m = Aggregate::map(proto, 7);
-        m.bulk(b"server").bulk(b"redis");
-        m.bulk(b"version").bulk(version.as_bytes());
-        m.bulk(b"proto")
-            .integer(if proto == Proto::Resp3 { 3 } else { 2 });
-        m.bulk(b"id").integer(self.id as i64);
-        m.bulk(b"mode").bulk(b"standalone");
-        m.bulk(b"role").bulk(b"master");
-        m.bulk(b"modules").raw(b"*0\r\n");
-        self.reply(m.finish());
+        self.reply(hello_reply(&cx!(self)));
     }
+}
+
+/// HELLO's arguments.
+struct Hello<'r> {
+    /// The protocol asked for (the current one when none is named).
+    proto: Proto,
+    login: Option<(&'r [u8], &'r [u8])>,
+    setname: Option<&'r [u8]>,
+}
+
+impl<'r> Hello<'r> {
+    /// `HELLO [protover [AUTH user pass] [SETNAME name]]`, or the error reply.
+    fn parse(req: &'r Request<'_>, current: Proto) -> Result<Hello<'r>, Bytes> {
+        let proto = match req.argc() {
+            1 => current,
+            _ => match parse_i64(req.arg(1)) {
+                Some(2) => Proto::Resp2,
+                Some(3) => Proto::Resp3,
+                Some(_) => return Err(Bytes::from_static(reply::NOPROTO)),
+                None => return Err(Bytes::from_static(reply::PROTO_NOT_INTEGER)),
+            },
+        };
+        let mut hello = Hello {
+            proto,
+            login: None,
+            setname: None,
+        };
+        let mut i = 2;
+        while i < req.argc() {
+            let opt = req.arg(i);
+            let more = req.argc() - i - 1;
+            if opt.eq_ignore_ascii_case(b"auth") && more >= 2 {
+                hello.login = Some((req.arg(i + 1), req.arg(i + 2)));
+                i += 3;
+            } else if opt.eq_ignore_ascii_case(b"setname") && more >= 1 {
+                hello.setname = Some(req.arg(i + 1));
+                i += 2;
+            } else {
+                return Err(reply::hello_syntax(opt));
+            }
+        }
+        Ok(hello)
+    }
+}
+
+/// HELLO's answer, in the protocol now in force: the shards' Redis version, and `mode
+/// cluster` when slotgate announces the cluster API (as a cluster node says).
+fn hello_reply(cx: &Cx<'_>) -> Bytes {
+    let version = (cx.w.shared.redis_version.get()).map_or(FALLBACK_VERSION, |v| v.as_str());
+    let mode: &[u8] = match cx.w.shared.settings.cluster_api {
+        Some(_) => b"cluster",
+        None => b"standalone",
+    };
+    let mut m = Aggregate::map(cx.proto, 7);
+    m.bulk(b"server").bulk(b"redis");
+    m.bulk(b"version").bulk(version.as_bytes());
+    m.bulk(b"proto")
+        .integer(if cx.proto == Proto::Resp3 { 3 } else { 2 });
+    m.bulk(b"id").integer(cx.id as i64);
+    m.bulk(b"mode").bulk(mode);
+    m.bulk(b"role").bulk(b"master");
+    m.bulk(b"modules").raw(b"*0\r\n");
+    m.finish()
 }
 
 /// INFO: the proxy's own sections plus what the shards report (version, memory and a
