@@ -659,6 +659,10 @@ pub async fn keep_fresh(shared: Arc<Shared>, apply: UnboundedSender<Layout>) {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!("cluster: cannot read the topology: {e}");
+                // (A redirect still wants its read: tried again shortly.)
+                if redirected && !recheck {
+                    rechecks = RECHECKS;
+                }
                 continue;
             }
         };
