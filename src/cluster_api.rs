@@ -239,13 +239,6 @@ impl ClusterApi {
     pub fn knows(&self, id: &[u8]) -> bool {
         self.members().iter().any(|m| m.node.id().as_bytes() == id)
     }
-
-    /// Whether `peer` (an index into `peers`) answered its last PING.
-    pub fn is_alive(&self, peer: usize) -> bool {
-        self.alive
-            .get(peer)
-            .is_some_and(|a| a.load(Ordering::Relaxed))
-    }
 }
 
 /// The cluster bus port Redis shows after `@` (the port + 10000; 0 when that is no port).
