@@ -19,9 +19,14 @@ type Answer = std::collections::HashMap<String, Box<serde_json::value::RawValue>
 /// The longest `batch_window`.
 const MAX_WINDOW: Duration = Duration::from_millis(100);
 
-/// The ids of `keys` (without the rule's prefix).
+/// The id of `key`: the key without the rule's prefix.
+fn id_of<'k>(rule: &Rule, key: &'k [u8]) -> &'k [u8] {
+    &key[rule.prefix.len().min(key.len())..]
+}
+
+/// The ids of `keys`.
 fn ids<'k>(rule: &Rule, keys: impl Iterator<Item = &'k Bytes>) -> Vec<&'k [u8]> {
-    keys.map(|k| &k[rule.prefix.len().min(k.len())..]).collect()
+    keys.map(|k| id_of(rule, k)).collect()
 }
 
 /// A batch request's answer, parsed: each id's value and how long to store it, or the error
@@ -56,7 +61,7 @@ fn value_of(answer: &Answer, id: &[u8]) -> Option<Bytes> {
 /// Whether `key` can be in a batch: its id must be UTF-8, as the answer's JSON keys are (two
 /// different ids must never name one entry).
 pub(super) fn batchable(rule: &Rule, key: &[u8]) -> bool {
-    std::str::from_utf8(&key[rule.prefix.len().min(key.len())..]).is_ok()
+    std::str::from_utf8(id_of(rule, key)).is_ok()
 }
 
 /// A miss in a window: its key, the end of its time, and where its result goes.
@@ -139,10 +144,9 @@ async fn send(w: &Rc<dyn Context>, rule: &Rule, batch: &BatchUrl, keys: Vec<Gath
     let loaded = fill::fetch_url(w.as_ref(), rule, &url, deadline, None).await;
     let answer = parse_answer(rule, loaded);
     for (key, _, tx) in keys {
-        let id = &key[rule.prefix.len().min(key.len())..];
         let one = match &answer {
             Err(o) => Loaded::Failed(o.clone()),
-            Ok((map, store_for)) => match value_of(map, id) {
+            Ok((map, store_for)) => match value_of(map, id_of(rule, &key)) {
                 Some(body) => Loaded::Value {
                     body,
                     store_for: *store_for,
