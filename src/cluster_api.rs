@@ -326,20 +326,6 @@ fn warn_once(api: &ClusterApi, i: usize, peer: &Node, what: &str) {
     }
 }
 
-/// Whether `got` holds a one-line reply and then a one-line or bulk one.
-fn both_replies(got: &[u8]) -> bool {
-    let lines = |b: &[u8]| b.windows(2).filter(|w| w == b"\r\n").count();
-    let Some(end) = got.windows(2).position(|w| w == b"\r\n") else {
-        return false;
-    };
-    let rest = &got[end + 2..];
-    match rest.first() {
-        None => false,
-        Some(b'$') => lines(rest) >= 2,
-        Some(_) => lines(rest) >= 1,
-    }
-}
-
 /// What a peer's check found.
 enum Check {
     /// It answered; with its node id when it told it (one that wants AUTH answers an error).
@@ -375,22 +361,36 @@ async fn ask<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S) 
     if s.write_all(q).await.is_err() || s.flush().await.is_err() {
         return Check::Silent;
     }
-    let mut got = Vec::new();
+    // The two replies, framed by the reply scanner: `+PONG` (or an error, from one that
+    // wants AUTH) and the id (or an error).
+    let (mut got, mut replies) = (Vec::new(), Vec::new());
+    let (mut scanner, mut at) = (crate::resp::scan::ReplyScanner::new(), 0);
     let mut b = [0u8; 128];
-    // The two replies: `+PONG` (or an error) and the id (or an error).
-    while !both_replies(&got) && got.len() < 512 {
+    while replies.len() < 2 && got.len() < 512 {
+        match scanner.scan(&got[at..]) {
+            Ok(Some(frame)) => {
+                replies.push(at..at + frame.len);
+                at += frame.len;
+                continue;
+            }
+            Ok(None) => {}
+            Err(_) => break,
+        }
         match s.read(&mut b).await {
             Ok(n) if n > 0 => got.extend_from_slice(&b[..n]),
             _ => break,
         }
     }
-    if !matches!(got.first(), Some(b'+' | b'-')) {
+    let Some(first) = replies.first() else {
+        return Check::Silent;
+    };
+    if !matches!(got[first.start], b'+' | b'-') {
         return Check::Silent;
     }
-    // `+PONG\r\n$40\r\n<id>\r\n`
-    let id = got
-        .strip_prefix(b"+PONG\r\n$40\r\n")
-        .and_then(|r| r.get(..40))
+    let id = replies
+        .get(1)
+        .and_then(|r| crate::resp::scan::bulk_body(&got[r.clone()]))
+        .filter(|id| id.len() == 40 && &got[first.clone()] == b"+PONG\r\n")
         .map(|id| String::from_utf8_lossy(id).into_owned());
     Check::Answered(id)
 }
