@@ -1433,7 +1433,13 @@ impl Upstream {
                                 // Silent because a script runs on this connection: the shard
                                 // is alive, so the connection is kept (its requests still
                                 // fail at their deadlines); SCRIPT KILL ends the silence.
-                                Probe::Busy => last_read = now,
+                                Probe::Busy => {
+                                    tracing::info!(
+                                        shard = %self.label,
+                                        "shard busy running a script: its silent connection is kept"
+                                    );
+                                    last_read = now
+                                }
                                 // Asked: look again shortly, expiring requests meanwhile.
                                 Probe::Waiting => last_read = now + PROBE_POLL - op * 3,
                                 Probe::NotBusy => return Fault::Silent(op * 3, rd.unread()),

@@ -401,7 +401,6 @@ fn after_a_primary_is_killed_its_slots_come_back_on_the_promoted_replica() {
                 Ok(()) => Some(t0.elapsed()),
                 Err(e) => {
                     errors.push(e.to_string());
-                    std::thread::sleep(Duration::from_millis(20));
                     None
                 }
             }
@@ -1122,21 +1121,22 @@ fn blocking_commands_and_watched_transactions_follow_a_slot_that_moves() {
     assert_eq!(c.call(&[b"MULTI"]), b"+OK\r\n");
     assert_eq!(c.call(&[b"INCR", b"w"]), b"+QUEUED\r\n");
     assert_eq!(c.call(&[b"EXEC"]), b"*-1\r\n");
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        assert!(tries < 500, "the WATCH retries never went through");
-        let watch = c.call(&[b"WATCH", b"w"]);
-        assert_eq!(watch, b"+OK\r\n", "{}", String::from_utf8_lossy(&watch));
-        assert_eq!(c.call(&[b"MULTI"]), b"+OK\r\n");
-        assert_eq!(c.call(&[b"INCR", b"w"]), b"+QUEUED\r\n");
-        let exec = c.call(&[b"EXEC"]);
-        if exec == b"*1\r\n:6\r\n" {
-            break;
-        }
-        assert_eq!(exec, b"*-1\r\n", "{}", String::from_utf8_lossy(&exec));
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until(
+        "a WATCH retry to go through",
+        Duration::from_secs(5),
+        || {
+            let watch = c.call(&[b"WATCH", b"w"]);
+            assert_eq!(watch, b"+OK\r\n", "{}", String::from_utf8_lossy(&watch));
+            assert_eq!(c.call(&[b"MULTI"]), b"+OK\r\n");
+            assert_eq!(c.call(&[b"INCR", b"w"]), b"+QUEUED\r\n");
+            let exec = c.call(&[b"EXEC"]);
+            if exec == b"*1\r\n:6\r\n" {
+                return true;
+            }
+            assert_eq!(exec, b"*-1\r\n", "{}", String::from_utf8_lossy(&exec));
+            false
+        },
+    );
     let v: String = redis::cmd("GET")
         .arg("w")
         .query(&mut cluster.node(to).client())
@@ -1682,7 +1682,7 @@ fn a_redirect_the_next_read_does_not_explain_is_read_again() {
     setslot(to);
     setslot(from);
     std::thread::scope(|scope| {
-        // (The lag the behaviour is about: the last node hears 300 ms later.)
+        // Needed: the lag the behaviour is about (the last node hears 300 ms later).
         scope.spawn(|| {
             std::thread::sleep(Duration::from_millis(300));
             setslot(lagging);

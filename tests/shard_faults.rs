@@ -275,15 +275,22 @@ fn killed_shard_fails_only_its_keys_and_recovers_after_restart() {
     phase.store(1, Ordering::SeqCst);
     shards[DEAD].kill();
     phase.store(2, Ordering::SeqCst);
-    // Failures must stay immediate and well-formed for the whole outage, not only its start.
-    // Needed: the shard stays down for a set time (1.5 s) under traffic.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Failures must stay immediate and well-formed for the whole outage, not only its start:
+    // the shard stays down while 200 pairs per shard go through (or fail).
+    wait_until(
+        "200 pairs on every shard while one is down",
+        Duration::from_secs(20),
+        || (0..3).all(|s| steady_count(&steady, 2, s) >= 200),
+    );
     phase.store(3, Ordering::SeqCst);
     shards[DEAD].restart();
     phase.store(4, Ordering::SeqCst);
     // The restarted shard must keep serving, not only answer the first requests.
-    // Needed: traffic keeps running for a set time (1.5 s) after the restart.
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_until(
+        "200 pairs on every shard after the restart",
+        Duration::from_secs(20),
+        || (0..3).all(|s| steady_count(&steady, 4, s) >= 200),
+    );
     stop.store(true, Ordering::SeqCst);
 
     let events: Vec<Event> = handles

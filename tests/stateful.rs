@@ -716,7 +716,14 @@ fn a_long_busy_script_does_not_get_its_shard_connection_replaced() {
     let admin = format!("127.0.0.1:{admin_port}");
     let proxy = Slotgate::start_logged(
         &[&shard],
-        &["--op-timeout", "200ms", "--admin-listen", &admin],
+        &[
+            "--op-timeout",
+            "200ms",
+            "--admin-listen",
+            &admin,
+            "--log-level",
+            "info",
+        ],
         Some(&log),
     );
     wait_for_own_port(admin_port, proxy.pid());
@@ -727,9 +734,15 @@ fn a_long_busy_script_does_not_get_its_shard_connection_replaced() {
             .call(&[b"PING"])
             .starts_with(b"-BUSY")
     });
-    // Needed: the connection is judged only once it has been silent for 3 × op-timeout
-    // (600 ms); this lets that pass twice over.
-    std::thread::sleep(Duration::from_millis(1500));
+    // The connection is judged once it has been silent for 3 × op-timeout (600 ms): wait for
+    // it to have been judged, and kept, twice.
+    wait_until("two busy probes", Duration::from_secs(10), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("its silent connection is kept")
+            .count()
+            >= 2
+    });
     // The EVAL itself failed at its op-timeout, as every request does.
     let timed_out = lossy(&runaway.read_replies(1)[0]);
     assert!(timed_out.starts_with("-ERR outcome unknown"), "{timed_out}");
