@@ -54,6 +54,9 @@ pub struct ReplyQueue {
     flags: Cell<u16>,
     /// Bytes of out-of-band frames not yet written.
     pushed_bytes: Cell<usize>,
+    /// The reply at the front was written in part: out-of-band frames wait until its rest
+    /// is written (a push must never land inside a reply).
+    cut: Cell<bool>,
     /// Requests of this client that timed out but whose replies the shard has yet to send:
     /// they still count against the client's pipeline bound (see [`Target::expire`]).
     abandoned: Cell<usize>,
@@ -89,16 +92,18 @@ pub struct ReplyQueue {
 /// Writes reply `b` into `out` within `room` bytes: `true` when all of it went (its slot is
 /// done); else what fits was written, `b` keeps the rest, and the drain stops.
 #[inline(always)]
-fn copy_reply(b: &mut Bytes, out: &mut BytesMut, room: usize) -> bool {
+fn copy_reply(b: &mut Bytes, out: &mut BytesMut, room: usize, cut: &Cell<bool>) -> bool {
     if room == 0 {
         return false;
     }
     if b.len() > room {
         out.extend_from_slice(&b[..room]);
         *b = b.slice(room..);
+        cut.set(true);
         return false;
     }
     out.extend_from_slice(b);
+    cut.set(false);
     true
 }
 
@@ -221,7 +226,7 @@ impl ReplyQueue {
         let mut n = 0;
         let before = out.len();
         while let Some(Slot::Ready(b)) = q.slots.front_mut() {
-            if !copy_reply(b, out, max.saturating_sub(out.len() - before)) {
+            if !copy_reply(b, out, max.saturating_sub(out.len() - before), &self.cut) {
                 break;
             }
             q.slots.pop_front();
@@ -248,7 +253,7 @@ impl ReplyQueue {
             };
             if self.is_muted(base) {
                 dropped += b.len();
-            } else if !copy_reply(b, out, max.saturating_sub(out.len() - before)) {
+            } else if !copy_reply(b, out, max.saturating_sub(out.len() - before), &self.cut) {
                 break;
             }
             q.slots.pop_front();
@@ -397,10 +402,11 @@ impl ReplyQueue {
         self.notify.notify_one();
     }
 
-    /// Moves the out-of-band frames into `out`.
+    /// Moves the out-of-band frames into `out` (not while the front reply is written in
+    /// part: they follow its rest).
     #[inline]
     pub fn drain_pushes(&self, out: &mut BytesMut) {
-        if self.pushed_bytes.get() != 0 {
+        if self.pushed_bytes.get() != 0 && !self.cut.get() {
             self.drain_pushes_slow(out);
         }
     }
@@ -735,6 +741,24 @@ mod tests {
         // A late or duplicate delivery to a written slot is ignored.
         client(&q, a).deliver(Bytes::from_static(b":9\r\n"));
         assert_eq!(drain(&q), b"");
+    }
+
+    /// A push (a pub/sub message, an invalidation) never lands inside a reply that is
+    /// written in pieces: it waits for the reply's rest.
+    #[test]
+    fn a_push_waits_for_the_rest_of_a_reply_written_in_part() {
+        let q = ReplyQueue::new();
+        q.push_ready(Bytes::from_static(b"$6\r\nvalue!\r\n"));
+        q.push_oob(Bytes::from_static(b">1\r\n$1\r\np\r\n"));
+        let mut out = BytesMut::new();
+        q.drain_ready(&mut out, 5);
+        q.drain_pushes(&mut out);
+        assert_eq!(&out[..], b"$6\r\nv");
+        out.clear();
+        q.drain_ready(&mut out, usize::MAX);
+        q.drain_pushes(&mut out);
+        assert_eq!(&out[..], b"alue!\r\n>1\r\n$1\r\np\r\n");
+        assert_eq!(q.out_bytes(), 0);
     }
 
     #[test]
