@@ -42,6 +42,8 @@ LOCAL = [
     # Proxy-wide: MONITOR sees every client of slotgate; CLIENT PAUSE holds them all;
     # CLIENT UNBLOCK reaches the shard a client of slotgate is blocked on.
     "monitor", "client|pause", "client|unpause", "client|unblock",
+    # Client-side caching: tracked by the proxy (see `tracking`).
+    "client|tracking", "client|trackinginfo", "client|caching", "client|getredir",
 ]
 
 # Multi-key commands split per shard, replies merged.
@@ -129,8 +131,6 @@ REFUSED = [
     "latency", "slowlog",  # + subcommands except help (see FAMILIES)
     "memory|purge",
     "script|debug",
-    # Connection controls of a single Redis that a proxy cannot honour for its clients.
-    "client|tracking", "client|trackinginfo", "client|caching", "client|getredir",
 ]
 
 # Containers whose route also applies to every subcommand that is not listed explicitly.

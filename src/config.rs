@@ -74,6 +74,10 @@ pub struct Cli {
     /// Dedicated connections (transactions, blocking commands) per shard per worker [default: 512].
     #[arg(long)]
     pub max_dedicated_per_shard: Option<usize>,
+    /// Keys the tracking table of client-side caching may hold (Redis's
+    /// `tracking-table-max-keys`; 0: no limit) [default: 1000000].
+    #[arg(long, value_name = "N")]
+    pub tracking_table_max_keys: Option<usize>,
     /// TLS listener address, or `none` [default: 127.0.0.1:10000 when a certificate is set].
     #[arg(long, value_name = "ADDR")]
     pub tls_listen: Option<String>,
@@ -189,6 +193,7 @@ pub struct FileConfig {
     pub max_inflight_per_connection: Option<usize>,
     pub max_inflight_bytes_per_connection: Option<ByteSize>,
     pub max_dedicated_per_shard: Option<usize>,
+    pub tracking_table_max_keys: Option<usize>,
     pub client_output_buffer_limit_normal: Option<String>,
     pub client_output_buffer_limit_pubsub: Option<String>,
     pub proto_max_bulk_len: Option<usize>,
@@ -414,6 +419,10 @@ impl Cli {
                 .max_dedicated_per_shard
                 .or(f.max_dedicated_per_shard)
                 .unwrap_or(512),
+            tracking_table_max_keys: self
+                .tracking_table_max_keys
+                .or(f.tracking_table_max_keys)
+                .unwrap_or(crate::tracking::DEFAULT_MAX_KEYS),
             proto_max_bulk_len: f.proto_max_bulk_len.unwrap_or(512 * 1024 * 1024),
             client_query_buffer_limit: f.client_query_buffer_limit.unwrap_or(1024 * 1024 * 1024),
             tls_listen: self.tls_listen.clone().or(f.tls.listen),
@@ -488,6 +497,7 @@ struct Merged {
     obuf_normal: String,
     obuf_pubsub: String,
     max_dedicated_per_shard: usize,
+    tracking_table_max_keys: usize,
     proto_max_bulk_len: usize,
     client_query_buffer_limit: usize,
     tls_listen: Option<String>,
@@ -662,6 +672,7 @@ impl Merged {
             obuf_normal,
             obuf_pubsub,
             max_dedicated_per_shard: self.max_dedicated_per_shard,
+            tracking_table_max_keys: self.tracking_table_max_keys,
             proto_max_bulk_len: self.proto_max_bulk_len,
             client_query_buffer_limit: self.client_query_buffer_limit,
             tls,

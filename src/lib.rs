@@ -47,6 +47,8 @@
 //! - [`session::pubsub`]: subscriptions on dedicated subscriber connections (classic channels on the
 //!   first shard, sharded channels by slot), confirmations in reply order, messages as they
 //!   arrive.
+//! - [`tracking`]: client-side caching (`CLIENT TRACKING`): per worker, an invalidation link
+//!   per shard (BCAST on the shard), the keys each tracking client read, and the pushes.
 //! - [`netio`]: socket reads and writes on the hot path (plain TCP: tokio's readiness, rustix
 //!   system calls; TLS: tokio's own path).
 //! - [`metrics`]: every metric name, described once; [`admin`]: /metrics, /healthz, /readyz.
@@ -99,5 +101,6 @@ pub mod shard;
 pub mod slowlog;
 pub mod tls;
 pub mod token;
+pub mod tracking;
 pub mod units;
 pub mod worker;

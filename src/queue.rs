@@ -133,6 +133,9 @@ impl Attention {
     /// Cluster mode: a request on a dedicated connection (a blocking command, a transaction,
     /// a WATCH) was redirected; the session sends it where it goes (see `session::follow`).
     pub const FOLLOW: u16 = 256;
+    /// Invalidations of clients that redirect their tracking here are in this session's
+    /// mailbox (see `tracking::Mail`).
+    pub const MAIL: u16 = 512;
     /// The bits that close the session.
     pub const CLOSE: u16 = Self::KILLED | Self::SUB_LOST | Self::OVERFLOW;
 }

@@ -183,6 +183,7 @@ fn keep_fixed(running: &Settings, new: &mut Settings) -> Vec<&'static str> {
         max_inflight_per_connection,
         max_inflight_bytes_per_connection,
         max_dedicated_per_shard,
+        tracking_table_max_keys,
         upstream_tls,
         cluster
     );

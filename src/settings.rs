@@ -71,6 +71,8 @@ pub struct Settings {
     pub max_inflight_per_connection: usize,
     pub max_inflight_bytes_per_connection: usize,
     pub max_dedicated_per_shard: usize,
+    /// Keys the workers' tracking tables may hold together (0: no limit).
+    pub tracking_table_max_keys: usize,
     pub proto_max_bulk_len: usize,
     pub client_query_buffer_limit: usize,
     /// Redis's `client-output-buffer-limit` for ordinary clients and for subscribers.

@@ -1579,6 +1579,11 @@ impl Pools {
         }
     }
 
+    /// Every shard of this layout, with how to reach it.
+    pub fn configs(&self) -> &[(SocketAddr, UpstreamConfig)] {
+        &self.shards
+    }
+
     /// The index of the shard at `addr` in this layout.
     pub fn shard_index(&self, addr: SocketAddr) -> Option<usize> {
         self.shards.iter().position(|(a, _)| *a == addr)

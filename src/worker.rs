@@ -52,6 +52,10 @@ pub struct Shared {
     /// Scripts and function libraries loaded through slotgate (loaded again on new shard
     /// connections).
     pub scripts: Arc<crate::shard::Scripts>,
+    /// Clients with CLIENT TRACKING on (INFO's `tracking_clients`).
+    pub tracking_clients: Arc<AtomicUsize>,
+    /// Per worker: keys in its tracking table (INFO's `tracking_total_keys`).
+    pub tracking_keys: Vec<Arc<AtomicUsize>>,
     /// Clients waiting on a blocking command (INFO's `blocked_clients`).
     pub blocked_clients: Arc<AtomicUsize>,
     pub stats: Stats,
@@ -112,6 +116,8 @@ pub struct ClientInfo {
     pub kill: Arc<tokio::sync::Notify>,
     /// Where the client's blocking command waits, while one does (CLIENT UNBLOCK).
     pub blocked_on: Arc<BlockedOn>,
+    /// Where the invalidations of clients that redirect theirs to this one go.
+    pub mail: Arc<crate::tracking::Mail>,
 }
 
 /// The shard a client's blocking command waits on, and the shard's client id for its
@@ -121,6 +127,7 @@ pub type BlockedOn = Mutex<Option<(SocketAddr, Arc<std::sync::atomic::AtomicI64>
 impl Shared {
     pub fn new(settings: Settings, prometheus: Option<PrometheusHandle>) -> Arc<Self> {
         let readthrough = ReadThrough::new(settings.op_timeout * 2);
+        let workers = settings.workers;
         let slowlog = Arc::new(crate::slowlog::SlowLog::new(
             settings.slowlog_log_slower_than,
             settings.slowlog_max_len,
@@ -148,6 +155,8 @@ impl Shared {
             next_client_id: AtomicU64::new(1),
             connected: AtomicUsize::new(0),
             blocked_clients: Arc::default(),
+            tracking_clients: Arc::default(),
+            tracking_keys: (0..workers).map(|_| Arc::default()).collect(),
             scripts: Arc::default(),
             stats: Stats::default(),
             clients: Mutex::new(HashMap::new()),
@@ -219,6 +228,15 @@ impl Shared {
             .filter(|&&a| !self.shard_is_up(a))
             .map(|a| a.to_string())
             .collect()
+    }
+}
+
+/// A process-wide limit split over the workers (0: none).
+fn per_worker(max: usize, workers: usize) -> usize {
+    if max == 0 {
+        0
+    } else {
+        max.div_ceil(workers.max(1))
     }
 }
 
@@ -303,6 +321,8 @@ pub struct Worker {
     pub write_scratch: std::cell::RefCell<bytes::BytesMut>,
     /// Read-through GETs waiting for their shard.
     pub pending_gets: Rc<crate::readthrough::PendingGets>,
+    /// Client-side caching: this worker's tracking clients and invalidation links.
+    pub tracker: Rc<crate::tracking::Tracker>,
 }
 
 impl Worker {
@@ -311,6 +331,11 @@ impl Worker {
         let shards = upstream_configs(&shared, s);
         let dedicated = DedicatedPool::new(&shards, s.max_dedicated_per_shard);
         let pools = Pools::start(shards, s.upstream_connections);
+        let tracker = crate::tracking::Tracker::new(
+            per_worker(s.tracking_table_max_keys, s.workers),
+            shared.tracking_clients.clone(),
+            shared.tracking_keys[id].clone(),
+        );
         Rc::new(Worker {
             id,
             pools: std::cell::RefCell::new(Rc::new(pools)),
@@ -332,6 +357,7 @@ impl Worker {
             read_scratch: Default::default(),
             write_scratch: Default::default(),
             pending_gets: Default::default(),
+            tracker,
         })
     }
 
@@ -382,8 +408,21 @@ impl Worker {
             }
         }
         self.has_rules.set(!new.readthrough.is_empty());
+        let relayout = !(same_shards && same_slots);
         *self.live.borrow_mut() = new;
+        if relayout {
+            self.tracker.relayout(&self.primaries());
+        }
         self.reloads.send_replace(generation);
+    }
+
+    /// The primaries of the layout in force, with how to reach each (their writes are what
+    /// tracking clients are told of).
+    pub fn primaries(&self) -> Vec<(std::net::SocketAddr, UpstreamConfig)> {
+        let n = self.live().slot_map.shard_count();
+        let pools = self.pools();
+        let all = pools.configs();
+        all[..n.min(all.len())].to_vec()
     }
 
     /// Sends one request of the proxy's own to `shard` and waits for its reply (read-through

@@ -28,6 +28,7 @@ const LAYERS: &[&[&str]] = &[
         "gate",
         "cluster",
         "cluster_api",
+        "tracking",
     ],
     // The client connection (`session/`: the loop, local answers, transactions and blocking
     // commands, pub/sub).

@@ -462,7 +462,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::NOSCRIPT | flags::LOADING | flags::STALE,
                 acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
-                route: Route::Refused,
+                route: Route::Local,
                 subcommands: &[],
             },
             CommandSpec {
@@ -480,7 +480,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::NOSCRIPT | flags::LOADING | flags::STALE,
                 acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
-                route: Route::Refused,
+                route: Route::Local,
                 subcommands: &[],
             },
             CommandSpec {
@@ -588,7 +588,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::NOSCRIPT | flags::LOADING | flags::STALE,
                 acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
-                route: Route::Refused,
+                route: Route::Local,
                 subcommands: &[],
             },
             CommandSpec {
@@ -597,7 +597,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                 flags: flags::NOSCRIPT | flags::LOADING | flags::STALE,
                 acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
-                route: Route::Refused,
+                route: Route::Local,
                 subcommands: &[],
             },
             CommandSpec {

@@ -420,6 +420,40 @@ pub const UNBLOCK_REASON: &[u8] = b"-ERR CLIENT UNBLOCK reason should be TIMEOUT
 pub const PROTO_NOT_INTEGER: &[u8] = b"-ERR Protocol version is not an integer or out of range\r\n";
 pub const HELLO_SWITCH_PINNED: &[u8] = b"-ERR HELLO cannot switch the protocol while WATCH, MULTI or a subscription is active through slotgate\r\n";
 pub const SCAN_CURSOR_TOO_LARGE: &[u8] = b"-ERR shard cursor too large for the proxy to encode\r\n";
+// CLIENT TRACKING / CACHING (Redis 7.0's texts).
+pub const TRACKING_ONE_REDIRECT: &[u8] =
+    b"-ERR A client can only redirect to a single other client\r\n";
+pub const TRACKING_NO_TARGET: &[u8] = b"-ERR The client ID you want redirect to does not exist\r\n";
+pub const TRACKING_PREFIX_NEEDS_BCAST: &[u8] =
+    b"-ERR PREFIX option requires BCAST mode to be enabled\r\n";
+pub const TRACKING_BCAST_SWITCH: &[u8] = b"-ERR You can't switch BCAST mode on/off before disabling tracking for this client, and then re-enabling it with a different mode.\r\n";
+pub const TRACKING_OPT_BCAST: &[u8] = b"-ERR OPTIN and OPTOUT are not compatible with BCAST\r\n";
+pub const TRACKING_OPTIN_OPTOUT: &[u8] =
+    b"-ERR You can't specify both OPTIN mode and OPTOUT mode\r\n";
+pub const TRACKING_OPT_SWITCH: &[u8] = b"-ERR You can't switch OPTIN/OPTOUT mode before disabling tracking for this client, and then re-enabling it with a different mode.\r\n";
+pub const CACHING_NOT_TRACKING: &[u8] = b"-ERR CLIENT CACHING can be called only when the client is in tracking mode with OPTIN or OPTOUT mode enabled\r\n";
+pub const CACHING_YES_NOT_OPTIN: &[u8] =
+    b"-ERR CLIENT CACHING YES is only valid when tracking is enabled in OPTIN mode.\r\n";
+pub const CACHING_NO_NOT_OPTOUT: &[u8] =
+    b"-ERR CLIENT CACHING NO is only valid when tracking is enabled in OPTOUT mode.\r\n";
+
+/// CLIENT TRACKING … BCAST PREFIX: `given` overlaps a prefix the client has (`existing`) or
+/// another one of the same command.
+pub fn prefix_overlap(given: &[u8], other: &[u8], existing: bool) -> Bytes {
+    let what: &[u8] = if existing {
+        b"' overlaps with an existing prefix '"
+    } else {
+        b"' overlaps with another provided prefix '"
+    };
+    error_bytes(&[
+        b"ERR Prefix '",
+        given,
+        what,
+        other,
+        b"'. Prefixes for a single client must not overlap.",
+    ])
+}
+
 /// Scripts of a restricted user run on its mirror connections, which a transaction's
 /// dedicated connection is not.
 pub const NOPERM_SCRIPT_IN_MULTI: &[u8] = b"-NOPERM scripts and functions of users with restricted permissions cannot run inside MULTI through slotgate\r\n";

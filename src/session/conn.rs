@@ -224,6 +224,11 @@ impl<R: ReadSide, W: WriteSide> Conn<R, W> {
             s.queue.unflag(Attention::FOLLOW);
             s.follow_redirects();
         }
+        if flags & Attention::MAIL != 0 {
+            s.queue.unflag(Attention::MAIL);
+            let cx = cx!(s);
+            crate::session::tracking::read_mail(&cx, &s.mail, &s.subs, &s.login);
+        }
         if flags & Attention::RESUME != 0 {
             // (`parse` has already tried the held command again.)
             s.queue.unflag(Attention::RESUME);

@@ -579,11 +579,11 @@ fn refused_commands_never_reach_a_shard() {
         };
         c.call(&["MOVE", "k", "1"], &not_allowed("move")).await;
         c.call(&["SWAPDB", "0", "1"], &not_allowed("swapdb")).await;
-        c.call(
-            &["CLIENT", "TRACKING", "on"],
-            &not_allowed("client|tracking"),
-        )
-        .await;
+        c.call(&["CLIENT", "TRACKING", "maybe"], reply::SYNTAX)
+            .await;
+        c.call(&["CLIENT", "CACHING", "yes"], reply::CACHING_NOT_TRACKING)
+            .await;
+        c.call(&["CLIENT", "GETREDIR"], b":-1\r\n").await;
         c.call(&["CLUSTER", "INFO"], reply::CLUSTER_DISABLED).await;
         c.call(&["READONLY"], reply::CLUSTER_DISABLED).await;
         c.call(&["SELECT", "0"], reply::OK).await;

@@ -44,6 +44,10 @@ impl Session {
                 // Every subscription goes (the subscriber connections close).
                 self.subs = crate::session::pubsub::Subs::default();
                 self.update_output_class();
+                // Tracking ends (as in Redis).
+                if let Some(t) = self.tracking.take() {
+                    self.w.tracker.remove(t.id);
+                }
                 // Back to the default user: authenticated only if it needs no password.
                 self.login.reset(&self.w, &self.queue);
                 self.switch_proto(Proto::Resp2);
@@ -123,6 +127,31 @@ impl Session {
             "client|pause" => control::client_pause(&cx!(self), req),
             "client|unpause" => control::client_unpause(&cx!(self)),
             "client|unblock" => control::client_unblock(&cx!(self), req, now),
+            "client|tracking" => {
+                let cx = cx!(self);
+                crate::session::tracking::client_tracking(
+                    &cx,
+                    &mut self.tracking,
+                    &self.login,
+                    req,
+                    now,
+                )
+            }
+            "client|trackinginfo" => {
+                let info = crate::tracking::Client::info(self.tracking.as_deref(), self.proto);
+                self.reply(info)
+            }
+            "client|getredir" => {
+                let redirect = self
+                    .tracking
+                    .as_ref()
+                    .map_or(-1, |t| t.mode.borrow().redirect as i64);
+                self.reply(reply::integer(redirect))
+            }
+            "client|caching" => self.reply_static(crate::session::tracking::client_caching(
+                self.tracking.as_deref(),
+                req,
+            )),
             "acl|whoami" => self.reply(reply::bulk(self.user_name().as_bytes())),
             name if name == "cluster"
                 || name.starts_with("cluster|")
@@ -228,6 +257,7 @@ impl Session {
             resp: if self.proto == Proto::Resp3 { 3 } else { 2 },
             token_exp: self.login.token.as_ref().map(|t| t.expires),
             subscribed: self.subscribed(),
+            mail: self.mail.clone(),
         }
     }
 
@@ -237,6 +267,9 @@ impl Session {
         if self.proto != p {
             self.proto = p;
             self.barrier = true;
+            if let Some(t) = &self.tracking {
+                t.proto.set(p);
+            }
         }
     }
 
@@ -1021,9 +1054,12 @@ fn clients_info(shared: &Shared, maxclients: usize) -> String {
     };
     format!(
         "connected_clients:{connected}\r\ncluster_connections:0\r\nmaxclients:{maxclients}\r\n\
-         blocked_clients:{}\r\ntracking_clients:0\r\npubsub_clients:{pubsub}\r\n",
+         blocked_clients:{}\r\ntracking_clients:{}\r\npubsub_clients:{pubsub}\r\n",
         shared
             .blocked_clients
+            .load(std::sync::atomic::Ordering::Relaxed),
+        shared
+            .tracking_clients
             .load(std::sync::atomic::Ordering::Relaxed)
     )
 }

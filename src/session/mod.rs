@@ -30,6 +30,7 @@ pub mod local;
 pub mod login;
 pub mod pinned;
 pub mod pubsub;
+pub mod tracking;
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -152,6 +153,10 @@ pub struct Session {
     /// Cluster mode: the worker's layout count this client's requests were last routed by
     /// (see `follow_layout`).
     routed_layout: u64,
+    /// CLIENT TRACKING, while on (see `tracking`).
+    pub(crate) tracking: Option<Rc<crate::tracking::Client>>,
+    /// Invalidations of the clients that redirect theirs to this one.
+    pub(crate) mail: Arc<crate::tracking::Mail>,
 }
 
 /// CLIENT REPLY ON|OFF|SKIP: whether replies are written. Muted replies are dropped by the
@@ -274,6 +279,8 @@ where
         monitor: None,
         blocked_on: Arc::default(),
         routed_layout: w.layout.get(),
+        tracking: None,
+        mail: Arc::default(),
         w,
     };
     if !users.auth_required() {
@@ -287,7 +294,7 @@ where
     // a `Notified` takes its lock: about 180 instructions per GET in callgrind).
     // A graceful shutdown and a reload taken up by the worker are flagged the same way.
     let _watcher = {
-        let (kill, queue) = (s.kill.clone(), s.queue.clone());
+        let (kill, queue, mail) = (s.kill.clone(), s.queue.clone(), s.mail.clone());
         let mut draining = shared.draining.subscribe();
         let mut reloads = s.w.reloads.subscribe();
         let mut resumed = shared.gate.resumed();
@@ -302,6 +309,7 @@ where
                     }
                     Ok(()) = reloads.changed() => queue.flag(Attention::RELOAD),
                     Ok(()) = resumed.changed() => queue.flag(Attention::RESUME),
+                    _ = mail.notify.notified() => queue.flag(Attention::MAIL),
                 }
             }
         }))
@@ -350,6 +358,9 @@ impl Drop for Session {
     /// entry behind).
     fn drop(&mut self) {
         self.unregister();
+        if let Some(t) = self.tracking.take() {
+            self.w.tracker.remove(t.id);
+        }
         if let Some(f) = &self.follows {
             // (A redirected transaction in there holds the list: the cycle is broken.)
             f.clear();
@@ -596,6 +607,11 @@ impl Session {
         if spec.may_write_keys() && self.w.has_rules.get() {
             self.note_writes(spec, req);
         }
+        if let Some(t) = &self.tracking {
+            self.w
+                .tracker
+                .command(t, spec, req, self.pinned.tx.is_some());
+        }
         if self.pinned.tx.is_some()
             && spec.route != Route::Transaction
             && !command::policy::ends_connection_state(spec.name)
@@ -712,7 +728,10 @@ impl Session {
     /// after too many failures in a row.
     pub(crate) fn after_login(&mut self, verdict: login::Verdict) {
         match verdict {
-            login::Verdict::In => self.update_info(),
+            login::Verdict::In => {
+                self.update_info();
+                tracking::sync_user(&self.tracking, &self.login);
+            }
             login::Verdict::Refused { close } => self.closing |= close,
         }
     }

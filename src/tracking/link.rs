@@ -1,0 +1,202 @@
+//! A worker's invalidation link to one shard: a RESP3 connection of its own with
+//! `CLIENT TRACKING ON BCAST`, on which the shard pushes every key modified (and a null after
+//! a flush). It reconnects with a backoff until it is stopped; each time it goes down and
+//! each time it comes back, the worker's tracking clients that may have cached something
+//! are flushed (see [`super::Tracker::flush_cached`]).
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::rc::{Rc, Weak};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::notify::LocalNotify;
+use crate::resp::request::push_command;
+use crate::resp::scan::{ReplyScanner, array_elements, bulk_body, bulk_strings};
+use crate::shard::UpstreamConfig;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Most bytes one frame from the shard may take (a push of many keys).
+const FRAME_MAX: usize = 64 * 1024 * 1024;
+
+pub struct Link {
+    addr: SocketAddr,
+    up: Cell<bool>,
+    stopped: Cell<bool>,
+    stop: LocalNotify,
+}
+
+impl Link {
+    /// Starts the link's task on the worker.
+    pub fn start(addr: SocketAddr, cfg: UpstreamConfig, tracker: Weak<super::Tracker>) -> Rc<Self> {
+        let link = Rc::new(Link {
+            addr,
+            up: Cell::new(false),
+            stopped: Cell::new(false),
+            stop: LocalNotify::new(),
+        });
+        tokio::task::spawn_local(link.clone().run(cfg, tracker));
+        link
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.get()
+    }
+
+    pub fn stop(&self) {
+        self.stopped.set(true);
+        self.stop.notify_one();
+    }
+
+    async fn run(self: Rc<Self>, cfg: UpstreamConfig, tracker: Weak<super::Tracker>) {
+        let mut backoff = BACKOFF_MIN;
+        while !self.stopped.get() {
+            let why = tokio::select! {
+                why = self.connect(&cfg, &tracker) => why,
+                _ = self.stop.notified() => return,
+            };
+            if self.up.replace(false) {
+                backoff = BACKOFF_MIN;
+                tracing::warn!(shard = %self.addr, "invalidation link lost: {why}; tracking clients flushed");
+                if let Some(t) = tracker.upgrade() {
+                    t.flush_cached();
+                }
+            } else {
+                tracing::debug!(shard = %self.addr, "invalidation link failed: {why}");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = self.stop.notified() => return,
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// Connects (TLS when the shards use it) and serves the link until it fails: why.
+    async fn connect(&self, cfg: &UpstreamConfig, tracker: &Weak<super::Tracker>) -> String {
+        let stream = match tokio::time::timeout(cfg.op_timeout, TcpStream::connect(self.addr)).await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return e.to_string(),
+            Err(_) => return format!("connect timed out after {:?}", cfg.op_timeout),
+        };
+        let _ = stream.set_nodelay(true);
+        match &cfg.tls {
+            None => self.serve(stream, cfg, tracker).await,
+            Some(tls) => {
+                let name = tls.name_for(self.addr.ip());
+                match tokio::time::timeout(cfg.op_timeout, tls.connector.connect(name, stream))
+                    .await
+                {
+                    Ok(Ok(s)) => self.serve(s, cfg, tracker).await,
+                    Ok(Err(e)) => format!("TLS handshake failed: {e}"),
+                    Err(_) => "TLS handshake timed out".into(),
+                }
+            }
+        }
+    }
+
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        mut s: S,
+        cfg: &UpstreamConfig,
+        tracker: &Weak<super::Tracker>,
+    ) -> String {
+        let mut out = BytesMut::new();
+        let mut answers = 2;
+        if let Some(a) = &cfg.auth {
+            push_command(&mut out, &a.auth_command());
+            answers += 1;
+        }
+        push_command(&mut out, &[b"HELLO", b"3"]);
+        push_command(&mut out, &[b"CLIENT", b"TRACKING", b"ON", b"BCAST"]);
+        if let Err(e) = s.write_all(&out).await {
+            return e.to_string();
+        }
+        let mut buf = BytesMut::with_capacity(16 * 1024);
+        let mut scanner = ReplyScanner::new();
+        loop {
+            // Every complete frame in the buffer.
+            loop {
+                let frame = match scanner.scan(&buf) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => return format!("invalid frame from the shard ({e:?})"),
+                };
+                let f = buf.split_to(frame.len).freeze();
+                if answers > 0 {
+                    if f.first() == Some(&b'-') {
+                        let text = String::from_utf8_lossy(&f[1..f.len() - 2]).into_owned();
+                        return format!("handshake refused by the shard: {text}");
+                    }
+                    answers -= 1;
+                    if answers == 0 {
+                        self.up.set(true);
+                        tracing::debug!(shard = %self.addr, "invalidation link up");
+                        let Some(t) = tracker.upgrade() else {
+                            return "stopped".into();
+                        };
+                        // Writes while it was down (or before it first came up) were not
+                        // reported.
+                        t.flush_cached();
+                        t.link_up.notify_waiters();
+                    }
+                    continue;
+                }
+                if frame.push
+                    && let Some(keys) = invalidation(&f)
+                {
+                    let Some(t) = tracker.upgrade() else {
+                        return "stopped".into();
+                    };
+                    t.invalidated(keys);
+                }
+            }
+            if buf.len() > FRAME_MAX {
+                return "frame from the shard too large".into();
+            }
+            buf.reserve(16 * 1024);
+            match s.read_buf(&mut buf).await {
+                Ok(0) => return "connection closed by the shard".into(),
+                Ok(_) => {}
+                Err(e) => return e.to_string(),
+            }
+        }
+    }
+}
+
+/// The keys of an `invalidate` push (`Some(None)`: a flush), or `None` for another push.
+fn invalidation(f: &Bytes) -> Option<Option<Vec<Bytes>>> {
+    let el = array_elements(f)?;
+    let (&(s0, e0), &(s1, e1)) = (el.first()?, el.get(1)?);
+    if bulk_body(&f[s0..e0]) != Some(b"invalidate") {
+        return None;
+    }
+    let keys = &f[s1..e1];
+    Some(match keys.first() {
+        Some(b'*') => Some(bulk_strings(keys)),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalidate_pushes_are_read() {
+        let keys = Bytes::from_static(b">2\r\n$10\r\ninvalidate\r\n*2\r\n$1\r\na\r\n$2\r\nbc\r\n");
+        assert_eq!(
+            invalidation(&keys),
+            Some(Some(vec![Bytes::from("a"), Bytes::from("bc")]))
+        );
+        let flush = Bytes::from_static(b">2\r\n$10\r\ninvalidate\r\n_\r\n");
+        assert_eq!(invalidation(&flush), Some(None));
+        let other = Bytes::from_static(b">3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$1\r\nm\r\n");
+        assert_eq!(invalidation(&other), None);
+    }
+}

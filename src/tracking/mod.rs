@@ -1,0 +1,621 @@
+//! Client-side caching through the proxy (`CLIENT TRACKING`, Redis 7 semantics).
+//!
+//! - **Where invalidations come from.** Each worker keeps one *invalidation link* per shard
+//!   (see [`link`]) while any of its clients tracks keys: a RESP3 connection with
+//!   `CLIENT TRACKING ON BCAST`, on which the shard reports every key modified, by anyone
+//!   (through this slotgate, another instance, or directly on the shard), and a flush as a
+//!   null. The shards' own tracking tables stay empty: their shared connections to slotgate
+//!   are not tracked, so clients without tracking cost the shards nothing.
+//! - **Who is told.** The worker's [`Tracker`] remembers which of its tracking clients read
+//!   which key (default mode; bounded by `tracking_table_max_keys`, an evicted key is
+//!   invalidated), and which prefixes its BCAST clients follow. A reported key goes to those
+//!   clients: a RESP3 `invalidate` push, or, for a client that named a `REDIRECT` target,
+//!   to that connection (a RESP3 push, or a message on `__redis__:invalidate` for a RESP2
+//!   subscriber), on whichever worker it lives.
+//! - **Loss.** While a link is down, writes on its shard go unreported: when it goes down,
+//!   and again when it is back, every client that may have cached something gets a null
+//!   invalidation (flush everything), as Redis does when a redirect connection goes away.
+//!
+//! Clients without tracking pay one branch per command (`Session::tracking` is `None`).
+
+pub mod link;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::auth::User;
+use crate::command::{CommandSpec, flags, keys};
+use crate::queue::ReplyQueue;
+use crate::resp::Request;
+use crate::resp::reply::{self, Aggregate, Proto};
+use crate::resp::request::push_header;
+use crate::shard::UpstreamConfig;
+
+/// The channel a RESP2 connection subscribes to, to receive the invalidations of the clients
+/// that redirect theirs to it.
+pub const CHANNEL: &[u8] = b"__redis__:invalidate";
+
+/// Redis's default `tracking-table-max-keys`.
+pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
+
+/// Invalidations waiting in a redirect target's mailbox beyond which they are replaced by
+/// one flush (the target is not taking them).
+const MAILBOX_MAX: usize = 10_000;
+
+/// CLIENT TRACKING ON's options.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Mode {
+    pub bcast: bool,
+    pub optin: bool,
+    pub optout: bool,
+    pub noloop: bool,
+    /// The client id invalidations go to (0: the client itself).
+    pub redirect: u64,
+    /// BCAST prefixes (sorted; the empty prefix when none was named).
+    pub prefixes: Vec<Bytes>,
+}
+
+/// CLIENT TRACKING's request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Switch {
+    On {
+        mode: Mode,
+        /// The prefixes named this time (added to those of a client already in BCAST).
+        new_prefixes: Vec<Bytes>,
+    },
+    Off,
+}
+
+/// `CLIENT TRACKING ON|OFF [REDIRECT id] [PREFIX p …] [BCAST] [OPTIN] [OPTOUT] [NOLOOP]`,
+/// checked against the client's mode now (`None`: off) as Redis checks it. The redirect
+/// target's existence is the caller's to check.
+pub fn parse(req: &Request<'_>, now: Option<&Mode>) -> Result<Switch, Bytes> {
+    let on = req.arg(2);
+    let on = if on.eq_ignore_ascii_case(b"on") {
+        true
+    } else if on.eq_ignore_ascii_case(b"off") {
+        false
+    } else {
+        return Err(Bytes::from_static(reply::SYNTAX));
+    };
+    let mut mode = Mode::default();
+    let mut prefixes = Vec::new();
+    let mut j = 3;
+    while j < req.argc() {
+        let opt = req.arg(j);
+        let more = j + 1 < req.argc();
+        let is = |name: &[u8]| opt.eq_ignore_ascii_case(name);
+        if is(b"redirect") && more {
+            j += 1;
+            if mode.redirect != 0 {
+                return Err(Bytes::from_static(reply::TRACKING_ONE_REDIRECT));
+            }
+            mode.redirect = match crate::resp::request::parse_i64(req.arg(j)) {
+                Some(id) => id as u64,
+                None => return Err(Bytes::from_static(reply::NOT_INTEGER)),
+            };
+        } else if is(b"bcast") {
+            mode.bcast = true;
+        } else if is(b"optin") {
+            mode.optin = true;
+        } else if is(b"optout") {
+            mode.optout = true;
+        } else if is(b"noloop") {
+            mode.noloop = true;
+        } else if is(b"prefix") && more {
+            j += 1;
+            prefixes.push(Bytes::copy_from_slice(req.arg(j)));
+        } else {
+            return Err(Bytes::from_static(reply::SYNTAX));
+        }
+        j += 1;
+    }
+    if !on {
+        return Ok(Switch::Off);
+    }
+    if !mode.bcast && !prefixes.is_empty() {
+        return Err(Bytes::from_static(reply::TRACKING_PREFIX_NEEDS_BCAST));
+    }
+    if now.is_some_and(|now| now.bcast != mode.bcast) {
+        return Err(Bytes::from_static(reply::TRACKING_BCAST_SWITCH));
+    }
+    if mode.bcast && (mode.optin || mode.optout) {
+        return Err(Bytes::from_static(reply::TRACKING_OPT_BCAST));
+    }
+    if mode.optin && mode.optout {
+        return Err(Bytes::from_static(reply::TRACKING_OPTIN_OPTOUT));
+    }
+    if let Some(now) = now
+        && ((mode.optin && now.optout) || (mode.optout && now.optin))
+    {
+        return Err(Bytes::from_static(reply::TRACKING_OPT_SWITCH));
+    }
+    if mode.bcast {
+        let existing: &[Bytes] = now.map_or(&[], |n| &n.prefixes);
+        check_prefixes(existing, &prefixes)?;
+        let mut all = existing.to_vec();
+        all.extend(prefixes.iter().cloned());
+        if all.is_empty() {
+            all.push(Bytes::new());
+        }
+        all.sort();
+        all.dedup();
+        mode.prefixes = all;
+    }
+    Ok(Switch::On {
+        mode,
+        new_prefixes: prefixes,
+    })
+}
+
+/// Two prefixes overlap when one starts the other (both would report one key).
+fn check_prefixes(existing: &[Bytes], given: &[Bytes]) -> Result<(), Bytes> {
+    let overlap = |a: &[u8], b: &[u8]| {
+        let n = a.len().min(b.len());
+        a[..n] == b[..n]
+    };
+    for (i, p) in given.iter().enumerate() {
+        if let Some(e) = existing.iter().find(|e| overlap(e, p)) {
+            return Err(reply::prefix_overlap(p, e, true));
+        }
+        if let Some(q) = given[i + 1..].iter().find(|q| overlap(p, q)) {
+            return Err(reply::prefix_overlap(p, q, false));
+        }
+    }
+    Ok(())
+}
+
+/// Where a tracking client's invalidations go when it names another connection
+/// (`REDIRECT id`): that connection's mailbox, emptied by its own session (which knows its
+/// protocol and subscriptions) on its worker. Every session has one.
+#[derive(Default)]
+pub struct Mail {
+    inbox: Mutex<Vec<Option<Vec<Bytes>>>>,
+    pub notify: tokio::sync::Notify,
+}
+
+impl std::fmt::Debug for Mail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Mail")
+    }
+}
+
+impl Mail {
+    /// Posts invalidated keys (`None`: everything).
+    pub fn post(&self, keys: Option<Vec<Bytes>>) {
+        if let Ok(mut inbox) = self.inbox.lock() {
+            if inbox.len() >= MAILBOX_MAX {
+                inbox.clear();
+                inbox.push(None);
+            } else {
+                inbox.push(keys);
+            }
+        }
+        self.notify.notify_one();
+    }
+
+    pub fn take(&self) -> Vec<Option<Vec<Bytes>>> {
+        self.inbox
+            .lock()
+            .map(|mut i| std::mem::take(&mut *i))
+            .unwrap_or_default()
+    }
+}
+
+/// One tracking client, shared by its session and its worker's [`Tracker`].
+pub struct Client {
+    pub id: u64,
+    queue: Rc<ReplyQueue>,
+    pub proto: Cell<Proto>,
+    pub mode: RefCell<Mode>,
+    /// CLIENT CACHING YES|NO given for the next command.
+    pub caching: Cell<bool>,
+    /// The redirect target went away.
+    pub broken: Cell<bool>,
+    redirect: RefCell<Option<Weak<Mail>>>,
+    /// Its user's key permissions (`None`: all keys): a BCAST client is told only of keys it
+    /// may read.
+    pub user: RefCell<Option<Arc<User>>>,
+    /// It may have cached something since it was last flushed.
+    cached: Cell<bool>,
+}
+
+impl Client {
+    pub fn new(id: u64, queue: Rc<ReplyQueue>, proto: Proto) -> Rc<Self> {
+        Rc::new(Client {
+            id,
+            queue,
+            proto: Cell::new(proto),
+            mode: RefCell::default(),
+            caching: Cell::new(false),
+            broken: Cell::new(false),
+            redirect: RefCell::new(None),
+            user: RefCell::new(None),
+            cached: Cell::new(false),
+        })
+    }
+
+    /// Takes up `mode`, with `target` the mailbox of its redirect (if any).
+    pub fn set_mode(&self, mode: Mode, target: Option<Weak<Mail>>) {
+        *self.mode.borrow_mut() = mode;
+        *self.redirect.borrow_mut() = target;
+        self.broken.set(false);
+        self.caching.set(false);
+    }
+
+    fn may_read(&self, key: &[u8]) -> bool {
+        self.user
+            .borrow()
+            .as_ref()
+            .is_none_or(|u| u.may_access(key, crate::command::access::READ))
+    }
+
+    /// Tells the client (or its redirect target) that `keys` changed (`None`: everything).
+    fn send(&self, keys: Option<&[Bytes]>) {
+        let target = self.redirect.borrow().clone();
+        match target {
+            Some(weak) => match weak.upgrade() {
+                Some(mail) => mail.post(keys.map(<[Bytes]>::to_vec)),
+                None => {
+                    self.broken.set(true);
+                    if self.proto.get() == Proto::Resp3 {
+                        let redirect = self.mode.borrow().redirect;
+                        self.queue.push_oob(redirect_broken(redirect));
+                    }
+                }
+            },
+            None if self.proto.get() == Proto::Resp3 => {
+                self.queue.push_oob(frame(Proto::Resp3, keys))
+            }
+            // (RESP2 without a redirect: Redis has no way to tell it either.)
+            None => {}
+        }
+    }
+
+    /// CLIENT TRACKINGINFO.
+    pub fn info(this: Option<&Client>, proto: Proto) -> Bytes {
+        let mut flags: Vec<&[u8]> = Vec::new();
+        let (redirect, prefixes) = match this {
+            None => {
+                flags.push(b"off");
+                (-1, Vec::new())
+            }
+            Some(c) => {
+                let m = c.mode.borrow();
+                flags.push(b"on");
+                let caching = c.caching.get();
+                for (on, name) in [
+                    (m.bcast, &b"bcast"[..]),
+                    (m.optin, b"optin"),
+                    (m.optout, b"optout"),
+                    (m.optin && caching, b"caching-yes"),
+                    (m.optout && caching, b"caching-no"),
+                    (m.noloop, b"noloop"),
+                    (c.broken.get(), b"broken_redirect"),
+                ] {
+                    if on {
+                        flags.push(name);
+                    }
+                }
+                (m.redirect as i64, m.prefixes.clone())
+            }
+        };
+        let mut set = BytesMut::new();
+        push_header(
+            &mut set,
+            if proto == Proto::Resp3 { b'~' } else { b'*' },
+            flags.len(),
+        );
+        for f in &flags {
+            push_header(&mut set, b'$', f.len());
+            set.extend_from_slice(f);
+            set.extend_from_slice(b"\r\n");
+        }
+        let mut p = Aggregate::array(prefixes.len());
+        for x in &prefixes {
+            p.bulk(x);
+        }
+        let mut m = Aggregate::map(proto, 3);
+        m.bulk(b"flags").raw(&set);
+        m.bulk(b"redirect").integer(redirect);
+        m.bulk(b"prefixes").raw(&p.finish());
+        m.finish()
+    }
+}
+
+/// The invalidation of `keys` (`None`: everything) as a RESP3 push, or as the RESP2
+/// `__redis__:invalidate` message of a redirect target.
+pub fn frame(proto: Proto, keys: Option<&[Bytes]>) -> Bytes {
+    let mut a = match proto {
+        Proto::Resp3 => {
+            let mut a = Aggregate::push(2);
+            a.bulk(b"invalidate");
+            a
+        }
+        Proto::Resp2 => {
+            let mut a = Aggregate::array(3);
+            a.bulk(b"message").bulk(CHANNEL);
+            a
+        }
+    };
+    match keys {
+        None => a.raw(reply::null(proto)),
+        Some(keys) => {
+            let mut k = Aggregate::array(keys.len());
+            for key in keys {
+                k.bulk(key);
+            }
+            a.raw(&k.finish())
+        }
+    };
+    a.finish()
+}
+
+/// `>2 tracking-redir-broken <id>`: the redirect target of a RESP3 client is gone.
+fn redirect_broken(id: u64) -> Bytes {
+    let mut a = Aggregate::push(2);
+    a.bulk(b"tracking-redir-broken").integer(id as i64);
+    a.finish()
+}
+
+/// One worker's tracking: its tracking clients, the keys they read, and the invalidation
+/// links to the shards.
+pub struct Tracker {
+    /// Key → the tracking clients (ids) that read it (default mode).
+    table: RefCell<HashMap<Bytes, Vec<u64>>>,
+    clients: RefCell<HashMap<u64, Rc<Client>>>,
+    links: RefCell<HashMap<SocketAddr, Rc<link::Link>>>,
+    /// Most keys in `table` (0: no limit).
+    max_keys: usize,
+    /// Tracking clients over all workers (INFO's `tracking_clients`).
+    total: Arc<AtomicUsize>,
+    /// Keys in `table` (published for INFO's `tracking_total_keys`).
+    keys_now: Arc<AtomicUsize>,
+    /// Key positions of the command being looked at.
+    scratch: RefCell<Vec<usize>>,
+    /// Woken when a link comes up.
+    pub link_up: tokio::sync::Notify,
+}
+
+impl Tracker {
+    pub fn new(max_keys: usize, total: Arc<AtomicUsize>, keys_now: Arc<AtomicUsize>) -> Rc<Self> {
+        Rc::new(Tracker {
+            table: RefCell::default(),
+            clients: RefCell::default(),
+            links: RefCell::default(),
+            max_keys,
+            total,
+            keys_now,
+            scratch: RefCell::default(),
+            link_up: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// A client turned tracking on (again).
+    pub fn add(&self, c: &Rc<Client>) {
+        if self.clients.borrow_mut().insert(c.id, c.clone()).is_none() {
+            self.total.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A client turned tracking off or went away. Its entries in the key table go lazily
+    /// (when their keys are invalidated or evicted), as in Redis.
+    pub fn remove(&self, id: u64) {
+        let empty = {
+            let mut clients = self.clients.borrow_mut();
+            if clients.remove(&id).is_some() {
+                self.total.fetch_sub(1, Ordering::Relaxed);
+            }
+            clients.is_empty()
+        };
+        if empty {
+            // Nobody left to tell: the shards need not report writes to this worker.
+            for (_, l) in self.links.borrow_mut().drain() {
+                l.stop();
+            }
+            self.table.borrow_mut().clear();
+            self.keys_now.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The links this worker needs: one per shard of `shards` (the primaries), started if
+    /// missing; links to shards no longer there are stopped.
+    pub fn ensure_links(self: &Rc<Self>, shards: &[(SocketAddr, UpstreamConfig)]) {
+        if self.clients.borrow().is_empty() {
+            return;
+        }
+        let mut links = self.links.borrow_mut();
+        links.retain(|addr, l| {
+            let keep = shards.iter().any(|(a, _)| a == addr);
+            if !keep {
+                l.stop();
+            }
+            keep
+        });
+        for (addr, cfg) in shards {
+            links
+                .entry(*addr)
+                .or_insert_with(|| link::Link::start(*addr, cfg.clone(), Rc::downgrade(self)));
+        }
+    }
+
+    /// Whether every link is up.
+    pub fn links_up(&self) -> bool {
+        self.links.borrow().values().all(|l| l.is_up())
+    }
+
+    /// The shard layout changed: keys may now live where no link watched them before.
+    pub fn relayout(self: &Rc<Self>, shards: &[(SocketAddr, UpstreamConfig)]) {
+        if self.clients.borrow().is_empty() {
+            return;
+        }
+        self.ensure_links(shards);
+        self.flush_cached();
+    }
+
+    /// What a tracking client's command means for tracking: a read remembers its keys (as
+    /// OPTIN/OPTOUT and CLIENT CACHING decide), a write by a NOLOOP client forgets them for
+    /// that client. `in_multi`: the command is queued in a transaction (CLIENT CACHING then
+    /// holds for the whole transaction).
+    pub fn command(&self, c: &Client, spec: &CommandSpec, req: &Request<'_>, in_multi: bool) {
+        let caching = c.caching.get();
+        if spec.name != "client|caching" && !in_multi {
+            c.caching.set(false);
+        }
+        let reads = spec.has(flags::READONLY) && !spec.has(flags::PUBSUB);
+        let m = c.mode.borrow();
+        let forgets = m.noloop && !m.bcast && spec.may_write_keys();
+        if !(reads || forgets) {
+            return;
+        }
+        if reads {
+            c.cached.set(true);
+            if m.bcast || (m.optin && !caching) || (m.optout && caching) {
+                return;
+            }
+        }
+        let mut idx = self.scratch.borrow_mut();
+        idx.clear();
+        if keys::key_indices(spec, req.argc(), |i| req.arg(i), &mut idx).is_err() {
+            return;
+        }
+        for &i in idx.iter() {
+            if reads {
+                self.remember(req.arg(i), c.id);
+            } else {
+                self.forget(req.arg(i), c.id);
+            }
+        }
+    }
+
+    fn remember(&self, key: &[u8], id: u64) {
+        let mut t = self.table.borrow_mut();
+        if let Some(r) = t.get_mut(key) {
+            if !r.contains(&id) {
+                r.push(id);
+            }
+            return;
+        }
+        if self.max_keys != 0 && t.len() >= self.max_keys {
+            // Full: a key goes, and whoever read it is told (Redis's tracking-table-max-keys).
+            if let Some(old) = t.keys().next().cloned()
+                && let Some(readers) = t.remove(&old)
+            {
+                self.tell(&readers, &old);
+            }
+        }
+        t.insert(Bytes::copy_from_slice(key), vec![id]);
+        self.keys_now.store(t.len(), Ordering::Relaxed);
+    }
+
+    /// A NOLOOP client wrote `key`: it stops tracking it, untold (it knows).
+    fn forget(&self, key: &[u8], id: u64) {
+        let mut t = self.table.borrow_mut();
+        if let Some(r) = t.get_mut(key) {
+            r.retain(|&x| x != id);
+            if r.is_empty() {
+                t.remove(key);
+            }
+        }
+    }
+
+    fn tell(&self, readers: &[u64], key: &Bytes) {
+        let clients = self.clients.borrow();
+        for id in readers {
+            if let Some(c) = clients.get(id)
+                && !c.mode.borrow().bcast
+            {
+                c.send(Some(std::slice::from_ref(key)));
+            }
+        }
+    }
+
+    /// A link reported `keys` modified (`None`: the shard was flushed).
+    pub fn invalidated(&self, keys: Option<Vec<Bytes>>) {
+        let Some(keys) = keys else {
+            return self.flush_all();
+        };
+        let mut out: HashMap<u64, Vec<Bytes>> = HashMap::new();
+        {
+            let mut t = self.table.borrow_mut();
+            for k in &keys {
+                if let Some(readers) = t.remove(k) {
+                    for id in readers {
+                        out.entry(id).or_default().push(k.clone());
+                    }
+                }
+            }
+            self.keys_now.store(t.len(), Ordering::Relaxed);
+        }
+        let clients = self.clients.borrow();
+        for c in clients.values() {
+            let m = c.mode.borrow();
+            if !m.bcast {
+                continue;
+            }
+            for k in &keys {
+                if m.prefixes.iter().any(|p| k.starts_with(p)) && c.may_read(k) {
+                    out.entry(c.id).or_default().push(k.clone());
+                }
+            }
+        }
+        for (id, ks) in out {
+            if let Some(c) = clients.get(&id) {
+                c.send(Some(&ks));
+            }
+        }
+    }
+
+    /// FLUSHALL/FLUSHDB on a shard: every tracking client is told to drop everything.
+    fn flush_all(&self) {
+        for c in self.clients.borrow().values() {
+            c.send(None);
+            c.cached.set(false);
+        }
+        self.table.borrow_mut().clear();
+        self.keys_now.store(0, Ordering::Relaxed);
+    }
+
+    /// A link went down or came back: every client that may have cached something since its
+    /// last flush drops everything.
+    pub fn flush_cached(&self) {
+        for c in self.clients.borrow().values() {
+            if c.cached.replace(false) {
+                c.send(None);
+            }
+        }
+        self.table.borrow_mut().clear();
+        self.keys_now.store(0, Ordering::Relaxed);
+    }
+}
+
+/// The frames a session writes for what its mailbox holds: a RESP3 push, or (RESP2) a
+/// message when it is subscribed to [`CHANNEL`]; keys its user may not read are left out.
+pub fn delivered(
+    inbox: Vec<Option<Vec<Bytes>>>,
+    proto: Proto,
+    subscribed: bool,
+    user: Option<&User>,
+) -> Vec<Bytes> {
+    if proto == Proto::Resp2 && !subscribed {
+        return Vec::new();
+    }
+    inbox
+        .into_iter()
+        .filter_map(|keys| match keys {
+            None => Some(frame(proto, None)),
+            Some(mut keys) => {
+                if let Some(u) = user {
+                    keys.retain(|k| u.may_access(k, crate::command::access::READ));
+                }
+                (!keys.is_empty()).then(|| frame(proto, Some(&keys)))
+            }
+        })
+        .collect()
+}
