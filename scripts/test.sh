@@ -25,15 +25,15 @@ if ! python3 -c "import redis, redis.asyncio, redis.auth.token" 2>/dev/null; the
     || python3 -m pip install --quiet --upgrade --break-system-packages "redis>=6"
 fi
 
-# ioredis (from npm) for the cluster-client tests of tests/node/.
+# ioredis and node-redis (from npm) for the client tests of tests/node/.
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
   echo "installing nodejs and npm (apt-get)..." >&2
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >/dev/null
 fi
-if [ ! -d tests/node/node_modules/ioredis ]; then
-  echo "installing ioredis (npm)..." >&2
+if [ ! -d tests/node/node_modules/ioredis ] || [ ! -d tests/node/node_modules/redis ]; then
+  echo "installing ioredis and node-redis (npm)..." >&2
   npm ci --prefix tests/node --no-audit --no-fund --silent
 fi
 

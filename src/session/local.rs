@@ -954,14 +954,19 @@ fn stats_info(shared: &Shared) -> String {
     format!(
         "total_connections_received:{}\r\ntotal_commands_processed:{}\r\n\
          rejected_connections:{}\r\nauth_failures:{}\r\ntoken_auths:{}\r\n\
-         token_auth_failures:{}\r\ntotal_error_replies:{}\r\n",
+         token_auth_failures:{}\r\ntotal_error_replies:{}\r\ntracking_total_keys:{}\r\n",
         st.connections_received.load(Relaxed),
         st.commands_processed.load(Relaxed),
         st.rejected_connections.load(Relaxed),
         st.auth_failures.load(Relaxed),
         st.token_auths.load(Relaxed),
         st.token_auth_failures.load(Relaxed),
-        shared.command_totals.lock().map_or(0, |t| t.total_errors)
+        shared.command_totals.lock().map_or(0, |t| t.total_errors),
+        shared
+            .tracking_keys
+            .iter()
+            .map(|k| k.load(Relaxed))
+            .sum::<usize>()
     )
 }
 

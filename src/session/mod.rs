@@ -608,9 +608,8 @@ impl Session {
             self.note_writes(spec, req);
         }
         if let Some(t) = &self.tracking {
-            self.w
-                .tracker
-                .command(t, spec, req, self.pinned.tx.is_some());
+            let in_multi = self.pinned.tx.is_some();
+            self.w.tracker.command(t, spec, req, in_multi);
         }
         if self.pinned.tx.is_some()
             && spec.route != Route::Transaction

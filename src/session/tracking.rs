@@ -95,7 +95,7 @@ pub(crate) fn client_caching(this: Option<&Client>, req: &Request<'_>) -> &'stat
     };
     match allowed {
         Ok(()) => {
-            t.caching.set(true);
+            t.cache_next();
             reply::OK
         }
         Err(e) => e,

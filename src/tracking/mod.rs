@@ -214,8 +214,9 @@ pub struct Client {
     queue: Rc<ReplyQueue>,
     pub proto: Cell<Proto>,
     pub mode: RefCell<Mode>,
-    /// CLIENT CACHING YES|NO given for the next command.
-    pub caching: Cell<bool>,
+    /// CLIENT CACHING YES|NO was given: for the next command that is not a CLIENT one (or
+    /// for a whole transaction).
+    caching: Cell<bool>,
     /// The redirect target went away.
     pub broken: Cell<bool>,
     redirect: RefCell<Option<Weak<Mail>>>,
@@ -247,6 +248,11 @@ impl Client {
         *self.redirect.borrow_mut() = target;
         self.broken.set(false);
         self.caching.set(false);
+    }
+
+    /// CLIENT CACHING YES|NO.
+    pub fn cache_next(&self) {
+        self.caching.set(true);
     }
 
     fn may_read(&self, key: &[u8]) -> bool {
@@ -461,11 +467,14 @@ impl Tracker {
 
     /// What a tracking client's command means for tracking: a read remembers its keys (as
     /// OPTIN/OPTOUT and CLIENT CACHING decide), a write by a NOLOOP client forgets them for
-    /// that client. `in_multi`: the command is queued in a transaction (CLIENT CACHING then
-    /// holds for the whole transaction).
+    /// that client. CLIENT CACHING holds until a command that is not a CLIENT one has run,
+    /// or through a transaction (`in_multi`: one is open), as in Redis.
     pub fn command(&self, c: &Client, spec: &CommandSpec, req: &Request<'_>, in_multi: bool) {
         let caching = c.caching.get();
-        if spec.name != "client|caching" && !in_multi {
+        let keeps = spec.name.starts_with("client|")
+            || spec.name == "multi"
+            || (in_multi && !matches!(spec.name, "exec" | "discard"));
+        if !keeps {
             c.caching.set(false);
         }
         let reads = spec.has(flags::READONLY) && !spec.has(flags::PUBSUB);
