@@ -1695,3 +1695,70 @@ fn a_redirect_the_next_read_does_not_explain_is_read_again() {
         layout_changes(admin) > before
     });
 }
+
+/// Client-side caching over a Redis Cluster (issue 16): a write made directly on the node
+/// that owns a key invalidates it; once the key's slot has moved to another node (its keys
+/// deleted on the old one: an invalidation) and slotgate has taken up the new layout (a
+/// flush), a write on the new owner invalidates the key again.
+#[test]
+fn tracking_clients_are_told_of_writes_on_the_cluster_nodes() {
+    let cluster = Cluster::start(3, 0);
+    let (proxy, admin) = settled_proxy(&cluster, &[]);
+    let mut a = proxy.raw();
+    assert!(a.call(&[b"HELLO", b"3"]).starts_with(b"%"));
+    assert_eq!(a.call(&[b"CLIENT", b"TRACKING", b"ON"]), b"+OK\r\n");
+    let k = "tracked";
+    let from = cluster.owners()[slot(k) as usize];
+    let to = cluster
+        .nodes
+        .iter()
+        .map(|n| n.port)
+        .find(|&p| p != from)
+        .unwrap();
+    let invalidate_k = b">2\r\n$10\r\ninvalidate\r\n*1\r\n$7\r\ntracked\r\n".to_vec();
+    let set_on = |port: u16, v: &str| {
+        let _: () = redis::cmd("SET")
+            .arg(k)
+            .arg(v)
+            .query(&mut cluster.node(port).client())
+            .unwrap();
+    };
+    set_on(from, "1");
+    assert_eq!(a.call(&[b"GET", k.as_bytes()]), b"$1\r\n1\r\n");
+    set_on(from, "2");
+    assert_eq!(a.read_replies(1)[0], invalidate_k);
+    // The slot moves: the key leaves the old owner (reported there).
+    assert_eq!(a.call(&[b"GET", k.as_bytes()]), b"$1\r\n2\r\n");
+    let before = layout_changes(admin);
+    cluster.move_slot(slot(k), from, to);
+    assert_eq!(a.read_replies(1)[0], invalidate_k);
+    // Read through slotgate (a MOVED makes it read the layout), until it has the new one:
+    // then every tracking client of the worker is flushed.
+    a.send(&resp(&[b"GET", k.as_bytes()]));
+    let mut got = a.read_replies(1);
+    if got[0] == b">2\r\n$10\r\ninvalidate\r\n_\r\n" {
+        got = a.read_replies(1);
+    }
+    assert_eq!(got[0], b"$1\r\n2\r\n");
+    wait_until("the new layout", Duration::from_secs(10), || {
+        layout_changes(admin) > before
+    });
+    // (The flush, if it came after the reply.)
+    let mut seen = Vec::new();
+    a.send(&resp(&[b"GET", k.as_bytes()]));
+    loop {
+        let f = a.read_replies(1).remove(0);
+        if f.starts_with(b"$") {
+            assert_eq!(f, b"$1\r\n2\r\n");
+            break;
+        }
+        seen.push(f);
+    }
+    assert!(
+        seen.iter()
+            .all(|f| f == b">2\r\n$10\r\ninvalidate\r\n_\r\n"),
+        "{seen:?}"
+    );
+    set_on(to, "3");
+    assert_eq!(a.read_replies(1)[0], invalidate_k);
+}

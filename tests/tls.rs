@@ -390,6 +390,18 @@ fn tls_and_password_to_the_shards_with_a_real_handshake() {
         String::from_utf8_lossy(&hello)
     );
     raw.roundtrip(&resp(&[b"GET", b"k1"]), b"$2\r\nk1\r\n");
+    // Client-side caching: the invalidation links to the shards use TLS and AUTH too.
+    assert_eq!(raw.call(&[b"CLIENT", b"TRACKING", b"ON"]), b"+OK\r\n");
+    raw.roundtrip(&resp(&[b"GET", b"k1"]), b"$2\r\nk1\r\n");
+    let _: () = redis::cmd("SET")
+        .arg("k1")
+        .arg("new")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(
+        raw.read_replies(1)[0],
+        b">2\r\n$10\r\ninvalidate\r\n*1\r\n$2\r\nk1\r\n"
+    );
     drop(proxy);
 
     // A wrong upstream password: clear error, and the password appears nowhere.

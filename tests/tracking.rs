@@ -537,3 +537,32 @@ fn node_redis_client_side_cache_works_through_slotgate() {
     assert!(out.status.success(), "{stdout}{stderr}");
     assert!(stdout.contains("node-redis client cache OK"), "{stdout}");
 }
+
+/// Read-through fills invalidate like writes (issue 16): a tracking client that read a key
+/// through a miss is told when the fill stores it (it may have cached the origin's value
+/// before), and when SLOTGATE.INVALIDATE deletes it. A BCAST client is told of the key, and
+/// never of slotgate's own side keys (the fill's lease).
+#[test]
+fn read_through_fills_invalidate_tracking_clients() {
+    let origin = support::origin::Origin::start(|_| support::origin::Reply::ok("v"));
+    let shard = RedisServer::start();
+    let rule = format!("label:={};ttl=10s", origin.url("/{rest}"));
+    let proxy = Slotgate::start_with(&[&shard], &["--readthrough", &rule]);
+    let mut a = Conn::resp3(proxy.port);
+    assert_eq!(a.call(&[b"CLIENT", b"TRACKING", b"ON"]), b"+OK\r\n");
+    let mut b = Conn::resp3(proxy.port);
+    assert_eq!(
+        b.call(&[b"CLIENT", b"TRACKING", b"ON", b"BCAST"]),
+        b"+OK\r\n"
+    );
+    assert_eq!(a.call(&[b"GET", b"label:f"]), b"$1\r\nv\r\n");
+    assert_eq!(lossy(&a.must_push()), lossy(&invalidate(&["label:f"])));
+    assert_eq!(lossy(&b.must_push()), lossy(&invalidate(&["label:f"])));
+    // Read again (a hit), then invalidated by hand.
+    assert_eq!(a.call(&[b"GET", b"label:f"]), b"$1\r\nv\r\n");
+    let mut other = RawConn::connect(proxy.port);
+    assert_eq!(other.call(&[b"SLOTGATE.INVALIDATE", b"label:f"]), b":1\r\n");
+    assert_eq!(lossy(&a.must_push()), lossy(&invalidate(&["label:f"])));
+    assert_eq!(lossy(&b.must_push()), lossy(&invalidate(&["label:f"])));
+    assert_eq!(origin.requests(), 1);
+}

@@ -65,6 +65,10 @@ impl Link {
                 if let Some(t) = tracker.upgrade() {
                     t.flush_cached();
                 }
+            } else if why.starts_with("handshake refused") {
+                // (A shard without RESP3 or tracking, Redis before 6: nothing would be
+                // invalidated.)
+                tracing::warn!(shard = %self.addr, "invalidation link failed: {why}");
             } else {
                 tracing::debug!(shard = %self.addr, "invalidation link failed: {why}");
             }

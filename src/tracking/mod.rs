@@ -41,6 +41,10 @@ use crate::shard::UpstreamConfig;
 /// that redirect theirs to it.
 pub const CHANNEL: &[u8] = b"__redis__:invalidate";
 
+/// The prefix of the keys slotgate keeps beside clients' keys (read-through leases and
+/// validators): never reported to BCAST clients.
+const INTERNAL: &[u8] = b"__slotgate:";
+
 /// Redis's default `tracking-table-max-keys`.
 pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
 
@@ -376,6 +380,8 @@ pub struct Tracker {
     /// Key → the tracking clients (ids) that read it (default mode).
     table: RefCell<HashMap<Bytes, Vec<u64>>>,
     clients: RefCell<HashMap<u64, Rc<Client>>>,
+    /// The BCAST clients among them (every reported key is matched against their prefixes).
+    bcast: RefCell<Vec<Rc<Client>>>,
     links: RefCell<HashMap<SocketAddr, Rc<link::Link>>>,
     /// Most keys in `table` (0: no limit).
     max_keys: usize,
@@ -394,6 +400,7 @@ impl Tracker {
         Rc::new(Tracker {
             table: RefCell::default(),
             clients: RefCell::default(),
+            bcast: RefCell::default(),
             links: RefCell::default(),
             max_keys,
             total,
@@ -403,10 +410,15 @@ impl Tracker {
         })
     }
 
-    /// A client turned tracking on (again).
+    /// A client turned tracking on (again, perhaps in another mode).
     pub fn add(&self, c: &Rc<Client>) {
         if self.clients.borrow_mut().insert(c.id, c.clone()).is_none() {
             self.total.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut bcast = self.bcast.borrow_mut();
+        bcast.retain(|b| b.id != c.id);
+        if c.mode.borrow().bcast {
+            bcast.push(c.clone());
         }
     }
 
@@ -420,6 +432,7 @@ impl Tracker {
             }
             clients.is_empty()
         };
+        self.bcast.borrow_mut().retain(|b| b.id != id);
         if empty {
             // Nobody left to tell: the shards need not report writes to this worker.
             for (_, l) in self.links.borrow_mut().drain() {
@@ -530,6 +543,7 @@ impl Tracker {
             r.retain(|&x| x != id);
             if r.is_empty() {
                 t.remove(key);
+                self.keys_now.store(t.len(), Ordering::Relaxed);
             }
         }
     }
@@ -562,18 +576,19 @@ impl Tracker {
             }
             self.keys_now.store(t.len(), Ordering::Relaxed);
         }
-        let clients = self.clients.borrow();
-        for c in clients.values() {
+        for c in self.bcast.borrow().iter() {
             let m = c.mode.borrow();
-            if !m.bcast {
-                continue;
-            }
             for k in &keys {
-                if m.prefixes.iter().any(|p| k.starts_with(p)) && c.may_read(k) {
+                // (slotgate's own side keys, such as read-through leases, are not news.)
+                if !k.starts_with(INTERNAL)
+                    && m.prefixes.iter().any(|p| k.starts_with(p))
+                    && c.may_read(k)
+                {
                     out.entry(c.id).or_default().push(k.clone());
                 }
             }
         }
+        let clients = self.clients.borrow();
         for (id, ks) in out {
             if let Some(c) = clients.get(&id) {
                 c.send(Some(&ks));
