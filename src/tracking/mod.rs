@@ -520,6 +520,12 @@ impl Tracker {
         let mut t = self.table.borrow_mut();
         if let Some(r) = t.get_mut(key) {
             if !r.contains(&id) {
+                if r.len() >= 8 && r.len().is_power_of_two() {
+                    // A key read by many clients that came and went (never written): their
+                    // ids go, so its list stays as long as its live readers.
+                    let clients = self.clients.borrow();
+                    r.retain(|x| clients.contains_key(x));
+                }
                 r.push(id);
             }
             return;
@@ -642,4 +648,163 @@ pub fn delivered(
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resp::{Limits, Parsed, RequestParser};
+
+    /// Runs `args` through the tracker as client `c`'s command.
+    fn run(t: &Tracker, c: &Client, args: &[&[u8]]) {
+        let raw = crate::resp::request::command(args);
+        let mut p = RequestParser::new();
+        let Ok(Parsed::Command { req, .. }) = p.parse(&raw, &Limits::default(), true) else {
+            panic!("parse");
+        };
+        let mut spec = crate::command::lookup(args[0]).unwrap();
+        if spec.is_container() {
+            spec = crate::command::lookup_sub(spec, args[1]).unwrap();
+        }
+        t.command(c, spec, &req, false);
+    }
+
+    fn pushes(q: &ReplyQueue) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        q.drain_pushes(&mut out);
+        out.to_vec()
+    }
+
+    fn tracker(max: usize) -> Rc<Tracker> {
+        Tracker::new(max, Arc::default(), Arc::default())
+    }
+
+    fn client(t: &Tracker, id: u64, mode: Mode) -> (Rc<Client>, Rc<ReplyQueue>) {
+        let q = ReplyQueue::new();
+        let c = Client::new(id, q.clone(), Proto::Resp3);
+        c.set_mode(mode, None);
+        t.add(&c);
+        (c, q)
+    }
+
+    fn keys(k: &[&str]) -> Option<Vec<Bytes>> {
+        Some(
+            k.iter()
+                .map(|k| Bytes::copy_from_slice(k.as_bytes()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_reported_key_goes_to_the_clients_that_read_it_once() {
+        let t = tracker(0);
+        let (a, qa) = client(&t, 1, Mode::default());
+        let (_b, qb) = client(&t, 2, Mode::default());
+        run(&t, &a, &[b"GET", b"k"]);
+        run(&t, &a, &[b"MGET", b"k", b"j"]);
+        t.invalidated(keys(&["k", "x"]));
+        assert_eq!(pushes(&qa), frame(Proto::Resp3, keys(&["k"]).as_deref()));
+        assert!(pushes(&qb).is_empty());
+        // Told once: the key left the table.
+        t.invalidated(keys(&["k"]));
+        assert!(pushes(&qa).is_empty());
+        t.invalidated(None);
+        assert_eq!(pushes(&qa), b">2\r\n$10\r\ninvalidate\r\n_\r\n");
+        assert_eq!(pushes(&qb), b">2\r\n$10\r\ninvalidate\r\n_\r\n");
+    }
+
+    #[test]
+    fn a_full_table_evicts_a_key_and_invalidates_it() {
+        let t = tracker(2);
+        let (a, qa) = client(&t, 1, Mode::default());
+        for k in ["a", "b", "c"] {
+            run(&t, &a, &[b"GET", k.as_bytes()]);
+        }
+        assert_eq!(t.table.borrow().len(), 2);
+        let p = String::from_utf8(pushes(&qa)).unwrap();
+        assert!(
+            p.starts_with(">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\n"),
+            "{p}"
+        );
+    }
+
+    #[test]
+    fn readers_that_left_are_pruned_and_noloop_forgets_its_own_writes() {
+        let t = tracker(0);
+        // (The last one out empties the worker's tables: one client stays.)
+        let _stays = client(&t, 100, Mode::default());
+        for id in 1..=8 {
+            let (c, _) = client(&t, id, Mode::default());
+            run(&t, &c, &[b"GET", b"hot"]);
+            t.remove(id);
+        }
+        assert_eq!(t.table.borrow()[&b"hot"[..]].len(), 8);
+        let (c, q) = client(
+            &t,
+            9,
+            Mode {
+                noloop: true,
+                ..Mode::default()
+            },
+        );
+        run(&t, &c, &[b"GET", b"hot"]);
+        assert_eq!(t.table.borrow()[&b"hot"[..]], vec![9]);
+        run(&t, &c, &[b"SET", b"hot", b"v"]);
+        assert!(!t.table.borrow().contains_key(&b"hot"[..]));
+        t.invalidated(keys(&["hot"]));
+        assert!(pushes(&q).is_empty());
+    }
+
+    #[test]
+    fn bcast_clients_follow_their_prefixes_but_never_slotgates_own_keys() {
+        let t = tracker(0);
+        let (_a, qa) = client(
+            &t,
+            1,
+            Mode {
+                bcast: true,
+                prefixes: vec![Bytes::from_static(b"user:")],
+                ..Mode::default()
+            },
+        );
+        let (_b, qb) = client(
+            &t,
+            2,
+            Mode {
+                bcast: true,
+                prefixes: vec![Bytes::new()],
+                ..Mode::default()
+            },
+        );
+        t.invalidated(keys(&["user:1", "__slotgate:lease:{user:1}", "other"]));
+        assert_eq!(
+            pushes(&qa),
+            frame(Proto::Resp3, keys(&["user:1"]).as_deref())
+        );
+        assert_eq!(
+            pushes(&qb),
+            frame(Proto::Resp3, keys(&["user:1", "other"]).as_deref())
+        );
+    }
+
+    #[test]
+    fn optin_tracks_only_after_caching_yes() {
+        let t = tracker(0);
+        let (a, _) = client(
+            &t,
+            1,
+            Mode {
+                optin: true,
+                ..Mode::default()
+            },
+        );
+        run(&t, &a, &[b"GET", b"skipped"]);
+        a.cache_next();
+        run(&t, &a, &[b"CLIENT", b"TRACKINGINFO"]);
+        run(&t, &a, &[b"GET", b"cached"]);
+        run(&t, &a, &[b"GET", b"skipped2"]);
+        let table = t.table.borrow();
+        assert!(table.contains_key(&b"cached"[..]));
+        assert_eq!(table.len(), 1);
+    }
 }
