@@ -76,6 +76,34 @@ impl Session {
                 self.reply(a.finish());
             }
             "info" => info(&cx!(self), req, now),
+            name if name.starts_with("client|") => self.client(name, req, now),
+            "slotgate.invalidate" => self.invalidate(req, now),
+            "slotgate.status" => self.cache_status(req, now),
+            "slotgate.reload" => reload_config(&cx!(self)),
+            "monitor" => self.monitor(req),
+            "acl|whoami" => self.reply(reply::bulk(self.user_name().as_bytes())),
+            name if name == "cluster"
+                || name.starts_with("cluster|")
+                || matches!(name, "readonly" | "readwrite" | "asking") =>
+            {
+                match self.w.shared.settings.cluster_api.clone() {
+                    Some(api) => self.cluster_api(&api, name, req, now),
+                    None => self.reply_static(reply::CLUSTER_DISABLED),
+                }
+            }
+            "config|get" => self.gather(
+                GatherKind::ConfigGet,
+                &[(0, Bytes::copy_from_slice(req.raw))],
+                now,
+            ),
+            // COMMAND …, and HELP texts: the shards' own answer.
+            _ => self.forward(0, req.raw, now),
+        }
+    }
+
+    /// CLIENT subcommands the proxy answers.
+    fn client(&mut self, name: &str, req: &Request<'_>, now: Instant) {
+        match name {
             "client|id" => self.reply(reply::integer(self.id as i64)),
             "client|getname" => match &self.name {
                 Some(n) => self.reply(reply::bulk(n.as_bytes())),
@@ -119,11 +147,7 @@ impl Session {
                 let cx = cx!(self);
                 client_reply(&cx, &mut self.reply_mode, req)
             }
-            "slotgate.invalidate" => self.invalidate(req, now),
-            "slotgate.status" => self.cache_status(req, now),
-            "slotgate.reload" => reload_config(&cx!(self)),
             "client|kill" => self.closing |= client_kill(&cx!(self), req),
-            "monitor" => self.monitor(req),
             "client|pause" => control::client_pause(&cx!(self), req),
             "client|unpause" => control::client_unpause(&cx!(self)),
             "client|unblock" => control::client_unblock(&cx!(self), req, now),
@@ -152,22 +176,7 @@ impl Session {
                 self.tracking.as_deref(),
                 req,
             )),
-            "acl|whoami" => self.reply(reply::bulk(self.user_name().as_bytes())),
-            name if name == "cluster"
-                || name.starts_with("cluster|")
-                || matches!(name, "readonly" | "readwrite" | "asking") =>
-            {
-                match self.w.shared.settings.cluster_api.clone() {
-                    Some(api) => self.cluster_api(&api, name, req, now),
-                    None => self.reply_static(reply::CLUSTER_DISABLED),
-                }
-            }
-            "config|get" => self.gather(
-                GatherKind::ConfigGet,
-                &[(0, Bytes::copy_from_slice(req.raw))],
-                now,
-            ),
-            // COMMAND …, and HELP texts: the shards' own answer.
+            // (The others are forwarded: `client|help`.)
             _ => self.forward(0, req.raw, now),
         }
     }
