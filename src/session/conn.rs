@@ -329,6 +329,10 @@ impl<R: ReadSide, W: WriteSide> Conn<R, W> {
         while self.out.is_empty() && !failed {
             let mut sc = self.w.write_scratch.borrow_mut();
             let n = s.queue.drain_ready(&mut sc, WRITE_CHUNK);
+            if let Some(t) = &s.tracking {
+                // (Invalidations that wait for replies just drained follow them.)
+                t.written();
+            }
             s.queue.drain_pushes(&mut sc);
             if n > 0 && !s.sampled.is_empty() {
                 s.record_latencies();

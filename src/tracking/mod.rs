@@ -21,7 +21,7 @@
 pub mod link;
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -229,6 +229,14 @@ pub struct Client {
     pub user: RefCell<Option<Arc<User>>>,
     /// It may have cached something since it was last flushed.
     cached: Cell<bool>,
+    /// Its tracked reads whose replies it has not been written yet: the reply's sequence
+    /// number in its queue (`u64::MAX` while queued in a transaction) and the key.
+    inflight: RefCell<VecDeque<(u64, Bytes)>>,
+    /// Invalidations (`None`: a flush) to send again once the reply with that sequence number
+    /// is written. A key reported while a read of it is on its way may have been written
+    /// after the read ran on the shard: the reply could bring the old value after the first
+    /// invalidation, so a second one follows it (see [`Client::written`]).
+    deferred: RefCell<Vec<(u64, Option<Bytes>)>>,
 }
 
 impl Client {
@@ -243,6 +251,8 @@ impl Client {
             redirect: RefCell::new(None),
             user: RefCell::new(None),
             cached: Cell::new(false),
+            inflight: RefCell::default(),
+            deferred: RefCell::default(),
         })
     }
 
@@ -257,6 +267,84 @@ impl Client {
     /// CLIENT CACHING YES|NO.
     pub fn cache_next(&self) {
         self.caching.set(true);
+    }
+
+    /// Forgets the reads whose replies have been written.
+    fn prune(&self) {
+        let base = self.queue.base();
+        let mut f = self.inflight.borrow_mut();
+        while f.front().is_some_and(|&(seq, _)| seq < base) {
+            f.pop_front();
+        }
+    }
+
+    /// The last reply not yet written to the client of a read of `key` (any key: `None`).
+    fn reading(&self, key: Option<&[u8]>) -> Option<u64> {
+        self.prune();
+        self.inflight
+            .borrow()
+            .iter()
+            .filter(|(_, k)| key.is_none_or(|key| k == key))
+            .map(|&(seq, _)| seq)
+            .max()
+    }
+
+    /// Tells the client that `keys` changed (`None`: everything) now, and again after the
+    /// replies of its reads of them that are still on their way.
+    fn invalidate(&self, keys: Option<&[Bytes]>) {
+        self.send(keys);
+        let mut d = self.deferred.borrow_mut();
+        match keys {
+            None => {
+                if let Some(seq) = self.reading(None) {
+                    d.push((seq, None));
+                }
+            }
+            Some(keys) => {
+                for k in keys {
+                    if let Some(seq) = self.reading(Some(k)) {
+                        d.push((seq, Some(k.clone())));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The session wrote its replies up to its queue's base: the invalidations that waited
+    /// for them go now (after those replies).
+    pub fn written(&self) {
+        if self.deferred.borrow().is_empty() {
+            return;
+        }
+        let base = self.queue.base();
+        let due: Vec<Option<Bytes>> = {
+            let mut d = self.deferred.borrow_mut();
+            let due = d
+                .iter()
+                .filter(|(s, _)| *s < base)
+                .map(|(_, k)| k.clone())
+                .collect();
+            d.retain(|(s, _)| *s >= base);
+            due
+        };
+        for k in due {
+            self.send(k.as_ref().map(std::slice::from_ref));
+        }
+    }
+
+    /// EXEC (its reply's sequence number) or DISCARD (`None`) of the reads queued in a
+    /// transaction.
+    fn settle_transaction(&self, exec: Option<u64>) {
+        // (Discarded: their invalidations need not wait for anything.)
+        let seq = exec.unwrap_or(0);
+        let mut f = self.inflight.borrow_mut();
+        f.iter_mut()
+            .filter(|(s, _)| *s == u64::MAX)
+            .for_each(|(s, _)| *s = seq);
+        let mut d = self.deferred.borrow_mut();
+        d.iter_mut()
+            .filter(|(s, _)| *s == u64::MAX)
+            .for_each(|(s, _)| *s = seq);
     }
 
     fn may_read(&self, key: &[u8]) -> bool {
@@ -490,6 +578,11 @@ impl Tracker {
         if !keeps {
             c.caching.set(false);
         }
+        match spec.name {
+            "exec" => c.settle_transaction(Some(c.queue.next_seq())),
+            "discard" => c.settle_transaction(None),
+            _ => {}
+        }
         let reads = spec.has(flags::READONLY) && !spec.has(flags::PUBSUB);
         let m = c.mode.borrow();
         let forgets = m.noloop && !m.bcast && spec.may_write_keys();
@@ -498,7 +591,7 @@ impl Tracker {
         }
         if reads {
             c.cached.set(true);
-            if m.bcast || (m.optin && !caching) || (m.optout && caching) {
+            if (m.optin && !caching) || (m.optout && caching) {
                 return;
             }
         }
@@ -507,18 +600,30 @@ impl Tracker {
         if keys::key_indices(spec, req.argc(), |i| req.arg(i), &mut idx).is_err() {
             return;
         }
+        let seq = if in_multi {
+            u64::MAX
+        } else {
+            c.queue.next_seq()
+        };
+        if reads {
+            c.prune();
+        }
         for &i in idx.iter() {
             if reads {
-                self.remember(req.arg(i), c.id);
+                let key = Bytes::copy_from_slice(req.arg(i));
+                if !m.bcast {
+                    self.remember(key.clone(), c.id);
+                }
+                c.inflight.borrow_mut().push_back((seq, key));
             } else {
                 self.forget(req.arg(i), c.id);
             }
         }
     }
 
-    fn remember(&self, key: &[u8], id: u64) {
+    fn remember(&self, key: Bytes, id: u64) {
         let mut t = self.table.borrow_mut();
-        if let Some(r) = t.get_mut(key) {
+        if let Some(r) = t.get_mut(&key) {
             if !r.contains(&id) {
                 if r.len() >= 8 && r.len().is_power_of_two() {
                     // A key read by many clients that came and went (never written): their
@@ -538,7 +643,7 @@ impl Tracker {
                 self.tell(&readers, &old);
             }
         }
-        t.insert(Bytes::copy_from_slice(key), vec![id]);
+        t.insert(key, vec![id]);
         self.keys_now.store(t.len(), Ordering::Relaxed);
     }
 
@@ -560,7 +665,7 @@ impl Tracker {
             if let Some(c) = clients.get(id)
                 && !c.mode.borrow().bcast
             {
-                c.send(Some(std::slice::from_ref(key)));
+                c.invalidate(Some(std::slice::from_ref(key)));
             }
         }
     }
@@ -597,27 +702,26 @@ impl Tracker {
         let clients = self.clients.borrow();
         for (id, ks) in out {
             if let Some(c) = clients.get(&id) {
-                c.send(Some(&ks));
+                c.invalidate(Some(&ks));
             }
         }
     }
 
     /// FLUSHALL/FLUSHDB on a shard: every tracking client is told to drop everything.
     fn flush_all(&self) {
-        for c in self.clients.borrow().values() {
-            c.send(None);
-            c.cached.set(false);
-        }
-        self.table.borrow_mut().clear();
-        self.keys_now.store(0, Ordering::Relaxed);
+        self.flush(true);
     }
 
     /// A link went down or came back: every client that may have cached something since its
     /// last flush drops everything.
     pub fn flush_cached(&self) {
+        self.flush(false);
+    }
+
+    fn flush(&self, everyone: bool) {
         for c in self.clients.borrow().values() {
-            if c.cached.replace(false) {
-                c.send(None);
+            if c.cached.replace(false) || everyone {
+                c.invalidate(None);
             }
         }
         self.table.borrow_mut().clear();
@@ -711,6 +815,33 @@ mod tests {
         t.invalidated(None);
         assert_eq!(pushes(&qa), b">2\r\n$10\r\ninvalidate\r\n_\r\n");
         assert_eq!(pushes(&qb), b">2\r\n$10\r\ninvalidate\r\n_\r\n");
+    }
+
+    /// A key reported while the client's read of it is on its way: the write may have come
+    /// after the read ran, and the reply bring the old value after the invalidation. A second
+    /// invalidation follows the reply.
+    #[test]
+    fn a_report_during_a_read_is_sent_again_after_its_reply() {
+        let t = tracker(0);
+        let (a, qa) = client(&t, 1, Mode::default());
+        run(&t, &a, &[b"GET", b"k"]);
+        let seq = qa.push_waiting(crate::queue::Slot::Waiting(None));
+        t.invalidated(keys(&["k"]));
+        let push = frame(Proto::Resp3, keys(&["k"]).as_deref());
+        assert_eq!(pushes(&qa), push);
+        a.written();
+        assert!(pushes(&qa).is_empty(), "not before the reply");
+        qa.deliver(seq, 0, Bytes::from_static(b"$3\r\nold\r\n"));
+        let mut out = BytesMut::new();
+        qa.drain_ready(&mut out, usize::MAX);
+        a.written();
+        qa.drain_pushes(&mut out);
+        let mut want = b"$3\r\nold\r\n".to_vec();
+        want.extend_from_slice(&push);
+        assert_eq!(out.to_vec(), want);
+        // Once only.
+        a.written();
+        assert!(pushes(&qa).is_empty());
     }
 
     #[test]
