@@ -405,6 +405,18 @@ impl ReplyQueue {
         self.notify.notify_one();
     }
 
+    /// Queues an out-of-band frame that CLIENT REPLY OFF does not hold back (Redis writes
+    /// its pushes, client-side caching's invalidations, whatever the reply mode).
+    pub fn push_oob_always(&self, frame: Bytes) {
+        if self.muting.get() && self.muted_open() {
+            self.muting.set(false);
+            self.push_oob(frame);
+            self.muting.set(true);
+        } else {
+            self.push_oob(frame);
+        }
+    }
+
     /// Moves the out-of-band frames into `out` (not while the front reply is written in
     /// part: they follow its rest).
     #[inline]

@@ -675,6 +675,26 @@ fn read_from_replica_sends_reads_to_replicas_and_writes_to_primaries() {
     let info: String = redis::cmd("INFO").arg("shards").query(&mut c).unwrap();
     assert_eq!(info.matches("role=replica").count(), 3, "{info}");
     assert_eq!(info.matches("status=up").count(), 6, "{info}");
+
+    // A client with CLIENT TRACKING reads from the primaries, whose writes it is told of (a
+    // lagging replica would give it values older than the last invalidation: the review).
+    let mut t = proxy.raw();
+    assert!(t.call(&[b"HELLO", b"3"]).starts_with(b"%"));
+    assert_eq!(t.call(&[b"CLIENT", b"TRACKING", b"ON"]), b"+OK\r\n");
+    let primary_gets =
+        |cluster: &Cluster| -> u64 { primaries.iter().map(|&p| cluster.calls(p, "get")).sum() };
+    let before = primary_gets(&cluster);
+    for i in 0..10 {
+        assert!(t.call(&[b"GET", k(i).as_bytes()]).starts_with(b"$"));
+    }
+    assert_eq!(primary_gets(&cluster) - before, 10);
+    assert_eq!(
+        replicas
+            .iter()
+            .map(|&p| cluster.calls(p, "get"))
+            .sum::<u64>(),
+        100
+    );
 }
 
 /// An unlabelled sample of `/metrics` (read without contacting any node).

@@ -291,22 +291,100 @@ fn optin_and_optout_follow_client_caching() {
     assert_eq!(lossy(&b.must_push()), lossy(&invalidate(&["{p}cached"])));
 }
 
-/// NOLOOP: a client is not told of its own write to a key it read (it stops tracking the
-/// key, as in Redis); another client's write is reported.
+/// NOLOOP: a client's own write that changes nothing (a SET NX that does not set) leaves the
+/// key tracked: another client's write is reported (the review found it forgotten). Its own
+/// writes may be reported too (documented: the shard does not say who wrote).
 #[test]
-fn noloop_skips_the_clients_own_writes() {
+fn noloop_keeps_a_key_its_own_write_did_not_change() {
     let shard = RedisServer::start();
     let proxy = Slotgate::start(&[&shard]);
+    set(proxy.port, "{n}k", "1");
     let mut a = Conn::resp3(proxy.port);
     assert_eq!(
         a.call(&[b"CLIENT", b"TRACKING", b"ON", b"NOLOOP"]),
         b"+OK\r\n"
     );
-    a.call(&[b"GET", b"{n}mine"]);
-    a.call(&[b"GET", b"{n}theirs"]);
-    assert_eq!(a.call(&[b"SET", b"{n}mine", b"v"]), b"+OK\r\n");
-    set(proxy.port, "{n}theirs", "v");
-    assert_eq!(lossy(&a.must_push()), lossy(&invalidate(&["{n}theirs"])));
+    assert_eq!(a.call(&[b"GET", b"{n}k"]), b"$1\r\n1\r\n");
+    assert_eq!(a.call(&[b"SET", b"{n}k", b"zz", b"NX"]), b"_\r\n");
+    set(proxy.port, "{n}k", "2");
+    assert_eq!(lossy(&a.must_push()), lossy(&invalidate(&["{n}k"])));
+}
+
+/// Invalidations are pushed under CLIENT REPLY OFF too, as Redis pushes them (the review
+/// found them dropped, with the key's entry gone: a stale cache).
+#[test]
+fn invalidations_are_pushed_under_client_reply_off() {
+    let shard = RedisServer::start();
+    let proxy = Slotgate::start(&[&shard]);
+    let mut a = Conn::resp3(proxy.port);
+    assert_eq!(a.call(&[b"CLIENT", b"TRACKING", b"ON"]), b"+OK\r\n");
+    a.call(&[b"GET", b"{q}k"]);
+    a.raw.send(&resp(&[b"CLIENT", b"REPLY", b"OFF"]));
+    set(proxy.port, "{q}k", "v");
+    assert_eq!(lossy(&a.must_push()), lossy(&invalidate(&["{q}k"])));
+    assert_eq!(a.call(&[b"CLIENT", b"REPLY", b"ON"]), b"+OK\r\n");
+}
+
+/// Reads inside scripts and functions are tracked by the keys they declare, as Redis tracks
+/// the keys a script's reads touch.
+#[test]
+fn a_scripts_declared_keys_are_tracked() {
+    let shard = RedisServer::start();
+    let proxy = Slotgate::start(&[&shard]);
+    let mut a = Conn::resp3(proxy.port);
+    assert_eq!(a.call(&[b"CLIENT", b"TRACKING", b"ON"]), b"+OK\r\n");
+    a.call(&[b"EVAL", b"return redis.call('GET', KEYS[1])", b"1", b"{e}k"]);
+    set(proxy.port, "{e}k", "v");
+    assert_eq!(lossy(&a.must_push()), lossy(&invalidate(&["{e}k"])));
+}
+
+/// A shard that refuses the invalidation link (here its user may not run CLIENT TRACKING)
+/// makes CLIENT TRACKING ON fail with the reason, tracking off: before, it answered `+OK`
+/// and nothing was ever invalidated.
+#[test]
+fn a_shard_refusing_the_link_makes_tracking_on_fail_clearly() {
+    let shard = RedisServer::start();
+    let mut direct = RawConn::connect(shard.port);
+    assert_eq!(
+        direct.call(&[b"ACL", b"SETUSER", b"default", b"-client|tracking"]),
+        b"+OK\r\n"
+    );
+    let proxy = Slotgate::start(&[&shard]);
+    let mut a = Conn::resp3(proxy.port);
+    let got = lossy(&a.call(&[b"CLIENT", b"TRACKING", b"ON"]));
+    assert!(
+        got.starts_with("-ERR client-side caching is unavailable through slotgate: handshake refused by the shard")
+            && got.contains("NOPERM"),
+        "{got}"
+    );
+    let info = lossy(&a.call(&[b"CLIENT", b"TRACKINGINFO"]));
+    assert!(info.contains("$3\r\noff\r\n"), "{info}");
+    assert_eq!(info_field(&mut a, b"clients", "tracking_clients"), "0");
+    assert_eq!(a.call(&[b"GET", b"k"]), b"_\r\n");
+}
+
+/// The link PINGs its shard, so the shard's idle `timeout` does not close it (and flush
+/// every tracking client each time): the review saw a flush every 2–3 s with `timeout 2`.
+#[test]
+fn the_link_outlives_the_shards_idle_timeout() {
+    let shard = RedisServer::start_with(&["--timeout", "1"]);
+    let proxy = Slotgate::start(&[&shard]);
+    let mut a = Conn::resp3(proxy.port);
+    assert_eq!(a.call(&[b"CLIENT", b"TRACKING", b"ON"]), b"+OK\r\n");
+    let mut direct = RawConn::connect(shard.port);
+    let link_age = |direct: &mut RawConn| -> u64 {
+        let list = lossy(&direct.call(&[b"CLIENT", b"LIST"]));
+        list.lines()
+            .filter(|l| l.contains(" flags=tB "))
+            .filter_map(|l| l.split(" age=").nth(1)?.split(' ').next()?.parse().ok())
+            .max()
+            .unwrap_or(0)
+    };
+    wait_until("a link older than 3 s", Duration::from_secs(10), || {
+        // (This connection is not idle: it asks every 10 ms.)
+        link_age(&mut direct) >= 3
+    });
+    assert_eq!(a.push(Duration::ZERO), None, "no flush");
 }
 
 /// RESP2: invalidations go to the connection named by REDIRECT, as messages on
@@ -351,6 +429,23 @@ fn resp2_clients_get_invalidations_through_a_redirect() {
             )
         );
     }
+    // A target subscribed to anything (here a pattern) gets them too, as in Redis.
+    let mut p = Conn::new(proxy.port);
+    let pid = lossy(&p.call(&[b"CLIENT", b"ID"]));
+    let pid = pid.trim_start_matches(':').trim().to_string();
+    p.call(&[b"PSUBSCRIBE", b"news.*"]);
+    let mut c = Conn::new(proxy.port);
+    assert_eq!(
+        c.call(&[b"CLIENT", b"TRACKING", b"ON", b"REDIRECT", pid.as_bytes()]),
+        b"+OK\r\n"
+    );
+    c.call(&[b"GET", b"{r}p"]);
+    set(proxy.port, "{r}p", "v");
+    let (msg, _) = p.frame(Duration::from_secs(5)).expect("a message");
+    assert_eq!(
+        lossy(&msg),
+        "*3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n*1\r\n$4\r\n{r}p\r\n"
+    );
     // A redirect to nobody.
     let mut c = Conn::resp3(proxy.port);
     assert_eq!(
@@ -487,6 +582,25 @@ fn tracking_commands_answer_as_redis_does() {
         &[b"CLIENT", b"CACHING", b"NO"],
         &[b"CLIENT", b"TRACKINGINFO"],
         &[b"CLIENT", b"CACHING", b"yes"],
+        // Turning tracking on again keeps a CLIENT CACHING given before (the review).
+        &[b"CLIENT", b"TRACKING", b"off"],
+        &[b"CLIENT", b"TRACKING", b"on", b"OPTIN"],
+        &[b"CLIENT", b"CACHING", b"yes"],
+        &[b"CLIENT", b"TRACKING", b"on", b"OPTIN"],
+        &[b"CLIENT", b"TRACKINGINFO"],
+        // A redirect target must exist as soon as it is named, even with OFF (the review).
+        &[b"CLIENT", b"TRACKING", b"on", b"REDIRECT", b"0"],
+        &[b"CLIENT", b"TRACKING", b"off", b"REDIRECT", b"99999"],
+        &[
+            b"CLIENT",
+            b"TRACKING",
+            b"on",
+            b"REDIRECT",
+            b"99998",
+            b"REDIRECT",
+            b"99999",
+        ],
+        &[b"CLIENT", b"TRACKING", b"on", b"REDIRECT", b"-3"],
         &[b"CLIENT", b"TRACKING"],
         &[b"CLIENT", b"CACHING"],
     ];
@@ -565,4 +679,41 @@ fn read_through_fills_invalidate_tracking_clients() {
     assert_eq!(lossy(&a.must_push()), lossy(&invalidate(&["label:f"])));
     assert_eq!(lossy(&b.must_push()), lossy(&invalidate(&["label:f"])));
     assert_eq!(origin.requests(), 1);
+}
+
+/// A reload that narrows a user's keys narrows what its BCAST client is told at once (the
+/// review found the old rules kept: key names leaked).
+#[test]
+fn a_reload_narrowing_a_users_keys_narrows_its_invalidations() {
+    let dir = support::tls::temp_dir("tracking-reload");
+    let cfg = dir.join("proxy.toml");
+    let users = |keys: &str| {
+        format!(
+            "[[users]]\nname = \"admin\"\npassword = \"a\"\nkeys = [\"*\"]\n\
+             [[users]]\nname = \"ub\"\npassword = \"b\"\nkeys = [{keys}]\n"
+        )
+    };
+    std::fs::write(&cfg, users("\"*\"")).unwrap();
+    let shard = RedisServer::start();
+    let proxy = Slotgate::start_with(&[&shard], &["--config", cfg.to_str().unwrap()]);
+    let mut b = Conn::new(proxy.port);
+    assert!(
+        b.call(&[b"HELLO", b"3", b"AUTH", b"ub", b"b"])
+            .starts_with(b"%")
+    );
+    assert_eq!(
+        b.call(&[b"CLIENT", b"TRACKING", b"ON", b"BCAST", b"PREFIX", b"{z}"]),
+        b"+OK\r\n"
+    );
+    std::fs::write(&cfg, users("\"{z}a*\"")).unwrap();
+    proxy.signal("HUP");
+    wait_until("the narrower rights", Duration::from_secs(5), || {
+        b.call(&[b"GET", b"{z}b"]).starts_with(b"-NOPERM")
+    });
+    let mut w = RawConn::connect(proxy.port);
+    assert_eq!(w.call(&[b"AUTH", b"admin", b"a"]), b"+OK\r\n");
+    for k in [&b"{z}b"[..], b"{z}a1"] {
+        assert_eq!(w.call(&[b"SET", k, b"v"]), b"+OK\r\n");
+    }
+    assert_eq!(lossy(&b.must_push()), lossy(&invalidate(&["{z}a1"])));
 }

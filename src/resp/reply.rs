@@ -437,6 +437,14 @@ pub const CACHING_YES_NOT_OPTIN: &[u8] =
 pub const CACHING_NO_NOT_OPTOUT: &[u8] =
     b"-ERR CLIENT CACHING NO is only valid when tracking is enabled in OPTOUT mode.\r\n";
 
+/// CLIENT TRACKING ON when a shard refuses the invalidation link (a user without CLIENT
+/// TRACKING, a Redis without RESP3): nothing would be invalidated.
+pub fn tracking_unavailable(why: &str) -> Bytes {
+    error(&format!(
+        "ERR client-side caching is unavailable through slotgate: {why}"
+    ))
+}
+
 /// CLIENT TRACKING … BCAST PREFIX: `given` overlaps a prefix the client has (`existing`) or
 /// another one of the same command.
 pub fn prefix_overlap(given: &[u8], other: &[u8], existing: bool) -> Bytes {

@@ -162,13 +162,15 @@ impl Session {
                 )
             }
             "client|trackinginfo" => {
-                let info = crate::tracking::Client::info(self.tracking.as_deref(), self.proto);
+                let on = self.tracking.as_deref().filter(|t| t.is_active());
+                let info = crate::tracking::Client::info(on, self.proto);
                 self.reply(info)
             }
             "client|getredir" => {
                 let redirect = self
                     .tracking
                     .as_ref()
+                    .filter(|t| t.is_active())
                     .map_or(-1, |t| t.mode.borrow().redirect as i64);
                 self.reply(reply::integer(redirect))
             }

@@ -411,6 +411,7 @@ impl Session {
                 Some(new) => {
                     let new = new.clone();
                     self.login.set_user(new);
+                    tracking::sync_user(&self.tracking, &self.login);
                 }
                 None => {
                     tracing::info!(
@@ -608,8 +609,12 @@ impl Session {
             self.note_writes(spec, req);
         }
         if let Some(t) = &self.tracking {
-            let in_multi = self.pinned.tx.is_some();
-            self.w.tracker.command(t, spec, req, in_multi);
+            if t.is_active() {
+                let in_multi = self.pinned.tx.is_some();
+                self.w.tracker.command(t, spec, req, in_multi);
+            } else {
+                self.tracking = None;
+            }
         }
         if self.pinned.tx.is_some()
             && spec.route != Route::Transaction
@@ -936,8 +941,12 @@ impl Session {
 
     /// Cluster mode: where the current command goes instead of `primary`: a replica of it
     /// for a read-only command when reads go to replicas (see `reader_of`), else `primary`.
+    /// A tracking client reads from primaries: its invalidations come from them, and a
+    /// replica that lags could give it a value older than the last one reported.
     fn reader_for(&self, primary: usize) -> Result<usize, Bytes> {
-        if self.w.read_from != ReadFrom::Primary && self.cmd.is_some_and(|c| c.has(flags::READONLY))
+        if self.w.read_from != ReadFrom::Primary
+            && self.cmd.is_some_and(|c| c.has(flags::READONLY))
+            && self.tracking.is_none()
         {
             self.reader_of(primary)
         } else {

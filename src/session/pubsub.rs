@@ -45,11 +45,6 @@ impl Subs {
             && self.shard_channels.iter().all(|s| s.is_empty()))
     }
 
-    /// Whether the client is subscribed to the classic channel `c`.
-    pub fn has_channel(&self, c: &[u8]) -> bool {
-        self.channels.contains(c)
-    }
-
     pub(crate) fn shard_set(&mut self, shard: usize) -> &mut HashSet<Bytes> {
         if self.shard_channels.len() <= shard {
             self.shard_channels.resize_with(shard + 1, HashSet::new);

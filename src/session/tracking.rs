@@ -24,8 +24,17 @@ pub(crate) fn client_tracking(
     req: &Request<'_>,
     now: Instant,
 ) {
+    if this.as_ref().is_some_and(|t| !t.is_active()) {
+        *this = None;
+    }
     let current = this.as_ref().map(|t| t.mode.borrow().clone());
-    let mode = match tracking::parse(req, current.as_ref()) {
+    let exists = |id: u64| {
+        cx.w.shared
+            .clients
+            .lock()
+            .is_ok_and(|c| c.contains_key(&id))
+    };
+    let mode = match tracking::parse(req, current.as_ref(), &exists) {
         Err(e) => return cx.reply(e),
         Ok(Switch::Off) => {
             if let Some(t) = this.take() {
@@ -58,30 +67,43 @@ pub(crate) fn client_tracking(
     let tracker = cx.w.tracker.clone();
     tracker.add(&c);
     tracker.ensure_links(&cx.w.primaries());
-    if tracker.links_up() {
-        return cx.reply_static(reply::OK);
+    if let Some(answer) = links_answer(&tracker, &c) {
+        return cx.reply(answer);
     }
     let seq = cx.queue.push_waiting(Slot::Waiting(cx.cmd));
     let queue = cx.queue.clone();
     let deadline = now + cx.w.shared.settings.op_timeout;
     tokio::task::spawn_local(async move {
-        loop {
+        let answer = loop {
             let up = tracker.link_up.notified();
-            if tracker.links_up() {
-                break;
+            if let Some(answer) = links_answer(&tracker, &c) {
+                break answer;
             }
             if tokio::time::timeout_at(deadline, up).await.is_err() {
-                // (A shard down: its link flushes the client when it comes up.)
-                break;
+                // (A shard down: the client is flushed at each attempt to reach it, and
+                // when it is back.)
+                break Bytes::from_static(reply::OK);
             }
-        }
-        queue.deliver(seq, 0, Bytes::from_static(reply::OK));
+        };
+        queue.deliver(seq, 0, answer);
     });
+}
+
+/// CLIENT TRACKING ON's answer once the links say: `+OK` when all are up, an error (and
+/// tracking off again) when a shard refused its link; `None` while they are coming up.
+fn links_answer(tracker: &tracking::Tracker, c: &Client) -> Option<Bytes> {
+    if tracker.links_up() {
+        return Some(Bytes::from_static(reply::OK));
+    }
+    let why = tracker.refused_link()?;
+    tracker.remove(c.id);
+    c.deactivate();
+    Some(reply::tracking_unavailable(&why))
 }
 
 /// `CLIENT CACHING YES|NO`: whether the next command's reads are tracked (OPTIN/OPTOUT).
 pub(crate) fn client_caching(this: Option<&Client>, req: &Request<'_>) -> &'static [u8] {
-    let Some(t) = this else {
+    let Some(t) = this.filter(|t| t.is_active()) else {
         return reply::CACHING_NOT_TRACKING;
     };
     let m = t.mode.borrow();
@@ -111,9 +133,10 @@ pub(crate) fn sync_user(this: &Option<Rc<Client>>, login: &Login) {
 
 /// Writes what the mailbox holds: invalidations of the clients that redirect theirs here.
 pub(crate) fn read_mail(cx: &Cx<'_>, mail: &Mail, subs: &Subs, login: &Login) {
-    let subscribed = subs.has_channel(tracking::CHANNEL);
+    // (Any subscription will do, as in Redis: the messages name `__redis__:invalidate`.)
+    let subscribed = subs.active();
     let user = login.user.as_deref().filter(|_| login.restricted);
     for f in tracking::delivered(mail.take(), cx.proto, subscribed, user) {
-        cx.queue.push_oob(f);
+        cx.queue.push_oob_always(f);
     }
 }

@@ -20,12 +20,16 @@ use crate::shard::UpstreamConfig;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How often the link PINGs its shard, and how many PINGs may go unanswered.
+const KEEPALIVE: Duration = Duration::from_millis(500);
+const KEEPALIVE_MISSES: u32 = 6;
 /// Most bytes one frame from the shard may take (a push of many keys).
 const FRAME_MAX: usize = 64 * 1024 * 1024;
 
 pub struct Link {
     addr: SocketAddr,
     up: Cell<bool>,
+    refused: std::cell::RefCell<Option<String>>,
     stopped: Cell<bool>,
     stop: LocalNotify,
 }
@@ -36,6 +40,7 @@ impl Link {
         let link = Rc::new(Link {
             addr,
             up: Cell::new(false),
+            refused: Default::default(),
             stopped: Cell::new(false),
             stop: LocalNotify::new(),
         });
@@ -59,18 +64,22 @@ impl Link {
                 why = self.connect(&cfg, &tracker) => why,
                 _ = self.stop.notified() => return,
             };
-            if self.up.replace(false) {
+            let was_up = self.up.replace(false);
+            if was_up {
                 backoff = BACKOFF_MIN;
                 tracing::warn!(shard = %self.addr, "invalidation link lost: {why}; tracking clients flushed");
-                if let Some(t) = tracker.upgrade() {
-                    t.flush_cached();
-                }
             } else if why.starts_with("handshake refused") {
-                // (A shard without RESP3 or tracking, Redis before 6: nothing would be
-                // invalidated.)
+                // (A shard without RESP3 or tracking, or a user without CLIENT TRACKING:
+                // nothing would be invalidated.)
                 tracing::warn!(shard = %self.addr, "invalidation link failed: {why}");
             } else {
                 tracing::debug!(shard = %self.addr, "invalidation link failed: {why}");
+            }
+            // While the link is down, writes on its shard go unreported: clients that cached
+            // something since the last flush are flushed at each attempt (at least every
+            // BACKOFF_MAX), and again when it is back.
+            if let Some(t) = tracker.upgrade() {
+                t.flush_cached();
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
@@ -106,10 +115,11 @@ impl Link {
 
     async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
-        mut s: S,
+        s: S,
         cfg: &UpstreamConfig,
         tracker: &Weak<super::Tracker>,
     ) -> String {
+        let (mut rd, mut wr) = tokio::io::split(s);
         let mut out = BytesMut::new();
         let mut answers = 2;
         if let Some(a) = &cfg.auth {
@@ -118,11 +128,15 @@ impl Link {
         }
         push_command(&mut out, &[b"HELLO", b"3"]);
         push_command(&mut out, &[b"CLIENT", b"TRACKING", b"ON", b"BCAST"]);
-        if let Err(e) = s.write_all(&out).await {
+        if let Err(e) = wr.write_all(&out).await {
             return e.to_string();
         }
         let mut buf = BytesMut::with_capacity(16 * 1024);
         let mut scanner = ReplyScanner::new();
+        // A PING every KEEPALIVE, so that the shard's idle `timeout` never closes the link
+        // and a link that stopped answering is noticed.
+        let mut keepalive = tokio::time::interval(KEEPALIVE);
+        let mut unanswered = 0u32;
         loop {
             // Every complete frame in the buffer.
             loop {
@@ -132,44 +146,71 @@ impl Link {
                     Err(e) => return format!("invalid frame from the shard ({e:?})"),
                 };
                 let f = buf.split_to(frame.len).freeze();
-                if answers > 0 {
-                    if f.first() == Some(&b'-') {
-                        let text = String::from_utf8_lossy(&f[1..f.len() - 2]).into_owned();
-                        return format!("handshake refused by the shard: {text}");
+                let Some(t) = tracker.upgrade() else {
+                    return "stopped".into();
+                };
+                if frame.push {
+                    if let Some(keys) = invalidation(&f) {
+                        t.invalidated(keys);
                     }
+                } else if answers > 0 {
                     answers -= 1;
-                    if answers == 0 {
-                        self.up.set(true);
-                        tracing::debug!(shard = %self.addr, "invalidation link up");
-                        let Some(t) = tracker.upgrade() else {
-                            return "stopped".into();
-                        };
-                        // Writes while it was down (or before it first came up) were not
-                        // reported.
-                        t.flush_cached();
-                        t.link_up.notify_waiters();
+                    if let Err(why) = self.handshake_reply(&f, answers, &t) {
+                        return why;
                     }
-                    continue;
-                }
-                if frame.push
-                    && let Some(keys) = invalidation(&f)
-                {
-                    let Some(t) = tracker.upgrade() else {
-                        return "stopped".into();
-                    };
-                    t.invalidated(keys);
+                } else {
+                    unanswered = unanswered.saturating_sub(1);
                 }
             }
             if buf.len() > FRAME_MAX {
                 return "frame from the shard too large".into();
             }
             buf.reserve(16 * 1024);
-            match s.read_buf(&mut buf).await {
-                Ok(0) => return "connection closed by the shard".into(),
-                Ok(_) => {}
-                Err(e) => return e.to_string(),
+            tokio::select! {
+                r = rd.read_buf(&mut buf) => match r {
+                    Ok(0) => return "connection closed by the shard".into(),
+                    Ok(_) => {}
+                    Err(e) => return e.to_string(),
+                },
+                _ = keepalive.tick() => {
+                    if unanswered >= KEEPALIVE_MISSES {
+                        return format!("no answer to PING within {:?}", KEEPALIVE * KEEPALIVE_MISSES);
+                    }
+                    if answers == 0 {
+                        unanswered += 1;
+                        if let Err(e) = wr.write_all(b"*1\r\n$4\r\nPING\r\n").await {
+                            return e.to_string();
+                        }
+                    }
+                }
             }
         }
+    }
+
+    /// One reply to the handshake (`left` more to come): an error refuses the link (noted,
+    /// so that CLIENT TRACKING ON can say why); the last one brings it up.
+    fn handshake_reply(&self, f: &[u8], left: usize, t: &super::Tracker) -> Result<(), String> {
+        if f.first() == Some(&b'-') {
+            let text = String::from_utf8_lossy(&f[1..f.len() - 2]).into_owned();
+            let why = format!("handshake refused by the shard {}: {text}", self.addr);
+            *self.refused.borrow_mut() = Some(why.clone());
+            t.link_up.notify_waiters();
+            return Err(why);
+        }
+        if left == 0 {
+            self.up.set(true);
+            *self.refused.borrow_mut() = None;
+            tracing::debug!(shard = %self.addr, "invalidation link up");
+            // Writes while it was down (or before it first came up) were not reported.
+            t.flush_cached();
+            t.link_up.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// Why the shard refused the link's last handshake, if it did.
+    pub fn refused(&self) -> Option<String> {
+        self.refused.borrow().clone()
     }
 }
 

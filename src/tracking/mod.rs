@@ -77,9 +77,13 @@ pub enum Switch {
 }
 
 /// `CLIENT TRACKING ON|OFF [REDIRECT id] [PREFIX p …] [BCAST] [OPTIN] [OPTOUT] [NOLOOP]`,
-/// checked against the client's mode now (`None`: off) as Redis checks it. The redirect
-/// target's existence is the caller's to check.
-pub fn parse(req: &Request<'_>, now: Option<&Mode>) -> Result<Switch, Bytes> {
+/// checked against the client's mode now (`None`: off) as Redis checks it, in its order: a
+/// redirect target must `exist` as soon as it is named (even with OFF).
+pub fn parse(
+    req: &Request<'_>,
+    now: Option<&Mode>,
+    exists: &dyn Fn(u64) -> bool,
+) -> Result<Switch, Bytes> {
     let on = req.arg(2);
     let on = if on.eq_ignore_ascii_case(b"on") {
         true
@@ -104,6 +108,9 @@ pub fn parse(req: &Request<'_>, now: Option<&Mode>) -> Result<Switch, Bytes> {
                 Some(id) => id as u64,
                 None => return Err(Bytes::from_static(reply::NOT_INTEGER)),
             };
+            if !exists(mode.redirect) {
+                return Err(Bytes::from_static(reply::TRACKING_NO_TARGET));
+            }
         } else if is(b"bcast") {
             mode.bcast = true;
         } else if is(b"optin") {
@@ -229,6 +236,8 @@ pub struct Client {
     pub user: RefCell<Option<Arc<User>>>,
     /// It may have cached something since it was last flushed.
     cached: Cell<bool>,
+    /// Tracking is on (off after a CLIENT TRACKING ON that a shard's refusal undid).
+    active: Cell<bool>,
     /// Its tracked reads whose replies it has not been written yet: the reply's sequence
     /// number in its queue (`u64::MAX` while queued in a transaction) and the key.
     inflight: RefCell<VecDeque<(u64, Bytes)>>,
@@ -251,6 +260,7 @@ impl Client {
             redirect: RefCell::new(None),
             user: RefCell::new(None),
             cached: Cell::new(false),
+            active: Cell::new(true),
             inflight: RefCell::default(),
             deferred: RefCell::default(),
         })
@@ -261,7 +271,17 @@ impl Client {
         *self.mode.borrow_mut() = mode;
         *self.redirect.borrow_mut() = target;
         self.broken.set(false);
-        self.caching.set(false);
+        self.active.set(true);
+    }
+
+    /// Whether tracking is on (see [`Client::deactivate`]).
+    pub fn is_active(&self) -> bool {
+        self.active.get()
+    }
+
+    /// A CLIENT TRACKING ON that could not be honoured: off again.
+    pub fn deactivate(&self) {
+        self.active.set(false);
     }
 
     /// CLIENT CACHING YES|NO.
@@ -292,7 +312,11 @@ impl Client {
     /// Tells the client that `keys` changed (`None`: everything) now, and again after the
     /// replies of its reads of them that are still on their way.
     fn invalidate(&self, keys: Option<&[Bytes]>) {
-        self.send(keys);
+        self.invalidate_framed(keys, None);
+    }
+
+    fn invalidate_framed(&self, keys: Option<&[Bytes]>, push: Option<&Bytes>) {
+        self.send_framed(keys, push);
         let mut d = self.deferred.borrow_mut();
         match keys {
             None => {
@@ -356,6 +380,12 @@ impl Client {
 
     /// Tells the client (or its redirect target) that `keys` changed (`None`: everything).
     fn send(&self, keys: Option<&[Bytes]>) {
+        self.send_framed(keys, None);
+    }
+
+    /// [`send`](Self::send), with the RESP3 push already built when given (the same for
+    /// many clients).
+    fn send_framed(&self, keys: Option<&[Bytes]>, push: Option<&Bytes>) {
         let target = self.redirect.borrow().clone();
         match target {
             Some(weak) => match weak.upgrade() {
@@ -364,13 +394,14 @@ impl Client {
                     self.broken.set(true);
                     if self.proto.get() == Proto::Resp3 {
                         let redirect = self.mode.borrow().redirect;
-                        self.queue.push_oob(redirect_broken(redirect));
+                        self.queue.push_oob_always(redirect_broken(redirect));
                     }
                 }
             },
-            None if self.proto.get() == Proto::Resp3 => {
-                self.queue.push_oob(frame(Proto::Resp3, keys))
-            }
+            // (Written under CLIENT REPLY OFF too, as Redis writes its pushes.)
+            None if self.proto.get() == Proto::Resp3 => self
+                .queue
+                .push_oob_always(push.cloned().unwrap_or_else(|| frame(Proto::Resp3, keys))),
             // (RESP2 without a redirect: Redis has no way to tell it either.)
             None => {}
         }
@@ -552,6 +583,11 @@ impl Tracker {
         }
     }
 
+    /// Why a shard refused its link's last handshake, if one did.
+    pub fn refused_link(&self) -> Option<String> {
+        self.links.borrow().values().find_map(|l| l.refused())
+    }
+
     /// Whether every link is up.
     pub fn links_up(&self) -> bool {
         self.links.borrow().values().all(|l| l.is_up())
@@ -567,9 +603,13 @@ impl Tracker {
     }
 
     /// What a tracking client's command means for tracking: a read remembers its keys (as
-    /// OPTIN/OPTOUT and CLIENT CACHING decide), a write by a NOLOOP client forgets them for
-    /// that client. CLIENT CACHING holds until a command that is not a CLIENT one has run,
-    /// or through a transaction (`in_multi`: one is open), as in Redis.
+    /// OPTIN/OPTOUT and CLIENT CACHING decide); so does a script or function, for the keys
+    /// it declares (it may read them: Redis tracks the keys its reads touch). CLIENT CACHING
+    /// holds until a command that is not a CLIENT one has run, or through a transaction
+    /// (`in_multi`: one is open), as in Redis. NOLOOP changes nothing here: the shard's report
+    /// of a write does not say which client made it, so a NOLOOP client is told of its own
+    /// writes too (an invalidation too many; forgetting the key at the write would miss the
+    /// next one when the write changed nothing, e.g. a SET NX that did not set).
     pub fn command(&self, c: &Client, spec: &CommandSpec, req: &Request<'_>, in_multi: bool) {
         let caching = c.caching.get();
         let keeps = spec.name.starts_with("client|")
@@ -583,17 +623,14 @@ impl Tracker {
             "discard" => c.settle_transaction(None),
             _ => {}
         }
-        let reads = spec.has(flags::READONLY) && !spec.has(flags::PUBSUB);
-        let m = c.mode.borrow();
-        let forgets = m.noloop && !m.bcast && spec.may_write_keys();
-        if !(reads || forgets) {
+        let reads = (spec.has(flags::READONLY) && !spec.has(flags::PUBSUB)) || spec.runs_script();
+        if !reads {
             return;
         }
-        if reads {
-            c.cached.set(true);
-            if (m.optin && !caching) || (m.optout && caching) {
-                return;
-            }
+        let m = c.mode.borrow();
+        c.cached.set(true);
+        if (m.optin && !caching) || (m.optout && caching) {
+            return;
         }
         let mut idx = self.scratch.borrow_mut();
         idx.clear();
@@ -605,19 +642,13 @@ impl Tracker {
         } else {
             c.queue.next_seq()
         };
-        if reads {
-            c.prune();
-        }
+        c.prune();
         for &i in idx.iter() {
-            if reads {
-                let key = Bytes::copy_from_slice(req.arg(i));
-                if !m.bcast {
-                    self.remember(key.clone(), c.id);
-                }
-                c.inflight.borrow_mut().push_back((seq, key));
-            } else {
-                self.forget(req.arg(i), c.id);
+            let key = Bytes::copy_from_slice(req.arg(i));
+            if !m.bcast {
+                self.remember(key.clone(), c.id);
             }
+            c.inflight.borrow_mut().push_back((seq, key));
         }
     }
 
@@ -645,18 +676,6 @@ impl Tracker {
         }
         t.insert(key, vec![id]);
         self.keys_now.store(t.len(), Ordering::Relaxed);
-    }
-
-    /// A NOLOOP client wrote `key`: it stops tracking it, untold (it knows).
-    fn forget(&self, key: &[u8], id: u64) {
-        let mut t = self.table.borrow_mut();
-        if let Some(r) = t.get_mut(key) {
-            r.retain(|&x| x != id);
-            if r.is_empty() {
-                t.remove(key);
-                self.keys_now.store(t.len(), Ordering::Relaxed);
-            }
-        }
     }
 
     fn tell(&self, readers: &[u64], key: &Bytes) {
@@ -687,8 +706,17 @@ impl Tracker {
             }
             self.keys_now.store(t.len(), Ordering::Relaxed);
         }
+        // A BCAST client of every key without key restrictions (the usual one) gets the same
+        // push as every other such client: built once.
+        let everything = !keys.iter().any(|k| k.starts_with(INTERNAL));
+        let mut shared_push: Option<Bytes> = None;
         for c in self.bcast.borrow().iter() {
             let m = c.mode.borrow();
+            if everything && c.user.borrow().is_none() && m.prefixes.iter().any(|p| p.is_empty()) {
+                let push = shared_push.get_or_insert_with(|| frame(Proto::Resp3, Some(&keys)));
+                c.invalidate_framed(Some(&keys), Some(push));
+                continue;
+            }
             for k in &keys {
                 // (slotgate's own side keys, such as read-through leases, are not news.)
                 if !k.starts_with(INTERNAL)
@@ -860,7 +888,7 @@ mod tests {
     }
 
     #[test]
-    fn readers_that_left_are_pruned_and_noloop_forgets_its_own_writes() {
+    fn readers_that_left_are_pruned_and_a_noloop_client_is_told_of_its_own_writes() {
         let t = tracker(0);
         // (The last one out empties the worker's tables: one client stays.)
         let _stays = client(&t, 100, Mode::default());
@@ -880,10 +908,11 @@ mod tests {
         );
         run(&t, &c, &[b"GET", b"hot"]);
         assert_eq!(t.table.borrow()[&b"hot"[..]], vec![9]);
-        run(&t, &c, &[b"SET", b"hot", b"v"]);
-        assert!(!t.table.borrow().contains_key(&b"hot"[..]));
+        // (A SET NX that sets nothing is not reported: the key must stay tracked.)
+        run(&t, &c, &[b"SET", b"hot", b"v", b"NX"]);
+        assert_eq!(t.table.borrow()[&b"hot"[..]], vec![9]);
         t.invalidated(keys(&["hot"]));
-        assert!(pushes(&q).is_empty());
+        assert_eq!(pushes(&q), frame(Proto::Resp3, keys(&["hot"]).as_deref()));
     }
 
     #[test]
