@@ -361,6 +361,15 @@ fn a_shard_refusing_the_link_makes_tracking_on_fail_clearly() {
     assert!(info.contains("$3\r\noff\r\n"), "{info}");
     assert_eq!(info_field(&mut a, b"clients", "tracking_clients"), "0");
     assert_eq!(a.call(&[b"GET", b"k"]), b"_\r\n");
+    // Allowed again on the shard: the next CLIENT TRACKING ON tries the link at once.
+    assert_eq!(
+        direct.call(&[b"ACL", b"SETUSER", b"default", b"+client|tracking"]),
+        b"+OK\r\n"
+    );
+    assert_eq!(a.call(&[b"CLIENT", b"TRACKING", b"ON"]), b"+OK\r\n");
+    a.call(&[b"GET", b"{f}k"]);
+    set(proxy.port, "{f}k", "v");
+    assert_eq!(lossy(&a.must_push()), lossy(&invalidate(&["{f}k"])));
 }
 
 /// The link PINGs its shard, so the shard's idle `timeout` does not close it (and flush

@@ -32,6 +32,8 @@ pub struct Link {
     refused: std::cell::RefCell<Option<String>>,
     stopped: Cell<bool>,
     stop: LocalNotify,
+    /// Ends the backoff at once (a client asks for tracking while the link is refused).
+    wake: LocalNotify,
 }
 
 impl Link {
@@ -43,6 +45,7 @@ impl Link {
             refused: Default::default(),
             stopped: Cell::new(false),
             stop: LocalNotify::new(),
+            wake: LocalNotify::new(),
         });
         tokio::task::spawn_local(link.clone().run(cfg, tracker));
         link
@@ -60,6 +63,8 @@ impl Link {
     async fn run(self: Rc<Self>, cfg: UpstreamConfig, tracker: Weak<super::Tracker>) {
         let mut backoff = BACKOFF_MIN;
         while !self.stopped.get() {
+            // (A refusal is news only until the next attempt: the shard may allow it now.)
+            *self.refused.borrow_mut() = None;
             let why = tokio::select! {
                 why = self.connect(&cfg, &tracker) => why,
                 _ = self.stop.notified() => return,
@@ -83,6 +88,7 @@ impl Link {
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
+                _ = self.wake.notified() => {}
                 _ = self.stop.notified() => return,
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -206,6 +212,14 @@ impl Link {
             t.link_up.notify_waiters();
         }
         Ok(())
+    }
+
+    /// A link the shard refused tries again now (the shard may allow it by now): until that
+    /// attempt says otherwise, it is not taken as refused.
+    pub fn retry_if_refused(&self) {
+        if self.refused.borrow_mut().take().is_some() {
+            self.wake.notify_one();
+        }
     }
 
     /// Why the shard refused the link's last handshake, if it did.

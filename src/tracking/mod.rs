@@ -238,14 +238,22 @@ pub struct Client {
     cached: Cell<bool>,
     /// Tracking is on (off after a CLIENT TRACKING ON that a shard's refusal undid).
     active: Cell<bool>,
-    /// Its tracked reads whose replies it has not been written yet: the reply's sequence
-    /// number in its queue (`u64::MAX` while queued in a transaction) and the key.
-    inflight: RefCell<VecDeque<(u64, Bytes)>>,
-    /// Invalidations (`None`: a flush) to send again once the reply with that sequence number
-    /// is written. A key reported while a read of it is on its way may have been written
-    /// after the read ran on the shard: the reply could bring the old value after the first
-    /// invalidation, so a second one follows it (see [`Client::written`]).
-    deferred: RefCell<Vec<(u64, Option<Bytes>)>>,
+    /// Its tracked reads whose replies it has not been written yet.
+    inflight: RefCell<Inflight>,
+    /// Invalidations (`None`: a flush) to send again once the reply with the given sequence
+    /// number is written, one per key. A key reported while a read of it is on its way may
+    /// have been written after the read ran on the shard: the reply could bring the old value
+    /// after the first invalidation, so a second one follows it (see [`Client::written`]).
+    deferred: RefCell<HashMap<Option<Bytes>, u64>>,
+}
+
+/// A tracking client's reads on their way: each read's reply sequence number in its queue
+/// (`u64::MAX` while queued in a transaction), in order, and per key the last one, so that
+/// a report of many keys costs one lookup per key.
+#[derive(Default)]
+struct Inflight {
+    order: VecDeque<(u64, Bytes)>,
+    last: HashMap<Bytes, u64>,
 }
 
 impl Client {
@@ -289,24 +297,25 @@ impl Client {
         self.caching.set(true);
     }
 
+    /// Notes a tracked read of `key` whose reply takes sequence number `seq`.
+    fn note_read(&self, seq: u64, key: Bytes) {
+        let mut f = self.inflight.borrow_mut();
+        f.last.insert(key.clone(), seq);
+        f.order.push_back((seq, key));
+    }
+
     /// Forgets the reads whose replies have been written.
     fn prune(&self) {
         let base = self.queue.base();
-        let mut f = self.inflight.borrow_mut();
-        while f.front().is_some_and(|&(seq, _)| seq < base) {
-            f.pop_front();
+        let f = &mut *self.inflight.borrow_mut();
+        while let Some((seq, _)) = f.order.front()
+            && *seq < base
+        {
+            let (seq, key) = f.order.pop_front().expect("a front");
+            if f.last.get(&key) == Some(&seq) {
+                f.last.remove(&key);
+            }
         }
-    }
-
-    /// The last reply not yet written to the client of a read of `key` (any key: `None`).
-    fn reading(&self, key: Option<&[u8]>) -> Option<u64> {
-        self.prune();
-        self.inflight
-            .borrow()
-            .iter()
-            .filter(|(_, k)| key.is_none_or(|key| k == key))
-            .map(|&(seq, _)| seq)
-            .max()
     }
 
     /// Tells the client that `keys` changed (`None`: everything) now, and again after the
@@ -317,17 +326,24 @@ impl Client {
 
     fn invalidate_framed(&self, keys: Option<&[Bytes]>, push: Option<&Bytes>) {
         self.send_framed(keys, push);
+        self.prune();
+        let f = self.inflight.borrow();
         let mut d = self.deferred.borrow_mut();
+        let mut defer = |key: Option<Bytes>, seq: u64| {
+            let at = d.entry(key).or_insert(seq);
+            *at = (*at).max(seq);
+        };
         match keys {
+            // (Sequence numbers grow: the last read is the one that ends last.)
             None => {
-                if let Some(seq) = self.reading(None) {
-                    d.push((seq, None));
+                if let Some(&(seq, _)) = f.order.back() {
+                    defer(None, seq);
                 }
             }
             Some(keys) => {
                 for k in keys {
-                    if let Some(seq) = self.reading(Some(k)) {
-                        d.push((seq, Some(k.clone())));
+                    if let Some(&seq) = f.last.get(k) {
+                        defer(Some(k.clone()), seq);
                     }
                 }
             }
@@ -345,30 +361,83 @@ impl Client {
             let mut d = self.deferred.borrow_mut();
             let due = d
                 .iter()
-                .filter(|(s, _)| *s < base)
-                .map(|(_, k)| k.clone())
+                .filter(|&(_, &s)| s < base)
+                .map(|(k, _)| k.clone())
                 .collect();
-            d.retain(|(s, _)| *s >= base);
+            d.retain(|_, s| *s >= base);
             due
         };
-        for k in due {
-            self.send(k.as_ref().map(std::slice::from_ref));
-        }
+        self.send_due(due);
     }
 
     /// EXEC (its reply's sequence number) or DISCARD (`None`) of the reads queued in a
     /// transaction.
     fn settle_transaction(&self, exec: Option<u64>) {
-        // (Discarded: their invalidations need not wait for anything.)
-        let seq = exec.unwrap_or(0);
-        let mut f = self.inflight.borrow_mut();
-        f.iter_mut()
-            .filter(|(s, _)| *s == u64::MAX)
-            .for_each(|(s, _)| *s = seq);
-        let mut d = self.deferred.borrow_mut();
-        d.iter_mut()
-            .filter(|(s, _)| *s == u64::MAX)
-            .for_each(|(s, _)| *s = seq);
+        let f = &mut *self.inflight.borrow_mut();
+        match exec {
+            Some(seq) => {
+                for (s, _) in f.order.iter_mut().rev() {
+                    if *s != u64::MAX {
+                        break;
+                    }
+                    *s = seq;
+                }
+                f.last
+                    .values_mut()
+                    .filter(|s| **s == u64::MAX)
+                    .for_each(|s| *s = seq);
+            }
+            None => {
+                let mut dropped = Vec::new();
+                while f.order.back().is_some_and(|(s, _)| *s == u64::MAX) {
+                    dropped.extend(f.order.pop_back().map(|(_, k)| k));
+                }
+                f.last.retain(|_, s| *s != u64::MAX);
+                // A key also read before the transaction is still on its way there.
+                for k in dropped {
+                    if !f.last.contains_key(&k)
+                        && let Some(&(seq, _)) = f.order.iter().rev().find(|(_, x)| *x == k)
+                    {
+                        f.last.insert(k, seq);
+                    }
+                }
+            }
+        }
+        match exec {
+            Some(seq) => self
+                .deferred
+                .borrow_mut()
+                .values_mut()
+                .filter(|s| **s == u64::MAX)
+                .for_each(|s| *s = seq),
+            // Discarded: their invalidations need not wait for anything.
+            None => {
+                let due: Vec<Option<Bytes>> = {
+                    let mut d = self.deferred.borrow_mut();
+                    let due = d
+                        .iter()
+                        .filter(|&(_, &s)| s == u64::MAX)
+                        .map(|(k, _)| k.clone());
+                    let due = due.collect();
+                    d.retain(|_, s| *s != u64::MAX);
+                    due
+                };
+                self.send_due(due);
+            }
+        }
+    }
+
+    /// Sends invalidations that were waiting: a flush if one is among them, else one push
+    /// of their keys.
+    fn send_due(&self, due: Vec<Option<Bytes>>) {
+        if due.is_empty() {
+            return;
+        }
+        if due.iter().any(Option::is_none) {
+            return self.send(None);
+        }
+        let keys: Vec<Bytes> = due.into_iter().flatten().collect();
+        self.send(Some(&keys));
     }
 
     fn may_read(&self, key: &[u8]) -> bool {
@@ -576,6 +645,9 @@ impl Tracker {
             }
             keep
         });
+        for l in links.values() {
+            l.retry_if_refused();
+        }
         for (addr, cfg) in shards {
             links
                 .entry(*addr)
@@ -648,7 +720,7 @@ impl Tracker {
             if !m.bcast {
                 self.remember(key.clone(), c.id);
             }
-            c.inflight.borrow_mut().push_back((seq, key));
+            c.note_read(seq, key);
         }
     }
 
@@ -870,6 +942,47 @@ mod tests {
         // Once only.
         a.written();
         assert!(pushes(&qa).is_empty());
+    }
+
+    /// A client's reads queued in an open transaction, and reports of their keys: one
+    /// re-invalidation waits per key, however many reports come (the review saw one per
+    /// report, and a scan of every read per reported key).
+    #[test]
+    fn reports_during_a_transaction_keep_one_deferred_invalidation_per_key() {
+        let t = tracker(0);
+        let (a, qa) = client(&t, 1, Mode::default());
+        let many: Vec<String> = (0..20_000).map(|i| format!("k{i}")).collect();
+        let mut args: Vec<&[u8]> = vec![b"MGET"];
+        args.extend(many.iter().map(|k| k.as_bytes()));
+        let raw = crate::resp::request::command(&args);
+        let mut p = RequestParser::new();
+        let Ok(Parsed::Command { req, .. }) = p.parse(&raw, &Limits::default(), true) else {
+            panic!("parse");
+        };
+        t.command(&a, crate::command::lookup(b"MGET").unwrap(), &req, true);
+        let all: Vec<Bytes> = many
+            .iter()
+            .map(|k| Bytes::copy_from_slice(k.as_bytes()))
+            .collect();
+        let started = std::time::Instant::now();
+        for _ in 0..5 {
+            a.invalidate(Some(&all));
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        assert_eq!(a.deferred.borrow().len(), 20_000);
+        // DISCARD: due at once.
+        a.settle_transaction(None);
+        a.written();
+        let n = pushes(&qa)
+            .windows(10)
+            .filter(|w| w == b"invalidate")
+            .count();
+        assert_eq!(
+            n,
+            5 + 1,
+            "the five reports, then the waiting keys in one push"
+        );
+        assert!(a.deferred.borrow().is_empty());
     }
 
     #[test]
