@@ -726,3 +726,33 @@ fn a_reload_narrowing_a_users_keys_narrows_its_invalidations() {
     }
     assert_eq!(lossy(&b.must_push()), lossy(&invalidate(&["{z}a1"])));
 }
+
+/// A read-through miss whose answer no shard holds (the origin's 404, a `no-store` value):
+/// nothing would ever report it changing, so a tracking client is told right after the
+/// reply, and asks again next time (the review found such a nil cached for good).
+#[test]
+fn a_read_through_answer_no_shard_holds_is_invalidated_after_its_reply() {
+    let origin = support::origin::Origin::start(|_| support::origin::Reply::status(404));
+    let shard = RedisServer::start();
+    let rule = format!("gone:={};ttl=10s;negative_ttl=5s", origin.url("/{rest}"));
+    let proxy = Slotgate::start_with(&[&shard], &["--readthrough", &rule]);
+    let mut a = Conn::resp3(proxy.port);
+    assert_eq!(a.call(&[b"CLIENT", b"TRACKING", b"ON"]), b"+OK\r\n");
+    for _ in 0..2 {
+        // (The second answer comes from the negative entry.)
+        assert_eq!(a.call(&[b"GET", b"gone:x"]), b"_\r\n");
+        assert!(a.pushes.is_empty(), "told after the reply, not before");
+        assert_eq!(lossy(&a.must_push()), lossy(&invalidate(&["gone:x"])));
+    }
+    assert_eq!(
+        lossy(&a.call(&[b"MGET", b"gone:y", b"gone:z"])),
+        "*2\r\n_\r\n_\r\n"
+    );
+    let got = lossy(&a.must_push());
+    assert!(
+        got == lossy(&invalidate(&["gone:y", "gone:z"]))
+            || got == lossy(&invalidate(&["gone:z", "gone:y"])),
+        "{got}"
+    );
+    assert_eq!(origin.requests(), 3);
+}

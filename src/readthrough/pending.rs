@@ -15,6 +15,8 @@ pub struct PendingGet {
     pub proto: Proto,
     /// The request was the value+PTTL script (rules with a grace period).
     pub with_pttl: bool,
+    /// The client's tracking (CLIENT TRACKING), if on: see [`PendingGet::on_reply`].
+    pub tracking: Option<Rc<crate::tracking::Client>>,
 }
 
 /// A key kept by value without a heap allocation when it is short (most cache keys): the
@@ -178,6 +180,12 @@ impl PendingGet {
             let key = self.key.to_bytes();
             let outcome = miss(&self.w, &rule, &key, self.sent_at).await;
             self.queue.deliver(self.seq, 0, outcome.reply(self.proto));
+            // A miss's answer may not be in the shard at all (a 404's nil, a `no-store`
+            // value): nothing would ever tell a tracking client it changed. It is told right
+            // after this reply (a stored one is reported by the shard anyway).
+            if let Some(t) = &self.tracking {
+                t.invalidate_after(self.seq, key);
+            }
         });
     }
 }
@@ -196,6 +204,9 @@ pub struct PendingMget {
     pub positions: Vec<Vec<u32>>,
     pub parts: Vec<Option<Bytes>>,
     pub missing: usize,
+    /// The client's tracking, if on: the keys its misses answered are invalidated right
+    /// after the reply (see [`PendingGet::on_reply`]).
+    pub tracking: Option<Rc<crate::tracking::Client>>,
 }
 
 impl PendingMget {
@@ -249,13 +260,14 @@ impl PendingMget {
                 }
             }
         }
-        let (w, queue, seq, proto, sent_at, keys) = (
+        let (w, queue, seq, proto, sent_at, keys, tracking) = (
             s.w.clone(),
             s.queue.clone(),
             s.seq,
             s.proto,
             s.sent_at,
             s.keys.clone(),
+            s.tracking.clone(),
         );
         drop(s);
         let build = move |elems: Vec<Option<Bytes>>| {
@@ -309,9 +321,11 @@ impl PendingMget {
                 }))
                 .collect();
             let mut elems = elems;
+            let mut filled = Vec::new();
             for (at, h) in handles {
                 let outcomes = h.await.unwrap_or_default();
                 for (j, i) in at.into_iter().enumerate() {
+                    filled.push(keys[i].clone());
                     elems[i] = match outcomes.get(j).map(|o| o.as_ref()) {
                         Some(Outcome::Value(v)) => Some(reply::bulk(v)),
                         _ => None,
@@ -319,6 +333,11 @@ impl PendingMget {
                 }
             }
             queue.deliver(seq, 0, build(elems));
+            if let Some(t) = &tracking {
+                for key in filled {
+                    t.invalidate_after(seq, key);
+                }
+            }
         });
     }
 }

@@ -1108,6 +1108,7 @@ impl Session {
             proto: self.proto,
             with_pttl: script.is_some(),
             key: readthrough::KeyBuf::new(key),
+            tracking: self.tracking.clone(),
         });
         let up = self.w.pools().get(self.proto, shard, self.conn);
         let raw = script.as_deref().unwrap_or(req.raw);
@@ -1138,6 +1139,7 @@ impl Session {
             positions,
             parts: vec![None; parts.len()],
             missing: parts.len(),
+            tracking: self.tracking.clone(),
         }));
         for (i, (shard, raw)) in parts.iter().enumerate() {
             let up = self.w.pools().get(self.proto, *shard, self.conn);

@@ -350,6 +350,17 @@ impl Client {
         }
     }
 
+    /// `key` is invalidated once the reply with sequence number `seq` is written (an answer
+    /// that no shard holds: nothing would report it changing).
+    pub fn invalidate_after(&self, seq: u64, key: Bytes) {
+        let mut d = self.deferred.borrow_mut();
+        let at = d.entry(Some(key)).or_insert(seq);
+        *at = (*at).max(seq);
+        drop(d);
+        // (The reply may be written already: then now.)
+        self.written();
+    }
+
     /// The session wrote its replies up to its queue's base: the invalidations that waited
     /// for them go now (after those replies).
     pub fn written(&self) {
