@@ -118,6 +118,8 @@ pub struct ClientInfo {
     pub blocked_on: Arc<BlockedOn>,
     /// Where the invalidations of clients that redirect theirs to this one go.
     pub mail: Arc<crate::tracking::Mail>,
+    /// CLIENT TRACKING, while on: BCAST, and the redirect id (0: none).
+    pub tracking: Option<(bool, u64)>,
 }
 
 /// The shard a client's blocking command waits on, and the shard's client id for its

@@ -143,6 +143,8 @@ fn a_resp3_client_is_told_of_every_write_to_a_key_it_read() {
     let mut a = Conn::resp3(proxy.port);
     assert_eq!(a.call(&[b"CLIENT", b"TRACKING", b"ON"]), b"+OK\r\n");
     assert_eq!(info_field(&mut a, b"clients", "tracking_clients"), "1");
+    let me = lossy(&a.call(&[b"CLIENT", b"INFO"]));
+    assert!(me.contains(" flags=t ") && me.contains(" redir=0 "), "{me}");
     set(proxy.port, "{t}k", "1");
     assert_eq!(a.call(&[b"GET", b"{t}k"]), b"$1\r\n1\r\n");
     let mut latencies = Vec::new();
@@ -224,6 +226,11 @@ keys = ["{u}public:*"]
             b"+OK\r\n"
         );
     }
+    let me = lossy(&admin.call(&[b"CLIENT", b"INFO"]));
+    assert!(
+        me.contains(" flags=tB ") && me.contains(" redir=0 "),
+        "{me}"
+    );
     let info = admin.call(&[b"CLIENT", b"TRACKINGINFO"]);
     assert_eq!(
         lossy(&info),
@@ -425,6 +432,8 @@ fn resp2_clients_get_invalidations_through_a_redirect() {
             lossy(&c.call(&[b"CLIENT", b"GETREDIR"])),
             format!(":{id}\r\n")
         );
+        let me = lossy(&c.call(&[b"CLIENT", b"INFO"]));
+        assert!(me.contains(&format!(" redir={id} ")), "{me}");
         let key = format!("{{r}}k{i}");
         c.call(&[b"GET", key.as_bytes()]);
         set(proxy.port, &key, "v");

@@ -159,7 +159,9 @@ impl Session {
                     &self.login,
                     req,
                     now,
-                )
+                );
+                // (CLIENT LIST shows it.)
+                self.update_info();
             }
             "client|trackinginfo" => {
                 let on = self.tracking.as_deref().filter(|t| t.is_active());
@@ -269,6 +271,10 @@ impl Session {
             token_exp: self.login.token.as_ref().map(|t| t.expires),
             subscribed: self.subscribed(),
             mail: self.mail.clone(),
+            tracking: self.tracking.as_ref().filter(|t| t.is_active()).map(|t| {
+                let m = t.mode.borrow();
+                (m.bcast, m.redirect)
+            }),
         }
     }
 
@@ -760,16 +766,22 @@ fn valid_client_name(n: &[u8]) -> bool {
 /// One CLIENT LIST line, in Redis 7.0's field order.
 fn client_line(c: &ClientInfo, cmd: &str) -> String {
     format!(
-        "id={} addr={} laddr={} fd=-1 name={} age={} idle=0 flags=N db=0 sub=0 psub=0 ssub=0 \
+        "id={} addr={} laddr={} fd=-1 name={} age={} idle=0 flags={} db=0 sub=0 psub=0 ssub=0 \
          multi=-1 qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 \
-         tot-mem=0 events=r cmd={} user={} redir=-1 resp={}{}\n",
+         tot-mem=0 events=r cmd={} user={} redir={} resp={}{}\n",
         c.id,
         c.addr,
         c.laddr,
         c.name,
         c.created.elapsed().as_secs(),
+        match c.tracking {
+            Some((true, _)) => "tB",
+            Some((false, _)) => "t",
+            None => "N",
+        },
         cmd,
         c.user,
+        c.tracking.map_or(-1, |(_, r)| r as i64),
         c.resp,
         // slotgate's own field, at the end, only for a client authenticated with a token.
         match c.token_exp {
