@@ -79,12 +79,7 @@ fn cluster_mode_routes_by_the_clusters_layout_and_follows_a_reshard() {
 
     // Move 300 slots (with their keys) from the primary of slot 0 to another one.
     let from = owners[0];
-    let to = cluster
-        .nodes
-        .iter()
-        .map(|n| n.port)
-        .find(|&p| p != from)
-        .unwrap();
+    let to = cluster.another_node(from);
     let mut reshard = std::process::Command::new("redis-cli");
     reshard
         .args(["--cluster", "reshard", &seed])
@@ -542,12 +537,7 @@ fn ask_and_tryagain_during_a_slot_migration_stay_inside_slotgate() {
         .query(&mut c)
         .unwrap();
     let from = cluster.owners()[s as usize];
-    let to = cluster
-        .nodes
-        .iter()
-        .map(|n| n.port)
-        .find(|&p| p != from)
-        .unwrap();
+    let to = cluster.another_node(from);
     cluster.begin_migration(s, from, to);
     let migrate = |key: &str| cluster.migrate_key(from, to, key);
     migrate(a);
@@ -1643,12 +1633,7 @@ fn redirects_to_host_names_are_followed() {
     let mut c = proxy.client();
     let _: () = redis::cmd("SET").arg("hn").arg("v").query(&mut c).unwrap();
     let from = cluster.owners()[slot("hn") as usize];
-    let to = cluster
-        .nodes
-        .iter()
-        .map(|n| n.port)
-        .find(|&p| p != from)
-        .unwrap();
+    let to = cluster.another_node(from);
     cluster.move_slot(slot("hn"), from, to);
     let moved: redis::RedisResult<String> = redis::cmd("GET")
         .arg("hn")
@@ -1729,12 +1714,7 @@ fn tracking_clients_are_told_of_writes_on_the_cluster_nodes() {
     assert_eq!(a.call(&[b"CLIENT", b"TRACKING", b"ON"]), b"+OK\r\n");
     let k = "tracked";
     let from = cluster.owners()[slot(k) as usize];
-    let to = cluster
-        .nodes
-        .iter()
-        .map(|n| n.port)
-        .find(|&p| p != from)
-        .unwrap();
+    let to = cluster.another_node(from);
     let invalidate_k = b">2\r\n$10\r\ninvalidate\r\n*1\r\n$7\r\ntracked\r\n".to_vec();
     let set_on = |port: u16, v: &str| {
         let _: () = redis::cmd("SET")

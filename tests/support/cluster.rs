@@ -157,6 +157,15 @@ impl Cluster {
             .unwrap_or(0)
     }
 
+    /// The port of a node other than the one on `port`.
+    pub fn another_node(&self, port: u16) -> u16 {
+        self.nodes
+            .iter()
+            .map(|n| n.port)
+            .find(|&p| p != port)
+            .expect("a cluster of two nodes or more")
+    }
+
     /// The node listening on `port`.
     pub fn node(&self, port: u16) -> &RedisServer {
         self.nodes
