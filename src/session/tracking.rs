@@ -42,7 +42,7 @@ pub(crate) fn client_tracking(
             }
             return cx.reply_static(reply::OK);
         }
-        Ok(Switch::On { mode, .. }) => mode,
+        Ok(Switch::On(mode)) => mode,
     };
     let target = match mode.redirect {
         0 => None,

@@ -13,10 +13,15 @@
 //!   to that connection (a RESP3 push, or a message on `__redis__:invalidate` for a RESP2
 //!   subscriber), on whichever worker it lives.
 //! - **Loss.** While a link is down, writes on its shard go unreported: when it goes down,
-//!   and again when it is back, every client that may have cached something gets a null
-//!   invalidation (flush everything), as Redis does when a redirect connection goes away.
+//!   at each attempt to bring it back and when it is back, every client that may have
+//!   cached something gets a null invalidation (flush everything), as Redis does when a
+//!   redirect connection goes away.
+//! - **Races.** A report can overtake the reply of a read that ran before the write (they
+//!   travel on different connections): a key reported while a client's read of it is on its
+//!   way is invalidated again right after that read's reply (see [`Client::written`]).
 //!
-//! Clients without tracking pay one branch per command (`Session::tracking` is `None`).
+//! Clients without tracking pay one branch per command (`Session::tracking` is `None`) and
+//! one per write turn.
 
 pub mod link;
 
@@ -68,11 +73,8 @@ pub struct Mode {
 /// CLIENT TRACKING's request.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Switch {
-    On {
-        mode: Mode,
-        /// The prefixes named this time (added to those of a client already in BCAST).
-        new_prefixes: Vec<Bytes>,
-    },
+    /// The mode to take up (a client already in BCAST keeps its prefixes, and adds these).
+    On(Mode),
     Off,
 }
 
@@ -159,10 +161,7 @@ pub fn parse(
         all.dedup();
         mode.prefixes = all;
     }
-    Ok(Switch::On {
-        mode,
-        new_prefixes: prefixes,
-    })
+    Ok(Switch::On(mode))
 }
 
 /// Two prefixes overlap when one starts the other (both would report one key).
