@@ -390,8 +390,20 @@ impl ReplyQueue {
     /// messages pile up past its output buffer limit (it does not read) is disconnected, as
     /// Redis's `client-output-buffer-limit pubsub 32mb 8mb 60` does.
     pub fn push_oob(&self, frame: Bytes) {
-        if self.closed.get() || (self.muting.get() && self.muted_open()) {
-            // (CLIENT REPLY OFF: messages and MONITOR lines are not written either.)
+        // (CLIENT REPLY OFF: messages and MONITOR lines are not written either.)
+        if !(self.muting.get() && self.muted_open()) {
+            self.queue_oob(frame);
+        }
+    }
+
+    /// Queues an out-of-band frame that CLIENT REPLY OFF does not hold back (Redis writes
+    /// its pushes, client-side caching's invalidations, whatever the reply mode).
+    pub fn push_oob_always(&self, frame: Bytes) {
+        self.queue_oob(frame);
+    }
+
+    fn queue_oob(&self, frame: Bytes) {
+        if self.closed.get() {
             return;
         }
         self.add_out_bytes(frame.len());
@@ -403,18 +415,6 @@ impl ReplyQueue {
             self.pushes.borrow_mut().push_back(frame);
         }
         self.notify.notify_one();
-    }
-
-    /// Queues an out-of-band frame that CLIENT REPLY OFF does not hold back (Redis writes
-    /// its pushes, client-side caching's invalidations, whatever the reply mode).
-    pub fn push_oob_always(&self, frame: Bytes) {
-        if self.muting.get() && self.muted_open() {
-            self.muting.set(false);
-            self.push_oob(frame);
-            self.muting.set(true);
-        } else {
-            self.push_oob(frame);
-        }
     }
 
     /// Moves the out-of-band frames into `out` (not while the front reply is written in

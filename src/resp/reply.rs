@@ -273,6 +273,16 @@ impl Aggregate {
         Aggregate { buf }
     }
 
+    /// A set of `n` elements: `~n` in RESP3, an array in RESP2.
+    pub fn set(proto: Proto, n: usize) -> Self {
+        let mut buf = BytesMut::with_capacity(64);
+        match proto {
+            Proto::Resp3 => push_header(&mut buf, b'~', n),
+            Proto::Resp2 => push_header(&mut buf, b'*', n),
+        }
+        Aggregate { buf }
+    }
+
     pub fn bulk(&mut self, b: &[u8]) -> &mut Self {
         push_header(&mut self.buf, b'$', b.len());
         self.buf.extend_from_slice(b);

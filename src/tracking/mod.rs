@@ -32,14 +32,13 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use crate::auth::User;
 use crate::command::{CommandSpec, flags, keys};
 use crate::queue::ReplyQueue;
 use crate::resp::Request;
 use crate::resp::reply::{self, Aggregate, Proto};
-use crate::resp::request::push_header;
 use crate::shard::UpstreamConfig;
 
 /// The channel a RESP2 connection subscribes to, to receive the invalidations of the clients
@@ -514,23 +513,16 @@ impl Client {
                 (m.redirect as i64, m.prefixes.clone())
             }
         };
-        let mut set = BytesMut::new();
-        push_header(
-            &mut set,
-            if proto == Proto::Resp3 { b'~' } else { b'*' },
-            flags.len(),
-        );
+        let mut set = Aggregate::set(proto, flags.len());
         for f in &flags {
-            push_header(&mut set, b'$', f.len());
-            set.extend_from_slice(f);
-            set.extend_from_slice(b"\r\n");
+            set.bulk(f);
         }
         let mut p = Aggregate::array(prefixes.len());
         for x in &prefixes {
             p.bulk(x);
         }
         let mut m = Aggregate::map(proto, 3);
-        m.bulk(b"flags").raw(&set);
+        m.bulk(b"flags").raw(&set.finish());
         m.bulk(b"redirect").integer(redirect);
         m.bulk(b"prefixes").raw(&p.finish());
         m.finish()
@@ -868,6 +860,7 @@ pub fn delivered(
 mod tests {
     use super::*;
     use crate::resp::{Limits, Parsed, RequestParser};
+    use bytes::BytesMut;
 
     /// Runs `args` through the tracker as client `c`'s command.
     fn run(t: &Tracker, c: &Client, args: &[&[u8]]) {
