@@ -149,7 +149,8 @@ SYNTHETIC = [
 # slotgate's own commands (not Redis's), answered by the proxy: (name, arity, flags, ACL
 # categories, key specs). SLOTGATE.INVALIDATE deletes keys and their read-through state;
 # SLOTGATE.STATUS reports a key's read-through state; SLOTGATE.RELOAD reloads the configuration
-# (admins only: @admin, @dangerous).
+# (admins only: @admin, @dangerous); SLOTGATE.HOTKEYS and SLOTGATE.BIGKEYS list the keys
+# requested most and the largest replies (filtered by the user's key patterns).
 PROXY_COMMANDS = [
     ("slotgate.invalidate", -2, ["write"], ["@write", "@keyspace", "@slow"],
      ["KeySpec { access: access::WRITE, begin: BeginSearch::Index(1), "
@@ -158,6 +159,8 @@ PROXY_COMMANDS = [
      ["KeySpec { access: access::READ, begin: BeginSearch::Index(1), "
       "find: FindKeys::Range { lastkey: 0, keystep: 1, limit: 0 } }"]),
     ("slotgate.reload", 1, ["admin", "noscript"], ["@admin", "@slow", "@dangerous"], []),
+    ("slotgate.hotkeys", -1, ["readonly", "loading", "stale"], ["@read", "@slow"], []),
+    ("slotgate.bigkeys", -1, ["readonly", "loading", "stale"], ["@read", "@slow"], []),
 ]
 
 # Key specs replaced by hand: (command, spec index) -> (Rust KeySpec, the Redis spec it replaces).

@@ -78,6 +78,10 @@ pub struct Cli {
     /// `tracking-table-max-keys`; 0: no limit) [default: 1000000].
     #[arg(long, value_name = "N")]
     pub tracking_table_max_keys: Option<usize>,
+    /// Hot keys and big replies: sample one command in N (1: every command; 0: off)
+    /// [default: 16].
+    #[arg(long, value_name = "N")]
+    pub hotkeys_sample: Option<u32>,
     /// TLS listener address, or `none` [default: 127.0.0.1:10000 when a certificate is set].
     #[arg(long, value_name = "ADDR")]
     pub tls_listen: Option<String>,
@@ -194,6 +198,10 @@ pub struct FileConfig {
     pub max_inflight_bytes_per_connection: Option<ByteSize>,
     pub max_dedicated_per_shard: Option<usize>,
     pub tracking_table_max_keys: Option<usize>,
+    pub hotkeys_sample: Option<u32>,
+    /// A bearer token the admin listener asks for (except /healthz and /readyz);
+    /// `SLOTGATE_ADMIN_TOKEN` takes precedence.
+    pub admin_token: Option<String>,
     pub client_output_buffer_limit_normal: Option<String>,
     pub client_output_buffer_limit_pubsub: Option<String>,
     pub proto_max_bulk_len: Option<usize>,
@@ -423,6 +431,14 @@ impl Cli {
                 .tracking_table_max_keys
                 .or(f.tracking_table_max_keys)
                 .unwrap_or(crate::tracking::DEFAULT_MAX_KEYS),
+            hotkeys_sample: self
+                .hotkeys_sample
+                .or(f.hotkeys_sample)
+                .unwrap_or(crate::hotkeys::DEFAULT_SAMPLE),
+            admin_token: std::env::var("SLOTGATE_ADMIN_TOKEN")
+                .ok()
+                .or(f.admin_token)
+                .filter(|t| !t.is_empty()),
             proto_max_bulk_len: f.proto_max_bulk_len.unwrap_or(512 * 1024 * 1024),
             client_query_buffer_limit: f.client_query_buffer_limit.unwrap_or(1024 * 1024 * 1024),
             tls_listen: self.tls_listen.clone().or(f.tls.listen),
@@ -498,6 +514,8 @@ struct Merged {
     obuf_pubsub: String,
     max_dedicated_per_shard: usize,
     tracking_table_max_keys: usize,
+    hotkeys_sample: u32,
+    admin_token: Option<String>,
     proto_max_bulk_len: usize,
     client_query_buffer_limit: usize,
     tls_listen: Option<String>,
@@ -673,6 +691,8 @@ impl Merged {
             obuf_pubsub,
             max_dedicated_per_shard: self.max_dedicated_per_shard,
             tracking_table_max_keys: self.tracking_table_max_keys,
+            hotkeys_sample: self.hotkeys_sample,
+            admin_token: self.admin_token,
             proto_max_bulk_len: self.proto_max_bulk_len,
             client_query_buffer_limit: self.client_query_buffer_limit,
             tls,

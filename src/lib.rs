@@ -86,6 +86,7 @@ pub mod command;
 pub mod config;
 pub mod fanout;
 pub mod gate;
+pub mod hotkeys;
 pub mod metrics;
 pub mod netio;
 pub mod notify;

@@ -87,6 +87,20 @@ pub struct ReplyQueue {
     muting: Cell<bool>,
     /// The client's address (the slow log names it).
     client: Cell<Option<std::net::SocketAddr>>,
+    /// Hot keys: one more than the lowest sequence number of the sampled reads whose
+    /// replies' sizes are wanted (0: none; see [`ReplyQueue::probe`]), and those reads.
+    probe_min: Cell<u64>,
+    probes: RefCell<VecDeque<(u64, Probe)>>,
+}
+
+/// Sampled reads whose replies a client may have pending at once (a pipeline).
+const PROBES_MAX: usize = 16;
+
+/// A sampled single-key read whose reply's size goes to a worker's big replies.
+pub struct Probe {
+    pub key: Bytes,
+    pub shard: std::net::SocketAddr,
+    pub book: std::sync::Arc<crate::hotkeys::Book>,
 }
 
 /// Writes reply `b` into `out` within `room` bytes: `true` when all of it went (its slot is
@@ -201,6 +215,9 @@ impl ReplyQueue {
             q.waiting -= 1;
             let front_ready = matches!(q.slots.front(), Some(Slot::Ready(_)));
             drop(q);
+            if self.probe_min.get().wrapping_sub(1) <= seq {
+                self.probed(seq, len);
+            }
             self.sample_reply(len);
             self.add_out_bytes(len);
             if front_ready {
@@ -368,6 +385,42 @@ impl ReplyQueue {
             0 => inflight < FIRST_WINDOW,
             avg => inflight.saturating_mul(avg) < INFLIGHT_REPLY_BUDGET,
         }
+    }
+
+    /// Asks for the size of the reply that will fill slot `seq` (a sampled read; see
+    /// `hotkeys`). A pipeline may have several; past [`PROBES_MAX`] the oldest is dropped.
+    pub fn probe(&self, seq: u64, probe: Probe) {
+        let mut probes = self.probes.borrow_mut();
+        if probes.len() == PROBES_MAX {
+            probes.pop_front();
+        }
+        probes.push_back((seq, probe));
+        drop(probes);
+        self.prune_probes();
+    }
+
+    /// Records the size of slot `seq`'s reply if it was probed, and forgets probes whose
+    /// replies are gone (written, or answered without a shard).
+    #[cold]
+    fn probed(&self, seq: u64, len: usize) {
+        let found = {
+            let mut probes = self.probes.borrow_mut();
+            let at = probes.iter().position(|(s, _)| *s == seq);
+            at.and_then(|i| probes.remove(i))
+        };
+        if let Some((_, p)) = found {
+            p.book
+                .record_size(std::time::Instant::now(), p.key, len, p.shard);
+        }
+        self.prune_probes();
+    }
+
+    fn prune_probes(&self) {
+        let base = self.inner.borrow().base;
+        let mut probes = self.probes.borrow_mut();
+        probes.retain(|(s, _)| *s >= base);
+        let min = probes.iter().map(|(s, _)| *s + 1).min().unwrap_or(0);
+        self.probe_min.set(min);
     }
 
     /// Folds a reply's size into the client's average (a moving average over about the last

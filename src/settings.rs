@@ -73,6 +73,10 @@ pub struct Settings {
     pub max_dedicated_per_shard: usize,
     /// Keys the workers' tracking tables may hold together (0: no limit).
     pub tracking_table_max_keys: usize,
+    /// Hot keys and big replies: one command in this many is sampled (0: none).
+    pub hotkeys_sample: u32,
+    /// The bearer token the admin listener asks for, if any.
+    pub admin_token: Option<String>,
     pub proto_max_bulk_len: usize,
     pub client_query_buffer_limit: usize,
     /// Redis's `client-output-buffer-limit` for ordinary clients and for subscribers.

@@ -56,6 +56,8 @@ pub struct Shared {
     pub tracking_clients: Arc<AtomicUsize>,
     /// Per worker: keys in its tracking table (INFO's `tracking_total_keys`).
     pub tracking_keys: Vec<Arc<AtomicUsize>>,
+    /// Per worker: its sampled keys and big replies (see `hotkeys`).
+    pub hot_books: Vec<Arc<crate::hotkeys::Book>>,
     /// Clients waiting on a blocking command (INFO's `blocked_clients`).
     pub blocked_clients: Arc<AtomicUsize>,
     pub stats: Stats,
@@ -159,6 +161,9 @@ impl Shared {
             blocked_clients: Arc::default(),
             tracking_clients: Arc::default(),
             tracking_keys: (0..workers).map(|_| Arc::default()).collect(),
+            hot_books: (0..workers)
+                .map(|_| Arc::new(crate::hotkeys::Book::new(Instant::now())))
+                .collect(),
             scripts: Arc::default(),
             stats: Stats::default(),
             clients: Mutex::new(HashMap::new()),
@@ -325,6 +330,8 @@ pub struct Worker {
     pub pending_gets: Rc<crate::readthrough::PendingGets>,
     /// Client-side caching: this worker's tracking clients and invalidation links.
     pub tracker: Rc<crate::tracking::Tracker>,
+    /// Hot keys and big replies: which commands are sampled, and this worker's book.
+    pub hot: crate::hotkeys::Sampler,
 }
 
 impl Worker {
@@ -338,6 +345,10 @@ impl Worker {
             shared.tracking_clients.clone(),
             shared.tracking_keys[id].clone(),
         );
+        let seed = (id as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ shared.started.elapsed().as_nanos() as u64;
+        let hot =
+            crate::hotkeys::Sampler::new(s.hotkeys_sample, shared.hot_books[id].clone(), seed);
         Rc::new(Worker {
             id,
             pools: std::cell::RefCell::new(Rc::new(pools)),
@@ -360,7 +371,42 @@ impl Worker {
             write_scratch: Default::default(),
             pending_gets: Default::default(),
             tracker,
+            hot,
         })
+    }
+
+    /// Hot keys: records the keys of a sampled command, and asks `queue` for the size of a
+    /// single-key read's reply (the big replies).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn sample(
+        &self,
+        spec: &crate::command::CommandSpec,
+        req: &crate::resp::request::Request<'_>,
+        queue: &crate::queue::ReplyQueue,
+    ) {
+        use crate::command::flags;
+        let mut at = Vec::new();
+        if crate::command::keys::key_indices(spec, req.argc(), |i| req.arg(i), &mut at).is_err() {
+            return;
+        }
+        let now = Instant::now();
+        let live = self.live();
+        let shard = |key: &[u8]| live.shards[live.slot_map.shard_of(key)];
+        let keys = at.iter().map(|&i| (req.arg(i), shard(req.arg(i))));
+        let write = spec.has(flags::WRITE);
+        self.hot.book.record(now, self.hot.weight(), write, keys);
+        if let [i] = at[..]
+            && spec.has(flags::READONLY)
+        {
+            let key = req.arg(i);
+            let probe = crate::queue::Probe {
+                key: bytes::Bytes::copy_from_slice(key),
+                shard: shard(key),
+                book: self.hot.book.clone(),
+            };
+            queue.probe(queue.next_seq(), probe);
+        }
     }
 
     /// The settings in force on this worker. Never hold the borrow across an await: a

@@ -10,7 +10,7 @@ use std::path::Path;
 const LAYERS: &[&[&str]] = &[
     // Wire and utilities.
     &[
-        "resp", "netio", "notify", "metrics", "router", "units", "tls", "slowlog",
+        "resp", "netio", "notify", "metrics", "router", "units", "tls", "slowlog", "hotkeys",
     ],
     // Data: the command table, users' permissions and token issuers.
     &["command", "auth", "token"],

@@ -487,6 +487,17 @@ pub fn auth_throttled(wait: std::time::Duration) -> Bytes {
     ))
 }
 
+/// SLOTGATE.HOTKEYS / SLOTGATE.BIGKEYS: options that were refused.
+pub fn hotkeys_query(e: crate::hotkeys::QueryError) -> &'static [u8] {
+    use crate::hotkeys::QueryError as Q;
+    match e {
+        Q::Syntax => SYNTAX,
+        Q::NotInteger => NOT_INTEGER,
+        Q::NotPositive => b"-ERR value is out of range, must be positive\r\n",
+        Q::Window => b"-ERR WINDOW must be 10s, 1m or 5m\r\n",
+    }
+}
+
 /// SLOTGATE.RELOAD: the new configuration was refused (the running one stays).
 pub fn reload_failed(why: &str) -> Bytes {
     error(&format!(

@@ -79,6 +79,8 @@ impl Session {
             name if name.starts_with("client|") => self.client(name, req, now),
             "slotgate.invalidate" => self.invalidate(req, now),
             "slotgate.status" => self.cache_status(req, now),
+            "slotgate.hotkeys" => super::hotkeys::hot(&cx!(self), self.login.user.as_ref(), req),
+            "slotgate.bigkeys" => super::hotkeys::big(&cx!(self), self.login.user.as_ref(), req),
             "slotgate.reload" => reload_config(&cx!(self)),
             "monitor" => self.monitor(req),
             "acl|whoami" => self.reply(reply::bulk(self.user_name().as_bytes())),

@@ -26,6 +26,7 @@ mod conn;
 pub mod control;
 mod cx;
 pub mod follow;
+mod hotkeys;
 pub mod local;
 pub mod login;
 pub mod pinned;
@@ -596,6 +597,9 @@ impl Session {
             self.on_dedicated = dedicated;
         }
         self.w.metrics.command(spec.name);
+        if self.w.hot.tick() {
+            self.w.sample(spec, req, &self.queue);
+        }
         if gate & crate::gate::Gate::MONITOR != 0 {
             self.feed_monitors(spec, req);
         }

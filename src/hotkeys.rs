@@ -1,0 +1,563 @@
+//! Hot keys and big replies: what the proxy sees of its traffic, key by key.
+//!
+//! Each worker samples about one command in `hotkeys_sample` (a [`Sampler`]: a random
+//! countdown, so a client cycling through keys cannot fall between two samples) and records
+//! the keys of a sampled command, each weighing `hotkeys_sample` requests, in its [`Book`]:
+//! one Space-Saving summary (Metwally, Agrawal, El Abbadi, 2005) of [`KEYS_PER_WINDOW`] keys
+//! per 10-second window, 31 windows kept. A key already in the summary has its count raised; a
+//! new one replaces the least counted and inherits its count, so a key requested often is
+//! never lost and its count is never under the truth. A sampled single-key read also records
+//! the size of its reply (the big replies: the [`BIG_PER_WINDOW`] largest per window).
+//!
+//! The fast path is [`Sampler::tick`]: one decrement and a branch per command. A sample
+//! takes the book's lock (only this worker takes it, except while someone asks), so the
+//! answers of `SLOTGATE.HOTKEYS`, `/hotkeys` and the gauges merge every worker's book on
+//! demand ([`merge`]).
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+/// The length of one window.
+pub const WINDOW: Duration = Duration::from_secs(10);
+/// Windows kept: 5 minutes of full windows and the current one.
+const WINDOWS_KEPT: u64 = 31;
+/// Keys one worker's summary holds per window.
+pub const KEYS_PER_WINDOW: usize = 256;
+/// Big replies one worker remembers per window.
+pub const BIG_PER_WINDOW: usize = 32;
+/// The default of `hotkeys_sample`: one command in 16.
+pub const DEFAULT_SAMPLE: u32 = 16;
+
+/// The spans `WINDOW` takes: the current window and this many full ones before it.
+pub fn parse_span(arg: &[u8]) -> Option<Duration> {
+    let s = std::str::from_utf8(arg).ok()?.to_ascii_lowercase();
+    match s.as_str() {
+        "10s" => Some(Duration::from_secs(10)),
+        "1m" | "60s" => Some(Duration::from_secs(60)),
+        "5m" | "300s" => Some(Duration::from_secs(300)),
+        _ => None,
+    }
+}
+
+/// What `SLOTGATE.HOTKEYS` / `SLOTGATE.BIGKEYS` (and `/hotkeys`, `/bigkeys`) ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Query {
+    pub count: usize,
+    pub span: Duration,
+}
+
+/// Why a query's options were refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueryError {
+    Syntax,
+    NotInteger,
+    NotPositive,
+    Window,
+}
+
+impl Query {
+    pub const DEFAULT: Query = Query {
+        count: 10,
+        span: Duration::from_secs(60),
+    };
+
+    /// Parses `[COUNT n] [WINDOW 10s|1m|5m]` (names in any case, either order).
+    pub fn parse<'a>(mut args: impl Iterator<Item = &'a [u8]>) -> Result<Query, QueryError> {
+        let mut q = Query::DEFAULT;
+        while let Some(opt) = args.next() {
+            let value = args.next();
+            if opt.eq_ignore_ascii_case(b"count") {
+                let v = value.ok_or(QueryError::Syntax)?;
+                let n: i64 = std::str::from_utf8(v)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or(QueryError::NotInteger)?;
+                if n < 1 {
+                    return Err(QueryError::NotPositive);
+                }
+                q.count = n as usize;
+            } else if opt.eq_ignore_ascii_case(b"window") {
+                q.span = parse_span(value.ok_or(QueryError::Syntax)?).ok_or(QueryError::Window)?;
+            } else {
+                return Err(QueryError::Syntax);
+            }
+        }
+        Ok(q)
+    }
+
+    /// The span as asked (`10s`, `1m`, `5m`).
+    pub fn window_name(&self) -> &'static str {
+        match self.span.as_secs() {
+            10 => "10s",
+            300 => "5m",
+            _ => "1m",
+        }
+    }
+}
+
+/// One worker's sampling decision, on the command path (not shared).
+pub struct Sampler {
+    left: Cell<u32>,
+    rng: Cell<u64>,
+    /// One command in `every` (0: never).
+    every: u32,
+    pub book: Arc<Book>,
+}
+
+impl Sampler {
+    pub fn new(every: u32, book: Arc<Book>, seed: u64) -> Self {
+        let s = Sampler {
+            left: Cell::new(u32::MAX),
+            rng: Cell::new(seed | 1),
+            every,
+            book,
+        };
+        if every > 0 {
+            s.fire();
+        }
+        s
+    }
+
+    /// Whether this command is sampled.
+    #[inline]
+    pub fn tick(&self) -> bool {
+        let left = self.left.get().wrapping_sub(1);
+        self.left.set(left);
+        left == 0 && self.fire()
+    }
+
+    /// Draws the next interval, uniform in `1..2*every` (mean `every`): sampling stays
+    /// unbiased and cannot lock on to a pattern that repeats every `every` commands.
+    #[cold]
+    fn fire(&self) -> bool {
+        if self.every == 0 {
+            self.left.set(u32::MAX);
+            return false;
+        }
+        let mut x = self.rng.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.set(x);
+        let span = 2 * u64::from(self.every) - 1;
+        self.left.set(1 + (x % span) as u32);
+        true
+    }
+
+    /// How many requests one sample stands for.
+    pub fn weight(&self) -> u64 {
+        u64::from(self.every)
+    }
+}
+
+/// One worker's windows of sampled keys and big replies.
+pub struct Book {
+    started: Instant,
+    windows: Mutex<Vec<Window>>,
+}
+
+#[derive(Default)]
+struct Window {
+    /// The window's number since `started` (`u64::MAX`: unused).
+    number: u64,
+    keys: SpaceSaving,
+    big: Vec<Big>,
+    /// Requests (estimated) per shard, every sampled key counted.
+    shards: HashMap<SocketAddr, u64>,
+}
+
+/// A big reply seen in a window.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Big {
+    pub key: Bytes,
+    /// The reply's size in bytes, as framed (RESP header included).
+    pub size: usize,
+    pub shard: SocketAddr,
+}
+
+impl Book {
+    pub fn new(started: Instant) -> Self {
+        let windows = (0..WINDOWS_KEPT)
+            .map(|_| Window {
+                number: u64::MAX,
+                ..Window::default()
+            })
+            .collect();
+        Book {
+            started,
+            windows: Mutex::new(windows),
+        }
+    }
+
+    fn number(&self, now: Instant) -> u64 {
+        (now.saturating_duration_since(self.started).as_millis() / WINDOW.as_millis()) as u64
+    }
+
+    fn with_window<T>(&self, now: Instant, f: impl FnOnce(&mut Window) -> T) -> T {
+        let n = self.number(now);
+        let mut ws = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        let w = &mut ws[(n % WINDOWS_KEPT) as usize];
+        if w.number != n {
+            w.number = n;
+            w.keys.clear();
+            w.big.clear();
+            w.shards.clear();
+        }
+        f(w)
+    }
+
+    /// Records the keys of one sampled command, each standing for `weight` requests.
+    pub fn record<'k>(
+        &self,
+        now: Instant,
+        weight: u64,
+        write: bool,
+        keys: impl Iterator<Item = (&'k [u8], SocketAddr)>,
+    ) {
+        self.with_window(now, |w| {
+            for (key, shard) in keys {
+                w.keys.add(key, weight, write, shard);
+                *w.shards.entry(shard).or_default() += weight;
+            }
+        });
+    }
+
+    /// Records the size of a sampled read's reply.
+    pub fn record_size(&self, now: Instant, key: Bytes, size: usize, shard: SocketAddr) {
+        self.with_window(now, |w| {
+            if let Some(b) = w.big.iter_mut().find(|b| b.key == key) {
+                b.size = b.size.max(size);
+                b.shard = shard;
+            } else if w.big.len() < BIG_PER_WINDOW {
+                w.big.push(Big { key, size, shard });
+            } else if let Some(small) = w.big.iter_mut().min_by_key(|b| b.size)
+                && small.size < size
+            {
+                *small = Big { key, size, shard };
+            }
+        });
+    }
+}
+
+/// A hot key, merged over the workers and the windows asked for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HotKey {
+    pub key: Bytes,
+    /// Requests estimated in the span (never under the truth, up to sampling noise).
+    pub requests: u64,
+    pub reads: u64,
+    pub writes: u64,
+    /// The shard the key was last seen going to.
+    pub shard: SocketAddr,
+}
+
+/// Every worker's books merged over a span ending now.
+pub struct Merged {
+    pub keys: Vec<HotKey>,
+    pub big: Vec<Big>,
+    /// Requests (estimated) per shard.
+    pub shards: HashMap<SocketAddr, u64>,
+    /// The seconds the span covers (the current window's elapsed part included; never
+    /// more than the time since start-up).
+    pub seconds: f64,
+}
+
+impl Merged {
+    pub fn rate(&self, n: u64) -> f64 {
+        if self.seconds > 0.0 {
+            n as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+
+    /// Per shard: the hottest key's share of the shard's requests (0 without requests).
+    pub fn hottest_share(&self, shard: SocketAddr) -> f64 {
+        let total = self.shards.get(&shard).copied().unwrap_or(0);
+        let top = self
+            .keys
+            .iter()
+            .filter(|k| k.shard == shard)
+            .map(|k| k.requests)
+            .max()
+            .unwrap_or(0);
+        if total == 0 {
+            0.0
+        } else {
+            (top as f64 / total as f64).min(1.0)
+        }
+    }
+}
+
+/// Merges `books` over the current window and the full windows of `span` before it: keys
+/// sorted by requests (most first), big replies by size (largest first).
+pub fn merge(books: &[Arc<Book>], now: Instant, span: Duration) -> Merged {
+    let full = span.as_secs() / WINDOW.as_secs();
+    let mut keys: HashMap<Bytes, HotKey> = HashMap::new();
+    let mut big: HashMap<Bytes, Big> = HashMap::new();
+    let mut shards: HashMap<SocketAddr, u64> = HashMap::new();
+    let mut seconds = 0.0;
+    for book in books {
+        let cur = book.number(now);
+        let first = cur.saturating_sub(full);
+        let since_start = now.saturating_duration_since(book.started);
+        let into_cur = since_start.as_secs_f64() - cur as f64 * WINDOW.as_secs_f64();
+        seconds = ((cur - first) as f64 * WINDOW.as_secs_f64() + into_cur).max(0.001);
+        let ws = book.windows.lock().unwrap_or_else(|e| e.into_inner());
+        for w in ws.iter().filter(|w| w.number >= first && w.number <= cur) {
+            for e in &w.keys.entries {
+                let k = keys.entry(e.key.clone()).or_insert_with(|| HotKey {
+                    key: e.key.clone(),
+                    requests: 0,
+                    reads: 0,
+                    writes: 0,
+                    shard: e.shard,
+                });
+                k.requests += e.count;
+                k.reads += e.reads;
+                k.writes += e.writes;
+                k.shard = e.shard;
+            }
+            for b in &w.big {
+                let m = big.entry(b.key.clone()).or_insert_with(|| b.clone());
+                if b.size > m.size {
+                    *m = b.clone();
+                }
+            }
+            for (s, n) in &w.shards {
+                *shards.entry(*s).or_default() += n;
+            }
+        }
+    }
+    let mut keys: Vec<HotKey> = keys.into_values().collect();
+    keys.sort_by(|a, b| b.requests.cmp(&a.requests).then_with(|| a.key.cmp(&b.key)));
+    let mut big: Vec<Big> = big.into_values().collect();
+    big.sort_by(|a, b| b.size.cmp(&a.size).then_with(|| a.key.cmp(&b.key)));
+    Merged {
+        keys,
+        big,
+        shards,
+        seconds,
+    }
+}
+
+/// A Space-Saving summary: the keys in `entries` (stable slots), with a binary min-heap of
+/// slots by count (`heap`, and `pos[slot]` its place there) so that the least counted is
+/// found at once and a raised count sinks in a few steps, without hashing.
+#[derive(Default)]
+struct SpaceSaving {
+    index: HashMap<Bytes, u32>,
+    entries: Vec<Entry>,
+    heap: Vec<u32>,
+    pos: Vec<u32>,
+}
+
+struct Entry {
+    key: Bytes,
+    count: u64,
+    reads: u64,
+    writes: u64,
+    shard: SocketAddr,
+}
+
+impl SpaceSaving {
+    fn clear(&mut self) {
+        self.index.clear();
+        self.entries.clear();
+        self.heap.clear();
+        self.pos.clear();
+    }
+
+    fn add(&mut self, key: &[u8], w: u64, write: bool, shard: SocketAddr) {
+        let (r, wr) = if write { (0, w) } else { (w, 0) };
+        if let Some(&slot) = self.index.get(key) {
+            let e = &mut self.entries[slot as usize];
+            e.count += w;
+            e.reads += r;
+            e.writes += wr;
+            e.shard = shard;
+            return self.sink(self.pos[slot as usize] as usize);
+        }
+        let key = Bytes::copy_from_slice(key);
+        if self.entries.len() < KEYS_PER_WINDOW {
+            let slot = self.entries.len() as u32;
+            self.index.insert(key.clone(), slot);
+            self.entries.push(Entry {
+                key,
+                count: w,
+                reads: r,
+                writes: wr,
+                shard,
+            });
+            self.pos.push(self.heap.len() as u32);
+            self.heap.push(slot);
+            return self.rise(self.heap.len() - 1);
+        }
+        // Full: the least counted key makes room, and its count carries over (the
+        // newcomer may have been requested that often while it was not in the summary).
+        let slot = self.heap[0];
+        let e = &mut self.entries[slot as usize];
+        self.index.remove(&e.key);
+        self.index.insert(key.clone(), slot);
+        *e = Entry {
+            key,
+            count: e.count + w,
+            reads: r,
+            writes: wr,
+            shard,
+        };
+        self.sink(0);
+    }
+
+    fn count_at(&self, i: usize) -> u64 {
+        self.entries[self.heap[i] as usize].count
+    }
+
+    fn swap(&mut self, i: usize, j: usize) {
+        self.heap.swap(i, j);
+        self.pos[self.heap[i] as usize] = i as u32;
+        self.pos[self.heap[j] as usize] = j as u32;
+    }
+
+    fn sink(&mut self, mut i: usize) {
+        loop {
+            let (l, r) = (2 * i + 1, 2 * i + 2);
+            let mut least = i;
+            if l < self.heap.len() && self.count_at(l) < self.count_at(least) {
+                least = l;
+            }
+            if r < self.heap.len() && self.count_at(r) < self.count_at(least) {
+                least = r;
+            }
+            if least == i {
+                return;
+            }
+            self.swap(i, least);
+            i = least;
+        }
+    }
+
+    fn rise(&mut self, mut i: usize) {
+        while i > 0 {
+            let parent = (i - 1) / 2;
+            if self.count_at(parent) <= self.count_at(i) {
+                return;
+            }
+            self.swap(i, parent);
+            i = parent;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shard(n: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], n))
+    }
+
+    #[test]
+    fn heavy_keys_keep_their_exact_counts_among_many_light_ones() {
+        let t0 = Instant::now();
+        let book = Arc::new(Book::new(t0));
+        // 20 heavy keys (100 + i each) among 5,000 keys seen once: more keys than the
+        // summary holds, so light keys keep replacing each other.
+        for round in 0..200u64 {
+            for i in 0..20u64 {
+                if round < 100 + i {
+                    let k = format!("heavy:{i}");
+                    book.record(t0, 1, i % 2 == 0, [(k.as_bytes(), shard(1))].into_iter());
+                }
+            }
+            for j in 0..25 {
+                let k = format!("light:{round}:{j}");
+                book.record(t0, 1, false, [(k.as_bytes(), shard(2))].into_iter());
+            }
+        }
+        let m = merge(
+            &[book],
+            t0 + Duration::from_secs(1),
+            Duration::from_secs(60),
+        );
+        let top: Vec<&HotKey> = m.keys.iter().take(20).collect();
+        for (rank, k) in top.iter().enumerate() {
+            let i = 19 - rank as u64;
+            assert_eq!(k.key, format!("heavy:{i}").as_bytes(), "rank {rank}");
+            assert_eq!(k.requests, 100 + i);
+            let (reads, writes) = if i % 2 == 0 {
+                (0, 100 + i)
+            } else {
+                (100 + i, 0)
+            };
+            assert_eq!((k.reads, k.writes), (reads, writes));
+        }
+        assert_eq!(m.shards[&shard(2)], 5_000);
+        assert!(m.keys.len() <= KEYS_PER_WINDOW);
+        // The heavy keys' shard: its hottest key has 119 of 2,190 requests.
+        let share = m.hottest_share(shard(1));
+        assert!((share - 119.0 / 2_190.0).abs() < 1e-9, "{share}");
+    }
+
+    #[test]
+    fn windows_age_out_and_spans_choose_them() {
+        let t0 = Instant::now();
+        let book = Arc::new(Book::new(t0));
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        book.record(at(5), 1, false, [(&b"old"[..], shard(1))].into_iter());
+        book.record(at(125), 1, false, [(&b"mid"[..], shard(1))].into_iter());
+        book.record(at(185), 3, false, [(&b"new"[..], shard(1))].into_iter());
+        let names = |m: &Merged| -> Vec<Bytes> { m.keys.iter().map(|k| k.key.clone()).collect() };
+        let now = at(186);
+        assert_eq!(
+            names(&merge(&[book.clone()], now, Duration::from_secs(10))),
+            ["new"]
+        );
+        let m = merge(&[book.clone()], now, Duration::from_secs(60));
+        assert_eq!(names(&m), ["new", "mid"]);
+        // The span covers 6 full windows and 6 s of the current one.
+        assert!((m.seconds - 66.0).abs() < 0.01, "{}", m.seconds);
+        assert!((m.rate(3) - 3.0 / 66.0).abs() < 1e-9);
+        assert_eq!(
+            names(&merge(&[book.clone()], now, Duration::from_secs(300))),
+            ["new", "mid", "old"]
+        );
+        // 31 windows later the first one is reused and forgets "old".
+        book.record(at(315), 1, false, [(&b"newer"[..], shard(1))].into_iter());
+        let m = merge(&[book], at(316), Duration::from_secs(300));
+        assert!(!names(&m).contains(&Bytes::from_static(b"old")));
+    }
+
+    #[test]
+    fn big_replies_keep_the_largest_per_window() {
+        let t0 = Instant::now();
+        let book = Arc::new(Book::new(t0));
+        for i in 0..100usize {
+            let key = Bytes::from(format!("k{i}"));
+            book.record_size(t0, key, 1000 + i, shard(1));
+        }
+        book.record_size(t0, Bytes::from_static(b"k99"), 50, shard(1));
+        let m = merge(&[book], t0, Duration::from_secs(60));
+        assert_eq!(m.big.len(), BIG_PER_WINDOW);
+        assert_eq!(m.big[0].key, "k99");
+        assert_eq!(m.big[0].size, 1099);
+        assert_eq!(m.big[BIG_PER_WINDOW - 1].size, 1100 - BIG_PER_WINDOW);
+    }
+
+    #[test]
+    fn the_sampler_takes_one_in_every_on_average_and_none_when_off() {
+        let book = Arc::new(Book::new(Instant::now()));
+        let s = Sampler::new(16, book.clone(), 42);
+        let taken = (0..160_000).filter(|_| s.tick()).count();
+        assert!((9_000..11_000).contains(&taken), "{taken}");
+        let all = Sampler::new(1, book.clone(), 7);
+        assert_eq!((0..1000).filter(|_| all.tick()).count(), 1000);
+        let off = Sampler::new(0, book, 7);
+        assert_eq!((0..100_000).filter(|_| off.tick()).count(), 0);
+    }
+}
