@@ -490,7 +490,7 @@ mod tests {
             let i = 19 - rank as u64;
             assert_eq!(k.key, format!("heavy:{i}").as_bytes(), "rank {rank}");
             assert_eq!(k.requests, 100 + i);
-            let (reads, writes) = if i % 2 == 0 {
+            let (reads, writes) = if i.is_multiple_of(2) {
                 (0, 100 + i)
             } else {
                 (100 + i, 0)
@@ -515,16 +515,24 @@ mod tests {
         let names = |m: &Merged| -> Vec<Bytes> { m.keys.iter().map(|k| k.key.clone()).collect() };
         let now = at(186);
         assert_eq!(
-            names(&merge(&[book.clone()], now, Duration::from_secs(10))),
+            names(&merge(
+                std::slice::from_ref(&book),
+                now,
+                Duration::from_secs(10)
+            )),
             ["new"]
         );
-        let m = merge(&[book.clone()], now, Duration::from_secs(60));
+        let m = merge(std::slice::from_ref(&book), now, Duration::from_secs(60));
         assert_eq!(names(&m), ["new", "mid"]);
         // The span covers 6 full windows and 6 s of the current one.
         assert!((m.seconds - 66.0).abs() < 0.01, "{}", m.seconds);
         assert!((m.rate(3) - 3.0 / 66.0).abs() < 1e-9);
         assert_eq!(
-            names(&merge(&[book.clone()], now, Duration::from_secs(300))),
+            names(&merge(
+                std::slice::from_ref(&book),
+                now,
+                Duration::from_secs(300)
+            )),
             ["new", "mid", "old"]
         );
         // 31 windows later the first one is reused and forgets "old".
