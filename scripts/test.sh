@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: formatting, lints, unit tests, and the integration tests that start
 # real redis-server shards and the slotgate binary on loopback ports.
-# Needs redis-server, redis-tools (redis-benchmark) and openssl (TLS version tests); installs
-# them with apt-get if missing.
+# Needs redis-server, redis-tools (redis-benchmark), openssl (TLS version tests) and chromium
+# (the dashboard test); installs them with apt-get if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +23,14 @@ if ! python3 -c "import redis, redis.asyncio, redis.auth.token" 2>/dev/null; the
   echo "installing redis-py (pip)..." >&2
   python3 -m pip install --quiet --upgrade "redis>=6" \
     || python3 -m pip install --quiet --upgrade --break-system-packages "redis>=6"
+fi
+
+# Debian's chromium: the dashboard test loads the admin page in a headless browser.
+if ! command -v chromium >/dev/null; then
+  echo "installing chromium (apt-get)..." >&2
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi
 
 # ioredis and node-redis (from npm) for the client tests of tests/node/.

@@ -6,7 +6,7 @@
 //! one Space-Saving summary (Metwally, Agrawal, El Abbadi, 2005) of [`KEYS_PER_WINDOW`] keys
 //! per 10-second window, 31 windows kept. A key already in the summary has its count raised; a
 //! new one replaces the least counted and inherits its count, so a key requested often is
-//! never lost and its count is never under the truth. A sampled single-key read also records
+//! never lost. What is reported is what was counted while the key was in the summary. A sampled single-key read also records
 //! the size of its reply (the big replies: the [`BIG_PER_WINDOW`] largest per window).
 //!
 //! The fast path is [`Sampler::tick`]: one decrement and a branch per command. A sample
@@ -248,7 +248,10 @@ impl Book {
 #[derive(Clone, Debug, PartialEq)]
 pub struct HotKey {
     pub key: Bytes,
-    /// Requests estimated in the span (never under the truth, up to sampling noise).
+    /// Requests estimated in the span: those counted while the key was in the summary (a
+    /// key requested often enters a window early and stays), so never over the truth, up to
+    /// sampling noise. (The summary's own count, which ranks keys for eviction, adds what
+    /// the key inherited on entry: an upper bound, far too high for keys that come and go.)
     pub requests: u64,
     pub reads: u64,
     pub writes: u64,
@@ -318,7 +321,7 @@ pub fn merge(books: &[Arc<Book>], now: Instant, span: Duration) -> Merged {
                     writes: 0,
                     shard: e.shard,
                 });
-                k.requests += e.count;
+                k.requests += e.reads + e.writes;
                 k.reads += e.reads;
                 k.writes += e.writes;
                 k.shard = e.shard;

@@ -48,6 +48,30 @@ pub const RT_BREAKER_REJECTIONS: &str = "slotgate_readthrough_breaker_rejections
 pub const RT_BREAKER_OPENS: &str = "slotgate_readthrough_breaker_opens_total";
 pub const RT_BREAKER_OPEN: &str = "slotgate_readthrough_breaker_open";
 pub const RT_ORIGIN_INFLIGHT: &str = "slotgate_readthrough_origin_inflight";
+pub const REQUESTS: &str = "slotgate_requests_total";
+pub const REQUEST_DURATION: &str = "slotgate_request_duration_seconds";
+pub const ERROR_REPLIES: &str = "slotgate_error_replies_total";
+pub const OBUF_CLOSES: &str = "slotgate_client_output_buffer_closes_total";
+pub const HOTKEY_SHARE: &str = "slotgate_hotkey_share";
+pub const SHARD_RPS: &str = "slotgate_shard_requests_per_second";
+
+/// Labels of `TOKEN_AUTH_FAILURES`' reasons and `CLUSTER_REDIRECTS`' kinds, exported at 0
+/// from start-up.
+/// (`token::Failure::as_str` spells them; a test there keeps the two lists equal.)
+pub const TOKEN_FAILURE_REASONS: &[&str] = &[
+    "malformed",
+    "algorithm",
+    "issuer",
+    "unknown_key",
+    "signature",
+    "expired",
+    "not_yet_valid",
+    "audience",
+    "username",
+    "missing_claim",
+    "no_user",
+];
+pub const REDIRECT_KINDS: &[&str] = &["moved", "ask", "tryagain"];
 
 /// One command in this many has its latency recorded.
 pub const SAMPLE_EVERY: u64 = 32;
@@ -155,7 +179,70 @@ pub fn install() -> Option<PrometheusHandle> {
         RT_STORE_SKIPPED,
         "Loaded values not stored (no-store, a client wrote the key meanwhile, or a refresh lost its compare-and-set)"
     );
+    describe_counter!(
+        REQUESTS,
+        "Commands received, by class (single, multi_key, all_shards, local, transaction, blocking, pubsub, refused)"
+    );
+    describe_histogram!(
+        REQUEST_DURATION,
+        metrics::Unit::Seconds,
+        "Time from reading a command to its reply being ready, by class (sampled)"
+    );
+    describe_counter!(
+        ERROR_REPLIES,
+        "Error replies sent to clients (INFO's total_error_replies)"
+    );
+    describe_counter!(
+        OBUF_CLOSES,
+        "Clients closed for going over their output buffer limit"
+    );
+    describe_gauge!(
+        HOTKEY_SHARE,
+        "The hottest key's share of a shard's requests over the last minute (sampled)"
+    );
+    describe_gauge!(
+        SHARD_RPS,
+        "Requests per second to a shard over the last minute (estimated from the hot-key samples)"
+    );
     Some(handle)
+}
+
+/// Registers every metric that has not moved yet at 0 (so that dashboards and alerts find a
+/// series from start-up): the process-wide ones, each of `shards`, and each of the
+/// command classes, token failure reasons and redirect kinds. (Per-command series start with
+/// their command; a read-through rule registers its own when it is built.)
+pub fn register_at_zero(shards: &[String]) {
+    for name in [
+        CONNECTIONS_TOTAL,
+        REJECTED,
+        AUTH_FAILURES,
+        TOKEN_AUTHS,
+        CLUSTER_REFRESHES,
+        CLUSTER_LAYOUT_CHANGES,
+        CLUSTER_FAILOVERS,
+        ERROR_REPLIES,
+        OBUF_CLOSES,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    metrics::gauge!(CONNECTIONS).increment(0.0);
+    for &reason in TOKEN_FAILURE_REASONS {
+        metrics::counter!(TOKEN_AUTH_FAILURES, "reason" => reason).increment(0);
+    }
+    for &kind in REDIRECT_KINDS {
+        metrics::counter!(CLUSTER_REDIRECTS, "kind" => kind).increment(0);
+    }
+    for &class in crate::command::CLASSES {
+        metrics::counter!(REQUESTS, "class" => class).increment(0);
+        let _ = metrics::histogram!(REQUEST_DURATION, "class" => class);
+    }
+    for shard in shards {
+        metrics::counter!(SHARD_ERRORS, "shard" => shard.clone()).increment(0);
+        metrics::counter!(SHARD_RECONNECTS, "shard" => shard.clone()).increment(0);
+        for g in [SHARD_UP, SHARD_INFLIGHT, HOTKEY_SHARE, SHARD_RPS] {
+            metrics::gauge!(g, "shard" => shard.clone()).increment(0.0);
+        }
+    }
 }
 
 /// A worker's command counters, published to the registry once a second.
@@ -213,7 +300,7 @@ impl LatencyHistogram {
         self.0[Self::bucket(us).min(BUCKETS - 1)] += 1;
     }
 
-    fn add(&mut self, o: &LatencyHistogram) {
+    pub fn add(&mut self, o: &LatencyHistogram) {
         if o.0.is_empty() {
             return;
         }
@@ -223,6 +310,15 @@ impl LatencyHistogram {
         for (a, b) in self.0.iter_mut().zip(&o.0) {
             *a += b;
         }
+    }
+
+    /// The buckets with samples: (upper bound in microseconds, samples).
+    pub fn buckets(&self) -> impl Iterator<Item = (f64, u64)> + '_ {
+        self.0
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, n)| (Self::bound(i), *n))
     }
 
     /// The `p`-th percentile (0–100) in microseconds, as the upper bound of its bucket;

@@ -625,6 +625,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_failure_reason_is_exported_from_start_up() {
+        use Failure::*;
+        let all = [
+            Malformed,
+            Algorithm,
+            Issuer,
+            UnknownKey,
+            Signature,
+            Expired,
+            NotYetValid,
+            Audience,
+            Username,
+            MissingClaim,
+            NoUser,
+        ];
+        let names: Vec<&str> = all.iter().map(|f| f.as_str()).collect();
+        assert_eq!(names, crate::metrics::TOKEN_FAILURE_REASONS);
+    }
+
+    #[test]
     fn jwt_shapes() {
         assert!(looks_like_jwt(b"eyJhbGciOiJSUzI1NiJ9.eyJ4IjoxfQ.c2ln"));
         assert!(!looks_like_jwt(b"hunter2"));

@@ -98,6 +98,8 @@ pub struct Stats {
     pub token_auths: AtomicU64,
     /// AUTHs with a token that was refused (also counted in `auth_failures`).
     pub token_auth_failures: AtomicU64,
+    /// Clients closed for going over their output buffer limit.
+    pub obuf_closes: AtomicU64,
 }
 
 /// What CLIENT LIST shows of a session.

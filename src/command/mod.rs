@@ -123,6 +123,47 @@ pub enum Route {
     NotYet,
 }
 
+/// The command classes the dashboard and `slotgate_requests_total` count by (see
+/// [`Route::class`]).
+pub const CLASSES: &[&str] = &[
+    "single",
+    "multi_key",
+    "all_shards",
+    "local",
+    "transaction",
+    "blocking",
+    "pubsub",
+    "refused",
+];
+
+/// The class of the command named as the command table names it (`get`, `client|list`);
+/// `refused` for a name not in the table.
+pub fn class_of(name: &str) -> &'static str {
+    let (container, sub) = match name.split_once('|') {
+        Some((c, s)) => (c, Some(s)),
+        None => (name, None),
+    };
+    let spec = lookup(container.as_bytes())
+        .and_then(|c| sub.map_or(Some(c), |s| lookup_sub(c, s.as_bytes())));
+    spec.map_or("refused", |s| s.route.class())
+}
+
+impl Route {
+    /// The class a command of this route counts under: one of [`CLASSES`].
+    pub fn class(&self) -> &'static str {
+        match self {
+            Route::Single | Route::AnyShard => "single",
+            Route::Scatter(_) => "multi_key",
+            Route::AllShards(_) => "all_shards",
+            Route::Local => "local",
+            Route::Transaction => "transaction",
+            Route::Blocking => "blocking",
+            Route::PubSub => "pubsub",
+            Route::Refused | Route::NotYet => "refused",
+        }
+    }
+}
+
 /// How the replies of several shards become one reply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Merge {

@@ -207,6 +207,12 @@ impl Stat {
 }
 
 impl RuleStats {
+    /// Origin calls avoided: answers the cache gave (hits, coalesced misses, remembered
+    /// 404s, values served in their grace period).
+    pub fn avoided(&self) -> u64 {
+        self.hits.get() + self.coalesced.get() + self.negative_hits.get() + self.stale_serves.get()
+    }
+
     fn new(rule: &str) -> Self {
         use crate::metrics as m;
         let kinds = ["status", "timeout", "connect", "too_large", "other"];

@@ -1112,7 +1112,7 @@ fn readthrough_info(shared: &Shared) -> String {
         } else {
             0.0
         };
-        let avoided = hits + s.coalesced.get() + s.negative_hits.get() + s.stale_serves.get();
+        let avoided = s.avoided();
         body.push_str(&format!(
             "rule_{i}:name={},prefix={},hits={hits},misses={misses},hit_ratio={ratio:.4},\
              origin_requests={},origin_calls_avoided={avoided},coalesced={},\

@@ -109,7 +109,7 @@ pub struct Session {
     /// Who the client is: its user and how it logged in.
     pub(crate) login: login::Login,
     /// Commands whose latency is being measured: (reply sequence number, start, name).
-    sampled: std::collections::VecDeque<(u64, std::time::Instant, &'static str)>,
+    sampled: std::collections::VecDeque<(u64, std::time::Instant, &'static CommandSpec)>,
     /// The last top-level command looked up.
     last_command: Option<&'static CommandSpec>,
     /// The command being dispatched (`None` for an unknown one): INFO commandstats counts its
@@ -331,6 +331,11 @@ impl Session {
     fn log_close(&self) {
         let q = &self.queue;
         if q.overflowed() {
+            self.w
+                .shared
+                .stats
+                .obuf_closes
+                .fetch_add(1, Ordering::Relaxed);
             // Redis logs the same event as "… scheduled to be closed ASAP for overcoming of
             // output buffer limits".
             tracing::warn!(
@@ -607,7 +612,7 @@ impl Session {
         if self.dispatched.is_multiple_of(crate::metrics::SAMPLE_EVERY) {
             let seq = self.queue.next_seq();
             self.sampled
-                .push_back((seq, std::time::Instant::now(), spec.name));
+                .push_back((seq, std::time::Instant::now(), spec));
         }
         if spec.may_write_keys() && self.w.has_rules.get() {
             self.note_writes(spec, req);
@@ -715,12 +720,15 @@ impl Session {
     /// Records the latency of sampled commands whose replies are now written.
     fn record_latencies(&mut self) {
         let base = self.queue.base();
-        while let Some(&(seq, start, name)) = self.sampled.front() {
+        while let Some(&(seq, start, spec)) = self.sampled.front() {
             if seq >= base {
                 break;
             }
             let took = start.elapsed();
+            let name = spec.name;
             metrics::histogram!(crate::metrics::COMMAND_DURATION, "command" => name)
+                .record(took.as_secs_f64());
+            metrics::histogram!(crate::metrics::REQUEST_DURATION, "class" => spec.route.class())
                 .record(took.as_secs_f64());
             self.w.metrics.sampled(name, took);
             self.sampled.pop_front();

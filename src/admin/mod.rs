@@ -1,7 +1,11 @@
-//! The admin HTTP listener: `/metrics` (Prometheus text), `/healthz` (the process answers),
-//! `/readyz` (every shard has all its connections up), `POST /invalidate` (read-through
-//! invalidation, with its own bearer token). HTTP/1.1 with hyper, on the
-//! acceptor's runtime; never on a worker.
+//! The admin HTTP listener: the dashboard (`/`, see `dashboard.html`) and its data
+//! (`/overview`, `/hotkeys`, `/bigkeys`: JSON), `/metrics` (Prometheus text), `/healthz` (the
+//! process answers), `/readyz` (every shard has all its connections up), `POST /invalidate`
+//! (read-through invalidation, with its own bearer token). With `admin_token` set, everything
+//! but `/healthz`, `/readyz` and `/invalidate` asks for it (`Authorization: Bearer …`, or
+//! `?token=…` for a browser). HTTP/1.1 with hyper, on the acceptor's runtime; never on a worker.
+
+mod views;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -35,7 +39,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                     if req.uri().path() == "/invalidate" {
                         return Ok::<_, Infallible>(invalidate(&shared, req).await);
                     }
-                    Ok::<_, Infallible>(handle(&shared, req.uri().path()))
+                    Ok::<_, Infallible>(handle(&shared, &req))
                 }
             });
             let _ = hyper::server::conn::http1::Builder::new()
@@ -55,8 +59,70 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
-fn handle(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
+fn json(body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = text(StatusCode::OK, body.to_string());
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// The dashboard: one page, no external scripts or fonts.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// Whether the request carries the admin token (or none is configured).
+fn authorized<B>(shared: &Shared, req: &Request<B>) -> bool {
+    let Some(token) = shared.live().admin_token.clone() else {
+        return true;
+    };
+    let header = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    let query = req.uri().query().and_then(|q| {
+        q.split('&')
+            .find_map(|p| p.strip_prefix("token="))
+            .map(str::as_bytes)
+    });
+    [header, query]
+        .into_iter()
+        .flatten()
+        .any(|given| crate::auth::constant_time_eq(given, token.as_bytes()))
+}
+
+fn handle<B>(shared: &Shared, req: &Request<B>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if !matches!(path, "/healthz" | "/readyz") && !authorized(shared, req) {
+        let mut r = text(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized: admin_token is set\n",
+        );
+        r.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static("Bearer"),
+        );
+        return r;
+    }
     match path {
+        "/" => {
+            let mut r = text(StatusCode::OK, DASHBOARD);
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            r
+        }
+        "/overview" => json(&views::overview(shared)),
+        "/hotkeys" | "/bigkeys" => match views::query(req.uri().query()) {
+            Ok(q) if path == "/hotkeys" => json(&views::hot_keys(shared, q)),
+            Ok(q) => json(&views::big_keys(shared, q)),
+            Err(e) => {
+                let why = crate::resp::reply::hotkeys_query(e);
+                let why = String::from_utf8_lossy(&why[1..why.len() - 2]).into_owned();
+                text(StatusCode::BAD_REQUEST, format!("{why}\n"))
+            }
+        },
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {
             let down = shared.shards_down();
@@ -86,7 +152,7 @@ fn handle(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
         },
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: /metrics /healthz /readyz /invalidate\n",
+            "not found: / /overview /hotkeys /bigkeys /metrics /healthz /readyz /invalidate\n",
         ),
     }
 }
@@ -195,8 +261,34 @@ fn refresh_gauges(shared: &Shared) {
         rule.stats.publish();
         rule.stats.publish_guard(&rule.name, &rule.guard);
     }
+    let shards: Vec<String> = shared.live().shards.iter().map(|a| a.to_string()).collect();
+    m::register_at_zero(&shards);
+    metrics::counter!(m::OBUF_CLOSES).absolute(st.obuf_closes.load(Ordering::Relaxed));
+    {
+        let t = shared
+            .command_totals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        metrics::counter!(m::ERROR_REPLIES).absolute(t.total_errors);
+        let mut per_class: std::collections::HashMap<&str, u64> = Default::default();
+        for (name, c) in &t.commands {
+            *per_class.entry(crate::command::class_of(name)).or_default() += c.calls;
+        }
+        for (class, n) in per_class {
+            metrics::counter!(m::REQUESTS, "class" => class).absolute(n);
+        }
+    }
+    let hot = crate::hotkeys::merge(
+        &shared.hot_books,
+        std::time::Instant::now(),
+        std::time::Duration::from_secs(60),
+    );
     for &addr in shared.live().shards.iter() {
         let shard = addr.to_string();
+        let share = hot.hottest_share(addr);
+        metrics::gauge!(m::HOTKEY_SHARE, "shard" => shard.clone()).set(share);
+        let rps = hot.rate(hot.shards.get(&addr).copied().unwrap_or(0));
+        metrics::gauge!(m::SHARD_RPS, "shard" => shard.clone()).set(rps);
         let up = shared.shard_is_up(addr);
         metrics::gauge!(m::SHARD_UP, "shard" => shard.clone()).set(if up { 1.0 } else { 0.0 });
         let inflight = shared.shard_inflight(addr);
