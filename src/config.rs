@@ -79,7 +79,7 @@ pub struct Cli {
     #[arg(long, value_name = "N")]
     pub tracking_table_max_keys: Option<usize>,
     /// Hot keys and big replies: sample one command in N (1: every command; 0: off)
-    /// [default: 16].
+    /// [default: 32].
     #[arg(long, value_name = "N")]
     pub hotkeys_sample: Option<u32>,
     /// TLS listener address, or `none` [default: 127.0.0.1:10000 when a certificate is set].

@@ -91,6 +91,8 @@ pub struct ReplyQueue {
     /// replies' sizes are wanted (0: none; see [`ReplyQueue::probe`]), and those reads.
     probe_min: Cell<u64>,
     probes: RefCell<VecDeque<(u64, Probe)>>,
+    /// The worker's book the probes' sizes go to (set with the first probe).
+    book: std::cell::OnceCell<std::sync::Arc<crate::hotkeys::Book>>,
 }
 
 /// Sampled reads whose replies a client may have pending at once (a pipeline).
@@ -98,9 +100,10 @@ const PROBES_MAX: usize = 16;
 
 /// A sampled single-key read whose reply's size goes to a worker's big replies.
 pub struct Probe {
-    pub key: Bytes,
+    pub key: crate::hotkeys::SmallKey,
     pub shard: std::net::SocketAddr,
-    pub book: std::sync::Arc<crate::hotkeys::Book>,
+    /// When the read was sampled (its window).
+    pub at: std::time::Instant,
 }
 
 /// Writes reply `b` into `out` within `room` bytes: `true` when all of it went (its slot is
@@ -389,14 +392,17 @@ impl ReplyQueue {
 
     /// Asks for the size of the reply that will fill slot `seq` (a sampled read; see
     /// `hotkeys`). A pipeline may have several; past [`PROBES_MAX`] the oldest is dropped.
-    pub fn probe(&self, seq: u64, probe: Probe) {
+    pub fn probe(&self, seq: u64, probe: Probe, book: &std::sync::Arc<crate::hotkeys::Book>) {
+        self.book.get_or_init(|| book.clone());
         let mut probes = self.probes.borrow_mut();
         if probes.len() == PROBES_MAX {
             probes.pop_front();
         }
         probes.push_back((seq, probe));
-        drop(probes);
-        self.prune_probes();
+        let min = self.probe_min.get();
+        if min == 0 || seq < min - 1 {
+            self.probe_min.set(seq + 1);
+        }
     }
 
     /// Records the size of slot `seq`'s reply if it was probed, and forgets probes whose
@@ -408,9 +414,8 @@ impl ReplyQueue {
             let at = probes.iter().position(|(s, _)| *s == seq);
             at.and_then(|i| probes.remove(i))
         };
-        if let Some((_, p)) = found {
-            p.book
-                .record_size(std::time::Instant::now(), p.key, len, p.shard);
+        if let (Some((_, p)), Some(book)) = (found, self.book.get()) {
+            book.record_size(p.at, p.key.as_slice(), len, p.shard);
         }
         self.prune_probes();
     }

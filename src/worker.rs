@@ -334,6 +334,9 @@ pub struct Worker {
     pub tracker: Rc<crate::tracking::Tracker>,
     /// Hot keys and big replies: which commands are sampled, and this worker's book.
     pub hot: crate::hotkeys::Sampler,
+    /// `slotgate_request_duration_seconds` of each command class (`command::CLASSES`), kept
+    /// so that a sampled latency is recorded without looking its series up.
+    pub class_latency: Vec<metrics::Histogram>,
 }
 
 impl Worker {
@@ -374,11 +377,15 @@ impl Worker {
             pending_gets: Default::default(),
             tracker,
             hot,
+            class_latency: crate::command::CLASSES
+                .iter()
+                .map(|&c| metrics::histogram!(crate::metrics::REQUEST_DURATION, "class" => c))
+                .collect(),
         })
     }
 
     /// Hot keys: records the keys of a sampled command, and asks `queue` for the size of a
-    /// single-key read's reply (the big replies).
+    /// single-key read's reply (the big replies). `now`: when the command was read.
     #[cold]
     #[inline(never)]
     pub(crate) fn sample(
@@ -386,28 +393,49 @@ impl Worker {
         spec: &crate::command::CommandSpec,
         req: &crate::resp::request::Request<'_>,
         queue: &crate::queue::ReplyQueue,
+        now: Instant,
     ) {
-        use crate::command::flags;
+        use crate::command::{BeginSearch, FindKeys, KeySpec, flags};
         let mut at = Vec::new();
-        if crate::command::keys::key_indices(spec, req.argc(), |i| req.arg(i), &mut at).is_err() {
-            return;
-        }
-        let now = Instant::now();
+        let one = [1];
+        let at: &[usize] = match spec.key_specs {
+            // The common shape (GET, SET, HGET …): one key, the first argument.
+            [
+                KeySpec {
+                    begin: BeginSearch::Index(1),
+                    find: FindKeys::Range { lastkey: 0, .. },
+                    ..
+                },
+            ] if req.argc() > 1 => &one,
+            _ => {
+                let indices = |i| req.arg(i);
+                if crate::command::keys::key_indices(spec, req.argc(), indices, &mut at).is_err() {
+                    return;
+                }
+                &at
+            }
+        };
         let live = self.live();
         let shard = |key: &[u8]| live.shards[live.slot_map.shard_of(key)];
-        let keys = at.iter().map(|&i| (req.arg(i), shard(req.arg(i))));
         let write = spec.has(flags::WRITE);
-        self.hot.book.record(now, self.hot.weight(), write, keys);
-        if let [i] = at[..]
-            && spec.has(flags::READONLY)
-        {
+        let weight = self.hot.weight();
+        if let [i] = at[..] {
             let key = req.arg(i);
-            let probe = crate::queue::Probe {
-                key: bytes::Bytes::copy_from_slice(key),
-                shard: shard(key),
-                book: self.hot.book.clone(),
-            };
-            queue.probe(queue.next_seq(), probe);
+            let to = shard(key);
+            self.hot
+                .book
+                .record(now, weight, write, [(key, to)].into_iter());
+            if spec.has(flags::READONLY) {
+                let probe = crate::queue::Probe {
+                    key: crate::hotkeys::SmallKey::new(key),
+                    shard: to,
+                    at: now,
+                };
+                queue.probe(queue.next_seq(), probe, &self.hot.book);
+            }
+        } else {
+            let keys = at.iter().map(|&i| (req.arg(i), shard(req.arg(i))));
+            self.hot.book.record(now, weight, write, keys);
         }
     }
 

@@ -89,15 +89,16 @@ fn hot_keys_of_a_zipf_load_are_found_within_20_percent() {
     let shards: Vec<RedisServer> = (0..2).map(|_| RedisServer::start()).collect();
     let refs: Vec<&RedisServer> = shards.iter().collect();
     let proxy = Slotgate::start_with(&refs, &["--workers", "2"]);
-    // 4,000,000 commands over 1,000 keys (Zipf, s = 1.1), one in ten a SET, pipelined over
-    // two connections (two workers). With one command in 16 sampled, the 10th key (about
-    // 53,000 requests) gets about 3,300 samples: 1.7% of noise, while the 11th is 10% less
-    // requested, so the true top 10 is told apart with a margin of four standard deviations.
+    // 6,000,000 commands over 1,000 keys (Zipf, s = 1.1), one in ten a SET, pipelined over
+    // two connections (two workers). With one command in 32 sampled (the default), the 10th
+    // key (about 79,000 requests) gets about 2,500 samples: 2% of noise, while the 11th is
+    // 10% less requested, so the true top 10 is told apart with a margin of 3.5 standard
+    // deviations.
     let mut zipf = Zipf::new(1_000, 1.1);
     let mut truth = vec![(0u64, 0u64); 1_000];
     let mut conns = [proxy.raw(), proxy.raw()];
     let mut i = 0u64;
-    for batch in 0..2_000 {
+    for batch in 0..3_000 {
         let mut buf = Vec::with_capacity(2_000 * 40);
         for _ in 0..2_000 {
             let r = zipf.next();
@@ -211,9 +212,9 @@ fn big_replies_are_listed_largest_first_with_their_shards() {
             .query(&mut c)
             .unwrap();
     }
-    // One read in 16 is sampled: 300 reads of each leave a chance of 4e-9 to miss one.
+    // One read in 32 is sampled: 800 reads of each leave a chance of 1e-11 to miss one.
     let mut cmds = Vec::new();
-    for _ in 0..300 {
+    for _ in 0..800 {
         for (k, _) in sizes {
             cmds.push(resp(&[b"GET", k.as_bytes()]));
             cmds.push(resp(&[

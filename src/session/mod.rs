@@ -603,7 +603,7 @@ impl Session {
         }
         self.w.metrics.command(spec.name);
         if self.w.hot.tick() {
-            self.w.sample(spec, req, &self.queue);
+            self.w.sample(spec, req, &self.queue, now.into_std());
         }
         if gate & crate::gate::Gate::MONITOR != 0 {
             self.feed_monitors(spec, req);
@@ -728,8 +728,7 @@ impl Session {
             let name = spec.name;
             metrics::histogram!(crate::metrics::COMMAND_DURATION, "command" => name)
                 .record(took.as_secs_f64());
-            metrics::histogram!(crate::metrics::REQUEST_DURATION, "class" => spec.route.class())
-                .record(took.as_secs_f64());
+            self.w.class_latency[spec.route.class_index()].record(took.as_secs_f64());
             self.w.metrics.sampled(name, took);
             self.sampled.pop_front();
         }
