@@ -8,7 +8,7 @@
 //!
 //! Modules are layered; each uses only its own layer and those below (`tests/layers.rs` checks
 //! it), lowest first: wire and utilities (`resp`, `netio`, `notify`, `metrics`, `router`,
-//! `units`, `tls`) · data (`command`, `auth`, `token`) · `fanout` · `queue` · `shard` · proxy logic and
+//! `units`, `tls`, `slowlog`, `hotkeys`) · data (`command`, `auth`, `token`) · `fanout` · `queue` · `shard` · proxy logic and
 //! worker state (`readthrough`, `settings`, `worker`) · the client connection (`session`, with
 //! `session::local`, `session::pinned`, `session::pubsub`) · the process (`server`, `admin`,
 //! `config`, `reload`).
@@ -51,7 +51,10 @@
 //!   per shard (BCAST on the shard), the keys each tracking client read, and the pushes.
 //! - [`netio`]: socket reads and writes on the hot path (plain TCP: tokio's readiness, rustix
 //!   system calls; TLS: tokio's own path).
-//! - [`metrics`]: every metric name, described once; [`admin`]: /metrics, /healthz, /readyz.
+//! - [`metrics`]: every metric name, described once, and registered at 0 from start-up;
+//!   [`admin`]: the dashboard and its JSON, /metrics, /healthz, /readyz, /invalidate.
+//! - [`hotkeys`]: sampled hot keys (Space-Saving windows behind a doorkeeper) and big
+//!   replies, merged over the workers for SLOTGATE.HOTKEYS/BIGKEYS and the dashboard.
 //! - [`auth`]: users (`requirepass`, `[[users]]`), SHA-256 password digests, ACL-style command
 //!   rules and key patterns, checked per command before anything is forwarded.
 //! - [`token`]: token authentication: JWT access tokens checked against `[[token_issuers]]`
