@@ -435,8 +435,10 @@ impl Cli {
                 .hotkeys_sample
                 .or(f.hotkeys_sample)
                 .unwrap_or(crate::hotkeys::DEFAULT_SAMPLE),
+            // (An empty variable is unset: it never turns off the file's token.)
             admin_token: std::env::var("SLOTGATE_ADMIN_TOKEN")
                 .ok()
+                .filter(|t| !t.is_empty())
                 .or(f.admin_token)
                 .filter(|t| !t.is_empty()),
             proto_max_bulk_len: f.proto_max_bulk_len.unwrap_or(512 * 1024 * 1024),

@@ -183,6 +183,12 @@ pub fn install() -> Option<PrometheusHandle> {
         REQUESTS,
         "Commands received, by class (single, multi_key, all_shards, local, transaction, blocking, pubsub, refused)"
     );
+    describe_operator_metrics();
+    Some(handle)
+}
+
+/// The operator's view: classes, error replies, output-buffer closes, hot keys.
+fn describe_operator_metrics() {
     describe_histogram!(
         REQUEST_DURATION,
         metrics::Unit::Seconds,
@@ -204,14 +210,13 @@ pub fn install() -> Option<PrometheusHandle> {
         SHARD_RPS,
         "Requests per second to a shard over the last minute (estimated from the hot-key samples)"
     );
-    Some(handle)
 }
 
 /// Registers every metric that has not moved yet at 0 (so that dashboards and alerts find a
 /// series from start-up): the process-wide ones, each of `shards`, and each of the
 /// command classes, token failure reasons and redirect kinds. (Per-command series start with
 /// their command; a read-through rule registers its own when it is built.)
-pub fn register_at_zero(shards: &[String]) {
+pub fn register_at_zero(shards: &[String], classes: &[&'static str]) {
     for name in [
         CONNECTIONS_TOTAL,
         REJECTED,
@@ -232,7 +237,7 @@ pub fn register_at_zero(shards: &[String]) {
     for &kind in REDIRECT_KINDS {
         metrics::counter!(CLUSTER_REDIRECTS, "kind" => kind).increment(0);
     }
-    for &class in crate::command::CLASSES {
+    for &class in classes {
         metrics::counter!(REQUESTS, "class" => class).increment(0);
         let _ = metrics::histogram!(REQUEST_DURATION, "class" => class);
     }

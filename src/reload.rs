@@ -184,6 +184,7 @@ fn keep_fixed(running: &Settings, new: &mut Settings) -> Vec<&'static str> {
         max_inflight_bytes_per_connection,
         max_dedicated_per_shard,
         tracking_table_max_keys,
+        hotkeys_sample,
         upstream_tls,
         cluster
     );
@@ -195,6 +196,9 @@ fn changes(running: &Settings, new: &Settings) -> String {
     let mut what = Vec::new();
     if format!("{:?}", running.users) != format!("{:?}", new.users) {
         what.push("users");
+    }
+    if running.admin_token != new.admin_token {
+        what.push("admin token");
     }
     if format!("{:?}", running.tokens) != format!("{:?}", new.tokens) {
         what.push("token issuers");

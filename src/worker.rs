@@ -58,6 +58,8 @@ pub struct Shared {
     pub tracking_keys: Vec<Arc<AtomicUsize>>,
     /// Per worker: its sampled keys and big replies (see `hotkeys`).
     pub hot_books: Vec<Arc<crate::hotkeys::Book>>,
+    /// The books' last merges (SLOTGATE.HOTKEYS, the admin endpoints, the gauges).
+    pub hot_merged: crate::hotkeys::MergeCache,
     /// Clients waiting on a blocking command (INFO's `blocked_clients`).
     pub blocked_clients: Arc<AtomicUsize>,
     pub stats: Stats,
@@ -163,6 +165,7 @@ impl Shared {
             blocked_clients: Arc::default(),
             tracking_clients: Arc::default(),
             tracking_keys: (0..workers).map(|_| Arc::default()).collect(),
+            hot_merged: Default::default(),
             hot_books: (0..workers)
                 .map(|_| Arc::new(crate::hotkeys::Book::new(Instant::now())))
                 .collect(),
@@ -385,7 +388,8 @@ impl Worker {
     }
 
     /// Hot keys: records the keys of a sampled command, and asks `queue` for the size of a
-    /// single-key read's reply (the big replies). `now`: when the command was read.
+    /// single-key read's reply (the big replies) when `probe` (not inside MULTI). `now`: when
+    /// the command was read.
     #[cold]
     #[inline(never)]
     pub(crate) fn sample(
@@ -394,6 +398,7 @@ impl Worker {
         req: &crate::resp::request::Request<'_>,
         queue: &crate::queue::ReplyQueue,
         now: Instant,
+        probe: bool,
     ) {
         use crate::command::{BeginSearch, FindKeys, KeySpec, flags};
         let mut at = Vec::new();
@@ -425,7 +430,8 @@ impl Worker {
             self.hot
                 .book
                 .record(now, weight, write, [(key, to)].into_iter());
-            if spec.has(flags::READONLY) {
+            // (A blocking read may answer much later, in a window gone by.)
+            if probe && spec.has(flags::READONLY) && !spec.has(flags::BLOCKING) {
                 let probe = crate::queue::Probe {
                     key: crate::hotkeys::SmallKey::new(key),
                     shard: to,

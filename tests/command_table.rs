@@ -238,8 +238,8 @@ fn table_matches_command_info() {
         .collect();
     assert_eq!(
         COMMANDS.len() - redis_rows.len(),
-        3,
-        "SLOTGATE.INVALIDATE, STATUS and RELOAD"
+        5,
+        "SLOTGATE.INVALIDATE, STATUS, RELOAD, HOTKEYS and BIGKEYS"
     );
     let count: i64 = redis::cmd("COMMAND").arg("COUNT").query(&mut con).unwrap();
     assert_eq!(redis_rows.len() as i64, count, "top-level command count");

@@ -476,6 +476,14 @@ commands = ["+@all"]
         assert_eq!(k["reads"], 20);
         assert_eq!(k["writes"], 1);
     }
+    // Inside MULTI a read's reply is +QUEUED: no size is taken from it.
+    let tx_value = "t".repeat(5_000);
+    a.call(&[b"SET", b"other:tx", tx_value.as_bytes()]);
+    a.call(&[b"MULTI"]);
+    a.call(&[b"GET", b"other:tx"]);
+    let exec = a.call(&[b"EXEC"]);
+    assert!(exec.starts_with(b"*1\r\n$5000\r\n"));
+    assert!(!keys(&mut a, b"SLOTGATE.BIGKEYS").contains(&"other:tx".to_string()));
     let (_, body) = http_get(admin, "/bigkeys");
     let j: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
@@ -524,6 +532,29 @@ fn browse(url: &str, args: &[&str]) -> String {
 }
 
 #[test]
+fn an_empty_admin_token_variable_keeps_the_files_token() {
+    let cfg = config_file("admin-token", "admin_token = \"from+the/file=\"\n");
+    let shard = RedisServer::start();
+    let (_proxy, admin) = admin_proxy(
+        &[&shard],
+        &["--config", cfg.to_str().unwrap()],
+        &[("SLOTGATE_ADMIN_TOKEN", "")],
+    );
+    assert_eq!(http_get(admin, "/overview").0, 401);
+    let ok = [("Authorization", "Bearer from+the/file=")];
+    assert_eq!(http_request(admin, "GET", "/overview", &ok, "").0, 200);
+    // The scheme in any case; in the address, percent-encoded as a browser sends it.
+    let lower = [("Authorization", "bearer from+the/file=")];
+    assert_eq!(http_request(admin, "GET", "/overview", &lower, "").0, 200);
+    assert_eq!(
+        http_get(admin, "/overview?token=from%2Bthe%2Ffile%3D").0,
+        200
+    );
+    assert_eq!(http_get(admin, "/overview?token=from+the/file=").0, 401);
+    assert_eq!(http_request(admin, "POST", "/overview", &ok, "").0, 405);
+}
+
+#[test]
 fn the_dashboard_loads_in_a_headless_browser_behind_the_admin_token() {
     let origin = support::origin::Origin::start(|p| {
         support::origin::Reply::ok(format!("{{\"label\":\"{p}\"}}"))
@@ -531,7 +562,8 @@ fn the_dashboard_loads_in_a_headless_browser_behind_the_admin_token() {
     let rule = format!("label:={};name=labels", origin.url("/{rest}"));
     let shards: Vec<RedisServer> = (0..2).map(|_| RedisServer::start()).collect();
     let refs: Vec<&RedisServer> = shards.iter().collect();
-    let token = "s3cret-admin";
+    let token = "s3cret+admin/=";
+    let in_address = "s3cret%2Badmin%2F%3D";
     let (proxy, admin) = admin_proxy(
         &refs,
         &[
@@ -567,7 +599,7 @@ fn the_dashboard_loads_in_a_headless_browser_behind_the_admin_token() {
     }
     assert_eq!(http_get(admin, "/healthz").0, 200);
     assert_eq!(http_get(admin, "/readyz").0, 200);
-    let (status, page) = http_get(admin, &format!("/?token={token}"));
+    let (status, page) = http_get(admin, &format!("/?token={in_address}"));
     assert_eq!(status, 200);
     // Self-contained: nothing loaded from elsewhere.
     for external in [
@@ -627,7 +659,7 @@ fn the_dashboard_loads_in_a_headless_browser_behind_the_admin_token() {
 
     // The page in a real browser: it fills its tables from those endpoints (the token taken
     // from its address), and a screenshot of it is kept in target/.
-    let url = format!("http://127.0.0.1:{admin}/?token={token}");
+    let url = format!("http://127.0.0.1:{admin}/?token={in_address}");
     let dom = browse(&url, &["--dump-dom"]);
     let status = dom
         .split("<span id=\"status\">")

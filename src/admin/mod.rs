@@ -71,7 +71,9 @@ fn json(body: &serde_json::Value) -> Response<Full<Bytes>> {
 /// The dashboard: one page, no external scripts or fonts.
 const DASHBOARD: &str = include_str!("dashboard.html");
 
-/// Whether the request carries the admin token (or none is configured).
+/// Whether the request carries the admin token (or none is configured): `Authorization:
+/// Bearer <token>` (the scheme in any case), or `token=<token>` in the query
+/// (percent-decoded, as the page's address gives it).
 fn authorized<B>(shared: &Shared, req: &Request<B>) -> bool {
     let Some(token) = shared.live().admin_token.clone() else {
         return true;
@@ -79,20 +81,24 @@ fn authorized<B>(shared: &Shared, req: &Request<B>) -> bool {
     let header = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
-    let query = req.uri().query().and_then(|q| {
-        q.split('&')
-            .find_map(|p| p.strip_prefix("token="))
-            .map(str::as_bytes)
-    });
+        .map(|v| v.as_bytes())
+        .filter(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer "))
+        .map(|v| v[7..].to_vec());
+    let query = views::pairs(req.uri().query())
+        .into_iter()
+        .find(|(k, _)| k == b"token")
+        .map(|(_, v)| v);
     [header, query]
         .into_iter()
         .flatten()
-        .any(|given| crate::auth::constant_time_eq(given, token.as_bytes()))
+        .any(|given| crate::auth::constant_time_eq(&given, token.as_bytes()))
 }
 
 fn handle<B>(shared: &Shared, req: &Request<B>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
+    if !matches!(*req.method(), hyper::Method::GET | hyper::Method::HEAD) {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+    }
     if !matches!(path, "/healthz" | "/readyz") && !authorized(shared, req) {
         let mut r = text(
             StatusCode::UNAUTHORIZED,
@@ -262,7 +268,7 @@ fn refresh_gauges(shared: &Shared) {
         rule.stats.publish_guard(&rule.name, &rule.guard);
     }
     let shards: Vec<String> = shared.live().shards.iter().map(|a| a.to_string()).collect();
-    m::register_at_zero(&shards);
+    m::register_at_zero(&shards, crate::command::CLASSES);
     metrics::counter!(m::OBUF_CLOSES).absolute(st.obuf_closes.load(Ordering::Relaxed));
     {
         let t = shared
@@ -278,7 +284,7 @@ fn refresh_gauges(shared: &Shared) {
             metrics::counter!(m::REQUESTS, "class" => class).absolute(n);
         }
     }
-    let hot = crate::hotkeys::merge(
+    let hot = shared.hot_merged.merged(
         &shared.hot_books,
         std::time::Instant::now(),
         std::time::Duration::from_secs(60),

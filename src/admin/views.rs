@@ -6,23 +6,55 @@ use std::time::Instant;
 
 use serde_json::{Value, json};
 
-use crate::hotkeys::{self, Query, QueryError};
+use crate::hotkeys::{Query, QueryError};
 use crate::metrics::LatencyHistogram;
 use crate::worker::Shared;
 
-/// `count=n&window=1m` (either, both or none) as `SLOTGATE.HOTKEYS` options.
+/// A query string's `name=value` pairs, percent-decoded as a browser's form encoding
+/// (`+` is a space).
+pub fn pairs(q: Option<&str>) -> Vec<(Vec<u8>, Vec<u8>)> {
+    q.unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn decode(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    out
+}
+
+/// `count=n&window=1m` (either, both or none; other parameters are ignored) as
+/// `SLOTGATE.HOTKEYS` options.
 pub fn query(q: Option<&str>) -> Result<Query, QueryError> {
-    let mut args: Vec<&[u8]> = Vec::new();
-    for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        match k {
-            "count" | "window" => args.extend([k.as_bytes(), v.as_bytes()]),
-            // (The dashboard's own token parameter.)
-            "token" => {}
-            _ => return Err(QueryError::Syntax),
+    let mut args: Vec<Vec<u8>> = Vec::new();
+    for (k, v) in pairs(q) {
+        if k == b"count" || k == b"window" {
+            args.extend([k, v]);
         }
     }
-    Query::parse(args.into_iter())
+    Query::parse(args.iter().map(Vec::as_slice))
 }
 
 fn text(b: &[u8]) -> String {
@@ -32,7 +64,9 @@ fn text(b: &[u8]) -> String {
 /// `GET /hotkeys`: the keys requested most over the window, every key shown (the admin
 /// listener is an operator's).
 pub fn hot_keys(shared: &Shared, q: Query) -> Value {
-    let m = hotkeys::merge(&shared.hot_books, Instant::now(), q.span);
+    let m = shared
+        .hot_merged
+        .merged(&shared.hot_books, Instant::now(), q.span);
     let keys: Vec<Value> = m
         .keys
         .iter()
@@ -58,7 +92,9 @@ pub fn hot_keys(shared: &Shared, q: Query) -> Value {
 
 /// `GET /bigkeys`: the largest replies over the window.
 pub fn big_keys(shared: &Shared, q: Query) -> Value {
-    let m = hotkeys::merge(&shared.hot_books, Instant::now(), q.span);
+    let m = shared
+        .hot_merged
+        .merged(&shared.hot_books, Instant::now(), q.span);
     let big: Vec<Value> = m
         .big
         .iter()
@@ -76,7 +112,7 @@ pub fn big_keys(shared: &Shared, q: Query) -> Value {
 /// turns them into rates between two reads); per class, the sampled latencies as buckets.
 pub fn overview(shared: &Shared) -> Value {
     let live = shared.live();
-    let m = hotkeys::merge(
+    let m = shared.hot_merged.merged(
         &shared.hot_books,
         Instant::now(),
         std::time::Duration::from_secs(60),

@@ -6,16 +6,20 @@ use std::sync::Arc;
 
 use crate::auth::User;
 use crate::command::access;
-use crate::hotkeys::{self, Merged, Query};
-use crate::resp::reply::{self, Aggregate};
+use crate::hotkeys::{Merged, Query};
+use crate::resp::reply::{self, Aggregate, Proto};
 use crate::resp::request::Request;
 use crate::session::Cx;
 
 /// Merges the books over the query's span; `None` after replying with the options' error.
-fn merged(cx: &Cx<'_>, req: &Request<'_>) -> Option<(Merged, Query)> {
+fn merged(cx: &Cx<'_>, req: &Request<'_>) -> Option<(Arc<Merged>, Query)> {
     match Query::parse((1..req.argc()).map(|i| req.arg(i))) {
         Ok(q) => {
-            let m = hotkeys::merge(&cx.w.shared.hot_books, std::time::Instant::now(), q.span);
+            let m = cx.w.shared.hot_merged.merged(
+                &cx.w.shared.hot_books,
+                std::time::Instant::now(),
+                q.span,
+            );
             Some((m, q))
         }
         Err(e) => {
@@ -46,8 +50,12 @@ pub(super) fn hot(cx: &Cx<'_>, user: Option<&Arc<User>>, req: &Request<'_>) {
         let mut e = Aggregate::map(cx.proto, 6);
         e.bulk(b"key").bulk(&k.key);
         e.bulk(b"requests").integer(k.requests as i64);
-        e.bulk(b"rps")
-            .bulk(format!("{:.1}", m.rate(k.requests)).as_bytes());
+        let rps = format!("{:.1}", m.rate(k.requests));
+        e.bulk(b"rps");
+        match cx.proto {
+            Proto::Resp3 => e.raw(format!(",{rps}\r\n").as_bytes()),
+            Proto::Resp2 => e.bulk(rps.as_bytes()),
+        };
         e.bulk(b"reads").integer(k.reads as i64);
         e.bulk(b"writes").integer(k.writes as i64);
         e.bulk(b"shard").bulk(k.shard.to_string().as_bytes());

@@ -603,7 +603,9 @@ impl Session {
         }
         self.w.metrics.command(spec.name);
         if self.w.hot.tick() {
-            self.w.sample(spec, req, &self.queue, now.into_std());
+            // (Inside MULTI the reply is +QUEUED: no size to learn.)
+            let probe = self.pinned.tx.is_none();
+            self.w.sample(spec, req, &self.queue, now.into_std(), probe);
         }
         if gate & crate::gate::Gate::MONITOR != 0 {
             self.feed_monitors(spec, req);
