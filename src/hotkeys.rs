@@ -405,6 +405,11 @@ impl Merged {
         }
     }
 
+    /// Requests per second to `shard` (every sampled key counted).
+    pub fn shard_rate(&self, shard: SocketAddr) -> f64 {
+        self.rate(self.shards.get(&shard).copied().unwrap_or(0))
+    }
+
     /// Per shard: the hottest key's share of the shard's requests (0 without requests).
     pub fn hottest_share(&self, shard: SocketAddr) -> f64 {
         let total = self.shards.get(&shard).copied().unwrap_or(0);

@@ -49,23 +49,26 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+fn typed(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+        hyper::header::HeaderValue::from_static(content_type),
     );
     r
 }
 
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    typed(status, "text/plain; charset=utf-8", body)
+}
+
 fn json(body: &serde_json::Value) -> Response<Full<Bytes>> {
-    let mut r = text(StatusCode::OK, body.to_string());
-    r.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    r
+    typed(StatusCode::OK, "application/json", body.to_string())
 }
 
 /// The dashboard: one page, no external scripts or fonts.
@@ -111,14 +114,7 @@ fn handle<B>(shared: &Shared, req: &Request<B>) -> Response<Full<Bytes>> {
         return r;
     }
     match path {
-        "/" => {
-            let mut r = text(StatusCode::OK, DASHBOARD);
-            r.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("text/html; charset=utf-8"),
-            );
-            r
-        }
+        "/" => typed(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD),
         "/overview" => json(&views::overview(shared)),
         "/hotkeys" | "/bigkeys" => match views::query(req.uri().query()) {
             Ok(q) if path == "/hotkeys" => json(&views::hot_keys(shared, q)),
@@ -235,14 +231,11 @@ async fn invalidate(shared: &Shared, req: Request<hyper::body::Incoming>) -> Res
         .get()
         .is_some_and(|jobs| jobs.send(Job { what, done }).is_ok());
     match (sent, result.await) {
-        (true, Ok(Ok(n))) => {
-            let mut r = text(StatusCode::OK, format!("{{\"cleared\": {n}}}\n"));
-            r.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("application/json"),
-            );
-            r
-        }
+        (true, Ok(Ok(n))) => typed(
+            StatusCode::OK,
+            "application/json",
+            format!("{{\"cleared\": {n}}}\n"),
+        ),
         (true, Ok(Err(e))) => text(
             StatusCode::BAD_GATEWAY,
             format!("invalidation failed: {e}\n"),
@@ -267,7 +260,8 @@ fn refresh_gauges(shared: &Shared) {
         rule.stats.publish();
         rule.stats.publish_guard(&rule.name, &rule.guard);
     }
-    let shards: Vec<String> = shared.live().shards.iter().map(|a| a.to_string()).collect();
+    let addrs = shared.live().shards.clone();
+    let shards: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
     m::register_at_zero(&shards, crate::command::CLASSES);
     metrics::counter!(m::OBUF_CLOSES).absolute(st.obuf_closes.load(Ordering::Relaxed));
     {
@@ -276,12 +270,8 @@ fn refresh_gauges(shared: &Shared) {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         metrics::counter!(m::ERROR_REPLIES).absolute(t.total_errors);
-        let mut per_class: std::collections::HashMap<&str, u64> = Default::default();
-        for (name, c) in &t.commands {
-            *per_class.entry(crate::command::class_of(name)).or_default() += c.calls;
-        }
-        for (class, n) in per_class {
-            metrics::counter!(m::REQUESTS, "class" => class).absolute(n);
+        for (class, (calls, _)) in views::per_class(&t) {
+            metrics::counter!(m::REQUESTS, "class" => class).absolute(calls);
         }
     }
     let hot = shared.hot_merged.merged(
@@ -289,12 +279,10 @@ fn refresh_gauges(shared: &Shared) {
         std::time::Instant::now(),
         std::time::Duration::from_secs(60),
     );
-    for &addr in shared.live().shards.iter() {
-        let shard = addr.to_string();
+    for (&addr, shard) in addrs.iter().zip(shards) {
         let share = hot.hottest_share(addr);
         metrics::gauge!(m::HOTKEY_SHARE, "shard" => shard.clone()).set(share);
-        let rps = hot.rate(hot.shards.get(&addr).copied().unwrap_or(0));
-        metrics::gauge!(m::SHARD_RPS, "shard" => shard.clone()).set(rps);
+        metrics::gauge!(m::SHARD_RPS, "shard" => shard.clone()).set(hot.shard_rate(addr));
         let up = shared.shard_is_up(addr);
         metrics::gauge!(m::SHARD_UP, "shard" => shard.clone()).set(if up { 1.0 } else { 0.0 });
         let inflight = shared.shard_inflight(addr);

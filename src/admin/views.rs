@@ -108,6 +108,20 @@ pub fn big_keys(shared: &Shared, q: Query) -> Value {
     })
 }
 
+/// The process's command counts by class (`command::CLASSES`): calls, and the sampled
+/// latencies.
+pub(super) fn per_class(
+    t: &crate::metrics::CommandTotals,
+) -> HashMap<&'static str, (u64, LatencyHistogram)> {
+    let mut classes: HashMap<&'static str, (u64, LatencyHistogram)> = HashMap::new();
+    for (name, c) in &t.commands {
+        let e = classes.entry(crate::command::class_of(name)).or_default();
+        e.0 += c.calls;
+        e.1.add(&c.latency);
+    }
+    classes
+}
+
 /// `GET /overview`: the dashboard's numbers. Counters are totals since start-up (the page
 /// turns them into rates between two reads); per class, the sampled latencies as buckets.
 pub fn overview(shared: &Shared) -> Value {
@@ -117,18 +131,13 @@ pub fn overview(shared: &Shared) -> Value {
         Instant::now(),
         std::time::Duration::from_secs(60),
     );
-    let mut classes: HashMap<&'static str, (u64, LatencyHistogram)> = HashMap::new();
-    let (errors, commands) = {
+    let (mut classes, errors, commands) = {
         let t = shared
             .command_totals
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        for (name, c) in &t.commands {
-            let e = classes.entry(crate::command::class_of(name)).or_default();
-            e.0 += c.calls;
-            e.1.add(&c.latency);
-        }
         (
+            per_class(&t),
             t.total_errors,
             t.commands.values().map(|c| c.calls).sum::<u64>(),
         )
@@ -170,7 +179,7 @@ pub fn overview(shared: &Shared) -> Value {
                 "replica_of": replica_of,
                 "up": shared.shard_is_up(addr),
                 "inflight": shared.shard_inflight(addr),
-                "rps": (m.rate(m.shards.get(&addr).copied().unwrap_or(0)) * 10.0).round() / 10.0,
+                "rps": (m.shard_rate(addr) * 10.0).round() / 10.0,
                 "hottest_key": hottest.map(|k| text(&k.key)),
                 "hottest_share": m.hottest_share(addr),
                 "slots": slots,

@@ -298,6 +298,19 @@ impl Aggregate {
         self
     }
 
+    /// A double, written as `digits`: `,digits` in RESP3, a bulk string in RESP2.
+    pub fn double(&mut self, proto: Proto, digits: &str) -> &mut Self {
+        match proto {
+            Proto::Resp3 => {
+                self.buf.put_u8(b',');
+                self.buf.extend_from_slice(digits.as_bytes());
+                self.buf.extend_from_slice(b"\r\n");
+                self
+            }
+            Proto::Resp2 => self.bulk(digits.as_bytes()),
+        }
+    }
+
     /// Appends an already-encoded frame.
     pub fn raw(&mut self, frame: &[u8]) -> &mut Self {
         self.buf.extend_from_slice(frame);

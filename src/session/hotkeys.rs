@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::auth::User;
 use crate::command::access;
 use crate::hotkeys::{Merged, Query};
-use crate::resp::reply::{self, Aggregate, Proto};
+use crate::resp::reply::{self, Aggregate};
 use crate::resp::request::Request;
 use crate::session::Cx;
 
@@ -50,12 +50,8 @@ pub(super) fn hot(cx: &Cx<'_>, user: Option<&Arc<User>>, req: &Request<'_>) {
         let mut e = Aggregate::map(cx.proto, 6);
         e.bulk(b"key").bulk(&k.key);
         e.bulk(b"requests").integer(k.requests as i64);
-        let rps = format!("{:.1}", m.rate(k.requests));
-        e.bulk(b"rps");
-        match cx.proto {
-            Proto::Resp3 => e.raw(format!(",{rps}\r\n").as_bytes()),
-            Proto::Resp2 => e.bulk(rps.as_bytes()),
-        };
+        e.bulk(b"rps")
+            .double(cx.proto, &format!("{:.1}", m.rate(k.requests)));
         e.bulk(b"reads").integer(k.reads as i64);
         e.bulk(b"writes").integer(k.writes as i64);
         e.bulk(b"shard").bulk(k.shard.to_string().as_bytes());
