@@ -462,6 +462,20 @@ commands = ["+@all"]
     assert_eq!(t.call(&[b"AUTH", b"tenant", b"t"]), b"+OK\r\n");
     assert_eq!(keys(&mut t, b"SLOTGATE.HOTKEYS"), ["tenant:a"]);
     assert_eq!(keys(&mut t, b"SLOTGATE.BIGKEYS"), ["tenant:a"]);
+    // In RESP3 an entry is a map and its rate a double.
+    let mut r3 = proxy.raw();
+    r3.call(&[b"HELLO", b"3", b"AUTH", b"default", b"adminpw"]);
+    let reply = r3.call(&[b"SLOTGATE.HOTKEYS", b"COUNT", b"1"]);
+    assert!(
+        reply.starts_with(b"*1\r\n%6\r\n"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    assert!(
+        reply.windows(10).any(|w| w == b"$3\r\nrps\r\n,"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
     // With every command sampled the counts are exact: 21 each (a SET and 20 GETs, plus
     // the tenant's reads now counted nowhere: HOTKEYS has no key).
     let (status, body) = http_get(admin, "/hotkeys?count=5&window=10s");
