@@ -2,6 +2,11 @@
 //! where the client's replies go, its protocol, the command being run, and who the client is.
 //! A handler that holds a `Cx` and its own state (`Login`, `Subs` …) cannot reach a
 //! transaction, a subscription or the connection loop it was not given.
+//!
+//! The route-class handlers that send to shards (`single`, `scatter`, `all_shards`, the
+//! read-through requests) get a [`Fwd`]: a `Cx`, plus which of the worker's connections the
+//! client's requests use, its tracking state (a tracking client reads from primaries) and the
+//! session's reused key-index buffer.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -17,8 +22,18 @@ use crate::resp::reply::Proto;
 use crate::shard::Upstream;
 use crate::worker::Worker;
 
+/// The context of a handler that sends the command to shards (see the module's doc).
+pub(crate) struct Fwd<'s> {
+    pub(crate) cx: Cx<'s>,
+    /// Which of the per-shard shared connections the client's requests use.
+    pub(crate) conn: usize,
+    pub(crate) tracking: Option<&'s Rc<crate::tracking::Client>>,
+    /// Reused buffer of key argument indices.
+    pub(crate) keys: &'s mut Vec<usize>,
+}
+
 pub(crate) struct Cx<'s> {
-    pub(crate) w: &'s Worker,
+    pub(crate) w: &'s Rc<Worker>,
     pub(crate) queue: &'s Rc<ReplyQueue>,
     pub(crate) proto: Proto,
     /// The command being run (INFO errorstats counts its errors).

@@ -93,13 +93,13 @@ impl Session {
                     None => self.reply_static(reply::CLUSTER_DISABLED),
                 }
             }
-            "config|get" => self.gather(
+            "config|get" => fwd!(self).gather(
                 GatherKind::ConfigGet,
                 &[(0, Bytes::copy_from_slice(req.raw))],
                 now,
             ),
             // COMMAND …, and HELP texts: the shards' own answer.
-            _ => self.forward(0, req.raw, now),
+            _ => fwd!(self).forward(0, req.raw, now),
         }
     }
 
@@ -183,7 +183,7 @@ impl Session {
                 req,
             )),
             // (The others are forwarded: `client|help`.)
-            _ => self.forward(0, req.raw, now),
+            _ => fwd!(self).forward(0, req.raw, now),
         }
     }
 
@@ -200,7 +200,13 @@ impl Session {
         let mut parser = RequestParser::new();
         let del = crate::command::lookup(b"del").expect("DEL is in the table");
         if let Ok(Parsed::Command { req, .. }) = parser.parse(&b, &Limits::default(), true) {
-            self.scatter(del, &req, crate::command::Merge::SumIntegers, now);
+            crate::session::scatter::scatter(
+                &mut fwd!(self),
+                del,
+                &req,
+                crate::command::Merge::SumIntegers,
+                now,
+            );
         }
         // The other slotgate instances forget their own state for the keys (negative
         // entries, fills in flight): see `readthrough::invalidate`.
@@ -255,7 +261,7 @@ impl Session {
         };
         let shard = self.w.live().slot_map.shard_of(&key);
         let raw = crate::resp::request::command(&[b"PTTL", &key]);
-        self.gather(GatherKind::Info(Box::new(build)), &[(shard, raw)], now);
+        fwd!(self).gather(GatherKind::Info(Box::new(build)), &[(shard, raw)], now);
     }
 
     /// This session's CLIENT LIST entry as it is now.
@@ -496,7 +502,7 @@ impl Session {
         }
         let shard = self.w.live().slot_map.shard_of_slot(slot as u16);
         if self.w.cluster {
-            return self.forward(shard, req.raw, now);
+            return fwd!(self).forward(shard, req.raw, now);
         }
         let seq = self
             .queue

@@ -22,6 +22,19 @@ macro_rules! cx {
     };
 }
 
+/// A [`Fwd`] built from the session's fields, borrowing only them.
+macro_rules! fwd {
+    ($s:expr) => {
+        crate::session::cx::Fwd {
+            cx: cx!($s),
+            conn: $s.conn,
+            tracking: $s.tracking.as_ref(),
+            keys: &mut $s.keys,
+        }
+    };
+}
+
+mod all_shards;
 mod conn;
 pub mod control;
 mod cx;
@@ -31,12 +44,16 @@ pub mod local;
 pub mod login;
 pub mod pinned;
 pub mod pubsub;
+mod readthrough;
+pub(crate) mod scatter;
+mod send;
+mod single;
 pub mod tracking;
 
 use std::net::SocketAddr;
 use std::rc::Rc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -46,22 +63,12 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
-use crate::readthrough::{self, PendingGet, PendingMget, Rule};
-
-use crate::command::policy::{
-    config_set_refused, has_block_option, parse_cursor, refused_arguments,
-};
-use crate::command::{
-    self, BeginSearch, CommandSpec, FindKeys, KeySpec, Merge, Route, flags, keys,
-};
-use crate::fanout::{Gather, GatherKind};
+use crate::command::policy::has_block_option;
+use crate::command::{self, CommandSpec, Route, flags, keys};
 use crate::netio::{PlainRead, PlainWrite, ReadSide, WriteSide};
-use crate::queue::{Attention, ReplyQueue, SinkRef, Slot, Target};
+use crate::queue::{Attention, ReplyQueue, Slot, Target};
 use crate::resp::reply::{self, Proto};
-use crate::resp::request::push_header;
 use crate::resp::{Limits, Parsed, Request, RequestParser};
-use crate::router;
-use crate::settings::ReadFrom;
 use crate::worker::{Shared, Worker};
 pub(crate) use cx::Cx;
 
@@ -617,7 +624,7 @@ impl Session {
                 .push_back((seq, std::time::Instant::now(), spec));
         }
         if spec.may_write_keys() && self.w.has_rules.get() {
-            self.note_writes(spec, req);
+            readthrough::note_writes(&mut fwd!(self), spec, req);
         }
         if let Some(t) = &self.tracking {
             if t.is_active() {
@@ -656,11 +663,15 @@ impl Session {
             Route::PubSub => self.pubsub(spec, req, now),
             Route::Transaction => self.transaction(spec, req, now),
             Route::Blocking => self.blocking(spec, req, now),
-            Route::Single => self.single(spec, req, now),
+            // XREAD/XREADGROUP … BLOCK: a blocking command.
+            Route::Single if spec.has(flags::BLOCKING) && has_block_option(req) => {
+                self.blocking(spec, req, now)
+            }
+            Route::Single => single::single(&mut fwd!(self), spec, req, now),
             Route::Local => self.local(spec, req, now),
-            Route::AnyShard => self.forward(0, req.raw, now),
-            Route::Scatter(m) => self.scatter(spec, req, m, now),
-            Route::AllShards(m) => self.all_shards(spec, req, m, now),
+            Route::AnyShard => fwd!(self).forward(0, req.raw, now),
+            Route::Scatter(m) => scatter::scatter(&mut fwd!(self), spec, req, m, now),
+            Route::AllShards(m) => all_shards::all_shards(&fwd!(self), spec, req, m, now),
             Route::Refused => self.reply(reply::not_allowed(spec.name)),
             Route::NotYet => self.reply(reply::not_yet(spec.name)),
         }
@@ -785,7 +796,7 @@ impl Session {
     /// connection authenticated as the user's mirror ([`crate::shard::Mirror`]), so that it
     /// runs with the user's rights rather than slotgate's.
     fn script_as_user(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
-        let shard = match self.slot_of(spec, req) {
+        let shard = match fwd!(self).slot_of(spec, req) {
             Ok(slot) => slot.map_or(0, |s| self.w.live().slot_map.shard_of_slot(s)),
             Err(()) => return self.reply_static(reply::CROSSSLOT),
         };
@@ -812,39 +823,6 @@ impl Session {
         );
     }
 
-    /// A command whose keys must all be in one slot.
-    #[inline]
-    fn single(&mut self, spec: &'static CommandSpec, req: &Request<'_>, now: Instant) {
-        if spec.has(flags::BLOCKING) && has_block_option(req) {
-            // XREAD/XREADGROUP … BLOCK: a blocking command.
-            return self.blocking(spec, req, now);
-        }
-        if let Some(e) = refused_arguments(spec.name, req) {
-            return self.reply_static(e);
-        }
-        match self.slot_of(spec, req) {
-            Ok(Some(slot)) => {
-                let (shard, rule) = {
-                    let live = self.w.live();
-                    let rules = &live.readthrough;
-                    let rule = if rules.is_empty() || spec.name != "get" {
-                        None
-                    } else {
-                        rules.find(req.arg(1)).cloned()
-                    };
-                    (live.slot_map.shard_of_slot(slot), rule)
-                };
-                match rule {
-                    Some(rule) => self.get_readthrough(shard, rule, req, now),
-                    None => self.forward(shard, req.raw, now),
-                }
-            }
-            // No keys, or key positions undeterminable: any shard answers (its own error).
-            Ok(None) => self.forward(0, req.raw, now),
-            Err(()) => self.reply_static(reply::CROSSSLOT),
-        }
-    }
-
     /// Cluster mode: after the cluster's layout changed, this client's next commands wait
     /// for the replies of those sent by the old one. Those may be redirected to the new
     /// owner of their slot, and a later command sent there directly could overtake them (a
@@ -860,477 +838,6 @@ impl Session {
             }
         }
     }
-
-    /// Cluster mode with reads from replicas: the shard a read of `primary`'s slots goes
-    /// to: its replica, or (`prefer-replica`, when it has none or that one is not connected)
-    /// the primary itself.
-    #[cold]
-    fn reader_of(&self, primary: usize) -> Result<usize, Bytes> {
-        let replica = self.w.live().replica_of.get(primary).copied().flatten();
-        match (replica, self.w.read_from) {
-            (Some(r), ReadFrom::Replica) => Ok(r),
-            (Some(r), _) if self.w.pools().get(self.proto, r, self.conn).is_connected() => Ok(r),
-            (None, ReadFrom::Replica) => {
-                let addr = self.w.live().shards[primary].to_string();
-                Err(reply::shard_unavailable(
-                    &addr,
-                    "no replica to read from (read_from = replica)",
-                ))
-            }
-            _ => Ok(primary),
-        }
-    }
-
-    /// The one slot of all of a command's keys; `Err` when they span slots.
-    pub(crate) fn slot_of(
-        &mut self,
-        spec: &CommandSpec,
-        req: &Request<'_>,
-    ) -> Result<Option<u16>, ()> {
-        if let [
-            KeySpec {
-                begin: BeginSearch::Index(1),
-                find: FindKeys::Range { lastkey: 0, .. },
-                ..
-            },
-        ] = spec.key_specs
-            && req.argc() > 1
-        {
-            // The common shape (GET, SET, INCR, HGET …): one key, the first argument.
-            return Ok(Some(router::slot(req.arg(1))));
-        }
-        self.keys.clear();
-        if keys::key_indices(spec, req.argc(), |i| req.arg(i), &mut self.keys).is_err() {
-            return Ok(None);
-        }
-        let mut slot = None;
-        for &i in &self.keys {
-            let s = router::slot(req.arg(i));
-            match slot {
-                None => slot = Some(s),
-                Some(x) if x != s => return Err(()),
-                _ => {}
-            }
-        }
-        Ok(slot)
-    }
-
-    /// Sends `raw` to `shard`; its reply fills the next slot of the queue.
-    pub(crate) fn forward(&mut self, shard: usize, raw: &[u8], now: Instant) {
-        if self.w.cluster {
-            return self.forward_cluster(shard, raw, now);
-        }
-        let seq = self.queue.push_waiting(Slot::Waiting(self.cmd));
-        let up = self.w.pools().get(self.proto, shard, self.conn);
-        up.send(
-            raw,
-            Target::Client {
-                queue: self.queue.clone(),
-                seq,
-                part: 0,
-            },
-            now,
-        );
-    }
-
-    /// Cluster mode's [`forward`](Self::forward): to a replica for a read when `read_from`
-    /// says so, and followed through redirects (out of line: static mode's forward stays as
-    /// it was).
-    #[inline(never)]
-    fn forward_cluster(&mut self, shard: usize, raw: &[u8], now: Instant) {
-        let shard = match self.reader_for(shard) {
-            Ok(s) => s,
-            Err(e) => return self.reply(e),
-        };
-        let seq = self.queue.push_waiting(Slot::Waiting(self.cmd));
-        let up = self.w.pools().get(self.proto, shard, self.conn);
-        let target = Target::Client {
-            queue: self.queue.clone(),
-            seq,
-            part: 0,
-        };
-        send_redirectable(&up, raw, target, now);
-    }
-
-    /// Cluster mode: where the current command goes instead of `primary`: a replica of it
-    /// for a read-only command when reads go to replicas (see `reader_of`), else `primary`.
-    /// A tracking client reads from primaries: its invalidations come from them, and a
-    /// replica that lags could give it a value older than the last one reported.
-    fn reader_for(&self, primary: usize) -> Result<usize, Bytes> {
-        if self.w.read_from != ReadFrom::Primary
-            && self.cmd.is_some_and(|c| c.has(flags::READONLY))
-            && self.tracking.is_none()
-        {
-            self.reader_of(primary)
-        } else {
-            Ok(primary)
-        }
-    }
-
-    /// Sends one request per part; the gathered reply fills the next slot of the queue.
-    pub(crate) fn gather(&mut self, kind: GatherKind, parts: &[(usize, Bytes)], now: Instant) {
-        if self.w.cluster {
-            return self.gather_cluster(kind, parts, now);
-        }
-        let mut g = Gather::new(kind, parts.len(), self.proto);
-        g.cmd = self.cmd;
-        let seq = self.queue.push_waiting(Slot::Gather(Box::new(g)));
-        for (i, (shard, raw)) in parts.iter().enumerate() {
-            let up = self.w.pools().get(self.proto, *shard, self.conn);
-            up.send(
-                raw,
-                Target::Client {
-                    queue: self.queue.clone(),
-                    seq,
-                    part: i as u32,
-                },
-                now,
-            );
-        }
-    }
-
-    /// Cluster mode's [`gather`](Self::gather): each part to a replica for a read when
-    /// `read_from` says so, and followed through redirects.
-    #[inline(never)]
-    fn gather_cluster(&mut self, kind: GatherKind, parts: &[(usize, Bytes)], now: Instant) {
-        let mut shards = Vec::with_capacity(parts.len());
-        for (shard, _) in parts {
-            match self.reader_for(*shard) {
-                Ok(s) => shards.push(s),
-                Err(e) => return self.reply(e),
-            }
-        }
-        let mut g = Gather::new(kind, parts.len(), self.proto);
-        g.cmd = self.cmd;
-        let seq = self.queue.push_waiting(Slot::Gather(Box::new(g)));
-        for (i, ((_, raw), shard)) in parts.iter().zip(shards).enumerate() {
-            let up = self.w.pools().get(self.proto, shard, self.conn);
-            let target = Target::Client {
-                queue: self.queue.clone(),
-                seq,
-                part: i as u32,
-            };
-            send_redirectable(&up, raw, target, now);
-        }
-    }
-
-    /// MGET, MSET, DEL, EXISTS, UNLINK, TOUCH: split by shard, merged in key order / summed /
-    /// `+OK`. When every key is on one shard, the original bytes are forwarded as they are.
-    pub(crate) fn scatter(
-        &mut self,
-        spec: &CommandSpec,
-        req: &Request<'_>,
-        merge: Merge,
-        now: Instant,
-    ) {
-        // MSET takes key-value pairs; the others take keys.
-        let step = if merge == Merge::AllOk { 2 } else { 1 };
-        let argc = req.argc();
-        if !(argc - 1).is_multiple_of(step) {
-            return self.reply(reply::wrong_arity(spec.name));
-        }
-        let live = self.w.live().clone();
-        let map = &live.slot_map;
-        // A cluster node takes the keys of one slot per command: the parts are per slot
-        // there, per shard otherwise.
-        let per_slot = live.cluster.is_some();
-        let nkeys = (argc - 1) / step;
-        self.keys.clear();
-        let mut same = true;
-        for k in 0..nkeys {
-            let key = req.arg(1 + k * step);
-            let group = if per_slot {
-                crate::router::slot(key) as usize
-            } else {
-                map.shard_of(key)
-            };
-            same &= self.keys.first().is_none_or(|&f| f == group);
-            self.keys.push(group);
-        }
-        let rules = &live.readthrough;
-        let readthrough = merge == Merge::ArrayInOrder
-            && !rules.is_empty()
-            && (1..argc).any(|i| rules.find(req.arg(i)).is_some());
-        if same && !readthrough {
-            let shard = if per_slot {
-                map.shard_of_slot(self.keys[0] as u16)
-            } else {
-                self.keys[0]
-            };
-            return self.forward(shard, req.raw, now);
-        }
-        let name = req.arg_frame(0);
-        let mut parts = Vec::new();
-        let mut used_positions = Vec::new();
-        let mut add_part = |shard: usize, pos: Vec<u32>| {
-            let mut b = BytesMut::with_capacity(16 + name.len() + pos.len() * 32 * step);
-            push_header(&mut b, b'*', 1 + pos.len() * step);
-            b.extend_from_slice(name);
-            for &k in &pos {
-                for j in 0..step {
-                    b.extend_from_slice(req.arg_frame(1 + k as usize * step + j));
-                }
-            }
-            parts.push((shard, b.freeze()));
-            used_positions.push(pos);
-        };
-        if per_slot {
-            let mut by_slot: std::collections::BTreeMap<usize, Vec<u32>> = Default::default();
-            for (k, &slot) in self.keys.iter().enumerate() {
-                by_slot.entry(slot).or_default().push(k as u32);
-            }
-            for (slot, pos) in by_slot {
-                add_part(map.shard_of_slot(slot as u16), pos);
-            }
-        } else {
-            let mut positions: Vec<Vec<u32>> = vec![Vec::new(); map.shard_count()];
-            for (k, &shard) in self.keys.iter().enumerate() {
-                positions[shard].push(k as u32);
-            }
-            for (shard, pos) in positions.into_iter().enumerate() {
-                if !pos.is_empty() {
-                    add_part(shard, pos);
-                }
-            }
-        }
-        if readthrough {
-            return self.mget_readthrough(req, &parts, used_positions, now);
-        }
-        let kind = match merge {
-            Merge::ArrayInOrder => GatherKind::ArrayInOrder {
-                positions: used_positions,
-                total: nkeys,
-            },
-            m => GatherKind::from_merge(m).unwrap_or(GatherKind::AllOk),
-        };
-        self.gather(kind, &parts, now);
-    }
-
-    /// A GET of a read-through key: forwarded like any GET (or as the value+PTTL script for
-    /// rules with a grace period); a nil reply becomes an origin fetch (see `readthrough`).
-    fn get_readthrough(&mut self, shard: usize, rule: Arc<Rule>, req: &Request<'_>, now: Instant) {
-        let key = req.arg(1);
-        let script = readthrough::get_request(&rule, key);
-        let seq = self.queue.push_waiting(Slot::Waiting(self.cmd));
-        let pending = self.w.pending_gets.insert(PendingGet {
-            w: self.w.clone(),
-            queue: self.queue.clone(),
-            seq,
-            rule,
-            sent_at: now.into_std(),
-            proto: self.proto,
-            with_pttl: script.is_some(),
-            key: readthrough::KeyBuf::new(key),
-            tracking: self.tracking.clone(),
-        });
-        let up = self.w.pools().get(self.proto, shard, self.conn);
-        let raw = script.as_deref().unwrap_or(req.raw);
-        if self.w.cluster {
-            send_redirectable(&up, raw, Target::Sink(pending), now);
-        } else {
-            up.send(raw, Target::Sink(pending), now);
-        }
-    }
-
-    /// An MGET with read-through keys: its shard parts are sent now (so it keeps its place
-    /// among this client's commands); misses are filled when every part has arrived.
-    fn mget_readthrough(
-        &mut self,
-        req: &Request<'_>,
-        parts: &[(usize, Bytes)],
-        positions: Vec<Vec<u32>>,
-        now: Instant,
-    ) {
-        let seq = self.queue.push_waiting(Slot::Waiting(self.cmd));
-        let state = Rc::new(std::cell::RefCell::new(PendingMget {
-            w: self.w.clone(),
-            queue: self.queue.clone(),
-            seq,
-            proto: self.proto,
-            sent_at: now.into_std(),
-            keys: (1..req.argc()).map(|i| req.arg_copy(i)).collect(),
-            positions,
-            parts: vec![None; parts.len()],
-            missing: parts.len(),
-            tracking: self.tracking.clone(),
-        }));
-        for (i, (shard, raw)) in parts.iter().enumerate() {
-            let up = self.w.pools().get(self.proto, *shard, self.conn);
-            let target = Target::Sink(SinkRef::new(state.clone(), i as u32));
-            if self.w.cluster {
-                send_redirectable(&up, raw, target, now);
-            } else {
-                up.send(raw, target, now);
-            }
-        }
-    }
-
-    /// A write through slotgate to read-through keys (a script's or function's declared keys
-    /// count as written): an in-flight fill of them must not store its (older) value, and
-    /// their negative entries end.
-    fn note_writes(&mut self, spec: &CommandSpec, req: &Request<'_>) {
-        let rt = &self.w.shared.readthrough;
-        let rules = self.w.live().readthrough.clone();
-        self.keys.clear();
-        if keys::key_indices(spec, req.argc(), |i| req.arg(i), &mut self.keys).is_err() {
-            return;
-        }
-        for &i in &self.keys {
-            let key = req.arg(i);
-            let Some(rule) = rules.find(key) else {
-                continue;
-            };
-            rt.note_write(key);
-            if rule.lease
-                && let Some(release) = readthrough::lease::release_command(key)
-            {
-                // Another instance's fill in flight for the key loses its lease, so it does
-                // not store (the write goes to the shard right after this).
-                let shard = self.w.live().slot_map.shard_of(key);
-                let up = self.w.pools().get(self.proto, shard, self.conn);
-                let now = Instant::now();
-                if self.w.cluster {
-                    send_redirectable(&up, &release, Target::Discard, now);
-                } else {
-                    up.send(&release, Target::Discard, now);
-                }
-            }
-        }
-    }
-
-    /// DBSIZE, KEYS, FLUSHDB, FLUSHALL, CONFIG SET/RESETSTAT, SCAN, RANDOMKEY.
-    fn all_shards(&mut self, spec: &CommandSpec, req: &Request<'_>, merge: Merge, now: Instant) {
-        let kind = match merge {
-            Merge::Scan => return self.scan(req, now),
-            Merge::RandomKey => GatherKind::RandomKey {
-                pick: (self.id as usize).wrapping_add(now.elapsed().subsec_nanos() as usize)
-                    ^ random_seed(),
-            },
-            Merge::ArrayInOrder => GatherKind::AllOk,
-            Merge::LatencyLatest | Merge::LatencyHistory | Merge::LatencyDoctor => {
-                GatherKind::Latency {
-                    which: merge,
-                    shards: self.w.live().shards.iter().map(|a| a.to_string()).collect(),
-                }
-            }
-            Merge::SlowlogEntries => {
-                // SLOWLOG GET [count]: 10 by default, a negative count means all (Redis 7).
-                let count = match req.argc() {
-                    2 => Some(10),
-                    _ => match crate::resp::request::parse_i64(req.arg(2)) {
-                        Some(n) if n < 0 => None,
-                        Some(n) => Some(n as usize),
-                        None => return self.reply_static(reply::NOT_INTEGER),
-                    },
-                };
-                GatherKind::Slowlog {
-                    count,
-                    shards: self.w.live().shards.iter().map(|a| a.to_string()).collect(),
-                    own: self.w.shared.slowlog.newest(count),
-                }
-            }
-            // SLOWLOG LEN: the shards' and slotgate's own.
-            Merge::SlowlogLen => {
-                let own = self.w.shared.slowlog.len() as i64;
-                GatherKind::Info(Box::new(move |parts: &[Bytes]| {
-                    if let Some(e) = parts.iter().find(|p| p.first() == Some(&b'-')) {
-                        return e.clone();
-                    }
-                    let n: i64 = parts
-                        .iter()
-                        .filter_map(|p| crate::resp::scan::reply_integer(p))
-                        .sum();
-                    reply::integer(n + own)
-                }))
-            }
-            m => GatherKind::from_merge(m).unwrap_or(GatherKind::AllOk),
-        };
-        if let Some(bad) = config_set_refused(spec.name, req) {
-            return self.reply(reply::config_set_not_allowed(&bad));
-        }
-        match command::policy::also_here(spec.name) {
-            command::policy::AlsoHere::ResetStats => self.reset_stats(),
-            command::policy::AlsoHere::ResetSlowlog => {
-                self.w.shared.slowlog.reset();
-            }
-            command::policy::AlsoHere::NoteScripts => {
-                let args: Vec<&[u8]> = (1..req.argc()).map(|i| req.arg(i)).collect();
-                self.w.shared.scripts.note(spec.name, &args);
-            }
-            command::policy::AlsoHere::Nothing => {}
-        }
-        if merge == Merge::AnyOk {
-            // SCRIPT KILL, FUNCTION KILL: on the control connections, since the shared ones
-            // may be the ones stuck behind the busy script.
-            let deadline = now + crate::shard::CONTROL_TIMEOUT;
-            return cx!(self).gather_on_control(kind, req.raw, deadline);
-        }
-        self.gather_from_every_shard(kind, req.raw, now);
-    }
-
-    /// CONFIG RESETSTAT: slotgate's own statistics restart from zero too (INFO commandstats,
-    /// errorstats and stats), as Redis's do.
-    #[cold]
-    fn reset_stats(&self) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let shared = &self.w.shared;
-        self.w.metrics.reset(&shared.command_totals);
-        let st = &shared.stats;
-        for c in [
-            &st.connections_received,
-            &st.commands_processed,
-            &st.rejected_connections,
-            &st.auth_failures,
-            &st.token_auths,
-            &st.token_auth_failures,
-        ] {
-            c.store(0, Relaxed);
-        }
-    }
-
-    /// Sends `raw` to every shard and merges their replies as `kind` says.
-    pub(crate) fn gather_from_every_shard(&mut self, kind: GatherKind, raw: &[u8], now: Instant) {
-        let n = self.w.live().slot_map.shard_count();
-        let raw = Bytes::copy_from_slice(raw);
-        let parts: Vec<(usize, Bytes)> = (0..n).map(|s| (s, raw.clone())).collect();
-        self.gather(kind, &parts, now);
-    }
-
-    /// SCAN: the cursor names the shard (cursor = shard_cursor * shards + shard), so one
-    /// iteration walks shard 0, then 1, … with Redis's guarantees on each.
-    fn scan(&mut self, req: &Request<'_>, now: Instant) {
-        let shards = self.w.live().slot_map.shard_count() as u64;
-        let Some(cursor) = parse_cursor(req.arg(1)) else {
-            return self.reply_static(reply::INVALID_CURSOR);
-        };
-        let shard = cursor % shards;
-        let shard_cursor = (cursor / shards).to_string();
-        let mut b = BytesMut::with_capacity(req.raw.len() + 8);
-        push_header(&mut b, b'*', req.argc());
-        b.extend_from_slice(req.arg_frame(0));
-        push_header(&mut b, b'$', shard_cursor.len());
-        b.extend_from_slice(shard_cursor.as_bytes());
-        b.extend_from_slice(b"\r\n");
-        for i in 2..req.argc() {
-            b.extend_from_slice(req.arg_frame(i));
-        }
-        let kind = GatherKind::Scan { shard, shards };
-        self.gather(kind, &[(shard as usize, b.freeze())], now);
-    }
-}
-
-/// Cluster mode: sends a request that a redirect may send again elsewhere.
-fn send_redirectable(up: &crate::shard::Upstream, raw: &[u8], target: Target, now: Instant) {
-    let deadline = now + up.op_timeout();
-    up.send_retryable(crate::shard::Retry::new(raw, 0), target, deadline);
-}
-
-/// A cheap per-process random value (RANDOMKEY's shard pick needs no cryptography).
-fn random_seed() -> usize {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(0);
-    h.finish() as usize
 }
 
 /// Which connections a client's commands go to; switching waits until nothing is in flight,

@@ -627,7 +627,7 @@ impl Session {
     /// state, with its context: the slot of its keys and, in cluster mode, the redirect
     /// mailbox.
     fn on_pinned(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant, queued: bool) {
-        let slot = self.slot_of(spec, req);
+        let slot = fwd!(self).slot_of(spec, req);
         let follows = self.w.cluster.then(|| self.follows());
         let tc = TxCx {
             cx: cx!(self),
@@ -643,7 +643,7 @@ impl Session {
 
     /// A blocking command outside MULTI: its own dedicated connection, no op timeout.
     pub(crate) fn blocking(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
-        let slot = match self.slot_of(spec, req) {
+        let slot = match fwd!(self).slot_of(spec, req) {
             Ok(s) => s,
             Err(()) => return self.reply_static(reply::CROSSSLOT),
         };

@@ -265,19 +265,19 @@ impl Session {
     pub(crate) fn pubsub(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
         match spec.name {
             "publish" | "pubsub|channels" | "pubsub|numsub" | "pubsub|numpat" | "pubsub|help" => {
-                self.forward(0, req.raw, now)
+                fwd!(self).forward(0, req.raw, now)
             }
             "pubsub|shardchannels" => {
-                self.gather_from_every_shard(GatherKind::ConcatArrays, req.raw, now)
+                fwd!(self).gather_from_every_shard(GatherKind::ConcatArrays, req.raw, now)
             }
             "pubsub|shardnumsub" => {
                 let kind = GatherKind::Info(Box::new(sum_pair_counts));
-                self.gather_from_every_shard(kind, req.raw, now)
+                fwd!(self).gather_from_every_shard(kind, req.raw, now)
             }
             _ => {
                 let sharded = matches!(spec.name, "ssubscribe" | "sunsubscribe");
                 let slot = match sharded && req.argc() > 1 {
-                    true => self.slot_of(spec, req),
+                    true => fwd!(self).slot_of(spec, req),
                     false => Ok(None),
                 };
                 let moved = self.w.cluster.then(|| self.subscriptions_moved());
