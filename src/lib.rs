@@ -21,11 +21,16 @@
 //!   share and each worker's own state (the settings in force, the shard pools of the layout).
 //! - [`reload`]: SIGHUP and SLOTGATE.RELOAD: `proxy.toml` read again, published to the workers.
 //! - [`session`]: one client connection: read a burst, parse, route, write ready replies in
-//!   request order with one syscall. [`session::local`] holds the commands the proxy answers itself.
-//!   Handlers get a narrow context (`session::Cx`: the worker, the reply queue, the protocol,
-//!   the command, the client's id and address) and their own state — [`session::login`] (the
-//!   user, AUTH, tokens), `Subs` in [`session::pubsub`], `Pinned` in [`session::pinned`] —
-//!   rather than the whole `Session`.
+//!   request order with one syscall. Only three files see the whole `Session`: `mod.rs` (its
+//!   life), `dispatch.rs` (checks, then each command to its route class's handler) and
+//!   `state.rs` (the commands that change the connection: HELLO, AUTH, RESET, CLIENT
+//!   SETNAME …). Every other handler gets a narrow context — `session::Cx` (the worker, the
+//!   reply queue, the protocol, the command, the client's id and address), or `Fwd` (a `Cx`
+//!   plus the client's connection index, tracking state and key buffer) for the route classes
+//!   that send to shards (`single`, `scatter`, `all_shards`, `readthrough`, through `send`) —
+//!   and its own state: [`session::login`] (the user, AUTH, tokens), `Subs` in
+//!   [`session::pubsub`], `Pinned` in [`session::pinned`], `FollowCx` in [`session::follow`].
+//!   [`session::local`] holds the other commands the proxy answers itself.
 //! - [`resp`]: the bounded, resumable request parser (multibulk + inline, Redis's exact
 //!   protocol errors), the resumable reply framer for RESP2/RESP3, and the proxy's own replies
 //!   (the only place error strings are spelled).

@@ -1,5 +1,5 @@
 //! The proxy-wide controls a client can use on all of slotgate's clients: MONITOR, CLIENT
-//! PAUSE / UNPAUSE (their state is the worker-shared [`Gate`]), and CLIENT UNBLOCK.
+//! PAUSE / UNPAUSE (their state is the worker-shared [`Gate`](crate::gate::Gate)), and CLIENT UNBLOCK.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{AbortOnDrop, Cx, Session};
+use super::{AbortOnDrop, Cx};
 use crate::command::{CommandSpec, flags};
-use crate::gate::{Gate, PauseMode};
+use crate::gate::PauseMode;
 use crate::queue::Slot;
 use crate::resp::Request;
 use crate::resp::reply;
@@ -32,7 +32,7 @@ pub struct Monitoring {
 impl Monitoring {
     /// Joins the gate's monitors: every command's line goes into this client's output, out
     /// of band, as it passes through any worker. `kill` ends the client if it falls behind.
-    fn start(cx: &Cx<'_>, kill: Arc<tokio::sync::Notify>) -> Monitoring {
+    pub(super) fn start(cx: &Cx<'_>, kill: Arc<tokio::sync::Notify>) -> Monitoring {
         let shared = cx.w.shared.clone();
         let feed = shared.gate.add_monitor(cx.id, kill);
         let queue = cx.queue.clone();
@@ -54,70 +54,6 @@ impl Monitoring {
 impl Drop for Monitoring {
     fn drop(&mut self) {
         self.shared.gate.remove_monitor(self.id);
-    }
-}
-
-impl Session {
-    /// While a pause or a monitor exists: holds a command that a CLIENT PAUSE covers (it is
-    /// tried again when the pause ends; the client's later commands wait behind it, as in
-    /// Redis), and refuses keyspace commands from a monitoring client. `true` when the
-    /// command must not go on now.
-    #[cold]
-    #[inline(never)]
-    pub(super) fn gated(&mut self, spec: &CommandSpec, req: &Request<'_>) -> bool {
-        let gate = &self.w.shared.gate;
-        // (A monitor is never paused, as Redis never pauses a replica: it can lift a pause.)
-        if gate.bits() & Gate::PAUSE != 0 && self.monitor.is_none() {
-            let writes = may_write(spec)
-                || (spec.name == "exec" && self.pinned.tx.as_ref().is_some_and(|t| t.writes));
-            if gate.holds(writes) {
-                self.deferred = Some(crate::session::pinned::Deferred::from(req));
-                self.held = true;
-                return true;
-            }
-        }
-        if self.monitor.is_some() && spec.has(flags::READONLY | flags::WRITE | flags::MAY_REPLICATE)
-        {
-            self.reply_static(reply::MONITOR_KEYSPACE);
-            return true;
-        }
-        false
-    }
-
-    /// Whether the command this session holds must go on waiting (a pause may be in force;
-    /// `gated` decides when it is tried).
-    pub(super) fn pause_holds(&self) -> bool {
-        self.w.shared.gate.bits() & Gate::PAUSE != 0
-    }
-
-    /// Shows a command to the monitors, as Redis does: not the administrative ones (CONFIG,
-    /// CLIENT LIST, MONITOR …), and AUTH's secrets redacted.
-    #[cold]
-    #[inline(never)]
-    pub(super) fn feed_monitors(&self, spec: &CommandSpec, req: &Request<'_>) {
-        if !spec.has(flags::ADMIN) {
-            self.w.shared.gate.feed(&self.addr, req);
-        }
-    }
-
-    /// `MONITOR`: from now on the client receives every command that passes through
-    /// slotgate, from every worker. A second MONITOR gets no reply (as in Redis).
-    pub(super) fn monitor(&mut self, req: &Request<'_>) {
-        if self.monitor.is_some() {
-            return;
-        }
-        if self.queue.waiting() > 0 {
-            // Its `+OK` must come after the replies in flight, and the lines after its `+OK`.
-            // (Counted when it runs.)
-            if let Some(monitor) = self.cmd {
-                self.w.metrics.uncount(monitor.name);
-            }
-            self.deferred = Some(crate::session::pinned::Deferred::from(req));
-            return;
-        }
-        self.reply_static(reply::OK);
-        self.monitor = Some(Monitoring::start(&cx!(self), self.kill.clone()));
-        self.update_output_class();
     }
 }
 

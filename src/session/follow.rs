@@ -32,7 +32,9 @@ use tokio::time::Instant;
 use crate::cluster::{self, Hop};
 use crate::queue::{Attention, ReplyQueue, Sink, SinkRef, Slot, Target};
 use crate::resp::reply;
-use crate::session::Session;
+use crate::session::Cx;
+use crate::session::pinned::Blocked;
+use crate::session::pubsub::Subs;
 use crate::shard::{SILENT, SubscriptionsMoved, is_redirect};
 
 const ASKING: &[u8] = b"*1\r\n$6\r\nASKING\r\n";
@@ -314,53 +316,60 @@ pub fn count_exec_errors(reply: &Bytes, queued: &[&'static str]) {
 /// Blocking commands wait as long as the client asked: this is "no deadline".
 pub const FOREVER: Duration = Duration::from_secs(86_400 * 365);
 
-impl Session {
-    pub(crate) fn follows(&mut self) -> Rc<Follows> {
-        self.follows.get_or_insert_with(Rc::default).clone()
-    }
+/// What a subscriber connection tells a session about moved sharded channels.
+pub(crate) fn subscriptions_moved(
+    follows: &Rc<Follows>,
+    queue: &Rc<ReplyQueue>,
+) -> Rc<dyn SubscriptionsMoved> {
+    Rc::new(SubMoved {
+        follows: follows.clone(),
+        queue: queue.clone(),
+    })
+}
 
-    /// What a subscriber connection tells this session about moved sharded channels.
-    pub(crate) fn subscriptions_moved(&mut self) -> Rc<dyn SubscriptionsMoved> {
-        Rc::new(SubMoved {
-            follows: self.follows(),
-            queue: self.queue.clone(),
-        })
-    }
+/// Cluster mode: a request on `up` whose redirects the session follows (a blocking command
+/// on its dedicated connection, a restricted user's script on a mirror one); its reply
+/// fills the next slot of the queue.
+pub(crate) fn send_followed(
+    cx: &Cx<'_>,
+    follows: &Rc<Follows>,
+    up: &crate::shard::Upstream,
+    via: Via,
+    raw: &[u8],
+    deadline: Instant,
+) {
+    let seq = cx.queue.push_waiting(Slot::Waiting(cx.cmd));
+    let follow_until = matches!(via, Via::Mirror(_)).then_some(deadline);
+    let sink = Rc::new(FollowedReply {
+        queue: cx.queue.clone(),
+        seq,
+        raw: Bytes::copy_from_slice(raw),
+        via,
+        follows: follows.clone(),
+        from: up.addr,
+        hops: 0,
+        asking: false,
+        follow_until,
+        op_timeout: cx.w.shared.settings.op_timeout,
+    });
+    up.send_until(raw, Target::Sink(SinkRef::new(sink, 0)), deadline);
+}
 
-    /// Cluster mode: a request on `up` whose redirects the session follows (a blocking
-    /// command on its dedicated connection, a restricted user's script on a mirror one); its
-    /// reply fills the next slot of the queue.
-    pub(crate) fn send_followed(
-        &mut self,
-        up: &crate::shard::Upstream,
-        via: Via,
-        raw: &[u8],
-        deadline: Instant,
-    ) {
-        let seq = self.queue.push_waiting(Slot::Waiting(self.cmd));
-        let follow_until = matches!(via, Via::Mirror(_)).then_some(deadline);
-        let sink = Rc::new(FollowedReply {
-            queue: self.queue.clone(),
-            seq,
-            raw: Bytes::copy_from_slice(raw),
-            via,
-            follows: self.follows(),
-            from: up.addr,
-            hops: 0,
-            asking: false,
-            follow_until,
-            op_timeout: self.w.shared.settings.op_timeout,
-        });
-        up.send_until(raw, Target::Sink(SinkRef::new(sink, 0)), deadline);
-    }
+/// The context of following a session's redirects: its [`Cx`], its redirect mailbox, its
+/// subscriptions (sharded channels move with their slot) and its blocking command's
+/// connection (which moves with the command). The session updates its output class after.
+pub(crate) struct FollowCx<'s> {
+    pub(crate) cx: Cx<'s>,
+    pub(crate) follows: &'s Rc<Follows>,
+    pub(crate) subs: &'s mut Subs,
+    pub(crate) blocked: &'s mut Option<Blocked>,
+}
 
-    /// Sends the redirected requests of this session's dedicated connections where they go.
+impl FollowCx<'_> {
+    /// Sends the redirected requests of the session's dedicated connections where they go.
     #[cold]
     pub(crate) fn follow_redirects(&mut self) {
-        let Some(follows) = self.follows.clone() else {
-            return;
-        };
-        let list = std::mem::take(&mut *follows.0.borrow_mut());
+        let list = std::mem::take(&mut *self.follows.0.borrow_mut());
         for f in list {
             self.follow(f);
         }
@@ -376,10 +385,10 @@ impl Session {
         let Some((f, to, asking, hops)) = self.next_stop(f) else {
             return;
         };
-        let Some(shard) = self.w.pools().shard_index(to) else {
+        let Some(shard) = self.cx.w.pools().shard_index(to) else {
             // A node slotgate has no connection to yet: the next layout has it.
             if hops < cluster::MAX_HOPS && Instant::now() < f.deadline {
-                self.w.shared.cluster_changed.notify_one();
+                self.cx.w.shared.cluster_changed.notify_one();
                 let f = Follow {
                     to: Some((to, asking)),
                     hops: hops + 1,
@@ -388,7 +397,7 @@ impl Session {
                 return self.follow_later(f, cluster::NEW_NODE_WAIT);
             }
             return f.again.answer(
-                &self.queue,
+                self.cx.queue,
                 reply::too_many_redirects(&format!(
                     "to {to}, a node slotgate has no connection to"
                 )),
@@ -398,9 +407,9 @@ impl Session {
             Again::Request {
                 via: Via::Blocking, ..
             }
-            | Again::Exec(_) => match self.w.dedicated().take(self.proto, shard) {
+            | Again::Exec(_) => match self.cx.w.dedicated().take(self.cx.proto, shard) {
                 Ok(c) => Some(c),
-                Err(e) => return f.again.answer(&self.queue, e),
+                Err(e) => return f.again.answer(self.cx.queue, e),
             },
             _ => None,
         };
@@ -409,10 +418,10 @@ impl Session {
             (Again::Request { raw, seq, via }, conn) => {
                 let up = match (&via, &conn) {
                     (_, Some(conn)) => conn.up.clone(),
-                    (Via::Mirror(user), None) => self.w.pools().as_user(
+                    (Via::Mirror(user), None) => self.cx.w.pools().as_user(
                         user,
                         crate::command::refused_in_scripts(),
-                        self.proto,
+                        self.cx.proto,
                         shard,
                     ),
                     (Via::Blocking, None) => return,
@@ -428,11 +437,11 @@ impl Session {
                     up.send_until(ASKING, Target::Discard, wait_until);
                 }
                 let sink = Rc::new(FollowedReply {
-                    queue: self.queue.clone(),
+                    queue: self.cx.queue.clone(),
                     seq,
                     raw: raw.clone(),
                     via,
-                    follows: self.follows(),
+                    follows: self.follows.clone(),
                     from: to,
                     hops,
                     asking,
@@ -440,11 +449,11 @@ impl Session {
                     // its next redirect gets `op_timeout` again; one tried again after a
                     // TRYAGAIN or CLUSTERDOWN keeps this one's.
                     follow_until: (!blocking || !moves).then_some(f.deadline),
-                    op_timeout: self.w.shared.settings.op_timeout,
+                    op_timeout: self.cx.w.shared.settings.op_timeout,
                 });
                 up.send_until(&raw, Target::Sink(SinkRef::new(sink, 0)), wait_until);
                 if let Some(conn) = conn {
-                    match &mut self.blocked {
+                    match self.blocked {
                         Some(b) => b.moved_to(conn),
                         // (The client went on: the connection closes, and the command with
                         // it.)
@@ -473,13 +482,13 @@ impl Session {
         let channels = self.forget_channels(raw).unwrap_or_default();
         if *seq == SILENT {
             for c in &channels {
-                let gone = crate::session::pubsub::message(self.proto, b"sunsubscribe", Some(c), 0);
-                self.queue.push_oob(gone);
+                let gone =
+                    crate::session::pubsub::message(self.cx.proto, b"sunsubscribe", Some(c), 0);
+                self.cx.queue.push_oob(gone);
             }
         }
-        self.update_output_class();
         let reply = f.reply.clone();
-        f.again.answer(&self.queue, reply);
+        f.again.answer(self.cx.queue, reply);
     }
 
     /// Where a redirected request goes next: the node, whether behind ASKING, and the hops so
@@ -488,14 +497,13 @@ impl Session {
         let (to, asking, hops) = match f.to {
             Some((to, asking)) => (to, asking, f.hops),
             None => {
-                match cluster::next_hop(&self.w, &f.reply, f.from, f.hops, f.asking, f.deadline) {
+                match cluster::next_hop(self.cx.w, &f.reply, f.from, f.hops, f.asking, f.deadline) {
                     Hop::Answer(reply) => {
                         if let Again::Subscribe { raw, .. } = &f.again {
                             // (Not subscribed anywhere.)
                             self.forget_channels(raw);
-                            self.update_output_class();
                         }
-                        f.again.answer(&self.queue, reply);
+                        f.again.answer(self.cx.queue, reply);
                         return None;
                     }
                     Hop::Again {
@@ -517,8 +525,11 @@ impl Session {
                         (to, asking, hops)
                     }
                     Hop::Lookup { host, asking } => {
-                        let (w, follows, queue) =
-                            (self.w.clone(), self.follows(), self.queue.clone());
+                        let (w, follows, queue) = (
+                            self.cx.w.clone(),
+                            self.follows.clone(),
+                            self.cx.queue.clone(),
+                        );
                         tokio::task::spawn_local(async move {
                             match cluster::lookup(&w, &host).await {
                                 Ok(to) => {
@@ -551,11 +562,14 @@ impl Session {
         if command_is_ssubscribe(raw) {
             self.subs.shard_set(shard).extend(channels);
         }
-        let moved = self.w.cluster.then(|| self.subscriptions_moved());
-        let cx = cx!(self);
-        match self.subs.conn(&cx, &moved, shard) {
+        let moved = self
+            .cx
+            .w
+            .cluster
+            .then(|| subscriptions_moved(self.follows, self.cx.queue));
+        match self.subs.conn(&self.cx, &moved, shard) {
             Ok(conn) => conn.up.send_subscription_after(raw, seq, n, hops),
-            Err(e) if seq != SILENT => self.queue.deliver(seq, 0, e),
+            Err(e) if seq != SILENT => self.cx.queue.deliver(seq, 0, e),
             Err(_) => {}
         }
     }
@@ -596,17 +610,16 @@ impl Session {
             // (Unsubscribed meanwhile.)
             return;
         };
-        let shard = self
-            .w
-            .live()
+        let shard = (self.cx.w.live())
             .slot_map
             .shard_of_slot(crate::router::slot(&channel));
-        if self.w.pools().addr(shard) == Some(f.from) || self.w.pools().addr(shard).is_none() {
+        if self.cx.w.pools().addr(shard) == Some(f.from) || self.cx.w.pools().addr(shard).is_none()
+        {
             if Instant::now() >= f.deadline {
                 self.subs.shard_channels[old].remove(&channel);
-                return self.queue.push_oob(frame.clone());
+                return self.cx.queue.push_oob(frame.clone());
             }
-            self.w.shared.cluster_changed.notify_one();
+            self.cx.w.shared.cluster_changed.notify_one();
             return self.follow_later(f, cluster::NEW_NODE_WAIT);
         }
         let raw = crate::resp::request::command(&[b"SSUBSCRIBE", &channel]);
@@ -615,7 +628,7 @@ impl Session {
 
     /// Follows `f` again after `wait`.
     fn follow_later(&mut self, f: Follow, wait: Duration) {
-        let (follows, queue) = (self.follows(), self.queue.clone());
+        let (follows, queue) = (self.follows.clone(), self.cx.queue.clone());
         tokio::task::spawn_local(async move {
             tokio::time::sleep(wait).await;
             follows.push(f, &queue);

@@ -1,9 +1,9 @@
 //! One client connection: read a burst, parse every complete command, route each one, and
 //! write every ready reply in request order with one syscall.
 //!
-//! Routing is by the command table's [`Route`]: local answers go straight into the reply
+//! Routing is by the command table's [`Route`](crate::command::Route): local answers go straight into the reply
 //! queue; single-slot commands are forwarded as their raw bytes to the owning shard's
-//! connection; scatter and all-shard commands become a [`Gather`]. Back-pressure: at most
+//! connection; scatter and all-shard commands become a [`Gather`](crate::fanout::Gather). Back-pressure: at most
 //! `max_client_pipeline` commands in flight per client; beyond that the session stops reading
 //! until replies drain, so a client that pipelines without reading costs bounded memory.
 
@@ -38,8 +38,10 @@ mod all_shards;
 mod conn;
 pub mod control;
 mod cx;
+mod dispatch;
 pub mod follow;
 mod hotkeys;
+mod info;
 pub mod local;
 pub mod login;
 pub mod pinned;
@@ -48,6 +50,7 @@ mod readthrough;
 pub(crate) mod scatter;
 mod send;
 mod single;
+mod state;
 pub mod tracking;
 
 use std::net::SocketAddr;
@@ -63,12 +66,11 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
-use crate::command::policy::has_block_option;
-use crate::command::{self, CommandSpec, Route, flags, keys};
+use crate::command::CommandSpec;
 use crate::netio::{PlainRead, PlainWrite, ReadSide, WriteSide};
-use crate::queue::{Attention, ReplyQueue, Slot, Target};
+use crate::queue::{Attention, ReplyQueue};
 use crate::resp::reply::{self, Proto};
-use crate::resp::{Limits, Parsed, Request, RequestParser};
+use crate::resp::{Limits, Parsed, RequestParser};
 use crate::worker::{Shared, Worker};
 pub(crate) use cx::Cx;
 
@@ -569,167 +571,6 @@ impl Session {
         self.reply(Bytes::from_static(b));
     }
 
-    /// Looks the command up, checks arity and routes it.
-    fn dispatch(&mut self, req: &Request<'_>, now: Instant) {
-        let spec = match self.check(req) {
-            Ok(spec) => spec,
-            Err(e) => {
-                // A queuing error inside MULTI makes EXEC fail, as in Redis.
-                self.pinned.flag_tx();
-                crate::metrics::note_error(self.cmd.map(|c| c.name), &e, true);
-                return self.queue.push_ready(e);
-            }
-        };
-        // CLIENT PAUSE and MONITOR: one load while neither is in use.
-        let gate = self.w.shared.gate.bits();
-        if gate != 0 && self.gated(spec, req) {
-            return;
-        }
-        // Switching between shared and dedicated connections waits for what is in flight, and
-        // so does anything after a blocking command (the connection is "blocked", as in Redis).
-        let dedicated = if self.login.restricted && self.pinned.tx.is_none() && spec.runs_script() {
-            Lane::Mirror
-        } else if self.pinned.wants_dedicated(spec, req) {
-            Lane::Dedicated
-        } else {
-            Lane::Shared
-        };
-        // RESET closes dedicated connections: their replies in flight must arrive first.
-        let resets_pinned = command::policy::resets_connection(spec.name)
-            && (self.pinned.tx.is_some() || self.pinned.watch.is_some() || self.subscribed());
-        if dedicated != self.on_dedicated
-            || self.blocked.is_some()
-            || resets_pinned
-            || self.pinned.exec_waits(self.w.cluster, spec)
-        {
-            if self.queue.waiting() > 0 {
-                self.deferred = Some(crate::session::pinned::Deferred::from(req));
-                return;
-            }
-            self.on_dedicated = dedicated;
-        }
-        self.w.metrics.command(spec.name);
-        if self.w.hot.tick() {
-            // (Inside MULTI the reply is +QUEUED: no size to learn.)
-            let probe = self.pinned.tx.is_none();
-            self.w.sample(spec, req, &self.queue, now.into_std(), probe);
-        }
-        if gate & crate::gate::Gate::MONITOR != 0 {
-            self.feed_monitors(spec, req);
-        }
-        self.dispatched += 1;
-        if self.dispatched.is_multiple_of(crate::metrics::SAMPLE_EVERY) {
-            let seq = self.queue.next_seq();
-            self.sampled
-                .push_back((seq, std::time::Instant::now(), spec));
-        }
-        if spec.may_write_keys() && self.w.has_rules.get() {
-            readthrough::note_writes(&mut fwd!(self), spec, req);
-        }
-        if let Some(t) = &self.tracking {
-            if t.is_active() {
-                let in_multi = self.pinned.tx.is_some();
-                self.w.tracker.command(t, spec, req, in_multi);
-            } else {
-                self.tracking = None;
-            }
-        }
-        if self.pinned.tx.is_some()
-            && spec.route != Route::Transaction
-            && !command::policy::ends_connection_state(spec.name)
-        {
-            if self.login.restricted && spec.runs_script() {
-                self.pinned.flag_tx();
-                return self.reply_static(reply::NOPERM_SCRIPT_IN_MULTI);
-            }
-            return self.tx_queue(spec, req, now);
-        }
-        if self.proto == Proto::Resp2 && self.subscribed() {
-            if !crate::session::pubsub::allowed_while_subscribed(spec.name) {
-                // Refused before running, as Redis counts it: a rejected call.
-                self.w.metrics.uncount(spec.name);
-                let e = reply::not_while_subscribed(spec.name);
-                crate::metrics::note_error(Some(spec.name), &e, true);
-                return self.queue.push_ready(e);
-            }
-            if command::policy::is_ping(spec.name) {
-                return crate::session::pubsub::subscribed_ping(&cx!(self), req);
-            }
-        }
-        if dedicated == Lane::Mirror {
-            return self.script_as_user(spec, req, now);
-        }
-        match spec.route {
-            Route::PubSub => self.pubsub(spec, req, now),
-            Route::Transaction => self.transaction(spec, req, now),
-            Route::Blocking => self.blocking(spec, req, now),
-            // XREAD/XREADGROUP … BLOCK: a blocking command.
-            Route::Single if spec.has(flags::BLOCKING) && has_block_option(req) => {
-                self.blocking(spec, req, now)
-            }
-            Route::Single => single::single(&mut fwd!(self), spec, req, now),
-            Route::Local => self.local(spec, req, now),
-            Route::AnyShard => fwd!(self).forward(0, req.raw, now),
-            Route::Scatter(m) => scatter::scatter(&mut fwd!(self), spec, req, m, now),
-            Route::AllShards(m) => all_shards::all_shards(&fwd!(self), spec, req, m, now),
-            Route::Refused => self.reply(reply::not_allowed(spec.name)),
-            Route::NotYet => self.reply(reply::not_yet(spec.name)),
-        }
-    }
-
-    /// Looks the command up and checks arity, authentication and permissions: the command's
-    /// row, or the error reply.
-    fn check(&mut self, req: &Request<'_>) -> Result<&'static CommandSpec, Bytes> {
-        let name = req.arg(0);
-        let mut spec = match self.last_command {
-            // Clients mostly repeat a few commands: one short comparison instead of a lookup.
-            Some(last)
-                if last.name.len() == name.len()
-                    && last.name.as_bytes().eq_ignore_ascii_case(name) =>
-            {
-                last
-            }
-            _ => {
-                let Some(spec) = command::lookup(name) else {
-                    self.cmd = None;
-                    let mut args = (1..req.argc()).map(|i| req.arg(i));
-                    return Err(reply::unknown_command(name, &mut args));
-                };
-                self.last_command = Some(spec);
-                spec
-            }
-        };
-        // A container takes a subcommand, except where its own arity allows none (bare
-        // `COMMAND`, which answers the whole table).
-        if spec.is_container() && !(req.argc() == 1 && spec.arity_ok(1)) {
-            if req.argc() < 2 {
-                self.cmd = Some(spec);
-                return Err(reply::wrong_arity(spec.name));
-            }
-            match command::lookup_sub(spec, req.arg(1)) {
-                Some(sub) => spec = sub,
-                None => {
-                    // (No commandstats line, as in Redis; errorstats counts it.)
-                    self.cmd = None;
-                    return Err(reply::unknown_subcommand(spec.name, req.arg(1)));
-                }
-            }
-        }
-        self.cmd = Some(spec);
-        if !spec.arity_ok(req.argc()) {
-            return Err(reply::wrong_arity(spec.name));
-        }
-        if self.login.user.is_none() {
-            // Before AUTH, nothing reaches a shard (Redis's NOAUTH rule).
-            if !command::policy::allowed_before_auth(spec.name) {
-                return Err(Bytes::from_static(reply::NOAUTH));
-            }
-        } else if self.login.restricted {
-            self.permitted(spec, req)?;
-        }
-        Ok(spec)
-    }
-
     /// Records the latency of sampled commands whose replies are now written.
     fn record_latencies(&mut self) {
         let base = self.queue.base();
@@ -752,75 +593,29 @@ impl Session {
         self.login.user_name()
     }
 
-    /// What the session does after a login attempt: registers the new identity, or closes
-    /// after too many failures in a row.
-    pub(crate) fn after_login(&mut self, verdict: login::Verdict) {
-        match verdict {
-            login::Verdict::In => {
-                self.update_info();
-                tracking::sync_user(&self.tracking, &self.login);
-            }
-            login::Verdict::Refused { close } => self.closing |= close,
-        }
+    pub(crate) fn subscribed(&self) -> bool {
+        self.subs.active()
     }
 
-    /// The user's command and key permissions for this command: `Err` is the NOPERM reply.
-    /// Every key is checked, including each key of a scatter command.
-    fn permitted(&mut self, spec: &CommandSpec, req: &Request<'_>) -> Result<(), Bytes> {
-        let Some(user) = self.login.user.clone() else {
-            return Ok(());
-        };
-        if !user.may_run(spec) {
-            return Err(reply::noperm_command(spec.name));
-        }
-        if let Some(decided) = crate::auth::special_permission(&user, spec.name, req) {
-            return decided.map_err(Bytes::from_static);
-        }
-        self.access.clear();
-        if keys::key_access(spec, req.argc(), |i| req.arg(i), &mut self.access).is_err() {
-            // Key positions undeterminable: a restricted user gets no benefit of the doubt.
-            return Err(Bytes::from_static(reply::NOPERM_KEYS));
-        }
-        if self
-            .access
-            .iter()
-            .all(|&(i, need)| user.may_access(req.arg(i), need))
+    /// A client with subscriptions gets the `pubsub` output buffer limit, as in Redis.
+    /// (The client list notes whether the client has subscriptions.)
+    pub(crate) fn update_output_class(&mut self) {
+        let subscribed = self.subscribed();
         {
-            Ok(())
-        } else {
-            Err(Bytes::from_static(reply::NOPERM_KEYS))
+            let settings = self.w.live();
+            // (A monitor has the pub/sub class's limits too: it receives a stream it did not
+            // ask for line by line.)
+            self.queue
+                .set_output_limit(if subscribed || self.monitor.is_some() {
+                    settings.obuf_pubsub
+                } else {
+                    settings.obuf_normal
+                });
         }
-    }
-
-    /// A script or function of a user with restrictions: to the shard of its keys, over a
-    /// connection authenticated as the user's mirror ([`crate::shard::Mirror`]), so that it
-    /// runs with the user's rights rather than slotgate's.
-    fn script_as_user(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
-        let shard = match fwd!(self).slot_of(spec, req) {
-            Ok(slot) => slot.map_or(0, |s| self.w.live().slot_map.shard_of_slot(s)),
-            Err(()) => return self.reply_static(reply::CROSSSLOT),
-        };
-        let Some(user) = self.login.user.clone() else {
-            return;
-        };
-        let up = self
-            .w
-            .pools()
-            .as_user(&user, command::refused_in_scripts(), self.proto, shard);
-        if self.w.cluster {
-            let via = crate::session::follow::Via::Mirror(user);
-            return self.send_followed(&up, via, req.raw, now + up.op_timeout());
+        if subscribed != self.listed_subscribed {
+            self.listed_subscribed = subscribed;
+            self.update_info();
         }
-        let seq = self.queue.push_waiting(Slot::Waiting(self.cmd));
-        up.send(
-            req.raw,
-            Target::Client {
-                queue: self.queue.clone(),
-                seq,
-                part: 0,
-            },
-            now,
-        );
     }
 
     /// Cluster mode: after the cluster's layout changed, this client's next commands wait

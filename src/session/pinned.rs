@@ -33,7 +33,7 @@ use crate::command::{CommandSpec, Route};
 use crate::queue::{ReplyQueue, Sink, SinkRef, Slot, Target};
 use crate::resp::Request;
 use crate::resp::reply;
-use crate::session::{Cx, Session};
+use crate::session::Cx;
 use crate::shard::Dedicated;
 
 /// An open transaction.
@@ -156,7 +156,7 @@ pub struct Blocked {
 }
 
 impl Blocked {
-    fn new(
+    pub(super) fn new(
         conn: Dedicated,
         count: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
         on: &std::sync::Arc<crate::worker::BlockedOn>,
@@ -226,7 +226,7 @@ impl Deferred {
     }
 }
 
-use crate::session::follow::{FOREVER, Follows};
+use crate::session::follow::Follows;
 
 /// A client's transaction and watches, and the dedicated connections they hold.
 #[derive(Default)]
@@ -247,7 +247,7 @@ pub(crate) struct TxCx<'s> {
 }
 
 /// Sends `raw` on a dedicated connection; the reply fills the next queue slot.
-fn send_dedicated(cx: &Cx<'_>, conn: &Dedicated, raw: &[u8], deadline: Instant) {
+pub(super) fn send_dedicated(cx: &Cx<'_>, conn: &Dedicated, raw: &[u8], deadline: Instant) {
     cx.send_until(Slot::Waiting(cx.cmd), &conn.up, raw, deadline);
 }
 
@@ -279,7 +279,7 @@ fn op_deadline(cx: &Cx<'_>, now: Instant) -> Instant {
 }
 
 /// A dedicated connection to the shard owning `slot` (shard 0 for none).
-fn take_dedicated(cx: &Cx<'_>, slot: Option<u16>) -> Result<Dedicated, Bytes> {
+pub(super) fn take_dedicated(cx: &Cx<'_>, slot: Option<u16>) -> Result<Dedicated, Bytes> {
     let shard = slot.map_or(0, |s| cx.w.live().slot_map.shard_of_slot(s));
     cx.w.dedicated().take(cx.proto, shard)
 }
@@ -610,57 +610,4 @@ fn exec_cluster(cx: &Cx<'_>, follows: &Rc<Follows>, tx: Tx, req: &Request<'_>, d
     parts.push(Bytes::copy_from_slice(req.raw));
     crate::session::follow::send_tx(cx, follows, &conn, parts, tx.queued, tx.watched, deadline);
     conn.release();
-}
-
-impl Session {
-    /// MULTI, EXEC, DISCARD, WATCH, UNWATCH (see [`Pinned::transaction`]).
-    pub(crate) fn transaction(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
-        self.on_pinned(spec, req, now, false);
-    }
-
-    /// A command inside MULTI (see [`Pinned::tx_queue`]).
-    pub(crate) fn tx_queue(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
-        self.on_pinned(spec, req, now, true);
-    }
-
-    /// Runs a transaction command (or, `queued`, a command inside MULTI) on the `Pinned`
-    /// state, with its context: the slot of its keys and, in cluster mode, the redirect
-    /// mailbox.
-    fn on_pinned(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant, queued: bool) {
-        let slot = fwd!(self).slot_of(spec, req);
-        let follows = self.w.cluster.then(|| self.follows());
-        let tc = TxCx {
-            cx: cx!(self),
-            slot,
-            follows,
-        };
-        if queued {
-            self.pinned.tx_queue(&tc, spec, req, now);
-        } else {
-            self.pinned.transaction(&tc, spec, req, now);
-        }
-    }
-
-    /// A blocking command outside MULTI: its own dedicated connection, no op timeout.
-    pub(crate) fn blocking(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
-        let slot = match fwd!(self).slot_of(spec, req) {
-            Ok(s) => s,
-            Err(()) => return self.reply_static(reply::CROSSSLOT),
-        };
-        let conn = match take_dedicated(&cx!(self), slot) {
-            Ok(c) => c,
-            Err(e) => return self.reply(e),
-        };
-        if self.w.cluster {
-            let via = crate::session::follow::Via::Blocking;
-            self.send_followed(&conn.up, via, req.raw, now + FOREVER);
-        } else {
-            send_dedicated(&cx!(self), &conn, req.raw, now + FOREVER);
-        }
-        self.blocked = Some(Blocked::new(
-            conn,
-            &self.w.shared.blocked_clients,
-            &self.blocked_on,
-        ));
-    }
 }

@@ -17,13 +17,11 @@ use std::collections::HashSet;
 use std::rc::Rc;
 
 use bytes::Bytes;
-use tokio::time::Instant;
 
 use crate::command::CommandSpec;
-use crate::fanout::GatherKind;
 use crate::resp::Request;
 use crate::resp::reply::{self, Aggregate, Proto};
-use crate::session::{Cx, Session};
+use crate::session::Cx;
 use crate::shard::Dedicated;
 use crate::shard::SubscriptionsMoved;
 
@@ -255,64 +253,9 @@ pub(crate) fn subscribed_ping(cx: &Cx<'_>, req: &Request<'_>) {
     cx.reply(a.finish());
 }
 
-impl Session {
-    pub(crate) fn subscribed(&self) -> bool {
-        self.subs.active()
-    }
-
-    /// Pub/sub commands: subscriptions change on the client's subscriber connections (see
-    /// [`Subs::change`]); classic channels' PUBLISH and PUBSUB live on the first shard.
-    pub(crate) fn pubsub(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
-        match spec.name {
-            "publish" | "pubsub|channels" | "pubsub|numsub" | "pubsub|numpat" | "pubsub|help" => {
-                fwd!(self).forward(0, req.raw, now)
-            }
-            "pubsub|shardchannels" => {
-                fwd!(self).gather_from_every_shard(GatherKind::ConcatArrays, req.raw, now)
-            }
-            "pubsub|shardnumsub" => {
-                let kind = GatherKind::Info(Box::new(sum_pair_counts));
-                fwd!(self).gather_from_every_shard(kind, req.raw, now)
-            }
-            _ => {
-                let sharded = matches!(spec.name, "ssubscribe" | "sunsubscribe");
-                let slot = match sharded && req.argc() > 1 {
-                    true => fwd!(self).slot_of(spec, req),
-                    false => Ok(None),
-                };
-                let moved = self.w.cluster.then(|| self.subscriptions_moved());
-                let cx = cx!(self);
-                self.subs.change(&cx, &moved, spec, req, slot);
-            }
-        }
-        self.update_output_class();
-    }
-
-    /// A client with subscriptions gets the `pubsub` output buffer limit, as in Redis.
-    /// (The client list notes whether the client has subscriptions.)
-    pub(crate) fn update_output_class(&mut self) {
-        let subscribed = self.subscribed();
-        {
-            let settings = self.w.live();
-            // (A monitor has the pub/sub class's limits too: it receives a stream it did not
-            // ask for line by line.)
-            self.queue
-                .set_output_limit(if subscribed || self.monitor.is_some() {
-                    settings.obuf_pubsub
-                } else {
-                    settings.obuf_normal
-                });
-        }
-        if subscribed != self.listed_subscribed {
-            self.listed_subscribed = subscribed;
-            self.update_info();
-        }
-    }
-}
-
 /// PUBSUB SHARDNUMSUB over all shards: each answers `[ch, n, ch, n …]` for the same
 /// channels; the counts are added up.
-fn sum_pair_counts(parts: &[Bytes]) -> Bytes {
+pub(super) fn sum_pair_counts(parts: &[Bytes]) -> Bytes {
     if let Some(e) = parts.iter().find(|p| p.first() == Some(&b'-')) {
         return e.clone();
     }
