@@ -249,3 +249,43 @@ pub fn channel_args(name: &str) -> Option<(usize, bool)> {
         _ => None,
     }
 }
+
+/// Where a pub/sub command (route `PubSub`) goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PubSubRoute {
+    /// Classic channels' PUBLISH and PUBSUB: they live on the first shard.
+    FirstShard,
+    /// PUBSUB SHARDCHANNELS: every shard's list, concatenated.
+    EveryShardConcat,
+    /// PUBSUB SHARDNUMSUB: every shard's counts, added up.
+    EveryShardSum,
+    /// (P|S)SUBSCRIBE and (P|S)UNSUBSCRIBE, on the client's subscriber connections;
+    /// `sharded` ones by the slot of their channels.
+    Subscription { sharded: bool },
+}
+
+/// Where the pub/sub command `name` goes.
+pub fn pubsub_route(name: &str) -> PubSubRoute {
+    match name {
+        "publish" | "pubsub|channels" | "pubsub|numsub" | "pubsub|numpat" | "pubsub|help" => {
+            PubSubRoute::FirstShard
+        }
+        "pubsub|shardchannels" => PubSubRoute::EveryShardConcat,
+        "pubsub|shardnumsub" => PubSubRoute::EveryShardSum,
+        n => PubSubRoute::Subscription {
+            sharded: matches!(n, "ssubscribe" | "sunsubscribe"),
+        },
+    }
+}
+
+/// Whether read-through rules apply to the single-key command `name` (GET; an MGET of
+/// read-through keys is a scatter command).
+#[inline]
+pub fn reads_through(name: &str) -> bool {
+    name == "get"
+}
+
+/// Whether `name` is EXEC (CLIENT PAUSE WRITE holds it when its transaction may write).
+pub fn is_exec(name: &str) -> bool {
+    name == "exec"
+}

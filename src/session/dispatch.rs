@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use super::follow::{self, FOREVER, FollowCx, Follows};
 use super::pinned::{Blocked, TxCx, send_dedicated, take_dedicated};
 use super::{Lane, Session, all_shards, readthrough, scatter, single};
-use crate::command::policy::has_block_option;
+use crate::command::policy::{PubSubRoute, has_block_option};
 use crate::command::{self, CommandSpec, Route, flags, keys};
 use crate::fanout::GatherKind;
 use crate::gate::Gate;
@@ -255,7 +255,8 @@ impl Session {
         // (A monitor is never paused, as Redis never pauses a replica: it can lift a pause.)
         if gate.bits() & Gate::PAUSE != 0 && self.monitor.is_none() {
             let writes = super::control::may_write(spec)
-                || (spec.name == "exec" && self.pinned.tx.as_ref().is_some_and(|t| t.writes));
+                || (command::policy::is_exec(spec.name)
+                    && self.pinned.tx.as_ref().is_some_and(|t| t.writes));
             if gate.holds(writes) {
                 self.deferred = Some(crate::session::pinned::Deferred::from(req));
                 self.held = true;
@@ -341,19 +342,16 @@ impl Session {
     /// Pub/sub commands: subscriptions change on the client's subscriber connections (see
     /// [`Subs::change`]); classic channels' PUBLISH and PUBSUB live on the first shard.
     pub(crate) fn pubsub(&mut self, spec: &CommandSpec, req: &Request<'_>, now: Instant) {
-        match spec.name {
-            "publish" | "pubsub|channels" | "pubsub|numsub" | "pubsub|numpat" | "pubsub|help" => {
-                fwd!(self).forward(0, req.raw, now)
-            }
-            "pubsub|shardchannels" => {
+        match command::policy::pubsub_route(spec.name) {
+            PubSubRoute::FirstShard => fwd!(self).forward(0, req.raw, now),
+            PubSubRoute::EveryShardConcat => {
                 fwd!(self).gather_from_every_shard(GatherKind::ConcatArrays, req.raw, now)
             }
-            "pubsub|shardnumsub" => {
+            PubSubRoute::EveryShardSum => {
                 let kind = GatherKind::Info(Box::new(super::pubsub::sum_pair_counts));
                 fwd!(self).gather_from_every_shard(kind, req.raw, now)
             }
-            _ => {
-                let sharded = matches!(spec.name, "ssubscribe" | "sunsubscribe");
+            PubSubRoute::Subscription { sharded } => {
                 let slot = match sharded && req.argc() > 1 {
                     true => fwd!(self).slot_of(spec, req),
                     false => Ok(None),

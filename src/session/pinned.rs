@@ -321,7 +321,7 @@ impl Pinned {
     /// answered (one a node redirected watches nothing), and a transaction before it, which
     /// may be following a redirect, has run.
     pub(crate) fn exec_waits(&self, cluster: bool, spec: &CommandSpec) -> bool {
-        cluster && self.tx.is_some() && spec.name == "exec"
+        cluster && self.tx.is_some() && crate::command::policy::is_exec(spec.name)
     }
 
     /// MULTI, EXEC, DISCARD, WATCH, UNWATCH.

@@ -5,7 +5,7 @@
 use tokio::time::Instant;
 
 use crate::command::CommandSpec;
-use crate::command::policy::refused_arguments;
+use crate::command::policy::{reads_through, refused_arguments};
 use crate::resp::Request;
 use crate::resp::reply;
 use crate::session::cx::Fwd;
@@ -21,7 +21,7 @@ pub(super) fn single(f: &mut Fwd<'_>, spec: &'static CommandSpec, req: &Request<
             let (shard, rule) = {
                 let live = f.cx.w.live();
                 let rules = &live.readthrough;
-                let rule = if rules.is_empty() || spec.name != "get" {
+                let rule = if rules.is_empty() || !reads_through(spec.name) {
                     None
                 } else {
                     rules.find(req.arg(1)).cloned()
