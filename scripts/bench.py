@@ -17,6 +17,12 @@ systems in the same run. Prints a markdown table of medians.
   --callgrind       run slotgate under callgrind: user-space instructions per request
   --syscalls        count system calls per request with `perf stat` (a separate column)
   --bin PATH        the slotgate binary (default: target/release/slotgate, built first)
+  --io MODES        slotgate's socket I/O, one system per mode: epoll, uring or epoll,uring
+                    (default: epoll)
+  --twemproxy       add twemproxy (nutcracker, from $NUTCRACKER_BIN or PATH: apt-get install
+                    nutcracker) in front of the same shards, as an anchor
+  --idle N          also open N idle connections to each proxy and report its resident memory
+                    per connection
 Environment: WORKERS (slotgate worker threads, default 1), CLIENTS (default 50), N_P1
 (requests per unpipelined run; pipelined runs make 4 times as many), READTHROUGH=1 (add a system
 "slotgate-rt" where every benchmark key is owned by a read-through rule, so GETs are hits).
@@ -50,7 +56,10 @@ SCENARIOS = {
     "mset_p1": (["MSET"] + sum(([f"key:{{{i}}}__rand_int__", "v"] for i in range(10)), []), 1, 3),
     "get4k_p1": (["-t", "get"], 1, 4096),
     "set4k_p1": (["-t", "set"], 1, 4096),
+    # 1,000 clients (the CLIENTS default is 50).
+    "get_c1000": (["-t", "get"], 1, 3),
 }
+CLIENTS_OF = {"get_c1000": 1000}
 for _n in ["get_p1", "set_p1", "get_p16"]:
     SCENARIOS[_n + "_tls"] = SCENARIOS[_n]
 
@@ -135,7 +144,7 @@ def make_cert(tmp):
 
 def benchmark(port, scenario, n, tls):
     args, pipeline, size = SCENARIOS[scenario]
-    cmd = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-c", str(CLIENTS),
+    cmd = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-c", str(CLIENTS_OF.get(scenario, CLIENTS)),
            "-n", str(n), "-r", str(KEYSPACE if size < 1000 else 10_000), "-P", str(pipeline),
            "-d", str(size), "--csv"]
     if tls:
@@ -196,6 +205,51 @@ class Callgrind:
         sys.exit(f"no callgrind dump at {path}")
 
 
+def twemproxy(procs, tmp, shard_ports, binary):
+    """nutcracker in front of the shards (crc16, modula: it splits MGET over them too)."""
+    port, stats = free_port(), free_port()
+    conf = os.path.join(tmp, "nutcracker.yml")
+    with open(conf, "w") as f:
+        f.write(f"bench:\n  listen: 127.0.0.1:{port}\n  hash: crc16\n  distribution: modula\n"
+                f"  redis: true\n  timeout: 5000\n  servers:\n")
+        for sp in shard_ports:
+            f.write(f"   - 127.0.0.1:{sp}:1\n")
+    p = procs.start([binary, "-c", conf, "-s", str(stats), "-o", os.path.join(tmp, "nutcracker.log")])
+    wait_port(port, p, "nutcracker")
+    return p, port
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def idle_cost(pid, port, n):
+    """Resident memory per connection of `n` idle connections (each sent one PING first)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, n + 1000)), hard))
+    before = rss_kib(pid)
+    conns = []
+    try:
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"*1\r\n$4\r\nPING\r\n")
+            conns.append(s)
+        for s in conns:
+            s.settimeout(10)
+            if s.recv(16) != b"+PONG\r\n":
+                sys.exit("an idle connection was not answered")
+        time.sleep(0.5)
+        return (rss_kib(pid) - before) * 1024 / n
+    finally:
+        for s in conns:
+            s.close()
+
+
 def syscalls_during(pid, fn):
     perf = subprocess.Popen(["perf", "stat", "-x,", "-e", "raw_syscalls:sys_enter", "-p", str(pid)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -220,6 +274,9 @@ def main():
     ap.add_argument("--callgrind", action="store_true")
     ap.add_argument("--syscalls", action="store_true")
     ap.add_argument("--bin", default=None)
+    ap.add_argument("--io", default="epoll")
+    ap.add_argument("--twemproxy", action="store_true")
+    ap.add_argument("--idle", type=int, default=0)
     a = ap.parse_args()
 
     default = [s for s in SCENARIOS if s.endswith("_tls")] if a.tls else [s for s in SCENARIOS if not s.endswith("_tls")]
@@ -248,14 +305,19 @@ def main():
         if not a.no_direct:
             d, port, tport = redis_server(procs, tmp, tls)
             systems.append(("direct", d.pid, port, tport, None))
-        variants = [("slotgate", [])]
+        modes = a.io.split(",")
+        for m in modes:
+            if m not in ("epoll", "uring"):
+                sys.exit(f"--io: unknown mode {m} (epoll, uring)")
+        variants = [("slotgate" if len(modes) == 1 else f"slotgate-{m}", ["--io", m]) for m in modes]
         if os.environ.get("READTHROUGH") == "1":
             # The origin is never called: the fill below writes every key first.
             variants.append(("slotgate-rt", ["--readthrough", "key:=http://127.0.0.1:9/{rest}"]))
         for name, extra in variants:
             port = free_port()
             args = [binary, "--listen", f"127.0.0.1:{port}", "--shard-list", shard_list,
-                    "--workers", workers, "--log-level", "warn", "--admin-listen", "none"] + extra
+                    "--workers", workers, "--log-level", "warn", "--admin-listen", "none",
+                    "--maxclients", str(max(10_000, a.idle + 2_000))] + extra
             tport = None
             if tls:
                 tport = free_port()
@@ -269,6 +331,12 @@ def main():
             if a.callgrind:
                 cg = Callgrind(p.pid, prefix)
             systems.append((name, p.pid, port, tport, cg))
+        if a.twemproxy:
+            nut = os.environ.get("NUTCRACKER_BIN") or shutil.which("nutcracker")
+            if not nut:
+                sys.exit("--twemproxy: nutcracker not found (apt-get install -y nutcracker)")
+            t, tport = twemproxy(procs, tmp, [p for _, p, _ in shards], nut)
+            systems.append(("twemproxy", t.pid, tport, None, None))
         for name, _, port, _, _ in systems:
             populate(port, 3, KEYSPACE)
 
@@ -306,6 +374,11 @@ def main():
                     print(f"[{rep + 1}/{a.repeat}] {sc:12} {name:12} {rps:10.0f} rps  cpu {row['cpu']:7.2f} us/req"
                           + (f"  Ir {row['ir']:8.0f}/req" if "ir" in row else ""), file=sys.stderr)
         print_table(results, scenarios, [s[0] for s in systems], a)
+        if a.idle:
+            print(f"\n{a.idle} idle connections: resident memory per connection")
+            print("| system | bytes/connection |\n|---|---:|")
+            for name, pid, port, _, _ in systems:
+                print(f"| {name} | {idle_cost(pid, port, a.idle):,.0f} |")
     finally:
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -318,6 +391,8 @@ def med(rows, key):
 
 def print_table(results, scenarios, names, a):
     cols = ["rps", "x direct", "p50 ms", "p99 ms", "CPU µs/req", "backend µs/req"]
+    if "twemproxy" in names:
+        cols.insert(5, "CPU x twemproxy")
     if a.syscalls:
         cols.append("syscalls/req")
     if a.callgrind:
@@ -328,11 +403,14 @@ def print_table(results, scenarios, names, a):
     print("|---|---|" + "---:|" * len(cols))
     for sc in scenarios:
         direct = med(results.get((sc, "direct"), []), "rps")
+        twem = med(results.get((sc, "twemproxy"), []), "cpu")
         for name in names:
             rows = results.get((sc, name), [])
             rps = med(rows, "rps")
             cells = [f"{rps:.0f}", f"{rps / direct:.2f}" if direct else "-", f"{med(rows, 'p50'):.3f}",
                      f"{med(rows, 'p99'):.3f}", f"{med(rows, 'cpu'):.2f}"]
+            if "twemproxy" in names:
+                cells.append(f"{med(rows, 'cpu') / twem:.2f}" if twem and name != "direct" else "-")
             b = med(rows, "backend")
             cells.append(f"{b:.2f}" if b is not None else "-")
             if a.syscalls:

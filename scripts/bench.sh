@@ -6,6 +6,7 @@
 #   scripts/bench.sh --callgrind --quick  # user-space instructions/request (valgrind)
 #   scripts/bench.sh --syscalls           # + syscalls/request (perf)
 #   scripts/bench.sh --tls                # TLS termination: get_p1_tls, set_p1_tls, get_p16_tls
+#   scripts/bench.sh --io epoll,uring --twemproxy --syscalls --idle 10000   # both data paths
 #   WORKERS=2 scripts/bench.sh            # slotgate worker threads (default 1)
 #   READTHROUGH=1 scripts/bench.sh --scenarios get_p1,get_p16   # + read-through hits
 #

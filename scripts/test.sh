@@ -49,5 +49,8 @@ cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
 # Integration tests start several redis-server processes each: keep the parallelism bounded.
 cargo test --lib --bins --tests -- --test-threads="${TEST_THREADS:-3}"
+# The end-to-end tests again, every slotgate they start on the io_uring data path (`--io
+# uring`, through SLOTGATE_IO); tests/io_uring.rs has the differences of its own.
+SLOTGATE_IO=uring cargo test --tests -- --test-threads="${TEST_THREADS:-3}"
 # Each criterion bench runs once in test mode, so the benches keep compiling and working.
 cargo test --benches --quiet

@@ -82,6 +82,11 @@ pub struct Cli {
     /// [default: 32].
     #[arg(long, value_name = "N")]
     pub hotkeys_sample: Option<u32>,
+    /// Socket I/O of plain TCP clients and shard connections: `epoll` (tokio's readiness) or
+    /// `uring` (io_uring, one ring per worker; falls back to epoll, logged once, where the
+    /// kernel refuses it) [default: epoll].
+    #[arg(long, value_name = "MODE")]
+    pub io: Option<String>,
     /// TLS listener address, or `none` [default: 127.0.0.1:10000 when a certificate is set].
     #[arg(long, value_name = "ADDR")]
     pub tls_listen: Option<String>,
@@ -199,6 +204,8 @@ pub struct FileConfig {
     pub max_dedicated_per_shard: Option<usize>,
     pub tracking_table_max_keys: Option<usize>,
     pub hotkeys_sample: Option<u32>,
+    /// `epoll` or `uring` (see `--io`).
+    pub io: Option<String>,
     /// A bearer token the admin listener asks for (except /healthz and /readyz);
     /// `SLOTGATE_ADMIN_TOKEN` takes precedence.
     pub admin_token: Option<String>,
@@ -435,6 +442,7 @@ impl Cli {
                 .hotkeys_sample
                 .or(f.hotkeys_sample)
                 .unwrap_or(crate::hotkeys::DEFAULT_SAMPLE),
+            io: io_mode(&self.io, f.io),
             // (An empty variable is unset: it never turns off the file's token.)
             admin_token: std::env::var("SLOTGATE_ADMIN_TOKEN")
                 .ok()
@@ -495,6 +503,13 @@ impl Cli {
     }
 }
 
+/// `--io`, else `SLOTGATE_IO` (the test suite runs both paths with it), else the file's `io`,
+/// else epoll.
+fn io_mode(flag: &Option<String>, file: Option<String>) -> String {
+    let env = std::env::var("SLOTGATE_IO").ok().filter(|v| !v.is_empty());
+    (flag.clone().or(env).or(file)).unwrap_or_else(|| "epoll".into())
+}
+
 /// File and flags merged, not yet validated.
 struct Merged {
     listen: String,
@@ -517,6 +532,7 @@ struct Merged {
     max_dedicated_per_shard: usize,
     tracking_table_max_keys: usize,
     hotkeys_sample: u32,
+    io: String,
     admin_token: Option<String>,
     proto_max_bulk_len: usize,
     client_query_buffer_limit: usize,
@@ -694,6 +710,11 @@ impl Merged {
             max_dedicated_per_shard: self.max_dedicated_per_shard,
             tracking_table_max_keys: self.tracking_table_max_keys,
             hotkeys_sample: self.hotkeys_sample,
+            io: match self.io.as_str() {
+                "epoll" => crate::settings::Io::Epoll,
+                "uring" => crate::settings::Io::Uring,
+                _ => return Err(invalid("io", &self.io, "expected epoll or uring")),
+            },
             admin_token: self.admin_token,
             proto_max_bulk_len: self.proto_max_bulk_len,
             client_query_buffer_limit: self.client_query_buffer_limit,

@@ -185,6 +185,7 @@ fn keep_fixed(running: &Settings, new: &mut Settings) -> Vec<&'static str> {
         max_dedicated_per_shard,
         tracking_table_max_keys,
         hotkeys_sample,
+        io,
         upstream_tls,
         cluster
     );

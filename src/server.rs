@@ -372,6 +372,9 @@ fn worker_main(id: usize, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<I
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
+        let _ring = (shared.settings.io == crate::settings::Io::Uring)
+            .then(start_ring)
+            .flatten();
         let worker = Worker::start(id, shared);
         if id == 0 {
             tokio::task::spawn_local(learn_redis_version(worker.clone()));
@@ -411,6 +414,24 @@ fn worker_main(id: usize, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<I
             tokio::task::spawn_local(crate::session::run(stream, worker.clone(), acceptor));
         }
     });
+}
+
+/// The io_uring path (`--io uring`): this worker's ring, or `None` (logged once for the
+/// process) where the kernel refuses it, and the worker uses epoll.
+fn start_ring() -> Option<crate::uring::Driver> {
+    static LOGGED: std::sync::Once = std::sync::Once::new();
+    match crate::uring::Driver::start() {
+        Ok(ring) => {
+            LOGGED.call_once(|| tracing::info!("socket I/O: io_uring, one ring per worker"));
+            Some(ring)
+        }
+        Err(e) => {
+            LOGGED.call_once(|| {
+                tracing::warn!("io_uring is not available ({e}): using epoll (--io epoll)")
+            });
+            None
+        }
+    }
 }
 
 /// Asks a shard for its `redis_version` (reported by HELLO and INFO) until one answers.

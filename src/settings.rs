@@ -40,6 +40,15 @@ pub struct ClusterSettings {
     pub read_from: ReadFrom,
 }
 
+/// How plain TCP sockets are read and written (`io`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Io {
+    /// tokio's readiness (epoll) and one system call per read or write.
+    Epoll,
+    /// io_uring: each worker turn's reads and writes submitted with one system call.
+    Uring,
+}
+
 /// Where reads go in cluster mode (`read_from`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadFrom {
@@ -75,6 +84,8 @@ pub struct Settings {
     pub tracking_table_max_keys: usize,
     /// Hot keys and big replies: one command in this many is sampled (0: none).
     pub hotkeys_sample: u32,
+    /// Socket I/O of plain TCP clients and shard connections (`--io`).
+    pub io: Io,
     /// The bearer token the admin listener asks for, if any.
     pub admin_token: Option<String>,
     pub proto_max_bulk_len: usize,

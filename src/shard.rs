@@ -962,6 +962,12 @@ impl Upstream {
     /// Runs one established connection (after TLS, if configured) until it fails.
     async fn serve(&self, stream: TcpStream) -> Fault {
         let Some(tls) = &self.cfg.tls else {
+            if let Some(ring) = crate::uring::Driver::current() {
+                return match stream.into_std().and_then(|s| ring.stream(s)) {
+                    Ok((rd, wr)) => self.run(rd, wr).await,
+                    Err(e) => Fault::Io(e),
+                };
+            }
             return self.run(PlainRead(&stream), PlainWrite(&stream)).await;
         };
         let name = tls.name_for(self.addr.ip());

@@ -190,10 +190,19 @@ pub async fn run(stream: TcpStream, w: Rc<Worker>, tls: Option<TlsAcceptor>) {
         return;
     };
     match tls {
-        None => {
-            let (rd, wr) = (PlainRead(&stream), PlainWrite(&stream));
-            serve(rd, wr, w, addr, laddr).await;
-        }
+        None => match crate::uring::Driver::current() {
+            // (A socket the ring refuses is closed, as one whose addresses are unknown.)
+            Some(ring) => {
+                let Ok((rd, wr)) = stream.into_std().and_then(|s| ring.stream(s)) else {
+                    return;
+                };
+                serve(rd, wr, w, addr, laddr).await;
+            }
+            None => {
+                let (rd, wr) = (PlainRead(&stream), PlainWrite(&stream));
+                serve(rd, wr, w, addr, laddr).await;
+            }
+        },
         Some(acceptor) => {
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls_stream)) => {
