@@ -372,7 +372,7 @@ fn worker_main(id: usize, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<I
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let _ring = (shared.settings.io == crate::settings::Io::Uring)
+        let ring = (shared.settings.io == crate::settings::Io::Uring)
             .then(start_ring)
             .flatten();
         let worker = Worker::start(id, shared);
@@ -405,6 +405,11 @@ fn worker_main(id: usize, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<I
                     continue;
                 }
             };
+            if let (Some(ring), None) = (&ring, &acceptor) {
+                let session = crate::session::run_on_ring(std_stream, ring.clone(), worker.clone());
+                tokio::task::spawn_local(session);
+                continue;
+            }
             if std_stream.set_nonblocking(true).is_err() {
                 continue;
             }

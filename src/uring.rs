@@ -56,6 +56,8 @@ const RING_ENTRIES: u32 = 1024;
 /// Buffers in a worker's pool, and their size: 4 MiB per worker.
 const POOL_BUFS: u16 = 256;
 const POOL_BUF_SIZE: usize = 16 * 1024;
+/// `IORING_RECVSEND_POLL_FIRST` (io_uring.h).
+const POLL_FIRST: u16 = 1;
 /// The pool's buffer group id.
 const POOL_GROUP: u16 = 0;
 /// Outgoing bytes a connection may hold (in flight and queued) before `poll_write_now` is
@@ -317,7 +319,10 @@ impl State {
                 .build()
                 .user_data(ud)
         } else {
+            // POLL_FIRST: a receive is armed right after the last input was read, so the
+            // kernel waits for data instead of trying (and failing) to receive first.
             opcode::Recv::new(fd, std::ptr::null_mut(), POOL_BUF_SIZE as u32)
+                .ioprio(POLL_FIRST)
                 .buf_group(POOL_GROUP)
                 .build()
                 .flags(squeue::Flags::BUFFER_SELECT)
@@ -547,9 +552,17 @@ impl Driver {
 
     /// [`start`](Self::start) with a pool of `pool_bufs` buffers (a power of two).
     fn start_with(pool_bufs: u16) -> io::Result<Driver> {
+        // SINGLE_ISSUER (6.0): only this thread submits, so the kernel skips some locking;
+        // without it on older kernels.
         let ring = IoUring::builder()
             .setup_cqsize(RING_ENTRIES * 4)
-            .build(RING_ENTRIES)?;
+            .setup_single_issuer()
+            .build(RING_ENTRIES)
+            .or_else(|_| {
+                IoUring::builder()
+                    .setup_cqsize(RING_ENTRIES * 4)
+                    .build(RING_ENTRIES)
+            })?;
         let mut probe = io_uring::Probe::new();
         ring.submitter().register_probe(&mut probe)?;
         let ops = [

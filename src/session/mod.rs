@@ -190,19 +190,10 @@ pub async fn run(stream: TcpStream, w: Rc<Worker>, tls: Option<TlsAcceptor>) {
         return;
     };
     match tls {
-        None => match crate::uring::Driver::current() {
-            // (A socket the ring refuses is closed, as one whose addresses are unknown.)
-            Some(ring) => {
-                let Ok((rd, wr)) = stream.into_std().and_then(|s| ring.stream(s)) else {
-                    return;
-                };
-                serve(rd, wr, w, addr, laddr).await;
-            }
-            None => {
-                let (rd, wr) = (PlainRead(&stream), PlainWrite(&stream));
-                serve(rd, wr, w, addr, laddr).await;
-            }
-        },
+        None => {
+            let (rd, wr) = (PlainRead(&stream), PlainWrite(&stream));
+            serve(rd, wr, w, addr, laddr).await;
+        }
         Some(acceptor) => {
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls_stream)) => {
@@ -213,6 +204,19 @@ pub async fn run(stream: TcpStream, w: Rc<Worker>, tls: Option<TlsAcceptor>) {
                 Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
             }
         }
+    }
+}
+
+/// Serves one plain client connection on the worker's io_uring ring (`--io uring`); the
+/// socket never joins tokio's epoll.
+pub async fn run_on_ring(stream: std::net::TcpStream, ring: crate::uring::Driver, w: Rc<Worker>) {
+    let _ = stream.set_nodelay(true);
+    let (Ok(addr), Ok(laddr)) = (stream.peer_addr(), stream.local_addr()) else {
+        return;
+    };
+    // (A socket the ring refuses is closed, as one whose addresses are unknown.)
+    if let Ok((rd, wr)) = ring.stream(stream) {
+        serve(rd, wr, w, addr, laddr).await;
     }
 }
 
