@@ -24,6 +24,14 @@ fn value(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
+/// Waits until slotgate counts `n` clients (INFO's `connected_clients`, asked on `c`).
+fn wait_for_clients(c: &mut RawConn, n: u64, what: &str, within: Duration) {
+    wait_until(what, within, || {
+        let info = String::from_utf8(c.call(&[b"INFO", b"clients"])).unwrap();
+        info_u64(&info, "connected_clients") == n
+    });
+}
+
 /// The resident set of a process, in KiB.
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -95,13 +103,11 @@ fn a_client_closing_mid_reply_is_dropped_and_others_go_on() {
         drop(gone);
         assert_eq!(c.call(&[b"PING"]), b"+PONG\r\n");
     }
-    wait_until(
+    wait_for_clients(
+        &mut c,
+        1,
         "the closed clients' sessions to end",
         Duration::from_secs(10),
-        || {
-            let info = String::from_utf8(c.call(&[b"INFO", b"clients"])).unwrap();
-            info_u64(&info, "connected_clients") == 1
-        },
     );
 }
 
@@ -134,13 +140,11 @@ fn a_client_that_does_not_read_is_bounded_and_closed() {
         assert_eq!(c.call(&[b"PING"]), b"+PONG\r\n");
     }
     // (Not read from until slotgate has closed it: reading would drain its replies.)
-    wait_until(
+    wait_for_clients(
+        &mut c,
+        1,
         "the client that does not read to be closed",
         Duration::from_secs(20),
-        || {
-            let info = String::from_utf8(c.call(&[b"INFO", b"clients"])).unwrap();
-            info_u64(&info, "connected_clients") == 1
-        },
     );
     writer.join().unwrap();
     hog.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -169,10 +173,7 @@ fn ten_thousand_idle_connections() {
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         idle.push(RawConn { stream: s });
     }
-    wait_until("10,001 clients", Duration::from_secs(30), || {
-        let info = String::from_utf8(c.call(&[b"INFO", b"clients"])).unwrap();
-        info_u64(&info, "connected_clients") == 10_001
-    });
+    wait_for_clients(&mut c, 10_001, "10,001 clients", Duration::from_secs(30));
     let per_conn = (rss_kib(sg.pid()).saturating_sub(before)) * 1024 / 10_000;
     eprintln!("io_uring: {per_conn} bytes of RSS per idle connection");
     assert!(per_conn < 8 * 1024, "{per_conn} bytes per idle connection");
