@@ -56,6 +56,8 @@ const RING_ENTRIES: u32 = 1024;
 /// Buffers in a worker's pool, and their size: 4 MiB per worker.
 const POOL_BUFS: u16 = 256;
 const POOL_BUF_SIZE: usize = 16 * 1024;
+/// `IORING_ENTER_GETEVENTS` (io_uring.h).
+const IORING_ENTER_GETEVENTS: u32 = 1;
 /// `IORING_RECVSEND_POLL_FIRST` (io_uring.h).
 const POLL_FIRST: u16 = 1;
 /// The pool's buffer group id.
@@ -174,6 +176,24 @@ impl State {
             }
         }
         self.unsubmitted = self.ring.submission().len();
+    }
+
+    /// Moves completions the kernel kept back (the queue was full) into the queue, and
+    /// handles them.
+    #[cold]
+    fn flush_overflow(&mut self, wakers: &mut Vec<Waker>) {
+        while self.ring.submission().cq_overflow() {
+            // SAFETY: no argument pointer (`None`); nothing to submit.
+            let r = unsafe {
+                (self.ring.submitter()).enter::<libc::sigset_t>(0, 0, IORING_ENTER_GETEVENTS, None)
+            };
+            if let Err(e) = r
+                && e.raw_os_error() != Some(libc::EINTR)
+            {
+                break;
+            }
+            self.reap(wakers);
+        }
     }
 
     /// Handles every completion there is (no system call: the queue is shared memory).
@@ -671,6 +691,11 @@ fn drive(state: &Rc<RefCell<State>>, afd: &AsyncFd<RingFd>, cx: &mut Context<'_>
             }
             st.submit(&mut wakers);
             st.reap(&mut wakers);
+            if st.ring.submission().cq_overflow() {
+                // Completions that did not fit the queue wait in the kernel until an enter
+                // flushes them (nothing else would: the ring's fd stays quiet).
+                st.flush_overflow(&mut wakers);
+            }
         }
         wake_all(wakers);
         match afd.poll_read_ready(cx) {
