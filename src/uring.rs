@@ -218,9 +218,14 @@ impl State {
         if kind == CANCEL {
             return;
         }
-        if self.conns.get(idx).is_none_or(|c| c.is_none()) {
-            // (A pool buffer is never given to a completion of a freed slot: a slot is freed
-            // only after its last completion.)
+        let generation = (ud >> 32) as u32;
+        if self
+            .conns
+            .get(idx)
+            .is_none_or(|c| c.as_ref().is_none_or(|c| c.generation != generation))
+        {
+            // Never expected: a slot is freed (and reused) only after its last completion, so
+            // no completion names a freed slot or an earlier connection of a reused one.
             return;
         }
         match kind {
@@ -799,6 +804,10 @@ impl ReadSide for UringRead {
         buf: &mut Vec<u8>,
     ) -> Poll<io::Result<usize>> {
         let room = buf.capacity() - buf.len();
+        debug_assert!(
+            room > 0,
+            "a read into a full buffer would look like the end of stream"
+        );
         self.poll_read_with(cx, room, |b| buf.extend_from_slice(b))
     }
 
