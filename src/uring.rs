@@ -65,6 +65,8 @@ const POOL_GROUP: u16 = 0;
 /// Outgoing bytes a connection may hold (in flight and queued) before `poll_write_now` is
 /// `Pending`, as a full socket send buffer would be.
 pub const WRITE_BOUND: usize = 64 * 1024;
+/// Outgoing buffers larger than this are freed once everything is sent.
+const KEEP_OUT: usize = 4096;
 /// How long the bytes of a dropped stream may take to be sent before they are cancelled.
 pub const LINGER: std::time::Duration = std::time::Duration::from_secs(5);
 static LINGER_TS: types::Timespec = types::Timespec::new().sec(LINGER.as_secs());
@@ -152,9 +154,9 @@ impl State {
             wake_all(wakers);
         }
         self.unsubmitted += 1;
-        if self.unsubmitted == 1
-            && let Some(w) = self.driver_waker.take()
-        {
+        // (The driver registers again each time it runs: one wake-up per turn, and none lost
+        // if a submit left entries behind.)
+        if let Some(w) = self.driver_waker.take() {
             w.wake();
         }
     }
@@ -305,6 +307,14 @@ impl State {
             return self.arm_send(idx);
         }
         if c.outgoing() == 0 {
+            // An idle connection keeps no big buffers (a reply of 64 KiB once would otherwise
+            // hold 128 KiB for the connection's life).
+            if c.wsending.capacity() > KEEP_OUT {
+                c.wsending = Vec::new();
+            }
+            if c.wnext.capacity() > KEEP_OUT {
+                c.wnext = Vec::new();
+            }
             if c.shut_after_send {
                 c.shut_after_send = false;
                 let _ = rustix::net::shutdown(&c.fd, rustix::net::Shutdown::Write);
@@ -798,6 +808,14 @@ impl UringRead {
 }
 
 impl ReadSide for UringRead {
+    fn unread(&self) -> Option<u64> {
+        let h = &self.0;
+        let st = h.state.borrow();
+        let c = st.conns[h.idx].as_ref()?;
+        let held = c.held.as_ref().map_or(0, |(_, from, to)| to - from) as u64;
+        Some(rustix::io::ioctl_fionread(&c.fd).ok()? + held)
+    }
+
     fn poll_read_vec(
         &mut self,
         cx: &mut Context<'_>,

@@ -185,6 +185,34 @@ fn ten_thousand_idle_connections() {
     }
 }
 
+/// Connections that once read a big reply and then sit idle give its buffers back (the
+/// review found 2,000 of them holding 170 MB, against 20 MB on epoll).
+#[test]
+fn idle_connections_keep_no_big_buffers() {
+    let a = RedisServer::start();
+    let sg = uring_slotgate(&[&a], &[]);
+    let mut c = sg.raw();
+    assert_eq!(c.call(&[b"SET", b"v64", &value(64 << 10, 3)]), b"+OK\r\n");
+    let before = rss_kib(sg.pid());
+    let mut idle = Vec::new();
+    for _ in 0..1_000 {
+        let mut r = sg.raw();
+        let get = resp(&[b"GET", b"v64"]);
+        r.send(&[&get[..], &get[..]].concat());
+        assert_eq!(r.read_replies(2)[1].len(), (64 << 10) + 10);
+        idle.push(r);
+    }
+    // (Freed memory goes back to the system within about a second: jemalloc's purging.)
+    wait_until(
+        "idle connections to give their buffers back",
+        Duration::from_secs(20),
+        || {
+            let per_conn = rss_kib(sg.pid()).saturating_sub(before) * 1024 / 1_000;
+            per_conn < 16 * 1024
+        },
+    );
+}
+
 /// Where the kernel refuses io_uring (here: a seccomp filter that fails `io_uring_setup`
 /// with ENOSYS, as a container runtime's profile may), slotgate says so once and serves on
 /// epoll.
