@@ -68,9 +68,7 @@ fn short_reads_and_partial_writes_keep_every_byte() {
         sock.set_recv_buffer_size(4096).unwrap();
         let addr: std::net::SocketAddr = ([127, 0, 0, 1], sg.port).into();
         sock.connect(&addr.into()).unwrap();
-        let mut r = RawConn {
-            stream: sock.into(),
-        };
+        let mut r = RawConn::from_stream(sock.into());
         r.stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
@@ -148,7 +146,7 @@ fn a_client_that_does_not_read_is_bounded_and_closed() {
     );
     writer.join().unwrap();
     hog.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    assert!(RawConn { stream: hog }.is_closed());
+    assert!(RawConn::from_stream(hog).is_closed());
     wait_until(
         "slotgate's memory to come back",
         Duration::from_secs(20),
@@ -171,7 +169,7 @@ fn ten_thousand_idle_connections() {
     for _ in 0..10_000 {
         let s = TcpStream::connect(("127.0.0.1", sg.port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        idle.push(RawConn { stream: s });
+        idle.push(RawConn::from_stream(s));
     }
     wait_for_clients(&mut c, 10_001, "10,001 clients", Duration::from_secs(30));
     let per_conn = (rss_kib(sg.pid()).saturating_sub(before)) * 1024 / 10_000;

@@ -416,6 +416,9 @@ impl Drop for Slotgate {
 /// A raw RESP connection with a read timeout, for asserting exact bytes.
 pub struct RawConn {
     pub stream: TcpStream,
+    /// Bytes read past the last reply returned (a push that came in the same segment as a
+    /// reply): the next read starts with them.
+    pending: Vec<u8>,
 }
 
 impl RawConn {
@@ -425,7 +428,15 @@ impl RawConn {
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
         stream.set_nodelay(true).unwrap();
-        RawConn { stream }
+        Self::from_stream(stream)
+    }
+
+    /// A connection already made (its read timeout is the caller's).
+    pub fn from_stream(stream: TcpStream) -> Self {
+        RawConn {
+            stream,
+            pending: Vec::new(),
+        }
     }
 
     pub fn send(&mut self, bytes: &[u8]) {
@@ -434,8 +445,10 @@ impl RawConn {
 
     /// Reads until exactly `n` bytes arrived (or panics on timeout/EOF).
     pub fn read_exact_n(&mut self, n: usize) -> Vec<u8> {
-        let mut buf = vec![0u8; n];
-        self.stream.read_exact(&mut buf).unwrap();
+        let have = self.pending.len().min(n);
+        let mut buf: Vec<u8> = self.pending.drain(..have).collect();
+        buf.resize(n, 0);
+        self.stream.read_exact(&mut buf[have..]).unwrap();
         buf
     }
 
@@ -453,7 +466,7 @@ impl RawConn {
 
     /// Reads exactly `n` complete RESP replies (framed by slotgate's own reply scanner).
     pub fn read_replies(&mut self, n: usize) -> Vec<Vec<u8>> {
-        let mut buf = Vec::new();
+        let mut buf = std::mem::take(&mut self.pending);
         let mut out = Vec::new();
         let mut scanner = slotgate::resp::ReplyScanner::new();
         let mut chunk = vec![0u8; 1 << 16];
@@ -471,6 +484,7 @@ impl RawConn {
             assert!(got > 0, "connection closed after {} replies", out.len());
             buf.extend_from_slice(&chunk[..got]);
         }
+        self.pending = buf;
         out
     }
 
@@ -480,9 +494,22 @@ impl RawConn {
         self.read_replies(1).remove(0)
     }
 
+    /// Whether nothing more arrives within `within` (nothing already read and kept either).
+    /// The read timeout is `within` afterwards.
+    pub fn silent_for(&mut self, within: Duration) -> bool {
+        self.stream.set_read_timeout(Some(within)).unwrap();
+        let mut buf = [0u8; 64];
+        self.pending.is_empty()
+            && matches!(self.stream.read(&mut buf), Err(e) if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ))
+    }
+
     /// Whether the peer closed the connection (EOF) within the read timeout, after reading and
     /// discarding anything still buffered.
     pub fn is_closed(&mut self) -> bool {
+        self.pending.clear();
         let mut buf = [0u8; 4096];
         loop {
             match self.stream.read(&mut buf) {
