@@ -297,8 +297,9 @@ fn after_a_primary_is_killed_its_slots_come_back_on_the_promoted_replica() {
     // (A replica attaches to its primary a few seconds after the cluster is created.)
     cluster.wait_for_replicas(3);
     // A long refresh interval: slotgate reads the topology every second by itself while a
-    // primary is unreachable.
-    let proxy = proxy_for(&cluster, &["--cluster-refresh", "1m", "--op-timeout", "2s"]);
+    // primary is unreachable. (CLUSTERDOWN is retried until shortly before the op timeout:
+    // 5 s covers a promotion on a loaded machine, which 2 s did not always.)
+    let proxy = proxy_for(&cluster, &["--cluster-refresh", "1m", "--op-timeout", "5s"]);
     let mut c = proxy.client();
     let n = 300;
     let k = |i: usize| format!("fo:{i}");
@@ -1684,12 +1685,20 @@ fn a_redirect_the_next_read_does_not_explain_is_read_again() {
             .unwrap();
     };
     let before = layout_changes(admin);
+    let reads = || metric_value(admin, "slotgate_cluster_refreshes_total");
+    let reads_before = reads();
     setslot(to);
     setslot(from);
     std::thread::scope(|scope| {
-        // Needed: the lag the behaviour is about (the last node hears 300 ms later).
+        // The last node hears of the move once slotgate has read the layout after the
+        // redirect (the old one) and begun reading it again. (A fixed 300 ms lag left a
+        // loaded machine ~200 ms of slotgate's ~500 ms of re-reads.)
         scope.spawn(|| {
-            std::thread::sleep(Duration::from_millis(300));
+            wait_until(
+                "a second read of the layout",
+                Duration::from_secs(10),
+                || reads() >= reads_before + 2.0,
+            );
             setslot(lagging);
         });
         // The slot's old owner answers MOVED; slotgate follows it, and reads the layout.

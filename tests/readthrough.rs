@@ -1126,10 +1126,7 @@ fn a_hot_key_refreshed_ahead_never_misses() {
         ))
     });
     let shards: Vec<RedisServer> = (0..2).map(|_| RedisServer::start()).collect();
-    let rule = format!(
-        "label:={};ttl=400ms;refresh_ahead=0.5",
-        origin.url("/{rest}")
-    );
+    let rule = format!("label:={};ttl=1s;refresh_ahead=0.5", origin.url("/{rest}"));
     let proxies = fleet(&shards, &rule);
     // Three clients, one per instance, read the key while it is refreshed.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1155,7 +1152,8 @@ fn a_hot_key_refreshed_ahead_never_misses() {
         .collect();
     // Until the key has been loaded and refreshed ten times (five TTLs or more).
     let started = std::time::Instant::now();
-    wait_until("ten refreshes", Duration::from_secs(20), || {
+    // (Each refresh has half the TTL, 500 ms, to land: a loaded machine's stalls fit in it.)
+    wait_until("ten refreshes", Duration::from_secs(40), || {
         origin.requests() >= 11
     });
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -1181,7 +1179,7 @@ fn a_hot_key_refreshed_ahead_never_misses() {
     assert!(refreshes >= 5, "the key was refreshed ahead ({refreshes})");
     // One instance refreshes at a time: at most one origin request per half TTL, and a few.
     assert!(
-        origin.requests() as u128 <= elapsed.as_millis() / 200 + 4,
+        origin.requests() as u128 <= elapsed.as_millis() / 500 + 4,
         "{} origin requests",
         origin.requests()
     );

@@ -68,15 +68,15 @@ mod shard_timeouts {
     #[test]
     fn a_slow_shard_fails_only_the_requests_that_waited_too_long() {
         let shard = RedisServer::start_with(&["--enable-debug-command", "yes"]);
-        let proxy = Slotgate::start_with(&[&shard], &["--op-timeout", "500ms"]);
+        let proxy = Slotgate::start_with(&[&shard], &["--op-timeout", "1s"]);
         let mut warm = proxy.raw();
         assert_eq!(warm.call(&[b"SET", b"k", b"v"]), b"+OK\r\n");
         let connections_before = shard_connections_received(&shard);
 
-        // The shard is busy for 1 s (DEBUG SLEEP on a direct connection): silent for longer than
-        // the op timeout, shorter than the dead-connection threshold (3 × 500 ms).
+        // The shard is busy for 2 s (DEBUG SLEEP on a direct connection): silent for longer than
+        // the op timeout, shorter than the dead-connection threshold (3 × 1 s).
         let mut sleeper = RawConn::connect(shard.port);
-        sleeper.send(&resp(&[b"DEBUG", b"SLEEP", b"1"]));
+        sleeper.send(&resp(&[b"DEBUG", b"SLEEP", b"2"]));
         // The shard has taken the command (delivered: nothing unacknowledged on our side; read:
         // nothing unread on its side) and, reading and running it in one go, is asleep.
         let own_port = sleeper.stream.local_addr().unwrap().port();
@@ -90,28 +90,30 @@ mod shard_timeouts {
         );
         let mut early = proxy.raw();
         early.send(&resp(&[b"GET", b"k"]).repeat(5));
-        // `late` must be sent well after `early`'s 500 ms op timeout began and well before the
-        // shard wakes (t≈1 s), so that it is the one request still within its own timeout.
-        // Needed: time really passes inside the shard's 1 s DEBUG SLEEP (t≈650 ms, as before).
-        std::thread::sleep(Duration::from_millis(650));
+        // `late` must be sent after `early`'s 1 s op timeout began and before the shard wakes
+        // (t≈2 s), so that it is the one request still within its own timeout; each margin is
+        // at least 500 ms, for a loaded machine (with 500 ms and a 1 s sleep, `late` had
+        // 150 ms to be answered in).
+        // Needed: time really passes inside the shard's 2 s DEBUG SLEEP (t≈1.5 s).
+        std::thread::sleep(Duration::from_millis(1500));
         let mut late = proxy.raw();
         late.send(&resp(&[b"GET", b"k"]));
-        // Sent at t≈0: their 500 ms passed before the shard woke up.
+        // Sent at t≈0: their 1 s passed before the shard woke up.
         for r in early.read_replies(5) {
             assert_eq!(
                 lossy(&r),
                 format!(
-                    "-ERR outcome unknown: {}: no reply within 500ms (the request was sent and may have been applied)\r\n",
+                    "-ERR outcome unknown: {}: no reply within 1s (the request was sent and may have been applied)\r\n",
                     shard.addr()
                 )
             );
         }
-        // Sent at t≈650 ms: answered when the shard wakes at t≈1 s, within its own 500 ms.
+        // Sent at t≈1.5 s: answered when the shard wakes at t≈2 s, within its own 1 s.
         assert_eq!(late.read_replies(1)[0], b"$1\r\nv\r\n");
         assert_eq!(
             sleeper.read_replies(1)[0],
             b"+OK\r\n",
-            "DEBUG SLEEP 1 ended"
+            "DEBUG SLEEP 2 ended"
         );
         assert_eq!(warm.call(&[b"GET", b"k"]), b"$1\r\nv\r\n");
         assert_eq!(

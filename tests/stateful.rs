@@ -604,7 +604,9 @@ fn a_busy_script_or_function_is_killed_through_slotgate() {
         .map(|_| RedisServer::start_with(&["--lua-time-limit", "100"]))
         .collect();
     let refs: Vec<&RedisServer> = shards.iter().collect();
-    let proxy = Slotgate::start_with(&refs, &["--workers", "1"]);
+    // (An op timeout long enough for the script's reply to wait for its killing on a loaded
+    // machine: with the default 1 s, the runaway client could be told "outcome unknown".)
+    let proxy = Slotgate::start_with(&refs, &["--workers", "1", "--op-timeout", "10s"]);
     let reference = RedisServer::start();
     let notbusy = RawConn::connect(reference.port).call(&[b"SCRIPT", b"KILL"]);
     assert_eq!(notbusy, b"-NOTBUSY No scripts in execution right now.\r\n");

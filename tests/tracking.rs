@@ -166,7 +166,8 @@ fn a_resp3_client_is_told_of_every_write_to_a_key_it_read() {
     latencies.sort();
     eprintln!("invalidation after a write: {latencies:?}");
     assert!(
-        latencies[latencies.len() / 2] < Duration::from_millis(100),
+        // (Prompt: well under the links' 500 ms keepalive; loose enough for a loaded machine.)
+        latencies[latencies.len() / 2] < Duration::from_millis(250),
         "{latencies:?}"
     );
     // A write after the invalidation, before any new read, is not reported again.
@@ -400,6 +401,8 @@ fn the_link_outlives_the_shards_idle_timeout() {
         // (This connection is not idle: it asks every 10 ms.)
         link_age(&mut direct) >= 3
     });
+    // (A reply, so that a flush sent before it has been read.)
+    assert_eq!(a.call(&[b"PING"]), b"+PONG\r\n");
     assert_eq!(a.push(Duration::ZERO), None, "no flush");
 }
 
@@ -516,12 +519,28 @@ fn a_shard_restart_flushes_tracking_clients() {
     a.call(&[b"GET", k1.as_bytes()]);
     shards[0].restart();
     assert_eq!(a.must_push(), FLUSH);
-    // Reported again.
-    wait_until("the shard to serve again", Duration::from_secs(10), || {
-        a.call(&[b"GET", k0.as_bytes()]) == b"_\r\n"
-    });
-    set(proxy.port, &k0, "v");
-    assert_eq!(lossy(&a.must_push()), lossy(&invalidate(&[&k0])));
+    // Reported again. The link flushes at each failed attempt and once more when it is
+    // back, so a write may come as a flush (the key forgotten) until then: read the key,
+    // write it, and expect its invalidation, or a flush and again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for i in 0.. {
+        wait_until("the shard to serve again", Duration::from_secs(10), || {
+            !a.call(&[b"GET", k0.as_bytes()]).starts_with(b"-")
+        });
+        while let Some(p) = a.pushes.pop_front() {
+            assert_eq!(lossy(&p), lossy(FLUSH));
+        }
+        set(proxy.port, &k0, &format!("v{i}"));
+        let p = a.must_push();
+        if p == invalidate(&[&k0]) {
+            break;
+        }
+        assert_eq!(lossy(&p), lossy(FLUSH));
+        assert!(
+            Instant::now() < deadline,
+            "no invalidation after the restart"
+        );
+    }
 }
 
 /// The key table is bounded (`--tracking-table-max-keys`): a key that makes room for a new
