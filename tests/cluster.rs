@@ -334,6 +334,10 @@ fn after_a_primary_is_killed_its_slots_come_back_on_the_promoted_replica() {
         .query(&mut cluster.node(victim).client())
         .unwrap();
     let mut lost = proxy.raw();
+    // (Told at the 5 s op timeout: beyond a raw connection's 5 s read timeout.)
+    lost.stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
     let r = lost.call(&[b"SET", lost_key.as_bytes(), b"lost"]);
     assert!(
         r.starts_with(b"-ERR outcome unknown"),
