@@ -1730,6 +1730,7 @@ fn tracking_clients_are_told_of_writes_on_the_cluster_nodes() {
     let from = cluster.owners()[slot(k) as usize];
     let to = cluster.another_node(from);
     let invalidate_k = b">2\r\n$10\r\ninvalidate\r\n*1\r\n$7\r\ntracked\r\n".to_vec();
+    let flush = b">2\r\n$10\r\ninvalidate\r\n_\r\n".to_vec();
     let set_on = |port: u16, v: &str| {
         let _: () = redis::cmd("SET")
             .arg(k)
@@ -1750,7 +1751,7 @@ fn tracking_clients_are_told_of_writes_on_the_cluster_nodes() {
     // then every tracking client of the worker is flushed.
     a.send(&resp(&[b"GET", k.as_bytes()]));
     let mut got = a.read_replies(1);
-    if got[0] == b">2\r\n$10\r\ninvalidate\r\n_\r\n" {
+    if got[0] == flush {
         got = a.read_replies(1);
     }
     assert_eq!(got[0], b"$1\r\n2\r\n");
@@ -1760,7 +1761,6 @@ fn tracking_clients_are_told_of_writes_on_the_cluster_nodes() {
     // The counter goes up when the new layout is sent to the workers: the client's worker
     // may take it up (its flush forgets every key read) after the next read. So: read the
     // key, write it on its new owner, and expect its invalidation, or that flush and again.
-    let flush = b">2\r\n$10\r\ninvalidate\r\n_\r\n".to_vec();
     let deadline = Instant::now() + Duration::from_secs(10);
     for v in 3.. {
         let mut seen = Vec::new();
